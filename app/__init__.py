@@ -1,0 +1,70 @@
+"""Taskgate: durable background work on PostgreSQL, served over HTTPS.
+
+Importing this package or calling create_app() opens no connection and starts no thread or task:
+the database, workers and scheduler start in the serving lifecycle (seed 000).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from importlib.metadata import PackageNotFoundError, version
+
+from quart import Quart
+from quart_cors import cors
+from quart_schema import Info, QuartSchema
+
+from app import middlewares
+from app.routes.adapter import register_blueprints
+from app.runtime import Runtime
+from app.settings import Settings, load_settings
+
+try:
+    __version__ = version("taskgate")
+except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    __version__ = "0.0.0"
+
+
+def create_app(settings: Settings | None = None) -> Quart:
+    """Build the Quart app; nothing starts until it is served."""
+    settings = settings or load_settings()
+    app = Quart("app", static_folder=None)
+    app.config.update(
+        TASKGATE_SETTINGS=settings,
+        MAX_CONTENT_LENGTH=8 * 1024 * 1024,
+        QUART_SCHEMA_CONVERSION_PREFERENCE="pydantic",
+    )
+    QuartSchema(
+        app,
+        info=Info(title="Taskgate", version=__version__),
+        openapi_path="/openapi.json",
+        swagger_ui_path="/docs",
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        security=[{"bearer": []}],
+    )
+    app = cors(
+        app,
+        allow_origin=settings.CORS_ORIGINS,
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        expose_headers=["X-Request-Id", "Retry-After", "Location"],
+        max_age=600,
+    )
+    middlewares.install(app)
+    register_blueprints(app)
+    runtime = Runtime(settings)
+    app.extensions["taskgate"] = runtime
+    app.while_serving(_lifecycle(runtime))
+    return app
+
+
+def _lifecycle(runtime: Runtime) -> Callable[[], AsyncGenerator[None, None]]:
+    async def serve() -> AsyncGenerator[None, None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    return serve

@@ -1,0 +1,221 @@
+"""python -m app <command>: serve, worker, migrate, dev-cert."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import uvicorn
+
+from app.settings import ALL_ROLES, ConfigurationError, Settings, configure_logging, load_settings
+
+TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS"
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"taskgate: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def bootstrap(**overrides: Any) -> tuple[Settings, Any]:
+    """Settings with a database: the embedded server when DB_URI is unset outside production.
+
+    Returns the settings and the embedded server handle (None for an external database); the
+    handle stops the server when the last process using it exits.
+    """
+    try:
+        settings = load_settings(**overrides)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    configure_logging(settings)
+    updates: dict[str, Any] = {}
+    embedded = None
+    if not settings.SECRET_KEYS:
+        updates["SECRET_KEYS"] = [_dev_secret_key(settings.DATA_DIR)]
+    if not settings.DB_URI:
+        from app.src.database import embedded as embedded_db
+
+        embedded, updates["DB_URI"] = embedded_db.start(settings.DATA_DIR)
+    return settings.model_copy(update=updates), embedded
+
+
+def _dev_secret_key(data_dir: Path) -> str:
+    """A development key kept under DATA_DIR so sessions survive a restart (never in prod)."""
+    from cryptography.fernet import Fernet
+
+    path = data_dir / "secret.key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(Fernet.generate_key().decode())
+    return path.read_text().strip()
+
+
+def _certificate(settings: Settings) -> tuple[Path | None, Path | None]:
+    if settings.TLS_TERMINATED_UPSTREAM:
+        return None, None
+    if settings.SSL_CERTFILE and settings.SSL_KEYFILE:
+        return settings.SSL_CERTFILE, settings.SSL_KEYFILE
+    from app.src.encryption.certs import ensure_dev_certificate
+
+    return ensure_dev_certificate(settings.DATA_DIR / "tls")
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    settings, _embedded = bootstrap()
+    from app.src.database import migrations
+
+    migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+    print("migrations applied: schema at " + ", ".join(sorted(migrations.head_revisions())))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server, minus re-raising the stop signal after a graceful shutdown.
+
+    uvicorn re-raises a captured SIGINT/SIGTERM once it has shut down; that turns Ctrl-C into a
+    KeyboardInterrupt traceback and SIGTERM into a kill that skips atexit (and so leaves the
+    embedded database running). The shutdown already happened, so exit normally instead.
+    """
+
+    async def _serve(self, sockets: Any = None) -> None:
+        await super()._serve(sockets)
+        self._captured_signals.clear()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    overrides: dict[str, Any] = {}
+    if args.roles:
+        roles = [role.strip() for role in args.roles.split(",") if role.strip()]
+        unknown = sorted(set(roles) - set(ALL_ROLES))
+        if unknown:
+            _fail(f"unknown role(s) {', '.join(unknown)}; choose from {', '.join(ALL_ROLES)}")
+        overrides["ROLES"] = roles
+    if args.port is not None:
+        overrides["PORT"] = args.port
+    settings, _embedded = bootstrap(**overrides)
+    if args.migrate:
+        from app.src.database import migrations
+
+        migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+    from app import create_app
+
+    certfile, keyfile = _certificate(settings)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.HOST,
+        port=settings.PORT,
+        lifespan="on",
+        ssl_certfile=str(certfile) if certfile else None,
+        ssl_keyfile=str(keyfile) if keyfile else None,
+        ssl_ciphers=TLS_CIPHERS,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=settings.TLS_TERMINATED_UPSTREAM,
+        timeout_graceful_shutdown=int(settings.WORKER_SHUTDOWN_GRACE_S) + 5,
+    )
+    config.load()
+    if config.ssl is not None:
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    scheme = "https" if certfile else "http"
+    print(f"taskgate: serving {scheme}://localhost:{settings.PORT} roles={','.join(settings.ROLES)}")
+    server = _Server(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    settings, _embedded = bootstrap(ROLES=["worker"])
+    from app.runtime import Runtime
+
+    async def main() -> None:
+        runtime = Runtime(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await runtime.start()
+        try:
+            await stop.wait()
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+def cmd_dev_cert(args: argparse.Namespace) -> None:
+    from app.src.encryption.certs import ensure_dev_certificate
+
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    cert, key = ensure_dev_certificate(Path(args.dir) if args.dir else settings.DATA_DIR / "tls")
+    print(f"certificate: {cert}\nkey: {key}")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Taskgate: durable background work on PostgreSQL, served over HTTPS.",
+    )
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the HTTPS API (and workers and scheduler, per --roles)",
+        description="Serve HTTPS with uvicorn. Without DB_URI (dev) an embedded PostgreSQL starts "
+        "under DATA_DIR; without SSL_CERTFILE (dev) a self-signed certificate is made there.",
+    )
+    serve.add_argument(
+        "--roles",
+        help=f"comma-separated roles this process runs: {','.join(ALL_ROLES)} (default: ROLES)",
+    )
+    serve.add_argument("--port", type=int, help="port to listen on (default: PORT, 8080)")
+    serve.add_argument(
+        "--migrate", action="store_true", help="apply migrations before serving (make run does)"
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run a worker process without HTTP",
+        description="Claim and run tasks until SIGTERM: stop claiming, let running tasks finish "
+        "within WORKER_SHUTDOWN_GRACE_S, release the rest, exit 0.",
+    )
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="apply database migrations up to head",
+        description="Apply the Alembic migrations shipped in the package (safe to run from "
+        "several replicas at once: an advisory lock serialises them).",
+    )
+    migrate.set_defaults(func=cmd_migrate)
+
+    dev_cert = sub.add_parser(
+        "dev-cert",
+        help="create a self-signed development certificate",
+        description="Write cert.pem and key.pem (self-signed, localhost) unless they exist. "
+        "For development only: production takes SSL_CERTFILE and SSL_KEYFILE.",
+    )
+    dev_cert.add_argument("--dir", help="directory for the files (default: DATA_DIR/tls)")
+    dev_cert.set_defaults(func=cmd_dev_cert)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Transport middleware: request context, security headers, metrics, problem+json errors.
+
+Authentication and authorization live here too (`requires_scopes`, `public`), so one file says
+how a request is identified and what it may do.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+from pydantic import ValidationError
+from quart import Quart, Response, current_app, g, request
+from quart.wrappers import Request
+from quart_schema import RequestSchemaValidationError
+from werkzeug.exceptions import HTTPException
+
+from app.src.api.errors import AppError, BadRequest, field_errors, problem_type
+from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS
+
+log = structlog.get_logger("taskgate.http")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+PROBLEM_JSON = "application/problem+json"
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_SCHEMA_ATTRIBUTE = "_quart_schema_request_schema"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TaskgateRequest(Request):
+    """Malformed JSON is a client error with a problem body, not a bare 400 page."""
+
+    def on_json_loading_failed(self, error: Exception) -> Any:
+        raise BadRequest("The request body is not valid JSON.", type=problem_type("malformed-json"))
+
+
+def problem_response(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    body.setdefault("instance", request.path)
+    response: Response = current_app.json.response(body)  # type: ignore[assignment]
+    response.status_code = status
+    response.mimetype = PROBLEM_JSON
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+async def bind_request_context() -> None:
+    supplied = request.headers.get(REQUEST_ID_HEADER, "")
+    g.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    g.started = time.perf_counter()
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=g.request_id)
+
+
+async def require_json_body() -> None:
+    """415 for a body-taking endpoint called with anything but JSON."""
+    if request.method not in _BODY_METHODS or request.url_rule is None:
+        return
+    view = current_app.view_functions.get(request.url_rule.endpoint)
+    if view is not None and hasattr(view, _SCHEMA_ATTRIBUTE) and not request.is_json:
+        raise AppError(
+            "Send the body as application/json.",
+            status=415,
+            type=problem_type("unsupported-media-type"),
+        )
+
+
+async def finish_response(response: Response) -> Response:
+    request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
+    headers = response.headers
+    headers[REQUEST_ID_HEADER] = request_id
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["X-Frame-Options"] = "DENY"
+    headers["Referrer-Policy"] = "no-referrer"
+    settings = current_app.config["TASKGATE_SETTINGS"]
+    if settings.tls_enabled or request.scheme == "https":
+        headers["Strict-Transport-Security"] = "max-age=63072000; includeSubDomains"
+    path = request.path
+    if path.startswith("/api/"):
+        headers["Cache-Control"] = "no-store"
+        headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"
+    route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    status = str(response.status_code)
+    started = getattr(g, "started", None)
+    HTTP_REQUESTS.labels(request.method, route, status).inc()
+    if started is not None:
+        HTTP_LATENCY.labels(request.method, route, status).observe(time.perf_counter() - started)
+    return response
+
+
+async def handle_app_error(error: AppError) -> Response:
+    return problem_response(error.problem(), error.status, error.headers)
+
+
+async def handle_validation_error(error: RequestSchemaValidationError) -> Response:
+    cause = error.validation_error
+    if isinstance(cause, ValidationError):
+        errors = field_errors(cause.errors(include_url=False, include_input=False))
+    else:
+        errors = [{"field": None, "message": "The body must be a JSON object.", "type": "type_error"}]
+    source = "query" if type(error).__name__.startswith("Querystring") else "body"
+    prefix_errors = [{**e, "field": f"{source}.{e['field']}" if e["field"] else source} for e in errors]
+    return await handle_app_error(
+        AppError(
+            "The request did not match the expected schema.",
+            status=422,
+            type=problem_type("validation"),
+            title="Invalid request",
+            errors=prefix_errors,
+        )
+    )
+
+
+async def handle_http_exception(error: HTTPException) -> Response:
+    status = error.code or 500
+    headers = {}
+    if status == 405 and error.get_response().headers.get("Allow"):
+        headers["Allow"] = error.get_response().headers["Allow"]
+    return problem_response({"type": "about:blank", "title": error.name, "status": status}, status, headers)
+
+
+async def handle_unexpected(error: Exception) -> Response:
+    log.exception("unhandled error", error_type=type(error).__name__)
+    return problem_response({"type": "about:blank", "title": "Internal Server Error", "status": 500}, 500)
+
+
+def public(view: F) -> F:
+    """Mark a view as reachable without authentication (checked by the route meta-test)."""
+    view.taskgate_public = True  # type: ignore[attr-defined]
+    return view
+
+
+def install(app: Quart) -> None:
+    """Wire the middleware into an app; called once by create_app."""
+    app.request_class = TaskgateRequest
+    app.before_request(bind_request_context)
+    app.before_request(require_json_body)
+    app.after_request(finish_response)
+    app.register_error_handler(AppError, handle_app_error)
+    app.register_error_handler(RequestSchemaValidationError, handle_validation_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, handle_unexpected)
+
+
+Handler = Callable[..., Awaitable[Any]]

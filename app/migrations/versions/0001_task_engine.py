@@ -1,0 +1,133 @@
+"""Task engine: queues, tasks, attempts, idempotency keys.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-21
+"""
+
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+STATUSES = "'scheduled','available','running','waiting','retryable','completed','discarded','cancelled'"
+
+
+def upgrade() -> None:
+    op.execute(
+        """
+        CREATE TABLE queues (
+            id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            client_id        uuid        NOT NULL,
+            name             text        NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'),
+            max_concurrency  integer     CHECK (max_concurrency > 0),
+            rate_limit_per_s double precision CHECK (rate_limit_per_s > 0),
+            max_attempts     integer     NOT NULL DEFAULT 25 CHECK (max_attempts BETWEEN 1 AND 1000),
+            min_backoff_s    double precision NOT NULL DEFAULT 1 CHECK (min_backoff_s >= 0),
+            max_backoff_s    double precision NOT NULL DEFAULT 3600 CHECK (max_backoff_s >= min_backoff_s),
+            paused           boolean     NOT NULL DEFAULT false,
+            -- token bucket shared by every worker process (rate_limit_per_s)
+            rate_tokens      double precision NOT NULL DEFAULT 0,
+            rate_updated_at  timestamptz NOT NULL DEFAULT now(),
+            created_at       timestamptz NOT NULL DEFAULT now(),
+            updated_at       timestamptz NOT NULL DEFAULT now(),
+            UNIQUE (client_id, name)
+        )
+        """
+    )
+    op.execute(
+        f"""
+        CREATE TABLE tasks (
+            id               uuid        PRIMARY KEY,
+            client_id        uuid        NOT NULL,
+            queue_id         bigint      NOT NULL REFERENCES queues (id) ON DELETE CASCADE,
+            queue            text        NOT NULL,
+            kind             text        NOT NULL,
+            payload          jsonb       NOT NULL,
+            status           text        NOT NULL CHECK (status IN ({STATUSES})),
+            priority         smallint    NOT NULL DEFAULT 5 CHECK (priority BETWEEN 0 AND 9),
+            attempts         integer     NOT NULL DEFAULT 0,
+            max_attempts     integer     NOT NULL CHECK (max_attempts BETWEEN 1 AND 1000),
+            run_at           timestamptz NOT NULL,
+            created_at       timestamptz NOT NULL DEFAULT now(),
+            started_at       timestamptz,
+            finished_at      timestamptz,
+            lease_expires_at timestamptz,
+            worker_id        uuid,
+            cancel_requested boolean     NOT NULL DEFAULT false,
+            result           jsonb,
+            last_error       text,
+            progress         jsonb
+        ) WITH (fillfactor = 80)
+        """
+    )
+    # The claim index: only claimable rows, so finished tasks never enter it and the claim cost
+    # does not grow with history. Ordered as the claim reads it, per queue.
+    op.execute(
+        "CREATE INDEX tasks_claim ON tasks (queue_id, priority, run_at, id) WHERE status = 'available'"
+    )
+    # Staging: scheduled and retryable tasks whose time has come become available.
+    op.execute("CREATE INDEX tasks_due ON tasks (run_at) WHERE status IN ('scheduled', 'retryable')")
+    # Running tasks: per-queue concurrency counts and the lease rescuer (few rows, always small).
+    op.execute("CREATE INDEX tasks_running ON tasks (queue_id, lease_expires_at) WHERE status = 'running'")
+    # Waiting tasks: the status poller of external providers.
+    op.execute("CREATE INDEX tasks_waiting ON tasks (run_at) WHERE status = 'waiting'")
+    # Per-client listing with keyset pagination (ids are time-ordered UUIDv7).
+    op.execute("CREATE INDEX tasks_client ON tasks (client_id, id)")
+    # Per-client quota: unfinished tasks only.
+    op.execute(
+        "CREATE INDEX tasks_client_unfinished ON tasks (client_id) "
+        "WHERE status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')"
+    )
+    # Pruning finished tasks past retention.
+    op.execute(
+        "CREATE INDEX tasks_finished ON tasks (finished_at) "
+        "WHERE status IN ('completed', 'discarded', 'cancelled')"
+    )
+    # High churn: vacuum early and often (pgqueuer #389, River #59).
+    op.execute(
+        "ALTER TABLE tasks SET (autovacuum_vacuum_scale_factor = 0.01, "
+        "autovacuum_vacuum_cost_limit = 10000, autovacuum_vacuum_cost_delay = 0, "
+        "autovacuum_analyze_scale_factor = 0.02)"
+    )
+    op.execute(
+        """
+        CREATE TABLE task_attempts (
+            task_id     uuid        NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            attempt     integer     NOT NULL,
+            started_at  timestamptz NOT NULL,
+            finished_at timestamptz NOT NULL,
+            outcome     text        NOT NULL,
+            http_status integer,
+            error       text,
+            duration_ms double precision NOT NULL,
+            PRIMARY KEY (task_id, attempt)
+        )
+        """
+    )
+    op.execute(
+        "ALTER TABLE task_attempts SET (autovacuum_vacuum_scale_factor = 0.01, "
+        "autovacuum_vacuum_cost_limit = 10000, autovacuum_vacuum_cost_delay = 0)"
+    )
+    op.execute(
+        """
+        CREATE TABLE idempotency_keys (
+            client_id    uuid        NOT NULL,
+            key          text        NOT NULL,
+            request_hash text        NOT NULL,
+            task_ids     uuid[]      NOT NULL,
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (client_id, key)
+        )
+        """
+    )
+    op.execute("CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at)")
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE idempotency_keys")
+    op.execute("DROP TABLE task_attempts")
+    op.execute("DROP TABLE tasks")
+    op.execute("DROP TABLE queues")

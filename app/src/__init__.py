@@ -1,0 +1,1 @@
+"""Domain, storage and crypto code; nothing here imports Quart."""

@@ -1,0 +1,1 @@
+"""Cryptography: certificates, secret encryption, password hashing, TOTP, signatures."""

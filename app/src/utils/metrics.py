@@ -1,0 +1,30 @@
+"""Prometheus metrics: defined once at import (plain objects, no threads), observed everywhere."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter("taskgate_http_requests_total", "HTTP requests served", ["method", "route", "status"])
+HTTP_LATENCY = Histogram(
+    "taskgate_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TASK_OUTCOMES = Counter(
+    "taskgate_task_outcomes_total",
+    "Finished task attempts by outcome",
+    ["queue", "kind", "outcome"],
+)
+TASKS_ENQUEUED = Counter("taskgate_tasks_enqueued_total", "Tasks accepted", ["queue", "kind"])
+QUEUE_DEPTH = Gauge("taskgate_queue_depth", "Tasks per queue and status", ["queue", "status"])
+START_LAG = Histogram(
+    "taskgate_task_start_lag_seconds",
+    "Time from a task becoming due to a worker starting it",
+    ["queue"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+WORKER_RUNNING = Gauge("taskgate_worker_running_tasks", "Tasks this process is running now")
+SCHEDULER_RUNS = Counter("taskgate_scheduler_runs_total", "Maintenance job runs", ["job", "outcome"])
+SCHEDULER_DURATION = Histogram("taskgate_scheduler_run_duration_seconds", "Maintenance job duration", ["job"])
+SCHEDULER_LAST_SUCCESS = Gauge(
+    "taskgate_scheduler_last_success_timestamp_seconds", "Last successful run", ["job"]
+)

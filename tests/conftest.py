@@ -1,0 +1,119 @@
+"""Shared fixtures: one real PostgreSQL per session, a clean database per test.
+
+The embedded server (a pip-installed wheel, under var/test/) runs unless TEST_DB_URI names another
+server. Isolation is by TRUNCATE between tests, so worker subprocesses and the real HTTPS server
+see the same committed data a test wrote.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from cryptography.fernet import Fernet
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from app import create_app
+from app.database import Database
+from app.settings import Settings, load_settings
+from app.src.database import migrations
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_DATABASE = "taskgate_test"
+# the test server trades durability for speed: nothing here must survive a crash
+TEST_TUNING = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+def driver_uri(sqlalchemy_uri: str) -> str:
+    return sqlalchemy_uri.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def database_uri() -> Iterator[str]:
+    """A migrated database, as a postgresql+asyncpg URI."""
+    external = os.environ.get("TEST_DB_URI")
+    if external:
+        uri = external.replace("postgresql://", "postgresql+asyncpg://", 1)
+        migrations.upgrade(uri)
+        yield uri
+        return
+    from app.src.database import embedded
+
+    data_dir = Path(os.environ.get("TEST_DATA_DIR", ROOT / "var" / "test"))
+    _server, admin_uri = embedded.start(data_dir, tuning=TEST_TUNING)
+    uri = admin_uri.replace(f"/{embedded.DATABASE}?", f"/{TEST_DATABASE}?")
+    import asyncio
+
+    asyncio.run(embedded.create_database(driver_uri(admin_uri), TEST_DATABASE))
+    migrations.upgrade(uri)
+    yield uri
+
+
+@pytest.fixture(scope="session")
+def secret_keys() -> list[str]:
+    return [Fernet.generate_key().decode()]
+
+
+@pytest.fixture
+def settings(database_uri: str, secret_keys: list[str], tmp_path: Path) -> Settings:
+    return load_settings(
+        APP_ENV="test",
+        DB_URI=database_uri,
+        SECRET_KEYS=secret_keys,
+        DATA_DIR=tmp_path,
+        LOG_FORMAT="console",
+        ROLES=["api"],
+        LEASE_SECONDS=5,
+    )
+
+
+async def truncate_all(uri: str) -> None:
+    conn = await asyncpg.connect(driver_uri(uri))
+    try:
+        tables = await conn.fetch(
+            "SELECT quote_ident(tablename) AS t FROM pg_tables "
+            "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+        )
+        if tables:
+            await conn.execute(f"TRUNCATE {', '.join(r['t'] for r in tables)} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def clean_database(database_uri: str) -> str:
+    await truncate_all(database_uri)
+    return database_uri
+
+
+@pytest.fixture
+async def db(settings: Settings, clean_database: str) -> AsyncIterator[Database]:
+    database = Database(settings)
+    await database.connect()
+    try:
+        yield database
+    finally:
+        await database.disconnect()
+
+
+@pytest.fixture
+async def app(settings: Settings, clean_database: str) -> AsyncIterator[Quart]:
+    application = create_app(settings)
+    async with application.test_app():
+        yield application
+
+
+@pytest.fixture
+def client(app: Quart) -> Client:
+    return app.test_client()
+
+
+def subprocess_env(**extra: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SECRET_", "APP_"))}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

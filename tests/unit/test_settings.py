@@ -1,0 +1,59 @@
+"""Settings: typed parsing of the environment and production's refusal to start half-configured."""
+
+import pytest
+
+from app.settings import ConfigurationError, load_settings
+
+
+def test_comma_separated_variables_become_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECRET_KEYS", "k1, k2")
+    monkeypatch.setenv("ROLES", "api,worker")
+    monkeypatch.setenv("CORS_ORIGINS", "https://a.example,https://b.example")
+    monkeypatch.setenv("HTTP_ALLOWED_NETWORKS", "10.0.0.0/8,::1/128")
+    settings = load_settings(APP_ENV="test")
+    assert settings.SECRET_KEYS == ["k1", "k2"]
+    assert settings.ROLES == ["api", "worker"]
+    assert settings.CORS_ORIGINS == ["https://a.example", "https://b.example"]
+    assert [str(n) for n in settings.HTTP_ALLOWED_NETWORKS] == ["10.0.0.0/8", "::1/128"]
+
+
+def test_unknown_role_is_a_one_line_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROLES", "api,janitor")
+    with pytest.raises(ConfigurationError, match="ROLES"):
+        load_settings(APP_ENV="test")
+
+
+def test_dev_profile_defaults_to_console_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOG_FORMAT", raising=False)
+    assert load_settings(APP_ENV="dev").LOG_FORMAT == "console"
+
+
+@pytest.mark.parametrize(
+    ("env", "missing"),
+    [
+        ({}, ["DB_URI", "SECRET_KEYS", "SSL_CERTFILE"]),
+        ({"DB_URI": "postgresql+asyncpg://db/x"}, ["SECRET_KEYS", "SSL_CERTFILE"]),
+        ({"DB_URI": "postgresql+asyncpg://db/x", "SECRET_KEYS": "k"}, ["SSL_CERTFILE"]),
+    ],
+)
+def test_production_names_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], missing: list[str]
+) -> None:
+    for name in ("DB_URI", "SECRET_KEYS", "SSL_CERTFILE", "SSL_KEYFILE", "TLS_TERMINATED_UPSTREAM"):
+        monkeypatch.delenv(name, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(APP_ENV="prod")
+    for name in missing:
+        assert name in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_production_starts_behind_a_tls_terminating_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_URI", "postgresql+asyncpg://db/x")
+    monkeypatch.setenv("SECRET_KEYS", "k")
+    monkeypatch.setenv("TLS_TERMINATED_UPSTREAM", "true")
+    settings = load_settings(APP_ENV="prod")
+    assert settings.LOG_FORMAT == "json"
+    assert not settings.tls_enabled
