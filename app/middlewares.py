@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import structlog
@@ -19,7 +19,7 @@ from quart.wrappers import Request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.src.api.errors import AppError, BadRequest, field_errors, problem_type
+from app.src.api.errors import AppError, BadRequest, Forbidden, Unauthorized, field_errors, problem_type
 from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 log = structlog.get_logger("taskgate.http")
@@ -136,16 +136,66 @@ def public(view: F) -> F:
     return view
 
 
+def requires_scopes(*scopes: str) -> Callable[[F], F]:
+    """Declare the scopes a view needs; `authenticate` enforces them before the view runs."""
+
+    def mark(view: F) -> F:
+        view.taskgate_scopes = frozenset(scopes)  # type: ignore[attr-defined]
+        return view
+
+    return mark
+
+
+def _bearer_token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def authenticate() -> None:
+    """Bearer token → principal → g.client_id / g.profile; 401 without one, 403 without a scope.
+
+    Views are either `@public` or declare `@requires_scopes(...)`; a view with neither is refused,
+    so a forgotten decorator fails closed.
+    """
+    g.principal = None
+    if request.url_rule is None or request.method == "OPTIONS":
+        return
+    view = current_app.view_functions.get(request.url_rule.endpoint)
+    if view is None or getattr(view, "taskgate_public", False):
+        return
+    needed: frozenset[str] | None = getattr(view, "taskgate_scopes", None)
+    if needed is None:
+        if request.path.startswith("/api/"):
+            raise Forbidden("This route declares no scopes.")
+        return
+    token = _bearer_token()
+    runtime = current_app.extensions["taskgate"]
+    principal = await runtime.authenticator.authenticate(token) if token else None
+    if principal is None:
+        raise Unauthorized(
+            "Send a valid API key or session token as 'Authorization: Bearer <token>'.",
+            headers={"WWW-Authenticate": 'Bearer realm="taskgate"'},
+        )
+    g.principal = principal
+    g.client_id = principal.client_id
+    g.profile = principal
+    structlog.contextvars.bind_contextvars(client_id=str(principal.client_id))
+    missing = sorted(needed - principal.scopes)
+    if missing:
+        raise Forbidden(f"This route needs the scope(s): {', '.join(missing)}.")
+
+
 def install(app: Quart) -> None:
     """Wire the middleware into an app; called once by create_app."""
     app.request_class = TaskgateRequest
     app.before_request(bind_request_context)
+    app.before_request(authenticate)
     app.before_request(require_json_body)
     app.after_request(finish_response)
     app.register_error_handler(AppError, handle_app_error)
     app.register_error_handler(RequestSchemaValidationError, handle_validation_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)
-
-
-Handler = Callable[..., Awaitable[Any]]

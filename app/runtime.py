@@ -10,6 +10,7 @@ import structlog
 
 from app.database import Database
 from app.settings import Settings
+from app.src.api.dev_client import DevelopmentOnlyAuthenticator, RejectAllAuthenticator
 
 log = structlog.get_logger("taskgate.runtime")
 
@@ -19,6 +20,9 @@ class Runtime:
         self.settings = settings
         self._db: Database | None = None
         self.started = False
+        self.authenticator = (
+            RejectAllAuthenticator() if settings.APP_ENV == "prod" else DevelopmentOnlyAuthenticator()
+        )
 
     @property
     def db(self) -> Database:

@@ -117,3 +117,11 @@ def subprocess_env(**extra: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SECRET_", "APP_"))}
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+@pytest.fixture
+def auth_headers() -> dict[str, str]:
+    """Headers of an API client holding every scope, in the tenant tests act as."""
+    from app.src.api.dev_client import DEV_CLIENT_TOKEN
+
+    return {"Authorization": f"Bearer {DEV_CLIENT_TOKEN}"}
