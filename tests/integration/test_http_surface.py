@@ -7,6 +7,8 @@ from openapi_spec_validator import validate
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
+from app.middlewares import public
+
 PROBLEM = "application/problem+json"
 
 
@@ -43,6 +45,7 @@ async def test_wrong_method_is_a_problem_405_with_allow(client: Client) -> None:
 
 async def test_unexpected_error_is_a_bare_500_without_internals(app: Quart) -> None:
     @app.get("/api/test-boom")
+    @public
     async def boom() -> Any:
         raise RuntimeError("secret internal detail")
 
