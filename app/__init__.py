@@ -17,6 +17,7 @@ from app import middlewares
 from app.routes.adapter import register_blueprints
 from app.runtime import Runtime
 from app.settings import Settings, load_settings
+from app.src.api.kinds import load_kinds
 
 try:
     __version__ = version("taskgate")
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     )
     middlewares.install(app)
     register_blueprints(app)
+    load_kinds()
     runtime = Runtime(settings)
     app.extensions["taskgate"] = runtime
     app.while_serving(_lifecycle(runtime))

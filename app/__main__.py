@@ -135,6 +135,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     settings, _embedded = bootstrap(ROLES=["worker"])
     from app.runtime import Runtime
+    from app.src.api.kinds import load_kinds
+
+    load_kinds()
 
     async def main() -> None:
         runtime = Runtime(settings)

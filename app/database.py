@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from app.settings import Settings
 from app.src.database import migrations
+from app.src.database.caches import QueueCache, QuotaCache
 
 
 class Database:
@@ -27,7 +28,10 @@ class Database:
         self.uri = settings.DB_URI
         self.pool_size = settings.DB_POOL_SIZE
         self._engine: AsyncEngine | None = None
-        self.repositories: list[Any] = []
+        self.queues = QueueCache()
+        self.quotas = QuotaCache()
+        # storages whose initialize(db) runs once the engine exists
+        self.repositories: list[Any] = [self.queues, self.quotas]
 
     @property
     def engine(self) -> AsyncEngine:

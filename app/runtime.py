@@ -1,16 +1,23 @@
 """The runtime layer: what a serving process starts, in order, and stops in reverse.
 
-database → (worker) → (scheduler); shutdown walks the list backwards so no job or task touches a
-closed pool.
+database → notifications → (worker) → (scheduler); shutdown walks the list backwards, so no job
+or task touches a closed pool.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import structlog
 
 from app.database import Database
 from app.settings import Settings
 from app.src.api.dev_client import DevelopmentOnlyAuthenticator, RejectAllAuthenticator
+
+if TYPE_CHECKING:
+    from app.scheduler import Scheduler
+    from app.src.database.notifications import Notifier
+    from app.worker import Worker
 
 log = structlog.get_logger("taskgate.runtime")
 
@@ -19,7 +26,11 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._db: Database | None = None
+        self.notifier: Notifier | None = None
+        self.worker: Worker | None = None
+        self.scheduler: Scheduler | None = None
         self.started = False
+        self.events: list[str] = []  # start/stop order, for the lifecycle test
         self.authenticator = (
             RejectAllAuthenticator() if settings.APP_ENV == "prod" else DevelopmentOnlyAuthenticator()
         )
@@ -31,22 +42,58 @@ class Runtime:
         return self._db
 
     async def start(self) -> None:
+        from app.scheduler import Scheduler
+        from app.src.database.notifications import Notifier
+        from app.worker import Worker
+
+        roles = set(self.settings.ROLES)
         self._db = Database(self.settings)
         await self._db.connect()
+        self.events.append("database started")
+        self.notifier = Notifier(self._db.engine)
+        await self.notifier.start()
+        self.events.append("notifier started")
+        if "worker" in roles:
+            self.worker = Worker(self._db, self.notifier, self.settings)
+            await self.worker.start()
+            self.events.append("worker started")
+        if "scheduler" in roles:
+            self.scheduler = Scheduler(self._db, self.settings)
+            self.scheduler.start()
+            self.events.append("scheduler started")
         self.started = True
-        log.info("runtime started", roles=self.settings.ROLES)
+        log.info("runtime started", roles=sorted(roles))
 
     async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.shutdown()
+            self.scheduler = None
+            self.events.append("scheduler stopped")
+        if self.worker is not None:
+            await self.worker.stop()
+            self.worker = None
+            self.events.append("worker stopped")
+        if self.notifier is not None:
+            await self.notifier.stop()
+            self.notifier = None
+            self.events.append("notifier stopped")
         if self._db is not None:
             await self._db.disconnect()
             self._db = None
+            self.events.append("database stopped")
         self.started = False
         log.info("runtime stopped")
 
     async def readiness(self) -> dict[str, bool]:
         if self._db is None:
             return {"database": False, "migrations": False}
-        return {
+        checks = {
             "database": await self._db.ping(),
             "migrations": await self._db.schema_at_head(),
         }
+        roles = set(self.settings.ROLES)
+        if "worker" in roles:
+            checks["worker"] = self.worker is not None and self.worker.alive
+        if "scheduler" in roles:
+            checks["scheduler"] = self.scheduler is not None and self.scheduler.healthy()
+        return checks

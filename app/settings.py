@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     TLS_TERMINATED_UPSTREAM: bool = False
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ROLES: Annotated[list[Role], NoDecode] = Field(default_factory=lambda: list(ALL_ROLES))
-    WORKER_CONCURRENCY: int = Field(default=50, ge=1, le=10_000)
+    WORKER_CONCURRENCY: int = Field(default=100, ge=1, le=10_000)
     WORKER_BATCH_SIZE: int = Field(default=100, ge=1, le=1000)
     WORKER_POLL_INTERVAL_S: float = Field(default=1.0, gt=0, le=60)
     WORKER_SHUTDOWN_GRACE_S: float = Field(default=10.0, ge=0, le=3600)
@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     LEASE_SECONDS: int = Field(default=30, ge=2, le=86_400)
     RESCUE_INTERVAL_S: float = Field(default=5.0, gt=0, le=3600)
     CLIENT_MAX_QUEUED_TASKS: int = Field(default=1_000_000, ge=1)
+    TASK_RETENTION_DAYS: float = Field(default=7, gt=0)
+    IDEMPOTENCY_RETENTION_HOURS: float = Field(default=24, gt=0)
     DATA_DIR: Path = Path("./var")
     LOG_FORMAT: Literal["json", "console"] = "json"
     LOG_LEVEL: str = "INFO"

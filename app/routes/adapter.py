@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from quart import Quart
 
+from app.routes.catalog import blueprint as catalog
 from app.routes.common import blueprint as common
 from app.routes.common import metrics
+from app.routes.queues import blueprint as queues
+from app.routes.tasks import blueprint as tasks
 
 BLUEPRINTS = {
     "common": common,
+    "tasks": tasks,
+    "queues": queues,
+    "catalog": catalog,
 }
 
 

@@ -70,17 +70,14 @@ def upgrade() -> None:
     )
     # Staging: scheduled and retryable tasks whose time has come become available.
     op.execute("CREATE INDEX tasks_due ON tasks (run_at) WHERE status IN ('scheduled', 'retryable')")
-    # Running tasks: per-queue concurrency counts and the lease rescuer (few rows, always small).
-    op.execute("CREATE INDEX tasks_running ON tasks (queue_id, lease_expires_at) WHERE status = 'running'")
+    # Running tasks: the lease rescuer scans only these (few rows, always small).
+    op.execute("CREATE INDEX tasks_running ON tasks (lease_expires_at) WHERE status = 'running'")
     # Waiting tasks: the status poller of external providers.
     op.execute("CREATE INDEX tasks_waiting ON tasks (run_at) WHERE status = 'waiting'")
     # Per-client listing with keyset pagination (ids are time-ordered UUIDv7).
     op.execute("CREATE INDEX tasks_client ON tasks (client_id, id)")
-    # Per-client quota: unfinished tasks only.
-    op.execute(
-        "CREATE INDEX tasks_client_unfinished ON tasks (client_id) "
-        "WHERE status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')"
-    )
+    # Counts per queue and status: queue pages, per-queue concurrency, per-client quota.
+    op.execute("CREATE INDEX tasks_queue_status ON tasks (queue_id, status)")
     # Pruning finished tasks past retention.
     op.execute(
         "CREATE INDEX tasks_finished ON tasks (finished_at) "
@@ -95,6 +92,7 @@ def upgrade() -> None:
     op.execute(
         """
         CREATE TABLE task_attempts (
+            id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             task_id     uuid        NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
             attempt     integer     NOT NULL,
             started_at  timestamptz NOT NULL,
@@ -102,11 +100,11 @@ def upgrade() -> None:
             outcome     text        NOT NULL,
             http_status integer,
             error       text,
-            duration_ms double precision NOT NULL,
-            PRIMARY KEY (task_id, attempt)
+            duration_ms double precision NOT NULL
         )
         """
     )
+    op.execute("CREATE INDEX task_attempts_task ON task_attempts (task_id, id)")
     op.execute(
         "ALTER TABLE task_attempts SET (autovacuum_vacuum_scale_factor = 0.01, "
         "autovacuum_vacuum_cost_limit = 10000, autovacuum_vacuum_cost_delay = 0)"
@@ -124,9 +122,22 @@ def upgrade() -> None:
         """
     )
     op.execute("CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at)")
+    # One row per maintenance job: the conditional upsert on it elects one replica per period.
+    op.execute(
+        """
+        CREATE TABLE maintenance_jobs (
+            name              text        PRIMARY KEY,
+            last_started_at   timestamptz NOT NULL,
+            last_succeeded_at timestamptz,
+            runs              bigint      NOT NULL DEFAULT 0,
+            started_by        text
+        )
+        """
+    )
 
 
 def downgrade() -> None:
+    op.execute("DROP TABLE maintenance_jobs")
     op.execute("DROP TABLE idempotency_keys")
     op.execute("DROP TABLE task_attempts")
     op.execute("DROP TABLE tasks")

@@ -1,0 +1,45 @@
+"""Accessors for what the middleware and the serving lifecycle put in place for a request."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from quart import current_app, g
+
+if TYPE_CHECKING:
+    from app.database import Database
+    from app.runtime import Runtime
+    from app.src.api.models.auth import Principal
+    from app.src.database.notifications import Notifier
+
+
+def runtime() -> Runtime:
+    rt: Runtime = current_app.extensions["taskgate"]
+    return rt
+
+
+def db() -> Database:
+    return runtime().db
+
+
+def notifier() -> Notifier:
+    n = runtime().notifier
+    if n is None:
+        raise RuntimeError("the runtime has not started")
+    return n
+
+
+def client_id() -> UUID:
+    cid: UUID = g.client_id
+    return cid
+
+
+def principal() -> Principal:
+    p: Principal = g.principal
+    return p
+
+
+def max_queued_tasks() -> int:
+    limit = principal().max_queued_tasks
+    return limit if limit is not None else runtime().settings.CLIENT_MAX_QUEUED_TASKS

@@ -1,0 +1,156 @@
+"""/api/tasks: enqueue, follow, list, cancel and retry tasks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+from quart import Blueprint, ResponseReturnValue, make_response, request
+from quart_schema import document_response, validate_querystring, validate_request, validate_response
+
+from app.middlewares import requires_scopes
+from app.routes.context import client_id, db, max_queued_tasks, notifier
+from app.src.api import tasks
+from app.src.api.models.tasks import (
+    AttemptList,
+    AttemptOut,
+    TaskBatchIn,
+    TaskBatchOut,
+    TaskEvent,
+    TaskIn,
+    TaskList,
+    TaskListQuery,
+    TaskOut,
+    WaitQuery,
+)
+
+blueprint = Blueprint("tasks", __name__)
+
+
+def _idempotency_key() -> str | None:
+    return tasks.normalize_idempotency_key(request.headers.get("Idempotency-Key"))
+
+
+@blueprint.post("")
+@requires_scopes("tasks:write")
+@validate_request(TaskIn)
+@validate_response(TaskOut, 201)
+@validate_response(TaskOut, 200)
+async def create_task(data: TaskIn) -> tuple[TaskOut, int]:
+    """Enqueue a task.
+
+    With an Idempotency-Key, a repeat of the same request returns the original task (200).
+    """
+    created, replayed = await tasks.enqueue(
+        db(),
+        client_id=client_id(),
+        items=[data],
+        idempotency_key=_idempotency_key(),
+        max_queued_tasks=max_queued_tasks(),
+        batch=False,
+    )
+    return TaskOut.from_domain(created[0]), 200 if replayed else 201
+
+
+@blueprint.post("/batch")
+@requires_scopes("tasks:write")
+@validate_request(TaskBatchIn)
+@validate_response(TaskBatchOut, 201)
+@validate_response(TaskBatchOut, 200)
+async def create_batch(data: TaskBatchIn) -> tuple[TaskBatchOut, int]:
+    """Enqueue up to 1000 tasks in one round trip: all or nothing."""
+    created, replayed = await tasks.enqueue(
+        db(),
+        client_id=client_id(),
+        items=data.tasks,
+        idempotency_key=_idempotency_key(),
+        max_queued_tasks=max_queued_tasks(),
+        batch=True,
+    )
+    return TaskBatchOut(items=[TaskOut.from_domain(t) for t in created]), 200 if replayed else 201
+
+
+@blueprint.get("/<uuid:task_id>")
+@requires_scopes("tasks:read")
+@validate_querystring(WaitQuery)
+@validate_response(TaskOut)
+async def get_task(task_id: UUID, query_args: WaitQuery) -> TaskOut:
+    """Read a task; `?wait=S` long-polls until it is terminal or S seconds pass."""
+    if query_args.wait:
+        task = await tasks.wait(
+            db(), notifier(), client_id=client_id(), task_id=task_id, timeout_s=query_args.wait
+        )
+    else:
+        task = await tasks.get(db(), client_id=client_id(), task_id=task_id)
+    return TaskOut.from_domain(task)
+
+
+@blueprint.get("")
+@requires_scopes("tasks:read")
+@validate_querystring(TaskListQuery)
+@validate_response(TaskList)
+async def list_tasks(query_args: TaskListQuery) -> TaskList:
+    """List this client's tasks, newest first, with keyset pagination (`next_cursor`)."""
+    items, next_cursor = await tasks.list_tasks(
+        db(),
+        client_id=client_id(),
+        queue=query_args.queue,
+        status=query_args.status,
+        kind=query_args.kind,
+        limit=query_args.limit,
+        cursor=query_args.cursor,
+    )
+    return TaskList(items=[TaskOut.from_domain(t) for t in items], next_cursor=next_cursor)
+
+
+@blueprint.get("/<uuid:task_id>/attempts")
+@requires_scopes("tasks:read")
+@validate_response(AttemptList)
+async def list_attempts(task_id: UUID) -> AttemptList:
+    """Every finished attempt of a task: outcome, HTTP status, error, duration."""
+    items = await tasks.attempts(db(), client_id=client_id(), task_id=task_id)
+    return AttemptList(items=[AttemptOut.model_validate(a, from_attributes=True) for a in items])
+
+
+@blueprint.get("/<uuid:task_id>/events")
+@requires_scopes("tasks:read")
+@document_response(TaskEvent, 200)
+async def task_events(task_id: UUID) -> ResponseReturnValue:
+    """Server-sent events: the task's status changes and progress, until it is terminal.
+
+    A `text/event-stream` of `event: task` messages whose data is the object documented here.
+    """
+    await tasks.get(db(), client_id=client_id(), task_id=task_id)  # 404 before the stream opens
+    stream_of = tasks.events(db(), notifier(), client_id=client_id(), task_id=task_id)
+
+    async def stream() -> AsyncIterator[bytes]:
+        async for event in stream_of:
+            if event is None:
+                yield b": keep-alive\n\n"
+            else:
+                yield f"event: task\ndata: {json.dumps(event)}\n\n".encode()
+
+    response = await make_response(
+        stream(),
+        200,
+        {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+    response.timeout = None  # type: ignore[union-attr]
+    return response
+
+
+@blueprint.post("/<uuid:task_id>/cancel")
+@requires_scopes("tasks:write")
+@validate_response(TaskOut)
+async def cancel_task(task_id: UUID) -> TaskOut:
+    """Cancel a task: at once unless running; a running task is asked to stop."""
+    return TaskOut.from_domain(await tasks.cancel(db(), client_id=client_id(), task_id=task_id))
+
+
+@blueprint.post("/<uuid:task_id>/retry")
+@requires_scopes("tasks:write")
+@validate_response(TaskOut)
+async def retry_task(task_id: UUID) -> TaskOut:
+    """Run a discarded or cancelled task again, from attempt one."""
+    return TaskOut.from_domain(await tasks.retry(db(), client_id=client_id(), task_id=task_id))

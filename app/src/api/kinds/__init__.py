@@ -1,0 +1,213 @@
+"""Task kinds: each declared once with @task_kind, enqueued by the API, executed by workers.
+
+A declaration is import-layer code: it records the kind and starts nothing. The API uses the
+payload model to validate on enqueue; the worker validates again before it runs the handler, so
+a payload that no longer fits its contract discards the task instead of crashing the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from app.src.api.models.tasks import Task
+
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R", bound=BaseModel)
+
+# Tasks that Python code enqueues for itself belong to this tenant unless it names another.
+SYSTEM_CLIENT_ID = UUID("00000000-0000-4000-8000-000000000000")
+
+
+class RetryLater(Exception):
+    """Fail this attempt and retry no sooner than `after_s` (e.g. an HTTP Retry-After)."""
+
+    def __init__(self, reason: str, *, after_s: float | None = None, http_status: int | None = None) -> None:
+        super().__init__(reason)
+        self.after_s = after_s
+        self.http_status = http_status
+
+
+class PermanentError(Exception):
+    """Fail this task for good: no further attempts (dead letter)."""
+
+    def __init__(self, reason: str, *, http_status: int | None = None) -> None:
+        super().__init__(reason)
+        self.http_status = http_status
+
+
+class TaskCancelled(Exception):
+    """Raised by a handler that observed a cancellation request and stopped."""
+
+
+class WaitExternal(Exception):
+    """The handler handed the work to an external provider; the task waits while it is polled."""
+
+    def __init__(self, state: dict[str, Any], *, poll_after_s: float, http_status: int | None = None) -> None:
+        super().__init__("waiting for an external provider")
+        self.state = state
+        self.poll_after_s = poll_after_s
+        self.http_status = http_status
+
+
+ProgressSink = Callable[[UUID, int, dict[str, Any]], Awaitable[None]]
+
+
+class TaskContext:
+    """What a running handler knows about its task, and how it reports back."""
+
+    __slots__ = ("_progress", "attempt", "cancelled", "client_id", "kind", "max_attempts", "queue", "task_id")
+
+    def __init__(
+        self,
+        *,
+        task_id: UUID,
+        attempt: int,
+        max_attempts: int,
+        queue: str,
+        kind: str,
+        client_id: UUID,
+        progress: ProgressSink | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.queue = queue
+        self.kind = kind
+        self.client_id = client_id
+        self.cancelled = asyncio.Event()  # set when a client asks to cancel the running task
+        self._progress = progress
+
+    async def report_progress(self, progress: dict[str, Any]) -> None:
+        """Store progress on the task and publish it to /api/tasks/{id}/events."""
+        if self._progress is not None:
+            await self._progress(self.task_id, self.attempt, progress)
+
+
+Handler = Callable[[TaskContext, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class TaskKind(Generic[P, R]):
+    name: str
+    payload: type[P]
+    result: type[R] | None
+    handler: Handler
+    location: str
+    max_attempts: int | None = None
+    aliases: tuple[str, ...] = ()
+    description: str | None = None
+    timeout_s: float | None = None
+
+    def validate_payload(self, payload: Any) -> P:
+        return self.payload.model_validate(payload)
+
+    async def enqueue(
+        self,
+        payload: P,
+        *,
+        db: AsyncConnection,
+        client_id: UUID = SYSTEM_CLIENT_ID,
+        queue: str = "default",
+        priority: int = 5,
+        delay_s: float | None = None,
+    ) -> Task:
+        """Enqueue inside the caller's open transaction: the task commits with the caller's data."""
+        from app.src.api.tasks import enqueue_in_transaction  # runtime import: tasks imports kinds
+
+        return await enqueue_in_transaction(
+            db,
+            client_id=client_id,
+            queue=queue,
+            kind=self,
+            payload=payload.model_dump(mode="json"),
+            priority=priority,
+            delay_s=delay_s,
+        )
+
+    async def __call__(self, ctx: TaskContext, payload: P) -> Any:
+        return await self.handler(ctx, payload)
+
+
+class DuplicateKind(Exception):
+    pass
+
+
+@dataclass
+class KindRegistry:
+    _kinds: dict[str, TaskKind[Any, Any]] = field(default_factory=dict)
+    _names: dict[str, TaskKind[Any, Any]] = field(default_factory=dict)  # names and aliases
+
+    def declare(
+        self,
+        name: str,
+        *,
+        payload: type[P],
+        result: type[R] | None = None,
+        max_attempts: int | None = None,
+        aliases: tuple[str, ...] = (),
+        timeout_s: float | None = None,
+    ) -> Callable[[Handler], TaskKind[P, R]]:
+        def register(handler: Handler) -> TaskKind[P, R]:
+            location = _location(handler)
+            kind: TaskKind[P, R] = TaskKind(
+                name=name,
+                payload=payload,
+                result=result,
+                handler=handler,
+                location=location,
+                max_attempts=max_attempts,
+                aliases=tuple(aliases),
+                description=inspect.getdoc(handler),
+                timeout_s=timeout_s,
+            )
+            for label in (name, *aliases):
+                existing = self._names.get(label)
+                if existing is not None:
+                    raise DuplicateKind(
+                        f"task kind {label!r} is declared twice: at {existing.location} and at {location}"
+                    )
+            for label in (name, *aliases):
+                self._names[label] = kind
+            self._kinds[name] = kind
+            return kind
+
+        return register
+
+    def get(self, name: str) -> TaskKind[Any, Any] | None:
+        return self._names.get(name)
+
+    def all(self) -> list[TaskKind[Any, Any]]:
+        return sorted(self._kinds.values(), key=lambda kind: kind.name)
+
+
+def _location(handler: Handler) -> str:
+    try:
+        source = inspect.getsourcefile(handler) or "?"
+        line = inspect.getsourcelines(handler)[1]
+    except (OSError, TypeError):
+        return getattr(handler, "__qualname__", repr(handler))
+    return f"{source}:{line}"
+
+
+REGISTRY = KindRegistry()
+task_kind = REGISTRY.declare
+
+# Modules that declare the built-in kinds; importing them registers the kinds (and starts nothing).
+BUILTIN_MODULES = ("app.src.api.kinds.builtin",)
+
+
+def load_kinds(modules: tuple[str, ...] | list[str] = ()) -> KindRegistry:
+    for module in (*BUILTIN_MODULES, *modules):
+        importlib.import_module(module)
+    return REGISTRY

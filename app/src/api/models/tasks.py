@@ -1,0 +1,241 @@
+"""Task and queue contracts: what clients send and what they get back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from app.src.api.state_machine import Status
+
+QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["default"])]
+KindName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+MAX_DELAY_S = 366 * 86_400
+
+
+class TaskIn(BaseModel):
+    """A task to enqueue. `run_at` or `delay_s` defers it; neither means now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: QueueName = "default"
+    kind: KindName
+    payload: dict[str, Any] = Field(default_factory=dict)
+    run_at: AwareDatetime | None = None
+    delay_s: float | None = Field(default=None, ge=0, le=MAX_DELAY_S)
+    priority: int = Field(default=5, ge=0, le=9, description="0 runs first, 9 last")
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> TaskIn:
+        if self.run_at is not None and self.delay_s is not None:
+            raise ValueError("give run_at or delay_s, not both")
+        return self
+
+
+class TaskBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskIn] = Field(min_length=1, max_length=1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A task as storage returns it (mapped from rows with dacite)."""
+
+    id: UUID
+    client_id: UUID
+    queue_id: int
+    queue: str
+    kind: str
+    payload: dict[str, Any]
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: Any
+    last_error: str | None
+    progress: Any
+    cancel_requested: bool = False
+
+
+class TaskOut(BaseModel):
+    id: UUID
+    queue: str
+    kind: str
+    payload: dict[str, Any]
+    status: Status
+    priority: int
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: Any = None
+    last_error: str | None = None
+    progress: Any = None
+
+    @classmethod
+    def from_domain(cls, task: Task) -> TaskOut:
+        return cls(
+            id=task.id,
+            queue=task.queue,
+            kind=task.kind,
+            payload=task.payload,
+            status=Status(task.status),
+            priority=task.priority,
+            attempts=task.attempts,
+            max_attempts=task.max_attempts,
+            run_at=task.run_at,
+            created_at=task.created_at,
+            started_at=task.started_at,
+            finished_at=task.finished_at,
+            result=task.result,
+            last_error=task.last_error,
+            progress=task.progress,
+        )
+
+
+class TaskEvent(BaseModel):
+    """One server-sent event about a task."""
+
+    id: UUID
+    status: Status
+    attempts: int
+    progress: Any = None
+    last_error: str | None = None
+
+
+class TaskBatchOut(BaseModel):
+    items: list[TaskOut]
+
+
+class TaskList(BaseModel):
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+class TaskListQuery(BaseModel):
+    queue: QueueName | None = None
+    status: Status | None = None
+    kind: KindName | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: str | None = Field(default=None, max_length=64)
+
+
+class WaitQuery(BaseModel):
+    wait: float | None = Field(default=None, ge=0, le=60, description="long-poll up to S seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    attempt: int
+    started_at: datetime
+    finished_at: datetime
+    outcome: str
+    http_status: int | None
+    error: str | None
+    duration_ms: float
+
+
+class AttemptOut(BaseModel):
+    attempt: int
+    started_at: datetime
+    finished_at: datetime
+    outcome: str
+    http_status: int | None
+    error: str | None
+    duration_ms: float
+
+
+class AttemptList(BaseModel):
+    items: list[AttemptOut]
+
+
+class QueueIn(BaseModel):
+    """Queue settings; omitted fields keep their current (or default) values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrency: int | None = Field(default=None, ge=1, le=100_000)
+    rate_limit_per_s: float | None = Field(default=None, gt=0, le=1_000_000)
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    min_backoff_s: float | None = Field(default=None, ge=0, le=86_400)
+    max_backoff_s: float | None = Field(default=None, ge=0, le=30 * 86_400)
+    paused: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    id: int
+    client_id: UUID
+    name: str
+    max_concurrency: int | None
+    rate_limit_per_s: float | None
+    max_attempts: int
+    min_backoff_s: float
+    max_backoff_s: float
+    paused: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class QueueOut(BaseModel):
+    name: str
+    max_concurrency: int | None
+    rate_limit_per_s: float | None
+    max_attempts: int
+    min_backoff_s: float
+    max_backoff_s: float
+    paused: bool
+    created_at: datetime
+    updated_at: datetime
+    counts: dict[str, int] | None = None
+    oldest_available_age_s: float | None = None
+
+    @classmethod
+    def from_domain(
+        cls, queue: Queue, *, counts: dict[str, int] | None = None, oldest_age_s: float | None = None
+    ) -> QueueOut:
+        return cls(
+            name=queue.name,
+            max_concurrency=queue.max_concurrency,
+            rate_limit_per_s=queue.rate_limit_per_s,
+            max_attempts=queue.max_attempts,
+            min_backoff_s=queue.min_backoff_s,
+            max_backoff_s=queue.max_backoff_s,
+            paused=queue.paused,
+            created_at=queue.created_at,
+            updated_at=queue.updated_at,
+            counts=counts,
+            oldest_available_age_s=oldest_age_s,
+        )
+
+
+class QueueList(BaseModel):
+    items: list[QueueOut]
+
+
+class PurgeOut(BaseModel):
+    purged: int
+
+
+class KindOut(BaseModel):
+    name: str
+    aliases: list[str]
+    payload_schema: dict[str, Any]
+    result_schema: dict[str, Any] | None
+    max_attempts: int | None
+    description: str | None
+
+
+class KindList(BaseModel):
+    items: list[KindOut]

@@ -1,0 +1,96 @@
+"""In-process caches over PostgreSQL: queue settings and per-client unfinished-task counts.
+
+Changes made through this process invalidate at once; other processes see them within the TTL
+(the scheduler's cache job also refreshes them).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from app.src.api.models.tasks import Queue
+from app.src.database import queues as queue_store
+from app.src.database import tasks as task_store
+
+if TYPE_CHECKING:
+    from app.database import Database
+
+QUEUE_TTL_S = 5.0
+QUOTA_TTL_S = 2.0
+
+
+@dataclass
+class QueueCache:
+    _by_name: dict[tuple[UUID, str], tuple[float, Queue]] = field(default_factory=dict)
+    _by_id: dict[int, tuple[float, Queue]] = field(default_factory=dict)
+    db: Database | None = None
+
+    async def initialize(self, db: Database) -> None:
+        self.db = db
+        self.clear()
+
+    def clear(self) -> None:
+        self._by_name.clear()
+        self._by_id.clear()
+
+    def remember(self, queue: Queue) -> Queue:
+        stamp = time.monotonic()
+        self._by_name[(queue.client_id, queue.name)] = (stamp, queue)
+        self._by_id[queue.id] = (stamp, queue)
+        return queue
+
+    def forget(self, queue: Queue) -> None:
+        self._by_name.pop((queue.client_id, queue.name), None)
+        self._by_id.pop(queue.id, None)
+
+    async def ensure(self, *, client_id: UUID, name: str) -> Queue:
+        """The queue for enqueueing (created on first use)."""
+        hit = self._by_name.get((client_id, name))
+        if hit is not None and time.monotonic() - hit[0] < QUEUE_TTL_S:
+            return hit[1]
+        assert self.db is not None
+        async with self.db.driver() as conn:
+            return self.remember(await queue_store.ensure(conn, client_id=client_id, name=name))
+
+    async def by_ids(self, ids: set[int]) -> dict[int, Queue]:
+        now = time.monotonic()
+        found = {
+            i: hit[1] for i in ids if (hit := self._by_id.get(i)) is not None and now - hit[0] < QUEUE_TTL_S
+        }
+        missing = [i for i in ids if i not in found]
+        if missing:
+            assert self.db is not None
+            async with self.db.driver() as conn:
+                for queue in await queue_store.get_by_ids(conn, missing):
+                    found[queue.id] = self.remember(queue)
+        return found
+
+
+@dataclass
+class QuotaCache:
+    """Approximate unfinished-task counts per client: exact at refresh, plus what we enqueued since."""
+
+    _counts: dict[UUID, tuple[float, int]] = field(default_factory=dict)
+    db: Database | None = None
+
+    async def initialize(self, db: Database) -> None:
+        self.db = db
+        self._counts.clear()
+
+    async def unfinished(self, client_id: UUID) -> int:
+        hit = self._counts.get(client_id)
+        if hit is not None and time.monotonic() - hit[0] < QUOTA_TTL_S:
+            return hit[1]
+        assert self.db is not None
+        async with self.db.driver() as conn:
+            count = await task_store.count_unfinished(conn, client_id=client_id)
+        self._counts[client_id] = (time.monotonic(), count)
+        return count
+
+    def added(self, client_id: UUID, n: int) -> None:
+        hit = self._counts.get(client_id)
+        if hit is not None:
+            self._counts[client_id] = (hit[0], hit[1] + n)

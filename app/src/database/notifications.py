@@ -1,0 +1,125 @@
+"""LISTEN/NOTIFY: one listening connection per process, used as a wake-up hint only.
+
+Notifications are never the source of truth (they are lost while disconnected, and do not pass
+through PgBouncer in transaction mode); everything that waits on them also polls or re-reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.src.database.tasks import AVAILABLE_CHANNEL, CANCEL_CHANNEL, EVENTS_CHANNEL
+
+log = structlog.get_logger("taskgate.notifications")
+
+
+class Notifier:
+    def __init__(self, engine: AsyncEngine) -> None:
+        args, kwargs = engine.dialect.create_connect_args(engine.url)
+        self._connect_args: tuple[Any, ...] = tuple(args)
+        self._connect_kwargs: dict[str, Any] = {
+            k: v for k, v in kwargs.items() if k not in ("async_fallback", "prepared_statement_cache_size")
+        }
+        self._task: asyncio.Task[None] | None = None
+        self._watchers: dict[UUID, set[asyncio.Event]] = {}
+        self._on_available: list[Callable[[set[int] | None], None]] = []
+        self._on_cancel: list[Callable[[UUID], None]] = []
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="taskgate-notifier")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), timeout=5)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def on_available(self, callback: Callable[[set[int] | None], None]) -> None:
+        """callback(queue ids, or None for 'anything may have changed')."""
+        self._on_available.append(callback)
+
+    def on_cancel(self, callback: Callable[[UUID], None]) -> None:
+        """callback(task id) when a client asks to cancel a running task."""
+        self._on_cancel.append(callback)
+
+    @contextlib.contextmanager
+    def watch(self, task_id: UUID) -> Any:
+        """An Event set whenever the task may have changed; clear it before re-reading."""
+        event = asyncio.Event()
+        self._watchers.setdefault(task_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            watchers = self._watchers.get(task_id)
+            if watchers is not None:
+                watchers.discard(event)
+                if not watchers:
+                    del self._watchers[task_id]
+
+    def _wake_everything(self) -> None:
+        for callback in self._on_available:
+            callback(None)
+        for events in self._watchers.values():
+            for event in events:
+                event.set()
+
+    def _handle(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        if channel == EVENTS_CHANNEL:
+            if not self._watchers:
+                return
+            for part in payload.split(","):
+                try:
+                    task_id = UUID(part)
+                except ValueError:
+                    continue
+                for event in self._watchers.get(task_id, ()):
+                    event.set()
+        elif channel == CANCEL_CHANNEL:
+            with contextlib.suppress(ValueError):
+                task_id = UUID(payload)
+                for cancel_callback in self._on_cancel:
+                    cancel_callback(task_id)
+        elif channel == AVAILABLE_CHANNEL:
+            queue_ids = {int(part) for part in payload.split(",") if part.isdigit()} or None
+            for callback in self._on_available:
+                callback(queue_ids)
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while True:
+            connection: Any = None
+            try:
+                connection = await asyncpg.connect(*self._connect_args, **self._connect_kwargs)
+                lost = asyncio.Event()
+                connection.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await connection.add_listener(EVENTS_CHANNEL, self._handle)
+                await connection.add_listener(AVAILABLE_CHANNEL, self._handle)
+                await connection.add_listener(CANCEL_CHANNEL, self._handle)
+                self.connected.set()
+                delay = 0.2
+                self._wake_everything()  # anything sent while we were away is lost: re-check
+                await lost.wait()
+                log.warning("notification connection lost; reconnecting")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("notification connection failed", error=str(exc), retry_in_s=delay)
+            finally:
+                self.connected.clear()
+                if connection is not None and not connection.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(connection.close(timeout=2))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

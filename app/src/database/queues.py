@@ -1,0 +1,115 @@
+"""Queue storage: settings per (client, name), counts, pause/resume/purge."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+import dacite
+
+from app.src.api.models.tasks import Queue
+from app.src.database.tasks import AVAILABLE_CHANNEL, Executor
+
+QUEUE_COLUMNS = (
+    "id, client_id, name, max_concurrency, rate_limit_per_s, max_attempts, min_backoff_s, "
+    "max_backoff_s, paused, created_at, updated_at"
+)
+SETTINGS = ("max_concurrency", "rate_limit_per_s", "max_attempts", "min_backoff_s", "max_backoff_s", "paused")
+_DACITE = dacite.Config(check_types=False)
+
+
+def to_queue(row: Mapping[str, Any]) -> Queue:
+    return dacite.from_dict(Queue, dict(row), config=_DACITE)
+
+
+async def get(conn: Executor, *, client_id: UUID, name: str) -> Queue | None:
+    rows = await conn.fetch(
+        f"SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 AND name = $2", client_id, name
+    )
+    return to_queue(rows[0]) if rows else None
+
+
+async def get_by_ids(conn: Executor, ids: list[int]) -> list[Queue]:
+    rows = await conn.fetch(f"SELECT {QUEUE_COLUMNS} FROM queues WHERE id = ANY($1::bigint[])", ids)
+    return [to_queue(row) for row in rows]
+
+
+async def ensure(conn: Executor, *, client_id: UUID, name: str) -> Queue:
+    """The queue, created with defaults on first use (queues are implicit, like Oban's)."""
+    rows = await conn.fetch(
+        f"""
+        WITH created AS (
+            INSERT INTO queues (client_id, name) VALUES ($1, $2)
+            ON CONFLICT (client_id, name) DO NOTHING
+            RETURNING {QUEUE_COLUMNS}
+        )
+        SELECT {QUEUE_COLUMNS} FROM created
+        UNION ALL
+        SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 AND name = $2
+        LIMIT 1
+        """,
+        client_id,
+        name,
+    )
+    return to_queue(rows[0])
+
+
+async def list_for_client(conn: Executor, *, client_id: UUID) -> list[Queue]:
+    rows = await conn.fetch(
+        f"SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 ORDER BY name", client_id
+    )
+    return [to_queue(row) for row in rows]
+
+
+async def upsert(conn: Executor, *, client_id: UUID, name: str, changes: dict[str, Any]) -> Queue:
+    """Create or change a queue; only the settings in `changes` are written."""
+    columns = [column for column in SETTINGS if column in changes]
+    values = [changes[column] for column in columns]
+    insert_columns = ", ".join(["client_id", "name", *columns])
+    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 3))
+    updates = ", ".join([*(f"{c} = EXCLUDED.{c}" for c in columns), "updated_at = now()"])
+    rows = await conn.fetch(
+        f"""
+        INSERT INTO queues ({insert_columns}) VALUES ({placeholders})
+        ON CONFLICT (client_id, name) DO UPDATE SET {updates}
+        RETURNING {QUEUE_COLUMNS}
+        """,
+        client_id,
+        name,
+        *values,
+    )
+    queue = to_queue(rows[0])
+    if "paused" in changes and not changes["paused"]:
+        await conn.fetch("SELECT pg_notify($1, $2)", AVAILABLE_CHANNEL, str(queue.id))
+    return queue
+
+
+async def counts(conn: Executor, *, queue_id: int) -> tuple[dict[str, int], float | None]:
+    """Tasks per status (index: tasks_queue_status) and the age of the oldest available task."""
+    rows = await conn.fetch(
+        """
+        SELECT status, count(*) AS n FROM tasks WHERE queue_id = $1 GROUP BY status
+        """,
+        queue_id,
+    )
+    oldest = await conn.fetch(
+        """
+        SELECT EXTRACT(epoch FROM now() - min(run_at))::float8 AS age FROM (
+            SELECT run_at FROM tasks WHERE queue_id = $1 AND status = 'available'
+            ORDER BY priority, run_at LIMIT 1000
+        ) head
+        """,
+        queue_id,
+    )
+    return {row["status"]: int(row["n"]) for row in rows}, oldest[0]["age"]
+
+
+async def purge(conn: Executor, *, queue_id: int) -> int:
+    """Delete the tasks of a queue that are waiting to run (running ones finish or are cancelled)."""
+    rows = await conn.fetch(
+        "WITH purged AS (DELETE FROM tasks WHERE queue_id = $1 "
+        "AND status IN ('scheduled', 'available', 'retryable') RETURNING 1) SELECT count(*) AS n FROM purged",
+        queue_id,
+    )
+    return int(rows[0]["n"])

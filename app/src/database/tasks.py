@@ -1,0 +1,610 @@
+"""Task storage: every SQL statement of the engine, written once, named, and commented.
+
+Hot paths run on the asyncpg connection under the SQLAlchemy pool (`Database.driver()`), with
+arrays (`unnest`) so a batch of any size is one round trip. Every UPDATE that changes a status is
+a compare-and-set guarded by the source statuses the state machine allows, so a task that
+finished meanwhile is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+import dacite
+
+from app.src.api.models.tasks import Attempt, Task
+from app.src.api.state_machine import RESCUE_STATUS_SQL, Status, sources
+
+EVENTS_CHANNEL = "taskgate_events"  # payload: comma-separated task ids whose state changed
+AVAILABLE_CHANNEL = "taskgate_available"  # payload: comma-separated queue ids with new work
+CANCEL_CHANNEL = "taskgate_cancel"  # payload: id of a running task a client asked to cancel
+_NOTIFY_IDS_PER_MESSAGE = 200  # 200 * 37 bytes stays under NOTIFY's 8000-byte payload limit
+
+TASK_COLUMNS = (
+    "id, client_id, queue_id, queue, kind, payload, status, priority, attempts, max_attempts, "
+    "run_at, created_at, started_at, finished_at, result, last_error, progress, cancel_requested"
+)
+_DACITE = dacite.Config(check_types=False)
+
+
+class Executor(Protocol):
+    """What the statements need from a connection: asyncpg's, or SQLAlchemy's via `SqlExecutor`."""
+
+    async def fetch(self, query: str, *args: Any) -> Sequence[Mapping[str, Any]]: ...
+
+
+def to_task(row: Mapping[str, Any]) -> Task:
+    return dacite.from_dict(Task, dict(row), config=_DACITE)
+
+
+def _notify_events(source: str) -> str:
+    """A CTE that NOTIFYs the ids of `source` in chunks; join it once to make it run."""
+    return f"""
+    notified AS (
+        SELECT count(pg_notify('{EVENTS_CHANNEL}', ids)) AS n FROM (
+            SELECT string_agg(id::text, ',') AS ids
+            FROM (SELECT id, (row_number() OVER ()) / {_NOTIFY_IDS_PER_MESSAGE} AS chunk FROM {source}) c
+            GROUP BY chunk
+        ) chunks
+    )"""
+
+
+# --- enqueue -------------------------------------------------------------------------------------
+
+# One statement for one task or a thousand. A task due now is `available` at once; a later one is
+# `scheduled` until staging makes it available. Workers hear about it through one NOTIFY per
+# statement (NOTIFY takes a global lock at commit, OCA/queue#811).
+INSERT_TASKS = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[],
+                         $7::smallint[], $8::int[], $9::timestamptz[], $10::float8[])
+        AS i(id, client_id, queue_id, queue, kind, payload, priority, max_attempts, run_at, delay_s)
+),
+inserted AS (
+    INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts, run_at)
+    SELECT i.id, i.client_id, i.queue_id, i.queue, i.kind, i.payload,
+           CASE WHEN due.at <= now() THEN 'available' ELSE 'scheduled' END,
+           i.priority, i.max_attempts, due.at
+    FROM input i
+    CROSS JOIN LATERAL (
+        SELECT COALESCE(i.run_at, now() + make_interval(secs => COALESCE(i.delay_s, 0)), now()) AS at
+    ) due
+    RETURNING {TASK_COLUMNS}
+),
+woken AS (
+    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
+        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM inserted WHERE status = 'available'
+    ) q WHERE ids IS NOT NULL
+)
+SELECT inserted.*, (SELECT n FROM woken) AS _woken FROM inserted
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    id: UUID
+    client_id: UUID
+    queue_id: int
+    queue: str
+    kind: str
+    payload: dict[str, Any]
+    priority: int
+    max_attempts: int
+    run_at: datetime | None
+    delay_s: float | None
+
+
+async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
+    rows = await conn.fetch(
+        INSERT_TASKS,
+        [t.id for t in tasks],
+        [t.client_id for t in tasks],
+        [t.queue_id for t in tasks],
+        [t.queue for t in tasks],
+        [t.kind for t in tasks],
+        [json.dumps(t.payload) for t in tasks],
+        [t.priority for t in tasks],
+        [t.max_attempts for t in tasks],
+        [t.run_at for t in tasks],
+        [t.delay_s for t in tasks],
+    )
+    by_id = {row["id"]: row for row in rows}
+    return [to_task(by_id[t.id]) for t in tasks]
+
+
+# --- idempotency ---------------------------------------------------------------------------------
+
+
+async def lock_idempotency_key(conn: Executor, client_id: UUID, key: str) -> bool:
+    """Try the transaction-scoped lock of (client, key); False while another request holds it."""
+    rows = await conn.fetch(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended($1::text || '/' || $2, 7)) AS locked",
+        str(client_id),
+        key,
+    )
+    return bool(rows[0]["locked"])
+
+
+async def find_idempotency_key(conn: Executor, client_id: UUID, key: str) -> tuple[str, list[UUID]] | None:
+    rows = await conn.fetch(
+        "SELECT request_hash, task_ids FROM idempotency_keys WHERE client_id = $1 AND key = $2",
+        client_id,
+        key,
+    )
+    if not rows:
+        return None
+    return rows[0]["request_hash"], list(rows[0]["task_ids"])
+
+
+async def save_idempotency_key(
+    conn: Executor, client_id: UUID, key: str, request_hash: str, task_ids: list[UUID]
+) -> None:
+    await conn.fetch(
+        "INSERT INTO idempotency_keys (client_id, key, request_hash, task_ids) VALUES ($1, $2, $3, $4)",
+        client_id,
+        key,
+        request_hash,
+        task_ids,
+    )
+
+
+# --- claim ---------------------------------------------------------------------------------------
+
+# THE CLAIM. One statement: pick, lock and mark running, for many tasks at once.
+#
+# Index: tasks_claim (queue_id, priority, run_at, id) WHERE status = 'available'. It holds only
+# claimable rows, so a million finished (or scheduled, or running) tasks are simply not in it and
+# the cost of a claim depends on the batch size, not on the table. For each active queue the
+# LATERAL probe reads the index in claim order and stops after LIMIT rows; SKIP LOCKED lets
+# concurrent workers take disjoint rows without waiting. The CTE fences the pick from the UPDATE
+# (Oban's note: without it the planner may update more rows than LIMIT).
+#
+# Queues in random order share the batch fairly over time. Paused queues are excluded here, read
+# live, so pausing takes effect at the next claim; queues with a concurrency or rate limit go
+# through CLAIM_LIMITED, under their queue lock.
+CLAIM_AVAILABLE = f"""
+WITH active AS (
+    SELECT id FROM queues
+    WHERE NOT paused AND max_concurrency IS NULL AND rate_limit_per_s IS NULL
+      AND ($4::text[] IS NULL OR name = ANY($4::text[]))
+    ORDER BY random()
+),
+picked AS (
+    SELECT c.id
+    FROM active q
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM tasks t
+        WHERE t.queue_id = q.id AND t.status = 'available' AND t.run_at <= now()
+        ORDER BY t.priority, t.run_at, t.id
+        LIMIT $1
+        FOR UPDATE OF t SKIP LOCKED
+    ) c
+    LIMIT $1
+),
+claimed AS (
+    UPDATE tasks t
+    SET status = 'running', attempts = t.attempts + 1, started_at = now(),
+        lease_expires_at = now() + make_interval(secs => $2), worker_id = $3
+    FROM picked
+    WHERE t.id = picked.id AND t.status = 'available'
+    RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
+              t.run_at, t.started_at
+),
+{_notify_events("claimed")}
+SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
+"""
+
+# Limited queues: the caller holds the queue row lock (LOCK_QUEUE, same transaction), so this
+# statement's fresh snapshot sees every task claimed before it; the count of running tasks and the
+# shared token bucket are therefore exact across all worker processes.
+LOCK_QUEUE = "SELECT id FROM queues WHERE id = $1 AND NOT paused FOR UPDATE"
+CLAIM_LIMITED = f"""
+WITH q AS (
+    SELECT id, max_concurrency, rate_limit_per_s,
+           LEAST(GREATEST(rate_limit_per_s, 1),
+                 rate_tokens + EXTRACT(epoch FROM now() - rate_updated_at) * rate_limit_per_s) AS tokens
+    FROM queues WHERE id = $1 AND NOT paused
+),
+allowance AS (
+    SELECT GREATEST(0, LEAST(
+        $2::int,
+        COALESCE(q.max_concurrency
+                 - (SELECT count(*) FROM tasks WHERE queue_id = $1 AND status = 'running'), $2::int),
+        COALESCE(floor(q.tokens)::int, $2::int)
+    )) AS n, q.tokens
+    FROM q
+),
+picked AS (
+    SELECT t.id FROM tasks t
+    WHERE t.queue_id = $1 AND t.status = 'available' AND t.run_at <= now()
+    ORDER BY t.priority, t.run_at, t.id
+    LIMIT COALESCE((SELECT n FROM allowance), 0)
+    FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE tasks t
+    SET status = 'running', attempts = t.attempts + 1, started_at = now(),
+        lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
+    FROM picked
+    WHERE t.id = picked.id AND t.status = 'available'
+    RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
+              t.run_at, t.started_at
+),
+spent AS (
+    UPDATE queues
+    SET rate_tokens = (SELECT tokens FROM allowance) - (SELECT count(*) FROM claimed),
+        rate_updated_at = now()
+    WHERE id = $1 AND rate_limit_per_s IS NOT NULL
+),
+{_notify_events("claimed")}
+SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
+"""
+
+LIMITED_QUEUES = """
+SELECT id FROM queues
+WHERE NOT paused AND (max_concurrency IS NOT NULL OR rate_limit_per_s IS NOT NULL)
+  AND ($1::text[] IS NULL OR name = ANY($1::text[]))
+"""
+
+
+@dataclass(slots=True)
+class ClaimedTask:
+    id: UUID
+    client_id: UUID
+    queue_id: int
+    queue: str
+    kind: str
+    payload: Any
+    attempt: int
+    max_attempts: int
+    run_at: datetime
+    started_at: datetime
+
+
+def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[ClaimedTask]:
+    return [
+        ClaimedTask(
+            r["id"],
+            r["client_id"],
+            r["queue_id"],
+            r["queue"],
+            r["kind"],
+            r["payload"],
+            r["attempts"],
+            r["max_attempts"],
+            r["run_at"],
+            r["started_at"],
+        )
+        for r in rows
+    ]
+
+
+async def claim_available(
+    conn: Executor, *, limit: int, lease_s: float, worker_id: UUID, queues: list[str] | None
+) -> list[ClaimedTask]:
+    return _claimed(await conn.fetch(CLAIM_AVAILABLE, limit, lease_s, worker_id, queues))
+
+
+async def limited_queue_ids(conn: Executor, *, queues: list[str] | None) -> list[int]:
+    return [row["id"] for row in await conn.fetch(LIMITED_QUEUES, queues)]
+
+
+async def claim_limited(
+    conn: Any, *, queue_id: int, limit: int, lease_s: float, worker_id: UUID
+) -> list[ClaimedTask]:
+    """Claim from one limited queue; `conn` is an asyncpg connection (this opens a transaction)."""
+    async with conn.transaction():
+        if await conn.fetchval(LOCK_QUEUE, queue_id) is None:
+            return []
+        return _claimed(await conn.fetch(CLAIM_LIMITED, queue_id, limit, lease_s, worker_id))
+
+
+# --- staging -------------------------------------------------------------------------------------
+
+# Scheduled and retryable tasks whose time has come become available (index: tasks_due). Runs in
+# every worker's poll tick; SKIP LOCKED keeps concurrent stagers out of each other's way.
+STAGE_DUE = f"""
+WITH due AS (
+    SELECT id FROM tasks
+    WHERE status IN ('scheduled', 'retryable') AND run_at <= now()
+    ORDER BY run_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+),
+staged AS (
+    UPDATE tasks t SET status = 'available'
+    FROM due WHERE t.id = due.id AND t.status IN ('scheduled', 'retryable')
+    RETURNING t.id, t.queue_id
+),
+woken AS (
+    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
+        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM staged
+    ) q WHERE ids IS NOT NULL
+)
+SELECT count(*) AS staged, (SELECT n FROM woken) AS _woken FROM staged
+"""
+
+
+async def stage_due(conn: Executor, *, limit: int = 5000) -> int:
+    rows = await conn.fetch(STAGE_DUE, limit)
+    return int(rows[0]["staged"])
+
+
+# --- heartbeat, completion, release --------------------------------------------------------------
+
+HEARTBEAT = """
+UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $2)
+WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $3
+RETURNING id, cancel_requested
+"""
+
+
+async def heartbeat(
+    conn: Executor, *, task_ids: list[UUID], lease_s: float, worker_id: UUID
+) -> dict[UUID, bool]:
+    """Extend the leases this worker still holds; returns {task id: cancel requested}."""
+    rows = await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id)
+    return {row["id"]: row["cancel_requested"] for row in rows}
+
+
+# Finish many attempts in one statement: the status the worker decided (via the state machine),
+# the attempt record, and the events NOTIFY. The guard (still running, same attempt, same worker)
+# drops a completion whose lease was rescued meanwhile: that attempt no longer owns the task.
+COMPLETE = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[],
+                         $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[])
+        AS i(id, attempt, status, result, error, retry_in_s, started_at, finished_at, http_status,
+             outcome, state)
+),
+done AS (
+    UPDATE tasks t
+    SET status = i.status,
+        result = CASE WHEN i.status = 'completed' THEN i.result
+                      WHEN i.status = 'waiting' THEN i.state ELSE t.result END,
+        last_error = COALESCE(i.error, t.last_error),
+        run_at = CASE WHEN i.retry_in_s IS NOT NULL
+                      THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
+        finished_at = CASE WHEN i.status IN ('completed', 'discarded', 'cancelled') THEN now() END,
+        lease_expires_at = NULL,
+        worker_id = NULL
+    FROM input i
+    WHERE t.id = i.id AND t.status = 'running' AND t.attempts = i.attempt AND t.worker_id = $12
+    RETURNING t.id, t.queue, t.kind, t.status
+),
+recorded AS (
+    INSERT INTO task_attempts
+        (task_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms)
+    SELECT i.id, i.attempt, i.started_at, i.finished_at, i.outcome, i.http_status, i.error,
+           EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000
+    FROM input i JOIN done d ON d.id = i.id
+),
+{_notify_events("done")}
+SELECT done.*, (SELECT n FROM notified) AS _notified FROM done
+"""
+
+
+@dataclass(slots=True)
+class Completion:
+    id: UUID
+    attempt: int
+    status: Status
+    outcome: str
+    started_at: datetime
+    finished_at: datetime
+    result: Any = None
+    error: str | None = None
+    retry_in_s: float | None = None
+    http_status: int | None = None
+    state: dict[str, Any] | None = None  # provider state of a task that goes to `waiting`
+
+
+async def complete(
+    conn: Executor, completions: Sequence[Completion], *, worker_id: UUID
+) -> list[Mapping[str, Any]]:
+    rows = await conn.fetch(
+        COMPLETE,
+        [c.id for c in completions],
+        [c.attempt for c in completions],
+        [str(c.status) for c in completions],
+        [None if c.result is None else json.dumps(c.result) for c in completions],
+        [c.error for c in completions],
+        [c.retry_in_s for c in completions],
+        [c.started_at for c in completions],
+        [c.finished_at for c in completions],
+        [c.http_status for c in completions],
+        [c.outcome for c in completions],
+        [None if c.state is None else json.dumps(c.state) for c in completions],
+        worker_id,
+    )
+    return list(rows)
+
+
+# Shutdown: tasks this worker could not finish in its grace period go back to available. The
+# attempt did not fail, so it is not counted.
+RELEASE = f"""
+WITH released AS (
+    UPDATE tasks SET status = 'available', attempts = attempts - 1, started_at = NULL,
+                     lease_expires_at = NULL, worker_id = NULL
+    WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $2
+    RETURNING id, queue_id
+),
+woken AS (
+    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
+        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM released
+    ) q WHERE ids IS NOT NULL
+)
+SELECT id, (SELECT n FROM woken) AS _woken FROM released
+"""
+
+
+async def release(conn: Executor, *, task_ids: list[UUID], worker_id: UUID) -> list[UUID]:
+    return [row["id"] for row in await conn.fetch(RELEASE, task_ids, worker_id)]
+
+
+PROGRESS = f"""
+WITH updated AS (
+    UPDATE tasks SET progress = $3::jsonb
+    WHERE id = $1 AND attempts = $2 AND status = 'running'
+    RETURNING id
+)
+SELECT id, (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) FROM updated) AS _n FROM updated
+"""
+
+
+async def set_progress(conn: Executor, *, task_id: UUID, attempt: int, progress: dict[str, Any]) -> None:
+    await conn.fetch(PROGRESS, task_id, attempt, json.dumps(progress))
+
+
+# --- rescue --------------------------------------------------------------------------------------
+
+# Leases that expired: the worker died or stalled. Guarded like a completion: the UPDATE re-checks
+# status and lease on the locked row, so a task that completed between the pick and the update is
+# left alone (River #1302). The lost attempt is recorded.
+RESCUE_EXPIRED = f"""
+WITH expired AS (
+    SELECT id FROM tasks
+    WHERE status = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+),
+rescued AS (
+    UPDATE tasks t
+    SET status = {RESCUE_STATUS_SQL},
+        last_error = 'lease expired: the worker stopped renewing it (attempt ' || t.attempts || ')',
+        run_at = now() + make_interval(secs => q.min_backoff_s),
+        finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+        lease_expires_at = NULL,
+        worker_id = NULL
+    FROM expired e, queues q
+    WHERE t.id = e.id AND q.id = t.queue_id AND t.status = 'running' AND t.lease_expires_at < now()
+    RETURNING t.id, t.attempts, t.started_at, t.status, t.queue, t.kind
+),
+recorded AS (
+    INSERT INTO task_attempts (task_id, attempt, started_at, finished_at, outcome, error, duration_ms)
+    SELECT id, attempts, COALESCE(started_at, now()), now(), 'lost', 'lease expired',
+           EXTRACT(epoch FROM now() - COALESCE(started_at, now())) * 1000
+    FROM rescued
+),
+{_notify_events("rescued")}
+SELECT rescued.*, (SELECT n FROM notified) AS _notified FROM rescued
+"""
+
+
+async def rescue_expired(conn: Executor, *, limit: int = 1000) -> list[Mapping[str, Any]]:
+    return list(await conn.fetch(RESCUE_EXPIRED, limit))
+
+
+# --- reading and client actions ------------------------------------------------------------------
+
+
+async def get_task(conn: Executor, *, client_id: UUID, task_id: UUID) -> Task | None:
+    rows = await conn.fetch(
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND client_id = $2", task_id, client_id
+    )
+    return to_task(rows[0]) if rows else None
+
+
+async def get_tasks(conn: Executor, *, client_id: UUID, task_ids: list[UUID]) -> list[Task]:
+    rows = await conn.fetch(
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1::uuid[]) AND client_id = $2",
+        task_ids,
+        client_id,
+    )
+    by_id = {row["id"]: to_task(row) for row in rows}
+    return [by_id[task_id] for task_id in task_ids if task_id in by_id]
+
+
+# Keyset pagination over tasks_client (client_id, id): ids are UUIDv7, so newest first is id DESC
+# and the cursor is the last id seen.
+LIST_TASKS = f"""
+SELECT {TASK_COLUMNS} FROM tasks
+WHERE client_id = $1
+  AND ($2::uuid IS NULL OR id < $2)
+  AND ($3::text IS NULL OR queue = $3)
+  AND ($4::text IS NULL OR status = $4)
+  AND ($5::text IS NULL OR kind = $5)
+ORDER BY id DESC
+LIMIT $6
+"""
+
+
+async def list_tasks(
+    conn: Executor,
+    *,
+    client_id: UUID,
+    before: UUID | None,
+    queue: str | None,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+) -> list[Task]:
+    rows = await conn.fetch(LIST_TASKS, client_id, before, queue, status, kind, limit)
+    return [to_task(row) for row in rows]
+
+
+async def list_attempts(conn: Executor, *, task_id: UUID) -> list[Attempt]:
+    rows = await conn.fetch(
+        "SELECT attempt, started_at, finished_at, outcome, http_status, error, duration_ms "
+        "FROM task_attempts WHERE task_id = $1 ORDER BY id",
+        task_id,
+    )
+    return [dacite.from_dict(Attempt, dict(row), config=_DACITE) for row in rows]
+
+
+# Cancel: waiting, scheduled, available and retryable tasks are cancelled at once; a running task
+# gets cancel_requested, which its worker sees at the next heartbeat and passes to the handler.
+CANCEL = f"""
+WITH changed AS (
+    UPDATE tasks
+    SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+        finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
+        cancel_requested = true
+    WHERE id = $1 AND client_id = $2 AND status = ANY($3::text[])
+    RETURNING {TASK_COLUMNS}
+)
+SELECT changed.*,
+       (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) + count(pg_notify('{CANCEL_CHANNEL}', id::text))
+        FROM changed) AS _n
+FROM changed
+"""
+
+
+async def cancel(conn: Executor, *, client_id: UUID, task_id: UUID) -> Task | None:
+    rows = await conn.fetch(CANCEL, task_id, client_id, sources(Status.CANCELLED))
+    return to_task(rows[0]) if rows else None
+
+
+RETRY = f"""
+WITH changed AS (
+    UPDATE tasks
+    SET status = 'available', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
+        cancel_requested = false, result = NULL, progress = NULL
+    WHERE id = $1 AND client_id = $2 AND status = ANY($3::text[])
+    RETURNING {TASK_COLUMNS}
+),
+woken AS (SELECT count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text)) AS n FROM changed),
+evented AS (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) AS n FROM changed)
+SELECT changed.*, (SELECT n FROM woken) + (SELECT n FROM evented) AS _n FROM changed
+"""
+
+
+async def retry(conn: Executor, *, client_id: UUID, task_id: UUID, from_statuses: list[str]) -> Task | None:
+    rows = await conn.fetch(RETRY, task_id, client_id, from_statuses)
+    return to_task(rows[0]) if rows else None
+
+
+async def count_unfinished(conn: Executor, *, client_id: UUID) -> int:
+    """Unfinished tasks of a client (index: tasks_queue_status over the client's queues)."""
+    rows = await conn.fetch(
+        "SELECT count(*) AS n FROM tasks WHERE queue_id IN (SELECT id FROM queues WHERE client_id = $1) "
+        "AND status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')",
+        client_id,
+    )
+    return int(rows[0]["n"])
