@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     )
     middlewares.install(app)
     register_blueprints(app)
-    load_kinds()
+    load_kinds(settings.TASK_KIND_MODULES)
     runtime = Runtime(settings)
     app.extensions["taskgate"] = runtime
     app.while_serving(_lifecycle(runtime))

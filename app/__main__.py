@@ -137,7 +137,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from app.runtime import Runtime
     from app.src.api.kinds import load_kinds
 
-    load_kinds()
+    load_kinds(settings.TASK_KIND_MODULES)
 
     async def main() -> None:
         runtime = Runtime(settings)

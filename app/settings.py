@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     WORKER_POLL_INTERVAL_S: float = Field(default=1.0, gt=0, le=60)
     WORKER_SHUTDOWN_GRACE_S: float = Field(default=10.0, ge=0, le=3600)
     WORKER_QUEUES: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    TASK_KIND_MODULES: Annotated[list[str], NoDecode] = Field(default_factory=list)
     LEASE_SECONDS: int = Field(default=30, ge=2, le=86_400)
     RESCUE_INTERVAL_S: float = Field(default=5.0, gt=0, le=3600)
     CLIENT_MAX_QUEUED_TASKS: int = Field(default=1_000_000, ge=1)
@@ -57,7 +58,7 @@ class Settings(BaseSettings):
         default_factory=list
     )
 
-    @field_validator("SECRET_KEYS", "CORS_ORIGINS", "ROLES", "WORKER_QUEUES", mode="before")
+    @field_validator("SECRET_KEYS", "CORS_ORIGINS", "ROLES", "WORKER_QUEUES", "TASK_KIND_MODULES", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)

@@ -7,6 +7,7 @@ see the same committed data a test wrote.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -59,16 +60,20 @@ def secret_keys() -> list[str]:
     return [Fernet.generate_key().decode()]
 
 
+TEST_SETTINGS: dict[str, Any] = {
+    "APP_ENV": "test",
+    "LOG_FORMAT": "console",
+    "LEASE_SECONDS": 5,
+    "TASK_KIND_MODULES": ["tests.kinds"],
+    "WORKER_POLL_INTERVAL_S": 0.2,
+    "RESCUE_INTERVAL_S": 0.5,
+}
+
+
 @pytest.fixture
 def settings(database_uri: str, secret_keys: list[str], tmp_path: Path) -> Settings:
     return load_settings(
-        APP_ENV="test",
-        DB_URI=database_uri,
-        SECRET_KEYS=secret_keys,
-        DATA_DIR=tmp_path,
-        LOG_FORMAT="console",
-        ROLES=["api"],
-        LEASE_SECONDS=5,
+        **TEST_SETTINGS, DB_URI=database_uri, SECRET_KEYS=secret_keys, DATA_DIR=tmp_path, ROLES=["api"]
     )
 
 
@@ -111,6 +116,19 @@ async def app(settings: Settings, clean_database: str) -> AsyncIterator[Quart]:
 @pytest.fixture
 def client(app: Quart) -> Client:
     return app.test_client()
+
+
+@pytest.fixture
+async def serving(settings: Settings, clean_database: str) -> AsyncIterator[Any]:
+    """serving(**overrides): an app served in this loop with the given settings (e.g. roles)."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(**overrides: Any) -> Quart:
+            application = create_app(settings.model_copy(update=overrides))
+            await stack.enter_async_context(application.test_app())
+            return application
+
+        yield start
 
 
 def subprocess_env(**extra: Any) -> dict[str, str]:

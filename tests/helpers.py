@@ -1,0 +1,80 @@
+"""Helpers for tests that drive tasks: enqueue over the API, wait for states, spawn workers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from quart.typing import TestClientProtocol as Client
+
+from tests.conftest import ROOT, driver_uri, subprocess_env
+
+
+async def enqueue(client: Client, headers: dict[str, str], **task: Any) -> dict[str, Any]:
+    response = await client.post("/api/tasks", json=task, headers=headers)
+    assert response.status_code == 201, await response.get_data(as_text=True)
+    body: dict[str, Any] = await response.get_json()
+    return body
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float = 20, interval: float = 0.05) -> Any:
+    """Await check() until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last value {value!r})")
+        await asyncio.sleep(interval)
+
+
+async def fetch(database_uri: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(driver_uri(database_uri))
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+def spawn_worker(database_uri: str, data_dir: Path, **env: Any) -> subprocess.Popen[bytes]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = (data_dir / f"worker-{time.monotonic_ns()}.log").open("wb")
+    settings = {
+        "APP_ENV": "test",
+        "DB_URI": database_uri,
+        "DATA_DIR": data_dir,
+        "LOG_FORMAT": "console",
+        "TASK_KIND_MODULES": "tests.kinds",
+        "WORKER_POLL_INTERVAL_S": "0.2",
+        "SECRET_KEYS": "unused-by-workers",
+    }
+    settings.update(env)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app", "worker"],
+            cwd=ROOT,
+            env=subprocess_env(**settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        log.close()
+
+
+def read_records(path: Path) -> list[tuple[str, int, int, float, float]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        task_id, attempt, pid, start, end = line.split()
+        rows.append((task_id, int(attempt), int(pid), float(start), float(end)))
+    return rows

@@ -1,0 +1,236 @@
+"""The tasks API against a real PostgreSQL: enqueue, validation, idempotency, reading, actions."""
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from tests.conftest import driver_uri
+from tests.helpers import enqueue, fetch
+
+PROBLEM = "application/problem+json"
+
+
+async def test_enqueue_returns_the_task_in_spec_shape(client: Client, auth_headers: dict[str, str]) -> None:
+    task = await enqueue(client, auth_headers, kind="sleep", payload={"seconds": 1}, priority=2)
+    assert set(task) == {
+        "id", "queue", "kind", "payload", "status", "priority", "attempts", "max_attempts",
+        "run_at", "created_at", "started_at", "finished_at", "result", "last_error", "progress",
+    }  # fmt: skip
+    assert task["status"] == "available"
+    assert task["queue"] == "default"
+    assert task["priority"] == 2
+    assert task["attempts"] == 0
+    assert task["max_attempts"] == 25
+    assert task["run_at"].endswith("Z")
+
+
+async def test_deferred_tasks_are_scheduled(client: Client, auth_headers: dict[str, str]) -> None:
+    later = await enqueue(client, auth_headers, kind="noop", delay_s=3600)
+    assert later["status"] == "scheduled"
+    at = await enqueue(client, auth_headers, kind="noop", run_at="2099-01-01T00:00:00Z")
+    assert at["status"] == "scheduled"
+    assert at["run_at"] == "2099-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"kind": "sleep", "payload": {"seconds": "x"}}, "payload.seconds"),
+        ({"kind": "sleep", "payload": {}}, "payload.seconds"),
+        ({"kind": "nope", "payload": {}}, "kind"),
+        ({"kind": "noop", "priority": 12}, "body.priority"),
+        ({"kind": "noop", "queue": "bad name!"}, "body.queue"),
+        ({"kind": "noop", "delay_s": 1, "run_at": "2030-01-01T00:00:00Z"}, "body"),
+        ({"kind": "noop", "run_at": "2030-01-01T00:00:00"}, "body.run_at"),
+        ({"kind": "noop", "surprise": 1}, "body.surprise"),
+        ({"payload": {}}, "body.kind"),
+    ],
+)
+async def test_invalid_enqueue_is_422_with_field_errors_and_stores_nothing(
+    client: Client, auth_headers: dict[str, str], clean_database: str, body: dict[str, Any], field: str
+) -> None:
+    response = await client.post("/api/tasks", json=body, headers=auth_headers)
+    assert response.status_code == 422
+    assert response.mimetype == PROBLEM
+    problem = await response.get_json()
+    assert any(error["field"] == field for error in problem["errors"]), problem["errors"]
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks"))[0]["n"] == 0
+
+
+async def test_non_json_and_malformed_bodies(client: Client, auth_headers: dict[str, str]) -> None:
+    wrong_type = await client.post("/api/tasks", data="kind=noop", headers=auth_headers)
+    assert wrong_type.status_code == 415
+    assert wrong_type.mimetype == PROBLEM
+    malformed = await client.post(
+        "/api/tasks", data="{not json", headers={**auth_headers, "Content-Type": "application/json"}
+    )
+    assert malformed.status_code == 400
+    assert malformed.mimetype == PROBLEM
+
+
+async def test_unauthenticated_requests_get_401(client: Client) -> None:
+    response = await client.post("/api/tasks", json={"kind": "noop"})
+    assert response.status_code == 401
+    assert response.mimetype == PROBLEM
+    bad = await client.get("/api/tasks", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401
+
+
+async def test_batch_is_all_or_nothing(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    tasks = [{"kind": "noop", "payload": {"i": i}} for i in range(50)]
+    tasks[37] = {"kind": "sleep", "payload": {"seconds": "nope"}}
+    rejected = await client.post("/api/tasks/batch", json={"tasks": tasks}, headers=auth_headers)
+    assert rejected.status_code == 422
+    assert (await rejected.get_json())["errors"][0]["field"] == "tasks.37.payload.seconds"
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks"))[0]["n"] == 0
+
+    tasks[37] = {"kind": "noop", "queue": "other"}
+    accepted = await client.post("/api/tasks/batch", json={"tasks": tasks}, headers=auth_headers)
+    assert accepted.status_code == 201
+    items = (await accepted.get_json())["items"]
+    assert len(items) == 50
+    assert items[0]["payload"] == {"i": 0}
+    assert items[37]["queue"] == "other"
+    too_many = await client.post(
+        "/api/tasks/batch", json={"tasks": [{"kind": "noop"}] * 1001}, headers=auth_headers
+    )
+    assert too_many.status_code == 422
+
+
+async def test_idempotency_key_replays_the_original(client: Client, auth_headers: dict[str, str]) -> None:
+    headers = {**auth_headers, "Idempotency-Key": "order-42"}
+    body = {"kind": "noop", "payload": {"order": 42}}
+    first = await client.post("/api/tasks", json=body, headers=headers)
+    again = await client.post("/api/tasks", json=body, headers=headers)
+    assert first.status_code == 201
+    assert again.status_code == 200
+    assert (await again.get_json())["id"] == (await first.get_json())["id"]
+    other = await client.post("/api/tasks", json={**body, "payload": {"order": 43}}, headers=headers)
+    assert other.status_code == 422
+    assert (await other.get_json())["type"].endswith("idempotency-key-reused")
+
+
+async def test_eight_parallel_requests_with_one_key_create_one_task(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    headers = {**auth_headers, "Idempotency-Key": '"parallel-1"'}
+    responses = await asyncio.gather(
+        *(client.post("/api/tasks", json={"kind": "noop"}, headers=headers) for _ in range(8))
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(201) == 1
+    assert set(statuses) <= {200, 201, 409}
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks"))[0]["n"] == 1
+
+
+async def test_a_key_in_flight_gets_409(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    from app.src.api.dev_client import DEV_CLIENT_ID
+
+    holder = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2, 7))",
+                str(DEV_CLIENT_ID),
+                "busy-key",
+            )
+            response = await client.post(
+                "/api/tasks", json={"kind": "noop"}, headers={**auth_headers, "Idempotency-Key": "busy-key"}
+            )
+            assert response.status_code == 409
+    finally:
+        await holder.close()
+    retried = await client.post(
+        "/api/tasks", json={"kind": "noop"}, headers={**auth_headers, "Idempotency-Key": "busy-key"}
+    )
+    assert retried.status_code == 201
+
+
+async def test_quota_answers_429_with_retry_after(app: Quart, auth_headers: dict[str, str]) -> None:
+    runtime = app.extensions["taskgate"]
+    runtime.settings = runtime.settings.model_copy(update={"CLIENT_MAX_QUEUED_TASKS": 3})
+    client = app.test_client()
+    ok = await client.post("/api/tasks/batch", json={"tasks": [{"kind": "noop"}] * 3}, headers=auth_headers)
+    assert ok.status_code == 201
+    over = await client.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)
+    assert over.status_code == 429
+    assert int(over.headers["Retry-After"]) >= 1
+    assert over.mimetype == PROBLEM
+
+
+async def test_get_list_and_paginate(client: Client, auth_headers: dict[str, str]) -> None:
+    created = [await enqueue(client, auth_headers, kind="noop", payload={"i": i}) for i in range(7)]
+    await enqueue(client, auth_headers, kind="sleep", payload={"seconds": 1}, queue="slow")
+    one = await client.get(f"/api/tasks/{created[0]['id']}", headers=auth_headers)
+    assert (await one.get_json())["payload"] == {"i": 0}
+
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = "kind=noop&limit=3" + (f"&cursor={cursor}" if cursor else "")
+        page = await (await client.get(f"/api/tasks?{query}", headers=auth_headers)).get_json()
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [t["id"] for t in reversed(created)]
+    slow = await (await client.get("/api/tasks?queue=slow", headers=auth_headers)).get_json()
+    assert [t["kind"] for t in slow["items"]] == ["sleep"]
+    bad = await client.get("/api/tasks?status=bogus", headers=auth_headers)
+    assert bad.status_code == 422
+    bad_cursor = await client.get("/api/tasks?cursor=!!", headers=auth_headers)
+    assert bad_cursor.status_code == 422
+
+
+async def test_unknown_task_is_404(client: Client, auth_headers: dict[str, str]) -> None:
+    missing = "01a20047-8222-700d-bc3e-3051b847dd5e"
+    for path in (f"/api/tasks/{missing}", f"/api/tasks/{missing}/attempts", f"/api/tasks/{missing}/events"):
+        response = await client.get(path, headers=auth_headers)
+        assert response.status_code == 404, path
+    assert (await client.get("/api/tasks/not-a-uuid", headers=auth_headers)).status_code == 404
+    cancel = await client.post(f"/api/tasks/{missing}/cancel", headers=auth_headers)
+    assert cancel.status_code == 404
+
+
+async def test_cancel_and_retry(client: Client, auth_headers: dict[str, str]) -> None:
+    task = await enqueue(client, auth_headers, kind="noop", delay_s=600)
+    cancelled = await (await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)).get_json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["finished_at"] is not None
+    again = await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)
+    assert again.status_code == 409
+    retried = await (await client.post(f"/api/tasks/{task['id']}/retry", headers=auth_headers)).get_json()
+    assert retried["status"] == "available"
+    assert retried["attempts"] == 0
+    not_again = await client.post(f"/api/tasks/{task['id']}/retry", headers=auth_headers)
+    assert not_again.status_code == 409
+
+
+async def test_wait_returns_at_the_timeout_for_an_unfinished_task(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    task = await enqueue(client, auth_headers, kind="noop", delay_s=600)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await client.get(f"/api/tasks/{task['id']}?wait=0.5", headers=auth_headers)
+    assert (await response.get_json())["status"] == "scheduled"
+    assert loop.time() - started >= 0.45
+    assert (await client.get(f"/api/tasks/{task['id']}?wait=61", headers=auth_headers)).status_code == 422
+
+
+async def test_catalog_lists_kinds_with_schemas(client: Client, auth_headers: dict[str, str]) -> None:
+    kinds = {
+        k["name"]: k
+        for k in (await (await client.get("/api/catalog/kinds", headers=auth_headers)).get_json())["items"]
+    }
+    assert {"noop", "sleep"} <= set(kinds)
+    assert kinds["sleep"]["payload_schema"]["properties"]["seconds"]["type"] == "number"
+    assert kinds["sleep"]["result_schema"]["properties"]["slept_s"]

@@ -1,0 +1,241 @@
+"""The worker in this process against a real PostgreSQL: outcomes, retries, pausing, cancelling."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from quart import Quart
+
+from tests.helpers import enqueue, eventually, fetch, read_records
+
+Serving = Callable[..., Awaitable[Quart]]
+WORKER = {"ROLES": ["api", "worker"]}
+
+
+async def task_status(client: Any, headers: dict[str, str], task_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = await (await client.get(f"/api/tasks/{task_id}", headers=headers)).get_json()
+    return body
+
+
+async def test_a_task_runs_and_wait_returns_the_result(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="sleep", payload={"seconds": 0.3})
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)).get_json()
+    assert done["status"] == "completed"
+    assert done["result"] == {"slept_s": 0.3}
+    assert done["attempts"] == 1
+    attempts = (
+        await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
+    )["items"]
+    assert [a["outcome"] for a in attempts] == ["completed"]
+    assert attempts[0]["duration_ms"] >= 300
+
+
+async def test_retries_follow_backoff_and_end_in_discarded(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/retrying", json={"min_backoff_s": 0.2, "max_backoff_s": 0.4}, headers=auth_headers
+    )
+    task = await enqueue(
+        client, auth_headers, kind="test.flaky", queue="retrying", payload={"fail_times": 9}, max_attempts=3
+    )
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=20", headers=auth_headers)).get_json()
+    assert done["status"] == "discarded"
+    assert done["attempts"] == 3
+    assert "boom on attempt 3" in done["last_error"]
+    attempts = (
+        await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
+    )["items"]
+    assert [a["attempt"] for a in attempts] == [1, 2, 3]
+    assert all(a["outcome"] == "failed" for a in attempts)
+    from datetime import datetime
+
+    starts = [datetime.fromisoformat(a["started_at"]) for a in attempts]
+    ends = [datetime.fromisoformat(a["finished_at"]) for a in attempts]
+    for i in (1, 2):
+        assert (starts[i] - ends[i - 1]).total_seconds() >= 0.19  # never sooner than min backoff
+
+
+async def test_a_flaky_task_completes_on_a_later_attempt(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/fast", json={"min_backoff_s": 0.05, "max_backoff_s": 0.1}, headers=auth_headers
+    )
+    task = await enqueue(client, auth_headers, kind="test.flaky", queue="fast", payload={"fail_times": 2})
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=20", headers=auth_headers)).get_json()
+    assert done["status"] == "completed"
+    assert done["attempts"] == 3
+    assert "boom on attempt 2" in done["last_error"]
+
+
+async def test_retry_after_reported_by_a_kind_is_honoured(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/polite", json={"min_backoff_s": 0.01, "max_backoff_s": 5}, headers=auth_headers
+    )
+    task = await enqueue(
+        client,
+        auth_headers,
+        kind="test.flaky",
+        queue="polite",
+        payload={"fail_times": 1, "retry_after_s": 1.0},
+    )
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=20", headers=auth_headers)).get_json()
+    assert done["status"] == "completed"
+    attempts = (
+        await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
+    )["items"]
+    from datetime import datetime
+
+    gap = datetime.fromisoformat(attempts[1]["started_at"]) - datetime.fromisoformat(
+        attempts[0]["finished_at"]
+    )
+    assert gap.total_seconds() >= 0.95
+
+
+async def test_a_permanent_error_discards_at_once(serving: Serving, auth_headers: dict[str, str]) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    task = await enqueue(
+        client, auth_headers, kind="test.flaky", payload={"fail_times": 5, "permanent": True}
+    )
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=20", headers=auth_headers)).get_json()
+    assert done["status"] == "discarded"
+    assert done["attempts"] == 1
+
+
+async def test_a_paused_queue_holds_its_tasks(
+    serving: Serving, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    paused = await client.post("/api/queues/held/pause", headers=auth_headers)
+    assert paused.status_code == 404  # not created yet
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    marks = tmp_path / "held.txt"
+    task = await enqueue(client, auth_headers, kind="test.record", queue="held", payload={"path": str(marks)})
+    other = await enqueue(client, auth_headers, kind="noop")
+    assert (await (await client.get(f"/api/tasks/{other['id']}?wait=10", headers=auth_headers)).get_json())[
+        "status"
+    ] == "completed"
+    await asyncio.sleep(0.6)  # several poll intervals
+    assert (await task_status(client, auth_headers, task["id"]))["status"] == "available"
+    assert not marks.exists()
+    queue = await (await client.get("/api/queues/held", headers=auth_headers)).get_json()
+    assert queue["paused"] is True
+    assert queue["counts"] == {"available": 1}
+    assert queue["oldest_available_age_s"] >= 0.5
+    await client.post("/api/queues/held/resume", headers=auth_headers)
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)).get_json()
+    assert done["status"] == "completed"
+    assert len(read_records(marks)) == 1
+
+
+async def test_a_payload_broken_after_enqueue_discards_cleanly(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put("/api/queues/later", json={"paused": True}, headers=auth_headers)
+    task = await enqueue(client, auth_headers, kind="sleep", queue="later", payload={"seconds": 0.1})
+    await fetch(
+        clean_database, 'UPDATE tasks SET payload = \'{"seconds": "soon"}\' WHERE id = $1', task["id"]
+    )
+    await client.post("/api/queues/later/resume", headers=auth_headers)
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)).get_json()
+    assert done["status"] == "discarded"
+    assert done["attempts"] == 1
+    assert "no longer matches the contract of kind 'sleep'" in done["last_error"]
+    healthy = await enqueue(client, auth_headers, kind="noop")
+    after = await (await client.get(f"/api/tasks/{healthy['id']}?wait=10", headers=auth_headers)).get_json()
+    assert after["status"] == "completed"  # the worker is still alive
+
+
+async def test_cancelling_a_running_task_is_cooperative(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="sleep", payload={"seconds": 30})
+    await eventually(lambda: _status_is(client, auth_headers, task["id"], "running"))
+    accepted = await (await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)).get_json()
+    assert accepted["status"] == "running"  # asked, not forced
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)).get_json()
+    assert done["status"] == "cancelled"
+    assert done["last_error"].startswith("cancelled after")
+
+
+async def _status_is(client: Any, headers: dict[str, str], task_id: str, status: str) -> bool:
+    return bool((await task_status(client, headers, task_id))["status"] == status)
+
+
+async def test_events_stream_status_changes_and_progress(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put("/api/queues/events", json={"paused": True}, headers=auth_headers)
+    task = await enqueue(client, auth_headers, kind="sleep", queue="events", payload={"seconds": 2.2})
+    events: list[dict[str, Any]] = []
+
+    async def consume() -> None:
+        import json
+
+        async with client.request(f"/api/tasks/{task['id']}/events", headers=auth_headers) as connection:
+            await connection.send_complete()
+            buffer = b""
+            while True:
+                chunk = await connection.receive()
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    message, buffer = buffer.split(b"\n\n", 1)
+                    for line in message.decode().splitlines():
+                        if line.startswith("data: "):
+                            events.append(json.loads(line[6:]))
+                if events and events[-1]["status"] in ("completed", "discarded", "cancelled"):
+                    return
+
+    consumer = asyncio.create_task(consume())
+    await eventually(lambda: len(events) >= 1)
+    await client.post("/api/queues/events/resume", headers=auth_headers)
+    await asyncio.wait_for(consumer, timeout=20)
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "available"
+    assert "running" in statuses
+    assert statuses[-1] == "completed"
+    assert any(e["progress"] == {"slept_s": 1.0} for e in events)
+
+
+async def test_lifecycle_starts_in_order_and_stops_in_reverse(settings: Any, clean_database: str) -> None:
+    from app import create_app
+
+    app = create_app(settings.model_copy(update={"ROLES": ["api", "worker", "scheduler"]}))
+    runtime = app.extensions["taskgate"]
+    async with app.test_app():
+        assert runtime.events == [
+            "database started",
+            "notifier started",
+            "worker started",
+            "scheduler started",
+        ]
+        ready = await (await app.test_client().get("/api/common/ready")).get_json()
+        assert ready["checks"] == {"database": True, "migrations": True, "worker": True, "scheduler": True}
+    assert runtime.events[4:] == [
+        "scheduler stopped",
+        "worker stopped",
+        "notifier stopped",
+        "database stopped",
+    ]

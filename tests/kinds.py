@@ -1,0 +1,51 @@
+"""Task kinds that only tests declare (loaded with TASK_KIND_MODULES=tests.kinds)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from app.src.api.kinds import PermanentError, RetryLater, TaskContext, task_kind
+
+
+class Record(BaseModel):
+    path: str
+    seconds: float = 0.0
+
+
+class Flaky(BaseModel):
+    fail_times: int
+    retry_after_s: float | None = None
+    permanent: bool = False
+
+
+class Done(BaseModel):
+    ok: bool = True
+
+
+@task_kind("test.record", payload=Record, result=Done)
+async def record(ctx: TaskContext, payload: Record) -> Done:
+    """Append 'task_id attempt pid start end' to a file: proves who ran what, when, how often."""
+    start = time.time()
+    if payload.seconds:
+        await asyncio.sleep(payload.seconds)
+    line = f"{ctx.task_id} {ctx.attempt} {os.getpid()} {start:.6f} {time.time():.6f}\n"
+    with Path(payload.path).open("a") as handle:  # noqa: ASYNC230 - one short line
+        handle.write(line)
+    return Done()
+
+
+@task_kind("test.flaky", payload=Flaky, result=Done)
+async def flaky(ctx: TaskContext, payload: Flaky) -> Done:
+    """Fails its first `fail_times` attempts, then succeeds."""
+    if ctx.attempt <= payload.fail_times:
+        if payload.permanent:
+            raise PermanentError(f"permanent failure on attempt {ctx.attempt}")
+        if payload.retry_after_s is not None:
+            raise RetryLater(f"busy on attempt {ctx.attempt}", after_s=payload.retry_after_s)
+        raise RuntimeError(f"boom on attempt {ctx.attempt}")
+    return Done()
