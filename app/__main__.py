@@ -133,6 +133,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    # Trap stop signals before the slow part of start-up: a SIGTERM that arrives while imports and
+    # connections are still being made must end in a clean exit 0, not a kill.
+    stop_requested: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: stop_requested.append(received))
     settings, _embedded = bootstrap(ROLES=["worker"])
     from app.runtime import Runtime
     from app.src.api.kinds import load_kinds
@@ -145,6 +150,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if stop_requested:
+            return
         await runtime.start()
         try:
             await stop.wait()

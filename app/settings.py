@@ -58,7 +58,9 @@ class Settings(BaseSettings):
         default_factory=list
     )
 
-    @field_validator("SECRET_KEYS", "CORS_ORIGINS", "ROLES", "WORKER_QUEUES", "TASK_KIND_MODULES", mode="before")
+    @field_validator(
+        "SECRET_KEYS", "CORS_ORIGINS", "ROLES", "WORKER_QUEUES", "TASK_KIND_MODULES", mode="before"
+    )
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)

@@ -47,7 +47,8 @@ async def fetch(database_uri: str, query: str, *args: Any) -> list[asyncpg.Recor
 
 def spawn_worker(database_uri: str, data_dir: Path, **env: Any) -> subprocess.Popen[bytes]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = (data_dir / f"worker-{time.monotonic_ns()}.log").open("wb")
+    log_path = data_dir / f"worker-{time.monotonic_ns()}.log"
+    log = log_path.open("wb")
     settings = {
         "APP_ENV": "test",
         "DB_URI": database_uri,
@@ -59,7 +60,7 @@ def spawn_worker(database_uri: str, data_dir: Path, **env: Any) -> subprocess.Po
     }
     settings.update(env)
     try:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "app", "worker"],
             cwd=ROOT,
             env=subprocess_env(**settings),
@@ -68,6 +69,20 @@ def spawn_worker(database_uri: str, data_dir: Path, **env: Any) -> subprocess.Po
         )
     finally:
         log.close()
+    process.log_path = log_path  # type: ignore[attr-defined]
+    return process
+
+
+async def started(*workers: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Wait until every worker process logged that it claims work."""
+
+    def ready() -> bool:
+        for worker in workers:
+            if worker.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{worker.log_path.read_text()}")  # type: ignore[attr-defined]
+        return all("worker started" in w.log_path.read_text() for w in workers)  # type: ignore[attr-defined]
+
+    await eventually(ready, timeout=timeout)
 
 
 def read_records(path: Path) -> list[tuple[str, int, int, float, float]]:

@@ -1,0 +1,198 @@
+"""Real worker processes on one database: exactly once, crash recovery, graceful stop, global limits."""
+
+import asyncio
+import signal
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from quart import Quart
+
+from tests.helpers import eventually, fetch, read_records, spawn_worker, started
+
+Serving = Callable[..., Awaitable[Quart]]
+
+
+async def batch(client: Any, headers: dict[str, str], tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    created = []
+    for start in range(0, len(tasks), 1000):
+        response = await client.post(
+            "/api/tasks/batch", json={"tasks": tasks[start : start + 1000]}, headers=headers
+        )
+        assert response.status_code == 201
+        created += (await response.get_json())["items"]
+    return created
+
+
+async def count(database_uri: str, where: str) -> int:
+    return int((await fetch(database_uri, f"SELECT count(*) AS n FROM tasks WHERE {where}"))[0]["n"])
+
+
+def stop_all(workers: list[Any]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(timeout=30)
+
+
+async def test_1000_tasks_across_two_workers_each_run_exactly_once(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    marks = tmp_path / "runs.txt"
+    workers = [spawn_worker(clean_database, tmp_path / f"w{i}", WORKER_CONCURRENCY="20") for i in range(2)]
+    await started(*workers)
+    await batch(client, auth_headers, [{"kind": "test.record", "payload": {"path": str(marks)}}] * 1000)
+    try:
+        await eventually(lambda: _all_done(clean_database), timeout=90)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        exit_codes = [worker.wait(timeout=30) for worker in workers]
+    assert exit_codes == [0, 0]
+    runs = read_records(marks)
+    per_task = Counter(task_id for task_id, *_ in runs)
+    assert len(per_task) == 1000
+    assert set(per_task.values()) == {1}
+    assert len({pid for _, _, pid, _, _ in runs}) == 2  # both processes took part
+    assert await count(clean_database, "attempts <> 1") == 0
+
+
+async def _all_done(database_uri: str) -> bool:
+    return await count(database_uri, "status <> 'completed'") == 0
+
+
+async def test_a_worker_killed_mid_task_loses_nothing(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    # the API and the lease rescuer run here; the victim and the survivor are real processes
+    app = await serving(ROLES=["api", "scheduler"], LEASE_SECONDS=2)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/crash", json={"min_backoff_s": 0.1, "max_backoff_s": 0.2}, headers=auth_headers
+    )
+    marks = tmp_path / "runs.txt"
+    created = await batch(
+        client,
+        auth_headers,
+        [{"kind": "test.record", "queue": "crash", "payload": {"path": str(marks), "seconds": 60}}] * 5,
+    )
+    victim = spawn_worker(clean_database, tmp_path / "victim", LEASE_SECONDS="2")
+    await started(victim)
+    try:
+        await eventually(lambda: _count_is(clean_database, "status = 'running'", 5), timeout=30)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        await fetch(clean_database, "UPDATE tasks SET payload = jsonb_set(payload, '{seconds}', '0.1')")
+        survivor = spawn_worker(clean_database, tmp_path / "survivor", LEASE_SECONDS="2")
+        try:
+            await eventually(lambda: _all_done(clean_database), timeout=60)
+        finally:
+            survivor.send_signal(signal.SIGTERM)
+            assert survivor.wait(timeout=30) == 0
+    finally:
+        stop_all([victim])
+    for task in created:
+        attempts = await fetch(
+            clean_database,
+            "SELECT attempt, outcome FROM task_attempts WHERE task_id = $1 ORDER BY id",
+            task["id"],
+        )
+        assert [(a["attempt"], a["outcome"]) for a in attempts] == [(1, "lost"), (2, "completed")]
+    assert len(read_records(marks)) == 5
+
+
+async def _count_is(database_uri: str, where: str, n: int) -> bool:
+    return await count(database_uri, where) == n
+
+
+async def test_sigterm_drains_short_tasks_and_releases_long_ones(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    marks = tmp_path / "runs.txt"
+    short = await batch(
+        client, auth_headers, [{"kind": "test.record", "payload": {"path": str(marks), "seconds": 0.8}}] * 3
+    )
+    long = await batch(client, auth_headers, [{"kind": "sleep", "payload": {"seconds": 120}}] * 2)
+    worker = spawn_worker(clean_database, tmp_path / "w", WORKER_SHUTDOWN_GRACE_S="3")
+    await started(worker)
+    try:
+        await eventually(lambda: _count_is(clean_database, "status = 'running'", 5), timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        stop_all([worker])
+    for task in short:
+        row = (await fetch(clean_database, "SELECT status FROM tasks WHERE id = $1", task["id"]))[0]
+        assert row["status"] == "completed"
+    for task in long:
+        row = (
+            await fetch(
+                clean_database, "SELECT status, attempts, worker_id FROM tasks WHERE id = $1", task["id"]
+            )
+        )[0]
+        assert (row["status"], row["attempts"], row["worker_id"]) == ("available", 0, None)
+
+
+async def test_max_concurrency_holds_across_two_workers(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
+    marks = tmp_path / "runs.txt"
+    await batch(
+        client,
+        auth_headers,
+        [{"kind": "test.record", "queue": "narrow", "payload": {"path": str(marks), "seconds": 0.15}}] * 24,
+    )
+    workers = [spawn_worker(clean_database, tmp_path / f"w{i}") for i in range(2)]
+    try:
+        await eventually(lambda: _all_done(clean_database), timeout=90)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        stop_all(workers)
+    runs = read_records(marks)
+    assert len(runs) == 24
+    edges = sorted(
+        [(start, 1) for *_, start, _ in runs] + [(end, -1) for *_, end in runs], key=lambda e: (e[0], e[1])
+    )
+    level = peak = 0
+    for _, step in edges:
+        level += step
+        peak = max(peak, level)
+    assert peak == 2  # reached the limit, never beyond it
+    assert len({pid for _, _, pid, _, _ in runs}) == 2
+
+
+async def test_rate_limit_holds_across_two_workers(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    await client.put("/api/queues/slowly", json={"rate_limit_per_s": 5}, headers=auth_headers)
+    marks = tmp_path / "runs.txt"
+    await asyncio.sleep(1.0)  # let the bucket fill to its burst of 5
+    await batch(
+        client,
+        auth_headers,
+        [{"kind": "test.record", "queue": "slowly", "payload": {"path": str(marks)}}] * 15,
+    )
+    workers = [spawn_worker(clean_database, tmp_path / f"w{i}") for i in range(2)]
+    try:
+        await eventually(lambda: _all_done(clean_database), timeout=60)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        stop_all(workers)
+    starts = sorted(start for *_, start, _ in read_records(marks))
+    # a burst of 5, then 5 per second: 15 tasks need at least ~2 s from the first start
+    assert starts[-1] - starts[0] >= 1.6
+    for i in range(len(starts)):
+        window = [s for s in starts if starts[i] <= s < starts[i] + 1.0]
+        assert len(window) <= 5 + 5 + 1
