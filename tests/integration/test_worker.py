@@ -239,3 +239,22 @@ async def test_lifecycle_starts_in_order_and_stops_in_reverse(settings: Any, cle
         "notifier stopped",
         "database stopped",
     ]
+
+
+async def test_task_metrics_are_exported(serving: Serving, auth_headers: dict[str, str]) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="noop", queue="metered")
+    await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)
+    await eventually(
+        lambda: _metrics_have(
+            client, 'taskgate_task_outcomes_total{kind="noop",outcome="completed",queue="metered"}'
+        )
+    )
+    text = await (await client.get("/metrics")).get_data(as_text=True)
+    assert 'taskgate_tasks_enqueued_total{kind="noop",queue="metered"}' in text
+    assert 'taskgate_task_start_lag_seconds_bucket{le="0.005",queue="metered"}' in text
+
+
+async def _metrics_have(client: Any, line: str) -> bool:
+    return line in await (await client.get("/metrics")).get_data(as_text=True)

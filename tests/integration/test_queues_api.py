@@ -1,0 +1,68 @@
+"""The queues API: settings with partial updates, counts, pause/resume, purge, validation."""
+
+from quart.typing import TestClientProtocol as Client
+
+from tests.helpers import enqueue
+
+
+async def test_default_queue_exists_for_every_client(client: Client, auth_headers: dict[str, str]) -> None:
+    listing = await (await client.get("/api/queues", headers=auth_headers)).get_json()
+    assert [q["name"] for q in listing["items"]] == ["default"]
+    default = await (await client.get("/api/queues/default", headers=auth_headers)).get_json()
+    assert default["counts"] == {}
+    assert default["oldest_available_age_s"] is None
+
+
+async def test_put_creates_then_changes_only_what_is_sent(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    created = await client.put(
+        "/api/queues/emails",
+        json={"max_concurrency": 4, "rate_limit_per_s": 10, "max_attempts": 5},
+        headers=auth_headers,
+    )
+    assert created.status_code == 200
+    changed = await (
+        await client.put("/api/queues/emails", json={"max_attempts": 7}, headers=auth_headers)
+    ).get_json()
+    assert (changed["max_concurrency"], changed["rate_limit_per_s"], changed["max_attempts"]) == (4, 10, 7)
+    lifted = await (
+        await client.put("/api/queues/emails", json={"max_concurrency": None}, headers=auth_headers)
+    ).get_json()
+    assert lifted["max_concurrency"] is None
+    task = await enqueue(client, auth_headers, kind="noop", queue="emails")
+    assert task["max_attempts"] == 7  # new tasks take the queue's default
+
+
+async def test_invalid_queue_settings_are_422(client: Client, auth_headers: dict[str, str]) -> None:
+    for body in (
+        {"max_concurrency": 0},
+        {"rate_limit_per_s": -1},
+        {"min_backoff_s": 10, "max_backoff_s": 1},
+        {"paused": None},
+        {"unknown": 1},
+    ):
+        response = await client.put("/api/queues/q1", json=body, headers=auth_headers)
+        assert response.status_code == 422, body
+        assert response.mimetype == "application/problem+json"
+    bad_name = await client.put("/api/queues/" + "x" * 65, json={}, headers=auth_headers)
+    assert bad_name.status_code in (404, 422)
+    assert (await client.put("/api/queues/-bad", json={}, headers=auth_headers)).status_code == 422
+
+
+async def test_counts_pause_resume_and_purge(client: Client, auth_headers: dict[str, str]) -> None:
+    for _ in range(3):
+        await enqueue(client, auth_headers, kind="noop", queue="work")
+    await enqueue(client, auth_headers, kind="noop", queue="work", delay_s=600)
+    queue = await (await client.get("/api/queues/work", headers=auth_headers)).get_json()
+    assert queue["counts"] == {"available": 3, "scheduled": 1}
+    assert queue["oldest_available_age_s"] >= 0
+    paused = await (await client.post("/api/queues/work/pause", headers=auth_headers)).get_json()
+    assert paused["paused"] is True
+    resumed = await (await client.post("/api/queues/work/resume", headers=auth_headers)).get_json()
+    assert resumed["paused"] is False
+    purged = await (await client.post("/api/queues/work/purge", headers=auth_headers)).get_json()
+    assert purged == {"purged": 4}
+    after = await (await client.get("/api/queues/work", headers=auth_headers)).get_json()
+    assert after["counts"] == {}
+    assert (await client.post("/api/queues/nowhere/purge", headers=auth_headers)).status_code == 404

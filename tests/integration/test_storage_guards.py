@@ -1,0 +1,113 @@
+"""Compare-and-set at the storage level: rescue and completion never overwrite what finished."""
+
+import uuid
+from datetime import UTC, datetime
+
+from app.database import Database
+from app.src.api.kinds import REGISTRY, SYSTEM_CLIENT_ID, load_kinds
+from app.src.api.kinds.builtin import NoopPayload
+from app.src.api.state_machine import Status
+from app.src.database import tasks as store
+from app.src.database.tasks import Completion
+
+load_kinds()
+
+
+async def make_task(db: Database) -> uuid.UUID:
+    noop = REGISTRY.get("noop")
+    assert noop is not None
+    async with db.transaction() as conn:
+        task = await noop.enqueue(NoopPayload(), db=conn)
+    return task.id
+
+
+async def claim_one(db: Database, worker: uuid.UUID) -> store.ClaimedTask:
+    async with db.driver() as conn:
+        [claimed] = await store.claim_available(conn, limit=1, lease_s=30, worker_id=worker, queues=None)
+    return claimed
+
+
+def completed(claimed: store.ClaimedTask) -> Completion:
+    now = datetime.now(UTC)
+    return Completion(
+        id=claimed.id, attempt=claimed.attempt, status=Status.COMPLETED, outcome="completed",
+        started_at=claimed.started_at, finished_at=now, result={"ok": True},
+    )  # fmt: skip
+
+
+async def test_rescue_never_touches_a_task_that_finished(db: Database) -> None:
+    task_id = await make_task(db)
+    worker = uuid.uuid4()
+    claimed = await claim_one(db, worker)
+    async with db.driver() as conn:
+        assert len(await store.complete(conn, [completed(claimed)], worker_id=worker)) == 1
+        # even with a lease that looks expired, a completed task is not the rescuer's business
+        await conn.execute(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 hour' WHERE id = $1", task_id
+        )
+        assert await store.rescue_expired(conn) == []
+        row = await conn.fetchrow("SELECT status, result FROM tasks WHERE id = $1", task_id)
+    assert row["status"] == "completed"
+    assert row["result"] == {"ok": True}
+
+
+async def test_a_completion_after_the_lease_was_rescued_is_dropped(db: Database) -> None:
+    task_id = await make_task(db)
+    slow_worker = uuid.uuid4()
+    claimed = await claim_one(db, slow_worker)
+    async with db.driver() as conn:
+        await conn.execute(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
+        )
+        rescued = await store.rescue_expired(conn)
+        assert [(r["id"], r["status"]) for r in rescued] == [(task_id, "retryable")]
+        # the slow worker wakes up and reports success for an attempt it no longer owns
+        assert await store.complete(conn, [completed(claimed)], worker_id=slow_worker) == []
+        # and its heartbeat no longer extends anything
+        assert await store.heartbeat(conn, task_ids=[task_id], lease_s=30, worker_id=slow_worker) == {}
+        row = await conn.fetchrow("SELECT status, attempts FROM tasks WHERE id = $1", task_id)
+        outcomes = [
+            r["outcome"]
+            for r in await conn.fetch("SELECT outcome FROM task_attempts WHERE task_id = $1", task_id)
+        ]
+    assert (row["status"], row["attempts"]) == ("retryable", 1)
+    assert outcomes == ["lost"]
+
+
+async def test_a_second_claim_after_rescue_owns_the_task(db: Database) -> None:
+    task_id = await make_task(db)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    stale = await claim_one(db, first)
+    async with db.driver() as conn:
+        await conn.execute(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
+        )
+        await store.rescue_expired(conn)
+        await conn.execute("UPDATE tasks SET run_at = now() WHERE id = $1", task_id)
+        assert await store.stage_due(conn) == 1
+    fresh = await claim_one(db, second)
+    assert fresh.attempt == 2
+    async with db.driver() as conn:
+        assert await store.complete(conn, [completed(stale)], worker_id=first) == []
+        assert len(await store.complete(conn, [completed(fresh)], worker_id=second)) == 1
+
+
+async def test_enqueue_from_python_commits_with_the_callers_transaction(db: Database) -> None:
+    noop = REGISTRY.get("noop")
+    assert noop is not None
+
+    class Rollback(Exception):
+        pass
+
+    try:
+        async with db.transaction() as conn:
+            await noop.enqueue(NoopPayload(), db=conn)
+            raise Rollback
+    except Rollback:
+        pass
+    async with db.driver() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
+    async with db.transaction() as conn:
+        task = await noop.enqueue(NoopPayload(), db=conn, client_id=SYSTEM_CLIENT_ID, queue="internal")
+    async with db.driver() as conn:
+        assert await conn.fetchval("SELECT queue FROM tasks WHERE id = $1", task.id) == "internal"
