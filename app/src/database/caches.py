@@ -51,8 +51,7 @@ class QueueCache:
         hit = self._by_name.get((client_id, name))
         if hit is not None and time.monotonic() - hit[0] < QUEUE_TTL_S:
             return hit[1]
-        assert self.db is not None
-        async with self.db.driver() as conn:
+        async with _initialized(self.db).driver() as conn:
             return self.remember(await queue_store.ensure(conn, client_id=client_id, name=name))
 
     async def by_ids(self, ids: set[int]) -> dict[int, Queue]:
@@ -62,8 +61,7 @@ class QueueCache:
         }
         missing = [i for i in ids if i not in found]
         if missing:
-            assert self.db is not None
-            async with self.db.driver() as conn:
+            async with _initialized(self.db).driver() as conn:
                 for queue in await queue_store.get_by_ids(conn, missing):
                     found[queue.id] = self.remember(queue)
         return found
@@ -84,8 +82,7 @@ class QuotaCache:
         hit = self._counts.get(client_id)
         if hit is not None and time.monotonic() - hit[0] < QUOTA_TTL_S:
             return hit[1]
-        assert self.db is not None
-        async with self.db.driver() as conn:
+        async with _initialized(self.db).driver() as conn:
             count = await task_store.count_unfinished(conn, client_id=client_id)
         self._counts[client_id] = (time.monotonic(), count)
         return count
@@ -94,3 +91,9 @@ class QuotaCache:
         hit = self._counts.get(client_id)
         if hit is not None:
             self._counts[client_id] = (hit[0], hit[1] + n)
+
+
+def _initialized(db: Database | None) -> Database:
+    if db is None:
+        raise RuntimeError("cache used before Database.connect() initialized it")
+    return db
