@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     TLS_TERMINATED_UPSTREAM: bool = False
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ROLES: Annotated[list[Role], NoDecode] = Field(default_factory=lambda: list(ALL_ROLES))
-    WORKER_CONCURRENCY: int = Field(default=100, ge=1, le=10_000)
+    WORKER_CONCURRENCY: int = Field(default=200, ge=1, le=10_000)
     WORKER_BATCH_SIZE: int = Field(default=100, ge=1, le=1000)
     WORKER_POLL_INTERVAL_S: float = Field(default=1.0, gt=0, le=60)
     WORKER_SHUTDOWN_GRACE_S: float = Field(default=10.0, ge=0, le=3600)

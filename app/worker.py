@@ -135,8 +135,9 @@ class Worker:
         last_stage = 0.0
         failures = 0
         while not self._stopping:
-            free = self.concurrency - len(self._running)
-            if free <= 0 or (self._running and free < self._claim_threshold()):
+            held = self._held()
+            free = self.concurrency - held
+            if free <= 0 or (held and free < self._claim_threshold()):
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
@@ -163,6 +164,11 @@ class Worker:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+
+    def _held(self) -> int:
+        # A task whose completion is not written yet is still running in the database: it counts
+        # against the concurrency, or claims would outrun completion writes without bound.
+        return len(self._running) + len(self._pending)
 
     def _claim_threshold(self) -> int:
         # claim again once a quarter of a batch is free: fewer, fuller round trips
@@ -224,7 +230,8 @@ class Worker:
         finally:
             self._running.pop(claimed.id, None)
             WORKER_RUNNING.set(len(self._running))
-            self._capacity.set()
+            if running.abandoned is not None:
+                self._capacity.set()
         if running.abandoned is not None:
             return
         self._pending.append(completion)
@@ -366,6 +373,7 @@ class Worker:
             except BaseException:
                 self._pending[:0] = batch
                 raise
+            self._capacity.set()
             for row in rows:
                 TASK_OUTCOMES.labels(row["queue"], row["kind"], row["status"]).inc()
             if len(rows) < len(batch):

@@ -337,9 +337,15 @@ async def stage_due(conn: Executor, *, limit: int = 5000) -> int:
 
 # --- heartbeat, completion, release --------------------------------------------------------------
 
+# The guards below take the status as a parameter ($n::text[]) on purpose: the planner then cannot
+# use the partial index tasks_running (it cannot prove the predicate), so it reaches rows through
+# the primary key. With a literal 'running', stale statistics (few running rows at the last
+# ANALYZE) led it to scan every running row once per input row: seconds per batch under load.
+RUNNING = [str(Status.RUNNING)]
+
 HEARTBEAT = """
 UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $2)
-WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $3
+WHERE id = ANY($1::uuid[]) AND status = ANY($4::text[]) AND worker_id = $3
 RETURNING id, cancel_requested
 """
 
@@ -348,7 +354,7 @@ async def heartbeat(
     conn: Executor, *, task_ids: list[UUID], lease_s: float, worker_id: UUID
 ) -> dict[UUID, bool]:
     """Extend the leases this worker still holds; returns {task id: cancel requested}."""
-    rows = await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id)
+    rows = await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id, RUNNING)
     return {row["id"]: row["cancel_requested"] for row in rows}
 
 
@@ -374,7 +380,7 @@ done AS (
         lease_expires_at = NULL,
         worker_id = NULL
     FROM input i
-    WHERE t.id = i.id AND t.status = 'running' AND t.attempts = i.attempt AND t.worker_id = $12
+    WHERE t.id = i.id AND t.status = ANY($13::text[]) AND t.attempts = i.attempt AND t.worker_id = $12
     RETURNING t.id, t.queue, t.kind, t.status
 ),
 recorded AS (
@@ -421,6 +427,7 @@ async def complete(
         [c.outcome for c in completions],
         [None if c.state is None else json.dumps(c.state) for c in completions],
         worker_id,
+        RUNNING,
     )
     return list(rows)
 
@@ -431,7 +438,7 @@ RELEASE = f"""
 WITH released AS (
     UPDATE tasks SET status = 'available', attempts = attempts - 1, started_at = NULL,
                      lease_expires_at = NULL, worker_id = NULL
-    WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $2
+    WHERE id = ANY($1::uuid[]) AND status = ANY($3::text[]) AND worker_id = $2
     RETURNING id, queue_id
 ),
 woken AS (
@@ -444,7 +451,7 @@ SELECT id, (SELECT n FROM woken) AS _woken FROM released
 
 
 async def release(conn: Executor, *, task_ids: list[UUID], worker_id: UUID) -> list[UUID]:
-    return [row["id"] for row in await conn.fetch(RELEASE, task_ids, worker_id)]
+    return [row["id"] for row in await conn.fetch(RELEASE, task_ids, worker_id, RUNNING)]
 
 
 PROGRESS = f"""
