@@ -12,13 +12,15 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from app.src.api.http import RESOURCE_KEY as HTTP
+from app.src.api.http.poller import poll_waiting_http
 from app.src.database import maintenance
 from app.src.database import tasks as task_store
 from app.src.utils.metrics import QUEUE_DEPTH, SCHEDULER_DURATION, SCHEDULER_LAST_SUCCESS, SCHEDULER_RUNS
@@ -40,9 +42,12 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, *, resources: Mapping[str, Any] | None = None
+    ) -> None:
         self.db = db
         self.settings = settings
+        self.resources: Mapping[str, Any] = resources or {}
         self.replica = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self._scheduler: AsyncIOScheduler | None = None
         self._last_success: dict[str, float] = {}
@@ -51,6 +56,12 @@ class Scheduler:
             Job("rescue_expired_leases", settings.RESCUE_INTERVAL_S, self.rescue_expired_leases),
             Job("refresh_caches", 5.0, self.refresh_caches, cluster_wide=False),
             Job("prune", 300.0, self.prune),
+            Job(
+                "poll_waiting_http",
+                settings.HTTP_POLL_INTERVAL_S,
+                lambda: poll_waiting_http(self.db, self.resources.get(HTTP)),
+            ),
+            Job("http_host_health", 5.0, self.http_host_health, cluster_wide=False),
         ]
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -146,6 +157,12 @@ class Scheduler:
         QUEUE_DEPTH.clear()
         for row in depths:
             QUEUE_DEPTH.labels(row["name"], row["status"]).inc(row["n"])
+
+    async def http_host_health(self) -> None:
+        """Every replica's unhealthy-host gauge, from the circuit state in PostgreSQL."""
+        http = self.resources.get(HTTP)
+        if http is not None:
+            await http.gate.refresh_health()
 
     async def prune(self) -> dict[str, int] | None:
         async with self.db.driver() as conn:

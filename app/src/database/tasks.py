@@ -361,16 +361,20 @@ async def heartbeat(
 # Finish many attempts in one statement: the status the worker decided (via the state machine),
 # the attempt record, and the events NOTIFY. The guard (still running, same attempt, same worker)
 # drops a completion whose lease was rescued meanwhile: that attempt no longer owns the task.
+# A refunded completion (a deferral: the handler could not start) gives the attempt back and
+# writes no attempt record.
 COMPLETE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[],
-                         $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[])
+                         $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[],
+                         $14::boolean[])
         AS i(id, attempt, status, result, error, retry_in_s, started_at, finished_at, http_status,
-             outcome, state)
+             outcome, state, refund)
 ),
 done AS (
     UPDATE tasks t
     SET status = i.status,
+        attempts = CASE WHEN i.refund THEN t.attempts - 1 ELSE t.attempts END,
         result = CASE WHEN i.status = 'completed' THEN i.result
                       WHEN i.status = 'waiting' THEN i.state ELSE t.result END,
         last_error = COALESCE(i.error, t.last_error),
@@ -381,7 +385,7 @@ done AS (
         worker_id = NULL
     FROM input i
     WHERE t.id = i.id AND t.status = ANY($13::text[]) AND t.attempts = i.attempt AND t.worker_id = $12
-    RETURNING t.id, t.queue, t.kind, t.status
+    RETURNING t.id, t.queue, t.kind, t.status, i.outcome
 ),
 recorded AS (
     INSERT INTO task_attempts
@@ -389,6 +393,7 @@ recorded AS (
     SELECT i.id, i.attempt, i.started_at, i.finished_at, i.outcome, i.http_status, i.error,
            EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000
     FROM input i JOIN done d ON d.id = i.id
+    WHERE NOT i.refund
 ),
 {_notify_events("done")}
 SELECT done.*, (SELECT n FROM notified) AS _notified FROM done
@@ -408,6 +413,7 @@ class Completion:
     retry_in_s: float | None = None
     http_status: int | None = None
     state: dict[str, Any] | None = None  # provider state of a task that goes to `waiting`
+    refund: bool = False  # a deferral: the attempt did not happen
 
 
 async def complete(
@@ -428,6 +434,7 @@ async def complete(
         [None if c.state is None else json.dumps(c.state) for c in completions],
         worker_id,
         RUNNING,
+        [c.refund for c in completions],
     )
     return list(rows)
 
