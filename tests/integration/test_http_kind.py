@@ -569,3 +569,18 @@ async def test_the_host_limit_holds_across_two_worker_processes(
     assert rows[0]["most"] == 1  # waiting for a permit spent no attempt
     held = await fetch(clean_database, "SELECT count(*) AS n FROM http_host_permits WHERE holder IS NOT NULL")
     assert held[0]["n"] == 0  # every permit was given back
+
+
+async def test_every_replica_reports_unhealthy_hosts_from_the_database(
+    serving: Serving, clean_database: str
+) -> None:
+    # another process saw these failures; this replica learns them from PostgreSQL
+    await fetch(
+        clean_database,
+        "INSERT INTO http_hosts (host, consecutive_failures, opened_until) "
+        "VALUES ('down.example:443', 5, now() + interval '1 minute'), ('flaky.example:443', 1, NULL)",
+    )
+    app = await serving(ROLES=["api", "scheduler"])
+    client = app.test_client()
+    await eventually(lambda: _metric(client, 'taskgate_http_host_unhealthy{host="down.example:443"} 1.0'))
+    assert await _metric(client, 'taskgate_http_host_unhealthy{host="flaky.example:443"} 0.0')

@@ -159,11 +159,11 @@ class HostHealth:
     tripped: bool
 
 
-# Hosts with failures (a small table: healthy hosts have no row or a zeroed one).
-async def unhealthy_hosts(conn: Executor, *, circuit_failures: int) -> list[HostHealth]:
+# Hosts that failed recently (a small table: a host gets a row at its first failure; zeroed rows
+# are pruned after an idle hour), whole: the gauge shows 0 for a healed host, not nothing.
+async def host_health(conn: Executor, *, circuit_failures: int) -> list[HostHealth]:
     rows = await conn.fetch(
-        "SELECT host, consecutive_failures, consecutive_failures >= $1 AS tripped "
-        "FROM http_hosts WHERE consecutive_failures > 0",
+        "SELECT host, consecutive_failures, consecutive_failures >= $1 AS tripped FROM http_hosts",
         circuit_failures,
     )
     return [dacite.from_dict(HostHealth, dict(row), config=_DACITE) for row in rows]

@@ -170,7 +170,7 @@ class HostGate:
     async def refresh_health(self, *, prune_idle_s: float = 3600.0) -> int:
         """Set the unhealthy gauge from the database (every replica); drop idle host rows."""
         async with self.db.driver() as conn:
-            hosts = await store.unhealthy_hosts(conn, circuit_failures=self.circuit_failures)
+            hosts = await store.host_health(conn, circuit_failures=self.circuit_failures)
             await store.prune_hosts(conn, idle_s=prune_idle_s)
         HTTP_HOST_UNHEALTHY.clear()
         for host in hosts:
