@@ -14,7 +14,6 @@ import structlog
 from app.database import Database
 from app.settings import Settings
 from app.src.api.dev_client import DevelopmentOnlyAuthenticator, RejectAllAuthenticator
-from app.src.api.models.http import ALLOWED_NETWORKS_CONTEXT
 
 if TYPE_CHECKING:
     from app.scheduler import Scheduler
@@ -32,6 +31,8 @@ class Runtime:
         self.notifier: Notifier | None = None
         self.worker: Worker | None = None
         self.scheduler: Scheduler | None = None
+        from app.src.api.models.http import ALLOWED_NETWORKS_CONTEXT
+
         self.http: OutboundHttp | None = None
         # components handed to task handlers (TaskContext.resources) and scheduler jobs
         self.resources: dict[str, Any] = {}
