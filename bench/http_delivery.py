@@ -30,6 +30,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 DATABASE = "taskgate_bench_http"
 BODY = b'{"event":"order.paid","order":{"id":42,"total":"19.90"}}'
+STALL_S = 30.0  # give up when no task completes for this long (and show why)
 
 
 class Sink:
@@ -136,7 +137,15 @@ async def taskgate(sink: Sink, n: int, host_limit: int, uri: str, log_dir: Path)
                 for _ in range(min(1000, n - first))
             ]
             await store.insert_tasks(conn, batch)
-        while await conn.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'") < n:
+        progress = (0, time.perf_counter())
+        while (completed := await conn.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'")) < n:
+            if completed > progress[0]:
+                progress = (completed, time.perf_counter())
+            elif time.perf_counter() - progress[1] > STALL_S or worker.poll() is not None:
+                tail = (log_dir / "worker.log").read_text().splitlines()[-5:]
+                raise SystemExit(
+                    f"no progress for {STALL_S:.0f} s at {completed}/{n}; worker log:\n" + "\n".join(tail)
+                )
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - started
         unexpected = await conn.fetchval("SELECT count(*) FROM tasks WHERE attempts <> 1")

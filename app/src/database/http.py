@@ -23,17 +23,18 @@ _DACITE = dacite.Config(check_types=False)
 
 # --- host permits and circuit ----------------------------------------------------------------------
 
-# Take one free permit slot of `host` (1..limit) unless the host's circuit is tripped and this
-# holder is not its probe. Index: the primary key (host, slot); the slot rows of one host are few.
+# Take one free permit slot of `host` (1..limit) for holder $2 (a process), unless the host's
+# circuit is tripped and task $6 is not its probe. Index: the primary key (host, slot); the slot
+# rows of one host are few.
 # A slot is free when it has no row or its lease expired (a crashed holder); the upsert re-checks
 # that on the latest row version, so two processes racing for one slot cannot both win (the loser
 # gets no row and tries again). Random order keeps concurrent acquirers off the same slot.
 ACQUIRE_PERMIT = """
 WITH circuit AS (
-    SELECT consecutive_failures >= $4 AS tripped,
+    SELECT consecutive_failures, consecutive_failures >= $4 AS tripped,
            COALESCE(opened_until > now(), false) AS open,
            GREATEST(EXTRACT(epoch FROM opened_until - now()), 0)::float8 AS open_for_s,
-           COALESCE(probe_holder = $2 AND probe_until > now(), false) AS probing
+           COALESCE(probe_holder = $6 AND probe_until > now(), false) AS probing
     FROM http_hosts WHERE host = $1
 ),
 admitted AS (
@@ -55,6 +56,7 @@ taken AS (
     RETURNING slot
 )
 SELECT (SELECT slot FROM taken) AS slot,
+       COALESCE((SELECT consecutive_failures FROM circuit), 0) AS failures,
        COALESCE((SELECT tripped FROM circuit), false) AS tripped,
        COALESCE((SELECT open FROM circuit), false) AS open,
        COALESCE((SELECT open_for_s FROM circuit), 0)::float8 AS open_for_s
@@ -64,15 +66,23 @@ SELECT (SELECT slot FROM taken) AS slot,
 @dataclass(frozen=True, slots=True)
 class Admission:
     slot: int | None  # the permit taken, or None
+    failures: int  # the host's consecutive failures (> 0: a success must be written to heal it)
     tripped: bool  # the host's circuit is open or half-open
     open: bool  # ... and still cooling down (open_for_s more seconds)
     open_for_s: float
 
 
 async def acquire_permit(
-    conn: Executor, *, host: str, holder: UUID, limit: int, circuit_failures: int, lease_s: float
+    conn: Executor,
+    *,
+    host: str,
+    holder: UUID,
+    task_id: UUID,
+    limit: int,
+    circuit_failures: int,
+    lease_s: float,
 ) -> Admission:
-    rows = await conn.fetch(ACQUIRE_PERMIT, host, holder, limit, circuit_failures, lease_s)
+    rows = await conn.fetch(ACQUIRE_PERMIT, host, holder, limit, circuit_failures, lease_s, task_id)
     return dacite.from_dict(Admission, dict(rows[0]), config=_DACITE)
 
 
@@ -93,10 +103,11 @@ async def claim_probe(
     return bool(await conn.fetch(CLAIM_PROBE, host, holder, circuit_failures, lease_s))
 
 
-# Give the permit back and record what the request said about the host's health, in one round
-# trip: a failure counts (and opens the circuit at the threshold, or re-opens it after a failed
-# probe); a success closes it; a neutral end (nothing was sent) only frees a probe it held. The
-# healthy path writes http_hosts only when there is something to heal.
+# Give the permit (holder $3) back and record what task $7's request said about the host's health,
+# in one round trip: a failure counts (and opens the circuit at the threshold, or re-opens it after
+# a failed probe); a success closes it; a neutral end (nothing was sent) only frees a probe it
+# held. The healthy path writes http_hosts only when there is something to heal. Slot 0 releases
+# no permit, only the verdict.
 RELEASE_PERMIT = """
 WITH released AS (
     UPDATE http_host_permits SET holder = NULL, expires_at = now()
@@ -123,7 +134,7 @@ healed AS (
 ),
 unprobed AS (
     UPDATE http_hosts SET probe_holder = NULL, probe_until = NULL
-    WHERE host = $1 AND $4 = 'neutral' AND probe_holder = $3
+    WHERE host = $1 AND $4 = 'neutral' AND probe_holder = $7
     RETURNING host
 )
 SELECT (SELECT consecutive_failures FROM failed) AS failures,
@@ -144,11 +155,14 @@ async def release_permit(
     host: str,
     slot: int,
     holder: UUID,
+    task_id: UUID,
     verdict: str,
     circuit_failures: int,
     cooldown_s: float,
 ) -> Released:
-    rows = await conn.fetch(RELEASE_PERMIT, host, slot, holder, verdict, circuit_failures, cooldown_s)
+    rows = await conn.fetch(
+        RELEASE_PERMIT, host, slot, holder, verdict, circuit_failures, cooldown_s, task_id
+    )
     return Released(failures=rows[0]["failures"], healed=rows[0]["healed"])
 
 

@@ -47,7 +47,6 @@ from app.src.utils.metrics import HTTP_DELIVERIES, HTTP_DELIVERY_LATENCY
 
 T = TypeVar("T")
 
-PERMIT_MARGIN_S = 10.0  # a permit's lease outlives the request's timeout by this much
 FIRST_POLL_S = 1.0  # follow_async: first status poll when the 202 has no Retry-After
 MAX_RETRY_AFTER_S = 30 * 86_400.0  # a Retry-After beyond this is nonsense; the queue caps it anyway
 ERROR_BODY_CHARS = 300
@@ -204,9 +203,7 @@ async def exchange(
         HTTP_DELIVERIES.labels(host, "refused").inc()
         raise PermanentError(str(exc)) from None
     try:
-        async with http.gate.permit(
-            host, holder=holder, lease_s=payload.timeout_s + PERMIT_MARGIN_S
-        ) as permit:
+        async with http.gate.permit(host, task_id=holder, timeout_s=payload.timeout_s) as permit:
             started = time.perf_counter()
             try:
                 sending = http.send(
