@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): Taskgate against pgqueuer, procrastinate and the hardware."""
