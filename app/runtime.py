@@ -10,7 +10,7 @@ import structlog
 
 from app.database import Database
 from app.settings import Settings
-from app.src.api.dev_client import DevelopmentOnlyAuthenticator, RejectAllAuthenticator
+from app.src.api.auth import Authenticator
 
 log = structlog.get_logger("taskgate.runtime")
 
@@ -20,9 +20,7 @@ class Runtime:
         self.settings = settings
         self._db: Database | None = None
         self.started = False
-        self.authenticator = (
-            RejectAllAuthenticator() if settings.APP_ENV == "prod" else DevelopmentOnlyAuthenticator()
-        )
+        self.authenticator = Authenticator(lambda: self.db)
 
     @property
     def db(self) -> Database:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from quart import Quart
 
+from app.routes.auth import blueprint as auth
 from app.routes.common import blueprint as common
 from app.routes.common import metrics
 
 BLUEPRINTS = {
+    "auth": auth,
     "common": common,
 }
 

@@ -32,7 +32,7 @@ def start(data_dir: Path, *, tuning: dict[str, str] | None = None) -> tuple[Any,
     if tuning:
         statements = "".join(f"ALTER SYSTEM SET {key} = '{value}';" for key, value in tuning.items())
         server.psql(statements + "SELECT pg_reload_conf();")
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'")  # noqa: S608  # nosec B608
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'")  # nosec B608
     if "(1 row)" not in exists:
         server.psql(f"CREATE DATABASE {DATABASE}")
     return server, f"postgresql+asyncpg://postgres@/{DATABASE}?host={socket_dir}"

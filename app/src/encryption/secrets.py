@@ -16,8 +16,9 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-TOTP_SECRET = "taskgate/totp-secret/v1"
-SIGNING_SECRET = "taskgate/signing-secret/v1"
+# purpose labels (HKDF info), not secrets
+TOTP_SECRET = "taskgate/totp-secret/v1"  # noqa: S105  # nosec B105
+SIGNING_SECRET = "taskgate/signing-secret/v1"  # noqa: S105  # nosec B105
 PURPOSES = frozenset({TOTP_SECRET, SIGNING_SECRET})
 _SALT = b"taskgate keyring"
 

@@ -41,7 +41,8 @@ def test_signing_secret_is_whsec_base64_of_32_bytes() -> None:
 
 def test_recovery_codes_normalize() -> None:
     code = tokens.new_recovery_code()
-    assert len(code) == 19 and code.count("-") == 3
+    assert len(code) == 19
+    assert code.count("-") == 3
     assert tokens.normalize_recovery_code(code.upper().replace("-", " ")) == code
     assert tokens.normalize_recovery_code("123456") is None
     assert tokens.normalize_recovery_code("llll-llll-llll-llll") is None

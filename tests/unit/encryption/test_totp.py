@@ -31,7 +31,8 @@ def test_two_steps_away_and_garbage_do_not_match() -> None:
 def test_provisioning_uri() -> None:
     secret = totp.new_secret()
     uri = urlparse(totp.provisioning_uri(secret, account="ops@example.com"))
-    assert uri.scheme == "otpauth" and uri.netloc == "totp"
+    assert uri.scheme == "otpauth"
+    assert uri.netloc == "totp"
     query = parse_qs(uri.query)
     assert query["secret"] == [secret]
     assert query["issuer"] == ["Taskgate"]
