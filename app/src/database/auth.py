@@ -500,3 +500,25 @@ async def prune(conn: Connection, *, throttle_after_s: float) -> dict[str, int]:
         float(throttle_after_s),
     )
     return {"sessions": int(sessions), "mfa_challenges": int(challenges), "auth_throttle": int(throttles)}
+
+
+# ---- key rotation ------------------------------------------------------------------------------
+
+
+async def lock_all_users(conn: Connection) -> list[User]:
+    return _all(User, await conn.fetch(f"SELECT {USER_COLUMNS} FROM users ORDER BY id FOR UPDATE"))
+
+
+async def set_totp_ciphertexts(conn: Connection, *, user_id: UUID, secret: str, pending: str | None) -> None:
+    await conn.execute(
+        "UPDATE users SET totp_secret = $2, totp_pending_secret = $3 WHERE id = $1", user_id, secret, pending
+    )
+
+
+async def lock_all_signing_secrets(conn: Connection) -> list[SigningSecretRecord]:
+    rows = await conn.fetch(f"SELECT {SECRET_COLUMNS} FROM signing_secrets ORDER BY id FOR UPDATE")
+    return _all(SigningSecretRecord, rows)
+
+
+async def set_signing_ciphertext(conn: Connection, *, secret_id: UUID, ciphertext: str) -> None:
+    await conn.execute("UPDATE signing_secrets SET secret = $2 WHERE id = $1", secret_id, ciphertext)
