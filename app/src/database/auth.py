@@ -413,7 +413,9 @@ async def delete_signing_secret(conn: Connection, *, client_id: UUID, secret_id:
 
 async def lock_tenant_secrets(conn: Connection, client_id: UUID) -> None:
     """Serialise changes to one tenant's secrets (so 'keep at least one' holds under concurrency)."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('signing:' || $1::text, 0))", client_id)
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('signing:' || $1::uuid::text, 0))", client_id
+    )
 
 
 # ---- throttling of failed attempts ---------------------------------------------------------------
