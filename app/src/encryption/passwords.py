@@ -88,7 +88,9 @@ class PasswordHasher:
     async def verify_dummy(self, password: str) -> None:
         """Spend the same work as `verify` for an account that does not exist (no enumeration by timing)."""
         if self._dummy_hash is None:
+            # hashing costs what verifying costs, so the first call is no slower than the rest
             self._dummy_hash = await self.hash(secrets.token_urlsafe(16))
+            return
         await self.verify(self._dummy_hash, password)
 
     def needs_rehash(self, stored_hash: str) -> bool:

@@ -68,3 +68,22 @@ async def test_cancelled_waiters_free_their_place_in_the_queue() -> None:
     await first
     assert await hasher.hash("pw")  # the queue is empty again
     hasher.shutdown()
+
+
+async def test_the_dummy_check_costs_what_a_real_check_costs() -> None:
+    import time
+
+    hasher = PasswordHasher()
+    stored = await hasher.hash("pw")
+
+    async def timed(work: object) -> float:
+        started = time.perf_counter()
+        await work  # type: ignore[misc]
+        return time.perf_counter() - started
+
+    first_dummy = await timed(hasher.verify_dummy("guess"))  # includes making the dummy hash
+    dummy = sorted([await timed(hasher.verify_dummy("guess")) for _ in range(3)])[1]
+    real = sorted([await timed(hasher.verify(stored, "guess")) for _ in range(3)])[1]
+    assert 0.5 < dummy / real < 2
+    assert first_dummy / real < 1.6  # not hash-then-verify (2x) on the first unknown account
+    hasher.shutdown()
