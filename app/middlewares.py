@@ -193,6 +193,7 @@ async def authenticate() -> None:
     g.principal = principal
     g.client_id = principal.client_id
     g.profile = principal
+    g.operator_id = principal.operator_id  # None for API clients
     structlog.contextvars.bind_contextvars(client_id=str(principal.client_id))
     missing = sorted(needed - principal.scopes)
     if missing:
