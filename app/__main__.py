@@ -1,4 +1,4 @@
-"""python -m app <command>: serve, worker, migrate, dev-cert."""
+"""python -m app <command>: serve, worker, migrate, admin, dev-cert."""
 
 from __future__ import annotations
 
@@ -104,6 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from app.src.database import migrations
 
         migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+        if settings.APP_ENV == "dev":
+            from app.admin import print_dev_credentials
+
+            print_dev_credentials(settings)
     from app import create_app
 
     certfile, keyfile = _certificate(settings)
@@ -210,6 +214,10 @@ def parser() -> argparse.ArgumentParser:
         "several replicas at once: an advisory lock serialises them).",
     )
     migrate.set_defaults(func=cmd_migrate)
+
+    from app import admin
+
+    admin.register(sub, bootstrap)
 
     dev_cert = sub.add_parser(
         "dev-cert",

@@ -25,6 +25,7 @@ class Database:
     def __init__(self, settings: Settings) -> None:
         if not settings.DB_URI:
             raise ValueError("DB_URI is not set")
+        self.settings = settings
         self.uri = settings.DB_URI
         self.pool_size = settings.DB_POOL_SIZE
         self._engine: AsyncEngine | None = None

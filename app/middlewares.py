@@ -137,13 +137,24 @@ def public(view: F) -> F:
 
 
 def requires_scopes(*scopes: str) -> Callable[[F], F]:
-    """Declare the scopes a view needs; `authenticate` enforces them before the view runs."""
+    """Declare the scopes a view needs; `authenticate` enforces them before the view runs.
+
+    `@requires_scopes()` with no scope admits any authenticated principal.
+    """
 
     def mark(view: F) -> F:
         view.taskgate_scopes = frozenset(scopes)  # type: ignore[attr-defined]
         return view
 
     return mark
+
+
+def requires_operator(view: F) -> F:
+    """Only an operator session may call this view (403 for API clients), besides any scopes."""
+    view.taskgate_operator = True  # type: ignore[attr-defined]
+    if getattr(view, "taskgate_scopes", None) is None:
+        view.taskgate_scopes = frozenset()  # type: ignore[attr-defined]
+    return view
 
 
 def _bearer_token() -> str | None:
@@ -182,10 +193,13 @@ async def authenticate() -> None:
     g.principal = principal
     g.client_id = principal.client_id
     g.profile = principal
+    g.operator_id = principal.operator_id  # None for API clients
     structlog.contextvars.bind_contextvars(client_id=str(principal.client_id))
     missing = sorted(needed - principal.scopes)
     if missing:
         raise Forbidden(f"This route needs the scope(s): {', '.join(missing)}.")
+    if getattr(view, "taskgate_operator", False) and principal.kind != "operator":
+        raise Forbidden("This route needs an operator session.")
 
 
 def install(app: Quart) -> None:

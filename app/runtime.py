@@ -12,7 +12,7 @@ import structlog
 
 from app.database import Database
 from app.settings import Settings
-from app.src.api.dev_client import DevelopmentOnlyAuthenticator, RejectAllAuthenticator
+from app.src.api.auth import Authenticator
 
 if TYPE_CHECKING:
     from app.scheduler import Scheduler
@@ -31,9 +31,7 @@ class Runtime:
         self.scheduler: Scheduler | None = None
         self.started = False
         self.events: list[str] = []  # start/stop order, for the lifecycle test
-        self.authenticator = (
-            RejectAllAuthenticator() if settings.APP_ENV == "prod" else DevelopmentOnlyAuthenticator()
-        )
+        self.authenticator = Authenticator(lambda: self.db)
 
     @property
     def db(self) -> Database:

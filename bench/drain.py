@@ -26,9 +26,8 @@ async def taskgate(uri: str, n: int, *, enqueue: bool, settings: dict[str, Any])
     from app.src.api import tasks as task_service
     from app.src.api.kinds import load_kinds
     from app.src.api.models.tasks import TaskIn
-    from app.src.utils.metrics import TASK_OUTCOMES
-
     from app.src.database import migrations
+    from app.src.utils.metrics import TASK_OUTCOMES
 
     load_kinds()
     await asyncio.to_thread(migrations.upgrade, uri.replace("postgresql://", "postgresql+asyncpg://", 1))
@@ -56,7 +55,12 @@ async def taskgate(uri: str, n: int, *, enqueue: bool, settings: dict[str, Any])
         await db.disconnect()
 
     def done() -> float:
-        return sum(sample.value for metric in TASK_OUTCOMES.collect() for sample in metric.samples if sample.name.endswith("_total"))
+        return sum(
+            sample.value
+            for metric in TASK_OUTCOMES.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
 
     runtime = Runtime(config)
     started = time.perf_counter()
@@ -69,7 +73,7 @@ async def taskgate(uri: str, n: int, *, enqueue: bool, settings: dict[str, Any])
 
 
 async def pgqueuer(uri: str, n: int, *, batch_size: int) -> dict[str, Any]:
-    from pgqueuer import AsyncpgDriver, Job, QueueManager, Queries
+    from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 
     conn = await asyncpg.connect(uri)
     queries = Queries(AsyncpgDriver(conn))

@@ -32,7 +32,9 @@ class BenchServer:
         return self.admin_uri.split("host=", 1)[1]
 
     def uri(self, database: str, *, driver: str = "postgresql") -> str:
-        return self.admin_uri.replace(f"/{embedded.DATABASE}?", f"/{database}?").replace("postgresql://", f"{driver}://", 1)
+        return self.admin_uri.replace(f"/{embedded.DATABASE}?", f"/{database}?").replace(
+            "postgresql://", f"{driver}://", 1
+        )
 
     def fresh_database(self, name: str) -> str:
         async def recreate() -> None:

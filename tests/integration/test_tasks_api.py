@@ -130,16 +130,14 @@ async def test_eight_parallel_requests_with_one_key_create_one_task(
 
 
 async def test_a_key_in_flight_gets_409(
-    client: Client, auth_headers: dict[str, str], clean_database: str
+    client: Client, auth_headers: dict[str, str], api_client: Any, clean_database: str
 ) -> None:
-    from app.src.api.dev_client import DEV_CLIENT_ID
-
     holder = await asyncpg.connect(driver_uri(clean_database))
     try:
         async with holder.transaction():
             await holder.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2, 7))",
-                str(DEV_CLIENT_ID),
+                str(api_client.client_id),
                 "busy-key",
             )
             response = await client.post(
