@@ -33,8 +33,8 @@ async def last_successes(conn: Executor) -> dict[str, Any]:
     return {row["name"]: row["age"] for row in rows}
 
 
-# Finished tasks past retention, in slices so no statement holds locks for long (index:
-# tasks_finished). Attempts go with them (ON DELETE CASCADE).
+# Finished tasks past retention, with their attempts, in slices so no statement holds locks for
+# long (index: tasks_finished; attempts by task_attempts_task).
 PRUNE_TASKS = """
 WITH old AS (
     SELECT id FROM tasks
@@ -42,8 +42,9 @@ WITH old AS (
       AND finished_at < now() - make_interval(secs => $1)
     ORDER BY finished_at
     LIMIT $2
-)
-DELETE FROM tasks t USING old WHERE t.id = old.id
+),
+attempts AS (DELETE FROM task_attempts WHERE task_id = ANY(ARRAY(SELECT id FROM old)))
+DELETE FROM tasks WHERE id = ANY(ARRAY(SELECT id FROM old))
 """
 
 

@@ -162,7 +162,9 @@ async def save_idempotency_key(
 # the cost of a claim depends on the batch size, not on the table. For each active queue the
 # LATERAL probe reads the index in claim order and stops after LIMIT rows; SKIP LOCKED lets
 # concurrent workers take disjoint rows without waiting. The CTE fences the pick from the UPDATE
-# (Oban's note: without it the planner may update more rows than LIMIT).
+# (Oban's note: without it the planner may update more rows than LIMIT), and the UPDATE reaches the
+# picked rows through the primary key (id = ANY(array)): a join on picked.id let the planner choose
+# a sequential scan of the whole table, whose cost grows with history.
 #
 # Queues in random order share the batch fairly over time. Paused queues are excluded here, read
 # live, so pausing takes effect at the next claim; queues with a concurrency or rate limit go
@@ -190,8 +192,7 @@ claimed AS (
     UPDATE tasks t
     SET status = 'running', attempts = t.attempts + 1, started_at = now(),
         lease_expires_at = now() + make_interval(secs => $2), worker_id = $3
-    FROM picked
-    WHERE t.id = picked.id AND t.status = 'available'
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
               t.run_at, t.started_at
 ),
@@ -230,8 +231,7 @@ claimed AS (
     UPDATE tasks t
     SET status = 'running', attempts = t.attempts + 1, started_at = now(),
         lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
-    FROM picked
-    WHERE t.id = picked.id AND t.status = 'available'
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
               t.run_at, t.started_at
 ),
@@ -318,7 +318,7 @@ WITH due AS (
 ),
 staged AS (
     UPDATE tasks t SET status = 'available'
-    FROM due WHERE t.id = due.id AND t.status IN ('scheduled', 'retryable')
+    WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.status IN ('scheduled', 'retryable')
     RETURNING t.id, t.queue_id
 ),
 woken AS (
@@ -337,15 +337,9 @@ async def stage_due(conn: Executor, *, limit: int = 5000) -> int:
 
 # --- heartbeat, completion, release --------------------------------------------------------------
 
-# The guards below take the status as a parameter ($n::text[]) on purpose: the planner then cannot
-# use the partial index tasks_running (it cannot prove the predicate), so it reaches rows through
-# the primary key. With a literal 'running', stale statistics (few running rows at the last
-# ANALYZE) led it to scan every running row once per input row: seconds per batch under load.
-RUNNING = [str(Status.RUNNING)]
-
 HEARTBEAT = """
 UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $2)
-WHERE id = ANY($1::uuid[]) AND status = ANY($4::text[]) AND worker_id = $3
+WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $3
 RETURNING id, cancel_requested
 """
 
@@ -354,19 +348,23 @@ async def heartbeat(
     conn: Executor, *, task_ids: list[UUID], lease_s: float, worker_id: UUID
 ) -> dict[UUID, bool]:
     """Extend the leases this worker still holds; returns {task id: cancel requested}."""
-    rows = await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id, RUNNING)
+    rows = await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id)
     return {row["id"]: row["cancel_requested"] for row in rows}
 
 
 # Finish many attempts in one statement: the status the worker decided (via the state machine),
-# the attempt record, and the events NOTIFY. The guard (still running, same attempt, same worker)
-# drops a completion whose lease was rescued meanwhile: that attempt no longer owns the task.
+# the attempt record, and the events NOTIFY. The guard is a compare-and-set per row: the status the
+# worker expects (running), the same attempt and the same worker; it drops a completion whose lease
+# was rescued meanwhile, since that attempt no longer owns the task. Rows are reached through the
+# primary key; the expected status comes in with each row, so it is a join condition and not a
+# constant the planner could drive an index scan over every running task with.
 COMPLETE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[],
-                         $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[])
+                         $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[],
+                         $13::text[])
         AS i(id, attempt, status, result, error, retry_in_s, started_at, finished_at, http_status,
-             outcome, state)
+             outcome, state, expected)
 ),
 done AS (
     UPDATE tasks t
@@ -380,7 +378,8 @@ done AS (
         lease_expires_at = NULL,
         worker_id = NULL
     FROM input i
-    WHERE t.id = i.id AND t.status = ANY($13::text[]) AND t.attempts = i.attempt AND t.worker_id = $12
+    WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
+      AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = $12
     RETURNING t.id, t.queue, t.kind, t.status
 ),
 recorded AS (
@@ -427,7 +426,7 @@ async def complete(
         [c.outcome for c in completions],
         [None if c.state is None else json.dumps(c.state) for c in completions],
         worker_id,
-        RUNNING,
+        [str(Status.RUNNING)] * len(completions),
     )
     return list(rows)
 
@@ -438,7 +437,7 @@ RELEASE = f"""
 WITH released AS (
     UPDATE tasks SET status = 'available', attempts = attempts - 1, started_at = NULL,
                      lease_expires_at = NULL, worker_id = NULL
-    WHERE id = ANY($1::uuid[]) AND status = ANY($3::text[]) AND worker_id = $2
+    WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $2
     RETURNING id, queue_id
 ),
 woken AS (
@@ -451,7 +450,7 @@ SELECT id, (SELECT n FROM woken) AS _woken FROM released
 
 
 async def release(conn: Executor, *, task_ids: list[UUID], worker_id: UUID) -> list[UUID]:
-    return [row["id"] for row in await conn.fetch(RELEASE, task_ids, worker_id, RUNNING)]
+    return [row["id"] for row in await conn.fetch(RELEASE, task_ids, worker_id)]
 
 
 PROGRESS = f"""
@@ -489,8 +488,9 @@ rescued AS (
         finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
         lease_expires_at = NULL,
         worker_id = NULL
-    FROM expired e, queues q
-    WHERE t.id = e.id AND q.id = t.queue_id AND t.status = 'running' AND t.lease_expires_at < now()
+    FROM queues q
+    WHERE t.id = ANY(ARRAY(SELECT id FROM expired)) AND q.id = t.queue_id
+      AND t.status = 'running' AND t.lease_expires_at < now()
     RETURNING t.id, t.attempts, t.started_at, t.status, t.queue, t.kind
 ),
 recorded AS (
