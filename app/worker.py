@@ -34,7 +34,7 @@ from app.src.api.kinds import (
 from app.src.api.state_machine import Status, after_failure, backoff_seconds, transition
 from app.src.database import tasks as store
 from app.src.database.tasks import ClaimedTask, Completion
-from app.src.utils.metrics import START_LAG, TASK_OUTCOMES, WORKER_RUNNING
+from app.src.utils.metrics import LAG, OUTCOMES, WORKER_RUNNING
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -160,6 +160,7 @@ class Worker:
             self.last_claim_at = time.monotonic()
             for task in claimed:
                 self._start(task)
+            WORKER_RUNNING.set(len(self._running))
             if len(claimed) >= want or self._stopping:
                 continue
             with contextlib.suppress(TimeoutError):
@@ -214,10 +215,7 @@ class Worker:
         running = Running(claimed, ctx)
         self._running[claimed.id] = running
         running.task = asyncio.create_task(self._execute(running))
-        START_LAG.labels(claimed.queue).observe(
-            max(0.0, (claimed.started_at - claimed.run_at).total_seconds())
-        )
-        WORKER_RUNNING.set(len(self._running))
+        LAG(claimed.queue).observe(max(0.0, (claimed.started_at - claimed.run_at).total_seconds()))
 
     async def _execute(self, running: Running) -> None:
         claimed = running.claimed
@@ -229,7 +227,6 @@ class Worker:
             return  # shutdown releases it; a lost lease belongs to whoever holds the task now
         finally:
             self._running.pop(claimed.id, None)
-            WORKER_RUNNING.set(len(self._running))
             if running.abandoned is not None:
                 self._capacity.set()
         if running.abandoned is not None:
@@ -374,8 +371,13 @@ class Worker:
                 self._pending[:0] = batch
                 raise
             self._capacity.set()
+            WORKER_RUNNING.set(len(self._running))
+            outcomes: dict[tuple[str, str, str], int] = {}
             for row in rows:
-                TASK_OUTCOMES.labels(row["queue"], row["kind"], row["status"]).inc()
+                key = (row["queue"], row["kind"], row["status"])
+                outcomes[key] = outcomes.get(key, 0) + 1
+            for key, count in outcomes.items():
+                OUTCOMES(*key).inc(count)
             if len(rows) < len(batch):
                 self.log.info("completions dropped: their leases were lost", count=len(batch) - len(rows))
 

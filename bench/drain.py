@@ -63,13 +63,15 @@ async def taskgate(uri: str, n: int, *, enqueue: bool, settings: dict[str, Any])
         )
 
     runtime = Runtime(config)
+    cpu_before = time.process_time()
     started = time.perf_counter()
     await runtime.start()
     while done() < n:
         await asyncio.sleep(0.002)
     elapsed = time.perf_counter() - started
+    drain_cpu = time.process_time() - cpu_before
     await runtime.stop()
-    return {"tasks": n, "seconds": elapsed}
+    return {"tasks": n, "seconds": elapsed, "drain_cpu_s": drain_cpu}
 
 
 async def pgqueuer(uri: str, n: int, *, batch_size: int) -> dict[str, Any]:
@@ -92,11 +94,13 @@ async def pgqueuer(uri: str, n: int, *, batch_size: int) -> dict[str, Any]:
 
     from pgqueuer import types
 
+    cpu_before = time.process_time()
     started = time.perf_counter()
     await manager.run(batch_size=batch_size, mode=types.QueueExecutionMode.drain)
     elapsed = time.perf_counter() - started
+    drain_cpu = time.process_time() - cpu_before
     await conn.close()
-    return {"tasks": n, "seconds": elapsed}
+    return {"tasks": n, "seconds": elapsed, "drain_cpu_s": drain_cpu}
 
 
 async def procrastinate_drain(uri: str, n: int, *, concurrency: int) -> dict[str, Any]:
@@ -146,6 +150,8 @@ def main() -> None:
     else:
         result = asyncio.run(procrastinate_drain(args.uri, args.n, concurrency=args.concurrency))
     result["tasks_per_s"] = result["tasks"] / result["seconds"]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["process_cpu_s"] = usage.ru_utime + usage.ru_stime
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 

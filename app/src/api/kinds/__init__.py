@@ -66,7 +66,16 @@ ProgressSink = Callable[[UUID, int, dict[str, Any]], Awaitable[None]]
 class TaskContext:
     """What a running handler knows about its task, and how it reports back."""
 
-    __slots__ = ("_progress", "attempt", "cancelled", "client_id", "kind", "max_attempts", "queue", "task_id")
+    __slots__ = (
+        "_cancelled",
+        "_progress",
+        "attempt",
+        "client_id",
+        "kind",
+        "max_attempts",
+        "queue",
+        "task_id",
+    )
 
     def __init__(
         self,
@@ -85,8 +94,15 @@ class TaskContext:
         self.queue = queue
         self.kind = kind
         self.client_id = client_id
-        self.cancelled = asyncio.Event()  # set when a client asks to cancel the running task
+        self._cancelled: asyncio.Event | None = None
         self._progress = progress
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when a client asks to cancel the running task (made on first use: most never look)."""
+        if self._cancelled is None:
+            self._cancelled = asyncio.Event()
+        return self._cancelled
 
     async def report_progress(self, progress: dict[str, Any]) -> None:
         """Store progress on the task and publish it to /api/tasks/{id}/events."""
