@@ -403,7 +403,8 @@ WITH input AS (
 ),
 done AS (
     UPDATE tasks t
-    SET status = 'completed', result = i.result, finished_at = now(), lease_expires_at = NULL, worker_id = NULL
+    SET status = 'completed', result = i.result, finished_at = now(),
+        lease_expires_at = NULL, worker_id = NULL
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
       AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = $6
