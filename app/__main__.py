@@ -89,6 +89,37 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
+def uvicorn_config(
+    asgi_app: Any, settings: Settings, *, certfile: Path | None, keyfile: Path | None
+) -> uvicorn.Config:
+    """How Taskgate serves: uvicorn, lifespan on, TLS 1.2+ with modern ciphers, no access log."""
+    config = uvicorn.Config(
+        asgi_app,
+        host=settings.HOST,
+        port=settings.PORT,
+        lifespan="on",
+        ssl_certfile=str(certfile) if certfile else None,
+        ssl_keyfile=str(keyfile) if keyfile else None,
+        ssl_ciphers=TLS_CIPHERS,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=settings.TLS_TERMINATED_UPSTREAM,
+        timeout_graceful_shutdown=int(settings.WORKER_SHUTDOWN_GRACE_S) + 5,
+    )
+    config.load()
+    if config.ssl is not None:
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    return config
+
+
+def serve_forever(config: uvicorn.Config) -> None:
+    server = _Server(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     overrides: dict[str, Any] = {}
     if args.roles:
@@ -111,29 +142,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from app import create_app
 
     certfile, keyfile = _certificate(settings)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.HOST,
-        port=settings.PORT,
-        lifespan="on",
-        ssl_certfile=str(certfile) if certfile else None,
-        ssl_keyfile=str(keyfile) if keyfile else None,
-        ssl_ciphers=TLS_CIPHERS,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=settings.TLS_TERMINATED_UPSTREAM,
-        timeout_graceful_shutdown=int(settings.WORKER_SHUTDOWN_GRACE_S) + 5,
-    )
-    config.load()
-    if config.ssl is not None:
-        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    config = uvicorn_config(create_app(settings), settings, certfile=certfile, keyfile=keyfile)
     scheme = "https" if certfile else "http"
     print(f"taskgate: serving {scheme}://localhost:{settings.PORT} roles={','.join(settings.ROLES)}")
-    server = _Server(config)
-    server.run()
-    if not server.started:
-        raise SystemExit(3)
+    serve_forever(config)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

@@ -44,7 +44,9 @@ class Database:
         self._engine = create_async_engine(
             self.uri,
             pool_size=self.pool_size,
-            max_overflow=self.pool_size,
+            # overflow connections are closed on return (and re-prepare every statement when
+            # reopened), so bursts get a little headroom and sustained load a right-sized pool
+            max_overflow=self.pool_size // 2,
             pool_timeout=10,
             pool_recycle=1800,
             connect_args={"server_settings": {"application_name": "taskgate", "jit": "off"}},

@@ -20,7 +20,7 @@ from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
 from app.src.api.errors import AppError, BadRequest, Forbidden, Unauthorized, field_errors, problem_type
-from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS, LabelCache
 
 log = structlog.get_logger("taskgate.http")
 
@@ -31,6 +31,8 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _SCHEMA_ATTRIBUTE = "_quart_schema_request_schema"
 
 F = TypeVar("F", bound=Callable[..., Any])
+_REQUESTS = LabelCache(HTTP_REQUESTS)
+_LATENCY = LabelCache(HTTP_LATENCY)
 
 
 class TaskgateRequest(Request):
@@ -88,9 +90,9 @@ async def finish_response(response: Response) -> Response:
     route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
     status = str(response.status_code)
     started = getattr(g, "started", None)
-    HTTP_REQUESTS.labels(request.method, route, status).inc()
+    _REQUESTS(request.method, route, status).inc()
     if started is not None:
-        HTTP_LATENCY.labels(request.method, route, status).observe(time.perf_counter() - started)
+        _LATENCY(request.method, route, status).observe(time.perf_counter() - started)
     return response
 
 

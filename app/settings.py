@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     APP_ENV: Literal["dev", "prod", "test"] = "dev"
     DB_URI: str | None = None
-    DB_POOL_SIZE: int = Field(default=10, ge=1, le=200)
+    DB_POOL_SIZE: int = Field(default=20, ge=1, le=200)
     SECRET_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     HOST: str = "0.0.0.0"  # noqa: S104  # nosec B104
     PORT: int = Field(default=8080, ge=0, le=65535)
