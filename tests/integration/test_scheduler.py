@@ -88,7 +88,9 @@ async def test_racing_firers_make_one_task_per_fire_time(
 
     try:  # four replicas firing as fast as they can, as a cluster would, for a few seconds
         until = time.monotonic() + 2.5
-        made = await asyncio.gather(*(keep_firing(r, until) for r in replicas))
+        async with asyncio.TaskGroup() as group:  # one failing cancels the others
+            firing = [group.create_task(keep_firing(r, until)) for r in replicas]
+        made = [task.result() for task in firing]
     finally:
         for replica in replicas:
             await replica.disconnect()
