@@ -159,46 +159,31 @@ class Scheduler:
     async def _run(self, job: Job) -> None:
         started = time.perf_counter()
         run_id = uuid.uuid4()
-        lease: asyncio.Task[None] | None = None
+        elected = False
         try:
             if job.cluster_wide:
-                async with self.db.driver() as conn:
-                    election = await maintenance.elect(
-                        conn,
-                        job=job.name,
-                        min_interval_s=job.period_s * ELECTION_SLACK,
-                        lease_s=job.lease_s,
-                        replica=self.replica,
-                        run_id=run_id,
-                    )
-                if not election.elected:
-                    SCHEDULER_RUNS.labels(job.name, "skipped").inc()
-                    if election.succeeded_age_s is not None:
-                        self._last_success[job.name] = time.monotonic() - election.succeeded_age_s
+                if not await self._elect(job, run_id):
                     return
-                lease = asyncio.create_task(self._keep_lease(job, run_id))
-            outcome = await job.run()
-            if job.cluster_wide:
+                elected = True
+            outcome = await self._holding_lease(job, run_id) if elected else await job.run()
+            if elected:
                 async with self.db.driver() as conn:
                     await maintenance.finished(conn, job=job.name, run_id=run_id, error=None)
         except asyncio.CancelledError:
             SCHEDULER_RUNS.labels(job.name, "cancelled").inc()
             log.warning("maintenance job cancelled at shutdown", job=job.name)
-            if lease is not None:
+            if elected:
                 await self._release(job, run_id)
             raise
         except Exception as exc:
             SCHEDULER_RUNS.labels(job.name, "failure").inc()
             SCHEDULER_DURATION.labels(job.name).observe(time.perf_counter() - started)
             log.exception("maintenance job failed", job=job.name)
-            if lease is not None:
+            if elected:
                 with contextlib.suppress(Exception):
                     async with self.db.driver() as conn:
                         await maintenance.finished(conn, job=job.name, run_id=run_id, error=repr(exc)[:500])
             return
-        finally:
-            if lease is not None:
-                lease.cancel()
         elapsed = time.perf_counter() - started
         SCHEDULER_RUNS.labels(job.name, "success").inc()
         SCHEDULER_DURATION.labels(job.name).observe(elapsed)
@@ -210,6 +195,32 @@ class Scheduler:
             )
         else:
             log.debug("maintenance job ran", job=job.name, duration_ms=round(elapsed * 1000, 1))
+
+    async def _elect(self, job: Job, run_id: uuid.UUID) -> bool:
+        """Whether this replica runs the job this period; a skip records the cluster's success time."""
+        async with self.db.driver() as conn:
+            election = await maintenance.elect(
+                conn,
+                job=job.name,
+                min_interval_s=job.period_s * ELECTION_SLACK,
+                lease_s=job.lease_s,
+                replica=self.replica,
+                run_id=run_id,
+            )
+        if not election.elected:
+            SCHEDULER_RUNS.labels(job.name, "skipped").inc()
+            if election.succeeded_age_s is not None:
+                self._last_success[job.name] = time.monotonic() - election.succeeded_age_s
+        return election.elected
+
+    async def _holding_lease(self, job: Job, run_id: uuid.UUID) -> Any:
+        """Run the job while renewing its lease; the renewer has stopped when this returns."""
+        keeper = asyncio.create_task(self._keep_lease(job, run_id))
+        try:
+            return await job.run()
+        finally:
+            keeper.cancel()
+            await asyncio.wait([keeper])  # no renewal may land after the lease is freed
 
     async def _keep_lease(self, job: Job, run_id: uuid.UUID) -> None:
         while True:

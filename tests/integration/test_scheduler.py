@@ -228,6 +228,39 @@ async def test_shutdown_cancels_a_job_that_outlasts_the_grace_and_frees_its_leas
     assert (row["runs"], row["lease_expires_at"]) == (0, None)
 
 
+async def test_a_run_longer_than_its_period_is_never_doubled_by_another_replica(
+    settings: Settings, clean_database: str
+) -> None:
+    runs: list[tuple[str, float, float]] = []
+
+    def slow_job(replica: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            began = time.monotonic()
+            await asyncio.sleep(0.7)  # over three periods
+            runs.append((replica, began, time.monotonic()))
+
+        return run
+
+    databases = [Database(settings) for _ in range(2)]
+    replicas = []
+    for i, database in enumerate(databases):
+        await database.connect()
+        replicas.append(scheduler_with(database, settings, [Job("slow", 0.2, slow_job(f"r{i}"))]))
+    try:
+        for replica in replicas:
+            replica.start()
+        await asyncio.sleep(2.5)
+    finally:
+        for replica in replicas:
+            await replica.shutdown()
+        for database in databases:
+            await database.disconnect()
+    runs.sort(key=lambda run: run[1])
+    assert len(runs) >= 2
+    overlapping = [(a, b) for a, b in itertools.pairwise(runs) if b[1] < a[2]]
+    assert not overlapping  # the lease holds the job until the run ends, whichever replica ran it
+
+
 async def test_a_failing_job_is_recorded_and_turns_readiness_false(
     db: Database, settings: Settings, clean_database: str
 ) -> None:

@@ -57,7 +57,8 @@ async def test_create_read_list_and_delete(
     ).get_json()
     assert ([s["id"] for s in rest["items"]], rest["next_cursor"]) == ([created["id"]], None)
     deleted = await client.delete(f"/api/schedules/{created['id']}", headers=auth_headers)
-    assert deleted.status_code == 204
+    assert deleted.status_code == 200
+    assert await deleted.get_json() == created
     assert (await client.get(f"/api/schedules/{created['id']}", headers=auth_headers)).status_code == 404
     assert (await client.delete(f"/api/schedules/{created['id']}", headers=auth_headers)).status_code == 404
     assert [r["name"] for r in await fetch(clean_database, "SELECT name FROM schedules")] == ["hourly"]

@@ -80,10 +80,12 @@ async def update_schedule(schedule_id: UUID, data: SchedulePatch) -> ScheduleOut
 
 @blueprint.delete("/<uuid:schedule_id>")
 @requires_scopes(SCOPE)
-async def delete_schedule(schedule_id: UUID) -> tuple[str, int]:
-    """Delete a schedule; tasks it already made are kept."""
-    await schedules.delete(db(), client_id=client_id(), schedule_id=schedule_id)
-    return "", 204
+@validate_response(ScheduleOut)
+async def delete_schedule(schedule_id: UUID) -> ScheduleOut:
+    """Delete a schedule; the answer is the schedule as it was. Tasks it already made are kept."""
+    return ScheduleOut.from_domain(
+        await schedules.delete(db(), client_id=client_id(), schedule_id=schedule_id)
+    )
 
 
 @blueprint.post("/<uuid:schedule_id>/trigger")

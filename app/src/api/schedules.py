@@ -149,11 +149,13 @@ async def update(
     return schedule
 
 
-async def delete(db: Database, *, client_id: UUID, schedule_id: UUID) -> None:
-    """Delete a schedule; the tasks it already made are kept."""
+async def delete(db: Database, *, client_id: UUID, schedule_id: UUID) -> Schedule:
+    """Delete a schedule and return it as it was; the tasks it already made are kept."""
     async with db.driver() as conn:
-        if not await store.delete(conn, client_id=client_id, schedule_id=schedule_id):
-            raise NotFound(f"No schedule {schedule_id}.")
+        schedule = await store.delete(conn, client_id=client_id, schedule_id=schedule_id)
+    if schedule is None:
+        raise NotFound(f"No schedule {schedule_id}.")
+    return schedule
 
 
 async def trigger(db: Database, *, client_id: UUID, schedule_id: UUID, max_queued_tasks: int) -> Task:

@@ -66,7 +66,7 @@ async def finished(conn: Executor, *, job: str, run_id: UUID, error: str | None)
 async def renew_lease(conn: Executor, *, job: str, run_id: UUID, lease_s: float) -> bool:
     rows = await conn.fetch(
         "UPDATE maintenance_jobs SET lease_expires_at = now() + make_interval(secs => $3) "
-        "WHERE name = $1 AND run_id = $2 RETURNING name",
+        "WHERE name = $1 AND run_id = $2 AND lease_expires_at IS NOT NULL RETURNING name",
         job,
         run_id,
         lease_s,

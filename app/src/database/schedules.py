@@ -110,12 +110,14 @@ async def update(
     return to_schedule(rows[0]) if rows else None
 
 
-async def delete(conn: Executor, *, client_id: UUID, schedule_id: UUID) -> bool:
+async def delete(conn: Executor, *, client_id: UUID, schedule_id: UUID) -> Schedule | None:
     """Delete a schedule and its fire ledger (ON DELETE CASCADE); the tasks it made stay."""
     rows = await conn.fetch(
-        "DELETE FROM schedules WHERE id = $1 AND client_id = $2 RETURNING id", schedule_id, client_id
+        f"DELETE FROM schedules WHERE id = $1 AND client_id = $2 RETURNING {SCHEDULE_COLUMNS}",
+        schedule_id,
+        client_id,
     )
-    return bool(rows)
+    return to_schedule(rows[0]) if rows else None
 
 
 # Keyset pagination over schedules_client (client_id, id): newest first, the cursor is the last id.
