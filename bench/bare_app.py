@@ -26,7 +26,9 @@ def bare_app(db_uri: str) -> Quart:
     async def connect() -> None:
         engine["db"] = create_async_engine(db_uri, pool_size=10)
         async with engine["db"].begin() as conn:
-            await conn.execute(text("CREATE TABLE IF NOT EXISTS bare_items (id bigserial PRIMARY KEY, body jsonb)"))
+            await conn.execute(
+                text("CREATE TABLE IF NOT EXISTS bare_items (id bigserial PRIMARY KEY, body jsonb)")
+            )
 
     @app.after_serving
     async def disconnect() -> None:
@@ -41,7 +43,9 @@ def bare_app(db_uri: str) -> Quart:
     async def insert_endpoint() -> Any:
         body = await request.get_data(as_text=True)
         async with engine["db"].begin() as conn:
-            row = await conn.execute(text("INSERT INTO bare_items (body) VALUES (CAST(:b AS jsonb)) RETURNING id"), {"b": body})
+            row = await conn.execute(
+                text("INSERT INTO bare_items (body) VALUES (CAST(:b AS jsonb)) RETURNING id"), {"b": body}
+            )
         return {"id": row.scalar_one()}, 201
 
     return app

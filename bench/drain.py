@@ -27,7 +27,9 @@ def _sqlalchemy_uri(uri: str) -> str:
     return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
-async def prepare_taskgate(uri: str, n: int, *, completed: int = 0, scheduled: int = 0, paused: bool = False) -> None:
+async def prepare_taskgate(
+    uri: str, n: int, *, completed: int = 0, scheduled: int = 0, paused: bool = False
+) -> None:
     from app.src.database import migrations
     from bench import preload
 
@@ -39,7 +41,12 @@ async def prepare_taskgate(uri: str, n: int, *, completed: int = 0, scheduled: i
             await preload.tasks(conn, client=client, queue_id=queue_id, n=completed, status="completed")
         if scheduled:
             await preload.tasks(
-                conn, client=client, queue_id=queue_id, n=scheduled, status="scheduled", run_at="now() + interval '1 day'"
+                conn,
+                client=client,
+                queue_id=queue_id,
+                n=scheduled,
+                status="scheduled",
+                run_at="now() + interval '1 day'",
             )
         await preload.tasks(conn, client=client, queue_id=queue_id, n=n)
         await conn.execute("VACUUM ANALYZE tasks")
@@ -47,7 +54,9 @@ async def prepare_taskgate(uri: str, n: int, *, completed: int = 0, scheduled: i
         await conn.close()
 
 
-async def taskgate(uri: str, n: int, *, watch_db: bool, barrier: bool, settings: dict[str, Any]) -> dict[str, Any]:
+async def taskgate(
+    uri: str, n: int, *, watch_db: bool, barrier: bool, settings: dict[str, Any]
+) -> dict[str, Any]:
     from app.runtime import Runtime
     from app.settings import configure_logging, load_settings
     from app.src.api.kinds import load_kinds
@@ -73,7 +82,9 @@ async def taskgate(uri: str, n: int, *, watch_db: bool, barrier: bool, settings:
     async def finished() -> float:
         if watcher is None:
             return finished_here()
-        return float(await watcher.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed' AND attempts > 0"))
+        return float(
+            await watcher.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed' AND attempts > 0")
+        )
 
     runtime = Runtime(config)
     await runtime.start()
@@ -165,10 +176,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.system == "taskgate":
         if args.prepare:
-            asyncio.run(prepare_taskgate(args.uri, args.n, completed=args.completed, scheduled=args.scheduled))
+            asyncio.run(
+                prepare_taskgate(args.uri, args.n, completed=args.completed, scheduled=args.scheduled)
+            )
         settings = dict(item.split("=", 1) for item in args.setting)
         result = asyncio.run(
-            taskgate(args.uri, args.n, watch_db=args.watch_db or args.barrier, barrier=args.barrier, settings=settings)
+            taskgate(
+                args.uri,
+                args.n,
+                watch_db=args.watch_db or args.barrier,
+                barrier=args.barrier,
+                settings=settings,
+            )
         )
     elif args.system == "pgqueuer":
         result = asyncio.run(pgqueuer(args.uri, args.n, batch_size=args.batch_size))

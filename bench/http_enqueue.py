@@ -62,7 +62,16 @@ def wrk(url: str, *, key: str = "", seconds: int = 10, connections: int = 32) ->
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(ROOT / "bench" / "enqueue.lua"), url],
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench" / "enqueue.lua"),
+            url,
+        ],
         env={**os.environ, "TG_KEY": key},
         capture_output=True,
         text=True,
@@ -83,7 +92,9 @@ def _latency(out: str, label: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-async def batch_enqueue(base: str, key: str, cafile: Path, *, batches: int = 40, size: int = 1000, parallel: int = 4) -> float:
+async def batch_enqueue(
+    base: str, key: str, cafile: Path, *, batches: int = 40, size: int = 1000, parallel: int = 4
+) -> float:
     context = ssl.create_default_context(cafile=str(cafile))
     body = json.dumps({"tasks": [{"kind": "noop", "payload": {"i": i}} for i in range(size)]})
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -120,7 +131,9 @@ def run(server: BenchServer, *, seconds: int = 10) -> dict[str, Any]:
         db = server.fresh_database("enqueue_taskgate")
         port = free_port()
         env = taskgate_env(db, cert, key, port)
-        subprocess.run([sys.executable, "-m", "app", "migrate"], cwd=ROOT, env=env, capture_output=True, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "app", "migrate"], cwd=ROOT, env=env, capture_output=True, check=True
+        )
         api_key = create_client(env)
         tg = subprocess.Popen([sys.executable, "-m", "app", "serve", "--roles", "api"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

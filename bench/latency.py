@@ -23,7 +23,12 @@ from bench.drain import _sqlalchemy_uri, conninfo
 def percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     cut = statistics.quantiles(ordered, n=100, method="inclusive")
-    return {"p50_ms": cut[49] * 1000, "p99_ms": cut[98] * 1000, "max_ms": ordered[-1] * 1000, "samples": len(ordered)}
+    return {
+        "p50_ms": cut[49] * 1000,
+        "p99_ms": cut[98] * 1000,
+        "max_ms": ordered[-1] * 1000,
+        "samples": len(ordered),
+    }
 
 
 async def produce(rate: float, seconds: float, enqueue: Any) -> None:

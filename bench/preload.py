@@ -8,7 +8,6 @@ from typing import Any
 import asyncpg
 
 
-
 async def queue(conn: asyncpg.Connection, *, name: str = "default", paused: bool = False) -> tuple[Any, int]:
     client = uuid.uuid4()
     queue_id = await conn.fetchval(

@@ -9,6 +9,7 @@ from app.routes.catalog import blueprint as catalog
 from app.routes.common import blueprint as common
 from app.routes.common import metrics
 from app.routes.queues import blueprint as queues
+from app.routes.schedules import blueprint as schedules
 from app.routes.tasks import blueprint as tasks
 
 BLUEPRINTS = {
@@ -16,6 +17,7 @@ BLUEPRINTS = {
     "common": common,
     "tasks": tasks,
     "queues": queues,
+    "schedules": schedules,
     "catalog": catalog,
 }
 

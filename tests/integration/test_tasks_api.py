@@ -19,7 +19,9 @@ async def test_enqueue_returns_the_task_in_spec_shape(client: Client, auth_heade
     assert set(task) == {
         "id", "queue", "kind", "payload", "status", "priority", "attempts", "max_attempts",
         "run_at", "created_at", "started_at", "finished_at", "result", "last_error", "progress",
+        "schedule",  # beyond SPEC: the schedule fire that made the task, null otherwise
     }  # fmt: skip
+    assert task["schedule"] is None
     assert task["status"] == "available"
     assert task["queue"] == "default"
     assert task["priority"] == 2

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 MAX_IDEMPOTENCY_KEY = 255
 
 
-def _validate_payload(
+def validate_payload(
     kind_name: str, payload: dict[str, Any], *, at: tuple[str | int, ...]
 ) -> TaskKind[Any, Any]:
     kind = REGISTRY.get(kind_name)
@@ -89,7 +89,7 @@ async def enqueue(
     All or nothing: one invalid item rejects the whole batch and stores nothing.
     """
     kinds = [
-        _validate_payload(item.kind, item.payload, at=("tasks", i) if batch else ())
+        validate_payload(item.kind, item.payload, at=("tasks", i) if batch else ())
         for i, item in enumerate(items)
     ]
     queues = {

@@ -52,6 +52,12 @@ async def ensure(conn: Executor, *, client_id: UUID, name: str) -> Queue:
         client_id,
         name,
     )
+    if not rows:
+        # Another transaction inserted it after this statement's snapshot was taken: DO NOTHING
+        # waited for its commit, but the SELECT above cannot see it. A new statement can.
+        rows = await conn.fetch(
+            f"SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 AND name = $2", client_id, name
+        )
     return to_queue(rows[0])
 
 

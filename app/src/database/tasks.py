@@ -27,7 +27,7 @@ _NOTIFY_IDS_PER_MESSAGE = 200  # 200 * 37 bytes stays under NOTIFY's 8000-byte p
 
 TASK_COLUMNS = (
     "id, client_id, queue_id, queue, kind, payload, status, priority, attempts, max_attempts, "
-    "run_at, created_at, started_at, finished_at, result, last_error, progress, cancel_requested"
+    "run_at, created_at, started_at, finished_at, result, last_error, progress, cancel_requested, schedule"
 )
 _DACITE = dacite.Config(check_types=False)
 
@@ -67,14 +67,15 @@ def _notify_events(source: str) -> str:
 INSERT_TASKS = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[],
-                         $7::smallint[], $8::int[], $9::timestamptz[], $10::float8[])
-        AS i(id, client_id, queue_id, queue, kind, payload, priority, max_attempts, run_at, delay_s)
+                         $7::smallint[], $8::int[], $9::timestamptz[], $10::float8[], $11::jsonb[])
+        AS i(id, client_id, queue_id, queue, kind, payload, priority, max_attempts, run_at, delay_s, schedule)
 ),
 inserted AS (
-    INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts, run_at)
+    INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts, run_at,
+                       schedule)
     SELECT i.id, i.client_id, i.queue_id, i.queue, i.kind, i.payload,
            CASE WHEN due.at <= now() THEN 'available' ELSE 'scheduled' END,
-           i.priority, i.max_attempts, due.at
+           i.priority, i.max_attempts, due.at, i.schedule
     FROM input i
     CROSS JOIN LATERAL (
         SELECT COALESCE(i.run_at, now() + make_interval(secs => COALESCE(i.delay_s, 0)), now()) AS at
@@ -102,6 +103,7 @@ class NewTask:
     max_attempts: int
     run_at: datetime | None
     delay_s: float | None
+    schedule: dict[str, Any] | None = None  # the schedule fire that made it (ScheduleRef fields)
 
 
 async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
@@ -117,6 +119,7 @@ async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
         [t.max_attempts for t in tasks],
         [t.run_at for t in tasks],
         [t.delay_s for t in tasks],
+        [None if t.schedule is None else json.dumps(t.schedule) for t in tasks],
     )
     by_id = {row["id"]: row for row in rows}
     return [to_task(by_id[t.id]) for t in tasks]

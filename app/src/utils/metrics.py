@@ -30,6 +30,11 @@ SCHEDULER_DURATION = Histogram("taskgate_scheduler_run_duration_seconds", "Maint
 SCHEDULER_LAST_SUCCESS = Gauge(
     "taskgate_scheduler_last_success_timestamp_seconds", "Last successful run", ["job"]
 )
+SCHEDULE_FIRES = Counter(
+    "taskgate_schedule_fires_total",
+    "Tasks made by user schedules: on_time, missed (beyond the grace; coalesced), manual",
+    ["outcome"],
+)
 
 
 class LabelCache:
