@@ -37,6 +37,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from app.src.api import schedules
+from app.src.api.auth import operators
 from app.src.database import maintenance
 from app.src.database import tasks as task_store
 from app.src.utils.metrics import QUEUE_DEPTH, SCHEDULER_DURATION, SCHEDULER_LAST_SUCCESS, SCHEDULER_RUNS
@@ -281,4 +282,6 @@ class Scheduler:
                 conn, older_than_s=self.settings.TASK_RETENTION_DAYS * 86_400
             )
         pruned = {"tasks": tasks, "idempotency_keys": keys, "schedule_fires": fires}
+        # expired operator sessions, MFA challenges and forgotten login throttles
+        pruned.update(await operators.prune(self.db))
         return pruned if any(pruned.values()) else None

@@ -318,8 +318,23 @@ async def test_prune_removes_what_is_past_retention(
             age_days,
             uuid.uuid4(),
         )
+    # an operator with one live and one long-expired session
+    from app.src.api.auth import operators
+
+    operator = await operators.create_operator(db, email="prune@example.com", password="a long password here")
+    for _ in range(2):
+        await operators.start_session(db, user_id=operator.user_id)
+    await fetch(
+        clean_database,
+        "UPDATE sessions SET expires_at = now() - interval '3 days' "
+        "WHERE id = (SELECT id FROM sessions ORDER BY created_at LIMIT 1)",
+    )
     pruned = await Scheduler(db, settings).prune()
-    assert pruned == {"tasks": 1, "idempotency_keys": 1, "schedule_fires": 1}
+    assert pruned is not None
+    assert {k: v for k, v in pruned.items() if v} == {
+        "tasks": 1, "idempotency_keys": 1, "schedule_fires": 1, "sessions": 1,
+    }  # fmt: skip
+    assert await count(clean_database, "SELECT count(*) FROM sessions") == 1
     assert await count(clean_database, "SELECT count(*) FROM tasks") == 1
     assert await count(clean_database, "SELECT count(*) FROM idempotency_keys") == 1
     assert await count(clean_database, "SELECT count(*) FROM schedule_fires") == 1
