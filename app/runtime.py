@@ -48,7 +48,7 @@ class Runtime:
         self._db = Database(self.settings)
         await self._db.connect()
         self.events.append("database started")
-        self.notifier = Notifier(self._db.engine)
+        self.notifier = Notifier(self._db.connect_args())
         await self.notifier.start()
         self.events.append("notifier started")
         if "worker" in roles:
