@@ -219,6 +219,9 @@ class Worker:
 
     async def _execute(self, running: Running) -> None:
         claimed = running.claimed
+        # this asyncio task runs in its own copy of the context: every log line a handler writes
+        # carries the task and its tenant, and nothing leaks to other tasks
+        structlog.contextvars.bind_contextvars(task_id=str(claimed.id), client_id=str(claimed.client_id))
         try:
             completion = await self._run_handler(running)
         except asyncio.CancelledError:
