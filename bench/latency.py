@@ -2,7 +2,8 @@
 
 A producer enqueues one task every 1/rate seconds for `seconds`; each task carries its enqueue
 wall time, and the handler records how long ago that was when it starts. Producer and worker
-share this process (the same for every system).
+share this process (the same for every system). The first WARMUP_S seconds at the same rate are
+not recorded: they pay one-time costs (opening pool connections, preparing statements).
 """
 
 from __future__ import annotations
@@ -29,6 +30,20 @@ def percentiles(samples: list[float]) -> dict[str, float]:
         "max_ms": ordered[-1] * 1000,
         "samples": len(ordered),
     }
+
+
+WARMUP_S = 2.0
+
+
+async def measured(rate: float, seconds: float, enqueue: Any, latencies: list[float]) -> None:
+    """Warm up, forget what the warm-up recorded, then produce for `seconds`."""
+    await produce(rate, WARMUP_S, enqueue)
+    while len(latencies) < int(rate * WARMUP_S):
+        await asyncio.sleep(0.01)
+    latencies.clear()
+    await produce(rate, seconds, enqueue)
+    while len(latencies) < int(rate * seconds):
+        await asyncio.sleep(0.05)
 
 
 async def produce(rate: float, seconds: float, enqueue: Any) -> None:
@@ -70,9 +85,7 @@ async def taskgate(uri: str, rate: float, seconds: float) -> dict[str, Any]:
             idempotency_key=None, max_queued_tasks=10**9, batch=False,
         )  # fmt: skip
 
-    await produce(rate, seconds, enqueue)
-    while len(kinds.LATENCIES) < int(rate * seconds):
-        await asyncio.sleep(0.05)
+    await measured(rate, seconds, enqueue, kinds.LATENCIES)
     await db.disconnect()
     await runtime.stop()
     return percentiles(kinds.LATENCIES)
@@ -94,9 +107,7 @@ async def pgqueuer(uri: str, rate: float, seconds: float, batch_size: int) -> di
 
     worker = asyncio.create_task(manager.run(batch_size=batch_size))
     await asyncio.sleep(1.0)
-    await produce(rate, seconds, lambda t0: producer.enqueue("stamp", str(t0).encode()))
-    while len(latencies) < int(rate * seconds):
-        await asyncio.sleep(0.05)
+    await measured(rate, seconds, lambda t0: producer.enqueue("stamp", str(t0).encode()), latencies)
     manager.shutdown.set()
     await worker
     return percentiles(latencies)
@@ -118,9 +129,7 @@ async def procrastinate_latency(uri: str, rate: float, seconds: float, concurren
             app.run_worker_async(concurrency=concurrency, install_signal_handlers=False)
         )
         await asyncio.sleep(1.0)
-        await produce(rate, seconds, lambda t0: stamp.defer_async(t0=t0))
-        while len(latencies) < int(rate * seconds):
-            await asyncio.sleep(0.05)
+        await measured(rate, seconds, lambda t0: stamp.defer_async(t0=t0), latencies)
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
     return percentiles(latencies)
