@@ -18,6 +18,7 @@ from app.routes.adapter import register_blueprints
 from app.runtime import Runtime
 from app.settings import Settings, load_settings
 from app.src.api.kinds import load_kinds
+from app.src.utils import schema_adapters
 
 try:
     __version__ = version("taskgate")
@@ -28,6 +29,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
 def create_app(settings: Settings | None = None) -> Quart:
     """Build the Quart app; nothing starts until it is served."""
     settings = settings or load_settings()
+    schema_adapters.install()
     app = Quart("app", static_folder=None)
     app.config.update(
         TASKGATE_SETTINGS=settings,

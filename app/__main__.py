@@ -1,4 +1,4 @@
-"""python -m app <command>: serve, worker, migrate, dev-cert."""
+"""python -m app <command>: serve, worker, migrate, admin, dev-cert."""
 
 from __future__ import annotations
 
@@ -89,26 +89,12 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    overrides: dict[str, Any] = {}
-    if args.roles:
-        roles = [role.strip() for role in args.roles.split(",") if role.strip()]
-        unknown = sorted(set(roles) - set(ALL_ROLES))
-        if unknown:
-            _fail(f"unknown role(s) {', '.join(unknown)}; choose from {', '.join(ALL_ROLES)}")
-        overrides["ROLES"] = roles
-    if args.port is not None:
-        overrides["PORT"] = args.port
-    settings, _embedded = bootstrap(**overrides)
-    if args.migrate:
-        from app.src.database import migrations
-
-        migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
-    from app import create_app
-
-    certfile, keyfile = _certificate(settings)
+def uvicorn_config(
+    asgi_app: Any, settings: Settings, *, certfile: Path | None, keyfile: Path | None
+) -> uvicorn.Config:
+    """How Taskgate serves: uvicorn, lifespan on, TLS 1.2+ with modern ciphers, no access log."""
     config = uvicorn.Config(
-        create_app(settings),
+        asgi_app,
         host=settings.HOST,
         port=settings.PORT,
         lifespan="on",
@@ -124,12 +110,42 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config.load()
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-    scheme = "https" if certfile else "http"
-    print(f"taskgate: serving {scheme}://localhost:{settings.PORT} roles={','.join(settings.ROLES)}")
+    return config
+
+
+def serve_forever(config: uvicorn.Config) -> None:
     server = _Server(config)
     server.run()
     if not server.started:
         raise SystemExit(3)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    overrides: dict[str, Any] = {}
+    if args.roles:
+        roles = [role.strip() for role in args.roles.split(",") if role.strip()]
+        unknown = sorted(set(roles) - set(ALL_ROLES))
+        if unknown:
+            _fail(f"unknown role(s) {', '.join(unknown)}; choose from {', '.join(ALL_ROLES)}")
+        overrides["ROLES"] = roles
+    if args.port is not None:
+        overrides["PORT"] = args.port
+    settings, _embedded = bootstrap(**overrides)
+    if args.migrate:
+        from app.src.database import migrations
+
+        migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+        if settings.APP_ENV == "dev":
+            from app.admin import print_dev_credentials
+
+            print_dev_credentials(settings)
+    from app import create_app
+
+    certfile, keyfile = _certificate(settings)
+    config = uvicorn_config(create_app(settings), settings, certfile=certfile, keyfile=keyfile)
+    scheme = "https" if certfile else "http"
+    print(f"taskgate: serving {scheme}://localhost:{settings.PORT} roles={','.join(settings.ROLES)}")
+    serve_forever(config)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -210,6 +226,10 @@ def parser() -> argparse.ArgumentParser:
         "several replicas at once: an advisory lock serialises them).",
     )
     migrate.set_defaults(func=cmd_migrate)
+
+    from app import admin
+
+    admin.register(sub, bootstrap)
 
     dev_cert = sub.add_parser(
         "dev-cert",

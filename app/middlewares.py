@@ -20,7 +20,7 @@ from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
 from app.src.api.errors import AppError, BadRequest, Forbidden, Unauthorized, field_errors, problem_type
-from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS, LabelCache
 
 log = structlog.get_logger("taskgate.http")
 
@@ -31,6 +31,8 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _SCHEMA_ATTRIBUTE = "_quart_schema_request_schema"
 
 F = TypeVar("F", bound=Callable[..., Any])
+_REQUESTS = LabelCache(HTTP_REQUESTS)
+_LATENCY = LabelCache(HTTP_LATENCY)
 
 
 class TaskgateRequest(Request):
@@ -88,9 +90,9 @@ async def finish_response(response: Response) -> Response:
     route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
     status = str(response.status_code)
     started = getattr(g, "started", None)
-    HTTP_REQUESTS.labels(request.method, route, status).inc()
+    _REQUESTS(request.method, route, status).inc()
     if started is not None:
-        HTTP_LATENCY.labels(request.method, route, status).observe(time.perf_counter() - started)
+        _LATENCY(request.method, route, status).observe(time.perf_counter() - started)
     return response
 
 
@@ -137,13 +139,24 @@ def public(view: F) -> F:
 
 
 def requires_scopes(*scopes: str) -> Callable[[F], F]:
-    """Declare the scopes a view needs; `authenticate` enforces them before the view runs."""
+    """Declare the scopes a view needs; `authenticate` enforces them before the view runs.
+
+    `@requires_scopes()` with no scope admits any authenticated principal.
+    """
 
     def mark(view: F) -> F:
         view.taskgate_scopes = frozenset(scopes)  # type: ignore[attr-defined]
         return view
 
     return mark
+
+
+def requires_operator(view: F) -> F:
+    """Only an operator session may call this view (403 for API clients), besides any scopes."""
+    view.taskgate_operator = True  # type: ignore[attr-defined]
+    if getattr(view, "taskgate_scopes", None) is None:
+        view.taskgate_scopes = frozenset()  # type: ignore[attr-defined]
+    return view
 
 
 def _bearer_token() -> str | None:
@@ -182,10 +195,13 @@ async def authenticate() -> None:
     g.principal = principal
     g.client_id = principal.client_id
     g.profile = principal
+    g.operator_id = principal.operator_id  # None for API clients
     structlog.contextvars.bind_contextvars(client_id=str(principal.client_id))
     missing = sorted(needed - principal.scopes)
     if missing:
         raise Forbidden(f"This route needs the scope(s): {', '.join(missing)}.")
+    if getattr(view, "taskgate_operator", False) and principal.kind != "operator":
+        raise Forbidden("This route needs an operator session.")
 
 
 def install(app: Quart) -> None:

@@ -13,7 +13,7 @@ import structlog
 
 from app.database import Database
 from app.settings import Settings
-from app.src.api.dev_client import DevelopmentOnlyAuthenticator, RejectAllAuthenticator
+from app.src.api.auth import Authenticator
 
 if TYPE_CHECKING:
     from app.scheduler import Scheduler
@@ -42,9 +42,7 @@ class Runtime:
         }
         self.started = False
         self.events: list[str] = []  # start/stop order, for the lifecycle test
-        self.authenticator = (
-            RejectAllAuthenticator() if settings.APP_ENV == "prod" else DevelopmentOnlyAuthenticator()
-        )
+        self.authenticator = Authenticator(lambda: self.db)
 
     @property
     def db(self) -> Database:
@@ -63,7 +61,7 @@ class Runtime:
         self._db = Database(self.settings)
         await self._db.connect()
         self.events.append("database started")
-        self.notifier = Notifier(self._db.engine)
+        self.notifier = Notifier(self._db.connect_args())
         await self.notifier.start()
         self.events.append("notifier started")
         if roles & {"worker", "scheduler"}:  # http tasks run in workers and are polled by the scheduler

@@ -1,24 +1,43 @@
-"""APScheduler 3 in the serving process: the cluster-safe maintenance jobs.
+"""APScheduler 3 in the serving process: the maintenance jobs and the firing of user schedules.
 
-Every job runs at most once per period across all replicas (an election on a row of
-`maintenance_jobs`), is logged and counted in metrics, and readiness turns false when a job has
-not succeeded for several periods. The scheduler starts in the serving lifecycle, needs the
-running loop, and is shut down before the database closes.
+Cluster-wide jobs run once per period across all replicas: every replica ticks on the same
+period boundaries (interval triggers aligned to the epoch), and at each boundary the conditional
+upsert on the job's `maintenance_jobs` row elects one of them, which holds a lease on the job
+until its run ends. A replica that dies is replaced at the next boundary, within one period.
+
+Firing user schedules is not elected: every replica ticks every second, and row locks (FOR
+UPDATE SKIP LOCKED), the (schedule, fire time) key and a compare-and-set on next_run_at make each
+fire time create exactly one task whichever replica gets there (app/src/api/schedules.py). An
+election would add nothing to that guarantee; without one, fires lose no time when a replica dies.
+
+Every run is logged and counted (runs, duration, last success). Readiness turns false when a job
+has not succeeded for several periods anywhere in the cluster: for cluster-wide jobs the replica
+reads the success time the elected replica wrote, so "another replica holds the period" is
+healthy only while that replica is succeeding.
+
+APScheduler only ticks: each tick starts the run as a task this class owns and returns, so
+shutdown (which would cancel APScheduler's own coroutines mid-statement) instead stops ticking,
+waits for runs in flight, cancels what outlasts the grace, and returns before the database closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
 
+from app.src.api import schedules
+from app.src.api.auth import operators
 from app.src.api.http import RESOURCE_KEY as HTTP
 from app.src.api.http.poller import poll_waiting_http
 from app.src.database import maintenance
@@ -30,7 +49,18 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 log = structlog.get_logger("taskgate.scheduler")
-STALE_PERIODS = 5  # readiness fails after this many periods without a success
+
+STALE_PERIODS = 5  # readiness fails after this many periods without a success anywhere
+MIN_STALE_S = 30.0
+ELECTION_SLACK = 0.8  # a new period may start 20% early: absorbs tick jitter between replicas
+FIRE_INTERVAL_S = 1.0
+CACHE_REFRESH_S = 5.0
+PRUNE_INTERVAL_S = 300.0
+# A run in flight at shutdown gets this long to finish, then is cancelled: every job is safe to
+# cancel (each statement or transaction is atomic), and the worker drains after the scheduler.
+SHUTDOWN_GRACE_S = 5.0
+FIRE_BATCHES_PER_TICK = 10
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -38,61 +68,89 @@ class Job:
     name: str
     period_s: float
     run: Callable[[], Awaitable[Any]]
-    cluster_wide: bool = True  # False: every replica runs it (its own caches)
+    cluster_wide: bool = True  # False: every replica runs it (its own caches, or its own guards)
+
+    @property
+    def lease_s(self) -> float:
+        """How long a run may go without renewing its lease before another replica may start."""
+        return max(2 * self.period_s, 10.0)
+
+    @property
+    def stale_after_s(self) -> float:
+        return max(self.period_s * STALE_PERIODS, MIN_STALE_S)
 
 
 class Scheduler:
     def __init__(
-        self, db: Database, settings: Settings, *, resources: Mapping[str, Any] | None = None
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+        resources: Mapping[str, Any] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
-        self.resources: Mapping[str, Any] = resources or {}
+        self.shutdown_grace_s = shutdown_grace_s
+        self.resources: Mapping[str, Any] = resources or {}  # e.g. "http": the OutboundHttp
         self.replica = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self._scheduler: AsyncIOScheduler | None = None
+        self._stopping = False
         self._last_success: dict[str, float] = {}
-        self._running_jobs: set[asyncio.Task[Any]] = set()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
         self.jobs = [
             Job("rescue_expired_leases", settings.RESCUE_INTERVAL_S, self.rescue_expired_leases),
-            Job("refresh_caches", 5.0, self.refresh_caches, cluster_wide=False),
-            Job("prune", 300.0, self.prune),
             Job(
                 "poll_waiting_http",
                 settings.HTTP_POLL_INTERVAL_S,
                 lambda: poll_waiting_http(self.db, self.resources.get(HTTP)),
             ),
-            Job("http_host_health", 5.0, self.http_host_health, cluster_wide=False),
+            Job("fire_schedules", FIRE_INTERVAL_S, self.fire_schedules, cluster_wide=False),
+            Job("refresh_caches", CACHE_REFRESH_S, self.refresh_caches, cluster_wide=False),
+            Job("http_host_health", CACHE_REFRESH_S, self.http_host_health, cluster_wide=False),
+            Job("prune", PRUNE_INTERVAL_S, self.prune),
         ]
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start ticking (needs the running loop); every job also runs once right away."""
         scheduler = AsyncIOScheduler(timezone="UTC")
+        now = datetime.now(UTC)
         for job in self.jobs:
+            # cluster-wide jobs tick on shared boundaries, so a period's election is decided at once
+            trigger = IntervalTrigger(seconds=job.period_s, start_date=_EPOCH if job.cluster_wide else now)
             scheduler.add_job(
-                self._run,
-                "interval",
-                seconds=job.period_s,
+                self._tick,
+                trigger,
                 args=[job],
                 id=job.name,
                 coalesce=True,
                 max_instances=1,
-                next_run_time=None,
+                misfire_grace_time=None,
+                next_run_time=now,
             )
             self._last_success[job.name] = time.monotonic()
         scheduler.start()
-        for job in self.jobs:  # first runs right away, not one period after start
-            scheduler.modify_job(job.name, next_run_time=_now())
         self._scheduler = scheduler
         log.info("scheduler started", jobs=[job.name for job in self.jobs], replica=self.replica)
 
     async def shutdown(self) -> None:
+        """Stop ticking, let runs in flight finish (cancel them after the grace), then return."""
+        self._stopping = True
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
-        if self._running_jobs:
-            await asyncio.wait(self._running_jobs, timeout=10)
         self._scheduler = None
-        log.info("scheduler stopped")
+        in_flight = [task for task in self._in_flight.values() if not task.done()]
+        if in_flight:
+            log.info("waiting for maintenance jobs", jobs=sorted(t.get_name() for t in in_flight))
+            _, late = await asyncio.wait(in_flight, timeout=self.shutdown_grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5)
+        self._in_flight.clear()
+        log.info("scheduler stopped", replica=self.replica)
 
     @property
     def running(self) -> bool:
@@ -101,42 +159,100 @@ class Scheduler:
     def healthy(self) -> bool:
         now = time.monotonic()
         return self.running and all(
-            now - self._last_success.get(job.name, now) <= max(job.period_s * STALE_PERIODS, 30.0)
-            for job in self.jobs
+            now - self._last_success.get(job.name, now) <= job.stale_after_s for job in self.jobs
         )
 
+    async def _tick(self, job: Job) -> None:
+        """APScheduler's entry: start a run unless stopping or the previous run is still going."""
+        if self._stopping:
+            return
+        previous = self._in_flight.get(job.name)
+        if previous is not None and not previous.done():
+            log.debug("maintenance job still running; tick skipped", job=job.name)
+            return
+        self._in_flight[job.name] = asyncio.create_task(self._run(job), name=job.name)
+
     async def _run(self, job: Job) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._running_jobs.add(task)
         started = time.perf_counter()
+        run_id = uuid.uuid4()
+        elected = False
         try:
-            elected = True
             if job.cluster_wide:
-                async with self.db.driver() as conn:
-                    elected = await maintenance.elect(
-                        conn, job=job.name, min_interval_s=job.period_s * 0.8, replica=self.replica
-                    )
+                if not await self._elect(job, run_id):
+                    return
+                elected = True
+            outcome = await self._holding_lease(job, run_id) if elected else await job.run()
             if elected:
-                outcome = await job.run()
-                if job.cluster_wide:
-                    async with self.db.driver() as conn:
-                        await maintenance.succeeded(conn, job=job.name)
-                SCHEDULER_RUNS.labels(job.name, "success").inc()
-                SCHEDULER_DURATION.labels(job.name).observe(time.perf_counter() - started)
-                SCHEDULER_LAST_SUCCESS.labels(job.name).set_to_current_time()
-                if outcome:
-                    log.info("maintenance job ran", job=job.name, result=outcome)
-            else:
-                SCHEDULER_RUNS.labels(job.name, "skipped").inc()
-            # a skipped run is healthy too: another replica holds this period
-            self._last_success[job.name] = time.monotonic()
-        except Exception:
+                async with self.db.driver() as conn:
+                    await maintenance.finished(conn, job=job.name, run_id=run_id, error=None)
+        except asyncio.CancelledError:
+            SCHEDULER_RUNS.labels(job.name, "cancelled").inc()
+            log.warning("maintenance job cancelled at shutdown", job=job.name)
+            if elected:
+                await self._release(job, run_id)
+            raise
+        except Exception as exc:
             SCHEDULER_RUNS.labels(job.name, "failure").inc()
+            SCHEDULER_DURATION.labels(job.name).observe(time.perf_counter() - started)
             log.exception("maintenance job failed", job=job.name)
+            if elected:
+                with contextlib.suppress(Exception):
+                    async with self.db.driver() as conn:
+                        await maintenance.finished(conn, job=job.name, run_id=run_id, error=repr(exc)[:500])
+            return
+        elapsed = time.perf_counter() - started
+        SCHEDULER_RUNS.labels(job.name, "success").inc()
+        SCHEDULER_DURATION.labels(job.name).observe(elapsed)
+        SCHEDULER_LAST_SUCCESS.labels(job.name).set_to_current_time()
+        self._last_success[job.name] = time.monotonic()
+        if outcome:
+            log.info(
+                "maintenance job ran", job=job.name, result=outcome, duration_ms=round(elapsed * 1000, 1)
+            )
+        else:
+            log.debug("maintenance job ran", job=job.name, duration_ms=round(elapsed * 1000, 1))
+
+    async def _elect(self, job: Job, run_id: uuid.UUID) -> bool:
+        """Whether this replica runs the job this period; a skip records the cluster's success time."""
+        async with self.db.driver() as conn:
+            election = await maintenance.elect(
+                conn,
+                job=job.name,
+                min_interval_s=job.period_s * ELECTION_SLACK,
+                lease_s=job.lease_s,
+                replica=self.replica,
+                run_id=run_id,
+            )
+        if not election.elected:
+            SCHEDULER_RUNS.labels(job.name, "skipped").inc()
+            if election.succeeded_age_s is not None:
+                self._last_success[job.name] = time.monotonic() - election.succeeded_age_s
+        return election.elected
+
+    async def _holding_lease(self, job: Job, run_id: uuid.UUID) -> Any:
+        """Run the job while renewing its lease; the renewer has stopped when this returns."""
+        keeper = asyncio.create_task(self._keep_lease(job, run_id))
+        try:
+            return await job.run()
         finally:
-            if task is not None:
-                self._running_jobs.discard(task)
+            keeper.cancel()
+            await asyncio.wait([keeper])  # no renewal may land after the lease is freed
+
+    async def _keep_lease(self, job: Job, run_id: uuid.UUID) -> None:
+        while True:
+            await asyncio.sleep(job.lease_s / 3)
+            try:
+                async with self.db.driver() as conn:
+                    await maintenance.renew_lease(conn, job=job.name, run_id=run_id, lease_s=job.lease_s)
+            except Exception:
+                log.warning("could not renew a maintenance lease", job=job.name, exc_info=True)
+
+    async def _release(self, job: Job, run_id: uuid.UUID) -> None:
+        try:
+            async with asyncio.timeout(2), self.db.driver() as conn:
+                await maintenance.release_lease(conn, job=job.name, run_id=run_id)
+        except Exception:
+            log.warning("could not release a maintenance lease; it expires by itself", job=job.name)
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -149,6 +265,15 @@ class Scheduler:
         for row in rescued:
             by_status[row["status"]] = by_status.get(row["status"], 0) + 1
         return by_status
+
+    async def fire_schedules(self) -> dict[str, Any] | None:
+        total = schedules.FireReport()
+        for _ in range(FIRE_BATCHES_PER_TICK):
+            report = await schedules.fire_due(self.db, grace_s=self.settings.SCHEDULE_MISFIRE_GRACE_S)
+            total.merge(report)
+            if report.schedules < schedules.FIRE_BATCH:
+                break
+        return total.summary()
 
     async def refresh_caches(self) -> None:
         self.db.queues.clear()
@@ -172,10 +297,10 @@ class Scheduler:
             keys = await maintenance.prune_idempotency_keys(
                 conn, older_than_s=self.settings.IDEMPOTENCY_RETENTION_HOURS * 3600
             )
-        return {"tasks": tasks, "idempotency_keys": keys} if tasks or keys else None
-
-
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
+            fires = await maintenance.prune_schedule_fires(
+                conn, older_than_s=self.settings.TASK_RETENTION_DAYS * 86_400
+            )
+        pruned = {"tasks": tasks, "idempotency_keys": keys, "schedule_fires": fires}
+        # expired operator sessions, MFA challenges and forgotten login throttles
+        pruned.update(await operators.prune(self.db))
+        return pruned if any(pruned.values()) else None

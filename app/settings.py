@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     APP_ENV: Literal["dev", "prod", "test"] = "dev"
     DB_URI: str | None = None
-    DB_POOL_SIZE: int = Field(default=10, ge=1, le=200)
+    DB_POOL_SIZE: int = Field(default=20, ge=1, le=200)
     SECRET_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     HOST: str = "0.0.0.0"  # noqa: S104  # nosec B104
     PORT: int = Field(default=8080, ge=0, le=65535)
@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     CLIENT_MAX_QUEUED_TASKS: int = Field(default=1_000_000, ge=1)
     TASK_RETENTION_DAYS: float = Field(default=7, gt=0)
     IDEMPOTENCY_RETENTION_HOURS: float = Field(default=24, gt=0)
+    SCHEDULE_MISFIRE_GRACE_S: float = Field(default=60, ge=0, le=86_400)
+    SCHEDULE_ALLOW_SECONDS: bool = False
     DATA_DIR: Path = Path("./var")
     LOG_FORMAT: Literal["json", "console"] = "json"
     LOG_LEVEL: str = "INFO"
@@ -84,6 +86,11 @@ class Settings(BaseSettings):
         if value.upper() not in logging.getLevelNamesMapping():
             raise ValueError(f"unknown log level {value!r}")
         return value.upper()
+
+    @property
+    def schedule_seconds_allowed(self) -> bool:
+        """A sixth cron field (seconds, first): for tests, or where SCHEDULE_ALLOW_SECONDS says so."""
+        return self.SCHEDULE_ALLOW_SECONDS or self.APP_ENV == "test"
 
     @property
     def tls_enabled(self) -> bool:

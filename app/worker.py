@@ -36,7 +36,7 @@ from app.src.api.kinds import (
 from app.src.api.state_machine import Status, after_failure, backoff_seconds, transition
 from app.src.database import tasks as store
 from app.src.database.tasks import ClaimedTask, Completion
-from app.src.utils.metrics import START_LAG, TASK_OUTCOMES, WORKER_RUNNING
+from app.src.utils.metrics import LAG, OUTCOMES, WORKER_RUNNING
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -172,6 +172,7 @@ class Worker:
             self.last_claim_at = time.monotonic()
             for task in claimed:
                 self._start(task)
+            WORKER_RUNNING.set(len(self._running))
             if len(claimed) >= want or self._stopping:
                 continue
             with contextlib.suppress(TimeoutError):
@@ -227,13 +228,13 @@ class Worker:
         running = Running(claimed, ctx)
         self._running[claimed.id] = running
         running.task = asyncio.create_task(self._execute(running))
-        START_LAG.labels(claimed.queue).observe(
-            max(0.0, (claimed.started_at - claimed.run_at).total_seconds())
-        )
-        WORKER_RUNNING.set(len(self._running))
+        LAG(claimed.queue).observe(max(0.0, (claimed.started_at - claimed.run_at).total_seconds()))
 
     async def _execute(self, running: Running) -> None:
         claimed = running.claimed
+        # this asyncio task runs in its own copy of the context: every log line a handler writes
+        # carries the task and its tenant, and nothing leaks to other tasks
+        structlog.contextvars.bind_contextvars(task_id=str(claimed.id), client_id=str(claimed.client_id))
         try:
             completion = await self._run_handler(running)
         except asyncio.CancelledError:
@@ -242,7 +243,6 @@ class Worker:
             return  # shutdown releases it; a lost lease belongs to whoever holds the task now
         finally:
             self._running.pop(claimed.id, None)
-            WORKER_RUNNING.set(len(self._running))
             if running.abandoned is not None:
                 self._capacity.set()
         if running.abandoned is not None:
@@ -394,9 +394,15 @@ class Worker:
                 self._pending[:0] = batch
                 raise
             self._capacity.set()
+            WORKER_RUNNING.set(len(self._running))
+            outcomes: dict[tuple[str, str, str], int] = {}
             for row in rows:
-                if row["outcome"] != "deferred":  # a deferral is not an outcome of the task
-                    TASK_OUTCOMES.labels(row["queue"], row["kind"], row["status"]).inc()
+                if row["outcome"] == "deferred":  # a deferral is not an outcome of the task
+                    continue
+                key = (row["queue"], row["kind"], row["status"])
+                outcomes[key] = outcomes.get(key, 0) + 1
+            for key, count in outcomes.items():
+                OUTCOMES(*key).inc(count)
             if len(rows) < len(batch):
                 self.log.info("completions dropped: their leases were lost", count=len(batch) - len(rows))
 

@@ -22,6 +22,7 @@ from quart.typing import TestClientProtocol as Client
 from app import create_app
 from app.database import Database
 from app.settings import Settings, load_settings
+from app.src.api.models.auth import IssuedKey, NewOperator
 from app.src.database import migrations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,9 +138,63 @@ def subprocess_env(**extra: Any) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def auth_headers() -> dict[str, str]:
-    """Headers of an API client holding every scope, in the tenant tests act as."""
-    from app.src.api.dev_client import DEV_CLIENT_TOKEN
+# Clients made for tests get a rate limit no test reaches by accident.
+TEST_CLIENT_RATE_LIMIT_PER_S = 100_000.0
 
-    return {"Authorization": f"Bearer {DEV_CLIENT_TOKEN}"}
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def make_client(db: Database, name: str, scopes: tuple[str, ...] | None = None) -> IssuedKey:
+    """A real API client (every scope unless told) with one key, made through the auth service."""
+    from app.src.api.auth import clients
+    from app.src.api.models.auth import SCOPES
+
+    _, key = await clients.create_client(
+        db, name=name, scopes=scopes or SCOPES, rate_limit_per_s=TEST_CLIENT_RATE_LIMIT_PER_S
+    )
+    return key
+
+
+@pytest.fixture
+async def api_client(db: Database) -> IssuedKey:
+    """The API client tests act as: every scope; `.client_id` is the tenant, `.api_key` its key."""
+    return await make_client(db, "tests")
+
+
+@pytest.fixture
+def auth_headers(api_client: IssuedKey) -> dict[str, str]:
+    """Headers of an API client holding every scope, in the tenant tests act as."""
+    return bearer(api_client.api_key)
+
+
+@pytest.fixture
+async def other_client(db: Database) -> IssuedKey:
+    """A second tenant with every scope: it must never see the first one's objects."""
+    return await make_client(db, "other tenant")
+
+
+@pytest.fixture
+def other_client_headers(other_client: IssuedKey) -> dict[str, str]:
+    return bearer(other_client.api_key)
+
+
+OPERATOR_PASSWORD = "operator password for tests"
+
+
+@pytest.fixture
+async def operator(db: Database) -> NewOperator:
+    """An operator (password OPERATOR_PASSWORD, TOTP secret in `.totp_secret`)."""
+    from app.src.api.auth import operators
+
+    return await operators.create_operator(db, email="operator@example.com", password=OPERATOR_PASSWORD)
+
+
+@pytest.fixture
+async def operator_headers(db: Database, operator: NewOperator) -> dict[str, str]:
+    """A live operator session (both factors taken as proven: the login flow has its own tests)."""
+    from app.src.api.auth import operators
+
+    session = await operators.start_session(db, user_id=operator.user_id)
+    return bearer(session.access_token)

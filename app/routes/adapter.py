@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from quart import Quart
 
+from app.routes.auth import blueprint as auth
 from app.routes.catalog import blueprint as catalog
 from app.routes.common import blueprint as common
 from app.routes.common import metrics
 from app.routes.queues import blueprint as queues
+from app.routes.schedules import blueprint as schedules
 from app.routes.tasks import blueprint as tasks
 
 BLUEPRINTS = {
+    "auth": auth,
     "common": common,
     "tasks": tasks,
     "queues": queues,
+    "schedules": schedules,
     "catalog": catalog,
 }
 

@@ -92,4 +92,5 @@ def test_task_shape_matches_spec() -> None:
     assert list(TaskOut.model_fields) == [
         "id", "queue", "kind", "payload", "status", "priority", "attempts", "max_attempts",
         "run_at", "created_at", "started_at", "finished_at", "result", "last_error", "progress",
+        "schedule",  # optional, beyond SPEC: {id, fire_time, coalesced_fires, manual} of a schedule fire
     ]  # fmt: skip

@@ -19,7 +19,9 @@ async def test_enqueue_returns_the_task_in_spec_shape(client: Client, auth_heade
     assert set(task) == {
         "id", "queue", "kind", "payload", "status", "priority", "attempts", "max_attempts",
         "run_at", "created_at", "started_at", "finished_at", "result", "last_error", "progress",
+        "schedule",  # beyond SPEC: the schedule fire that made the task, null otherwise
     }  # fmt: skip
+    assert task["schedule"] is None
     assert task["status"] == "available"
     assert task["queue"] == "default"
     assert task["priority"] == 2
@@ -130,16 +132,14 @@ async def test_eight_parallel_requests_with_one_key_create_one_task(
 
 
 async def test_a_key_in_flight_gets_409(
-    client: Client, auth_headers: dict[str, str], clean_database: str
+    client: Client, auth_headers: dict[str, str], api_client: Any, clean_database: str
 ) -> None:
-    from app.src.api.dev_client import DEV_CLIENT_ID
-
     holder = await asyncpg.connect(driver_uri(clean_database))
     try:
         async with holder.transaction():
             await holder.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2, 7))",
-                str(DEV_CLIENT_ID),
+                str(api_client.client_id),
                 "busy-key",
             )
             response = await client.post(

@@ -260,3 +260,30 @@ async def test_task_metrics_are_exported(serving: Serving, auth_headers: dict[st
 
 async def _metrics_have(client: Any, line: str) -> bool:
     return line in await (await client.get("/metrics")).get_data(as_text=True)
+
+
+async def test_log_lines_written_by_a_task_carry_its_ids(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    import structlog
+    from structlog.testing import LogCapture
+
+    captured = LogCapture()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, captured])
+    try:
+        app = await serving(**WORKER)
+        client = app.test_client()
+        task = await enqueue(
+            client, auth_headers, kind="test.flaky", payload={"fail_times": 1}, max_attempts=1
+        )
+        await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)
+    finally:
+        structlog.reset_defaults()
+    failed = [e for e in captured.entries if e["event"] == "task failed"]
+    assert failed, captured.entries[-5:]
+    assert failed[0]["task_id"] == task["id"]
+    assert failed[0]["client_id"]
+    # nothing leaks into lines written outside the task
+    assert all(
+        "task_id" not in e for e in captured.entries if e["event"] in ("runtime started", "worker started")
+    )

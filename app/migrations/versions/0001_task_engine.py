@@ -70,8 +70,10 @@ def upgrade() -> None:
     )
     # Staging: scheduled and retryable tasks whose time has come become available.
     op.execute("CREATE INDEX tasks_due ON tasks (run_at) WHERE status IN ('scheduled', 'retryable')")
-    # Running tasks: the lease rescuer scans only these (few rows, always small).
-    op.execute("CREATE INDEX tasks_running ON tasks (lease_expires_at) WHERE status = 'running'")
+    # Leased (running) tasks: the rescuer scans only these. Keyed on the lease, not on status, so
+    # that no status guard elsewhere can be mistaken for this predicate (a planner that proved
+    # "status = 'running'" used to scan every running row to find a few by id).
+    op.execute("CREATE INDEX tasks_leased ON tasks (lease_expires_at) WHERE lease_expires_at IS NOT NULL")
     # Waiting tasks: the status poller of external providers.
     op.execute("CREATE INDEX tasks_waiting ON tasks (run_at) WHERE status = 'waiting'")
     # Per-client listing with keyset pagination (ids are time-ordered UUIDv7).
@@ -93,7 +95,9 @@ def upgrade() -> None:
         """
         CREATE TABLE task_attempts (
             id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            task_id     uuid        NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            -- no foreign key: the check costs a trigger per attempt on the hot path; rows are
+            -- written only by guarded completions and deleted with their task (prune, purge)
+            task_id     uuid        NOT NULL,
             attempt     integer     NOT NULL,
             started_at  timestamptz NOT NULL,
             finished_at timestamptz NOT NULL,

@@ -1,14 +1,14 @@
 """The `http` kind: per-host permits (concurrency across processes) and host health (circuit).
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0004
 Create Date: 2026-11-22
 """
 
 from alembic import op
 
 revision = "0003"
-down_revision = "0001"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

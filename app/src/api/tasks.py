@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 MAX_IDEMPOTENCY_KEY = 255
 
 
-def _validate_payload(
+def validate_payload(
     kind_name: str,
     payload: dict[str, Any],
     *,
@@ -95,7 +95,7 @@ async def enqueue(
     is the runtime's validation context (Runtime.payload_context), the one workers use too.
     """
     kinds = [
-        _validate_payload(item.kind, item.payload, at=("tasks", i) if batch else (), context=payload_context)
+        validate_payload(item.kind, item.payload, at=("tasks", i) if batch else (), context=payload_context)
         for i, item in enumerate(items)
     ]
     queues = {

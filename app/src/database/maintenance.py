@@ -2,39 +2,87 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from app.src.database.tasks import Executor
 
-# The replica whose conditional upsert succeeds runs the job for this period; the others skip.
-# (A session advisory lock would leak on a pooled connection; this needs no lock at all.)
+# One row per job. The replica whose conditional upsert succeeds runs the job for this period and
+# holds a lease on it while the run lasts; the others skip. The row is also the cluster's record
+# of the job's health: every replica reads last_succeeded_at from it, so readiness follows the
+# replica that actually runs the job. (A session advisory lock would leak on a pooled
+# connection; this needs no lock beyond the row's own, held for one statement.)
+# ON CONFLICT DO UPDATE re-checks its WHERE on the latest row version, so of two replicas that
+# tick together exactly one is elected.
 ELECT = """
-INSERT INTO maintenance_jobs AS j (name, last_started_at, started_by) VALUES ($1, now(), $3)
-ON CONFLICT (name) DO UPDATE SET last_started_at = now(), started_by = $3
-WHERE j.last_started_at <= now() - make_interval(secs => $2)
-RETURNING name
+WITH elected AS (
+    INSERT INTO maintenance_jobs AS j (name, last_started_at, started_by, run_id, lease_expires_at)
+    VALUES ($1, now(), $3, $4, now() + make_interval(secs => $5))
+    ON CONFLICT (name) DO UPDATE
+    SET last_started_at = now(), started_by = $3, run_id = $4,
+        lease_expires_at = now() + make_interval(secs => $5)
+    WHERE j.last_started_at <= now() - make_interval(secs => $2)
+      AND (j.lease_expires_at IS NULL OR j.lease_expires_at < now())
+    RETURNING name
+)
+SELECT EXISTS (SELECT 1 FROM elected) AS elected,
+       (SELECT EXTRACT(epoch FROM now() - last_succeeded_at)::float8
+        FROM maintenance_jobs WHERE name = $1) AS succeeded_age_s
 """
 
 
-async def elect(conn: Executor, *, job: str, min_interval_s: float, replica: str) -> bool:
-    return bool(await conn.fetch(ELECT, job, min_interval_s, replica))
+@dataclass(frozen=True, slots=True)
+class Election:
+    elected: bool
+    succeeded_age_s: float | None  # seconds since any replica last ran the job successfully
 
 
-async def succeeded(conn: Executor, *, job: str) -> None:
-    await conn.fetch(
-        "UPDATE maintenance_jobs SET last_succeeded_at = now(), runs = runs + 1 WHERE name = $1", job
-    )
+async def elect(
+    conn: Executor, *, job: str, min_interval_s: float, lease_s: float, replica: str, run_id: UUID
+) -> Election:
+    rows = await conn.fetch(ELECT, job, min_interval_s, replica, run_id, lease_s)
+    return Election(bool(rows[0]["elected"]), rows[0]["succeeded_age_s"])
 
 
-async def last_successes(conn: Executor) -> dict[str, Any]:
+# The end of a run: its outcome, and the lease freed if this run still holds it (a run that
+# outlived its lease lost it to another replica and leaves that one's lease alone).
+FINISHED = """
+UPDATE maintenance_jobs
+SET runs = runs + 1,
+    last_succeeded_at = CASE WHEN $3::text IS NULL THEN now() ELSE last_succeeded_at END,
+    failures = failures + CASE WHEN $3::text IS NULL THEN 0 ELSE 1 END,
+    last_failed_at = CASE WHEN $3::text IS NULL THEN last_failed_at ELSE now() END,
+    last_error = COALESCE($3::text, last_error),
+    lease_expires_at = CASE WHEN run_id = $2 THEN NULL ELSE lease_expires_at END
+WHERE name = $1
+"""
+
+
+async def finished(conn: Executor, *, job: str, run_id: UUID, error: str | None) -> None:
+    await conn.fetch(FINISHED, job, run_id, error)
+
+
+async def renew_lease(conn: Executor, *, job: str, run_id: UUID, lease_s: float) -> bool:
     rows = await conn.fetch(
-        "SELECT name, EXTRACT(epoch FROM now() - last_succeeded_at)::float8 AS age FROM maintenance_jobs"
+        "UPDATE maintenance_jobs SET lease_expires_at = now() + make_interval(secs => $3) "
+        "WHERE name = $1 AND run_id = $2 AND lease_expires_at IS NOT NULL RETURNING name",
+        job,
+        run_id,
+        lease_s,
     )
-    return {row["name"]: row["age"] for row in rows}
+    return bool(rows)
 
 
-# Finished tasks past retention, in slices so no statement holds locks for long (index:
-# tasks_finished). Attempts go with them (ON DELETE CASCADE).
+async def release_lease(conn: Executor, *, job: str, run_id: UUID) -> None:
+    """A run cancelled at shutdown frees the job for the next period at once."""
+    await conn.fetch(
+        "UPDATE maintenance_jobs SET lease_expires_at = NULL WHERE name = $1 AND run_id = $2", job, run_id
+    )
+
+
+# Finished tasks past retention, with their attempts, in slices so no statement holds locks for
+# long (index: tasks_finished; attempts by task_attempts_task).
 PRUNE_TASKS = """
 WITH old AS (
     SELECT id FROM tasks
@@ -42,8 +90,9 @@ WITH old AS (
       AND finished_at < now() - make_interval(secs => $1)
     ORDER BY finished_at
     LIMIT $2
-)
-DELETE FROM tasks t USING old WHERE t.id = old.id
+),
+attempts AS (DELETE FROM task_attempts WHERE task_id = ANY(ARRAY(SELECT id FROM old)))
+DELETE FROM tasks WHERE id = ANY(ARRAY(SELECT id FROM old))
 """
 
 
@@ -62,6 +111,29 @@ async def prune_idempotency_keys(conn: Any, *, older_than_s: float) -> int:
         "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)", older_than_s
     )
     return int(status.split()[-1])
+
+
+# The fire ledger past retention, in slices (index: schedule_fires_time). Next fire times only move
+# forward, so a pruned fire time can never be fired again.
+PRUNE_SCHEDULE_FIRES = """
+WITH old AS (
+    SELECT schedule_id, fire_time FROM schedule_fires
+    WHERE fire_time < now() - make_interval(secs => $1)
+    ORDER BY fire_time
+    LIMIT $2
+)
+DELETE FROM schedule_fires f USING old WHERE f.schedule_id = old.schedule_id AND f.fire_time = old.fire_time
+"""
+
+
+async def prune_schedule_fires(conn: Any, *, older_than_s: float, batch: int = 5000) -> int:
+    total = 0
+    while True:
+        status = await conn.execute(PRUNE_SCHEDULE_FIRES, older_than_s, batch)
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < batch:
+            return total
 
 
 async def queue_depths(conn: Executor) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ from uuid import UUID
 
 import asyncpg
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.src.database.tasks import AVAILABLE_CHANNEL, CANCEL_CHANNEL, EVENTS_CHANNEL
 
@@ -22,12 +21,9 @@ log = structlog.get_logger("taskgate.notifications")
 
 
 class Notifier:
-    def __init__(self, engine: AsyncEngine) -> None:
-        args, kwargs = engine.dialect.create_connect_args(engine.url)
-        self._connect_args: tuple[Any, ...] = tuple(args)
-        self._connect_kwargs: dict[str, Any] = {
-            k: v for k, v in kwargs.items() if k not in ("async_fallback", "prepared_statement_cache_size")
-        }
+    def __init__(self, connect_args: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
+        # a dedicated connection, outside the pools: LISTEN lives as long as the process
+        self._connect_args, self._connect_kwargs = connect_args
         self._task: asyncio.Task[None] | None = None
         self._watchers: dict[UUID, set[asyncio.Event]] = {}
         self._on_available: list[Callable[[set[int] | None], None]] = []

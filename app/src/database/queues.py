@@ -52,6 +52,12 @@ async def ensure(conn: Executor, *, client_id: UUID, name: str) -> Queue:
         client_id,
         name,
     )
+    if not rows:
+        # Another transaction inserted it after this statement's snapshot was taken: DO NOTHING
+        # waited for its commit, but the SELECT above cannot see it. A new statement can.
+        rows = await conn.fetch(
+            f"SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 AND name = $2", client_id, name
+        )
     return to_queue(rows[0])
 
 
@@ -108,8 +114,14 @@ async def counts(conn: Executor, *, queue_id: int) -> tuple[dict[str, int], floa
 async def purge(conn: Executor, *, queue_id: int) -> int:
     """Delete the tasks of a queue that are waiting to run (running ones finish or are cancelled)."""
     rows = await conn.fetch(
-        "WITH purged AS (DELETE FROM tasks WHERE queue_id = $1 "
-        "AND status IN ('scheduled', 'available', 'retryable') RETURNING 1) SELECT count(*) AS n FROM purged",
+        """
+        WITH purged AS (
+            DELETE FROM tasks WHERE queue_id = $1 AND status IN ('scheduled', 'available', 'retryable')
+            RETURNING id
+        ),
+        attempts AS (DELETE FROM task_attempts WHERE task_id IN (SELECT id FROM purged))
+        SELECT count(*) AS n FROM purged
+        """,
         queue_id,
     )
     return int(rows[0]["n"])

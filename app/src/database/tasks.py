@@ -27,7 +27,7 @@ _NOTIFY_IDS_PER_MESSAGE = 200  # 200 * 37 bytes stays under NOTIFY's 8000-byte p
 
 TASK_COLUMNS = (
     "id, client_id, queue_id, queue, kind, payload, status, priority, attempts, max_attempts, "
-    "run_at, created_at, started_at, finished_at, result, last_error, progress, cancel_requested"
+    "run_at, created_at, started_at, finished_at, result, last_error, progress, cancel_requested, schedule"
 )
 _DACITE = dacite.Config(check_types=False)
 
@@ -38,8 +38,13 @@ class Executor(Protocol):
     async def fetch(self, query: str, *args: Any) -> Sequence[Mapping[str, Any]]: ...
 
 
+_TASK_FIELDS = tuple(Task.__dataclass_fields__)
+
+
 def to_task(row: Mapping[str, Any]) -> Task:
-    return dacite.from_dict(Task, dict(row), config=_DACITE)
+    # Built directly rather than with dacite: this runs for every task an API call returns, and
+    # dacite's generic mapping cost more than the insert itself (TASK_COLUMNS matches Task exactly).
+    return Task(*(row[name] for name in _TASK_FIELDS))
 
 
 def _notify_events(source: str) -> str:
@@ -62,14 +67,15 @@ def _notify_events(source: str) -> str:
 INSERT_TASKS = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[],
-                         $7::smallint[], $8::int[], $9::timestamptz[], $10::float8[])
-        AS i(id, client_id, queue_id, queue, kind, payload, priority, max_attempts, run_at, delay_s)
+                         $7::smallint[], $8::int[], $9::timestamptz[], $10::float8[], $11::jsonb[])
+        AS i(id, client_id, queue_id, queue, kind, payload, priority, max_attempts, run_at, delay_s, schedule)
 ),
 inserted AS (
-    INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts, run_at)
+    INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts, run_at,
+                       schedule)
     SELECT i.id, i.client_id, i.queue_id, i.queue, i.kind, i.payload,
            CASE WHEN due.at <= now() THEN 'available' ELSE 'scheduled' END,
-           i.priority, i.max_attempts, due.at
+           i.priority, i.max_attempts, due.at, i.schedule
     FROM input i
     CROSS JOIN LATERAL (
         SELECT COALESCE(i.run_at, now() + make_interval(secs => COALESCE(i.delay_s, 0)), now()) AS at
@@ -97,6 +103,7 @@ class NewTask:
     max_attempts: int
     run_at: datetime | None
     delay_s: float | None
+    schedule: dict[str, Any] | None = None  # the schedule fire that made it (ScheduleRef fields)
 
 
 async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
@@ -112,6 +119,7 @@ async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
         [t.max_attempts for t in tasks],
         [t.run_at for t in tasks],
         [t.delay_s for t in tasks],
+        [None if t.schedule is None else json.dumps(t.schedule) for t in tasks],
     )
     by_id = {row["id"]: row for row in rows}
     return [to_task(by_id[t.id]) for t in tasks]
@@ -162,7 +170,9 @@ async def save_idempotency_key(
 # the cost of a claim depends on the batch size, not on the table. For each active queue the
 # LATERAL probe reads the index in claim order and stops after LIMIT rows; SKIP LOCKED lets
 # concurrent workers take disjoint rows without waiting. The CTE fences the pick from the UPDATE
-# (Oban's note: without it the planner may update more rows than LIMIT).
+# (Oban's note: without it the planner may update more rows than LIMIT), and the UPDATE reaches the
+# picked rows through the primary key (id = ANY(array)): a join on picked.id let the planner choose
+# a sequential scan of the whole table, whose cost grows with history.
 #
 # Queues in random order share the batch fairly over time. Paused queues are excluded here, read
 # live, so pausing takes effect at the next claim; queues with a concurrency or rate limit go
@@ -190,8 +200,7 @@ claimed AS (
     UPDATE tasks t
     SET status = 'running', attempts = t.attempts + 1, started_at = now(),
         lease_expires_at = now() + make_interval(secs => $2), worker_id = $3
-    FROM picked
-    WHERE t.id = picked.id AND t.status = 'available'
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
               t.run_at, t.started_at
 ),
@@ -230,8 +239,7 @@ claimed AS (
     UPDATE tasks t
     SET status = 'running', attempts = t.attempts + 1, started_at = now(),
         lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
-    FROM picked
-    WHERE t.id = picked.id AND t.status = 'available'
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
               t.run_at, t.started_at
 ),
@@ -318,7 +326,7 @@ WITH due AS (
 ),
 staged AS (
     UPDATE tasks t SET status = 'available'
-    FROM due WHERE t.id = due.id AND t.status IN ('scheduled', 'retryable')
+    WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.status IN ('scheduled', 'retryable')
     RETURNING t.id, t.queue_id
 ),
 woken AS (
@@ -337,15 +345,9 @@ async def stage_due(conn: Executor, *, limit: int = 5000) -> int:
 
 # --- heartbeat, completion, release --------------------------------------------------------------
 
-# The guards below take the status as a parameter ($n::text[]) on purpose: the planner then cannot
-# use the partial index tasks_running (it cannot prove the predicate), so it reaches rows through
-# the primary key. With a literal 'running', stale statistics (few running rows at the last
-# ANALYZE) led it to scan every running row once per input row: seconds per batch under load.
-RUNNING = [str(Status.RUNNING)]
-
 HEARTBEAT = """
 UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $2)
-WHERE id = ANY($1::uuid[]) AND status = ANY($4::text[]) AND worker_id = $3
+WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $3
 RETURNING id, cancel_requested
 """
 
@@ -354,22 +356,25 @@ async def heartbeat(
     conn: Executor, *, task_ids: list[UUID], lease_s: float, worker_id: UUID
 ) -> dict[UUID, bool]:
     """Extend the leases this worker still holds; returns {task id: cancel requested}."""
-    rows = await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id, RUNNING)
+    rows = await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id)
     return {row["id"]: row["cancel_requested"] for row in rows}
 
 
 # Finish many attempts in one statement: the status the worker decided (via the state machine),
-# the attempt record, and the events NOTIFY. The guard (still running, same attempt, same worker)
-# drops a completion whose lease was rescued meanwhile: that attempt no longer owns the task.
+# the attempt record, and the events NOTIFY. The guard is a compare-and-set per row: the status the
+# worker expects (running), the same attempt and the same worker; it drops a completion whose lease
+# was rescued meanwhile, since that attempt no longer owns the task. Rows are reached through the
+# primary key; the expected status comes in with each row, so it is a join condition and not a
+# constant the planner could drive an index scan over every running task with.
 # A refunded completion (a deferral: the handler could not start) gives the attempt back and
 # writes no attempt record.
 COMPLETE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[],
                          $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[],
-                         $14::boolean[])
+                         $13::text[], $14::boolean[])
         AS i(id, attempt, status, result, error, retry_in_s, started_at, finished_at, http_status,
-             outcome, state, refund)
+             outcome, state, expected, refund)
 ),
 done AS (
     UPDATE tasks t
@@ -384,7 +389,8 @@ done AS (
         lease_expires_at = NULL,
         worker_id = NULL
     FROM input i
-    WHERE t.id = i.id AND t.status = ANY($13::text[]) AND t.attempts = i.attempt AND t.worker_id = $12
+    WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
+      AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = $12
     RETURNING t.id, t.queue, t.kind, t.status, i.outcome
 ),
 recorded AS (
@@ -394,6 +400,33 @@ recorded AS (
            EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000
     FROM input i JOIN done d ON d.id = i.id
     WHERE NOT i.refund
+),
+{_notify_events("done")}
+SELECT done.*, (SELECT n FROM notified) AS _notified FROM done
+"""
+
+
+# The common case, a batch in which every attempt succeeded, with five arrays instead of twelve:
+# the same guard, attempt record and NOTIFY as COMPLETE.
+COMPLETE_SUCCESSES = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::jsonb[], $4::timestamptz[], $5::timestamptz[], $7::text[])
+        AS i(id, attempt, result, started_at, finished_at, expected)
+),
+done AS (
+    UPDATE tasks t
+    SET status = 'completed', result = i.result, finished_at = now(),
+        lease_expires_at = NULL, worker_id = NULL
+    FROM input i
+    WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
+      AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = $6
+    RETURNING t.id, t.queue, t.kind, t.status
+),
+recorded AS (
+    INSERT INTO task_attempts (task_id, attempt, started_at, finished_at, outcome, duration_ms)
+    SELECT i.id, i.attempt, i.started_at, i.finished_at, 'completed',
+           EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000
+    FROM input i JOIN done d ON d.id = i.id
 ),
 {_notify_events("done")}
 SELECT done.*, (SELECT n FROM notified) AS _notified FROM done
@@ -433,7 +466,7 @@ async def complete(
         [c.outcome for c in completions],
         [None if c.state is None else json.dumps(c.state) for c in completions],
         worker_id,
-        RUNNING,
+        [str(Status.RUNNING)] * len(completions),
         [c.refund for c in completions],
     )
     return list(rows)
@@ -445,7 +478,7 @@ RELEASE = f"""
 WITH released AS (
     UPDATE tasks SET status = 'available', attempts = attempts - 1, started_at = NULL,
                      lease_expires_at = NULL, worker_id = NULL
-    WHERE id = ANY($1::uuid[]) AND status = ANY($3::text[]) AND worker_id = $2
+    WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $2
     RETURNING id, queue_id
 ),
 woken AS (
@@ -458,7 +491,7 @@ SELECT id, (SELECT n FROM woken) AS _woken FROM released
 
 
 async def release(conn: Executor, *, task_ids: list[UUID], worker_id: UUID) -> list[UUID]:
-    return [row["id"] for row in await conn.fetch(RELEASE, task_ids, worker_id, RUNNING)]
+    return [row["id"] for row in await conn.fetch(RELEASE, task_ids, worker_id)]
 
 
 PROGRESS = f"""
@@ -496,8 +529,9 @@ rescued AS (
         finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
         lease_expires_at = NULL,
         worker_id = NULL
-    FROM expired e, queues q
-    WHERE t.id = e.id AND q.id = t.queue_id AND t.status = 'running' AND t.lease_expires_at < now()
+    FROM queues q
+    WHERE t.id = ANY(ARRAY(SELECT id FROM expired)) AND q.id = t.queue_id
+      AND t.status = 'running' AND t.lease_expires_at < now()
     RETURNING t.id, t.attempts, t.started_at, t.status, t.queue, t.kind
 ),
 recorded AS (

@@ -1,5 +1,7 @@
 """Prometheus metrics: defined once at import (plain objects, no threads), observed everywhere."""
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter("taskgate_http_requests_total", "HTTP requests served", ["method", "route", "status"])
@@ -28,6 +30,29 @@ SCHEDULER_DURATION = Histogram("taskgate_scheduler_run_duration_seconds", "Maint
 SCHEDULER_LAST_SUCCESS = Gauge(
     "taskgate_scheduler_last_success_timestamp_seconds", "Last successful run", ["job"]
 )
+SCHEDULE_FIRES = Counter(
+    "taskgate_schedule_fires_total",
+    "Tasks made by user schedules: on_time, missed (beyond the grace; coalesced), manual",
+    ["outcome"],
+)
+
+
+class LabelCache:
+    """Children of a labelled metric, looked up once per label set (labels() is costly per task)."""
+
+    def __init__(self, metric: Counter | Histogram | Gauge) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
+OUTCOMES = LabelCache(TASK_OUTCOMES)
+LAG = LabelCache(START_LAG)
 # The `http` kind, per destination host (host:port)
 HTTP_DELIVERIES = Counter(
     "taskgate_http_deliveries_total",

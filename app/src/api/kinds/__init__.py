@@ -76,9 +76,9 @@ class TaskContext:
     """What a running handler knows about its task, and how it reports back."""
 
     __slots__ = (
+        "_cancelled",
         "_progress",
         "attempt",
-        "cancelled",
         "client_id",
         "http_status",
         "kind",
@@ -106,13 +106,20 @@ class TaskContext:
         self.queue = queue
         self.kind = kind
         self.client_id = client_id
-        self.cancelled = asyncio.Event()  # set when a client asks to cancel the running task
+        self._cancelled: asyncio.Event | None = None
         self._progress = progress
         # Process-wide components the runtime started for handlers (e.g. "http": OutboundHttp);
         # handed over explicitly so no kind needs a module-level client.
         self.resources: Mapping[str, Any] = resources or {}
         # A handler that called a provider sets the HTTP status it got: the attempt records it.
         self.http_status: int | None = None
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when a client asks to cancel the running task (made on first use: most never look)."""
+        if self._cancelled is None:
+            self._cancelled = asyncio.Event()
+        return self._cancelled
 
     async def report_progress(self, progress: dict[str, Any]) -> None:
         """Store progress on the task and publish it to /api/tasks/{id}/events."""

@@ -64,6 +64,19 @@ class Task:
     last_error: str | None
     progress: Any
     cancel_requested: bool = False
+    schedule: dict[str, Any] | None = None  # ScheduleRef fields when a schedule made the task
+
+
+class ScheduleRef(BaseModel):
+    """The schedule fire that created a task."""
+
+    id: UUID = Field(description="the schedule")
+    fire_time: datetime = Field(description="the cron fire time (or the moment of a manual trigger)")
+    coalesced_fires: int = Field(
+        default=0,
+        description="later fire times, missed while no scheduler ran, that this one task stands for",
+    )
+    manual: bool = Field(default=False, description="created by POST /api/schedules/{id}/trigger")
 
 
 class TaskOut(BaseModel):
@@ -82,6 +95,7 @@ class TaskOut(BaseModel):
     result: Any = None
     last_error: str | None = None
     progress: Any = None
+    schedule: ScheduleRef | None = None
 
     @classmethod
     def from_domain(cls, task: Task) -> TaskOut:
@@ -101,6 +115,7 @@ class TaskOut(BaseModel):
             result=task.result,
             last_error=task.last_error,
             progress=task.progress,
+            schedule=ScheduleRef.model_validate(task.schedule) if task.schedule else None,
         )
 
 

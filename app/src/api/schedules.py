@@ -1,0 +1,355 @@
+"""The schedules service: create, read, change, delete, trigger, and fire due schedules.
+
+Firing is exactly once per fire time, whichever replica does it (see app/src/database/schedules.py
+for the storage guarantees). Fire times come from the database clock. A fire no later than the
+misfire grace after its time makes its own task, so a busy or briefly stalled scheduler leaves no
+gaps; fires missed by more than the grace (every scheduler replica was down) are coalesced into
+one task that says how many fire times it stands for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import structlog
+
+from app.src.api import cron as crontab
+from app.src.api.errors import Conflict, NotFound, TooManyRequests, Unprocessable
+from app.src.api.kinds import REGISTRY
+from app.src.api.models.schedules import Schedule, ScheduleIn, SchedulePatch, TaskTemplate
+from app.src.api.models.tasks import Task
+from app.src.api.tasks import decode_cursor, encode_cursor, validate_payload
+from app.src.database import schedules as store
+from app.src.database import tasks as task_store
+from app.src.database.schedules import Advance, FireRecord, NameTaken
+from app.src.database.tasks import NewTask
+from app.src.utils.ids import uuid7
+from app.src.utils.metrics import SCHEDULE_FIRES, TASKS_ENQUEUED
+
+if TYPE_CHECKING:
+    from app.database import Database
+
+log = structlog.get_logger("taskgate.schedules")
+
+FIRE_BATCH = 100  # due schedules per firing transaction
+MAX_FIRES_PER_SCHEDULE = 1000  # on-time fires one schedule makes per transaction; the rest next tick
+MAX_COALESCED_COUNT = 1000  # missed fire times counted one by one before skipping ahead
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _checked(*, cron: str, timezone: str, task: TaskTemplate | None, allow_seconds: bool) -> crontab.Cron:
+    """The parsed cron, or one 422 naming every failing field (cron, timezone, task)."""
+    errors: list[dict[str, Any]] = []
+    parsed = None
+    try:
+        parsed = crontab.parse(cron, timezone, allow_seconds=allow_seconds)
+    except crontab.CronError as exc:
+        errors.append({"field": f"body.{exc.field}", "message": str(exc), "type": exc.field})
+    if task is not None:
+        try:
+            validate_payload(task.kind, task.payload, at=("body", "task"))
+        except Unprocessable as exc:
+            errors.extend(exc.errors or [])
+    if errors or parsed is None:
+        raise Unprocessable("The schedule is not valid.", errors=errors)
+    return parsed
+
+
+def _name_taken(name: str) -> Conflict:
+    return Conflict(f"A schedule named {name!r} already exists for this client.")
+
+
+# --- client operations ---------------------------------------------------------------------------
+
+
+async def create(db: Database, *, client_id: UUID, data: ScheduleIn, allow_seconds: bool) -> Schedule:
+    parsed = _checked(cron=data.cron, timezone=data.timezone, task=data.task, allow_seconds=allow_seconds)
+    async with db.driver() as conn, conn.transaction():
+        next_run_at = None if data.paused else parsed.next_after(await store.now(conn))
+        try:
+            return await store.insert(
+                conn,
+                schedule_id=uuid7(),
+                client_id=client_id,
+                name=data.name,
+                cron=data.cron.strip(),
+                timezone=data.timezone,
+                queue=data.task.queue,
+                kind=data.task.kind,
+                payload=data.task.payload,
+                paused=data.paused,
+                next_run_at=next_run_at,
+            )
+        except NameTaken:
+            raise _name_taken(data.name) from None
+
+
+async def get(db: Database, *, client_id: UUID, schedule_id: UUID) -> Schedule:
+    async with db.driver() as conn:
+        schedule = await store.get(conn, client_id=client_id, schedule_id=schedule_id)
+    if schedule is None:
+        raise NotFound(f"No schedule {schedule_id}.")
+    return schedule
+
+
+async def list_schedules(
+    db: Database, *, client_id: UUID, limit: int, cursor: str | None
+) -> tuple[list[Schedule], str | None]:
+    before = decode_cursor(cursor) if cursor else None
+    async with db.driver() as conn:
+        items = await store.list_for_client(conn, client_id=client_id, before=before, limit=limit + 1)
+    next_cursor = encode_cursor(items[limit - 1].id) if len(items) > limit else None
+    return items[:limit], next_cursor
+
+
+async def update(
+    db: Database, *, client_id: UUID, schedule_id: UUID, data: SchedulePatch, allow_seconds: bool
+) -> Schedule:
+    """Change a schedule under its row lock, so a concurrent fire sees the old or the new one."""
+    given = data.model_fields_set
+    nulls = sorted(name for name in given if getattr(data, name) is None)
+    if nulls:
+        raise Unprocessable(
+            "These fields cannot be null.",
+            errors=[{"field": f"body.{name}", "message": "cannot be null", "type": "value_error"}
+                    for name in nulls],
+        )  # fmt: skip
+    async with db.driver() as conn, conn.transaction():
+        current = await store.get(conn, client_id=client_id, schedule_id=schedule_id, lock=True)
+        if current is None:
+            raise NotFound(f"No schedule {schedule_id}.")
+        timing = bool(given & {"cron", "timezone"})
+        cron = data.cron.strip() if data.cron is not None else current.cron
+        timezone = data.timezone if data.timezone is not None else current.timezone
+        paused = data.paused if data.paused is not None else current.paused
+        resumed = current.paused and not paused
+        # an unchanged expression is read as it was accepted (seconds included where allowed then)
+        parsed = _checked(
+            cron=cron, timezone=timezone, task=data.task, allow_seconds=allow_seconds or "cron" not in given
+        )
+        changes: dict[str, Any] = {"name": data.name, "cron": cron, "timezone": timezone, "paused": paused}
+        changes = {key: value for key, value in changes.items() if key in given}
+        if data.task is not None:
+            changes.update(queue=data.task.queue, kind=data.task.kind, payload=data.task.payload)
+        if paused:
+            changes["next_run_at"] = None
+        elif timing or resumed or current.next_run_at is None:
+            changes["next_run_at"] = parsed.next_after(await store.now(conn))
+        try:
+            schedule = await store.update(conn, client_id=client_id, schedule_id=schedule_id, changes=changes)
+        except NameTaken:
+            raise _name_taken(data.name or "") from None
+    if schedule is None:  # not while this transaction holds the row lock
+        raise NotFound(f"No schedule {schedule_id}.")
+    return schedule
+
+
+async def delete(db: Database, *, client_id: UUID, schedule_id: UUID) -> Schedule:
+    """Delete a schedule and return it as it was; the tasks it already made are kept."""
+    async with db.driver() as conn:
+        schedule = await store.delete(conn, client_id=client_id, schedule_id=schedule_id)
+    if schedule is None:
+        raise NotFound(f"No schedule {schedule_id}.")
+    return schedule
+
+
+async def trigger(db: Database, *, client_id: UUID, schedule_id: UUID, max_queued_tasks: int) -> Task:
+    """Enqueue the schedule's task now (also while paused); its cron fires are unaffected."""
+    schedule = await get(db, client_id=client_id, schedule_id=schedule_id)
+    kind = validate_payload(schedule.kind, schedule.payload, at=("task",))
+    unfinished = await db.quotas.unfinished(client_id)
+    if unfinished + 1 > max_queued_tasks:
+        raise TooManyRequests(
+            f"This client holds {unfinished} unfinished tasks; its quota is {max_queued_tasks}.",
+            retry_after=5,
+        )
+    queue = await db.queues.ensure(client_id=client_id, name=schedule.queue)
+    async with db.driver() as conn:
+        fired_at = await store.now(conn)
+        [task] = await task_store.insert_tasks(
+            conn,
+            [
+                NewTask(
+                    id=uuid7(),
+                    client_id=client_id,
+                    queue_id=queue.id,
+                    queue=schedule.queue,
+                    kind=schedule.kind,
+                    payload=schedule.payload,
+                    priority=5,
+                    max_attempts=kind.max_attempts or queue.max_attempts,
+                    run_at=None,
+                    delay_s=None,
+                    schedule=_ref(schedule.id, fired_at, coalesced=0, manual=True),
+                )
+            ],
+        )
+    db.quotas.added(client_id, 1)
+    TASKS_ENQUEUED.labels(task.queue, task.kind).inc()
+    SCHEDULE_FIRES.labels("manual").inc()
+    return task
+
+
+def _ref(schedule_id: UUID, fire_time: datetime, *, coalesced: int, manual: bool = False) -> dict[str, Any]:
+    return {
+        "id": str(schedule_id),
+        "fire_time": fire_time.isoformat(),
+        "coalesced_fires": coalesced,
+        "manual": manual,
+    }
+
+
+# --- firing --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fire:
+    time: datetime
+    coalesced: int  # later missed fire times this fire stands for
+    on_time: bool  # within the grace: the task is due at its fire time
+
+
+@dataclass(frozen=True, slots=True)
+class FirePlan:
+    fires: list[Fire]
+    next_run_at: datetime | None
+
+
+def plan_fires(cron: crontab.Cron, *, due_at: datetime, now: datetime, grace_s: float) -> FirePlan:
+    """The fires one due schedule makes now, and its next fire time.
+
+    Fire times older than the grace are missed: the first of them fires once for all of them
+    (its fire time is the key, `coalesced` counts the others). Each later fire time up to now
+    fires on its own.
+    """
+    fires: list[Fire] = []
+    horizon = now - timedelta(seconds=grace_s)
+    moment: datetime | None = due_at
+    if due_at < horizon:
+        missed = 0
+        moment = cron.next_after(due_at)
+        while moment is not None and moment < horizon and missed < MAX_COALESCED_COUNT:
+            missed += 1
+            moment = cron.next_after(moment)
+        if moment is not None and moment < horizon:  # too many to count: skip to the grace window
+            moment = cron.next_at_or_after(horizon)
+        fires.append(Fire(due_at, missed, on_time=False))
+    while moment is not None and moment <= now and len(fires) < MAX_FIRES_PER_SCHEDULE:
+        fires.append(Fire(moment, 0, on_time=True))
+        moment = cron.next_after(moment)
+    return FirePlan(fires, moment)
+
+
+@dataclass
+class FireReport:
+    schedules: int = 0  # due schedules handled
+    on_time: int = 0  # tasks for fire times within the grace
+    missed: int = 0  # tasks for fire times beyond the grace, each standing for later missed ones too
+    coalesced_fires: int = 0  # missed fire times folded into those tasks
+    duplicates: int = 0  # fire times already in the ledger: no second task
+    stopped: list[str] = field(default_factory=list)  # schedules that could not be computed
+
+    def merge(self, other: FireReport) -> None:
+        self.schedules += other.schedules
+        self.on_time += other.on_time
+        self.missed += other.missed
+        self.coalesced_fires += other.coalesced_fires
+        self.duplicates += other.duplicates
+        self.stopped += other.stopped
+
+    def summary(self) -> dict[str, Any] | None:
+        values: dict[str, Any] = {
+            "schedules": self.schedules,
+            "on_time": self.on_time,
+            "missed": self.missed,
+            "coalesced_fires": self.coalesced_fires,
+            "duplicates": self.duplicates,
+        }
+        if self.stopped:
+            values["stopped"] = self.stopped
+        return values if any(values.values()) else None
+
+
+async def fire_due(db: Database, *, grace_s: float, batch: int = FIRE_BATCH) -> FireReport:
+    """Fire due schedules (up to `batch`) in one transaction: ledger rows, tasks, next fire times."""
+    report = FireReport()
+    async with db.driver() as conn, conn.transaction():
+        now, due = await store.lock_due(conn, limit=batch)
+        if now is None:
+            return report
+        report.schedules = len(due)
+        advances: list[Advance] = []
+        records: list[tuple[FireRecord, NewTask, bool]] = []  # (ledger row, its task, on time)
+        for schedule in due:
+            due_at = schedule.next_run_at or now  # due rows always have one
+            plan = _plan(schedule, due_at=due_at, now=now, grace_s=grace_s)
+            if plan is None:
+                report.stopped.append(str(schedule.id))
+                advances.append(Advance(schedule.id, due_at, None, None, None, pause=True))
+                continue
+            queue = await db.queues.ensure(client_id=schedule.client_id, name=schedule.queue)
+            kind = REGISTRY.get(schedule.kind)  # an unknown kind is discarded by the worker, clearly
+            for fire in plan.fires:
+                task = NewTask(
+                    id=uuid7(),
+                    client_id=schedule.client_id,
+                    queue_id=queue.id,
+                    queue=schedule.queue,
+                    kind=schedule.kind,
+                    payload=schedule.payload,
+                    priority=5,
+                    max_attempts=(kind.max_attempts if kind else None) or queue.max_attempts,
+                    run_at=fire.time if fire.on_time else None,
+                    delay_s=None,
+                    schedule=_ref(schedule.id, fire.time, coalesced=fire.coalesced),
+                )
+                records.append(
+                    (FireRecord(schedule.id, fire.time, task.id, fire.coalesced), task, fire.on_time)
+                )
+            advances.append(Advance(schedule.id, due_at, plan.next_run_at, None, None))
+        fresh = await store.insert_fires(conn, [r for r, _, _ in records]) if records else set()
+        made = [(r, t, on_time) for r, t, on_time in records if t.id in fresh]
+        tasks = await task_store.insert_tasks(conn, [t for _, t, _ in made]) if made else []
+        latest = {r.schedule_id: r for r, _, _ in made}  # fires are planned in time order
+        advances = [
+            Advance(
+                a.schedule_id,
+                a.expected,
+                a.next_run_at,
+                latest[a.schedule_id].fire_time if a.schedule_id in latest else None,
+                latest[a.schedule_id].task_id if a.schedule_id in latest else None,
+                pause=a.pause,
+            )
+            for a in advances
+        ]
+        if len(await store.advance(conn, advances)) != len(advances):
+            # cannot happen while this transaction holds the rows; if it did, fire nothing
+            raise RuntimeError("a due schedule changed under its row lock")
+    report.duplicates = len(records) - len(made)
+    report.on_time = sum(1 for _, _, on_time in made if on_time)
+    report.missed = len(made) - report.on_time
+    report.coalesced_fires = sum(r.coalesced for r, _, _ in made)
+    for created in tasks:
+        TASKS_ENQUEUED.labels(created.queue, created.kind).inc()
+        db.quotas.added(created.client_id, 1)
+    SCHEDULE_FIRES.labels("on_time").inc(report.on_time)
+    SCHEDULE_FIRES.labels("missed").inc(report.missed)
+    return report
+
+
+def _plan(schedule: Schedule, *, due_at: datetime, now: datetime, grace_s: float) -> FirePlan | None:
+    """None when the stored expression can no longer be computed (the schedule is then paused)."""
+    try:
+        # stored expressions were validated when written; seconds included where they were allowed
+        parsed = crontab.parse(schedule.cron, schedule.timezone, allow_seconds=True)
+    except crontab.CronError as exc:
+        log.error(
+            "schedule paused: its expression no longer parses", schedule_id=str(schedule.id), error=str(exc)
+        )
+        return None
+    return plan_fires(parsed, due_at=due_at, now=now, grace_s=grace_s)

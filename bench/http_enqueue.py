@@ -1,0 +1,171 @@
+"""Enqueue over HTTPS: Taskgate's POST /api/tasks (auth + validation + insert) under wrk, beside bare
+Quart endpoints served with the same uvicorn and TLS settings; and batch enqueue over HTTPS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from app.src.encryption.certs import ensure_dev_certificate
+from bench.server import DATA_DIR, ROOT, BenchServer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(process: subprocess.Popen[bytes], port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not listen")
+
+
+def taskgate_env(db_uri: str, cert: Path, key: Path, port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "APP_ENV": "prod",
+        "DB_URI": db_uri.replace("postgresql://", "postgresql+asyncpg://", 1),
+        "SECRET_KEYS": "zOyp1OqHZ8zvcfnAaflu0J1z4Jx0pcXOm8ZNjPzVumI=",
+        "SSL_CERTFILE": str(cert),
+        "SSL_KEYFILE": str(key),
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        "CLIENT_MAX_QUEUED_TASKS": str(10**9),
+        **({"DB_POOL_SIZE": os.environ["POOL"]} if os.environ.get("POOL") else {}),
+    }
+
+
+def wrk(url: str, *, key: str = "", seconds: int = 10, connections: int = 32) -> dict[str, float]:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench" / "enqueue.lua"),
+            url,
+        ],
+        env={**os.environ, "TG_KEY": key},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {
+        "requests_per_s": rps,
+        "p50_ms": _latency(out, "50%"),
+        "p99_ms": _latency(out, "99%"),
+        "non_2xx": float(non2xx.group(1)) if non2xx else 0.0,
+    }
+
+
+def _latency(out: str, label: str) -> float:
+    value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+async def batch_enqueue(
+    base: str, key: str, cafile: Path, *, batches: int = 40, size: int = 1000, parallel: int = 4
+) -> float:
+    context = ssl.create_default_context(cafile=str(cafile))
+    body = json.dumps({"tasks": [{"kind": "noop", "payload": {"i": i}} for i in range(size)]})
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(batches):
+            queue.put_nowait(i)
+
+        async def sender() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                async with session.post(f"{base}/api/tasks/batch", data=body, headers=headers) as response:
+                    assert response.status == 201, await response.text()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(sender() for _ in range(parallel)))
+        return batches * size / (time.perf_counter() - started)
+
+
+def create_client(env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "app", "admin", "create-client", "--name", "bench", "--scopes", "tasks:write",
+         "tasks:read", "--rate-limit-per-s", "1000000", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return str(json.loads(out.stdout.strip().splitlines()[-1])["api_key"])
+
+
+def run(server: BenchServer, *, seconds: int = 10) -> dict[str, Any]:
+    cert, key = ensure_dev_certificate(DATA_DIR / "tls")
+    results: dict[str, Any] = {}
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        db = server.fresh_database("enqueue_taskgate")
+        port = free_port()
+        env = taskgate_env(db, cert, key, port)
+        subprocess.run(
+            [sys.executable, "-m", "app", "migrate"], cwd=ROOT, env=env, capture_output=True, check=True
+        )
+        api_key = create_client(env)
+        tg = subprocess.Popen([sys.executable, "-m", "app", "serve", "--roles", "api"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        processes.append(tg)
+        wait_listening(tg, port)
+        base = f"https://localhost:{port}"
+        wrk(f"{base}/api/tasks", key=api_key, seconds=2)  # warm-up: pools, caches, prepared statements
+        results["taskgate_single"] = wrk(f"{base}/api/tasks", key=api_key, seconds=seconds)
+        results["taskgate_batch_tasks_per_s"] = asyncio.run(batch_enqueue(base, api_key, cert))
+
+        for variant in ("json", "insert"):
+            bare_db = server.fresh_database(f"enqueue_bare_{variant}")
+            bare_port = free_port()
+            bare = subprocess.Popen(
+                [sys.executable, "-m", "bench.bare_app", bare_db.replace("postgresql://", "postgresql+asyncpg://", 1),
+                 str(bare_port), str(cert), str(key)],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            processes.append(bare)
+            wait_listening(bare, bare_port)
+            url = f"https://localhost:{bare_port}/{variant}"
+            wrk(url, seconds=2)
+            results[f"bare_{variant}"] = wrk(url, seconds=seconds)
+            bare.terminate()
+            bare.wait(timeout=30)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(BenchServer().start(), seconds=5), indent=2))

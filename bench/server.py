@@ -1,0 +1,49 @@
+"""The benchmark database server: the embedded PostgreSQL wheel with its default (durable) settings.
+
+Every system measured here runs against the same server, one fresh database per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from app.src.database import embedded
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT / "var" / "bench"
+
+
+class BenchServer:
+    def __init__(self) -> None:
+        self.handle: Any = None
+        self.admin_uri = ""
+
+    def start(self) -> BenchServer:
+        self.handle, uri = embedded.start(DATA_DIR)
+        self.admin_uri = uri.replace("postgresql+asyncpg://", "postgresql://", 1)
+        return self
+
+    @property
+    def socket_dir(self) -> str:
+        return self.admin_uri.split("host=", 1)[1]
+
+    def uri(self, database: str, *, driver: str = "postgresql") -> str:
+        return self.admin_uri.replace(f"/{embedded.DATABASE}?", f"/{database}?").replace(
+            "postgresql://", f"{driver}://", 1
+        )
+
+    def fresh_database(self, name: str) -> str:
+        async def recreate() -> None:
+            conn = await asyncpg.connect(self.admin_uri)
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(recreate())
+        return self.uri(name)

@@ -1,0 +1,340 @@
+"""The scheduler against a real PostgreSQL: firing exactly once, coalescing, readiness, shutdown, pruning."""
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from quart import Quart
+
+from app.database import Database
+from app.scheduler import Job, Scheduler
+from app.settings import Settings
+from app.src.api import schedules
+from tests.helpers import eventually, fetch
+
+Serving = Callable[..., Awaitable[Quart]]
+
+
+async def count(database_uri: str, query: str, *args: Any) -> int:
+    return int((await fetch(database_uri, query, *args))[0][0])
+
+
+async def make_schedule(client: Any, headers: dict[str, str], **body: Any) -> dict[str, Any]:
+    response = await client.post(
+        "/api/schedules", json={"name": "s", "task": {"kind": "noop"}, **body}, headers=headers
+    )
+    assert response.status_code == 201, await response.get_data(as_text=True)
+    created: dict[str, Any] = await response.get_json()
+    return created
+
+
+async def test_fires_missed_while_no_scheduler_ran_are_coalesced_into_one_task_at_start_up(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    api = (await serving(ROLES=["api"])).test_client()
+    latest = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=2)
+    schedule = await make_schedule(api, auth_headers, cron=f"{latest.minute} {latest.hour} * * *")
+    first_missed = latest - timedelta(days=3)  # missed: -3 d, -2 d, -1 d and `latest`
+    await fetch(clean_database, "UPDATE schedules SET next_run_at = $1", first_missed)
+
+    await serving(ROLES=["scheduler"])
+    await eventually(lambda: count(clean_database, "SELECT count(*) FROM tasks"))
+    await asyncio.sleep(1.5)  # a few more firing ticks: still one task
+    [row] = await fetch(clean_database, "SELECT id FROM tasks")
+    task = await (await api.get(f"/api/tasks/{row['id']}", headers=auth_headers)).get_json()
+    assert task["schedule"] == {
+        "id": schedule["id"],
+        "fire_time": first_missed.isoformat().replace("+00:00", "Z"),
+        "coalesced_fires": 3,
+        "manual": False,
+    }
+    assert task["status"] == "available"
+    after = await (await api.get(f"/api/schedules/{schedule['id']}", headers=auth_headers)).get_json()
+    assert after["next_run_at"] == (latest + timedelta(days=1)).isoformat().replace("+00:00", "Z")
+    assert (after["last_task_id"], after["last_fire_time"]) == (task["id"], task["schedule"]["fire_time"])
+    ledger = await fetch(clean_database, "SELECT fire_time, task_id, coalesced FROM schedule_fires")
+    assert [(r["fire_time"], str(r["task_id"]), r["coalesced"]) for r in ledger] == [
+        (first_missed, task["id"], 3)
+    ]
+
+
+async def test_racing_firers_make_one_task_per_fire_time(
+    settings: Settings, serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    api = (await serving(ROLES=["api"])).test_client()
+    steps = {f"every-second-{i}": 1 for i in range(5)} | {"every-2s": 2}
+    for name, step in steps.items():
+        await make_schedule(api, auth_headers, name=name, cron=f"*/{step} * * * * *")
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=20)
+    start -= timedelta(seconds=start.second % 2)  # a fire time of every schedule
+    await fetch(clean_database, "UPDATE schedules SET next_run_at = $1", start)  # a backlog within the grace
+    replicas = [Database(settings) for _ in range(4)]
+    for replica in replicas:
+        await replica.connect()
+
+    async def keep_firing(replica: Database, until: float) -> int:
+        made = 0
+        while time.monotonic() < until:
+            report = await schedules.fire_due(
+                replica, grace_s=60, batch=2
+            )  # small batches: replicas interleave
+            made += report.on_time
+            await asyncio.sleep(0.005)
+        return made
+
+    try:  # four replicas firing as fast as they can, as a cluster would, for a few seconds
+        until = time.monotonic() + 2.5
+        async with asyncio.TaskGroup() as group:  # one failing cancels the others
+            firing = [group.create_task(keep_firing(r, until)) for r in replicas]
+        made = [task.result() for task in firing]
+    finally:
+        for replica in replicas:
+            await replica.disconnect()
+    assert sum(1 for n in made if n) >= 2  # the work really was shared
+    rows = await fetch(
+        clean_database,
+        "SELECT s.name, s.next_run_at, (t.schedule->>'fire_time')::timestamptz AS fire_time, "
+        "t.schedule->>'coalesced_fires' AS c "
+        "FROM tasks t JOIN schedules s ON s.id = (t.schedule->>'id')::uuid ORDER BY 1, 3",
+    )
+    for name, step in steps.items():
+        times = [r["fire_time"] for r in rows if r["name"] == name]
+        assert len(times) == len(set(times)), f"duplicate fire times for {name}"
+        assert times[0] == start
+        assert all(b - a == timedelta(seconds=step) for a, b in itertools.pairwise(times)), times
+        next_run_at = next(r["next_run_at"] for r in rows if r["name"] == name)
+        assert next_run_at == times[-1] + timedelta(seconds=step)  # no gap up to the next fire
+        assert len(times) >= 20 // step
+    assert {r["c"] for r in rows} == {"0"}  # within the grace: nothing coalesced
+    assert await count(clean_database, "SELECT count(*) FROM schedule_fires") == len(rows) == sum(made)
+
+
+async def test_the_fire_ledger_refuses_a_second_task_for_a_fire_time(
+    db: Database, serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    api = (await serving(ROLES=["api"])).test_client()
+    await make_schedule(api, auth_headers, cron="* * * * * *")
+    due = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=3)
+    await fetch(clean_database, "UPDATE schedules SET next_run_at = $1", due)
+    first = await schedules.fire_due(db, grace_s=60)
+    assert (first.on_time, first.duplicates) == (4, 0)
+    # as if a replica had read a stale next_run_at: the same fire times come due again
+    await fetch(clean_database, "UPDATE schedules SET next_run_at = $1", due)
+    again = await schedules.fire_due(db, grace_s=60)
+    assert again.duplicates >= 4
+    assert await count(clean_database, "SELECT count(*) FROM tasks") == 4 + again.on_time
+    assert await count(clean_database, "SELECT count(DISTINCT schedule->>'fire_time') FROM tasks") == (
+        await count(clean_database, "SELECT count(*) FROM tasks")
+    )
+
+
+async def test_a_skipped_job_is_healthy_only_while_the_replica_that_runs_it_succeeds(
+    serving: Serving, clean_database: str
+) -> None:
+    # another replica holds the prune period (it started just now) and last succeeded a minute ago
+    await fetch(
+        clean_database,
+        "INSERT INTO maintenance_jobs (name, last_started_at, last_succeeded_at, started_by) "
+        "VALUES ('prune', now(), now() - interval '1 minute', 'elsewhere')",
+    )
+    healthy = (await serving(ROLES=["api", "scheduler"])).test_client()
+    await eventually(lambda: _ready(healthy, True))
+    # now that replica has been failing for a day: a replica that skips prune must not say ready
+    await fetch(clean_database, "UPDATE maintenance_jobs SET last_succeeded_at = now() - interval '1 day'")
+    stale = (await serving(ROLES=["api", "scheduler"])).test_client()
+    body = await eventually(lambda: _ready(stale, False))
+    assert body["checks"]["scheduler"] is False
+    assert await count(clean_database, "SELECT runs FROM maintenance_jobs WHERE name = 'prune'") == 0
+
+
+async def _ready(client: Any, expected: bool) -> Any:
+    response = await client.get("/api/common/ready")
+    body = await response.get_json()
+    return body if (response.status_code == 200) is expected and body["ready"] is expected else None
+
+
+def scheduler_with(db: Database, settings: Settings, jobs: list[Job], **kwargs: Any) -> Scheduler:
+    scheduler = Scheduler(db, settings, **kwargs)
+    scheduler.jobs = jobs
+    return scheduler
+
+
+async def test_shutdown_waits_for_a_job_in_flight_and_nothing_runs_after_it(
+    db: Database, settings: Settings, clean_database: str
+) -> None:
+    started = asyncio.Event()
+    events: list[str] = []
+    ticks: list[float] = []
+
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(1)
+        async with db.driver() as conn:  # the run still needs the database at its end
+            await conn.fetchval("SELECT 1")
+        events.append("finished")
+
+    async def frequent() -> None:
+        ticks.append(time.monotonic())
+
+    scheduler = scheduler_with(
+        db, settings, [Job("slow", 60, slow), Job("frequent", 0.05, frequent, cluster_wide=False)]
+    )
+    scheduler.start()
+    await asyncio.wait_for(started.wait(), timeout=10)
+    await scheduler.shutdown()
+    assert events == ["finished"]
+    [row] = await fetch(
+        clean_database,
+        "SELECT runs, lease_expires_at, last_succeeded_at FROM maintenance_jobs WHERE name = 'slow'",
+    )
+    assert (row["runs"], row["lease_expires_at"]) == (1, None)
+    assert row["last_succeeded_at"] is not None
+    seen = len(ticks)
+    await asyncio.sleep(0.3)
+    assert len(ticks) == seen  # no run after shutdown returned (the database closes next)
+    assert not [t for t in asyncio.all_tasks() if t.get_name() in ("slow", "frequent")]
+
+
+async def test_shutdown_cancels_a_job_that_outlasts_the_grace_and_frees_its_lease(
+    db: Database, settings: Settings, clean_database: str
+) -> None:
+    started = asyncio.Event()
+    events: list[str] = []
+
+    async def stuck() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+
+    scheduler = scheduler_with(db, settings, [Job("stuck", 60, stuck)], shutdown_grace_s=0.3)
+    scheduler.start()
+    await asyncio.wait_for(started.wait(), timeout=10)
+    [held] = await fetch(clean_database, "SELECT lease_expires_at FROM maintenance_jobs WHERE name = 'stuck'")
+    assert held["lease_expires_at"] is not None
+    began = time.monotonic()
+    await scheduler.shutdown()
+    assert time.monotonic() - began < 3
+    assert events == ["cancelled"]
+    [row] = await fetch(
+        clean_database, "SELECT runs, lease_expires_at FROM maintenance_jobs WHERE name = 'stuck'"
+    )
+    assert (row["runs"], row["lease_expires_at"]) == (0, None)
+
+
+async def test_a_run_longer_than_its_period_is_never_doubled_by_another_replica(
+    settings: Settings, clean_database: str
+) -> None:
+    runs: list[tuple[str, float, float]] = []
+
+    def slow_job(replica: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            began = time.monotonic()
+            await asyncio.sleep(0.7)  # over three periods
+            runs.append((replica, began, time.monotonic()))
+
+        return run
+
+    databases = [Database(settings) for _ in range(2)]
+    replicas = []
+    for i, database in enumerate(databases):
+        await database.connect()
+        replicas.append(scheduler_with(database, settings, [Job("slow", 0.2, slow_job(f"r{i}"))]))
+    try:
+        for replica in replicas:
+            replica.start()
+        await asyncio.sleep(2.5)
+    finally:
+        for replica in replicas:
+            await replica.shutdown()
+        for database in databases:
+            await database.disconnect()
+    runs.sort(key=lambda run: run[1])
+    assert len(runs) >= 2
+    overlapping = [(a, b) for a, b in itertools.pairwise(runs) if b[1] < a[2]]
+    assert not overlapping  # the lease holds the job until the run ends, whichever replica ran it
+
+
+async def test_a_failing_job_is_recorded_and_turns_readiness_false(
+    db: Database, settings: Settings, clean_database: str
+) -> None:
+    async def broken() -> None:
+        raise RuntimeError("disk on fire")
+
+    scheduler = scheduler_with(db, settings, [Job("broken", 60, broken)])
+    scheduler.start()
+    try:
+        await eventually(lambda: _failures(clean_database))
+        assert scheduler.healthy()  # one failure is not yet stale
+        scheduler._last_success["broken"] -= 301  # as if it had been failing for five periods
+        assert not scheduler.healthy()
+    finally:
+        await scheduler.shutdown()
+    [row] = await fetch(
+        clean_database, "SELECT runs, failures, last_error, lease_expires_at FROM maintenance_jobs"
+    )
+    assert (row["runs"], row["failures"], row["lease_expires_at"]) == (1, 1, None)
+    assert "disk on fire" in row["last_error"]
+
+
+async def _failures(database_uri: str) -> int:
+    return await count(database_uri, "SELECT COALESCE(sum(failures), 0) FROM maintenance_jobs")
+
+
+async def test_prune_removes_what_is_past_retention(
+    db: Database, settings: Settings, serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    api = (await serving(ROLES=["api"])).test_client()
+    schedule = await make_schedule(api, auth_headers, cron="@daily")
+    for _ in range(2):
+        response = await api.post(
+            "/api/tasks",
+            json={"kind": "noop"},
+            headers={**auth_headers, "Idempotency-Key": str(uuid.uuid4())},
+        )
+        assert response.status_code == 201
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET status = 'completed', finished_at = now() - interval '8 days' "
+        "WHERE id = (SELECT id FROM tasks ORDER BY id LIMIT 1)",
+    )
+    await fetch(
+        clean_database,
+        "UPDATE idempotency_keys SET created_at = now() - interval '2 days' "
+        "WHERE task_ids[1] = (SELECT id FROM tasks ORDER BY id LIMIT 1)",
+    )
+    for age_days in (8, 1):
+        await fetch(
+            clean_database,
+            "INSERT INTO schedule_fires (schedule_id, fire_time, task_id) "
+            "VALUES ($1, now() - make_interval(days => $2), $3)",
+            uuid.UUID(schedule["id"]),
+            age_days,
+            uuid.uuid4(),
+        )
+    # an operator with one live and one long-expired session
+    from app.src.api.auth import operators
+
+    operator = await operators.create_operator(db, email="prune@example.com", password="a long password here")
+    for _ in range(2):
+        await operators.start_session(db, user_id=operator.user_id)
+    await fetch(
+        clean_database,
+        "UPDATE sessions SET expires_at = now() - interval '3 days' "
+        "WHERE id = (SELECT id FROM sessions ORDER BY created_at LIMIT 1)",
+    )
+    pruned = await Scheduler(db, settings).prune()
+    assert pruned is not None
+    assert {k: v for k, v in pruned.items() if v} == {
+        "tasks": 1, "idempotency_keys": 1, "schedule_fires": 1, "sessions": 1,
+    }  # fmt: skip
+    assert await count(clean_database, "SELECT count(*) FROM sessions") == 1
+    assert await count(clean_database, "SELECT count(*) FROM tasks") == 1
+    assert await count(clean_database, "SELECT count(*) FROM idempotency_keys") == 1
+    assert await count(clean_database, "SELECT count(*) FROM schedule_fires") == 1
