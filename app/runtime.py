@@ -13,7 +13,7 @@ import structlog
 
 from app.database import Database
 from app.settings import Settings
-from app.src.api.auth import Authenticator
+from app.src.api.auth import Authenticator, active_signing_secrets
 
 if TYPE_CHECKING:
     from app.scheduler import Scheduler
@@ -117,12 +117,9 @@ class Runtime:
         log.info("runtime stopped")
 
     async def _signing_secrets(self, client_id: UUID) -> list[str]:
-        """The client's active signing secrets (whsec_..., newest first) for outbound requests.
-
-        Unsigned until per-client secrets exist: wire them here with
-        `return await active_signing_secrets(self.db, client_id=client_id)`.
-        """
-        return []
+        """The client's active signing secrets (whsec_..., newest first) for outbound requests:
+        every one signs, so a rotation never leaves a receiver without a signature it knows."""
+        return await active_signing_secrets(self.db, client_id=client_id)
 
     async def readiness(self) -> dict[str, bool]:
         if self._db is None:

@@ -172,6 +172,28 @@ async def test_a_delivery_is_signed_with_every_active_secret(
     assert (attempt["outcome"], attempt["http_status"], attempt["error"]) == ("completed", 200, None)
 
 
+async def test_deliveries_carry_the_clients_own_signatures_through_a_rotation(
+    serving: Serving, auth_headers: dict[str, str], api_client: Any, target: Target
+) -> None:
+    target.routes["/hooks"] = answer(204)
+    app = await serving(**WORKER)  # the runtime's provider: the client's secrets from the auth domain
+    client = app.test_client()
+    rotated = await client.post(
+        f"/api/auth/clients/{api_client.client_id}/signing-secrets", headers=auth_headers
+    )
+    assert rotated.status_code == 201
+    secrets = [item["secret"] for item in (await rotated.get_json())["items"]]
+    assert len(secrets) == 2  # the one made with the client, and the new one
+    task = await enqueue(
+        client, auth_headers, kind="http", payload={"url": target.url("/hooks"), "body": "hi"}
+    )
+    assert (await done(client, auth_headers, task["id"]))["status"] == "completed"
+    [request] = target.to("/hooks")
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    for secret in secrets:
+        assert Webhook(secret).verify(request.body, request.headers, json_parse=False) is None
+
+
 async def test_503_with_retry_after_is_retried_after_the_wait_then_completes(
     serving: Serving, auth_headers: dict[str, str], target: Target
 ) -> None:
@@ -522,7 +544,13 @@ async def _metric(client: Any, text: str) -> bool:
 
 
 async def test_the_host_limit_holds_across_two_worker_processes(
-    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path, target: Target
+    serving: Serving,
+    auth_headers: dict[str, str],
+    api_client: Any,
+    secret_keys: list[str],
+    clean_database: str,
+    tmp_path: Path,
+    target: Target,
 ) -> None:
     in_flight = [0, 0]  # now, most ever
 
@@ -542,6 +570,7 @@ async def test_the_host_limit_holds_across_two_worker_processes(
         "HTTP_ALLOWED_NETWORKS": "127.0.0.0/8",
         "HTTP_HOST_MAX_CONCURRENCY": "2",
         "WORKER_CONCURRENCY": "8",
+        "SECRET_KEYS": ",".join(secret_keys),  # workers decrypt the client's signing secrets
     }
     workers = [spawn_worker(clean_database, tmp_path / f"w{i}", **env) for i in range(2)]
     try:
@@ -569,6 +598,12 @@ async def test_the_host_limit_holds_across_two_worker_processes(
     assert rows[0]["most"] == 1  # waiting for a permit spent no attempt
     held = await fetch(clean_database, "SELECT count(*) AS n FROM http_host_permits WHERE holder IS NOT NULL")
     assert held[0]["n"] == 0  # every permit was given back
+    listed = await client.get(
+        f"/api/auth/clients/{api_client.client_id}/signing-secrets", headers=auth_headers
+    )
+    [secret] = [item["secret"] for item in (await listed.get_json())["items"]]
+    for request in target.to("/limited"):  # signed in the worker processes with the client's secret
+        assert Webhook(secret).verify(request.body, request.headers, json_parse=False) is None
 
 
 async def test_every_replica_reports_unhealthy_hosts_from_the_database(
