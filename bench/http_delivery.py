@@ -4,9 +4,10 @@
 
 One run, two systems, one sink (an aiohttp server on 127.0.0.1 in this process):
 - plain: an aiohttp ClientSession sending the same requests with --host-limit of them in flight;
-- taskgate: N `http` tasks enqueued in batches while one `python -m app worker` process (default
-  settings, HTTP_HOST_MAX_CONCURRENCY = --host-limit) drains them; timed from the first insert to
-  the last completion written to PostgreSQL.
+- taskgate: N `http` tasks of a tenant with a signing secret, enqueued in batches while one
+  `python -m app worker` process (default settings, HTTP_HOST_MAX_CONCURRENCY = --host-limit)
+  drains them; timed from the first insert to the last completion written to PostgreSQL. Every
+  delivery is signed (Standard Webhooks); one is verified with the standardwebhooks package.
 The database is the embedded server under var/bench (or BENCH_DB_URI). Timing belongs here, not
 in tests; the numbers are only as quiet as the machine.
 """
@@ -26,23 +27,28 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 from aiohttp import web
+from standardwebhooks import Webhook
 
 ROOT = Path(__file__).resolve().parents[1]
 DATABASE = "taskgate_bench_http"
 BODY = b'{"event":"order.paid","order":{"id":42,"total":"19.90"}}'
 STALL_S = 30.0  # give up when no task completes for this long (and show why)
+SECRET_KEY = "bench-secret-key"  # SECRET_KEYS of the worker: it decrypts the tenant's signing secret
 
 
 class Sink:
     def __init__(self) -> None:
         self.count = 0
+        self.sample: tuple[bytes, dict[str, str]] | None = None  # the last signed request
         self.runner: web.AppRunner | None = None
         self.port = 0
 
     async def start(self) -> None:
         async def receive(request: web.Request) -> web.Response:
-            await request.read()
+            body = await request.read()
             self.count += 1
+            if "webhook-signature" in request.headers:
+                self.sample = (body, dict(request.headers))
             return web.Response(text="ok")
 
         app = web.Application()
@@ -88,19 +94,24 @@ def database() -> str:
     return uri
 
 
-async def taskgate(sink: Sink, n: int, host_limit: int, uri: str, log_dir: Path) -> float:
-    from app.src.api.kinds import SYSTEM_CLIENT_ID
+async def taskgate(sink: Sink, n: int, host_limit: int, uri: str, log_dir: Path) -> tuple[float, str]:
+    from app.src.api.auth.clients import insert_signing_secret
     from app.src.database import queues as queue_store
     from app.src.database import tasks as store
+    from app.src.encryption.secrets import SIGNING_SECRET, keyring_for
 
     conn = await asyncpg.connect(uri.replace("+asyncpg", ""))
     await conn.execute("TRUNCATE tasks, task_attempts, http_host_permits, http_hosts CASCADE")
-    queue = await queue_store.ensure(conn, client_id=SYSTEM_CLIENT_ID, name="bench-http")
+    tenant = uuid.uuid4()
+    ring = keyring_for((SECRET_KEY,))
+    record = await insert_signing_secret(conn, ring, client_id=tenant)
+    secret = ring.decrypt(SIGNING_SECRET, record.secret)
+    queue = await queue_store.ensure(conn, client_id=tenant, name="bench-http")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SECRET_", "APP_", "HTTP_"))}
     env.update(
         APP_ENV="prod",
         DB_URI=uri,
-        SECRET_KEYS="bench",
+        SECRET_KEYS=SECRET_KEY,
         TLS_TERMINATED_UPSTREAM="true",
         LOG_LEVEL="INFO",  # the worker says "worker started" at INFO; it logs little else
         DATA_DIR=str(log_dir),
@@ -124,7 +135,7 @@ async def taskgate(sink: Sink, n: int, host_limit: int, uri: str, log_dir: Path)
             batch = [
                 store.NewTask(
                     id=uuid.uuid4(),
-                    client_id=SYSTEM_CLIENT_ID,
+                    client_id=tenant,
                     queue_id=queue.id,
                     queue=queue.name,
                     kind="http",
@@ -151,7 +162,7 @@ async def taskgate(sink: Sink, n: int, host_limit: int, uri: str, log_dir: Path)
         unexpected = await conn.fetchval("SELECT count(*) FROM tasks WHERE attempts <> 1")
         if unexpected:
             print(f"note: {unexpected} tasks needed more than one attempt", file=sys.stderr)
-        return elapsed
+        return elapsed, secret
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
@@ -171,10 +182,12 @@ async def main(args: argparse.Namespace) -> None:
             )
         )
         before = sink.count
-        seconds = await taskgate(
+        seconds, secret = await taskgate(
             sink, args.tasks, args.host_limit, uri, ROOT / "var" / "bench" / "http-worker"
         )
         assert sink.count - before == args.tasks, (sink.count - before, args.tasks)
+        assert sink.sample is not None, "the deliveries were not signed"
+        Webhook(secret).verify(*sink.sample, json_parse=False)
         rows.append((f"taskgate http kind, 1 worker, host limit {args.host_limit}", seconds))
     finally:
         if sink.runner is not None:
