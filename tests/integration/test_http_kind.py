@@ -6,6 +6,7 @@ SSRF tests leave it unset and check that nothing reaches the target.
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import itertools
 import json
@@ -619,3 +620,36 @@ async def test_every_replica_reports_unhealthy_hosts_from_the_database(
     client = app.test_client()
     await eventually(lambda: _metric(client, 'taskgate_http_host_unhealthy{host="down.example:443"} 1.0'))
     assert await _metric(client, 'taskgate_http_host_unhealthy{host="flaky.example:443"} 0.0')
+
+
+async def test_a_poll_cut_short_by_shutdown_is_handed_back_at_once(
+    settings: Settings, clean_database: str, auth_headers: dict[str, str], target: Target
+) -> None:
+    from quart.testing.app import TestApp
+
+    target.routes["/jobs"] = answer(202, Location="/jobs/7/status", **{"Retry-After": "0"})
+
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        # outlasts the scheduler's shutdown grace: the poll is cancelled
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), timeout=30)
+        return web.Response(status=202)
+
+    target.routes["/jobs/7/status"] = hang
+    app = create_app(settings.model_copy(update={**WORKER, "ROLES": ["api", "worker", "scheduler"]}))
+    async with TestApp(app, shutdown_timeout=30):
+        client = app.test_client()
+        payload = {"url": target.url("/jobs"), "follow_async": True, "timeout_s": 60}
+        task = await enqueue(client, auth_headers, kind="http", payload=payload)
+        await eventually(lambda: len(target.to("/jobs/7/status")) == 1)
+        [claimed] = await fetch(
+            clean_database, "SELECT run_at > now() + interval '60 s' AS leased FROM tasks"
+        )
+        assert claimed["leased"]  # the poll holds the task (two timeouts plus a margin)
+    [row] = await fetch(
+        clean_database, "SELECT status, run_at <= now() AS due FROM tasks WHERE id = $1", UUID(task["id"])
+    )
+    release.set()
+    assert (row["status"], row["due"]) == ("waiting", True)  # due again now, not in two minutes

@@ -76,6 +76,10 @@ async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str
         async with limit:
             try:
                 return await poll_one(db, http, task)
+            except asyncio.CancelledError:
+                # shutdown: hand the claim back, so the next replica polls at once, not after the lease
+                await asyncio.shield(_hand_back(db, task))
+                raise
             except Exception:
                 # the claim's lease runs out and the task is polled again: nothing is lost
                 log.exception("polling a waiting task failed", task_id=str(task.id))
@@ -236,6 +240,16 @@ async def _keep_waiting(
             error=_clip(error) if error else None,
         )
     return "pending" if error is None else "poll_failed"
+
+
+async def _hand_back(db: Database, task: WaitingTask) -> None:
+    try:
+        async with db.driver() as conn:
+            await store.reschedule_waiting(
+                conn, task_id=task.id, lease=task.lease, delay_s=0, state=task.state, error=None
+            )
+    except Exception as exc:  # the lease still ends: the task is polled again then
+        log.warning("handing a poll back failed", task_id=str(task.id), error=str(exc))
 
 
 async def _finish(
