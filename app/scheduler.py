@@ -27,7 +27,7 @@ import contextlib
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from app.src.api import schedules
 from app.src.api.auth import operators
+from app.src.api.http import RESOURCE_KEY as HTTP
+from app.src.api.http.poller import poll_waiting_http
 from app.src.database import maintenance
 from app.src.database import tasks as task_store
 from app.src.utils.metrics import QUEUE_DEPTH, SCHEDULER_DURATION, SCHEDULER_LAST_SUCCESS, SCHEDULER_RUNS
@@ -80,11 +82,17 @@ class Job:
 
 class Scheduler:
     def __init__(
-        self, db: Database, settings: Settings, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+        resources: Mapping[str, Any] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
         self.shutdown_grace_s = shutdown_grace_s
+        self.resources: Mapping[str, Any] = resources or {}  # e.g. "http": the OutboundHttp
         self.replica = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self._scheduler: AsyncIOScheduler | None = None
         self._stopping = False
@@ -92,9 +100,14 @@ class Scheduler:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self.jobs = [
             Job("rescue_expired_leases", settings.RESCUE_INTERVAL_S, self.rescue_expired_leases),
-            # polling `waiting` tasks (the HTTP status sync) joins here as a cluster-wide job
+            Job(
+                "poll_waiting_http",
+                settings.HTTP_POLL_INTERVAL_S,
+                lambda: poll_waiting_http(self.db, self.resources.get(HTTP)),
+            ),
             Job("fire_schedules", FIRE_INTERVAL_S, self.fire_schedules, cluster_wide=False),
             Job("refresh_caches", CACHE_REFRESH_S, self.refresh_caches, cluster_wide=False),
+            Job("http_host_health", CACHE_REFRESH_S, self.http_host_health, cluster_wide=False),
             Job("prune", PRUNE_INTERVAL_S, self.prune),
         ]
 
@@ -269,6 +282,12 @@ class Scheduler:
         QUEUE_DEPTH.clear()
         for row in depths:
             QUEUE_DEPTH.labels(row["name"], row["status"]).inc(row["n"])
+
+    async def http_host_health(self) -> None:
+        """Every replica's unhealthy-host gauge, from the circuit state in PostgreSQL."""
+        http = self.resources.get(HTTP)
+        if http is not None:
+            await http.gate.refresh_health()
 
     async def prune(self) -> dict[str, int] | None:
         async with self.db.driver() as conn:

@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     HTTP_ALLOWED_NETWORKS: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = Field(
         default_factory=list
     )
+    # The `http` kind (app/src/api/http/): connection pool, timeouts, backpressure, circuit breaker
+    HTTP_MAX_CONNECTIONS: int = Field(default=100, ge=1, le=10_000)
+    HTTP_CONNECT_TIMEOUT_S: float = Field(default=10.0, gt=0, le=120)
+    HTTP_HOST_MAX_CONCURRENCY: int = Field(default=10, ge=1, le=10_000)
+    HTTP_HOST_PERMIT_WAIT_S: float = Field(default=2.0, ge=0, le=60)
+    HTTP_CIRCUIT_FAILURES: int = Field(default=5, ge=1, le=10_000)
+    HTTP_CIRCUIT_COOLDOWN_S: float = Field(default=30.0, gt=0, le=86_400)
+    HTTP_POLL_INTERVAL_S: float = Field(default=1.0, gt=0, le=300)
 
     @field_validator(
         "SECRET_KEYS", "CORS_ORIGINS", "ROLES", "WORKER_QUEUES", "TASK_KIND_MODULES", mode="before"

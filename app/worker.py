@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from app.src.api.kinds import (
     REGISTRY,
+    Deferred,
     KindRegistry,
     PermanentError,
     RetryLater,
@@ -56,12 +58,22 @@ class Running:
 
 class Worker:
     def __init__(
-        self, db: Database, notifier: Notifier, settings: Settings, registry: KindRegistry = REGISTRY
+        self,
+        db: Database,
+        notifier: Notifier,
+        settings: Settings,
+        registry: KindRegistry = REGISTRY,
+        *,
+        resources: Mapping[str, Any] | None = None,
+        payload_context: Mapping[str, Any] | None = None,
     ) -> None:
         self.id = uuid.uuid4()
         self.db = db
         self.notifier = notifier
         self.registry = registry
+        self.resources: Mapping[str, Any] = resources or {}
+        # the same validation context as at enqueue, so a payload valid then is valid now
+        self.payload_context = payload_context
         self.concurrency = settings.WORKER_CONCURRENCY
         self.batch_size = settings.WORKER_BATCH_SIZE
         self.lease_s = float(settings.LEASE_SECONDS)
@@ -211,6 +223,7 @@ class Worker:
             kind=claimed.kind,
             client_id=claimed.client_id,
             progress=self._report_progress,
+            resources=self.resources,
         )
         running = Running(claimed, ctx)
         self._running[claimed.id] = running
@@ -243,7 +256,7 @@ class Worker:
         if kind is None:
             return await self._failed(running, f"no task kind {claimed.kind!r} is declared in this worker")
         try:
-            payload = kind.validate_payload(claimed.payload)
+            payload = kind.validate_payload(claimed.payload, context=self.payload_context)
         except ValidationError as exc:
             return self._finish(
                 running,
@@ -275,6 +288,11 @@ class Worker:
                 outcome="failed",
                 error=_clip(str(exc)),
                 http_status=exc.http_status,
+            )
+        except Deferred as exc:
+            # not an attempt: the attempt count goes back and no attempt record is written
+            return self._finish(
+                running, Status.RETRYABLE, outcome="deferred", retry_in_s=exc.after_s, refund=True
             )
         except TaskCancelled as exc:
             return self._finish(
@@ -330,6 +348,8 @@ class Worker:
     def _finish(self, running: Running, status: Status, *, outcome: str, **fields: Any) -> Completion:
         claimed = running.claimed
         transition(Status.RUNNING, status)  # the state machine has the last word
+        if fields.get("http_status") is None:
+            fields["http_status"] = running.ctx.http_status
         elapsed = timedelta(seconds=time.perf_counter() - running.started)
         return Completion(
             id=claimed.id,
@@ -377,6 +397,8 @@ class Worker:
             WORKER_RUNNING.set(len(self._running))
             outcomes: dict[tuple[str, str, str], int] = {}
             for row in rows:
+                if row["outcome"] == "deferred":  # a deferral is not an outcome of the task
+                    continue
                 key = (row["queue"], row["kind"], row["status"])
                 outcomes[key] = outcomes.get(key, 0) + 1
             for key, count in outcomes.items():

@@ -23,11 +23,48 @@ VALID: dict[str, list[dict[str, Any]]] = {
         {"fail_times": 1, "retry_after_s": 0.5},
         {"fail_times": 1, "permanent": True},
     ],
+    "http": [
+        {"url": "https://example.com/hooks"},
+        {"url": "https://example.com/hooks", "method": "put", "json": {"order": 42}},
+        {"url": "http://example.com:8080/x", "body": "plain text", "headers": {"X-Trace": "abc"}},
+        {"url": "https://example.com/", "json": None},
+        {"url": "https://93.184.215.14/", "timeout_s": 900, "success_codes": [200, 404]},
+        {"url": "https://[2606:2800:21f:cb07:6820:80da:af6b:8b2c]/", "method": "GET"},
+        {"url": "https://example.com/jobs", "follow_async": True, "async_deadline_s": 60},
+        {"url": "https://example.com/moved", "follow_redirects": True},
+    ],
 }
 INVALID: dict[str, list[dict[str, Any]]] = {
     "sleep": [{}, {"seconds": -1}, {"seconds": "soon"}, {"seconds": 1, "extra": True}],
     "test.record": [{}],
     "test.flaky": [{"fail_times": "x"}],
+    "http": [
+        {},  # no URL
+        {"url": "ftp://example.com/file"},  # bad scheme
+        {"url": "example.com/no-scheme"},
+        {"url": "https://user:secret@example.com/"},  # credentials belong in headers
+        {"url": "https://example.com/", "headers": {"X-Evil": "a\r\nInjected: 1"}},  # header injection
+        {"url": "https://example.com/", "headers": {"X-Evil\r\nInjected": "1"}},
+        {"url": "https://example.com/", "headers": {"Bad Name": "1"}},
+        {"url": "https://example.com/", "headers": {"webhook-signature": "v1,forged"}},
+        {"url": "https://example.com/", "headers": {"Host": "internal"}},
+        {"url": "https://example.com/", "body": "x", "json": {"y": 1}},  # body and json both
+        {"url": "https://example.com/", "timeout_s": 0},
+        {"url": "https://example.com/", "timeout_s": 901},
+        {"url": "https://example.com/", "method": "TRACE"},
+        {"url": "https://example.com/", "success_codes": []},
+        {"url": "https://example.com/", "success_codes": [700]},
+        {"url": "https://example.com/", "unknown": True},
+        {"url": "http://127.0.0.1/"},  # literal forbidden addresses, without an allowlist
+        {"url": "http://2130706433/"},  # 127.0.0.1, spelled as one number
+        {"url": "http://10.0.0.1/"},
+        {"url": "http://169.254.169.254/latest/meta-data/"},  # cloud metadata
+        {"url": "http://[fd00:ec2::254]/"},
+        {"url": "http://[::ffff:127.0.0.1]/"},  # IPv4-mapped loopback
+        {"url": "http://[2002:7f00:1::1]/"},  # 6to4 of 127.0.0.1
+        {"url": "http://0.0.0.0:8080/"},
+        {"url": "http://[::1]/"},
+    ],
 }
 
 

@@ -228,14 +228,16 @@ async def test_lifecycle_starts_in_order_and_stops_in_reverse(settings: Any, cle
         assert runtime.events == [
             "database started",
             "notifier started",
+            "outbound http started",
             "worker started",
             "scheduler started",
         ]
         ready = await (await app.test_client().get("/api/common/ready")).get_json()
         assert ready["checks"] == {"database": True, "migrations": True, "worker": True, "scheduler": True}
-    assert runtime.events[4:] == [
+    assert runtime.events[5:] == [
         "scheduler stopped",
         "worker stopped",
+        "outbound http stopped",
         "notifier stopped",
         "database stopped",
     ]

@@ -10,7 +10,7 @@ from quart import Blueprint, ResponseReturnValue, make_response, request
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
 from app.middlewares import requires_scopes
-from app.routes.context import client_id, db, max_queued_tasks, notifier
+from app.routes.context import client_id, db, max_queued_tasks, notifier, runtime
 from app.src.api import tasks
 from app.src.api.models.tasks import (
     AttemptList,
@@ -49,6 +49,7 @@ async def create_task(data: TaskIn) -> tuple[TaskOut, int]:
         idempotency_key=_idempotency_key(),
         max_queued_tasks=max_queued_tasks(),
         batch=False,
+        payload_context=runtime().payload_context,
     )
     return TaskOut.from_domain(created[0]), 200 if replayed else 201
 
@@ -67,6 +68,7 @@ async def create_batch(data: TaskBatchIn) -> tuple[TaskBatchOut, int]:
         idempotency_key=_idempotency_key(),
         max_queued_tasks=max_queued_tasks(),
         batch=True,
+        payload_context=runtime().payload_context,
     )
     return TaskBatchOut(items=[TaskOut.from_domain(t) for t in created]), 200 if replayed else 201
 

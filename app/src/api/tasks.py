@@ -8,7 +8,7 @@ import binascii
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -31,7 +31,11 @@ MAX_IDEMPOTENCY_KEY = 255
 
 
 def validate_payload(
-    kind_name: str, payload: dict[str, Any], *, at: tuple[str | int, ...]
+    kind_name: str,
+    payload: dict[str, Any],
+    *,
+    at: tuple[str | int, ...],
+    context: Mapping[str, Any] | None = None,
 ) -> TaskKind[Any, Any]:
     kind = REGISTRY.get(kind_name)
     if kind is None:
@@ -46,7 +50,7 @@ def validate_payload(
             ],
         )
     try:
-        kind.validate_payload(payload)
+        kind.validate_payload(payload, context=context)
     except ValidationError as exc:
         raise Unprocessable(
             f"The payload does not match the contract of kind {kind_name!r}.",
@@ -83,13 +87,15 @@ async def enqueue(
     idempotency_key: str | None,
     max_queued_tasks: int,
     batch: bool,
+    payload_context: Mapping[str, Any] | None = None,
 ) -> tuple[list[Task], bool]:
     """Validate and store tasks in one round trip; returns (tasks, replayed from an earlier request).
 
-    All or nothing: one invalid item rejects the whole batch and stores nothing.
+    All or nothing: one invalid item rejects the whole batch and stores nothing. `payload_context`
+    is the runtime's validation context (Runtime.payload_context), the one workers use too.
     """
     kinds = [
-        validate_payload(item.kind, item.payload, at=("tasks", i) if batch else ())
+        validate_payload(item.kind, item.payload, at=("tasks", i) if batch else (), context=payload_context)
         for i, item in enumerate(items)
     ]
     queues = {

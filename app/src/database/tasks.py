@@ -366,17 +366,20 @@ async def heartbeat(
 # was rescued meanwhile, since that attempt no longer owns the task. Rows are reached through the
 # primary key; the expected status comes in with each row, so it is a join condition and not a
 # constant the planner could drive an index scan over every running task with.
+# A refunded completion (a deferral: the handler could not start) gives the attempt back and
+# writes no attempt record.
 COMPLETE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[],
                          $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[],
-                         $13::text[])
+                         $13::text[], $14::boolean[])
         AS i(id, attempt, status, result, error, retry_in_s, started_at, finished_at, http_status,
-             outcome, state, expected)
+             outcome, state, expected, refund)
 ),
 done AS (
     UPDATE tasks t
     SET status = i.status,
+        attempts = CASE WHEN i.refund THEN t.attempts - 1 ELSE t.attempts END,
         result = CASE WHEN i.status = 'completed' THEN i.result
                       WHEN i.status = 'waiting' THEN i.state ELSE t.result END,
         last_error = COALESCE(i.error, t.last_error),
@@ -388,7 +391,7 @@ done AS (
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
       AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = $12
-    RETURNING t.id, t.queue, t.kind, t.status
+    RETURNING t.id, t.queue, t.kind, t.status, i.outcome
 ),
 recorded AS (
     INSERT INTO task_attempts
@@ -396,6 +399,7 @@ recorded AS (
     SELECT i.id, i.attempt, i.started_at, i.finished_at, i.outcome, i.http_status, i.error,
            EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000
     FROM input i JOIN done d ON d.id = i.id
+    WHERE NOT i.refund
 ),
 {_notify_events("done")}
 SELECT done.*, (SELECT n FROM notified) AS _notified FROM done
@@ -442,6 +446,7 @@ class Completion:
     retry_in_s: float | None = None
     http_status: int | None = None
     state: dict[str, Any] | None = None  # provider state of a task that goes to `waiting`
+    refund: bool = False  # a deferral: the attempt did not happen
 
 
 async def complete(
@@ -462,6 +467,7 @@ async def complete(
         [None if c.state is None else json.dumps(c.state) for c in completions],
         worker_id,
         [str(Status.RUNNING)] * len(completions),
+        [c.refund for c in completions],
     )
     return list(rows)
 

@@ -53,3 +53,20 @@ class LabelCache:
 
 OUTCOMES = LabelCache(TASK_OUTCOMES)
 LAG = LabelCache(START_LAG)
+# The `http` kind, per destination host (host:port)
+HTTP_DELIVERIES = Counter(
+    "taskgate_http_deliveries_total",
+    "Outbound HTTP requests of `http` tasks by destination host and outcome",
+    ["host", "outcome"],
+)
+HTTP_DELIVERY_LATENCY = Histogram(
+    "taskgate_http_delivery_duration_seconds",
+    "Outbound HTTP request latency (to the response headers and the first 64 KiB of body)",
+    ["host"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
+HTTP_HOST_UNHEALTHY = Gauge(
+    "taskgate_http_host_unhealthy",
+    "1 while a destination host's circuit is open or half-open (consecutive failures at the threshold)",
+    ["host"],
+)

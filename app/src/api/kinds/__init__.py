@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from uuid import UUID
@@ -46,6 +46,15 @@ class PermanentError(Exception):
         self.http_status = http_status
 
 
+class Deferred(Exception):
+    """This attempt could not start (a shared resource is busy): run the task again after
+    `after_s` without counting an attempt and without recording one."""
+
+    def __init__(self, reason: str, *, after_s: float) -> None:
+        super().__init__(reason)
+        self.after_s = after_s
+
+
 class TaskCancelled(Exception):
     """Raised by a handler that observed a cancellation request and stopped."""
 
@@ -71,9 +80,11 @@ class TaskContext:
         "_progress",
         "attempt",
         "client_id",
+        "http_status",
         "kind",
         "max_attempts",
         "queue",
+        "resources",
         "task_id",
     )
 
@@ -87,6 +98,7 @@ class TaskContext:
         kind: str,
         client_id: UUID,
         progress: ProgressSink | None = None,
+        resources: Mapping[str, Any] | None = None,
     ) -> None:
         self.task_id = task_id
         self.attempt = attempt
@@ -96,6 +108,11 @@ class TaskContext:
         self.client_id = client_id
         self._cancelled: asyncio.Event | None = None
         self._progress = progress
+        # Process-wide components the runtime started for handlers (e.g. "http": OutboundHttp);
+        # handed over explicitly so no kind needs a module-level client.
+        self.resources: Mapping[str, Any] = resources or {}
+        # A handler that called a provider sets the HTTP status it got: the attempt records it.
+        self.http_status: int | None = None
 
     @property
     def cancelled(self) -> asyncio.Event:
@@ -125,8 +142,10 @@ class TaskKind(Generic[P, R]):
     description: str | None = None
     timeout_s: float | None = None
 
-    def validate_payload(self, payload: Any) -> P:
-        return self.payload.model_validate(payload)
+    def validate_payload(self, payload: Any, *, context: Mapping[str, Any] | None = None) -> P:
+        """Validate against the contract; `context` carries deployment settings a model may need
+        (e.g. the networks the `http` kind may reach), the same at enqueue and at run time."""
+        return self.payload.model_validate(payload, context=dict(context) if context else None)
 
     async def enqueue(
         self,
@@ -220,7 +239,7 @@ REGISTRY = KindRegistry()
 task_kind = REGISTRY.declare
 
 # Modules that declare the built-in kinds; importing them registers the kinds (and starts nothing).
-BUILTIN_MODULES = ("app.src.api.kinds.builtin",)
+BUILTIN_MODULES = ("app.src.api.kinds.builtin", "app.src.api.http.kind")
 
 
 def load_kinds(modules: tuple[str, ...] | list[str] = ()) -> KindRegistry:

@@ -1,0 +1,300 @@
+"""The asynchronous request-reply poller: the scheduler's `poll_waiting_http` job.
+
+A `waiting` http task carries its state (HttpWaitState: status URL, deadline) in PostgreSQL, so a
+restart loses nothing: whichever replica is elected next claims the due tasks (SKIP LOCKED plus a
+lease on run_at, app/src/database/http.py) and polls them.
+
+What a poll means:
+- the status URL answers 202: still running; poll again after Retry-After (or a growing interval),
+  at the latest at the deadline;
+- it redirects (303, or another redirect with Location): the result is there; fetch it, and judge
+  that answer like a synchronous one: success completes, 408/429/5xx makes the task retryable
+  (it runs again from the original request, as after a synchronous 5xx), other answers discard;
+- it answers anything else: that is the final answer, judged the same way, except that 408, 429
+  and 5xx from the status URL, and network errors on either URL, are failures to *poll*, not
+  answers: the task keeps waiting and is polled again (with backoff) until its deadline;
+- the deadline passes without a final answer: discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pydantic import ValidationError
+from yarl import URL
+
+from app.src.api.http.client import CREDENTIAL_HEADERS, HttpResponse, OutboundHttp
+from app.src.api.http.delivery import (
+    Classified,
+    classify,
+    exchange,
+    judge_status,
+    resolve_location,
+    signer_for,
+    signing_secrets,
+    to_result,
+)
+from app.src.api.kinds import REGISTRY, Deferred, PermanentError, RetryLater
+from app.src.api.models.http import HttpPayload, HttpWaitState
+from app.src.api.state_machine import Status, after_failure, backoff_seconds, sources, transition
+from app.src.database import http as store
+from app.src.database.http import WaitingTask
+from app.src.utils.metrics import TASK_OUTCOMES
+
+if TYPE_CHECKING:
+    from app.database import Database
+
+log = structlog.get_logger("taskgate.http.poller")
+
+KIND = "http"
+POLL_BATCH = 200  # due tasks claimed per run
+POLL_CONCURRENCY = 20  # polls in flight per run
+CLAIM_MARGIN_S = 30.0  # a claim's lease: two requests' timeouts plus this
+FIRST_POLL_S = 1.0
+MAX_POLL_INTERVAL_S = 60.0
+MAX_ERROR_CHARS = 2000
+
+
+async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str, int] | None:
+    """Poll every due waiting http task once; returns counts per outcome (None when idle)."""
+    if http is None:
+        return None
+    kind = REGISTRY.get(KIND)
+    kinds = [kind.name, *kind.aliases] if kind is not None else [KIND]
+    async with db.driver() as conn:
+        due = await store.claim_waiting(conn, kinds=kinds, limit=POLL_BATCH, margin_s=CLAIM_MARGIN_S)
+    if not due:
+        return None
+    limit = asyncio.Semaphore(POLL_CONCURRENCY)
+
+    async def poll(task: WaitingTask) -> str:
+        async with limit:
+            try:
+                return await poll_one(db, http, task)
+            except asyncio.CancelledError:
+                # shutdown: hand the claim back, so the next replica polls at once, not after the lease
+                await asyncio.shield(_hand_back(db, task))
+                raise
+            except Exception:
+                # the claim's lease runs out and the task is polled again: nothing is lost
+                log.exception("polling a waiting task failed", task_id=str(task.id))
+                return "error"
+
+    return dict(Counter(await asyncio.gather(*(poll(task) for task in due))))
+
+
+async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> str:
+    now = datetime.now(UTC)
+    try:
+        payload = HttpPayload.model_validate(task.payload, context=http.payload_context)
+        state = HttpWaitState.model_validate(task.state)
+    except ValidationError as exc:
+        await _finish(
+            db,
+            task,
+            Status.DISCARDED,
+            started_at=now,
+            error=f"cannot poll this task: {exc}",
+            outcome="failed",
+        )
+        return "discarded"
+    try:
+        signer = signer_for(task.id, await signing_secrets(http, task.client_id))
+        response, verdict = await exchange(
+            http,
+            holder=task.id,
+            method="GET",
+            url=state.status_url,
+            headers=_poll_headers(payload, state.status_url),
+            body=None,
+            payload=payload,
+            signer=signer,
+            judge=lambda r: judge_status(payload, r, now=datetime.now(UTC)),
+        )
+        if verdict.answer == "see_other":
+            result_url = resolve_location(response.url, verdict.location or "")
+            response, verdict = await exchange(
+                http,
+                holder=task.id,
+                method="GET",
+                url=result_url,
+                headers=_poll_headers(payload, result_url),
+                body=None,
+                payload=payload,
+                signer=signer,
+                judge=lambda r: classify(payload, r, now=datetime.now(UTC), accept_async=False),
+            )
+        elif verdict.answer == "retry":  # the status endpoint itself is failing: poll again
+            return await _keep_waiting(
+                db, task, state, error=verdict.reason, retry_after_s=verdict.retry_after_s
+            )
+    except Deferred as exc:  # the host is busy or its circuit open: not a poll, try again soon
+        return await _keep_waiting(db, task, state, delay_s=exc.after_s, count=False)
+    except RetryLater as exc:  # could not reach the status or result URL
+        return await _keep_waiting(db, task, state, error=str(exc), retry_after_s=exc.after_s)
+    except PermanentError as exc:
+        await _finish(
+            db, task, Status.DISCARDED, started_at=state.accepted_at, error=str(exc), outcome="failed"
+        )
+        return "discarded"
+    return await _conclude(db, task, state, response, verdict)
+
+
+async def _conclude(
+    db: Database, task: WaitingTask, state: HttpWaitState, response: HttpResponse, verdict: Classified
+) -> str:
+    if verdict.answer == "pending":
+        if verdict.location:
+            state.status_url = resolve_location(response.url, verdict.location)
+        return await _keep_waiting(db, task, state, retry_after_s=verdict.retry_after_s, error=None)
+    if verdict.answer == "completed":
+        await _finish(
+            db,
+            task,
+            Status.COMPLETED,
+            started_at=state.accepted_at,
+            result=to_result(response).model_dump(mode="json"),
+            http_status=response.status,
+            outcome="completed",
+        )
+        return "completed"
+    if verdict.answer == "retry":
+        status = after_failure(attempt=task.attempts, max_attempts=task.max_attempts, permanent=False)
+        retry_in_s = None
+        if status is Status.RETRYABLE:
+            queue = (await db.queues.by_ids({task.queue_id}))[task.queue_id]
+            retry_in_s = backoff_seconds(
+                attempt=task.attempts,
+                min_backoff_s=queue.min_backoff_s,
+                max_backoff_s=queue.max_backoff_s,
+                retry_after_s=verdict.retry_after_s,
+            )
+        await _finish(
+            db,
+            task,
+            status,
+            started_at=state.accepted_at,
+            error=verdict.reason,
+            retry_in_s=retry_in_s,
+            http_status=response.status,
+            outcome="failed",
+        )
+        return str(status)
+    await _finish(
+        db,
+        task,
+        Status.DISCARDED,
+        started_at=state.accepted_at,
+        error=verdict.reason,
+        http_status=response.status,
+        outcome="failed",
+    )
+    return "discarded"
+
+
+async def _keep_waiting(
+    db: Database,
+    task: WaitingTask,
+    state: HttpWaitState,
+    *,
+    error: str | None = None,
+    retry_after_s: float | None = None,
+    delay_s: float | None = None,
+    count: bool = True,
+) -> str:
+    """Poll again later, or discard when the deadline has passed."""
+    now = datetime.now(UTC)
+    if count:
+        state.polls += 1
+        state.last_error = error
+    left_s = (state.deadline - now).total_seconds()
+    if left_s <= 0:
+        reason = f"no final answer from {state.status_url} within async_deadline_s"
+        await _finish(
+            db,
+            task,
+            Status.DISCARDED,
+            started_at=state.accepted_at,
+            error=f"{reason} (last error: {error})" if error else reason,
+            outcome="failed",
+        )
+        return "discarded"
+    if delay_s is None:
+        delay_s = (
+            retry_after_s
+            if retry_after_s is not None
+            else min(MAX_POLL_INTERVAL_S, FIRST_POLL_S * 2 ** min(state.polls - 1, 16))
+        )
+    async with db.driver() as conn:
+        await store.reschedule_waiting(
+            conn,
+            task_id=task.id,
+            lease=task.lease,
+            delay_s=min(delay_s, left_s),  # one last poll at the deadline
+            state=state.model_dump(mode="json"),
+            error=_clip(error) if error else None,
+        )
+    return "pending" if error is None else "poll_failed"
+
+
+async def _hand_back(db: Database, task: WaitingTask) -> None:
+    try:
+        async with db.driver() as conn:
+            await store.reschedule_waiting(
+                conn, task_id=task.id, lease=task.lease, delay_s=0, state=task.state, error=None
+            )
+    except Exception as exc:  # the lease still ends: the task is polled again then
+        log.warning("handing a poll back failed", task_id=str(task.id), error=str(exc))
+
+
+async def _finish(
+    db: Database,
+    task: WaitingTask,
+    status: Status,
+    *,
+    started_at: datetime,
+    outcome: str,
+    result: Any = None,
+    error: str | None = None,
+    retry_in_s: float | None = None,
+    http_status: int | None = None,
+) -> None:
+    transition(Status.WAITING, status)  # the state machine has the last word
+    guard = [source for source in sources(status) if source == Status.WAITING]
+    async with db.driver() as conn:
+        finished = await store.finish_waiting(
+            conn,
+            task_id=task.id,
+            lease=task.lease,
+            status=str(status),
+            guard=guard,
+            result=result,
+            error=_clip(error) if error else None,
+            retry_in_s=retry_in_s,
+            http_status=http_status,
+            outcome=outcome,
+            started_at=started_at,
+        )
+    if finished:
+        TASK_OUTCOMES.labels(task.queue, task.kind, str(status)).inc()
+    else:
+        log.info("waiting task changed meanwhile (cancelled?); poll result dropped", task_id=str(task.id))
+
+
+def _poll_headers(payload: HttpPayload, url: str) -> Mapping[str, str]:
+    """The task's headers for a GET: no body headers, and no credentials to another origin."""
+    same_origin = URL(url, encoded=True).origin() == URL(str(payload.url), encoded=True).origin()
+    return {
+        name: value
+        for name, value in payload.headers.items()
+        if name.lower() != "content-type" and (same_origin or name.lower() not in CREDENTIAL_HEADERS)
+    }
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
