@@ -420,7 +420,7 @@ done AS (
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
       AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = $6
-    RETURNING t.id, t.queue, t.kind, t.status
+    RETURNING t.id, t.queue, t.kind, t.status, 'completed' AS outcome
 ),
 recorded AS (
     INSERT INTO task_attempts (task_id, attempt, started_at, finished_at, outcome, duration_ms)
@@ -452,6 +452,19 @@ class Completion:
 async def complete(
     conn: Executor, completions: Sequence[Completion], *, worker_id: UUID
 ) -> list[Mapping[str, Any]]:
+    if all(c.status is Status.COMPLETED and c.http_status is None and not c.refund for c in completions):
+        return list(
+            await conn.fetch(
+                COMPLETE_SUCCESSES,
+                [c.id for c in completions],
+                [c.attempt for c in completions],
+                [None if c.result is None else json.dumps(c.result) for c in completions],
+                [c.started_at for c in completions],
+                [c.finished_at for c in completions],
+                worker_id,
+                [str(Status.RUNNING)] * len(completions),
+            )
+        )
     rows = await conn.fetch(
         COMPLETE,
         [c.id for c in completions],

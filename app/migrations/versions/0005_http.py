@@ -1,13 +1,13 @@
 """The `http` kind: per-host permits (concurrency across processes) and host health (circuit).
 
-Revision ID: 0003
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-22
 """
 
 from alembic import op
 
-revision = "0003"
+revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
