@@ -32,6 +32,7 @@ fmt: install
 	.venv/bin/ruff format .
 
 bench: install
+	@command -v wrk >/dev/null || apt-get install -y wrk >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y wrk >/dev/null) || echo "bench: install wrk for the HTTP enqueue numbers"
 	$(PY) -m bench
 
 start:

@@ -18,7 +18,7 @@ from app.routes.adapter import register_blueprints
 from app.runtime import Runtime
 from app.settings import Settings, load_settings
 from app.src.api.kinds import load_kinds
-from app.src.utils import schema_adapters
+from app.src.utils import json_provider, schema_adapters
 
 try:
     __version__ = version("taskgate")
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
         security=[{"bearer": []}],
     )
+    json_provider.install(app)
     app = cors(
         app,
         allow_origin=settings.CORS_ORIGINS,
