@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from quart import Blueprint, current_app, g, request
+from quart import Blueprint, request
 from quart_schema import validate_request, validate_response
 
-from app.database import Database
 from app.middlewares import public, requires_operator, requires_scopes
+from app.routes.context import db
+from app.routes.context import principal as current_principal
 from app.src.api.auth import clients, operators
 from app.src.api.models.auth import (
     ClientCreatedOut,
@@ -22,7 +23,6 @@ from app.src.api.models.auth import (
     LoginIn,
     LoginOut,
     MeOut,
-    Principal,
     RecoveryCodesOut,
     SessionOut,
     SigningSecret,
@@ -34,16 +34,6 @@ from app.src.api.models.auth import (
 )
 
 blueprint = Blueprint("auth", __name__)
-
-
-def _db() -> Database:
-    db: Database = current_app.extensions["taskgate"].db
-    return db
-
-
-def _principal() -> Principal:
-    principal: Principal = g.principal
-    return principal
 
 
 def _address() -> str:
@@ -60,7 +50,7 @@ def _secrets(items: list[SigningSecret]) -> SigningSecretList:
 @validate_response(LoginOut, 200)
 async def login(data: LoginIn) -> LoginOut:
     """Log in with email and password; answers with an MFA token for the TOTP step."""
-    grant = await operators.login(_db(), email=data.email, password=data.password, address=_address())
+    grant = await operators.login(db(), email=data.email, password=data.password, address=_address())
     return LoginOut(mfa_required=True, mfa_token=grant.mfa_token)
 
 
@@ -70,7 +60,7 @@ async def login(data: LoginIn) -> LoginOut:
 @validate_response(SessionOut, 200)
 async def login_totp(data: TotpLoginIn) -> SessionOut:
     """Finish logging in with a TOTP code (or a recovery code); answers with a session token."""
-    grant = await operators.login_totp(_db(), mfa_token=data.mfa_token, code=data.code, address=_address())
+    grant = await operators.login_totp(db(), mfa_token=data.mfa_token, code=data.code, address=_address())
     return SessionOut(access_token=grant.access_token, expires_at=grant.expires_at)
 
 
@@ -79,7 +69,7 @@ async def login_totp(data: TotpLoginIn) -> SessionOut:
 @validate_response(LoggedOut, 200)
 async def logout() -> LoggedOut:
     """End the calling operator session at once."""
-    return LoggedOut(session_id=await operators.logout(_db(), principal=_principal()))
+    return LoggedOut(session_id=await operators.logout(db(), principal=current_principal()))
 
 
 @blueprint.get("/me")
@@ -87,13 +77,13 @@ async def logout() -> LoggedOut:
 @validate_response(MeOut, 200)
 async def me() -> MeOut:
     """Who the bearer token stands for: kind, tenant, scopes."""
-    principal = _principal()
+    principal = current_principal()
     return MeOut(
         kind=principal.kind,
         client_id=principal.client_id,
         scopes=sorted(principal.scopes),
         operator_id=principal.operator_id,
-        email=await operators.operator_email(_db(), principal=principal),
+        email=await operators.operator_email(db(), principal=principal),
         key_id=principal.key_id,
         max_queued_tasks=principal.max_queued_tasks,
     )
@@ -104,7 +94,7 @@ async def me() -> MeOut:
 @validate_response(TotpEnrollOut, 200)
 async def totp_enroll() -> TotpEnrollOut:
     """Start TOTP re-enrolment: a new secret that takes over once a code from it is confirmed."""
-    enrollment = await operators.enroll_totp(_db(), principal=_principal())
+    enrollment = await operators.enroll_totp(db(), principal=current_principal())
     return TotpEnrollOut(secret=enrollment.secret, provisioning_uri=enrollment.provisioning_uri)
 
 
@@ -114,7 +104,9 @@ async def totp_enroll() -> TotpEnrollOut:
 @validate_response(RecoveryCodesOut, 200)
 async def totp_confirm(data: TotpConfirmIn) -> RecoveryCodesOut:
     """Confirm TOTP re-enrolment with a code; answers with 10 new single-use recovery codes."""
-    codes = await operators.confirm_totp(_db(), principal=_principal(), code=data.code, address=_address())
+    codes = await operators.confirm_totp(
+        db(), principal=current_principal(), code=data.code, address=_address()
+    )
     return RecoveryCodesOut(recovery_codes=codes)
 
 
@@ -126,10 +118,10 @@ async def totp_confirm(data: TotpConfirmIn) -> RecoveryCodesOut:
 async def create_client(data: ClientIn) -> tuple[ClientCreatedOut, int]:
     """Create an API client; its first API key is in the answer and never shown again."""
     _, key = await clients.create_client(
-        _db(),
+        db(),
         name=data.name,
         scopes=data.scopes,
-        created_by=_principal().operator_id,
+        created_by=current_principal().operator_id,
         max_queued_tasks=data.max_queued_tasks,
         rate_limit_per_s=data.rate_limit_per_s,
     )
@@ -141,7 +133,7 @@ async def create_client(data: ClientIn) -> tuple[ClientCreatedOut, int]:
 @validate_response(ClientList, 200)
 async def list_clients() -> ClientList:
     """List API clients (an API client sees only itself)."""
-    items = await clients.list_clients(_db(), principal=_principal())
+    items = await clients.list_clients(db(), principal=current_principal())
     return ClientList(items=[ClientOut.model_validate(item) for item in items])
 
 
@@ -151,7 +143,7 @@ async def list_clients() -> ClientList:
 async def get_client(client_id: UUID) -> ClientOut:
     """One API client."""
     return ClientOut.model_validate(
-        await clients.get_client(_db(), principal=_principal(), client_id=client_id)
+        await clients.get_client(db(), principal=current_principal(), client_id=client_id)
     )
 
 
@@ -161,7 +153,9 @@ async def get_client(client_id: UUID) -> ClientOut:
 @validate_response(ClientOut, 200)
 async def disable_client(client_id: UUID) -> ClientOut:
     """Disable a client: every one of its keys is refused from the next request on."""
-    client = await clients.set_disabled(_db(), principal=_principal(), client_id=client_id, disabled=True)
+    client = await clients.set_disabled(
+        db(), principal=current_principal(), client_id=client_id, disabled=True
+    )
     return ClientOut.model_validate(client)
 
 
@@ -171,7 +165,9 @@ async def disable_client(client_id: UUID) -> ClientOut:
 @validate_response(ClientOut, 200)
 async def enable_client(client_id: UUID) -> ClientOut:
     """Enable a disabled client again."""
-    client = await clients.set_disabled(_db(), principal=_principal(), client_id=client_id, disabled=False)
+    client = await clients.set_disabled(
+        db(), principal=current_principal(), client_id=client_id, disabled=False
+    )
     return ClientOut.model_validate(client)
 
 
@@ -180,7 +176,7 @@ async def enable_client(client_id: UUID) -> ClientOut:
 @validate_response(KeyList, 200)
 async def list_keys(client_id: UUID) -> KeyList:
     """A client's API keys (prefixes and dates; the keys themselves are never stored)."""
-    keys = await clients.list_keys(_db(), principal=_principal(), client_id=client_id)
+    keys = await clients.list_keys(db(), principal=current_principal(), client_id=client_id)
     return KeyList(items=[KeyOut.model_validate(key) for key in keys])
 
 
@@ -189,7 +185,7 @@ async def list_keys(client_id: UUID) -> KeyList:
 @validate_response(KeyCreatedOut, 201)
 async def create_key(client_id: UUID) -> tuple[KeyCreatedOut, int]:
     """Issue another API key for a client (shown once)."""
-    key = await clients.issue_key(_db(), principal=_principal(), client_id=client_id)
+    key = await clients.issue_key(db(), principal=current_principal(), client_id=client_id)
     return KeyCreatedOut(key_id=key.key_id, api_key=key.api_key), 201
 
 
@@ -198,7 +194,7 @@ async def create_key(client_id: UUID) -> tuple[KeyCreatedOut, int]:
 @validate_response(KeyOut, 200)
 async def revoke_key(client_id: UUID, key_id: UUID) -> KeyOut:
     """Revoke an API key; it is refused from the next request on."""
-    key = await clients.revoke_key(_db(), principal=_principal(), client_id=client_id, key_id=key_id)
+    key = await clients.revoke_key(db(), principal=current_principal(), client_id=client_id, key_id=key_id)
     return KeyOut.model_validate(key)
 
 
@@ -207,7 +203,7 @@ async def revoke_key(client_id: UUID, key_id: UUID) -> KeyOut:
 @validate_response(SigningSecretList, 200)
 async def list_signing_secrets(client_id: UUID) -> SigningSecretList:
     """The secrets that sign this tenant's HTTP deliveries, newest first."""
-    items = await clients.list_signing_secrets(_db(), principal=_principal(), client_id=client_id)
+    items = await clients.list_signing_secrets(db(), principal=current_principal(), client_id=client_id)
     return _secrets(items)
 
 
@@ -216,7 +212,7 @@ async def list_signing_secrets(client_id: UUID) -> SigningSecretList:
 @validate_response(SigningSecretList, 201)
 async def add_signing_secret(client_id: UUID) -> tuple[SigningSecretList, int]:
     """Rotate: add a signing secret; older ones keep signing until deleted."""
-    items = await clients.add_signing_secret(_db(), principal=_principal(), client_id=client_id)
+    items = await clients.add_signing_secret(db(), principal=current_principal(), client_id=client_id)
     return _secrets(items), 201
 
 
@@ -226,6 +222,6 @@ async def add_signing_secret(client_id: UUID) -> tuple[SigningSecretList, int]:
 async def delete_signing_secret(client_id: UUID, secret_id: UUID) -> SigningSecretList:
     """Stop signing with a secret; answers with those still signing (the last cannot go)."""
     items = await clients.delete_signing_secret(
-        _db(), principal=_principal(), client_id=client_id, secret_id=secret_id
+        db(), principal=current_principal(), client_id=client_id, secret_id=secret_id
     )
     return _secrets(items)
