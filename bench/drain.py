@@ -22,9 +22,7 @@ from typing import Any
 
 import asyncpg
 
-
-def _sqlalchemy_uri(uri: str) -> str:
-    return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
+from bench.server import sqlalchemy_uri
 
 
 async def prepare_taskgate(
@@ -33,7 +31,7 @@ async def prepare_taskgate(
     from app.src.database import migrations
     from bench import preload
 
-    await asyncio.to_thread(migrations.upgrade, _sqlalchemy_uri(uri))
+    await asyncio.to_thread(migrations.upgrade, sqlalchemy_uri(uri))
     conn = await asyncpg.connect(uri)
     try:
         client, queue_id = await preload.queue(conn, paused=paused)
@@ -65,7 +63,7 @@ async def taskgate(
     load_kinds()
     config = load_settings(
         APP_ENV="prod",
-        DB_URI=_sqlalchemy_uri(uri),
+        DB_URI=sqlalchemy_uri(uri),
         SECRET_KEYS=["bench"],
         TLS_TERMINATED_UPSTREAM=True,
         ROLES=["worker"],

@@ -29,6 +29,8 @@ import asyncpg
 from aiohttp import web
 from standardwebhooks import Webhook
 
+from bench.server import sqlalchemy_uri
+
 ROOT = Path(__file__).resolve().parents[1]
 DATABASE = "taskgate_bench_http"
 BODY = b'{"event":"order.paid","order":{"id":42,"total":"19.90"}}'
@@ -89,7 +91,7 @@ def database() -> str:
         _server, admin = embedded.start(ROOT / "var" / "bench")
         asyncio.run(embedded.create_database(admin.replace("+asyncpg", ""), DATABASE))
         uri = admin.replace(f"/{embedded.DATABASE}?", f"/{DATABASE}?")
-    uri = uri.replace("postgresql://", "postgresql+asyncpg://", 1)
+    uri = sqlalchemy_uri(uri)
     migrations.upgrade(uri)
     return uri
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from app.src.encryption.certs import ensure_dev_certificate
-from bench.server import DATA_DIR, ROOT, BenchServer
+from bench.server import DATA_DIR, ROOT, BenchServer, sqlalchemy_uri
 
 
 def free_port() -> int:
@@ -46,7 +46,7 @@ def taskgate_env(db_uri: str, cert: Path, key: Path, port: int) -> dict[str, str
     return {
         **os.environ,
         "APP_ENV": "prod",
-        "DB_URI": db_uri.replace("postgresql://", "postgresql+asyncpg://", 1),
+        "DB_URI": sqlalchemy_uri(db_uri),
         "SECRET_KEYS": "zOyp1OqHZ8zvcfnAaflu0J1z4Jx0pcXOm8ZNjPzVumI=",
         "SSL_CERTFILE": str(cert),
         "SSL_KEYFILE": str(key),
@@ -148,7 +148,7 @@ def run(server: BenchServer, *, seconds: int = 10) -> dict[str, Any]:
             bare_db = server.fresh_database(f"enqueue_bare_{variant}")
             bare_port = free_port()
             bare = subprocess.Popen(
-                [sys.executable, "-m", "bench.bare_app", bare_db.replace("postgresql://", "postgresql+asyncpg://", 1),
+                [sys.executable, "-m", "bench.bare_app", sqlalchemy_uri(bare_db),
                  str(bare_port), str(cert), str(key)],
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip

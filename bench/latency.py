@@ -18,7 +18,8 @@ from typing import Any
 
 import asyncpg
 
-from bench.drain import _sqlalchemy_uri, conninfo
+from bench.drain import conninfo
+from bench.server import sqlalchemy_uri
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -66,10 +67,10 @@ async def taskgate(uri: str, rate: float, seconds: float) -> dict[str, Any]:
     from app.src.database import migrations
     from bench import kinds
 
-    await asyncio.to_thread(migrations.upgrade, _sqlalchemy_uri(uri))
+    await asyncio.to_thread(migrations.upgrade, sqlalchemy_uri(uri))
     load_kinds(["bench.kinds"])
     config = load_settings(
-        APP_ENV="prod", DB_URI=_sqlalchemy_uri(uri), SECRET_KEYS=["bench"], TLS_TERMINATED_UPSTREAM=True,
+        APP_ENV="prod", DB_URI=sqlalchemy_uri(uri), SECRET_KEYS=["bench"], TLS_TERMINATED_UPSTREAM=True,
         ROLES=["worker"], LOG_LEVEL="WARNING", TASK_KIND_MODULES=["bench.kinds"],
     )  # fmt: skip
     configure_logging(config)

@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "var" / "bench"
 
 
+def sqlalchemy_uri(uri: str) -> str:
+    """postgresql://... as Taskgate's DB_URI (postgresql+asyncpg://...)."""
+    return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
 class BenchServer:
     def __init__(self) -> None:
         self.handle: Any = None
