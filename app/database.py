@@ -12,7 +12,6 @@ event loop appears, sqlalchemy#5626).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,8 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from app.settings import Settings
 from app.src.api.errors import ServiceUnavailable
+from app.src.api.models.tasks import Task
 from app.src.database import migrations
+from app.src.database import tasks as task_store
 from app.src.database.caches import QueueCache, QuotaCache
+from app.src.utils import json_text
+from app.src.utils.coalesce import Coalescer
 
 POOL_TIMEOUT_S = 10.0
 
@@ -36,9 +39,20 @@ async def _set_codecs(connection: asyncpg.Connection) -> None:
             name,
             schema="pg_catalog",
             encoder=(lambda text: b"\x01" + text.encode()) if binary else (lambda text: text),
-            decoder=(lambda data: json.loads(data[1:])) if binary else json.loads,
+            decoder=(lambda data: json_text.loads(data[1:])) if binary else json_text.loads,
             format="binary" if binary else "text",
         )
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Return a connection to the pool without asyncpg's default reset query.
+
+    The default (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`) is a round trip on
+    every release, as much as the statement an enqueue runs. asyncpg still rolls back an open
+    transaction and drops listeners before this hook; the rest cannot be left behind by Taskgate:
+    its advisory locks are transaction-scoped (`pg_advisory_xact_lock`), settings are `SET LOCAL`,
+    cursors live inside transactions and LISTEN has its own connection (Notifier).
+    """
 
 
 class Database:
@@ -54,6 +68,8 @@ class Database:
         self._pool: asyncpg.Pool | None = None
         self.queues = QueueCache()
         self.quotas = QuotaCache()
+        # single enqueues of concurrent requests share one INSERT (group commit)
+        self.task_inserts: Coalescer[task_store.NewTask, Task] = Coalescer(self._insert_tasks)
         # storages whose initialize(db) runs once the engine exists
         self.repositories: list[Any] = [self.queues, self.quotas]
 
@@ -81,6 +97,7 @@ class Database:
             max_inactive_connection_lifetime=300,
             server_settings=server_settings,
             init=_set_codecs,
+            reset=_keep_session,
         )
         for repository in self.repositories:
             await repository.initialize(self)
@@ -92,6 +109,7 @@ class Database:
         return tuple(args), {k: v for k, v in kwargs.items() if k not in drop}
 
     async def disconnect(self) -> None:
+        await self.task_inserts.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -122,6 +140,10 @@ class Database:
             yield connection
         finally:
             await self._pool.release(connection)
+
+    async def _insert_tasks(self, tasks: list[task_store.NewTask]) -> list[Task]:
+        async with self.driver() as conn:
+            return await task_store.insert_tasks(conn, tasks)
 
     async def ping(self) -> bool:
         try:

@@ -20,8 +20,8 @@ from app.src.api.models.tasks import Attempt, Task, TaskIn
 from app.src.api.state_machine import TERMINAL, Status, sources
 from app.src.database import tasks as store
 from app.src.database.tasks import NewTask
-from app.src.utils.ids import uuid7
-from app.src.utils.metrics import TASKS_ENQUEUED
+from app.src.utils.ids import uuid7, uuid7s
+from app.src.utils.metrics import ENQUEUED
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -109,7 +109,7 @@ async def enqueue(
         )
     new = [
         NewTask(
-            id=uuid7(),
+            id=task_id,
             client_id=client_id,
             queue_id=queues[item.queue].id,
             queue=item.queue,
@@ -120,9 +120,11 @@ async def enqueue(
             run_at=item.run_at,
             delay_s=item.delay_s,
         )
-        for item, kind in zip(items, kinds, strict=True)
+        for item, kind, task_id in zip(items, kinds, uuid7s(len(items)), strict=True)
     ]
-    if idempotency_key is None:
+    if idempotency_key is None and not batch:
+        tasks = [await db.task_inserts.submit(new[0])]
+    elif idempotency_key is None:
         async with db.driver() as conn:
             tasks = await store.insert_tasks(conn, new)
     else:
@@ -147,7 +149,7 @@ async def enqueue(
             )
     db.quotas.added(client_id, len(tasks))
     for task in tasks:
-        TASKS_ENQUEUED.labels(task.queue, task.kind).inc()
+        ENQUEUED(task.queue, task.kind).inc()
     return tasks, False
 
 
@@ -183,7 +185,7 @@ async def enqueue_in_transaction(
             )
         ],
     )
-    TASKS_ENQUEUED.labels(task.queue, task.kind).inc()
+    ENQUEUED(task.queue, task.kind).inc()
     return task
 
 

@@ -1,14 +1,17 @@
 """In-process caches over PostgreSQL: queue settings and per-client unfinished-task counts.
 
 Changes made through this process invalidate at once; other processes see them within the TTL
-(the scheduler's cache job also refreshes them).
+(the scheduler's cache job also refreshes them). When an entry expires under load, one query
+refreshes it and the concurrent requests wait for that one (no stampede of identical queries).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 from uuid import UUID
 
 from app.src.api.models.tasks import Queue
@@ -21,11 +24,30 @@ if TYPE_CHECKING:
 QUEUE_TTL_S = 5.0
 QUOTA_TTL_S = 2.0
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class SingleFlight(Generic[K, V]):
+    """At most one load per key in flight; callers asking for the same key meanwhile share it."""
+
+    def __init__(self) -> None:
+        self._loading: dict[K, asyncio.Future[V]] = {}
+
+    async def load(self, key: K, loader: Callable[[], Awaitable[V]]) -> V:
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = self._loading[key] = asyncio.ensure_future(loader())
+            pending.add_done_callback(lambda _: self._loading.pop(key, None))
+        # shielded: one caller going away (client disconnected) does not cancel the others' load
+        return await asyncio.shield(pending)
+
 
 @dataclass
 class QueueCache:
     _by_name: dict[tuple[UUID, str], tuple[float, Queue]] = field(default_factory=dict)
     _by_id: dict[int, tuple[float, Queue]] = field(default_factory=dict)
+    _ensuring: SingleFlight[tuple[UUID, str], Queue] = field(default_factory=SingleFlight)
     db: Database | None = None
 
     async def initialize(self, db: Database) -> None:
@@ -51,8 +73,12 @@ class QueueCache:
         hit = self._by_name.get((client_id, name))
         if hit is not None and time.monotonic() - hit[0] < QUEUE_TTL_S:
             return hit[1]
-        async with _initialized(self.db).driver() as conn:
-            return self.remember(await queue_store.ensure(conn, client_id=client_id, name=name))
+
+        async def load() -> Queue:
+            async with _initialized(self.db).driver() as conn:
+                return self.remember(await queue_store.ensure(conn, client_id=client_id, name=name))
+
+        return await self._ensuring.load((client_id, name), load)
 
     async def by_ids(self, ids: set[int]) -> dict[int, Queue]:
         now = time.monotonic()
@@ -72,6 +98,7 @@ class QuotaCache:
     """Approximate unfinished-task counts per client: exact at refresh, plus what we enqueued since."""
 
     _counts: dict[UUID, tuple[float, int]] = field(default_factory=dict)
+    _counting: SingleFlight[UUID, int] = field(default_factory=SingleFlight)
     db: Database | None = None
 
     async def initialize(self, db: Database) -> None:
@@ -82,10 +109,14 @@ class QuotaCache:
         hit = self._counts.get(client_id)
         if hit is not None and time.monotonic() - hit[0] < QUOTA_TTL_S:
             return hit[1]
-        async with _initialized(self.db).driver() as conn:
-            count = await task_store.count_unfinished(conn, client_id=client_id)
-        self._counts[client_id] = (time.monotonic(), count)
-        return count
+
+        async def load() -> int:
+            async with _initialized(self.db).driver() as conn:
+                count = await task_store.count_unfinished(conn, client_id=client_id)
+            self._counts[client_id] = (time.monotonic(), count)
+            return count
+
+        return await self._counting.load(client_id, load)
 
     def added(self, client_id: UUID, n: int) -> None:
         hit = self._counts.get(client_id)

@@ -7,7 +7,6 @@ poller's claim on a waiting task is a lease on its run_at.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +16,7 @@ from uuid import UUID
 import dacite
 
 from app.src.database.tasks import EVENTS_CHANNEL, Executor
+from app.src.utils import json_text
 
 _DACITE = dacite.Config(check_types=False)
 
@@ -263,7 +263,7 @@ async def reschedule_waiting(
     state: Mapping[str, Any],
     error: str | None,
 ) -> bool:
-    return bool(await conn.fetch(RESCHEDULE_WAITING, task_id, lease, delay_s, json.dumps(state), error))
+    return bool(await conn.fetch(RESCHEDULE_WAITING, task_id, lease, delay_s, json_text.dumps(state), error))
 
 
 # The waiting is over: the status the poller decided (via the state machine; $10 are the sources
@@ -311,7 +311,7 @@ async def finish_waiting(
         task_id,
         lease,
         status,
-        None if result is None else json.dumps(result),
+        None if result is None else json_text.dumps(result),
         error,
         retry_in_s,
         http_status,

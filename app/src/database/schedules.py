@@ -8,7 +8,6 @@ time, and `next_run_at` only moves by a compare-and-set on its old value.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +19,7 @@ import dacite
 
 from app.src.api.models.schedules import Schedule
 from app.src.database.tasks import Executor
+from app.src.utils import json_text
 
 SCHEDULE_COLUMNS = (
     "id, client_id, name, cron, timezone, queue, kind, payload, paused, next_run_at, last_fire_time, "
@@ -69,7 +69,7 @@ async def insert(
             timezone,
             queue,
             kind,
-            json.dumps(payload),
+            json_text.dumps(payload),
             paused,
             next_run_at,
         )
@@ -94,7 +94,7 @@ async def update(
 ) -> Schedule | None:
     """Write the columns in `changes` (whitelisted in EDITABLE) and stamp updated_at."""
     columns = [column for column in EDITABLE if column in changes]
-    values = [json.dumps(changes[c]) if c == "payload" else changes[c] for c in columns]
+    values = [json_text.dumps(changes[c]) if c == "payload" else changes[c] for c in columns]
     casts = {"payload": "::jsonb"}
     assignments = [f"{c} = ${i}{casts.get(c, '')}" for i, c in enumerate(columns, start=3)]
     try:

@@ -8,7 +8,6 @@ finished meanwhile is never overwritten.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +18,7 @@ import dacite
 
 from app.src.api.models.tasks import Attempt, Task
 from app.src.api.state_machine import RESCUE_STATUS_SQL, Status, sources
+from app.src.utils import json_text
 
 EVENTS_CHANNEL = "taskgate_events"  # payload: comma-separated task ids whose state changed
 AVAILABLE_CHANNEL = "taskgate_available"  # payload: comma-separated queue ids with new work
@@ -80,14 +80,15 @@ inserted AS (
     CROSS JOIN LATERAL (
         SELECT COALESCE(i.run_at, now() + make_interval(secs => COALESCE(i.delay_s, 0)), now()) AS at
     ) due
-    RETURNING {TASK_COLUMNS}
+    RETURNING id, queue_id, status, run_at, created_at
 ),
 woken AS (
     SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
         SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM inserted WHERE status = 'available'
     ) q WHERE ids IS NOT NULL
 )
-SELECT inserted.*, (SELECT n FROM woken) AS _woken FROM inserted
+SELECT inserted.id, inserted.status, inserted.run_at, inserted.created_at, (SELECT n FROM woken) AS _woken
+FROM inserted
 """
 
 
@@ -114,15 +115,39 @@ async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
         [t.queue_id for t in tasks],
         [t.queue for t in tasks],
         [t.kind for t in tasks],
-        [json.dumps(t.payload) for t in tasks],
+        [json_text.dumps(t.payload) for t in tasks],
         [t.priority for t in tasks],
         [t.max_attempts for t in tasks],
         [t.run_at for t in tasks],
         [t.delay_s for t in tasks],
-        [None if t.schedule is None else json.dumps(t.schedule) for t in tasks],
+        [None if t.schedule is None else json_text.dumps(t.schedule) for t in tasks],
     )
+    # only what the database decided comes back; the rest is what was sent (no payload round trip)
     by_id = {row["id"]: row for row in rows}
-    return [to_task(by_id[t.id]) for t in tasks]
+    return [_inserted(t, by_id[t.id]) for t in tasks]
+
+
+def _inserted(new: NewTask, row: Mapping[str, Any]) -> Task:
+    return Task(
+        id=new.id,
+        client_id=new.client_id,
+        queue_id=new.queue_id,
+        queue=new.queue,
+        kind=new.kind,
+        payload=new.payload,
+        status=row["status"],
+        priority=new.priority,
+        attempts=0,
+        max_attempts=new.max_attempts,
+        run_at=row["run_at"],
+        created_at=row["created_at"],
+        started_at=None,
+        finished_at=None,
+        result=None,
+        last_error=None,
+        progress=None,
+        schedule=new.schedule,
+    )
 
 
 # --- idempotency ---------------------------------------------------------------------------------
@@ -458,7 +483,7 @@ async def complete(
                 COMPLETE_SUCCESSES,
                 [c.id for c in completions],
                 [c.attempt for c in completions],
-                [None if c.result is None else json.dumps(c.result) for c in completions],
+                [None if c.result is None else json_text.dumps(c.result) for c in completions],
                 [c.started_at for c in completions],
                 [c.finished_at for c in completions],
                 worker_id,
@@ -470,14 +495,14 @@ async def complete(
         [c.id for c in completions],
         [c.attempt for c in completions],
         [str(c.status) for c in completions],
-        [None if c.result is None else json.dumps(c.result) for c in completions],
+        [None if c.result is None else json_text.dumps(c.result) for c in completions],
         [c.error for c in completions],
         [c.retry_in_s for c in completions],
         [c.started_at for c in completions],
         [c.finished_at for c in completions],
         [c.http_status for c in completions],
         [c.outcome for c in completions],
-        [None if c.state is None else json.dumps(c.state) for c in completions],
+        [None if c.state is None else json_text.dumps(c.state) for c in completions],
         worker_id,
         [str(Status.RUNNING)] * len(completions),
         [c.refund for c in completions],
@@ -518,7 +543,7 @@ SELECT id, (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) FROM updated) 
 
 
 async def set_progress(conn: Executor, *, task_id: UUID, attempt: int, progress: dict[str, Any]) -> None:
-    await conn.fetch(PROGRESS, task_id, attempt, json.dumps(progress))
+    await conn.fetch(PROGRESS, task_id, attempt, json_text.dumps(progress))
 
 
 # --- rescue --------------------------------------------------------------------------------------

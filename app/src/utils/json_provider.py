@@ -7,7 +7,9 @@ UTC times with "Z" like pydantic does, and keeps keys sorted so answers stay sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 import orjson
 from quart import Quart
@@ -16,13 +18,26 @@ from quart.json.provider import DefaultJSONProvider
 _OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
+def dumps(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
+    """A response body as the API writes it."""
+
+    def fallback(value: Any) -> Any:
+        if isinstance(value, UUID):  # asyncpg's UUID subclass, which orjson does not take as a UUID
+            return str(value)
+        if default is None:
+            raise TypeError(f"{type(value).__name__} is not JSON serializable")
+        return default(value)
+
+    return orjson.dumps(obj, default=fallback, option=_OPTIONS).decode()
+
+
 class OrjsonProvider(DefaultJSONProvider):
     def __init__(self, app: Quart, fallback: DefaultJSONProvider) -> None:
         super().__init__(app)
         self._fallback = fallback  # quart-schema's: pydantic models and other non-native types
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
-        return orjson.dumps(obj, default=self._fallback.default, option=_OPTIONS).decode()
+        return dumps(obj, default=self._fallback.default)
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return orjson.loads(s)

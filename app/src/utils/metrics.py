@@ -52,6 +52,7 @@ class LabelCache:
 
 
 OUTCOMES = LabelCache(TASK_OUTCOMES)
+ENQUEUED = LabelCache(TASKS_ENQUEUED)
 LAG = LabelCache(START_LAG)
 # The `http` kind, per destination host (host:port)
 HTTP_DELIVERIES = Counter(

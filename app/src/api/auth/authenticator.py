@@ -1,7 +1,9 @@
 """Bearer token → Principal: API keys (machines) and operator sessions, plus the per-client rate limit.
 
-No cache on purpose: one indexed lookup per request, so logout, key revocation and client
-disablement take effect on the very next request, in every process.
+No cache on purpose: every request is checked against the database after it arrived, so logout,
+key revocation and client disablement take effect on the very next request, in every process.
+Concurrent requests share that lookup (one `WHERE prefix = ANY(...)` round trip, see
+app/src/utils/coalesce.py); each still reads state committed before it was received.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import structlog
 from app.database import Database
 from app.src.api.auth.rate_limit import TokenBuckets, retry_after_seconds
 from app.src.api.errors import TooManyRequests
-from app.src.api.models.auth import SCOPES, Principal
+from app.src.api.models.auth import SCOPES, KeyCredential, Principal
 from app.src.database import auth as store
 from app.src.encryption import tokens
+from app.src.utils.coalesce import Coalescer
 
 log = structlog.get_logger("taskgate.auth")
 OPERATOR_SCOPES = frozenset(SCOPES)
@@ -28,6 +31,7 @@ class Authenticator:
         # a callable, because the Database exists only once the runtime has started
         self._database = database
         self.buckets = buckets or TokenBuckets()
+        self._key_lookups: Coalescer[str, KeyCredential | None] = Coalescer(self._find_keys)
 
     async def authenticate(self, token: str) -> Principal | None:
         """The principal a token stands for, or None (401); raises TooManyRequests over the rate."""
@@ -47,8 +51,7 @@ class Authenticator:
         return principal
 
     async def _api_key(self, prefix: str, token: str) -> Principal | None:
-        async with self._database().driver() as conn:
-            found = await store.find_key(conn, prefix)
+        found = await self._key_lookups.submit(prefix)
         if found is None or not tokens.same(found.key_hash, tokens.digest(token)):
             log.info("auth.token.rejected", kind="api_key")
             return None
@@ -63,6 +66,10 @@ class Authenticator:
             max_queued_tasks=found.max_queued_tasks,
             rate_limit_per_s=found.rate_limit_per_s,
         )
+
+    async def _find_keys(self, prefixes: list[str]) -> list[KeyCredential | None]:
+        async with self._database().driver() as conn:
+            return await store.find_keys(conn, prefixes)
 
     async def _session(self, token: str) -> Principal | None:
         token_hash = tokens.digest(token)

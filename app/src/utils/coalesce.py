@@ -1,0 +1,90 @@
+"""Group commit for hot single-row statements: concurrent callers share one round trip.
+
+An API process answering many small requests at once spends more on round trips (pool checkout,
+protocol, a commit each) than on the rows themselves. A `Coalescer` runs the first call at once
+and lets every call that arrives while that batch is in flight ride in the next one, so under load
+N requests cost one statement and when idle a lone request waits for nobody (no timer).
+
+Each caller still gets only its own result, after the statement that carries it has finished:
+nothing is acknowledged before it is committed. A batch that fails on one row's data (a constraint
+or data error) is retried row by row, so one bad row fails only its own caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+import asyncpg
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# errors that belong to one row's data; anything else (connection, timeout) fails the whole batch
+_ROW_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
+
+
+class Coalescer(Generic[T, R]):
+    """`await submit(item)` → the result for that item of `run(batch)` (one result per item, in order)."""
+
+    def __init__(
+        self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_batch: int = 250, in_flight: int = 1
+    ) -> None:
+        self._run = run
+        self._max_batch = max_batch
+        self._in_flight_limit = in_flight
+        self._in_flight = 0
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._flushers: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._in_flight < self._in_flight_limit:
+            self._in_flight += 1
+            flusher = asyncio.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            await asyncio.sleep(0)  # one loop turn: requests that are already parsed join this batch
+            while self._pending:
+                taken, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+                # a caller that went away before its batch started (client disconnected) is dropped
+                batch = [(item, future) for item, future in taken if not future.done()]
+                if batch:
+                    await self._run_batch(batch)
+        finally:
+            self._in_flight -= 1
+
+    async def _run_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+        except _ROW_ERRORS as error:
+            if len(batch) == 1:
+                _settle(batch[0][1], error=error)
+            else:
+                for one in batch:  # find the guilty row; the others go through
+                    await self._run_batch([one])
+        except BaseException as error:
+            for _, future in batch:
+                _settle(future, error=error)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+        else:
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+    async def close(self) -> None:
+        """Wait for batches in flight (used on shutdown, after requests have stopped arriving)."""
+        if self._flushers:
+            await asyncio.gather(*self._flushers, return_exceptions=True)
+
+
+def _settle(future: asyncio.Future[R], *, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
