@@ -1,0 +1,80 @@
+"""Coalescer: callers that arrive together share a batch, yet each sees only its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from app.src.utils.coalesce import Coalescer
+
+
+class Recorder:
+    """A batch function over ints: doubles each; a negative one is bad data; 'down' makes everything fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.down = False
+
+    async def run(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        await asyncio.sleep(0.01)  # a round trip
+        if self.down:
+            raise ConnectionResetError("database went away")
+        if any(i < 0 for i in items):
+            raise asyncpg.DataError("bad row")
+        return [2 * i for i in items]
+
+
+async def test_callers_arriving_together_share_batches_and_get_their_own_results() -> None:
+    recorder = Recorder()
+    coalescer = Coalescer(recorder.run, max_batch=50)
+
+    results = await asyncio.gather(*(coalescer.submit(i) for i in range(120)))
+
+    assert results == [2 * i for i in range(120)]
+    assert sorted(i for batch in recorder.batches for i in batch) == list(range(120))
+    assert len(recorder.batches) <= 4  # one batch in flight, the rest waiting together
+    assert max(len(batch) for batch in recorder.batches) == 50
+
+
+async def test_a_lone_caller_runs_at_once() -> None:
+    recorder = Recorder()
+    coalescer = Coalescer(recorder.run)
+    assert await asyncio.wait_for(coalescer.submit(4), timeout=1) == 8
+    assert recorder.batches == [[4]]
+
+
+async def test_a_bad_row_fails_only_its_own_caller() -> None:
+    coalescer = Coalescer(Recorder().run)
+    outcomes = await asyncio.gather(*(coalescer.submit(i) for i in (11, 12, -1, 14)), return_exceptions=True)
+    assert outcomes[:2] == [22, 24]
+    assert isinstance(outcomes[2], asyncpg.DataError)
+    assert outcomes[3] == 28
+
+
+async def test_a_failed_round_trip_fails_every_caller_of_that_batch_and_the_next_batch_recovers() -> None:
+    recorder = Recorder()
+    coalescer = Coalescer(recorder.run)
+    recorder.down = True
+    outcomes = await asyncio.gather(*(coalescer.submit(i) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(outcome, ConnectionResetError) for outcome in outcomes)
+    recorder.down = False
+    assert await coalescer.submit(5) == 10
+
+
+async def test_a_caller_gone_before_its_batch_started_is_not_run() -> None:
+    recorder = Recorder()
+    coalescer = Coalescer(recorder.run)
+    first = asyncio.ensure_future(coalescer.submit(1))
+    await asyncio.sleep(0.001)  # batch [1] is in flight
+    gone = asyncio.ensure_future(coalescer.submit(2))
+    stays = asyncio.ensure_future(coalescer.submit(3))
+    await asyncio.sleep(0)
+    gone.cancel()
+    assert await first == 2
+    assert await stays == 6
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert recorder.batches == [[1], [3]]
