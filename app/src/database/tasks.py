@@ -389,8 +389,10 @@ async def heartbeat(
 # the attempt record, and the events NOTIFY. The guard is a compare-and-set per row: the status the
 # worker expects (running), the same attempt and the same worker; it drops a completion whose lease
 # was rescued meanwhile, since that attempt no longer owns the task. Rows are reached through the
-# primary key; the expected status comes in with each row, so it is a join condition and not a
-# constant the planner could drive an index scan over every running task with.
+# primary key; the expected status and the worker come in with each row, so they are join
+# conditions and not constants: as a constant, `worker_id = $n` looked so selective to the planner
+# that it nested a loop over the whole input for every task (quadratic in the batch: 18 ms for 200
+# completions, 5 ms with the merge join it picks now).
 # A refunded completion (a deferral: the handler could not start) gives the attempt back and
 # writes no attempt record.
 COMPLETE = f"""
@@ -399,7 +401,8 @@ WITH input AS (
                          $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[],
                          $13::text[], $14::boolean[])
         AS i(id, attempt, status, result, error, retry_in_s, started_at, finished_at, http_status,
-             outcome, state, expected, refund)
+             outcome, state, expected, refund),
+        (SELECT $12::uuid AS worker) w
 ),
 done AS (
     UPDATE tasks t
@@ -415,7 +418,7 @@ done AS (
         worker_id = NULL
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
-      AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = $12
+      AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = i.worker
     RETURNING t.id, t.queue, t.kind, t.status, i.outcome
 ),
 recorded AS (
@@ -436,7 +439,8 @@ SELECT done.*, (SELECT n FROM notified) AS _notified FROM done
 COMPLETE_SUCCESSES = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::jsonb[], $4::timestamptz[], $5::timestamptz[], $7::text[])
-        AS i(id, attempt, result, started_at, finished_at, expected)
+        AS i(id, attempt, result, started_at, finished_at, expected),
+        (SELECT $6::uuid AS worker) w
 ),
 done AS (
     UPDATE tasks t
@@ -444,7 +448,7 @@ done AS (
         lease_expires_at = NULL, worker_id = NULL
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
-      AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = $6
+      AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = i.worker
     RETURNING t.id, t.queue, t.kind, t.status, 'completed' AS outcome
 ),
 recorded AS (
