@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import asyncpg
+import uvloop
 
 from bench.server import sqlalchemy_uri
 
@@ -174,11 +175,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.system == "taskgate":
         if args.prepare:
-            asyncio.run(
-                prepare_taskgate(args.uri, args.n, completed=args.completed, scheduled=args.scheduled)
-            )
+            uvloop.run(prepare_taskgate(args.uri, args.n, completed=args.completed, scheduled=args.scheduled))
         settings = dict(item.split("=", 1) for item in args.setting)
-        result = asyncio.run(
+        result = uvloop.run(
             taskgate(
                 args.uri,
                 args.n,
@@ -188,9 +187,9 @@ def main() -> None:
             )
         )
     elif args.system == "pgqueuer":
-        result = asyncio.run(pgqueuer(args.uri, args.n, batch_size=args.batch_size))
+        result = uvloop.run(pgqueuer(args.uri, args.n, batch_size=args.batch_size))
     else:
-        result = asyncio.run(procrastinate_drain(args.uri, args.n, concurrency=args.concurrency))
+        result = uvloop.run(procrastinate_drain(args.uri, args.n, concurrency=args.concurrency))
     result["tasks_per_s"] = result["tasks"] / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result), flush=True)

@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 import asyncpg
+import uvloop
 
 from bench.drain import conninfo
 from bench.server import sqlalchemy_uri
@@ -144,11 +145,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
     if args.system == "taskgate":
-        result = asyncio.run(taskgate(args.uri, args.rate, args.seconds))
+        result = uvloop.run(taskgate(args.uri, args.rate, args.seconds))
     elif args.system == "pgqueuer":
-        result = asyncio.run(pgqueuer(args.uri, args.rate, args.seconds, batch_size=10))
+        result = uvloop.run(pgqueuer(args.uri, args.rate, args.seconds, batch_size=10))
     else:
-        result = asyncio.run(procrastinate_latency(args.uri, args.rate, args.seconds, concurrency=10))
+        result = uvloop.run(procrastinate_latency(args.uri, args.rate, args.seconds, concurrency=10))
     print(json.dumps(result), flush=True)
 
 
