@@ -21,6 +21,7 @@ from uuid import UUID
 
 import pytest
 from aiohttp import web
+from cryptography.fernet import Fernet
 from quart import Quart
 from standardwebhooks import Webhook
 
@@ -193,6 +194,27 @@ async def test_deliveries_carry_the_clients_own_signatures_through_a_rotation(
     assert len(request.headers["webhook-signature"].split(" ")) == 2
     for secret in secrets:
         assert Webhook(secret).verify(request.body, request.headers, json_parse=False) is None
+
+
+async def test_a_worker_that_cannot_decrypt_the_clients_secrets_sends_nothing_unsigned(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    target.routes["/hooks"] = answer(204)
+    # the client's secret was sealed with the suite's SECRET_KEYS; this process has other keys
+    app = await serving(**WORKER, SECRET_KEYS=[Fernet.generate_key().decode()])
+    client = app.test_client()
+    task = await enqueue(
+        client, auth_headers, kind="http", payload={"url": target.url("/hooks"), "body": "hi"}
+    )
+
+    async def retried() -> dict[str, Any] | None:
+        response = await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)
+        body: dict[str, Any] = await response.get_json()
+        return body if body["status"] == "retryable" else None
+
+    retrying = await eventually(retried)
+    assert "signing secrets" in retrying["last_error"]
+    assert target.to("/hooks") == []
 
 
 async def test_503_with_retry_after_is_retried_after_the_wait_then_completes(

@@ -158,10 +158,18 @@ async def delete_signing_secret(
 
 
 async def active_signing_secrets(db: Database, *, client_id: UUID) -> list[str]:
-    """The tenant's signing secrets (`whsec_...`), newest first, for signing HTTP deliveries."""
+    """The tenant's signing secrets (`whsec_...`), newest first, for signing HTTP deliveries.
+
+    A tenant that has secrets never gets an unsigned delivery: when none of them decrypts with
+    SECRET_KEYS (a process started with the wrong keys), this raises, and the delivery is retried
+    later instead of going out without a signature.
+    """
     async with db.driver() as conn:
         records = await store.active_signing_secrets(conn, client_id=client_id)
-    return [secret.secret for secret in _decrypted(keyring(db), records)]
+    secrets = [secret.secret for secret in _decrypted(keyring(db), records)]
+    if records and not secrets:
+        raise RuntimeError("none of the client's signing secrets decrypts with this process's SECRET_KEYS")
+    return secrets
 
 
 async def insert_signing_secret(
