@@ -26,26 +26,22 @@ _ROW_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 
 
 class Coalescer(Generic[T, R]):
-    """`await submit(item)` → the result for that item of `run(batch)` (one result per item, in order)."""
+    """`await submit(item)` → the result for that item of `run(batch)` (one result per item, in order).
 
-    def __init__(
-        self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_batch: int = 250, in_flight: int = 1
-    ) -> None:
+    One batch is in flight at a time; its round trip is the window in which the next one fills.
+    """
+
+    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_batch: int = 250) -> None:
         self._run = run
         self._max_batch = max_batch
-        self._in_flight_limit = in_flight
-        self._in_flight = 0
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
-        self._flushers: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._in_flight < self._in_flight_limit:
-            self._in_flight += 1
-            flusher = asyncio.create_task(self._flush())
-            self._flushers.add(flusher)
-            flusher.add_done_callback(self._flushers.discard)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
         return await future
 
     async def _flush(self) -> None:
@@ -58,7 +54,7 @@ class Coalescer(Generic[T, R]):
                 if batch:
                     await self._run_batch(batch)
         finally:
-            self._in_flight -= 1
+            self._flusher = None
 
     async def _run_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
@@ -80,11 +76,15 @@ class Coalescer(Generic[T, R]):
                     future.set_result(result)
 
     async def close(self) -> None:
-        """Wait for batches in flight (used on shutdown, after requests have stopped arriving)."""
-        if self._flushers:
-            await asyncio.gather(*self._flushers, return_exceptions=True)
+        """Wait for the batch in flight (on shutdown, after requests have stopped arriving)."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
 
 def _settle(future: asyncio.Future[R], *, error: BaseException) -> None:
-    if not future.done():
+    if future.done():
+        return
+    if isinstance(error, asyncio.CancelledError):  # the flusher was cancelled (shutdown)
+        future.cancel()
+    else:
         future.set_exception(error)
