@@ -163,6 +163,7 @@ def main() -> None:
     r["enqueue"]["taskgate_single_p99_ms"] = summary(
         [run["taskgate_single"]["p99_ms"] for run in enqueue_runs]
     )
+    r["enqueue"]["single_vs_bare_json"] = summary([run["single_vs_bare_json"] for run in enqueue_runs])
     r["enqueue"]["taskgate_batch_tasks_per_s"] = summary(
         [run["taskgate_batch_tasks_per_s"] for run in enqueue_runs]
     )
@@ -224,7 +225,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("drain >= 1.2x pgqueuer's best", d["taskgate"]["median"] / best_peer, ">=", 1.2),
         (
             "single enqueue >= 50% of bare Quart JSON",
-            e["taskgate_single"]["median"] / e["bare_json"]["median"],
+            e["single_vs_bare_json"]["median"],
             ">=",
             0.5,
         ),
@@ -266,9 +267,8 @@ def table(r: dict[str, Any]) -> str:
     rows.append(
         f"| PostgreSQL ceiling, pgbench 100 jobs/stmt, jobs/s | {_cell(c['batch_100'])} | Taskgate x{tg / c['batch_100']['median']:.2f} |"
     )
-    bare = e["bare_json"]["median"]
     rows.append(
-        f"| Enqueue POST /api/tasks (HTTPS, auth, validation), req/s | {_cell(e['taskgate_single'])} | {e['taskgate_single']['median'] / bare:.0%} of bare JSON |"
+        f"| Enqueue POST /api/tasks (HTTPS, auth, validation), req/s | {_cell(e['taskgate_single'])} | {_cell(e['single_vs_bare_json'], '{:.0%}')} of bare JSON |"
     )
     rows.append(
         f"| ... latency p50 / p99, ms | {_cell(e['taskgate_single_p50_ms'], '{:.1f}')} / {_cell(e['taskgate_single_p99_ms'], '{:.1f}')} | |"

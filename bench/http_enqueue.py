@@ -124,6 +124,9 @@ def create_client(env: dict[str, str]) -> str:
 
 
 def run(server: BenchServer, *, seconds: int = 10) -> dict[str, Any]:
+    """One round: every server up at once, then Taskgate's single enqueue and the bare JSON endpoint
+    back to back (the target is their ratio; measured apart, the machine's drift would be in it),
+    the bare insert endpoint, and batch enqueue."""
     cert, key = ensure_dev_certificate(DATA_DIR / "tls")
     results: dict[str, Any] = {}
     processes: list[subprocess.Popen[bytes]] = []
@@ -138,12 +141,7 @@ def run(server: BenchServer, *, seconds: int = 10) -> dict[str, Any]:
         tg = subprocess.Popen([sys.executable, "-m", "app", "serve", "--roles", "api"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         processes.append(tg)
-        wait_listening(tg, port)
-        base = f"https://localhost:{port}"
-        wrk(f"{base}/api/tasks", key=api_key, seconds=2)  # warm-up: pools, caches, prepared statements
-        results["taskgate_single"] = wrk(f"{base}/api/tasks", key=api_key, seconds=seconds)
-        results["taskgate_batch_tasks_per_s"] = asyncio.run(batch_enqueue(base, api_key, cert))
-
+        bare_urls = {}
         for variant in ("json", "insert"):
             bare_db = server.fresh_database(f"enqueue_bare_{variant}")
             bare_port = free_port()
@@ -154,11 +152,20 @@ def run(server: BenchServer, *, seconds: int = 10) -> dict[str, Any]:
             )  # fmt: skip
             processes.append(bare)
             wait_listening(bare, bare_port)
-            url = f"https://localhost:{bare_port}/{variant}"
+            bare_urls[variant] = f"https://localhost:{bare_port}/{variant}"
+        wait_listening(tg, port)
+        base = f"https://localhost:{port}"
+        # warm-ups: pools, caches, prepared statements
+        wrk(f"{base}/api/tasks", key=api_key, seconds=2)
+        for url in bare_urls.values():
             wrk(url, seconds=2)
-            results[f"bare_{variant}"] = wrk(url, seconds=seconds)
-            bare.terminate()
-            bare.wait(timeout=30)
+        results["taskgate_single"] = wrk(f"{base}/api/tasks", key=api_key, seconds=seconds)
+        results["bare_json"] = wrk(bare_urls["json"], seconds=seconds)
+        results["single_vs_bare_json"] = (
+            results["taskgate_single"]["requests_per_s"] / results["bare_json"]["requests_per_s"]
+        )
+        results["bare_insert"] = wrk(bare_urls["insert"], seconds=seconds)
+        results["taskgate_batch_tasks_per_s"] = asyncio.run(batch_enqueue(base, api_key, cert))
     finally:
         for process in processes:
             if process.poll() is None:

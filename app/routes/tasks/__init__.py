@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
-from quart import Blueprint, Response, ResponseReturnValue, current_app, make_response, request
+from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
-from app.middlewares import requires_scopes
+from app.middlewares import header, requires_scopes
 from app.routes.context import client_id, db, max_queued_tasks, notifier, runtime
 from app.src.api import tasks
 from app.src.api.models.tasks import (
@@ -26,19 +26,18 @@ from app.src.api.models.tasks import (
     WaitQuery,
     task_body,
 )
+from app.src.utils import json_provider
 
 blueprint = Blueprint("tasks", __name__)
 
 
 def json_response(body: dict[str, Any], status: int) -> Response:
     """The enqueue routes answer with `task_body` dicts (documented as TaskOut / TaskBatchOut)."""
-    response: Response = current_app.json.response(body)  # type: ignore[assignment]
-    response.status_code = status
-    return response
+    return Response(json_provider.dumps(body), status=status, content_type="application/json")
 
 
 def _idempotency_key() -> str | None:
-    return tasks.normalize_idempotency_key(request.headers.get("Idempotency-Key"))
+    return tasks.normalize_idempotency_key(header("Idempotency-Key"))
 
 
 @blueprint.post("")

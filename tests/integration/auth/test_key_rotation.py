@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 from cryptography.fernet import Fernet
 from quart.typing import TestClientProtocol as Client
 
@@ -72,4 +73,6 @@ async def test_a_removed_key_fails_closed(
         token = await mfa_token(client, operator.email, OPERATOR_PASSWORD)
         refused = await totp_step(client, token, code(operator.totp_secret))
         assert refused.status_code == 401
-        assert await active_signing_secrets(other_db, client_id=api_client.client_id) == []
+        # no secret to sign with, and no quiet fallback to unsigned deliveries either
+        with pytest.raises(RuntimeError, match="decrypts"):
+            await active_signing_secrets(other_db, client_id=api_client.client_id)
