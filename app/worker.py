@@ -36,6 +36,7 @@ from app.src.api.kinds import (
 from app.src.api.state_machine import Status, after_failure, backoff_seconds, transition
 from app.src.database import tasks as store
 from app.src.database.tasks import ClaimedTask, Completion
+from app.src.utils import json_text
 from app.src.utils.metrics import LAG, OUTCOMES, WORKER_RUNNING
 
 if TYPE_CHECKING:
@@ -276,6 +277,7 @@ class Worker:
                 ).model_dump(mode="json")
             elif isinstance(result, BaseModel):
                 result = result.model_dump(mode="json")
+            _storable(result)
             return self._finish(running, Status.COMPLETED, outcome="completed", result=result)
         except RetryLater as exc:
             return await self._failed(
@@ -437,3 +439,16 @@ class Worker:
 
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def _storable(result: Any) -> None:
+    """A result PostgreSQL cannot store would fail the completion batch of every task with it; the
+    task fails permanently instead (a handler that returns it will return it again)."""
+    if result is None:
+        return
+    try:
+        json_text.dumps(result)
+    except (TypeError, ValueError) as exc:
+        raise PermanentError(f"the handler's result is not JSON: {exc}") from None
+    if json_text.contains_nul(result):
+        raise PermanentError(f"the handler's result cannot be stored: {json_text.NUL_MESSAGE}")

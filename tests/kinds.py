@@ -49,3 +49,18 @@ async def flaky(ctx: TaskContext, payload: Flaky) -> Done:
             raise RetryLater(f"busy on attempt {ctx.attempt}", after_s=payload.retry_after_s)
         raise RuntimeError(f"boom on attempt {ctx.attempt}")
     return Done()
+
+
+class Returns(BaseModel):
+    value: str
+    nul: bool = False
+    big: bool = False
+
+
+@task_kind("test.returns", payload=Returns)
+async def returns(ctx: TaskContext, payload: Returns) -> dict[str, object]:
+    """A raw result (no result model): with a NUL character or an integer beyond 64 bits on request."""
+    result: dict[str, object] = {"value": payload.value + ("\x00" if payload.nul else "")}
+    if payload.big:
+        result["big"] = 2**70 + 1
+    return result

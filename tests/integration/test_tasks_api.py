@@ -50,6 +50,7 @@ async def test_deferred_tasks_are_scheduled(client: Client, auth_headers: dict[s
         ({"kind": "noop", "run_at": "2030-01-01T00:00:00"}, "body.run_at"),
         ({"kind": "noop", "surprise": 1}, "body.surprise"),
         ({"payload": {}}, "body.kind"),
+        ({"kind": "noop", "payload": {"note": "a\u0000b"}}, "payload"),  # jsonb cannot store NUL
     ],
 )
 async def test_invalid_enqueue_is_422_with_field_errors_and_stores_nothing(

@@ -1,6 +1,7 @@
 """The worker in this process against a real PostgreSQL: outcomes, retries, pausing, cancelling."""
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -287,3 +288,30 @@ async def test_log_lines_written_by_a_task_carry_its_ids(
     assert all(
         "task_id" not in e for e in captured.entries if e["event"] in ("runtime started", "worker started")
     )
+
+
+async def test_a_result_postgresql_cannot_store_fails_its_task_and_only_its_task(
+    serving: Any, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(ROLES=["api", "worker"])
+    client = app.test_client()
+    bad = await enqueue(client, auth_headers, kind="test.returns", payload={"value": "x", "nul": True})
+    exact = await client.post(  # a payload integer beyond 64 bits is stored exactly, too
+        "/api/tasks", json={"kind": "noop", "payload": {"n": 2**70 + 1}}, headers=auth_headers
+    )
+    assert json.loads(await exact.get_data(as_text=True))["payload"] == {"n": 2**70 + 1}
+    good = await enqueue(client, auth_headers, kind="test.returns", payload={"value": "y", "big": True})
+
+    async def finished(task_id: str) -> dict[str, Any] | None:
+        body: dict[str, Any] = await (
+            await client.get(f"/api/tasks/{task_id}", headers=auth_headers)
+        ).get_json()
+        return body if body["status"] in ("completed", "discarded") else None
+
+    failed = await eventually(lambda: finished(bad["id"]))
+    assert failed["status"] == "discarded"
+    assert "NUL" in failed["last_error"]
+    done = await eventually(lambda: finished(good["id"]))
+    assert done["status"] == "completed"
+    read = await client.get(f"/api/tasks/{good['id']}", headers=auth_headers)
+    assert json.loads(await read.get_data(as_text=True))["result"] == {"value": "y", "big": 2**70 + 1}

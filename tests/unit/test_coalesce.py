@@ -78,3 +78,25 @@ async def test_a_caller_gone_before_its_batch_started_is_not_run() -> None:
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert recorder.batches == [[1], [3]]
+
+
+async def test_bad_rows_are_found_by_halving_not_one_round_trip_each() -> None:
+    recorder = Recorder()
+    coalescer = Coalescer(recorder.run, max_batch=64)
+    items = [-1 if i == 37 else i for i in range(64)]
+    outcomes = await asyncio.gather(*(coalescer.submit(i) for i in items), return_exceptions=True)
+    assert [o for o in outcomes if isinstance(o, asyncpg.DataError)] == [outcomes[37]]
+    assert [o for i, o in enumerate(outcomes) if i != 37] == [2 * i for i in range(64) if i != 37]
+    assert len(recorder.batches) <= 1 + 2 * 6  # the batch, then two halves per level down to one row
+
+
+async def test_a_flusher_cancelled_at_shutdown_settles_its_callers_and_a_later_submit_still_runs() -> None:
+    recorder = Recorder()
+    coalescer = Coalescer(recorder.run)
+    waiting = [asyncio.ensure_future(coalescer.submit(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    assert coalescer._flusher is not None
+    coalescer._flusher.cancel()
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    assert await asyncio.wait_for(coalescer.submit(7), timeout=1) == 14

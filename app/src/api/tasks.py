@@ -20,6 +20,7 @@ from app.src.api.models.tasks import Attempt, Task, TaskIn
 from app.src.api.state_machine import TERMINAL, Status, sources
 from app.src.database import tasks as store
 from app.src.database.tasks import NewTask
+from app.src.utils import json_text
 from app.src.utils.ids import uuid7, uuid7s
 from app.src.utils.metrics import ENQUEUED
 
@@ -56,6 +57,12 @@ def validate_payload(
             f"The payload does not match the contract of kind {kind_name!r}.",
             errors=field_errors(exc.errors(include_url=False, include_input=False), prefix=(*at, "payload")),
         ) from None
+    if json_text.contains_nul(payload):
+        raise Unprocessable(
+            "The payload cannot be stored.",
+            errors=[{"field": ".".join(map(str, (*at, "payload"))), "message": json_text.NUL_MESSAGE,
+                     "type": "value_error"}],
+        )  # fmt: skip
     return kind
 
 

@@ -6,8 +6,9 @@ and lets every call that arrives while that batch is in flight ride in the next 
 N requests cost one statement and when idle a lone request waits for nobody (no timer).
 
 Each caller still gets only its own result, after the statement that carries it has finished:
-nothing is acknowledged before it is committed. A batch that fails on one row's data (a constraint
-or data error) is retried row by row, so one bad row fails only its own caller.
+nothing is acknowledged before it is committed. A batch that fails on a row's data (a constraint
+or data error) is split in halves and retried until the bad rows stand alone, so a bad row fails
+only its own caller and costs the others a few round trips, not one each.
 """
 
 from __future__ import annotations
@@ -40,36 +41,51 @@ class Coalescer(Generic[T, R]):
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._flusher is None:
+        if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
+            self._flusher.add_done_callback(self._flusher_done)
         return await future
 
+    def _flusher_done(self, flusher: asyncio.Task[None]) -> None:
+        # a flusher cancelled at shutdown (perhaps before its first step): nobody is left waiting
+        if flusher.cancelled():
+            for _, future in self._pending:
+                future.cancel()
+            self._pending = []
+
     async def _flush(self) -> None:
+        batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
             await asyncio.sleep(0)  # one loop turn: requests that are already parsed join this batch
             while self._pending:
                 taken, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
                 # a caller that went away before its batch started (client disconnected) is dropped
                 batch = [(item, future) for item, future in taken if not future.done()]
-                if batch:
-                    await self._run_batch(batch)
-        finally:
-            self._flusher = None
+                await self._run_batch(batch)
+        except BaseException as error:  # cancelled mid-batch (the rest: _flusher_done)
+            for _, future in batch:
+                _settle(future, error=error)
+            raise
 
     async def _run_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        if not batch:
+            return
         try:
             results = await self._run([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} gave {len(results)} results")
         except _ROW_ERRORS as error:
             if len(batch) == 1:
                 _settle(batch[0][1], error=error)
-            else:
-                for one in batch:  # find the guilty row; the others go through
-                    await self._run_batch([one])
-        except BaseException as error:
+                return
+            middle = len(batch) // 2  # split until the bad rows stand alone; the others go through
+            await self._run_batch(batch[:middle])
+            await self._run_batch(batch[middle:])
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
             for _, future in batch:
                 _settle(future, error=error)
-            if isinstance(error, asyncio.CancelledError):
-                raise
         else:
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():

@@ -7,7 +7,10 @@ UTC times with "Z" like pydantic does, and keeps keys sorted so answers stay sta
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -28,7 +31,29 @@ def dumps(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
             raise TypeError(f"{type(value).__name__} is not JSON serializable")
         return default(value)
 
-    return orjson.dumps(obj, default=fallback, option=_OPTIONS).decode()
+    try:
+        return orjson.dumps(obj, default=fallback, option=_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        # integers beyond 64 bits or nesting beyond 255 levels (a task's payload or result may
+        # hold them): the standard library, writing times and UUIDs the way orjson does
+        def stdlib_fallback(value: Any) -> Any:
+            if isinstance(value, datetime):
+                return value.isoformat().replace("+00:00", "Z")
+            return fallback(value)
+
+        return json.dumps(obj, default=stdlib_fallback, sort_keys=True, separators=(",", ":"))
+
+
+_LONG_NUMBER = re.compile(rb"\d{20,}")
+
+
+def loads(data: str | bytes) -> Any:
+    """A request body. orjson reads integers beyond 64 bits as floats, silently losing digits; a
+    body with a run of 20 or more digits is read by the standard library, which keeps them exact."""
+    raw = data.encode() if isinstance(data, str) else data
+    if _LONG_NUMBER.search(raw):
+        return json.loads(raw)
+    return orjson.loads(raw)
 
 
 class OrjsonProvider(DefaultJSONProvider):
@@ -40,7 +65,7 @@ class OrjsonProvider(DefaultJSONProvider):
         return dumps(obj, default=self._fallback.default)
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
-        return orjson.loads(s)
+        return loads(s)
 
 
 def install(app: Quart) -> None:

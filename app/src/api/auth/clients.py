@@ -161,8 +161,9 @@ async def active_signing_secrets(db: Database, *, client_id: UUID) -> list[str]:
     """The tenant's signing secrets (`whsec_...`), newest first, for signing HTTP deliveries.
 
     A tenant that has secrets never gets an unsigned delivery: when none of them decrypts with
-    SECRET_KEYS (a process started with the wrong keys), this raises, and the delivery is retried
-    later instead of going out without a signature.
+    SECRET_KEYS (a process started with the wrong keys), this raises, and the delivery attempt fails
+    (retried with backoff, dead-lettered once its attempts run out, the reason in last_error)
+    instead of going out without a signature.
     """
     async with db.driver() as conn:
         records = await store.active_signing_secrets(conn, client_id=client_id)
