@@ -21,27 +21,24 @@ from quart.json.provider import DefaultJSONProvider
 _OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
-def dumps(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
+def _plain(value: Any) -> Any:
+    """What neither encoder writes our way by itself: asyncpg's UUID subclass (orjson does not take
+    it for a UUID) and datetimes on the standard-library path ("Z", like orjson and pydantic)."""
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dumps(obj: Any, default: Callable[[Any], Any] = _plain) -> str:
     """A response body as the API writes it."""
-
-    def fallback(value: Any) -> Any:
-        if isinstance(value, UUID):  # asyncpg's UUID subclass, which orjson does not take as a UUID
-            return str(value)
-        if default is None:
-            raise TypeError(f"{type(value).__name__} is not JSON serializable")
-        return default(value)
-
     try:
-        return orjson.dumps(obj, default=fallback, option=_OPTIONS).decode()
+        return orjson.dumps(obj, default=default, option=_OPTIONS).decode()
     except orjson.JSONEncodeError:
         # integers beyond 64 bits or nesting beyond 255 levels (a task's payload or result may
-        # hold them): the standard library, writing times and UUIDs the way orjson does
-        def stdlib_fallback(value: Any) -> Any:
-            if isinstance(value, datetime):
-                return value.isoformat().replace("+00:00", "Z")
-            return fallback(value)
-
-        return json.dumps(obj, default=stdlib_fallback, sort_keys=True, separators=(",", ":"))
+        # hold them): the standard library takes those
+        return json.dumps(obj, default=default, sort_keys=True, separators=(",", ":"))
 
 
 _LONG_NUMBER = re.compile(rb"\d{20,}")
@@ -62,7 +59,12 @@ class OrjsonProvider(DefaultJSONProvider):
         self._fallback = fallback  # quart-schema's: pydantic models and other non-native types
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
-        return dumps(obj, default=self._fallback.default)
+        return dumps(obj, default=self._default)
+
+    def _default(self, value: Any) -> Any:
+        if isinstance(value, UUID | datetime):
+            return _plain(value)
+        return self._fallback.default(value)
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return loads(s)
