@@ -38,10 +38,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from app.src.api import schedules
 from app.src.api.auth import operators
+from app.src.api.engine import outcomes
 from app.src.api.http import RESOURCE_KEY as HTTP
 from app.src.api.http.poller import poll_waiting_http
 from app.src.database import maintenance
-from app.src.database import tasks as task_store
 from app.src.utils.metrics import QUEUE_DEPTH, SCHEDULER_DURATION, SCHEDULER_LAST_SUCCESS, SCHEDULER_RUNS
 
 if TYPE_CHECKING:
@@ -258,7 +258,7 @@ class Scheduler:
 
     async def rescue_expired_leases(self) -> dict[str, int] | None:
         async with self.db.driver() as conn:
-            rescued = await task_store.rescue_expired(conn)
+            rescued = await outcomes.rescue_expired_leases(conn)
         if not rescued:
             return None
         by_status: dict[str, int] = {}

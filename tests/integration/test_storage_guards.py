@@ -4,6 +4,7 @@ import uuid
 from datetime import UTC, datetime
 
 from app.database import Database
+from app.src.api.engine.outcomes import rescue_expired_leases
 from app.src.api.kinds import REGISTRY, SYSTEM_CLIENT_ID, load_kinds
 from app.src.api.kinds.builtin import NoopPayload
 from app.src.api.state_machine import Status
@@ -45,7 +46,7 @@ async def test_rescue_never_touches_a_task_that_finished(db: Database) -> None:
         await conn.execute(
             "UPDATE tasks SET lease_expires_at = now() - interval '1 hour' WHERE id = $1", task_id
         )
-        assert await store.rescue_expired(conn) == []
+        assert await rescue_expired_leases(conn) == []
         row = await conn.fetchrow("SELECT status, result FROM tasks WHERE id = $1", task_id)
     assert row["status"] == "completed"
     assert row["result"] == {"ok": True}
@@ -59,7 +60,7 @@ async def test_a_completion_after_the_lease_was_rescued_is_dropped(db: Database)
         await conn.execute(
             "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
         )
-        rescued = await store.rescue_expired(conn)
+        rescued = await rescue_expired_leases(conn)
         assert [(r["id"], r["status"]) for r in rescued] == [(task_id, "retryable")]
         # the slow worker wakes up and reports success for an attempt it no longer owns
         assert await store.complete(conn, [completed(claimed)], worker_id=slow_worker) == []
@@ -82,7 +83,7 @@ async def test_a_second_claim_after_rescue_owns_the_task(db: Database) -> None:
         await conn.execute(
             "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
         )
-        await store.rescue_expired(conn)
+        await rescue_expired_leases(conn)
         await conn.execute("UPDATE tasks SET run_at = now() WHERE id = $1", task_id)
         assert await store.stage_due(conn) == 1
     fresh = await claim_one(db, second)

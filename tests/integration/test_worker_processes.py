@@ -1,6 +1,7 @@
 """Real worker processes on one database: exactly once, crash recovery, graceful stop, global limits."""
 
 import asyncio
+import itertools
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -196,3 +197,43 @@ async def test_rate_limit_holds_across_two_workers(
     for i in range(len(starts)):
         window = [s for s in starts if starts[i] <= s < starts[i] + 1.0]
         assert len(window) <= 5 + 5 + 1
+
+
+async def test_a_saturated_limited_queue_drains_and_never_holds_up_other_queues_timers(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    # A queue limited to 8 at a time is claimed again as soon as a completion frees room, and
+    # while it is busy, a delayed task in another queue still becomes due and starts on time.
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    await client.put("/api/queues/narrow", json={"max_concurrency": 8}, headers=auth_headers)
+    limited_marks, delayed_marks = tmp_path / "limited.txt", tmp_path / "delayed.txt"
+    workers = [spawn_worker(clean_database, tmp_path / f"w{i}") for i in range(2)]
+    try:
+        await started(*workers)
+        await batch(
+            client,
+            auth_headers,
+            [{"kind": "test.record", "queue": "narrow", "payload": {"path": str(limited_marks)}}] * 250,
+        )
+        [delayed] = await batch(
+            client,
+            auth_headers,
+            [{"kind": "test.record", "delay_s": 2, "payload": {"path": str(delayed_marks)}}],
+        )
+        await eventually(lambda: _all_done(clean_database), timeout=60)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        stop_all(workers)
+    from datetime import datetime
+
+    [(_, _, _, delayed_start, _)] = read_records(delayed_marks)
+    due = datetime.fromisoformat(delayed["run_at"]).timestamp()
+    # staged by the next poll tick (0.2 s here) whatever the narrow queue is doing
+    assert delayed_start - due < 1.5
+    starts = sorted(start for *_, start, _ in read_records(limited_marks))
+    assert len(starts) == 250
+    # claimed as room frees, not once per poll interval: no idle second while work is waiting
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert max(gaps) < 1.0

@@ -7,7 +7,6 @@ never overwritten (River #1302).
 
 from __future__ import annotations
 
-import random
 from enum import StrEnum
 
 
@@ -67,38 +66,3 @@ def transition(source: Status, target: Status) -> Status:
 def sources(target: Status) -> list[str]:
     """Statuses a task may be in for `target` to be written: the guard of every UPDATE."""
     return sorted(str(source) for source, targets in TRANSITIONS.items() if target in targets)
-
-
-def after_failure(*, attempt: int, max_attempts: int, permanent: bool) -> Status:
-    """A failed attempt ends in retryable, or discarded when it was permanent or the last one."""
-    if permanent or attempt >= max_attempts:
-        return Status.DISCARDED
-    return Status.RETRYABLE
-
-
-# after_failure for the rescuer, which decides in SQL for a whole batch of expired leases
-# (a unit test keeps the two in agreement).
-RESCUE_STATUS_SQL = "CASE WHEN t.attempts >= t.max_attempts THEN 'discarded' ELSE 'retryable' END"
-
-
-def backoff_seconds(
-    *,
-    attempt: int,
-    min_backoff_s: float,
-    max_backoff_s: float,
-    retry_after_s: float | None = None,
-    rng: random.Random | None = None,
-) -> float:
-    """Exponential backoff with full jitter in [min, min·2^(attempt-1)], capped at max.
-
-    A `retry_after_s` that the task reports (an HTTP Retry-After, say) is honoured as a floor,
-    still bounded by the queue's max backoff.
-    """
-    ceiling = min(max_backoff_s, min_backoff_s * 2 ** max(0, attempt - 1))
-    draw = (rng or _random).uniform(min_backoff_s, max(min_backoff_s, ceiling))
-    if retry_after_s is not None:
-        draw = max(draw, retry_after_s)
-    return float(min(max_backoff_s, max(min_backoff_s, draw)))
-
-
-_random = random.SystemRandom()

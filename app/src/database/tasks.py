@@ -17,7 +17,7 @@ from uuid import UUID
 import dacite
 
 from app.src.api.models.tasks import Attempt, Task
-from app.src.api.state_machine import RESCUE_STATUS_SQL, Status, sources
+from app.src.api.state_machine import Status, sources
 from app.src.utils import json_text
 
 EVENTS_CHANNEL = "taskgate_events"  # payload: comma-separated task ids whose state changed
@@ -56,6 +56,18 @@ def _notify_events(source: str) -> str:
             FROM (SELECT id, (row_number() OVER ()) / {_NOTIFY_IDS_PER_MESSAGE} AS chunk FROM {source}) c
             GROUP BY chunk
         ) chunks
+    )"""
+
+
+def _notify_room(source: str) -> str:
+    """A CTE that wakes every worker for the concurrency-limited queues of `source`'s finished
+    rows: room frees cluster-wide, not only in the worker that wrote the completion."""
+    return f"""
+    room AS (
+        SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
+            SELECT string_agg(q.id::text, ',') AS ids FROM queues q
+            WHERE q.id IN (SELECT queue_id FROM {source}) AND q.max_concurrency IS NOT NULL
+        ) limited WHERE ids IS NOT NULL
     )"""
 
 
@@ -240,8 +252,11 @@ LOCK_QUEUE = "SELECT id FROM queues WHERE id = $1 AND NOT paused FOR UPDATE"
 CLAIM_LIMITED = f"""
 WITH q AS (
     SELECT id, max_concurrency, rate_limit_per_s,
-           LEAST(GREATEST(rate_limit_per_s, 1),
-                 rate_tokens + EXTRACT(epoch FROM now() - rate_updated_at) * rate_limit_per_s) AS tokens
+           -- NULL without a rate limit (LEAST and GREATEST skip NULLs: the bucket would hold 1)
+           CASE WHEN rate_limit_per_s IS NOT NULL THEN
+               LEAST(GREATEST(rate_limit_per_s, 1),
+                     rate_tokens + EXTRACT(epoch FROM now() - rate_updated_at) * rate_limit_per_s)
+           END AS tokens
     FROM queues WHERE id = $1 AND NOT paused
 ),
 allowance AS (
@@ -419,7 +434,7 @@ done AS (
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
       AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = i.worker
-    RETURNING t.id, t.queue, t.kind, t.status, i.outcome
+    RETURNING t.id, t.queue_id, t.queue, t.kind, t.status, i.outcome
 ),
 recorded AS (
     INSERT INTO task_attempts
@@ -429,8 +444,9 @@ recorded AS (
     FROM input i JOIN done d ON d.id = i.id
     WHERE NOT i.refund
 ),
-{_notify_events("done")}
-SELECT done.*, (SELECT n FROM notified) AS _notified FROM done
+{_notify_events("done")},
+{_notify_room("done")}
+SELECT done.*, (SELECT n FROM notified) AS _notified, (SELECT n FROM room) AS _room FROM done
 """
 
 
@@ -449,7 +465,7 @@ done AS (
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
       AND t.status = i.expected AND t.attempts = i.attempt AND t.worker_id = i.worker
-    RETURNING t.id, t.queue, t.kind, t.status, 'completed' AS outcome
+    RETURNING t.id, t.queue_id, t.queue, t.kind, t.status, 'completed' AS outcome
 ),
 recorded AS (
     INSERT INTO task_attempts (task_id, attempt, started_at, finished_at, outcome, duration_ms)
@@ -457,8 +473,9 @@ recorded AS (
            EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000
     FROM input i JOIN done d ON d.id = i.id
 ),
-{_notify_events("done")}
-SELECT done.*, (SELECT n FROM notified) AS _notified FROM done
+{_notify_events("done")},
+{_notify_room("done")}
+SELECT done.*, (SELECT n FROM notified) AS _notified, (SELECT n FROM room) AS _room FROM done
 """
 
 
@@ -552,33 +569,43 @@ async def set_progress(conn: Executor, *, task_id: UUID, attempt: int, progress:
 
 # --- rescue --------------------------------------------------------------------------------------
 
-# Leases that expired: the worker died or stalled. Guarded like a completion: the UPDATE re-checks
-# status and lease on the locked row, so a task that completed between the pick and the update is
-# left alone (River #1302). The lost attempt is recorded.
+# Leases that expired: the worker died, stalled or fenced itself. The rescuer locks a batch of them
+# (index: tasks_lease, running rows only), the engine's failure policy decides each one's fate in
+# Python (app/src/api/engine/outcomes.py, the same policy as a failed attempt in a worker), and one
+# guarded UPDATE writes them. The guard re-checks status, lease and attempt on the locked row, so a
+# task that completed between the pick and the update is left alone (River #1302). The lost
+# attempt is recorded.
+EXPIRED_LEASES = """
+SELECT t.id, t.attempts, t.max_attempts, q.min_backoff_s, q.max_backoff_s
+FROM tasks t JOIN queues q ON q.id = t.queue_id
+WHERE t.status = 'running' AND t.lease_expires_at < now()
+ORDER BY t.lease_expires_at
+LIMIT $1
+FOR UPDATE OF t SKIP LOCKED
+"""
+
 RESCUE_EXPIRED = f"""
-WITH expired AS (
-    SELECT id FROM tasks
-    WHERE status = 'running' AND lease_expires_at < now()
-    ORDER BY lease_expires_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[])
+        AS i(id, attempt, status, retry_in_s)
 ),
 rescued AS (
     UPDATE tasks t
-    SET status = {RESCUE_STATUS_SQL},
+    SET status = i.status,
         last_error = 'lease expired: the worker stopped renewing it (attempt ' || t.attempts || ')',
-        run_at = now() + make_interval(secs => q.min_backoff_s),
-        finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+        run_at = CASE WHEN i.retry_in_s IS NOT NULL
+                      THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
+        finished_at = CASE WHEN i.status = 'discarded' THEN now() END,
         lease_expires_at = NULL,
         worker_id = NULL
-    FROM queues q
-    WHERE t.id = ANY(ARRAY(SELECT id FROM expired)) AND q.id = t.queue_id
-      AND t.status = 'running' AND t.lease_expires_at < now()
+    FROM input i
+    WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
+      AND t.status = 'running' AND t.lease_expires_at < now() AND t.attempts = i.attempt
     RETURNING t.id, t.attempts, t.started_at, t.status, t.queue, t.kind
 ),
 recorded AS (
     INSERT INTO task_attempts (task_id, attempt, started_at, finished_at, outcome, error, duration_ms)
-    SELECT id, attempts, COALESCE(started_at, now()), now(), 'lost', 'lease expired',
+    SELECT id, attempts, COALESCE(started_at, now()), now(), $5, 'lease expired',
            EXTRACT(epoch FROM now() - COALESCE(started_at, now())) * 1000
     FROM rescued
 ),
@@ -587,8 +614,44 @@ SELECT rescued.*, (SELECT n FROM notified) AS _notified FROM rescued
 """
 
 
-async def rescue_expired(conn: Executor, *, limit: int = 1000) -> list[Mapping[str, Any]]:
-    return list(await conn.fetch(RESCUE_EXPIRED, limit))
+@dataclass(frozen=True, slots=True)
+class ExpiredLease:
+    id: UUID
+    attempt: int
+    max_attempts: int
+    min_backoff_s: float
+    max_backoff_s: float
+
+
+class RescueDecision(Protocol):
+    def __call__(self, lease: ExpiredLease) -> tuple[Status, float | None]: ...
+
+
+async def rescue_expired(
+    conn: Any, *, decide: RescueDecision, outcome: str, limit: int = 1000
+) -> list[Mapping[str, Any]]:
+    """Rescue up to `limit` expired leases; `decide` gives each its (status, retry_in_s).
+
+    `conn` is an asyncpg connection (this opens a transaction: the rows stay locked between the
+    pick and the update).
+    """
+    async with conn.transaction():
+        rows = await conn.fetch(EXPIRED_LEASES, limit)
+        if not rows:
+            return []
+        leases = [ExpiredLease(r["id"], r["attempts"], r["max_attempts"], r["min_backoff_s"],
+                               r["max_backoff_s"]) for r in rows]  # fmt: skip
+        decisions = [decide(lease) for lease in leases]
+        return list(
+            await conn.fetch(
+                RESCUE_EXPIRED,
+                [lease.id for lease in leases],
+                [lease.attempt for lease in leases],
+                [str(status) for status, _ in decisions],
+                [retry_in_s for _, retry_in_s in decisions],
+                outcome,
+            )
+        )
 
 
 # --- reading and client actions ------------------------------------------------------------------

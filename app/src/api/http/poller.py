@@ -28,6 +28,7 @@ import structlog
 from pydantic import ValidationError
 from yarl import URL
 
+from app.src.api.engine.outcomes import Outcome, after_failure, clip_error
 from app.src.api.http.client import CREDENTIAL_HEADERS, HttpResponse, OutboundHttp
 from app.src.api.http.delivery import (
     Classified,
@@ -41,7 +42,7 @@ from app.src.api.http.delivery import (
 )
 from app.src.api.kinds import REGISTRY, Deferred, PermanentError, RetryLater
 from app.src.api.models.http import HttpPayload, HttpWaitState
-from app.src.api.state_machine import Status, after_failure, backoff_seconds, sources, transition
+from app.src.api.state_machine import Status, sources, transition
 from app.src.database import http as store
 from app.src.database.http import WaitingTask
 from app.src.utils.metrics import TASK_OUTCOMES
@@ -57,7 +58,6 @@ POLL_CONCURRENCY = 20  # polls in flight per run
 CLAIM_MARGIN_S = 30.0  # a claim's lease: two requests' timeouts plus this
 FIRST_POLL_S = 1.0
 MAX_POLL_INTERVAL_S = 60.0
-MAX_ERROR_CHARS = 2000
 
 
 async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str, int] | None:
@@ -100,7 +100,7 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> str:
             Status.DISCARDED,
             started_at=now,
             error=f"cannot poll this task: {exc}",
-            outcome="failed",
+            outcome=Outcome.FAILED,
         )
         return "discarded"
     try:
@@ -139,7 +139,7 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> str:
         return await _keep_waiting(db, task, state, error=str(exc), retry_after_s=exc.after_s)
     except PermanentError as exc:
         await _finish(
-            db, task, Status.DISCARDED, started_at=state.accepted_at, error=str(exc), outcome="failed"
+            db, task, Status.DISCARDED, started_at=state.accepted_at, error=str(exc), outcome=Outcome.FAILED
         )
         return "discarded"
     return await _conclude(db, task, state, response, verdict)
@@ -160,31 +160,28 @@ async def _conclude(
             started_at=state.accepted_at,
             result=to_result(response).model_dump(mode="json"),
             http_status=response.status,
-            outcome="completed",
+            outcome=Outcome.COMPLETED,
         )
         return "completed"
     if verdict.answer == "retry":
-        status = after_failure(attempt=task.attempts, max_attempts=task.max_attempts, permanent=False)
-        retry_in_s = None
-        if status is Status.RETRYABLE:
-            queue = (await db.queues.by_ids({task.queue_id}))[task.queue_id]
-            retry_in_s = backoff_seconds(
-                attempt=task.attempts,
-                min_backoff_s=queue.min_backoff_s,
-                max_backoff_s=queue.max_backoff_s,
-                retry_after_s=verdict.retry_after_s,
-            )
+        queue = (await db.queues.by_ids({task.queue_id}))[task.queue_id]
+        decided = after_failure(
+            attempt=task.attempts,
+            max_attempts=task.max_attempts,
+            queue=queue,
+            retry_after_s=verdict.retry_after_s,
+        )
         await _finish(
             db,
             task,
-            status,
+            decided.status,
             started_at=state.accepted_at,
             error=verdict.reason,
-            retry_in_s=retry_in_s,
+            retry_in_s=decided.retry_in_s,
             http_status=response.status,
-            outcome="failed",
+            outcome=Outcome.FAILED,
         )
-        return str(status)
+        return str(decided.status)
     await _finish(
         db,
         task,
@@ -192,7 +189,7 @@ async def _conclude(
         started_at=state.accepted_at,
         error=verdict.reason,
         http_status=response.status,
-        outcome="failed",
+        outcome=Outcome.FAILED,
     )
     return "discarded"
 
@@ -221,7 +218,7 @@ async def _keep_waiting(
             Status.DISCARDED,
             started_at=state.accepted_at,
             error=f"{reason} (last error: {error})" if error else reason,
-            outcome="failed",
+            outcome=Outcome.FAILED,
         )
         return "discarded"
     if delay_s is None:
@@ -237,7 +234,7 @@ async def _keep_waiting(
             lease=task.lease,
             delay_s=min(delay_s, left_s),  # one last poll at the deadline
             state=state.model_dump(mode="json"),
-            error=_clip(error) if error else None,
+            error=clip_error(error) if error else None,
         )
     return "pending" if error is None else "poll_failed"
 
@@ -258,7 +255,7 @@ async def _finish(
     status: Status,
     *,
     started_at: datetime,
-    outcome: str,
+    outcome: Outcome,
     result: Any = None,
     error: str | None = None,
     retry_in_s: float | None = None,
@@ -274,7 +271,7 @@ async def _finish(
             status=str(status),
             guard=guard,
             result=result,
-            error=_clip(error) if error else None,
+            error=clip_error(error) if error else None,
             retry_in_s=retry_in_s,
             http_status=http_status,
             outcome=outcome,
@@ -294,7 +291,3 @@ def _poll_headers(payload: HttpPayload, url: str) -> Mapping[str, str]:
         for name, value in payload.headers.items()
         if name.lower() != "content-type" and (same_origin or name.lower() not in CREDENTIAL_HEADERS)
     }
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"

@@ -1,0 +1,206 @@
+"""The worker runtime: claim in batches, run at most WORKER_CONCURRENCY handlers, hold leases,
+write completions in batches, and stop gracefully.
+
+Started by `serve` with the worker role and by `python -m app worker`, in the serving lifecycle
+(never at import). The parts: claiming (capacity, wake-ups, staging of due tasks), executing (one
+task → one typed completion), completing (batched writes) and leases (heartbeats, cancel requests,
+self-fencing). Correctness lives in the database: every claim, heartbeat, completion and release
+is one guarded statement (app/src/database/tasks.py), so a worker that dies loses nothing (its
+leases expire and the rescuer retries its tasks) and a slow one cannot overwrite a task that
+someone else finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import structlog
+
+from app.src.api.engine.outcomes import Backoff
+from app.src.api.kinds import REGISTRY, KindRegistry, TaskContext
+from app.src.database import tasks as task_store
+from app.src.database.tasks import ClaimedTask
+from app.src.utils.metrics import LAG, WORKER_RUNNING
+from app.worker.claiming import Claimer
+from app.worker.completing import Completer
+from app.worker.executing import Executor
+from app.worker.leases import Holdings, LeaseKeeper, Running
+
+if TYPE_CHECKING:
+    from app.database import Database
+    from app.settings import Settings
+    from app.src.database.notifications import Notifier
+
+log = structlog.get_logger("taskgate.worker")
+
+PROGRESS_TIMEOUT_S = 5.0
+
+
+class Worker:
+    def __init__(
+        self,
+        db: Database,
+        notifier: Notifier,
+        settings: Settings,
+        registry: KindRegistry = REGISTRY,
+        *,
+        resources: Mapping[str, Any] | None = None,
+        payload_context: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.id = uuid.uuid4()
+        self.db = db
+        self.notifier = notifier
+        self.resources: Mapping[str, Any] = resources or {}
+        self.grace_s = settings.WORKER_SHUTDOWN_GRACE_S
+        self.holdings = Holdings()
+        self.leases = LeaseKeeper(db, self.holdings, worker_id=self.id, lease_s=float(settings.LEASE_SECONDS))
+        self.claimer = Claimer(
+            db,
+            self.holdings,
+            self.leases,
+            worker_id=self.id,
+            concurrency=settings.WORKER_CONCURRENCY,
+            batch_size=settings.WORKER_BATCH_SIZE,
+            poll_s=settings.WORKER_POLL_INTERVAL_S,
+            queues=list(settings.WORKER_QUEUES) or None,
+            start=self._start,
+        )
+        self.executor = Executor(registry, queue_backoff=self._queue_backoff, payload_context=payload_context)
+        self.completer = Completer(db, self.holdings, worker_id=self.id, on_written=self.claimer.wake)
+        self._claim_task: asyncio.Task[None] | None = None
+        self._service_tasks: list[asyncio.Task[None]] = []
+        self.log = log.bind(worker_id=str(self.id))
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._claim_task is not None and not self._claim_task.done()
+
+    async def start(self) -> None:
+        self.notifier.on_available(lambda _queues: self.claimer.wake())
+        self.notifier.on_cancel(self._cancel_requested)
+        self._claim_task = asyncio.create_task(self.claimer.run(), name="taskgate-worker-claim")
+        self._service_tasks = [
+            asyncio.create_task(self.claimer.stage_due(), name="taskgate-worker-stage"),
+            asyncio.create_task(self.leases.run(), name="taskgate-worker-leases"),
+            asyncio.create_task(self.completer.run(), name="taskgate-worker-complete"),
+        ]
+        self.log.info(
+            "worker started",
+            concurrency=self.claimer.concurrency,
+            batch=self.claimer.batch_size,
+            queues=self.claimer.queues,
+        )
+
+    def stop_claiming(self) -> None:
+        """Claim nothing more (idempotent): the first step of a shutdown."""
+        self.claimer.stop()
+
+    async def stop(self, *, grace_s: float | None = None) -> None:
+        """Stop claiming; let running tasks finish within the grace period; release the rest.
+
+        Everything happens within `grace_s` (default WORKER_SHUTDOWN_GRACE_S): handlers get all
+        of it but a short reserve, in which unwritten completions are written and unfinished
+        tasks released. When PostgreSQL cannot be reached, what could not be written is left to
+        the leases: they expire and the rescuer retries those tasks.
+        """
+        loop = asyncio.get_running_loop()
+        grace = self.grace_s if grace_s is None else max(0.0, grace_s)
+        deadline = loop.time() + grace
+        reserve = min(1.0, grace / 4)
+        self.stop_claiming()
+        if self._claim_task is not None:
+            await asyncio.wait([self._claim_task], timeout=max(0.0, deadline - reserve - loop.time()))
+        in_flight = [r.task for r in self.holdings.running.values() if r.task is not None]
+        if in_flight:
+            self.log.info("waiting for running tasks", count=len(in_flight), grace_s=grace)
+            await asyncio.wait(in_flight, timeout=max(0.0, deadline - reserve - loop.time()))
+        leftover = list(self.holdings.running.values())
+        for running in leftover:
+            self.holdings.abandon(running, "shutdown")
+        await asyncio.gather(*(r.task for r in leftover if r.task is not None), return_exceptions=True)
+        for service in self._service_tasks:
+            service.cancel()
+        await asyncio.gather(*self._service_tasks, return_exceptions=True)
+        if self._claim_task is not None and not self._claim_task.done():
+            self._claim_task.cancel()
+            await asyncio.gather(self._claim_task, return_exceptions=True)
+        await self._write_last(leftover, timeout_s=max(0.2, deadline - loop.time()))
+        WORKER_RUNNING.set(0)
+        self.log.info("worker stopped")
+
+    async def _write_last(self, leftover: list[Running], *, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.completer.flush(timeout_s=timeout_s)
+                if leftover:
+                    async with self.db.driver() as conn:
+                        released = await task_store.release(
+                            conn, task_ids=[r.claimed.id for r in leftover], worker_id=self.id
+                        )
+                    self.log.info("released unfinished tasks", count=len(released))
+        except Exception as exc:
+            self.log.warning(
+                "could not write the last completions; their leases expire and they are retried",
+                error=str(exc) or type(exc).__name__,
+                unwritten=len(self.holdings.pending),
+                unreleased=len(leftover),
+            )
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def _start(self, claimed: ClaimedTask, lease_from: float) -> None:
+        ctx = TaskContext(
+            task_id=claimed.id,
+            attempt=claimed.attempt,
+            max_attempts=claimed.max_attempts,
+            queue=claimed.queue,
+            kind=claimed.kind,
+            client_id=claimed.client_id,
+            progress=self._report_progress,
+            resources=self.resources,
+        )
+        running = Running(claimed, ctx, lease_from)
+        self.holdings.running[claimed.id] = running
+        running.task = asyncio.create_task(self._execute(running))
+        LAG(claimed.queue).observe(max(0.0, (claimed.started_at - claimed.run_at).total_seconds()))
+        WORKER_RUNNING.set(len(self.holdings.running))
+
+    async def _execute(self, running: Running) -> None:
+        claimed = running.claimed
+        # this asyncio task runs in its own copy of the context: every log line a handler writes
+        # carries the task and its tenant, and nothing leaks to other tasks
+        structlog.contextvars.bind_contextvars(task_id=str(claimed.id), client_id=str(claimed.client_id))
+        try:
+            completion = await self.executor.run(running)
+        except asyncio.CancelledError:
+            if running.abandoned is None:
+                raise
+            return  # shutdown releases it; a lost lease belongs to whoever holds the task now
+        finally:
+            self.holdings.running.pop(claimed.id, None)
+            if running.abandoned is not None:
+                self.holdings.room.set()
+        if running.abandoned is not None:
+            return
+        self.completer.add(completion)
+
+    async def _queue_backoff(self, queue_id: int) -> Backoff:
+        return (await self.db.queues.by_ids({queue_id}))[queue_id]
+
+    async def _report_progress(self, task_id: UUID, attempt: int, progress: dict[str, Any]) -> None:
+        async with asyncio.timeout(PROGRESS_TIMEOUT_S), self.db.driver() as conn:
+            await task_store.set_progress(conn, task_id=task_id, attempt=attempt, progress=progress)
+
+    def _cancel_requested(self, task_id: UUID) -> None:
+        running = self.holdings.running.get(task_id)
+        if running is not None:
+            running.ctx.cancelled.set()
+
+
+__all__ = ["Worker"]

@@ -1,0 +1,173 @@
+"""Claiming: take as many tasks as there is room for, as soon as there is room, in batches.
+
+Three things wake the claim loop: a NOTIFY that tasks became available, a completion written by
+this worker (a limited queue may have room again), and the poll interval (LISTEN/NOTIFY is a hint,
+never the source of truth). Due scheduled and retryable tasks are staged on their own timer, so
+a busy queue never keeps another queue's timers from firing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+import structlog
+
+from app.src.database import tasks as task_store
+from app.src.database.tasks import ClaimedTask
+from app.worker.leases import Holdings, LeaseKeeper
+
+if TYPE_CHECKING:
+    from app.database import Database
+
+log = structlog.get_logger("taskgate.worker")
+
+# After a failed claim, retry soon: once PostgreSQL is back, work resumes within about this long.
+MAX_RETRY_DELAY_S = 1.0
+STAGE_TIMEOUT_S = 5.0
+STAGE_BATCH = 5000
+
+
+class Claimer:
+    def __init__(
+        self,
+        db: Database,
+        holdings: Holdings,
+        leases: LeaseKeeper,
+        *,
+        worker_id: UUID,
+        concurrency: int,
+        batch_size: int,
+        poll_s: float,
+        queues: list[str] | None,
+        start: Callable[[ClaimedTask, float], None],
+    ) -> None:
+        self.db = db
+        self.holdings = holdings
+        self.leases = leases
+        self.worker_id = worker_id
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        self.queues = queues
+        self.start = start  # hands a claimed task (and when its lease was set) to the executor
+        self.stopping = False
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._limited: tuple[float, list[int]] = (0.0, [])
+        self.log = log.bind(worker_id=str(worker_id))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Claim nothing more from now on (idempotent); the loops end at once."""
+        self.stopping = True
+        self._stopped.set()
+        self._wake.set()
+        self.holdings.room.set()
+
+    async def run(self) -> None:
+        failures = 0
+        while not self.stopping:
+            held = self.holdings.count()
+            free = self.concurrency - held
+            if free <= 0 or (held and free < self._claim_threshold()):
+                self.holdings.room.clear()
+                await self.holdings.room.wait()
+                continue
+            want = min(free, self.batch_size)
+            self._wake.clear()
+            sent = time.monotonic()
+            try:
+                # bounded by the lease it sets: an answer later than that is useless anyway
+                async with asyncio.timeout(self.leases.lease_s - self.leases.margin_s):
+                    claimed = await self._claim(want)
+            except Exception as exc:
+                failures += 1
+                delay = min(self.poll_s * 2 ** (failures - 1), MAX_RETRY_DELAY_S)
+                (self.log.warning if failures == 1 else self.log.debug)(
+                    "claim failed", error=str(exc) or type(exc).__name__, retry_in_s=delay
+                )
+                await self._sleep(delay)
+                continue
+            if failures:
+                self.log.info("claiming again", failed_rounds=failures)
+                failures = 0
+            if not self.leases.usable(sent):
+                # The answer came too late to trust the leases it set; running these now could
+                # overlap their rescue. The rescuer retries them.
+                if claimed:
+                    self.log.warning("claim answered too late; leaving its tasks to the rescuer",
+                                     count=len(claimed))  # fmt: skip
+                continue
+            if self.stopping:
+                await self._release(claimed)  # the stop signal arrived while this claim ran
+                break
+            for task in claimed:
+                self.start(task, sent)
+            if len(claimed) >= want:
+                continue
+            await self._sleep(self.poll_s, wakeable=True)
+
+    async def stage_due(self) -> None:
+        """Every poll interval, make due scheduled and retryable tasks available (all queues)."""
+        while not self.stopping:
+            try:
+                async with asyncio.timeout(STAGE_TIMEOUT_S), self.db.driver() as conn:
+                    staged = await task_store.stage_due(conn, limit=STAGE_BATCH)
+            except Exception as exc:
+                self.log.debug("staging due tasks failed", error=str(exc) or type(exc).__name__)
+                staged = 0
+            if staged >= STAGE_BATCH:
+                continue  # more are due: keep going
+            if staged:
+                self._wake.set()
+            await self._sleep(self.poll_s)
+
+    async def _release(self, claimed: list[ClaimedTask]) -> None:
+        if not claimed:
+            return
+        try:
+            async with asyncio.timeout(STAGE_TIMEOUT_S), self.db.driver() as conn:
+                await task_store.release(conn, task_ids=[t.id for t in claimed], worker_id=self.worker_id)
+        except Exception as exc:  # their leases expire and the rescuer retries them
+            self.log.warning("releasing a late claim failed", error=str(exc) or type(exc).__name__)
+
+    async def _sleep(self, seconds: float, *, wakeable: bool = False) -> None:
+        event = self._wake if wakeable else self._stopped
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=seconds)
+
+    def _claim_threshold(self) -> int:
+        # claim again once a quarter of a batch is free: fewer, fuller round trips
+        return max(1, min(self.batch_size, self.concurrency) // 4)
+
+    async def _claim(self, want: int) -> list[ClaimedTask]:
+        async with self.db.driver() as conn:
+            claimed = await task_store.claim_available(
+                conn, limit=want, lease_s=self.leases.lease_s, worker_id=self.worker_id, queues=self.queues
+            )
+            if len(claimed) < want:
+                for queue_id in await self._limited_queues(conn):
+                    if len(claimed) >= want:
+                        break
+                    claimed += await task_store.claim_limited(
+                        conn,
+                        queue_id=queue_id,
+                        limit=want - len(claimed),
+                        lease_s=self.leases.lease_s,
+                        worker_id=self.worker_id,
+                    )
+        return claimed
+
+    async def _limited_queues(self, conn: task_store.Executor) -> list[int]:
+        fetched_at, ids = self._limited
+        if time.monotonic() - fetched_at > self.poll_s:
+            ids = await task_store.limited_queue_ids(conn, queues=self.queues)
+            self._limited = (time.monotonic(), ids)
+        return ids

@@ -1,0 +1,171 @@
+"""Running one claimed task: its handler, within its timeout, turned into a typed completion.
+
+Every way a handler can end maps to exactly one status and outcome here; the state machine has
+the last word on the status, and the engine's failure policy decides retries and dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from app.src.api.engine.outcomes import Backoff, Outcome, after_failure, clip_error
+from app.src.api.kinds import (
+    Deferred,
+    KindRegistry,
+    PermanentError,
+    RetryLater,
+    TaskCancelled,
+    WaitExternal,
+)
+from app.src.api.state_machine import Status, transition
+from app.src.database.tasks import Completion
+from app.src.utils import json_text
+from app.worker.leases import Running
+
+log = structlog.get_logger("taskgate.worker")
+
+QueueBackoff = Callable[[int], Awaitable[Backoff]]  # queue id -> its backoff settings
+
+
+class Executor:
+    def __init__(
+        self,
+        registry: KindRegistry,
+        *,
+        queue_backoff: QueueBackoff,
+        payload_context: Mapping[str, Any] | None,
+    ) -> None:
+        self.registry = registry
+        self.queue_backoff = queue_backoff
+        # the same validation context as at enqueue, so a payload valid then is valid now
+        self.payload_context = payload_context
+
+    async def run(self, running: Running) -> Completion:
+        claimed, ctx = running.claimed, running.ctx
+        kind = self.registry.get(claimed.kind)
+        if kind is None:
+            return await self.failed(running, f"no task kind {claimed.kind!r} is declared in this worker")
+        try:
+            payload = kind.validate_payload(claimed.payload, context=self.payload_context)
+        except ValidationError as exc:
+            error = f"payload no longer matches the contract of kind {kind.name!r}: {exc}"
+            return finished(running, Status.DISCARDED, Outcome.INVALID_PAYLOAD, error=error)
+        try:
+            if kind.timeout_s is not None:
+                async with asyncio.timeout(kind.timeout_s):
+                    result = await kind(ctx, payload)
+            else:
+                result = await kind(ctx, payload)
+            if kind.result is not None:
+                result = kind.result.model_validate(
+                    result.model_dump() if isinstance(result, BaseModel) else result
+                ).model_dump(mode="json")
+            elif isinstance(result, BaseModel):
+                result = result.model_dump(mode="json")
+            _storable(result)
+            return finished(running, Status.COMPLETED, Outcome.COMPLETED, result=result)
+        except RetryLater as exc:
+            return await self.failed(
+                running, str(exc), retry_after_s=exc.after_s, http_status=exc.http_status
+            )
+        except PermanentError as exc:
+            return finished(
+                running, Status.DISCARDED, Outcome.FAILED, error=str(exc), http_status=exc.http_status
+            )
+        except Deferred as exc:
+            # not an attempt: the attempt count goes back and no attempt record is written
+            return finished(running, Status.RETRYABLE, Outcome.DEFERRED, retry_in_s=exc.after_s, refund=True)
+        except TaskCancelled as exc:
+            return finished(running, Status.CANCELLED, Outcome.CANCELLED, error=str(exc) or "cancelled")
+        except WaitExternal as exc:
+            return finished(
+                running,
+                Status.WAITING,
+                Outcome.WAITING,
+                state=exc.state,
+                retry_in_s=exc.poll_after_s,
+                http_status=exc.http_status,
+            )
+        except TimeoutError:
+            return await self.failed(running, f"timed out after {kind.timeout_s} s")
+        except ValidationError as exc:
+            return await self.failed(running, f"result does not match the contract of {kind.name!r}: {exc}")
+        except Exception as exc:
+            log.warning("task failed", task_id=str(claimed.id), kind=claimed.kind, error=repr(exc))
+            return await self.failed(running, f"{type(exc).__name__}: {exc}")
+
+    async def failed(
+        self,
+        running: Running,
+        error: str,
+        *,
+        retry_after_s: float | None = None,
+        http_status: int | None = None,
+    ) -> Completion:
+        claimed = running.claimed
+        decided = after_failure(
+            attempt=claimed.attempt,
+            max_attempts=claimed.max_attempts,
+            queue=await self.queue_backoff(claimed.queue_id),
+            retry_after_s=retry_after_s,
+        )
+        return finished(
+            running,
+            decided.status,
+            Outcome.FAILED,
+            error=error,
+            retry_in_s=decided.retry_in_s,
+            http_status=http_status,
+        )
+
+
+def finished(
+    running: Running,
+    status: Status,
+    outcome: Outcome,
+    *,
+    result: Any = None,
+    error: str | None = None,
+    retry_in_s: float | None = None,
+    http_status: int | None = None,
+    state: dict[str, Any] | None = None,
+    refund: bool = False,
+) -> Completion:
+    """The completion of a running attempt, checked against the state machine."""
+    claimed = running.claimed
+    transition(Status.RUNNING, status)
+    elapsed = timedelta(seconds=time.perf_counter() - running.started)
+    return Completion(
+        id=claimed.id,
+        attempt=claimed.attempt,
+        status=status,
+        outcome=outcome,
+        started_at=claimed.started_at,
+        finished_at=claimed.started_at + elapsed,
+        result=result,
+        error=None if error is None else clip_error(error),
+        retry_in_s=retry_in_s,
+        http_status=running.ctx.http_status if http_status is None else http_status,
+        state=state,
+        refund=refund,
+    )
+
+
+def _storable(result: Any) -> None:
+    """A result PostgreSQL cannot store would fail the completion batch of every task with it; the
+    task fails permanently instead (a handler that returns it will return it again)."""
+    if result is None:
+        return
+    try:
+        json_text.dumps(result)
+    except (TypeError, ValueError) as exc:
+        raise PermanentError(f"the handler's result is not JSON: {exc}") from None
+    if json_text.contains_nul(result):
+        raise PermanentError(f"the handler's result cannot be stored: {json_text.NUL_MESSAGE}")
