@@ -64,3 +64,22 @@ async def returns(ctx: TaskContext, payload: Returns) -> dict[str, object]:
     if payload.big:
         result["big"] = 2**70 + 1
     return result
+
+
+class Span(BaseModel):
+    path: str
+    seconds: float
+
+
+@task_kind("test.span", payload=Span, result=Done)
+async def span(ctx: TaskContext, payload: Span) -> Done:
+    """Append 'task_id attempt pid start end' when the handler ends, however it ends (completed or
+    cancelled): proves that two executions of one task never overlapped in time."""
+    start = time.time()
+    try:
+        await asyncio.sleep(payload.seconds)
+    finally:
+        line = f"{ctx.task_id} {ctx.attempt} {os.getpid()} {start:.6f} {time.time():.6f}\n"
+        with Path(payload.path).open("a") as handle:
+            handle.write(line)
+    return Done()

@@ -3,6 +3,7 @@
 import asyncio
 import itertools
 import signal
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from quart import Quart
 
 from tests.helpers import eventually, fetch, read_records, spawn_worker, started
+from tests.proxy import FreezableProxy
 
 Serving = Callable[..., Awaitable[Quart]]
 
@@ -237,3 +239,54 @@ async def test_a_saturated_limited_queue_drains_and_never_holds_up_other_queues_
     # claimed as room frees, not once per poll interval: no idle second while work is waiting
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert max(gaps) < 1.0
+
+
+async def test_a_worker_cut_off_from_postgresql_stops_its_handler_before_the_lease_can_expire(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    # The worker reaches PostgreSQL through a proxy that freezes (no error, no reset: a stall).
+    # Its heartbeats hang, so it must cancel its handler before the lease runs out; the rescuer
+    # (here) then hands the task to a second worker, and the two executions never overlap.
+    app = await serving(ROLES=["api", "scheduler"])
+    client = app.test_client()
+    await client.put(
+        "/api/queues/fenced", json={"min_backoff_s": 0.1, "max_backoff_s": 0.2}, headers=auth_headers
+    )
+    proxy = FreezableProxy(clean_database)
+    await proxy.start()
+    marks = tmp_path / "spans.txt"
+    stalled = spawn_worker(proxy.uri, tmp_path / "stalled", LEASE_SECONDS="3")
+    survivor = None
+    try:
+        await started(stalled)
+        [task] = await batch(
+            client,
+            auth_headers,
+            [{"kind": "test.span", "queue": "fenced", "payload": {"path": str(marks), "seconds": 30}}],
+        )
+        await eventually(lambda: _count_is(clean_database, "status = 'running'", 1), timeout=30)
+        proxy.freeze()
+        frozen_at = time.time()
+        await eventually(lambda: len(read_records(marks)) == 1, timeout=10)  # the handler was stopped
+        await fetch(clean_database, "UPDATE tasks SET payload = jsonb_set(payload, '{seconds}', '0.2')")
+        survivor = spawn_worker(clean_database, tmp_path / "survivor", LEASE_SECONDS="3")
+        await eventually(lambda: _all_done(clean_database), timeout=30)
+    finally:
+        proxy.thaw()
+        for worker in (stalled, survivor):
+            if worker is not None:
+                worker.send_signal(signal.SIGTERM)
+        stop_all([w for w in (stalled, survivor) if w is not None])
+        await proxy.stop()
+    (first, second) = sorted(read_records(marks), key=lambda r: r[1])
+    assert (first[1], second[1]) == (1, 2)
+    assert first[2] == stalled.pid
+    assert second[2] != stalled.pid
+    assert first[4] < frozen_at + 3  # stopped while its lease (3 s) still held
+    assert first[4] <= second[3]  # never two executions at once
+    attempts = await fetch(
+        clean_database,
+        "SELECT attempt, outcome FROM task_attempts WHERE task_id = $1 ORDER BY id",
+        task["id"],
+    )
+    assert [(a["attempt"], a["outcome"]) for a in attempts] == [(1, "lost"), (2, "completed")]
