@@ -18,6 +18,7 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "noop": [{}, {"anything": [1, 2, 3]}],
     "sleep": [{"seconds": 0}, {"seconds": 1.5}, {"seconds": 3600}],
     "test.record": [{"path": "/tmp/x"}, {"path": "/tmp/x", "seconds": 0.1}],
+    "test.span": [{"path": "/tmp/x", "seconds": 1}],
     "test.returns": [{"value": "x"}, {"value": "x", "nul": True, "big": True}],
     "test.flaky": [
         {"fail_times": 2},
@@ -38,6 +39,7 @@ VALID: dict[str, list[dict[str, Any]]] = {
 INVALID: dict[str, list[dict[str, Any]]] = {
     "sleep": [{}, {"seconds": -1}, {"seconds": "soon"}, {"seconds": 1, "extra": True}],
     "test.record": [{}],
+    "test.span": [{"path": "/tmp/x"}],
     "test.returns": [{"nul": True}],
     "test.flaky": [{"fail_times": "x"}],
     "http": [
