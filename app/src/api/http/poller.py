@@ -22,6 +22,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -60,6 +61,17 @@ FIRST_POLL_S = 1.0
 MAX_POLL_INTERVAL_S = 60.0
 
 
+class PollResult(StrEnum):
+    """What one poll did, as the scheduler's job report counts it."""
+
+    COMPLETED = "completed"
+    RETRYABLE = "retryable"  # the final answer was a failure worth another attempt
+    DISCARDED = "discarded"
+    PENDING = "pending"  # not done yet: polled again later
+    POLL_FAILED = "poll_failed"  # the status URL could not be read: polled again later
+    ERROR = "error"  # a bug; the claim's lease runs out and the task is polled again
+
+
 async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str, int] | None:
     """Poll every due waiting http task once; returns counts per outcome (None when idle)."""
     if http is None:
@@ -72,7 +84,7 @@ async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str
         return None
     limit = asyncio.Semaphore(POLL_CONCURRENCY)
 
-    async def poll(task: WaitingTask) -> str:
+    async def poll(task: WaitingTask) -> PollResult:
         async with limit:
             try:
                 return await poll_one(db, http, task)
@@ -83,12 +95,12 @@ async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str
             except Exception:
                 # the claim's lease runs out and the task is polled again: nothing is lost
                 log.exception("polling a waiting task failed", task_id=str(task.id))
-                return "error"
+                return PollResult.ERROR
 
     return dict(Counter(await asyncio.gather(*(poll(task) for task in due))))
 
 
-async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> str:
+async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> PollResult:
     now = datetime.now(UTC)
     try:
         payload = HttpPayload.model_validate(task.payload, context=http.payload_context)
@@ -102,7 +114,7 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> str:
             error=f"cannot poll this task: {exc}",
             outcome=Outcome.FAILED,
         )
-        return "discarded"
+        return PollResult.DISCARDED
     try:
         signer = signer_for(task.id, await signing_secrets(http, task.client_id))
         response, verdict = await exchange(
@@ -141,13 +153,13 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> str:
         await _finish(
             db, task, Status.DISCARDED, started_at=state.accepted_at, error=str(exc), outcome=Outcome.FAILED
         )
-        return "discarded"
+        return PollResult.DISCARDED
     return await _conclude(db, task, state, response, verdict)
 
 
 async def _conclude(
     db: Database, task: WaitingTask, state: HttpWaitState, response: HttpResponse, verdict: Classified
-) -> str:
+) -> PollResult:
     if verdict.answer == "pending":
         if verdict.location:
             state.status_url = resolve_location(response.url, verdict.location)
@@ -162,7 +174,7 @@ async def _conclude(
             http_status=response.status,
             outcome=Outcome.COMPLETED,
         )
-        return "completed"
+        return PollResult.COMPLETED
     if verdict.answer == "retry":
         queue = (await db.queues.by_ids({task.queue_id}))[task.queue_id]
         decided = after_failure(
@@ -181,7 +193,7 @@ async def _conclude(
             http_status=response.status,
             outcome=Outcome.FAILED,
         )
-        return str(decided.status)
+        return PollResult(str(decided.status))
     await _finish(
         db,
         task,
@@ -191,7 +203,7 @@ async def _conclude(
         http_status=response.status,
         outcome=Outcome.FAILED,
     )
-    return "discarded"
+    return PollResult.DISCARDED
 
 
 async def _keep_waiting(
@@ -203,7 +215,7 @@ async def _keep_waiting(
     retry_after_s: float | None = None,
     delay_s: float | None = None,
     count: bool = True,
-) -> str:
+) -> PollResult:
     """Poll again later, or discard when the deadline has passed."""
     now = datetime.now(UTC)
     if count:
@@ -220,7 +232,7 @@ async def _keep_waiting(
             error=f"{reason} (last error: {error})" if error else reason,
             outcome=Outcome.FAILED,
         )
-        return "discarded"
+        return PollResult.DISCARDED
     if delay_s is None:
         delay_s = (
             retry_after_s
@@ -236,7 +248,7 @@ async def _keep_waiting(
             state=state.model_dump(mode="json"),
             error=clip_error(error) if error else None,
         )
-    return "pending" if error is None else "poll_failed"
+    return PollResult.PENDING if error is None else PollResult.POLL_FAILED
 
 
 async def _hand_back(db: Database, task: WaitingTask) -> None:
