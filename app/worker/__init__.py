@@ -182,6 +182,12 @@ class Worker:
             if running.abandoned is None:
                 raise
             return  # shutdown releases it; a lost lease belongs to whoever holds the task now
+        except Exception as exc:
+            # Deciding the completion failed (the queue's backoff could not be read, say): the
+            # attempt is left to its lease, which is no longer renewed; the rescuer retries it.
+            self.log.warning("could not conclude an attempt", task_id=str(claimed.id), error=repr(exc))
+            running.abandoned = "unconcluded"
+            return
         finally:
             self.holdings.running.pop(claimed.id, None)
             if running.abandoned is not None:
