@@ -24,7 +24,7 @@ from app.src.api.engine.outcomes import Backoff
 from app.src.api.kinds import REGISTRY, KindRegistry, TaskContext
 from app.src.database import tasks as task_store
 from app.src.database.tasks import ClaimedTask
-from app.src.utils.metrics import LAG, WORKER_RUNNING
+from app.src.utils.metrics import LAG, WORKER_CAPACITY, WORKER_RUNNING
 from app.worker.claiming import Claimer
 from app.worker.completing import Completer
 from app.worker.executing import Executor
@@ -90,6 +90,7 @@ class Worker:
             asyncio.create_task(self.leases.run(), name="taskgate-worker-leases"),
             asyncio.create_task(self.completer.run(), name="taskgate-worker-complete"),
         ]
+        WORKER_CAPACITY.set(self.claimer.concurrency)
         self.log.info(
             "worker started",
             concurrency=self.claimer.concurrency,

@@ -7,8 +7,8 @@ lease was rescued meanwhile is dropped by the database, never written over the t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import structlog
@@ -16,7 +16,7 @@ import structlog
 from app.src.api.engine.outcomes import Outcome
 from app.src.database import tasks as task_store
 from app.src.database.tasks import Completion
-from app.src.utils.metrics import OUTCOMES, WORKER_RUNNING
+from app.src.utils.metrics import DURATION, OUTCOMES, WORKER_RUNNING
 from app.worker.leases import Holdings
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ log = structlog.get_logger("taskgate.worker")
 MAX_BATCH = 1000
 WRITE_TIMEOUT_S = 5.0  # one batch; a stalled write is retried rather than waited on
 RETRY_AFTER_FAILURE_S = 0.5
+# the outcome label of taskgate_task_outcomes_total for the status an attempt left its task in
+METRIC_OUTCOME = {"retryable": "retried"}
 
 
 class Completer:
@@ -74,13 +76,19 @@ class Completer:
             holdings.room.set()
             self.on_written()
             WORKER_RUNNING.set(len(holdings.running))
-            counts: dict[tuple[str, str, str], int] = {}
-            for row in rows:
-                if row["outcome"] == Outcome.DEFERRED:  # a deferral is not an outcome of the task
-                    continue
-                key = (row["queue"], row["kind"], row["status"])
-                counts[key] = counts.get(key, 0) + 1
-            for key, count in counts.items():
-                OUTCOMES(*key).inc(count)
+            self._observe(batch, rows)
             if len(rows) < len(batch):
                 self.log.info("completions dropped: their leases were lost", count=len(batch) - len(rows))
+
+    @staticmethod
+    def _observe(batch: list[Completion], rows: Sequence[Mapping[str, Any]]) -> None:
+        durations = {c.id: (c.finished_at - c.started_at).total_seconds() for c in batch}
+        counts: dict[tuple[str, str, str], int] = {}
+        for row in rows:
+            if row["outcome"] == Outcome.DEFERRED:  # a deferral is not an outcome of the task
+                continue
+            key = (row["queue"], row["kind"], METRIC_OUTCOME.get(row["status"], row["status"]))
+            counts[key] = counts.get(key, 0) + 1
+            DURATION(row["queue"], row["kind"]).observe(durations[row["id"]])
+        for key, count in counts.items():
+            OUTCOMES(*key).inc(count)

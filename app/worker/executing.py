@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -72,10 +73,12 @@ class Executor:
             _storable(result)
             return finished(running, Status.COMPLETED, Outcome.COMPLETED, result=result)
         except RetryLater as exc:
+            log.info("task will be retried", task_id=str(claimed.id), kind=claimed.kind, reason=str(exc))
             return await self.failed(
                 running, str(exc), retry_after_s=exc.after_s, http_status=exc.http_status
             )
         except PermanentError as exc:
+            log.info("task failed permanently", task_id=str(claimed.id), kind=claimed.kind, reason=str(exc))
             return finished(
                 running, Status.DISCARDED, Outcome.FAILED, error=str(exc), http_status=exc.http_status
             )
@@ -98,7 +101,13 @@ class Executor:
         except ValidationError as exc:
             return await self.failed(running, f"result does not match the contract of {kind.name!r}: {exc}")
         except Exception as exc:
-            log.warning("task failed", task_id=str(claimed.id), kind=claimed.kind, error=repr(exc))
+            log.warning(
+                "task failed",
+                task_id=str(claimed.id),
+                kind=claimed.kind,
+                error=repr(exc),
+                traceback=clip_traceback(traceback.format_exc()),
+            )
             return await self.failed(running, f"{type(exc).__name__}: {exc}")
 
     async def failed(
@@ -156,6 +165,14 @@ def finished(
         state=state,
         refund=refund,
     )
+
+
+MAX_TRACEBACK_CHARS = 8192
+
+
+def clip_traceback(text: str) -> str:
+    """A traceback bounded to 8 KiB, keeping its end (where the exception is raised)."""
+    return text if len(text) <= MAX_TRACEBACK_CHARS else "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
 
 
 def _storable(result: Any) -> None:

@@ -259,6 +259,27 @@ async def test_task_metrics_are_exported(serving: Serving, auth_headers: dict[st
     assert 'taskgate_task_start_lag_seconds_bucket{le="0.005",queue="metered"}' in text
 
 
+async def test_retried_attempts_and_durations_are_told_apart_in_metrics(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/twice", json={"min_backoff_s": 0.05, "max_backoff_s": 0.1}, headers=auth_headers
+    )
+    task = await enqueue(client, auth_headers, kind="test.flaky", queue="twice", payload={"fail_times": 1})
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)).get_json()
+    assert done["status"] == "completed"
+    for line in (
+        'taskgate_task_outcomes_total{kind="test.flaky",outcome="retried",queue="twice"} 1.0',
+        'taskgate_task_outcomes_total{kind="test.flaky",outcome="completed",queue="twice"} 1.0',
+        'taskgate_task_duration_seconds_count{kind="test.flaky",queue="twice"} 2.0',
+    ):
+        await eventually(lambda line=line: _metrics_have(client, line))
+    text = await (await client.get("/metrics")).get_data(as_text=True)
+    assert "taskgate_worker_capacity_tasks" in text
+
+
 async def _metrics_have(client: Any, line: str) -> bool:
     return line in await (await client.get("/metrics")).get_data(as_text=True)
 

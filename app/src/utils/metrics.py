@@ -25,6 +25,15 @@ START_LAG = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 WORKER_RUNNING = Gauge("taskgate_worker_running_tasks", "Tasks this process is running now")
+WORKER_CAPACITY = Gauge(
+    "taskgate_worker_capacity_tasks", "Tasks this process may hold at once (WORKER_CONCURRENCY)"
+)
+TASK_DURATION = Histogram(
+    "taskgate_task_duration_seconds",
+    "How long an attempt ran, from claim to its handler's end",
+    ["queue", "kind"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
 SCHEDULER_RUNS = Counter("taskgate_scheduler_runs_total", "Maintenance job runs", ["job", "outcome"])
 SCHEDULER_DURATION = Histogram("taskgate_scheduler_run_duration_seconds", "Maintenance job duration", ["job"])
 SCHEDULER_LAST_SUCCESS = Gauge(
@@ -54,6 +63,7 @@ class LabelCache:
 OUTCOMES = LabelCache(TASK_OUTCOMES)
 ENQUEUED = LabelCache(TASKS_ENQUEUED)
 LAG = LabelCache(START_LAG)
+DURATION = LabelCache(TASK_DURATION)
 # The `http` kind, per destination host (host:port)
 HTTP_DELIVERIES = Counter(
     "taskgate_http_deliveries_total",
