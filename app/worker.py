@@ -42,6 +42,7 @@ from app.src.utils.metrics import LAG, OUTCOMES, WORKER_RUNNING
 if TYPE_CHECKING:
     from app.database import Database
     from app.settings import Settings
+    from app.src.api.engine.caches import QueueCache
     from app.src.database.notifications import Notifier
 
 log = structlog.get_logger("taskgate.worker")
@@ -67,9 +68,11 @@ class Worker:
         *,
         resources: Mapping[str, Any] | None = None,
         payload_context: Mapping[str, Any] | None = None,
+        queue_settings: QueueCache,
     ) -> None:
         self.id = uuid.uuid4()
         self.db = db
+        self.queue_settings = queue_settings
         self.notifier = notifier
         self.registry = registry
         self.resources: Mapping[str, Any] = resources or {}
@@ -331,7 +334,7 @@ class Worker:
         status = after_failure(attempt=claimed.attempt, max_attempts=claimed.max_attempts, permanent=False)
         retry_in_s = None
         if status is Status.RETRYABLE:
-            queue = (await self.db.queues.by_ids({claimed.queue_id}))[claimed.queue_id]
+            queue = (await self.queue_settings.by_ids({claimed.queue_id}))[claimed.queue_id]
             retry_in_s = backoff_seconds(
                 attempt=claimed.attempt,
                 min_backoff_s=queue.min_backoff_s,

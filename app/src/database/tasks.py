@@ -698,3 +698,11 @@ async def count_unfinished(conn: Executor, *, client_id: UUID) -> int:
         client_id,
     )
     return int(rows[0]["n"])
+
+
+async def client_quotas(conn: Executor, client_ids: Sequence[UUID]) -> dict[UUID, int | None]:
+    """Each API client's own `max_queued_tasks` (None: the deployment default); unknown ids are absent."""
+    rows = await conn.fetch(
+        "SELECT id, max_queued_tasks FROM api_clients WHERE id = ANY($1::uuid[])", list(client_ids)
+    )
+    return {row["id"]: row["max_queued_tasks"] for row in rows}

@@ -10,7 +10,7 @@ import structlog
 from quart.typing import TestClientProtocol as Client
 
 from app.database import Database
-from app.src.api.auth.store import transaction
+from app.src.api.auth.access import transaction
 from app.src.api.models.auth import SCOPES, NewOperator
 from app.src.database import auth as store
 from app.src.encryption import totp

@@ -48,6 +48,7 @@ from app.src.utils.metrics import TASK_OUTCOMES
 
 if TYPE_CHECKING:
     from app.database import Database
+    from app.src.api.engine.caches import QueueCache
 
 log = structlog.get_logger("taskgate.http.poller")
 
@@ -60,7 +61,9 @@ MAX_POLL_INTERVAL_S = 60.0
 MAX_ERROR_CHARS = 2000
 
 
-async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str, int] | None:
+async def poll_waiting_http(
+    db: Database, http: OutboundHttp | None, queue_settings: QueueCache
+) -> dict[str, int] | None:
     """Poll every due waiting http task once; returns counts per outcome (None when idle)."""
     if http is None:
         return None
@@ -75,7 +78,7 @@ async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str
     async def poll(task: WaitingTask) -> str:
         async with limit:
             try:
-                return await poll_one(db, http, task)
+                return await poll_one(db, http, task, queue_settings)
             except asyncio.CancelledError:
                 # shutdown: hand the claim back, so the next replica polls at once, not after the lease
                 await asyncio.shield(_hand_back(db, task))
@@ -88,7 +91,7 @@ async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str
     return dict(Counter(await asyncio.gather(*(poll(task) for task in due))))
 
 
-async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> str:
+async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask, queue_settings: QueueCache) -> str:
     now = datetime.now(UTC)
     try:
         payload = HttpPayload.model_validate(task.payload, context=http.payload_context)
@@ -142,11 +145,16 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> str:
             db, task, Status.DISCARDED, started_at=state.accepted_at, error=str(exc), outcome="failed"
         )
         return "discarded"
-    return await _conclude(db, task, state, response, verdict)
+    return await _conclude(db, task, state, response, verdict, queue_settings)
 
 
 async def _conclude(
-    db: Database, task: WaitingTask, state: HttpWaitState, response: HttpResponse, verdict: Classified
+    db: Database,
+    task: WaitingTask,
+    state: HttpWaitState,
+    response: HttpResponse,
+    verdict: Classified,
+    queue_settings: QueueCache,
 ) -> str:
     if verdict.answer == "pending":
         if verdict.location:
@@ -167,7 +175,7 @@ async def _conclude(
         status = after_failure(attempt=task.attempts, max_attempts=task.max_attempts, permanent=False)
         retry_in_s = None
         if status is Status.RETRYABLE:
-            queue = (await db.queues.by_ids({task.queue_id}))[task.queue_id]
+            queue = (await queue_settings.by_ids({task.queue_id}))[task.queue_id]
             retry_in_s = backoff_seconds(
                 attempt=task.attempts,
                 min_backoff_s=queue.min_backoff_s,
