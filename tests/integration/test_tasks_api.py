@@ -9,7 +9,7 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from tests.conftest import driver_uri
-from tests.helpers import enqueue, fetch
+from tests.task_harness import enqueue, fetch
 
 PROBLEM = "application/problem+json"
 
