@@ -18,6 +18,7 @@ event loop appears, sqlalchemy#5626).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -190,12 +191,13 @@ class Database:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
-                await pool.close()
-            except Exception:  # a stalled server cannot be told goodbye
+                await asyncio.wait_for(pool.close(), timeout=self.command_timeout_s)
+            except Exception:  # a stalled or vanished server cannot be told goodbye
                 pool.terminate()
         if self._engine is not None:
-            await self._engine.dispose()
-            self._engine = None
+            engine, self._engine = self._engine, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(engine.dispose(), timeout=self.command_timeout_s)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -229,11 +231,13 @@ class Database:
             yield connection
         except Exception as error:
             if is_connection_failure(error):
+                # a broken or stalled connection is not worth a graceful release: that would wait
+                # on the same peer once more
+                connection.terminate()
                 raise unavailable(error) from error
             raise
         finally:
-            # a connection that broke is terminated by asyncpg on release: nothing left to do
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # asyncpg terminates what it cannot reset
                 await pool.release(connection, timeout=self.command_timeout_s)
 
     async def ping(self, *, timeout_s: float = 1.0) -> bool:

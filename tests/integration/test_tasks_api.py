@@ -5,7 +5,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from tests.conftest import driver_uri
