@@ -127,15 +127,21 @@ async def assert_unavailable(client: Any, headers: dict[str, str], task_id: str)
 async def test_a_refused_database_is_503_with_retry_after_and_recovers(
     serving: Any, proxy: PostgresProxy, auth_headers: dict[str, str]
 ) -> None:
-    client = (await serving(DB_URI=proxy.uri, ROLES=["api"])).test_client()
+    app = await serving(DB_URI=proxy.uri, ROLES=["api"])
+    client = app.test_client()
+    notifier = app.extensions["taskgate"].notifier
     first = await client.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)
     assert first.status_code == 201
     task_id = (await first.get_json())["id"]
 
     proxy.refuse()
     await assert_unavailable(client, auth_headers, task_id)
+    assert not notifier.connected.is_set()
 
     await proxy.listen()  # the database is back, on the same address
+    back = time.monotonic()
+    await asyncio.wait_for(notifier.connected.wait(), timeout=5)
+    assert time.monotonic() - back < 2.0  # LISTEN again about a second after, not after 30 s
     deadline = time.monotonic() + 5
     while True:
         again = await client.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)

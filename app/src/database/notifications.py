@@ -39,6 +39,7 @@ class Notifier:
         self._on_available: list[Callable[[set[int] | None], None]] = []
         self._on_cancel: list[Callable[[UUID], None]] = []
         self.connected = asyncio.Event()
+        self._stopping = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="taskgate-notifier")
@@ -47,10 +48,15 @@ class Notifier:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            task, self._task = self._task, None
+            self._stopping = True
+            # asyncio.wait_for (inside asyncpg.connect) can swallow a cancellation that lands as
+            # its inner wait finishes; the flag ends the loop at its next turn regardless
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
 
     def on_available(self, callback: Callable[[set[int] | None], None]) -> None:
         """callback(queue ids, or None for 'anything may have changed')."""
@@ -104,7 +110,7 @@ class Notifier:
 
     async def _run(self) -> None:
         delay = RECONNECT_MIN_S
-        while True:
+        while not self._stopping:
             connection: Any = None
             try:
                 connection = await asyncpg.connect(
@@ -136,6 +142,7 @@ class Notifier:
         """Return when the connection closed or stopped answering a probe in time."""
         while not lost.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), timeout=PROBE_INTERVAL_S)
+                async with asyncio.timeout(PROBE_INTERVAL_S):
+                    await lost.wait()
                 return
             await connection.fetchval("SELECT 1", timeout=PROBE_TIMEOUT_S)
