@@ -110,7 +110,7 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask, queue_se
         signer = signer_for(task.id, await signing_secrets(http, task.client_id))
         response, verdict = await exchange(
             http,
-            holder=task.id,
+            task_id=task.id,
             method="GET",
             url=state.status_url,
             headers=_poll_headers(payload, state.status_url),
@@ -123,7 +123,7 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask, queue_se
             result_url = resolve_location(response.url, verdict.location or "")
             response, verdict = await exchange(
                 http,
-                holder=task.id,
+                task_id=task.id,
                 method="GET",
                 url=result_url,
                 headers=_poll_headers(payload, result_url),
