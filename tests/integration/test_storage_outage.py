@@ -13,8 +13,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
+
+from app.database import Database, StorageUnavailable
 
 PROBLEM = "application/problem+json"
 ANSWER_WITHIN_S = 5.0
@@ -124,6 +127,28 @@ async def assert_unavailable(client: Any, headers: dict[str, str], task_id: str)
     assert elapsed < 2.5, elapsed
 
 
+async def assert_transaction_unavailable(db: Database) -> None:
+    """SQLAlchemy's way in (`transaction()`) raises the same StorageUnavailable, as quickly."""
+    began = time.monotonic()
+    with pytest.raises(StorageUnavailable):
+        async with db.transaction() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+    assert time.monotonic() - began < ANSWER_WITHIN_S
+
+
+async def test_every_connection_carries_the_server_side_statement_timeout(db: Database) -> None:
+    async with db.driver() as conn:
+        assert await conn.fetchval("SHOW statement_timeout") == "5s"
+    async with db.transaction() as conn:
+        assert (await conn.exec_driver_sql("SHOW statement_timeout")).scalar() == "5s"
+
+
+async def test_an_sql_error_passes_through_unchanged(db: Database) -> None:
+    with pytest.raises(asyncpg.UndefinedTableError):
+        async with db.driver() as conn:
+            await conn.fetch("SELECT * FROM no_such_table")
+
+
 async def test_a_refused_database_is_503_with_retry_after_and_recovers(
     serving: Any, proxy: PostgresProxy, auth_headers: dict[str, str]
 ) -> None:
@@ -137,6 +162,7 @@ async def test_a_refused_database_is_503_with_retry_after_and_recovers(
     proxy.refuse()
     await assert_unavailable(client, auth_headers, task_id)
     assert not notifier.connected.is_set()
+    await assert_transaction_unavailable(app.extensions["taskgate"].db)
 
     await proxy.listen()  # the database is back, on the same address
     back = time.monotonic()
@@ -154,13 +180,18 @@ async def test_a_refused_database_is_503_with_retry_after_and_recovers(
 async def test_a_stalled_database_is_503_with_retry_after_not_a_hang(
     serving: Any, proxy: PostgresProxy, auth_headers: dict[str, str]
 ) -> None:
-    client = (await serving(DB_URI=proxy.uri, ROLES=["api"])).test_client()
+    app = await serving(DB_URI=proxy.uri, ROLES=["api"])
+    client = app.test_client()
     first = await client.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)
     assert first.status_code == 201
     task_id = (await first.get_json())["id"]
 
+    async with app.extensions["taskgate"].db.transaction() as conn:  # a pooled SQLAlchemy connection
+        await conn.exec_driver_sql("SELECT 1")
+
     proxy.stall()
     await assert_unavailable(client, auth_headers, task_id)
+    await assert_transaction_unavailable(app.extensions["taskgate"].db)
     # requests arriving while a stalled insert batch is in flight do not queue behind it
     began = time.monotonic()
     answers = await asyncio.gather(
