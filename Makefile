@@ -26,6 +26,7 @@ lint: install
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy --strict app
 	.venv/bin/bandit -q -c pyproject.toml -r app
+	.venv/bin/lint-imports
 
 fmt: install
 	.venv/bin/ruff check --fix .

@@ -7,7 +7,6 @@ the database, workers and scheduler start in the serving lifecycle (seed 000).
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
-from importlib.metadata import PackageNotFoundError, version
 
 from quart import Quart
 from quart_cors import cors
@@ -19,11 +18,7 @@ from app.runtime import Runtime
 from app.settings import Settings, load_settings
 from app.src.api.kinds import load_kinds
 from app.src.utils import json_provider, schema_adapters
-
-try:
-    __version__ = version("taskgate")
-except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    __version__ = "0.0.0"
+from app.version import __version__
 
 
 def create_app(settings: Settings | None = None) -> Quart:

@@ -32,12 +32,13 @@ def _fail(message: str) -> NoReturn:
 def _run(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
     from app.database import Database
     from app.src.api.errors import AppError
+    from app.src.database.migrations import head_revisions
 
     async def main() -> T:
         db = Database(settings)
         await db.connect()
         try:
-            if not await db.schema_at_head():
+            if not await db.schema_at_head(head_revisions()):
                 raise AdminError("the database schema is not at head; run `python -m app migrate` first")
             return await work(db)
         finally:

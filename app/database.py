@@ -1,34 +1,93 @@
-"""The Database facade: connection pools, transactions, caches and each storage's initialize().
+"""The database facade: connection pools, transactions, health and schema checks.
 
 Two ways in. `driver()` hands out an asyncpg connection from a native asyncpg pool: every service
 and the worker use it (checking a connection out of SQLAlchemy's async pool cost more than the
 statements of an enqueue). `transaction()` is the SQLAlchemy engine (a small pool), for code that
 works in SQLAlchemy and wants to enqueue inside its own transaction.
 
-Nothing here connects at import or construction; `connect()` runs inside the serving loop and
+Every wait has a deadline (connect, pool checkout, each statement, and the server's own
+`statement_timeout`), and both ways in turn a lost, refused or stalled database into one error,
+`StorageUnavailable`, which the transport answers with 503 and Retry-After. Errors about the SQL
+or its data (a unique violation, a CHECK) pass through unchanged.
+
+This is the bottom layer: it imports nothing from the repositories or services above it. Nothing
+here connects at import or construction; `connect()` runs inside the serving loop and
 `disconnect()` closes the pools on shutdown (a module-level engine breaks as soon as a second
 event loop appears, sqlalchemy#5626).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import asyncpg.exceptions._base as asyncpg_base
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.settings import Settings
-from app.src.api.errors import ServiceUnavailable
-from app.src.api.models.tasks import Task
-from app.src.database import migrations
-from app.src.database import tasks as task_store
-from app.src.database.caches import QueueCache, QuotaCache
 from app.src.utils import json_text
-from app.src.utils.coalesce import Coalescer
 
-POOL_TIMEOUT_S = 10.0
+# How long a client is told to wait before retrying while the database is out of reach.
+RETRY_AFTER_S = 1
+
+
+class StorageUnavailable(Exception):
+    """PostgreSQL cannot be reached in time (refused, reset, stalled, restarting, saturated).
+
+    Nothing about the request is wrong and retrying later may succeed; the transport answers 503
+    with `Retry-After`, and background loops back off and try again.
+    """
+
+    retry_after_s = RETRY_AFTER_S
+
+
+# asyncpg's client-side errors about the arguments, not the connection
+_CLIENT_ARGUMENT_ERRORS = (
+    asyncpg_base.ClientConfigurationError,
+    asyncpg_base.DataError,
+    asyncpg_base.UnsupportedClientFeatureError,
+    asyncpg_base.UnsupportedServerFeatureError,
+)
+_CONNECTION_ERRORS = (
+    OSError,  # refused, reset, unreachable (ConnectionError is a subclass)
+    TimeoutError,  # connect timeout, pool checkout, command_timeout
+    asyncpg.PostgresConnectionError,  # class 08, ConnectionDoesNotExistError among them
+    asyncpg.OperatorInterventionError,  # class 57: statement_timeout, shutdown, cannot connect now
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, out of memory or disk
+    asyncpg.InterfaceError,  # the connection was closed or broken under the caller
+    asyncpg.InternalClientError,  # the protocol lost its state (a connection cut mid-message)
+)
+
+
+def is_connection_failure(error: BaseException) -> bool:
+    """True when `error` says the database is out of reach rather than that a statement is wrong."""
+    if isinstance(error, StorageUnavailable):
+        return True
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        # SQLAlchemy wraps asyncpg's error in its DBAPI adapter, which keeps the original as cause
+        original = error.orig
+        return original is not None and (
+            is_connection_failure(original)
+            or (original.__cause__ is not None and is_connection_failure(original.__cause__))
+        )
+    if isinstance(error, sa_exc.TimeoutError):  # SQLAlchemy's pool checkout
+        return True
+    if isinstance(error, _CLIENT_ARGUMENT_ERRORS):
+        return False
+    return isinstance(error, _CONNECTION_ERRORS)
+
+
+def unavailable(error: BaseException) -> StorageUnavailable:
+    unreachable = StorageUnavailable(f"the database is unavailable ({type(error).__name__}: {error})")
+    unreachable.__cause__ = error
+    return unreachable
 
 
 async def _set_codecs(connection: asyncpg.Connection) -> None:
@@ -64,14 +123,11 @@ class Database:
         self.settings = settings
         self.uri = settings.DB_URI
         self.pool_size = settings.DB_POOL_SIZE
+        self.connect_timeout_s = settings.DB_CONNECT_TIMEOUT_S
+        self.acquire_timeout_s = settings.DB_ACQUIRE_TIMEOUT_S
+        self.command_timeout_s = settings.DB_COMMAND_TIMEOUT_S
         self._engine: AsyncEngine | None = None
         self._pool: asyncpg.Pool | None = None
-        self.queues = QueueCache()
-        self.quotas = QuotaCache()
-        # single enqueues of concurrent requests share one INSERT (group commit)
-        self.task_inserts: Coalescer[task_store.NewTask, Task] = Coalescer(self._insert_tasks)
-        # storages whose initialize(db) runs once the engine exists
-        self.repositories: list[Any] = [self.queues, self.quotas]
 
     @property
     def engine(self) -> AsyncEngine:
@@ -79,84 +135,124 @@ class Database:
             raise RuntimeError("Database.connect() has not run (it runs in the serving lifecycle)")
         return self._engine
 
+    @property
+    def server_settings(self) -> dict[str, str]:
+        """Session settings of every connection Taskgate opens.
+
+        `statement_timeout` is the server's own bound: when a stalled network keeps the client's
+        cancel request from arriving, the server still ends the statement and frees its locks.
+        Waits that may last longer (long-polls, LISTEN) are never statements.
+        """
+        statement_ms = int(self.settings.DB_STATEMENT_TIMEOUT_S * 1000)
+        return {"application_name": "taskgate", "jit": "off", "statement_timeout": str(statement_ms)}
+
     async def connect(self) -> None:
-        server_settings = {"application_name": "taskgate", "jit": "off"}
         self._engine = create_async_engine(
             self.uri,
             pool_size=2,
             max_overflow=8,
-            pool_timeout=10,
+            pool_timeout=self.acquire_timeout_s,
             pool_recycle=1800,
-            connect_args={"server_settings": server_settings},
+            pool_pre_ping=False,
+            connect_args={
+                "server_settings": self.server_settings,
+                "timeout": self.connect_timeout_s,
+                "command_timeout": self.command_timeout_s,
+            },
         )
-        self._pool = await asyncpg.create_pool(
-            *self.connect_args()[0],
-            **self.connect_args()[1],
-            min_size=min(self.pool_size, 4),
-            max_size=self.pool_size,
-            max_inactive_connection_lifetime=300,
-            server_settings=server_settings,
-            init=_set_codecs,
-            reset=_keep_session,
-        )
-        for repository in self.repositories:
-            await repository.initialize(self)
+        args, kwargs = self.connect_args()
+        try:
+            self._pool = await asyncpg.create_pool(
+                *args,
+                **kwargs,
+                min_size=min(self.pool_size, 4),
+                max_size=self.pool_size,
+                max_inactive_connection_lifetime=300,
+                server_settings=self.server_settings,
+                command_timeout=self.command_timeout_s,
+                init=_set_codecs,
+                reset=_keep_session,
+            )
+        except Exception as error:
+            if is_connection_failure(error):
+                raise unavailable(error) from error
+            raise
 
     def connect_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """asyncpg.connect() arguments for DB_URI (host, socket, user, password, database, SSL)."""
+        """asyncpg.connect() arguments for DB_URI (host, socket, user, password, database, SSL,
+        connect timeout)."""
         args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
         drop = ("async_fallback", "prepared_statement_cache_size", "server_settings")
-        return tuple(args), {k: v for k, v in kwargs.items() if k not in drop}
+        kept = {k: v for k, v in kwargs.items() if k not in drop}
+        kept["timeout"] = self.connect_timeout_s
+        return tuple(args), kept
 
     async def disconnect(self) -> None:
-        await self.task_inserts.close()
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout=self.command_timeout_s)
+            except Exception:  # a stalled or vanished server cannot be told goodbye
+                pool.terminate()
         if self._engine is not None:
-            await self._engine.dispose()
-            self._engine = None
+            engine, self._engine = self._engine, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(engine.dispose(), timeout=self.command_timeout_s)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """A connection inside a transaction that commits on success and rolls back on error."""
-        async with self.engine.begin() as conn:
-            yield conn
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except Exception as error:
+            if is_connection_failure(error):
+                raise unavailable(error) from error
+            raise
 
     @asynccontextmanager
-    async def driver(self) -> AsyncIterator[asyncpg.Connection]:
+    async def driver(self, *, acquire_timeout_s: float | None = None) -> AsyncIterator[asyncpg.Connection]:
         """A pooled asyncpg connection: autocommit unless the caller opens `conn.transaction()`.
 
-        jsonb parameters go in as JSON text and come back decoded. When every connection is busy
-        for POOL_TIMEOUT_S, the caller gets 503 with Retry-After instead of an unbounded queue.
+        jsonb parameters go in as JSON text and come back decoded. Checking out waits at most
+        DB_ACQUIRE_TIMEOUT_S and every statement DB_COMMAND_TIMEOUT_S; a database out of reach,
+        while checking out or while using the connection, raises StorageUnavailable.
         """
         if self._pool is None:
             raise RuntimeError("Database.connect() has not run (it runs in the serving lifecycle)")
+        pool = self._pool
         try:
-            connection = await self._pool.acquire(timeout=POOL_TIMEOUT_S)
-        except TimeoutError:
-            raise ServiceUnavailable("The database is saturated; retry shortly.", retry_after=1) from None
+            connection = await pool.acquire(timeout=acquire_timeout_s or self.acquire_timeout_s)
+        except Exception as error:
+            if is_connection_failure(error):
+                raise unavailable(error) from error
+            raise
         try:
             yield connection
+        except Exception as error:
+            if is_connection_failure(error):
+                # a broken or stalled connection is not worth a graceful release: that would wait
+                # on the same peer once more
+                connection.terminate()
+                raise unavailable(error) from error
+            raise
         finally:
-            await self._pool.release(connection)
+            with contextlib.suppress(Exception):  # asyncpg terminates what it cannot reset
+                await pool.release(connection, timeout=self.command_timeout_s)
 
-    async def _insert_tasks(self, tasks: list[task_store.NewTask]) -> list[Task]:
-        async with self.driver() as conn:
-            return await task_store.insert_tasks(conn, tasks)
-
-    async def ping(self) -> bool:
+    async def ping(self, *, timeout_s: float = 1.0) -> bool:
+        """True when a statement completes within `timeout_s` (checkout) plus `timeout_s` (query)."""
         try:
-            async with self.driver() as conn:
-                return bool(await conn.fetchval("SELECT 1") == 1)
-        except Exception:
+            async with self.driver(acquire_timeout_s=timeout_s) as conn:
+                return bool(await conn.fetchval("SELECT 1", timeout=timeout_s) == 1)
+        except StorageUnavailable:
             return False
 
-    async def schema_at_head(self) -> bool:
-        """True when the database carries exactly the migrations this code ships."""
+    async def schema_at_head(self, heads: frozenset[str], *, timeout_s: float = 1.0) -> bool:
+        """True when the database carries exactly the migration `heads` this code ships."""
         try:
-            async with self.driver() as conn:
-                rows = await conn.fetch("SELECT version_num FROM alembic_version")
-        except Exception:
+            async with self.driver(acquire_timeout_s=timeout_s) as conn:
+                rows = await conn.fetch("SELECT version_num FROM alembic_version", timeout=timeout_s)
+        except (StorageUnavailable, asyncpg.UndefinedTableError):
             return False
-        return {row["version_num"] for row in rows} == migrations.head_revisions()
+        return {row["version_num"] for row in rows} == heads

@@ -19,7 +19,16 @@ from quart.wrappers import Request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.src.api.errors import AppError, BadRequest, Forbidden, Unauthorized, field_errors, problem_type
+from app.database import StorageUnavailable
+from app.src.api.errors import (
+    AppError,
+    BadRequest,
+    Forbidden,
+    ServiceUnavailable,
+    Unauthorized,
+    field_errors,
+    problem_type,
+)
 from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS, LabelCache
 
 log = structlog.get_logger("taskgate.http")
@@ -131,6 +140,14 @@ async def handle_app_error(error: AppError) -> Response:
     return problem_response(error.problem(), error.status, error.headers)
 
 
+async def handle_storage_unavailable(error: StorageUnavailable) -> Response:
+    """The one place an unreachable database becomes an answer: 503 with Retry-After."""
+    log.warning("database unavailable", error=str(error))
+    return await handle_app_error(
+        ServiceUnavailable("The database is unavailable; retry shortly.", retry_after=error.retry_after_s)
+    )
+
+
 async def handle_validation_error(error: RequestSchemaValidationError) -> Response:
     cause = error.validation_error
     if isinstance(cause, ValidationError):
@@ -239,6 +256,7 @@ def install(app: Quart) -> None:
     app.before_request(before_request)
     app.after_request(finish_response)
     app.register_error_handler(AppError, handle_app_error)
+    app.register_error_handler(StorageUnavailable, handle_storage_unavailable)
     app.register_error_handler(RequestSchemaValidationError, handle_validation_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

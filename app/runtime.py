@@ -1,11 +1,12 @@
 """The runtime layer: what a serving process starts, in order, and stops in reverse.
 
-database → notifications → (outbound http) → (worker) → (scheduler); shutdown walks the list
-backwards, so no job or task touches a closed pool or session.
+database → task engine → notifications → (outbound http) → (worker) → (scheduler); shutdown walks
+the list backwards, so no job or task touches a closed pool or session.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -15,6 +16,12 @@ import structlog
 from app.database import Database
 from app.settings import Settings
 from app.src.api.auth import Authenticator, active_signing_secrets
+from app.src.api.engine.task_engine import SubmitRules, TaskEngine
+from app.src.api.kinds import REGISTRY
+from app.src.database import migrations
+
+# TaskContext.resources key of the TaskEngine, for handlers that enqueue with `kind.enqueue(engine=...)`
+ENGINE_RESOURCE = "engine"
 
 if TYPE_CHECKING:
     from app.scheduler import Scheduler
@@ -29,27 +36,32 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._db: Database | None = None
+        self._engine: TaskEngine | None = None
         self.notifier: Notifier | None = None
         self.worker: Worker | None = None
         self.scheduler: Scheduler | None = None
-        from app.src.api.models.http import ALLOWED_NETWORKS_CONTEXT
-
         self.http: OutboundHttp | None = None
         # components handed to task handlers (TaskContext.resources) and scheduler jobs
         self.resources: dict[str, Any] = {}
-        # pydantic validation context of task payloads, the same at enqueue and in workers
-        self.payload_context: dict[str, Any] = {
-            ALLOWED_NETWORKS_CONTEXT: tuple(settings.HTTP_ALLOWED_NETWORKS)
-        }
+        # the enqueue rules of this deployment; their payload context is the workers' one too
+        self.rules = SubmitRules.from_settings(settings, kinds=REGISTRY)
         self.started = False
         self.events: list[str] = []  # start/stop order, for the lifecycle test
-        self.authenticator = Authenticator(lambda: self.db)
+        self.authenticator = Authenticator(
+            lambda: self.db, lookup_deadline_s=settings.DB_ACQUIRE_TIMEOUT_S + settings.DB_COMMAND_TIMEOUT_S
+        )
 
     @property
     def db(self) -> Database:
         if self._db is None:
             raise RuntimeError("the runtime has not started")
         return self._db
+
+    @property
+    def engine(self) -> TaskEngine:
+        if self._engine is None:
+            raise RuntimeError("the runtime has not started")
+        return self._engine
 
     async def start(self) -> None:
         from app.scheduler import Scheduler
@@ -62,6 +74,8 @@ class Runtime:
         self._db = Database(self.settings)
         await self._db.connect()
         self.events.append("database started")
+        self._engine = TaskEngine(self._db, self.rules)
+        self.resources[ENGINE_RESOURCE] = self._engine
         self.notifier = Notifier(self._db.connect_args())
         await self.notifier.start()
         self.events.append("notifier started")
@@ -70,7 +84,7 @@ class Runtime:
                 self._db,
                 self.settings,
                 signing_secrets=self._signing_secrets,
-                payload_context=self.payload_context,
+                payload_context=self.rules.payload_context,
             )
             await self.http.start()
             self.resources[RESOURCE_KEY] = self.http
@@ -81,12 +95,13 @@ class Runtime:
                 self.notifier,
                 self.settings,
                 resources=self.resources,
-                payload_context=self.payload_context,
+                payload_context=self.rules.payload_context,
+                queue_settings=self._engine.queues,
             )
             await self.worker.start()
             self.events.append("worker started")
         if "scheduler" in roles:
-            self.scheduler = Scheduler(self._db, self.settings, resources=self.resources)
+            self.scheduler = Scheduler(self._db, self.settings, resources=self.resources, engine=self._engine)
             self.scheduler.start()
             self.events.append("scheduler started")
         self.started = True
@@ -114,6 +129,9 @@ class Runtime:
             await self.notifier.stop()
             self.notifier = None
             self.events.append("notifier stopped")
+        if self._engine is not None:
+            await self._engine.close()
+            self._engine = None
         if self._db is not None:
             await self._db.disconnect()
             self._db = None
@@ -129,10 +147,12 @@ class Runtime:
     async def readiness(self) -> dict[str, bool]:
         if self._db is None:
             return {"database": False, "migrations": False}
-        checks = {
-            "database": await self._db.ping(),
-            "migrations": await self._db.schema_at_head(),
-        }
+        # both checks at once, each bounded: readiness answers within about 2 s, and false
+        # while the database is out of reach
+        reachable, at_head = await asyncio.gather(
+            self._db.ping(), self._db.schema_at_head(migrations.head_revisions())
+        )
+        checks = {"database": reachable, "migrations": at_head}
         roles = set(self.settings.ROLES)
         if "worker" in roles:
             checks["worker"] = self.worker is not None and self.worker.alive

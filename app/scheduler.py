@@ -39,8 +39,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from app.src.api import schedules
 from app.src.api.auth import operators
 from app.src.api.engine import outcomes
+from app.src.api.engine.task_engine import SubmitRules, TaskEngine
 from app.src.api.http import RESOURCE_KEY as HTTP
 from app.src.api.http.poller import poll_waiting_http
+from app.src.api.kinds import REGISTRY
 from app.src.database import maintenance
 from app.src.utils.metrics import QUEUE_DEPTH, SCHEDULER_DURATION, SCHEDULER_LAST_SUCCESS, SCHEDULER_RUNS
 
@@ -88,8 +90,11 @@ class Scheduler:
         *,
         shutdown_grace_s: float = SHUTDOWN_GRACE_S,
         resources: Mapping[str, Any] | None = None,
+        engine: TaskEngine | None = None,
     ) -> None:
         self.db = db
+        # the runtime's engine; a scheduler made alone (tests) gets one over its own database
+        self.engine = engine or TaskEngine(db, SubmitRules.from_settings(settings, kinds=REGISTRY))
         self.settings = settings
         self.shutdown_grace_s = shutdown_grace_s
         self.resources: Mapping[str, Any] = resources or {}  # e.g. "http": the OutboundHttp
@@ -103,7 +108,7 @@ class Scheduler:
             Job(
                 "poll_waiting_http",
                 settings.HTTP_POLL_INTERVAL_S,
-                lambda: poll_waiting_http(self.db, self.resources.get(HTTP)),
+                lambda: poll_waiting_http(self.db, self.resources.get(HTTP), self.engine.queues),
             ),
             Job("fire_schedules", FIRE_INTERVAL_S, self.fire_schedules, cluster_wide=False),
             Job("refresh_caches", CACHE_REFRESH_S, self.refresh_caches, cluster_wide=False),
@@ -269,14 +274,14 @@ class Scheduler:
     async def fire_schedules(self) -> dict[str, Any] | None:
         total = schedules.FireReport()
         for _ in range(FIRE_BATCHES_PER_TICK):
-            report = await schedules.fire_due(self.db, grace_s=self.settings.SCHEDULE_MISFIRE_GRACE_S)
+            report = await schedules.fire_due(self.engine, grace_s=self.settings.SCHEDULE_MISFIRE_GRACE_S)
             total.merge(report)
             if report.schedules < schedules.FIRE_BATCH:
                 break
         return total.summary()
 
     async def refresh_caches(self) -> None:
-        self.db.queues.clear()
+        self.engine.queues.clear()
         async with self.db.driver() as conn:
             depths = await maintenance.queue_depths(conn)
         QUEUE_DEPTH.clear()

@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     APP_ENV: Literal["dev", "prod", "test"] = "dev"
     DB_URI: str | None = None
     DB_POOL_SIZE: int = Field(default=20, ge=1, le=200)
+    # Deadlines on every wait for PostgreSQL, so an outage or a stalled network is a 503 within
+    # about 5 s (checkout + one statement) and never a hang
+    DB_CONNECT_TIMEOUT_S: float = Field(default=2.0, gt=0, le=60)
+    DB_ACQUIRE_TIMEOUT_S: float = Field(default=2.0, gt=0, le=60)
+    DB_COMMAND_TIMEOUT_S: float = Field(default=2.5, gt=0, le=600)
+    DB_STATEMENT_TIMEOUT_S: float = Field(default=5.0, gt=0, le=3600)
     SECRET_KEYS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     HOST: str = "0.0.0.0"  # noqa: S104  # nosec B104
     PORT: int = Field(default=8080, ge=0, le=65535)

@@ -22,6 +22,8 @@ from quart.typing import TestClientProtocol as Client
 from app import create_app
 from app.database import Database
 from app.settings import Settings, load_settings
+from app.src.api.engine.task_engine import SubmitRules, TaskEngine
+from app.src.api.kinds import load_kinds
 from app.src.api.models.auth import IssuedKey, NewOperator
 from app.src.database import migrations
 
@@ -105,6 +107,21 @@ async def db(settings: Settings, clean_database: str) -> AsyncIterator[Database]
         yield database
     finally:
         await database.disconnect()
+
+
+def engine_over(database: Database) -> TaskEngine:
+    """A task engine over `database` with the rules its settings give (as the runtime builds one)."""
+    return TaskEngine(database, SubmitRules.from_settings(database.settings, kinds=load_kinds()))
+
+
+@pytest.fixture
+async def engine(db: Database) -> AsyncIterator[TaskEngine]:
+    """The task engine over the test database: caches, insert coalescer and enqueue rules."""
+    task_engine = engine_over(db)
+    try:
+        yield task_engine
+    finally:
+        await task_engine.close()
 
 
 @pytest.fixture

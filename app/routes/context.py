@@ -7,9 +7,12 @@ from uuid import UUID
 
 from quart import current_app, g
 
+from app.src.api.engine.submit import Submitter
+
 if TYPE_CHECKING:
     from app.database import Database
     from app.runtime import Runtime
+    from app.src.api.engine.task_engine import TaskEngine
     from app.src.api.models.auth import Principal
     from app.src.database.notifications import Notifier
 
@@ -40,6 +43,11 @@ def principal() -> Principal:
     return p
 
 
-def max_queued_tasks() -> int:
-    limit = principal().max_queued_tasks
-    return limit if limit is not None else runtime().settings.CLIENT_MAX_QUEUED_TASKS
+def engine() -> TaskEngine:
+    return runtime().engine
+
+
+def submitter() -> Submitter:
+    """The calling tenant as the engine's submit path knows it (its id and its own quota)."""
+    p = principal()
+    return Submitter(p.client_id, p.max_queued_tasks)

@@ -33,6 +33,7 @@ from app.worker.leases import Holdings, LeaseKeeper, Running
 if TYPE_CHECKING:
     from app.database import Database
     from app.settings import Settings
+    from app.src.api.engine.caches import QueueCache
     from app.src.database.notifications import Notifier
 
 log = structlog.get_logger("taskgate.worker")
@@ -50,9 +51,11 @@ class Worker:
         *,
         resources: Mapping[str, Any] | None = None,
         payload_context: Mapping[str, Any] | None = None,
+        queue_settings: QueueCache,
     ) -> None:
         self.id = uuid.uuid4()
         self.db = db
+        self.queue_settings = queue_settings
         self.notifier = notifier
         self.resources: Mapping[str, Any] = resources or {}
         self.grace_s = settings.WORKER_SHUTDOWN_GRACE_S
@@ -198,7 +201,7 @@ class Worker:
         self.completer.add(completion)
 
     async def _queue_backoff(self, queue_id: int) -> Backoff:
-        return (await self.db.queues.by_ids({queue_id}))[queue_id]
+        return (await self.queue_settings.by_ids({queue_id}))[queue_id]
 
     async def _report_progress(self, task_id: UUID, attempt: int, progress: dict[str, Any]) -> None:
         async with asyncio.timeout(PROGRESS_TIMEOUT_S), self.db.driver() as conn:

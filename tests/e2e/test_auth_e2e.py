@@ -13,7 +13,7 @@ from app.settings import Settings
 from app.src.api.auth import operators
 from tests.conftest import bearer, make_client
 from tests.e2e.conftest import ServerProcess, start_server, wait_ready
-from tests.integration.auth.helpers import code
+from tests.integration.auth.login_steps import code
 
 PASSWORD = "an operator password over https"
 

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from tests.e2e.conftest import ServerProcess, start_server, wait_ready
-from tests.helpers import eventually, fetch
+from tests.task_harness import eventually, fetch
 
 PERIOD_S = 1.0  # RESCUE_INTERVAL_S of both replicas
 RESCUE = "rescue_expired_leases"

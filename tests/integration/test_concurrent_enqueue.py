@@ -11,7 +11,7 @@ from quart.typing import TestClientProtocol as Client
 from app.database import Database
 from app.src.database import auth as auth_store
 from tests.conftest import bearer, make_client
-from tests.helpers import fetch
+from tests.task_harness import fetch
 
 
 async def test_concurrent_single_enqueues_each_get_their_own_stored_task(

@@ -27,7 +27,7 @@ from standardwebhooks import Webhook
 
 from app import create_app
 from app.settings import Settings
-from tests.helpers import enqueue, eventually, fetch, spawn_worker, started
+from tests.task_harness import enqueue, eventually, fetch, spawn_worker, started
 
 Serving = Callable[..., Awaitable[Quart]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

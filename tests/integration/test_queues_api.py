@@ -2,7 +2,7 @@
 
 from quart.typing import TestClientProtocol as Client
 
-from tests.helpers import enqueue
+from tests.task_harness import enqueue
 
 
 async def test_default_queue_exists_for_every_client(client: Client, auth_headers: dict[str, str]) -> None:

@@ -14,7 +14,9 @@ from app.database import Database
 from app.scheduler import Job, Scheduler
 from app.settings import Settings
 from app.src.api import schedules
-from tests.helpers import eventually, fetch
+from app.src.api.engine.task_engine import TaskEngine
+from tests.conftest import engine_over
+from tests.task_harness import eventually, fetch
 
 Serving = Callable[..., Awaitable[Quart]]
 
@@ -80,7 +82,7 @@ async def test_racing_firers_make_one_task_per_fire_time(
         made = 0
         while time.monotonic() < until:
             report = await schedules.fire_due(
-                replica, grace_s=60, batch=2
+                engine_over(replica), grace_s=60, batch=2
             )  # small batches: replicas interleave
             made += report.on_time
             await asyncio.sleep(0.005)
@@ -114,17 +116,17 @@ async def test_racing_firers_make_one_task_per_fire_time(
 
 
 async def test_the_fire_ledger_refuses_a_second_task_for_a_fire_time(
-    db: Database, serving: Serving, auth_headers: dict[str, str], clean_database: str
+    engine: TaskEngine, serving: Serving, auth_headers: dict[str, str], clean_database: str
 ) -> None:
     api = (await serving(ROLES=["api"])).test_client()
     await make_schedule(api, auth_headers, cron="* * * * * *")
     due = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=3)
     await fetch(clean_database, "UPDATE schedules SET next_run_at = $1", due)
-    first = await schedules.fire_due(db, grace_s=60)
+    first = await schedules.fire_due(engine, grace_s=60)
     assert (first.on_time, first.duplicates) == (4, 0)
     # as if a replica had read a stale next_run_at: the same fire times come due again
     await fetch(clean_database, "UPDATE schedules SET next_run_at = $1", due)
-    again = await schedules.fire_due(db, grace_s=60)
+    again = await schedules.fire_due(engine, grace_s=60)
     assert again.duplicates >= 4
     assert await count(clean_database, "SELECT count(*) FROM tasks") == 4 + again.on_time
     assert await count(clean_database, "SELECT count(DISTINCT schedule->>'fire_time') FROM tasks") == (

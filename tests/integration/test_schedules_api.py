@@ -10,7 +10,7 @@ from quart.typing import TestClientProtocol as Client
 
 from app.src.api import cron
 from app.src.api.models.auth import Principal
-from tests.helpers import fetch
+from tests.task_harness import fetch
 
 PROBLEM = "application/problem+json"
 NIGHTLY = {

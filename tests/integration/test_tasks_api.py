@@ -5,11 +5,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from tests.conftest import driver_uri
-from tests.helpers import enqueue, fetch
+from tests.task_harness import enqueue, fetch
 
 PROBLEM = "application/problem+json"
 
@@ -155,10 +154,8 @@ async def test_a_key_in_flight_gets_409(
     assert retried.status_code == 201
 
 
-async def test_quota_answers_429_with_retry_after(app: Quart, auth_headers: dict[str, str]) -> None:
-    runtime = app.extensions["taskgate"]
-    runtime.settings = runtime.settings.model_copy(update={"CLIENT_MAX_QUEUED_TASKS": 3})
-    client = app.test_client()
+async def test_quota_answers_429_with_retry_after(serving: Any, auth_headers: dict[str, str]) -> None:
+    client = (await serving(CLIENT_MAX_QUEUED_TASKS=3)).test_client()
     ok = await client.post("/api/tasks/batch", json={"tasks": [{"kind": "noop"}] * 3}, headers=auth_headers)
     assert ok.status_code == 201
     over = await client.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)

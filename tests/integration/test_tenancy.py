@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from quart.typing import TestClientProtocol as Client
 
-from tests.helpers import enqueue
+from tests.task_harness import enqueue
 
 TASK_ROUTES = [
     ("GET", "/api/tasks/{id}"),

@@ -8,7 +8,7 @@ from typing import Any
 
 from quart import Quart
 
-from tests.helpers import enqueue, eventually, fetch, read_records
+from tests.task_harness import enqueue, eventually, fetch, read_records
 
 Serving = Callable[..., Awaitable[Quart]]
 WORKER = {"ROLES": ["api", "worker"]}

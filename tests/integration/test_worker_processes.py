@@ -11,8 +11,8 @@ from typing import Any
 
 from quart import Quart
 
-from tests.helpers import eventually, fetch, read_records, spawn_worker, started
 from tests.proxy import FreezableProxy
+from tests.task_harness import eventually, fetch, read_records, spawn_worker, started
 
 Serving = Callable[..., Awaitable[Quart]]
 

@@ -100,3 +100,37 @@ async def test_a_flusher_cancelled_at_shutdown_settles_its_callers_and_a_later_s
     outcomes = await asyncio.gather(*waiting, return_exceptions=True)
     assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
     assert await asyncio.wait_for(coalescer.submit(7), timeout=1) == 14
+
+
+class Stuck:
+    """A batch function whose round trip never returns until released (a stalled network)."""
+
+    def __init__(self) -> None:
+        self.released = asyncio.Event()
+        self.started = 0
+
+    async def run(self, items: list[int]) -> list[int]:
+        self.started += 1
+        await self.released.wait()
+        return items
+
+
+class Unavailable(Exception):
+    pass
+
+
+async def test_a_batch_past_its_deadline_fails_its_callers_and_nobody_queues_behind_it() -> None:
+    stuck = Stuck()
+    coalescer = Coalescer(stuck.run, deadline_s=0.2, on_deadline=Unavailable)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    first = asyncio.ensure_future(coalescer.submit(1))
+    await asyncio.sleep(0.1)  # the first batch is in flight; these arrive behind it
+    later = [asyncio.ensure_future(coalescer.submit(i)) for i in range(2, 6)]
+    outcomes = await asyncio.gather(first, *later, return_exceptions=True)
+    assert all(isinstance(outcome, Unavailable) for outcome in outcomes)
+    assert loop.time() - began < 0.45  # each waited at most its own deadline, not one batch after another
+
+    stuck.released.set()  # the database answers again
+    assert await coalescer.submit(7) == 7
+    await coalescer.close()

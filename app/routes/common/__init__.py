@@ -8,10 +8,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Blueprint, Response, current_app
 from quart_schema import hide, validate_response
 
-import app as package
 from app.middlewares import public
 from app.src.api.models.common import Health, Readiness, Version
 from app.src.database.migrations import head_revisions
+from app.version import __version__
 
 blueprint = Blueprint("common", __name__)
 metrics = Blueprint("metrics", __name__)
@@ -41,7 +41,7 @@ async def ready() -> tuple[Readiness, int]:
 @validate_response(Version)
 async def version() -> Version:
     """The running version and the migration heads it expects."""
-    return Version(name="taskgate", version=package.__version__, schema_heads=sorted(head_revisions()))
+    return Version(name="taskgate", version=__version__, schema_heads=sorted(head_revisions()))
 
 
 @metrics.get("/metrics")

@@ -6,7 +6,7 @@ from quart import Blueprint
 from quart_schema import validate_request, validate_response
 
 from app.middlewares import requires_scopes
-from app.routes.context import client_id, db
+from app.routes.context import client_id, db, engine
 from app.src.api import queues
 from app.src.api.models.tasks import PurgeOut, QueueIn, QueueList, QueueName, QueueOut
 
@@ -30,7 +30,7 @@ async def list_queues() -> QueueList:
 async def put_queue(name: str, data: QueueIn) -> QueueOut:
     """Create a queue or change its settings (omitted fields keep their values; null lifts a limit)."""
     _check_name(name)
-    return QueueOut.from_domain(await queues.put(db(), client_id=client_id(), name=name, data=data))
+    return QueueOut.from_domain(await queues.put(engine(), client_id=client_id(), name=name, data=data))
 
 
 @blueprint.get(NAME)
@@ -47,7 +47,9 @@ async def get_queue(name: str) -> QueueOut:
 @validate_response(QueueOut)
 async def pause_queue(name: str) -> QueueOut:
     """Stop claiming from this queue; running tasks finish."""
-    return QueueOut.from_domain(await queues.set_paused(db(), client_id=client_id(), name=name, paused=True))
+    return QueueOut.from_domain(
+        await queues.set_paused(engine(), client_id=client_id(), name=name, paused=True)
+    )
 
 
 @blueprint.post(NAME + "/resume")
@@ -55,7 +57,9 @@ async def pause_queue(name: str) -> QueueOut:
 @validate_response(QueueOut)
 async def resume_queue(name: str) -> QueueOut:
     """Claim from this queue again."""
-    return QueueOut.from_domain(await queues.set_paused(db(), client_id=client_id(), name=name, paused=False))
+    return QueueOut.from_domain(
+        await queues.set_paused(engine(), client_id=client_id(), name=name, paused=False)
+    )
 
 
 @blueprint.post(NAME + "/purge")

@@ -13,7 +13,7 @@ from quart import Blueprint
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from app.middlewares import requires_scopes
-from app.routes.context import client_id, db, max_queued_tasks, runtime
+from app.routes.context import client_id, db, engine, runtime, submitter
 from app.src.api import schedules
 from app.src.api.models.schedules import (
     ScheduleIn,
@@ -42,7 +42,9 @@ async def create_schedule(data: ScheduleIn) -> tuple[ScheduleOut, int]:
     A bad cron expression or time zone is a 422 naming `body.cron` or `body.timezone`; the task
     payload is validated against its kind (`body.task.payload.*`). Names are unique per client (409).
     """
-    schedule = await schedules.create(db(), client_id=client_id(), data=data, allow_seconds=_allow_seconds())
+    schedule = await schedules.create(
+        engine(), client_id=client_id(), data=data, allow_seconds=_allow_seconds()
+    )
     return ScheduleOut.from_domain(schedule), 201
 
 
@@ -73,7 +75,7 @@ async def get_schedule(schedule_id: UUID) -> ScheduleOut:
 async def update_schedule(schedule_id: UUID, data: SchedulePatch) -> ScheduleOut:
     """Change, pause (`paused: true`) or resume a schedule; omitted fields keep their values."""
     schedule = await schedules.update(
-        db(), client_id=client_id(), schedule_id=schedule_id, data=data, allow_seconds=_allow_seconds()
+        engine(), client_id=client_id(), schedule_id=schedule_id, data=data, allow_seconds=_allow_seconds()
     )
     return ScheduleOut.from_domain(schedule)
 
@@ -93,7 +95,5 @@ async def delete_schedule(schedule_id: UUID) -> ScheduleOut:
 @validate_response(TaskOut, 201)
 async def trigger_schedule(schedule_id: UUID) -> tuple[TaskOut, int]:
     """Enqueue the schedule's task now (paused or not); the task's `schedule.manual` is true."""
-    task = await schedules.trigger(
-        db(), client_id=client_id(), schedule_id=schedule_id, max_queued_tasks=max_queued_tasks()
-    )
+    task = await schedules.trigger(engine(), submitter(), schedule_id=schedule_id)
     return TaskOut.from_domain(task), 201

@@ -11,8 +11,9 @@ from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
 from app.middlewares import header, requires_scopes
-from app.routes.context import client_id, db, max_queued_tasks, notifier, runtime
+from app.routes.context import client_id, db, engine, notifier, submitter
 from app.src.api import tasks
+from app.src.api.engine import submit
 from app.src.api.models.tasks import (
     AttemptList,
     AttemptOut,
@@ -37,7 +38,7 @@ def json_response(body: dict[str, Any], status: int) -> Response:
 
 
 def _idempotency_key() -> str | None:
-    return tasks.normalize_idempotency_key(header("Idempotency-Key"))
+    return submit.normalize_idempotency_key(header("Idempotency-Key"))
 
 
 @blueprint.post("")
@@ -50,16 +51,8 @@ async def create_task(data: TaskIn) -> Response:
 
     With an Idempotency-Key, a repeat of the same request returns the original task (200).
     """
-    created, replayed = await tasks.enqueue(
-        db(),
-        client_id=client_id(),
-        items=[data],
-        idempotency_key=_idempotency_key(),
-        max_queued_tasks=max_queued_tasks(),
-        batch=False,
-        payload_context=runtime().payload_context,
-    )
-    return json_response(task_body(created[0]), 200 if replayed else 201)
+    created = await submit.submit_one(engine(), submitter(), data, idempotency_key=_idempotency_key())
+    return json_response(task_body(created.tasks[0]), 200 if created.replayed else 201)
 
 
 @blueprint.post("/batch")
@@ -69,16 +62,8 @@ async def create_task(data: TaskIn) -> Response:
 @document_response(TaskBatchOut, 200)
 async def create_batch(data: TaskBatchIn) -> Response:
     """Enqueue up to 1000 tasks in one round trip: all or nothing."""
-    created, replayed = await tasks.enqueue(
-        db(),
-        client_id=client_id(),
-        items=data.tasks,
-        idempotency_key=_idempotency_key(),
-        max_queued_tasks=max_queued_tasks(),
-        batch=True,
-        payload_context=runtime().payload_context,
-    )
-    return json_response({"items": [task_body(t) for t in created]}, 200 if replayed else 201)
+    created = await submit.submit_batch(engine(), submitter(), data.tasks, idempotency_key=_idempotency_key())
+    return json_response({"items": [task_body(t) for t in created.tasks]}, 200 if created.replayed else 201)
 
 
 @blueprint.get("/<uuid:task_id>")
@@ -163,4 +148,4 @@ async def cancel_task(task_id: UUID) -> TaskOut:
 @validate_response(TaskOut)
 async def retry_task(task_id: UUID) -> TaskOut:
     """Run a discarded or cancelled task again, from attempt one."""
-    return TaskOut.from_domain(await tasks.retry(db(), client_id=client_id(), task_id=task_id))
+    return TaskOut.from_domain(await tasks.retry(engine(), client_id=client_id(), task_id=task_id))

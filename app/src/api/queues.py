@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
+from app.database import Database
+from app.src.api.engine.task_engine import TaskEngine
 from app.src.api.errors import NotFound, Unprocessable
 from app.src.api.models.tasks import Queue, QueueIn
 from app.src.database import queues as store
 
-if TYPE_CHECKING:
-    from app.database import Database
-
 DEFAULT_QUEUE = "default"
 
 
-async def put(db: Database, *, client_id: UUID, name: str, data: QueueIn) -> Queue:
+async def put(engine: TaskEngine, *, client_id: UUID, name: str, data: QueueIn) -> Queue:
     changes: dict[str, Any] = data.model_dump(include=data.model_fields_set)
     for field in ("max_attempts", "min_backoff_s", "max_backoff_s", "paused"):
         if field in changes and changes[field] is None:
@@ -23,7 +22,7 @@ async def put(db: Database, *, client_id: UUID, name: str, data: QueueIn) -> Que
                 f"{field} cannot be null.",
                 errors=[{"field": f"body.{field}", "message": "cannot be null", "type": "value_error"}],
             )
-    async with db.driver() as conn, conn.transaction():
+    async with engine.db.driver() as conn, conn.transaction():
         current = await store.get(conn, client_id=client_id, name=name)
         low = changes.get("min_backoff_s", current.min_backoff_s if current else 1.0)
         high = changes.get("max_backoff_s", current.max_backoff_s if current else 3600.0)
@@ -35,7 +34,7 @@ async def put(db: Database, *, client_id: UUID, name: str, data: QueueIn) -> Que
                 ],
             )
         queue = await store.upsert(conn, client_id=client_id, name=name, changes=changes)
-    db.queues.remember(queue)
+    engine.queues.remember(queue)
     return queue
 
 
@@ -64,9 +63,9 @@ async def list_queues(db: Database, *, client_id: UUID) -> list[Queue]:
         return await store.list_for_client(conn, client_id=client_id)
 
 
-async def set_paused(db: Database, *, client_id: UUID, name: str, paused: bool) -> Queue:
-    await get(db, client_id=client_id, name=name)
-    return await put(db, client_id=client_id, name=name, data=QueueIn(paused=paused))
+async def set_paused(engine: TaskEngine, *, client_id: UUID, name: str, paused: bool) -> Queue:
+    await get(engine.db, client_id=client_id, name=name)
+    return await put(engine, client_id=client_id, name=name, data=QueueIn(paused=paused))
 
 
 async def purge(db: Database, *, client_id: UUID, name: str) -> int:

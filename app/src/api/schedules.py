@@ -11,26 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
 import structlog
 
+from app.database import Database
 from app.src.api import cron as crontab
+from app.src.api.engine import submit
+from app.src.api.engine.submit import Submitter, TaskRequest
+from app.src.api.engine.task_engine import SubmitRules, TaskEngine
 from app.src.api.errors import Conflict, NotFound, TooManyRequests, Unprocessable
-from app.src.api.kinds import REGISTRY
 from app.src.api.models.schedules import Schedule, ScheduleIn, SchedulePatch, TaskTemplate
 from app.src.api.models.tasks import Task
-from app.src.api.tasks import decode_cursor, encode_cursor, validate_payload
-from app.src.database import schedules as store
+from app.src.api.tasks import decode_cursor, encode_cursor
+from app.src.database import schedules as schedule_store
 from app.src.database import tasks as task_store
 from app.src.database.schedules import Advance, FireRecord, NameTaken
 from app.src.database.tasks import NewTask
 from app.src.utils.ids import uuid7
-from app.src.utils.metrics import SCHEDULE_FIRES, TASKS_ENQUEUED
-
-if TYPE_CHECKING:
-    from app.database import Database
+from app.src.utils.metrics import SCHEDULE_FIRES
 
 log = structlog.get_logger("taskgate.schedules")
 
@@ -42,7 +42,9 @@ MAX_COALESCED_COUNT = 1000  # missed fire times counted one by one before skippi
 # --- validation ----------------------------------------------------------------------------------
 
 
-def _checked(*, cron: str, timezone: str, task: TaskTemplate | None, allow_seconds: bool) -> crontab.Cron:
+def _checked(
+    rules: SubmitRules, *, cron: str, timezone: str, task: TaskTemplate | None, allow_seconds: bool
+) -> crontab.Cron:
     """The parsed cron, or one 422 naming every failing field (cron, timezone, task)."""
     errors: list[dict[str, Any]] = []
     parsed = None
@@ -52,7 +54,7 @@ def _checked(*, cron: str, timezone: str, task: TaskTemplate | None, allow_secon
         errors.append({"field": f"body.{exc.field}", "message": str(exc), "type": exc.field})
     if task is not None:
         try:
-            validate_payload(task.kind, task.payload, at=("body", "task"))
+            submit.checked_kind(rules, task.kind, task.payload, at=("body", "task"))
         except Unprocessable as exc:
             errors.extend(exc.errors or [])
     if errors or parsed is None:
@@ -67,12 +69,14 @@ def _name_taken(name: str) -> Conflict:
 # --- client operations ---------------------------------------------------------------------------
 
 
-async def create(db: Database, *, client_id: UUID, data: ScheduleIn, allow_seconds: bool) -> Schedule:
-    parsed = _checked(cron=data.cron, timezone=data.timezone, task=data.task, allow_seconds=allow_seconds)
-    async with db.driver() as conn, conn.transaction():
-        next_run_at = None if data.paused else parsed.next_after(await store.now(conn))
+async def create(engine: TaskEngine, *, client_id: UUID, data: ScheduleIn, allow_seconds: bool) -> Schedule:
+    parsed = _checked(
+        engine.rules, cron=data.cron, timezone=data.timezone, task=data.task, allow_seconds=allow_seconds
+    )
+    async with engine.db.driver() as conn, conn.transaction():
+        next_run_at = None if data.paused else parsed.next_after(await schedule_store.now(conn))
         try:
-            return await store.insert(
+            return await schedule_store.insert(
                 conn,
                 schedule_id=uuid7(),
                 client_id=client_id,
@@ -91,7 +95,7 @@ async def create(db: Database, *, client_id: UUID, data: ScheduleIn, allow_secon
 
 async def get(db: Database, *, client_id: UUID, schedule_id: UUID) -> Schedule:
     async with db.driver() as conn:
-        schedule = await store.get(conn, client_id=client_id, schedule_id=schedule_id)
+        schedule = await schedule_store.get(conn, client_id=client_id, schedule_id=schedule_id)
     if schedule is None:
         raise NotFound(f"No schedule {schedule_id}.")
     return schedule
@@ -102,13 +106,15 @@ async def list_schedules(
 ) -> tuple[list[Schedule], str | None]:
     before = decode_cursor(cursor) if cursor else None
     async with db.driver() as conn:
-        items = await store.list_for_client(conn, client_id=client_id, before=before, limit=limit + 1)
+        items = await schedule_store.list_for_client(
+            conn, client_id=client_id, before=before, limit=limit + 1
+        )
     next_cursor = encode_cursor(items[limit - 1].id) if len(items) > limit else None
     return items[:limit], next_cursor
 
 
 async def update(
-    db: Database, *, client_id: UUID, schedule_id: UUID, data: SchedulePatch, allow_seconds: bool
+    engine: TaskEngine, *, client_id: UUID, schedule_id: UUID, data: SchedulePatch, allow_seconds: bool
 ) -> Schedule:
     """Change a schedule under its row lock, so a concurrent fire sees the old or the new one."""
     given = data.model_fields_set
@@ -119,8 +125,8 @@ async def update(
             errors=[{"field": f"body.{name}", "message": "cannot be null", "type": "value_error"}
                     for name in nulls],
         )  # fmt: skip
-    async with db.driver() as conn, conn.transaction():
-        current = await store.get(conn, client_id=client_id, schedule_id=schedule_id, lock=True)
+    async with engine.db.driver() as conn, conn.transaction():
+        current = await schedule_store.get(conn, client_id=client_id, schedule_id=schedule_id, lock=True)
         if current is None:
             raise NotFound(f"No schedule {schedule_id}.")
         timing = bool(given & {"cron", "timezone"})
@@ -130,7 +136,11 @@ async def update(
         resumed = current.paused and not paused
         # an unchanged expression is read as it was accepted (seconds included where allowed then)
         parsed = _checked(
-            cron=cron, timezone=timezone, task=data.task, allow_seconds=allow_seconds or "cron" not in given
+            engine.rules,
+            cron=cron,
+            timezone=timezone,
+            task=data.task,
+            allow_seconds=allow_seconds or "cron" not in given,
         )
         changes: dict[str, Any] = {"name": data.name, "cron": cron, "timezone": timezone, "paused": paused}
         changes = {key: value for key, value in changes.items() if key in given}
@@ -139,9 +149,11 @@ async def update(
         if paused:
             changes["next_run_at"] = None
         elif timing or resumed or current.next_run_at is None:
-            changes["next_run_at"] = parsed.next_after(await store.now(conn))
+            changes["next_run_at"] = parsed.next_after(await schedule_store.now(conn))
         try:
-            schedule = await store.update(conn, client_id=client_id, schedule_id=schedule_id, changes=changes)
+            schedule = await schedule_store.update(
+                conn, client_id=client_id, schedule_id=schedule_id, changes=changes
+            )
         except NameTaken:
             raise _name_taken(data.name or "") from None
     if schedule is None:  # not while this transaction holds the row lock
@@ -152,47 +164,33 @@ async def update(
 async def delete(db: Database, *, client_id: UUID, schedule_id: UUID) -> Schedule:
     """Delete a schedule and return it as it was; the tasks it already made are kept."""
     async with db.driver() as conn:
-        schedule = await store.delete(conn, client_id=client_id, schedule_id=schedule_id)
+        schedule = await schedule_store.delete(conn, client_id=client_id, schedule_id=schedule_id)
     if schedule is None:
         raise NotFound(f"No schedule {schedule_id}.")
     return schedule
 
 
-async def trigger(db: Database, *, client_id: UUID, schedule_id: UUID, max_queued_tasks: int) -> Task:
+async def trigger(engine: TaskEngine, submitter: Submitter, *, schedule_id: UUID) -> Task:
     """Enqueue the schedule's task now (also while paused); its cron fires are unaffected."""
-    schedule = await get(db, client_id=client_id, schedule_id=schedule_id)
-    kind = validate_payload(schedule.kind, schedule.payload, at=("task",))
-    unfinished = await db.quotas.unfinished(client_id)
-    if unfinished + 1 > max_queued_tasks:
-        raise TooManyRequests(
-            f"This client holds {unfinished} unfinished tasks; its quota is {max_queued_tasks}.",
-            retry_after=5,
-        )
-    queue = await db.queues.ensure(client_id=client_id, name=schedule.queue)
-    async with db.driver() as conn:
-        fired_at = await store.now(conn)
-        [task] = await task_store.insert_tasks(
-            conn,
-            [
-                NewTask(
-                    id=uuid7(),
-                    client_id=client_id,
-                    queue_id=queue.id,
-                    queue=schedule.queue,
-                    kind=schedule.kind,
-                    payload=schedule.payload,
-                    priority=5,
-                    max_attempts=kind.max_attempts or queue.max_attempts,
-                    run_at=None,
-                    delay_s=None,
-                    schedule=_ref(schedule.id, fired_at, coalesced=0, manual=True),
-                )
-            ],
-        )
-    db.quotas.added(client_id, 1)
-    TASKS_ENQUEUED.labels(task.queue, task.kind).inc()
+    schedule = await get(engine.db, client_id=submitter.client_id, schedule_id=schedule_id)
+    async with engine.db.driver() as conn:
+        fired_at = await schedule_store.now(conn)
+    request = TaskRequest(
+        kind=schedule.kind,
+        payload=schedule.payload,
+        queue=schedule.queue,
+        schedule=_ref(schedule.id, fired_at, coalesced=0, manual=True),
+    )
+    new = await submit.prepare(engine, submitter, [request], field_prefix=_template_fields)
+    async with engine.db.driver() as conn:
+        tasks = await submit.store_prepared(conn, new)
+    submit.accepted(engine, tasks)
     SCHEDULE_FIRES.labels("manual").inc()
-    return task
+    return tasks[0]
+
+
+def _template_fields(index: int) -> tuple[str | int, ...]:
+    return ("task",)
 
 
 def _ref(schedule_id: UUID, fire_time: datetime, *, coalesced: int, manual: bool = False) -> dict[str, Any]:
@@ -252,6 +250,7 @@ class FireReport:
     missed: int = 0  # tasks for fire times beyond the grace, each standing for later missed ones too
     coalesced_fires: int = 0  # missed fire times folded into those tasks
     duplicates: int = 0  # fire times already in the ledger: no second task
+    over_quota: int = 0  # fire times that made no task: the client held its quota of unfinished tasks
     stopped: list[str] = field(default_factory=list)  # schedules that could not be computed
 
     def merge(self, other: FireReport) -> None:
@@ -260,6 +259,7 @@ class FireReport:
         self.missed += other.missed
         self.coalesced_fires += other.coalesced_fires
         self.duplicates += other.duplicates
+        self.over_quota += other.over_quota
         self.stopped += other.stopped
 
     def summary(self) -> dict[str, Any] | None:
@@ -269,20 +269,27 @@ class FireReport:
             "missed": self.missed,
             "coalesced_fires": self.coalesced_fires,
             "duplicates": self.duplicates,
+            "over_quota": self.over_quota,
         }
         if self.stopped:
             values["stopped"] = self.stopped
         return values if any(values.values()) else None
 
 
-async def fire_due(db: Database, *, grace_s: float, batch: int = FIRE_BATCH) -> FireReport:
-    """Fire due schedules (up to `batch`) in one transaction: ledger rows, tasks, next fire times."""
+async def fire_due(engine: TaskEngine, *, grace_s: float, batch: int = FIRE_BATCH) -> FireReport:
+    """Fire due schedules (up to `batch`) in one transaction: ledger rows, tasks, next fire times.
+
+    Each fire is a task request like any other (engine/submit.py): its client's quota applies, so
+    a fire that would exceed it makes no task (counted as `over_quota`, the schedule moves on).
+    """
     report = FireReport()
-    async with db.driver() as conn, conn.transaction():
-        now, due = await store.lock_due(conn, limit=batch)
+    async with engine.db.driver() as conn, conn.transaction():
+        now, due = await schedule_store.lock_due(conn, limit=batch)
         if now is None:
             return report
         report.schedules = len(due)
+        own_limits = await task_store.client_quotas(conn, list({s.client_id for s in due}))
+        planned: dict[UUID, int] = {}  # tasks planned per client in this transaction so far
         advances: list[Advance] = []
         records: list[tuple[FireRecord, NewTask, bool]] = []  # (ledger row, its task, on time)
         for schedule in due:
@@ -292,29 +299,38 @@ async def fire_due(db: Database, *, grace_s: float, batch: int = FIRE_BATCH) -> 
                 report.stopped.append(str(schedule.id))
                 advances.append(Advance(schedule.id, due_at, None, None, None, pause=True))
                 continue
-            queue = await db.queues.ensure(client_id=schedule.client_id, name=schedule.queue)
-            kind = REGISTRY.get(schedule.kind)  # an unknown kind is discarded by the worker, clearly
-            for fire in plan.fires:
-                task = NewTask(
-                    id=uuid7(),
-                    client_id=schedule.client_id,
-                    queue_id=queue.id,
-                    queue=schedule.queue,
+            advances.append(Advance(schedule.id, due_at, plan.next_run_at, None, None))
+            requests = [
+                TaskRequest(
                     kind=schedule.kind,
                     payload=schedule.payload,
-                    priority=5,
-                    max_attempts=(kind.max_attempts if kind else None) or queue.max_attempts,
+                    queue=schedule.queue,
                     run_at=fire.time if fire.on_time else None,
-                    delay_s=None,
                     schedule=_ref(schedule.id, fire.time, coalesced=fire.coalesced),
                 )
+                for fire in plan.fires
+            ]
+            submitter = Submitter(schedule.client_id, own_limits.get(schedule.client_id))
+            try:
+                new = await submit.prepare(
+                    engine,
+                    submitter,
+                    requests,
+                    check_contract=False,
+                    pending=planned.get(schedule.client_id, 0),
+                )
+            except (TooManyRequests, Unprocessable) as refused:
+                report.over_quota += len(requests) if isinstance(refused, TooManyRequests) else 0
+                log.warning("schedule fire refused", schedule_id=str(schedule.id), reason=refused.detail)
+                continue
+            planned[schedule.client_id] = planned.get(schedule.client_id, 0) + len(new)
+            for fire, task in zip(plan.fires, new, strict=True):
                 records.append(
                     (FireRecord(schedule.id, fire.time, task.id, fire.coalesced), task, fire.on_time)
                 )
-            advances.append(Advance(schedule.id, due_at, plan.next_run_at, None, None))
-        fresh = await store.insert_fires(conn, [r for r, _, _ in records]) if records else set()
+        fresh = await schedule_store.insert_fires(conn, [r for r, _, _ in records]) if records else set()
         made = [(r, t, on_time) for r, t, on_time in records if t.id in fresh]
-        tasks = await task_store.insert_tasks(conn, [t for _, t, _ in made]) if made else []
+        tasks = await submit.store_prepared(conn, [t for _, t, _ in made]) if made else []
         latest = {r.schedule_id: r for r, _, _ in made}  # fires are planned in time order
         advances = [
             Advance(
@@ -327,18 +343,17 @@ async def fire_due(db: Database, *, grace_s: float, batch: int = FIRE_BATCH) -> 
             )
             for a in advances
         ]
-        if len(await store.advance(conn, advances)) != len(advances):
+        if len(await schedule_store.advance(conn, advances)) != len(advances):
             # cannot happen while this transaction holds the rows; if it did, fire nothing
             raise RuntimeError("a due schedule changed under its row lock")
     report.duplicates = len(records) - len(made)
     report.on_time = sum(1 for _, _, on_time in made if on_time)
     report.missed = len(made) - report.on_time
     report.coalesced_fires = sum(r.coalesced for r, _, _ in made)
-    for created in tasks:
-        TASKS_ENQUEUED.labels(created.queue, created.kind).inc()
-        db.quotas.added(created.client_id, 1)
+    submit.accepted(engine, tasks)
     SCHEDULE_FIRES.labels("on_time").inc(report.on_time)
     SCHEDULE_FIRES.labels("missed").inc(report.missed)
+    SCHEDULE_FIRES.labels("over_quota").inc(report.over_quota)
     return report
 
 

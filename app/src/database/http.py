@@ -76,13 +76,13 @@ async def acquire_permit(
     conn: Executor,
     *,
     host: str,
-    holder: UUID,
+    process_id: UUID,
     task_id: UUID,
     limit: int,
     circuit_failures: int,
     lease_s: float,
 ) -> Admission:
-    rows = await conn.fetch(ACQUIRE_PERMIT, host, holder, limit, circuit_failures, lease_s, task_id)
+    rows = await conn.fetch(ACQUIRE_PERMIT, host, process_id, limit, circuit_failures, lease_s, task_id)
     return dacite.from_dict(Admission, dict(rows[0]), config=_DACITE)
 
 
@@ -98,16 +98,17 @@ RETURNING host
 
 
 async def claim_probe(
-    conn: Executor, *, host: str, holder: UUID, circuit_failures: int, lease_s: float
+    conn: Executor, *, host: str, task_id: UUID, circuit_failures: int, lease_s: float
 ) -> bool:
-    return bool(await conn.fetch(CLAIM_PROBE, host, holder, circuit_failures, lease_s))
+    """Elect task `task_id`'s request as the probe of a half-open host."""
+    return bool(await conn.fetch(CLAIM_PROBE, host, task_id, circuit_failures, lease_s))
 
 
-# Give the permit (holder $3) back and record what task $7's request said about the host's health,
-# in one round trip: a failure counts (and opens the circuit at the threshold, or re-opens it after
-# a failed probe); a success closes it; a neutral end (nothing was sent) only frees a probe it
-# held. The healthy path writes http_hosts only when there is something to heal. Slot 0 releases
-# no permit, only the verdict.
+# Give the permit (held by process $3) back and record what task $7's request said about the
+# host's health, in one round trip: a failure counts (and opens the circuit at the threshold, or
+# re-opens it after a failed probe); a success closes it; a neutral end (nothing was sent) only
+# frees a probe it held. The healthy path writes http_hosts only when there is something to heal.
+# Slot 0 releases no permit, only the health it saw.
 RELEASE_PERMIT = """
 WITH released AS (
     UPDATE http_host_permits SET holder = NULL, expires_at = now()
@@ -154,14 +155,14 @@ async def release_permit(
     *,
     host: str,
     slot: int,
-    holder: UUID,
+    process_id: UUID,
     task_id: UUID,
-    verdict: str,
+    health: str,
     circuit_failures: int,
     cooldown_s: float,
 ) -> Released:
     rows = await conn.fetch(
-        RELEASE_PERMIT, host, slot, holder, verdict, circuit_failures, cooldown_s, task_id
+        RELEASE_PERMIT, host, slot, process_id, health, circuit_failures, cooldown_s, task_id
     )
     return Released(failures=rows[0]["failures"], healed=rows[0]["healed"])
 

@@ -2,6 +2,11 @@
 
 Notifications are never the source of truth (they are lost while disconnected, and do not pass
 through PgBouncer in transaction mode); everything that waits on them also polls or re-reads.
+
+A stalled network never closes a socket, so the connection is probed every PROBE_INTERVAL_S with a
+bounded statement; a failed probe or a lost connection reconnects after a backoff that stays
+short (RECONNECT_MAX_S), so the process hears notifications again about a second after the
+database is back, and everything waiting is woken to re-read what it may have missed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from app.src.database.tasks import AVAILABLE_CHANNEL, CANCEL_CHANNEL, EVENTS_CHA
 
 log = structlog.get_logger("taskgate.notifications")
 
+PROBE_INTERVAL_S = 1.0
+PROBE_TIMEOUT_S = 1.0
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 1.0
+
 
 class Notifier:
     def __init__(self, connect_args: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
@@ -29,6 +39,7 @@ class Notifier:
         self._on_available: list[Callable[[set[int] | None], None]] = []
         self._on_cancel: list[Callable[[UUID], None]] = []
         self.connected = asyncio.Event()
+        self._stopping = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="taskgate-notifier")
@@ -37,10 +48,15 @@ class Notifier:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            task, self._task = self._task, None
+            self._stopping = True
+            # asyncio.wait_for (inside asyncpg.connect) can swallow a cancellation that lands as
+            # its inner wait finishes; the flag ends the loop at its next turn regardless
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
 
     def on_available(self, callback: Callable[[set[int] | None], None]) -> None:
         """callback(queue ids, or None for 'anything may have changed')."""
@@ -93,20 +109,22 @@ class Notifier:
                 callback(queue_ids)
 
     async def _run(self) -> None:
-        delay = 0.2
-        while True:
+        delay = RECONNECT_MIN_S
+        while not self._stopping:
             connection: Any = None
             try:
-                connection = await asyncpg.connect(*self._connect_args, **self._connect_kwargs)
+                connection = await asyncpg.connect(
+                    *self._connect_args, **self._connect_kwargs, command_timeout=PROBE_TIMEOUT_S
+                )
                 lost = asyncio.Event()
                 connection.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await connection.add_listener(EVENTS_CHANNEL, self._handle)
                 await connection.add_listener(AVAILABLE_CHANNEL, self._handle)
                 await connection.add_listener(CANCEL_CHANNEL, self._handle)
                 self.connected.set()
-                delay = 0.2
+                delay = RECONNECT_MIN_S
                 self._wake_everything()  # anything sent while we were away is lost: re-check
-                await lost.wait()
+                await self._until_lost(connection, lost)
                 log.warning("notification connection lost; reconnecting")
             except asyncio.CancelledError:
                 raise
@@ -115,7 +133,16 @@ class Notifier:
             finally:
                 self.connected.clear()
                 if connection is not None and not connection.is_closed():
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(connection.close(timeout=2))
+                    connection.terminate()  # close() would wait on a stalled peer
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    @staticmethod
+    async def _until_lost(connection: Any, lost: asyncio.Event) -> None:
+        """Return when the connection closed or stopped answering a probe in time."""
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROBE_INTERVAL_S):
+                    await lost.wait()
+                return
+            await connection.fetchval("SELECT 1", timeout=PROBE_TIMEOUT_S)

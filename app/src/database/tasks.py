@@ -1,7 +1,7 @@
 """Task storage: every SQL statement of the engine, written once, named, and commented.
 
-Hot paths run on the asyncpg connection under the SQLAlchemy pool (`Database.driver()`), with
-arrays (`unnest`) so a batch of any size is one round trip. Every UPDATE that changes a status is
+Hot paths run on a pooled asyncpg connection (`Database.driver()`), with arrays (`unnest`) so a
+batch of any size is one round trip. Every UPDATE that changes a status is
 a compare-and-set guarded by the source statuses the state machine allows, so a task that
 finished meanwhile is never overwritten.
 """
@@ -42,8 +42,8 @@ _TASK_FIELDS = tuple(Task.__dataclass_fields__)
 
 
 def to_task(row: Mapping[str, Any]) -> Task:
-    # Built directly rather than with dacite: this runs for every task an API call returns, and
-    # dacite's generic mapping cost more than the insert itself (TASK_COLUMNS matches Task exactly).
+    # Built directly rather than with dacite: this runs for every task an API call returns, and a
+    # generic mapper costs more per row than the insert does (TASK_COLUMNS matches Task exactly).
     return Task(*(row[name] for name in _TASK_FIELDS))
 
 
@@ -406,8 +406,8 @@ async def heartbeat(
 # was rescued meanwhile, since that attempt no longer owns the task. Rows are reached through the
 # primary key; the expected status and the worker come in with each row, so they are join
 # conditions and not constants: as a constant, `worker_id = $n` looked so selective to the planner
-# that it nested a loop over the whole input for every task (quadratic in the batch: 18 ms for 200
-# completions, 5 ms with the merge join it picks now).
+# that it would nest a loop over the whole input for every task (quadratic in the batch size)
+# instead of the merge join it picks for a join condition.
 # A refunded completion (a deferral: the handler could not start) gives the attempt back and
 # writes no attempt record.
 COMPLETE = f"""
@@ -761,3 +761,11 @@ async def count_unfinished(conn: Executor, *, client_id: UUID) -> int:
         client_id,
     )
     return int(rows[0]["n"])
+
+
+async def client_quotas(conn: Executor, client_ids: Sequence[UUID]) -> dict[UUID, int | None]:
+    """Each API client's own `max_queued_tasks` (None: the deployment default); unknown ids are absent."""
+    rows = await conn.fetch(
+        "SELECT id, max_queued_tasks FROM api_clients WHERE id = ANY($1::uuid[])", list(client_ids)
+    )
+    return {row["id"]: row["max_queued_tasks"] for row in rows}

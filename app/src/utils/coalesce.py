@@ -9,6 +9,11 @@ Each caller still gets only its own result, after the statement that carries it 
 nothing is acknowledged before it is committed. A batch that fails on a row's data (a constraint
 or data error) is split in halves and retried until the bad rows stand alone, so a bad row fails
 only its own caller and costs the others a few round trips, not one each.
+
+With a deadline, no caller waits longer than it: a batch still in flight after the deadline is
+abandoned and fails its callers with `on_deadline()`, and a caller queued behind a stuck batch
+gives up at its own deadline instead of joining an ever longer queue. A caller that gave up may
+still find its row stored (the statement was on its way), as after any timeout.
 """
 
 from __future__ import annotations
@@ -32,9 +37,18 @@ class Coalescer(Generic[T, R]):
     One batch is in flight at a time; its round trip is the window in which the next one fills.
     """
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_batch: int = 250) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        max_batch: int = 250,
+        deadline_s: float | None = None,
+        on_deadline: Callable[[], Exception] = TimeoutError,
+    ) -> None:
         self._run = run
         self._max_batch = max_batch
+        self._deadline_s = deadline_s
+        self._on_deadline = on_deadline
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -44,7 +58,13 @@ class Coalescer(Generic[T, R]):
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
             self._flusher.add_done_callback(self._flusher_done)
-        return await future
+        if self._deadline_s is None:
+            return await future
+        try:
+            # on timeout wait_for cancels the future: a batch not yet started drops it
+            return await asyncio.wait_for(future, self._deadline_s)
+        except TimeoutError:
+            raise self._on_deadline() from None
 
     def _flusher_done(self, flusher: asyncio.Task[None]) -> None:
         # a flusher cancelled at shutdown (perhaps before its first step): nobody is left waiting
@@ -71,7 +91,14 @@ class Coalescer(Generic[T, R]):
         if not batch:
             return
         try:
-            results = await self._run([item for item, _ in batch])
+            items = [item for item, _ in batch]
+            if self._deadline_s is None:
+                results = await self._run(items)
+            else:
+                try:
+                    results = await asyncio.wait_for(self._run(items), self._deadline_s)
+                except TimeoutError:
+                    raise self._on_deadline() from None
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} gave {len(results)} results")
         except _ROW_ERRORS as error:

@@ -18,7 +18,7 @@ from app.settings import Settings
 from app.src.api.auth import operators
 from app.src.api.auth.dev import MARKER, issue_dev_credentials
 from tests.conftest import ROOT, bearer, subprocess_env
-from tests.integration.auth.helpers import code, log_in
+from tests.integration.auth.login_steps import code, log_in
 
 PASSWORD = "a password typed into a pipe"
 

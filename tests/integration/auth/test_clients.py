@@ -12,7 +12,7 @@ from app.database import Database
 from app.src.api.auth import active_signing_secrets
 from app.src.api.models.auth import IssuedKey, NewOperator
 from tests.conftest import bearer, make_client
-from tests.integration.auth.helpers import PROBLEM
+from tests.integration.auth.login_steps import PROBLEM
 
 
 async def test_an_operator_creates_a_client_whose_key_works_at_once(

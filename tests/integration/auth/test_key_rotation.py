@@ -17,7 +17,7 @@ from app.src.api.auth.rotation import reencrypt_secrets
 from app.src.api.models.auth import IssuedKey, NewOperator
 from app.src.encryption.secrets import SIGNING_SECRET, TOTP_SECRET, Keyring
 from tests.conftest import OPERATOR_PASSWORD, bearer
-from tests.integration.auth.helpers import code, log_in, mfa_token, totp_step
+from tests.integration.auth.login_steps import code, log_in, mfa_token, totp_step
 
 
 @asynccontextmanager

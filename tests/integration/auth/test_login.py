@@ -10,12 +10,12 @@ import structlog
 from quart.typing import TestClientProtocol as Client
 
 from app.database import Database
-from app.src.api.auth.store import transaction
+from app.src.api.auth.access import transaction
 from app.src.api.models.auth import SCOPES, NewOperator
 from app.src.database import auth as store
 from app.src.encryption import totp
 from tests.conftest import OPERATOR_PASSWORD
-from tests.integration.auth.helpers import (
+from tests.integration.auth.login_steps import (
     PROBLEM,
     code,
     log_in,

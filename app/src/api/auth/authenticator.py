@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import structlog
 
-from app.database import Database
+from app.database import Database, StorageUnavailable
 from app.src.api.auth.rate_limit import TokenBuckets, retry_after_seconds
 from app.src.api.errors import TooManyRequests
 from app.src.api.models.auth import SCOPES, KeyCredential, Principal
@@ -27,11 +27,23 @@ OPERATOR_SCOPES = frozenset(SCOPES)
 class Authenticator:
     """What the middleware calls for every authenticated route (Runtime.authenticator)."""
 
-    def __init__(self, database: Callable[[], Database], *, buckets: TokenBuckets | None = None) -> None:
+    def __init__(
+        self,
+        database: Callable[[], Database],
+        *,
+        buckets: TokenBuckets | None = None,
+        lookup_deadline_s: float | None = None,
+    ) -> None:
         # a callable, because the Database exists only once the runtime has started
         self._database = database
         self.buckets = buckets or TokenBuckets()
-        self._key_lookups: Coalescer[str, KeyCredential | None] = Coalescer(self._find_keys)
+        # every authenticated request waits on this lookup: past its deadline it is a 503, so a
+        # stalled database cannot queue requests behind one batch without bound
+        self._key_lookups: Coalescer[str, KeyCredential | None] = Coalescer(
+            self._find_keys,
+            deadline_s=lookup_deadline_s,
+            on_deadline=lambda: StorageUnavailable("the database did not answer the key lookup in time"),
+        )
 
     async def authenticate(self, token: str) -> Principal | None:
         """The principal a token stands for, or None (401); raises TooManyRequests over the rate."""

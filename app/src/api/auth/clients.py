@@ -13,7 +13,7 @@ from uuid import UUID, uuid4
 import structlog
 
 from app.database import Database
-from app.src.api.auth.store import keyring, transaction
+from app.src.api.auth.access import keyring, transaction
 from app.src.api.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.src.api.models.auth import (
     SCOPES,

@@ -9,7 +9,8 @@ from pathlib import Path
 from uuid import UUID
 
 from app.database import Database
-from app.src.api.auth import clients, operators
+from app.src.api.auth.clients import create_client
+from app.src.api.auth.operators import create_operator
 from app.src.api.models.auth import SCOPES
 from app.src.database import auth as store
 
@@ -43,8 +44,8 @@ async def issue_dev_credentials(db: Database, *, data_dir: Path) -> DevCredentia
     credentials = None
     if not someone:
         password = secrets.token_urlsafe(18)
-        operator = await operators.create_operator(db, email=DEV_EMAIL, password=password)
-        _, key = await clients.create_client(db, name="dev", scopes=SCOPES, created_by=operator.user_id)
+        operator = await create_operator(db, email=DEV_EMAIL, password=password)
+        _, key = await create_client(db, name="dev", scopes=SCOPES, created_by=operator.user_id)
         credentials = DevCredentials(
             email=operator.email,
             password=password,

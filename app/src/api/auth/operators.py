@@ -15,10 +15,17 @@ import asyncpg
 import structlog
 
 from app.database import Database
-from app.src.api.auth import throttle
+from app.src.api.auth.access import keyring, transaction
 from app.src.api.auth.clients import insert_signing_secret
-from app.src.api.auth.store import keyring, transaction
-from app.src.api.auth.throttle import LOGIN_ACCOUNT, LOGIN_ADDRESS, TOTP_ACCOUNT, TOTP_ADDRESS
+from app.src.api.auth.throttle import (
+    LOGIN_ACCOUNT,
+    LOGIN_ADDRESS,
+    TOTP_ACCOUNT,
+    TOTP_ADDRESS,
+    forget,
+    record_failures,
+    refuse_if_blocked,
+)
 from app.src.api.errors import (
     Conflict,
     Forbidden,
@@ -99,7 +106,7 @@ async def login(db: Database, *, email: str, password: str, address: str) -> Mfa
     """
     account = account_key(email)
     subjects = [(LOGIN_ACCOUNT, account), (LOGIN_ADDRESS, address)]
-    await throttle.refuse_if_blocked(db, subjects, event="auth.login")
+    await refuse_if_blocked(db, subjects, event="auth.login")
     async with db.driver() as conn:
         user = await store.get_user_by_email(conn, account)
     if user is None:
@@ -108,7 +115,7 @@ async def login(db: Database, *, email: str, password: str, address: str) -> Mfa
     else:
         verified = await _hashing(HASHER.verify(user.password_hash, password))
     if user is None or not verified or user.disabled:
-        await throttle.record_failures(db, subjects)
+        await record_failures(db, subjects)
         log.info("auth.login", outcome="failed", email=account, address=address)
         raise Unauthorized(WRONG_CREDENTIALS)
     if HASHER.needs_rehash(user.password_hash):
@@ -142,7 +149,7 @@ async def login_totp(
         log.info("auth.login.totp", outcome="bad_mfa_token", address=address)
         raise Unauthorized(BAD_MFA_TOKEN)
     subjects = [(TOTP_ACCOUNT, str(user.id)), (TOTP_ADDRESS, address)]
-    await throttle.refuse_if_blocked(db, subjects, event="auth.login.totp")
+    await refuse_if_blocked(db, subjects, event="auth.login.totp")
     step = _matching_step(db, user, user.totp_secret, code, now=now)
     recovery = tokens.normalize_recovery_code(code) if step is None else None
     try:
@@ -166,10 +173,10 @@ async def login_totp(
         if rejected.args[0] == WRONG_CODE:
             async with db.driver() as conn:
                 await store.fail_challenge(conn, token_hash, max_failures=MFA_MAX_FAILURES)
-            await throttle.record_failures(db, subjects)
+            await record_failures(db, subjects)
         log.info("auth.login.totp", outcome="failed", user_id=str(user.id), address=address)
         raise Unauthorized(rejected.args[0]) from None
-    await throttle.forget(db, [(LOGIN_ACCOUNT, account_key(user.email)), (TOTP_ACCOUNT, str(user.id))])
+    await forget(db, [(LOGIN_ACCOUNT, account_key(user.email)), (TOTP_ACCOUNT, str(user.id))])
     log.info(
         "auth.login.totp",
         outcome="ok",
@@ -238,10 +245,10 @@ async def confirm_totp(
     if user.totp_pending_secret is None:
         raise Conflict("No TOTP enrolment is pending; start with POST /api/auth/totp/enroll.")
     subjects = [(TOTP_ACCOUNT, str(user.id)), (TOTP_ADDRESS, address)]
-    await throttle.refuse_if_blocked(db, subjects, event="auth.totp.confirm")
+    await refuse_if_blocked(db, subjects, event="auth.totp.confirm")
     step = _matching_step(db, user, user.totp_pending_secret, code, now=now)
     if step is None:
-        await throttle.record_failures(db, subjects)
+        await record_failures(db, subjects)
         log.info("auth.totp.confirm", outcome="failed", user_id=str(user.id))
         raise Unprocessable("The code does not match the new secret.", type=problem_type("invalid-totp-code"))
     codes = [tokens.new_recovery_code() for _ in range(RECOVERY_CODE_COUNT)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import structlog
 
 from app.database import Database
-from app.src.api.auth.store import keyring, transaction
+from app.src.api.auth.access import keyring, transaction
 from app.src.database import auth as store
 from app.src.encryption.secrets import SIGNING_SECRET, TOTP_SECRET, InvalidToken
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from app.database import Database
-from app.src.api.auth.store import transaction
+from app.src.api.auth.access import transaction
 from app.src.api.errors import TooManyRequests
 from app.src.database import auth as store
 

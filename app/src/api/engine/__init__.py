@@ -1,1 +1,3 @@
-"""The task engine's rules in one place: how a task is created and what a finished attempt means."""
+"""The task engine's rules in one place: how a task is created (submit), what a finished attempt
+means (outcomes), and what they share (caches, rules).
+"""

@@ -32,7 +32,7 @@ from app.src.api.http.client import (
     destination,
     forbidden_reason,
 )
-from app.src.api.http.gate import Verdict
+from app.src.api.http.gate import HostHealth
 from app.src.api.http.signing import sign_delivery
 from app.src.api.kinds import (
     Deferred,
@@ -104,7 +104,7 @@ def judge_status(payload: HttpPayload, response: HttpResponse, *, now: datetime)
     return classify(payload, response, now=now, accept_async=False)
 
 
-def breaker_verdict(answer: Answer) -> Verdict:
+def host_health(answer: Answer) -> HostHealth:
     """What the circuit learns: a retryable answer is the host failing; any other is it working."""
     return "failure" if answer == "retry" else "success"
 
@@ -183,7 +183,7 @@ async def unless_cancelled(ctx: TaskContext, work: Awaitable[T]) -> T:
 async def exchange(
     http: OutboundHttp,
     *,
-    holder: UUID,
+    task_id: UUID,
     method: str,
     url: str,
     headers: Mapping[str, str],
@@ -203,7 +203,7 @@ async def exchange(
         HTTP_DELIVERIES.labels(host, "refused").inc()
         raise PermanentError(str(exc)) from None
     try:
-        async with http.gate.permit(host, task_id=holder, timeout_s=payload.timeout_s) as permit:
+        async with http.gate.permit(host, task_id=task_id, timeout_s=payload.timeout_s) as permit:
             started = time.perf_counter()
             try:
                 sending = http.send(
@@ -225,16 +225,16 @@ async def exchange(
                 if isinstance(exc, aiohttp.InvalidURL):
                     HTTP_DELIVERIES.labels(host, "discarded").inc()
                     raise PermanentError(f"invalid URL: {exc}") from None
-                permit.verdict = "failure"
+                permit.health = "failure"
                 HTTP_DELIVERIES.labels(host, "retry").inc()
                 raise RetryLater(_network_error(exc, payload.timeout_s)) from None
             except RedirectError as exc:
-                permit.verdict = "success"
+                permit.health = "success"
                 HTTP_DELIVERIES.labels(host, "discarded").inc()
                 raise PermanentError(str(exc)) from None
             HTTP_DELIVERY_LATENCY.labels(host).observe(response.duration_ms / 1000)
             verdict = judge(response)
-            permit.verdict = breaker_verdict(verdict.answer)
+            permit.health = host_health(verdict.answer)
             HTTP_DELIVERIES.labels(host, verdict.answer).inc()
             return response, verdict
     except Deferred:
@@ -279,7 +279,7 @@ async def deliver(ctx: TaskContext, payload: HttpPayload) -> HttpResult:
     signer = signer_for(ctx.task_id, await signing_secrets(http, ctx.client_id))
     response, verdict = await exchange(
         http,
-        holder=ctx.task_id,
+        task_id=ctx.task_id,
         method=payload.method,
         url=str(payload.url),
         headers=request_headers(payload, content_type),

@@ -6,8 +6,8 @@ worker process: a permit is one of `limit` slot rows per host, held by a process
 the same size, so a process never asks the database for more permits than the limit.
 
 Hand-off: when a request ends and another request of this process waits for the same host, the
-slot passes to it without a database round trip (taking and giving back a slot costs two, which
-dominated a delivery's cost in bench/http_delivery.py). A slot goes back to the database when no
+slot passes to it without a database round trip (taking and giving back a slot costs two, more
+than a request to a nearby destination). A slot goes back to the database when no
 local request waits for it, after HANDOFF_MAX_S of hand-offs (so other processes get their turn),
 after a failure and while the host has failures (the circuit must see them), and for a probe.
 Its lease covers the request's timeout plus that window, so a process that dies frees its slots
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("taskgate.http")
 
-Verdict = Literal["success", "failure", "neutral"]
+# What a request showed about its host, for the circuit breaker (neutral: nothing was sent)
+HostHealth = Literal["success", "failure", "neutral"]
 DEFER_S = 1.0  # a deferred task comes back after about this long (jittered)
 HANDOFF_MAX_S = 1.0  # a slot passes between this process's requests for at most this long
 _FIRST_RETRY_S = 0.01
@@ -51,12 +52,12 @@ _MAX_RETRY_S = 0.2
 
 @dataclass(slots=True)
 class Permit:
-    """A held permit; the holder sets `verdict` to tell the circuit what the request showed."""
+    """A held permit; the request sets `health` to tell the circuit what it showed."""
 
     host: str
     slot: int
     task_id: UUID
-    verdict: Verdict = "neutral"
+    health: HostHealth = "neutral"
     probe: bool = False
 
 
@@ -85,7 +86,7 @@ class HostGate:
     wait_s: float
     circuit_failures: int
     cooldown_s: float
-    holder: UUID = field(default_factory=uuid.uuid4)  # this process, in http_host_permits.holder
+    process_id: UUID = field(default_factory=uuid.uuid4)  # in http_host_permits.holder
     _hosts: dict[str, _Host] = field(default_factory=dict)
 
     @contextlib.asynccontextmanager
@@ -150,7 +151,7 @@ class HostGate:
                 admission = await store.acquire_permit(
                     conn,
                     host=host,
-                    holder=self.holder,
+                    process_id=self.process_id,
                     task_id=task_id,
                     limit=self.limit,
                     circuit_failures=self.circuit_failures,
@@ -170,7 +171,7 @@ class HostGate:
                     probing = await store.claim_probe(
                         conn,
                         host=host,
-                        holder=task_id,
+                        task_id=task_id,
                         circuit_failures=self.circuit_failures,
                         lease_s=lease_s,
                     )
@@ -187,7 +188,7 @@ class HostGate:
 
     async def _give_back(self, host: str, local: _Host, slot: _Slot, permit: Permit) -> None:
         loop = asyncio.get_running_loop()
-        quiet = permit.verdict == "neutral" or (permit.verdict == "success" and local.failures == 0)
+        quiet = permit.health == "neutral" or (permit.health == "success" and local.failures == 0)
         if (
             quiet
             and not permit.probe
@@ -196,10 +197,10 @@ class HostGate:
         ):
             local.idle.append(slot)  # the next local request for this host takes it
             return
-        await self._release(host, slot.number, permit.task_id, permit.verdict, local)
+        await self._release(host, slot.number, permit.task_id, permit.health, local)
 
     async def _release(
-        self, host: str, slot: int, task_id: UUID, verdict: Verdict, local: _Host | None = None
+        self, host: str, slot: int, task_id: UUID, health: HostHealth, local: _Host | None = None
     ) -> None:
         try:
             async with self.db.driver() as conn:
@@ -207,9 +208,9 @@ class HostGate:
                     conn,
                     host=host,
                     slot=slot,
-                    holder=self.holder,
+                    process_id=self.process_id,
                     task_id=task_id,
-                    verdict=verdict,
+                    health=health,
                     circuit_failures=self.circuit_failures,
                     cooldown_s=self.cooldown_s,
                 )

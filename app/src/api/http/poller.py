@@ -50,6 +50,7 @@ from app.src.utils.metrics import TASK_OUTCOMES
 
 if TYPE_CHECKING:
     from app.database import Database
+    from app.src.api.engine.caches import QueueCache
 
 log = structlog.get_logger("taskgate.http.poller")
 
@@ -72,7 +73,9 @@ class PollResult(StrEnum):
     ERROR = "error"  # a bug; the claim's lease runs out and the task is polled again
 
 
-async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str, int] | None:
+async def poll_waiting_http(
+    db: Database, http: OutboundHttp | None, queue_settings: QueueCache
+) -> dict[str, int] | None:
     """Poll every due waiting http task once; returns counts per outcome (None when idle)."""
     if http is None:
         return None
@@ -87,7 +90,7 @@ async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str
     async def poll(task: WaitingTask) -> PollResult:
         async with limit:
             try:
-                return await poll_one(db, http, task)
+                return await poll_one(db, http, task, queue_settings)
             except asyncio.CancelledError:
                 # shutdown: hand the claim back, so the next replica polls at once, not after the lease
                 await asyncio.shield(_hand_back(db, task))
@@ -100,7 +103,9 @@ async def poll_waiting_http(db: Database, http: OutboundHttp | None) -> dict[str
     return dict(Counter(await asyncio.gather(*(poll(task) for task in due))))
 
 
-async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> PollResult:
+async def poll_one(
+    db: Database, http: OutboundHttp, task: WaitingTask, queue_settings: QueueCache
+) -> PollResult:
     now = datetime.now(UTC)
     try:
         payload = HttpPayload.model_validate(task.payload, context=http.payload_context)
@@ -119,7 +124,7 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> PollR
         signer = signer_for(task.id, await signing_secrets(http, task.client_id))
         response, verdict = await exchange(
             http,
-            holder=task.id,
+            task_id=task.id,
             method="GET",
             url=state.status_url,
             headers=_poll_headers(payload, state.status_url),
@@ -132,7 +137,7 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> PollR
             result_url = resolve_location(response.url, verdict.location or "")
             response, verdict = await exchange(
                 http,
-                holder=task.id,
+                task_id=task.id,
                 method="GET",
                 url=result_url,
                 headers=_poll_headers(payload, result_url),
@@ -154,11 +159,16 @@ async def poll_one(db: Database, http: OutboundHttp, task: WaitingTask) -> PollR
             db, task, Status.DISCARDED, started_at=state.accepted_at, error=str(exc), outcome=Outcome.FAILED
         )
         return PollResult.DISCARDED
-    return await _conclude(db, task, state, response, verdict)
+    return await _conclude(db, task, state, response, verdict, queue_settings)
 
 
 async def _conclude(
-    db: Database, task: WaitingTask, state: HttpWaitState, response: HttpResponse, verdict: Classified
+    db: Database,
+    task: WaitingTask,
+    state: HttpWaitState,
+    response: HttpResponse,
+    verdict: Classified,
+    queue_settings: QueueCache,
 ) -> PollResult:
     if verdict.answer == "pending":
         if verdict.location:
@@ -176,7 +186,7 @@ async def _conclude(
         )
         return PollResult.COMPLETED
     if verdict.answer == "retry":
-        queue = (await db.queues.by_ids({task.queue_id}))[task.queue_id]
+        queue = (await queue_settings.by_ids({task.queue_id}))[task.queue_id]
         decided = after_failure(
             attempt=task.attempts,
             max_attempts=task.max_attempts,

@@ -21,7 +21,8 @@ class SigningSecrets(Protocol):
 
 
 async def no_signing_secrets(client_id: UUID, /) -> list[str]:
-    """The provider until per-client secrets are wired in (see Runtime._signing_secrets)."""
+    """No secrets: the default of an OutboundHttp built without a provider (tools and tests); the
+    runtime passes the tenants' own (Runtime._signing_secrets)."""
     return []
 
 

@@ -17,6 +17,9 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
+from app.src.api.engine.submit import submit_in_transaction
+from app.src.api.engine.task_engine import SubmitRules, TaskEngine
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -152,20 +155,25 @@ class TaskKind(Generic[P, R]):
         payload: P,
         *,
         db: AsyncConnection,
+        engine: TaskEngine | None = None,
         client_id: UUID = SYSTEM_CLIENT_ID,
         queue: str = "default",
         priority: int = 5,
         delay_s: float | None = None,
     ) -> Task:
-        """Enqueue inside the caller's open transaction: the task commits with the caller's data."""
-        from app.src.api.tasks import enqueue_in_transaction  # runtime import: tasks imports kinds
+        """Enqueue inside the caller's open transaction: the task commits with the caller's data.
 
-        return await enqueue_in_transaction(
+        The rules of every enqueue apply (contract, NUL check, quota, defaults). Pass the runtime's
+        `engine` (handlers find it as `ctx.resources["engine"]`) for the deployment's rules; without
+        it the built-in defaults apply (the default quota, no extra allowed networks).
+        """
+        return await submit_in_transaction(
             db,
-            client_id=client_id,
-            queue=queue,
+            rules=engine.rules if engine is not None else _BUILTIN_RULES,
             kind=self,
             payload=payload.model_dump(mode="json"),
+            client_id=client_id,
+            queue=queue,
             priority=priority,
             delay_s=delay_s,
         )
@@ -237,6 +245,7 @@ def _location(handler: Handler) -> str:
 
 REGISTRY = KindRegistry()
 task_kind = REGISTRY.declare
+_BUILTIN_RULES = SubmitRules(kinds=REGISTRY)
 
 # Modules that declare the built-in kinds; importing them registers the kinds (and starts nothing).
 BUILTIN_MODULES = ("app.src.api.kinds.builtin", "app.src.api.http.kind")

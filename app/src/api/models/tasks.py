@@ -44,7 +44,7 @@ class TaskBatchIn(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """A task as storage returns it (mapped from rows with dacite)."""
+    """A task as storage returns it (built from rows by app/src/database/tasks.py `to_task`)."""
 
     id: UUID
     client_id: UUID

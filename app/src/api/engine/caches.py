@@ -1,4 +1,4 @@
-"""In-process caches over PostgreSQL: queue settings and per-client unfinished-task counts.
+"""In-process caches of the rules an enqueue checks: queue settings and per-client unfinished-task counts.
 
 Changes made through this process invalidate at once; other processes see them within the TTL
 (the scheduler's cache job also refreshes them). When an entry expires under load, one query
@@ -11,15 +11,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 from uuid import UUID
 
+from app.database import Database
 from app.src.api.models.tasks import Queue
 from app.src.database import queues as queue_store
 from app.src.database import tasks as task_store
-
-if TYPE_CHECKING:
-    from app.database import Database
 
 QUEUE_TTL_S = 5.0
 QUOTA_TTL_S = 2.0
@@ -45,14 +43,12 @@ class SingleFlight(Generic[K, V]):
 
 @dataclass
 class QueueCache:
+    """Queue settings by (client, name) and by id, created on first use by `ensure`."""
+
+    db: Database
     _by_name: dict[tuple[UUID, str], tuple[float, Queue]] = field(default_factory=dict)
     _by_id: dict[int, tuple[float, Queue]] = field(default_factory=dict)
     _ensuring: SingleFlight[tuple[UUID, str], Queue] = field(default_factory=SingleFlight)
-    db: Database | None = None
-
-    async def initialize(self, db: Database) -> None:
-        self.db = db
-        self.clear()
 
     def clear(self) -> None:
         self._by_name.clear()
@@ -75,7 +71,7 @@ class QueueCache:
             return hit[1]
 
         async def load() -> Queue:
-            async with _initialized(self.db).driver() as conn:
+            async with self.db.driver() as conn:
                 return self.remember(await queue_store.ensure(conn, client_id=client_id, name=name))
 
         return await self._ensuring.load((client_id, name), load)
@@ -87,7 +83,7 @@ class QueueCache:
         }
         missing = [i for i in ids if i not in found]
         if missing:
-            async with _initialized(self.db).driver() as conn:
+            async with self.db.driver() as conn:
                 for queue in await queue_store.get_by_ids(conn, missing):
                     found[queue.id] = self.remember(queue)
         return found
@@ -97,12 +93,11 @@ class QueueCache:
 class QuotaCache:
     """Approximate unfinished-task counts per client: exact at refresh, plus what we enqueued since."""
 
+    db: Database
     _counts: dict[UUID, tuple[float, int]] = field(default_factory=dict)
     _counting: SingleFlight[UUID, int] = field(default_factory=SingleFlight)
-    db: Database | None = None
 
-    async def initialize(self, db: Database) -> None:
-        self.db = db
+    def clear(self) -> None:
         self._counts.clear()
 
     async def unfinished(self, client_id: UUID) -> int:
@@ -111,7 +106,7 @@ class QuotaCache:
             return hit[1]
 
         async def load() -> int:
-            async with _initialized(self.db).driver() as conn:
+            async with self.db.driver() as conn:
                 count = await task_store.count_unfinished(conn, client_id=client_id)
             self._counts[client_id] = (time.monotonic(), count)
             return count
@@ -122,9 +117,3 @@ class QuotaCache:
         hit = self._counts.get(client_id)
         if hit is not None:
             self._counts[client_id] = (hit[0], hit[1] + n)
-
-
-def _initialized(db: Database | None) -> Database:
-    if db is None:
-        raise RuntimeError("cache used before Database.connect() initialized it")
-    return db

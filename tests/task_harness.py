@@ -1,4 +1,4 @@
-"""Helpers for tests that drive tasks: enqueue over the API, wait for states, spawn workers."""
+"""What tests that drive tasks share: enqueue over the API, wait for states, spawn workers."""
 
 from __future__ import annotations
 

@@ -1,0 +1,353 @@
+"""Submit: the one path from a task request to a stored task.
+
+`POST /api/tasks` (`submit_one`), the batch (`submit_batch`), schedule fires and triggers
+(`prepare` + `store_prepared` + `accepted`, inside the firing transaction) and `TaskKind.enqueue`
+(`submit_in_transaction`) all go through `prepare`, so each applies the same rules in the same
+order: the kind's contract, the NUL check, the client's quota, and the defaults (`max_attempts`
+from the request, else the kind, else the queue; priority 5). `accepted` then counts the stored
+tasks against the quota and in the enqueue metric.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from app.src.api.engine.task_engine import KindContract, SubmitRules, TaskEngine
+from app.src.api.errors import Conflict, TooManyRequests, Unprocessable, field_errors, problem_type
+from app.src.api.models.tasks import Queue, Task, TaskIn
+from app.src.database import queues as queue_store
+from app.src.database import tasks as task_store
+from app.src.database.tasks import Executor, NewTask
+from app.src.utils import json_text
+from app.src.utils.ids import uuid7s
+from app.src.utils.metrics import ENQUEUED
+
+MAX_IDEMPOTENCY_KEY = 255
+QUOTA_RETRY_AFTER_S = 5
+
+FieldPath = tuple[str | int, ...]
+
+
+def own_fields(index: int) -> FieldPath:
+    """Field errors of a single request name its own fields (`payload.url`)."""
+    return ()
+
+
+def batch_item(index: int) -> FieldPath:
+    """Field errors of a batch name the item (`tasks.3.payload.url`)."""
+    return ("tasks", index)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """A task somebody wants created, before the rules fill in its defaults."""
+
+    kind: str
+    payload: dict[str, Any]
+    queue: str = "default"
+    priority: int | None = None
+    max_attempts: int | None = None
+    run_at: datetime | None = None
+    delay_s: float | None = None
+    schedule: dict[str, Any] | None = None  # the schedule fire that asks for it (ScheduleRef fields)
+
+    @classmethod
+    def from_input(cls, item: TaskIn) -> TaskRequest:
+        return cls(
+            kind=item.kind,
+            payload=item.payload,
+            queue=item.queue,
+            priority=item.priority,
+            max_attempts=item.max_attempts,
+            run_at=item.run_at,
+            delay_s=item.delay_s,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Submitter:
+    """Who asks: the tenant, and its own quota (None: the deployment's default)."""
+
+    client_id: UUID
+    max_queued_tasks: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    tasks: list[Task]
+    replayed: bool  # an Idempotency-Key repeat: the tasks of the first request
+
+
+# --- the rules -----------------------------------------------------------------------------------
+
+
+def checked_kind(
+    rules: SubmitRules, kind_name: str, payload: dict[str, Any], *, at: FieldPath = ()
+) -> KindContract:
+    """The kind, once the payload fits its contract and can be stored; else a 422 naming fields under `at`."""
+    kind = rules.kinds.get(kind_name)
+    if kind is None:
+        raise Unprocessable(
+            f"Unknown task kind {kind_name!r}; GET /api/catalog/kinds lists them.",
+            errors=[{"field": _dotted(*at, "kind"), "message": "unknown kind", "type": "unknown_kind"}],
+        )
+    try:
+        kind.validate_payload(payload, context=rules.payload_context)
+    except ValidationError as exc:
+        raise Unprocessable(
+            f"The payload does not match the contract of kind {kind_name!r}.",
+            errors=field_errors(exc.errors(include_url=False, include_input=False), prefix=(*at, "payload")),
+        ) from None
+    check_storable(payload, at=at)
+    return kind
+
+
+def check_storable(payload: dict[str, Any], *, at: FieldPath = ()) -> None:
+    """PostgreSQL's jsonb cannot hold a NUL character: refuse it here as a 422, not a 500 later."""
+    if json_text.contains_nul(payload):
+        raise Unprocessable(
+            "The payload cannot be stored.",
+            errors=[
+                {"field": _dotted(*at, "payload"), "message": json_text.NUL_MESSAGE, "type": "value_error"}
+            ],
+        )
+
+
+def check_quota(rules: SubmitRules, submitter: Submitter, *, unfinished: int, adding: int) -> None:
+    limit = submitter.max_queued_tasks or rules.default_max_queued_tasks
+    if unfinished + adding > limit:
+        raise TooManyRequests(
+            f"This client holds {unfinished} unfinished tasks; its quota is {limit}.",
+            retry_after=QUOTA_RETRY_AFTER_S,
+        )
+
+
+def new_tasks(
+    rules: SubmitRules,
+    submitter: Submitter,
+    requests: Sequence[TaskRequest],
+    kinds: Sequence[KindContract | None],
+    queues: dict[str, Queue],
+) -> list[NewTask]:
+    """The rows to insert, with the defaults filled in."""
+    return [
+        NewTask(
+            id=task_id,
+            client_id=submitter.client_id,
+            queue_id=queues[request.queue].id,
+            queue=request.queue,
+            kind=request.kind,
+            payload=request.payload,
+            priority=rules.default_priority if request.priority is None else request.priority,
+            max_attempts=request.max_attempts
+            or (kind.max_attempts if kind is not None else None)
+            or queues[request.queue].max_attempts,
+            run_at=request.run_at,
+            delay_s=request.delay_s,
+            schedule=request.schedule,
+        )
+        for request, kind, task_id in zip(requests, kinds, uuid7s(len(requests)), strict=True)
+    ]
+
+
+def _dotted(*parts: str | int) -> str:
+    return ".".join(map(str, parts))
+
+
+# --- the core ------------------------------------------------------------------------------------
+
+
+async def prepare(
+    engine: TaskEngine,
+    submitter: Submitter,
+    requests: Sequence[TaskRequest],
+    *,
+    field_prefix: Callable[[int], FieldPath] = own_fields,
+    check_contract: bool = True,
+    pending: int = 0,
+) -> list[NewTask]:
+    """Check every rule and build the rows, storing nothing; all or nothing.
+
+    Field errors of request `i` are named under `field_prefix(i)`. `check_contract=False` is for
+    schedule fires: the schedule was checked when written, and a kind removed since is discarded
+    by the worker with a clear error rather than silently skipped here. `pending` counts tasks of
+    this client that the caller is about to store alongside (earlier schedules of one firing
+    transaction).
+    """
+    rules = engine.rules
+    kinds: list[KindContract | None] = []
+    for index, request in enumerate(requests):
+        at = field_prefix(index)
+        if check_contract:
+            kinds.append(checked_kind(rules, request.kind, request.payload, at=at))
+        else:
+            check_storable(request.payload, at=at)
+            kinds.append(rules.kinds.get(request.kind))
+    queues = {
+        name: await engine.queues.ensure(client_id=submitter.client_id, name=name)
+        for name in {request.queue for request in requests}
+    }
+    unfinished = await engine.quotas.unfinished(submitter.client_id)
+    check_quota(rules, submitter, unfinished=unfinished + pending, adding=len(requests))
+    return new_tasks(rules, submitter, requests, kinds, queues)
+
+
+async def store_prepared(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
+    """Insert prepared rows on the caller's connection (in its transaction, if it opened one)."""
+    return await task_store.insert_tasks(conn, tasks)
+
+
+def accepted(engine: TaskEngine, tasks: Sequence[Task]) -> None:
+    """Count stored tasks: against their client's quota, and in the enqueue metric."""
+    per_client: dict[UUID, int] = {}
+    for task in tasks:
+        per_client[task.client_id] = per_client.get(task.client_id, 0) + 1
+        ENQUEUED(task.queue, task.kind).inc()
+    for client_id, n in per_client.items():
+        engine.quotas.added(client_id, n)
+
+
+async def _submit(
+    engine: TaskEngine,
+    submitter: Submitter,
+    items: Sequence[TaskIn],
+    *,
+    idempotency_key: str | None,
+    field_prefix: Callable[[int], FieldPath],
+) -> Submitted:
+    requests = [TaskRequest.from_input(item) for item in items]
+    new = await prepare(engine, submitter, requests, field_prefix=field_prefix)
+    if idempotency_key is not None:
+        stored = await _store_once(engine, submitter.client_id, idempotency_key, items, new)
+        if stored.replayed:
+            return stored
+        tasks = stored.tasks
+    elif len(new) == 1:
+        tasks = [await engine.task_inserts.submit(new[0])]
+    else:
+        async with engine.db.driver() as conn:
+            tasks = await store_prepared(conn, new)
+    accepted(engine, tasks)
+    return Submitted(tasks, replayed=False)
+
+
+async def _store_once(
+    engine: TaskEngine, client_id: UUID, key: str, items: Sequence[TaskIn], new: Sequence[NewTask]
+) -> Submitted:
+    """Store under an Idempotency-Key: once per key; a repeat returns the first request's tasks."""
+    request_hash = _request_hash(items)
+    async with engine.db.driver() as conn, conn.transaction():
+        if not await task_store.lock_idempotency_key(conn, client_id, key):
+            raise Conflict(
+                "A request with this Idempotency-Key is still in flight; retry shortly.",
+                type=problem_type("idempotency-in-flight"),
+            )
+        previous = await task_store.find_idempotency_key(conn, client_id, key)
+        if previous is not None:
+            if previous[0] != request_hash:
+                raise Unprocessable(
+                    "This Idempotency-Key was used with a different request body.",
+                    type=problem_type("idempotency-key-reused"),
+                )
+            return Submitted(
+                await task_store.get_tasks(conn, client_id=client_id, task_ids=previous[1]), True
+            )
+        tasks = await store_prepared(conn, new)
+        await task_store.save_idempotency_key(conn, client_id, key, request_hash, [t.id for t in tasks])
+    return Submitted(tasks, replayed=False)
+
+
+def _request_hash(items: Sequence[TaskIn]) -> str:
+    body = [item.model_dump(mode="json", exclude_unset=True) for item in items]
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+
+async def submit_one(
+    engine: TaskEngine, submitter: Submitter, item: TaskIn, *, idempotency_key: str | None = None
+) -> Submitted:
+    """`POST /api/tasks`: field errors name the request's own fields (`payload.url`)."""
+    return await _submit(engine, submitter, [item], idempotency_key=idempotency_key, field_prefix=own_fields)
+
+
+async def submit_batch(
+    engine: TaskEngine, submitter: Submitter, items: Sequence[TaskIn], *, idempotency_key: str | None = None
+) -> Submitted:
+    """`POST /api/tasks/batch`, all or nothing: field errors name the item (`tasks.3.payload.url`)."""
+    return await _submit(engine, submitter, items, idempotency_key=idempotency_key, field_prefix=batch_item)
+
+
+async def submit_in_transaction(
+    conn: Any,
+    *,
+    rules: SubmitRules,
+    kind: KindContract,
+    payload: dict[str, Any],
+    client_id: UUID,
+    queue: str,
+    priority: int | None = None,
+    delay_s: float | None = None,
+) -> Task:
+    """`TaskKind.enqueue`: the same rules, on the caller's open transaction, so the task commits
+    with the caller's data or not at all. The queue is created and the unfinished tasks counted in
+    that transaction too (it sees what it already added; the API's caches cannot)."""
+    executor = _in_transaction(conn)
+    request = TaskRequest(kind=kind.name, payload=payload, queue=queue, priority=priority, delay_s=delay_s)
+    kind.validate_payload(payload, context=rules.payload_context)
+    check_storable(payload)
+    queue_row = await queue_store.ensure(executor, client_id=client_id, name=queue)
+    own_limit = (await task_store.client_quotas(executor, [client_id])).get(client_id)
+    submitter = Submitter(client_id, own_limit)
+    unfinished = await task_store.count_unfinished(executor, client_id=client_id)
+    check_quota(rules, submitter, unfinished=unfinished, adding=1)
+    [task] = await store_prepared(
+        executor, new_tasks(rules, submitter, [request], [kind], {queue: queue_row})
+    )
+    ENQUEUED(task.queue, task.kind).inc()
+    return task
+
+
+class _SqlAlchemyExecutor:
+    """Runs the engine's $n statements through SQLAlchemy, so they join its transaction."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        result = await self._conn.exec_driver_sql(query, args)
+        return list(result.mappings().all()) if result.returns_rows else []
+
+
+def _in_transaction(conn: Any) -> Executor:
+    """The caller's SQLAlchemy connection or asyncpg connection, which must be in a transaction."""
+    if hasattr(conn, "exec_driver_sql"):
+        return _SqlAlchemyExecutor(conn)
+    if not conn.is_in_transaction():
+        raise RuntimeError("enqueue(db=...) must run inside the caller's open transaction")
+    executor: Executor = conn
+    return executor
+
+
+def normalize_idempotency_key(raw: str | None) -> str | None:
+    """The Idempotency-Key header value (a structured-field string, quotes optional)."""
+    if raw is None:
+        return None
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise Unprocessable(
+            "Idempotency-Key must be 1 to 255 printable characters.",
+            errors=[{"field": "header.Idempotency-Key", "message": "invalid", "type": "value_error"}],
+        )
+    return key
