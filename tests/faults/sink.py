@@ -9,6 +9,7 @@ first one. Overlapping deliveries of one task are the proof that two workers ran
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -96,3 +97,25 @@ class Sink:
     def first_start_after(self, moment: float) -> float | None:
         starts = [d.start for ds in self.deliveries.values() for d in ds if d.start >= moment]
         return min(starts) if starts else None
+
+    def redelivery_gaps(self) -> list[float]:
+        """Per duplicated task: seconds from the end of one delivery to the start of the next
+        (negative: they overlapped)."""
+        now = time.time()
+        gaps = []
+        for ds in self.deliveries.values():
+            spans = sorted((d.start, d.end if d.end is not None else now) for d in ds)
+            gaps += [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+        return gaps
+
+    def spans_summary(self) -> dict[str, object]:
+        gaps = self.redelivery_gaps()
+        durations = [
+            (d.end or time.time()) - d.start for ds in self.deliveries.values() for d in ds if len(ds) > 1
+        ]
+        return {
+            "tasks_delivered": len(self.deliveries),
+            "deliveries": sum(len(ds) for ds in self.deliveries.values()),
+            "min_redelivery_gap_s": round(min(gaps), 3) if gaps else None,
+            "max_duplicated_delivery_s": round(max(durations), 3) if durations else None,
+        }

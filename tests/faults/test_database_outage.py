@@ -66,6 +66,7 @@ async def test_postgres_stopped_under_load(deployment: Deployment, cluster: PgCl
         ready_again_s=round(ready_again - back_at, 2) if ready_again else None,
         ready_max_answer_s=round(ready_max, 2),
         duplicates=sink.duplicates(),
+        sink=sink.spans_summary(),
         overlaps=len(sink.overlapping_tasks()),
         not_completed=not_completed,
         task_statuses=dict(counts),
