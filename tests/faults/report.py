@@ -30,6 +30,8 @@ COLUMNS = [
     ("shutdown_s", "shutdown s"),
     ("claimed_after_signal", "claimed after sig"),
     ("not_completed", "not completed"),
+    ("inputs_not_4xx", "inputs not 4xx"),
+    ("failures", "failures"),
 ]
 
 
