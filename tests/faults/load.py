@@ -54,6 +54,9 @@ class Answers:
             "other": {str(s): n for s, n in by_status.items() if s not in (0, 201, 503) and s < 500},
             "max_answer_s": round(max((a.seconds for a in items), default=0.0), 3),
             "answers_over_5s": sum(1 for a in items if a.seconds > 5),
+            "no_answer_errors": sorted({a.error.split(":")[0] for a in items if a.status == 0 and a.error})[
+                :5
+            ],
         }
 
 

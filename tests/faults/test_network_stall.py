@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.faults.common import prepare, running
-from tests.faults.load import Answers, enqueue_load, http_task, poll_ready, wait_completed
+from tests.faults.load import Answers, enqueue_load, http_task, poll_ready, query, wait_completed
 from tests.faults.procs import Deployment
 from tests.faults.proxy import FreezableProxy
 from tests.faults.report import Promises
@@ -28,15 +28,17 @@ async def test_stall_between_one_replica_and_postgres(deployment: Deployment, si
     proxy = FreezableProxy(host, port)
     await proxy.start()
     stalled_uri = deployment.db_uri.replace(f":{port}/", f":{proxy.port}/")
-    stalled = deployment.server("stalled", roles="api,worker", db_uri=stalled_uri)
-    healthy = deployment.server("healthy")  # api, worker and scheduler (the rescuer)
+    # plenty of worker slots: a rescued task must not wait behind a backlog to be run again, or a
+    # second execution could not start while the first still runs, and overlaps would go unseen
+    stalled = deployment.server("stalled", roles="api,worker", db_uri=stalled_uri, WORKER_CONCURRENCY="1000")
+    healthy = deployment.server("healthy", WORKER_CONCURRENCY="1000")  # api, worker, scheduler (rescuer)
     try:
         await deployment.ready(stalled, healthy)
         headers = await prepare(deployment, healthy)
         counter = itertools.count()
 
         def body() -> dict[str, object]:
-            hold = LONG_HOLD_S if next(counter) % 4 == 0 else 0.1
+            hold = LONG_HOLD_S if next(counter) % 8 == 0 else 0.1
             return http_task(sink.url(hold), timeout_s=30)
 
         on_stalled, on_healthy = Answers(), Answers()
@@ -54,8 +56,23 @@ async def test_stall_between_one_replica_and_postgres(deployment: Deployment, si
                 await asyncio.sleep(5)
                 in_flight = sink.in_flight()
                 frozen_at = time.time()
+                held = await query(
+                    deployment.db_uri,
+                    "SELECT count(*) AS n FROM tasks WHERE status = 'running'",
+                )
                 proxy.freeze()
-                await asyncio.sleep(STALL_S)
+                await asyncio.sleep(STALL_S / 2)
+                # halfway: leases the stalled replica held have expired; has the rescuer taken them?
+                unrescued = await query(
+                    deployment.db_uri,
+                    "SELECT count(*) AS n FROM tasks WHERE status = 'running' AND lease_expires_at < now()",
+                )
+                sessions = await query(
+                    deployment.db_uri,
+                    "SELECT state, count(*) AS n FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid() GROUP BY state",
+                )
+                await asyncio.sleep(STALL_S / 2)
                 proxy.resume()
                 resumed_at = time.time()
                 await asyncio.sleep(8)
@@ -65,6 +82,12 @@ async def test_stall_between_one_replica_and_postgres(deployment: Deployment, si
         await proxy.close()
 
     during = on_stalled.between(frozen_at, resumed_at)
+    open_at_freeze = [
+        ds
+        for ds in sink.deliveries.values()
+        if any(d.start <= frozen_at and (d.end or 1e18) > frozen_at for d in ds)
+    ]
+    redelivered = sum(1 for ds in open_at_freeze if len(ds) > 1)
     stalled_figures = on_stalled.figures()
     healthy_figures = on_healthy.figures()
     all_figures = Answers(on_stalled.items + on_healthy.items, created).figures()
@@ -84,6 +107,10 @@ async def test_stall_between_one_replica_and_postgres(deployment: Deployment, si
         healthy_replica=healthy_figures,
         stalled_answers_during_stall=Answers(during).figures(),
         in_flight_at_freeze=in_flight,
+        running_at_freeze=held[0]["n"],
+        open_at_freeze_redelivered=redelivered,
+        expired_leases_unrescued_mid_stall=unrescued[0]["n"],
+        db_sessions_mid_stall={str(r["state"]): r["n"] for r in sessions},
         stale_ready_answers=len(stale_ready),
         ready_max_answer_s=round(ready_max, 2),
         recovery_s=round(back - resumed_at, 2) if back else None,
