@@ -89,3 +89,19 @@ def write_json() -> None:
         },
     }
     RESULTS_PATH.write_text(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def markdown(path: Path = RESULTS_PATH) -> str:
+    """The README's table, from a results file: `python -m tests.faults.report`."""
+    document = json.loads(path.read_text())
+    headings = ["scenario", *(h for _, h in COLUMNS), "promises"]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    for name, scenario in document["scenarios"].items():
+        figures = scenario["figures"]
+        verdict = "all kept" if scenario["passed"] else f"{len(scenario['broken'])} broken"
+        lines.append("| " + " | ".join([name, *(_cell(figures.get(k)) for k, _ in COLUMNS), verdict]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())
