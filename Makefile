@@ -1,9 +1,10 @@
-# Taskgate: `make run` serves everything in one process; `make test` runs the whole suite.
+# Taskgate: `make run` serves everything in one process; `make test` runs the whole suite;
+# `make faults` runs the fault suite (tests/faults: real processes under faults, then schemathesis).
 SHELL := /bin/bash
 PY := .venv/bin/python
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 
-.PHONY: install run test lint fmt bench start stop clean
+.PHONY: install run test faults lint fmt bench start stop clean
 
 install: .venv/.installed
 
@@ -20,6 +21,11 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# every scenario has its own hard timeout; the whole run takes ~7-10 minutes on 2 cores and prints
+# a table of figures (also written to tests/faults/results/latest.json)
+faults: install
+	$(PY) -m pytest -m faults tests/faults
 
 lint: install
 	.venv/bin/ruff check .
