@@ -309,7 +309,7 @@ async def queue(queue_id: int) -> Any:
     return await render_template(
         "queue.html",
         summary=summary,
-        chart=throughput_chart(summary.series),
+        spark=throughput_chart(summary.series),
         tenants=await _tenants(),
         done=request.args.get("done"),
     )
