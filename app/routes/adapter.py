@@ -12,6 +12,7 @@ from app.routes.queues import blueprint as queues
 from app.routes.schedules import blueprint as schedules
 from app.routes.tasks import blueprint as tasks
 from app.ui import blueprint as console
+from app.ui.views import favicon
 from app.ui.views import root as console_root
 
 BLUEPRINTS = {
@@ -30,3 +31,4 @@ def register_blueprints(app: Quart) -> None:
     app.register_blueprint(metrics)
     app.register_blueprint(console, url_prefix="/ui")
     app.add_url_rule("/", "console_root", console_root)
+    app.add_url_rule("/favicon.ico", "favicon", favicon)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from app.src.database.console import Series
 
-WIDTH = 240
+WIDTH = 360
 HEIGHT = 48
 PAD = 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
@@ -24,8 +25,10 @@ from quart import (
     redirect,
     render_template,
     request,
+    send_from_directory,
     url_for,
 )
+from quart_schema import hide
 from werkzeug.exceptions import HTTPException
 
 from app.runtime import Runtime
@@ -37,7 +40,8 @@ from app.src.api.state_machine import TERMINAL, Status
 from app.ui import session
 from app.ui.charts import throughput_chart
 
-blueprint = Blueprint("ui", __name__, template_folder="templates", static_folder="static")
+STATIC_DIR = Path(__file__).parent / "static"
+blueprint = Blueprint("ui", __name__, template_folder="templates")
 blueprint.record_once(lambda state: session.install(state.app))
 
 CONTENT_SECURITY_POLICY = (
@@ -215,6 +219,14 @@ def _query(values: dict[str, Any]) -> str:
 
 async def _tenants() -> dict[UUID, str]:
     return await console.tenant_names(_db())
+
+
+@blueprint.get("/static/<path:filename>")
+async def static(filename: str) -> Any:
+    """The console's own assets and the vendored ones (htmx, Swagger UI): public, cacheable."""
+    response = await send_from_directory(STATIC_DIR, filename)
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    return response
 
 
 # --- login ---------------------------------------------------------------------------------------
@@ -596,6 +608,24 @@ async def not_yet(page: str) -> Any:
     return await render_template("not_yet.html", page=page)
 
 
+@hide
 async def root() -> Any:
     """`/`: the console (registered without the /ui prefix by the routes adapter)."""
     return redirect(url_for("ui.overview"), 302)
+
+
+@hide
+async def favicon() -> Any:
+    """`/favicon.ico`, which browsers ask for on pages without an icon link (/docs)."""
+    return redirect(url_for("ui.static", filename="favicon.svg"), 301)
+
+
+def _hide_from_openapi(state: Any) -> None:
+    """The console is HTML for browsers, not API: none of its routes belong in /openapi.json.
+    (Recorded last, so it runs after every route above has been added to the app.)"""
+    for endpoint, view in state.app.view_functions.items():
+        if endpoint.startswith(f"{blueprint.name}."):
+            hide(view)
+
+
+blueprint.record(_hide_from_openapi)
