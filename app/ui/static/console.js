@@ -25,7 +25,11 @@
       if (TERMINAL[event.status]) {
         source.close();
         // the result, attempts and errors are rendered by the server: load the page once more
-        window.setTimeout(function () { window.location.reload(); }, 300);
+        window.setTimeout(function () {
+          var url = new URL(window.location.href);
+          url.searchParams.delete("done");
+          window.location.replace(url.toString());
+        }, 300);
       }
     });
     source.addEventListener("end", function () { source.close(); });
