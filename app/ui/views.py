@@ -101,8 +101,11 @@ async def _finish(response: Response) -> Response:
         return response
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     response.headers["Cache-Control"] = "no-store"
-    if g.get("ui_session") is not None and not g.get("ui_logged_out"):
-        session.set_session(response, g.ui_session)  # slides the idle timeout
+    # an operator's own request slides the idle timeout; background refreshes (htmx polling, the
+    # event stream) do not, or a page left open would never time out
+    background = request.headers.get("HX-Request") == "true" or request.endpoint == "ui.task_events"
+    if g.get("ui_session") is not None and not g.get("ui_logged_out") and not background:
+        session.set_session(response, g.ui_session)
     if g.get("ui_pre_nonce") and request.cookies.get(session.PRE_COOKIE) != g.ui_pre_nonce:
         session.secure_cookie(response, session.PRE_COOKIE, g.ui_pre_nonce, max_age=3600)
     return response
@@ -115,9 +118,12 @@ async def _login_required(_: _LoginRequired) -> Any:
         principal = await _runtime().authenticator.authenticate(stale)
         if principal is not None and principal.kind == "operator":
             await operators.logout(_db(), principal=principal)
-    if request.method in session.SAFE_METHODS and not request.path.endswith("/events"):
+    response: Any
+    if request.headers.get("HX-Request") == "true":  # a background refresh: htmx loads the login page
+        response = await make_response("", 401, {"HX-Redirect": url_for("ui.login")})
+    elif request.method in session.SAFE_METHODS and not request.path.endswith("/events"):
         target = url_for("ui.login", next=request.full_path.rstrip("?"))
-        response: Any = redirect(target, 303)
+        response = redirect(target, 303)
     else:
         response = await make_response(
             await render_template(

@@ -307,3 +307,18 @@ async def test_docs_use_the_vendored_swagger_ui(client: Client) -> None:
     for url in re.findall(r'(?:src|href)="([^"]+)"', page):
         assert url.startswith("/ui/static/vendor/"), url
         assert (await client.get(url)).status_code == 200
+
+
+async def test_background_refreshes_do_not_keep_an_idle_session_alive(
+    app: Quart, db: Database, operator: NewOperator
+) -> None:
+    browser = await logged_in(app, db, operator)
+    browser.last_set_cookie.clear()
+    assert (await browser.get("/ui/", headers={"HX-Request": "true"})).status_code == 200
+    assert session.SESSION_COOKIE not in browser.last_set_cookie  # polling does not slide it
+    assert (await browser.get("/ui/")).status_code == 200
+    assert session.SESSION_COOKIE in browser.last_set_cookie  # the operator's own request does
+    logged_out = Browser(app)
+    response = await logged_out.get("/ui/", headers={"HX-Request": "true"})
+    assert response.status_code == 401
+    assert response.headers["HX-Redirect"] == "/ui/login"
