@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
 
+from pydantic import ValidationError
 from quart import (
     Blueprint,
     Response,
@@ -34,8 +35,9 @@ from werkzeug.exceptions import HTTPException
 from app.runtime import Runtime
 from app.src.api import bulk, console, tasks
 from app.src.api.auth import clients, operators
-from app.src.api.errors import AppError, Forbidden, Unprocessable
+from app.src.api.errors import AppError, Forbidden, Unprocessable, field_errors
 from app.src.api.models.auth import SCOPES, Principal
+from app.src.api.models.tasks import QueueIn
 from app.src.api.state_machine import TERMINAL, Status
 from app.ui import session
 from app.ui.charts import throughput_chart
@@ -343,6 +345,29 @@ async def pause_queue(queue_id: int) -> Any:
 async def resume_queue(queue_id: int) -> Any:
     await console.set_queue_paused(_db(), queue_id=queue_id, paused=False)
     return redirect(url_for("ui.queue", queue_id=queue_id, done="resumed"), 303)
+
+
+_LIMITS = ("max_concurrency", "rate_limit_per_s", "max_attempts", "min_backoff_s", "max_backoff_s")
+_LIFTABLE = frozenset({"max_concurrency", "rate_limit_per_s"})  # empty means no limit
+
+
+@blueprint.post("/queues/<int:queue_id>/limits")
+async def set_queue_limits(queue_id: int) -> Any:
+    form = await request.form
+    changes: dict[str, Any] = {}
+    for name in _LIMITS:
+        raw = form.get(name, "").strip()
+        if raw or name in _LIFTABLE:
+            changes[name] = raw or None
+    try:
+        data = QueueIn.model_validate(changes)
+    except ValidationError as exc:
+        errors = field_errors(exc.errors(include_url=False, include_input=False))
+        raise Unprocessable(
+            "Check the limits: " + "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors
+        ) from None
+    await console.set_queue_limits(_db(), queue_id=queue_id, data=data)
+    return redirect(url_for("ui.queue", queue_id=queue_id, done="limits saved"), 303)
 
 
 @blueprint.get("/queues/<int:queue_id>/purge")

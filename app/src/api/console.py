@@ -15,7 +15,7 @@ from uuid import UUID
 from app.src.api import queues, schedules, tasks
 from app.src.api.errors import NotFound
 from app.src.api.models.schedules import Schedule, SchedulePatch
-from app.src.api.models.tasks import Attempt, Queue, Task
+from app.src.api.models.tasks import Attempt, Queue, QueueIn, Task
 from app.src.database import auth as auth_store
 from app.src.database import console as store
 from app.src.database.console import QueueStats, Series
@@ -76,6 +76,11 @@ async def queue(db: Database, *, queue_id: int) -> QueueSummary:
 async def set_queue_paused(db: Database, *, queue_id: int, paused: bool) -> Queue:
     found = (await queue(db, queue_id=queue_id)).queue
     return await queues.set_paused(db, client_id=found.client_id, name=found.name, paused=paused)
+
+
+async def set_queue_limits(db: Database, *, queue_id: int, data: QueueIn) -> Queue:
+    found = (await queue(db, queue_id=queue_id)).queue
+    return await queues.put(db, client_id=found.client_id, name=found.name, data=data)
 
 
 async def purge_queue(db: Database, *, queue_id: int) -> int:

@@ -322,3 +322,30 @@ async def test_background_refreshes_do_not_keep_an_idle_session_alive(
     response = await logged_out.get("/ui/", headers={"HX-Request": "true"})
     assert response.status_code == 401
     assert response.headers["HX-Redirect"] == "/ui/login"
+
+
+async def test_queue_limits_are_set_and_lifted_from_the_queue_page(
+    app: Quart,
+    db: Database,
+    client: Client,
+    operator: NewOperator,
+    auth_headers: dict[str, str],
+    clean_database: str,
+) -> None:
+    await enqueue(client, auth_headers, kind="noop", queue="limited")
+    [row] = await fetch(clean_database, "SELECT id FROM queues WHERE name = 'limited'")
+    browser = await logged_in(app, db, operator)
+    path = f"/ui/queues/{row['id']}"
+    token = await browser.csrf(path)
+    form = {"csrf_token": token, "max_concurrency": "3", "rate_limit_per_s": "2.5", "max_attempts": "7",
+            "min_backoff_s": "1", "max_backoff_s": "60"}  # fmt: skip
+    assert (await browser.post(f"{path}/limits", form)).status_code == 303
+    [queue] = await fetch(clean_database, "SELECT * FROM queues WHERE id = $1", row["id"])
+    assert (queue["max_concurrency"], queue["rate_limit_per_s"], queue["max_attempts"]) == (3, 2.5, 7)
+    lifted = {**form, "max_concurrency": "", "rate_limit_per_s": ""}
+    assert (await browser.post(f"{path}/limits", lifted)).status_code == 303
+    [queue] = await fetch(clean_database, "SELECT * FROM queues WHERE id = $1", row["id"])
+    assert (queue["max_concurrency"], queue["rate_limit_per_s"]) == (None, None)
+    response = await browser.post(f"{path}/limits", {**form, "max_attempts": "0"})
+    assert response.status_code == 422
+    assert "max_attempts" in await response.get_data(as_text=True)
