@@ -349,3 +349,27 @@ async def test_queue_limits_are_set_and_lifted_from_the_queue_page(
     response = await browser.post(f"{path}/limits", {**form, "max_attempts": "0"})
     assert response.status_code == 422
     assert "max_attempts" in await response.get_data(as_text=True)
+
+
+async def test_every_console_route_but_the_login_needs_a_session(app: Quart) -> None:
+    """Meta-test: walk the URL map, so a route added later cannot forget the session check."""
+    from app.ui.views import PUBLIC_ENDPOINTS
+
+    samples = {"integer": "1", "uuid": "00000000-0000-7000-8000-000000000000"}
+    browser = Browser(app)
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/ui/") or rule.endpoint in PUBLIC_ENDPOINTS:
+            continue
+        values = {}
+        for name, converter in rule._converters.items():
+            kind = type(converter).__name__.removesuffix("Converter").lower()
+            options = getattr(converter, "items", None)
+            values[name] = sorted(options)[0] if options else samples.get(kind, "x")
+        path = rule.build(values)[1]  # type: ignore[index]
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            response = await (browser.get(path) if method == "GET" else browser.post(path))
+            expected = (303,) if method == "GET" and not path.endswith("/events") else (401,)
+            assert response.status_code in expected, (method, path, response.status_code)
+            checked += 1
+    assert checked > 25
