@@ -27,10 +27,8 @@ async def measure(uri: str, *, n: int, repeats: int) -> dict[str, Any]:
     from app import create_app
     from app.settings import load_settings
     from app.src.api.auth import operators
-    from app.src.database import migrations
     from app.ui import session
 
-    migrations.upgrade(sqlalchemy_uri(uri))
     conn = await asyncpg.connect(uri)
     try:
         client, queue_id = await preload.queue(conn, name="bench")
@@ -102,6 +100,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    from app.src.database import migrations
+
+    migrations.upgrade(sqlalchemy_uri(args.uri))  # before the loop: alembic's env runs its own
     print(json.dumps(asyncio.run(measure(args.uri, n=args.tasks, repeats=args.repeats))))
 
 
