@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 
-.PHONY: install run test faults lint fmt bench start stop clean
+.PHONY: install run test test-browser browser-deps faults lint fmt bench start stop clean
 
 install: .venv/.installed
 
@@ -21,6 +21,16 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# Debian's chromium for the console's browser tests (Playwright drives it; its own download cannot work here)
+CHROMIUM ?= /usr/bin/chromium
+browser-deps:
+	@test -x $(CHROMIUM) || apt-get install -y chromium >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y chromium >/dev/null)
+	@test -x $(CHROMIUM) || (echo "browser-deps: no chromium at $(CHROMIUM)" >&2; exit 1)
+
+# the console in headless Chromium against the real HTTPS server; writes docs/console-*.png
+test-browser: install browser-deps
+	TASKGATE_BROWSER_TESTS=1 CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests/browser
 
 # every scenario has its own hard timeout; the whole run takes ~7-10 minutes on 2 cores and prints
 # a table of figures (also written to tests/faults/results/latest.json)

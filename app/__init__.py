@@ -12,7 +12,7 @@ from quart import Quart
 from quart_cors import cors
 from quart_schema import Info, QuartSchema
 
-from app import middlewares
+from app import middlewares, ui
 from app.routes.adapter import register_blueprints
 from app.runtime import Runtime
 from app.settings import Settings, load_settings
@@ -30,6 +30,9 @@ def create_app(settings: Settings | None = None) -> Quart:
         TASKGATE_SETTINGS=settings,
         MAX_CONTENT_LENGTH=8 * 1024 * 1024,
         QUART_SCHEMA_CONVERSION_PREFERENCE="pydantic",
+        # Swagger UI from the package, not a CDN: /docs works offline
+        QUART_SCHEMA_SWAGGER_JS_URL=ui.SWAGGER_JS_URL,
+        QUART_SCHEMA_SWAGGER_CSS_URL=ui.SWAGGER_CSS_URL,
     )
     QuartSchema(
         app,

@@ -38,6 +38,20 @@ def client_id() -> UUID:
     return cid
 
 
+def tenant(requested: UUID | None) -> UUID:
+    """The tenant a read is for: the caller's own, or for an operator session any client it names.
+
+    An API client naming another client is refused (403), naming itself is the same as not naming.
+    """
+    if requested is None or requested == client_id():
+        return client_id()
+    if principal().kind != "operator":
+        from app.src.api.errors import Forbidden
+
+        raise Forbidden("Only an operator session may read another client's data (client_id).")
+    return requested
+
+
 def principal() -> Principal:
     p: Principal = g.principal
     return p

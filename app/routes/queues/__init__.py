@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from quart import Blueprint
-from quart_schema import validate_request, validate_response
+from quart_schema import validate_querystring, validate_request, validate_response
 
 from app.middlewares import requires_scopes
-from app.routes.context import client_id, db, engine
+from app.routes.context import client_id, db, engine, tenant
 from app.src.api import queues
-from app.src.api.models.tasks import PurgeOut, QueueIn, QueueList, QueueName, QueueOut
+from app.src.api.models.tasks import ClientFilterQuery, PurgeOut, QueueIn, QueueList, QueueName, QueueOut
 
 blueprint = Blueprint("queues", __name__)
 NAME = "/<string(maxlength=64):name>"
@@ -16,10 +16,11 @@ NAME = "/<string(maxlength=64):name>"
 
 @blueprint.get("")
 @requires_scopes("tasks:read")
+@validate_querystring(ClientFilterQuery)
 @validate_response(QueueList)
-async def list_queues() -> QueueList:
-    """List this client's queues (`default` always exists)."""
-    items = await queues.list_queues(db(), client_id=client_id())
+async def list_queues(query_args: ClientFilterQuery) -> QueueList:
+    """List this client's queues (`default` always exists); an operator may name a `client_id`."""
+    items = await queues.list_queues(db(), client_id=tenant(query_args.client_id))
     return QueueList(items=[QueueOut.from_domain(q) for q in items])
 
 

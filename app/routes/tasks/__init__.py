@@ -11,7 +11,7 @@ from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
 from app.middlewares import header, requires_scopes
-from app.routes.context import client_id, db, engine, notifier, submitter
+from app.routes.context import client_id, db, engine, notifier, submitter, tenant
 from app.src.api import tasks
 from app.src.api.engine import submit
 from app.src.api.models.tasks import (
@@ -86,10 +86,13 @@ async def get_task(task_id: UUID, query_args: WaitQuery) -> TaskOut:
 @validate_querystring(TaskListQuery)
 @validate_response(TaskList)
 async def list_tasks(query_args: TaskListQuery) -> TaskList:
-    """List this client's tasks, newest first, with keyset pagination (`next_cursor`)."""
+    """List this client's tasks, newest first, with keyset pagination (`next_cursor`).
+
+    An operator session may name any client with `client_id`.
+    """
     items, next_cursor = await tasks.list_tasks(
         db(),
-        client_id=client_id(),
+        client_id=tenant(query_args.client_id),
         queue=query_args.queue,
         status=query_args.status,
         kind=query_args.kind,

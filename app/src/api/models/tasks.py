@@ -165,7 +165,16 @@ class TaskList(BaseModel):
     next_cursor: str | None
 
 
+class ClientFilterQuery(BaseModel):
+    client_id: UUID | None = Field(
+        default=None, description="operator sessions only: read this client's data instead of their own"
+    )
+
+
 class TaskListQuery(BaseModel):
+    client_id: UUID | None = Field(
+        default=None, description="operator sessions only: list this client's tasks instead of their own"
+    )
     queue: QueueName | None = None
     status: Status | None = None
     kind: KindName | None = None

@@ -1,0 +1,287 @@
+"""Operator-wide storage: reads across every tenant (the console and operator API filters) and bulk
+retry/cancel by filter.
+
+Kept apart from tasks.py, whose statements are the engine's hot path: these run for operators, a
+few times a minute, and each says which index bounds it. Every statement takes an optional
+client_id; NULL means every tenant, which only an operator may ask for (the services check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from app.src.api.models.schedules import Schedule
+from app.src.api.models.tasks import Queue, Task
+from app.src.database.queues import QUEUE_COLUMNS, to_queue
+from app.src.database.schedules import SCHEDULE_COLUMNS, to_schedule
+from app.src.database.tasks import (
+    AVAILABLE_CHANNEL,
+    CANCEL_CHANNEL,
+    EVENTS_CHANNEL,
+    TASK_COLUMNS,
+    Executor,
+    to_task,
+)
+
+# --- reads ---------------------------------------------------------------------------------------
+
+
+async def find_task(conn: Executor, *, task_id: UUID) -> Task | None:
+    """A task of any tenant, by primary key."""
+    rows = await conn.fetch(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1", task_id)
+    return to_task(rows[0]) if rows else None
+
+
+# Keyset pagination, newest first (ids are UUIDv7). With a client: tasks_client (client_id, id);
+# without: the primary key read backwards. Filters are applied while walking the index and LIMIT
+# stops the walk, so a page costs what it returns plus what it skips.
+LIST_TASKS = f"""
+SELECT {TASK_COLUMNS} FROM tasks
+WHERE ($1::uuid IS NULL OR client_id = $1)
+  AND ($2::uuid IS NULL OR id < $2)
+  AND ($3::text IS NULL OR queue = $3)
+  AND ($4::text IS NULL OR status = $4)
+  AND ($5::text IS NULL OR kind = $5)
+ORDER BY id DESC
+LIMIT $6
+"""
+
+
+async def list_tasks(
+    conn: Executor,
+    *,
+    client_id: UUID | None,
+    before: UUID | None,
+    queue: str | None,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+) -> list[Task]:
+    rows = await conn.fetch(LIST_TASKS, client_id, before, queue, status, kind, limit)
+    return [to_task(row) for row in rows]
+
+
+async def find_queue(conn: Executor, *, queue_id: int) -> Queue | None:
+    rows = await conn.fetch(f"SELECT {QUEUE_COLUMNS} FROM queues WHERE id = $1", queue_id)
+    return to_queue(rows[0]) if rows else None
+
+
+async def list_queues(conn: Executor, *, client_id: UUID | None) -> list[Queue]:
+    rows = await conn.fetch(
+        f"SELECT {QUEUE_COLUMNS} FROM queues WHERE ($1::uuid IS NULL OR client_id = $1) "
+        "ORDER BY name, client_id",
+        client_id,
+    )
+    return [to_queue(row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    counts: dict[str, int]
+    oldest_available_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """Per minute, oldest first: tasks completed, and the longest start delay (started_at - run_at)
+    among them in seconds (None for a minute without completions)."""
+
+    completed: list[int]
+    max_lag_s: list[float | None]
+
+
+# Counts of what is still to do plus dead letters (index: tasks_queue_status (queue_id, status)),
+# never of completed or cancelled rows, which grow without bound until pruned.
+QUEUE_COUNTS = """
+SELECT queue_id, status, count(*) AS n FROM tasks
+WHERE queue_id = ANY($1::bigint[])
+  AND status IN ('scheduled', 'available', 'running', 'waiting', 'retryable', 'discarded')
+GROUP BY queue_id, status
+"""
+
+# Lag now: the oldest due available task per queue (index: tasks_claim, available rows only).
+QUEUE_LAG = """
+SELECT queue_id, EXTRACT(epoch FROM now() - min(run_at))::float8 AS age FROM tasks
+WHERE queue_id = ANY($1::bigint[]) AND status = 'available' AND run_at <= now()
+GROUP BY queue_id
+"""
+
+# Throughput and lag over time: completions per minute over the last `minutes`, with the longest
+# wait between due and started among them (index: tasks_finished, finished rows only, by time).
+THROUGHPUT = """
+SELECT queue_id, floor(EXTRACT(epoch FROM now() - finished_at) / 60)::int AS minutes_ago, count(*) AS n,
+       max(EXTRACT(epoch FROM started_at - run_at))::float8 AS max_lag_s
+FROM tasks
+WHERE finished_at > now() - make_interval(mins => $2) AND status = 'completed'
+  AND queue_id = ANY($1::bigint[])
+GROUP BY queue_id, minutes_ago
+"""
+
+
+async def queue_stats(conn: Executor, *, queue_ids: Sequence[int]) -> dict[int, QueueStats]:
+    ids = list(queue_ids)
+    counts: dict[int, dict[str, int]] = {queue_id: {} for queue_id in ids}
+    for row in await conn.fetch(QUEUE_COUNTS, ids):
+        counts[row["queue_id"]][row["status"]] = int(row["n"])
+    lag = {row["queue_id"]: row["age"] for row in await conn.fetch(QUEUE_LAG, ids)}
+    return {queue_id: QueueStats(counts[queue_id], lag.get(queue_id)) for queue_id in ids}
+
+
+async def throughput(conn: Executor, *, queue_ids: Sequence[int], minutes: int) -> dict[int, Series]:
+    series = {queue_id: Series([0] * minutes, [None] * minutes) for queue_id in queue_ids}
+    for row in await conn.fetch(THROUGHPUT, list(queue_ids), minutes):
+        slot = minutes - 1 - min(max(int(row["minutes_ago"]), 0), minutes - 1)
+        found = series[row["queue_id"]]
+        found.completed[slot] += int(row["n"])
+        lag = row["max_lag_s"]
+        if lag is not None:
+            previous = found.max_lag_s[slot]
+            found.max_lag_s[slot] = max(0.0, lag if previous is None else max(previous, lag))
+    return series
+
+
+async def find_schedule(conn: Executor, *, schedule_id: UUID) -> Schedule | None:
+    rows = await conn.fetch(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = $1", schedule_id)
+    return to_schedule(rows[0]) if rows else None
+
+
+async def list_schedules(conn: Executor, *, client_id: UUID | None, limit: int) -> list[Schedule]:
+    rows = await conn.fetch(
+        f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE ($1::uuid IS NULL OR client_id = $1) "
+        "ORDER BY id DESC LIMIT $2",
+        client_id,
+        limit,
+    )
+    return [to_schedule(row) for row in rows]
+
+
+# --- bulk actions --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    client_id: UUID | None = None
+    queue: str | None = None
+    kind: str | None = None
+    status: str | None = None
+    created_before: datetime | None = None
+    created_after: datetime | None = None
+
+
+# One chunk: lock up to $8 matching rows (SKIP LOCKED: a worker holding one keeps it), then one
+# guarded UPDATE. The caller repeats until a chunk comes back short. The status guard ($7) is the
+# state machine's list of sources for the target status.
+_MATCH = """
+    SELECT id FROM tasks
+    WHERE ($1::uuid IS NULL OR client_id = $1)
+      AND ($2::text IS NULL OR queue = $2)
+      AND ($3::text IS NULL OR kind = $3)
+      AND ($4::text IS NULL OR status = $4)
+      AND ($5::timestamptz IS NULL OR created_at < $5)
+      AND ($6::timestamptz IS NULL OR created_at > $6)
+      AND status = ANY($7::text[])
+    ORDER BY id
+    LIMIT $8
+    FOR UPDATE SKIP LOCKED
+"""
+
+BULK_RETRY = f"""
+WITH picked AS ({_MATCH}),
+changed AS (
+    UPDATE tasks t
+    SET status = 'available', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
+        cancel_requested = false, result = NULL, progress = NULL
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = ANY($7::text[])
+    RETURNING t.id, t.client_id, t.queue_id
+),
+woken AS (
+    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
+        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM changed
+    ) q WHERE ids IS NOT NULL
+),
+evented AS (
+    SELECT count(pg_notify('{EVENTS_CHANNEL}', ids)) AS n FROM (
+        SELECT string_agg(id::text, ',') AS ids FROM changed
+    ) e WHERE ids IS NOT NULL
+)
+SELECT client_id, count(*) AS n, (SELECT n FROM woken) + (SELECT n FROM evented) AS _n
+FROM changed GROUP BY client_id
+"""
+
+# Cancel as the single cancel does: at once unless running; a running task is asked to stop.
+BULK_CANCEL = f"""
+WITH picked AS ({_MATCH}),
+changed AS (
+    UPDATE tasks t
+    SET status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,
+        finished_at = CASE WHEN t.status = 'running' THEN t.finished_at ELSE now() END,
+        cancel_requested = true
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = ANY($7::text[])
+    RETURNING t.id, t.client_id, t.status
+),
+evented AS (
+    SELECT count(pg_notify('{EVENTS_CHANNEL}', ids)) AS n FROM (
+        SELECT string_agg(id::text, ',') AS ids FROM changed
+    ) e WHERE ids IS NOT NULL
+),
+stopping AS (
+    SELECT count(pg_notify('{CANCEL_CHANNEL}', id::text)) AS n FROM changed WHERE status = 'running'
+)
+SELECT client_id, count(*) AS n, (SELECT n FROM evented) + (SELECT n FROM stopping) AS _n
+FROM changed GROUP BY client_id
+"""
+
+
+async def _bulk(
+    conn: Executor, statement: str, where: TaskFilter, *, from_statuses: Sequence[str], chunk: int
+) -> dict[UUID, int]:
+    rows = await conn.fetch(
+        statement,
+        where.client_id,
+        where.queue,
+        where.kind,
+        where.status,
+        where.created_before,
+        where.created_after,
+        list(from_statuses),
+        chunk,
+    )
+    return {row["client_id"]: int(row["n"]) for row in rows}
+
+
+async def bulk_retry_chunk(
+    conn: Executor, where: TaskFilter, *, from_statuses: Sequence[str], chunk: int
+) -> dict[UUID, int]:
+    """Retry up to `chunk` matching tasks; returns how many per tenant."""
+    return await _bulk(conn, BULK_RETRY, where, from_statuses=from_statuses, chunk=chunk)
+
+
+async def bulk_cancel_chunk(
+    conn: Executor, where: TaskFilter, *, from_statuses: Sequence[str], chunk: int
+) -> dict[UUID, int]:
+    """Cancel up to `chunk` matching tasks; returns how many per tenant."""
+    return await _bulk(conn, BULK_CANCEL, where, from_statuses=from_statuses, chunk=chunk)
+
+
+async def count_matching(conn: Executor, where: TaskFilter, *, statuses: Sequence[str]) -> int:
+    """How many tasks a bulk action would touch now (for its confirmation)."""
+    rows = await conn.fetch(
+        """
+        SELECT count(*) AS n FROM tasks
+        WHERE ($1::uuid IS NULL OR client_id = $1) AND ($2::text IS NULL OR queue = $2)
+          AND ($3::text IS NULL OR kind = $3) AND ($4::text IS NULL OR status = $4)
+          AND ($5::timestamptz IS NULL OR created_at < $5) AND ($6::timestamptz IS NULL OR created_at > $6)
+          AND status = ANY($7::text[])
+        """,
+        where.client_id,
+        where.queue,
+        where.kind,
+        where.status,
+        where.created_before,
+        where.created_after,
+        list(statuses),
+    )
+    return int(rows[0]["n"])

@@ -1,0 +1,375 @@
+"""The operator console over the Quart test client: who may see it, cookies, CSRF, CSP, tenancy."""
+
+from __future__ import annotations
+
+import re
+import time
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from app.database import Database
+from app.src.api.auth import operators
+from app.src.api.models.auth import IssuedKey, NewOperator
+from app.ui import session
+from app.ui.views import CONTENT_SECURITY_POLICY
+from tests.conftest import OPERATOR_PASSWORD, bearer
+from tests.integration.auth.login_steps import code
+from tests.task_harness import enqueue, fetch
+
+TEMPLATES = Path(__file__).resolve().parents[3] / "app" / "ui" / "templates"
+_CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
+
+
+class Browser:
+    """A test client that keeps the console's cookies the way a browser over HTTPS would."""
+
+    def __init__(self, app: Quart) -> None:
+        self.client = app.test_client(use_cookies=False)
+        self.cookies: dict[str, str] = {}
+        self.last_set_cookie: dict[str, str] = {}
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = dict(extra or {})
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        return headers
+
+    def _keep(self, response: Any) -> None:
+        for raw in response.headers.getlist("Set-Cookie"):
+            parsed: SimpleCookie = SimpleCookie()
+            parsed.load(raw)
+            for name, morsel in parsed.items():
+                self.last_set_cookie[name] = raw
+                if morsel["max-age"] == "0" or morsel.value == "":
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+
+    async def get(self, path: str, headers: dict[str, str] | None = None) -> Any:
+        response = await self.client.get(path, headers=self._headers(headers), scheme="https")
+        self._keep(response)
+        return response
+
+    async def post(
+        self, path: str, form: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> Any:
+        response = await self.client.post(
+            path, form=form or {}, headers=self._headers(headers), scheme="https"
+        )
+        self._keep(response)
+        return response
+
+    async def csrf(self, path: str) -> str:
+        page = await (await self.get(path)).get_data(as_text=True)
+        match = _CSRF.search(page)
+        assert match, page
+        return match.group(1)
+
+
+async def log_in(browser: Browser, operator: NewOperator) -> None:
+    token = await browser.csrf("/ui/login")
+    response = await browser.post(
+        "/ui/login", {"email": operator.email, "password": OPERATOR_PASSWORD, "csrf_token": token}
+    )
+    assert response.status_code == 303, await response.get_data(as_text=True)
+    assert response.headers["Location"].startswith("/ui/login/totp")
+    token = await browser.csrf("/ui/login/totp")
+    response = await browser.post("/ui/login/totp", {"code": code(operator.totp_secret), "csrf_token": token})
+    assert response.status_code == 303, await response.get_data(as_text=True)
+    assert session.SESSION_COOKIE in browser.cookies
+
+
+async def logged_in(app: Quart, db: Database, operator: NewOperator) -> Browser:
+    """A browser holding a session cookie of a fresh session (TOTP codes are single-use, so a
+    test logs in through the form once and takes further sessions as proven)."""
+    grant = await operators.start_session(db, user_id=operator.user_id)
+    browser = Browser(app)
+    async with app.app_context():
+        browser.cookies[session.SESSION_COOKIE] = session.pack(
+            session.BrowserSession(grant.access_token, int(grant.expires_at.timestamp()))
+        )
+    return browser
+
+
+async def test_every_page_and_action_needs_an_operator_session(
+    app: Quart, auth_headers: dict[str, str]
+) -> None:
+    browser = Browser(app)
+    for path in ("/ui/", "/ui/tasks", "/ui/dead-letters", "/ui/schedules", "/ui/clients", "/ui/queues/1"):
+        response = await browser.get(path)
+        assert response.status_code == 303, path
+        assert response.headers["Location"].startswith("/ui/login?next=")
+        # an API key is not a console session
+        response = await browser.get(path, headers=auth_headers)
+        assert response.status_code == 303, path
+    response = await browser.post("/ui/queues/1/pause")
+    assert response.status_code == 401
+    forged = {session.SESSION_COOKIE: "tgs_forged.9999999999.9999999999.00"}
+    browser.cookies.update(forged)
+    assert (await browser.get("/ui/")).status_code == 303
+
+
+async def test_login_sets_a_strict_secure_httponly_cookie_and_logout_ends_the_session(
+    app: Quart, operator: NewOperator
+) -> None:
+    browser = Browser(app)
+    await log_in(browser, operator)
+    raw = browser.last_set_cookie[session.SESSION_COOKIE].lower()
+    for flag in ("httponly", "secure", "samesite=strict", "path=/ui"):
+        assert flag in raw, raw
+    max_age = int(re.search(r"max-age=(\d+)", raw).group(1))  # type: ignore[union-attr]
+    assert operators.SESSION_TTL_S - 60 < max_age <= operators.SESSION_TTL_S
+    assert "mfa" not in " ".join(browser.cookies)  # the MFA cookie is gone
+    page = await browser.get("/ui/")
+    assert page.status_code == 200
+    assert "Queues" in await page.get_data(as_text=True)
+
+    token = await browser.csrf("/ui/")
+    kept = dict(browser.cookies)
+    assert (await browser.post("/ui/logout", {"csrf_token": token})).status_code == 303
+    browser.cookies = kept  # replaying the old cookie does not help: the session is revoked
+    assert (await browser.get("/ui/")).status_code == 303
+
+
+async def test_login_answers_alike_for_unknown_accounts_and_wrong_passwords(
+    app: Quart, operator: NewOperator
+) -> None:
+    answers = []
+    for email, password in (
+        (operator.email, "not the password at all"),
+        ("nobody@example.com", "whatever1234"),
+    ):
+        browser = Browser(app)
+        token = await browser.csrf("/ui/login")
+        response = await browser.post(
+            "/ui/login", {"email": email, "password": password, "csrf_token": token}
+        )
+        body = await response.get_data(as_text=True)
+        answers.append(
+            (response.status_code, operators.WRONG_CREDENTIALS in body, "tg_mfa" in browser.cookies)
+        )
+    assert answers == [(401, True, False), (401, True, False)]
+
+
+async def test_login_without_the_login_forms_csrf_token_is_refused(app: Quart, operator: NewOperator) -> None:
+    browser = Browser(app)
+    await browser.csrf("/ui/login")
+    response = await browser.post("/ui/login", {"email": operator.email, "password": OPERATOR_PASSWORD})
+    assert response.status_code == 403
+    assert "tg_mfa" not in browser.cookies
+
+
+async def test_state_changes_need_the_sessions_csrf_token(
+    app: Quart,
+    db: Database,
+    client: Client,
+    operator: NewOperator,
+    auth_headers: dict[str, str],
+    clean_database: str,
+) -> None:
+    await enqueue(client, auth_headers, kind="noop", queue="reports")
+    [row] = await fetch(clean_database, "SELECT id FROM queues WHERE name = 'reports'")
+    browser = Browser(app)
+    await log_in(browser, operator)
+    path = f"/ui/queues/{row['id']}/pause"
+
+    assert (await browser.post(path)).status_code == 403
+    assert (await browser.post(path, {"csrf_token": "0" * 64})).status_code == 403
+    other = await logged_in(app, db, operator)
+    stolen = await other.csrf("/ui/")  # another session's token is not this one's
+    assert (await browser.post(path, {"csrf_token": stolen})).status_code == 403
+    [queue] = await fetch(clean_database, "SELECT paused FROM queues WHERE id = $1", row["id"])
+    assert queue["paused"] is False
+
+    token = await browser.csrf(f"/ui/queues/{row['id']}")
+    assert (await browser.post(path, headers={"X-CSRF-Token": token})).status_code == 303
+    [queue] = await fetch(clean_database, "SELECT paused FROM queues WHERE id = $1", row["id"])
+    assert queue["paused"] is True
+
+
+async def test_pages_carry_a_csp_without_inline_script_and_templates_have_no_inline_code(
+    app: Quart, operator: NewOperator
+) -> None:
+    browser = Browser(app)
+    for response in (await browser.get("/ui/login"),):
+        csp = response.headers["Content-Security-Policy"]
+        assert csp == CONTENT_SECURITY_POLICY
+        assert "script-src 'self'" in csp
+        assert "unsafe-inline" not in csp
+        assert "unsafe-eval" not in csp
+        assert response.headers["X-Frame-Options"] == "DENY"
+    await log_in(browser, operator)
+    assert (await browser.get("/ui/")).headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    for template in TEMPLATES.glob("*.html"):
+        text = template.read_text()
+        assert not re.search(r"<script(?![^>]*\bsrc=)", text), template.name
+        assert not re.search(r"\sstyle=|<style|\son[a-z]+=|hx-on", text), template.name
+        assert "http://" not in text, template.name  # nothing from elsewhere
+        assert "https://" not in text, template.name
+
+
+async def test_a_session_left_idle_is_refused_and_revoked(
+    app: Quart, db: Database, operator: NewOperator
+) -> None:
+    grant = await operators.start_session(db, user_id=operator.user_id)
+    browser = Browser(app)
+    async with app.app_context():
+        idle = session.pack(
+            session.BrowserSession(grant.access_token, int(grant.expires_at.timestamp())),
+            now=time.time() - session.IDLE_TIMEOUT_S - 5,
+        )
+        fresh = session.pack(session.BrowserSession(grant.access_token, int(grant.expires_at.timestamp())))
+    browser.cookies[session.SESSION_COOKIE] = fresh
+    assert (await browser.get("/ui/")).status_code == 200
+    browser.cookies[session.SESSION_COOKIE] = idle
+    assert (await browser.get("/ui/")).status_code == 303
+    browser.cookies[session.SESSION_COOKIE] = fresh  # its session was ended, not only this cookie
+    assert (await browser.get("/ui/")).status_code == 303
+    response = await app.test_client().get("/api/auth/me", headers=bearer(grant.access_token))
+    assert response.status_code == 401
+
+
+async def test_operators_see_every_tenant_and_filter_by_client(
+    app: Quart,
+    client: Client,
+    operator: NewOperator,
+    api_client: IssuedKey,
+    other_client: IssuedKey,
+    auth_headers: dict[str, str],
+    other_client_headers: dict[str, str],
+    operator_headers: dict[str, str],
+) -> None:
+    mine = await enqueue(client, auth_headers, kind="noop", queue="mine")
+    theirs = await enqueue(client, other_client_headers, kind="noop", queue="theirs")
+    browser = Browser(app)
+    await log_in(browser, operator)
+    everything = await (await browser.get("/ui/tasks")).get_data(as_text=True)
+    assert mine["id"][:13] in everything
+    assert theirs["id"][:13] in everything
+    only = await (await browser.get(f"/ui/tasks?client={other_client.client_id}")).get_data(as_text=True)
+    assert theirs["id"][:13] in only
+    assert mine["id"][:13] not in only
+    overview = await (await browser.get(f"/ui/?client={api_client.client_id}")).get_data(as_text=True)
+    assert ">mine<" in overview
+    assert ">theirs<" not in overview
+    assert (await browser.get(f"/ui/tasks/{theirs['id']}")).status_code == 200
+
+    # the API gains the same filter for operator sessions ...
+    response = await client.get(f"/api/tasks?client_id={other_client.client_id}", headers=operator_headers)
+    assert [t["id"] for t in (await response.get_json())["items"]] == [theirs["id"]]
+    response = await client.get(f"/api/queues?client_id={api_client.client_id}", headers=operator_headers)
+    assert "mine" in [q["name"] for q in (await response.get_json())["items"]]
+    # ... and only for them: an API key cannot read another tenant by naming it
+    response = await client.get(f"/api/tasks?client_id={other_client.client_id}", headers=auth_headers)
+    assert response.status_code == 403
+    response = await client.get(f"/api/tasks?client_id={api_client.client_id}", headers=auth_headers)
+    assert [t["id"] for t in (await response.get_json())["items"]] == [mine["id"]]
+
+
+async def test_bulk_retry_of_dead_letters_names_the_count_and_keeps_to_the_filter(
+    app: Quart,
+    client: Client,
+    operator: NewOperator,
+    other_client: IssuedKey,
+    auth_headers: dict[str, str],
+    other_client_headers: dict[str, str],
+    clean_database: str,
+) -> None:
+    ids = [(await enqueue(client, auth_headers, kind="noop"))["id"] for _ in range(3)]
+    ids += [(await enqueue(client, other_client_headers, kind="noop"))["id"] for _ in range(2)]
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET status = 'discarded', finished_at = now(), last_error = 'boom' WHERE id = ANY($1)",
+        [UUID(i) for i in ids],
+    )
+    browser = Browser(app)
+    await log_in(browser, operator)
+    query = f"client={other_client.client_id}&status=discarded"
+    confirm = await (await browser.get(f"/ui/tasks/bulk/retry?{query}")).get_data(as_text=True)
+    assert "Retry 2 tasks" in confirm
+    token = _CSRF.search(confirm).group(1)  # type: ignore[union-attr]
+    response = await browser.post(f"/ui/tasks/bulk/retry?{query}", {"csrf_token": token})
+    assert response.status_code == 303
+    assert "retried+2+tasks" in response.headers["Location"]
+    rows = await fetch(clean_database, "SELECT client_id, status FROM tasks ORDER BY client_id")
+    by_status = sorted((str(r["client_id"]) == str(other_client.client_id), r["status"]) for r in rows)
+    assert by_status == [(False, "discarded")] * 3 + [(True, "available")] * 2
+
+
+async def test_docs_use_the_vendored_swagger_ui(client: Client) -> None:
+    page = await (await client.get("/docs")).get_data(as_text=True)
+    assert "cdn" not in page.lower()
+    for url in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert url.startswith("/ui/static/vendor/"), url
+        assert (await client.get(url)).status_code == 200
+
+
+async def test_background_refreshes_do_not_keep_an_idle_session_alive(
+    app: Quart, db: Database, operator: NewOperator
+) -> None:
+    browser = await logged_in(app, db, operator)
+    browser.last_set_cookie.clear()
+    assert (await browser.get("/ui/", headers={"HX-Request": "true"})).status_code == 200
+    assert session.SESSION_COOKIE not in browser.last_set_cookie  # polling does not slide it
+    assert (await browser.get("/ui/")).status_code == 200
+    assert session.SESSION_COOKIE in browser.last_set_cookie  # the operator's own request does
+    logged_out = Browser(app)
+    response = await logged_out.get("/ui/", headers={"HX-Request": "true"})
+    assert response.status_code == 401
+    assert response.headers["HX-Redirect"] == "/ui/login"
+
+
+async def test_queue_limits_are_set_and_lifted_from_the_queue_page(
+    app: Quart,
+    db: Database,
+    client: Client,
+    operator: NewOperator,
+    auth_headers: dict[str, str],
+    clean_database: str,
+) -> None:
+    await enqueue(client, auth_headers, kind="noop", queue="limited")
+    [row] = await fetch(clean_database, "SELECT id FROM queues WHERE name = 'limited'")
+    browser = await logged_in(app, db, operator)
+    path = f"/ui/queues/{row['id']}"
+    token = await browser.csrf(path)
+    form = {"csrf_token": token, "max_concurrency": "3", "rate_limit_per_s": "2.5", "max_attempts": "7",
+            "min_backoff_s": "1", "max_backoff_s": "60"}  # fmt: skip
+    assert (await browser.post(f"{path}/limits", form)).status_code == 303
+    [queue] = await fetch(clean_database, "SELECT * FROM queues WHERE id = $1", row["id"])
+    assert (queue["max_concurrency"], queue["rate_limit_per_s"], queue["max_attempts"]) == (3, 2.5, 7)
+    lifted = {**form, "max_concurrency": "", "rate_limit_per_s": ""}
+    assert (await browser.post(f"{path}/limits", lifted)).status_code == 303
+    [queue] = await fetch(clean_database, "SELECT * FROM queues WHERE id = $1", row["id"])
+    assert (queue["max_concurrency"], queue["rate_limit_per_s"]) == (None, None)
+    response = await browser.post(f"{path}/limits", {**form, "max_attempts": "0"})
+    assert response.status_code == 422
+    assert "max_attempts" in await response.get_data(as_text=True)
+
+
+async def test_every_console_route_but_the_login_needs_a_session(app: Quart) -> None:
+    """Meta-test: walk the URL map, so a route added later cannot forget the session check."""
+    from app.ui.views import PUBLIC_ENDPOINTS
+
+    samples = {"integer": "1", "uuid": "00000000-0000-7000-8000-000000000000"}
+    browser = Browser(app)
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/ui/") or rule.endpoint in PUBLIC_ENDPOINTS:
+            continue
+        values = {}
+        for name, converter in rule._converters.items():
+            kind = type(converter).__name__.removesuffix("Converter").lower()
+            options = getattr(converter, "items", None)
+            values[name] = sorted(options)[0] if options else samples.get(kind, "x")
+        path = rule.build(values)[1]  # type: ignore[index]
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            response = await (browser.get(path) if method == "GET" else browser.post(path))
+            expected = (303,) if method == "GET" and not path.endswith("/events") else (401,)
+            assert response.status_code in expected, (method, path, response.status_code)
+            checked += 1
+    assert checked > 25
