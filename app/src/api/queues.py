@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import asyncpg
+
 from app.src.api.errors import NotFound, Unprocessable
 from app.src.api.models.tasks import Queue, QueueIn
 from app.src.database import queues as store
@@ -13,6 +15,9 @@ if TYPE_CHECKING:
     from app.database import Database
 
 DEFAULT_QUEUE = "default"
+# the column defaults of a new queue (migration 0001)
+DEFAULT_MIN_BACKOFF_S = 1.0
+DEFAULT_MAX_BACKOFF_S = 3600.0
 
 
 async def put(db: Database, *, client_id: UUID, name: str, data: QueueIn) -> Queue:
@@ -24,17 +29,32 @@ async def put(db: Database, *, client_id: UUID, name: str, data: QueueIn) -> Que
                 errors=[{"field": f"body.{field}", "message": "cannot be null", "type": "value_error"}],
             )
     async with db.driver() as conn, conn.transaction():
-        current = await store.get(conn, client_id=client_id, name=name)
-        low = changes.get("min_backoff_s", current.min_backoff_s if current else 1.0)
-        high = changes.get("max_backoff_s", current.max_backoff_s if current else 3600.0)
+        # locked: the check below and the write see the same row, whatever runs alongside
+        current = await store.get(conn, client_id=client_id, name=name, for_update=True)
+        low = changes.get("min_backoff_s", current.min_backoff_s if current else DEFAULT_MIN_BACKOFF_S)
+        high = changes.get("max_backoff_s", current.max_backoff_s if current else DEFAULT_MAX_BACKOFF_S)
         if low > high:
+            field = "min_backoff_s" if "min_backoff_s" in changes else "max_backoff_s"
             raise Unprocessable(
-                "min_backoff_s must not exceed max_backoff_s.",
+                f"min_backoff_s ({low:g}) must not exceed max_backoff_s ({high:g}).",
                 errors=[
-                    {"field": "body.min_backoff_s", "message": "exceeds max_backoff_s", "type": "value_error"}
+                    {
+                        "field": f"body.{field}",
+                        "message": "min_backoff_s exceeds max_backoff_s",
+                        "type": "value_error",
+                    }
                 ],
             )
-        queue = await store.upsert(conn, client_id=client_id, name=name, changes=changes)
+        try:
+            queue = await store.upsert(
+                conn,
+                client_id=client_id,
+                name=name,
+                changes=changes,
+                insert_values={"min_backoff_s": low, "max_backoff_s": high},
+            )
+        except asyncpg.CheckViolationError as exc:  # the schema's last word, should the above miss
+            raise Unprocessable(f"The queue settings are inconsistent: {exc.constraint_name}.") from None
     db.queues.remember(queue)
     return queue
 
