@@ -112,6 +112,13 @@ class Worker:
             "worker started", concurrency=self.concurrency, batch=self.batch_size, queues=self.queues
         )
 
+    def stop_claiming(self) -> None:
+        """Claim nothing more, at once (the first step of a stop); idempotent, and safe to call
+        before `start`. A claim already in flight completes and its tasks run."""
+        self._stopping = True
+        self._wake.set()
+        self._capacity.set()
+
     async def stop(self) -> None:
         """Stop claiming; let running tasks finish within the grace period; release the rest."""
         self._stopping = True
