@@ -156,6 +156,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._abort_later()
 
     def shutdown(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_started:
+            # a request still sending its body would hold the drain until the body timeout; the
+            # application sees a disconnect and the client a 503 it can retry elsewhere
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._refuse(503, "The server is shutting down; retry shortly.", retry_after=1)
+            return
         super().shutdown()
         if self.transport.is_closing():
             self._abort_later()
