@@ -92,6 +92,10 @@ class Runtime:
                 resources=self.resources,
                 payload_context=self.payload_context,
             )
+            if self.http is not None:
+                # this process's host permits carry the worker's id, the one its task leases carry:
+                # rescuing a lease of this worker frees them too (RESCUE_EXPIRED)
+                self.http.gate.holder = self.worker.id
             if self.shutting_down.is_set():  # the stop signal came while starting
                 self.worker.stop_claiming()
             await self.worker.start()

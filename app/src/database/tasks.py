@@ -555,9 +555,13 @@ async def set_progress(conn: Executor, *, task_id: UUID, attempt: int, progress:
 # Leases that expired: the worker died or stalled. Guarded like a completion: the UPDATE re-checks
 # status and lease on the locked row, so a task that completed between the pick and the update is
 # left alone (River #1302). The lost attempt is recorded.
+# The worker is gone as far as the database knows (every lease it holds is renewed together), so
+# the host permits it holds (the `http` kind's, holder = worker id) are freed in the same
+# statement: otherwise they would block their destinations until their own, longer leases end.
+# (http_host_permits is a few rows per destination host: no index on holder is needed.)
 RESCUE_EXPIRED = f"""
 WITH expired AS (
-    SELECT id FROM tasks
+    SELECT id, worker_id FROM tasks
     WHERE status = 'running' AND lease_expires_at < now()
     ORDER BY lease_expires_at
     LIMIT $1
@@ -582,8 +586,16 @@ recorded AS (
            EXTRACT(epoch FROM now() - COALESCE(started_at, now())) * 1000
     FROM rescued
 ),
+permits_freed AS (
+    UPDATE http_host_permits SET holder = NULL, expires_at = now()
+    WHERE holder IN (SELECT e.worker_id FROM expired e JOIN rescued r ON r.id = e.id)
+      AND expires_at > now()
+    RETURNING host
+),
 {_notify_events("rescued")}
-SELECT rescued.*, (SELECT n FROM notified) AS _notified FROM rescued
+SELECT rescued.*, (SELECT n FROM notified) AS _notified,
+       (SELECT count(*) FROM permits_freed) AS _permits_freed
+FROM rescued
 """
 
 
