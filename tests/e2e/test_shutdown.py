@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.e2e.conftest import start_server, wait_ready
+from tests.e2e.test_edge_limits import silent_tls_socket
 from tests.helpers import eventually, fetch
 
 GRACE_S = 2.0
@@ -49,6 +50,13 @@ async def test_sigterm_ends_long_polls_and_streams_then_exits_within_the_grace(
             assert events.status == 200
             first = await events.content.readuntil(b"\n\n")
             assert first.startswith(b"event: task")
+            # and clients that must not delay the stop: heads and a body that never end, from
+            # peers that never read (so they cannot answer the server's TLS close_notify either)
+            slow = [silent_tls_socket(server) for _ in range(3)]
+            for sock in slow[:2]:
+                sock.sendall(b"GET /api/common/health HTTP/1.1\r\nHost: localhost\r\n")
+            slow[2].sendall(b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+            slow[2].sendall(b"Content-Length: 1000\r\n\r\n{")
             await asyncio.sleep(0.3)  # the long-poll is waiting
             assert not long_poll.done()
 
@@ -63,6 +71,10 @@ async def test_sigterm_ends_long_polls_and_streams_then_exits_within_the_grace(
             events.release()
             code = await asyncio.to_thread(server.process.wait, 10)
             elapsed = time.monotonic() - signalled
+            # the request whose body never came was told so (no 500)
+            assert slow[2].recv(65536).startswith(b"HTTP/1.1 503 ")
+            for sock in slow:
+                sock.close()
     finally:
         server.stop(signal.SIGKILL)
     assert code == 0, server.log()
