@@ -9,12 +9,15 @@ import signal
 import ssl
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import uvicorn
 import uvloop
 
 from app.settings import ALL_ROLES, ConfigurationError, Settings, configure_logging, load_settings
+
+if TYPE_CHECKING:
+    from app.runtime import Runtime
 
 TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS"
 
@@ -77,30 +80,24 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     print("migrations applied: schema at " + ", ".join(sorted(migrations.head_revisions())))
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's Server, minus re-raising the stop signal after a graceful shutdown.
-
-    uvicorn re-raises a captured SIGINT/SIGTERM once it has shut down; that turns Ctrl-C into a
-    KeyboardInterrupt traceback and SIGTERM into a kill that skips atexit (and so leaves the
-    embedded database running). The shutdown already happened, so exit normally instead.
-    """
-
-    async def _serve(self, sockets: Any = None) -> None:
-        await super()._serve(sockets)
-        self._captured_signals.clear()
-
-
 def uvicorn_config(
     asgi_app: Any, settings: Settings, *, certfile: Path | None, keyfile: Path | None
 ) -> uvicorn.Config:
-    """How Taskgate serves: uvicorn on uvloop and httptools, lifespan on, TLS 1.2+, no access log."""
+    """How Taskgate serves: uvicorn on uvloop and httptools (with the limits of app/server.py),
+    lifespan on, TLS 1.2+, no access log."""
+    from app.server import guarded_protocol
+
     config = uvicorn.Config(
         asgi_app,
         host=settings.HOST,
         port=settings.PORT,
         lifespan="on",
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(
+            max_header_bytes=settings.SERVER_MAX_HEADER_BYTES,
+            header_timeout_s=settings.SERVER_HEADER_TIMEOUT_S,
+            max_connections=settings.SERVER_MAX_CONNECTIONS,
+        ),
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
         ssl_ciphers=TLS_CIPHERS,
@@ -108,7 +105,9 @@ def uvicorn_config(
         access_log=False,
         server_header=False,
         proxy_headers=settings.TLS_TERMINATED_UPSTREAM,
-        timeout_graceful_shutdown=int(settings.WORKER_SHUTDOWN_GRACE_S) + 5,
+        timeout_keep_alive=settings.SERVER_KEEP_ALIVE_S,
+        # the drain's share of WORKER_SHUTDOWN_GRACE_S is set when the stop begins (app/server.py)
+        timeout_graceful_shutdown=int(settings.WORKER_SHUTDOWN_GRACE_S),
     )
     config.load()
     if config.ssl is not None:
@@ -116,8 +115,17 @@ def uvicorn_config(
     return config
 
 
-def serve_forever(config: uvicorn.Config) -> None:
-    server = _Server(config)
+def serve_forever(config: uvicorn.Config, runtime: Runtime | None = None) -> None:
+    """Serve until stopped; with a runtime, the first stop signal begins its shutdown at once and
+    the whole stop fits in WORKER_SHUTDOWN_GRACE_S (see README, "Stopping")."""
+    from app.server import Server
+
+    if runtime is None:
+        server = Server(config)
+    else:
+        server = Server(
+            config, on_stop=runtime.begin_shutdown, grace_s=runtime.settings.WORKER_SHUTDOWN_GRACE_S
+        )
     server.run()
     if not server.started:
         raise SystemExit(3)
@@ -145,10 +153,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from app import create_app
 
     certfile, keyfile = _certificate(settings)
-    config = uvicorn_config(create_app(settings), settings, certfile=certfile, keyfile=keyfile)
+    asgi_app = create_app(settings)
+    config = uvicorn_config(asgi_app, settings, certfile=certfile, keyfile=keyfile)
     scheme = "https" if certfile else "http"
     print(f"taskgate: serving {scheme}://localhost:{settings.PORT} roles={','.join(settings.ROLES)}")
-    serve_forever(config)
+    serve_forever(config, asgi_app.extensions["taskgate"])
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -166,9 +175,15 @@ def cmd_worker(args: argparse.Namespace) -> None:
     async def main() -> None:
         runtime = Runtime(settings)
         stop = asyncio.Event()
+
+        def on_signal() -> None:
+            # stop claiming at once; stop() below then finishes within what is left of the grace
+            runtime.begin_shutdown()
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         if stop_requested:
             return
         await runtime.start()

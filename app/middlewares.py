@@ -29,6 +29,7 @@ from app.src.api.errors import (
     field_errors,
     problem_type,
 )
+from app.src.utils import json_provider
 from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS, LabelCache
 
 log = structlog.get_logger("taskgate.http")
@@ -47,7 +48,31 @@ _LATENCY = LabelCache(HTTP_LATENCY)
 class TaskgateRequest(Request):
     """Malformed JSON is a client error with a problem body, not a bare 400 page."""
 
+    async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        """Quart's get_json, reading bytes: Quart decodes the body as text outside its ValueError
+        handler (invalid UTF-8 became a 500) and the parsers' RecursionError escapes it too."""
+        if cache and self._cached_json[silent] is not Ellipsis:
+            return self._cached_json[silent]
+        if not (force or self.is_json):
+            return None
+        raw = await self.get_data(cache=cache, as_text=False)
+        max_depth = current_app.config["TASKGATE_SETTINGS"].SERVER_MAX_JSON_DEPTH
+        try:
+            result = json_provider.loads(raw, max_depth=max_depth)
+        except (ValueError, RecursionError) as error:
+            result = None if silent else self.on_json_loading_failed(error)
+        if cache:
+            self._cached_json[silent] = result
+        return result
+
     def on_json_loading_failed(self, error: Exception) -> Any:
+        if isinstance(error, json_provider.TooDeep):
+            raise BadRequest(
+                f"The request body nests JSON deeper than {error.max_depth} levels.",
+                type=problem_type("json-too-deep"),
+            )
+        if isinstance(error, UnicodeDecodeError):
+            raise BadRequest("The request body is not valid UTF-8.", type=problem_type("malformed-json"))
         raise BadRequest("The request body is not valid JSON.", type=problem_type("malformed-json"))
 
 

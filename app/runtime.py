@@ -2,12 +2,17 @@
 
 database → task engine → notifications → (outbound http) → (worker) → (scheduler); shutdown walks
 the list backwards, so no job or task touches a closed pool or session.
+
+A stop has two steps inside one WORKER_SHUTDOWN_GRACE_S: `begin_shutdown()` (on the stop signal,
+before the HTTP server drains: stop claiming, and `shutting_down` tells long-polls and event
+streams to answer now), then `stop()` (after the drain), whose waits share what is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -46,6 +51,9 @@ class Runtime:
         # the enqueue rules of this deployment; their payload context is the workers' one too
         self.rules = SubmitRules.from_settings(settings, kinds=REGISTRY)
         self.started = False
+        # set by begin_shutdown(): whatever waits for a client (long-polls, event streams) ends now
+        self.shutting_down = asyncio.Event()
+        self._stop_deadline: float | None = None  # time.monotonic() by which stop() must be done
         self.events: list[str] = []  # start/stop order, for the lifecycle test
         self.authenticator = Authenticator(
             lambda: self.db, lookup_deadline_s=settings.DB_ACQUIRE_TIMEOUT_S + settings.DB_COMMAND_TIMEOUT_S
@@ -98,6 +106,12 @@ class Runtime:
                 payload_context=self.rules.payload_context,
                 queue_settings=self._engine.queues,
             )
+            if self.http is not None:
+                # this process's host permits carry the worker's id, the one its task leases carry:
+                # rescuing a lease of this worker frees them too (RESCUE_EXPIRED)
+                self.http.gate.process_id = self.worker.id
+            if self.shutting_down.is_set():  # the stop signal came while starting
+                self.worker.stop_claiming()
             await self.worker.start()
             self.events.append("worker started")
         if "scheduler" in roles:
@@ -111,13 +125,35 @@ class Runtime:
         gc.freeze()
         log.info("runtime started", roles=sorted(roles))
 
+    def begin_shutdown(self) -> None:
+        """The first step of a stop: claim no more tasks and end the waits of clients, at once.
+
+        Synchronous and idempotent, so a signal handler can call it; its grace period starts now.
+        """
+        if self.shutting_down.is_set():
+            return
+        self._stop_deadline = time.monotonic() + self.settings.WORKER_SHUTDOWN_GRACE_S
+        self.shutting_down.set()
+        if self.worker is not None:
+            self.worker.stop_claiming()
+        log.info("stopping", grace_s=self.settings.WORKER_SHUTDOWN_GRACE_S)
+
+    def grace_left(self) -> float:
+        """Seconds left of the stop's grace period (all of it before the stop began)."""
+        if self._stop_deadline is None:
+            return self.settings.WORKER_SHUTDOWN_GRACE_S
+        return max(0.0, self._stop_deadline - time.monotonic())
+
     async def stop(self) -> None:
+        self.begin_shutdown()  # a no-op after the stop signal; the grace starts here otherwise
         if self.scheduler is not None:
+            # maintenance runs in flight and running tasks share the one grace period
+            self.scheduler.shutdown_grace_s = min(self.scheduler.shutdown_grace_s, self.grace_left())
             await self.scheduler.shutdown()
             self.scheduler = None
             self.events.append("scheduler stopped")
         if self.worker is not None:
-            await self.worker.stop()
+            await self.worker.stop(grace_s=self.grace_left())
             self.worker = None
             self.events.append("worker stopped")
         if self.http is not None:

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("taskgate.worker")
 
 PROGRESS_TIMEOUT_S = 5.0
+# after the grace period: the last completion writes and releases (a stop takes grace + this at most)
+FINAL_WRITES_S = 0.5
 
 
 class Worker:
@@ -108,22 +110,21 @@ class Worker:
     async def stop(self, *, grace_s: float | None = None) -> None:
         """Stop claiming; let running tasks finish within the grace period; release the rest.
 
-        Everything happens within `grace_s` (default WORKER_SHUTDOWN_GRACE_S): handlers get all
-        of it but a short reserve, in which unwritten completions are written and unfinished
-        tasks released. When PostgreSQL cannot be reached, what could not be written is left to
-        the leases: they expire and the rescuer retries those tasks.
+        Handlers get all of `grace_s` (default WORKER_SHUTDOWN_GRACE_S); then unwritten
+        completions are written and unfinished tasks released within FINAL_WRITES_S more. When
+        PostgreSQL cannot be reached, what could not be written is left to the leases: they
+        expire and the rescuer retries those tasks.
         """
         loop = asyncio.get_running_loop()
         grace = self.grace_s if grace_s is None else max(0.0, grace_s)
         deadline = loop.time() + grace
-        reserve = min(1.0, grace / 4)
         self.stop_claiming()
         if self._claim_task is not None:
-            await asyncio.wait([self._claim_task], timeout=max(0.0, deadline - reserve - loop.time()))
+            await asyncio.wait([self._claim_task], timeout=max(0.0, deadline - loop.time()))
         in_flight = [r.task for r in self.holdings.running.values() if r.task is not None]
         if in_flight:
             self.log.info("waiting for running tasks", count=len(in_flight), grace_s=grace)
-            await asyncio.wait(in_flight, timeout=max(0.0, deadline - reserve - loop.time()))
+            await asyncio.wait(in_flight, timeout=max(0.0, deadline - loop.time()))
         leftover = list(self.holdings.running.values())
         for running in leftover:
             self.holdings.abandon(running, "shutdown")
@@ -134,7 +135,7 @@ class Worker:
         if self._claim_task is not None and not self._claim_task.done():
             self._claim_task.cancel()
             await asyncio.gather(self._claim_task, return_exceptions=True)
-        await self._write_last(leftover, timeout_s=max(0.2, deadline - loop.time()))
+        await self._write_last(leftover, timeout_s=FINAL_WRITES_S)
         WORKER_RUNNING.set(0)
         self.log.info("worker stopped")
 

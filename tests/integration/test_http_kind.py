@@ -675,3 +675,95 @@ async def test_a_poll_cut_short_by_shutdown_is_handed_back_at_once(
     )
     release.set()
     assert (row["status"], row["due"]) == ("waiting", True)  # due again now, not in two minutes
+
+
+async def test_rescuing_a_killed_workers_lease_frees_its_host_permits(
+    serving: Serving,
+    auth_headers: dict[str, str],
+    secret_keys: list[str],
+    clean_database: str,
+    tmp_path: Path,
+    target: Target,
+) -> None:
+    calls = [0]
+    done = asyncio.Event()
+
+    async def hangs_once(request: web.Request) -> web.StreamResponse:
+        calls[0] += 1
+        if calls[0] == 1:
+            # the victim's request: it dies holding the host's only permit
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=60)
+        return web.Response(text="ok")
+
+    target.routes["/hang"] = hangs_once
+    target.routes["/quick"] = lambda request: _ok()
+    # the lease rescuer runs here; the workers are real processes
+    app = await serving(ROLES=["api", "scheduler"], HTTP_ALLOWED_NETWORKS=LOOPBACK, LEASE_SECONDS=2)
+    client = app.test_client()
+    await client.put("/api/queues/default", json={"min_backoff_s": 0.1}, headers=auth_headers)
+    env = {
+        "HTTP_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "HTTP_HOST_MAX_CONCURRENCY": "1",
+        "LEASE_SECONDS": "2",
+        "SECRET_KEYS": ",".join(secret_keys),
+    }
+    victim = spawn_worker(clean_database, tmp_path / "victim", **env)
+    try:
+        await started(victim)
+        hanging = await client.post(
+            "/api/tasks",
+            json={"kind": "http", "payload": {"url": target.url("/hang"), "timeout_s": 60}},
+            headers=auth_headers,
+        )
+        hanging_id = UUID((await hanging.get_json())["id"])
+        await eventually(lambda: target.to("/hang"), timeout=30)
+        [held] = await fetch(clean_database, "SELECT expires_at - now() AS left FROM http_host_permits")
+        assert held["left"].total_seconds() > 60  # the permit's own lease: timeout_s + 11 s
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+
+        async def permit_freed() -> bool:
+            rows = await fetch(
+                clean_database, "SELECT count(*) AS n FROM http_host_permits WHERE expires_at > now()"
+            )
+            return bool(rows[0]["n"] == 0)
+
+        # freed with the rescue of the lease (2 s), not 60 s later when the permit's lease ends
+        await eventually(permit_freed, timeout=15)
+        [task] = await fetch(clean_database, "SELECT status FROM tasks WHERE id = $1", hanging_id)
+        assert task["status"] != "running"
+        quick = await client.post(
+            "/api/tasks",
+            json={"kind": "http", "payload": {"url": target.url("/quick")}},
+            headers=auth_headers,
+        )
+        quick_id = UUID((await quick.get_json())["id"])
+        # the survivor: a worker in this process, under the same one-permit limit
+        await serving(
+            ROLES=["worker"], HTTP_ALLOWED_NETWORKS=LOOPBACK, HTTP_HOST_MAX_CONCURRENCY=1, LEASE_SECONDS=2
+        )
+
+        async def both_completed() -> bool:
+            rows = await fetch(
+                clean_database,
+                "SELECT count(*) AS n FROM tasks WHERE status = 'completed' AND id = ANY($1)",
+                [hanging_id, quick_id],
+            )
+            return bool(rows[0]["n"] == 2)
+
+        await eventually(both_completed, timeout=30)
+    finally:
+        done.set()
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait(timeout=10)
+    attempts = await fetch(
+        clean_database, "SELECT outcome FROM task_attempts WHERE task_id = $1 ORDER BY id", hanging_id
+    )
+    assert [a["outcome"] for a in attempts] == ["lost", "completed"]
+    assert len(target.to("/quick")) == 1
+
+
+async def _ok() -> web.StreamResponse:
+    return web.Response(text="ok")

@@ -290,3 +290,25 @@ async def test_a_worker_cut_off_from_postgresql_stops_its_handler_before_the_lea
         task["id"],
     )
     assert [(a["attempt"], a["outcome"]) for a in attempts] == [(1, "lost"), (2, "completed")]
+
+
+async def test_sigterm_stops_a_worker_process_within_one_grace_period(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    [task] = await batch(client, auth_headers, [{"kind": "sleep", "payload": {"seconds": 60}}])
+    worker = spawn_worker(clean_database, tmp_path / "w", WORKER_SHUTDOWN_GRACE_S="1")
+    try:
+        await started(worker)
+        await eventually(lambda: _count_is(clean_database, "status = 'running'", 1), timeout=30)
+        signalled = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(worker.wait, 10)
+        elapsed = time.monotonic() - signalled
+    finally:
+        stop_all([worker])
+    assert code == 0
+    assert 1.0 <= elapsed < 2.0  # the running task had its grace, and the stop no more than one
+    [row] = await fetch(clean_database, "SELECT status, attempts FROM tasks WHERE id = $1", task["id"])
+    assert (row["status"], row["attempts"]) == ("available", 0)

@@ -11,7 +11,7 @@ from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
 from app.middlewares import header, requires_scopes
-from app.routes.context import client_id, db, engine, notifier, submitter, tenant
+from app.routes.context import client_id, db, engine, notifier, runtime, submitter, tenant
 from app.src.api import tasks
 from app.src.api.engine import submit
 from app.src.api.models.tasks import (
@@ -30,6 +30,11 @@ from app.src.api.models.tasks import (
 from app.src.utils import json_provider
 
 blueprint = Blueprint("tasks", __name__)
+SHUTDOWN_RETRY_AFTER_S = 1
+SHUTDOWN_EVENT = (
+    f"retry: {SHUTDOWN_RETRY_AFTER_S * 1000}\nevent: shutdown\n"
+    f'data: {{"retry_after_s": {SHUTDOWN_RETRY_AFTER_S}}}\n\n'
+).encode()
 
 
 def json_response(body: dict[str, Any], status: int) -> Response:
@@ -70,14 +75,19 @@ async def create_batch(data: TaskBatchIn) -> Response:
 @requires_scopes("tasks:read")
 @validate_querystring(WaitQuery)
 @validate_response(TaskOut)
-async def get_task(task_id: UUID, query_args: WaitQuery) -> TaskOut:
-    """Read a task; `?wait=S` long-polls until it is terminal or S seconds pass."""
-    if query_args.wait:
-        task = await tasks.wait(
-            db(), notifier(), client_id=client_id(), task_id=task_id, timeout_s=query_args.wait
-        )
-    else:
-        task = await tasks.get(db(), client_id=client_id(), task_id=task_id)
+async def get_task(task_id: UUID, query_args: WaitQuery) -> TaskOut | tuple[TaskOut, int, dict[str, str]]:
+    """Read a task; `?wait=S` long-polls until it is terminal or S seconds pass.
+
+    A server that is shutting down ends a long-poll at once with the task's current state and a
+    `Retry-After` header: poll again (another replica answers)."""
+    if not query_args.wait:
+        return TaskOut.from_domain(await tasks.get(db(), client_id=client_id(), task_id=task_id))
+    stopping = runtime().shutting_down
+    task = await tasks.wait(
+        db(), notifier(), client_id=client_id(), task_id=task_id, timeout_s=query_args.wait, stopping=stopping
+    )
+    if stopping.is_set():
+        return TaskOut.from_domain(task), 200, {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
     return TaskOut.from_domain(task)
 
 
@@ -117,10 +127,13 @@ async def list_attempts(task_id: UUID) -> AttemptList:
 async def task_events(task_id: UUID) -> ResponseReturnValue:
     """Server-sent events: the task's status changes and progress, until it is terminal.
 
-    A `text/event-stream` of `event: task` messages whose data is the object documented here.
+    A `text/event-stream` of `event: task` messages whose data is the object documented here. A
+    server that is shutting down ends the stream with `event: shutdown` (data `{"retry_after_s":
+    1}`, and the SSE `retry` field): reconnect, another replica answers.
     """
     await tasks.get(db(), client_id=client_id(), task_id=task_id)  # 404 before the stream opens
-    stream_of = tasks.events(db(), notifier(), client_id=client_id(), task_id=task_id)
+    stopping = runtime().shutting_down
+    stream_of = tasks.events(db(), notifier(), client_id=client_id(), task_id=task_id, stopping=stopping)
 
     async def stream() -> AsyncIterator[bytes]:
         async for event in stream_of:
@@ -128,6 +141,9 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
                 yield b": keep-alive\n\n"
             else:
                 yield f"event: task\ndata: {json.dumps(event)}\n\n".encode()
+        if stopping.is_set():
+            # the server is shutting down: say so, and when to reconnect, then end the stream
+            yield SHUTDOWN_EVENT
 
     response = await make_response(
         stream(),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
 from app.database import Database
 from app.src.api.engine.task_engine import TaskEngine
 from app.src.api.errors import NotFound, Unprocessable
@@ -12,6 +14,9 @@ from app.src.api.models.tasks import Queue, QueueIn
 from app.src.database import queues as store
 
 DEFAULT_QUEUE = "default"
+# the column defaults of a new queue (migration 0001)
+DEFAULT_MIN_BACKOFF_S = 1.0
+DEFAULT_MAX_BACKOFF_S = 3600.0
 
 
 async def put(engine: TaskEngine, *, client_id: UUID, name: str, data: QueueIn) -> Queue:
@@ -23,17 +28,32 @@ async def put(engine: TaskEngine, *, client_id: UUID, name: str, data: QueueIn) 
                 errors=[{"field": f"body.{field}", "message": "cannot be null", "type": "value_error"}],
             )
     async with engine.db.driver() as conn, conn.transaction():
-        current = await store.get(conn, client_id=client_id, name=name)
-        low = changes.get("min_backoff_s", current.min_backoff_s if current else 1.0)
-        high = changes.get("max_backoff_s", current.max_backoff_s if current else 3600.0)
+        # locked: the check below and the write see the same row, whatever runs alongside
+        current = await store.get(conn, client_id=client_id, name=name, for_update=True)
+        low = changes.get("min_backoff_s", current.min_backoff_s if current else DEFAULT_MIN_BACKOFF_S)
+        high = changes.get("max_backoff_s", current.max_backoff_s if current else DEFAULT_MAX_BACKOFF_S)
         if low > high:
+            field = "min_backoff_s" if "min_backoff_s" in changes else "max_backoff_s"
             raise Unprocessable(
-                "min_backoff_s must not exceed max_backoff_s.",
+                f"min_backoff_s ({low:g}) must not exceed max_backoff_s ({high:g}).",
                 errors=[
-                    {"field": "body.min_backoff_s", "message": "exceeds max_backoff_s", "type": "value_error"}
+                    {
+                        "field": f"body.{field}",
+                        "message": "min_backoff_s exceeds max_backoff_s",
+                        "type": "value_error",
+                    }
                 ],
             )
-        queue = await store.upsert(conn, client_id=client_id, name=name, changes=changes)
+        try:
+            queue = await store.upsert(
+                conn,
+                client_id=client_id,
+                name=name,
+                changes=changes,
+                insert_values={"min_backoff_s": low, "max_backoff_s": high},
+            )
+        except asyncpg.CheckViolationError as exc:  # the schema's last word, should the above miss
+            raise Unprocessable(f"The queue settings are inconsistent: {exc.constraint_name}.") from None
     engine.queues.remember(queue)
     return queue
 

@@ -27,10 +27,19 @@ async def get(db: Database, *, client_id: UUID, task_id: UUID) -> Task:
     return task
 
 
-async def wait(db: Database, notifier: Notifier, *, client_id: UUID, task_id: UUID, timeout_s: float) -> Task:
+async def wait(
+    db: Database,
+    notifier: Notifier,
+    *,
+    client_id: UUID,
+    task_id: UUID,
+    timeout_s: float,
+    stopping: asyncio.Event | None = None,
+) -> Task:
     """The task once it is terminal or `timeout_s` passed, woken by notifications (not a sleep loop).
 
-    A slow safety re-read every few seconds covers a notification lost to a reconnect.
+    A slow safety re-read every few seconds covers a notification lost to a reconnect. Once
+    `stopping` is set (the server is shutting down) it answers at once with the current state.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -39,16 +48,23 @@ async def wait(db: Database, notifier: Notifier, *, client_id: UUID, task_id: UU
             changed.clear()
             task = await get(db, client_id=client_id, task_id=task_id)
             remaining = deadline - loop.time()
-            if Status(task.status) in TERMINAL or remaining <= 0:
+            if Status(task.status) in TERMINAL or remaining <= 0 or _is_set(stopping):
                 return task
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
+            await _changed_or_stopping(changed, stopping, within_s=min(remaining, 5.0))
 
 
 async def events(
-    db: Database, notifier: Notifier, *, client_id: UUID, task_id: UUID, keepalive_s: float = 15.0
+    db: Database,
+    notifier: Notifier,
+    *,
+    client_id: UUID,
+    task_id: UUID,
+    keepalive_s: float = 15.0,
+    stopping: asyncio.Event | None = None,
 ) -> AsyncIterator[dict[str, Any] | None]:
-    """Status and progress changes of one task until it is terminal; None means 'send a keep-alive'."""
+    """Status and progress changes of one task until it is terminal; None means 'send a keep-alive'.
+
+    Once `stopping` is set (the server is shutting down) it ends after the current state."""
     last: tuple[str, Any, int] | None = None
     with notifier.watch(task_id) as changed:
         while True:
@@ -64,12 +80,31 @@ async def events(
                     "last_error": task.last_error,
                 }
                 last = current
-            if Status(task.status) in TERMINAL:
+            if Status(task.status) in TERMINAL or _is_set(stopping):
                 return
-            try:
-                await asyncio.wait_for(changed.wait(), timeout=keepalive_s)
-            except TimeoutError:
+            if not await _changed_or_stopping(changed, stopping, within_s=keepalive_s):
                 yield None
+
+
+def _is_set(event: asyncio.Event | None) -> bool:
+    return event is not None and event.is_set()
+
+
+async def _changed_or_stopping(
+    changed: asyncio.Event, stopping: asyncio.Event | None, *, within_s: float
+) -> bool:
+    """Wait until the task changed or the server stops; False when `within_s` passed first."""
+    if stopping is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout=within_s)
+        return changed.is_set()
+    waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(stopping.wait())]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in waits:
+            pending.cancel()
+    return bool(done)
 
 
 def encode_cursor(task_id: UUID) -> str:

@@ -23,9 +23,11 @@ def to_queue(row: Mapping[str, Any]) -> Queue:
     return dacite.from_dict(Queue, dict(row), config=_DACITE)
 
 
-async def get(conn: Executor, *, client_id: UUID, name: str) -> Queue | None:
+async def get(conn: Executor, *, client_id: UUID, name: str, for_update: bool = False) -> Queue | None:
+    """The queue; `for_update` locks its row until the transaction ends (read, check, then write)."""
+    lock = " FOR UPDATE" if for_update else ""
     rows = await conn.fetch(
-        f"SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 AND name = $2", client_id, name
+        f"SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 AND name = $2{lock}", client_id, name
     )
     return to_queue(rows[0]) if rows else None
 
@@ -68,13 +70,25 @@ async def list_for_client(conn: Executor, *, client_id: UUID) -> list[Queue]:
     return [to_queue(row) for row in rows]
 
 
-async def upsert(conn: Executor, *, client_id: UUID, name: str, changes: dict[str, Any]) -> Queue:
-    """Create or change a queue; only the settings in `changes` are written."""
-    columns = [column for column in SETTINGS if column in changes]
-    values = [changes[column] for column in columns]
+async def upsert(
+    conn: Executor,
+    *,
+    client_id: UUID,
+    name: str,
+    changes: dict[str, Any],
+    insert_values: Mapping[str, Any] | None = None,
+) -> Queue:
+    """Create or change a queue; only the settings in `changes` are written to an existing one.
+
+    `insert_values` adds settings for a new row only: PostgreSQL checks the row it would insert
+    (column defaults included) before it sees the conflict, so a new min_backoff_s above the
+    default max_backoff_s must bring the queue's max_backoff_s along, even for an update."""
+    row = {**(insert_values or {}), **changes}
+    columns = [column for column in SETTINGS if column in row]
+    values = [row[column] for column in columns]
     insert_columns = ", ".join(["client_id", "name", *columns])
     placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 3))
-    updates = ", ".join([*(f"{c} = EXCLUDED.{c}" for c in columns), "updated_at = now()"])
+    updates = ", ".join([*(f"{c} = EXCLUDED.{c}" for c in columns if c in changes), "updated_at = now()"])
     rows = await conn.fetch(
         f"""
         INSERT INTO queues ({insert_columns}) VALUES ({placeholders})

@@ -572,11 +572,15 @@ async def set_progress(conn: Executor, *, task_id: UUID, attempt: int, progress:
 # Leases that expired: the worker died, stalled or fenced itself. The rescuer locks a batch of them
 # (index: tasks_lease, running rows only), the engine's failure policy decides each one's fate in
 # Python (app/src/api/engine/outcomes.py, the same policy as a failed attempt in a worker), and one
-# guarded UPDATE writes them. The guard re-checks status, lease and attempt on the locked row, so a
-# task that completed between the pick and the update is left alone (River #1302). The lost
-# attempt is recorded.
+# guarded UPDATE writes them. The guard re-checks status, lease, attempt and worker on the locked
+# row, so a task that completed between the pick and the update is left alone (River #1302). The
+# lost attempt is recorded.
+# The worker is gone as far as the database knows (every lease it holds is renewed together), so
+# the host permits it holds (the `http` kind's, holder = worker id) are freed in the same
+# statement: otherwise they would block their destinations until their own, longer leases end.
+# (http_host_permits is a few rows per destination host: no index on holder is needed.)
 EXPIRED_LEASES = """
-SELECT t.id, t.attempts, t.max_attempts, q.min_backoff_s, q.max_backoff_s
+SELECT t.id, t.attempts, t.max_attempts, t.worker_id, q.min_backoff_s, q.max_backoff_s
 FROM tasks t JOIN queues q ON q.id = t.queue_id
 WHERE t.status = 'running' AND t.lease_expires_at < now()
 ORDER BY t.lease_expires_at
@@ -586,8 +590,8 @@ FOR UPDATE OF t SKIP LOCKED
 
 RESCUE_EXPIRED = f"""
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[])
-        AS i(id, attempt, status, retry_in_s)
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[], $6::uuid[])
+        AS i(id, attempt, status, retry_in_s, worker)
 ),
 rescued AS (
     UPDATE tasks t
@@ -601,6 +605,7 @@ rescued AS (
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
       AND t.status = 'running' AND t.lease_expires_at < now() AND t.attempts = i.attempt
+      AND t.worker_id IS NOT DISTINCT FROM i.worker
     RETURNING t.id, t.attempts, t.started_at, t.status, t.queue, t.kind
 ),
 recorded AS (
@@ -609,8 +614,16 @@ recorded AS (
            EXTRACT(epoch FROM now() - COALESCE(started_at, now())) * 1000
     FROM rescued
 ),
+permits_freed AS (
+    UPDATE http_host_permits SET holder = NULL, expires_at = now()
+    WHERE holder IN (SELECT i.worker FROM input i JOIN rescued r ON r.id = i.id)
+      AND expires_at > now()
+    RETURNING host
+),
 {_notify_events("rescued")}
-SELECT rescued.*, (SELECT n FROM notified) AS _notified FROM rescued
+SELECT rescued.*, (SELECT n FROM notified) AS _notified,
+       (SELECT count(*) FROM permits_freed) AS _permits_freed
+FROM rescued
 """
 
 
@@ -619,6 +632,7 @@ class ExpiredLease:
     id: UUID
     attempt: int
     max_attempts: int
+    worker_id: UUID | None
     min_backoff_s: float
     max_backoff_s: float
 
@@ -639,8 +653,8 @@ async def rescue_expired(
         rows = await conn.fetch(EXPIRED_LEASES, limit)
         if not rows:
             return []
-        leases = [ExpiredLease(r["id"], r["attempts"], r["max_attempts"], r["min_backoff_s"],
-                               r["max_backoff_s"]) for r in rows]  # fmt: skip
+        leases = [ExpiredLease(r["id"], r["attempts"], r["max_attempts"], r["worker_id"],
+                               r["min_backoff_s"], r["max_backoff_s"]) for r in rows]  # fmt: skip
         decisions = [decide(lease) for lease in leases]
         return list(
             await conn.fetch(
@@ -650,6 +664,7 @@ async def rescue_expired(
                 [str(status) for status, _ in decisions],
                 [retry_in_s for _, retry_in_s in decisions],
                 outcome,
+                [lease.worker_id for lease in leases],
             )
         )
 

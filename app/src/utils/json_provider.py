@@ -42,12 +42,42 @@ def dumps(obj: Any, default: Callable[[Any], Any] = _plain) -> str:
 
 
 _LONG_NUMBER = re.compile(rb"\d{20,}")
+# A JSON string with its escapes (the unrolled form: linear, no backtracking per character).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+MAX_DEPTH = 64
 
 
-def loads(data: str | bytes) -> Any:
+class TooDeep(ValueError):
+    """A request body nested deeper than the configured maximum."""
+
+    def __init__(self, max_depth: int) -> None:
+        super().__init__(f"JSON nested deeper than {max_depth} levels")
+        self.max_depth = max_depth
+
+
+def nesting_exceeds(raw: bytes, max_depth: int) -> bool:
+    """Whether brackets outside strings nest deeper than `max_depth`, without parsing (the parsers
+    recurse: the standard library's raises RecursionError, which no caller expects)."""
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:  # the common case, in C
+        return False
+    depth = 0
+    for byte in _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        if depth > max_depth:
+            return True
+    return False
+
+
+def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """A request body. orjson reads integers beyond 64 bits as floats, silently losing digits; a
-    body with a run of 20 or more digits is read by the standard library, which keeps them exact."""
+    body with a run of 20 or more digits is read by the standard library, which keeps them exact.
+
+    Raises ValueError for anything that is not JSON in UTF-8 (UnicodeDecodeError is one) and
+    TooDeep beyond `max_depth` levels of nesting."""
     raw = data.encode() if isinstance(data, str) else data
+    if nesting_exceeds(raw, max_depth):
+        raise TooDeep(max_depth)
     if _LONG_NUMBER.search(raw):
         return json.loads(raw)
     return orjson.loads(raw)

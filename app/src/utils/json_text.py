@@ -21,18 +21,29 @@ def dumps(value: Any) -> str:
     try:
         return orjson.dumps(value, option=_OPTIONS).decode()
     except orjson.JSONEncodeError:  # the standard library takes it, or raises TypeError
-        return json.dumps(value)
+        try:
+            return json.dumps(value)
+        except RecursionError:  # a ValueError, like every other value JSON cannot hold
+            raise ValueError("the value is nested too deeply to write as JSON") from None
 
 
 loads = json.loads
 
 
 def contains_nul(value: Any) -> bool:
-    """Whether a JSON value holds a NUL character in a string or a key (jsonb refuses those)."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(contains_nul(k) or contains_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(contains_nul(item) for item in value)
+    """Whether a JSON value holds a NUL character in a string or a key (jsonb refuses those).
+
+    Iterative, so a deeply nested value (a handler's result has no depth bound) cannot exhaust the
+    interpreter's stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
     return False

@@ -1,0 +1,275 @@
+"""The HTTP server: uvicorn's httptools protocol with the limits it lacks, and a shutdown in one grace.
+
+httptools has no header size limit and uvicorn no header timeout: a client could send a 64 MiB
+header (all buffered) or trickle one byte at a time and hold a connection for ever. This protocol
+counts the bytes of a request head as they arrive and refuses it (431) beyond
+SERVER_MAX_HEADER_BYTES, cuts a head that is not complete SERVER_HEADER_TIMEOUT_S after it began
+(408), answers 503 with Retry-After beyond SERVER_MAX_CONNECTIONS, and aborts a TLS connection that
+does not answer our close_notify promptly (asyncio would keep it for 30 s, and uvicorn's drain
+waits for every connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from asyncio import TimerHandle
+from collections.abc import Callable
+from http import HTTPStatus
+from types import FrameType
+from typing import Any
+
+import httptools
+import structlog
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = structlog.get_logger("taskgate.server")
+
+# how long a closed TLS connection may wait for the peer's close_notify before it is aborted
+CLOSE_LINGER_S = 0.5
+# the least time uvicorn's drain gets, so answers that are being written are not cut into 500s
+MIN_DRAIN_S = 0.25
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that was answered and closed."""
+
+
+def _problem(status: int, detail: str, *, retry_after: int | None = None) -> bytes:
+    phrase = HTTPStatus(status).phrase
+    body = json.dumps({"type": "about:blank", "title": phrase, "status": status, "detail": detail}).encode()
+    head = [
+        f"HTTP/1.1 {status} {phrase}",
+        "content-type: application/problem+json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
+    if retry_after is not None:
+        head.append(f"retry-after: {retry_after}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """One connection. The limits are class attributes: `guarded_protocol` makes a configured class."""
+
+    max_header_bytes = 65_536
+    header_timeout_s = 10.0
+    max_connections: int | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limit_concurrency = None  # enforced below, with a problem body and Retry-After
+        self._reading_head = True
+        self._head_bytes = 0  # bytes received since the current request head began
+        self._parsed_head_bytes = 0
+        self._head_timer: TimerHandle | None = None
+        self._abort_timer: TimerHandle | None = None
+        self._refused = False
+
+    # --- connection ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # a connection that never sends a complete head is cut as well, not only a slow one
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: what the client still sends is dropped
+        self._unset_keepalive_if_required()
+        if self._reading_head:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError:
+            if not self._refused:
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+            return
+        if self._reading_head and self._head_bytes > self.max_header_bytes:
+            self._refuse(431, f"The request head exceeds {self.max_header_bytes} bytes.")
+
+    # --- request head ----------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_head = True
+        self._parsed_head_bytes = 0
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._parsed_head_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._parsed_head_bytes += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._parsed_head_bytes > self.max_header_bytes:
+            self._refuse(431, f"The request head exceeds {self.max_header_bytes} bytes.")
+            raise _Refused
+        limit = self.max_connections
+        if limit is not None and (len(self.connections) > limit or len(self.tasks) >= limit):
+            self.logger.warning("Exceeded concurrency limit.")
+            self._refuse(503, "The server is at its connection limit; retry shortly.", retry_after=1)
+            raise _Refused
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # what follows on this connection is the next request's head
+        self._reading_head = True
+        self._head_bytes = 0
+
+    # --- closing ---------------------------------------------------------------------------------
+
+    def on_response_complete(self) -> None:
+        if self.transport.is_closing():
+            self._abort_later()
+        super().on_response_complete()
+
+    def timeout_keep_alive_handler(self) -> None:
+        self._close()
+
+    def send_400_response(self, msg: str) -> None:
+        super().send_400_response(msg)
+        self._refused = True
+        self._abort_later()
+
+    def shutdown(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_started:
+            # a request still sending its body would hold the drain until the body timeout; the
+            # application sees a disconnect and the client a 503 it can retry elsewhere
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._refuse(503, "The server is shutting down; retry shortly.", retry_after=1)
+            return
+        super().shutdown()
+        if self.transport.is_closing():
+            self._abort_later()
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes == 0 and (self.cycle is None or self.cycle.response_complete):
+            self._close()  # nothing was asked: a plain close, as for an idle keep-alive connection
+            return
+        self._refuse(408, f"The request head was not complete within {self.header_timeout_s:g} s.")
+
+    def _refuse(self, status: int, detail: str, *, retry_after: int | None = None) -> None:
+        """Answer with a problem and close, whatever the parser is in the middle of."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        self.transport.write(_problem(status, detail, retry_after=retry_after))
+        self._close()
+
+    def _close(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()
+        self._abort_later()
+
+    def _abort_later(self) -> None:
+        if self._abort_timer is None:
+            self._abort_timer = self.loop.call_later(CLOSE_LINGER_S, self._abort)
+
+    def _abort(self) -> None:
+        # still here: the peer never answered our TLS close_notify; stop waiting for it
+        self._abort_timer = None
+        if self in self.connections:
+            self.transport.abort()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._abort_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._abort_timer = None
+
+
+def guarded_protocol(
+    *, max_header_bytes: int, header_timeout_s: float, max_connections: int | None
+) -> type[GuardedHttpToolsProtocol]:
+    """A protocol class with these limits (uvicorn builds one instance per connection)."""
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {
+            "max_header_bytes": max_header_bytes,
+            "header_timeout_s": header_timeout_s,
+            "max_connections": max_connections,
+        },
+    )
+
+
+class Server(uvicorn.Server):
+    """uvicorn's Server with Taskgate's stop sequence.
+
+    On the first SIGTERM/SIGINT, `on_stop` runs at once (stop claiming, end long-polls and event
+    streams), before uvicorn closes its sockets and drains requests; the drain gets what is left
+    of `grace_s` since the signal; the lifespan shutdown (the runtime) follows with the rest.
+
+    It also does not re-raise the stop signal after a graceful shutdown: uvicorn does, which turns
+    Ctrl-C into a KeyboardInterrupt traceback and SIGTERM into a kill that skips atexit (and so
+    leaves the embedded database running). The shutdown already happened, so exit normally.
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, *, on_stop: Callable[[], None] | None = None, grace_s: float = 0.0
+    ) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+        self._grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_at: float | None = None
+
+    async def _serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super()._serve(sockets)
+        self._captured_signals.clear()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first and sig in (signal.SIGTERM, signal.SIGINT) and self._loop is not None:
+            # a signal handler runs between two bytecodes of whatever the loop was doing: hand the
+            # work to the loop rather than touch its state from here
+            self._loop.call_soon_threadsafe(self._stop_now)
+
+    def _stop_now(self) -> None:
+        if self._stop_at is not None:
+            return
+        self._stop_at = asyncio.get_running_loop().time()
+        if self._on_stop is not None:
+            self._on_stop()
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self._stop_now()  # also when the server stops for another reason than a signal
+        now = asyncio.get_running_loop().time()
+        left = self._grace_s - (now - (self._stop_at if self._stop_at is not None else now))
+        # uvicorn hands this to asyncio.wait_for, which takes any real number of seconds
+        self.config.timeout_graceful_shutdown = max(left, MIN_DRAIN_S)  # type: ignore[assignment]
+        await super().shutdown(sockets)

@@ -1,0 +1,143 @@
+"""Hostile request bodies: each a 4xx problem+json that changes nothing, never a 500."""
+
+import re
+import time
+from typing import Any
+
+import pytest
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from tests.task_harness import fetch
+
+PROBLEM = "application/problem+json"
+JSON = {"Content-Type": "application/json"}
+
+
+def nested(depth: int, leaf: str = "1") -> bytes:
+    return ("[" * depth + leaf + "]" * depth).encode()
+
+
+def nested_payload(depth: int, leaf: str = "1") -> bytes:
+    inner = '{"a":' * depth + leaf + "}" * depth
+    return ('{"kind": "noop", "payload": ' + inner + "}").encode()
+
+
+async def task_count(database_uri: str) -> int:
+    return int((await fetch(database_uri, "SELECT count(*) AS n FROM tasks"))[0]["n"])
+
+
+@pytest.mark.parametrize("depth", [600, 5_000, 100_000])
+@pytest.mark.parametrize("leaf", ["1", "12345678901234567890123"], ids=["int", "20-digit int"])
+async def test_deeply_nested_body_is_a_quick_400(
+    client: Client, auth_headers: dict[str, str], clean_database: str, depth: int, leaf: str
+) -> None:
+    for body in (nested_payload(depth, leaf), nested(depth, leaf)):
+        started = time.monotonic()
+        response = await client.post("/api/tasks", data=body, headers={**auth_headers, **JSON})
+        assert time.monotonic() - started < 1.0
+        assert response.status_code == 400, await response.get_data(as_text=True)
+        assert response.mimetype == PROBLEM
+        problem = await response.get_json()
+        assert problem["type"] == "urn:taskgate:problem:json-too-deep"
+        assert "64 levels" in problem["detail"]
+    assert await task_count(clean_database) == 0
+    assert (await client.get("/api/common/health")).status_code == 200
+
+
+async def test_nesting_up_to_the_limit_is_accepted_and_stored(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    # the task body is the first of the 64 levels
+    body = nested_payload(63, '"\\"[[[{{"')
+    response = await client.post("/api/tasks", data=body, headers={**auth_headers, **JSON})
+    assert response.status_code == 201, await response.get_data(as_text=True)
+    assert await task_count(clean_database) == 1
+    too_deep = await client.post("/api/tasks", data=nested_payload(64), headers={**auth_headers, **JSON})
+    assert too_deep.status_code == 400
+
+
+async def test_brackets_inside_strings_do_not_count_as_nesting(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    payload = '{"kind": "noop", "payload": {"text": "' + "[{" * 500 + '\\" [{"}}'
+    response = await client.post("/api/tasks", data=payload.encode(), headers={**auth_headers, **JSON})
+    assert response.status_code == 201, await response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"kind": "noop", "payload": {"x": "\xff\xfe"}}',
+        b'{"kind": "noop", "payload": {"n": 1234567890123456789012, "s": "\xc3\x28"}}',
+    ],
+    ids=["invalid utf-8", "invalid utf-8 with a 20-digit int"],
+)
+async def test_body_that_is_not_utf8_is_a_400(
+    client: Client, auth_headers: dict[str, str], clean_database: str, body: bytes
+) -> None:
+    response = await client.post("/api/tasks", data=body, headers={**auth_headers, **JSON})
+    assert response.status_code == 400, await response.get_data(as_text=True)
+    assert response.mimetype == PROBLEM
+    assert (await response.get_json())["type"] == "urn:taskgate:problem:malformed-json"
+    assert await task_count(clean_database) == 0
+
+
+def json_routes(app: Quart) -> list[tuple[str, str]]:
+    """Every route that reads a JSON body (declares a request schema)."""
+    routes = []
+    for rule in app.url_map.iter_rules():
+        if not hasattr(app.view_functions[rule.endpoint], "_quart_schema_request_schema"):
+            continue
+        for method in sorted((rule.methods or set()) & {"POST", "PUT", "PATCH"}):
+            path = re.sub(r"<uuid:[^>]+>", "00000000-0000-0000-0000-000000000000", rule.rule)
+            path = re.sub(r"<[^>]+>", "x", path)
+            routes.append((method, path))
+    return routes
+
+
+async def test_no_json_route_answers_500_to_hostile_bodies(
+    app: Quart, client: Client, operator_headers: dict[str, str]
+) -> None:
+    routes = json_routes(app)
+    assert len(routes) >= 8
+    for method, path in routes:
+        for body in (b'{"a": "\xff"}', nested(5_000), nested(5_000, "12345678901234567890123")):
+            response = await client.open(path, method=method, data=body, headers={**operator_headers, **JSON})
+            assert 400 <= response.status_code < 500, (method, path, response.status_code)
+            assert response.mimetype == PROBLEM, (method, path)
+
+
+async def test_raising_min_backoff_above_the_default_max_is_a_422_or_stored(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    async def put(body: dict[str, Any]) -> Any:
+        return await client.put("/api/queues/slow", json=body, headers=auth_headers)
+
+    # an existing queue: raise the max, then the min above the old default max
+    assert (await put({"max_backoff_s": 7200})).status_code == 200
+    raised = await put({"min_backoff_s": 5000})
+    assert raised.status_code == 200, await raised.get_data(as_text=True)
+    body = await raised.get_json()
+    assert (body["min_backoff_s"], body["max_backoff_s"]) == (5000, 7200)
+    # a min above the max, whichever was sent, names the field and changes nothing
+    too_high = await put({"min_backoff_s": 8000})
+    assert too_high.status_code == 422
+    assert too_high.mimetype == PROBLEM
+    assert [e["field"] for e in (await too_high.get_json())["errors"]] == ["body.min_backoff_s"]
+    too_low = await put({"max_backoff_s": 10})
+    assert too_low.status_code == 422
+    assert [e["field"] for e in (await too_low.get_json())["errors"]] == ["body.max_backoff_s"]
+    # a new queue whose min exceeds the default max is a 422, not a CHECK violation
+    fresh = await client.put("/api/queues/fresh", json={"min_backoff_s": 5000}, headers=auth_headers)
+    assert fresh.status_code == 422
+    assert [e["field"] for e in (await fresh.get_json())["errors"]] == ["body.min_backoff_s"]
+    both = await client.put(
+        "/api/queues/fresh", json={"min_backoff_s": 5000, "max_backoff_s": 6000}, headers=auth_headers
+    )
+    assert both.status_code == 200
+    rows = await fetch(clean_database, "SELECT name, min_backoff_s, max_backoff_s FROM queues ORDER BY name")
+    assert {r["name"]: (r["min_backoff_s"], r["max_backoff_s"]) for r in rows} == {
+        "fresh": (5000, 6000),
+        "slow": (5000, 7200),
+    }
