@@ -11,6 +11,7 @@ from app.routes.common import metrics
 from app.routes.queues import blueprint as queues
 from app.routes.schedules import blueprint as schedules
 from app.routes.tasks import blueprint as tasks
+from app.routes.workers import blueprint as workers
 
 BLUEPRINTS = {
     "auth": auth,
@@ -19,6 +20,7 @@ BLUEPRINTS = {
     "queues": queues,
     "schedules": schedules,
     "catalog": catalog,
+    "workers": workers,
 }
 
 

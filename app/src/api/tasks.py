@@ -18,8 +18,11 @@ from app.src.api.errors import Conflict, NotFound, TooManyRequests, Unprocessabl
 from app.src.api.kinds import REGISTRY, TaskKind
 from app.src.api.models.tasks import Attempt, Task, TaskIn
 from app.src.api.state_machine import TERMINAL, Status, sources
+from app.src.api.workers import remote_kinds
+from app.src.api.workers.remote_kinds import validate_remote_payload
 from app.src.database import tasks as store
 from app.src.database.tasks import NewTask
+from app.src.database.workers import RemoteKindRow
 from app.src.utils import json_text
 from app.src.utils.ids import uuid7, uuid7s
 from app.src.utils.metrics import ENQUEUED
@@ -37,8 +40,12 @@ def validate_payload(
     *,
     at: tuple[str | int, ...],
     context: Mapping[str, Any] | None = None,
-) -> TaskKind[Any, Any]:
+    remote: Mapping[str, RemoteKindRow] | None = None,
+) -> TaskKind[Any, Any] | RemoteKindRow:
     kind = REGISTRY.get(kind_name)
+    if kind is None and remote is not None and kind_name in remote:
+        validate_remote_payload(remote[kind_name], payload, at=at)
+        return remote[kind_name]
     if kind is None:
         raise Unprocessable(
             f"Unknown task kind {kind_name!r}; GET /api/catalog/kinds lists them.",
@@ -101,8 +108,12 @@ async def enqueue(
     All or nothing: one invalid item rejects the whole batch and stores nothing. `payload_context`
     is the runtime's validation context (Runtime.payload_context), the one workers use too.
     """
+    unknown = {item.kind for item in items if REGISTRY.get(item.kind) is None}
+    remote = await remote_kinds.lookup(db, client_id=client_id, names=unknown) if unknown else None
     kinds = [
-        validate_payload(item.kind, item.payload, at=("tasks", i) if batch else (), context=payload_context)
+        validate_payload(
+            item.kind, item.payload, at=("tasks", i) if batch else (), context=payload_context, remote=remote
+        )
         for i, item in enumerate(items)
     ]
     queues = {
