@@ -21,8 +21,8 @@ def _check(scopes: str) -> str:
 
 
 def upgrade() -> None:
-    op.execute("ALTER TABLE clients DROP CONSTRAINT clients_scopes_check")
-    op.execute(f"ALTER TABLE clients ADD CONSTRAINT clients_scopes_check {_check(NEW_SCOPES)}")
+    op.execute("ALTER TABLE api_clients DROP CONSTRAINT api_clients_scopes_check")
+    op.execute(f"ALTER TABLE api_clients ADD CONSTRAINT api_clients_scopes_check {_check(NEW_SCOPES)}")
     # A remote kind belongs to one client; `version` grows with every change of its schemas, so a
     # compiled validator is cached per (client, name, version). The primary key is also what the
     # in-process claim probes to leave remote tasks alone (app/src/database/tasks.py).
@@ -74,8 +74,8 @@ def downgrade() -> None:
     op.execute("DROP INDEX tasks_claim_kind")
     op.execute("DROP TABLE remote_kinds")
     op.execute(
-        "UPDATE clients SET scopes = array(SELECT s FROM unnest(scopes) s "
+        "UPDATE api_clients SET scopes = array(SELECT s FROM unnest(scopes) s "
         "WHERE s NOT IN ('kinds:admin', 'tasks:work'))"
     )
-    op.execute("ALTER TABLE clients DROP CONSTRAINT clients_scopes_check")
-    op.execute(f"ALTER TABLE clients ADD CONSTRAINT clients_scopes_check {_check(OLD_SCOPES)}")
+    op.execute("ALTER TABLE api_clients DROP CONSTRAINT api_clients_scopes_check")
+    op.execute(f"ALTER TABLE api_clients ADD CONSTRAINT api_clients_scopes_check {_check(OLD_SCOPES)}")
