@@ -112,7 +112,7 @@ async def test_claim_heartbeat_complete_and_stale_completions(
     assert claimed["lease_s"] > 0
     [item] = claimed["items"]
     assert (item["id"], item["attempt"], item["payload"]) == (task["id"], 1, {"account_id": 7})
-    assert item["steps"] == {} and item["signals"] == {} and item["children"] == {}
+    assert (item["steps"], item["signals"], item["children"]) == ({}, {}, {})
     beat = await client.post(
         "/api/workers/heartbeat",
         json={
