@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -37,7 +38,7 @@ Queues = list[Queue]
 Schedules = list[Schedule]
 Kinds = list[Kind]
 Workers = list[WorkerInfo]
-Verify = bool | str
+Verify = bool | str | ssl.SSLContext
 MAX_EVENT_RECONNECTS = 20
 
 
@@ -54,6 +55,10 @@ class _Config:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.verify = verify
+        # a CA bundle path becomes a context (httpx no longer takes paths)
+        self.tls: bool | ssl.SSLContext = (
+            ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        )
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.headers = build_headers(api_key, headers)
@@ -83,7 +88,10 @@ class Client:
     ) -> None:
         self.config = _Config(base_url, api_key, verify, timeout_s, max_retries, headers)
         self._http = http or httpx.Client(
-            base_url=self.config.base_url, headers=self.config.headers, verify=verify, timeout=timeout_s
+            base_url=self.config.base_url,
+            headers=self.config.headers,
+            verify=self.config.tls,
+            timeout=timeout_s,
         )
 
     def __enter__(self) -> Client:
@@ -321,7 +329,7 @@ class AsyncClient:
         self._http = http or httpx.AsyncClient(
             base_url=self.config.base_url,
             headers=self.config.headers,
-            verify=verify,
+            verify=self.config.tls,
             timeout=timeout_s,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
