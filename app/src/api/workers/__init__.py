@@ -204,8 +204,7 @@ async def complete(db: Database, *, client_id: UUID, data: CompleteIn) -> list[A
             continue
         seen_ids.add(item.id)
         completion = _completion(task, item, kinds.get(task.kind), backoffs.get(task.queue_id), now)
-        if completion is not None:
-            assert task.worker_id is not None  # running tasks have a holder
+        if completion is not None and task.worker_id is not None:  # _current: it has a holder
             groups.setdefault(task.worker_id, []).append(completion)
     written: dict[UUID, str] = {}
     async with db.driver() as conn:
