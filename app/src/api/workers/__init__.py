@@ -87,6 +87,8 @@ async def claim(
             remaining = deadline - loop.time()
             if claimed or remaining <= 0:
                 break
+            if await _stage_due(db):
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), timeout=min(remaining, POLL_S))
     if claimed:
@@ -122,6 +124,22 @@ async def _claim_once(
                     kinds=kinds,
                 )  # fmt: skip
     return claimed
+
+
+_staged_at = 0.0
+
+
+async def _stage_due(db: Database) -> int:
+    """Due scheduled and retryable tasks become available, at most once per POLL_S per process:
+    in-process workers do it too, but a deployment whose API replicas serve only remote workers
+    must not leave their retries waiting."""
+    global _staged_at
+    now = asyncio.get_running_loop().time()
+    if now - _staged_at < POLL_S:
+        return 0
+    _staged_at = now
+    async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
+        return await task_store.stage_due(conn)
 
 
 @dataclass(frozen=True, slots=True)
