@@ -371,3 +371,65 @@ async def test_a_sigkilled_remote_worker_loses_nothing_and_its_stale_completion_
         task_id,
     )
     assert [r["outcome"] for r in outcomes] == ["lost", "completed"]
+
+
+GENERATED_CLIENT_SCRIPT = """
+import os, ssl
+from tg_generated.client import AuthenticatedClient
+from tg_generated.api.default import get_get_task, post_create_task
+from tg_generated.models import Problem, TaskIn, TaskInPayload, TaskOut
+
+client = AuthenticatedClient(
+    base_url=os.environ["TG_URL"], token=os.environ["TG_KEY"],
+    verify_ssl=ssl.create_default_context(cafile=os.environ["TG_CA"]),
+)
+created = post_create_task.sync_detailed(client=client, body=TaskIn(kind="noop", payload=TaskInPayload()),
+                                         idempotency_key="generated-1")
+assert created.status_code == 201, created
+assert isinstance(created.parsed, TaskOut), created.parsed
+read = get_get_task.sync_detailed(created.parsed.id, client=client, wait=10)
+assert isinstance(read.parsed, TaskOut) and read.parsed.status.value == "completed", read.parsed
+missing = get_get_task.sync_detailed(created.parsed.id, client=AuthenticatedClient(
+    base_url=os.environ["TG_URL"], token="tg_0000000000000000_" + "x" * 43,
+    verify_ssl=ssl.create_default_context(cafile=os.environ["TG_CA"])))
+assert missing.status_code == 401 and isinstance(missing.parsed, Problem), missing
+print("ok")
+"""
+
+
+async def test_a_client_generated_from_openapi_enqueues_and_reads_a_task(
+    platform: Platform, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """openapi-python-client, in its own environment, generates a client from /openapi.json."""
+    base = tmp_path_factory.mktemp("generated")
+    venv = base / "venv"
+    uv = shutil.which("uv") or str(ROOT / ".tools" / "bin" / "uv")
+    subprocess.run([uv, "venv", "-q", str(venv), "--python", sys.executable], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([uv, "pip", "install", "-q", "--python", python, "openapi-python-client"], check=True)
+    spec = base / "openapi.json"
+    spec.write_bytes(await _openapi(platform.server))
+    subprocess.run(
+        [str(venv / "bin" / "openapi-python-client"), "generate", "--path", str(spec), "--output-path",
+         str(base / "tg_generated"), "--meta", "none"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    issued = await platform.client_key("generated")
+    run = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", textwrap.dedent(GENERATED_CLIENT_SCRIPT)],
+        cwd=base, env=sdk_env(platform.server, issued.api_key), capture_output=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode()
+    assert run.stdout.decode().strip() == "ok"
+
+
+async def _openapi(server: ServerProcess) -> bytes:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(ssl=server.ssl_context())
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(f"{server.base_url}/openapi.json") as response,
+    ):
+        assert response.status == 200
+        return await response.read()
