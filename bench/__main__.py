@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import http_enqueue
+from bench import http_enqueue, remote_drain
 from bench.server import ROOT, BenchServer
 
 RESULTS = ROOT / "bench" / "results"
@@ -202,6 +202,8 @@ def main() -> None:
         "workers_1": repeat(runs, lambda: scale_out(server, 1, 2 * n)),
         "workers_2": repeat(runs, lambda: scale_out(server, 2, 2 * n)),
     }
+    step("remote-worker drain: an SDK Worker over HTTPS")
+    r["remote"] = {"sdk_worker": repeat(runs, lambda: remote_drain.run(server, n)["tasks_per_s"])}
     r["meta"] = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "runs": runs,
@@ -238,6 +240,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             0.8,
         ),
         ("worker RSS <= 150 MB", r["memory"]["peak_rss_mb"]["median"], "<=", 150),
+        ("remote-worker drain >= 5,000 tasks/s", r["remote"]["sdk_worker"]["median"], ">=", 5_000),
     ]
     return [
         {"target": name, "value": round(value, 3), "met": value >= limit if op == ">=" else value <= limit}
@@ -293,6 +296,9 @@ def table(r: dict[str, Any]) -> str:
     rows.append(f"| Drain with 1 worker process, tasks/s | {_cell(s['workers_1'])} | |")
     rows.append(
         f"| Drain with 2 worker processes, tasks/s | {_cell(s['workers_2'])} | x{s['workers_2']['median'] / s['workers_1']['median']:.2f} |"
+    )
+    rows.append(
+        f"| Remote-worker drain (SDK Worker, HTTPS claim/complete), tasks/s | {_cell(r['remote']['sdk_worker'])} | |"
     )
     rows.append("")
     rows.append("| target | value | met |")

@@ -135,6 +135,7 @@ class Worker:
         self._running: dict[UUID, _Running] = {}
         self._pending: list[dict[str, Any]] = []
         self._lease_s = 30.0
+        self._claiming = 0  # slots reserved by claims in flight
         self._stop: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._to_complete: asyncio.Event | None = None
@@ -209,18 +210,26 @@ class Worker:
         try:
             await self.register()
             log.info("worker started", extra={"worker": self.name, "kinds": sorted(self.kinds)})
-            claiming = asyncio.create_task(self._claim_loop(), name="taskgate-claim")
+            # several claims in flight when the capacity spans several batches: a claim's round
+            # trip, not the handlers, bounds a fast worker
+            claimers = max(1, min(4, self.concurrency // self.batch_size))
+            claiming = [
+                asyncio.create_task(self._claim_loop(), name=f"taskgate-claim-{i}") for i in range(claimers)
+            ]
             services = [
                 asyncio.create_task(self._heartbeat_loop(), name="taskgate-heartbeat"),
                 asyncio.create_task(self._complete_loop(), name="taskgate-complete"),
             ]
             stopping = asyncio.create_task(self._stop.wait())
-            await asyncio.wait([claiming, stopping], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*claiming, stopping], return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
-            claiming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await claiming
+            for claimer in claiming:
+                claimer.cancel()
+            ended = await asyncio.gather(*claiming, return_exceptions=True)
+            failed = [e for e in ended if isinstance(e, Exception)]
             await self._drain(services)
+            if failed:
+                raise failed[0]
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
             if own_client:
@@ -262,17 +271,18 @@ class Worker:
         assert self._room is not None
         failures = 0
         while True:
-            free = self.concurrency - len(self._running) - len(self._pending)
+            free = self.concurrency - len(self._running) - len(self._pending) - self._claiming
             if free <= 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
             sent = time.monotonic()
+            want = min(free, self.batch_size)
+            self._claiming += want
             try:
                 claim = await self._client.claim(
-                    sorted(self.kinds), worker=self.identity, queues=self.queues,
-                    max=min(free, self.batch_size), wait_s=self.wait_s,
-                )  # fmt: skip
+                    sorted(self.kinds), worker=self.identity, queues=self.queues, max=want, wait_s=self.wait_s
+                )
             except asyncio.CancelledError:
                 raise
             except ApiError as exc:
@@ -280,11 +290,15 @@ class Worker:
                     log.error("claim refused: %s", exc)
                     raise
                 failures += 1
-                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
-                continue
+                log.warning("claim failed: %s", exc)
+                claim = None
             except Exception as exc:
                 failures += 1
                 log.warning("claim failed: %s", exc)
+                claim = None
+            finally:
+                self._claiming -= want
+            if claim is None:
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 continue
             failures = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,37 @@ def remote_worker_id(client_id: UUID, name: str) -> UUID:
     return uuid.uuid5(_WORKER_NAMESPACE, f"{client_id}/{name}")
 
 
+# What GET /api/workers shows needs no write per request: a worker's row is refreshed at most
+# every SEEN_EVERY_S per process (its claims and heartbeats come far more often), and `running`
+# is what its latest recorded heartbeat held.
+SEEN_EVERY_S = 5.0
+_seen_at: dict[UUID, float] = {}
+_limited: dict[tuple[UUID, tuple[str, ...] | None], tuple[float, list[int]]] = {}
+
+
+def _due_for_seen(worker_id: UUID, *, heartbeat: bool = False) -> bool:
+    now = time.monotonic()
+    if not heartbeat and now - _seen_at.get(worker_id, -SEEN_EVERY_S) < SEEN_EVERY_S:
+        return False
+    if len(_seen_at) > 10_000:
+        _seen_at.clear()
+    _seen_at[worker_id] = now
+    return True
+
+
+async def _limited_queues(conn: task_store.Executor, client_id: UUID, queues: list[str] | None) -> list[int]:
+    """This client's queues with a concurrency or rate limit, re-read at most every POLL_S."""
+    key = (client_id, None if queues is None else tuple(queues))
+    hit = _limited.get(key)
+    if hit is not None and time.monotonic() - hit[0] < POLL_S:
+        return hit[1]
+    ids = await task_store.limited_queue_ids(conn, queues=queues, client_id=client_id)
+    if len(_limited) > 10_000:
+        _limited.clear()
+    _limited[key] = (time.monotonic(), ids)
+    return ids
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     task: ClaimedTask
@@ -65,17 +97,18 @@ async def claim(
         )
     kinds = KindsFilter(client_id=client_id, kinds=sorted(set(data.kinds)))
     worker_id = remote_worker_id(client_id, data.worker.name)
-    async with db.driver() as conn:
-        await store.seen(
-            conn,
-            worker_id=worker_id,
-            client_id=client_id,
-            name=data.worker.name,
-            version=data.worker.version,
-            remote=True,
-            kinds=kinds.kinds,
-            queues=data.queues,
-        )
+    if _due_for_seen(worker_id):
+        async with db.driver() as conn:
+            await store.seen(
+                conn,
+                worker_id=worker_id,
+                client_id=client_id,
+                name=data.worker.name,
+                version=data.worker.version,
+                remote=True,
+                kinds=kinds.kinds,
+                queues=data.queues,
+            )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + data.wait_s
     with notifier.watch_available() as woken:
@@ -91,17 +124,6 @@ async def claim(
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), timeout=min(remaining, POLL_S))
-    if claimed:
-        async with db.driver() as conn:
-            await store.seen(
-                conn,
-                worker_id=worker_id,
-                client_id=client_id,
-                name=data.worker.name,
-                version=data.worker.version,
-                remote=True,
-                running_delta=len(claimed),
-            )
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
     return [Claimed(t, t.started_at + timedelta(seconds=lease_s)) for t in claimed]
 
@@ -115,8 +137,7 @@ async def _claim_once(
             conn, limit=want, lease_s=lease_s, worker_id=worker_id, queues=queues, kinds=kinds
         )
         if len(claimed) < want:
-            limited = await task_store.limited_queue_ids(conn, queues=queues, client_id=kinds.client_id)
-            for queue_id in limited:
+            for queue_id in await _limited_queues(conn, kinds.client_id, queues):
                 if len(claimed) >= want:
                     break
                 claimed += await task_store.claim_limited(
@@ -167,7 +188,9 @@ async def heartbeat(
                 await task_store.set_progress(
                     conn, task_id=row["id"], attempt=row["attempts"], progress=progress
                 )
-        if data.worker is not None:
+        if data.worker is not None and _due_for_seen(
+            remote_worker_id(client_id, data.worker.name), heartbeat=True
+        ):
             await store.seen(
                 conn,
                 worker_id=remote_worker_id(client_id, data.worker.name),
@@ -230,16 +253,6 @@ async def complete(db: Database, *, client_id: UUID, data: CompleteIn) -> list[A
             for row in await task_store.complete(conn, batch, worker_id=worker_id):
                 written[row["id"]] = row["status"]
                 OUTCOMES(row["queue"], row["kind"], row["status"]).inc()
-        if named is not None and data.worker is not None and written:
-            await store.seen(
-                conn,
-                worker_id=named,
-                client_id=client_id,
-                name=data.worker.name,
-                version=data.worker.version,
-                remote=True,
-                running_delta=-len(written),
-            )
     answers = []
     for item in data.items:
         if item.id in written:
