@@ -11,7 +11,7 @@ from quart.typing import TestClientProtocol as Client
 
 from app.database import Database
 from app.src.database import tasks as task_store
-from tests.helpers import enqueue, fetch
+from tests.helpers import enqueue, eventually, fetch
 
 REPORT = {
     "type": "object",
@@ -274,3 +274,16 @@ async def test_deleting_a_kind_discards_its_unstarted_tasks(
     final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
     assert final["status"] == "discarded"
     assert "was deleted" in final["last_error"]
+
+
+async def test_in_process_workers_are_listed_too(serving: Any, auth_headers: dict[str, str]) -> None:
+    app = await serving(ROLES=["api", "worker"])
+    client = app.test_client()
+
+    async def listed() -> list[dict[str, Any]]:
+        items = (await (await client.get("/api/workers", headers=auth_headers)).get_json())["items"]
+        return [w for w in items if w["remote"] is False]
+
+    [worker] = await eventually(listed, timeout=15)
+    assert worker["name"].startswith("in-process@")
+    assert "noop" in worker["kinds"]

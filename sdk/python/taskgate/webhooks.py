@@ -34,7 +34,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 def _key(secret: str) -> bytes:
     encoded = secret[len(PREFIX) :] if secret.startswith(PREFIX) else secret
     try:
-        return base64.b64decode(encoded, validate=True)
+        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError("a signing secret is whsec_ followed by base64") from exc
 
