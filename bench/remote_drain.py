@@ -41,6 +41,12 @@ async def noop(ctx, payload):
 """
 
 
+def _profiled(name: str) -> list[str]:
+    """REMOTE_DRAIN_PROFILE=dir writes a cProfile of each process there (at its graceful exit)."""
+    where = os.environ.get("REMOTE_DRAIN_PROFILE")
+    return ["-m", "cProfile", "-o", f"{where}/{name}.prof"] if where else []
+
+
 def create_client(env: dict[str, str]) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "app", "admin", "create-client", "--name", "remote-bench", "--scopes",
@@ -105,7 +111,7 @@ def run(server: BenchServer, n: int = 20_000) -> dict[str, Any]:
     worker_dir.mkdir(parents=True, exist_ok=True)
     (worker_dir / "bench_remote_worker.py").write_text(WORKER)
     try:
-        api = subprocess.Popen([sys.executable, "-m", "app", "serve", "--roles", "api"], cwd=ROOT, env=env,
+        api = subprocess.Popen([sys.executable, *_profiled("api"), "-m", "app", "serve", "--roles", "api"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         processes.append(api)
         wait_listening(api, port)
@@ -120,7 +126,7 @@ def run(server: BenchServer, n: int = 20_000) -> dict[str, Any]:
             "TASKGATE_LOG_LEVEL": "WARNING",
         }
         worker = subprocess.Popen(
-            [sys.executable, "-m", "taskgate", "worker", "bench_remote_worker:worker"],
+            [sys.executable, *_profiled("worker"), "-m", "taskgate", "worker", "bench_remote_worker:worker"],
             cwd=worker_dir, env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         processes.append(worker)
