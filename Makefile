@@ -41,6 +41,7 @@ lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy --strict app
+	.venv/bin/mypy --strict sdk/python/taskgate
 	.venv/bin/bandit -q -c pyproject.toml -r app
 	.venv/bin/lint-imports
 

@@ -13,6 +13,7 @@ from quart_cors import cors
 from quart_schema import Info, QuartSchema
 
 from app import middlewares, ui
+from app.openapi import TaskgateOpenAPI
 from app.routes.adapter import register_blueprints
 from app.runtime import Runtime
 from app.settings import Settings, load_settings
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         scalar_ui_path=None,
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
         security=[{"bearer": []}],
+        openapi_provider_class=TaskgateOpenAPI,
     )
     json_provider.install(app)
     if settings.CORS_ORIGINS:  # without allowed origins there is nothing to add (and it costs per request)

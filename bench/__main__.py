@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import http_enqueue
+from bench import http_enqueue, remote_drain
 from bench.server import ROOT, BenchServer
 
 RESULTS = ROOT / "bench" / "results"
@@ -205,6 +205,8 @@ def main() -> None:
     step("console pages with 100k tasks in a queue")
     r["console"] = run_json(["-m", "bench.console", server.fresh_database("console"),
                              "--tasks", str(20_000 if args.quick else 100_000)])  # fmt: skip
+    step("remote-worker drain: an SDK Worker over HTTPS")
+    r["remote"] = {"sdk_worker": repeat(runs, lambda: remote_drain.run(server, n)["tasks_per_s"])}
     r["meta"] = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "runs": runs,
@@ -242,6 +244,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         ("worker RSS <= 150 MB", r["memory"]["peak_rss_mb"]["median"], "<=", 150),
         ("slowest console page <= 1000 ms", max(p["max_ms"] for p in r["console"].values()), "<=", 1000),
+        ("remote-worker drain >= 5,000 tasks/s", r["remote"]["sdk_worker"]["median"], ">=", 5_000),
     ]
     return [
         {"target": name, "value": round(value, 3), "met": value >= limit if op == ">=" else value <= limit}
@@ -302,6 +305,9 @@ def table(r: dict[str, Any]) -> str:
         rows.append(
             f"| Console page with 100k tasks: {page}, ms median / max | {timing['median_ms']} / {timing['max_ms']} | |"
         )
+    rows.append(
+        f"| Remote-worker drain (SDK Worker, HTTPS claim/complete), tasks/s | {_cell(r['remote']['sdk_worker'])} | |"
+    )
     rows.append("")
     rows.append("| target | value | met |")
     rows.append("|---|---|---|")

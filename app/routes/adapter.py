@@ -11,6 +11,7 @@ from app.routes.common import metrics
 from app.routes.queues import blueprint as queues
 from app.routes.schedules import blueprint as schedules
 from app.routes.tasks import blueprint as tasks
+from app.routes.workers import blueprint as workers
 from app.ui import blueprint as console
 from app.ui.views import favicon
 from app.ui.views import root as console_root
@@ -22,6 +23,7 @@ BLUEPRINTS = {
     "queues": queues,
     "schedules": schedules,
     "catalog": catalog,
+    "workers": workers,
 }
 
 

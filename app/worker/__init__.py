@@ -13,6 +13,8 @@ someone else finished.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -23,8 +25,10 @@ import structlog
 from app.src.api.engine.outcomes import Backoff
 from app.src.api.kinds import REGISTRY, KindRegistry, TaskContext
 from app.src.database import tasks as task_store
+from app.src.database import workers as worker_store
 from app.src.database.tasks import ClaimedTask
 from app.src.utils.metrics import LAG, WORKER_CAPACITY, WORKER_RUNNING
+from app.version import __version__
 from app.worker.claiming import Claimer
 from app.worker.completing import Completer
 from app.worker.executing import Executor
@@ -62,7 +66,10 @@ class Worker:
         self.resources: Mapping[str, Any] = resources or {}
         self.grace_s = settings.WORKER_SHUTDOWN_GRACE_S
         self.holdings = Holdings()
-        self.leases = LeaseKeeper(db, self.holdings, worker_id=self.id, lease_s=float(settings.LEASE_SECONDS))
+        self.leases = LeaseKeeper(
+            db, self.holdings, worker_id=self.id, lease_s=float(settings.LEASE_SECONDS), seen=self._seen
+        )
+        self.kinds = [kind.name for kind in registry.all()]
         self.claimer = Claimer(
             db,
             self.holdings,
@@ -200,6 +207,21 @@ class Worker:
         if running.abandoned is not None:
             return
         self.completer.add(completion)
+
+    async def _seen(self, running: int) -> None:
+        """This worker's row in GET /api/workers (client_id NULL: it serves every client)."""
+        async with self.db.driver() as conn:
+            await worker_store.seen(
+                conn,
+                worker_id=self.id,
+                client_id=None,
+                name=f"in-process@{socket.gethostname()}:{os.getpid()}",
+                version=__version__,
+                remote=False,
+                kinds=self.kinds,
+                queues=self.claimer.queues,
+                running=running,
+            )
 
     async def _queue_backoff(self, queue_id: int) -> Backoff:
         return (await self.queue_settings.by_ids({queue_id}))[queue_id]

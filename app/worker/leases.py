@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -80,8 +81,17 @@ def fence_margin_s(lease_s: float) -> float:
 class LeaseKeeper:
     """Renews the leases of everything held, passes on cancel requests, and fences the worker."""
 
-    def __init__(self, db: Database, holdings: Holdings, *, worker_id: UUID, lease_s: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        holdings: Holdings,
+        *,
+        worker_id: UUID,
+        lease_s: float,
+        seen: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
         self.db = db
+        self.seen = seen  # after each heartbeat round: records the worker in `workers` (GET /api/workers)
         self.holdings = holdings
         self.worker_id = worker_id
         self.lease_s = lease_s
@@ -105,12 +115,21 @@ class LeaseKeeper:
                 self.fence(now)
                 if (beat is None or beat.done()) and now - last_sent >= self.interval_s:
                     last_sent = now
-                    beat = asyncio.create_task(self.heartbeat(), name="taskgate-worker-heartbeat")
+                    beat = asyncio.create_task(self._beat(), name="taskgate-worker-heartbeat")
         finally:
             if beat is not None:
                 beat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await beat
+
+    async def _beat(self) -> None:
+        await self.heartbeat()
+        if self.seen is not None:
+            try:
+                async with asyncio.timeout(self.interval_s):
+                    await self.seen(self.holdings.count())
+            except Exception as exc:
+                self.log.debug("recording the worker failed", error=str(exc) or type(exc).__name__)
 
     async def heartbeat(self) -> None:
         held = self.holdings.ids()

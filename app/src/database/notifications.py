@@ -38,6 +38,7 @@ class Notifier:
         self._watchers: dict[UUID, set[asyncio.Event]] = {}
         self._on_available: list[Callable[[set[int] | None], None]] = []
         self._on_cancel: list[Callable[[UUID], None]] = []
+        self._available_watchers: set[asyncio.Event] = set()
         self.connected = asyncio.Event()
         self._stopping = False
 
@@ -80,9 +81,21 @@ class Notifier:
                 if not watchers:
                     del self._watchers[task_id]
 
+    @contextlib.contextmanager
+    def watch_available(self) -> Any:
+        """An Event set whenever tasks may have become available (a remote worker's long-poll)."""
+        event = asyncio.Event()
+        self._available_watchers.add(event)
+        try:
+            yield event
+        finally:
+            self._available_watchers.discard(event)
+
     def _wake_everything(self) -> None:
         for callback in self._on_available:
             callback(None)
+        for available in self._available_watchers:
+            available.set()
         for events in self._watchers.values():
             for event in events:
                 event.set()
@@ -107,6 +120,8 @@ class Notifier:
             queue_ids = {int(part) for part in payload.split(",") if part.isdigit()} or None
             for callback in self._on_available:
                 callback(queue_ids)
+            for available in self._available_watchers:
+                available.set()
 
     async def _run(self) -> None:
         delay = RECONNECT_MIN_S

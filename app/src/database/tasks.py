@@ -214,19 +214,37 @@ async def save_idempotency_key(
 # Queues in random order share the batch fairly over time. Paused queues are excluded here, read
 # live, so pausing takes effect at the next claim; queues with a concurrency or rate limit go
 # through CLAIM_LIMITED, under their queue lock.
-CLAIM_AVAILABLE = f"""
+#
+# Two sorts of workers run the same statements, which differ only in which kinds they may take:
+# - in-process workers (CLAIM_AVAILABLE, CLAIM_LIMITED) never take a client's remote kind: each
+#   candidate row read from tasks_claim is checked against remote_kinds' primary key (client_id,
+#   name), one index probe per row, nothing when the client has no remote kinds;
+# - remote workers (CLAIM_AVAILABLE_KINDS, CLAIM_LIMITED_KINDS) take only the kinds they name, of
+#   their own client's queues: one probe per (queue, kind) on tasks_claim_kind (queue_id, kind,
+#   priority, run_at, id) WHERE status = 'available', read in claim order, so a backlog of
+#   another kind in the same queue is never walked past.
+_NOT_REMOTE = (
+    "AND NOT EXISTS (SELECT 1 FROM remote_kinds r WHERE r.client_id = t.client_id AND r.name = t.kind)"
+)
+
+
+def _claim_available(*, remote: bool) -> str:
+    return f"""
 WITH active AS (
     SELECT id FROM queues
     WHERE NOT paused AND max_concurrency IS NULL AND rate_limit_per_s IS NULL
       AND ($4::text[] IS NULL OR name = ANY($4::text[]))
+      {"AND client_id = $6" if remote else ""}
     ORDER BY random()
 ),
 picked AS (
     SELECT c.id
     FROM active q
+    {"CROSS JOIN unnest($5::text[]) k(kind)" if remote else ""}
     CROSS JOIN LATERAL (
         SELECT t.id FROM tasks t
         WHERE t.queue_id = q.id AND t.status = 'available' AND t.run_at <= now()
+          {"AND t.kind = k.kind" if remote else _NOT_REMOTE}
         ORDER BY t.priority, t.run_at, t.id
         LIMIT $1
         FOR UPDATE OF t SKIP LOCKED
@@ -245,11 +263,36 @@ claimed AS (
 SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
 """
 
+
+CLAIM_AVAILABLE = _claim_available(remote=False)
+CLAIM_AVAILABLE_KINDS = _claim_available(remote=True)  # $5 kinds, $6 client
+
 # Limited queues: the caller holds the queue row lock (LOCK_QUEUE, same transaction), so this
 # statement's fresh snapshot sees every task claimed before it; the count of running tasks and the
-# shared token bucket are therefore exact across all worker processes.
+# shared token bucket are therefore exact across all worker processes (of both sorts).
 LOCK_QUEUE = "SELECT id FROM queues WHERE id = $1 AND NOT paused FOR UPDATE"
-CLAIM_LIMITED = f"""
+
+
+def _claim_limited(*, remote: bool) -> str:
+    pick_in_process = f"""
+    SELECT t.id FROM tasks t
+    WHERE t.queue_id = $1 AND t.status = 'available' AND t.run_at <= now()
+      {_NOT_REMOTE}
+    ORDER BY t.priority, t.run_at, t.id
+    LIMIT COALESCE((SELECT n FROM allowance), 0)
+    FOR UPDATE SKIP LOCKED"""
+    pick_remote = """
+    SELECT c.id FROM unnest($5::text[]) k(kind)
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.priority, t.run_at FROM tasks t
+        WHERE t.queue_id = $1 AND t.kind = k.kind AND t.status = 'available' AND t.run_at <= now()
+        ORDER BY t.priority, t.run_at, t.id
+        LIMIT COALESCE((SELECT n FROM allowance), 0)
+        FOR UPDATE OF t SKIP LOCKED
+    ) c
+    ORDER BY c.priority, c.run_at, c.id
+    LIMIT COALESCE((SELECT n FROM allowance), 0)"""
+    return f"""
 WITH q AS (
     SELECT id, max_concurrency, rate_limit_per_s,
            -- NULL without a rate limit (LEAST and GREATEST skip NULLs: the bucket would hold 1)
@@ -268,12 +311,7 @@ allowance AS (
     )) AS n, q.tokens
     FROM q
 ),
-picked AS (
-    SELECT t.id FROM tasks t
-    WHERE t.queue_id = $1 AND t.status = 'available' AND t.run_at <= now()
-    ORDER BY t.priority, t.run_at, t.id
-    LIMIT COALESCE((SELECT n FROM allowance), 0)
-    FOR UPDATE SKIP LOCKED
+picked AS ({pick_remote if remote else pick_in_process}
 ),
 claimed AS (
     UPDATE tasks t
@@ -293,11 +331,24 @@ spent AS (
 SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
 """
 
+
+CLAIM_LIMITED = _claim_limited(remote=False)
+CLAIM_LIMITED_KINDS = _claim_limited(remote=True)  # $5 kinds
+
 LIMITED_QUEUES = """
 SELECT id FROM queues
 WHERE NOT paused AND (max_concurrency IS NOT NULL OR rate_limit_per_s IS NOT NULL)
   AND ($1::text[] IS NULL OR name = ANY($1::text[]))
+  AND ($2::uuid IS NULL OR client_id = $2)
 """
+
+
+@dataclass(frozen=True, slots=True)
+class KindsFilter:
+    """What a remote worker may claim: these kinds, of this client's queues only."""
+
+    client_id: UUID
+    kinds: list[str]
 
 
 @dataclass(slots=True)
@@ -333,23 +384,49 @@ def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[ClaimedTask]:
 
 
 async def claim_available(
-    conn: Executor, *, limit: int, lease_s: float, worker_id: UUID, queues: list[str] | None
+    conn: Executor,
+    *,
+    limit: int,
+    lease_s: float,
+    worker_id: UUID,
+    queues: list[str] | None,
+    kinds: KindsFilter | None = None,
 ) -> list[ClaimedTask]:
-    return _claimed(await conn.fetch(CLAIM_AVAILABLE, limit, lease_s, worker_id, queues))
+    """Claim from unlimited queues: any kind but remote ones, or (`kinds`) a remote worker's."""
+    if kinds is None:
+        return _claimed(await conn.fetch(CLAIM_AVAILABLE, limit, lease_s, worker_id, queues))
+    rows = await conn.fetch(
+        CLAIM_AVAILABLE_KINDS, limit, lease_s, worker_id, queues, kinds.kinds, kinds.client_id
+    )
+    return _claimed(rows)
 
 
-async def limited_queue_ids(conn: Executor, *, queues: list[str] | None) -> list[int]:
-    return [row["id"] for row in await conn.fetch(LIMITED_QUEUES, queues)]
+async def limited_queue_ids(
+    conn: Executor, *, queues: list[str] | None, client_id: UUID | None = None
+) -> list[int]:
+    return [row["id"] for row in await conn.fetch(LIMITED_QUEUES, queues, client_id)]
 
 
 async def claim_limited(
-    conn: Any, *, queue_id: int, limit: int, lease_s: float, worker_id: UUID
+    conn: Any,
+    *,
+    queue_id: int,
+    limit: int,
+    lease_s: float,
+    worker_id: UUID,
+    kinds: KindsFilter | None = None,
 ) -> list[ClaimedTask]:
-    """Claim from one limited queue; `conn` is an asyncpg connection (this opens a transaction)."""
+    """Claim from one limited queue; `conn` is an asyncpg connection (this opens a transaction).
+
+    With `kinds`, the queue must be one of `limited_queue_ids(client_id=kinds.client_id)`.
+    """
     async with conn.transaction():
         if await conn.fetchval(LOCK_QUEUE, queue_id) is None:
             return []
-        return _claimed(await conn.fetch(CLAIM_LIMITED, queue_id, limit, lease_s, worker_id))
+        if kinds is None:
+            return _claimed(await conn.fetch(CLAIM_LIMITED, queue_id, limit, lease_s, worker_id))
+        rows = await conn.fetch(CLAIM_LIMITED_KINDS, queue_id, limit, lease_s, worker_id, kinds.kinds)
+        return _claimed(rows)
 
 
 # --- staging -------------------------------------------------------------------------------------
@@ -388,7 +465,7 @@ async def stage_due(conn: Executor, *, limit: int = 5000) -> int:
 HEARTBEAT = """
 UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $2)
 WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $3
-RETURNING id, cancel_requested
+RETURNING id, cancel_requested, attempts, lease_expires_at
 """
 
 
@@ -396,8 +473,15 @@ async def heartbeat(
     conn: Executor, *, task_ids: list[UUID], lease_s: float, worker_id: UUID
 ) -> dict[UUID, bool]:
     """Extend the leases this worker still holds; returns {task id: cancel requested}."""
-    rows = await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id)
+    rows = await heartbeat_rows(conn, task_ids=task_ids, lease_s=lease_s, worker_id=worker_id)
     return {row["id"]: row["cancel_requested"] for row in rows}
+
+
+async def heartbeat_rows(
+    conn: Executor, *, task_ids: list[UUID], lease_s: float, worker_id: UUID
+) -> Sequence[Mapping[str, Any]]:
+    """The same heartbeat, answering each renewed lease: id, cancel_requested, attempts, lease_expires_at."""
+    return await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id)
 
 
 # Finish many attempts in one statement: the status the worker decided (via the state machine),

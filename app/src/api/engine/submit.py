@@ -15,11 +15,12 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from pydantic import ValidationError
 
+from app.src.api.engine import remote_kinds
 from app.src.api.engine.task_engine import KindContract, SubmitRules, TaskEngine
 from app.src.api.errors import Conflict, TooManyRequests, Unprocessable, field_errors, problem_type
 from app.src.api.models.tasks import Queue, Task, TaskIn
@@ -34,6 +35,13 @@ MAX_IDEMPOTENCY_KEY = 255
 QUOTA_RETRY_AFTER_S = 5
 
 FieldPath = tuple[str | int, ...]
+
+
+class HasMaxAttempts(Protocol):
+    """A kind as the defaults see it: in-process (KindContract) or remote (RemoteKindRow)."""
+
+    @property
+    def max_attempts(self) -> int | None: ...
 
 
 def own_fields(index: int) -> FieldPath:
@@ -134,7 +142,7 @@ def new_tasks(
     rules: SubmitRules,
     submitter: Submitter,
     requests: Sequence[TaskRequest],
-    kinds: Sequence[KindContract | None],
+    kinds: Sequence[HasMaxAttempts | None],
     queues: dict[str, Queue],
 ) -> list[NewTask]:
     """The rows to insert, with the defaults filled in."""
@@ -183,10 +191,18 @@ async def prepare(
     transaction).
     """
     rules = engine.rules
-    kinds: list[KindContract | None] = []
+    # kinds this process does not declare may be the client's own remote kinds (JSON Schema)
+    unknown = {request.kind for request in requests if rules.kinds.get(request.kind) is None}
+    remote = await remote_kinds.lookup(engine.db, client_id=submitter.client_id, names=unknown)
+    kinds: list[HasMaxAttempts | None] = []
     for index, request in enumerate(requests):
         at = field_prefix(index)
-        if check_contract:
+        if request.kind in remote:
+            if check_contract:
+                remote_kinds.validate_remote_payload(remote[request.kind], request.payload, at=at)
+            check_storable(request.payload, at=at)
+            kinds.append(remote[request.kind])
+        elif check_contract:
             kinds.append(checked_kind(rules, request.kind, request.payload, at=at))
         else:
             check_storable(request.payload, at=at)

@@ -9,7 +9,15 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Scope = Literal["tasks:read", "tasks:write", "queues:admin", "schedules:admin", "clients:admin"]
+Scope = Literal[
+    "tasks:read",
+    "tasks:write",
+    "queues:admin",
+    "schedules:admin",
+    "clients:admin",
+    "kinds:admin",
+    "tasks:work",
+]
 SCOPES: tuple[str, ...] = get_args(Scope)
 
 

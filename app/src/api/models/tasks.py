@@ -286,6 +286,7 @@ class KindOut(BaseModel):
     result_schema: dict[str, Any] | None
     max_attempts: int | None
     description: str | None
+    remote: bool = Field(default=False, description="a remote kind: run by this client's workers over HTTPS")
 
 
 class KindList(BaseModel):

@@ -1,0 +1,87 @@
+"""/api/workers: remote workers claim, renew and complete their client's tasks over HTTPS."""
+
+from __future__ import annotations
+
+from quart import Blueprint
+from quart_schema import validate_request, validate_response
+
+from app.middlewares import requires_scopes
+from app.routes.context import client_id, db, engine, notifier, runtime
+from app.src.api import workers
+from app.src.api.models.workers import (
+    ClaimedOut,
+    ClaimIn,
+    ClaimOut,
+    CompleteIn,
+    CompleteOut,
+    CompletionOut,
+    HeartbeatIn,
+    HeartbeatOut,
+    LeaseOut,
+    WorkerList,
+    WorkerOut,
+)
+
+blueprint = Blueprint("workers", __name__)
+
+
+def _lease_s() -> float:
+    return float(runtime().settings.LEASE_SECONDS)
+
+
+@blueprint.post("/claim")
+@requires_scopes("tasks:work")
+@validate_request(ClaimIn)
+@validate_response(ClaimOut)
+async def claim(data: ClaimIn) -> ClaimOut:
+    """Claim tasks of this client's remote kinds; long-polls up to `wait_s` when there are none."""
+    lease_s = _lease_s()
+    claimed = await workers.claim(db(), notifier(), client_id=client_id(), data=data, lease_s=lease_s)
+    return ClaimOut(
+        lease_s=lease_s,
+        items=[
+            ClaimedOut(
+                id=c.task.id,
+                kind=c.task.kind,
+                queue=c.task.queue,
+                payload=c.task.payload,
+                attempt=c.task.attempt,
+                max_attempts=c.task.max_attempts,
+                lease_expires_at=c.lease_expires_at,
+            )
+            for c in claimed
+        ],
+    )
+
+
+@blueprint.post("/heartbeat")
+@requires_scopes("tasks:work")
+@validate_request(HeartbeatIn)
+@validate_response(HeartbeatOut)
+async def heartbeat(data: HeartbeatIn) -> HeartbeatOut:
+    """Renew the leases of running tasks; `lost` lists those this worker no longer holds."""
+    leases, lost = await workers.heartbeat(db(), client_id=client_id(), data=data, lease_s=_lease_s())
+    return HeartbeatOut(
+        items=[LeaseOut(id=x.id, lease_expires_at=x.lease_expires_at, cancel_requested=x.cancel_requested)
+               for x in leases],
+        lost=lost,
+    )  # fmt: skip
+
+
+@blueprint.post("/complete")
+@requires_scopes("tasks:work")
+@validate_request(CompleteIn)
+@validate_response(CompleteOut)
+async def complete(data: CompleteIn) -> CompleteOut:
+    """Finish attempts in a batch; a stale or duplicate completion is `accepted: false`."""
+    answers = await workers.complete(engine(), client_id=client_id(), data=data)
+    return CompleteOut(items=[CompletionOut(id=a.id, accepted=a.accepted, status=a.status) for a in answers])
+
+
+@blueprint.get("")
+@requires_scopes("tasks:read")
+@validate_response(WorkerList)
+async def list_workers() -> WorkerList:
+    """Workers seen in the last 10 minutes: this client's remote ones and the in-process ones."""
+    rows = await workers.list_workers(db(), client_id=client_id())
+    return WorkerList(items=[WorkerOut.model_validate(row, from_attributes=True) for row in rows])

@@ -1,0 +1,188 @@
+"""Remote kinds: a client's own task kinds, with JSON Schema 2020-12 contracts checked here.
+
+Validators are compiled once per (client, kind, schema version) and kept; the kinds of a client
+are cached for a few seconds (a change on this process is seen at once, on another replica within
+KINDS_TTL_S) and re-read at once when an unknown name is asked for, so a kind registered a moment
+ago can be enqueued right away.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, ValidationError
+
+from app.src.api.errors import Conflict, NotFound, Unprocessable
+from app.src.database import workers as store
+from app.src.database.workers import RemoteKindRow
+from app.src.utils import json_text
+
+if TYPE_CHECKING:
+    from app.database import Database
+    from app.src.api.engine.task_engine import KindLookup
+
+KINDS_TTL_S = 5.0
+MAX_ERRORS = 50
+_MAX_VALIDATORS = 10_000
+
+_kinds: dict[UUID, tuple[float, dict[str, RemoteKindRow]]] = {}
+_validators: dict[tuple[UUID, str, int, str], Draft202012Validator] = {}
+
+
+def forget(client_id: UUID) -> None:
+    _kinds.pop(client_id, None)
+
+
+async def kinds_of(db: Database, *, client_id: UUID, fresh: bool = False) -> dict[str, RemoteKindRow]:
+    hit = _kinds.get(client_id)
+    if hit is not None and not fresh and time.monotonic() - hit[0] < KINDS_TTL_S:
+        return hit[1]
+    async with db.driver() as conn:
+        rows = await store.list_kinds(conn, client_id=client_id)
+    kinds = {row.name: row for row in rows}
+    _kinds[client_id] = (time.monotonic(), kinds)
+    return kinds
+
+
+async def lookup(db: Database, *, client_id: UUID, names: Iterable[str]) -> dict[str, RemoteKindRow]:
+    """The remote kinds among `names` (in-process names are never looked up here)."""
+    wanted = set(names)
+    if not wanted:
+        return {}
+    kinds = await kinds_of(db, client_id=client_id)
+    if not wanted <= kinds.keys():
+        kinds = await kinds_of(db, client_id=client_id, fresh=True)
+    return {name: kinds[name] for name in wanted if name in kinds}
+
+
+def _validator(kind: RemoteKindRow, which: str) -> Draft202012Validator | None:
+    schema = kind.payload_schema if which == "payload" else kind.result_schema
+    if schema is None:
+        return None
+    key = (kind.client_id, kind.name, kind.version, which)
+    validator = _validators.get(key)
+    if validator is None:
+        if len(_validators) >= _MAX_VALIDATORS:
+            _validators.clear()
+        # no format checker and no remote $ref retrieval: a schema cannot make the server fetch URLs
+        validator = _validators[key] = Draft202012Validator(schema)
+    return validator
+
+
+def schema_errors(
+    kind: RemoteKindRow, which: str, instance: Any, *, prefix: tuple[str | int, ...]
+) -> list[dict[str, Any]]:
+    """[{field, message, type}] as for pydantic errors (app/src/api/errors.py field_errors)."""
+    validator = _validator(kind, which)
+    if validator is None:
+        return []
+    out: list[dict[str, Any]] = []
+    errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    for error in errors[:MAX_ERRORS]:
+        out.extend(_field_errors(error, prefix))
+    return out
+
+
+def _field_errors(error: ValidationError, prefix: tuple[str | int, ...]) -> list[dict[str, Any]]:
+    path = (*prefix, *error.absolute_path)
+    required = error.validator_value
+    if error.validator == "required" and isinstance(error.instance, Mapping) and isinstance(required, list):
+        missing = [name for name in required if name not in error.instance]
+        return [
+            {"field": ".".join(map(str, (*path, name))), "message": "Field required", "type": "missing"}
+            for name in missing
+        ]
+    return [
+        {
+            "field": ".".join(map(str, path)) or None,
+            "message": error.message if len(error.message) <= 300 else error.message[:299] + "…",
+            "type": str(error.validator),
+        }
+    ]
+
+
+def validate_remote_payload(kind: RemoteKindRow, payload: Any, *, at: tuple[str | int, ...]) -> None:
+    """The enqueue check of a remote kind's payload: a 422 naming the failing fields."""
+    errors = schema_errors(kind, "payload", payload, prefix=(*at, "payload"))
+    if errors:
+        raise Unprocessable(f"The payload does not match the contract of kind {kind.name!r}.", errors=errors)
+
+
+def result_problem(kind: RemoteKindRow | None, result: Any) -> str | None:
+    """Why a remote worker's result cannot complete its task, or None when it can."""
+    if json_text.contains_nul(result):
+        return f"the handler's result cannot be stored: {json_text.NUL_MESSAGE}"
+    if kind is None:
+        return None
+    errors = schema_errors(kind, "result", result, prefix=("result",))
+    if not errors:
+        return None
+    listed = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:10])
+    return f"result does not match the result schema of kind {kind.name!r}: {listed}"
+
+
+def _check_schema(schema: dict[str, Any] | None, field: str) -> list[dict[str, Any]]:
+    if schema is None:
+        return []
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        path = ".".join(map(str, ("body", field, *exc.absolute_path)))
+        return [{"field": path, "message": exc.message, "type": "invalid_schema"}]
+    return []
+
+
+async def register(
+    db: Database,
+    in_process: KindLookup,
+    *,
+    client_id: UUID,
+    name: str,
+    payload_schema: dict[str, Any],
+    result_schema: dict[str, Any] | None,
+    description: str | None,
+    max_attempts: int | None,
+) -> tuple[RemoteKindRow, bool]:
+    """Create or update a remote kind of this client; (kind, created)."""
+    _check_name(name)
+    if in_process.get(name) is not None:
+        raise Conflict(f"{name!r} is a kind this deployment runs itself; a remote kind needs another name.")
+    errors = _check_schema(payload_schema, "payload_schema") + _check_schema(result_schema, "result_schema")
+    if errors:
+        raise Unprocessable("The schema is not valid JSON Schema (draft 2020-12).", errors=errors)
+    async with db.driver() as conn:
+        kind, created = await store.upsert_kind(
+            conn,
+            client_id=client_id,
+            name=name,
+            payload_schema=payload_schema,
+            result_schema=result_schema,
+            description=description,
+            max_attempts=max_attempts,
+        )
+    forget(client_id)
+    return kind, created
+
+
+async def delete(db: Database, *, client_id: UUID, name: str) -> int:
+    """Remove a remote kind; its unstarted tasks are discarded (how many is returned)."""
+    async with db.driver() as conn:
+        existed, discarded = await store.delete_kind(conn, client_id=client_id, name=name)
+    forget(client_id)
+    if not existed:
+        raise NotFound(f"No remote kind {name!r}.")
+    return discarded
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", name):
+        raise Unprocessable(
+            "A kind name is 1 to 128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit.",
+            errors=[{"field": "path.name", "message": "invalid kind name", "type": "value_error"}],
+        )

@@ -1,0 +1,136 @@
+"""Contracts of remote kinds and remote workers: /api/catalog/kinds/{name} and /api/workers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.src.api.models.tasks import KindName, QueueName
+
+MAX_CLAIM = 100
+MAX_WAIT_S = 30.0
+MAX_BATCH = 1000
+
+
+class RemoteKindIn(BaseModel):
+    """A remote kind: its payload (and result) contract as JSON Schema 2020-12."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    payload_schema: dict[str, Any]
+    result_schema: dict[str, Any] | None = None
+    description: str | None = Field(default=None, max_length=2000)
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+
+
+class WorkerIdentity(BaseModel):
+    """Who is asking: a worker's name (unique per process, e.g. host:pid) and its code version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[\x21-\x7e][\x20-\x7e]*$")
+    version: str | None = Field(default=None, max_length=100)
+
+
+class ClaimIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kinds: list[KindName] = Field(min_length=1, max_length=100)
+    queues: list[QueueName] | None = Field(default=None, max_length=100)
+    max: int = Field(default=10, ge=1, le=MAX_CLAIM)
+    wait_s: float = Field(default=10, ge=0, le=MAX_WAIT_S)
+    worker: WorkerIdentity
+
+
+class ClaimedOut(BaseModel):
+    id: UUID
+    kind: str
+    queue: str
+    payload: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    lease_expires_at: datetime
+    steps: dict[str, Any] = Field(default_factory=dict)
+    signals: dict[str, Any] = Field(default_factory=dict)
+    children: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClaimOut(BaseModel):
+    lease_s: float
+    items: list[ClaimedOut]
+
+
+class HeartbeatIn(BaseModel):
+    """Renew the leases of held tasks (and report their progress)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_ids: list[UUID] = Field(max_length=MAX_BATCH)
+    progress: dict[UUID, dict[str, Any]] | None = None
+    worker: WorkerIdentity | None = Field(
+        default=None, description="the worker that claimed the tasks (as in the claim); guards the leases"
+    )
+
+
+class LeaseOut(BaseModel):
+    id: UUID
+    lease_expires_at: datetime
+    cancel_requested: bool
+
+
+class HeartbeatOut(BaseModel):
+    items: list[LeaseOut]
+    lost: list[UUID]
+
+
+Outcome = Literal["completed", "failed", "permanent_failure", "cancelled", "suspended"]
+
+
+class CompletionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: UUID
+    attempt: int = Field(ge=1)
+    outcome: Outcome
+    result: Any = None
+    error: str | None = Field(default=None, max_length=20_000)
+    traceback: str | None = Field(default=None, max_length=64_000)
+    retry_after_s: Annotated[float, Field(ge=0, le=366 * 86_400)] | None = None
+    suspend: dict[str, Any] | None = None
+
+
+class CompleteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[CompletionIn] = Field(min_length=1, max_length=MAX_BATCH)
+    worker: WorkerIdentity | None = Field(
+        default=None, description="the worker that claimed the tasks (as in the claim); guards the leases"
+    )
+
+
+class CompletionOut(BaseModel):
+    id: UUID
+    accepted: bool
+    status: str | None = Field(description="the task's status after this answer (null: no such task)")
+
+
+class CompleteOut(BaseModel):
+    items: list[CompletionOut]
+
+
+class WorkerOut(BaseModel):
+    id: UUID
+    name: str
+    version: str | None
+    remote: bool
+    kinds: list[str]
+    queues: list[str] | None
+    running: int
+    last_seen_at: datetime
+
+
+class WorkerList(BaseModel):
+    items: list[WorkerOut]

@@ -1,0 +1,340 @@
+"""Remote workers: a client's own processes claim, renew and complete its tasks over HTTPS.
+
+Nothing here decides differently from an in-process worker: the claim is the engine's claim
+statement (with the worker's kinds and its client's queues as the filter), leases are renewed by
+the same heartbeat, completions are written by the same guarded statement, and a failed attempt
+goes through the same failure policy (app/src/api/engine/outcomes.py). What remote work adds is
+its identity (a worker id derived from client and worker name), the JSON Schema check of
+results, and the long-poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from app.src.api.engine import remote_kinds
+from app.src.api.engine.outcomes import Outcome, after_failure, clip_error
+from app.src.api.errors import Unprocessable
+from app.src.api.models.workers import ClaimIn, CompleteIn, CompletionIn, HeartbeatIn, WorkerIdentity
+from app.src.api.state_machine import Status, transition
+from app.src.database import tasks as task_store
+from app.src.database import workers as store
+from app.src.database.tasks import ClaimedTask, Completion, KindsFilter
+from app.src.database.workers import HeldTask, WorkerRow
+from app.src.utils.metrics import OUTCOMES
+
+if TYPE_CHECKING:
+    from app.database import Database
+    from app.src.api.engine.task_engine import TaskEngine
+    from app.src.database.notifications import Notifier
+
+_WORKER_NAMESPACE = UUID("5b0f4f64-3c1e-4c55-9a51-7d2f1c7e0a11")
+# LISTEN/NOTIFY is a hint: a long-poll re-checks at least this often even when nothing woke it
+POLL_S = 1.0
+CLAIM_TIMEOUT_S = 5.0
+
+
+def remote_worker_id(client_id: UUID, name: str) -> UUID:
+    """A remote worker's id: the same name of the same client is the same worker."""
+    return uuid.uuid5(_WORKER_NAMESPACE, f"{client_id}/{name}")
+
+
+# What GET /api/workers shows needs no write per request: a worker's row is refreshed at most
+# every SEEN_EVERY_S per process (its claims and heartbeats come far more often), and `running`
+# is what its latest recorded heartbeat held.
+SEEN_EVERY_S = 5.0
+_seen_at: dict[UUID, float] = {}
+_limited: dict[tuple[UUID, tuple[str, ...] | None], tuple[float, list[int]]] = {}
+
+
+def _due_for_seen(worker_id: UUID, *, heartbeat: bool = False) -> bool:
+    now = time.monotonic()
+    if not heartbeat and now - _seen_at.get(worker_id, -SEEN_EVERY_S) < SEEN_EVERY_S:
+        return False
+    if len(_seen_at) > 10_000:
+        _seen_at.clear()
+    _seen_at[worker_id] = now
+    return True
+
+
+async def _limited_queues(conn: task_store.Executor, client_id: UUID, queues: list[str] | None) -> list[int]:
+    """This client's queues with a concurrency or rate limit, re-read at most every POLL_S."""
+    key = (client_id, None if queues is None else tuple(queues))
+    hit = _limited.get(key)
+    if hit is not None and time.monotonic() - hit[0] < POLL_S:
+        return hit[1]
+    ids = await task_store.limited_queue_ids(conn, queues=queues, client_id=client_id)
+    if len(_limited) > 10_000:
+        _limited.clear()
+    _limited[key] = (time.monotonic(), ids)
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    task: ClaimedTask
+    lease_expires_at: datetime
+
+
+async def claim(
+    db: Database, notifier: Notifier, *, client_id: UUID, data: ClaimIn, lease_s: float
+) -> list[Claimed]:
+    """Claim up to `data.max` tasks of the named remote kinds, waiting up to `data.wait_s`."""
+    known = await remote_kinds.lookup(db, client_id=client_id, names=data.kinds)
+    unknown = [name for name in data.kinds if name not in known]
+    if unknown:
+        positions = [i for i, kind in enumerate(data.kinds) if kind in unknown]
+        not_remote = {"message": "not a remote kind of this client", "type": "unknown_kind"}
+        raise Unprocessable(
+            "A remote worker claims only remote kinds its client registered (PUT /api/catalog/kinds/{name}).",
+            errors=[{"field": f"body.kinds.{i}", **not_remote} for i in positions],
+        )
+    kinds = KindsFilter(client_id=client_id, kinds=sorted(set(data.kinds)))
+    worker_id = remote_worker_id(client_id, data.worker.name)
+    if _due_for_seen(worker_id):
+        async with db.driver() as conn:
+            await store.seen(
+                conn,
+                worker_id=worker_id,
+                client_id=client_id,
+                name=data.worker.name,
+                version=data.worker.version,
+                remote=True,
+                kinds=kinds.kinds,
+                queues=data.queues,
+            )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + data.wait_s
+    with notifier.watch_available() as woken:
+        while True:
+            woken.clear()
+            claimed = await _claim_once(
+                db, kinds=kinds, queues=data.queues, want=data.max, lease_s=lease_s, worker_id=worker_id
+            )
+            remaining = deadline - loop.time()
+            if claimed or remaining <= 0:
+                break
+            if await _stage_due(db):
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout=min(remaining, POLL_S))
+    # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
+    return [Claimed(t, t.started_at + timedelta(seconds=lease_s)) for t in claimed]
+
+
+async def _claim_once(
+    db: Database, *, kinds: KindsFilter, queues: list[str] | None, want: int, lease_s: float, worker_id: UUID
+) -> list[ClaimedTask]:
+    """The in-process claimer's round (app/worker/claiming.py), with the remote worker's filter."""
+    async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
+        claimed = await task_store.claim_available(
+            conn, limit=want, lease_s=lease_s, worker_id=worker_id, queues=queues, kinds=kinds
+        )
+        if len(claimed) < want:
+            for queue_id in await _limited_queues(conn, kinds.client_id, queues):
+                if len(claimed) >= want:
+                    break
+                claimed += await task_store.claim_limited(
+                    conn, queue_id=queue_id, limit=want - len(claimed), lease_s=lease_s, worker_id=worker_id,
+                    kinds=kinds,
+                )  # fmt: skip
+    return claimed
+
+
+_staged_at = 0.0
+
+
+async def _stage_due(db: Database) -> int:
+    """Due scheduled and retryable tasks become available, at most once per POLL_S per process:
+    in-process workers do it too, but a deployment whose API replicas serve only remote workers
+    must not leave their retries waiting."""
+    global _staged_at
+    now = asyncio.get_running_loop().time()
+    if now - _staged_at < POLL_S:
+        return 0
+    _staged_at = now
+    async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
+        return await task_store.stage_due(conn)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    id: UUID
+    lease_expires_at: datetime
+    cancel_requested: bool
+
+
+async def heartbeat(
+    db: Database, *, client_id: UUID, data: HeartbeatIn, lease_s: float
+) -> tuple[list[Lease], list[UUID]]:
+    """Renew the leases still held; (renewed, lost). Progress is stored for renewed tasks only."""
+    if not data.task_ids:
+        return [], []
+    renewed: list[Any] = []
+    async with db.driver() as conn:
+        for worker_id, ids in (await _by_worker(conn, client_id, data.task_ids, data.worker)).items():
+            renewed += await task_store.heartbeat_rows(
+                conn, task_ids=ids, lease_s=lease_s, worker_id=worker_id
+            )
+        for row in renewed:
+            progress = (data.progress or {}).get(row["id"])
+            if progress is not None:
+                await task_store.set_progress(
+                    conn, task_id=row["id"], attempt=row["attempts"], progress=progress
+                )
+        if data.worker is not None and _due_for_seen(
+            remote_worker_id(client_id, data.worker.name), heartbeat=True
+        ):
+            await store.seen(
+                conn,
+                worker_id=remote_worker_id(client_id, data.worker.name),
+                client_id=client_id,
+                name=data.worker.name,
+                version=data.worker.version,
+                remote=True,
+                running=len(renewed),
+            )
+    alive = {row["id"] for row in renewed}
+    leases = [Lease(r["id"], r["lease_expires_at"], r["cancel_requested"]) for r in renewed]
+    return leases, [task_id for task_id in dict.fromkeys(data.task_ids) if task_id not in alive]
+
+
+async def _by_worker(
+    conn: task_store.Executor, client_id: UUID, task_ids: list[UUID], worker: WorkerIdentity | None
+) -> dict[UUID, list[UUID]]:
+    """The tasks grouped by the worker id their guard must name. A named worker guards them with
+    its own id; otherwise each running task's current holder (still this client's) stands in,
+    and the attempt number (completion) or the running status (heartbeat) is the guard."""
+    unique = list(dict.fromkeys(task_ids))
+    if worker is not None:
+        return {remote_worker_id(client_id, worker.name): unique}
+    grouped: dict[UUID, list[UUID]] = {}
+    for task in (await store.held_tasks(conn, client_id=client_id, task_ids=unique)).values():
+        if task.worker_id is not None and task.status == Status.RUNNING:
+            grouped.setdefault(task.worker_id, []).append(task.id)
+    return grouped
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    id: UUID
+    accepted: bool
+    status: str | None
+
+
+async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> list[Answer]:
+    """Finish attempts in one guarded statement per worker; a stale or duplicate one is refused."""
+    db = engine.db
+    ids = list(dict.fromkeys(item.id for item in data.items))
+    async with db.driver() as conn:
+        held = await store.held_tasks(conn, client_id=client_id, task_ids=ids)
+    named = None if data.worker is None else remote_worker_id(client_id, data.worker.name)
+    kinds = await remote_kinds.lookup(db, client_id=client_id, names={t.kind for t in held.values()})
+    backoffs = await engine.queues.by_ids({t.queue_id for t in held.values()})
+    now = datetime.now(UTC)
+    groups: dict[UUID, list[Completion]] = {}
+    seen_ids: set[UUID] = set()
+    for item in data.items:
+        task = held.get(item.id)
+        if task is None or item.id in seen_ids or not _current(task, item, named):
+            continue
+        seen_ids.add(item.id)
+        completion = _completion(task, item, kinds.get(task.kind), backoffs.get(task.queue_id), now)
+        if completion is not None and task.worker_id is not None:  # _current: it has a holder
+            groups.setdefault(task.worker_id, []).append(completion)
+    written: dict[UUID, str] = {}
+    async with db.driver() as conn:
+        for worker_id, batch in groups.items():
+            for row in await task_store.complete(conn, batch, worker_id=worker_id):
+                written[row["id"]] = row["status"]
+                OUTCOMES(row["queue"], row["kind"], row["status"]).inc()
+    answers = []
+    for item in data.items:
+        if item.id in written:
+            answers.append(Answer(item.id, True, written.pop(item.id)))
+        else:
+            task = held.get(item.id)
+            answers.append(Answer(item.id, False, None if task is None else task.status))
+    return answers
+
+
+def _current(task: HeldTask, item: CompletionIn, named: UUID | None) -> bool:
+    """The attempt named is the one running now (the statement checks it again, atomically)."""
+    if task.status != Status.RUNNING or task.attempt != item.attempt or task.worker_id is None:
+        return False
+    return named is None or task.worker_id == named
+
+
+def _completion(
+    task: HeldTask, item: CompletionIn, kind: store.RemoteKindRow | None, queue: Any, now: datetime
+) -> Completion | None:
+    """What the worker's report means for the task; None for what this server cannot do yet."""
+    started_at = task.started_at or now
+    error = item.error
+    if item.traceback:
+        error = f"{error or 'failed'}\n{item.traceback}"
+
+    def failed(message: str, *, retry_after_s: float | None = None, permanent: bool = False) -> Completion:
+        if queue is None:  # the queue was deleted meanwhile: nothing left to retry into
+            permanent = True
+        decided = after_failure(
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            queue=queue,
+            retry_after_s=retry_after_s,
+            permanent=permanent,
+        )
+        return _finished(task, item, decided.status, Outcome.FAILED, started_at, now,
+                         error=message, retry_in_s=decided.retry_in_s)  # fmt: skip
+
+    if item.outcome == "completed":
+        problem = remote_kinds.result_problem(kind, item.result)
+        if problem is not None:
+            return failed(problem)
+        return _finished(task, item, Status.COMPLETED, Outcome.COMPLETED, started_at, now, result=item.result)
+    if item.outcome == "failed":
+        return failed(error or "failed", retry_after_s=item.retry_after_s)
+    if item.outcome == "permanent_failure":
+        return failed(error or "permanent failure", permanent=True)
+    if item.outcome == "cancelled":
+        return _finished(task, item, Status.CANCELLED, Outcome.CANCELLED, started_at, now,
+                         error=error or "cancelled")  # fmt: skip
+    return None  # "suspended": durable composition is not served yet; the lease runs its course
+
+
+def _finished(
+    task: HeldTask,
+    item: CompletionIn,
+    status: Status,
+    outcome: Outcome,
+    started_at: datetime,
+    now: datetime,
+    *,
+    result: Any = None,
+    error: str | None = None,
+    retry_in_s: float | None = None,
+) -> Completion:
+    transition(Status.RUNNING, status)
+    return Completion(
+        id=task.id,
+        attempt=item.attempt,
+        status=status,
+        outcome=outcome,
+        started_at=started_at,
+        finished_at=max(now, started_at),
+        result=result,
+        error=None if error is None else clip_error(error),
+        retry_in_s=retry_in_s,
+    )
+
+
+async def list_workers(db: Database, *, client_id: UUID) -> list[WorkerRow]:
+    async with db.driver() as conn:
+        return await store.list_workers(conn, client_id=client_id)

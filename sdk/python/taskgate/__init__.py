@@ -1,0 +1,37 @@
+"""Taskgate's Python SDK: enqueue and follow tasks, and run remote workers, over HTTPS."""
+
+from taskgate import webhooks
+from taskgate.client import AsyncClient, Client
+from taskgate.errors import (
+    ApiError,
+    PermanentError,
+    RetryLater,
+    TaskCancelled,
+    TaskgateError,
+    TimeoutExceeded,
+)
+from taskgate.models import Attempt, Kind, Queue, Schedule, Task, TaskEvent, TaskPage, WorkerInfo
+from taskgate.worker import TaskContext, Worker
+
+__version__ = "0.1.0"
+__all__ = [
+    "ApiError",
+    "AsyncClient",
+    "Attempt",
+    "Client",
+    "Kind",
+    "PermanentError",
+    "Queue",
+    "RetryLater",
+    "Schedule",
+    "Task",
+    "TaskCancelled",
+    "TaskContext",
+    "TaskEvent",
+    "TaskPage",
+    "TaskgateError",
+    "TimeoutExceeded",
+    "Worker",
+    "WorkerInfo",
+    "webhooks",
+]

@@ -1,0 +1,227 @@
+"""Every API call the clients make, described once (`Call`); Client and AsyncClient send them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+from uuid import UUID
+
+from taskgate._core import Call, adapter, dump, new_idempotency_key
+from taskgate.models import (
+    Attempt,
+    Claim,
+    CompletionAnswer,
+    Heartbeat,
+    Kind,
+    Queue,
+    Schedule,
+    Task,
+    TaskPage,
+    WorkerInfo,
+)
+
+TaskId = UUID | str
+MAX_WAIT_S = 60.0  # the server's longest ?wait=
+
+_TASK = adapter(Task)
+_TASKS = adapter(dict[str, list[Task]])
+_PAGE = adapter(TaskPage)
+_ATTEMPTS = adapter(dict[str, list[Attempt]])
+_QUEUE = adapter(Queue)
+_QUEUES = adapter(dict[str, list[Queue]])
+_SCHEDULE = adapter(Schedule)
+_SCHEDULES = adapter(dict[str, Any])
+_KIND = adapter(Kind)
+_KINDS = adapter(dict[str, list[Kind]])
+_CLAIM = adapter(Claim)
+_HEARTBEAT = adapter(Heartbeat)
+_COMPLETE = adapter(dict[str, list[CompletionAnswer]])
+_WORKERS = adapter(dict[str, list[WorkerInfo]])
+_ANY = adapter(Any)
+
+
+def _id(task_id: TaskId) -> str:
+    return str(UUID(str(task_id)))
+
+
+def _name(name: str) -> str:
+    return quote(name, safe="")
+
+
+def task_body(
+    kind: str,
+    payload: Any = None,
+    *,
+    queue: str | None = None,
+    run_at: datetime | None = None,
+    delay_s: float | None = None,
+    priority: int | None = None,
+    max_attempts: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    body = {
+        "kind": kind,
+        "payload": dump(payload) if payload is not None else {},
+        "queue": queue,
+        "run_at": run_at,
+        "delay_s": delay_s,
+        "priority": priority,
+        "max_attempts": max_attempts,
+        **extra,
+    }
+    return {k: dump(v) for k, v in body.items() if v is not None}
+
+
+def _idempotency(key: str | None, idempotent: bool) -> dict[str, str]:
+    if key is None and not idempotent:
+        return {}
+    return {"Idempotency-Key": key or new_idempotency_key()}
+
+
+def enqueue(body: dict[str, Any], *, idempotency_key: str | None, idempotent: bool) -> Call[Task]:
+    return Call("POST", "/api/tasks", _TASK, json=body, headers=_idempotency(idempotency_key, idempotent))
+
+
+def enqueue_many(
+    tasks: Sequence[Mapping[str, Any]], *, idempotency_key: str | None, idempotent: bool
+) -> Call[dict[str, list[Task]]]:
+    body = {"tasks": [dict(t) for t in tasks]}
+    return Call(
+        "POST", "/api/tasks/batch", _TASKS, json=body, headers=_idempotency(idempotency_key, idempotent)
+    )
+
+
+def get(task_id: TaskId, *, wait_s: float | None = None) -> Call[Task]:
+    params = None if not wait_s else {"wait": min(wait_s, MAX_WAIT_S)}
+    return Call("GET", f"/api/tasks/{_id(task_id)}", _TASK, params=params, timeout=(wait_s or 0) + 10)
+
+
+def list_tasks(
+    *, queue: str | None, status: str | None, kind: str | None, limit: int, cursor: str | None
+) -> Call[TaskPage]:
+    params = {"queue": queue, "status": status, "kind": kind, "limit": limit, "cursor": cursor}
+    return Call("GET", "/api/tasks", _PAGE, params={k: v for k, v in params.items() if v is not None})
+
+
+def cancel(task_id: TaskId) -> Call[Task]:
+    return Call("POST", f"/api/tasks/{_id(task_id)}/cancel", _TASK)
+
+
+def retry(task_id: TaskId) -> Call[Task]:
+    return Call("POST", f"/api/tasks/{_id(task_id)}/retry", _TASK)
+
+
+def attempts(task_id: TaskId) -> Call[dict[str, list[Attempt]]]:
+    return Call("GET", f"/api/tasks/{_id(task_id)}/attempts", _ATTEMPTS)
+
+
+def signal(task_id: TaskId, name: str, data: Any) -> Call[Any]:
+    return Call("POST", f"/api/tasks/{_id(task_id)}/signals/{_name(name)}", _ANY, json={"data": dump(data)})
+
+
+def events_path(task_id: TaskId) -> str:
+    return f"/api/tasks/{_id(task_id)}/events"
+
+
+def put_queue(name: str, settings: Mapping[str, Any]) -> Call[Queue]:
+    return Call("PUT", f"/api/queues/{_name(name)}", _QUEUE, json=dump(settings))
+
+
+def get_queue(name: str) -> Call[Queue]:
+    return Call("GET", f"/api/queues/{_name(name)}", _QUEUE)
+
+
+def list_queues() -> Call[dict[str, list[Queue]]]:
+    return Call("GET", "/api/queues", _QUEUES)
+
+
+def queue_action(name: str, action: str) -> Call[Any]:
+    return Call("POST", f"/api/queues/{_name(name)}/{action}", _ANY)
+
+
+def create_schedule(
+    name: str, cron: str, task: Mapping[str, Any], *, timezone: str, paused: bool
+) -> Call[Schedule]:
+    body = {"name": name, "cron": cron, "timezone": timezone, "task": dump(task), "paused": paused}
+    return Call("POST", "/api/schedules", _SCHEDULE, json=body)
+
+
+def list_schedules() -> Call[dict[str, Any]]:
+    return Call("GET", "/api/schedules", _SCHEDULES)
+
+
+def schedule(method: str, schedule_id: TaskId, *, suffix: str = "", body: Any = None) -> Call[Schedule]:
+    return Call(method, f"/api/schedules/{_id(schedule_id)}{suffix}", _SCHEDULE, json=body)
+
+
+def trigger_schedule(schedule_id: TaskId) -> Call[Task]:
+    return Call("POST", f"/api/schedules/{_id(schedule_id)}/trigger", _TASK)
+
+
+def kinds() -> Call[dict[str, list[Kind]]]:
+    return Call("GET", "/api/catalog/kinds", _KINDS)
+
+
+def register_kind(
+    name: str,
+    *,
+    payload_schema: Mapping[str, Any],
+    result_schema: Mapping[str, Any] | None,
+    description: str | None,
+    max_attempts: int | None,
+) -> Call[Kind]:
+    body = {
+        "payload_schema": dict(payload_schema),
+        "result_schema": None if result_schema is None else dict(result_schema),
+        "description": description,
+        "max_attempts": max_attempts,
+    }
+    return Call(
+        "PUT",
+        f"/api/catalog/kinds/{_name(name)}",
+        _KIND,
+        json={k: v for k, v in body.items() if v is not None},
+    )
+
+
+def delete_kind(name: str) -> Call[None]:
+    return Call("DELETE", f"/api/catalog/kinds/{_name(name)}", None)
+
+
+def workers() -> Call[dict[str, list[WorkerInfo]]]:
+    return Call("GET", "/api/workers", _WORKERS)
+
+
+def claim(
+    kinds: Sequence[str],
+    *,
+    worker: Mapping[str, Any],
+    queues: Sequence[str] | None,
+    max: int,
+    wait_s: float,
+) -> Call[Claim]:
+    body: dict[str, Any] = {"kinds": list(kinds), "max": max, "wait_s": wait_s, "worker": dict(worker)}
+    if queues:
+        body["queues"] = list(queues)
+    return Call("POST", "/api/workers/claim", _CLAIM, json=body, timeout=wait_s + 15)
+
+
+def heartbeat(
+    task_ids: Sequence[TaskId], *, worker: Mapping[str, Any], progress: Mapping[str, Any] | None = None
+) -> Call[Heartbeat]:
+    body: dict[str, Any] = {"task_ids": [_id(t) for t in task_ids], "worker": dict(worker)}
+    if progress:
+        body["progress"] = {_id(k): v for k, v in progress.items()}
+    return Call("POST", "/api/workers/heartbeat", _HEARTBEAT, json=body)
+
+
+def complete(
+    items: Sequence[Mapping[str, Any]], *, worker: Mapping[str, Any]
+) -> Call[dict[str, list[CompletionAnswer]]]:
+    body = {
+        "items": [{k: dump(v) for k, v in i.items() if v is not None} for i in items],
+        "worker": dict(worker),
+    }
+    return Call("POST", "/api/workers/complete", _COMPLETE, json=body)

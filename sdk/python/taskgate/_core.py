@@ -1,0 +1,134 @@
+"""What the sync and async clients share: how a call is described, retried and answered."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import random
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from taskgate.errors import ApiError
+
+T = TypeVar("T")
+
+RETRY_STATUSES = frozenset({429, 503})
+DEFAULT_MAX_RETRIES = 5
+MAX_RETRY_DELAY_S = 30.0
+USER_AGENT = "taskgate-python/0.1.0"
+
+
+@dataclass
+class Call(Generic[T]):
+    """One API call: the request and how its answer becomes a typed value."""
+
+    method: str
+    path: str
+    answer: TypeAdapter[T] | None
+    json: Any = None
+    params: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None  # read timeout beyond the client's (long-polls)
+
+    def parse(self, response: httpx.Response) -> T:
+        if self.answer is None or response.status_code == 204:
+            return None  # type: ignore[return-value]
+        return self.answer.validate_json(response.content)
+
+
+def adapter(tp: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(tp)
+
+
+def dump(value: Any) -> Any:
+    """A JSON-ready body: pydantic models dumped, datetimes as RFC 3339."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {k: dump(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [dump(v) for v in value]
+    return value
+
+
+def new_idempotency_key() -> str:
+    return str(uuid.uuid4())
+
+
+def api_error(response: httpx.Response) -> ApiError:
+    body: Any = None
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        body = response.text[:2000]
+    problem = body if isinstance(body, dict) else {}
+    return ApiError(
+        response.status_code,
+        type=str(problem.get("type", "about:blank")),
+        title=problem.get("title") or response.reason_phrase,
+        detail=problem.get("detail") or (None if problem else str(body)[:500] or None),
+        errors=problem.get("errors") if isinstance(problem.get("errors"), list) else None,
+        request_id=response.headers.get("x-request-id"),
+        body=body,
+    )
+
+
+def retry_after_s(response: httpx.Response | None, attempt: int) -> float:
+    """Retry-After (seconds or an HTTP date), else exponential backoff with jitter; bounded."""
+    if response is not None:
+        value = response.headers.get("retry-after")
+        if value:
+            try:
+                return min(MAX_RETRY_DELAY_S, max(0.0, float(value)))
+            except ValueError:
+                when = email.utils.parsedate_to_datetime(value)
+                if when is not None:
+                    return min(MAX_RETRY_DELAY_S, max(0.0, when.timestamp() - time.time()))
+    return float(min(MAX_RETRY_DELAY_S, random.uniform(0.1, 0.5 * 2**attempt)))  # noqa: S311
+
+
+def should_retry(response: httpx.Response | None, error: Exception | None) -> bool:
+    if error is not None:
+        # the request surely never reached the server: safe to send again
+        return isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+    return response is not None and response.status_code in RETRY_STATUSES
+
+
+def build_headers(api_key: str | None, extra: Mapping[str, str] | None) -> dict[str, str]:
+    headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    headers.update(extra or {})
+    return headers
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a text/event-stream, read line by line."""
+    event: str = "message"
+    data: list[str] = []
+    for raw in lines:
+        line = raw.rstrip("\r")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+    if data:
+        yield event, "\n".join(data)

@@ -1,0 +1,588 @@
+"""`Client` (blocking) and `AsyncClient`: the whole Taskgate API, typed.
+
+Both send the same calls (taskgate._calls); 429 and 503 answers and connection failures are
+retried up to `max_retries` times, honouring Retry-After (each wait at most 30 s). `enqueue` sends
+an Idempotency-Key unless told not to, so a retried enqueue never makes two tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import httpx
+
+from taskgate import _calls as calls
+from taskgate._calls import TaskId
+from taskgate._core import (
+    DEFAULT_MAX_RETRIES,
+    Call,
+    api_error,
+    build_headers,
+    retry_after_s,
+    should_retry,
+    sse_events,
+)
+from taskgate.errors import TimeoutExceeded
+from taskgate.models import Attempt, Kind, Queue, Schedule, Task, TaskEvent, TaskPage, WorkerInfo
+
+T = TypeVar("T")
+Tasks = list[Task]
+Attempts = list[Attempt]
+Queues = list[Queue]
+Schedules = list[Schedule]
+Kinds = list[Kind]
+Workers = list[WorkerInfo]
+Verify = bool | str | ssl.SSLContext
+MAX_EVENT_RECONNECTS = 20
+
+
+class _Config:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        verify: Verify,
+        timeout_s: float,
+        max_retries: int,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.verify = verify
+        # a CA bundle path becomes a context (httpx no longer takes paths)
+        self.tls: bool | ssl.SSLContext = (
+            ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        )
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.headers = build_headers(api_key, headers)
+
+    def timeout(self, call: Call[Any]) -> httpx.Timeout:
+        read = self.timeout_s if call.timeout is None else max(self.timeout_s, call.timeout)
+        return httpx.Timeout(self.timeout_s, read=read)
+
+
+def _task_specs(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [calls.task_body(**dict(t)) for t in tasks]
+
+
+class Client:
+    """A blocking client: `Client("https://localhost:8080", api_key=KEY, verify=False)`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        verify: Verify = True,
+        timeout_s: float = 30.0,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        headers: Mapping[str, str] | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.config = _Config(base_url, api_key, verify, timeout_s, max_retries, headers)
+        self._http = http or httpx.Client(
+            base_url=self.config.base_url,
+            headers=self.config.headers,
+            verify=self.config.tls,
+            timeout=timeout_s,
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _run(self, call: Call[T]) -> T:
+        attempt = 0
+        while True:
+            response: httpx.Response | None = None
+            error: Exception | None = None
+            try:
+                response = self._http.request(
+                    call.method, call.path, json=call.json, params=call.params, headers=call.headers,
+                    timeout=self.config.timeout(call),
+                )  # fmt: skip
+            except httpx.TransportError as exc:
+                error = exc
+            if attempt < self.config.max_retries and should_retry(response, error):
+                time.sleep(retry_after_s(response, attempt))
+                attempt += 1
+                continue
+            if error is not None:
+                raise error
+            assert response is not None
+            if response.status_code >= 400:
+                raise api_error(response)
+            return call.parse(response)
+
+    # --- tasks -----------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        queue: str | None = None,
+        run_at: datetime | None = None,
+        delay_s: float | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+        idempotent: bool = True,
+    ) -> Task:
+        """Enqueue one task. An Idempotency-Key is sent (a fresh one unless given) unless
+        `idempotent=False`; a repeat with the same key returns the original task."""
+        body = calls.task_body(kind, payload, queue=queue, run_at=run_at, delay_s=delay_s, priority=priority,
+                               max_attempts=max_attempts)  # fmt: skip
+        return self._run(calls.enqueue(body, idempotency_key=idempotency_key, idempotent=idempotent))
+
+    def enqueue_many(
+        self,
+        tasks: Sequence[Mapping[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+        idempotent: bool = True,
+    ) -> Tasks:
+        """Enqueue up to 1000 tasks at once, all or nothing; each is a dict of `enqueue`'s arguments."""
+        call = calls.enqueue_many(_task_specs(tasks), idempotency_key=idempotency_key, idempotent=idempotent)
+        return self._run(call)["items"]
+
+    def get(self, task_id: TaskId) -> Task:
+        return self._run(calls.get(task_id))
+
+    def wait(self, task_id: TaskId, *, timeout_s: float = 30.0, raise_on_timeout: bool = False) -> Task:
+        """The task once terminal (long-polls the server), or as it is after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            task = self._run(calls.get(task_id, wait_s=max(0.0, remaining)))
+            if task.terminal:
+                return task
+            if deadline - time.monotonic() <= 0:
+                if raise_on_timeout:
+                    raise TimeoutExceeded(f"task {task_id} is still {task.status} after {timeout_s} s")
+                return task
+
+    def list(
+        self,
+        *,
+        queue: str | None = None,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """One page of tasks, newest first; pass `next_cursor` back for the next page."""
+        return self._run(calls.list_tasks(queue=queue, status=status, kind=kind, limit=limit, cursor=cursor))
+
+    def iter_tasks(
+        self,
+        *,
+        queue: str | None = None,
+        status: str | None = None,
+        kind: str | None = None,
+        page_size: int = 100,
+    ) -> Iterator[Task]:
+        """Every matching task, page after page."""
+        cursor: str | None = None
+        while True:
+            page = self.list(queue=queue, status=status, kind=kind, limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def cancel(self, task_id: TaskId) -> Task:
+        return self._run(calls.cancel(task_id))
+
+    def retry(self, task_id: TaskId) -> Task:
+        return self._run(calls.retry(task_id))
+
+    def attempts(self, task_id: TaskId) -> Attempts:
+        return self._run(calls.attempts(task_id))["items"]
+
+    def signal(self, task_id: TaskId, name: str, data: Any = None) -> Any:
+        return self._run(calls.signal(task_id, name, data))
+
+    def events(self, task_id: TaskId) -> Iterator[TaskEvent]:
+        """Status and progress changes until the task is terminal (reconnects if the stream drops)."""
+        reconnects = 0
+        while True:
+            try:
+                with self._http.stream(
+                    "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
+                    timeout=httpx.Timeout(self.config.timeout_s, read=None),
+                ) as response:  # fmt: skip
+                    if response.status_code >= 400:
+                        response.read()
+                        raise api_error(response)
+                    for name, data in sse_events(response.iter_lines()):
+                        if name != "task":
+                            continue
+                        event = TaskEvent.model_validate(json.loads(data))
+                        yield event
+                        if event.terminal:
+                            return
+            except httpx.TransportError:
+                if reconnects >= MAX_EVENT_RECONNECTS:
+                    raise
+            reconnects += 1
+            if reconnects > MAX_EVENT_RECONNECTS:
+                return
+            time.sleep(min(5.0, 0.2 * reconnects))
+
+    # --- queues, schedules, catalog, workers -----------------------------------------------------
+
+    def put_queue(self, name: str, **settings: Any) -> Queue:
+        return self._run(calls.put_queue(name, settings))
+
+    def get_queue(self, name: str) -> Queue:
+        return self._run(calls.get_queue(name))
+
+    def queues(self) -> Queues:
+        return self._run(calls.list_queues())["items"]
+
+    def pause_queue(self, name: str) -> Any:
+        return self._run(calls.queue_action(name, "pause"))
+
+    def resume_queue(self, name: str) -> Any:
+        return self._run(calls.queue_action(name, "resume"))
+
+    def purge_queue(self, name: str) -> Any:
+        return self._run(calls.queue_action(name, "purge"))
+
+    def create_schedule(
+        self, name: str, cron: str, task: Mapping[str, Any], *, timezone: str = "UTC", paused: bool = False
+    ) -> Schedule:
+        return self._run(calls.create_schedule(name, cron, task, timezone=timezone, paused=paused))
+
+    def schedules(self) -> Schedules:
+        return [Schedule.model_validate(s) for s in self._run(calls.list_schedules())["items"]]
+
+    def get_schedule(self, schedule_id: TaskId) -> Schedule:
+        return self._run(calls.schedule("GET", schedule_id))
+
+    def update_schedule(self, schedule_id: TaskId, **changes: Any) -> Schedule:
+        return self._run(calls.schedule("PATCH", schedule_id, body=changes))
+
+    def delete_schedule(self, schedule_id: TaskId) -> Schedule:
+        return self._run(calls.schedule("DELETE", schedule_id))
+
+    def trigger_schedule(self, schedule_id: TaskId) -> Task:
+        return self._run(calls.trigger_schedule(schedule_id))
+
+    def kinds(self) -> Kinds:
+        return self._run(calls.kinds())["items"]
+
+    def register_kind(
+        self,
+        name: str,
+        *,
+        payload_schema: Mapping[str, Any],
+        result_schema: Mapping[str, Any] | None = None,
+        description: str | None = None,
+        max_attempts: int | None = None,
+    ) -> Kind:
+        call = calls.register_kind(
+            name,
+            payload_schema=payload_schema,
+            result_schema=result_schema,
+            description=description,
+            max_attempts=max_attempts,
+        )
+        return self._run(call)
+
+    def delete_kind(self, name: str) -> None:
+        self._run(calls.delete_kind(name))
+
+    def workers(self) -> Workers:
+        return self._run(calls.workers())["items"]
+
+
+class AsyncClient:
+    """The same API, async: `async with AsyncClient(url, api_key=KEY) as tg: await tg.enqueue(...)`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        verify: Verify = True,
+        timeout_s: float = 30.0,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        headers: Mapping[str, str] | None = None,
+        http: httpx.AsyncClient | None = None,
+        max_connections: int = 100,
+    ) -> None:
+        self.config = _Config(base_url, api_key, verify, timeout_s, max_retries, headers)
+        self._http = http or httpx.AsyncClient(
+            base_url=self.config.base_url,
+            headers=self.config.headers,
+            verify=self.config.tls,
+            timeout=timeout_s,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    @classmethod
+    def like(cls, client: Client) -> AsyncClient:
+        """An AsyncClient with the same address, key and TLS settings as `client`."""
+        c = client.config
+        return cls(
+            c.base_url, api_key=c.api_key, verify=c.verify, timeout_s=c.timeout_s, max_retries=c.max_retries
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _run(self, call: Call[T]) -> T:
+        attempt = 0
+        while True:
+            response: httpx.Response | None = None
+            error: Exception | None = None
+            try:
+                response = await self._http.request(
+                    call.method, call.path, json=call.json, params=call.params, headers=call.headers,
+                    timeout=self.config.timeout(call),
+                )  # fmt: skip
+            except httpx.TransportError as exc:
+                error = exc
+            if attempt < self.config.max_retries and should_retry(response, error):
+                await asyncio.sleep(retry_after_s(response, attempt))
+                attempt += 1
+                continue
+            if error is not None:
+                raise error
+            assert response is not None
+            if response.status_code >= 400:
+                raise api_error(response)
+            return call.parse(response)
+
+    async def enqueue(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        queue: str | None = None,
+        run_at: datetime | None = None,
+        delay_s: float | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+        idempotent: bool = True,
+    ) -> Task:
+        body = calls.task_body(kind, payload, queue=queue, run_at=run_at, delay_s=delay_s, priority=priority,
+                               max_attempts=max_attempts)  # fmt: skip
+        return await self._run(calls.enqueue(body, idempotency_key=idempotency_key, idempotent=idempotent))
+
+    async def enqueue_many(
+        self,
+        tasks: Sequence[Mapping[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+        idempotent: bool = True,
+    ) -> Tasks:
+        call = calls.enqueue_many(_task_specs(tasks), idempotency_key=idempotency_key, idempotent=idempotent)
+        return (await self._run(call))["items"]
+
+    async def get(self, task_id: TaskId) -> Task:
+        return await self._run(calls.get(task_id))
+
+    async def wait(self, task_id: TaskId, *, timeout_s: float = 30.0, raise_on_timeout: bool = False) -> Task:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            task = await self._run(calls.get(task_id, wait_s=max(0.0, deadline - loop.time())))
+            if task.terminal:
+                return task
+            if deadline - loop.time() <= 0:
+                if raise_on_timeout:
+                    raise TimeoutExceeded(f"task {task_id} is still {task.status} after {timeout_s} s")
+                return task
+
+    async def list(
+        self,
+        *,
+        queue: str | None = None,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        return await self._run(
+            calls.list_tasks(queue=queue, status=status, kind=kind, limit=limit, cursor=cursor)
+        )
+
+    async def iter_tasks(
+        self,
+        *,
+        queue: str | None = None,
+        status: str | None = None,
+        kind: str | None = None,
+        page_size: int = 100,
+    ) -> AsyncIterator[Task]:
+        cursor: str | None = None
+        while True:
+            page = await self.list(queue=queue, status=status, kind=kind, limit=page_size, cursor=cursor)
+            for task in page.items:
+                yield task
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def cancel(self, task_id: TaskId) -> Task:
+        return await self._run(calls.cancel(task_id))
+
+    async def retry(self, task_id: TaskId) -> Task:
+        return await self._run(calls.retry(task_id))
+
+    async def attempts(self, task_id: TaskId) -> Attempts:
+        return (await self._run(calls.attempts(task_id)))["items"]
+
+    async def signal(self, task_id: TaskId, name: str, data: Any = None) -> Any:
+        return await self._run(calls.signal(task_id, name, data))
+
+    async def events(self, task_id: TaskId) -> AsyncIterator[TaskEvent]:
+        reconnects = 0
+        while True:
+            try:
+                async with self._http.stream(
+                    "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
+                    timeout=httpx.Timeout(self.config.timeout_s, read=None),
+                ) as response:  # fmt: skip
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise api_error(response)
+                    async for name, data in _sse(response):
+                        if name != "task":
+                            continue
+                        event = TaskEvent.model_validate(json.loads(data))
+                        yield event
+                        if event.terminal:
+                            return
+            except httpx.TransportError:
+                if reconnects >= MAX_EVENT_RECONNECTS:
+                    raise
+            reconnects += 1
+            if reconnects > MAX_EVENT_RECONNECTS:
+                return
+            await asyncio.sleep(min(5.0, 0.2 * reconnects))
+
+    async def put_queue(self, name: str, **settings: Any) -> Queue:
+        return await self._run(calls.put_queue(name, settings))
+
+    async def get_queue(self, name: str) -> Queue:
+        return await self._run(calls.get_queue(name))
+
+    async def queues(self) -> Queues:
+        return (await self._run(calls.list_queues()))["items"]
+
+    async def pause_queue(self, name: str) -> Any:
+        return await self._run(calls.queue_action(name, "pause"))
+
+    async def resume_queue(self, name: str) -> Any:
+        return await self._run(calls.queue_action(name, "resume"))
+
+    async def purge_queue(self, name: str) -> Any:
+        return await self._run(calls.queue_action(name, "purge"))
+
+    async def create_schedule(
+        self, name: str, cron: str, task: Mapping[str, Any], *, timezone: str = "UTC", paused: bool = False
+    ) -> Schedule:
+        return await self._run(calls.create_schedule(name, cron, task, timezone=timezone, paused=paused))
+
+    async def schedules(self) -> Schedules:
+        return [Schedule.model_validate(s) for s in (await self._run(calls.list_schedules()))["items"]]
+
+    async def get_schedule(self, schedule_id: TaskId) -> Schedule:
+        return await self._run(calls.schedule("GET", schedule_id))
+
+    async def update_schedule(self, schedule_id: TaskId, **changes: Any) -> Schedule:
+        return await self._run(calls.schedule("PATCH", schedule_id, body=changes))
+
+    async def delete_schedule(self, schedule_id: TaskId) -> Schedule:
+        return await self._run(calls.schedule("DELETE", schedule_id))
+
+    async def trigger_schedule(self, schedule_id: TaskId) -> Task:
+        return await self._run(calls.trigger_schedule(schedule_id))
+
+    async def kinds(self) -> Kinds:
+        return (await self._run(calls.kinds()))["items"]
+
+    async def register_kind(
+        self,
+        name: str,
+        *,
+        payload_schema: Mapping[str, Any],
+        result_schema: Mapping[str, Any] | None = None,
+        description: str | None = None,
+        max_attempts: int | None = None,
+    ) -> Kind:
+        call = calls.register_kind(
+            name,
+            payload_schema=payload_schema,
+            result_schema=result_schema,
+            description=description,
+            max_attempts=max_attempts,
+        )
+        return await self._run(call)
+
+    async def delete_kind(self, name: str) -> None:
+        await self._run(calls.delete_kind(name))
+
+    async def workers(self) -> Workers:
+        return (await self._run(calls.workers()))["items"]
+
+    # --- the remote worker protocol (used by taskgate.Worker) ------------------------------------
+
+    async def claim(
+        self,
+        kinds: Sequence[str],
+        *,
+        worker: Mapping[str, Any],
+        queues: Sequence[str] | None = None,
+        max: int = 10,
+        wait_s: float = 10.0,
+    ) -> Any:
+        return await self._run(calls.claim(kinds, worker=worker, queues=queues, max=max, wait_s=wait_s))
+
+    async def heartbeat(
+        self,
+        task_ids: Sequence[TaskId],
+        *,
+        worker: Mapping[str, Any],
+        progress: Mapping[str, Any] | None = None,
+    ) -> Any:
+        return await self._run(calls.heartbeat(task_ids, worker=worker, progress=progress))
+
+    async def complete(self, items: Sequence[Mapping[str, Any]], *, worker: Mapping[str, Any]) -> Any:
+        return (await self._run(calls.complete(items, worker=worker)))["items"]
+
+
+async def _sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) pairs as each blank line closes one: an SSE stream is long-lived."""
+    pending: list[str] = []
+    async for line in response.aiter_lines():
+        pending.append(line)
+        if not line.rstrip("\r"):
+            for event in sse_events(iter(pending)):
+                yield event
+            pending = []
+    for event in sse_events(iter(pending)):
+        yield event

@@ -1,0 +1,154 @@
+"""Typed answers of the Taskgate API. Unknown fields are kept (`extra="allow"`): a newer server
+never breaks an older SDK."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal[
+    "scheduled", "available", "running", "waiting", "retryable", "completed", "discarded", "cancelled"
+]
+TERMINAL: frozenset[str] = frozenset({"completed", "discarded", "cancelled"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Task(_Model):
+    id: UUID
+    queue: str
+    kind: str
+    payload: dict[str, Any]
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: Any = None
+    last_error: str | None = None
+    progress: Any = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class TaskPage(_Model):
+    items: list[Task]
+    next_cursor: str | None = None
+
+
+class Attempt(_Model):
+    attempt: int
+    started_at: datetime
+    finished_at: datetime
+    outcome: str
+    http_status: int | None = None
+    error: str | None = None
+    duration_ms: float
+
+
+class TaskEvent(_Model):
+    """One server-sent event of `GET /api/tasks/{id}/events`: a status or progress change."""
+
+    id: UUID
+    status: str
+    attempts: int
+    progress: Any = None
+    last_error: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class Queue(_Model):
+    name: str
+    max_concurrency: int | None = None
+    rate_limit_per_s: float | None = None
+    max_attempts: int
+    min_backoff_s: float
+    max_backoff_s: float
+    paused: bool
+    created_at: datetime
+    updated_at: datetime
+    counts: dict[str, int] | None = None
+    oldest_available_age_s: float | None = None
+
+
+class Schedule(_Model):
+    id: UUID
+    name: str
+    cron: str
+    timezone: str
+    task: dict[str, Any]
+    paused: bool
+    next_run_at: datetime | None = None
+    last_fire_time: datetime | None = None
+    last_task_id: UUID | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Kind(_Model):
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    payload_schema: dict[str, Any]
+    result_schema: dict[str, Any] | None = None
+    max_attempts: int | None = None
+    description: str | None = None
+    remote: bool = False
+
+
+class ClaimedTask(_Model):
+    id: UUID
+    kind: str
+    queue: str
+    payload: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    lease_expires_at: datetime
+    steps: dict[str, Any] = Field(default_factory=dict)
+    signals: dict[str, Any] = Field(default_factory=dict)
+    children: dict[str, Any] = Field(default_factory=dict)
+
+
+class Claim(_Model):
+    lease_s: float
+    items: list[ClaimedTask]
+
+
+class Lease(_Model):
+    id: UUID
+    lease_expires_at: datetime
+    cancel_requested: bool
+
+
+class Heartbeat(_Model):
+    items: list[Lease]
+    lost: list[UUID]
+
+
+class CompletionAnswer(_Model):
+    id: UUID
+    accepted: bool
+    status: str | None = None
+
+
+class WorkerInfo(_Model):
+    id: UUID
+    name: str
+    version: str | None = None
+    remote: bool = True
+    kinds: list[str]
+    queues: list[str] | None = None
+    running: int
+    last_seen_at: datetime

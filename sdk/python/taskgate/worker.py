@@ -1,0 +1,484 @@
+"""`Worker`: runs this project's task kinds in this process, fed by Taskgate over HTTPS.
+
+```python
+worker = Worker(tg, queues=["reports"], concurrency=20)
+
+@worker.kind("reports.build", payload=BuildReport, result=ReportReady)
+async def build(ctx: TaskContext, payload: BuildReport) -> ReportReady: ...
+
+worker.run()
+```
+
+`run()` registers each kind's schemas (PUT /api/catalog/kinds/{name}), then claims in batches
+with a long-poll, runs handlers concurrently (sync handlers in a thread pool), renews leases every
+third of the lease, sends progress with the heartbeats and completes in batches. A handler whose
+lease is lost (or cannot be confirmed in time) is abandoned: its task belongs to another attempt
+now. SIGTERM/SIGINT: stop claiming, let running handlers finish within `grace_s`, then let the
+remaining leases go (they expire and the server retries those tasks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ValidationError
+
+from taskgate.client import AsyncClient, Client
+from taskgate.errors import ApiError, PermanentError, RetryLater, TaskCancelled
+from taskgate.models import ClaimedTask
+
+log = logging.getLogger("taskgate.worker")
+
+P = TypeVar("P")
+Handler = Callable[..., Any]
+MAX_CLAIM = 100
+MAX_COMPLETE_BATCH = 1000
+MAX_TRACEBACK = 8192
+
+
+class TaskContext:
+    """What a running handler knows about its task, and how it reports back."""
+
+    def __init__(self, task: ClaimedTask, worker: Worker) -> None:
+        self.task_id: UUID = task.id
+        self.attempt = task.attempt
+        self.max_attempts = task.max_attempts
+        self.kind = task.kind
+        self.queue = task.queue
+        self.payload: dict[str, Any] = task.payload
+        self._worker = worker
+        self._cancelled = threading.Event()  # sync handlers in threads may wait on it too
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a client asked to cancel this task (seen at the next heartbeat)."""
+        return self._cancelled.is_set()
+
+    def wait_cancelled(self, timeout_s: float | None = None) -> bool:
+        """For sync handlers: block until cancelled or `timeout_s` passes."""
+        return self._cancelled.wait(timeout_s)
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        """Report progress (any JSON object); sent with the next heartbeat. Safe from threads."""
+        self._worker._progress[self.task_id] = progress
+
+    async def report_progress(self, progress: dict[str, Any]) -> None:
+        self.progress(progress)
+
+
+@dataclass
+class RegisteredKind(Generic[P]):
+    name: str
+    handler: Handler
+    payload: type[BaseModel] | None
+    result: type[BaseModel] | None
+    description: str | None
+    max_attempts: int | None
+    is_async: bool
+
+    def payload_schema(self) -> dict[str, Any]:
+        return self.payload.model_json_schema() if self.payload is not None else {"type": "object"}
+
+    def result_schema(self) -> dict[str, Any] | None:
+        return self.result.model_json_schema() if self.result is not None else None
+
+
+@dataclass
+class _Running:
+    task: ClaimedTask
+    ctx: TaskContext
+    lease_from: float  # monotonic time the request that last set its lease was sent
+    runner: asyncio.Task[None] | None = None
+    abandoned: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    def __init__(
+        self,
+        client: Client | AsyncClient,
+        *,
+        queues: list[str] | None = None,
+        concurrency: int = 10,
+        batch_size: int | None = None,
+        name: str | None = None,
+        version: str | None = None,
+        grace_s: float = 30.0,
+        wait_s: float = 10.0,
+        threads: int | None = None,
+    ) -> None:
+        self._client_arg = client
+        self.queues = queues
+        self.concurrency = concurrency
+        self.batch_size = min(MAX_CLAIM, batch_size or concurrency)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.version = version
+        self.grace_s = grace_s
+        self.wait_s = wait_s
+        self.threads = threads or concurrency
+        self.kinds: dict[str, RegisteredKind[Any]] = {}
+        self._progress: dict[UUID, dict[str, Any]] = {}
+        self._running: dict[UUID, _Running] = {}
+        self._pending: list[dict[str, Any]] = []
+        self._lease_s = 30.0
+        self._claiming = 0  # slots reserved by claims in flight
+        self._stop: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None
+        self._to_complete: asyncio.Event | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._client: AsyncClient | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        who: dict[str, Any] = {"name": self.name}
+        if self.version:
+            who["version"] = self.version
+        return who
+
+    def kind(
+        self,
+        name: str,
+        *,
+        payload: type[BaseModel] | None = None,
+        result: type[BaseModel] | None = None,
+        description: str | None = None,
+        max_attempts: int | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Declare a remote kind handled here: `handler(ctx, payload)`, async or not."""
+
+        def register(handler: Handler) -> Handler:
+            if name in self.kinds:
+                raise ValueError(f"kind {name!r} is declared twice in this worker")
+            self.kinds[name] = RegisteredKind(
+                name=name,
+                handler=handler,
+                payload=payload,
+                result=result,
+                description=description or inspect.getdoc(handler),
+                max_attempts=max_attempts,
+                is_async=inspect.iscoroutinefunction(handler),
+            )
+            return handler
+
+        return register
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until SIGTERM or SIGINT (blocking)."""
+        asyncio.run(self._main_with_signals())
+
+    async def _main_with_signals(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await self.run_async(stop)
+
+    def stop(self) -> None:
+        """Ask a running worker to stop gracefully (from its event loop)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run_async(self, stop: asyncio.Event | None = None) -> None:
+        if not self.kinds:
+            raise RuntimeError("this worker declares no kinds (use @worker.kind(...))")
+        self._stop = stop or asyncio.Event()
+        self._room = asyncio.Event()
+        self._to_complete = asyncio.Event()
+        own_client = not isinstance(self._client_arg, AsyncClient)
+        client = (
+            AsyncClient.like(self._client_arg) if isinstance(self._client_arg, Client) else self._client_arg
+        )
+        self._client = client
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="taskgate-handler")
+        try:
+            await self.register()
+            log.info("worker started", extra={"worker": self.name, "kinds": sorted(self.kinds)})
+            # several claims in flight when the capacity spans several batches: a claim's round
+            # trip, not the handlers, bounds a fast worker
+            claimers = max(1, min(4, self.concurrency // self.batch_size))
+            claiming = [
+                asyncio.create_task(self._claim_loop(), name=f"taskgate-claim-{i}") for i in range(claimers)
+            ]
+            services = [
+                asyncio.create_task(self._heartbeat_loop(), name="taskgate-heartbeat"),
+                asyncio.create_task(self._complete_loop(), name="taskgate-complete"),
+            ]
+            stopping = asyncio.create_task(self._stop.wait())
+            await asyncio.wait([*claiming, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            for claimer in claiming:
+                claimer.cancel()
+            ended = await asyncio.gather(*claiming, return_exceptions=True)
+            failed = [e for e in ended if isinstance(e, Exception)]
+            await self._drain(services)
+            if failed:
+                raise failed[0]
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            if own_client:
+                await client.aclose()
+            log.info("worker stopped", extra={"worker": self.name})
+
+    async def register(self) -> None:
+        """Register (or update) every declared kind's schemas with the server."""
+        assert self._client is not None
+        for kind in self.kinds.values():
+            await self._client.register_kind(
+                kind.name,
+                payload_schema=kind.payload_schema(),
+                result_schema=kind.result_schema(),
+                description=kind.description,
+                max_attempts=kind.max_attempts,
+            )
+
+    async def _drain(self, services: list[asyncio.Task[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        runners = [r.runner for r in self._running.values() if r.runner is not None]
+        if runners:
+            log.info("waiting for running tasks", extra={"count": len(runners), "grace_s": self.grace_s})
+            await asyncio.wait(runners, timeout=max(0.0, deadline - loop.time()))
+        for running in list(self._running.values()):
+            self._abandon(running, "shutdown")
+        # the last completions, within what is left of the grace period (at least a moment)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush_all(), timeout=max(1.0, deadline - loop.time()))
+        for service in services:
+            service.cancel()
+        await asyncio.gather(*services, return_exceptions=True)
+
+    # --- claiming --------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        assert self._client is not None
+        assert self._room is not None
+        failures = 0
+        while True:
+            free = self.concurrency - len(self._running) - len(self._pending) - self._claiming
+            if free <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            sent = time.monotonic()
+            want = min(free, self.batch_size)
+            self._claiming += want
+            try:
+                claim = await self._client.claim(
+                    sorted(self.kinds), worker=self.identity, queues=self.queues, max=want, wait_s=self.wait_s
+                )
+            except asyncio.CancelledError:
+                raise
+            except ApiError as exc:
+                if exc.status in (401, 403, 422):
+                    log.error("claim refused: %s", exc)
+                    raise
+                failures += 1
+                log.warning("claim failed: %s", exc)
+                claim = None
+            except Exception as exc:
+                failures += 1
+                log.warning("claim failed: %s", exc)
+                claim = None
+            finally:
+                self._claiming -= want
+            if claim is None:
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+                continue
+            failures = 0
+            self._lease_s = float(claim.lease_s)
+            for task in claim.items:
+                self._start(task, sent)
+
+    def _start(self, task: ClaimedTask, lease_from: float) -> None:
+        running = _Running(task, TaskContext(task, self), lease_from)
+        self._running[task.id] = running
+        running.runner = asyncio.create_task(self._execute(running), name=f"taskgate-task-{task.id}")
+
+    # --- running ---------------------------------------------------------------------------------
+
+    async def _execute(self, running: _Running) -> None:
+        try:
+            report = await self._outcome(running)
+        except asyncio.CancelledError:
+            if running.abandoned is not None:
+                self._finished(running)
+                return
+            report = {"outcome": "cancelled", "error": "cancelled by request"}
+        self._finished(running)
+        if running.abandoned is not None:
+            return
+        task = running.task
+        self._pending.append({"id": str(task.id), "attempt": task.attempt, **report})
+        assert self._to_complete is not None
+        self._to_complete.set()
+
+    def _finished(self, running: _Running) -> None:
+        self._running.pop(running.task.id, None)
+        if running.abandoned is not None and self._room is not None:
+            self._room.set()
+
+    async def _outcome(self, running: _Running) -> dict[str, Any]:
+        task, ctx = running.task, running.ctx
+        kind = self.kinds.get(task.kind)
+        if kind is None:
+            return {"outcome": "failed", "error": f"kind {task.kind!r} is not declared in worker {self.name}"}
+        try:
+            payload: Any = (
+                kind.payload.model_validate(task.payload) if kind.payload is not None else task.payload
+            )
+        except ValidationError as exc:
+            return {"outcome": "permanent_failure", "error": f"payload does not match {kind.name!r}: {exc}"}
+        try:
+            if kind.is_async:
+                value = await kind.handler(ctx, payload)
+            else:
+                loop = asyncio.get_running_loop()
+                value = await loop.run_in_executor(self._pool, kind.handler, ctx, payload)
+            return {"outcome": "completed", "result": _result(kind, value)}
+        except RetryLater as exc:
+            return {"outcome": "failed", "error": str(exc) or "retry later", "retry_after_s": exc.after_s}
+        except PermanentError as exc:
+            return {"outcome": "permanent_failure", "error": str(exc) or type(exc).__name__}
+        except TaskCancelled as exc:
+            return {"outcome": "cancelled", "error": str(exc) or "cancelled"}
+        except ValidationError as exc:
+            return {
+                "outcome": "failed",
+                "error": f"result does not match the result model of {kind.name!r}: {exc}",
+            }
+        except Exception as exc:
+            log.warning("task %s failed: %r", task.id, exc)
+            return {
+                "outcome": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-MAX_TRACEBACK:],
+            }
+
+    def _abandon(self, running: _Running, reason: str) -> None:
+        if running.abandoned is None:
+            running.abandoned = reason
+        running.ctx._cancelled.set()
+        if running.runner is not None and not running.runner.done():
+            running.runner.cancel()
+
+    # --- leases ----------------------------------------------------------------------------------
+
+    def _margin_s(self) -> float:
+        return max(1.0, self._lease_s / 5)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._client is not None
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(min(self._lease_s / 3, self._margin_s() / 2))
+            now = time.monotonic()
+            self._fence(now)
+            if now - last < self._lease_s / 3:
+                continue
+            last = now
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        assert self._client is not None
+        held = [*self._running, *(UUID(c["id"]) for c in self._pending)]
+        if not held:
+            return
+        progress, self._progress = self._progress, {}
+        sent = time.monotonic()
+        try:
+            answer = await asyncio.wait_for(
+                self._client.heartbeat(
+                    held, worker=self.identity, progress={str(k): v for k, v in progress.items()}
+                ),
+                timeout=self._lease_s / 3,
+            )
+        except Exception as exc:
+            for task_id, value in progress.items():  # send it again next time
+                self._progress.setdefault(task_id, value)
+            log.warning("heartbeat failed: %s", exc or type(exc).__name__)
+            return
+        for lease in answer.items:
+            running = self._running.get(lease.id)
+            if running is None:
+                continue
+            running.lease_from = max(running.lease_from, sent)
+            if lease.cancel_requested and not running.ctx.cancelled:
+                running.ctx._cancelled.set()
+                kind = self.kinds.get(running.task.kind)
+                if kind is not None and kind.is_async and running.runner is not None:
+                    running.runner.cancel()  # async handlers are interrupted; sync ones see ctx.cancelled
+        pending = {c["id"] for c in self._pending}
+        for task_id in answer.lost:
+            running = self._running.get(task_id)
+            if running is not None and str(task_id) not in pending:
+                log.warning("lease lost; abandoning task %s", task_id)
+                self._abandon(running, "lease lost")
+
+    def _fence(self, now: float) -> None:
+        """Abandon handlers whose lease could not be confirmed: stop before someone else starts."""
+        for running in list(self._running.values()):
+            if running.abandoned is None and now >= running.lease_from + self._lease_s - self._margin_s():
+                log.warning("lease of task %s unconfirmed; abandoning it", running.task.id)
+                self._abandon(running, "lease unconfirmed")
+
+    # --- completing ------------------------------------------------------------------------------
+
+    async def _complete_loop(self) -> None:
+        assert self._to_complete is not None
+        while True:
+            await self._to_complete.wait()
+            self._to_complete.clear()
+            try:
+                while self._pending:
+                    await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("completing failed; retrying: %s", exc)
+                await asyncio.sleep(0.5)
+                self._to_complete.set()
+
+    async def _flush_all(self) -> None:
+        while self._pending:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        assert self._client is not None
+        assert self._room is not None
+        batch = self._pending[:MAX_COMPLETE_BATCH]
+        answers = await self._client.complete(batch, worker=self.identity)
+        done = {str(a.id) for a in answers}
+        self._pending = [c for c in self._pending if c["id"] not in done]
+        refused = [a for a in answers if not a.accepted]
+        if refused:
+            log.info("%d completions refused: their leases were lost", len(refused))
+        self._room.set()
+
+
+def _result(kind: RegisteredKind[Any], value: Any) -> Any:
+    if kind.result is not None:
+        data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        return kind.result.model_validate(data).model_dump(mode="json")
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
+
+
+AsyncHandler = Callable[[TaskContext, Any], Awaitable[Any]]

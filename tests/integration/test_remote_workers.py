@@ -1,0 +1,289 @@
+"""Remote kinds and the remote worker protocol (claim, heartbeat, complete) against PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from quart.typing import TestClientProtocol as Client
+
+from app.database import Database
+from app.src.database import tasks as task_store
+from tests.task_harness import enqueue, eventually, fetch
+
+REPORT = {
+    "type": "object",
+    "properties": {"account_id": {"type": "integer", "minimum": 1}, "title": {"type": "string"}},
+    "required": ["account_id"],
+    "additionalProperties": False,
+}
+READY = {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]}
+WORKER = {"name": "test-host:1", "version": "1.2.3"}
+
+
+async def register(client: Client, headers: dict[str, str], name: str = "reports.build", **extra: Any) -> Any:
+    body = {"payload_schema": REPORT, "result_schema": READY, **extra}
+    response = await client.put(f"/api/catalog/kinds/{name}", json=body, headers=headers)
+    assert response.status_code in (200, 201), await response.get_data(as_text=True)
+    return await response.get_json()
+
+
+async def claim(client: Client, headers: dict[str, str], **body: Any) -> Any:
+    body = {"kinds": ["reports.build"], "wait_s": 0, "worker": WORKER, **body}
+    response = await client.post("/api/workers/claim", json=body, headers=headers)
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    return await response.get_json()
+
+
+async def complete(client: Client, headers: dict[str, str], *items: dict[str, Any], **extra: Any) -> Any:
+    body = {"items": list(items), "worker": WORKER, **extra}
+    response = await client.post("/api/workers/complete", json=body, headers=headers)
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    return (await response.get_json())["items"]
+
+
+async def test_a_remote_kind_is_listed_for_its_client_only(
+    client: Client, auth_headers: dict[str, str], other_client_headers: dict[str, str]
+) -> None:
+    first = await client.put(
+        "/api/catalog/kinds/reports.build", json={"payload_schema": REPORT}, headers=auth_headers
+    )
+    assert first.status_code == 201
+    again = await client.put(
+        "/api/catalog/kinds/reports.build", json={"payload_schema": REPORT}, headers=auth_headers
+    )
+    assert again.status_code == 200
+    mine = (await (await client.get("/api/catalog/kinds", headers=auth_headers)).get_json())["items"]
+    by_name = {k["name"]: k for k in mine}
+    assert by_name["reports.build"]["remote"] is True
+    assert by_name["reports.build"]["payload_schema"] == REPORT
+    assert by_name["noop"]["remote"] is False
+    theirs = (await (await client.get("/api/catalog/kinds", headers=other_client_headers)).get_json())[
+        "items"
+    ]
+    assert "reports.build" not in {k["name"] for k in theirs}
+    gone = await client.delete("/api/catalog/kinds/reports.build", headers=other_client_headers)
+    assert gone.status_code == 404
+
+
+async def test_builtin_names_conflict_and_invalid_schemas_are_422(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    taken = await client.put("/api/catalog/kinds/noop", json={"payload_schema": REPORT}, headers=auth_headers)
+    assert taken.status_code == 409
+    bad = await client.put(
+        "/api/catalog/kinds/x", json={"payload_schema": {"type": "nonsense"}}, headers=auth_headers
+    )
+    assert bad.status_code == 422
+    problem = await bad.get_json()
+    assert problem["errors"][0]["field"].startswith("body.payload_schema")
+
+
+async def test_enqueue_validates_against_the_schema(client: Client, auth_headers: dict[str, str]) -> None:
+    await register(client, auth_headers)
+    response = await client.post(
+        "/api/tasks",
+        json={"kind": "reports.build", "payload": {"account_id": 0, "extra": 1}},
+        headers=auth_headers,
+    )
+    assert response.status_code == 422
+    errors = (await response.get_json())["errors"]
+    fields = {e["field"] for e in errors}
+    assert "payload.account_id" in fields
+    assert "payload" in fields  # additionalProperties
+    missing = await client.post(
+        "/api/tasks", json={"kind": "reports.build", "payload": {}}, headers=auth_headers
+    )
+    assert (await missing.get_json())["errors"] == [
+        {"field": "payload.account_id", "message": "Field required", "type": "missing"}
+    ]
+    ok = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    assert ok["status"] == "available"
+
+
+async def test_claim_heartbeat_complete_and_stale_completions(
+    client: Client, auth_headers: dict[str, str], database_uri: str
+) -> None:
+    await register(client, auth_headers)
+    task = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    claimed = await claim(client, auth_headers)
+    assert claimed["lease_s"] > 0
+    [item] = claimed["items"]
+    assert (item["id"], item["attempt"], item["payload"]) == (task["id"], 1, {"account_id": 7})
+    assert (item["steps"], item["signals"], item["children"]) == ({}, {}, {})
+    beat = await client.post(
+        "/api/workers/heartbeat",
+        json={
+            "task_ids": [task["id"], str(uuid.uuid4())],
+            "progress": {task["id"]: {"done": 1}},
+            "worker": WORKER,
+        },
+        headers=auth_headers,
+    )
+    beat_body = await beat.get_json()
+    assert [x["id"] for x in beat_body["items"]] == [task["id"]]
+    assert len(beat_body["lost"]) == 1
+    # an old attempt and another worker are refused; the current one is accepted once
+    assert (await complete(client, auth_headers, {"id": task["id"], "attempt": 2, "outcome": "completed"}))[
+        0
+    ]["accepted"] is False
+    other = {"name": "someone-else"}
+    refused = await complete(
+        client,
+        auth_headers,
+        {"id": task["id"], "attempt": 1, "outcome": "completed", "result": {"url": "u"}},
+        worker=other,
+    )
+    assert refused[0] == {"id": task["id"], "accepted": False, "status": "running"}
+    done = {"id": task["id"], "attempt": 1, "outcome": "completed", "result": {"url": "https://r/7"}}
+    assert (await complete(client, auth_headers, done))[0] == {
+        "id": task["id"],
+        "accepted": True,
+        "status": "completed",
+    }
+    assert (await complete(client, auth_headers, done))[0]["accepted"] is False
+    final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert (final["status"], final["result"], final["progress"]) == (
+        "completed",
+        {"url": "https://r/7"},
+        {"done": 1},
+    )
+    workers = (await (await client.get("/api/workers", headers=auth_headers)).get_json())["items"]
+    [worker] = [w for w in workers if w["name"] == WORKER["name"]]
+    assert (worker["version"], worker["kinds"], worker["remote"]) == ("1.2.3", ["reports.build"], True)
+    rows = await fetch(
+        database_uri, "SELECT outcome FROM task_attempts WHERE task_id = $1", uuid.UUID(task["id"])
+    )
+    assert [r["outcome"] for r in rows] == ["completed"]
+
+
+async def test_a_result_that_breaks_the_schema_fails_the_attempt(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    await register(client, auth_headers)
+    task = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=1
+    )
+    await claim(client, auth_headers)
+    [answer] = await complete(
+        client, auth_headers, {"id": task["id"], "attempt": 1, "outcome": "completed", "result": {"nope": 1}}
+    )
+    assert answer == {"id": task["id"], "accepted": True, "status": "discarded"}
+    final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert "result does not match the result schema" in final["last_error"]
+    assert "result.url: Field required" in final["last_error"]
+
+
+async def test_failures_use_the_engine_policy(client: Client, auth_headers: dict[str, str]) -> None:
+    await register(client, auth_headers)
+    await client.put(
+        "/api/queues/default", json={"min_backoff_s": 30, "max_backoff_s": 60}, headers=auth_headers
+    )
+    first = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 1}, max_attempts=3
+    )
+    second = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 2}, max_attempts=3
+    )
+    third = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 3}, max_attempts=3
+    )
+    assert len((await claim(client, auth_headers, max=10))["items"]) == 3
+    answers = await complete(
+        client,
+        auth_headers,
+        {"id": first["id"], "attempt": 1, "outcome": "failed", "error": "boom", "traceback": "Traceback ..."},
+        {"id": second["id"], "attempt": 1, "outcome": "permanent_failure", "error": "bad input"},
+        {"id": third["id"], "attempt": 1, "outcome": "cancelled"},
+    )
+    assert [a["status"] for a in answers] == ["retryable", "discarded", "cancelled"]
+    retried = await (await client.get(f"/api/tasks/{first['id']}", headers=auth_headers)).get_json()
+    assert retried["last_error"].startswith("boom\nTraceback")
+    delay = time.mktime(time.strptime(retried["run_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.mktime(
+        time.strptime(retried["created_at"][:19], "%Y-%m-%dT%H:%M:%S")
+    )
+    assert 25 <= delay <= 65  # the queue's backoff
+
+
+async def test_in_process_workers_never_claim_remote_kinds(
+    client: Client, auth_headers: dict[str, str], db: Database
+) -> None:
+    await register(client, auth_headers)
+    await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    local = await enqueue(client, auth_headers, kind="noop")
+    async with db.driver() as conn:
+        claimed = await task_store.claim_available(
+            conn, limit=10, lease_s=5, worker_id=uuid.uuid4(), queues=None
+        )
+    assert [str(t.id) for t in claimed] == [local["id"]]
+    # a remote worker, in turn, takes only the kinds it names
+    assert (await claim(client, auth_headers))["items"][0]["kind"] == "reports.build"
+
+
+async def test_limited_queues_hold_for_remote_workers(client: Client, auth_headers: dict[str, str]) -> None:
+    await register(client, auth_headers)
+    await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
+    for i in range(5):
+        await enqueue(
+            client, auth_headers, kind="reports.build", queue="narrow", payload={"account_id": i + 1}
+        )
+    assert len((await claim(client, auth_headers, max=10))["items"]) == 2
+    assert (await claim(client, auth_headers, max=10))["items"] == []
+
+
+async def test_tenants_never_claim_each_others_tasks(
+    client: Client, auth_headers: dict[str, str], other_client_headers: dict[str, str]
+) -> None:
+    await register(client, auth_headers)
+    task = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    not_theirs = await client.post(
+        "/api/workers/claim",
+        json={"kinds": ["reports.build"], "wait_s": 0, "worker": WORKER},
+        headers=other_client_headers,
+    )
+    assert not_theirs.status_code == 422
+    await register(client, other_client_headers)  # the same name, their own kind
+    assert (await claim(client, other_client_headers))["items"] == []
+    answers = await complete(
+        client, other_client_headers, {"id": task["id"], "attempt": 1, "outcome": "completed"}
+    )
+    assert answers == [{"id": task["id"], "accepted": False, "status": None}]
+    theirs = (await (await client.get("/api/workers", headers=auth_headers)).get_json())["items"]
+    assert all(w["remote"] is False or w["name"] == WORKER["name"] for w in theirs)
+
+
+async def test_the_long_poll_wakes_on_enqueue(client: Client, auth_headers: dict[str, str]) -> None:
+    await register(client, auth_headers)
+    started = time.monotonic()
+    polling = asyncio.create_task(claim(client, auth_headers, wait_s=10))
+    await asyncio.sleep(0.3)
+    await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    claimed = await polling
+    assert len(claimed["items"]) == 1
+    assert time.monotonic() - started < 5
+
+
+async def test_deleting_a_kind_discards_its_unstarted_tasks(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    await register(client, auth_headers)
+    task = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    assert (await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)).status_code == 204
+    final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert final["status"] == "discarded"
+    assert "was deleted" in final["last_error"]
+
+
+async def test_in_process_workers_are_listed_too(serving: Any, auth_headers: dict[str, str]) -> None:
+    app = await serving(ROLES=["api", "worker"])
+    client = app.test_client()
+
+    async def listed() -> list[dict[str, Any]]:
+        items = (await (await client.get("/api/workers", headers=auth_headers)).get_json())["items"]
+        return [w for w in items if w["remote"] is False]
+
+    [worker] = await eventually(listed, timeout=15)
+    assert worker["name"].startswith("in-process@")
+    assert "noop" in worker["kinds"]

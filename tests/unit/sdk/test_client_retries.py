@@ -1,0 +1,67 @@
+"""The SDK client against a scripted transport: 429/503 retried after Retry-After (bounded),
+problem+json read into ApiError, and an Idempotency-Key that stays the same across retries."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "sdk" / "python"))
+import taskgate
+from taskgate import _core
+
+TASK = {
+    "id": "01a20047-8222-700d-bc3e-3051b847dd5e", "queue": "default", "kind": "noop", "payload": {},
+    "status": "available", "priority": 5, "attempts": 0, "max_attempts": 25,
+    "run_at": "2026-12-01T00:00:00Z", "created_at": "2026-12-01T00:00:00Z",
+}  # fmt: skip
+
+
+def client(answers: list[httpx.Response], seen: list[httpx.Request], **options: Any) -> taskgate.Client:
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0)
+
+    http = httpx.Client(base_url="https://tg.test", transport=httpx.MockTransport(handle))
+    return taskgate.Client("https://tg.test", api_key="k", http=http, **options)
+
+
+def test_429_and_503_are_retried_after_retry_after_with_the_same_idempotency_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(taskgate.client.time, "sleep", slept.append)
+    seen: list[httpx.Request] = []
+    answers = [
+        httpx.Response(429, headers={"Retry-After": "2"}, json={"type": "x", "title": "t", "status": 429}),
+        httpx.Response(503, headers={"Retry-After": "1"}, json={"type": "x", "title": "t", "status": 503}),
+        httpx.Response(201, json=TASK),
+    ]
+    task = client(answers, seen).enqueue("noop", {})
+    assert str(task.id) == TASK["id"]
+    assert slept == [2.0, 1.0]
+    keys = {r.headers["Idempotency-Key"] for r in seen}
+    assert len(seen) == 3
+    assert len(keys) == 1
+
+
+def test_retries_are_bounded_and_problems_become_api_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    seen: list[httpx.Request] = []
+    busy = [httpx.Response(503, headers={"Retry-After": "3600"}, json={"status": 503}) for _ in range(3)]
+    with pytest.raises(taskgate.ApiError) as busy_error:
+        client(busy, seen, max_retries=2).get(TASK["id"])
+    assert (busy_error.value.status, len(seen)) == (503, 3)
+    huge = httpx.Response(503, headers={"Retry-After": "3600"})
+    assert _core.retry_after_s(huge, 0) == _core.MAX_RETRY_DELAY_S  # a huge Retry-After is capped
+    errors = [{"field": "payload.n", "message": "m", "type": "int_parsing"}]
+    problem = {"type": "urn:taskgate:problem:validation", "title": "Invalid", "status": 422, "errors": errors}
+    with pytest.raises(taskgate.ApiError) as invalid:
+        client([httpx.Response(422, json=problem)], []).enqueue("e2e.square", {"n": "x"}, idempotent=False)
+    assert invalid.value.errors[0]["field"] == "payload.n"
+    assert invalid.value.type.endswith("validation")
