@@ -636,12 +636,19 @@ async def toggle_client(client_id: UUID, action: str) -> Any:
     return redirect(url_for("ui.client", client_id=client_id, done=f"client {action}d"), 303)
 
 
-# --- not built yet -------------------------------------------------------------------------------
+# --- workers, and what is not built yet ---------------------------------------------------------
 
 
-@blueprint.get("/<any(workers, hosts):page>")
+@blueprint.get("/workers")
+async def worker_list() -> Any:
+    client = _uuid_arg("client")
+    items = await console.list_workers(_db(), client_id=client)
+    return await render_template("workers.html", items=items, client=client, tenants=await _tenants())
+
+
+@blueprint.get("/<any(hosts):page>")
 async def not_yet(page: str) -> Any:
-    """Workers and hosts need GET /api/workers and GET /api/hosts, which are not in this build."""
+    """Hosts need GET /api/hosts (adaptive destination limits), which is not in this build."""
     return await render_template("not_yet.html", page=page)
 
 

@@ -19,6 +19,7 @@ from app.src.api.models.schedules import Schedule, SchedulePatch
 from app.src.api.models.tasks import Attempt, Queue, QueueIn, Task
 from app.src.database import auth as auth_store
 from app.src.database import console as store
+from app.src.database import workers as worker_store
 from app.src.database.console import QueueStats, Series
 
 if TYPE_CHECKING:
@@ -164,3 +165,9 @@ async def trigger_schedule(engine: TaskEngine, *, schedule_id: UUID) -> Task:
         client = await auth_store.get_client(conn, found.client_id)
     submitter = Submitter(found.client_id, client.max_queued_tasks if client else None)
     return await schedules.trigger(engine, submitter, schedule_id=schedule_id)
+
+
+async def list_workers(db: Database, *, client_id: UUID | None) -> list[store.SeenWorker]:
+    """Workers seen in the last 10 minutes, in-process and remote, of every client or one."""
+    async with db.driver() as conn:
+        return await store.list_workers(conn, client_id=client_id, within_s=worker_store.SEEN_WINDOW_S)

@@ -25,6 +25,7 @@ from app.src.database.tasks import (
     Executor,
     to_task,
 )
+from app.src.database.workers import WorkerRow
 
 # --- reads ---------------------------------------------------------------------------------------
 
@@ -156,6 +157,28 @@ async def list_schedules(conn: Executor, *, client_id: UUID | None, limit: int) 
         limit,
     )
     return [to_schedule(row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class SeenWorker:
+    client_id: UUID | None  # None: an in-process worker, which serves every client
+    worker: WorkerRow
+
+
+async def list_workers(conn: Executor, *, client_id: UUID | None, within_s: float) -> list[SeenWorker]:
+    """Workers seen within `within_s`; with a client, its remote workers and the in-process ones."""
+    rows = await conn.fetch(
+        "SELECT client_id, id, name, version, remote, kinds, queues, running, last_seen_at FROM workers "
+        "WHERE last_seen_at > now() - make_interval(secs => $2) "
+        "AND ($1::uuid IS NULL OR client_id = $1 OR client_id IS NULL) "
+        "ORDER BY last_seen_at DESC LIMIT 1000",
+        client_id,
+        within_s,
+    )
+    return [
+        SeenWorker(r["client_id"], WorkerRow(*(r[name] for name in WorkerRow.__dataclass_fields__)))
+        for r in rows
+    ]
 
 
 # --- bulk actions --------------------------------------------------------------------------------

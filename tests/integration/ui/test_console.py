@@ -19,7 +19,7 @@ from app.ui import session
 from app.ui.views import CONTENT_SECURITY_POLICY
 from tests.conftest import OPERATOR_PASSWORD, bearer
 from tests.integration.auth.login_steps import code
-from tests.task_harness import enqueue, fetch
+from tests.task_harness import enqueue, eventually, fetch
 
 TEMPLATES = Path(__file__).resolve().parents[3] / "app" / "ui" / "templates"
 _CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
@@ -373,3 +373,18 @@ async def test_every_console_route_but_the_login_needs_a_session(app: Quart) -> 
             assert response.status_code in expected, (method, path, response.status_code)
             checked += 1
     assert checked > 25
+
+
+async def test_the_workers_page_lists_the_workers_seen_lately(
+    serving: Any, operator: NewOperator, auth_headers: dict[str, str], db: Database
+) -> None:
+    app = await serving(ROLES=["api", "worker"])
+    task = await enqueue(app.test_client(), auth_headers, kind="sleep", payload={"seconds": 0.5})
+    browser = await logged_in(app, db, operator)
+
+    async def listed() -> bool:
+        page = await (await browser.get("/ui/workers")).get_data(as_text=True)
+        return "in-process" in page and "every client" in page
+
+    await eventually(listed, timeout=15)
+    assert task["id"]
