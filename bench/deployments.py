@@ -117,8 +117,13 @@ async def _timed_drain(
             cpu_before = [cpu_s(pid) for pid in pids]
             started = time.perf_counter()
             await call("POST", f"/api/queues/{QUEUE}/resume")
-            while await conn.fetchval(count, QUEUE) < n:
+            done, stalled_s, last_change = 0, 0.0, started
+            while done < n:
                 await asyncio.sleep(0.02)
+                now, seen = time.perf_counter(), await conn.fetchval(count, QUEUE)
+                if seen != done:
+                    done, last_change = seen, now
+                stalled_s = max(stalled_s, now - last_change)
             elapsed = time.perf_counter() - started
             cpu = [cpu_s(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
             for profiler in profilers:
@@ -130,6 +135,8 @@ async def _timed_drain(
         "tasks_per_s": n / elapsed,
         "seconds": elapsed,
         "cpu_s": [round(c, 2) for c in cpu],
+        "cpu_us_per_task": sum(cpu) / n * 1e6,  # every process of the deployment, as the machine pays
+        "longest_stall_s": round(stalled_s, 3),  # the longest time no task completed
         "window": [round(time.time() - elapsed, 3), round(time.time(), 3)],
     }
 
@@ -178,8 +185,9 @@ def interleaved(
         rounds["b"].append(got["b"])
         rounds["ratio"].append(got["a"]["tasks_per_s"] / got["b"]["tasks_per_s"])
         print(
-            f"  {label} round {i + 1}: a {got['a']['tasks_per_s']:,.0f}/s cpu {got['a']['cpu_s']}, "
-            f"b {got['b']['tasks_per_s']:,.0f}/s cpu {got['b']['cpu_s']}, a/b {rounds['ratio'][-1]:.2f}",
+            f"  {label} round {i + 1}: a {got['a']['tasks_per_s']:,.0f}/s cpu {got['a']['cpu_s']} "
+            f"stall {got['a']['longest_stall_s']}s, b {got['b']['tasks_per_s']:,.0f}/s cpu {got['b']['cpu_s']} "
+            f"stall {got['b']['longest_stall_s']}s, a/b {rounds['ratio'][-1]:.2f}",
             file=sys.stderr,
             flush=True,
         )
