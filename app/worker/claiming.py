@@ -60,8 +60,9 @@ class Claimer:
         self._stopped = asyncio.Event()
         self._limited: tuple[float, list[int]] = (0.0, [])
         # Queue ids that NOTIFYs named since the limited queues were last checked, and the ids
-        # claim_available served since the limited list was read: a named queue in neither may be
-        # a limited queue that was just resumed or created, which the cached list cannot show.
+        # claim_available has served: a named queue in neither may be a limited queue that was
+        # just resumed or created, which the cached list cannot show. (A queue served once and
+        # limited later is found by the periodic refresh, within a poll interval.)
         self._named: set[int] = set()
         self._unlimited: set[int] = set()
         self.log = log.bind(worker_id=str(worker_id))
@@ -189,5 +190,4 @@ class Claimer:
         if unknown or time.monotonic() - fetched_at > self.poll_s:
             ids = await task_store.limited_queue_ids(conn, queues=self.queues)
             self._limited = (time.monotonic(), ids)
-            self._unlimited = set()
         return ids
