@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import http_enqueue, remote_drain
+from bench import deployments, http_enqueue, remote_drain
 from bench.server import ROOT, BenchServer
 
 RESULTS = ROOT / "bench" / "results"
@@ -122,7 +122,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", 3)))
     parser.add_argument("--quick", action="store_true", help="fewer tasks and shorter runs (a smoke test)")
+    parser.add_argument(
+        "--only",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=list(SECTIONS),
+        help=f"comma-separated sections to run (default: all): {','.join(SECTIONS)}",
+    )
     args = parser.parse_args()
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     runs = args.runs
     n = 5_000 if args.quick else 20_000
     seconds = 3 if args.quick else 10
@@ -133,80 +142,7 @@ def main() -> None:
     def step(name: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {name}", file=sys.stderr, flush=True)
 
-    step("drain: taskgate, pgqueuer (batch 10, 50), procrastinate (concurrency 10)")
-    r["drain"] = {
-        "taskgate": repeat(runs, lambda: drain(server, "taskgate", n)),
-        "pgqueuer_batch10": repeat(runs, lambda: drain(server, "pgqueuer", n, "--batch-size", "10")),
-        "pgqueuer_batch50": repeat(runs, lambda: drain(server, "pgqueuer", n, "--batch-size", "50")),
-        "procrastinate_c10": repeat(
-            runs, lambda: drain(server, "procrastinate", max(1000, n // 4), "--concurrency", "10")
-        ),
-    }
-    step("database ceiling (pgbench)")
-    r["ceiling"] = {
-        "single_job_txn": repeat(
-            runs, lambda: pgbench_ceiling(server, "ceiling.sql", jobs_per_txn=1, seconds=seconds)
-        ),
-        "batch_100": repeat(
-            runs, lambda: pgbench_ceiling(server, "ceiling_batch.sql", jobs_per_txn=100, seconds=seconds)
-        ),
-    }
-    step("enqueue over HTTPS (wrk, 32 connections) and batch enqueue")
-    enqueue_runs = [http_enqueue.run(server, seconds=seconds) for _ in range(runs)]
-    r["enqueue"] = {
-        key: summary([run[key]["requests_per_s"] for run in enqueue_runs])
-        for key in ("taskgate_single", "bare_json", "bare_insert")
-    }
-    r["enqueue"]["taskgate_single_p50_ms"] = summary(
-        [run["taskgate_single"]["p50_ms"] for run in enqueue_runs]
-    )
-    r["enqueue"]["taskgate_single_p99_ms"] = summary(
-        [run["taskgate_single"]["p99_ms"] for run in enqueue_runs]
-    )
-    r["enqueue"]["single_vs_bare_json"] = summary([run["single_vs_bare_json"] for run in enqueue_runs])
-    r["enqueue"]["taskgate_batch_tasks_per_s"] = summary(
-        [run["taskgate_batch_tasks_per_s"] for run in enqueue_runs]
-    )
-    step("start latency at 200 tasks/s")
-    r["latency"] = {}
-    for system in ("taskgate", "pgqueuer", "procrastinate"):
-        samples = [latency(server, system, seconds) for _ in range(runs)]
-        r["latency"][system] = {
-            "p50_ms": summary([s["p50_ms"] for s in samples]),
-            "p99_ms": summary([s["p99_ms"] for s in samples]),
-        }
-    step("drain with 10k vs 1M tasks already in the table")
-    small, large = (2_000, 100_000) if args.quick else (10_000, 1_000_000)
-    r["backlog"] = {
-        "backlog_10k": repeat(
-            runs,
-            lambda: drain(
-                server, "taskgate", n, "--completed", str(small * 9 // 10), "--scheduled", str(small // 10)
-            ),
-        ),
-        "backlog_1m": repeat(
-            runs,
-            lambda: drain(
-                server, "taskgate", n, "--completed", str(large * 9 // 10), "--scheduled", str(large // 10)
-            ),
-        ),
-    }
-    step("worker memory draining 100k")
-    r["memory"] = {
-        "peak_rss_mb": repeat(
-            1, lambda: drain(server, "taskgate", 20_000 if args.quick else 100_000, field="peak_rss_mb")
-        )
-    }
-    step("scale-out: 1 vs 2 worker processes")
-    r["scale_out"] = {
-        "workers_1": repeat(runs, lambda: scale_out(server, 1, 2 * n)),
-        "workers_2": repeat(runs, lambda: scale_out(server, 2, 2 * n)),
-    }
-    step("console pages with 100k tasks in a queue")
-    r["console"] = run_json(["-m", "bench.console", server.fresh_database("console"),
-                             "--tasks", str(20_000 if args.quick else 100_000)])  # fmt: skip
-    step("remote-worker drain: an SDK Worker over HTTPS")
-    r["remote"] = {"sdk_worker": repeat(runs, lambda: remote_drain.run(server, n)["tasks_per_s"])}
+    run_sections(args.only, r, server, runs=runs, n=n, seconds=seconds, quick=args.quick, step=step)
     r["meta"] = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "runs": runs,
@@ -214,38 +150,217 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "seconds": round(time.monotonic() - started, 1),
         "quick": args.quick,
+        "sections": args.only,
     }
     r["targets"] = targets(r)
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = json.dumps(r, indent=2)
-    (RESULTS / "latest.json").write_text(text)
-    (RESULTS / f"{r['meta']['when'].replace(':', '')}.json").write_text(text)
+    stamp = r["meta"]["when"].replace(":", "")
+    if set(args.only) == set(SECTIONS):
+        (RESULTS / "latest.json").write_text(text)
+    else:  # a partial run never replaces the full one
+        stamp += "-" + "+".join(args.only)
+    (RESULTS / f"{stamp}.json").write_text(text)
     print(table(r))
 
 
+SECTIONS = (
+    "drain",
+    "ceiling",
+    "enqueue",
+    "latency",
+    "backlog",
+    "memory",
+    "scale-out",
+    "serve-split",
+    "limited",
+    "console",
+    "remote",
+)
+
+
+def run_sections(
+    only: list[str],
+    r: dict[str, Any],
+    server: BenchServer,
+    *,
+    runs: int,
+    n: int,
+    seconds: int,
+    quick: bool,
+    step: Callable[[str], None],
+) -> None:
+
+    if "drain" in only:
+        step("drain: taskgate, pgqueuer (batch 10, 50), procrastinate (concurrency 10)")
+        r["drain"] = {
+            "taskgate": repeat(runs, lambda: drain(server, "taskgate", n)),
+            "pgqueuer_batch10": repeat(runs, lambda: drain(server, "pgqueuer", n, "--batch-size", "10")),
+            "pgqueuer_batch50": repeat(runs, lambda: drain(server, "pgqueuer", n, "--batch-size", "50")),
+            "procrastinate_c10": repeat(
+                runs, lambda: drain(server, "procrastinate", max(1000, n // 4), "--concurrency", "10")
+            ),
+        }
+    if "ceiling" in only:
+        step("database ceiling (pgbench)")
+        r["ceiling"] = {
+            "single_job_txn": repeat(
+                runs, lambda: pgbench_ceiling(server, "ceiling.sql", jobs_per_txn=1, seconds=seconds)
+            ),
+            "batch_100": repeat(
+                runs, lambda: pgbench_ceiling(server, "ceiling_batch.sql", jobs_per_txn=100, seconds=seconds)
+            ),
+        }
+    if "enqueue" in only:
+        step("enqueue over HTTPS (wrk, 32 connections) and batch enqueue")
+        enqueue_runs = [http_enqueue.run(server, seconds=seconds) for _ in range(runs)]
+        r["enqueue"] = {
+            key: summary([run[key]["requests_per_s"] for run in enqueue_runs])
+            for key in ("taskgate_single", "bare_json", "bare_insert")
+        }
+        r["enqueue"]["taskgate_single_p50_ms"] = summary(
+            [run["taskgate_single"]["p50_ms"] for run in enqueue_runs]
+        )
+        r["enqueue"]["taskgate_single_p99_ms"] = summary(
+            [run["taskgate_single"]["p99_ms"] for run in enqueue_runs]
+        )
+        r["enqueue"]["single_vs_bare_json"] = summary([run["single_vs_bare_json"] for run in enqueue_runs])
+        r["enqueue"]["taskgate_batch_tasks_per_s"] = summary(
+            [run["taskgate_batch_tasks_per_s"] for run in enqueue_runs]
+        )
+    if "latency" in only:
+        step("start latency at 200 tasks/s")
+        r["latency"] = {}
+        for system in ("taskgate", "pgqueuer", "procrastinate"):
+            samples = [latency(server, system, seconds) for _ in range(runs)]
+            r["latency"][system] = {
+                "p50_ms": summary([s["p50_ms"] for s in samples]),
+                "p99_ms": summary([s["p99_ms"] for s in samples]),
+            }
+    if "backlog" in only:
+        step("drain with 10k vs 1M tasks already in the table")
+        small, large = (2_000, 100_000) if quick else (10_000, 1_000_000)
+        r["backlog"] = {
+            "backlog_10k": repeat(
+                runs,
+                lambda: drain(
+                    server,
+                    "taskgate",
+                    n,
+                    "--completed",
+                    str(small * 9 // 10),
+                    "--scheduled",
+                    str(small // 10),
+                ),
+            ),
+            "backlog_1m": repeat(
+                runs,
+                lambda: drain(
+                    server,
+                    "taskgate",
+                    n,
+                    "--completed",
+                    str(large * 9 // 10),
+                    "--scheduled",
+                    str(large // 10),
+                ),
+            ),
+        }
+    if "memory" in only:
+        step("worker memory draining 100k")
+        r["memory"] = {
+            "peak_rss_mb": repeat(
+                1, lambda: drain(server, "taskgate", 20_000 if quick else 100_000, field="peak_rss_mb")
+            )
+        }
+    if "scale-out" in only:
+        step("scale-out: 1 vs 2 worker processes")
+        r["scale_out"] = {
+            "workers_1": repeat(runs, lambda: scale_out(server, 1, 2 * n)),
+            "workers_2": repeat(runs, lambda: scale_out(server, 2, 2 * n)),
+        }
+    if "serve-split" in only:
+        step("drain over HTTPS: serve (every role) vs serve --roles api,scheduler + worker")
+        r["serve_split"] = deployment_summary(
+            deployments.serve_vs_split(server, runs, deployment_tasks(quick))
+        )
+    if "limited" in only:
+        step("drain over HTTPS: a queue with max_concurrency 50 vs an unlimited one (serve)")
+        r["limited"] = deployment_summary(
+            deployments.limited_vs_unlimited(server, runs, deployment_tasks(quick))
+        )
+
+    if "console" in only:
+        step("console pages with 100k tasks in a queue")
+        r["console"] = run_json(["-m", "bench.console", server.fresh_database("console"),
+                                 "--tasks", str(20_000 if quick else 100_000)])  # fmt: skip
+    if "remote" in only:
+        step("remote-worker drain: an SDK Worker over HTTPS")
+        r["remote"] = {"sdk_worker": repeat(runs, lambda: remote_drain.run(server, n)["tasks_per_s"])}
+
+
+def deployment_tasks(quick: bool) -> int:
+    return 10_000 if quick else 50_000
+
+
+def deployment_summary(rounds: dict[str, list[Any]]) -> dict[str, Any]:
+    """Medians of A and B (tasks/s) and of the per-round ratios, with every round kept."""
+    return {
+        "a": summary([run["tasks_per_s"] for run in rounds["a"]]),
+        "b": summary([run["tasks_per_s"] for run in rounds["b"]]),
+        "ratio": summary(rounds["ratio"]),
+        # CPU per task moves less with the machine's load than tasks/s does
+        "a_cpu_us_per_task": summary([run["cpu_us_per_task"] for run in rounds["a"]]),
+        "b_cpu_us_per_task": summary([run["cpu_us_per_task"] for run in rounds["b"]]),
+        "rounds": rounds,
+    }
+
+
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
-    d, e, lat = r["drain"], r["enqueue"], r["latency"]["taskgate"]
-    best_peer = max(d["pgqueuer_batch10"]["median"], d["pgqueuer_batch50"]["median"])
-    checks = [
-        ("drain >= 1.2x pgqueuer's best", d["taskgate"]["median"] / best_peer, ">=", 1.2),
-        (
-            "single enqueue >= 50% of bare Quart JSON",
-            e["single_vs_bare_json"]["median"],
-            ">=",
-            0.5,
-        ),
-        ("batch enqueue >= 20,000 tasks/s", e["taskgate_batch_tasks_per_s"]["median"], ">=", 20_000),
-        ("start latency p99 <= 10 ms", lat["p99_ms"]["median"], "<=", 10),
-        (
-            "drain at 1M backlog >= 0.8x at 10k",
-            r["backlog"]["backlog_1m"]["median"] / r["backlog"]["backlog_10k"]["median"],
-            ">=",
-            0.8,
-        ),
-        ("worker RSS <= 150 MB", r["memory"]["peak_rss_mb"]["median"], "<=", 150),
-        ("slowest console page <= 1000 ms", max(p["max_ms"] for p in r["console"].values()), "<=", 1000),
-        ("remote-worker drain >= 5,000 tasks/s", r["remote"]["sdk_worker"]["median"], ">=", 5_000),
-    ]
+    """The targets whose measurements ran (a partial run checks only its own)."""
+    checks: list[tuple[str, float, str, float]] = []
+    if "drain" in r:
+        d = r["drain"]
+        best_peer = max(d["pgqueuer_batch10"]["median"], d["pgqueuer_batch50"]["median"])
+        checks.append(("drain >= 1.2x pgqueuer's best", d["taskgate"]["median"] / best_peer, ">=", 1.2))
+    if "enqueue" in r:
+        e = r["enqueue"]
+        checks.append(
+            ("single enqueue >= 50% of bare Quart JSON", e["single_vs_bare_json"]["median"], ">=", 0.5)
+        )
+        checks.append(
+            ("batch enqueue >= 20,000 tasks/s", e["taskgate_batch_tasks_per_s"]["median"], ">=", 20_000)
+        )
+    if "latency" in r:
+        checks.append(("start latency p99 <= 10 ms", r["latency"]["taskgate"]["p99_ms"]["median"], "<=", 10))
+    if "backlog" in r:
+        b = r["backlog"]
+        checks.append(
+            (
+                "drain at 1M backlog >= 0.8x at 10k",
+                b["backlog_1m"]["median"] / b["backlog_10k"]["median"],
+                ">=",
+                0.8,
+            )
+        )
+    if "memory" in r:
+        checks.append(("worker RSS <= 150 MB", r["memory"]["peak_rss_mb"]["median"], "<=", 150))
+    if "serve_split" in r:
+        checks.append(
+            ("serve drain >= 0.9x split deployment", r["serve_split"]["ratio"]["median"], ">=", 0.9)
+        )
+    if "limited" in r:
+        checks.append(
+            ("max_concurrency 50 queue drain >= 0.8x unlimited", r["limited"]["ratio"]["median"], ">=", 0.8)
+        )
+    if "console" in r:
+        checks.append(
+            ("slowest console page <= 1000 ms", max(p["max_ms"] for p in r["console"].values()), "<=", 1000)
+        )
+    if "remote" in r:
+        checks.append(
+            ("remote-worker drain >= 5,000 tasks/s", r["remote"]["sdk_worker"]["median"], ">=", 5_000)
+        )
     return [
         {"target": name, "value": round(value, 3), "met": value >= limit if op == ">=" else value <= limit}
         for name, value, op, limit in checks
@@ -257,57 +372,81 @@ def _cell(s: dict[str, float], fmt: str = "{:,.0f}") -> str:
 
 
 def table(r: dict[str, Any]) -> str:
-    d, e = r["drain"], r["enqueue"]
-    tg = d["taskgate"]["median"]
     rows = ["| measurement | result: median (min-max) | ratio |", "|---|---|---|"]
-    for key, label in (
-        ("taskgate", "Drain, Taskgate (1 worker, defaults), tasks/s"),
-        ("pgqueuer_batch10", "Drain, pgqueuer batch 10, tasks/s"),
-        ("pgqueuer_batch50", "Drain, pgqueuer batch 50, tasks/s"),
-        ("procrastinate_c10", "Drain, procrastinate concurrency 10, tasks/s"),
-    ):
-        rows.append(f"| {label} | {_cell(d[key])} | Taskgate x{tg / d[key]['median']:.2f} |")
-    c = r["ceiling"]
-    rows.append(
-        f"| PostgreSQL ceiling, pgbench 1 job/txn, jobs/s | {_cell(c['single_job_txn'])} | Taskgate x{tg / c['single_job_txn']['median']:.2f} |"
-    )
-    rows.append(
-        f"| PostgreSQL ceiling, pgbench 100 jobs/stmt, jobs/s | {_cell(c['batch_100'])} | Taskgate x{tg / c['batch_100']['median']:.2f} |"
-    )
-    rows.append(
-        f"| Enqueue POST /api/tasks (HTTPS, auth, validation), req/s | {_cell(e['taskgate_single'])} | {_cell(e['single_vs_bare_json'], '{:.0%}')} of bare JSON |"
-    )
-    rows.append(
-        f"| ... latency p50 / p99, ms | {_cell(e['taskgate_single_p50_ms'], '{:.1f}')} / {_cell(e['taskgate_single_p99_ms'], '{:.1f}')} | |"
-    )
-    rows.append(f"| Bare Quart JSON endpoint (same uvicorn + TLS), req/s | {_cell(e['bare_json'])} | |")
-    rows.append(f"| Bare Quart endpoint with one insert, req/s | {_cell(e['bare_insert'])} | |")
-    rows.append(
-        f"| Batch enqueue over HTTPS (1000/request), tasks/s | {_cell(e['taskgate_batch_tasks_per_s'])} | |"
-    )
-    for system in ("taskgate", "pgqueuer", "procrastinate"):
+    tg = r["drain"]["taskgate"]["median"] if "drain" in r else None
+    if "drain" in r:
+        d = r["drain"]
+        for key, label in (
+            ("taskgate", "Drain, Taskgate (1 worker, defaults), tasks/s"),
+            ("pgqueuer_batch10", "Drain, pgqueuer batch 10, tasks/s"),
+            ("pgqueuer_batch50", "Drain, pgqueuer batch 50, tasks/s"),
+            ("procrastinate_c10", "Drain, procrastinate concurrency 10, tasks/s"),
+        ):
+            rows.append(f"| {label} | {_cell(d[key])} | Taskgate x{tg / d[key]['median']:.2f} |")
+    if "ceiling" in r:
+        c = r["ceiling"]
+        for key, label in (("single_job_txn", "1 job/txn"), ("batch_100", "100 jobs/stmt")):
+            ratio = f"Taskgate x{tg / c[key]['median']:.2f}" if tg else ""
+            rows.append(f"| PostgreSQL ceiling, pgbench {label}, jobs/s | {_cell(c[key])} | {ratio} |")
+    if "enqueue" in r:
+        e = r["enqueue"]
+        rows.append(
+            f"| Enqueue POST /api/tasks (HTTPS, auth, validation), req/s | {_cell(e['taskgate_single'])} | {_cell(e['single_vs_bare_json'], '{:.0%}')} of bare JSON |"
+        )
+        rows.append(
+            f"| ... latency p50 / p99, ms | {_cell(e['taskgate_single_p50_ms'], '{:.1f}')} / {_cell(e['taskgate_single_p99_ms'], '{:.1f}')} | |"
+        )
+        rows.append(f"| Bare Quart JSON endpoint (same uvicorn + TLS), req/s | {_cell(e['bare_json'])} | |")
+        rows.append(f"| Bare Quart endpoint with one insert, req/s | {_cell(e['bare_insert'])} | |")
+        rows.append(
+            f"| Batch enqueue over HTTPS (1000/request), tasks/s | {_cell(e['taskgate_batch_tasks_per_s'])} | |"
+        )
+    for system in ("taskgate", "pgqueuer", "procrastinate") if "latency" in r else ():
         lat = r["latency"][system]
         rows.append(
             f"| Start latency at 200/s, {system}, p50 / p99 ms | {_cell(lat['p50_ms'], '{:.1f}')} / {_cell(lat['p99_ms'], '{:.1f}')} | |"
         )
-    b = r["backlog"]
-    rows.append(f"| Drain with 10k tasks in the table, tasks/s | {_cell(b['backlog_10k'])} | |")
-    rows.append(
-        f"| Drain with 1M tasks in the table, tasks/s | {_cell(b['backlog_1m'])} | x{b['backlog_1m']['median'] / b['backlog_10k']['median']:.2f} of 10k |"
-    )
-    rows.append(f"| Worker peak RSS draining 100k, MB | {_cell(r['memory']['peak_rss_mb'], '{:.0f}')} | |")
-    s = r["scale_out"]
-    rows.append(f"| Drain with 1 worker process, tasks/s | {_cell(s['workers_1'])} | |")
-    rows.append(
-        f"| Drain with 2 worker processes, tasks/s | {_cell(s['workers_2'])} | x{s['workers_2']['median'] / s['workers_1']['median']:.2f} |"
-    )
-    for page, timing in r["console"].items():
+    if "backlog" in r:
+        b = r["backlog"]
+        rows.append(f"| Drain with 10k tasks in the table, tasks/s | {_cell(b['backlog_10k'])} | |")
+        rows.append(
+            f"| Drain with 1M tasks in the table, tasks/s | {_cell(b['backlog_1m'])} | x{b['backlog_1m']['median'] / b['backlog_10k']['median']:.2f} of 10k |"
+        )
+    if "memory" in r:
+        rows.append(
+            f"| Worker peak RSS draining 100k, MB | {_cell(r['memory']['peak_rss_mb'], '{:.0f}')} | |"
+        )
+    if "scale_out" in r:
+        s = r["scale_out"]
+        rows.append(f"| Drain with 1 worker process, tasks/s | {_cell(s['workers_1'])} | |")
+        rows.append(
+            f"| Drain with 2 worker processes, tasks/s | {_cell(s['workers_2'])} | x{s['workers_2']['median'] / s['workers_1']['median']:.2f} |"
+        )
+    for key, a_label, b_label in (
+        (
+            "serve_split",
+            "`serve`, every role in one process",
+            "split: `serve --roles api,scheduler` + `worker`",
+        ),
+        ("limited", "a queue with max_concurrency 50 (`serve`)", "an unlimited queue (`serve`)"),
+    ):
+        if key in r:
+            x = r[key]
+            rows.append(
+                f"| Drain over HTTPS, {a_label}, tasks/s | {_cell(x['a'])} | {_cell(x['ratio'], '{:.2f}')} per round |"
+            )
+            rows.append(f"| Drain over HTTPS, {b_label}, tasks/s | {_cell(x['b'])} | |")
+            rows.append(
+                f"| ... CPU per task, µs (all processes): A / B | {_cell(x['a_cpu_us_per_task'])} / {_cell(x['b_cpu_us_per_task'])} | |"
+            )
+    for page, timing in r.get("console", {}).items():
         rows.append(
             f"| Console page with 100k tasks: {page}, ms median / max | {timing['median_ms']} / {timing['max_ms']} | |"
         )
-    rows.append(
-        f"| Remote-worker drain (SDK Worker, HTTPS claim/complete), tasks/s | {_cell(r['remote']['sdk_worker'])} | |"
-    )
+    if "remote" in r:
+        rows.append(
+            f"| Remote-worker drain (SDK Worker, HTTPS claim/complete), tasks/s | {_cell(r['remote']['sdk_worker'])} | |"
+        )
     rows.append("")
     rows.append("| target | value | met |")
     rows.append("|---|---|---|")

@@ -93,10 +93,17 @@ def _latency(out: str, label: str) -> float:
 
 
 async def batch_enqueue(
-    base: str, key: str, cafile: Path, *, batches: int = 40, size: int = 1000, parallel: int = 4
+    base: str,
+    key: str,
+    cafile: Path,
+    *,
+    batches: int = 40,
+    size: int = 1000,
+    parallel: int = 4,
+    queue: str = "default",
 ) -> float:
     context = ssl.create_default_context(cafile=str(cafile))
-    body = json.dumps({"tasks": [{"kind": "noop", "payload": {"i": i}} for i in range(size)]})
+    body = json.dumps({"tasks": [{"queue": queue, "kind": "noop", "payload": {"i": i}} for i in range(size)]})
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -114,10 +121,10 @@ async def batch_enqueue(
         return batches * size / (time.perf_counter() - started)
 
 
-def create_client(env: dict[str, str]) -> str:
+def create_client(env: dict[str, str], *scopes: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "app", "admin", "create-client", "--name", "bench", "--scopes", "tasks:write",
-         "tasks:read", "--rate-limit-per-s", "1000000", "--json"],
+         "tasks:read", *scopes, "--rate-limit-per-s", "1000000", "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return str(json.loads(out.stdout.strip().splitlines()[-1])["api_key"])
@@ -167,11 +174,16 @@ def run(server: BenchServer, *, seconds: int = 10) -> dict[str, Any]:
         results["bare_insert"] = wrk(bare_urls["insert"], seconds=seconds)
         results["taskgate_batch_tasks_per_s"] = asyncio.run(batch_enqueue(base, api_key, cert))
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(timeout=30)
+        stop(processes)
     return results
+
+
+def stop(processes: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
+    """SIGTERM each server still running and wait for its graceful exit."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=timeout)
 
 
 if __name__ == "__main__":

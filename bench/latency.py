@@ -59,10 +59,10 @@ async def produce(rate: float, seconds: float, enqueue: Any) -> None:
 
 
 async def taskgate(uri: str, rate: float, seconds: float) -> dict[str, Any]:
-    from app.database import Database
     from app.runtime import Runtime
     from app.settings import configure_logging, load_settings
-    from app.src.api import tasks as task_service
+    from app.src.api.engine import submit
+    from app.src.api.engine.submit import Submitter
     from app.src.api.kinds import load_kinds
     from app.src.api.models.tasks import TaskIn
     from app.src.database import migrations
@@ -77,18 +77,12 @@ async def taskgate(uri: str, rate: float, seconds: float) -> dict[str, Any]:
     configure_logging(config)
     runtime = Runtime(config)
     await runtime.start()
-    db = Database(config)
-    await db.connect()
-    client = uuid.uuid4()
+    submitter = Submitter(uuid.uuid4(), max_queued_tasks=10**9)
 
     async def enqueue(t0: float) -> None:
-        await task_service.enqueue(
-            db, client_id=client, items=[TaskIn(kind="bench.stamp", payload={"t0": t0})],
-            idempotency_key=None, max_queued_tasks=10**9, batch=False,
-        )  # fmt: skip
+        await submit.submit_one(runtime.engine, submitter, TaskIn(kind="bench.stamp", payload={"t0": t0}))
 
     await measured(rate, seconds, enqueue, kinds.LATENCIES)
-    await db.disconnect()
     await runtime.stop()
     return percentiles(kinds.LATENCIES)
 

@@ -94,7 +94,7 @@ class Worker:
         return self._claim_task is not None and not self._claim_task.done()
 
     async def start(self) -> None:
-        self.notifier.on_available(lambda _queues: self.claimer.wake())
+        self.notifier.on_available(self.claimer.notified)
         self.notifier.on_cancel(self._cancel_requested)
         self._claim_task = asyncio.create_task(self.claimer.run(), name="taskgate-worker-claim")
         self._service_tasks = [

@@ -59,9 +59,23 @@ class Claimer:
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self._limited: tuple[float, list[int]] = (0.0, [])
+        # Queue ids that NOTIFYs named since the limited queues were last checked, and the ids
+        # claim_available has served: a named queue in neither may be a limited queue that was
+        # just resumed or created, which the cached list cannot show. (A queue served once and
+        # limited later is found by the periodic refresh, within a poll interval.)
+        self._named: set[int] = set()
+        self._unlimited: set[int] = set()
         self.log = log.bind(worker_id=str(worker_id))
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def notified(self, queue_ids: set[int] | None) -> None:
+        """A NOTIFY that tasks became available in these queues (None: anything may have changed)."""
+        if queue_ids is None:
+            self._limited = (0.0, [])
+        else:
+            self._named |= queue_ids
         self._wake.set()
 
     def stop(self) -> None:
@@ -152,6 +166,7 @@ class Claimer:
             claimed = await task_store.claim_available(
                 conn, limit=want, lease_s=self.leases.lease_s, worker_id=self.worker_id, queues=self.queues
             )
+            self._unlimited.update(task.queue_id for task in claimed)
             if len(claimed) < want:
                 for queue_id in await self._limited_queues(conn):
                     if len(claimed) >= want:
@@ -167,7 +182,12 @@ class Claimer:
 
     async def _limited_queues(self, conn: task_store.Executor) -> list[int]:
         fetched_at, ids = self._limited
-        if time.monotonic() - fetched_at > self.poll_s:
+        # Re-read early for a queue the list does not know (resuming a limited queue NOTIFYs its
+        # id, but the list read while it was paused lacks it): otherwise its tasks would wait up
+        # to a poll interval.
+        unknown = self._named - self._unlimited - set(ids)
+        self._named = set()
+        if unknown or time.monotonic() - fetched_at > self.poll_s:
             ids = await task_store.limited_queue_ids(conn, queues=self.queues)
             self._limited = (time.monotonic(), ids)
         return ids

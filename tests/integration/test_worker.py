@@ -145,6 +145,23 @@ async def test_a_paused_queue_holds_its_tasks(
     assert len(read_records(marks)) == 1
 
 
+async def test_a_resumed_limited_queue_runs_without_waiting_for_the_poll_interval(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    # a poll interval far longer than the wait below: only the resume's NOTIFY can start the task
+    app = await serving(**WORKER, WORKER_POLL_INTERVAL_S=30.0)
+    client = app.test_client()
+    await client.put("/api/queues/narrow", json={"paused": True, "max_concurrency": 2}, headers=auth_headers)
+    task = await enqueue(client, auth_headers, kind="noop", queue="narrow")
+    other = await enqueue(client, auth_headers, kind="noop")
+    assert (await (await client.get(f"/api/tasks/{other['id']}?wait=10", headers=auth_headers)).get_json())[
+        "status"
+    ] == "completed"
+    await client.post("/api/queues/narrow/resume", headers=auth_headers)
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=5", headers=auth_headers)).get_json()
+    assert done["status"] == "completed"
+
+
 async def test_a_payload_broken_after_enqueue_discards_cleanly(
     serving: Serving, auth_headers: dict[str, str], clean_database: str
 ) -> None:
