@@ -87,8 +87,11 @@ class TaskgateOpenAPI(OpenAPIProvider):
                     operation["requestBody"]["required"] = True
                 if endpoint in IDEMPOTENT_ENQUEUE:
                     operation["parameters"].append(_IDEMPOTENCY_KEY)
+                # quart-schema keys responses by int: one key per status, as JSON will write it
+                answers = operation["responses"].items()
+                operation["responses"] = {str(code): answer for code, answer in answers}
                 if endpoint in EVENT_STREAMS:
-                    ok = operation["responses"].get(200) or operation["responses"].get("200") or {}
+                    ok = operation["responses"].get("200") or {}
                     ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
                     ok.setdefault("description", "A text/event-stream of `event: task` messages")
                 responses = operation["responses"]

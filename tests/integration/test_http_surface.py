@@ -108,3 +108,18 @@ async def test_openapi_is_a_valid_openapi_3_document(client: Client) -> None:
     docs = await client.get("/docs")
     assert docs.status_code == 200
     assert "swagger" in (await docs.get_data(as_text=True)).lower()
+
+
+async def test_openapi_json_has_no_duplicate_keys(client: Client) -> None:
+    # Swagger UI refuses a document with a repeated key (a status documented twice, say)
+    import json
+
+    repeated: list[str] = []
+
+    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        keys = [key for key, _ in pairs]
+        repeated.extend(key for key in set(keys) if keys.count(key) > 1)
+        return dict(pairs)
+
+    json.loads(await (await client.get("/openapi.json")).get_data(as_text=True), object_pairs_hook=unique)
+    assert repeated == []
