@@ -115,8 +115,9 @@ async def assert_unavailable(client: Any, headers: dict[str, str], task_id: str)
         client.get(f"/api/tasks/{task_id}", headers=headers),
         client.get("/api/tasks", headers=headers),
     ]
-    for call in calls:
-        response, elapsed = await timed(call)
+    # all at once, each timed on its own: the same promise per call, one wait instead of four
+    timings = await asyncio.gather(*(timed(call) for call in calls))
+    for response, elapsed in timings:
         assert response.status_code == 503, await response.get_data()
         assert int(response.headers["Retry-After"]) >= 1
         assert response.mimetype == PROBLEM
