@@ -21,11 +21,16 @@ ERRORS = {
     "403": "Missing scope (problem+json)",
     "404": "Not found (problem+json)",
     "409": "Conflict (problem+json)",
+    "415": "The body is not JSON: send `Content-Type: application/json` (problem+json)",
     "422": "Invalid request: `errors` names the failing fields (problem+json)",
     "429": "Over a quota or rate limit; retry after `Retry-After` (problem+json)",
     "503": "Saturated or storage unavailable; retry after `Retry-After` (problem+json)",
 }
 PUBLIC_ERRORS = ("400", "404", "503")
+# a public route that takes a body (the logins) also refuses credentials, bodies and floods
+PUBLIC_BODY_ERRORS = ("401", "415", "422", "429")
+# 415 only where there is a body to be of the wrong type
+BODY_ERRORS = ("415",)
 IDEMPOTENT_ENQUEUE = {"create_task", "create_batch"}
 EVENT_STREAMS = {"task_events"}
 
@@ -95,7 +100,12 @@ class TaskgateOpenAPI(OpenAPIProvider):
                     ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
                     ok.setdefault("description", "A text/event-stream of `event: task` messages")
                 responses = operation["responses"]
-                for status in PUBLIC_ERRORS if public else ERRORS:
+                statuses = list(PUBLIC_ERRORS if public else ERRORS)
+                if "requestBody" in operation:
+                    statuses += PUBLIC_BODY_ERRORS if public else ()
+                else:
+                    statuses = [status for status in statuses if status not in BODY_ERRORS]
+                for status in statuses:
                     responses.setdefault(status, _problem(ERRORS[status]))
         return paths, components
 
