@@ -7,23 +7,33 @@ the database, workers and scheduler start in the serving lifecycle (seed 000).
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
+from typing import TYPE_CHECKING
 
-from quart import Quart
-from quart_cors import cors
-from quart_schema import Info, QuartSchema
+if TYPE_CHECKING:
+    from quart import Quart
 
-from app import middlewares, ui
-from app.openapi import TaskgateOpenAPI
-from app.routes.adapter import register_blueprints
-from app.runtime import Runtime
-from app.settings import Settings, load_settings
-from app.src.api.kinds import load_kinds
-from app.src.utils import json_provider, schema_adapters
-from app.version import __version__
+    from app.runtime import Runtime
+    from app.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> Quart:
     """Build the Quart app; nothing starts until it is served."""
+    # The web stack is imported here, not with the package: `python -m app` imports this package
+    # first, and commands that serve nothing (migrate, admin, worker, --help) should not pay for
+    # Quart, the routes and the console on every start.
+    from quart import Quart
+    from quart_cors import cors
+    from quart_schema import Info, QuartSchema
+
+    from app import middlewares, ui
+    from app.openapi import TaskgateOpenAPI
+    from app.routes.adapter import register_blueprints
+    from app.runtime import Runtime
+    from app.settings import load_settings
+    from app.src.api.kinds import load_kinds
+    from app.src.utils import json_provider, schema_adapters
+    from app.version import __version__
+
     settings = settings or load_settings()
     schema_adapters.install()
     app = Quart("app", static_folder=None)

@@ -148,13 +148,15 @@ async def test_max_concurrency_holds_across_two_workers(
     client = app.test_client()
     await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
     marks = tmp_path / "runs.txt"
-    await batch(
-        client,
-        auth_headers,
-        [{"kind": "test.record", "queue": "narrow", "payload": {"path": str(marks), "seconds": 0.15}}] * 24,
-    )
     workers = [spawn_worker(clean_database, tmp_path / f"w{i}") for i in range(2)]
     try:
+        await started(*workers)  # both claim from the start: the limit is shared, not raced for
+        await batch(
+            client,
+            auth_headers,
+            [{"kind": "test.record", "queue": "narrow", "payload": {"path": str(marks), "seconds": 0.15}}]
+            * 24,
+        )
         await eventually(lambda: _all_done(clean_database), timeout=90)
     finally:
         for worker in workers:
