@@ -55,12 +55,12 @@ async def test_stall_between_one_replica_and_postgres(deployment: Deployment, si
             ):
                 await asyncio.sleep(5)
                 in_flight = sink.in_flight()
-                frozen_at = time.time()
                 held = await query(
                     deployment.db_uri,
                     "SELECT count(*) AS n FROM tasks WHERE status = 'running'",
                 )
                 proxy.freeze()
+                frozen_at = time.time()  # the stall starts here, not before the query above
                 await asyncio.sleep(STALL_S / 2)
                 # halfway: leases the stalled replica held have expired; has the rescuer taken them?
                 unrescued = await query(
