@@ -58,13 +58,17 @@ class Claimer:
         self.stopping = False
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._limited: tuple[float, list[int]] = (0.0, [])
+        self._limited: tuple[float, list[tuple[int, int | None]]] = (0.0, [])
         # Queue ids that NOTIFYs named since the limited queues were last checked, and the ids
         # claim_available has served: a named queue in neither may be a limited queue that was
         # just resumed or created, which the cached list cannot show. (A queue served once and
         # limited later is found by the periodic refresh, within a poll interval.)
         self._named: set[int] = set()
         self._unlimited: set[int] = set()
+        # When claim_available last came back short (the unlimited queues had nothing more), and
+        # nothing was announced since outside the limited queues: until then, or a poll interval
+        # later, a claim asks only the limited queues (one round trip fewer per round).
+        self._unlimited_idle_since: float | None = None
         self.log = log.bind(worker_id=str(worker_id))
 
     def wake(self) -> None:
@@ -74,8 +78,11 @@ class Claimer:
         """A NOTIFY that tasks became available in these queues (None: anything may have changed)."""
         if queue_ids is None:
             self._limited = (0.0, [])
+            self._unlimited_idle_since = None
         else:
             self._named |= queue_ids
+            if not queue_ids <= {queue_id for queue_id, _ in self._limited[1]}:
+                self._unlimited_idle_since = None
         self._wake.set()
 
     def stop(self) -> None:
@@ -100,7 +107,7 @@ class Claimer:
             try:
                 # bounded by the lease it sets: an answer later than that is useless anyway
                 async with asyncio.timeout(self.leases.lease_s - self.leases.margin_s):
-                    claimed = await self._claim(want)
+                    claimed, again = await self._claim(want)
             except Exception as exc:
                 failures += 1
                 delay = min(self.poll_s * 2 ** (failures - 1), MAX_RETRY_DELAY_S)
@@ -124,7 +131,7 @@ class Claimer:
                 break
             for task in claimed:
                 self.start(task, sent)
-            if len(claimed) >= want:
+            if again or len(claimed) >= want:
                 continue
             await self._sleep(self.poll_s, wakeable=True)
 
@@ -161,33 +168,53 @@ class Claimer:
         # claim again once a quarter of a batch is free: fewer, fuller round trips
         return max(1, min(self.batch_size, self.concurrency) // 4)
 
-    async def _claim(self, want: int) -> list[ClaimedTask]:
+    async def _claim(self, want: int) -> tuple[list[ClaimedTask], bool]:
+        """Claim up to `want` tasks, and whether to claim again at once (a limited queue gave all
+        it was asked for: it may have more room)."""
+        again = False
         async with self.db.driver() as conn:
-            claimed = await task_store.claim_available(
-                conn, limit=want, lease_s=self.leases.lease_s, worker_id=self.worker_id, queues=self.queues
-            )
-            self._unlimited.update(task.queue_id for task in claimed)
+            claimed: list[ClaimedTask] = []
+            idle_since = self._unlimited_idle_since
+            if idle_since is None or time.monotonic() - idle_since > self.poll_s:
+                claimed = await task_store.claim_available(
+                    conn,
+                    limit=want,
+                    lease_s=self.leases.lease_s,
+                    worker_id=self.worker_id,
+                    queues=self.queues,
+                )
+                self._unlimited.update(task.queue_id for task in claimed)
+                self._unlimited_idle_since = time.monotonic() if len(claimed) < want else None
             if len(claimed) < want:
-                for queue_id in await self._limited_queues(conn):
+                for queue_id, max_concurrency in await self._limited_queues(conn):
                     if len(claimed) >= want:
                         break
-                    claimed += await task_store.claim_limited(
+                    # A queue with a concurrency limit is claimed half its limit at a time: one half
+                    # runs while the other's completions and next claim are written. Asked for the
+                    # whole limit at once, the worker and PostgreSQL would take turns, each idle
+                    # while the other works.
+                    share = want - len(claimed)
+                    if max_concurrency is not None:
+                        share = min(share, max(1, (max_concurrency + 1) // 2))
+                    got = await task_store.claim_limited(
                         conn,
                         queue_id=queue_id,
-                        limit=want - len(claimed),
+                        limit=share,
                         lease_s=self.leases.lease_s,
                         worker_id=self.worker_id,
                     )
-        return claimed
+                    claimed += got
+                    again = again or len(got) == share
+        return claimed, again
 
-    async def _limited_queues(self, conn: task_store.Executor) -> list[int]:
-        fetched_at, ids = self._limited
+    async def _limited_queues(self, conn: task_store.Executor) -> list[tuple[int, int | None]]:
+        fetched_at, limited = self._limited
         # Re-read early for a queue the list does not know (resuming a limited queue NOTIFYs its
         # id, but the list read while it was paused lacks it): otherwise its tasks would wait up
         # to a poll interval.
-        unknown = self._named - self._unlimited - set(ids)
+        unknown = self._named - self._unlimited - {queue_id for queue_id, _ in limited}
         self._named = set()
         if unknown or time.monotonic() - fetched_at > self.poll_s:
-            ids = await task_store.limited_queue_ids(conn, queues=self.queues)
-            self._limited = (time.monotonic(), ids)
-        return ids
+            limited = await task_store.limited_queues(conn, queues=self.queues)
+            self._limited = (time.monotonic(), limited)
+        return limited

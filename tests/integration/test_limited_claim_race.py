@@ -1,0 +1,94 @@
+"""Limited queues under racing claims: many workers claiming the same queue at the same instant
+never run more than its max_concurrency, nor spend more than its token bucket holds."""
+
+import asyncio
+import uuid
+
+import asyncpg
+
+from app.src.database import tasks as task_store
+from tests.conftest import driver_uri
+
+CLAIMERS = 12
+
+
+async def _queue_with_tasks(conn: asyncpg.Connection, n: int, **limits: float) -> int:
+    client = uuid.uuid4()
+    await conn.execute("INSERT INTO api_clients (id, name, scopes) VALUES ($1, 'race', '{}')", client)
+    columns = ", ".join(limits)
+    values = ", ".join(f"${i + 3}" for i in range(len(limits)))
+    queue_id: int = await conn.fetchval(
+        f"INSERT INTO queues (client_id, name, {columns}) VALUES ($1, $2, {values}) RETURNING id",
+        client,
+        "narrow",
+        *limits.values(),
+    )
+    await conn.execute(
+        """INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, max_attempts, run_at)
+           SELECT gen_random_uuid(), $1, $2, 'narrow', 'noop', '{}', 'available', 3, now()
+           FROM generate_series(1, $3)""",
+        client,
+        queue_id,
+        n,
+    )
+    return queue_id
+
+
+async def _race(uri: str, queue_id: int, *, rounds: int) -> list[int]:
+    """CLAIMERS connections, each claiming up to 10 at once, `rounds` times; tasks claimed per round.
+
+    In the first round the queue row is held locked until every claim has read its snapshot, so
+    all of them count the same running tasks: the worst race there is.
+    """
+    conns = [await asyncpg.connect(uri) for _ in range(CLAIMERS)]
+    blocker = await asyncpg.connect(uri)
+    try:
+        per_round = []
+        for i in range(rounds):
+            claims = [
+                task_store.claim_limited(c, queue_id=queue_id, limit=10, lease_s=30, worker_id=uuid.uuid4())
+                for c in conns
+            ]
+            if i == 0:
+                async with blocker.transaction():
+                    await blocker.execute("SELECT 1 FROM queues WHERE id = $1 FOR UPDATE", queue_id)
+                    racing = [asyncio.ensure_future(claim) for claim in claims]
+                    await asyncio.sleep(0.5)
+                got = await asyncio.gather(*racing)
+            else:
+                got = await asyncio.gather(*claims)
+            per_round.append(sum(len(g) for g in got))
+        return per_round
+    finally:
+        for c in [*conns, blocker]:
+            await c.close()
+
+
+async def test_racing_claims_never_exceed_max_concurrency(clean_database: str) -> None:
+    uri = driver_uri(clean_database)
+    conn = await asyncpg.connect(uri)
+    try:
+        queue_id = await _queue_with_tasks(conn, 500, max_concurrency=10)
+        claimed = await _race(uri, queue_id, rounds=5)
+        running = await conn.fetchval(
+            "SELECT count(*) FROM tasks WHERE queue_id = $1 AND status = 'running'", queue_id
+        )
+    finally:
+        await conn.close()
+    assert running == 10  # the limit, taken in full by the first round
+    assert claimed == [10, 0, 0, 0, 0]
+
+
+async def test_racing_claims_spend_the_token_bucket_once(clean_database: str) -> None:
+    uri = driver_uri(clean_database)
+    conn = await asyncpg.connect(uri)
+    try:
+        # a full bucket of 4 tokens at a rate of 0.01/s: nothing more accrues during the test
+        queue_id = await _queue_with_tasks(conn, 500, rate_limit_per_s=0.01)
+        await conn.execute(
+            "UPDATE queues SET rate_tokens = 4, rate_updated_at = now() WHERE id = $1", queue_id
+        )
+        claimed = await _race(uri, queue_id, rounds=3)
+    finally:
+        await conn.close()
+    assert sum(claimed) == 1  # the bucket holds at most max(rate, 1) = 1 token
