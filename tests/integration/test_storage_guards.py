@@ -3,13 +3,17 @@
 import uuid
 from datetime import UTC, datetime
 
+import pytest
+
 from app.database import Database
 from app.src.api.engine.outcomes import rescue_expired_leases
-from app.src.api.kinds import REGISTRY, SYSTEM_CLIENT_ID, load_kinds
+from app.src.api.engine.submit import UnknownClient
+from app.src.api.kinds import REGISTRY, load_kinds
 from app.src.api.kinds.builtin import NoopPayload
 from app.src.api.state_machine import Status
 from app.src.database import tasks as store
 from app.src.database.tasks import Completion
+from tests.conftest import make_client
 
 load_kinds()
 
@@ -17,8 +21,9 @@ load_kinds()
 async def make_task(db: Database) -> uuid.UUID:
     noop = REGISTRY.get("noop")
     assert noop is not None
+    owner = await make_client(db, "owner")
     async with db.transaction() as conn:
-        task = await noop.enqueue(NoopPayload(), db=conn)
+        task = await noop.enqueue(NoopPayload(), db=conn, client_id=owner.client_id)
     return task.id
 
 
@@ -96,19 +101,32 @@ async def test_a_second_claim_after_rescue_owns_the_task(db: Database) -> None:
 async def test_enqueue_from_python_commits_with_the_callers_transaction(db: Database) -> None:
     noop = REGISTRY.get("noop")
     assert noop is not None
+    owner = await make_client(db, "owner")
 
     class Rollback(Exception):
         pass
 
     try:
         async with db.transaction() as conn:
-            await noop.enqueue(NoopPayload(), db=conn)
+            await noop.enqueue(NoopPayload(), db=conn, client_id=owner.client_id)
             raise Rollback
     except Rollback:
         pass
     async with db.driver() as conn:
         assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
     async with db.transaction() as conn:
-        task = await noop.enqueue(NoopPayload(), db=conn, client_id=SYSTEM_CLIENT_ID, queue="internal")
+        task = await noop.enqueue(NoopPayload(), db=conn, client_id=owner.client_id, queue="internal")
     async with db.driver() as conn:
-        assert await conn.fetchval("SELECT queue FROM tasks WHERE id = $1", task.id) == "internal"
+        row = await conn.fetchrow("SELECT queue, client_id FROM tasks WHERE id = $1", task.id)
+    assert (row["queue"], row["client_id"]) == ("internal", owner.client_id)
+
+
+async def test_enqueue_from_python_for_an_unknown_client_is_refused(db: Database) -> None:
+    noop = REGISTRY.get("noop")
+    assert noop is not None
+    with pytest.raises(UnknownClient):
+        async with db.transaction() as conn:
+            await noop.enqueue(NoopPayload(), db=conn, client_id=uuid.uuid4())
+    async with db.driver() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
+        assert await conn.fetchval("SELECT count(*) FROM queues") == 0

@@ -303,6 +303,10 @@ async def submit_batch(
     return await _submit(engine, submitter, items, idempotency_key=idempotency_key, field_prefix=batch_item)
 
 
+class UnknownClient(LookupError):
+    """`TaskKind.enqueue(client_id=...)` named a client that does not exist."""
+
+
 async def submit_in_transaction(
     conn: Any,
     *,
@@ -321,9 +325,12 @@ async def submit_in_transaction(
     request = TaskRequest(kind=kind.name, payload=payload, queue=queue, priority=priority, delay_s=delay_s)
     kind.validate_payload(payload, context=rules.payload_context)
     check_storable(payload)
+    quotas = await task_store.client_quotas(executor, [client_id])
+    if client_id not in quotas:
+        # a task nobody can see, list or cancel is worse than an error here
+        raise UnknownClient(f"enqueue(client_id={client_id}): no API client has this id")
     queue_row = await queue_store.ensure(executor, client_id=client_id, name=queue)
-    own_limit = (await task_store.client_quotas(executor, [client_id])).get(client_id)
-    submitter = Submitter(client_id, own_limit)
+    submitter = Submitter(client_id, quotas[client_id])
     unfinished = await task_store.count_unfinished(executor, client_id=client_id)
     check_quota(rules, submitter, unfinished=unfinished, adding=1)
     [task] = await store_prepared(

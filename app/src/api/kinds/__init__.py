@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
 
-# Tasks that Python code enqueues for itself belong to this tenant unless it names another.
-SYSTEM_CLIENT_ID = UUID("00000000-0000-4000-8000-000000000000")
-
 
 class RetryLater(Exception):
     """Fail this attempt and retry no sooner than `after_s` (e.g. an HTTP Retry-After)."""
@@ -155,13 +152,17 @@ class TaskKind(Generic[P, R]):
         payload: P,
         *,
         db: AsyncConnection,
+        client_id: UUID,
         engine: TaskEngine | None = None,
-        client_id: UUID = SYSTEM_CLIENT_ID,
         queue: str = "default",
         priority: int = 5,
         delay_s: float | None = None,
     ) -> Task:
         """Enqueue inside the caller's open transaction: the task commits with the caller's data.
+
+        `client_id` names the API client the task belongs to: it is then that client's task, seen,
+        listed, followed and cancelled through the API with that client's keys (an unknown id
+        raises UnknownClient). A handler enqueueing follow-up work passes `ctx.client_id`.
 
         The rules of every enqueue apply (contract, NUL check, quota, defaults). Pass the runtime's
         `engine` (handlers find it as `ctx.resources["engine"]`) for the deployment's rules; without
