@@ -45,7 +45,12 @@ async def test_sigterm_ends_long_polls_and_streams_then_exits_within_the_grace(
             # the worker is busy: the long task holds a slot, short ones keep the other one claiming
             await eventually(lambda: _status_is(clean_database, stuck, "running"), timeout=30)
 
+            async with https.put(
+                "/api/catalog/kinds/reports.idle", json={"payload_schema": {"type": "object"}}
+            ) as response:
+                assert response.status == 201, await response.text()
             long_poll = asyncio.create_task(_long_poll(https, followed))
+            remote_claim = asyncio.create_task(_remote_claim(https))
             events = await https.get(f"/api/tasks/{followed}/events")
             assert events.status == 200
             first = await events.content.readuntil(b"\n\n")
@@ -59,6 +64,7 @@ async def test_sigterm_ends_long_polls_and_streams_then_exits_within_the_grace(
             slow[2].sendall(b"Content-Length: 1000\r\n\r\n{")
             await asyncio.sleep(0.3)  # the long-poll is waiting
             assert not long_poll.done()
+            assert not remote_claim.done()
 
             signalled_at = datetime.now(UTC)
             signalled = time.monotonic()
@@ -66,6 +72,9 @@ async def test_sigterm_ends_long_polls_and_streams_then_exits_within_the_grace(
 
             status, retry_after, body = await asyncio.wait_for(long_poll, timeout=2)
             assert (status, retry_after, body["status"]) == (200, "1", "scheduled")
+            # a remote worker's claim long-poll ends too, with nothing claimed: claim elsewhere
+            status, retry_after, claimed = await asyncio.wait_for(remote_claim, timeout=2)
+            assert (status, retry_after, claimed["items"]) == (200, "1", [])
             rest = await asyncio.wait_for(events.content.read(), timeout=2)  # raises if cut mid-chunk
             assert rest.endswith(b'event: shutdown\ndata: {"retry_after_s": 1}\n\n'), rest
             events.release()
@@ -94,6 +103,12 @@ async def test_sigterm_ends_long_polls_and_streams_then_exits_within_the_grace(
 
 async def _long_poll(https: aiohttp.ClientSession, task_id: str) -> tuple[int, str | None, dict[str, str]]:
     async with https.get(f"/api/tasks/{task_id}", params={"wait": "60"}) as response:
+        return response.status, response.headers.get("Retry-After"), await response.json()
+
+
+async def _remote_claim(https: aiohttp.ClientSession) -> tuple[int, str | None, dict[str, list[object]]]:
+    body = {"worker": {"name": "w1"}, "kinds": ["reports.idle"], "max": 10, "wait_s": 30}
+    async with https.post("/api/workers/claim", json=body) as response:
         return response.status, response.headers.get("Retry-After"), await response.json()
 
 

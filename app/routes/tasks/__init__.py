@@ -11,7 +11,16 @@ from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
 from app.middlewares import header, requires_scopes
-from app.routes.context import client_id, db, engine, notifier, runtime, submitter, tenant
+from app.routes.context import (
+    SHUTDOWN_RETRY_AFTER_S,
+    client_id,
+    db,
+    engine,
+    notifier,
+    runtime,
+    submitter,
+    tenant,
+)
 from app.src.api import tasks
 from app.src.api.engine import submit
 from app.src.api.models.tasks import (
@@ -30,7 +39,6 @@ from app.src.api.models.tasks import (
 from app.src.utils import json_provider
 
 blueprint = Blueprint("tasks", __name__)
-SHUTDOWN_RETRY_AFTER_S = 1
 SHUTDOWN_EVENT = (
     f"retry: {SHUTDOWN_RETRY_AFTER_S * 1000}\nevent: shutdown\n"
     f'data: {{"retry_after_s": {SHUTDOWN_RETRY_AFTER_S}}}\n\n'

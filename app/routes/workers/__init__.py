@@ -6,7 +6,7 @@ from quart import Blueprint
 from quart_schema import validate_request, validate_response
 
 from app.middlewares import requires_scopes
-from app.routes.context import client_id, db, engine, notifier, runtime
+from app.routes.context import SHUTDOWN_RETRY_AFTER_S, client_id, db, engine, notifier, runtime
 from app.src.api import workers
 from app.src.api.models.workers import (
     ClaimedOut,
@@ -33,11 +33,17 @@ def _lease_s() -> float:
 @requires_scopes("tasks:work")
 @validate_request(ClaimIn)
 @validate_response(ClaimOut)
-async def claim(data: ClaimIn) -> ClaimOut:
-    """Claim tasks of this client's remote kinds; long-polls up to `wait_s` when there are none."""
+async def claim(data: ClaimIn) -> ClaimOut | tuple[ClaimOut, int, dict[str, str]]:
+    """Claim tasks of this client's remote kinds; long-polls up to `wait_s` when there are none.
+
+    A server that is shutting down ends the long-poll at once (with whatever it claimed, often
+    nothing) and a `Retry-After` header: claim again (another replica answers)."""
     lease_s = _lease_s()
-    claimed = await workers.claim(db(), notifier(), client_id=client_id(), data=data, lease_s=lease_s)
-    return ClaimOut(
+    stopping = runtime().shutting_down
+    claimed = await workers.claim(
+        db(), notifier(), client_id=client_id(), data=data, lease_s=lease_s, stopping=stopping
+    )
+    answer = ClaimOut(
         lease_s=lease_s,
         items=[
             ClaimedOut(
@@ -52,6 +58,9 @@ async def claim(data: ClaimIn) -> ClaimOut:
             for c in claimed
         ],
     )
+    if stopping.is_set():
+        return answer, 200, {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
+    return answer
 
 
 @blueprint.post("/heartbeat")

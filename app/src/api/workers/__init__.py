@@ -11,7 +11,6 @@ results, and the long-poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -84,9 +83,16 @@ class Claimed:
 
 
 async def claim(
-    db: Database, notifier: Notifier, *, client_id: UUID, data: ClaimIn, lease_s: float
+    db: Database,
+    notifier: Notifier,
+    *,
+    client_id: UUID,
+    data: ClaimIn,
+    lease_s: float,
+    stopping: asyncio.Event | None = None,
 ) -> list[Claimed]:
-    """Claim up to `data.max` tasks of the named remote kinds, waiting up to `data.wait_s`."""
+    """Claim up to `data.max` tasks of the named remote kinds, waiting up to `data.wait_s` (or
+    until `stopping` is set: the wait ends at once)."""
     known = await remote_kinds.lookup(db, client_id=client_id, names=data.kinds)
     unknown = [name for name in data.kinds if name not in known]
     if unknown:
@@ -119,14 +125,23 @@ async def claim(
                 db, kinds=kinds, queues=data.queues, want=data.max, lease_s=lease_s, worker_id=worker_id
             )
             remaining = deadline - loop.time()
-            if claimed or remaining <= 0:
+            if claimed or remaining <= 0 or (stopping is not None and stopping.is_set()):
                 break
             if await _stage_due(db):
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woken.wait(), timeout=min(remaining, POLL_S))
+            await _first(woken, stopping, timeout_s=min(remaining, POLL_S))
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
     return [Claimed(t, t.started_at + timedelta(seconds=lease_s)) for t in claimed]
+
+
+async def _first(woken: asyncio.Event, stopping: asyncio.Event | None, *, timeout_s: float) -> None:
+    """Wait until either event is set, at most `timeout_s`."""
+    waits = [asyncio.ensure_future(event.wait()) for event in (woken, stopping) if event is not None]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _claim_once(
