@@ -44,11 +44,14 @@ from app.src.api.http import RESOURCE_KEY as HTTP
 from app.src.api.http.poller import poll_waiting_http
 from app.src.api.kinds import REGISTRY
 from app.src.database import maintenance
+from app.src.database import workers as worker_store
 from app.src.utils.metrics import QUEUE_DEPTH, SCHEDULER_DURATION, SCHEDULER_LAST_SUCCESS, SCHEDULER_RUNS
 
 if TYPE_CHECKING:
     from app.database import Database
     from app.settings import Settings
+
+WORKER_RETENTION_S = 86_400  # a worker (process) not seen for this long leaves the workers table
 
 log = structlog.get_logger("taskgate.scheduler")
 
@@ -305,7 +308,9 @@ class Scheduler:
             fires = await maintenance.prune_schedule_fires(
                 conn, older_than_s=self.settings.TASK_RETENTION_DAYS * 86_400
             )
-        pruned = {"tasks": tasks, "idempotency_keys": keys, "schedule_fires": fires}
+            # GET /api/workers shows the last ten minutes; a day keeps a restarted fleet's history
+            workers = await worker_store.prune_workers(conn, older_than_s=WORKER_RETENTION_S)
+        pruned = {"tasks": tasks, "idempotency_keys": keys, "schedule_fires": fires, "workers": workers}
         # expired operator sessions, MFA challenges and forgotten login throttles
         pruned.update(await operators.prune(self.db))
         return pruned if any(pruned.values()) else None

@@ -331,11 +331,21 @@ async def test_prune_removes_what_is_past_retention(
         "UPDATE sessions SET expires_at = now() - interval '3 days' "
         "WHERE id = (SELECT id FROM sessions ORDER BY created_at LIMIT 1)",
     )
+    # two worker processes seen: one a minute ago, one two days ago
+    for name, age in (("fresh", "1 minute"), ("gone", "2 days")):
+        await fetch(
+            clean_database,
+            "INSERT INTO workers (id, name, version, remote, kinds, running, last_seen_at) "
+            f"VALUES ($1, $2, 'test', false, '{{}}', 0, now() - interval '{age}')",
+            uuid.uuid4(),
+            name,
+        )
     pruned = await Scheduler(db, settings).prune()
     assert pruned is not None
     assert {k: v for k, v in pruned.items() if v} == {
-        "tasks": 1, "idempotency_keys": 1, "schedule_fires": 1, "sessions": 1,
+        "tasks": 1, "idempotency_keys": 1, "schedule_fires": 1, "sessions": 1, "workers": 1,
     }  # fmt: skip
+    assert [r["name"] for r in await fetch(clean_database, "SELECT name FROM workers")] == ["fresh"]
     assert await count(clean_database, "SELECT count(*) FROM sessions") == 1
     assert await count(clean_database, "SELECT count(*) FROM tasks") == 1
     assert await count(clean_database, "SELECT count(*) FROM idempotency_keys") == 1
