@@ -287,3 +287,27 @@ async def test_in_process_workers_are_listed_too(serving: Any, auth_headers: dic
     [worker] = await eventually(listed, timeout=15)
     assert worker["name"].startswith("in-process@")
     assert "noop" in worker["kinds"]
+
+
+async def test_a_schedule_can_name_a_remote_kind_of_its_own_client(
+    client: Client, auth_headers: dict[str, str], other_client_headers: dict[str, str]
+) -> None:
+    await register(client, auth_headers)
+    body = {"name": "nightly", "cron": "0 3 * * *", "task": {"kind": "reports.build", "payload": {"account_id": 0}}}
+    refused = await client.post("/api/schedules", json=body, headers=auth_headers)
+    assert refused.status_code == 422
+    fields = [e["field"] for e in (await refused.get_json())["errors"]]
+    assert fields == ["body.task.payload.account_id"]
+    body["task"]["payload"] = {"account_id": 7}
+    created = await client.post("/api/schedules", json=body, headers=auth_headers)
+    assert created.status_code == 201, await created.get_data(as_text=True)
+    schedule = await created.get_json()
+    # another client has no kind of that name: its schedule is refused as an unknown kind
+    theirs = await client.post("/api/schedules", json=body, headers=other_client_headers)
+    assert theirs.status_code == 422
+    assert [e["type"] for e in (await theirs.get_json())["errors"]] == ["unknown_kind"]
+    fired = await client.post(f"/api/schedules/{schedule['id']}/trigger", headers=auth_headers)
+    assert fired.status_code == 201, await fired.get_data(as_text=True)
+    task = await fired.get_json()
+    got = await claim(client, auth_headers)
+    assert [(item["id"], item["payload"]) for item in got["items"]] == [(task["id"], {"account_id": 7})]

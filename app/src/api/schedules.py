@@ -20,7 +20,7 @@ from app.database import Database
 from app.src.api import cron as crontab
 from app.src.api.engine import submit
 from app.src.api.engine.submit import Submitter, TaskRequest
-from app.src.api.engine.task_engine import SubmitRules, TaskEngine
+from app.src.api.engine.task_engine import TaskEngine
 from app.src.api.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.src.api.models.schedules import Schedule, ScheduleIn, SchedulePatch, TaskTemplate
 from app.src.api.models.tasks import Task
@@ -42,8 +42,14 @@ MAX_COALESCED_COUNT = 1000  # missed fire times counted one by one before skippi
 # --- validation ----------------------------------------------------------------------------------
 
 
-def _checked(
-    rules: SubmitRules, *, cron: str, timezone: str, task: TaskTemplate | None, allow_seconds: bool
+async def _checked(
+    engine: TaskEngine,
+    *,
+    client_id: UUID,
+    cron: str,
+    timezone: str,
+    task: TaskTemplate | None,
+    allow_seconds: bool,
 ) -> crontab.Cron:
     """The parsed cron, or one 422 naming every failing field (cron, timezone, task)."""
     errors: list[dict[str, Any]] = []
@@ -54,7 +60,9 @@ def _checked(
         errors.append({"field": f"body.{exc.field}", "message": str(exc), "type": exc.field})
     if task is not None:
         try:
-            submit.checked_kind(rules, task.kind, task.payload, at=("body", "task"))
+            await submit.checked_template(
+                engine, client_id=client_id, kind_name=task.kind, payload=task.payload, at=("body", "task")
+            )
         except Unprocessable as exc:
             errors.extend(exc.errors or [])
     if errors or parsed is None:
@@ -70,8 +78,13 @@ def _name_taken(name: str) -> Conflict:
 
 
 async def create(engine: TaskEngine, *, client_id: UUID, data: ScheduleIn, allow_seconds: bool) -> Schedule:
-    parsed = _checked(
-        engine.rules, cron=data.cron, timezone=data.timezone, task=data.task, allow_seconds=allow_seconds
+    parsed = await _checked(
+        engine,
+        client_id=client_id,
+        cron=data.cron,
+        timezone=data.timezone,
+        task=data.task,
+        allow_seconds=allow_seconds,
     )
     async with engine.db.driver() as conn, conn.transaction():
         next_run_at = None if data.paused else parsed.next_after(await schedule_store.now(conn))
@@ -135,8 +148,9 @@ async def update(
         paused = data.paused if data.paused is not None else current.paused
         resumed = current.paused and not paused
         # an unchanged expression is read as it was accepted (seconds included where allowed then)
-        parsed = _checked(
-            engine.rules,
+        parsed = await _checked(
+            engine,
+            client_id=client_id,
             cron=cron,
             timezone=timezone,
             task=data.task,

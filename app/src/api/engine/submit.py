@@ -118,6 +118,20 @@ def checked_kind(
     return kind
 
 
+async def checked_template(
+    engine: TaskEngine, *, client_id: UUID, kind_name: str, payload: dict[str, Any], at: FieldPath = ()
+) -> None:
+    """A task a schedule will enqueue: an in-process kind, or one of the client's remote kinds,
+    whose payload fits its contract (else a 422 naming fields under `at`)."""
+    if engine.rules.kinds.get(kind_name) is None:
+        remote = await remote_kinds.lookup(engine.db, client_id=client_id, names=[kind_name])
+        if kind_name in remote:
+            remote_kinds.validate_remote_payload(remote[kind_name], payload, at=at)
+            check_storable(payload, at=at)
+            return
+    checked_kind(engine.rules, kind_name, payload, at=at)
+
+
 def check_storable(payload: dict[str, Any], *, at: FieldPath = ()) -> None:
     """PostgreSQL's jsonb cannot hold a NUL character: refuse it here as a 422, not a 500 later."""
     if json_text.contains_nul(payload):
