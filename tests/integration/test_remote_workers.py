@@ -293,7 +293,8 @@ async def test_a_schedule_can_name_a_remote_kind_of_its_own_client(
     client: Client, auth_headers: dict[str, str], other_client_headers: dict[str, str]
 ) -> None:
     await register(client, auth_headers)
-    body = {"name": "nightly", "cron": "0 3 * * *", "task": {"kind": "reports.build", "payload": {"account_id": 0}}}
+    template = {"kind": "reports.build", "payload": {"account_id": 0}}
+    body: dict[str, Any] = {"name": "nightly", "cron": "0 3 * * *", "task": template}
     refused = await client.post("/api/schedules", json=body, headers=auth_headers)
     assert refused.status_code == 422
     fields = [e["field"] for e in (await refused.get_json())["errors"]]
