@@ -50,6 +50,9 @@ MAX_COMPLETE_BATCH = 1000
 MAX_TRACEBACK = 8192
 
 
+_CANCEL_EVENTS = threading.Lock()  # guards the lazy creation of TaskContext's cancel event
+
+
 class TaskContext:
     """What a running handler knows about its task, and how it reports back."""
 
@@ -61,16 +64,30 @@ class TaskContext:
         self.queue = task.queue
         self.payload: dict[str, Any] = task.payload
         self._worker = worker
-        self._cancelled = threading.Event()  # sync handlers in threads may wait on it too
+        self._cancelled = False
+        # made only for a handler that waits on it (a thread per task would pay for it otherwise)
+        self._cancel_event: threading.Event | None = None
 
     @property
     def cancelled(self) -> bool:
         """True once a client asked to cancel this task (seen at the next heartbeat)."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def wait_cancelled(self, timeout_s: float | None = None) -> bool:
         """For sync handlers: block until cancelled or `timeout_s` passes."""
-        return self._cancelled.wait(timeout_s)
+        with _CANCEL_EVENTS:
+            if self._cancel_event is None:
+                self._cancel_event = threading.Event()
+                if self._cancelled:
+                    self._cancel_event.set()
+            event = self._cancel_event
+        return event.wait(timeout_s)
+
+    def _cancel(self) -> None:
+        with _CANCEL_EVENTS:
+            self._cancelled = True
+            if self._cancel_event is not None:
+                self._cancel_event.set()
 
     def progress(self, progress: dict[str, Any]) -> None:
         """Report progress (any JSON object); sent with the next heartbeat. Safe from threads."""
@@ -374,7 +391,7 @@ class Worker:
     def _abandon(self, running: _Running, reason: str) -> None:
         if running.abandoned is None:
             running.abandoned = reason
-        running.ctx._cancelled.set()
+        running.ctx._cancel()
         if running.runner is not None and not running.runner.done():
             running.runner.cancel()
 
@@ -420,7 +437,7 @@ class Worker:
                 continue
             running.lease_from = max(running.lease_from, sent)
             if lease.cancel_requested and not running.ctx.cancelled:
-                running.ctx._cancelled.set()
+                running.ctx._cancel()
                 kind = self.kinds.get(running.task.kind)
                 if kind is not None and kind.is_async and running.runner is not None:
                     running.runner.cancel()  # async handlers are interrupted; sync ones see ctx.cancelled
