@@ -30,7 +30,8 @@ pytestmark = pytest.mark.timeout(180)
 WORKER_MODULE = """
 import os, time
 from pydantic import BaseModel
-from taskgate import Client, RetryLater, Worker
+import asyncio
+from taskgate import Client, PermanentError, RetryLater, TaskCancelled, Worker
 
 tg = Client(os.environ["TG_URL"], api_key=os.environ["TG_KEY"], verify=os.environ["TG_CA"])
 worker = Worker(tg, concurrency=int(os.environ.get("TG_CONCURRENCY", "50")), name=os.environ["TG_NAME"])
@@ -77,10 +78,28 @@ async def flaky(ctx, payload: Square) -> dict:
     if ctx.attempt < 2:
         raise RetryLater("not yet", after_s=0)
     return {"attempt": ctx.attempt}
+
+
+@worker.kind("e2e.refuses", payload=Square)
+async def refuses(ctx, payload: Square) -> dict:
+    raise PermanentError(f"account {payload.n} is closed")
+
+
+@worker.kind("e2e.waits_sync", payload=Slow)
+def waits_sync(ctx, payload: Slow) -> dict:
+    if ctx.wait_cancelled(payload.seconds):  # a thread that watches for a cancel request
+        raise TaskCancelled("stopped when asked")
+    return {"cancelled": False}
+
+
+@worker.kind("e2e.waits_async", payload=Slow)
+async def waits_async(ctx, payload: Slow) -> dict:
+    await asyncio.sleep(payload.seconds)  # interrupted by a cancel request
+    return {"cancelled": False}
 """
 
 CLIENT_SCRIPT = """
-import json, os
+import json, os, time
 from taskgate import ApiError, Client
 
 tg = Client(os.environ["TG_URL"], api_key=os.environ["TG_KEY"], verify=os.environ["TG_CA"])
@@ -110,6 +129,14 @@ except ApiError as exc:
 bad = tg.enqueue("e2e.bad_result", {"n": 2}, max_attempts=1)
 bad_done = tg.wait(bad.id, timeout_s=30)
 out["bad_result"] = [bad_done.status, bad_done.last_error]
+refused = tg.wait(tg.enqueue("e2e.refuses", {"n": 3}).id, timeout_s=30)
+out["refused"] = [refused.status, refused.attempts, refused.last_error]
+waiting = [tg.enqueue(kind, {"seconds": 60}) for kind in ("e2e.waits_sync", "e2e.waits_async")]
+for t in waiting:
+    while tg.get(t.id).status != "running":
+        time.sleep(0.05)
+    tg.cancel(t.id)
+out["cancelled"] = [tg.wait(t.id, timeout_s=30).status for t in waiting]
 kinds = {k.name: k.remote for k in tg.kinds()}
 out["kinds"] = [kinds.get("e2e.square"), kinds.get("noop")]
 out["workers"] = sorted(w.name for w in tg.workers() if w.remote)
@@ -211,7 +238,7 @@ def spawn_worker(
 
 
 async def registered(platform: Platform, client: IssuedKey) -> None:
-    """Until the worker registered its four kinds for this client."""
+    """Until the worker registered its seven kinds for this client."""
 
     async def check() -> bool:
         rows = await fetch(
@@ -219,7 +246,7 @@ async def registered(platform: Platform, client: IssuedKey) -> None:
             "SELECT count(*) AS n FROM remote_kinds WHERE client_id = $1",
             client.client_id,
         )
-        return bool(rows[0]["n"] == 4)
+        return bool(rows[0]["n"] == 7)
 
     await eventually(check, timeout=30)
 
@@ -268,6 +295,8 @@ async def test_the_sdk_enqueues_waits_streams_and_a_remote_worker_runs_typed_kin
     assert out["bad_payload"] == [422, ["payload.n"]]
     assert out["bad_result"][0] == "discarded"
     assert "result does not match" in out["bad_result"][1]
+    assert out["refused"] == ["discarded", 1, "account 3 is closed"]
+    assert out["cancelled"] == ["cancelled", "cancelled"]  # a sync and an async handler
     assert out["kinds"] == [True, False]
     assert out["workers"] == ["worker-a"]
     assert out["other_kinds"] is False
