@@ -31,9 +31,14 @@ RECONNECT_MAX_S = 1.0
 
 
 class Notifier:
-    def __init__(self, connect_args: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
+    def __init__(
+        self, connect_args: tuple[tuple[Any, ...], dict[str, Any]], *, task_events: bool = True
+    ) -> None:
         # a dedicated connection, outside the pools: LISTEN lives as long as the process
         self._connect_args, self._connect_kwargs = connect_args
+        # Task events (every claim and completion names its tasks) matter only where clients follow
+        # tasks (long-polls, event streams): a worker-only process does not take them off the wire.
+        self._task_events = task_events
         self._task: asyncio.Task[None] | None = None
         self._watchers: dict[UUID, set[asyncio.Event]] = {}
         self._on_available: list[Callable[[set[int] | None], None]] = []
@@ -133,7 +138,8 @@ class Notifier:
                 )
                 lost = asyncio.Event()
                 connection.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await connection.add_listener(EVENTS_CHANNEL, self._handle)
+                if self._task_events:
+                    await connection.add_listener(EVENTS_CHANNEL, self._handle)
                 await connection.add_listener(AVAILABLE_CHANNEL, self._handle)
                 await connection.add_listener(CANCEL_CHANNEL, self._handle)
                 self.connected.set()
