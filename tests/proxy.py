@@ -1,70 +1,119 @@
-"""A TCP proxy to PostgreSQL that can freeze: connections stay open, no byte moves either way.
+"""A TCP proxy in front of PostgreSQL that the tests steer: forward, freeze, or refuse.
 
-That is what a network partition or a stalled switch looks like to a client — no error, no reset,
-just silence — and what timeouts and lease fencing must survive.
+- frozen: connections stay open and new ones are accepted by the kernel, but no byte moves either
+  way: a network partition or a stalled switch as a client sees it (no error, no reset, silence),
+  which timeouts and lease fencing must survive;
+- refused: the listening socket is closed and every connection reset: a stopped server. `start()`
+  listens again on the same port, as a database that came back on its address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import parse_qs, urlsplit
+
+from sqlalchemy.engine import make_url
 
 
-class FreezableProxy:
-    def __init__(self, database_uri: str) -> None:
-        parts = urlsplit(database_uri)
-        self.database = parts.path.lstrip("/")
-        query = parse_qs(parts.query)
-        self._socket_dir = query.get("host", [None])[0]
-        self._host, self._port = parts.hostname, parts.port or 5432
+class TcpProxy:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 5432, unix_socket: str | None = None) -> None:
+        self._target = (host, port)
+        self._unix_socket = unix_socket
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._database_url = make_url("postgresql+asyncpg://postgres@127.0.0.1/postgres")
         self.port = 0
+
+    @classmethod
+    def to_database(cls, database_uri: str) -> TcpProxy:
+        """A proxy to the server of `database_uri` (TCP, or the Unix socket its `host` names)."""
+        url = make_url(database_uri)
+        socket_dir = url.query.get("host")
+        unix_socket = (
+            f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
+            if isinstance(socket_dir, str) and socket_dir.startswith("/")
+            else None
+        )
+        proxy = cls(host=url.host or "127.0.0.1", port=url.port or 5432, unix_socket=unix_socket)
+        proxy._database_url = url
+        return proxy
 
     @property
     def uri(self) -> str:
-        """A postgresql+asyncpg URI that goes through the proxy."""
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{self.database}"
+        """The database URI it was made for, through the proxy."""
+        url = self._database_url.set(host="127.0.0.1", port=self.port, query={})
+        return url.render_as_string(hide_password=False)
+
+    @property
+    def frozen(self) -> bool:
+        return not self._flowing.is_set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        """Listen (again on the same port after `refuse()`)."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def freeze(self) -> None:
         self._flowing.clear()
 
-    def thaw(self) -> None:
+    def resume(self) -> None:
         self._flowing.set()
 
-    async def stop(self) -> None:
+    def refuse(self) -> None:
+        """Stop listening and reset every connection."""
         if self._server is not None:
             self._server.close()
-        for pipe in self._pipes:
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.resume()
+        self.refuse()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._flowing.wait()
-        if self._socket_dir:
-            upstream = await asyncio.open_unix_connection(f"{self._socket_dir}/.s.PGSQL.{self._port}")
-        else:
-            upstream = await asyncio.open_connection(self._host, self._port)
-        for source, sink in ((reader, upstream[1]), (upstream[0], writer)):
-            pipe = asyncio.create_task(self._pipe(source, sink))
-            self._pipes.add(pipe)
-            pipe.add_done_callback(self._pipes.discard)
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
-            while data := await source.read(65536):
-                await self._flowing.wait()
-                sink.write(data)
-                await sink.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+            await self._flowing.wait()
+            try:
+                if self._unix_socket is not None:
+                    up_reader, up_writer = await asyncio.open_unix_connection(self._unix_socket)
+                else:
+                    up_reader, up_writer = await asyncio.open_connection(*self._target)
+            except OSError:
+                writer.transport.abort()
+                return
+            self._writers.add(up_writer)
+            pumps = [
+                asyncio.create_task(self._pump(reader, up_writer)),
+                asyncio.create_task(self._pump(up_reader, writer)),
+            ]
+            self._tasks.update(pumps)
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            for pump in pumps:
+                pump.cancel()
+                self._tasks.discard(pump)
+            for w in (writer, up_writer):
+                w.transport.abort()
+                self._writers.discard(w)
         finally:
-            with contextlib.suppress(Exception):
-                sink.close()
+            self._writers.discard(writer)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError, asyncio.IncompleteReadError):
+            while True:
+                await self._flowing.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                # bytes read just before a freeze are held, not delivered, until it ends
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()

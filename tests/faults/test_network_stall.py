@@ -11,9 +11,9 @@ import pytest
 from tests.faults.common import prepare, running
 from tests.faults.load import Answers, enqueue_load, http_task, poll_ready, query, wait_completed
 from tests.faults.procs import Deployment
-from tests.faults.proxy import FreezableProxy
 from tests.faults.report import Promises
 from tests.faults.sink import Sink
+from tests.proxy import TcpProxy
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -25,7 +25,7 @@ DETECT_S = 5.0  # readiness may be stale this long after the stall begins, never
 async def test_stall_between_one_replica_and_postgres(deployment: Deployment, sink: Sink) -> None:
     promises = Promises("2 stall 20s")
     host, port = "127.0.0.1", int(deployment.db_uri.rsplit(":", 1)[1].split("/")[0])
-    proxy = FreezableProxy(host, port)
+    proxy = TcpProxy(host=host, port=port)
     await proxy.start()
     stalled_uri = deployment.db_uri.replace(f":{port}/", f":{proxy.port}/")
     # plenty of worker slots: a rescued task must not wait behind a backlog to be run again, or a

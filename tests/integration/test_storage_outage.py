@@ -1,104 +1,35 @@
 """PostgreSQL out of reach: every API answer is 503 problem+json with Retry-After within 5 s.
 
-The app talks to PostgreSQL through a small TCP proxy written here, which can refuse (close every
-connection and stop listening, as a stopped server does) or stall (keep every connection open and
-forward nothing, as a frozen network does).
+The app talks to PostgreSQL through the tests' TCP proxy (tests/proxy.py), which can refuse (close
+every connection and stop listening, as a stopped server does) or freeze (keep every connection
+open and forward nothing, as a frozen network does).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 
 from app.database import Database, StorageUnavailable
+from tests.proxy import TcpProxy
 
 PROBLEM = "application/problem+json"
 ANSWER_WITHIN_S = 5.0
 
 
-class PostgresProxy:
-    """Forwards TCP connections to PostgreSQL until told to refuse or to stall."""
-
-    def __init__(self, database_uri: str) -> None:
-        url = make_url(database_uri)
-        socket_dir = url.query.get("host")
-        self._unix = (
-            f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
-            if isinstance(socket_dir, str) and socket_dir.startswith("/")
-            else None
-        )
-        self._upstream = (url.host or "127.0.0.1", url.port or 5432)
-        self._url = url
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self.port = 0
-
-    @property
-    def uri(self) -> str:
-        url = self._url.set(host="127.0.0.1", port=self.port, query={})
-        return url.render_as_string(hide_password=False)
-
-    async def listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def refuse(self) -> None:
-        """Stop listening and reset every connection: what a stopped server looks like."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    def stall(self) -> None:
-        """Keep every connection open, accept new ones, forward nothing."""
-        self._flowing.clear()
-
-    def resume(self) -> None:
-        self._flowing.set()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            await self._flowing.wait()
-            if self._unix is not None:
-                up_reader, up_writer = await asyncio.open_unix_connection(self._unix)
-            else:
-                up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.add(up_writer)
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await source.read(65536):
-                await self._flowing.wait()  # stalled: hold the bytes, keep the socket open
-                sink.write(data)
-                await sink.drain()
-        sink.transport.abort()
-
-
 @pytest.fixture
-async def proxy(clean_database: str) -> AsyncIterator[PostgresProxy]:
-    forwarding = PostgresProxy(clean_database)
-    await forwarding.listen()
+async def proxy(clean_database: str) -> AsyncIterator[TcpProxy]:
+    forwarding = TcpProxy.to_database(clean_database)
+    await forwarding.start()
     try:
         yield forwarding
     finally:
-        forwarding.resume()
-        forwarding.refuse()
+        await forwarding.close()
 
 
 async def timed(call: Any) -> tuple[Any, float]:
@@ -151,7 +82,7 @@ async def test_an_sql_error_passes_through_unchanged(db: Database) -> None:
 
 
 async def test_a_refused_database_is_503_with_retry_after_and_recovers(
-    serving: Any, proxy: PostgresProxy, auth_headers: dict[str, str]
+    serving: Any, proxy: TcpProxy, auth_headers: dict[str, str]
 ) -> None:
     app = await serving(DB_URI=proxy.uri, ROLES=["api"])
     client = app.test_client()
@@ -165,7 +96,7 @@ async def test_a_refused_database_is_503_with_retry_after_and_recovers(
     assert not notifier.connected.is_set()
     await assert_transaction_unavailable(app.extensions["taskgate"].db)
 
-    await proxy.listen()  # the database is back, on the same address
+    await proxy.start()  # the database is back, on the same address
     back = time.monotonic()
     await asyncio.wait_for(notifier.connected.wait(), timeout=5)
     assert time.monotonic() - back < 2.0  # LISTEN again about a second after, not after 30 s
@@ -179,7 +110,7 @@ async def test_a_refused_database_is_503_with_retry_after_and_recovers(
 
 
 async def test_a_stalled_database_is_503_with_retry_after_not_a_hang(
-    serving: Any, proxy: PostgresProxy, auth_headers: dict[str, str]
+    serving: Any, proxy: TcpProxy, auth_headers: dict[str, str]
 ) -> None:
     app = await serving(DB_URI=proxy.uri, ROLES=["api"])
     client = app.test_client()
@@ -190,7 +121,7 @@ async def test_a_stalled_database_is_503_with_retry_after_not_a_hang(
     async with app.extensions["taskgate"].db.transaction() as conn:  # a pooled SQLAlchemy connection
         await conn.exec_driver_sql("SELECT 1")
 
-    proxy.stall()
+    proxy.freeze()
     await assert_unavailable(client, auth_headers, task_id)
     await assert_transaction_unavailable(app.extensions["taskgate"].db)
     # requests arriving while a stalled insert batch is in flight do not queue behind it

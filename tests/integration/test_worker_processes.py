@@ -11,7 +11,7 @@ from typing import Any
 
 from quart import Quart
 
-from tests.proxy import FreezableProxy
+from tests.proxy import TcpProxy
 from tests.task_harness import eventually, fetch, read_records, spawn_worker, started
 
 Serving = Callable[..., Awaitable[Quart]]
@@ -254,7 +254,7 @@ async def test_a_worker_cut_off_from_postgresql_stops_its_handler_before_the_lea
     await client.put(
         "/api/queues/fenced", json={"min_backoff_s": 0.1, "max_backoff_s": 0.2}, headers=auth_headers
     )
-    proxy = FreezableProxy(clean_database)
+    proxy = TcpProxy.to_database(clean_database)
     await proxy.start()
     marks = tmp_path / "spans.txt"
     stalled = spawn_worker(proxy.uri, tmp_path / "stalled", LEASE_SECONDS="3")
@@ -275,12 +275,12 @@ async def test_a_worker_cut_off_from_postgresql_stops_its_handler_before_the_lea
         await eventually(lambda: len(read_records(marks)) >= 1, timeout=10)  # the handler was stopped
         await eventually(lambda: _all_done(clean_database), timeout=30)
     finally:
-        proxy.thaw()
+        proxy.resume()
         for worker in (stalled, survivor):
             if worker is not None:
                 worker.send_signal(signal.SIGTERM)
         stop_all([w for w in (stalled, survivor) if w is not None])
-        await proxy.stop()
+        await proxy.close()
     (first, second) = sorted(read_records(marks), key=lambda r: r[1])
     assert (first[1], second[1]) == (1, 2)
     assert first[2] == stalled.pid
