@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from app.src.api.engine import remote_kinds
 from app.src.api.engine.task_engine import KindContract, SubmitRules, TaskEngine
 from app.src.api.errors import Conflict, TooManyRequests, Unprocessable, field_errors, problem_type
-from app.src.api.models.tasks import Queue, Task, TaskIn
+from app.src.api.models.tasks import DebounceIn, Queue, Task, TaskIn
 from app.src.database import queues as queue_store
 from app.src.database import tasks as task_store
 from app.src.database.tasks import Executor, NewTask
@@ -66,6 +66,8 @@ class TaskRequest:
     run_at: datetime | None = None
     delay_s: float | None = None
     schedule: dict[str, Any] | None = None  # the schedule fire that asks for it (ScheduleRef fields)
+    concurrency_key: str | None = None
+    debounce: DebounceIn | None = None
 
     @classmethod
     def from_input(cls, item: TaskIn) -> TaskRequest:
@@ -77,6 +79,8 @@ class TaskRequest:
             max_attempts=item.max_attempts,
             run_at=item.run_at,
             delay_s=item.delay_s,
+            concurrency_key=item.concurrency_key,
+            debounce=item.debounce,
         )
 
 
@@ -161,6 +165,7 @@ def new_tasks(
             run_at=request.run_at,
             delay_s=request.delay_s,
             schedule=request.schedule,
+            concurrency_key=request.concurrency_key,
         )
         for request, kind, task_id in zip(requests, kinds, uuid7s(len(requests)), strict=True)
     ]
