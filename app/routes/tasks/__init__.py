@@ -13,7 +13,7 @@ from quart_schema import document_response, validate_querystring, validate_reque
 from app.middlewares import header, requires_scopes
 from app.routes.context import client_id, db, engine, notifier, runtime, submitter, tenant
 from app.src.api import tasks
-from app.src.api.engine import submit
+from app.src.api.engine import flow, submit
 from app.src.api.models.tasks import (
     AttemptList,
     AttemptOut,
@@ -78,17 +78,21 @@ async def create_batch(data: TaskBatchIn) -> Response:
 async def get_task(task_id: UUID, query_args: WaitQuery) -> TaskOut | tuple[TaskOut, int, dict[str, str]]:
     """Read a task; `?wait=S` long-polls until it is terminal or S seconds pass.
 
+    A task that is not running says why in `blocked_by` (the rules the claim applies, read now).
+
     A server that is shutting down ends a long-poll at once with the task's current state and a
     `Retry-After` header: poll again (another replica answers)."""
     if not query_args.wait:
-        return TaskOut.from_domain(await tasks.get(db(), client_id=client_id(), task_id=task_id))
+        task = await tasks.get(db(), client_id=client_id(), task_id=task_id)
+        return TaskOut.from_domain(task, blocked_by=await flow.blocked_by(db(), task))
     stopping = runtime().shutting_down
     task = await tasks.wait(
         db(), notifier(), client_id=client_id(), task_id=task_id, timeout_s=query_args.wait, stopping=stopping
     )
+    out = TaskOut.from_domain(task, blocked_by=await flow.blocked_by(db(), task))
     if stopping.is_set():
-        return TaskOut.from_domain(task), 200, {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
-    return TaskOut.from_domain(task)
+        return out, 200, {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
+    return out
 
 
 @blueprint.get("")
