@@ -54,10 +54,15 @@ def _idempotency_key() -> str | None:
 async def create_task(data: TaskIn) -> Response:
     """Enqueue a task.
 
-    With an Idempotency-Key, a repeat of the same request returns the original task (200).
+    With an Idempotency-Key, a repeat of the same request returns the original task (200). With
+    `debounce`, an enqueue that meets a pending task of the same debounce key replaces its payload
+    and run_at and answers that task (200, `"debounced": true`).
     """
     created = await submit.submit_one(engine(), submitter(), data, idempotency_key=_idempotency_key())
-    return json_response(task_body(created.tasks[0]), 200 if created.replayed else 201)
+    flag = created.debounced[0] if created.debounced else None
+    return json_response(
+        task_body(created.tasks[0], debounced=flag), 200 if created.replayed or flag else 201
+    )
 
 
 @blueprint.post("/batch")
@@ -68,7 +73,9 @@ async def create_task(data: TaskIn) -> Response:
 async def create_batch(data: TaskBatchIn) -> Response:
     """Enqueue up to 1000 tasks in one round trip: all or nothing."""
     created = await submit.submit_batch(engine(), submitter(), data.tasks, idempotency_key=_idempotency_key())
-    return json_response({"items": [task_body(t) for t in created.tasks]}, 200 if created.replayed else 201)
+    flags = created.debounced or [None] * len(created.tasks)
+    items = [task_body(t, debounced=flag) for t, flag in zip(created.tasks, flags, strict=True)]
+    return json_response({"items": items}, 200 if created.replayed or created.all_debounced else 201)
 
 
 @blueprint.get("/<uuid:task_id>")

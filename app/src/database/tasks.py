@@ -122,6 +122,14 @@ class NewTask:
     delay_s: float | None
     schedule: dict[str, Any] | None = None  # the schedule fire that made it (ScheduleRef fields)
     concurrency_key: str | None = None
+    debounce: Debounce | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Debounce:
+    key: str
+    period_s: float
+    max_wait_s: float | None
 
 
 async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
@@ -167,6 +175,55 @@ def _inserted(new: NewTask, row: Mapping[str, Any]) -> Task:
         schedule=new.schedule,
         concurrency_key=new.concurrency_key,
     )
+
+
+# Debounce: one statement per task, race-free through the unique index tasks_debounce (client_id,
+# debounce_key) WHERE status IN ('scheduled', 'available'): the first enqueue inserts; while that
+# task has not started, every later one meets it in ON CONFLICT, which locks the row and replaces
+# its payload and run_at (now + period_s, never past the first enqueue + max_wait_s). A claim that
+# takes the row meanwhile moves it out of the index, and the insert then goes ahead: a new task.
+DEBOUNCE_TASK = f"""
+WITH upserted AS (
+    INSERT INTO tasks AS t (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts,
+                            run_at, concurrency_key, debounce_key, debounce_until)
+    VALUES ($1, $2, $3, $4, $5, $6::jsonb, CASE WHEN $9::float8 <= 0 THEN 'available' ELSE 'scheduled' END,
+            $7, $8, now() + make_interval(secs => $9::float8), $10, $11,
+            now() + make_interval(secs => $12::float8))
+    ON CONFLICT (client_id, debounce_key) WHERE debounce_key IS NOT NULL AND status IN ('scheduled', 'available')
+    DO UPDATE SET
+        payload = EXCLUDED.payload,
+        run_at = LEAST(EXCLUDED.run_at, COALESCE(t.debounce_until, 'infinity')),
+        status = CASE WHEN LEAST(EXCLUDED.run_at, COALESCE(t.debounce_until, 'infinity')) > now()
+                      THEN 'scheduled' ELSE t.status END
+    RETURNING {TASK_COLUMNS}, (xmax = 0) AS created
+),
+woken AS (
+    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text)) AS n FROM upserted WHERE status = 'available'
+),
+evented AS (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) AS n FROM upserted WHERE NOT created)
+SELECT upserted.*, (SELECT n FROM woken) + (SELECT n FROM evented) AS _n FROM upserted
+"""
+
+
+async def debounce_task(conn: Executor, task: NewTask) -> tuple[Task, bool]:
+    """Insert `task`, or fold it into the pending task of its debounce key; (task, debounced)."""
+    assert task.debounce is not None  # noqa: S101  # nosec B101: callers route debounced tasks only
+    rows = await conn.fetch(
+        DEBOUNCE_TASK,
+        task.id,
+        task.client_id,
+        task.queue_id,
+        task.queue,
+        task.kind,
+        json_text.dumps(task.payload),
+        task.priority,
+        task.max_attempts,
+        task.debounce.period_s,
+        task.concurrency_key,
+        task.debounce.key,
+        task.debounce.max_wait_s,
+    )
+    return to_task(rows[0]), not rows[0]["created"]
 
 
 # --- idempotency ---------------------------------------------------------------------------------
@@ -262,7 +319,8 @@ picked AS (
 claimed AS (
     UPDATE tasks t
     SET status = 'running', attempts = t.attempts + 1, started_at = now(),
-        lease_expires_at = now() + make_interval(secs => $2), worker_id = $3
+        lease_expires_at = now() + make_interval(secs => $2), worker_id = $3,
+        debounce_key = NULL  -- started: no longer debounced (tasks_debounce)
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
               t.run_at, t.started_at
@@ -352,7 +410,7 @@ picked AS ({pick_remote if remote else pick_in_process}
 claimed AS (
     UPDATE tasks t
     SET status = 'running', attempts = t.attempts + 1, started_at = now(),
-        lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
+        lease_expires_at = now() + make_interval(secs => $3), worker_id = $4, debounce_key = NULL
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
               t.run_at, t.started_at
@@ -478,7 +536,8 @@ picked AS (
 claimed AS (
     UPDATE tasks t
     SET status = 'running', attempts = t.attempts + 1, started_at = (SELECT at FROM clock),
-        lease_expires_at = (SELECT at FROM clock) + make_interval(secs => $3), worker_id = $4
+        lease_expires_at = (SELECT at FROM clock) + make_interval(secs => $3), worker_id = $4,
+        debounce_key = NULL
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = 'available'
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
               t.run_at, t.started_at, t.concurrency_key

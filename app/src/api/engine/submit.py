@@ -26,7 +26,7 @@ from app.src.api.errors import Conflict, TooManyRequests, Unprocessable, field_e
 from app.src.api.models.tasks import DebounceIn, Queue, Task, TaskIn
 from app.src.database import queues as queue_store
 from app.src.database import tasks as task_store
-from app.src.database.tasks import Executor, NewTask
+from app.src.database.tasks import Debounce, Executor, NewTask
 from app.src.utils import json_text
 from app.src.utils.ids import uuid7s
 from app.src.utils.metrics import ENQUEUED
@@ -96,6 +96,11 @@ class Submitter:
 class Submitted:
     tasks: list[Task]
     replayed: bool  # an Idempotency-Key repeat: the tasks of the first request
+    debounced: list[bool | None] | None = None  # per task, for enqueues with debounce
+
+    @property
+    def all_debounced(self) -> bool:
+        return bool(self.debounced) and all(self.debounced or [])
 
 
 # --- the rules -----------------------------------------------------------------------------------
@@ -166,6 +171,9 @@ def new_tasks(
             delay_s=request.delay_s,
             schedule=request.schedule,
             concurrency_key=request.concurrency_key,
+            debounce=None
+            if request.debounce is None
+            else Debounce(request.debounce.key, request.debounce.period_s, request.debounce.max_wait_s),
         )
         for request, kind, task_id in zip(requests, kinds, uuid7s(len(requests)), strict=True)
     ]
@@ -222,8 +230,22 @@ async def prepare(
 
 
 async def store_prepared(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
-    """Insert prepared rows on the caller's connection (in its transaction, if it opened one)."""
-    return await task_store.insert_tasks(conn, tasks)
+    """Insert prepared rows on the caller's connection (in its transaction, if it opened one).
+
+    A debounced row may come back as the pending task of its debounce key (another id)."""
+    if all(task.debounce is None for task in tasks):
+        return await task_store.insert_tasks(conn, tasks)
+    plain = [task for task in tasks if task.debounce is None]
+    stored = {task.id: task for task in await task_store.insert_tasks(conn, plain)} if plain else {}
+    for task in tasks:
+        if task.debounce is not None:
+            stored[task.id], _ = await task_store.debounce_task(conn, task)
+    return [stored[task.id] for task in tasks]
+
+
+def debounced(new: Sequence[NewTask], tasks: Sequence[Task]) -> list[bool | None]:
+    """Per task: None without debounce; True when an earlier pending task took the enqueue."""
+    return [None if n.debounce is None else t.id != n.id for n, t in zip(new, tasks, strict=True)]
 
 
 def accepted(engine: TaskEngine, tasks: Sequence[Task]) -> None:
@@ -250,14 +272,19 @@ async def _submit(
         stored = await _store_once(engine, submitter.client_id, idempotency_key, items, new)
         if stored.replayed:
             return stored
-        tasks = stored.tasks
-    elif len(new) == 1:
+        tasks = [
+            t for t, flag in zip(stored.tasks, stored.debounced or [None] * len(new), strict=True) if not flag
+        ]
+        accepted(engine, tasks)
+        return stored
+    elif len(new) == 1 and new[0].debounce is None:
         tasks = [await engine.task_inserts.submit(new[0])]
     else:
-        async with engine.db.driver() as conn:
+        async with engine.db.driver() as conn, conn.transaction():
             tasks = await store_prepared(conn, new)
-    accepted(engine, tasks)
-    return Submitted(tasks, replayed=False)
+    flags = debounced(new, tasks)
+    accepted(engine, [task for task, flag in zip(tasks, flags, strict=True) if not flag])
+    return Submitted(tasks, replayed=False, debounced=flags if any(f is not None for f in flags) else None)
 
 
 async def _store_once(
@@ -283,7 +310,8 @@ async def _store_once(
             )
         tasks = await store_prepared(conn, new)
         await task_store.save_idempotency_key(conn, client_id, key, request_hash, [t.id for t in tasks])
-    return Submitted(tasks, replayed=False)
+    flags = debounced(new, tasks)
+    return Submitted(tasks, replayed=False, debounced=flags if any(f is not None for f in flags) else None)
 
 
 def _request_hash(items: Sequence[TaskIn]) -> str:
