@@ -12,11 +12,13 @@ from quart_schema import document_response, validate_querystring, validate_reque
 
 from app.middlewares import header, requires_scopes
 from app.routes.context import client_id, db, engine, notifier, runtime, submitter, tenant
-from app.src.api import tasks
+from app.src.api import bulk, tasks
 from app.src.api.engine import flow, submit
 from app.src.api.models.tasks import (
     AttemptList,
     AttemptOut,
+    BulkIn,
+    BulkOut,
     TaskBatchIn,
     TaskBatchOut,
     TaskEvent,
@@ -179,3 +181,39 @@ async def cancel_task(task_id: UUID) -> TaskOut:
 async def retry_task(task_id: UUID) -> TaskOut:
     """Run a discarded or cancelled task again, from attempt one."""
     return TaskOut.from_domain(await tasks.retry(engine(), client_id=client_id(), task_id=task_id))
+
+
+def _bulk_filter(data: BulkIn) -> bulk.TaskFilter:
+    return bulk.TaskFilter(
+        client_id=client_id(),  # own tasks only, whoever asks
+        queue=data.filter.queue,
+        kind=data.filter.kind,
+        status=None if data.filter.status is None else str(data.filter.status),
+        created_before=data.filter.created_before,
+        created_after=data.filter.created_after,
+    )
+
+
+@blueprint.post("/bulk/retry")
+@requires_scopes("tasks:write")
+@validate_request(BulkIn)
+@validate_response(BulkOut)
+async def bulk_retry(data: BulkIn) -> BulkOut:
+    """Run this client's discarded or cancelled tasks that match the filter again, from attempt one.
+
+    Chunked (one short statement per 1,000 tasks) and bounded (100,000 per call: call again for
+    the rest); `count` says how many.
+    """
+    return BulkOut(count=await bulk.retry(engine(), where=_bulk_filter(data)))
+
+
+@blueprint.post("/bulk/cancel")
+@requires_scopes("tasks:write")
+@validate_request(BulkIn)
+@validate_response(BulkOut)
+async def bulk_cancel(data: BulkIn) -> BulkOut:
+    """Cancel this client's unfinished tasks that match the filter (running ones are asked to stop).
+
+    Chunked and bounded like bulk retry; `count` says how many.
+    """
+    return BulkOut(count=await bulk.cancel(db(), where=_bulk_filter(data)))

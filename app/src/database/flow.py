@@ -20,6 +20,7 @@ from app.src.database.tasks import KEY_RATE_ROOM, KEY_ROOM, QUEUE_ROOM, QUEUE_TO
 # at start and every heartbeat round (a third of the lease), remote ones every few seconds.
 LIVE_WORKER_S = 60.0
 
+_KEY_RATE_ROOM = KEY_RATE_ROOM.format(queue="t.queue_id", key="t.concurrency_key", at="clock_timestamp()")
 BLOCKED_BY = f"""
 WITH t AS (
     SELECT id, client_id, queue_id, kind, status, run_at, concurrency_key
@@ -41,8 +42,7 @@ SELECT
         AND COALESCE({KEY_ROOM.format(queue="t.queue_id", key="t.concurrency_key")} <= 0, false) AS key_full,
     q.key_rate_limit_per_s,
     t.concurrency_key IS NOT NULL
-        AND COALESCE({KEY_RATE_ROOM.format(queue="t.queue_id", key="t.concurrency_key", at="clock_timestamp()")} <= 0,
-                     false) AS key_rate_empty,
+        AND COALESCE({_KEY_RATE_ROOM} <= 0, false) AS key_rate_empty,
     EXISTS (
         SELECT 1 FROM workers w
         WHERE w.last_seen_at > now() - make_interval(secs => $3)

@@ -48,7 +48,7 @@ def to_task(row: Mapping[str, Any]) -> Task:
     return Task(*(row[name] for name in _TASK_FIELDS))
 
 
-def _notify_events(source: str) -> str:
+def notify_events(source: str) -> str:
     """A CTE that NOTIFYs the ids of `source` in chunks; join it once to make it run."""
     return f"""
     notified AS (
@@ -189,7 +189,8 @@ WITH upserted AS (
     VALUES ($1, $2, $3, $4, $5, $6::jsonb, CASE WHEN $9::float8 <= 0 THEN 'available' ELSE 'scheduled' END,
             $7, $8, now() + make_interval(secs => $9::float8), $10, $11,
             now() + make_interval(secs => $12::float8))
-    ON CONFLICT (client_id, debounce_key) WHERE debounce_key IS NOT NULL AND status IN ('scheduled', 'available')
+    ON CONFLICT (client_id, debounce_key)
+        WHERE debounce_key IS NOT NULL AND status IN ('scheduled', 'available')
     DO UPDATE SET
         payload = EXCLUDED.payload,
         run_at = LEAST(EXCLUDED.run_at, COALESCE(t.debounce_until, 'infinity')),
@@ -325,7 +326,7 @@ claimed AS (
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
               t.run_at, t.started_at
 ),
-{_notify_events("claimed")}
+{notify_events("claimed")}
 SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
 """
 
@@ -421,7 +422,7 @@ spent AS (
         rate_updated_at = now()
     WHERE id = $1 AND rate_limit_per_s IS NOT NULL
 ),
-{_notify_events("claimed")}
+{notify_events("claimed")}
 SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
 """
 
@@ -573,7 +574,7 @@ turned AS (
     WHERE id = $1
     RETURNING 1
 ),
-{_notify_events("claimed")}
+{notify_events("claimed")}
 SELECT claimed.*, (SELECT n FROM notified) AS _notified, (SELECT count(*) FROM logged) AS _logged,
        (SELECT count(*) FROM turned) AS _turned
 FROM claimed
@@ -794,7 +795,7 @@ recorded AS (
     FROM input i JOIN done d ON d.id = i.id
     WHERE NOT i.refund
 ),
-{_notify_events("done")},
+{notify_events("done")},
 {_notify_room("done")}
 SELECT done.*, (SELECT n FROM notified) AS _notified, (SELECT n FROM room) AS _room FROM done
 """
@@ -823,7 +824,7 @@ recorded AS (
            EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000
     FROM input i JOIN done d ON d.id = i.id
 ),
-{_notify_events("done")},
+{notify_events("done")},
 {_notify_room("done")}
 SELECT done.*, (SELECT n FROM notified) AS _notified, (SELECT n FROM room) AS _room FROM done
 """
@@ -970,7 +971,7 @@ permits_freed AS (
       AND expires_at > now()
     RETURNING host
 ),
-{_notify_events("rescued")}
+{notify_events("rescued")}
 SELECT rescued.*, (SELECT n FROM notified) AS _notified,
        (SELECT count(*) FROM permits_freed) AS _permits_freed
 FROM rescued

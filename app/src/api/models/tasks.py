@@ -232,6 +232,28 @@ class TaskListQuery(BaseModel):
     cursor: str | None = Field(default=None, max_length=64)
 
 
+class BulkFilter(BaseModel):
+    """Which of the caller's tasks a bulk action reaches (every field narrows it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: QueueName | None = None
+    kind: KindName | None = None
+    status: Status | None = None
+    created_before: AwareDatetime | None = None
+    created_after: AwareDatetime | None = None
+
+
+class BulkIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filter: BulkFilter
+
+
+class BulkOut(BaseModel):
+    count: int = Field(description="tasks retried or cancelled by this call")
+
+
 class WaitQuery(BaseModel):
     wait: float | None = Field(default=None, ge=0, le=60, description="long-poll up to S seconds")
 
