@@ -199,7 +199,8 @@ WITH upserted AS (
     RETURNING {TASK_COLUMNS}, (xmax = 0) AS created
 ),
 woken AS (
-    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text)) AS n FROM upserted WHERE status = 'available'
+    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text)) AS n
+    FROM upserted WHERE status = 'available'
 ),
 evented AS (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) AS n FROM upserted WHERE NOT created)
 SELECT upserted.*, (SELECT n FROM woken) + (SELECT n FROM evented) AS _n FROM upserted
@@ -208,7 +209,8 @@ SELECT upserted.*, (SELECT n FROM woken) + (SELECT n FROM evented) AS _n FROM up
 
 async def debounce_task(conn: Executor, task: NewTask) -> tuple[Task, bool]:
     """Insert `task`, or fold it into the pending task of its debounce key; (task, debounced)."""
-    assert task.debounce is not None  # noqa: S101  # nosec B101: callers route debounced tasks only
+    if task.debounce is None:
+        raise ValueError("debounce_task needs a task with debounce")
     rows = await conn.fetch(
         DEBOUNCE_TASK,
         task.id,
