@@ -17,7 +17,7 @@ async def test_remote_workers_claim_under_the_same_key_limits_and_fairly(
     await client.put("/api/queues/tenants", json={"key_concurrency": 1}, headers=auth_headers)
     for n, key in ((1, "a"), (1, "a"), (1, "a"), (2, "b"), (3, "c")):
         await enqueue(client, auth_headers, kind="reports.build", queue="tenants", concurrency_key=key,
-                      payload={"account_id": 1})  # fmt: skip
+                      payload={"account_id": n})  # fmt: skip
     first = (await claim(client, auth_headers, max=10))["items"]
     assert len(first) == 3  # one per key
     assert (await claim(client, auth_headers, max=10))["items"] == []
