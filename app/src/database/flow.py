@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -95,10 +94,11 @@ SELECT hosts.host,
        CASE WHEN COALESCE(h.consecutive_failures, 0) < $3 THEN 'closed'
             WHEN h.opened_until > now() THEN 'open' ELSE 'half_open' END AS circuit,
        COALESCE(h.consecutive_failures, 0) AS consecutive_failures,
-       COALESCE(h.window_requests, 0) AS window_requests,
-       COALESCE(h.window_failures, 0) AS window_failures,
-       h.window_started_at,
-       h.updated_at
+       -- the error-rate window is the current minute; an older one counts as nothing
+       CASE WHEN h.window_started_at > now() - interval '60 s' THEN h.window_requests ELSE 0 END
+           AS recent_requests,
+       CASE WHEN h.window_started_at > now() - interval '60 s' AND h.window_requests > 0
+            THEN round(h.window_failures::numeric / h.window_requests, 4)::float8 ELSE 0 END AS error_rate
 FROM hosts LEFT JOIN http_hosts h ON h.host = hosts.host
 ORDER BY hosts.host
 """
@@ -111,10 +111,8 @@ class HostRow:
     in_flight: int
     circuit: str
     consecutive_failures: int
-    window_requests: int
-    window_failures: int
-    window_started_at: datetime | None
-    updated_at: datetime | None
+    recent_requests: int
+    error_rate: float
 
 
 def _host(row: Mapping[str, Any]) -> HostRow:
