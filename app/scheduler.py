@@ -305,7 +305,10 @@ class Scheduler:
             fires = await maintenance.prune_schedule_fires(
                 conn, older_than_s=self.settings.TASK_RETENTION_DAYS * 86_400
             )
-        pruned = {"tasks": tasks, "idempotency_keys": keys, "schedule_fires": fires}
+            flow = await maintenance.prune_flow_state(
+                conn, older_than_s=self.settings.TASK_RETENTION_DAYS * 86_400
+            )
+        pruned = {"tasks": tasks, "idempotency_keys": keys, "schedule_fires": fires, "flow_state": flow}
         # expired operator sessions, MFA challenges and forgotten login throttles
         pruned.update(await operators.prune(self.db))
         return pruned if any(pruned.values()) else None

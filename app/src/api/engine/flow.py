@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from app.src.api.models.http import destination
 from app.src.api.models.tasks import BlockedBy, Task
 from app.src.api.state_machine import Status
 from app.src.database import flow as store
@@ -25,8 +26,6 @@ NOT_RUNNING = frozenset({Status.SCHEDULED, Status.AVAILABLE, Status.RETRYABLE, S
 def _http_host(task: Task) -> str | None:
     if task.kind != "http" or not isinstance(task.payload.get("url"), str):
         return None
-    from app.src.api.http.client import destination  # the http adapter only when it is asked about
-
     try:
         return destination(task.payload["url"])
     except ValueError:
