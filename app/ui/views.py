@@ -34,8 +34,8 @@ from werkzeug.exceptions import HTTPException
 
 from app.runtime import Runtime
 from app.src.api import bulk, console, tasks
-from app.src.api.engine import flow
 from app.src.api.auth import clients, operators
+from app.src.api.engine import flow
 from app.src.api.errors import AppError, Forbidden, Unprocessable, field_errors
 from app.src.api.models.auth import SCOPES, Principal
 from app.src.api.models.tasks import QueueIn

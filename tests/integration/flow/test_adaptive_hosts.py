@@ -6,7 +6,8 @@ from typing import Any
 
 from quart import Quart
 
-from tests.integration.test_http_kind import WORKER, Target, answer, done, in_order, target  # noqa: F401
+from tests.integration.test_http_kind import WORKER, Target, answer, done, in_order
+from tests.integration.test_http_kind import target as target  # the fixture
 from tests.integration.test_worker_processes import Serving
 from tests.task_harness import enqueue, eventually, fetch
 
@@ -33,11 +34,14 @@ async def test_a_429_halves_the_hosts_limit_and_successes_grow_it_back(
         client, auth_headers, kind="http", queue="calls", payload={"url": target.url("/busy")}
     )
     finished = await done(client, auth_headers, task["id"])
-    assert finished["status"] == "completed" and finished["attempts"] == 2
+    assert finished["status"] == "completed"
+    assert finished["attempts"] == 2
     [seen] = await hosts(client, auth_headers)
-    assert seen["host"] == host and seen["max_concurrency"] == 8
+    assert seen["host"] == host
+    assert seen["max_concurrency"] == 8
     assert seen["concurrency_limit"] in (4, 5)  # halved by the 429, perhaps one back after the 200
-    assert seen["recent_requests"] == 2 and seen["error_rate"] == 0.5
+    assert seen["recent_requests"] == 2
+    assert seen["error_rate"] == 0.5
     assert seen["circuit"] == "closed"
     assert await hosts(client, other_client_headers) == []  # another tenant sees its own hosts only
     # windows of successes: +1 after each `limit` successes in a row, back to the full 8
@@ -59,8 +63,11 @@ async def test_the_limit_is_shared_by_every_worker_and_shown_in_metrics(
     await fetch(
         clean_database, "INSERT INTO http_hosts (host, concurrency_limit) VALUES ('api.example:443', 3)"
     )
-    await fetch(clean_database, "INSERT INTO http_host_permits (host, slot, holder, expires_at) "
-                "VALUES ('api.example:443', 1, gen_random_uuid(), now() + interval '1 minute')")  # fmt: skip
+    await fetch(
+        clean_database,
+        "INSERT INTO http_host_permits (host, slot, holder, expires_at) "
+        "VALUES ('api.example:443', 1, gen_random_uuid(), now() + interval '1 minute')",
+    )
     app = await serving(ROLES=["api", "scheduler"], HTTP_HOST_MAX_CONCURRENCY=10)
     client = app.test_client()
     await eventually(lambda: _metric(client, 'taskgate_http_host_limit{host="api.example:443"} 3.0'))

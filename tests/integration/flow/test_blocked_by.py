@@ -61,7 +61,8 @@ async def test_a_paused_queue(
     assert await reasons(client, auth_headers, task["id"]) == []
     assert await claims(db, task["id"])
     body = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
-    assert body["status"] == "running" and body["blocked_by"] is None
+    assert body["status"] == "running"
+    assert body["blocked_by"] is None
 
 
 async def test_a_full_key(
@@ -79,7 +80,8 @@ async def test_a_full_key(
     [second] = [task for task in pair if uuid.UUID(task["id"]) not in taken]
     assert await reasons(client, auth_headers, second["id"]) == ["key_concurrency"]
     body = await (await client.get(f"/api/tasks/{second['id']}", headers=auth_headers)).get_json()
-    assert "'acme'" in body["blocked_by"][0]["detail"] and "1" in body["blocked_by"][0]["detail"]
+    assert "'acme'" in body["blocked_by"][0]["detail"]
+    assert "1" in body["blocked_by"][0]["detail"]
     assert not await claims(db, second["id"])
     await fetch(clean_database, "UPDATE tasks SET status = 'completed' WHERE id = $1", uuid.UUID(first["id"]))
     assert await reasons(client, auth_headers, second["id"]) == []
@@ -136,10 +138,18 @@ async def test_a_kind_no_live_worker_serves(
     task = await enqueue(client, auth_headers, kind="noop")
     assert await reasons(client, auth_headers, task["id"]) == ["no_worker"]
     # a worker that serves other queues only, or was last seen long ago, does not count
-    await fetch(clean_database, "INSERT INTO workers (id, name, remote, kinds, queues) "
-                "VALUES ($1, 'other', false, ARRAY['noop'], ARRAY['reports'])", uuid.uuid4())  # fmt: skip
-    await fetch(clean_database, "INSERT INTO workers (id, name, remote, kinds, last_seen_at) "
-                "VALUES ($1, 'gone', false, ARRAY['noop'], now() - interval '1 hour')", uuid.uuid4())  # fmt: skip
+    await fetch(
+        clean_database,
+        "INSERT INTO workers (id, name, remote, kinds, queues) "
+        "VALUES ($1, 'other', false, ARRAY['noop'], ARRAY['reports'])",
+        uuid.uuid4(),
+    )
+    await fetch(
+        clean_database,
+        "INSERT INTO workers (id, name, remote, kinds, last_seen_at) "
+        "VALUES ($1, 'gone', false, ARRAY['noop'], now() - interval '1 hour')",
+        uuid.uuid4(),
+    )
     assert await reasons(client, auth_headers, task["id"]) == ["no_worker"]
     await a_live_worker(clean_database)
     assert await reasons(client, auth_headers, task["id"]) == []

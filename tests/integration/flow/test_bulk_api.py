@@ -48,8 +48,12 @@ async def test_bulk_cancel_by_filter_and_what_it_refuses(
     clean_database: str,
 ) -> None:
     client = app.test_client()
-    await batch(client, auth_headers, [{"kind": "noop", "queue": "q1", "delay_s": 60}] * 30
-                + [{"kind": "sleep", "queue": "q1", "delay_s": 60, "payload": {"seconds": 1}}] * 5)  # fmt: skip
+    await batch(
+        client,
+        auth_headers,
+        [{"kind": "noop", "queue": "q1", "delay_s": 60}] * 30
+        + [{"kind": "sleep", "queue": "q1", "delay_s": 60, "payload": {"seconds": 1}}] * 5,
+    )
     await batch(client, other_client_headers, [{"kind": "noop", "queue": "q1", "delay_s": 60}] * 7)
     refused = [
         await client.post(

@@ -31,14 +31,17 @@ async def test_a_burst_of_100_enqueues_makes_one_task_that_runs_once_with_the_la
     bodies = [await a.get_json() for a in answers]
     assert {b["id"] for b in bodies} == {bodies[0]["id"]}
     assert [b["debounced"] for b in bodies] == [False] + [True] * 99
-    assert bodies[-1]["payload"] == {"value": "v99"} and bodies[-1]["status"] == "scheduled"
+    assert bodies[-1]["payload"] == {"value": "v99"}
+    assert bodies[-1]["status"] == "scheduled"
     done = await (await client.get(f"/api/tasks/{bodies[0]['id']}?wait=10", headers=auth_headers)).get_json()
-    assert done["status"] == "completed" and done["attempts"] == 1
+    assert done["status"] == "completed"
+    assert done["attempts"] == 1
     assert done["result"] == {"value": "v99"}
     assert len(await fetch(clean_database, "SELECT id FROM tasks")) == 1
     # once it has started, the same key makes a new task
     after = await client.post("/api/tasks", json=debounced("later"), headers=auth_headers)
-    assert after.status_code == 201 and (await after.get_json())["id"] != bodies[0]["id"]
+    assert after.status_code == 201
+    assert (await after.get_json())["id"] != bodies[0]["id"]
 
 
 async def test_concurrent_enqueues_with_one_key_make_one_task(
@@ -53,7 +56,8 @@ async def test_concurrent_enqueues_with_one_key_make_one_task(
     )
     assert sorted(a.status_code for a in answers) == [200] * 39 + [201]
     rows = await fetch(clean_database, "SELECT payload, status FROM tasks")
-    assert len(rows) == 1 and rows[0]["status"] == "scheduled"
+    assert len(rows) == 1
+    assert rows[0]["status"] == "scheduled"
 
 
 async def test_max_wait_bounds_how_far_run_at_moves(
@@ -68,7 +72,8 @@ async def test_max_wait_bounds_how_far_run_at_moves(
     again = await (
         await client.post("/api/tasks", json=debounced("b", period_s=60, max_wait_s=2), headers=auth_headers)
     ).get_json()
-    assert again["id"] == first["id"] and again["payload"] == {"value": "b"}
+    assert again["id"] == first["id"]
+    assert again["payload"] == {"value": "b"}
     assert abs((datetime.fromisoformat(again["run_at"]) - created).total_seconds() - 2) < 0.5
 
 

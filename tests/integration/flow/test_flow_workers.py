@@ -48,11 +48,20 @@ async def test_key_concurrency_2_holds_across_two_workers_while_other_keys_run(
     workers = [spawn_worker(clean_database, tmp_path / f"w{i}") for i in range(2)]
     try:
         await started(*workers)
-        await batch(client, auth_headers, [
-            {"kind": "test.record", "queue": "tenants", "concurrency_key": key,
-             "payload": {"path": str(marks), "seconds": 0.2}}
-            for key in ("acme", "globex", "initech") for _ in range(8)
-        ])  # fmt: skip
+        await batch(
+            client,
+            auth_headers,
+            [
+                {
+                    "kind": "test.record",
+                    "queue": "tenants",
+                    "concurrency_key": key,
+                    "payload": {"path": str(marks), "seconds": 0.2},
+                }
+                for key in ("acme", "globex", "initech")
+                for _ in range(8)
+            ],
+        )
         await eventually(lambda: _done(clean_database), timeout=60)
     finally:
         stop(workers)
@@ -84,13 +93,25 @@ async def test_fifty_small_keys_start_before_the_big_keys_200th_task(
         "/api/queues/fair", json={"key_concurrency": 10_000, "paused": True}, headers=auth_headers
     )
     big, small = tmp_path / "big.txt", tmp_path / "small.txt"
-    await batch(client, auth_headers, [
-        {"kind": "test.record", "queue": "fair", "concurrency_key": "big", "payload": {"path": str(big)}}
-    ] * 10_000)  # fmt: skip
-    await batch(client, auth_headers, [
-        {"kind": "test.record", "queue": "fair", "concurrency_key": f"small-{i}", "payload": {"path": str(small)}}
-        for i in range(50)
-    ])  # fmt: skip
+    await batch(
+        client,
+        auth_headers,
+        [{"kind": "test.record", "queue": "fair", "concurrency_key": "big", "payload": {"path": str(big)}}]
+        * 10_000,
+    )
+    await batch(
+        client,
+        auth_headers,
+        [
+            {
+                "kind": "test.record",
+                "queue": "fair",
+                "concurrency_key": f"small-{i}",
+                "payload": {"path": str(small)},
+            }
+            for i in range(50)
+        ],
+    )
     workers = [spawn_worker(clean_database, tmp_path / f"w{i}") for i in range(2)]
     try:
         await started(*workers)
@@ -115,10 +136,20 @@ async def test_key_rate_limit_5_runs_at_most_5_per_rolling_second_per_key(
     ]
     try:
         await started(*workers)
-        await batch(client, auth_headers, [
-            {"kind": "test.record", "queue": "paced", "concurrency_key": key, "payload": {"path": str(marks)}}
-            for key in ("a", "b", "c") for _ in range(14)
-        ])  # fmt: skip
+        await batch(
+            client,
+            auth_headers,
+            [
+                {
+                    "kind": "test.record",
+                    "queue": "paced",
+                    "concurrency_key": key,
+                    "payload": {"path": str(marks)},
+                }
+                for key in ("a", "b", "c")
+                for _ in range(14)
+            ],
+        )
         await eventually(lambda: _done(clean_database), timeout=60)
     finally:
         stop(workers)

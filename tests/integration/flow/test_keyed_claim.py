@@ -42,13 +42,19 @@ async def test_key_concurrency_caps_each_key_and_other_keys_still_run(
     response = await client.put("/api/queues/keyed", json={"key_concurrency": 2}, headers=auth_headers)
     assert response.status_code == 200
     assert (await response.get_json())["key_concurrency"] == 2
-    await batch(client, auth_headers, [{"kind": "noop", "queue": "keyed", "concurrency_key": "a"}] * 10
-                + [{"kind": "noop", "queue": "keyed", "concurrency_key": "b"}] * 10
-                + [{"kind": "noop", "queue": "keyed"}] * 3)  # fmt: skip
+    await batch(
+        client,
+        auth_headers,
+        [{"kind": "noop", "queue": "keyed", "concurrency_key": "a"}] * 10
+        + [{"kind": "noop", "queue": "keyed", "concurrency_key": "b"}] * 10
+        + [{"kind": "noop", "queue": "keyed"}] * 3,
+    )
     qid = await queue_id(clean_database, "keyed")
     first = await claim(db, qid)
-    keys = Counter(r["concurrency_key"] for r in await fetch(
-        clean_database, "SELECT concurrency_key FROM tasks WHERE status = 'running'"))  # fmt: skip
+    keys = Counter(
+        r["concurrency_key"]
+        for r in await fetch(clean_database, "SELECT concurrency_key FROM tasks WHERE status = 'running'")
+    )
     assert keys == {"a": 2, "b": 2, None: 3}
     assert len(first) == 7
     assert await claim(db, qid) == []  # both keys are full
@@ -71,8 +77,10 @@ async def test_one_big_key_cannot_delay_small_keys_beyond_one_round(
     qid = await queue_id(clean_database, "fair")
     first = await claim(db, qid, limit=100)
     assert len(first) == 100
-    started = Counter(r["concurrency_key"] for r in await fetch(
-        clean_database, "SELECT concurrency_key FROM tasks WHERE status = 'running'"))  # fmt: skip
+    started = Counter(
+        r["concurrency_key"]
+        for r in await fetch(clean_database, "SELECT concurrency_key FROM tasks WHERE status = 'running'")
+    )
     assert all(started[f"small-{i}"] == 1 for i in range(50))
     assert started["big"] == 50
 
@@ -89,8 +97,10 @@ async def test_key_rate_limit_spends_a_window_per_key(
     )
     qid = await queue_id(clean_database, "paced")
     first = await claim(db, qid)
-    assert Counter(r["concurrency_key"] for r in await fetch(
-        clean_database, "SELECT concurrency_key FROM tasks WHERE status = 'running'")) == {"a": 5, "b": 5}  # fmt: skip
+    assert Counter(
+        r["concurrency_key"]
+        for r in await fetch(clean_database, "SELECT concurrency_key FROM tasks WHERE status = 'running'")
+    ) == {"a": 5, "b": 5}
     assert len(first) == 10
     assert await claim(db, qid) == []  # the window of each key is spent
 

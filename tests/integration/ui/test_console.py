@@ -394,13 +394,22 @@ async def test_the_hosts_page_shows_each_destinations_adaptive_limit(
     app: Quart, operator: NewOperator, db: Database, api_client: IssuedKey, clean_database: str
 ) -> None:
     # one host halved after a 429 and now cooling down, one healthy with a request in flight
-    await fetch(clean_database, "INSERT INTO http_hosts (host, concurrency_limit, consecutive_failures, "
-                "opened_until, window_requests, window_failures) VALUES "
-                "('api.example:443', 5, 5, now() + interval '1 minute', 4, 1)")  # fmt: skip
-    await fetch(clean_database, "INSERT INTO http_host_permits (host, slot, holder, expires_at) "
-                "VALUES ('hooks.example:443', 1, gen_random_uuid(), now() + interval '1 minute')")  # fmt: skip
-    await fetch(clean_database, "INSERT INTO http_host_clients (host, client_id) VALUES ('api.example:443', $1)",
-                api_client.client_id)  # fmt: skip
+    await fetch(
+        clean_database,
+        "INSERT INTO http_hosts (host, concurrency_limit, consecutive_failures, "
+        "opened_until, window_requests, window_failures) VALUES "
+        "('api.example:443', 5, 5, now() + interval '1 minute', 4, 1)",
+    )
+    await fetch(
+        clean_database,
+        "INSERT INTO http_host_permits (host, slot, holder, expires_at) "
+        "VALUES ('hooks.example:443', 1, gen_random_uuid(), now() + interval '1 minute')",
+    )
+    await fetch(
+        clean_database,
+        "INSERT INTO http_host_clients (host, client_id) VALUES ('api.example:443', $1)",
+        api_client.client_id,
+    )
     browser = await logged_in(app, db, operator)
     page = await (await browser.get("/ui/hosts")).get_data(as_text=True)
     rows = {
@@ -409,8 +418,11 @@ async def test_the_hosts_page_shows_each_destinations_adaptive_limit(
     }
     assert set(rows) == {"api.example:443", "hooks.example:443"}
     assert re.search(r">5 <span class=\"muted\">of 10</span>", rows["api.example:443"])
-    assert ">open<" in rows["api.example:443"] and "25%" in rows["api.example:443"]
-    assert ">1</td>" in rows["hooks.example:443"] and ">closed<" in rows["hooks.example:443"]
+    assert ">open<" in rows["api.example:443"]
+    assert "25%" in rows["api.example:443"]
+    assert ">1</td>" in rows["hooks.example:443"]
+    assert ">closed<" in rows["hooks.example:443"]
     # the client filter: the hosts that client's tasks called
     mine = await (await browser.get(f"/ui/hosts?client={api_client.client_id}")).get_data(as_text=True)
-    assert "api.example:443" in mine and "hooks.example:443" not in mine
+    assert "api.example:443" in mine
+    assert "hooks.example:443" not in mine
