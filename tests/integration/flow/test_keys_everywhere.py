@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
+from app.src.api.kinds import REGISTRY
+from app.src.api.kinds.builtin import NoopPayload
+from app.src.api.models.auth import IssuedKey
 from tests.integration.test_remote_workers import claim, complete, register
 from tests.task_harness import enqueue, fetch
 
@@ -74,3 +78,22 @@ async def test_batch_and_schedule_templates_carry_the_key(
     assert (queue["key_concurrency"], queue["key_rate_limit_per_s"]) == (3, 2.5)
     bad = await client.put("/api/queues/keyed", json={"key_concurrency": 0}, headers=auth_headers)
     assert bad.status_code == 422
+
+
+async def test_a_python_enqueue_inside_a_transaction_carries_the_key(
+    app: Quart, api_client: IssuedKey, clean_database: str
+) -> None:
+    runtime = app.extensions["taskgate"]
+    noop = REGISTRY.get("noop")
+    assert noop is not None
+    async with runtime.db.transaction() as conn:
+        task = await noop.enqueue(
+            NoopPayload(),
+            db=conn,
+            engine=runtime.engine,
+            client_id=api_client.client_id,
+            concurrency_key="acct-7",
+        )
+    assert task.concurrency_key == "acct-7"
+    rows = await fetch(clean_database, "SELECT concurrency_key FROM tasks WHERE id = $1", task.id)
+    assert rows[0]["concurrency_key"] == "acct-7"

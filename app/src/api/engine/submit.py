@@ -32,6 +32,7 @@ from app.src.utils.ids import uuid7s
 from app.src.utils.metrics import ENQUEUED
 
 MAX_IDEMPOTENCY_KEY = 255
+MAX_CONCURRENCY_KEY = 128
 QUOTA_RETRY_AFTER_S = 5
 
 FieldPath = tuple[str | int, ...]
@@ -346,12 +347,22 @@ async def submit_in_transaction(
     queue: str,
     priority: int | None = None,
     delay_s: float | None = None,
+    concurrency_key: str | None = None,
 ) -> Task:
     """`TaskKind.enqueue`: the same rules, on the caller's open transaction, so the task commits
     with the caller's data or not at all. The queue is created and the unfinished tasks counted in
     that transaction too (it sees what it already added; the API's caches cannot)."""
     executor = _in_transaction(conn)
-    request = TaskRequest(kind=kind.name, payload=payload, queue=queue, priority=priority, delay_s=delay_s)
+    if concurrency_key is not None and not 1 <= len(concurrency_key) <= MAX_CONCURRENCY_KEY:
+        raise ValueError(f"concurrency_key must be 1 to {MAX_CONCURRENCY_KEY} characters")
+    request = TaskRequest(
+        kind=kind.name,
+        payload=payload,
+        queue=queue,
+        priority=priority,
+        delay_s=delay_s,
+        concurrency_key=concurrency_key,
+    )
     kind.validate_payload(payload, context=rules.payload_context)
     check_storable(payload)
     queue_row = await queue_store.ensure(executor, client_id=client_id, name=queue)
