@@ -442,6 +442,7 @@ async def task(task_id: UUID) -> Any:
         "task.html",
         task=found,
         attempts=attempts,
+        blocked_by=await flow.blocked_by(_db(), found),
         terminal=Status(found.status) in TERMINAL,
         retryable=found.status in (Status.DISCARDED, Status.CANCELLED),
         tenants=await _tenants(),

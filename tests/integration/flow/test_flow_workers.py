@@ -45,7 +45,8 @@ async def test_key_concurrency_2_holds_across_two_workers_while_other_keys_run(
     client = app.test_client()
     await client.put("/api/queues/tenants", json={"key_concurrency": 2}, headers=auth_headers)
     marks = tmp_path / "runs.txt"
-    workers = [spawn_worker(clean_database, tmp_path / f"w{i}") for i in range(2)]
+    # three tasks at a time each: the six the keys allow need both workers
+    workers = [spawn_worker(clean_database, tmp_path / f"w{i}", WORKER_CONCURRENCY="3") for i in range(2)]
     try:
         await started(*workers)
         await batch(

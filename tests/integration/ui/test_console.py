@@ -426,3 +426,16 @@ async def test_the_hosts_page_shows_each_destinations_adaptive_limit(
     mine = await (await browser.get(f"/ui/hosts?client={api_client.client_id}")).get_data(as_text=True)
     assert "api.example:443" in mine
     assert "hooks.example:443" not in mine
+
+
+async def test_a_task_page_says_why_the_task_waits(
+    app: Quart, operator: NewOperator, db: Database, auth_headers: dict[str, str]
+) -> None:
+    client = app.test_client()
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    task = await enqueue(client, auth_headers, kind="noop", queue="held", concurrency_key="acct-3")
+    browser = await logged_in(app, db, operator)
+    page = await (await browser.get(f"/ui/tasks/{task['id']}")).get_data(as_text=True)
+    assert "Why it waits" in page
+    assert "queue_paused" in page
+    assert "acct-3" in page
