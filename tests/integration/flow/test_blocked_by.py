@@ -162,3 +162,33 @@ async def test_blocked_by_reads_only_the_callers_own_task(
     task = await enqueue(client, auth_headers, kind="noop")
     response = await client.get(f"/api/tasks/{task['id']}", headers=other_client_headers)
     assert response.status_code == 404
+
+
+async def test_a_destination_that_is_full_or_unhealthy(
+    app: Quart, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    client = app.test_client()
+    await a_live_worker(clean_database)
+    await fetch(clean_database, "UPDATE workers SET kinds = ARRAY['http']")
+    # one host with its circuit open, one whose adaptive limit (2) is all in flight
+    await fetch(
+        clean_database,
+        "INSERT INTO http_hosts (host, consecutive_failures, opened_until) "
+        "VALUES ('down.example:443', 9, now() + interval '1 minute')",
+    )
+    await fetch(
+        clean_database, "INSERT INTO http_hosts (host, concurrency_limit) VALUES ('busy.example:443', 2)"
+    )
+    await fetch(
+        clean_database,
+        "INSERT INTO http_host_permits (host, slot, holder, expires_at) SELECT 'busy.example:443', s, "
+        "gen_random_uuid(), now() + interval '1 minute' FROM generate_series(1, 2) s",
+    )
+    down = await enqueue(client, auth_headers, kind="http", payload={"url": "https://down.example/hook"})
+    busy = await enqueue(client, auth_headers, kind="http", payload={"url": "https://busy.example/hook"})
+    fine = await enqueue(client, auth_headers, kind="http", payload={"url": "https://fine.example/hook"})
+    assert await reasons(client, auth_headers, down["id"]) == ["host_unhealthy"]
+    assert await reasons(client, auth_headers, busy["id"]) == ["host_concurrency"]
+    assert await reasons(client, auth_headers, fine["id"]) == []
+    await fetch(clean_database, "UPDATE http_host_permits SET holder = NULL, expires_at = now()")
+    assert await reasons(client, auth_headers, busy["id"]) == []
