@@ -308,9 +308,15 @@ class Scheduler:
             fires = await maintenance.prune_schedule_fires(
                 conn, older_than_s=self.settings.TASK_RETENTION_DAYS * 86_400
             )
+            flow = await maintenance.prune_flow_state(
+                conn, older_than_s=self.settings.TASK_RETENTION_DAYS * 86_400
+            )
             # GET /api/workers shows the last ten minutes; a day keeps a restarted fleet's history
             workers = await worker_store.prune_workers(conn, older_than_s=WORKER_RETENTION_S)
-        pruned = {"tasks": tasks, "idempotency_keys": keys, "schedule_fires": fires, "workers": workers}
+        pruned = {
+            "tasks": tasks, "idempotency_keys": keys, "schedule_fires": fires, "flow_state": flow,
+            "workers": workers,
+        }  # fmt: skip
         # expired operator sessions, MFA challenges and forgotten login throttles
         pruned.update(await operators.prune(self.db))
         return pruned if any(pruned.values()) else None

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import deployments, http_enqueue, remote_drain
+from bench import deployments, flow, http_enqueue, remote_drain
 from bench.server import ROOT, BenchServer
 
 RESULTS = ROOT / "bench" / "results"
@@ -176,6 +176,7 @@ SECTIONS = (
     "limited",
     "console",
     "remote",
+    "flow",
 )
 
 
@@ -297,6 +298,9 @@ def run_sections(
     if "remote" in only:
         step("remote-worker drain: an SDK Worker over HTTPS")
         r["remote"] = {"sdk_worker": repeat(runs, lambda: remote_drain.run(server, n)["tasks_per_s"])}
+    if "flow" in only:
+        step("flow control: drain over 10,000 keys vs keyless; fairness of 50 small keys beside a big one")
+        r["flow"] = flow.run(server, runs, quick=quick)
 
 
 def deployment_tasks(quick: bool) -> int:
@@ -357,6 +361,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append(
             ("slowest console page <= 1000 ms", max(p["max_ms"] for p in r["console"].values()), "<=", 1000)
         )
+    if "flow" in r:
+        checks.append(("drain over 10,000 keys >= 0.8x keyless", r["flow"]["ratio"]["median"], ">=", 0.8))
+        checks.append(
+            ("fairness: 50 small keys start before the big key's 200th task",
+             r["flow"]["fairness_big_before"]["max"], "<=", 199)
+        )  # fmt: skip
     if "remote" in r:
         checks.append(
             ("remote-worker drain >= 5,000 tasks/s", r["remote"]["sdk_worker"]["median"], ">=", 5_000)
@@ -442,6 +452,15 @@ def table(r: dict[str, Any]) -> str:
     for page, timing in r.get("console", {}).items():
         rows.append(
             f"| Console page with 100k tasks: {page}, ms median / max | {timing['median_ms']} / {timing['max_ms']} | |"
+        )
+    if "flow" in r:
+        f = r["flow"]
+        rows.append(
+            f"| Drain over {f['keys']:,} keys (key_concurrency {flow.KEY_CONCURRENCY}), tasks/s | {_cell(f['keyed'])} | {_cell(f['ratio'], '{:.2f}')} of keyless per round |"
+        )
+        rows.append(f"| Drain of the same tasks without keys, tasks/s | {_cell(f['keyless'])} | |")
+        rows.append(
+            f"| Fairness: last of 50 one-task keys starts after, ms / big-key tasks started by then | {_cell(f['fairness_delay_ms'])} / {_cell(f['fairness_big_before'])} | |"
         )
     if "remote" in r:
         rows.append(

@@ -26,8 +26,11 @@ async def tasks(
     kind: str = "noop",
     run_at: str = "now()",
     chunk: int = 100_000,
+    key: str = "NULL",
 ) -> None:
-    """Insert n tasks in `status`; finished ones get finished_at, scheduled ones a future run_at."""
+    """Insert n tasks in `status`; finished ones get finished_at, scheduled ones a future run_at.
+
+    `key` is the SQL of each task's concurrency_key, over `i` (1..n within a chunk of the series)."""
     has_uuidv7 = await conn.fetchval("SELECT to_regproc('uuidv7') IS NOT NULL")
     id_expr = "uuidv7()" if has_uuidv7 else "gen_random_uuid()"
     finished = "now()" if status in ("completed", "discarded", "cancelled") else "NULL"
@@ -37,9 +40,9 @@ async def tasks(
         await conn.execute(
             f"""
             INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, max_attempts,
-                               attempts, run_at, finished_at)
-            SELECT {id_expr}, $1, $2, q.name, $3, '{{}}', $4, 25, {attempts}, {run_at}, {finished}
-            FROM generate_series(1, $5), (SELECT name FROM queues WHERE id = $2) q
+                               attempts, run_at, finished_at, concurrency_key)
+            SELECT {id_expr}, $1, $2, q.name, $3, '{{}}', $4, 25, {attempts}, {run_at}, {finished}, {key}
+            FROM generate_series({start} + 1, {start} + $5) g(i), (SELECT name FROM queues WHERE id = $2) q
             """,
             client,
             queue_id,

@@ -8,6 +8,7 @@ from app.routes.auth import blueprint as auth
 from app.routes.catalog import blueprint as catalog
 from app.routes.common import blueprint as common
 from app.routes.common import metrics
+from app.routes.hosts import blueprint as hosts
 from app.routes.queues import blueprint as queues
 from app.routes.schedules import blueprint as schedules
 from app.routes.tasks import blueprint as tasks
@@ -24,6 +25,7 @@ BLUEPRINTS = {
     "schedules": schedules,
     "catalog": catalog,
     "workers": workers,
+    "hosts": hosts,
 }
 
 

@@ -35,6 +35,7 @@ from werkzeug.exceptions import HTTPException
 from app.runtime import Runtime
 from app.src.api import bulk, console, tasks
 from app.src.api.auth import clients, operators
+from app.src.api.engine import flow
 from app.src.api.errors import AppError, Forbidden, Unprocessable, field_errors
 from app.src.api.models.auth import SCOPES, Principal
 from app.src.api.models.tasks import QueueIn
@@ -441,6 +442,7 @@ async def task(task_id: UUID) -> Any:
         "task.html",
         task=found,
         attempts=attempts,
+        blocked_by=await flow.blocked_by(_db(), found),
         terminal=Status(found.status) in TERMINAL,
         retryable=found.status in (Status.DISCARDED, Status.CANCELLED),
         tenants=await _tenants(),
@@ -636,7 +638,7 @@ async def toggle_client(client_id: UUID, action: str) -> Any:
     return redirect(url_for("ui.client", client_id=client_id, done=f"client {action}d"), 303)
 
 
-# --- workers, and what is not built yet ---------------------------------------------------------
+# --- workers and hosts ---------------------------------------------------------------------------
 
 
 @blueprint.get("/workers")
@@ -646,10 +648,18 @@ async def worker_list() -> Any:
     return await render_template("workers.html", items=items, client=client, tenants=await _tenants())
 
 
-@blueprint.get("/<any(hosts):page>")
-async def not_yet(page: str) -> Any:
-    """Hosts need GET /api/hosts (adaptive destination limits), which is not in this build."""
-    return await render_template("not_yet.html", page=page)
+@blueprint.get("/hosts")
+async def host_list() -> Any:
+    """The destinations of `http` tasks as GET /api/hosts shows them (the same service)."""
+    client = _uuid_arg("client")
+    items = await flow.task_hosts(_db(), client_id=client)
+    return await render_template(
+        "hosts.html",
+        items=items,
+        client=client,
+        tenants=await _tenants(),
+        max_concurrency=_db().settings.HTTP_HOST_MAX_CONCURRENCY,
+    )
 
 
 @hide

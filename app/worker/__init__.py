@@ -101,6 +101,7 @@ class Worker:
             asyncio.create_task(self.claimer.stage_due(), name="taskgate-worker-stage"),
             asyncio.create_task(self.leases.run(), name="taskgate-worker-leases"),
             asyncio.create_task(self.completer.run(), name="taskgate-worker-complete"),
+            asyncio.create_task(self._seen_at_start(), name="taskgate-worker-seen"),
         ]
         WORKER_CAPACITY.set(self.claimer.concurrency)
         self.log.info(
@@ -207,6 +208,14 @@ class Worker:
         if running.abandoned is not None:
             return
         self.completer.add(completion)
+
+    async def _seen_at_start(self) -> None:
+        """Seen from the start (blocked_by's no_worker), not only after the first heartbeat round."""
+        try:
+            async with asyncio.timeout(5.0):
+                await self._seen(0)
+        except Exception as exc:
+            self.log.debug("recording the worker failed", error=str(exc) or type(exc).__name__)
 
     async def _seen(self, running: int) -> None:
         """This worker's row in GET /api/workers (client_id NULL: it serves every client)."""

@@ -58,7 +58,7 @@ class Claimer:
         self.stopping = False
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._limited: tuple[float, list[tuple[int, int | None]]] = (0.0, [])
+        self._limited: tuple[float, list[task_store.LimitedQueue]] = (0.0, [])
         # Queue ids that NOTIFYs named since the limited queues were last checked, and the ids
         # claim_available has served: a named queue in neither may be a limited queue that was
         # just resumed or created, which the cached list cannot show. (A queue served once and
@@ -81,7 +81,7 @@ class Claimer:
             self._unlimited_idle_since = None
         else:
             self._named |= queue_ids
-            if not queue_ids <= {queue_id for queue_id, _ in self._limited[1]}:
+            if not queue_ids <= {queue.id for queue in self._limited[1]}:
                 self._unlimited_idle_since = None
         self._wake.set()
 
@@ -186,7 +186,7 @@ class Claimer:
                 self._unlimited.update(task.queue_id for task in claimed)
                 self._unlimited_idle_since = time.monotonic() if len(claimed) < want else None
             if len(claimed) < want:
-                for queue_id, max_concurrency in await self._limited_queues(conn):
+                for queue in await self._limited_queues(conn):
                     if len(claimed) >= want:
                         break
                     # A queue with a concurrency limit is claimed half its limit at a time: one half
@@ -194,11 +194,12 @@ class Claimer:
                     # whole limit at once, the worker and PostgreSQL would take turns, each idle
                     # while the other works.
                     share = want - len(claimed)
-                    if max_concurrency is not None:
-                        share = min(share, max(1, (max_concurrency + 1) // 2))
+                    if queue.max_concurrency is not None:
+                        share = min(share, max(1, (queue.max_concurrency + 1) // 2))
                     got = await task_store.claim_limited(
                         conn,
-                        queue_id=queue_id,
+                        queue_id=queue.id,
+                        keyed=queue.keyed,
                         limit=share,
                         lease_s=self.leases.lease_s,
                         worker_id=self.worker_id,
@@ -207,12 +208,12 @@ class Claimer:
                     again = again or len(got) == share
         return claimed, again
 
-    async def _limited_queues(self, conn: task_store.Executor) -> list[tuple[int, int | None]]:
+    async def _limited_queues(self, conn: task_store.Executor) -> list[task_store.LimitedQueue]:
         fetched_at, limited = self._limited
         # Re-read early for a queue the list does not know (resuming a limited queue NOTIFYs its
         # id, but the list read while it was paused lacks it): otherwise its tasks would wait up
         # to a poll interval.
-        unknown = self._named - self._unlimited - {queue_id for queue_id, _ in limited}
+        unknown = self._named - self._unlimited - {queue.id for queue in limited}
         self._named = set()
         if unknown or time.monotonic() - fetched_at > self.poll_s:
             limited = await task_store.limited_queues(conn, queues=self.queues)

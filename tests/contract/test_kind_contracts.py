@@ -97,4 +97,5 @@ def test_task_shape_matches_spec() -> None:
         "id", "queue", "kind", "payload", "status", "priority", "attempts", "max_attempts",
         "run_at", "created_at", "started_at", "finished_at", "result", "last_error", "progress",
         "schedule",  # optional, beyond SPEC: {id, fire_time, coalesced_fires, manual} of a schedule fire
+        "concurrency_key", "blocked_by", "debounced",  # SPEC part two, flow control by key
     ]  # fmt: skip

@@ -149,6 +149,12 @@ try:
     other.enqueue("e2e.square", {"n": 1})
 except ApiError as exc:
     out["other_enqueue"] = exc.status
+keyed = tg.enqueue("e2e.square", {"n": 3}, concurrency_key="acct-1")
+out["keyed"] = [keyed.concurrency_key, tg.wait(keyed.id, timeout_s=30).status]
+first = tg.enqueue("noop", {}, debounce={"key": "digest", "period_s": 30})
+again = tg.enqueue("noop", {}, debounce={"key": "digest", "period_s": 30})
+out["debounced"] = [first.debounced, again.debounced, again.id == first.id]
+out["blocked_by"] = [b.reason for b in tg.get(first.id).blocked_by or []]
 print(json.dumps(out))
 """
 
@@ -302,6 +308,9 @@ async def test_the_sdk_enqueues_waits_streams_and_a_remote_worker_runs_typed_kin
     assert out["other_kinds"] is False
     assert out["other_get"] == 404
     assert out["other_enqueue"] == 422
+    assert out["keyed"] == ["acct-1", "completed"]
+    assert out["debounced"] == [False, True, True]
+    assert out["blocked_by"] == ["run_at"]
     assert worker.returncode == 0, (tmp_path / "worker-a.log").read_text()
 
 

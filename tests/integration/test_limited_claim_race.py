@@ -46,7 +46,9 @@ async def _race(uri: str, queue_id: int, *, rounds: int) -> list[int]:
         per_round = []
         for i in range(rounds):
             claims = [
-                task_store.claim_limited(c, queue_id=queue_id, limit=10, lease_s=30, worker_id=uuid.uuid4())
+                task_store.claim_limited(
+                    c, queue_id=queue_id, keyed=False, limit=10, lease_s=30, worker_id=uuid.uuid4()
+                )
                 for c in conns
             ]
             if i == 0:

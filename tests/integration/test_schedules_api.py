@@ -42,7 +42,7 @@ async def test_create_read_list_and_delete(
         "id", "name", "cron", "timezone", "task", "paused", "next_run_at", "last_fire_time",
         "last_task_id", "created_at", "updated_at",
     }  # fmt: skip
-    assert created["task"] == NIGHTLY["task"]
+    assert created["task"] == {**NIGHTLY["task"], "concurrency_key": None}
     assert (created["paused"], created["last_fire_time"], created["last_task_id"]) == (False, None, None)
     # next_run_at is the next 02:30 Berlin time, shown in UTC
     expected = cron.parse("30 2 * * *", "Europe/Berlin", allow_seconds=False).next_after(before)
@@ -149,7 +149,12 @@ async def test_patch_pause_resume_and_change(client: Client, auth_headers: dict[
             url, json={"name": "renamed", "task": {"kind": "noop", "payload": {"x": 1}}}, headers=auth_headers
         )
     ).get_json()
-    assert retasked["task"] == {"queue": "default", "kind": "noop", "payload": {"x": 1}}
+    assert retasked["task"] == {
+        "queue": "default",
+        "kind": "noop",
+        "payload": {"x": 1},
+        "concurrency_key": None,
+    }
     assert (retasked["name"], retasked["next_run_at"], retasked["cron"]) == (
         "renamed", moved["next_run_at"], "0 9 * * 1-5",
     )  # fmt: skip

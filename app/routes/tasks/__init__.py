@@ -21,11 +21,13 @@ from app.routes.context import (
     submitter,
     tenant,
 )
-from app.src.api import tasks
-from app.src.api.engine import submit
+from app.src.api import bulk, tasks
+from app.src.api.engine import flow, submit
 from app.src.api.models.tasks import (
     AttemptList,
     AttemptOut,
+    BulkIn,
+    BulkOut,
     TaskBatchIn,
     TaskBatchOut,
     TaskEvent,
@@ -62,10 +64,15 @@ def _idempotency_key() -> str | None:
 async def create_task(data: TaskIn) -> Response:
     """Enqueue a task.
 
-    With an Idempotency-Key, a repeat of the same request returns the original task (200).
+    With an Idempotency-Key, a repeat of the same request returns the original task (200). With
+    `debounce`, an enqueue that meets a pending task of the same debounce key replaces its payload
+    and run_at and answers that task (200, `"debounced": true`).
     """
     created = await submit.submit_one(engine(), submitter(), data, idempotency_key=_idempotency_key())
-    return json_response(task_body(created.tasks[0]), 200 if created.replayed else 201)
+    flag = created.debounced[0] if created.debounced else None
+    return json_response(
+        task_body(created.tasks[0], debounced=flag), 200 if created.replayed or flag else 201
+    )
 
 
 @blueprint.post("/batch")
@@ -76,7 +83,9 @@ async def create_task(data: TaskIn) -> Response:
 async def create_batch(data: TaskBatchIn) -> Response:
     """Enqueue up to 1000 tasks in one round trip: all or nothing."""
     created = await submit.submit_batch(engine(), submitter(), data.tasks, idempotency_key=_idempotency_key())
-    return json_response({"items": [task_body(t) for t in created.tasks]}, 200 if created.replayed else 201)
+    flags = created.debounced or [None] * len(created.tasks)
+    items = [task_body(t, debounced=flag) for t, flag in zip(created.tasks, flags, strict=True)]
+    return json_response({"items": items}, 200 if created.replayed or created.all_debounced else 201)
 
 
 @blueprint.get("/<uuid:task_id>")
@@ -86,17 +95,21 @@ async def create_batch(data: TaskBatchIn) -> Response:
 async def get_task(task_id: UUID, query_args: WaitQuery) -> TaskOut | tuple[TaskOut, int, dict[str, str]]:
     """Read a task; `?wait=S` long-polls until it is terminal or S seconds pass.
 
+    A task that is not running says why in `blocked_by` (the rules the claim applies, read now).
+
     A server that is shutting down ends a long-poll at once with the task's current state and a
     `Retry-After` header: poll again (another replica answers)."""
     if not query_args.wait:
-        return TaskOut.from_domain(await tasks.get(db(), client_id=client_id(), task_id=task_id))
+        task = await tasks.get(db(), client_id=client_id(), task_id=task_id)
+        return TaskOut.from_domain(task, blocked_by=await flow.blocked_by(db(), task))
     stopping = runtime().shutting_down
     task = await tasks.wait(
         db(), notifier(), client_id=client_id(), task_id=task_id, timeout_s=query_args.wait, stopping=stopping
     )
+    out = TaskOut.from_domain(task, blocked_by=await flow.blocked_by(db(), task))
     if stopping.is_set():
-        return TaskOut.from_domain(task), 200, {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
-    return TaskOut.from_domain(task)
+        return out, 200, {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
+    return out
 
 
 @blueprint.get("")
@@ -176,3 +189,39 @@ async def cancel_task(task_id: UUID) -> TaskOut:
 async def retry_task(task_id: UUID) -> TaskOut:
     """Run a discarded or cancelled task again, from attempt one."""
     return TaskOut.from_domain(await tasks.retry(engine(), client_id=client_id(), task_id=task_id))
+
+
+def _bulk_filter(data: BulkIn) -> bulk.TaskFilter:
+    return bulk.TaskFilter(
+        client_id=client_id(),  # own tasks only, whoever asks
+        queue=data.filter.queue,
+        kind=data.filter.kind,
+        status=None if data.filter.status is None else str(data.filter.status),
+        created_before=data.filter.created_before,
+        created_after=data.filter.created_after,
+    )
+
+
+@blueprint.post("/bulk/retry")
+@requires_scopes("tasks:write")
+@validate_request(BulkIn)
+@validate_response(BulkOut)
+async def bulk_retry(data: BulkIn) -> BulkOut:
+    """Run this client's discarded or cancelled tasks that match the filter again, from attempt one.
+
+    Chunked (one short statement per 1,000 tasks) and bounded (100,000 per call: call again for
+    the rest); `count` says how many.
+    """
+    return BulkOut(count=await bulk.retry(engine(), where=_bulk_filter(data)))
+
+
+@blueprint.post("/bulk/cancel")
+@requires_scopes("tasks:write")
+@validate_request(BulkIn)
+@validate_response(BulkOut)
+async def bulk_cancel(data: BulkIn) -> BulkOut:
+    """Cancel this client's unfinished tasks that match the filter (running ones are asked to stop).
+
+    Chunked and bounded like bulk retry; `count` says how many.
+    """
+    return BulkOut(count=await bulk.cancel(db(), where=_bulk_filter(data)))

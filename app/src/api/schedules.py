@@ -101,6 +101,7 @@ async def create(engine: TaskEngine, *, client_id: UUID, data: ScheduleIn, allow
                 payload=data.task.payload,
                 paused=data.paused,
                 next_run_at=next_run_at,
+                concurrency_key=data.task.concurrency_key,
             )
         except NameTaken:
             raise _name_taken(data.name) from None
@@ -159,7 +160,12 @@ async def update(
         changes: dict[str, Any] = {"name": data.name, "cron": cron, "timezone": timezone, "paused": paused}
         changes = {key: value for key, value in changes.items() if key in given}
         if data.task is not None:
-            changes.update(queue=data.task.queue, kind=data.task.kind, payload=data.task.payload)
+            changes.update(
+                queue=data.task.queue,
+                kind=data.task.kind,
+                payload=data.task.payload,
+                concurrency_key=data.task.concurrency_key,
+            )
         if paused:
             changes["next_run_at"] = None
         elif timing or resumed or current.next_run_at is None:
@@ -194,6 +200,7 @@ async def trigger(engine: TaskEngine, submitter: Submitter, *, schedule_id: UUID
         payload=schedule.payload,
         queue=schedule.queue,
         schedule=_ref(schedule.id, fired_at, coalesced=0, manual=True),
+        concurrency_key=schedule.concurrency_key,
     )
     new = await submit.prepare(engine, submitter, [request], field_prefix=_template_fields)
     async with engine.db.driver() as conn:
@@ -319,6 +326,7 @@ async def fire_due(engine: TaskEngine, *, grace_s: float, batch: int = FIRE_BATC
                     kind=schedule.kind,
                     payload=schedule.payload,
                     queue=schedule.queue,
+                    concurrency_key=schedule.concurrency_key,
                     run_at=fire.time if fire.on_time else None,
                     schedule=_ref(schedule.id, fire.time, coalesced=fire.coalesced),
                 )

@@ -20,9 +20,9 @@ from app.src.database.schedules import SCHEDULE_COLUMNS, to_schedule
 from app.src.database.tasks import (
     AVAILABLE_CHANNEL,
     CANCEL_CHANNEL,
-    EVENTS_CHANNEL,
     TASK_COLUMNS,
     Executor,
+    notify_events,
     to_task,
 )
 from app.src.database.workers import WorkerRow
@@ -225,12 +225,8 @@ woken AS (
         SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM changed
     ) q WHERE ids IS NOT NULL
 ),
-evented AS (
-    SELECT count(pg_notify('{EVENTS_CHANNEL}', ids)) AS n FROM (
-        SELECT string_agg(id::text, ',') AS ids FROM changed
-    ) e WHERE ids IS NOT NULL
-)
-SELECT client_id, count(*) AS n, (SELECT n FROM woken) + (SELECT n FROM evented) AS _n
+{notify_events("changed")}
+SELECT client_id, count(*) AS n, (SELECT n FROM woken) + (SELECT n FROM notified) AS _n
 FROM changed GROUP BY client_id
 """
 
@@ -245,15 +241,11 @@ changed AS (
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = ANY($7::text[])
     RETURNING t.id, t.client_id, t.status
 ),
-evented AS (
-    SELECT count(pg_notify('{EVENTS_CHANNEL}', ids)) AS n FROM (
-        SELECT string_agg(id::text, ',') AS ids FROM changed
-    ) e WHERE ids IS NOT NULL
-),
+{notify_events("changed")},
 stopping AS (
     SELECT count(pg_notify('{CANCEL_CHANNEL}', id::text)) AS n FROM changed WHERE status = 'running'
 )
-SELECT client_id, count(*) AS n, (SELECT n FROM evented) + (SELECT n FROM stopping) AS _n
+SELECT client_id, count(*) AS n, (SELECT n FROM notified) + (SELECT n FROM stopping) AS _n
 FROM changed GROUP BY client_id
 """
 

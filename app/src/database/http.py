@@ -41,8 +41,12 @@ admitted AS (
     SELECT NOT COALESCE((SELECT tripped FROM circuit), false)
            OR COALESCE((SELECT probing FROM circuit), false) AS yes
 ),
+lim AS (
+    -- the host's adaptive limit (AIMD, NULL: the full HTTP_HOST_MAX_CONCURRENCY)
+    SELECT LEAST($3::int, COALESCE((SELECT concurrency_limit FROM http_hosts WHERE host = $1), $3::int)) AS n
+),
 free AS (
-    SELECT s.slot FROM generate_series(1, $3::int) AS s(slot)
+    SELECT s.slot FROM generate_series(1, (SELECT n FROM lim)) AS s(slot)
     LEFT JOIN http_host_permits p ON p.host = $1 AND p.slot = s.slot
     WHERE (p.slot IS NULL OR p.expires_at <= now()) AND (SELECT yes FROM admitted)
     ORDER BY random()
@@ -59,7 +63,8 @@ SELECT (SELECT slot FROM taken) AS slot,
        COALESCE((SELECT consecutive_failures FROM circuit), 0) AS failures,
        COALESCE((SELECT tripped FROM circuit), false) AS tripped,
        COALESCE((SELECT open FROM circuit), false) AS open,
-       COALESCE((SELECT open_for_s FROM circuit), 0)::float8 AS open_for_s
+       COALESCE((SELECT open_for_s FROM circuit), 0)::float8 AS open_for_s,
+       (SELECT n FROM lim) AS limit_now
 """
 
 
@@ -70,6 +75,7 @@ class Admission:
     tripped: bool  # the host's circuit is open or half-open
     open: bool  # ... and still cooling down (open_for_s more seconds)
     open_for_s: float
+    limit_now: int  # the host's adaptive concurrency limit
 
 
 async def acquire_permit(
@@ -109,28 +115,55 @@ async def claim_probe(
 # re-opens it after a failed probe); a success closes it; a neutral end (nothing was sent) only
 # frees a probe it held. The healthy path writes http_hosts only when there is something to heal.
 # Slot 0 releases no permit, only the health it saw.
-RELEASE_PERMIT = """
+# The error-rate window of a host row: requests and failures of the current minute (only hosts
+# with a row are counted: a host that never failed has none and an error rate of 0).
+WINDOW = """window_requests = CASE WHEN h.window_started_at < now() - interval '60 s' THEN 1
+                               ELSE h.window_requests + 1 END,
+        window_failures = CASE WHEN h.window_started_at < now() - interval '60 s' THEN {failure}
+                               ELSE h.window_failures + {failure} END,
+        window_started_at = CASE WHEN h.window_started_at < now() - interval '60 s' THEN now()
+                                 ELSE h.window_started_at END"""
+DECREASE = "$8 AND (h.decreased_at IS NULL OR h.decreased_at < now() - interval '1 s')"
+RELEASE_PERMIT = f"""
 WITH released AS (
     UPDATE http_host_permits SET holder = NULL, expires_at = now()
     WHERE host = $1 AND slot = $2 AND holder = $3
     RETURNING slot
 ),
 failed AS (
-    INSERT INTO http_hosts AS h (host, consecutive_failures, opened_until, updated_at)
-    SELECT $1, 1, CASE WHEN $5 <= 1 THEN now() + make_interval(secs => $6) END, now()
+    INSERT INTO http_hosts AS h (host, consecutive_failures, opened_until, updated_at, concurrency_limit,
+                                 decreased_at, window_requests, window_failures)
+    SELECT $1, 1, CASE WHEN $5 <= 1 THEN now() + make_interval(secs => $6) END, now(),
+           CASE WHEN $8 THEN NULLIF(GREATEST(1, $9::int / 2), $9::int) END, CASE WHEN $8 THEN now() END, 1, 1
     WHERE $4 = 'failure'
     ON CONFLICT (host) DO UPDATE
     SET consecutive_failures = h.consecutive_failures + 1,
         opened_until = CASE WHEN h.consecutive_failures + 1 >= $5
                             THEN now() + make_interval(secs => $6) ELSE h.opened_until END,
-        probe_holder = NULL, probe_until = NULL, updated_at = now()
+        probe_holder = NULL, probe_until = NULL, updated_at = now(),
+        -- multiplicative decrease, at most once per second (the answers of one burst count once)
+        concurrency_limit = CASE WHEN {DECREASE}
+                                 THEN GREATEST(1, COALESCE(h.concurrency_limit, $9::int) / 2)
+                                 ELSE h.concurrency_limit END,
+        decreased_at = CASE WHEN {DECREASE} THEN now() ELSE h.decreased_at END,
+        successes = CASE WHEN $8 THEN 0 ELSE h.successes END,
+        {WINDOW.format(failure=1)}
     RETURNING consecutive_failures
 ),
 healed AS (
-    UPDATE http_hosts
+    -- a success heals the circuit and, below the full limit, counts towards the additive
+    -- increase: one more permit after each window of `limit` successes in a row
+    UPDATE http_hosts h
     SET consecutive_failures = 0, opened_until = NULL, probe_holder = NULL, probe_until = NULL,
-        updated_at = now()
-    WHERE host = $1 AND $4 = 'success' AND (consecutive_failures > 0 OR probe_holder IS NOT NULL)
+        updated_at = now(),
+        successes = CASE WHEN h.concurrency_limit IS NULL OR h.successes + 1 >= h.concurrency_limit THEN 0
+                         ELSE h.successes + 1 END,
+        concurrency_limit = CASE WHEN h.concurrency_limit IS NULL THEN NULL
+                                 WHEN h.successes + 1 >= h.concurrency_limit
+                                 THEN NULLIF(LEAST(h.concurrency_limit + 1, $9::int), $9::int)
+                                 ELSE h.concurrency_limit END,
+        {WINDOW.format(failure=0)}
+    WHERE host = $1 AND $4 = 'success'
     RETURNING 0 AS consecutive_failures
 ),
 unprobed AS (
@@ -160,9 +193,21 @@ async def release_permit(
     health: str,
     circuit_failures: int,
     cooldown_s: float,
+    throttled: bool = False,
+    max_concurrency: int = 1,
 ) -> Released:
+    """`throttled` (429, 503, a timeout): the host asks for less; its limit halves (AIMD)."""
     rows = await conn.fetch(
-        RELEASE_PERMIT, host, slot, process_id, health, circuit_failures, cooldown_s, task_id
+        RELEASE_PERMIT,
+        host,
+        slot,
+        process_id,
+        health,
+        circuit_failures,
+        cooldown_s,
+        task_id,
+        throttled,
+        max_concurrency,
     )
     return Released(failures=rows[0]["failures"], healed=rows[0]["healed"])
 

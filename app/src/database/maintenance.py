@@ -136,6 +136,17 @@ async def prune_schedule_fires(conn: Any, *, older_than_s: float, batch: int = 5
             return total
 
 
+# Flow-control state that outlived its use: key rate windows not written for a minute (their
+# starts are all outside any window: index task_key_starts_updated), and the record of which
+# clients called which hosts, past task retention.
+async def prune_flow_state(conn: Any, *, older_than_s: float) -> int:
+    windows = await conn.execute("DELETE FROM task_key_starts WHERE updated_at < now() - interval '1 minute'")
+    callers = await conn.execute(
+        "DELETE FROM http_host_clients WHERE last_used_at < now() - make_interval(secs => $1)", older_than_s
+    )
+    return int(windows.split()[-1]) + int(callers.split()[-1])
+
+
 async def queue_depths(conn: Executor) -> list[dict[str, Any]]:
     """Unfinished tasks per queue and status (finished ones are history, not depth)."""
     rows = await conn.fetch(

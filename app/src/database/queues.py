@@ -13,9 +13,18 @@ from app.src.database.tasks import AVAILABLE_CHANNEL, Executor
 
 QUEUE_COLUMNS = (
     "id, client_id, name, max_concurrency, rate_limit_per_s, max_attempts, min_backoff_s, "
-    "max_backoff_s, paused, created_at, updated_at"
+    "max_backoff_s, paused, created_at, updated_at, key_concurrency, key_rate_limit_per_s"
 )
-SETTINGS = ("max_concurrency", "rate_limit_per_s", "max_attempts", "min_backoff_s", "max_backoff_s", "paused")
+SETTINGS = (
+    "max_concurrency",
+    "rate_limit_per_s",
+    "max_attempts",
+    "min_backoff_s",
+    "max_backoff_s",
+    "paused",
+    "key_concurrency",
+    "key_rate_limit_per_s",
+)
 _DACITE = dacite.Config(check_types=False)
 
 

@@ -23,9 +23,19 @@ from app.src.utils import json_text
 
 SCHEDULE_COLUMNS = (
     "id, client_id, name, cron, timezone, queue, kind, payload, paused, next_run_at, last_fire_time, "
-    "last_task_id, created_at, updated_at"
+    "last_task_id, created_at, updated_at, concurrency_key"
 )
-EDITABLE = ("name", "cron", "timezone", "queue", "kind", "payload", "paused", "next_run_at")
+EDITABLE = (
+    "name",
+    "cron",
+    "timezone",
+    "queue",
+    "kind",
+    "payload",
+    "paused",
+    "next_run_at",
+    "concurrency_key",
+)
 _DACITE = dacite.Config(check_types=False)
 
 
@@ -53,13 +63,14 @@ async def insert(
     payload: dict[str, Any],
     paused: bool,
     next_run_at: datetime | None,
+    concurrency_key: str | None = None,
 ) -> Schedule:
     try:
         rows = await conn.fetch(
             f"""
             INSERT INTO schedules (id, client_id, name, cron, timezone, queue, kind, payload, paused,
-                                   next_run_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10)
+                                   next_run_at, concurrency_key)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11)
             RETURNING {SCHEDULE_COLUMNS}
             """,
             schedule_id,
@@ -72,6 +83,7 @@ async def insert(
             json_text.dumps(payload),
             paused,
             next_run_at,
+            concurrency_key,
         )
     except asyncpg.UniqueViolationError:
         raise NameTaken(name) from None

@@ -76,6 +76,15 @@ HTTP_DELIVERY_LATENCY = Histogram(
     ["host"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
 )
+HTTP_HOST_LIMIT = Gauge(
+    "taskgate_http_host_limit",
+    "a destination host's adaptive concurrency limit (AIMD: halves on 429, 503 and timeouts, grows by one "
+    "after each window of successes), cluster-wide",
+    ["host"],
+)
+HTTP_HOST_IN_FLIGHT = Gauge(
+    "taskgate_http_host_in_flight", "requests in flight to a destination host, across every worker", ["host"]
+)
 HTTP_HOST_UNHEALTHY = Gauge(
     "taskgate_http_host_unhealthy",
     "1 while a destination host's circuit is open or half-open (consecutive failures at the threshold)",

@@ -10,7 +10,7 @@ from taskgate.errors import (
     TaskgateError,
     TimeoutExceeded,
 )
-from taskgate.models import Attempt, Kind, Queue, Schedule, Task, TaskEvent, TaskPage, WorkerInfo
+from taskgate.models import Attempt, BlockedBy, Kind, Queue, Schedule, Task, TaskEvent, TaskPage, WorkerInfo
 from taskgate.worker import TaskContext, Worker
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "ApiError",
     "AsyncClient",
     "Attempt",
+    "BlockedBy",
     "Client",
     "Kind",
     "PermanentError",

@@ -59,6 +59,8 @@ def task_body(
     delay_s: float | None = None,
     priority: int | None = None,
     max_attempts: int | None = None,
+    concurrency_key: str | None = None,
+    debounce: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     body = {
@@ -69,6 +71,8 @@ def task_body(
         "delay_s": delay_s,
         "priority": priority,
         "max_attempts": max_attempts,
+        "concurrency_key": concurrency_key,
+        "debounce": None if debounce is None else dict(debounce),
         **extra,
     }
     return {k: dump(v) for k, v in body.items() if v is not None}

@@ -138,13 +138,19 @@ class Client:
         delay_s: float | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
+        concurrency_key: str | None = None,
+        debounce: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         idempotent: bool = True,
     ) -> Task:
         """Enqueue one task. An Idempotency-Key is sent (a fresh one unless given) unless
-        `idempotent=False`; a repeat with the same key returns the original task."""
+        `idempotent=False`; a repeat with the same key returns the original task.
+        `concurrency_key` puts it under its queue's key_concurrency and key_rate_limit_per_s;
+        `debounce={"key": ..., "period_s": ..., "max_wait_s": ...}` folds it into a pending task of
+        the same debounce key (the answer's `debounced` says so)."""
         body = calls.task_body(kind, payload, queue=queue, run_at=run_at, delay_s=delay_s, priority=priority,
-                               max_attempts=max_attempts)  # fmt: skip
+                               max_attempts=max_attempts, concurrency_key=concurrency_key,
+                               debounce=debounce)  # fmt: skip
         return self._run(calls.enqueue(body, idempotency_key=idempotency_key, idempotent=idempotent))
 
     def enqueue_many(
@@ -384,11 +390,14 @@ class AsyncClient:
         delay_s: float | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
+        concurrency_key: str | None = None,
+        debounce: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         idempotent: bool = True,
     ) -> Task:
         body = calls.task_body(kind, payload, queue=queue, run_at=run_at, delay_s=delay_s, priority=priority,
-                               max_attempts=max_attempts)  # fmt: skip
+                               max_attempts=max_attempts, concurrency_key=concurrency_key,
+                               debounce=debounce)  # fmt: skip
         return await self._run(calls.enqueue(body, idempotency_key=idempotency_key, idempotent=idempotent))
 
     async def enqueue_many(

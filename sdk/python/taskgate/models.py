@@ -19,6 +19,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class BlockedBy(_Model):
+    """Why a task that is not running waits: `reason` (run_at, queue_paused, key_concurrency, ...)."""
+
+    reason: str
+    detail: str = ""
+
+
 class Task(_Model):
     id: UUID
     queue: str
@@ -35,6 +42,9 @@ class Task(_Model):
     result: Any = None
     last_error: str | None = None
     progress: Any = None
+    concurrency_key: str | None = None
+    blocked_by: list[BlockedBy] | None = None
+    debounced: bool | None = None
 
     @property
     def terminal(self) -> bool:
@@ -78,6 +88,8 @@ class Queue(_Model):
     min_backoff_s: float
     max_backoff_s: float
     paused: bool
+    key_concurrency: int | None = None
+    key_rate_limit_per_s: float | None = None
     created_at: datetime
     updated_at: datetime
     counts: dict[str, int] | None = None

@@ -388,3 +388,54 @@ async def test_the_workers_page_lists_the_workers_seen_lately(
 
     await eventually(listed, timeout=15)
     assert task["id"]
+
+
+async def test_the_hosts_page_shows_each_destinations_adaptive_limit(
+    app: Quart, operator: NewOperator, db: Database, api_client: IssuedKey, clean_database: str
+) -> None:
+    # one host halved after a 429 and now cooling down, one healthy with a request in flight
+    await fetch(
+        clean_database,
+        "INSERT INTO http_hosts (host, concurrency_limit, consecutive_failures, "
+        "opened_until, window_requests, window_failures) VALUES "
+        "('api.example:443', 5, 5, now() + interval '1 minute', 4, 1)",
+    )
+    await fetch(
+        clean_database,
+        "INSERT INTO http_host_permits (host, slot, holder, expires_at) "
+        "VALUES ('hooks.example:443', 1, gen_random_uuid(), now() + interval '1 minute')",
+    )
+    await fetch(
+        clean_database,
+        "INSERT INTO http_host_clients (host, client_id) VALUES ('api.example:443', $1)",
+        api_client.client_id,
+    )
+    browser = await logged_in(app, db, operator)
+    page = await (await browser.get("/ui/hosts")).get_data(as_text=True)
+    rows = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r'<th scope="row" class="mono">([^<]+)</th>(.*?)</tr>', page, re.S)
+    }
+    assert set(rows) == {"api.example:443", "hooks.example:443"}
+    assert re.search(r">5 <span class=\"muted\">of 10</span>", rows["api.example:443"])
+    assert ">open<" in rows["api.example:443"]
+    assert "25%" in rows["api.example:443"]
+    assert ">1</td>" in rows["hooks.example:443"]
+    assert ">closed<" in rows["hooks.example:443"]
+    # the client filter: the hosts that client's tasks called
+    mine = await (await browser.get(f"/ui/hosts?client={api_client.client_id}")).get_data(as_text=True)
+    assert "api.example:443" in mine
+    assert "hooks.example:443" not in mine
+
+
+async def test_a_task_page_says_why_the_task_waits(
+    app: Quart, operator: NewOperator, db: Database, auth_headers: dict[str, str]
+) -> None:
+    client = app.test_client()
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    task = await enqueue(client, auth_headers, kind="noop", queue="held", concurrency_key="acct-3")
+    browser = await logged_in(app, db, operator)
+    page = await (await browser.get(f"/ui/tasks/{task['id']}")).get_data(as_text=True)
+    assert "Why it waits" in page
+    assert "queue_paused" in page
+    assert "acct-3" in page

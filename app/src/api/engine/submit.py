@@ -23,15 +23,16 @@ from pydantic import ValidationError
 from app.src.api.engine import remote_kinds
 from app.src.api.engine.task_engine import KindContract, SubmitRules, TaskEngine
 from app.src.api.errors import Conflict, TooManyRequests, Unprocessable, field_errors, problem_type
-from app.src.api.models.tasks import Queue, Task, TaskIn
+from app.src.api.models.tasks import DebounceIn, Queue, Task, TaskIn
 from app.src.database import queues as queue_store
 from app.src.database import tasks as task_store
-from app.src.database.tasks import Executor, NewTask
+from app.src.database.tasks import Debounce, Executor, NewTask
 from app.src.utils import json_text
 from app.src.utils.ids import uuid7s
 from app.src.utils.metrics import ENQUEUED
 
 MAX_IDEMPOTENCY_KEY = 255
+MAX_CONCURRENCY_KEY = 128
 QUOTA_RETRY_AFTER_S = 5
 
 FieldPath = tuple[str | int, ...]
@@ -66,6 +67,8 @@ class TaskRequest:
     run_at: datetime | None = None
     delay_s: float | None = None
     schedule: dict[str, Any] | None = None  # the schedule fire that asks for it (ScheduleRef fields)
+    concurrency_key: str | None = None
+    debounce: DebounceIn | None = None
 
     @classmethod
     def from_input(cls, item: TaskIn) -> TaskRequest:
@@ -77,6 +80,8 @@ class TaskRequest:
             max_attempts=item.max_attempts,
             run_at=item.run_at,
             delay_s=item.delay_s,
+            concurrency_key=item.concurrency_key,
+            debounce=item.debounce,
         )
 
 
@@ -92,6 +97,11 @@ class Submitter:
 class Submitted:
     tasks: list[Task]
     replayed: bool  # an Idempotency-Key repeat: the tasks of the first request
+    debounced: list[bool | None] | None = None  # per task, for enqueues with debounce
+
+    @property
+    def all_debounced(self) -> bool:
+        return bool(self.debounced) and all(self.debounced or [])
 
 
 # --- the rules -----------------------------------------------------------------------------------
@@ -175,6 +185,10 @@ def new_tasks(
             run_at=request.run_at,
             delay_s=request.delay_s,
             schedule=request.schedule,
+            concurrency_key=request.concurrency_key,
+            debounce=None
+            if request.debounce is None
+            else Debounce(request.debounce.key, request.debounce.period_s, request.debounce.max_wait_s),
         )
         for request, kind, task_id in zip(requests, kinds, uuid7s(len(requests)), strict=True)
     ]
@@ -231,8 +245,22 @@ async def prepare(
 
 
 async def store_prepared(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
-    """Insert prepared rows on the caller's connection (in its transaction, if it opened one)."""
-    return await task_store.insert_tasks(conn, tasks)
+    """Insert prepared rows on the caller's connection (in its transaction, if it opened one).
+
+    A debounced row may come back as the pending task of its debounce key (another id)."""
+    if all(task.debounce is None for task in tasks):
+        return await task_store.insert_tasks(conn, tasks)
+    plain = [task for task in tasks if task.debounce is None]
+    stored = {task.id: task for task in await task_store.insert_tasks(conn, plain)} if plain else {}
+    for task in tasks:
+        if task.debounce is not None:
+            stored[task.id], _ = await task_store.debounce_task(conn, task)
+    return [stored[task.id] for task in tasks]
+
+
+def debounced(new: Sequence[NewTask], tasks: Sequence[Task]) -> list[bool | None]:
+    """Per task: None without debounce; True when an earlier pending task took the enqueue."""
+    return [None if n.debounce is None else t.id != n.id for n, t in zip(new, tasks, strict=True)]
 
 
 def accepted(engine: TaskEngine, tasks: Sequence[Task]) -> None:
@@ -259,14 +287,19 @@ async def _submit(
         stored = await _store_once(engine, submitter.client_id, idempotency_key, items, new)
         if stored.replayed:
             return stored
-        tasks = stored.tasks
-    elif len(new) == 1:
+        tasks = [
+            t for t, flag in zip(stored.tasks, stored.debounced or [None] * len(new), strict=True) if not flag
+        ]
+        accepted(engine, tasks)
+        return stored
+    elif len(new) == 1 and new[0].debounce is None:
         tasks = [await engine.task_inserts.submit(new[0])]
     else:
-        async with engine.db.driver() as conn:
+        async with engine.db.driver() as conn, conn.transaction():
             tasks = await store_prepared(conn, new)
-    accepted(engine, tasks)
-    return Submitted(tasks, replayed=False)
+    flags = debounced(new, tasks)
+    accepted(engine, [task for task, flag in zip(tasks, flags, strict=True) if not flag])
+    return Submitted(tasks, replayed=False, debounced=flags if any(f is not None for f in flags) else None)
 
 
 async def _store_once(
@@ -292,7 +325,8 @@ async def _store_once(
             )
         tasks = await store_prepared(conn, new)
         await task_store.save_idempotency_key(conn, client_id, key, request_hash, [t.id for t in tasks])
-    return Submitted(tasks, replayed=False)
+    flags = debounced(new, tasks)
+    return Submitted(tasks, replayed=False, debounced=flags if any(f is not None for f in flags) else None)
 
 
 def _request_hash(items: Sequence[TaskIn]) -> str:
@@ -331,12 +365,22 @@ async def submit_in_transaction(
     queue: str,
     priority: int | None = None,
     delay_s: float | None = None,
+    concurrency_key: str | None = None,
 ) -> Task:
     """`TaskKind.enqueue`: the same rules, on the caller's open transaction, so the task commits
     with the caller's data or not at all. The queue is created and the unfinished tasks counted in
     that transaction too (it sees what it already added; the API's caches cannot)."""
     executor = _in_transaction(conn)
-    request = TaskRequest(kind=kind.name, payload=payload, queue=queue, priority=priority, delay_s=delay_s)
+    if concurrency_key is not None and not 1 <= len(concurrency_key) <= MAX_CONCURRENCY_KEY:
+        raise ValueError(f"concurrency_key must be 1 to {MAX_CONCURRENCY_KEY} characters")
+    request = TaskRequest(
+        kind=kind.name,
+        payload=payload,
+        queue=queue,
+        priority=priority,
+        delay_s=delay_s,
+        concurrency_key=concurrency_key,
+    )
     kind.validate_payload(payload, context=rules.payload_context)
     check_storable(payload)
     quotas = await task_store.client_quotas(executor, [client_id])

@@ -33,6 +33,7 @@ from app.src.api.models.http import (
     IPAddress,
     literal_address,
 )
+from app.src.api.models.http import destination as destination
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -92,12 +93,6 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
-
-
-def destination(url: str | URL) -> str:
-    """The host key of permits, circuit and metrics: host:port, lowercased."""
-    parsed = url if isinstance(url, URL) else URL(url)
-    return f"{(parsed.host or '').lower()}:{parsed.port}"
 
 
 def forbidden_reason(found: BaseException) -> str | None:

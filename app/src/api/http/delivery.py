@@ -104,6 +104,10 @@ def judge_status(payload: HttpPayload, response: HttpResponse, *, now: datetime)
     return classify(payload, response, now=now, accept_async=False)
 
 
+# Answers that ask a caller to slow down: the host's adaptive limit halves (timeouts too).
+THROTTLING = frozenset({429, 503})
+
+
 def host_health(answer: Answer) -> HostHealth:
     """What the circuit learns: a retryable answer is the host failing; any other is it working."""
     return "failure" if answer == "retry" else "success"
@@ -192,6 +196,7 @@ async def exchange(
     signer: Signer,
     judge: Callable[[HttpResponse], Classified],
     ctx: TaskContext | None = None,
+    client_id: UUID | None = None,
 ) -> tuple[HttpResponse, Classified]:
     """Send under the destination's permit and `judge` the answer; failures to get one become
     RetryLater (network, timeout) or PermanentError (refused destination, bad redirect).
@@ -203,7 +208,9 @@ async def exchange(
         HTTP_DELIVERIES.labels(host, "refused").inc()
         raise PermanentError(str(exc)) from None
     try:
-        async with http.gate.permit(host, task_id=task_id, timeout_s=payload.timeout_s) as permit:
+        async with http.gate.permit(
+            host, task_id=task_id, timeout_s=payload.timeout_s, client_id=client_id
+        ) as permit:
             started = time.perf_counter()
             try:
                 sending = http.send(
@@ -226,6 +233,7 @@ async def exchange(
                     HTTP_DELIVERIES.labels(host, "discarded").inc()
                     raise PermanentError(f"invalid URL: {exc}") from None
                 permit.health = "failure"
+                permit.throttled = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
                 HTTP_DELIVERIES.labels(host, "retry").inc()
                 raise RetryLater(_network_error(exc, payload.timeout_s)) from None
             except RedirectError as exc:
@@ -235,6 +243,7 @@ async def exchange(
             HTTP_DELIVERY_LATENCY.labels(host).observe(response.duration_ms / 1000)
             verdict = judge(response)
             permit.health = host_health(verdict.answer)
+            permit.throttled = response.status in THROTTLING
             HTTP_DELIVERIES.labels(host, verdict.answer).inc()
             return response, verdict
     except Deferred:
@@ -288,6 +297,7 @@ async def deliver(ctx: TaskContext, payload: HttpPayload) -> HttpResult:
         signer=signer,
         judge=lambda response: classify(payload, response, now=datetime.now(UTC), accept_async=True),
         ctx=ctx,
+        client_id=ctx.client_id,
     )
     ctx.http_status = response.status
     if verdict.answer == "completed":

@@ -34,8 +34,9 @@ from uuid import UUID
 import structlog
 
 from app.src.api.kinds import Deferred
+from app.src.database import flow as flow_store
 from app.src.database import http as store
-from app.src.utils.metrics import HTTP_HOST_UNHEALTHY
+from app.src.utils.metrics import HTTP_HOST_IN_FLIGHT, HTTP_HOST_LIMIT, HTTP_HOST_UNHEALTHY
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -59,6 +60,7 @@ class Permit:
     task_id: UUID
     health: HostHealth = "neutral"
     probe: bool = False
+    throttled: bool = False  # a 429, 503 or timeout: the host asks for less (its limit halves)
 
 
 @dataclass(slots=True)
@@ -77,6 +79,7 @@ class _Host:
     users: int = 0  # requests waiting for or holding a permit
     waiting: int = 0  # ... of which waiting on the semaphore
     failures: int = 0  # consecutive failures last seen in the database
+    limited: bool = False  # the host's adaptive limit is below the full one (every end is written)
 
 
 @dataclass
@@ -88,11 +91,16 @@ class HostGate:
     cooldown_s: float
     process_id: UUID = field(default_factory=uuid.uuid4)  # in http_host_permits.holder
     _hosts: dict[str, _Host] = field(default_factory=dict)
+    _callers: set[tuple[UUID, str]] = field(default_factory=set)  # (client, host) pairs recorded
 
     @contextlib.asynccontextmanager
-    async def permit(self, host: str, *, task_id: UUID, timeout_s: float) -> AsyncIterator[Permit]:
+    async def permit(
+        self, host: str, *, task_id: UUID, timeout_s: float, client_id: UUID | None = None
+    ) -> AsyncIterator[Permit]:
         """Hold one of `host`'s permits for a request of at most `timeout_s`; raises Deferred when
         none comes within HTTP_HOST_PERMIT_WAIT_S or the host's circuit is open."""
+        if client_id is not None and (client_id, host) not in self._callers:
+            await self._record_caller(client_id, host)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
         local = self._hosts.setdefault(host, _Host(asyncio.Semaphore(self.limit)))
@@ -114,6 +122,18 @@ class HostGate:
                 del self._hosts[host]
                 for slot in local.idle:  # nobody here needs them any more
                     await self._release(host, slot.number, task_id, "neutral")
+
+    async def _record_caller(self, client_id: UUID, host: str) -> None:
+        """GET /api/hosts shows a client the hosts its tasks called: once per process and pair."""
+        try:
+            async with self.db.driver() as conn:
+                await flow_store.record_client_host(conn, client_id=client_id, host=host)
+        except Exception as exc:  # a view, never a reason to fail a delivery
+            log.debug("recording a host's caller failed", host=host, error=str(exc))
+            return
+        if len(self._callers) > 100_000:
+            self._callers.clear()
+        self._callers.add((client_id, host))
 
     async def _wait_local(self, host: str, local: _Host, remaining_s: float) -> None:
         if not local.semaphore.locked():
@@ -158,6 +178,7 @@ class HostGate:
                     lease_s=lease_s,
                 )
             local.failures = admission.failures
+            local.limited = admission.limit_now < self.limit
             if admission.slot is not None:
                 return _Slot(admission.slot, asked_at, asked_at + lease_s), probing
             if admission.tripped and not probing:
@@ -188,7 +209,9 @@ class HostGate:
 
     async def _give_back(self, host: str, local: _Host, slot: _Slot, permit: Permit) -> None:
         loop = asyncio.get_running_loop()
-        quiet = permit.health == "neutral" or (permit.health == "success" and local.failures == 0)
+        quiet = permit.health == "neutral" or (
+            permit.health == "success" and local.failures == 0 and not local.limited
+        )
         if (
             quiet
             and not permit.probe
@@ -197,10 +220,19 @@ class HostGate:
         ):
             local.idle.append(slot)  # the next local request for this host takes it
             return
-        await self._release(host, slot.number, permit.task_id, permit.health, local)
+        await self._release(
+            host, slot.number, permit.task_id, permit.health, local, throttled=permit.throttled
+        )
 
     async def _release(
-        self, host: str, slot: int, task_id: UUID, health: HostHealth, local: _Host | None = None
+        self,
+        host: str,
+        slot: int,
+        task_id: UUID,
+        health: HostHealth,
+        local: _Host | None = None,
+        *,
+        throttled: bool = False,
     ) -> None:
         try:
             async with self.db.driver() as conn:
@@ -213,10 +245,14 @@ class HostGate:
                     health=health,
                     circuit_failures=self.circuit_failures,
                     cooldown_s=self.cooldown_s,
+                    throttled=throttled,
+                    max_concurrency=self.limit,
                 )
         except Exception as exc:  # the lease frees the permit anyway
             log.warning("releasing a host permit failed", host=host, error=str(exc))
             return
+        if throttled and local is not None:
+            local.limited = True
         if released.failures is not None:
             if local is not None:
                 local.failures = released.failures
@@ -236,11 +272,20 @@ class HostGate:
         return Deferred(reason, after_s=after_s)
 
     async def refresh_health(self, *, prune_idle_s: float = 3600.0) -> int:
-        """Set the unhealthy gauge from the database (every replica); drop idle host rows."""
+        """Set the hosts' gauges from the database (every replica): unhealthy, adaptive limit and
+        permits in flight; drop idle host rows."""
         async with self.db.driver() as conn:
             hosts = await store.host_health(conn, circuit_failures=self.circuit_failures)
             await store.prune_hosts(conn, idle_s=prune_idle_s)
+            views = await flow_store.hosts(
+                conn, only=None, max_concurrency=self.limit, circuit_failures=self.circuit_failures
+            )
         HTTP_HOST_UNHEALTHY.clear()
         for host in hosts:
             HTTP_HOST_UNHEALTHY.labels(host.host).set(1 if host.tripped else 0)
+        HTTP_HOST_LIMIT.clear()
+        HTTP_HOST_IN_FLIGHT.clear()
+        for view in views:
+            HTTP_HOST_LIMIT.labels(view.host).set(view.concurrency_limit)
+            HTTP_HOST_IN_FLIGHT.labels(view.host).set(view.in_flight)
         return sum(1 for host in hosts if host.tripped)

@@ -125,6 +125,7 @@ async def poll_one(
         response, verdict = await exchange(
             http,
             task_id=task.id,
+            client_id=task.client_id,
             method="GET",
             url=state.status_url,
             headers=_poll_headers(payload, state.status_url),
@@ -138,6 +139,7 @@ async def poll_one(
             response, verdict = await exchange(
                 http,
                 task_id=task.id,
+                client_id=task.client_id,
                 method="GET",
                 url=result_url,
                 headers=_poll_headers(payload, result_url),

@@ -157,6 +157,7 @@ class TaskKind(Generic[P, R]):
         queue: str = "default",
         priority: int = 5,
         delay_s: float | None = None,
+        concurrency_key: str | None = None,
     ) -> Task:
         """Enqueue inside the caller's open transaction: the task commits with the caller's data.
 
@@ -177,6 +178,7 @@ class TaskKind(Generic[P, R]):
             queue=queue,
             priority=priority,
             delay_s=delay_s,
+            concurrency_key=concurrency_key,
         )
 
     async def __call__(self, ctx: TaskContext, payload: P) -> Any:

@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -235,3 +236,9 @@ class HttpWaitState(BaseModel):
     deadline: datetime
     polls: int = 0
     last_error: str | None = None
+
+
+def destination(url: str | URL) -> str:
+    """The host key of permits, circuit, metrics and GET /api/hosts: host:port, lowercased."""
+    parsed = url if isinstance(url, URL) else URL(url)
+    return f"{(parsed.host or '').lower()}:{parsed.port}"

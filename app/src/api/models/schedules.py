@@ -9,7 +9,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.src.api.models.tasks import KindName, QueueName
+from app.src.api.models.tasks import ConcurrencyKey, KindName, QueueName
 
 ScheduleName = Annotated[str, Field(min_length=1, max_length=200, examples=["nightly-report"])]
 CronExpression = Annotated[
@@ -35,6 +35,7 @@ class TaskTemplate(BaseModel):
     queue: QueueName = "default"
     kind: KindName
     payload: dict[str, Any] = Field(default_factory=dict)
+    concurrency_key: ConcurrencyKey | None = None
 
 
 class ScheduleIn(BaseModel):
@@ -83,6 +84,7 @@ class Schedule:
     last_task_id: UUID | None
     created_at: datetime
     updated_at: datetime
+    concurrency_key: str | None = None
 
 
 class ScheduleOut(BaseModel):
@@ -105,7 +107,12 @@ class ScheduleOut(BaseModel):
             name=schedule.name,
             cron=schedule.cron,
             timezone=schedule.timezone,
-            task=TaskTemplate(queue=schedule.queue, kind=schedule.kind, payload=schedule.payload),
+            task=TaskTemplate(
+                queue=schedule.queue,
+                kind=schedule.kind,
+                payload=schedule.payload,
+                concurrency_key=schedule.concurrency_key,
+            ),
             paused=schedule.paused,
             next_run_at=schedule.next_run_at,
             last_fire_time=schedule.last_fire_time,

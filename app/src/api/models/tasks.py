@@ -14,6 +14,27 @@ from app.src.api.state_machine import Status
 QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["default"])]
 KindName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 MAX_DELAY_S = 366 * 86_400
+ConcurrencyKey = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        description="tasks with the same key share the queue's key_concurrency and key_rate_limit_per_s",
+        examples=["customer-42"],
+    ),
+]
+MAX_DEBOUNCE_S = 7 * 86_400
+
+
+class DebounceIn(BaseModel):
+    """While a task with this debounce key has not started, a new enqueue replaces its payload and
+    moves its run_at to now + period_s (never later than the first enqueue + max_wait_s)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: ConcurrencyKey
+    period_s: float = Field(ge=0, le=MAX_DEBOUNCE_S)
+    max_wait_s: float | None = Field(default=None, ge=0, le=MAX_DEBOUNCE_S)
 
 
 class TaskIn(BaseModel):
@@ -28,11 +49,17 @@ class TaskIn(BaseModel):
     delay_s: float | None = Field(default=None, ge=0, le=MAX_DELAY_S)
     priority: int = Field(default=5, ge=0, le=9, description="0 runs first, 9 last")
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    concurrency_key: ConcurrencyKey | None = None
+    debounce: DebounceIn | None = None
 
     @model_validator(mode="after")
     def _one_schedule(self) -> TaskIn:
         if self.run_at is not None and self.delay_s is not None:
             raise ValueError("give run_at or delay_s, not both")
+        if self.debounce is not None and (self.run_at is not None or self.delay_s is not None):
+            raise ValueError(
+                "a debounced task runs debounce.period_s after its last enqueue: no run_at or delay_s"
+            )
         return self
 
 
@@ -65,6 +92,17 @@ class Task:
     progress: Any
     cancel_requested: bool = False
     schedule: dict[str, Any] | None = None  # ScheduleRef fields when a schedule made the task
+    concurrency_key: str | None = None
+
+
+class BlockedBy(BaseModel):
+    """One reason a task that is not running is not running yet."""
+
+    reason: str = Field(
+        description="run_at | queue_paused | queue_concurrency | queue_rate_limit | key_concurrency | "
+        "key_rate_limit | host_concurrency | host_unhealthy | dependencies | children | signal | no_worker"
+    )
+    detail: str
 
 
 class ScheduleRef(BaseModel):
@@ -96,9 +134,16 @@ class TaskOut(BaseModel):
     last_error: str | None = None
     progress: Any = None
     schedule: ScheduleRef | None = None
+    concurrency_key: str | None = None
+    blocked_by: list[BlockedBy] | None = Field(
+        default=None, description="GET /api/tasks/{id} of a task that is not running: why it waits"
+    )
+    debounced: bool | None = Field(
+        default=None, description="enqueue with debounce: true when an earlier task took this enqueue"
+    )
 
     @classmethod
-    def from_domain(cls, task: Task) -> TaskOut:
+    def from_domain(cls, task: Task, *, blocked_by: list[BlockedBy] | None = None) -> TaskOut:
         return cls(
             id=task.id,
             queue=task.queue,
@@ -116,10 +161,12 @@ class TaskOut(BaseModel):
             last_error=task.last_error,
             progress=task.progress,
             schedule=ScheduleRef.model_validate(task.schedule) if task.schedule else None,
+            concurrency_key=task.concurrency_key,
+            blocked_by=blocked_by,
         )
 
 
-def task_body(task: Task) -> dict[str, Any]:
+def task_body(task: Task, *, debounced: bool | None = None) -> dict[str, Any]:
     """TaskOut's JSON object for a task, without building the model (the enqueue hot path).
 
     For a batch of a thousand tasks, validating and dumping TaskOut models cost more than the
@@ -143,6 +190,9 @@ def task_body(task: Task) -> dict[str, Any]:
         "last_error": task.last_error,
         "progress": task.progress,
         "schedule": ScheduleRef.model_validate(task.schedule).model_dump() if task.schedule else None,
+        "concurrency_key": task.concurrency_key,
+        "blocked_by": None,
+        "debounced": debounced,
     }
 
 
@@ -180,6 +230,28 @@ class TaskListQuery(BaseModel):
     kind: KindName | None = None
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = Field(default=None, max_length=64)
+
+
+class BulkFilter(BaseModel):
+    """Which of the caller's tasks a bulk action reaches (every field narrows it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: QueueName | None = None
+    kind: KindName | None = None
+    status: Status | None = None
+    created_before: AwareDatetime | None = None
+    created_after: AwareDatetime | None = None
+
+
+class BulkIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filter: BulkFilter
+
+
+class BulkOut(BaseModel):
+    count: int = Field(description="tasks retried or cancelled by this call")
 
 
 class WaitQuery(BaseModel):
@@ -222,6 +294,12 @@ class QueueIn(BaseModel):
     min_backoff_s: float | None = Field(default=None, ge=0, le=86_400)
     max_backoff_s: float | None = Field(default=None, ge=0, le=30 * 86_400)
     paused: bool | None = None
+    key_concurrency: int | None = Field(
+        default=None, ge=1, le=100_000, description="running tasks per concurrency_key, cluster-wide"
+    )
+    key_rate_limit_per_s: float | None = Field(
+        default=None, gt=0, le=1_000_000, description="task starts per second per concurrency_key"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +315,13 @@ class Queue:
     paused: bool
     created_at: datetime
     updated_at: datetime
+    key_concurrency: int | None = None
+    key_rate_limit_per_s: float | None = None
+
+    @property
+    def keyed(self) -> bool:
+        """Claimed through the keyed claim (fair across keys, per-key limits)."""
+        return self.key_concurrency is not None or self.key_rate_limit_per_s is not None
 
 
 class QueueOut(BaseModel):
@@ -247,6 +332,8 @@ class QueueOut(BaseModel):
     min_backoff_s: float
     max_backoff_s: float
     paused: bool
+    key_concurrency: int | None = None
+    key_rate_limit_per_s: float | None = None
     created_at: datetime
     updated_at: datetime
     counts: dict[str, int] | None = None
@@ -264,6 +351,8 @@ class QueueOut(BaseModel):
             min_backoff_s=queue.min_backoff_s,
             max_backoff_s=queue.max_backoff_s,
             paused=queue.paused,
+            key_concurrency=queue.key_concurrency,
+            key_rate_limit_per_s=queue.key_rate_limit_per_s,
             created_at=queue.created_at,
             updated_at=queue.updated_at,
             counts=counts,

@@ -50,7 +50,7 @@ def remote_worker_id(client_id: UUID, name: str) -> UUID:
 # is what its latest recorded heartbeat held.
 SEEN_EVERY_S = 5.0
 _seen_at: dict[UUID, float] = {}
-_limited: dict[tuple[UUID, tuple[str, ...] | None], tuple[float, list[int]]] = {}
+_limited: dict[tuple[UUID, tuple[str, ...] | None], tuple[float, list[task_store.LimitedQueue]]] = {}
 
 
 def _due_for_seen(worker_id: UUID, *, heartbeat: bool = False) -> bool:
@@ -63,17 +63,19 @@ def _due_for_seen(worker_id: UUID, *, heartbeat: bool = False) -> bool:
     return True
 
 
-async def _limited_queues(conn: task_store.Executor, client_id: UUID, queues: list[str] | None) -> list[int]:
+async def _limited_queues(
+    conn: task_store.Executor, client_id: UUID, queues: list[str] | None
+) -> list[task_store.LimitedQueue]:
     """This client's queues with a concurrency or rate limit, re-read at most every POLL_S."""
     key = (client_id, None if queues is None else tuple(queues))
     hit = _limited.get(key)
     if hit is not None and time.monotonic() - hit[0] < POLL_S:
         return hit[1]
-    ids = await task_store.limited_queue_ids(conn, queues=queues, client_id=client_id)
+    limited = await task_store.limited_queues(conn, queues=queues, client_id=client_id)
     if len(_limited) > 10_000:
         _limited.clear()
-    _limited[key] = (time.monotonic(), ids)
-    return ids
+    _limited[key] = (time.monotonic(), limited)
+    return limited
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +155,12 @@ async def _claim_once(
             conn, limit=want, lease_s=lease_s, worker_id=worker_id, queues=queues, kinds=kinds
         )
         if len(claimed) < want:
-            for queue_id in await _limited_queues(conn, kinds.client_id, queues):
+            for queue in await _limited_queues(conn, kinds.client_id, queues):
                 if len(claimed) >= want:
                     break
                 claimed += await task_store.claim_limited(
-                    conn, queue_id=queue_id, limit=want - len(claimed), lease_s=lease_s, worker_id=worker_id,
-                    kinds=kinds,
+                    conn, queue_id=queue.id, keyed=queue.keyed, limit=want - len(claimed), lease_s=lease_s,
+                    worker_id=worker_id, kinds=kinds,
                 )  # fmt: skip
     return claimed
 

@@ -1,0 +1,134 @@
+"""Flow control as a reader sees it: why a task waits (`blocked_by`), and the destinations' limits.
+
+The rules themselves live in the claim (app/src/database/tasks.py, THE KEYED CLAIM and
+CLAIM_LIMITED); `blocked_by` asks PostgreSQL which of those same rules hold one task now
+(app/src/database/flow.py), so the answer cannot drift from what the claim does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from app.src.api.models.http import destination
+from app.src.api.models.tasks import BlockedBy, Task
+from app.src.api.state_machine import Status
+from app.src.database import flow as store
+
+if TYPE_CHECKING:
+    from app.database import Database
+
+# statuses that wait for something the claim decides (waiting tasks wait for their provider)
+CLAIMABLE_LATER = frozenset({Status.SCHEDULED, Status.AVAILABLE, Status.RETRYABLE})
+NOT_RUNNING = frozenset({Status.SCHEDULED, Status.AVAILABLE, Status.RETRYABLE, Status.WAITING})
+
+
+def _http_host(task: Task) -> str | None:
+    if task.kind != "http" or not isinstance(task.payload.get("url"), str):
+        return None
+    try:
+        return destination(task.payload["url"])
+    except ValueError:
+        return None
+
+
+async def blocked_by(db: Database, task: Task) -> list[BlockedBy] | None:
+    """Every reason that keeps `task` from running now; None for a running or finished task."""
+    status = Status(task.status)
+    if status not in NOT_RUNNING:
+        return None
+    reasons: list[BlockedBy] = []
+    async with db.driver() as conn:
+        holds = await store.holds(conn, client_id=task.client_id, task_id=task.id)
+        host = _http_host(task)
+        host_rows = []
+        if host is not None and status in CLAIMABLE_LATER:
+            host_rows = await store.hosts(
+                conn,
+                only=[host],
+                max_concurrency=db.settings.HTTP_HOST_MAX_CONCURRENCY,
+                circuit_failures=db.settings.HTTP_CIRCUIT_FAILURES,
+            )
+    if holds is None:
+        return None
+    if status is Status.WAITING:
+        return reasons  # waiting for its provider (waiting_for), not for a claim rule
+    if holds.run_at_future:
+        reasons.append(BlockedBy(reason="run_at", detail=f"due at {task.run_at.isoformat()}"))
+    if holds.queue_paused:
+        reasons.append(BlockedBy(reason="queue_paused", detail=f"queue {task.queue!r} is paused"))
+    if holds.queue_full:
+        reasons.append(
+            _limit(
+                "queue_concurrency",
+                f"queue {task.queue!r} runs its max_concurrency of",
+                holds.max_concurrency,
+            )
+        )
+    if holds.queue_rate_empty:
+        reasons.append(
+            _limit(
+                "queue_rate_limit",
+                f"queue {task.queue!r} spent its rate_limit_per_s of",
+                holds.rate_limit_per_s,
+            )
+        )
+    if holds.key_full:
+        reasons.append(
+            _limit(
+                "key_concurrency",
+                f"key {task.concurrency_key!r} runs its key_concurrency of",
+                holds.key_concurrency,
+            )
+        )
+    if holds.key_rate_empty:
+        reasons.append(
+            _limit(
+                "key_rate_limit",
+                f"key {task.concurrency_key!r} spent its key_rate_limit_per_s of",
+                holds.key_rate_limit_per_s,
+            )
+        )
+    for row in host_rows:
+        if row.circuit != "closed":
+            reasons.append(
+                BlockedBy(
+                    reason="host_unhealthy",
+                    detail=f"{row.host}: circuit {row.circuit} after {row.consecutive_failures} failures",
+                )
+            )
+        elif row.in_flight >= row.concurrency_limit:
+            reasons.append(
+                BlockedBy(
+                    reason="host_concurrency",
+                    detail=f"{row.host}: {row.in_flight} in flight, limit {row.concurrency_limit}",
+                )
+            )
+    if not holds.has_worker:
+        reasons.append(
+            BlockedBy(
+                reason="no_worker", detail=f"no live worker serves kind {task.kind!r} in queue {task.queue!r}"
+            )
+        )
+    return reasons
+
+
+def _limit(reason: str, what: str, limit: Any) -> BlockedBy:
+    return BlockedBy(
+        reason=reason, detail=f"{what} {limit:g}" if isinstance(limit, float) else f"{what} {limit}"
+    )
+
+
+async def task_hosts(db: Database, *, client_id: UUID | None) -> list[store.HostRow]:
+    """The destinations with their adaptive limit, in-flight count, circuit and recent error rate;
+    an API client sees the hosts its own tasks called (None: every host, for operators)."""
+    async with db.driver() as conn:
+        only = None if client_id is None else await store.client_hosts(conn, client_id=client_id)
+        if only is not None and not only:
+            return []
+        return await store.hosts(
+            conn,
+            only=only,
+            max_concurrency=db.settings.HTTP_HOST_MAX_CONCURRENCY,
+            circuit_failures=db.settings.HTTP_CIRCUIT_FAILURES,
+        )

@@ -1,0 +1,78 @@
+"""POST /api/tasks/bulk/retry|cancel: by filter, chunked, counted, own tasks only."""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from app.database import Database
+from tests.conftest import bearer, make_client
+from tests.integration.flow.test_keyed_claim import batch
+from tests.integration.test_worker_processes import Serving, count
+from tests.task_harness import eventually, fetch
+
+
+async def test_bulk_retry_of_5000_discarded_tasks_returns_5000_and_they_run(
+    serving: Serving, auth_headers: dict[str, str], other_client_headers: dict[str, str], clean_database: str
+) -> None:
+    app = await serving(ROLES=["api", "worker"], WORKER_POLL_INTERVAL_S=0.1)
+    client = app.test_client()
+    await client.put("/api/queues/dead", json={"paused": True}, headers=auth_headers)
+    await batch(client, auth_headers, [{"kind": "noop", "queue": "dead"}] * 5000)
+    await batch(client, other_client_headers, [{"kind": "noop", "queue": "dead"}] * 10)
+    await fetch(clean_database, "UPDATE tasks SET status = 'discarded', attempts = 3, finished_at = now()")
+    await client.post("/api/queues/dead/resume", headers=auth_headers)
+    response = await client.post(
+        "/api/tasks/bulk/retry",
+        json={"filter": {"queue": "dead", "status": "discarded"}},
+        headers=auth_headers,
+    )
+    assert response.status_code == 200
+    assert await response.get_json() == {"count": 5000}
+    await eventually(lambda: _count_is(clean_database, "status = 'completed'", 5000), timeout=60)
+    assert await count(clean_database, "status = 'discarded'") == 10  # the other client's, untouched
+    again = await client.post(
+        "/api/tasks/bulk/retry", json={"filter": {"queue": "dead"}}, headers=auth_headers
+    )
+    assert await again.get_json() == {"count": 0}
+
+
+async def _count_is(database_uri: str, where: str, n: int) -> bool:
+    return await count(database_uri, where) == n
+
+
+async def test_bulk_cancel_by_filter_and_what_it_refuses(
+    app: Quart,
+    db: Database,
+    auth_headers: dict[str, str],
+    other_client_headers: dict[str, str],
+    clean_database: str,
+) -> None:
+    client = app.test_client()
+    await batch(
+        client,
+        auth_headers,
+        [{"kind": "noop", "queue": "q1", "delay_s": 60}] * 30
+        + [{"kind": "sleep", "queue": "q1", "delay_s": 60, "payload": {"seconds": 1}}] * 5,
+    )
+    await batch(client, other_client_headers, [{"kind": "noop", "queue": "q1", "delay_s": 60}] * 7)
+    refused = [
+        await client.post(
+            "/api/tasks/bulk/cancel", json={"filter": {"status": "nope"}}, headers=auth_headers
+        ),
+        await client.post("/api/tasks/bulk/cancel", json={"filter": {}, "extra": 1}, headers=auth_headers),
+        await client.post("/api/tasks/bulk/cancel", json={}, headers=auth_headers),
+    ]
+    assert [r.status_code for r in refused] == [422, 422, 422]
+    assert all(r.headers["Content-Type"].startswith("application/problem+json") for r in refused)
+    reader = await make_client(db, "reader", scopes=("tasks:read",))
+    forbidden = await client.post(
+        "/api/tasks/bulk/cancel", json={"filter": {}}, headers=bearer(reader.api_key)
+    )
+    assert forbidden.status_code == 403
+    assert await count(clean_database, "status = 'cancelled'") == 0
+    response = await client.post(
+        "/api/tasks/bulk/cancel", json={"filter": {"kind": "noop"}}, headers=auth_headers
+    )
+    assert await response.get_json() == {"count": 30}
+    assert await count(clean_database, "status = 'cancelled'") == 30
+    assert await count(clean_database, "status = 'scheduled'") == 12  # 5 sleeps, 7 of the other client

@@ -1,0 +1,103 @@
+"""Debounce on enqueue: one pending task per debounce key takes the later enqueues."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+from quart import Quart
+
+from tests.integration.test_worker_processes import Serving
+from tests.task_harness import fetch
+
+
+def debounced(value: str, *, period_s: float = 0.5, max_wait_s: float | None = None) -> dict[str, Any]:
+    debounce: dict[str, Any] = {"key": "report-7", "period_s": period_s}
+    if max_wait_s is not None:
+        debounce["max_wait_s"] = max_wait_s
+    return {"kind": "test.returns", "payload": {"value": value}, "debounce": debounce}
+
+
+async def test_a_burst_of_100_enqueues_makes_one_task_that_runs_once_with_the_last_payload(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    app = await serving(ROLES=["api", "worker"], WORKER_POLL_INTERVAL_S=0.1)
+    client = app.test_client()
+    answers = [
+        await client.post("/api/tasks", json=debounced(f"v{i}"), headers=auth_headers) for i in range(100)
+    ]
+    assert [a.status_code for a in answers] == [201] + [200] * 99
+    bodies = [await a.get_json() for a in answers]
+    assert {b["id"] for b in bodies} == {bodies[0]["id"]}
+    assert [b["debounced"] for b in bodies] == [False] + [True] * 99
+    assert bodies[-1]["payload"] == {"value": "v99"}
+    assert bodies[-1]["status"] == "scheduled"
+    done = await (await client.get(f"/api/tasks/{bodies[0]['id']}?wait=10", headers=auth_headers)).get_json()
+    assert done["status"] == "completed"
+    assert done["attempts"] == 1
+    assert done["result"] == {"value": "v99"}
+    assert len(await fetch(clean_database, "SELECT id FROM tasks")) == 1
+    # once it has started, the same key makes a new task
+    after = await client.post("/api/tasks", json=debounced("later"), headers=auth_headers)
+    assert after.status_code == 201
+    assert (await after.get_json())["id"] != bodies[0]["id"]
+
+
+async def test_concurrent_enqueues_with_one_key_make_one_task(
+    app: Quart, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    client = app.test_client()
+    answers = await asyncio.gather(
+        *(
+            client.post("/api/tasks", json=debounced(f"v{i}", period_s=30), headers=auth_headers)
+            for i in range(40)
+        )
+    )
+    assert sorted(a.status_code for a in answers) == [200] * 39 + [201]
+    rows = await fetch(clean_database, "SELECT payload, status FROM tasks")
+    assert len(rows) == 1
+    assert rows[0]["status"] == "scheduled"
+
+
+async def test_max_wait_bounds_how_far_run_at_moves(
+    app: Quart, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    client = app.test_client()
+    first = await (
+        await client.post("/api/tasks", json=debounced("a", period_s=60, max_wait_s=2), headers=auth_headers)
+    ).get_json()
+    created = datetime.fromisoformat(first["created_at"])
+    assert datetime.fromisoformat(first["run_at"]) - created > timedelta(seconds=59)
+    again = await (
+        await client.post("/api/tasks", json=debounced("b", period_s=60, max_wait_s=2), headers=auth_headers)
+    ).get_json()
+    assert again["id"] == first["id"]
+    assert again["payload"] == {"value": "b"}
+    assert abs((datetime.fromisoformat(again["run_at"]) - created).total_seconds() - 2) < 0.5
+
+
+async def test_debounce_with_a_run_at_is_refused_and_stores_nothing(
+    app: Quart, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    client = app.test_client()
+    response = await client.post("/api/tasks", json={**debounced("a"), "delay_s": 5}, headers=auth_headers)
+    assert response.status_code == 422
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    bad_key = await client.post(
+        "/api/tasks", json={"kind": "noop", "concurrency_key": "x" * 129}, headers=auth_headers
+    )
+    assert bad_key.status_code == 422
+    assert await fetch(clean_database, "SELECT id FROM tasks") == []
+
+
+async def test_debounce_keys_are_per_client(
+    app: Quart, auth_headers: dict[str, str], other_client_headers: dict[str, str], clean_database: str
+) -> None:
+    client = app.test_client()
+    mine = await client.post("/api/tasks", json=debounced("mine", period_s=30), headers=auth_headers)
+    theirs = await client.post(
+        "/api/tasks", json=debounced("theirs", period_s=30), headers=other_client_headers
+    )
+    assert (mine.status_code, theirs.status_code) == (201, 201)
+    assert (await mine.get_json())["id"] != (await theirs.get_json())["id"]
