@@ -498,9 +498,9 @@ COMPLETE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[],
                          $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[],
-                         $13::text[], $14::boolean[])
+                         $13::text[], $14::boolean[], $15::text[])
         AS i(id, attempt, status, result, error, retry_in_s, started_at, finished_at, http_status,
-             outcome, state, expected, refund),
+             outcome, state, expected, refund, traceback),
         (SELECT $12::uuid AS worker) w
 ),
 done AS (
@@ -509,7 +509,8 @@ done AS (
         attempts = CASE WHEN i.refund THEN t.attempts - 1 ELSE t.attempts END,
         result = CASE WHEN i.status = 'completed' THEN i.result
                       WHEN i.status = 'waiting' THEN i.state ELSE t.result END,
-        last_error = COALESCE(i.error, t.last_error),
+        -- a completed task carries no error from an earlier attempt (its attempts keep theirs)
+        last_error = CASE WHEN i.status = 'completed' THEN NULL ELSE COALESCE(i.error, t.last_error) END,
         run_at = CASE WHEN i.retry_in_s IS NOT NULL
                       THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
         finished_at = CASE WHEN i.status IN ('completed', 'discarded', 'cancelled') THEN now() END,
@@ -522,9 +523,9 @@ done AS (
 ),
 recorded AS (
     INSERT INTO task_attempts
-        (task_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms)
+        (task_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms, traceback)
     SELECT i.id, i.attempt, i.started_at, i.finished_at, i.outcome, i.http_status, i.error,
-           EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000
+           EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000, i.traceback
     FROM input i JOIN done d ON d.id = i.id
     WHERE NOT i.refund
 ),
@@ -544,7 +545,7 @@ WITH input AS (
 ),
 done AS (
     UPDATE tasks t
-    SET status = 'completed', result = i.result, finished_at = now(),
+    SET status = 'completed', result = i.result, finished_at = now(), last_error = NULL,
         lease_expires_at = NULL, worker_id = NULL
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
@@ -577,6 +578,7 @@ class Completion:
     http_status: int | None = None
     state: dict[str, Any] | None = None  # provider state of a task that goes to `waiting`
     refund: bool = False  # a deferral: the attempt did not happen
+    traceback: str | None = None  # a Python failure's, bounded to 8 KiB; only on failures
 
 
 async def complete(
@@ -611,6 +613,7 @@ async def complete(
         worker_id,
         [str(Status.RUNNING)] * len(completions),
         [c.refund for c in completions],
+        [c.traceback for c in completions],
     )
     return list(rows)
 
@@ -803,7 +806,7 @@ async def list_tasks(
 
 async def list_attempts(conn: Executor, *, task_id: UUID) -> list[Attempt]:
     rows = await conn.fetch(
-        "SELECT attempt, started_at, finished_at, outcome, http_status, error, duration_ms "
+        "SELECT attempt, started_at, finished_at, outcome, http_status, error, duration_ms, traceback "
         "FROM task_attempts WHERE task_id = $1 ORDER BY id",
         task_id,
     )

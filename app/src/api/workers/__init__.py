@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.src.api.engine import remote_kinds
-from app.src.api.engine.outcomes import Outcome, after_failure, clip_error
+from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.errors import Unprocessable
 from app.src.api.models.workers import ClaimIn, CompleteIn, CompletionIn, HeartbeatIn, WorkerIdentity
 from app.src.api.state_machine import Status, transition
@@ -254,7 +254,7 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
         for worker_id, batch in groups.items():
             for row in await task_store.complete(conn, batch, worker_id=worker_id):
                 written[row["id"]] = row["status"]
-                OUTCOMES(row["queue"], row["kind"], row["status"]).inc()
+                OUTCOMES(row["queue"], row["kind"], METRIC_OUTCOME.get(row["status"], row["status"])).inc()
     answers = []
     for item in data.items:
         if item.id in written:
@@ -278,8 +278,8 @@ def _completion(
     """What the worker's report means for the task; None for what this server cannot do yet."""
     started_at = task.started_at or now
     error = item.error
-    if item.traceback:
-        error = f"{error or 'failed'}\n{item.traceback}"
+    # the remote worker's traceback goes to the attempt record, bounded as an in-process one
+    trace = clip_traceback(item.traceback) if item.traceback else None
 
     def failed(message: str, *, retry_after_s: float | None = None, permanent: bool = False) -> Completion:
         if queue is None:  # the queue was deleted meanwhile: nothing left to retry into
@@ -292,7 +292,7 @@ def _completion(
             permanent=permanent,
         )
         return _finished(task, item, decided.status, Outcome.FAILED, started_at, now,
-                         error=message, retry_in_s=decided.retry_in_s)  # fmt: skip
+                         error=message, retry_in_s=decided.retry_in_s, traceback=trace)  # fmt: skip
 
     if item.outcome == "completed":
         problem = remote_kinds.result_problem(kind, item.result)
@@ -320,6 +320,7 @@ def _finished(
     result: Any = None,
     error: str | None = None,
     retry_in_s: float | None = None,
+    traceback: str | None = None,
 ) -> Completion:
     transition(Status.RUNNING, status)
     return Completion(
@@ -332,6 +333,7 @@ def _finished(
         result=result,
         error=None if error is None else clip_error(error),
         retry_in_s=retry_in_s,
+        traceback=traceback,
     )
 
 
