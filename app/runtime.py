@@ -123,7 +123,14 @@ class Runtime:
         # process: move it out of the collector's sight, so full collections triggered by a
         # thousand-task batch do not walk the whole application heap each time.
         gc.freeze()
-        log.info("runtime started", roles=sorted(roles))
+        log.info(
+            "runtime started",
+            roles=sorted(roles),
+            kinds=[kind.name for kind in REGISTRY.all()],
+            kind_modules=list(self.settings.TASK_KIND_MODULES),
+            worker_concurrency=self.settings.WORKER_CONCURRENCY if "worker" in roles else None,
+            db_pooler=self.settings.DB_POOLER,
+        )
 
     def begin_shutdown(self) -> None:
         """The first step of a stop: claim no more tasks and end the waits of clients, at once.
