@@ -21,6 +21,7 @@ from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
 from app.database import StorageUnavailable
+from app.settings import ACCESS_LOGGER
 from app.src.api.errors import (
     AppError,
     BadRequest,
@@ -31,7 +32,6 @@ from app.src.api.errors import (
     problem_type,
 )
 from app.src.utils import json_provider
-from app.settings import ACCESS_LOGGER
 from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS, LabelCache
 
 log = structlog.get_logger("taskgate.http")

@@ -103,7 +103,9 @@ class Executor:
         except Exception as exc:
             # formatted here, on the failure path only: a success never pays for it
             trace = clip_traceback(traceback.format_exc())
-            log.warning("task failed", task_id=str(claimed.id), kind=claimed.kind, error=repr(exc), traceback=trace)
+            log.warning(
+                "task failed", task_id=str(claimed.id), kind=claimed.kind, error=repr(exc), traceback=trace
+            )
             return await self.failed(running, f"{type(exc).__name__}: {exc}", traceback=trace)
 
     async def failed(

@@ -55,7 +55,9 @@ async def test_an_on_call_engineer_can_read_the_service(
             async with https.put("/api/queues/ops-idle", json={}, headers=headers) as response:
                 assert response.status in (200, 201)
             async with https.post(
-                "/api/tasks", json={"kind": "test.deep", "queue": "ops", "payload": {"depth": 300}}, headers=headers
+                "/api/tasks",
+                json={"kind": "test.deep", "queue": "ops", "payload": {"depth": 300}},
+                headers=headers,
             ) as response:
                 assert response.status == 201
                 task = await response.json()
@@ -66,7 +68,8 @@ async def test_an_on_call_engineer_can_read_the_service(
                 (attempt,) = (await response.json())["items"]
             assert attempt["error"] == "ValueError: boom at the bottom"
             trace = attempt["traceback"]
-            assert len(trace) <= 8192 and trace.startswith("…")  # bounded, keeping where it was raised
+            assert len(trace) <= 8192
+            assert trace.startswith("…")
             assert trace.rstrip().endswith("ValueError: boom at the bottom")
             assert "in _descend" in trace
 
@@ -82,7 +85,9 @@ async def test_an_on_call_engineer_can_read_the_service(
             )
             assert 'taskgate_queue_oldest_available_age_seconds{queue="ops-idle"} 0.0' in text
             assert 'taskgate_queue_depth{queue="ops",status="running"} 0.0' in text
-            assert 'taskgate_task_outcomes_total{kind="test.deep",outcome="discarded",queue="ops"} 1.0' in text
+            assert (
+                'taskgate_task_outcomes_total{kind="test.deep",outcome="discarded",queue="ops"} 1.0' in text
+            )
             assert 'taskgate_task_duration_seconds_count{kind="test.deep",queue="ops"} 1.0' in text
             assert "taskgate_worker_capacity_tasks 200.0" in text
             assert "taskgate_worker_running_tasks 0.0" in text
@@ -95,13 +100,17 @@ async def test_an_on_call_engineer_can_read_the_service(
     assert any(line["event"].startswith("serving https://") for line in lines)
     access = [line for line in lines if line.get("logger") == "taskgate.access"]
     enqueue = next(line for line in access if line["request_id"] == enqueue_request_id)
-    assert enqueue["method"] == "POST" and enqueue["route"] == "/api/tasks" and enqueue["status"] == 201
+    assert enqueue["method"] == "POST"
+    assert enqueue["route"] == "/api/tasks"
+    assert enqueue["status"] == 201
     assert enqueue["client_id"] == str(api_client.client_id)
-    assert enqueue["duration_ms"] > 0 and enqueue["level"] == "info"
+    assert enqueue["duration_ms"] > 0
+    assert enqueue["level"] == "info"
     refused = next(line for line in access if line["route"] == "/metrics" and line["status"] == 401)
     assert refused["client_id"] is None
     failed = next(line for line in lines if line["event"] == "task failed")
-    assert failed["task_id"] == task["id"] and "ValueError: boom at the bottom" in failed["traceback"]
+    assert failed["task_id"] == task["id"]
+    assert "ValueError: boom at the bottom" in failed["traceback"]
 
 
 async def _has(scrape: Any, line: str) -> str | None:
@@ -128,5 +137,6 @@ def test_a_typo_in_task_kind_modules_is_one_clear_line(clean_database: str, tmp_
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines() == [
-            "taskgate: TASK_KIND_MODULES names 'tests.kindz', which cannot be imported (no module 'tests.kindz')"
+            "taskgate: TASK_KIND_MODULES names 'tests.kindz', which cannot be imported "
+            "(no module 'tests.kindz')"
         ]

@@ -26,7 +26,11 @@ def restore_logging() -> Iterator[None]:
 
 @pytest.mark.parametrize("level", ["INFO", "OFF"])
 async def test_access_lines_follow_access_log_level(
-    settings: Settings, clean_database: str, capsys: pytest.CaptureFixture[str], restore_logging: None, level: str
+    settings: Settings,
+    clean_database: str,
+    capsys: pytest.CaptureFixture[str],
+    restore_logging: None,
+    level: str,
 ) -> None:
     configured = settings.model_copy(update={"LOG_FORMAT": "json", "ACCESS_LOG_LEVEL": level})
     configure_logging(configured)

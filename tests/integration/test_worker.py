@@ -85,7 +85,8 @@ async def test_a_flaky_task_completes_on_a_later_attempt(
     # the operator sees where it was raised: the handler's frame and the exception line
     trace = attempts[1]["traceback"]
     assert trace.startswith("Traceback (most recent call last):")
-    assert 'tests/kinds.py", line' in trace and "in flaky" in trace
+    assert 'tests/kinds.py", line' in trace
+    assert "in flaky" in trace
     assert trace.rstrip().endswith("RuntimeError: boom on attempt 2")
     assert attempts[2]["traceback"] is None
 

@@ -23,7 +23,10 @@ def test_every_queue_gets_zeros_and_the_smallest_beyond_the_cap_are_summed() -> 
         assert value("taskgate_queue_depth", queue="busy", status="retryable") == 0
         assert value("taskgate_queue_oldest_available_age_seconds", queue="busy") == 12.5
         queues = {
-            s.labels["queue"] for m in REGISTRY.collect() if m.name == "taskgate_queue_depth" for s in m.samples
+            s.labels["queue"]
+            for m in REGISTRY.collect()
+            if m.name == "taskgate_queue_depth"
+            for s in m.samples
         }
         assert len(queues) == 3 + 1  # the cap, and one series set for the rest
         assert value("taskgate_queue_depth", queue=OTHER_QUEUES, status="available") == 48

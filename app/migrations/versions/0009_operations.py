@@ -26,7 +26,8 @@ def upgrade() -> None:
     # W3C traceparent of the request that enqueued the task (OpenTelemetry); at most 55 chars in
     # version 00, bounded generously for later versions
     op.execute(
-        "ALTER TABLE tasks ADD COLUMN traceparent text CHECK (traceparent IS NULL OR length(traceparent) <= 256)"
+        "ALTER TABLE tasks ADD COLUMN traceparent text "
+        "CHECK (traceparent IS NULL OR length(traceparent) <= 256)"
     )
 
 
