@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 
-.PHONY: install run test test-browser browser-deps faults lint fmt bench start stop clean
+.PHONY: install run test test-browser browser-deps faults test-pgbouncer test-patroni patroni-deps lint fmt bench start stop clean
 
 install: .venv/.installed
 
@@ -36,6 +36,12 @@ test-browser: install browser-deps
 # a table of figures (also written to tests/faults/results/latest.json)
 faults: install
 	$(PY) -m pytest -m faults tests/faults
+
+# the engine's core cases behind Debian's PgBouncer (transaction mode with and without LISTEN,
+# session mode); installs pgbouncer with apt when missing; ~2 minutes
+test-pgbouncer: install
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || apt-get install -y pgbouncer >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y pgbouncer >/dev/null) || echo "test-pgbouncer: pgbouncer could not be installed; the suite skips"
+	$(PY) -m pytest -m pgbouncer tests/pgbouncer
 
 lint: install
 	.venv/bin/ruff check .

@@ -84,7 +84,7 @@ class Runtime:
         self.events.append("database started")
         self._engine = TaskEngine(self._db, self.rules)
         self.resources[ENGINE_RESOURCE] = self._engine
-        self.notifier = Notifier(self._db.connect_args())
+        self.notifier = Notifier(self._db.listen_args())
         await self.notifier.start()
         self.events.append("notifier started")
         if roles & {"worker", "scheduler"}:  # http tasks run in workers and are polled by the scheduler
