@@ -62,7 +62,11 @@ _CONNECTION_ERRORS = (
     asyncpg.OperatorInterventionError,  # class 57: statement_timeout, shutdown, cannot connect now
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, out of memory or disk
     asyncpg.InterfaceError,  # the connection was closed or broken under the caller
-    asyncpg.InternalClientError,  # the protocol lost its state (a connection cut mid-message)
+    asyncpg.InternalClientError,  # the protocol lost its state (a connection cut mid-message);
+    # also TargetServerAttributeNotMatched: no host of DB_URI is read-write (a failover under way)
+    # a connection that outlived a demotion (Patroni): the server is a replica now; the connection
+    # is dropped and the next one finds the new primary (target_session_attrs=read-write)
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 
@@ -271,8 +275,10 @@ class Database:
         except Exception as error:
             if is_connection_failure(error):
                 # a broken or stalled connection is not worth a graceful release: that would wait
-                # on the same peer once more
-                connection.terminate()
+                # on the same peer once more. (The pool may have let go of it already: a
+                # connection lost under a failover; terminate() then raises InterfaceError.)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    connection.terminate()
                 raise unavailable(error) from error
             raise
         finally:
