@@ -31,7 +31,7 @@ from app.src.api.errors import (
     field_errors,
     problem_type,
 )
-from app.src.utils import json_provider
+from app.src.utils import json_provider, tracing
 from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS, LabelCache
 
 log = structlog.get_logger("taskgate.http")
@@ -112,6 +112,8 @@ async def before_request() -> None:
     each registered hook costs the request path an await and its own view lookup."""
     view = None if request.url_rule is None else current_app.view_functions.get(request.url_rule.endpoint)
     bind_request_context()
+    route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    g.trace = tracing.start_request(request.method, route, request.headers)
     await authenticate(view)
     require_json_body(view)
 
@@ -166,6 +168,7 @@ async def finish_response(response: Response) -> Response:
     elapsed = None if started is None else time.perf_counter() - started
     if elapsed is not None:
         _LATENCY(request.method, route, status).observe(elapsed)
+    tracing.end_request(getattr(g, "trace", None), response.status_code)
     level = settings.ACCESS_LOG_LEVEL
     if level != "OFF" and _ACCESS.isEnabledFor(number := _LEVELS[level]):
         client_id = getattr(g, "client_id", None)

@@ -24,6 +24,7 @@ from app.src.api.auth import Authenticator, active_signing_secrets
 from app.src.api.engine.task_engine import SubmitRules, TaskEngine
 from app.src.api.kinds import REGISTRY
 from app.src.database import migrations
+from app.src.utils import tracing
 
 # TaskContext.resources key of the TaskEngine, for handlers that enqueue with `kind.enqueue(engine=...)`
 ENGINE_RESOURCE = "engine"
@@ -79,6 +80,7 @@ class Runtime:
         from app.worker import Worker
 
         roles = set(self.settings.ROLES)
+        tracing.configure(service_name="taskgate")  # OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set
         self._db = Database(self.settings)
         await self._db.connect()
         self.events.append("database started")
@@ -130,6 +132,7 @@ class Runtime:
             kind_modules=list(self.settings.TASK_KIND_MODULES),
             worker_concurrency=self.settings.WORKER_CONCURRENCY if "worker" in roles else None,
             db_pooler=self.settings.DB_POOLER,
+            tracing=tracing.active(),
         )
 
     def begin_shutdown(self) -> None:

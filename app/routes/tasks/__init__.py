@@ -56,7 +56,9 @@ async def create_task(data: TaskIn) -> Response:
 
     With an Idempotency-Key, a repeat of the same request returns the original task (200).
     """
-    created = await submit.submit_one(engine(), submitter(), data, idempotency_key=_idempotency_key())
+    created = await submit.submit_one(
+        engine(), submitter(), data, idempotency_key=_idempotency_key(), traceparent=header("traceparent")
+    )
     return json_response(task_body(created.tasks[0]), 200 if created.replayed else 201)
 
 
@@ -67,7 +69,13 @@ async def create_task(data: TaskIn) -> Response:
 @document_response(TaskBatchOut, 200)
 async def create_batch(data: TaskBatchIn) -> Response:
     """Enqueue up to 1000 tasks in one round trip: all or nothing."""
-    created = await submit.submit_batch(engine(), submitter(), data.tasks, idempotency_key=_idempotency_key())
+    created = await submit.submit_batch(
+        engine(),
+        submitter(),
+        data.tasks,
+        idempotency_key=_idempotency_key(),
+        traceparent=header("traceparent"),
+    )
     return json_response({"items": [task_body(t) for t in created.tasks]}, 200 if created.replayed else 201)
 
 

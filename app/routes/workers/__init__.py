@@ -48,6 +48,7 @@ async def claim(data: ClaimIn) -> ClaimOut:
                 attempt=c.task.attempt,
                 max_attempts=c.task.max_attempts,
                 lease_expires_at=c.lease_expires_at,
+                traceparent=c.traceparent,
             )
             for c in claimed
         ],

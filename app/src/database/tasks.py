@@ -79,15 +79,17 @@ def _notify_room(source: str) -> str:
 INSERT_TASKS = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[],
-                         $7::smallint[], $8::int[], $9::timestamptz[], $10::float8[], $11::jsonb[])
-        AS i(id, client_id, queue_id, queue, kind, payload, priority, max_attempts, run_at, delay_s, schedule)
+                         $7::smallint[], $8::int[], $9::timestamptz[], $10::float8[], $11::jsonb[],
+                         $12::text[])
+        AS i(id, client_id, queue_id, queue, kind, payload, priority, max_attempts, run_at, delay_s, schedule,
+             traceparent)
 ),
 inserted AS (
     INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts, run_at,
-                       schedule)
+                       schedule, traceparent)
     SELECT i.id, i.client_id, i.queue_id, i.queue, i.kind, i.payload,
            CASE WHEN due.at <= now() THEN 'available' ELSE 'scheduled' END,
-           i.priority, i.max_attempts, due.at, i.schedule
+           i.priority, i.max_attempts, due.at, i.schedule, i.traceparent
     FROM input i
     CROSS JOIN LATERAL (
         SELECT COALESCE(i.run_at, now() + make_interval(secs => COALESCE(i.delay_s, 0)), now()) AS at
@@ -117,6 +119,7 @@ class NewTask:
     run_at: datetime | None
     delay_s: float | None
     schedule: dict[str, Any] | None = None  # the schedule fire that made it (ScheduleRef fields)
+    traceparent: str | None = None  # W3C trace context it was enqueued in (app/src/utils/tracing.py)
 
 
 async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
@@ -133,6 +136,7 @@ async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
         [t.run_at for t in tasks],
         [t.delay_s for t in tasks],
         [None if t.schedule is None else json_text.dumps(t.schedule) for t in tasks],
+        [t.traceparent for t in tasks],
     )
     # only what the database decided comes back; the rest is what was sent (no payload round trip)
     by_id = {row["id"]: row for row in rows}
@@ -757,6 +761,15 @@ async def rescue_expired(
 
 
 # --- reading and client actions ------------------------------------------------------------------
+
+
+async def traceparents(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, str]:
+    """The trace context each task was enqueued in, where one was kept (primary key lookups)."""
+    rows = await conn.fetch(
+        "SELECT id, traceparent FROM tasks WHERE id = ANY($1::uuid[]) AND traceparent IS NOT NULL",
+        list(task_ids),
+    )
+    return {row["id"]: row["traceparent"] for row in rows}
 
 
 async def get_task(conn: Executor, *, client_id: UUID, task_id: UUID) -> Task | None:

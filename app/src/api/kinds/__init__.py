@@ -89,6 +89,7 @@ class TaskContext:
         "queue",
         "resources",
         "task_id",
+        "traceparent",
     )
 
     def __init__(
@@ -104,6 +105,8 @@ class TaskContext:
         resources: Mapping[str, Any] | None = None,
     ) -> None:
         self.task_id = task_id
+        # the W3C trace context the task was enqueued in, when kept (outbound requests carry it)
+        self.traceparent: str | None = None
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.queue = queue

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from app.database import StorageUnavailable
 from app.src.api.engine import remote_kinds
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.errors import Unprocessable
@@ -81,6 +82,7 @@ async def _limited_queues(conn: task_store.Executor, client_id: UUID, queues: li
 class Claimed:
     task: ClaimedTask
     lease_expires_at: datetime
+    traceparent: str | None = None  # handed to the remote worker, which continues the trace
 
 
 async def claim(
@@ -125,8 +127,15 @@ async def claim(
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), timeout=min(remaining, POLL_S))
+    if not claimed:
+        return []
+    # one primary-key read per claim round (not per task), outside the claim statement
+    contexts: dict[UUID, str] = {}
+    with contextlib.suppress(StorageUnavailable):  # the tasks are claimed: hand them out regardless
+        async with db.driver() as conn:
+            contexts = await task_store.traceparents(conn, [t.id for t in claimed])
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
-    return [Claimed(t, t.started_at + timedelta(seconds=lease_s)) for t in claimed]
+    return [Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id)) for t in claimed]
 
 
 async def _claim_once(
