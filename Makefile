@@ -13,7 +13,7 @@ install: .venv/.installed
 	.tools/bin/pip install --quiet --disable-pip-version-check uv
 
 .venv/.installed: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --all-groups
+	$(UV) sync --frozen --all-groups --all-extras
 	@touch $@
 
 run: install
