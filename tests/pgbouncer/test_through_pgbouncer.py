@@ -10,12 +10,14 @@ promptness without LISTEN are checked by the tests below.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.integration.test_scheduler import (
@@ -35,6 +37,7 @@ from tests.integration.test_worker import (
     test_retries_follow_backoff_and_end_in_discarded,
 )
 from tests.integration.test_worker_processes import batch, count
+from tests.pgbouncer.bouncer import PgBouncer
 from tests.task_harness import enqueue, eventually, read_records, spawn_worker, started
 
 pytestmark = pytest.mark.pgbouncer
@@ -100,3 +103,34 @@ async def test_a_long_poll_answers_soon_after_the_task_finishes(
     waited = time.monotonic() - began
     assert done["status"] == "completed"
     assert waited < 4.0  # within the 5 s safety re-read: the wait was woken or polled, not timed out
+
+
+async def test_the_statement_cache_it_turns_off_is_what_transaction_pooling_breaks(
+    bouncers: dict[str, Any],
+) -> None:
+    """The control: asyncpg's default statement cache through transaction pooling fails (a named
+    statement prepared on one server connection is executed on another); without it, none do."""
+    pool: PgBouncer = bouncers["transaction"]
+    dsn = pool.uri().replace("postgresql+asyncpg://", "postgresql://")
+
+    async def errors(**options: Any) -> int:
+        connections = await asyncpg.create_pool(dsn, min_size=10, max_size=10, **options)
+        failed = 0
+
+        async def queries(i: int) -> None:
+            nonlocal failed
+            async with connections.acquire() as conn:
+                for j in range(30):
+                    try:
+                        await conn.fetchval(f"SELECT $1::int + {i % 7}", j)
+                    except asyncpg.InvalidSQLStatementNameError:
+                        failed += 1
+
+        try:
+            await asyncio.gather(*(queries(i) for i in range(10)))
+        finally:
+            await connections.close()
+        return failed
+
+    assert await errors() > 0
+    assert await errors(statement_cache_size=0) == 0
