@@ -16,7 +16,7 @@ from app.src.api.state_machine import Status
 from app.src.database import tasks as task_store
 
 MAX_ERROR_CHARS = 2000
-MAX_TRACEBACK_CHARS = 8192  # the task_attempts.traceback check (migration 0009) holds it too
+MAX_TRACEBACK_BYTES = 8192  # the task_attempts.traceback check (migration 0009) bounds it too
 
 
 class Outcome(StrEnum):
@@ -111,8 +111,12 @@ def clip_error(text: str) -> str:
 
 
 def clip_traceback(text: str) -> str:
-    """A traceback bounded to 8 KiB, keeping its end (where the exception is raised)."""
-    return text if len(text) <= MAX_TRACEBACK_CHARS else "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
+    """A traceback bounded to 8 KiB of UTF-8, keeping its end (where the exception is raised)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_TRACEBACK_BYTES:
+        return text
+    # "…" is 3 bytes; a character cut in half at the start is dropped
+    return "…" + data[-(MAX_TRACEBACK_BYTES - 3) :].decode("utf-8", "ignore")
 
 
 _random = random.SystemRandom()
