@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 
-.PHONY: install run test test-browser browser-deps faults lint fmt bench start stop clean
+.PHONY: install run test test-browser browser-deps faults test-pgbouncer test-patroni patroni-test patroni-deps lint fmt bench start stop clean
 
 install: .venv/.installed
 
@@ -13,7 +13,7 @@ install: .venv/.installed
 	.tools/bin/pip install --quiet --disable-pip-version-check uv
 
 .venv/.installed: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --all-groups
+	$(UV) sync --frozen --all-groups --all-extras
 	@touch $@
 
 run: install
@@ -36,6 +36,23 @@ test-browser: install browser-deps
 # a table of figures (also written to tests/faults/results/latest.json)
 faults: install
 	$(PY) -m pytest -m faults tests/faults
+
+# the engine's core cases behind Debian's PgBouncer (transaction mode with and without LISTEN,
+# session mode); installs pgbouncer with apt when missing; ~2 minutes
+test-pgbouncer: install
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || apt-get install -y pgbouncer >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y pgbouncer >/dev/null) || echo "test-pgbouncer: pgbouncer could not be installed; the suite skips"
+	$(PY) -m pytest -m pgbouncer tests/pgbouncer
+
+# three PostgreSQL 15 nodes under Debian's patroni with one etcd (v2 API), synchronous_mode on; a
+# switchover and a kill -9 of the primary under enqueue load; ~1.5 minutes; figures in
+# tests/patroni/results/latest.json
+patroni-deps:
+	@(command -v patroni >/dev/null && command -v etcd >/dev/null) || apt-get install -y patroni etcd-server >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y patroni etcd-server >/dev/null) || echo "patroni-deps: patroni/etcd-server could not be installed; the suite skips"
+
+test-patroni: install patroni-deps
+	$(PY) -m pytest -s -m patroni tests/patroni
+
+patroni-test: test-patroni
 
 lint: install
 	.venv/bin/ruff check .

@@ -77,7 +77,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     from app.src.database import migrations
 
     migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
-    print("migrations applied: schema at " + ", ".join(sorted(migrations.head_revisions())))
+    announce(settings, "migrations applied", schema=sorted(migrations.head_revisions()))
 
 
 def uvicorn_config(
@@ -153,11 +153,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from app import create_app
 
     certfile, keyfile = _certificate(settings)
-    asgi_app = create_app(settings)
+    try:
+        asgi_app = create_app(settings)
+    except ConfigurationError as exc:
+        _fail(str(exc))
     config = uvicorn_config(asgi_app, settings, certfile=certfile, keyfile=keyfile)
     scheme = "https" if certfile else "http"
-    print(f"taskgate: serving {scheme}://localhost:{settings.PORT} roles={','.join(settings.ROLES)}")
+    announce(settings, f"serving {scheme}://localhost:{settings.PORT}", roles=list(settings.ROLES))
     serve_forever(config, asgi_app.extensions["taskgate"])
+
+
+def announce(settings: Settings, message: str, **fields: Any) -> None:
+    """A line for the person who started the process: plain text on a console, and with
+    LOG_FORMAT=json one JSON log line like every other (a log collector parses every line)."""
+    if settings.LOG_FORMAT == "json":
+        import structlog
+
+        structlog.get_logger("taskgate").info(message, **fields)
+        return
+    extra = " ".join(f"{name}={','.join(v) if isinstance(v, list) else v}" for name, v in fields.items())
+    print(f"taskgate: {message}" + (f" {extra}" if extra else ""), flush=True)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -170,7 +185,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from app.runtime import Runtime
     from app.src.api.kinds import load_kinds
 
-    load_kinds(settings.TASK_KIND_MODULES)
+    try:
+        load_kinds(settings.TASK_KIND_MODULES)
+    except ConfigurationError as exc:
+        _fail(str(exc))
 
     async def main() -> None:
         runtime = Runtime(settings)

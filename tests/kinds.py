@@ -83,3 +83,24 @@ async def span(ctx: TaskContext, payload: Span) -> Done:
         with Path(payload.path).open("a") as handle:
             handle.write(line)
     return Done()
+
+
+class Deep(BaseModel):
+    depth: int
+
+
+def _descend(depth: int) -> None:
+    if depth <= 0:
+        raise ValueError("boom at the bottom")
+    _and_again(depth - 1)  # two functions in turn: Python folds only identical repeated frames
+
+
+def _and_again(depth: int) -> None:
+    _descend(depth)
+
+
+@task_kind("test.deep", payload=Deep, result=Done, max_attempts=1)
+async def deep(ctx: TaskContext, payload: Deep) -> Done:
+    """Raises `depth` frames down: a traceback longer than the 8 KiB an attempt keeps."""
+    _descend(payload.depth)
+    return Done()

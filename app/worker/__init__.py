@@ -27,6 +27,7 @@ from app.src.api.kinds import REGISTRY, KindRegistry, TaskContext
 from app.src.database import tasks as task_store
 from app.src.database import workers as worker_store
 from app.src.database.tasks import ClaimedTask
+from app.src.utils import tracing
 from app.src.utils.metrics import LAG, WORKER_CAPACITY, WORKER_RUNNING
 from app.version import __version__
 from app.worker.claiming import Claimer
@@ -190,7 +191,16 @@ class Worker:
         # carries the task and its tenant, and nothing leaks to other tasks
         structlog.contextvars.bind_contextvars(task_id=str(claimed.id), client_id=str(claimed.client_id))
         try:
-            completion = await self.executor.run(running)
+            if tracing.active() or claimed.kind == "http":  # only then is the trace context needed
+                running.ctx.traceparent = await self._traceparent(claimed.id)
+            with tracing.attempt_span(
+                traceparent=running.ctx.traceparent,
+                task_id=str(claimed.id),
+                kind=claimed.kind,
+                queue=claimed.queue,
+                attempt=claimed.attempt,
+            ):
+                completion = await self.executor.run(running)
         except asyncio.CancelledError:
             if running.abandoned is None:
                 raise
@@ -231,6 +241,14 @@ class Worker:
                 queues=self.claimer.queues,
                 running=running,
             )
+
+    async def _traceparent(self, task_id: UUID) -> str | None:
+        """The trace context the task was enqueued in; a trace is not worth failing a task for."""
+        try:
+            async with asyncio.timeout(PROGRESS_TIMEOUT_S), self.db.driver() as conn:
+                return (await task_store.traceparents(conn, [task_id])).get(task_id)
+        except Exception:
+            return None
 
     async def _queue_backoff(self, queue_id: int) -> Backoff:
         return (await self.queue_settings.by_ids({queue_id}))[queue_id]

@@ -13,7 +13,7 @@ from uuid import UUID
 
 import structlog
 
-from app.src.api.engine.outcomes import Outcome
+from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome
 from app.src.database import tasks as task_store
 from app.src.database.tasks import Completion
 from app.src.utils.metrics import DURATION, OUTCOMES, WORKER_RUNNING
@@ -27,8 +27,6 @@ log = structlog.get_logger("taskgate.worker")
 MAX_BATCH = 1000
 WRITE_TIMEOUT_S = 5.0  # one batch; a stalled write is retried rather than waited on
 RETRY_AFTER_FAILURE_S = 0.5
-# the outcome label of taskgate_task_outcomes_total for the status an attempt left its task in
-METRIC_OUTCOME = {"retryable": "retried"}
 
 
 class Completer:

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from app.src.api.engine.outcomes import Backoff, Outcome, after_failure, clip_error
+from app.src.api.engine.outcomes import Backoff, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.kinds import (
     Deferred,
     KindRegistry,
@@ -101,14 +101,12 @@ class Executor:
         except ValidationError as exc:
             return await self.failed(running, f"result does not match the contract of {kind.name!r}: {exc}")
         except Exception as exc:
+            # formatted here, on the failure path only: a success never pays for it
+            trace = clip_traceback(traceback.format_exc())
             log.warning(
-                "task failed",
-                task_id=str(claimed.id),
-                kind=claimed.kind,
-                error=repr(exc),
-                traceback=clip_traceback(traceback.format_exc()),
+                "task failed", task_id=str(claimed.id), kind=claimed.kind, error=repr(exc), traceback=trace
             )
-            return await self.failed(running, f"{type(exc).__name__}: {exc}")
+            return await self.failed(running, f"{type(exc).__name__}: {exc}", traceback=trace)
 
     async def failed(
         self,
@@ -117,6 +115,7 @@ class Executor:
         *,
         retry_after_s: float | None = None,
         http_status: int | None = None,
+        traceback: str | None = None,
     ) -> Completion:
         claimed = running.claimed
         decided = after_failure(
@@ -132,6 +131,7 @@ class Executor:
             error=error,
             retry_in_s=decided.retry_in_s,
             http_status=http_status,
+            traceback=traceback,
         )
 
 
@@ -146,6 +146,7 @@ def finished(
     http_status: int | None = None,
     state: dict[str, Any] | None = None,
     refund: bool = False,
+    traceback: str | None = None,
 ) -> Completion:
     """The completion of a running attempt, checked against the state machine."""
     claimed = running.claimed
@@ -164,15 +165,8 @@ def finished(
         http_status=running.ctx.http_status if http_status is None else http_status,
         state=state,
         refund=refund,
+        traceback=traceback,
     )
-
-
-MAX_TRACEBACK_CHARS = 8192
-
-
-def clip_traceback(text: str) -> str:
-    """A traceback bounded to 8 KiB, keeping its end (where the exception is raised)."""
-    return text if len(text) <= MAX_TRACEBACK_CHARS else "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
 
 
 def _storable(result: Any) -> None:

@@ -20,6 +20,7 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.record": [{"path": "/tmp/x"}, {"path": "/tmp/x", "seconds": 0.1}],
     "test.span": [{"path": "/tmp/x", "seconds": 1}],
     "test.returns": [{"value": "x"}, {"value": "x", "nul": True, "big": True}],
+    "test.deep": [{"depth": 0}, {"depth": 300}],
     "test.flaky": [
         {"fail_times": 2},
         {"fail_times": 1, "retry_after_s": 0.5},
@@ -42,6 +43,7 @@ INVALID: dict[str, list[dict[str, Any]]] = {
     "test.span": [{"path": "/tmp/x"}],
     "test.returns": [{"nul": True}],
     "test.flaky": [{"fail_times": "x"}],
+    "test.deep": [{}, {"depth": "deep"}],
     "http": [
         {},  # no URL
         {"url": "ftp://example.com/file"},  # bad scheme

@@ -76,7 +76,19 @@ async def test_a_flaky_task_completes_on_a_later_attempt(
     done = await (await client.get(f"/api/tasks/{task['id']}?wait=20", headers=auth_headers)).get_json()
     assert done["status"] == "completed"
     assert done["attempts"] == 3
-    assert "boom on attempt 2" in done["last_error"]
+    assert done["last_error"] is None  # a completed task shows no stale error; its attempts keep theirs
+    attempts = (
+        await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
+    )["items"]
+    assert [a["outcome"] for a in attempts] == ["failed", "failed", "completed"]
+    assert attempts[1]["error"] == "RuntimeError: boom on attempt 2"
+    # the operator sees where it was raised: the handler's frame and the exception line
+    trace = attempts[1]["traceback"]
+    assert trace.startswith("Traceback (most recent call last):")
+    assert 'tests/kinds.py", line' in trace
+    assert "in flaky" in trace
+    assert trace.rstrip().endswith("RuntimeError: boom on attempt 2")
+    assert attempts[2]["traceback"] is None
 
 
 async def test_retry_after_reported_by_a_kind_is_honoured(

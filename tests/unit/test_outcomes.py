@@ -66,3 +66,19 @@ def test_errors_are_clipped_to_the_stored_length() -> None:
     clipped = clip_error("x" * 5000)
     assert len(clipped) == MAX_ERROR_CHARS
     assert clipped.endswith("…")
+
+
+def test_a_traceback_is_clipped_to_8_kib_of_utf8_keeping_its_end() -> None:
+    from app.src.api.engine.outcomes import clip_traceback
+
+    short = "Traceback (most recent call last):\n  ValueError: x\n"
+    assert clip_traceback(short) == short
+    long = (
+        "Traceback (most recent call last):\n"
+        + '  File "ü.py", line 1, in f\n' * 1000
+        + "ValueError: the end"
+    )
+    clipped = clip_traceback(long)
+    assert len(clipped.encode()) <= 8192
+    assert clipped.startswith("…")
+    assert clipped.endswith("ValueError: the end")

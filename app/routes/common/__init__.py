@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response, current_app, request
 from quart_schema import hide, validate_response
 
 from app.middlewares import public
+from app.src.api.errors import Unauthorized
 from app.src.api.models.common import Health, Readiness, Version
 from app.src.database.migrations import head_revisions
 from app.version import __version__
@@ -48,4 +50,16 @@ async def version() -> Version:
 @public
 @hide
 async def prometheus() -> Any:
+    """Prometheus text format; with METRICS_TOKEN set, only for `Authorization: Bearer <token>`."""
+    expected = current_app.config["TASKGATE_SETTINGS"].METRICS_TOKEN
+    if expected:
+        scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest: the time taken says nothing about how much of the token matched
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            supplied.strip().encode(), expected.encode()
+        ):
+            raise Unauthorized(
+                "GET /metrics needs 'Authorization: Bearer <METRICS_TOKEN>'.",
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
     return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)

@@ -68,7 +68,9 @@ async def create_task(data: TaskIn) -> Response:
     `debounce`, an enqueue that meets a pending task of the same debounce key replaces its payload
     and run_at and answers that task (200, `"debounced": true`).
     """
-    created = await submit.submit_one(engine(), submitter(), data, idempotency_key=_idempotency_key())
+    created = await submit.submit_one(
+        engine(), submitter(), data, idempotency_key=_idempotency_key(), traceparent=header("traceparent")
+    )
     flag = created.debounced[0] if created.debounced else None
     return json_response(
         task_body(created.tasks[0], debounced=flag), 200 if created.replayed or flag else 201
@@ -82,7 +84,13 @@ async def create_task(data: TaskIn) -> Response:
 @document_response(TaskBatchOut, 200)
 async def create_batch(data: TaskBatchIn) -> Response:
     """Enqueue up to 1000 tasks in one round trip: all or nothing."""
-    created = await submit.submit_batch(engine(), submitter(), data.tasks, idempotency_key=_idempotency_key())
+    created = await submit.submit_batch(
+        engine(),
+        submitter(),
+        data.tasks,
+        idempotency_key=_idempotency_key(),
+        traceparent=header("traceparent"),
+    )
     flags = created.debounced or [None] * len(created.tasks)
     items = [task_body(t, debounced=flag) for t, flag in zip(created.tasks, flags, strict=True)]
     return json_response({"items": items}, 200 if created.replayed or created.all_debounced else 201)

@@ -54,6 +54,7 @@ async def claim(data: ClaimIn) -> ClaimOut | tuple[ClaimOut, int, dict[str, str]
                 attempt=c.task.attempt,
                 max_attempts=c.task.max_attempts,
                 lease_expires_at=c.lease_expires_at,
+                traceparent=c.traceparent,
             )
             for c in claimed
         ],

@@ -50,7 +50,7 @@ async def wait(
             remaining = deadline - loop.time()
             if Status(task.status) in TERMINAL or remaining <= 0 or _is_set(stopping):
                 return task
-            await _changed_or_stopping(changed, stopping, within_s=min(remaining, 5.0))
+            await _changed_or_stopping(changed, stopping, within_s=min(remaining, notifier.recheck_s))
 
 
 async def events(
@@ -66,6 +66,8 @@ async def events(
 
     Once `stopping` is set (the server is shutting down) it ends after the current state."""
     last: tuple[str, Any, int] | None = None
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
     with notifier.watch(task_id) as changed:
         while True:
             changed.clear()
@@ -80,10 +82,16 @@ async def events(
                     "last_error": task.last_error,
                 }
                 last = current
+                sent_at = loop.time()
             if Status(task.status) in TERMINAL or _is_set(stopping):
                 return
-            if not await _changed_or_stopping(changed, stopping, within_s=keepalive_s):
+            quiet_s = loop.time() - sent_at
+            if quiet_s >= keepalive_s:
                 yield None
+                sent_at = loop.time()
+                continue
+            within_s = min(keepalive_s - quiet_s, notifier.recheck_s)
+            await _changed_or_stopping(changed, stopping, within_s=within_s)
 
 
 def _is_set(event: asyncio.Event | None) -> bool:

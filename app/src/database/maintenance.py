@@ -148,13 +148,21 @@ async def prune_flow_state(conn: Any, *, older_than_s: float) -> int:
 
 
 async def queue_depths(conn: Executor) -> list[dict[str, Any]]:
-    """Unfinished tasks per queue and status (finished ones are history, not depth)."""
+    """Every queue (of every client) with its unfinished tasks per status, and the age of its
+    oldest available task: a queue without tasks is one row with status NULL and n 0. Finished
+    tasks are history, not depth; the scan is over the unfinished rows only (partial indexes)."""
     rows = await conn.fetch(
         """
-        SELECT q.client_id, q.name, t.status, count(*) AS n
-        FROM tasks t JOIN queues q ON q.id = t.queue_id
-        WHERE t.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
-        GROUP BY q.client_id, q.name, t.status
+        WITH depth AS (
+            SELECT queue_id, status, count(*) AS n,
+                   CASE WHEN status = 'available'
+                        THEN greatest(0, EXTRACT(epoch FROM now() - min(run_at))) END AS oldest_s
+            FROM tasks
+            WHERE status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
+            GROUP BY queue_id, status
+        )
+        SELECT q.name, d.status, COALESCE(d.n, 0) AS n, d.oldest_s
+        FROM queues q LEFT JOIN depth d ON d.queue_id = q.id
         """
     )
     return [dict(row) for row in rows]

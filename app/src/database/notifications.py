@@ -28,14 +28,19 @@ PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 1.0
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 1.0
+# how often a wait re-reads what it waits for: rarely while LISTEN wakes it, often without LISTEN
+RECHECK_LISTENING_S = 5.0
+RECHECK_POLLING_S = 0.25
 
 
 class Notifier:
     def __init__(
-        self, connect_args: tuple[tuple[Any, ...], dict[str, Any]], *, task_events: bool = True
+        self, connect_args: tuple[tuple[Any, ...], dict[str, Any]] | None, *, task_events: bool = True
     ) -> None:
-        # a dedicated connection, outside the pools: LISTEN lives as long as the process
-        self._connect_args, self._connect_kwargs = connect_args
+        # a dedicated connection, outside the pools: LISTEN lives as long as the process. None:
+        # no connection can LISTEN (behind PgBouncer without DB_LISTEN_URI), every wait polls
+        self.listening = connect_args is not None
+        self._connect_args, self._connect_kwargs = connect_args or ((), {})
         # Task events (every claim and completion names its tasks) matter only where clients follow
         # tasks (long-polls, event streams): a worker-only process does not take them off the wire.
         self._task_events = task_events
@@ -47,7 +52,15 @@ class Notifier:
         self.connected = asyncio.Event()
         self._stopping = False
 
+    @property
+    def recheck_s(self) -> float:
+        """The longest a waiter should wait before re-reading the state it waits on."""
+        return RECHECK_LISTENING_S if self.listening else RECHECK_POLLING_S
+
     async def start(self) -> None:
+        if not self.listening:
+            log.info("no LISTEN connection (PgBouncer without DB_LISTEN_URI): waits poll")
+            return
         self._task = asyncio.create_task(self._run(), name="taskgate-notifier")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.connected.wait(), timeout=5)

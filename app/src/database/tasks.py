@@ -82,16 +82,16 @@ INSERT_TASKS = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[],
                          $7::smallint[], $8::int[], $9::timestamptz[], $10::float8[], $11::jsonb[],
-                         $12::text[])
+                         $12::text[], $13::text[])
         AS i(id, client_id, queue_id, queue, kind, payload, priority, max_attempts, run_at, delay_s, schedule,
-             concurrency_key)
+             concurrency_key, traceparent)
 ),
 inserted AS (
     INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts, run_at,
-                       schedule, concurrency_key)
+                       schedule, concurrency_key, traceparent)
     SELECT i.id, i.client_id, i.queue_id, i.queue, i.kind, i.payload,
            CASE WHEN due.at <= now() THEN 'available' ELSE 'scheduled' END,
-           i.priority, i.max_attempts, due.at, i.schedule, i.concurrency_key
+           i.priority, i.max_attempts, due.at, i.schedule, i.concurrency_key, i.traceparent
     FROM input i
     CROSS JOIN LATERAL (
         SELECT COALESCE(i.run_at, now() + make_interval(secs => COALESCE(i.delay_s, 0)), now()) AS at
@@ -123,6 +123,7 @@ class NewTask:
     schedule: dict[str, Any] | None = None  # the schedule fire that made it (ScheduleRef fields)
     concurrency_key: str | None = None
     debounce: Debounce | None = None
+    traceparent: str | None = None  # W3C trace context it was enqueued in (app/src/utils/tracing.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +148,7 @@ async def insert_tasks(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
         [t.delay_s for t in tasks],
         [None if t.schedule is None else json_text.dumps(t.schedule) for t in tasks],
         [t.concurrency_key for t in tasks],
+        [t.traceparent for t in tasks],
     )
     # only what the database decided comes back; the rest is what was sent (no payload round trip)
     by_id = {row["id"]: row for row in rows}
@@ -846,9 +848,9 @@ COMPLETE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[],
                          $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[], $11::jsonb[],
-                         $13::text[], $14::boolean[])
+                         $13::text[], $14::boolean[], $15::text[])
         AS i(id, attempt, status, result, error, retry_in_s, started_at, finished_at, http_status,
-             outcome, state, expected, refund),
+             outcome, state, expected, refund, traceback),
         (SELECT $12::uuid AS worker) w
 ),
 done AS (
@@ -857,7 +859,8 @@ done AS (
         attempts = CASE WHEN i.refund THEN t.attempts - 1 ELSE t.attempts END,
         result = CASE WHEN i.status = 'completed' THEN i.result
                       WHEN i.status = 'waiting' THEN i.state ELSE t.result END,
-        last_error = COALESCE(i.error, t.last_error),
+        -- a completed task carries no error from an earlier attempt (its attempts keep theirs)
+        last_error = CASE WHEN i.status = 'completed' THEN NULL ELSE COALESCE(i.error, t.last_error) END,
         run_at = CASE WHEN i.retry_in_s IS NOT NULL
                       THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
         finished_at = CASE WHEN i.status IN ('completed', 'discarded', 'cancelled') THEN now() END,
@@ -870,9 +873,9 @@ done AS (
 ),
 recorded AS (
     INSERT INTO task_attempts
-        (task_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms)
+        (task_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms, traceback)
     SELECT i.id, i.attempt, i.started_at, i.finished_at, i.outcome, i.http_status, i.error,
-           EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000
+           EXTRACT(epoch FROM i.finished_at - i.started_at) * 1000, i.traceback
     FROM input i JOIN done d ON d.id = i.id
     WHERE NOT i.refund
 ),
@@ -892,7 +895,7 @@ WITH input AS (
 ),
 done AS (
     UPDATE tasks t
-    SET status = 'completed', result = i.result, finished_at = now(),
+    SET status = 'completed', result = i.result, finished_at = now(), last_error = NULL,
         lease_expires_at = NULL, worker_id = NULL
     FROM input i
     WHERE t.id = ANY($1::uuid[]) AND t.id = i.id
@@ -925,6 +928,7 @@ class Completion:
     http_status: int | None = None
     state: dict[str, Any] | None = None  # provider state of a task that goes to `waiting`
     refund: bool = False  # a deferral: the attempt did not happen
+    traceback: str | None = None  # a Python failure's, bounded to 8 KiB; only on failures
 
 
 async def complete(
@@ -959,6 +963,7 @@ async def complete(
         worker_id,
         [str(Status.RUNNING)] * len(completions),
         [c.refund for c in completions],
+        [c.traceback for c in completions],
     )
     return list(rows)
 
@@ -1104,6 +1109,15 @@ async def rescue_expired(
 # --- reading and client actions ------------------------------------------------------------------
 
 
+async def traceparents(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, str]:
+    """The trace context each task was enqueued in, where one was kept (primary key lookups)."""
+    rows = await conn.fetch(
+        "SELECT id, traceparent FROM tasks WHERE id = ANY($1::uuid[]) AND traceparent IS NOT NULL",
+        list(task_ids),
+    )
+    return {row["id"]: row["traceparent"] for row in rows}
+
+
 async def get_task(conn: Executor, *, client_id: UUID, task_id: UUID) -> Task | None:
     rows = await conn.fetch(
         f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND client_id = $2", task_id, client_id
@@ -1151,7 +1165,7 @@ async def list_tasks(
 
 async def list_attempts(conn: Executor, *, task_id: UUID) -> list[Attempt]:
     rows = await conn.fetch(
-        "SELECT attempt, started_at, finished_at, outcome, http_status, error, duration_ms "
+        "SELECT attempt, started_at, finished_at, outcome, http_status, error, duration_ms, traceback "
         "FROM task_attempts WHERE task_id = $1 ORDER BY id",
         task_id,
     )

@@ -17,14 +17,26 @@ TASK_OUTCOMES = Counter(
     ["queue", "kind", "outcome"],
 )
 TASKS_ENQUEUED = Counter("taskgate_tasks_enqueued_total", "Tasks accepted", ["queue", "kind"])
-QUEUE_DEPTH = Gauge("taskgate_queue_depth", "Tasks per queue and status", ["queue", "status"])
+QUEUE_DEPTH = Gauge(
+    "taskgate_queue_depth",
+    "Unfinished tasks per queue and status, every queue (zeros included); exported by the one "
+    "scheduler replica elected for the period: aggregate with max/sum by (queue)",
+    ["queue", "status"],
+)
+QUEUE_OLDEST_AVAILABLE = Gauge(
+    "taskgate_queue_oldest_available_age_seconds",
+    "Age of the oldest task that is due and not yet claimed, per queue (0 when none waits)",
+    ["queue"],
+)
+UNFINISHED_STATUSES = ("scheduled", "available", "running", "waiting", "retryable")
+OTHER_QUEUES = "_other"  # queues beyond METRICS_MAX_QUEUES, summed
 START_LAG = Histogram(
     "taskgate_task_start_lag_seconds",
     "Time from a task becoming due to a worker starting it",
     ["queue"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
-WORKER_RUNNING = Gauge("taskgate_worker_running_tasks", "Tasks this process is running now")
+WORKER_RUNNING = Gauge("taskgate_worker_running_tasks", "Tasks this process is running now (slots in use)")
 WORKER_CAPACITY = Gauge(
     "taskgate_worker_capacity_tasks", "Tasks this process may hold at once (WORKER_CONCURRENCY)"
 )
@@ -44,6 +56,42 @@ SCHEDULE_FIRES = Counter(
     "Tasks made by user schedules: on_time, missed (beyond the grace; coalesced), manual",
     ["outcome"],
 )
+
+
+def export_queue_gauges(rows: list[dict[str, Any]], *, max_queues: int) -> None:
+    """Set the queue gauges from queue_depths rows (name, status, n, oldest_s).
+
+    Queue names come from clients, so the label values are bounded: the `max_queues` deepest
+    queue names (ties by name) get their own series, the rest are summed under `_other`.
+    """
+    depth: dict[str, dict[str, int]] = {}
+    oldest: dict[str, float] = {}
+    for row in rows:
+        counts = depth.setdefault(row["name"], dict.fromkeys(UNFINISHED_STATUSES, 0))
+        if row["status"] is not None:
+            counts[row["status"]] += int(row["n"])
+        if row["oldest_s"] is not None:
+            oldest[row["name"]] = max(oldest.get(row["name"], 0.0), float(row["oldest_s"]))
+    ranked = sorted(depth, key=lambda name: (-sum(depth[name].values()), name))
+    shown = set(ranked[:max_queues])
+    labelled: dict[str, dict[str, int]] = {}
+    ages: dict[str, float] = {}
+    for name, counts in depth.items():
+        label = name if name in shown else OTHER_QUEUES
+        into = labelled.setdefault(label, dict.fromkeys(UNFINISHED_STATUSES, 0))
+        for status, n in counts.items():
+            into[status] += n
+        ages[label] = max(ages.get(label, 0.0), oldest.get(name, 0.0))
+    clear_queue_gauges()
+    for label, counts in labelled.items():
+        for status, n in counts.items():
+            QUEUE_DEPTH.labels(label, status).set(n)
+        QUEUE_OLDEST_AVAILABLE.labels(label).set(round(ages[label], 3))
+
+
+def clear_queue_gauges() -> None:
+    QUEUE_DEPTH.clear()
+    QUEUE_OLDEST_AVAILABLE.clear()
 
 
 class LabelCache:

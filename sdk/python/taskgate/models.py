@@ -128,6 +128,8 @@ class ClaimedTask(_Model):
     attempt: int
     max_attempts: int
     lease_expires_at: datetime
+    # W3C trace context the task was enqueued in: a handler may continue that trace from it
+    traceparent: str | None = None
     steps: dict[str, Any] = Field(default_factory=dict)
     signals: dict[str, Any] = Field(default_factory=dict)
     children: dict[str, Any] = Field(default_factory=dict)

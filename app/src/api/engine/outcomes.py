@@ -16,6 +16,7 @@ from app.src.api.state_machine import Status
 from app.src.database import tasks as task_store
 
 MAX_ERROR_CHARS = 2000
+MAX_TRACEBACK_BYTES = 8192  # the task_attempts.traceback check (migration 0009) bounds it too
 
 
 class Outcome(StrEnum):
@@ -28,6 +29,11 @@ class Outcome(StrEnum):
     WAITING = "waiting"  # handed to an external provider (the http kind's follow_async)
     DEFERRED = "deferred"  # the handler could not start; not an attempt, never recorded
     LOST = "lost"  # the lease expired: the worker died, stalled or fenced itself
+
+
+# the outcome label of taskgate_task_outcomes_total for the status an attempt left its task in:
+# completed, retried, discarded, cancelled (and waiting)
+METRIC_OUTCOME = {"retryable": "retried"}
 
 
 class Backoff(Protocol):
@@ -102,6 +108,15 @@ async def rescue_expired_leases(conn: Any, *, limit: int = 1000) -> list[Mapping
 def clip_error(text: str) -> str:
     """An error message as stored on the task and its attempt: at most MAX_ERROR_CHARS."""
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def clip_traceback(text: str) -> str:
+    """A traceback bounded to 8 KiB of UTF-8, keeping its end (where the exception is raised)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_TRACEBACK_BYTES:
+        return text
+    # "…" is 3 bytes; a character cut in half at the start is dropped
+    return "…" + data[-(MAX_TRACEBACK_BYTES - 3) :].decode("utf-8", "ignore")
 
 
 _random = random.SystemRandom()

@@ -27,7 +27,7 @@ from app.src.api.models.tasks import DebounceIn, Queue, Task, TaskIn
 from app.src.database import queues as queue_store
 from app.src.database import tasks as task_store
 from app.src.database.tasks import Debounce, Executor, NewTask
-from app.src.utils import json_text
+from app.src.utils import json_text, tracing
 from app.src.utils.ids import uuid7s
 from app.src.utils.metrics import ENQUEUED
 
@@ -168,6 +168,7 @@ def new_tasks(
     requests: Sequence[TaskRequest],
     kinds: Sequence[HasMaxAttempts | None],
     queues: dict[str, Queue],
+    traceparent: str | None = None,
 ) -> list[NewTask]:
     """The rows to insert, with the defaults filled in."""
     return [
@@ -189,6 +190,7 @@ def new_tasks(
             debounce=None
             if request.debounce is None
             else Debounce(request.debounce.key, request.debounce.period_s, request.debounce.max_wait_s),
+            traceparent=traceparent,
         )
         for request, kind, task_id in zip(requests, kinds, uuid7s(len(requests)), strict=True)
     ]
@@ -209,6 +211,7 @@ async def prepare(
     field_prefix: Callable[[int], FieldPath] = own_fields,
     check_contract: bool = True,
     pending: int = 0,
+    traceparent: str | None = None,
 ) -> list[NewTask]:
     """Check every rule and build the rows, storing nothing; all or nothing.
 
@@ -241,7 +244,7 @@ async def prepare(
     }
     unfinished = await engine.quotas.unfinished(submitter.client_id)
     check_quota(rules, submitter, unfinished=unfinished + pending, adding=len(requests))
-    return new_tasks(rules, submitter, requests, kinds, queues)
+    return new_tasks(rules, submitter, requests, kinds, queues, traceparent)
 
 
 async def store_prepared(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
@@ -280,9 +283,26 @@ async def _submit(
     *,
     idempotency_key: str | None,
     field_prefix: Callable[[int], FieldPath],
+    traceparent: str | None = None,
+) -> Submitted:
+    with tracing.enqueue_span(len(items), traceparent) as stored_traceparent:
+        return await _submit_traced(
+            engine, submitter, items, idempotency_key=idempotency_key, field_prefix=field_prefix,
+            traceparent=stored_traceparent,
+        )  # fmt: skip
+
+
+async def _submit_traced(
+    engine: TaskEngine,
+    submitter: Submitter,
+    items: Sequence[TaskIn],
+    *,
+    idempotency_key: str | None,
+    field_prefix: Callable[[int], FieldPath],
+    traceparent: str | None,
 ) -> Submitted:
     requests = [TaskRequest.from_input(item) for item in items]
-    new = await prepare(engine, submitter, requests, field_prefix=field_prefix)
+    new = await prepare(engine, submitter, requests, field_prefix=field_prefix, traceparent=traceparent)
     if idempotency_key is not None:
         stored = await _store_once(engine, submitter.client_id, idempotency_key, items, new)
         if stored.replayed:
@@ -338,17 +358,41 @@ def _request_hash(items: Sequence[TaskIn]) -> str:
 
 
 async def submit_one(
-    engine: TaskEngine, submitter: Submitter, item: TaskIn, *, idempotency_key: str | None = None
+    engine: TaskEngine,
+    submitter: Submitter,
+    item: TaskIn,
+    *,
+    idempotency_key: str | None = None,
+    traceparent: str | None = None,
 ) -> Submitted:
     """`POST /api/tasks`: field errors name the request's own fields (`payload.url`)."""
-    return await _submit(engine, submitter, [item], idempotency_key=idempotency_key, field_prefix=own_fields)
+    return await _submit(
+        engine,
+        submitter,
+        [item],
+        idempotency_key=idempotency_key,
+        field_prefix=own_fields,
+        traceparent=traceparent,
+    )
 
 
 async def submit_batch(
-    engine: TaskEngine, submitter: Submitter, items: Sequence[TaskIn], *, idempotency_key: str | None = None
+    engine: TaskEngine,
+    submitter: Submitter,
+    items: Sequence[TaskIn],
+    *,
+    idempotency_key: str | None = None,
+    traceparent: str | None = None,
 ) -> Submitted:
     """`POST /api/tasks/batch`, all or nothing: field errors name the item (`tasks.3.payload.url`)."""
-    return await _submit(engine, submitter, items, idempotency_key=idempotency_key, field_prefix=batch_item)
+    return await _submit(
+        engine,
+        submitter,
+        items,
+        idempotency_key=idempotency_key,
+        field_prefix=batch_item,
+        traceparent=traceparent,
+    )
 
 
 class UnknownClient(LookupError):

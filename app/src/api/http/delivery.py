@@ -43,6 +43,7 @@ from app.src.api.kinds import (
     WaitExternal,
 )
 from app.src.api.models.http import HttpPayload, HttpResult, HttpWaitState
+from app.src.utils import tracing
 from app.src.utils.metrics import HTTP_DELIVERIES, HTTP_DELIVERY_LATENCY
 
 T = TypeVar("T")
@@ -286,19 +287,23 @@ async def deliver(ctx: TaskContext, payload: HttpPayload) -> HttpResult:
     http = outbound(ctx)
     body, content_type = request_body(payload)
     signer = signer_for(ctx.task_id, await signing_secrets(http, ctx.client_id))
-    response, verdict = await exchange(
-        http,
-        task_id=ctx.task_id,
-        method=payload.method,
-        url=str(payload.url),
-        headers=request_headers(payload, content_type),
-        body=body,
-        payload=payload,
-        signer=signer,
-        judge=lambda response: classify(payload, response, now=datetime.now(UTC), accept_async=True),
-        ctx=ctx,
-        client_id=ctx.client_id,
-    )
+    url = str(payload.url)
+    with tracing.outbound_span(payload.method, url, fallback=ctx.traceparent) as (trace_headers, span):
+        response, verdict = await exchange(
+            http,
+            task_id=ctx.task_id,
+            method=payload.method,
+            url=url,
+            headers={**request_headers(payload, content_type), **trace_headers},
+            body=body,
+            payload=payload,
+            signer=signer,
+            judge=lambda response: classify(payload, response, now=datetime.now(UTC), accept_async=True),
+            ctx=ctx,
+            client_id=ctx.client_id,
+        )
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status)
     ctx.http_status = response.status
     if verdict.answer == "completed":
         return to_result(response)

@@ -86,6 +86,7 @@ class TaskContext:
         "queue",
         "resources",
         "task_id",
+        "traceparent",
     )
 
     def __init__(
@@ -101,6 +102,8 @@ class TaskContext:
         resources: Mapping[str, Any] | None = None,
     ) -> None:
         self.task_id = task_id
+        # the W3C trace context the task was enqueued in, when kept (outbound requests carry it)
+        self.traceparent: str | None = None
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.queue = queue
@@ -255,6 +258,21 @@ BUILTIN_MODULES = ("app.src.api.kinds.builtin", "app.src.api.http.kind")
 
 
 def load_kinds(modules: tuple[str, ...] | list[str] = ()) -> KindRegistry:
+    """Import the built-in kind modules and those TASK_KIND_MODULES names.
+
+    A module that does not exist is a configuration mistake (a typo): one line that names it,
+    not an import traceback. A missing import *inside* a kind module is the module's own bug and
+    keeps its traceback.
+    """
+    from app.settings import ConfigurationError
+
     for module in (*BUILTIN_MODULES, *modules):
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+                raise
+            raise ConfigurationError(
+                f"TASK_KIND_MODULES names {module!r}, which cannot be imported (no module {exc.name!r})"
+            ) from None
     return REGISTRY

@@ -267,6 +267,7 @@ class Attempt:
     http_status: int | None
     error: str | None
     duration_ms: float
+    traceback: str | None = None  # a Python failure's traceback, at most 8 KiB (its end)
 
 
 class AttemptOut(BaseModel):
@@ -277,6 +278,9 @@ class AttemptOut(BaseModel):
     http_status: int | None
     error: str | None
     duration_ms: float
+    traceback: str | None = Field(
+        default=None, description="The traceback of a Python failure, at most 8 KiB (its last part)"
+    )
 
 
 class AttemptList(BaseModel):

@@ -53,6 +53,9 @@ class ClaimedOut(BaseModel):
     attempt: int
     max_attempts: int
     lease_expires_at: datetime
+    traceparent: str | None = Field(
+        default=None, description="W3C trace context the task was enqueued in: continue the trace from it"
+    )
     steps: dict[str, Any] = Field(default_factory=dict)
     signals: dict[str, Any] = Field(default_factory=dict)
     children: dict[str, Any] = Field(default_factory=dict)

@@ -11,6 +11,7 @@ results, and the long-poll.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from app.database import StorageUnavailable
 from app.src.api.engine import remote_kinds
-from app.src.api.engine.outcomes import Outcome, after_failure, clip_error
+from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.errors import Unprocessable
 from app.src.api.models.workers import ClaimIn, CompleteIn, CompletionIn, HeartbeatIn, WorkerIdentity
 from app.src.api.state_machine import Status, transition
@@ -82,6 +84,7 @@ async def _limited_queues(
 class Claimed:
     task: ClaimedTask
     lease_expires_at: datetime
+    traceparent: str | None = None  # handed to the remote worker, which continues the trace
 
 
 async def claim(
@@ -132,8 +135,15 @@ async def claim(
             if await _stage_due(db):
                 continue
             await _first(woken, stopping, timeout_s=min(remaining, POLL_S))
+    if not claimed:
+        return []
+    # one primary-key read per claim round (not per task), outside the claim statement
+    contexts: dict[UUID, str] = {}
+    with contextlib.suppress(StorageUnavailable):  # the tasks are claimed: hand them out regardless
+        async with db.driver() as conn:
+            contexts = await task_store.traceparents(conn, [t.id for t in claimed])
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
-    return [Claimed(t, t.started_at + timedelta(seconds=lease_s)) for t in claimed]
+    return [Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id)) for t in claimed]
 
 
 async def _first(woken: asyncio.Event, stopping: asyncio.Event | None, *, timeout_s: float) -> None:
@@ -271,7 +281,7 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
         for worker_id, batch in groups.items():
             for row in await task_store.complete(conn, batch, worker_id=worker_id):
                 written[row["id"]] = row["status"]
-                OUTCOMES(row["queue"], row["kind"], row["status"]).inc()
+                OUTCOMES(row["queue"], row["kind"], METRIC_OUTCOME.get(row["status"], row["status"])).inc()
     answers = []
     for item in data.items:
         if item.id in written:
@@ -295,8 +305,8 @@ def _completion(
     """What the worker's report means for the task; None for what this server cannot do yet."""
     started_at = task.started_at or now
     error = item.error
-    if item.traceback:
-        error = f"{error or 'failed'}\n{item.traceback}"
+    # the remote worker's traceback goes to the attempt record, bounded as an in-process one
+    trace = clip_traceback(item.traceback) if item.traceback else None
 
     def failed(message: str, *, retry_after_s: float | None = None, permanent: bool = False) -> Completion:
         if queue is None:  # the queue was deleted meanwhile: nothing left to retry into
@@ -309,7 +319,7 @@ def _completion(
             permanent=permanent,
         )
         return _finished(task, item, decided.status, Outcome.FAILED, started_at, now,
-                         error=message, retry_in_s=decided.retry_in_s)  # fmt: skip
+                         error=message, retry_in_s=decided.retry_in_s, traceback=trace)  # fmt: skip
 
     if item.outcome == "completed":
         problem = remote_kinds.result_problem(kind, item.result)
@@ -337,6 +347,7 @@ def _finished(
     result: Any = None,
     error: str | None = None,
     retry_in_s: float | None = None,
+    traceback: str | None = None,
 ) -> Completion:
     transition(Status.RUNNING, status)
     return Completion(
@@ -349,6 +360,7 @@ def _finished(
         result=result,
         error=None if error is None else clip_error(error),
         retry_in_s=retry_in_s,
+        traceback=traceback,
     )
 
 
