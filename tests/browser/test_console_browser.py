@@ -127,6 +127,11 @@ async def test_dead_letter_retried_live_queue_paused_key_created_and_revoked(
     await row.get_by_role("link").click()
     await expect(page.locator("pre.error-block").first).to_contain_text("No such file or directory")
     await expect(page.locator('[data-field="status"]')).to_have_text("discarded")
+    # and the attempt's traceback, folded until asked for
+    traceback = page.locator('[data-field="traceback"]').first
+    await traceback.locator("summary").click()
+    await expect(traceback.locator("pre")).to_contain_text("Traceback (most recent call last)")
+    await expect(traceback.locator("pre")).to_contain_text("FileNotFoundError")
 
     # retry it and watch it complete: the status changes on this page, pushed over SSE
     target.parent.mkdir()
@@ -134,7 +139,9 @@ async def test_dead_letter_retried_live_queue_paused_key_created_and_revoked(
     await expect(page.locator('[data-field="live"]')).to_contain_text("Live:", timeout=10_000)
     await expect(page.locator('[data-field="status"]')).to_have_text("completed", timeout=20_000)
     await expect(page.get_by_role("heading", name="Result")).to_be_visible()
-    await expect(page.locator("section.card", has_text="Result").locator("pre")).to_contain_text('"ok": true')
+    await expect(
+        page.locator("section.card", has=page.get_by_role("heading", name="Result")).locator("pre")
+    ).to_contain_text('"ok": true')
     assert await _status_of(https, headers, task_id) == "completed"
     assert target.exists()
     await page.screenshot(path=str(DOCS / "console-task.png"), full_page=True)
