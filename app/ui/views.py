@@ -474,7 +474,8 @@ async def task_events(task_id: UUID) -> Any:
             if event is None:
                 yield b": keep-alive\n\n"
             else:
-                yield f"event: task\ndata: {json.dumps(event)}\n\n".encode()
+                name = event.pop("event", "task")  # task, or step | signal | child | suspended
+                yield f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()
         yield b"event: end\ndata: {}\n\n"
 
     response = await make_response(

@@ -17,7 +17,9 @@ from uuid import UUID
 
 import structlog
 
+from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
+from app.src.database.durable import DurableState
 from app.src.database.tasks import ClaimedTask
 from app.worker.leases import Holdings, LeaseKeeper
 
@@ -44,7 +46,7 @@ class Claimer:
         batch_size: int,
         poll_s: float,
         queues: list[str] | None,
-        start: Callable[[ClaimedTask, float], None],
+        start: Callable[[ClaimedTask, float, DurableState | None], None],
     ) -> None:
         self.db = db
         self.holdings = holdings
@@ -65,6 +67,7 @@ class Claimer:
         # limited later is found by the periodic refresh, within a poll interval.)
         self._named: set[int] = set()
         self._unlimited: set[int] = set()
+        self._states: dict[UUID, DurableState] = {}  # of the last claim's durable tasks
         self.log = log.bind(worker_id=str(worker_id))
 
     def wake(self) -> None:
@@ -123,7 +126,8 @@ class Claimer:
                 await self._release(claimed)  # the stop signal arrived while this claim ran
                 break
             for task in claimed:
-                self.start(task, sent)
+                self.start(task, sent, self._states.pop(task.id, None))
+            self._states.clear()
             if len(claimed) >= want:
                 continue
             await self._sleep(self.poll_s, wakeable=True)
@@ -178,6 +182,10 @@ class Claimer:
                         lease_s=self.leases.lease_s,
                         worker_id=self.worker_id,
                     )
+            # only tasks that stored steps, signals or children cost this one more statement
+            durable = [task.id for task in claimed if task.durable]
+            if durable:
+                self._states = await durable_store.load_state(conn, durable)
         return claimed
 
     async def _limited_queues(self, conn: task_store.Executor) -> list[int]:

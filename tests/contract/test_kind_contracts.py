@@ -20,6 +20,11 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.record": [{"path": "/tmp/x"}, {"path": "/tmp/x", "seconds": 0.1}],
     "test.span": [{"path": "/tmp/x", "seconds": 1}],
     "test.returns": [{"value": "x"}, {"value": "x", "nul": True, "big": True}],
+    "test.steps": [{"path": "/tmp/x"}, {"path": "/tmp/x", "hold_s": 60, "gate": "/tmp/g"}],
+    "test.nap": [{"seconds": 2}, {"seconds": 0.5, "path": "/tmp/x"}],
+    "test.await_signal": [{"name": "shipped"}, {"name": "approved", "timeout_s": 1}],
+    "test.child": [{"i": 1}, {"i": 2, "path": "/tmp/x", "fail": True}],
+    "test.fanout": [{"children": 3}, {"children": 500, "path": "/tmp/x", "fail": [7], "queue": "q"}],
     "test.flaky": [
         {"fail_times": 2},
         {"fail_times": 1, "retry_after_s": 0.5},
@@ -97,4 +102,5 @@ def test_task_shape_matches_spec() -> None:
         "id", "queue", "kind", "payload", "status", "priority", "attempts", "max_attempts",
         "run_at", "created_at", "started_at", "finished_at", "result", "last_error", "progress",
         "schedule",  # optional, beyond SPEC: {id, fire_time, coalesced_fires, manual} of a schedule fire
+        "waiting_for", "parent_id", "depends_on",  # SPEC part two, durable composition
     ]  # fmt: skip

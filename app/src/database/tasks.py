@@ -27,7 +27,8 @@ _NOTIFY_IDS_PER_MESSAGE = 200  # 200 * 37 bytes stays under NOTIFY's 8000-byte p
 
 TASK_COLUMNS = (
     "id, client_id, queue_id, queue, kind, payload, status, priority, attempts, max_attempts, "
-    "run_at, created_at, started_at, finished_at, result, last_error, progress, cancel_requested, schedule"
+    "run_at, created_at, started_at, finished_at, result, last_error, progress, cancel_requested, schedule, "
+    "waiting_for, parent_id, depends_on"
 )
 _DACITE = dacite.Config(check_types=False)
 
@@ -257,7 +258,7 @@ claimed AS (
         lease_expires_at = now() + make_interval(secs => $2), worker_id = $3
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
-              t.run_at, t.started_at
+              t.run_at, t.started_at, t.durable
 ),
 {_notify_events("claimed")}
 SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
@@ -319,7 +320,7 @@ claimed AS (
         lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
-              t.run_at, t.started_at
+              t.run_at, t.started_at, t.durable
 ),
 spent AS (
     UPDATE queues
@@ -363,6 +364,7 @@ class ClaimedTask:
     max_attempts: int
     run_at: datetime
     started_at: datetime
+    durable: bool = False  # it stored steps, signals or children: the worker loads them
 
 
 def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[ClaimedTask]:
@@ -378,6 +380,7 @@ def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[ClaimedTask]:
             r["max_attempts"],
             r["run_at"],
             r["started_at"],
+            r["durable"],
         )
         for r in rows
     ]
