@@ -112,7 +112,7 @@ async def three_steps(ctx: TaskContext, payload: Steps) -> dict[str, object]:
         return previous + 1
 
     async def three(previous: int) -> int:
-        _mark(payload.path, f"{ctx.task_id} three")
+        _mark(payload.path, f"{ctx.task_id} three {os.getpid()}")
         if payload.gate and not Path(payload.gate).exists():
             raise RuntimeError("the gate is closed")
         await asyncio.sleep(payload.hold_s)
@@ -171,7 +171,7 @@ class ChildWork(BaseModel):
 @task_kind("test.child", payload=ChildWork)
 async def child_work(ctx: TaskContext, payload: ChildWork) -> dict[str, object]:
     if payload.path:
-        _mark(payload.path, f"{ctx.task_id} {payload.i}")
+        _mark(payload.path, f"{ctx.task_id} {payload.i} {os.getpid()}")
     if payload.fail:
         raise PermanentError(f"child {payload.i} fails")
     return {"value": payload.i * 2}
