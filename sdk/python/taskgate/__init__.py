@@ -4,26 +4,31 @@ from taskgate import webhooks
 from taskgate.client import AsyncClient, Client
 from taskgate.errors import (
     ApiError,
+    ChildFailed,
     PermanentError,
     RetryLater,
+    SignalTimeout,
     TaskCancelled,
     TaskgateError,
     TimeoutExceeded,
 )
 from taskgate.models import Attempt, Kind, Queue, Schedule, Task, TaskEvent, TaskPage, WorkerInfo
-from taskgate.worker import TaskContext, Worker
+from taskgate.worker import Child, TaskContext, Worker
 
 __version__ = "0.1.0"
 __all__ = [
     "ApiError",
     "AsyncClient",
     "Attempt",
+    "Child",
+    "ChildFailed",
     "Client",
     "Kind",
     "PermanentError",
     "Queue",
     "RetryLater",
     "Schedule",
+    "SignalTimeout",
     "Task",
     "TaskCancelled",
     "TaskContext",

@@ -138,13 +138,15 @@ class Client:
         delay_s: float | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
+        depends_on: Sequence[TaskId] | None = None,
         idempotency_key: str | None = None,
         idempotent: bool = True,
     ) -> Task:
         """Enqueue one task. An Idempotency-Key is sent (a fresh one unless given) unless
         `idempotent=False`; a repeat with the same key returns the original task."""
         body = calls.task_body(kind, payload, queue=queue, run_at=run_at, delay_s=delay_s, priority=priority,
-                               max_attempts=max_attempts)  # fmt: skip
+                               max_attempts=max_attempts,
+                               depends_on=[str(d) for d in depends_on] if depends_on else None)  # fmt: skip
         return self._run(calls.enqueue(body, idempotency_key=idempotency_key, idempotent=idempotent))
 
     def enqueue_many(
@@ -384,11 +386,13 @@ class AsyncClient:
         delay_s: float | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
+        depends_on: Sequence[TaskId] | None = None,
         idempotency_key: str | None = None,
         idempotent: bool = True,
     ) -> Task:
         body = calls.task_body(kind, payload, queue=queue, run_at=run_at, delay_s=delay_s, priority=priority,
-                               max_attempts=max_attempts)  # fmt: skip
+                               max_attempts=max_attempts,
+                               depends_on=[str(d) for d in depends_on] if depends_on else None)  # fmt: skip
         return await self._run(calls.enqueue(body, idempotency_key=idempotency_key, idempotent=idempotent))
 
     async def enqueue_many(

@@ -35,6 +35,9 @@ class Task(_Model):
     result: Any = None
     last_error: str | None = None
     progress: Any = None
+    waiting_for: dict[str, Any] | None = None  # why a waiting task waits: {type: signal | children | ...}
+    parent_id: UUID | None = None
+    depends_on: list[UUID] | None = None
 
     @property
     def terminal(self) -> bool:
