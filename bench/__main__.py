@@ -176,6 +176,7 @@ SECTIONS = (
     "limited",
     "console",
     "remote",
+    "fanout",
 )
 
 
@@ -297,6 +298,20 @@ def run_sections(
     if "remote" in only:
         step("remote-worker drain: an SDK Worker over HTTPS")
         r["remote"] = {"sdk_worker": repeat(runs, lambda: remote_drain.run(server, n)["tasks_per_s"])}
+    if "fanout" in only:
+        step("fan-out/fan-in: one parent spawns 10,000 children and gathers them")
+        children = 2_000 if quick else 10_000
+        samples = [
+            run_json(["-m", "bench.fanout", server.fresh_database("fanout"), str(children)])
+            for _ in range(runs)
+        ]
+        if any(s["gathered"] != children for s in samples):
+            raise RuntimeError(f"fan-out did not gather every child: {samples}")
+        r["fanout"] = {
+            "children": children,
+            "seconds": summary([s["seconds"] for s in samples]),
+            "tasks_per_s": summary([s["tasks_per_s"] for s in samples]),
+        }
 
 
 def deployment_tasks(quick: bool) -> int:
@@ -446,6 +461,14 @@ def table(r: dict[str, Any]) -> str:
     if "remote" in r:
         rows.append(
             f"| Remote-worker drain (SDK Worker, HTTPS claim/complete), tasks/s | {_cell(r['remote']['sdk_worker'])} | |"
+        )
+    if "fanout" in r:
+        f = r["fanout"]
+        rows.append(
+            f"| Fan-out/fan-in of {f['children']:,} children (spawn, run, gather), s | {_cell(f['seconds'], '{:,.2f}')} | |"
+        )
+        rows.append(
+            f"| Fan-out/fan-in of {f['children']:,} children, tasks/s | {_cell(f['tasks_per_s'])} | |"
         )
     rows.append("")
     rows.append("| target | value | met |")

@@ -79,7 +79,9 @@ class Executor:
     async def suspend(self, running: Running, suspension: Suspension) -> Completion | None:
         claimed = running.claimed
         if self.engine is None or self.worker_id is None:
-            return finished(running, Status.DISCARDED, Outcome.FAILED, error="this worker cannot suspend tasks")
+            return finished(
+                running, Status.DISCARDED, Outcome.FAILED, error="this worker cannot suspend tasks"
+            )
         try:
             async with asyncio.timeout(SUSPEND_TIMEOUT_S):
                 status = await durable.suspend(

@@ -463,7 +463,9 @@ print(json.dumps(out))
 """
 
 
-async def test_durable_composition_through_the_sdk_worker(sdk: Sdk, platform: Platform, tmp_path: Path) -> None:
+async def test_durable_composition_through_the_sdk_worker(
+    sdk: Sdk, platform: Platform, tmp_path: Path
+) -> None:
     """The same ctx API in remote workers: steps survive a SIGKILL, sleep, signals before and
     after the wait, fan-out and gather, ChildFailed, and depends_on, all through the SDK."""
     issued = await platform.client_key("sdk user")
@@ -519,10 +521,9 @@ async def test_durable_composition_through_the_sdk_worker(sdk: Sdk, platform: Pl
     marks = Counter(" ".join(line.split()[:2]) for line in durable_marks.read_text().splitlines())
     assert [marks[f"{task_id} {step}"] for step in ("one", "two", "three")] == [1, 1, 2]
     notified = [m for m in marks if "notify-" in m]
-    assert len(notified) == 3 + 50 + 3 and set(marks[m] for m in notified) == {1}  # each child once
-    rows = await fetch(
-        platform.database_uri, "SELECT result FROM tasks WHERE id = $1::uuid", task_id
-    )
+    assert len(notified) == 3 + 50 + 3
+    assert {marks[m] for m in notified} == {1}  # each child ran once
+    rows = await fetch(platform.database_uri, "SELECT result FROM tasks WHERE id = $1::uuid", task_id)
     assert json.loads(rows[0]["result"]) == {"results": [1, 2, 3]}
 
 

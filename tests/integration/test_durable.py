@@ -21,7 +21,9 @@ async def get(client: Any, headers: dict[str, str], path: str) -> Any:
     return await response.get_json()
 
 
-async def wait_done(client: Any, headers: dict[str, str], task_id: str, timeout: float = 20) -> dict[str, Any]:
+async def wait_done(
+    client: Any, headers: dict[str, str], task_id: str, timeout: float = 20
+) -> dict[str, Any]:
     async def done() -> Any:
         task = await get(client, headers, f"/api/tasks/{task_id}")
         return task if task["status"] in ("completed", "discarded", "cancelled") else None
@@ -54,7 +56,9 @@ async def test_a_failed_step_is_retried_with_the_task_and_earlier_steps_do_not_r
 ) -> None:
     app = await serving(**ALL_ROLES)
     client = app.test_client()
-    await client.put("/api/queues/steps", json={"min_backoff_s": 0.1, "max_backoff_s": 0.2}, headers=auth_headers)
+    await client.put(
+        "/api/queues/steps", json={"min_backoff_s": 0.1, "max_backoff_s": 0.2}, headers=auth_headers
+    )
     marks, gate = tmp_path / "steps.txt", tmp_path / "gate"
     task = await enqueue(
         client, auth_headers, kind="test.steps", queue="steps", max_attempts=10,
@@ -81,8 +85,12 @@ async def test_a_signal_sent_before_the_wait_and_one_sent_after_are_both_deliver
     client = app.test_client()
     # early: the signal is kept before the task ever ran (its queue is paused)
     await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
-    early = await enqueue(client, auth_headers, kind="test.await_signal", queue="held", payload={"name": "go"})
-    sent = await client.post(f"/api/tasks/{early['id']}/signals/go", json={"data": {"n": 1}}, headers=auth_headers)
+    early = await enqueue(
+        client, auth_headers, kind="test.await_signal", queue="held", payload={"name": "go"}
+    )
+    sent = await client.post(
+        f"/api/tasks/{early['id']}/signals/go", json={"data": {"n": 1}}, headers=auth_headers
+    )
     assert sent.status_code == 202
     assert (await sent.get_json())["status"] == "available"
     await client.post("/api/queues/held/resume", headers=auth_headers)
@@ -102,7 +110,9 @@ async def test_a_signal_sent_before_the_wait_and_one_sent_after_are_both_deliver
     assert (await wait_done(client, auth_headers, early["id"]))["result"] == {"data": {"n": 1}}
     assert (await wait_done(client, auth_headers, late["id"]))["result"] == {"data": {"carrier": "ups"}}
     # a second signal of the same name, or one for a finished task, changes nothing
-    again = await client.post(f"/api/tasks/{late['id']}/signals/shipped", json={"data": 2}, headers=auth_headers)
+    again = await client.post(
+        f"/api/tasks/{late['id']}/signals/shipped", json={"data": 2}, headers=auth_headers
+    )
     assert again.status_code == 409
     assert again.headers["Content-Type"] == "application/problem+json"
 
@@ -110,7 +120,9 @@ async def test_a_signal_sent_before_the_wait_and_one_sent_after_are_both_deliver
 async def test_a_signal_wait_times_out(serving: Serving, auth_headers: dict[str, str]) -> None:
     app = await serving(**ALL_ROLES)
     client = app.test_client()
-    task = await enqueue(client, auth_headers, kind="test.await_signal", payload={"name": "x", "timeout_s": 0.5})
+    task = await enqueue(
+        client, auth_headers, kind="test.await_signal", payload={"name": "x", "timeout_s": 0.5}
+    )
     done = await wait_done(client, auth_headers, task["id"])
     assert done["result"] == {"timed_out": True}
     # too late: kept, refused as the task is finished
@@ -124,7 +136,9 @@ async def test_signals_are_tenant_isolated_and_validated(
     app = await serving(ROLES=["api"])
     client = app.test_client()
     task = await enqueue(client, auth_headers, kind="test.await_signal", payload={"name": "go"})
-    foreign = await client.post(f"/api/tasks/{task['id']}/signals/go", json={"data": 1}, headers=other_client_headers)
+    foreign = await client.post(
+        f"/api/tasks/{task['id']}/signals/go", json={"data": 1}, headers=other_client_headers
+    )
     assert foreign.status_code == 404
     steps = await client.get(f"/api/tasks/{task['id']}/steps", headers=other_client_headers)
     assert steps.status_code == 404
@@ -163,7 +177,9 @@ async def test_fan_out_and_gather_and_a_failing_child_raises_child_failed(
     app = await serving(**ALL_ROLES)
     client = app.test_client()
     marks = tmp_path / "children.txt"
-    parent = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 20, "path": str(marks)})
+    parent = await enqueue(
+        client, auth_headers, kind="test.fanout", payload={"children": 20, "path": str(marks)}
+    )
     done = await wait_done(client, auth_headers, parent["id"])
     assert done["result"] == {"sum": sum(i * 2 for i in range(20)), "count": 20}
     assert len(lines(marks)) == 20
@@ -193,12 +209,19 @@ async def test_depends_on_runs_a_diamond_in_order_and_cancels_after_a_discard(
     finished = {t["id"]: await wait_done(client, auth_headers, t["id"]) for t in (a, b, c, d)}
     assert all(t["status"] == "completed" for t in finished.values())
     assert finished[a["id"]]["finished_at"] <= finished[b["id"]]["started_at"]
-    assert max(finished[b["id"]]["finished_at"], finished[c["id"]]["finished_at"]) <= finished[d["id"]]["started_at"]
+    assert (
+        max(finished[b["id"]]["finished_at"], finished[c["id"]]["finished_at"])
+        <= finished[d["id"]]["started_at"]
+    )
 
     # C discarded: D, which needs it, is cancelled and says why
     a2 = await enqueue(client, auth_headers, kind="noop", payload={})
     c2 = await enqueue(
-        client, auth_headers, kind="test.flaky", payload={"fail_times": 1, "permanent": True}, depends_on=[a2["id"]]
+        client,
+        auth_headers,
+        kind="test.flaky",
+        payload={"fail_times": 1, "permanent": True},
+        depends_on=[a2["id"]],
     )
     d2 = await enqueue(client, auth_headers, kind="noop", payload={}, depends_on=[a2["id"], c2["id"]])
     cancelled = await wait_done(client, auth_headers, d2["id"])
@@ -254,7 +277,10 @@ async def test_the_events_stream_tells_steps_suspensions_signals_and_children(
     response = await client.get(f"/api/tasks/{task['id']}/events", headers=auth_headers)
     body = (await response.get_data(as_text=True)).split("\n\n")
     events = [
-        (block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+        (
+            block.split("\n")[0].removeprefix("event: "),
+            json.loads(block.split("\n")[1].removeprefix("data: ")),
+        )
         for block in body
         if block.startswith("event:")
     ]

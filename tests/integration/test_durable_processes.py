@@ -34,7 +34,9 @@ async def test_fan_out_across_two_workers_then_a_kill_between_steps(
       the other worker: steps one and two never run again (counted by their side effects)."""
     app = await serving(ROLES=["api", "scheduler"], LEASE_SECONDS=2)
     client = app.test_client()
-    await client.put("/api/queues/crash", json={"min_backoff_s": 0.1, "max_backoff_s": 0.2}, headers=auth_headers)
+    await client.put(
+        "/api/queues/crash", json={"min_backoff_s": 0.1, "max_backoff_s": 0.2}, headers=auth_headers
+    )
     workers = [
         spawn_worker(clean_database, tmp_path / f"w{i}", WORKER_CONCURRENCY="20", LEASE_SECONDS="2")
         for i in range(2)
@@ -52,7 +54,9 @@ async def test_fan_out_across_two_workers_then_a_kill_between_steps(
             client, auth_headers, kind="test.steps", queue="crash", payload={"path": str(steps), "hold_s": 60}
         )
         # step three has started: one and two succeeded, and were stored before it began
-        started_three = await eventually(lambda: [line for line in lines(steps) if " three " in line], timeout=30)
+        started_three = await eventually(
+            lambda: [line for line in lines(steps) if " three " in line], timeout=30
+        )
         victim = next(w for w in workers if w.pid == int(started_three[0].split()[2]))
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
@@ -70,7 +74,9 @@ async def test_fan_out_across_two_workers_then_a_kill_between_steps(
     assert sorted(int(i) for _, i, _ in runs) == list(range(500))  # every child ran, exactly once
     assert len({pid for _, _, pid in runs}) == 2  # both workers took part
     done = await fetch(
-        clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id = $1 AND status = 'completed'", parent["id"]
+        clean_database,
+        "SELECT count(*) AS n FROM tasks WHERE parent_id = $1 AND status = 'completed'",
+        parent["id"],
     )
     assert done[0]["n"] == 500
 

@@ -19,6 +19,7 @@ async def test_enqueue_returns_the_task_in_spec_shape(client: Client, auth_heade
         "id", "queue", "kind", "payload", "status", "priority", "attempts", "max_attempts",
         "run_at", "created_at", "started_at", "finished_at", "result", "last_error", "progress",
         "schedule",  # beyond SPEC: the schedule fire that made the task, null otherwise
+        "waiting_for", "parent_id", "depends_on",  # SPEC part two, durable composition
     }  # fmt: skip
     assert task["schedule"] is None
     assert task["status"] == "available"

@@ -106,7 +106,7 @@ BEGIN
     RETURN NULL;
 END
 $$
-"""
+"""  # noqa: S608 (composed from module constants only)
 
 
 def upgrade() -> None:
@@ -135,7 +135,8 @@ def upgrade() -> None:
     )
     # The scheduler's sweep of composed waits (signal timeouts, anything missed).
     op.execute(
-        "CREATE INDEX tasks_composed_waiting ON tasks (id) WHERE status = 'waiting' AND waiting_for IS NOT NULL"
+        "CREATE INDEX tasks_composed_waiting ON tasks (id) "
+        "WHERE status = 'waiting' AND waiting_for IS NOT NULL"
     )
     op.execute(
         """

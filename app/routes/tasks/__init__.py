@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
-from quart import Blueprint, Response, ResponseReturnValue, make_response
 from pydantic import TypeAdapter, ValidationError
+from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
 from app.middlewares import header, requires_scopes
@@ -172,7 +172,9 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
 async def list_steps(task_id: UUID) -> StepList:
     """The steps a task stored: `ctx.step` results, and its sleeps and signal waits."""
     rows = await tasks.steps(db(), client_id=client_id(), task_id=task_id)
-    return StepList(items=[StepOut(name=r["name"], result=r["result"], created_at=r["created_at"]) for r in rows])
+    return StepList(
+        items=[StepOut(name=r["name"], result=r["result"], created_at=r["created_at"]) for r in rows]
+    )
 
 
 @blueprint.post("/<uuid:task_id>/signals/<name>")

@@ -48,8 +48,11 @@ async def claim(data: ClaimIn) -> ClaimOut:
                 attempt=c.task.attempt,
                 max_attempts=c.task.max_attempts,
                 lease_expires_at=c.lease_expires_at,
-                **({} if c.state is None else
-                   {"steps": c.state.steps, "signals": c.state.signals, "children": c.state.children}),
+                **(
+                    {}
+                    if c.state is None
+                    else {"steps": c.state.steps, "signals": c.state.signals, "children": c.state.children}
+                ),
             )
             for c in claimed
         ],

@@ -221,7 +221,9 @@ async def signal(db: Database, *, client_id: UUID, task_id: UUID, name: str, dat
     the task's status afterwards. A second signal of the same name, or one for a finished task,
     is a 409 and changes nothing."""
     async with db.driver() as conn:
-        sent = await durable_store.send_signal(conn, client_id=client_id, task_id=task_id, name=name, data=data)
+        sent = await durable_store.send_signal(
+            conn, client_id=client_id, task_id=task_id, name=name, data=data
+        )
     if sent.task_status is None:
         raise NotFound(f"No task {task_id}.")
     if Status(sent.task_status) in TERMINAL:

@@ -41,7 +41,8 @@ LOAD_STATE = """
 SELECT t.id,
        (SELECT COALESCE(jsonb_object_agg(s.name,
                   CASE WHEN s.result ? 'sleep_until'
-                       THEN s.result || jsonb_build_object('done', (s.result->>'sleep_until')::timestamptz <= now())
+                       THEN s.result || jsonb_build_object(
+                           'done', (s.result->>'sleep_until')::timestamptz <= now())
                        ELSE s.result END), '{}'::jsonb)
         FROM task_steps s WHERE s.task_id = t.id) AS steps,
        (SELECT COALESCE(jsonb_object_agg(g.name, g.data), '{}'::jsonb)
@@ -49,7 +50,8 @@ SELECT t.id,
           AND NOT EXISTS (SELECT 1 FROM task_steps w WHERE w.task_id = t.id AND w.name = g.name
                           AND (w.result->>'timed_out')::boolean)) AS signals,
        (SELECT COALESCE(jsonb_object_agg(c.child_key,
-                  jsonb_build_object('id', c.id, 'status', c.status, 'result', c.result, 'error', c.last_error)),
+                  jsonb_build_object('id', c.id, 'status', c.status, 'result', c.result,
+                                     'error', c.last_error)),
                   '{}'::jsonb)
         FROM tasks c WHERE c.parent_id = t.id) AS children
 FROM unnest($1::uuid[]) AS t(id)
@@ -187,7 +189,8 @@ recorded AS (
     FROM changed
 ),
 notified AS (
-    SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) + count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text))
+    SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text))
+         + count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text))
            FILTER (WHERE status = 'available') AS n
     FROM changed
 )
@@ -218,7 +221,9 @@ async def insert_steps(conn: Any, *, task_id: UUID, steps: Mapping[str, Any]) ->
         )
 
 
-async def record_wait(conn: Any, *, task_id: UUID, name: str, key: str, seconds: float) -> tuple[Any, datetime]:
+async def record_wait(
+    conn: Any, *, task_id: UUID, name: str, key: str, seconds: float | None
+) -> tuple[Any, datetime]:
     """The wait's step (created now if it is new): its stored result and the database's now()."""
     row = await conn.fetchrow(RECORD_WAIT, task_id, name, key, seconds)
     return _json(row["result"]), row["now"]
@@ -426,7 +431,8 @@ timed_out AS (
     WHERE w.was->>'type' = 'signal' AND s.task_id = w.id AND s.name = w.was->>'name'
 ),
 notified AS (
-    SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) + count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text))
+    SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text))
+         + count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text))
            AS n
     FROM woken
 )

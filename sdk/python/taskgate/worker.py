@@ -171,7 +171,9 @@ class TaskContext:
         for child in children:
             state = known[child.key]
             if state.get("status") != "completed":
-                raise ChildFailed(child.key, str(state.get("id")), str(state.get("status")), state.get("error"))
+                raise ChildFailed(
+                    child.key, str(state.get("id")), str(state.get("status")), state.get("error")
+                )
             results.append(state.get("result"))
         return results
 

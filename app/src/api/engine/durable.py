@@ -159,7 +159,9 @@ async def _prepare_children(
         )
     except AppError as exc:
         details = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in (exc.errors or []))
-        raise CompositionError(f"a child cannot be created: {exc.detail}{' ' + details if details else ''}") from None
+        raise CompositionError(
+            f"a child cannot be created: {exc.detail}{' ' + details if details else ''}"
+        ) from None
     return list(zip(keys, new, strict=True))
 
 
@@ -171,7 +173,11 @@ async def _decide(
         return Status.AVAILABLE, None, None
     if wait.type == "sleep":
         result, now = await store.record_wait(
-            conn, task_id=task_id, name=wait.name or "", key="sleep_until", seconds=max(0.0, wait.seconds or 0.0)
+            conn,
+            task_id=task_id,
+            name=wait.name or "",
+            key="sleep_until",
+            seconds=max(0.0, wait.seconds or 0.0),
         )
         until = _timestamp(result, "sleep_until")
         if until is not None and until > now:
@@ -183,7 +189,7 @@ async def _decide(
             return Status.AVAILABLE, None, None
         result, now = await store.record_wait(
             conn, task_id=task_id, name=name, key="wait_until", seconds=wait.seconds
-        )
+        )  # no timeout: seconds None, and the deadline is null
         if isinstance(result, dict) and result.get("timed_out"):
             return Status.AVAILABLE, None, None
         deadline = _timestamp(result, "wait_until")

@@ -17,7 +17,14 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from app.src.api.engine.durable import ChildSpec, CompositionError, Suspended, Suspension, Wait, check_step_result
+from app.src.api.engine.durable import (
+    ChildSpec,
+    CompositionError,
+    Suspended,
+    Suspension,
+    Wait,
+    check_step_result,
+)
 from app.src.api.engine.submit import submit_in_transaction
 from app.src.api.engine.task_engine import SubmitRules, TaskEngine
 from app.src.database.durable import DurableState

@@ -188,7 +188,9 @@ class SignalIn(BaseModel):
 class SignalOut(BaseModel):
     task_id: UUID
     name: str
-    status: Status = Field(description="the task's status after the signal (`available` if it was waiting for it)")
+    status: Status = Field(
+        description="the task's status after the signal (`available` if it was waiting for it)"
+    )
 
 
 class StepOut(BaseModel):

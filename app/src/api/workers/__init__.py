@@ -23,7 +23,14 @@ from app.src.api.engine import durable, remote_kinds
 from app.src.api.engine.durable import ChildSpec, CompositionError, Suspension, Wait
 from app.src.api.engine.outcomes import Outcome, after_failure, clip_error
 from app.src.api.errors import Unprocessable
-from app.src.api.models.workers import ClaimIn, CompleteIn, CompletionIn, HeartbeatIn, SuspendIn, WorkerIdentity
+from app.src.api.models.workers import (
+    ClaimIn,
+    CompleteIn,
+    CompletionIn,
+    HeartbeatIn,
+    SuspendIn,
+    WorkerIdentity,
+)
 from app.src.api.state_machine import Status, transition
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
@@ -268,9 +275,9 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
                     suspension=_suspension(item.suspend, default_queue=queue.name if queue else "default"),
                 )
             except CompositionError as exc:
-                completion = _finished(task, item, Status.DISCARDED, Outcome.FAILED, task.started_at or now, now,
-                                       error=str(exc))  # fmt: skip
-                groups.setdefault(task.worker_id, []).append(completion)
+                discarded = _finished(task, item, Status.DISCARDED, Outcome.FAILED,
+                                      task.started_at or now, now, error=str(exc))  # fmt: skip
+                groups.setdefault(task.worker_id, []).append(discarded)
                 continue
             if status is not None:
                 written[task.id] = status
