@@ -57,11 +57,18 @@ async def fan_out(uri: str, n: int) -> dict[str, Any]:
             json.dumps({"children": n}),
         )
         await conn.execute(f"NOTIFY taskgate_available, '{queue_id}'")
+        spawned_s = children_done_s = None
         while True:
-            status, result = await conn.fetchrow("SELECT status, result FROM tasks WHERE id = $1", parent)
+            status, result, open_ = await conn.fetchrow(
+                "SELECT status, result, children_open FROM tasks WHERE id = $1", parent
+            )
+            if spawned_s is None and open_ > 0:
+                spawned_s = time.perf_counter() - started
+            if spawned_s is not None and children_done_s is None and open_ == 0:
+                children_done_s = time.perf_counter() - started
             if status in ("completed", "discarded", "cancelled"):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
         elapsed = time.perf_counter() - started
     finally:
         await runtime.stop()
@@ -72,6 +79,8 @@ async def fan_out(uri: str, n: int) -> dict[str, Any]:
         "status": status,
         "gathered": gathered,
         "seconds": elapsed,
+        "spawned_s": spawned_s,  # the children exist (the parent's suspension committed)
+        "children_done_s": children_done_s,  # the last child finished
         "tasks_per_s": (n + 1) / elapsed,
     }
 

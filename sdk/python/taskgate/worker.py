@@ -93,6 +93,7 @@ class TaskContext:
         self._signals: dict[str, Any] = dict(task.signals)
         self._children: dict[str, Any] = dict(task.children)
         self._spawns: list[dict[str, Any]] = []
+        self._spawn_keys: set[str] = set()
 
     # --- durable composition ---------------------------------------------------------------------
 
@@ -146,8 +147,9 @@ class TaskContext:
         known = self._children.get(key)
         if known is not None:
             return Child(key, str(known["id"]))
-        if any(spec["key"] == key for spec in self._spawns):
+        if key in self._spawn_keys:
             raise ValueError(f"a child with key {key!r} was spawned twice")
+        self._spawn_keys.add(key)
         spec: dict[str, Any] = {
             "key": key,
             "kind": kind,

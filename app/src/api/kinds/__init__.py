@@ -124,6 +124,7 @@ class TaskContext:
         "_cancelled",
         "_checkpoint",
         "_progress",
+        "_spawn_keys",
         "_spawns",
         "_state",
         "attempt",
@@ -167,6 +168,7 @@ class TaskContext:
         self._state = state if state is not None else DurableState()  # its own: steps are added
         self._checkpoint = checkpoint
         self._spawns: list[ChildSpec] = []
+        self._spawn_keys: set[str] = set()
 
     @property
     def cancelled(self) -> asyncio.Event:
@@ -241,8 +243,9 @@ class TaskContext:
         known = self._state.children.get(key)
         if known is not None:
             return Child(key, UUID(str(known["id"])))
-        if any(spec.key == key for spec in self._spawns):
+        if key in self._spawn_keys:
             raise ValueError(f"a child with key {key!r} was spawned twice")
+        self._spawn_keys.add(key)
         self._spawns.append(
             ChildSpec(
                 key=key,
