@@ -441,6 +441,7 @@ async def task(task_id: UUID) -> Any:
         "task.html",
         task=found,
         attempts=attempts,
+        composition=await console.composition(_db(), task=found),
         terminal=Status(found.status) in TERMINAL,
         retryable=found.status in (Status.DISCARDED, Status.CANCELLED),
         tenants=await _tenants(),

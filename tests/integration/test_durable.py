@@ -287,3 +287,32 @@ async def test_the_events_stream_tells_steps_suspensions_signals_and_children(
     names = [name for name, _ in events]
     assert {"step", "suspended", "signal", "task"} <= set(names)
     assert ("step", "go") in [(n, e.get("name")) for n, e in events]
+
+
+async def test_the_console_task_page_shows_steps_children_and_what_it_waits_for(
+    serving: Serving, auth_headers: dict[str, str], operator: Any, tmp_path: Path
+) -> None:
+    from tests.integration.ui.test_console import Browser, log_in
+
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put("/api/queues/kids", json={"paused": True}, headers=auth_headers)
+    parent = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 2, "queue": "kids"})
+
+    async def waiting() -> bool:
+        return (await get(client, auth_headers, f"/api/tasks/{parent['id']}"))["status"] == "waiting"
+
+    await eventually(waiting)
+    steps = await enqueue(client, auth_headers, kind="test.steps", payload={"path": str(tmp_path / "s.txt")})
+    await wait_done(client, auth_headers, steps["id"])
+    browser = Browser(app)
+    await log_in(browser, operator)
+    page = await (await browser.get(f"/ui/tasks/{parent['id']}")).get_data(as_text=True)
+    assert "Waiting for" in page
+    assert "children" in page
+    assert "Children" in page
+    assert ">c0<" in page
+    assert ">c1<" in page
+    steps_page = await (await browser.get(f"/ui/tasks/{steps['id']}")).get_data(as_text=True)
+    assert "Steps" in steps_page
+    assert ">three<" in steps_page

@@ -464,3 +464,15 @@ ORDER BY at
 
 async def history_since(conn: Executor, *, task_id: UUID, since: datetime) -> list[Mapping[str, Any]]:
     return list(await conn.fetch(HISTORY_SINCE, task_id, since))
+
+
+async def list_children(conn: Executor, *, parent_id: UUID, limit: int = 200) -> list[Mapping[str, Any]]:
+    """A parent's children by key (index: tasks_parent_key), the first `limit` of them."""
+    return list(
+        await conn.fetch(
+            "SELECT id, child_key, kind, status, finished_at FROM tasks WHERE parent_id = $1 "
+            "ORDER BY child_key LIMIT $2",
+            parent_id,
+            limit,
+        )
+    )
