@@ -185,6 +185,10 @@ async def test_fan_out_and_gather_and_a_failing_child_raises_child_failed(
     assert len(lines(marks)) == 20
     children = await get(client, auth_headers, "/api/tasks?kind=test.child&limit=100")
     assert {c["parent_id"] for c in children["items"]} == {parent["id"]}
+    told = await events_of(client, auth_headers, parent["id"])
+    assert sorted(e["key"] for name, e in told if name == "child") == sorted(f"c{i}" for i in range(20))
+    assert {e["status"] for name, e in told if name == "child"} == {"completed"}
+    assert [name for name, _ in told].count("suspended") == 1
     failing = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 3, "fail": [1]})
     failed = await wait_done(client, auth_headers, failing["id"])
     assert failed["result"] == {"child_failed": "c1", "status": "discarded"}
@@ -274,19 +278,24 @@ async def test_the_events_stream_tells_steps_suspensions_signals_and_children(
     await eventually(waiting)
     await client.post(f"/api/tasks/{task['id']}/signals/go", json={"data": 1}, headers=auth_headers)
     await wait_done(client, auth_headers, task["id"])
-    response = await client.get(f"/api/tasks/{task['id']}/events", headers=auth_headers)
-    body = (await response.get_data(as_text=True)).split("\n\n")
-    events = [
+    events = await events_of(client, auth_headers, task["id"])
+    names = [name for name, _ in events]
+    assert {"step", "suspended", "signal", "task"} <= set(names)
+    assert ("step", "go") in [(n, e.get("name")) for n, e in events]
+
+
+async def events_of(client: Any, headers: dict[str, str], task_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """The events stream of a finished task, read to its end: [(event name, data)]."""
+    response = await client.get(f"/api/tasks/{task_id}/events", headers=headers)
+    blocks = (await response.get_data(as_text=True)).split("\n\n")
+    return [
         (
             block.split("\n")[0].removeprefix("event: "),
             json.loads(block.split("\n")[1].removeprefix("data: ")),
         )
-        for block in body
+        for block in blocks
         if block.startswith("event:")
     ]
-    names = [name for name, _ in events]
-    assert {"step", "suspended", "signal", "task"} <= set(names)
-    assert ("step", "go") in [(n, e.get("name")) for n, e in events]
 
 
 async def test_the_console_task_page_shows_steps_children_and_what_it_waits_for(
