@@ -194,3 +194,18 @@ async def fan_out(ctx: TaskContext, payload: FanOut) -> dict[str, object]:
     except ChildFailed as exc:
         return {"child_failed": exc.key, "status": exc.status}
     return {"sum": sum(r["value"] for r in results), "count": len(results)}
+
+
+class Limits(BaseModel):
+    big_step: bool = False  # a step result over 1 MiB
+    children: int = 0  # spawn this many children (10,001 is one too many)
+
+
+@task_kind("test.limits", payload=Limits)
+async def limits(ctx: TaskContext, payload: Limits) -> dict[str, object]:
+    """Goes past a composition limit on request."""
+    if payload.big_step:
+        await ctx.step("big", lambda: "x" * (1024 * 1024 + 1))
+    handles = [await ctx.spawn("noop", {}, key=str(i)) for i in range(payload.children)]
+    await ctx.gather(handles)
+    return {}

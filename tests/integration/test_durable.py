@@ -325,3 +325,47 @@ async def test_the_console_task_page_shows_steps_children_and_what_it_waits_for(
     steps_page = await (await browser.get(f"/ui/tasks/{steps['id']}")).get_data(as_text=True)
     assert "Steps" in steps_page
     assert ">three<" in steps_page
+
+
+async def test_composition_limits_fail_the_task_for_good_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    big = await enqueue(client, auth_headers, kind="test.limits", payload={"big_step": True})
+    many = await enqueue(client, auth_headers, kind="test.limits", payload={"children": 10_001})
+    big_done = await wait_done(client, auth_headers, big["id"])
+    assert (big_done["status"], big_done["attempts"]) == ("discarded", 1)
+    assert big_done["last_error"] == "step 'big' returned more than 1 MiB of JSON"
+    many_done = await wait_done(client, auth_headers, many["id"])
+    assert many_done["status"] == "discarded"
+    assert many_done["last_error"] == "a task may have at most 10000 children"
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id IS NOT NULL"))[0][
+        "n"
+    ] == 0
+
+
+async def test_depends_on_with_an_idempotency_key_and_in_a_batch(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    a = await enqueue(client, auth_headers, kind="noop", payload={})
+    body = {"kind": "noop", "payload": {}, "depends_on": [a["id"]]}
+    headers = {**auth_headers, "Idempotency-Key": "dep-1"}
+    first = await client.post("/api/tasks", json=body, headers=headers)
+    again = await client.post("/api/tasks", json=body, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert (await first.get_json())["id"] == (await again.get_json())["id"]
+    assert (await again.get_json())["status"] == "waiting"
+    bad = await client.post(
+        "/api/tasks/batch",
+        json={"tasks": [body, {**body, "depends_on": [a["id"], "018f0000-0000-7000-8000-000000000000"]}]},
+        headers=auth_headers,
+    )
+    assert bad.status_code == 422
+    assert [e["field"] for e in (await bad.get_json())["errors"]] == ["tasks.1.depends_on.1"]
+    too_many = await client.post(
+        "/api/tasks", json={**body, "depends_on": [a["id"]] * 101}, headers=auth_headers
+    )
+    assert too_many.status_code == 422
