@@ -459,6 +459,7 @@ out["diamond_in_order"] = (
     and max(done["b"].finished_at, done["c"].finished_at) <= done["d"].started_at
 )
 out["diamond"] = [done[n].status for n in "abcd"]
+out["steps"] = [s["name"] for s in tg.steps(early.id)]
 print(json.dumps(out))
 """
 
@@ -518,6 +519,7 @@ async def test_durable_composition_through_the_sdk_worker(
     assert out["failing"] == {"child_failed": "notify-1"}
     assert out["diamond"] == ["completed"] * 4
     assert out["diamond_in_order"] is True
+    assert out["steps"] == ["charge", "cool-off"]  # the signal came before the wait: no wait was recorded
     marks = Counter(" ".join(line.split()[:2]) for line in durable_marks.read_text().splitlines())
     assert [marks[f"{task_id} {step}"] for step in ("one", "two", "three")] == [1, 1, 2]
     notified = [m for m in marks if "notify-" in m]

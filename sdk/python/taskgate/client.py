@@ -38,6 +38,7 @@ Queues = list[Queue]
 Schedules = list[Schedule]
 Kinds = list[Kind]
 Workers = list[WorkerInfo]
+Steps = list[dict[str, Any]]
 Verify = bool | str | ssl.SSLContext
 MAX_EVENT_RECONNECTS = 20
 
@@ -215,7 +216,13 @@ class Client:
         return self._run(calls.attempts(task_id))["items"]
 
     def signal(self, task_id: TaskId, name: str, data: Any = None) -> Any:
+        """Send signal `name` to a task (kept until its `ctx.wait_signal(name)` takes it)."""
         return self._run(calls.signal(task_id, name, data))
+
+    def steps(self, task_id: TaskId) -> Steps:
+        """The steps a composed task stored: [{name, result, created_at}]."""
+        items: Steps = self._run(calls.steps(task_id))["items"]
+        return items
 
     def events(self, task_id: TaskId) -> Iterator[TaskEvent]:
         """Status and progress changes until the task is terminal (reconnects if the stream drops)."""
@@ -460,7 +467,13 @@ class AsyncClient:
         return (await self._run(calls.attempts(task_id)))["items"]
 
     async def signal(self, task_id: TaskId, name: str, data: Any = None) -> Any:
+        """Send signal `name` to a task (kept until its `ctx.wait_signal(name)` takes it)."""
         return await self._run(calls.signal(task_id, name, data))
+
+    async def steps(self, task_id: TaskId) -> Steps:
+        """The steps a composed task stored: [{name, result, created_at}]."""
+        items: Steps = (await self._run(calls.steps(task_id)))["items"]
+        return items
 
     async def events(self, task_id: TaskId) -> AsyncIterator[TaskEvent]:
         reconnects = 0
