@@ -67,7 +67,6 @@ class Claimer:
         # limited later is found by the periodic refresh, within a poll interval.)
         self._named: set[int] = set()
         self._unlimited: set[int] = set()
-        self._states: dict[UUID, DurableState] = {}  # of the last claim's durable tasks
         self.log = log.bind(worker_id=str(worker_id))
 
     def wake(self) -> None:
@@ -103,7 +102,7 @@ class Claimer:
             try:
                 # bounded by the lease it sets: an answer later than that is useless anyway
                 async with asyncio.timeout(self.leases.lease_s - self.leases.margin_s):
-                    claimed = await self._claim(want)
+                    claimed, states = await self._claim(want)
             except Exception as exc:
                 failures += 1
                 delay = min(self.poll_s * 2 ** (failures - 1), MAX_RETRY_DELAY_S)
@@ -126,8 +125,7 @@ class Claimer:
                 await self._release(claimed)  # the stop signal arrived while this claim ran
                 break
             for task in claimed:
-                self.start(task, sent, self._states.pop(task.id, None))
-            self._states.clear()
+                self.start(task, sent, states.get(task.id))
             if len(claimed) >= want:
                 continue
             await self._sleep(self.poll_s, wakeable=True)
@@ -165,7 +163,9 @@ class Claimer:
         # claim again once a quarter of a batch is free: fewer, fuller round trips
         return max(1, min(self.batch_size, self.concurrency) // 4)
 
-    async def _claim(self, want: int) -> list[ClaimedTask]:
+    async def _claim(self, want: int) -> tuple[list[ClaimedTask], dict[UUID, DurableState]]:
+        """Claimed tasks, and the stored state (steps, signals, children) of the durable ones."""
+        states: dict[UUID, DurableState] = {}
         async with self.db.driver() as conn:
             claimed = await task_store.claim_available(
                 conn, limit=want, lease_s=self.leases.lease_s, worker_id=self.worker_id, queues=self.queues
@@ -185,8 +185,8 @@ class Claimer:
             # only tasks that stored steps, signals or children cost this one more statement
             durable = [task.id for task in claimed if task.durable]
             if durable:
-                self._states = await durable_store.load_state(conn, durable)
-        return claimed
+                states = await durable_store.load_state(conn, durable)
+        return claimed, states
 
     async def _limited_queues(self, conn: task_store.Executor) -> list[int]:
         fetched_at, ids = self._limited
