@@ -117,19 +117,6 @@ async def test_a_signal_sent_before_the_wait_and_one_sent_after_are_both_deliver
     assert again.headers["Content-Type"] == "application/problem+json"
 
 
-async def test_a_signal_wait_times_out(serving: Serving, auth_headers: dict[str, str]) -> None:
-    app = await serving(**ALL_ROLES)
-    client = app.test_client()
-    task = await enqueue(
-        client, auth_headers, kind="test.await_signal", payload={"name": "x", "timeout_s": 0.5}
-    )
-    done = await wait_done(client, auth_headers, task["id"])
-    assert done["result"] == {"timed_out": True}
-    # too late: kept, refused as the task is finished
-    late = await client.post(f"/api/tasks/{task['id']}/signals/x", json={"data": 1}, headers=auth_headers)
-    assert late.status_code == 409
-
-
 async def test_signals_are_tenant_isolated_and_validated(
     serving: Serving, auth_headers: dict[str, str], other_client_headers: dict[str, str], clean_database: str
 ) -> None:
@@ -150,22 +137,33 @@ async def test_signals_are_tenant_isolated_and_validated(
     assert (await fetch(clean_database, "SELECT count(*) AS n FROM task_signals"))[0]["n"] == 0
 
 
-async def test_a_durable_sleep_holds_no_worker_slot(
-    serving: Serving, auth_headers: dict[str, str], tmp_path: Path
+async def test_a_durable_sleep_and_a_signal_wait_hold_no_worker_slot_and_the_wait_times_out(
+    serving: Serving, auth_headers: dict[str, str]
 ) -> None:
     app = await serving(**ALL_ROLES, WORKER_CONCURRENCY=1)
     client = app.test_client()
     sleeper = await enqueue(client, auth_headers, kind="test.nap", payload={"seconds": 2})
+    waiter = await enqueue(
+        client, auth_headers, kind="test.await_signal", payload={"name": "x", "timeout_s": 0.5}
+    )
 
-    async def scheduled() -> Any:
-        return (await get(client, auth_headers, f"/api/tasks/{sleeper['id']}"))["status"] == "scheduled"
+    async def parked() -> bool:
+        statuses = [
+            (await get(client, auth_headers, f"/api/tasks/{t['id']}"))["status"] for t in (sleeper, waiter)
+        ]
+        return statuses == ["scheduled", "waiting"]
 
-    await eventually(scheduled)
-    # the only slot is free while it sleeps: other tasks run and finish meanwhile
+    await eventually(parked)
+    # the only slot is free while they sleep and wait: other tasks run and finish meanwhile
     others = [await enqueue(client, auth_headers, kind="noop", payload={}) for _ in range(3)]
     for other in others:
         assert (await wait_done(client, auth_headers, other["id"], timeout=1.5))["status"] == "completed"
     assert (await get(client, auth_headers, f"/api/tasks/{sleeper['id']}"))["status"] == "scheduled"
+    timed_out = await wait_done(client, auth_headers, waiter["id"])
+    assert timed_out["result"] == {"timed_out": True}
+    # too late: the task is finished, the signal is refused
+    late = await client.post(f"/api/tasks/{waiter['id']}/signals/x", json={"data": 1}, headers=auth_headers)
+    assert late.status_code == 409
     done = await wait_done(client, auth_headers, sleeper["id"])
     assert done["status"] == "completed"
     assert done["result"]["slept_s"] >= 2
