@@ -489,7 +489,8 @@ async def test_durable_composition_through_the_sdk_worker(
         script = (
             "import os\nfrom taskgate import Client\n"
             "tg = Client(os.environ['TG_URL'], api_key=os.environ['TG_KEY'], verify=os.environ['TG_CA'])\n"
-            "print(tg.enqueue('e2e.steps', {}).id)\n"
+            "tg.put_queue('steps', min_backoff_s=0.05, max_backoff_s=0.1)\n"
+            "print(tg.enqueue('e2e.steps', {}, queue='steps').id)\n"
         )
         enqueued = subprocess.run(
             [str(sdk.python), "-c", script], cwd=sdk.scripts, env=sdk_env(platform.server, key), check=True,
