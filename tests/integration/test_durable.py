@@ -6,9 +6,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
+import asyncpg
 from quart import Quart
 
+from tests.conftest import driver_uri
 from tests.task_harness import enqueue, eventually, fetch
 
 Serving = Callable[..., Awaitable[Quart]]
@@ -244,7 +247,7 @@ async def test_depends_on_runs_a_diamond_in_order_and_cancels_after_a_discard(
 
 
 async def test_cancelling_a_parent_cancels_its_unfinished_children(
-    serving: Serving, auth_headers: dict[str, str]
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
 ) -> None:
     app = await serving(**ALL_ROLES)
     client = app.test_client()
@@ -256,11 +259,27 @@ async def test_cancelling_a_parent_cancels_its_unfinished_children(
         return task if task["status"] == "waiting" else None
 
     assert (await eventually(waiting))["waiting_for"] == {"type": "children"}
-    response = await client.post(f"/api/tasks/{parent['id']}/cancel", headers=auth_headers)
-    assert response.status_code == 200
-    children = (await get(client, auth_headers, "/api/tasks?kind=test.child"))["items"]
-    assert len(children) == 5
-    assert {c["status"] for c in children} == {"cancelled"}
+    # one child is locked by someone else (as a completion would) while the parent is cancelled:
+    # the cancel does not wait for it, and the scheduler's sweep cancels it right after
+    locker = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        async with locker.transaction():
+            await locker.execute(
+                "SELECT id FROM tasks WHERE parent_id = $1 AND child_key = 'c0' FOR UPDATE",
+                UUID(parent["id"]),
+            )
+            response = await client.post(f"/api/tasks/{parent['id']}/cancel", headers=auth_headers)
+            assert response.status_code == 200
+            children = (await get(client, auth_headers, "/api/tasks?kind=test.child"))["items"]
+            assert sorted(c["status"] for c in children) == ["available"] + ["cancelled"] * 4
+    finally:
+        await locker.close()
+
+    async def all_cancelled() -> bool:
+        children = (await get(client, auth_headers, "/api/tasks?kind=test.child"))["items"]
+        return {c["status"] for c in children} == {"cancelled"}
+
+    await eventually(all_cancelled, timeout=5)
 
 
 async def test_the_events_stream_tells_steps_suspensions_signals_and_children(

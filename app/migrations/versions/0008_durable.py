@@ -26,7 +26,9 @@ UNFINISHED = "('scheduled', 'available', 'running', 'waiting', 'retryable')"
 #   that waits for its children `available`;
 # - a task that completes counts its dependents' open dependencies down (the last one makes them
 #   `available`); one that is discarded or cancelled cancels its waiting dependents;
-# - a cancelled parent cancels its unfinished children (running ones are asked to stop).
+# - a cancelled parent cancels its unfinished children (running ones are asked to stop). Children
+#   locked by someone else at that moment (a completion, which locks the child and then the
+#   parent: waiting for it here could deadlock) are skipped; the scheduler's sweep gets them.
 TRIGGER_FUNCTION = f"""
 CREATE FUNCTION taskgate_composition_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -94,7 +96,9 @@ BEGIN
                 waiting_for = CASE WHEN c.status = 'running' THEN c.waiting_for END,
                 cancel_requested = true,
                 last_error = COALESCE(c.last_error, 'parent ' || NEW.id || ' was cancelled')
-            WHERE c.parent_id = NEW.id AND c.status IN {UNFINISHED}
+            FROM (SELECT id FROM tasks WHERE parent_id = NEW.id AND status IN {UNFINISHED}
+                  FOR UPDATE SKIP LOCKED) l
+            WHERE c.id = l.id AND c.status IN {UNFINISHED}
             RETURNING c.id, c.status
         LOOP
             PERFORM pg_notify('taskgate_events', woken.id::text);
@@ -137,6 +141,10 @@ def upgrade() -> None:
     op.execute(
         "CREATE INDEX tasks_composed_waiting ON tasks (id) "
         "WHERE status = 'waiting' AND waiting_for IS NOT NULL"
+    )
+    # The sweep's view of cancelled parents that still have unfinished children (normally none).
+    op.execute(
+        "CREATE INDEX tasks_cancelled_parents ON tasks (id) WHERE status = 'cancelled' AND children_open > 0"
     )
     op.execute(
         """
@@ -189,6 +197,7 @@ def downgrade() -> None:
     op.execute("DROP TABLE task_dependencies")
     op.execute("DROP TABLE task_signals")
     op.execute("DROP TABLE task_steps")
+    op.execute("DROP INDEX tasks_cancelled_parents")
     op.execute("DROP INDEX tasks_composed_waiting")
     op.execute("DROP INDEX tasks_parent_key")
     op.execute(

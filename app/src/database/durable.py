@@ -17,7 +17,15 @@ from typing import Any
 from uuid import UUID
 
 from app.src.api.models.tasks import Task
-from app.src.database.tasks import AVAILABLE_CHANNEL, EVENTS_CHANNEL, TASK_COLUMNS, Executor, NewTask, to_task
+from app.src.database.tasks import (
+    AVAILABLE_CHANNEL,
+    CANCEL_CHANNEL,
+    EVENTS_CHANNEL,
+    TASK_COLUMNS,
+    Executor,
+    NewTask,
+    to_task,
+)
 from app.src.utils import json_text
 
 MAX_STEPS = 1000
@@ -440,9 +448,40 @@ SELECT count(*) AS woken, (SELECT n FROM notified) AS _n FROM woken
 """
 
 
+# Children of a cancelled parent that its cancel had to skip (they were locked at that moment):
+# cancelled now, or asked to stop if running (index: tasks_cancelled_parents, then tasks_parent_key).
+SWEEP_ORPHANS = f"""
+WITH orphans AS (
+    SELECT c.id FROM tasks p JOIN tasks c ON c.parent_id = p.id
+    WHERE p.status = 'cancelled' AND p.children_open > 0
+      AND c.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
+      AND NOT (c.status = 'running' AND c.cancel_requested)
+    LIMIT $1
+    FOR UPDATE OF c SKIP LOCKED
+),
+changed AS (
+    UPDATE tasks t
+    SET status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,
+        finished_at = CASE WHEN t.status = 'running' THEN t.finished_at ELSE now() END,
+        waiting_for = CASE WHEN t.status = 'running' THEN t.waiting_for END,
+        cancel_requested = true,
+        last_error = COALESCE(t.last_error, 'parent ' || t.parent_id || ' was cancelled')
+    FROM orphans o
+    WHERE t.id = o.id
+    RETURNING t.id, t.status
+)
+SELECT count(*) AS changed,
+       (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) FROM changed)
+     + (SELECT count(pg_notify('{CANCEL_CHANNEL}', id::text)) FROM changed WHERE status = 'running') AS _n
+FROM changed
+"""
+
+
 async def sweep_waiting(conn: Executor, *, limit: int = 1000) -> int:
+    """Composed waits resumed (timeouts, anything missed) and orphaned children cancelled."""
     rows = await conn.fetch(SWEEP_WAITING, limit)
-    return int(rows[0]["woken"])
+    orphans = await conn.fetch(SWEEP_ORPHANS, limit)
+    return int(rows[0]["woken"]) + int(orphans[0]["changed"])
 
 
 # --- reading for the events stream ---------------------------------------------------------------
