@@ -43,6 +43,7 @@ from app.src.api.engine.task_engine import SubmitRules, TaskEngine
 from app.src.api.http import RESOURCE_KEY as HTTP
 from app.src.api.http.poller import poll_waiting_http
 from app.src.api.kinds import REGISTRY
+from app.src.database import durable as durable_store
 from app.src.database import maintenance
 from app.src.database import workers as worker_store
 from app.src.utils.metrics import (
@@ -65,6 +66,10 @@ STALE_PERIODS = 5  # readiness fails after this many periods without a success a
 MIN_STALE_S = 30.0
 ELECTION_SLACK = 0.8  # a new period may start 20% early: absorbs tick jitter between replicas
 FIRE_INTERVAL_S = 1.0
+# Composed waits resume by the event that ends them (a signal, the last child, the last dependency,
+# in its own transaction); this sweep only ends signal waits at their timeout and catches anything
+# missed.
+COMPOSED_SWEEP_S = 1.0
 CACHE_REFRESH_S = 5.0
 PRUNE_INTERVAL_S = 300.0
 # A run in flight at shutdown gets this long to finish, then is cancelled: every job is safe to
@@ -121,6 +126,7 @@ class Scheduler:
                 settings.HTTP_POLL_INTERVAL_S,
                 lambda: poll_waiting_http(self.db, self.resources.get(HTTP), self.engine.queues),
             ),
+            Job("sweep_composed_waits", COMPOSED_SWEEP_S, self.sweep_composed_waits),
             Job("fire_schedules", FIRE_INTERVAL_S, self.fire_schedules, cluster_wide=False),
             Job("refresh_caches", CACHE_REFRESH_S, self.refresh_caches, cluster_wide=False),
             # elected like the other cluster-wide jobs: the queue gauges come from one replica at
@@ -286,6 +292,11 @@ class Scheduler:
         for row in rescued:
             by_status[row["status"]] = by_status.get(row["status"], 0) + 1
         return by_status
+
+    async def sweep_composed_waits(self) -> dict[str, int] | None:
+        async with self.db.driver() as conn:
+            woken = await durable_store.sweep_waiting(conn)
+        return {"woken": woken} if woken else None
 
     async def fire_schedules(self) -> dict[str, Any] | None:
         total = schedules.FireReport()

@@ -177,6 +177,7 @@ SECTIONS = (
     "console",
     "remote",
     "flow",
+    "fanout",
 )
 
 
@@ -301,6 +302,20 @@ def run_sections(
     if "flow" in only:
         step("flow control: drain over 10,000 keys vs keyless; fairness of 50 small keys beside a big one")
         r["flow"] = flow.run(server, runs, quick=quick)
+    if "fanout" in only:
+        step("fan-out/fan-in: one parent spawns 10,000 children and gathers them")
+        children = 2_000 if quick else 10_000
+        samples = [
+            run_json(["-m", "bench.fanout", server.fresh_database("fanout"), str(children)])
+            for _ in range(runs)
+        ]
+        if any(s["gathered"] != children for s in samples):
+            raise RuntimeError(f"fan-out did not gather every child: {samples}")
+        r["fanout"] = {
+            "children": children,
+            "seconds": summary([s["seconds"] for s in samples]),
+            "tasks_per_s": summary([s["tasks_per_s"] for s in samples]),
+        }
 
 
 def deployment_tasks(quick: bool) -> int:
@@ -465,6 +480,14 @@ def table(r: dict[str, Any]) -> str:
     if "remote" in r:
         rows.append(
             f"| Remote-worker drain (SDK Worker, HTTPS claim/complete), tasks/s | {_cell(r['remote']['sdk_worker'])} | |"
+        )
+    if "fanout" in r:
+        f = r["fanout"]
+        rows.append(
+            f"| Fan-out/fan-in of {f['children']:,} children (spawn, run, gather), s | {_cell(f['seconds'], '{:,.2f}')} | |"
+        )
+        rows.append(
+            f"| Fan-out/fan-in of {f['children']:,} children, tasks/s | {_cell(f['tasks_per_s'])} | |"
         )
     rows.append("")
     rows.append("| target | value | met |")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from app.src.api.kinds import PermanentError, RetryLater, TaskContext, task_kind
+from app.src.api.kinds import ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskContext, task_kind
 
 
 class Record(BaseModel):
@@ -104,3 +104,129 @@ async def deep(ctx: TaskContext, payload: Deep) -> Done:
     """Raises `depth` frames down: a traceback longer than the 8 KiB an attempt keeps."""
     _descend(payload.depth)
     return Done()
+
+
+# --- durable composition -------------------------------------------------------------------------
+
+
+def _mark(path: str, line: str) -> None:
+    with Path(path).open("a") as handle:
+        handle.write(line + "\n")
+
+
+class Steps(BaseModel):
+    path: str  # one line per execution of a step's function: counts re-runs
+    hold_s: float = 0.0  # how long step three holds on after marking that it started
+    gate: str | None = None  # step three fails until this file exists
+
+
+@task_kind("test.steps", payload=Steps)
+async def three_steps(ctx: TaskContext, payload: Steps) -> dict[str, object]:
+    """Three steps whose functions each append a line: a replay that re-ran one shows twice."""
+
+    def one() -> int:
+        _mark(payload.path, f"{ctx.task_id} one")
+        return 1
+
+    async def two(previous: int) -> int:
+        _mark(payload.path, f"{ctx.task_id} two")
+        return previous + 1
+
+    async def three(previous: int) -> int:
+        _mark(payload.path, f"{ctx.task_id} three {os.getpid()}")
+        if payload.gate and not Path(payload.gate).exists():
+            raise RuntimeError("the gate is closed")
+        await asyncio.sleep(payload.hold_s)
+        return previous + 1
+
+    first = await ctx.step("one", one)
+    second = await ctx.step("two", two, first)
+    third = await ctx.step("three", three, second)
+    return {"results": [first, second, third]}
+
+
+class Nap(BaseModel):
+    seconds: float
+    path: str | None = None
+
+
+@task_kind("test.nap", payload=Nap)
+async def nap(ctx: TaskContext, payload: Nap) -> dict[str, object]:
+    """Sleeps durably, then says when it woke up."""
+    started = await ctx.step("started", time.time)
+    await ctx.sleep("nap", payload.seconds)
+    woke = time.time()
+    if payload.path:
+        _mark(payload.path, f"{ctx.task_id} woke")
+    return {"slept_s": woke - started}
+
+
+class AwaitSignal(BaseModel):
+    name: str
+    timeout_s: float | None = None
+
+
+@task_kind("test.await_signal", payload=AwaitSignal)
+async def await_signal(ctx: TaskContext, payload: AwaitSignal) -> dict[str, object]:
+    """Waits for one signal; returns its data, or says that it timed out."""
+    try:
+        data = await ctx.wait_signal(payload.name, timeout_s=payload.timeout_s)
+    except SignalTimeout:
+        return {"timed_out": True}
+    return {"data": data}
+
+
+class FanOut(BaseModel):
+    children: int
+    path: str | None = None
+    fail: list[int] = []
+    queue: str | None = None
+
+
+class ChildWork(BaseModel):
+    i: int
+    path: str | None = None
+    fail: bool = False
+
+
+@task_kind("test.child", payload=ChildWork)
+async def child_work(ctx: TaskContext, payload: ChildWork) -> dict[str, object]:
+    if payload.path:
+        _mark(payload.path, f"{ctx.task_id} {payload.i} {os.getpid()}")
+    if payload.fail:
+        raise PermanentError(f"child {payload.i} fails")
+    return {"value": payload.i * 2}
+
+
+@task_kind("test.fanout", payload=FanOut)
+async def fan_out(ctx: TaskContext, payload: FanOut) -> dict[str, object]:
+    """Spawns `children` children, gathers them, and sums their results."""
+    handles = [
+        await ctx.spawn(
+            "test.child",
+            {"i": i, "path": payload.path, "fail": i in payload.fail},
+            key=f"c{i}",
+            queue=payload.queue,
+        )
+        for i in range(payload.children)
+    ]
+    try:
+        results = await ctx.gather(handles)
+    except ChildFailed as exc:
+        return {"child_failed": exc.key, "status": exc.status}
+    return {"sum": sum(r["value"] for r in results), "count": len(results)}
+
+
+class Limits(BaseModel):
+    big_step: bool = False  # a step result over 1 MiB
+    children: int = 0  # spawn this many children (10,001 is one too many)
+
+
+@task_kind("test.limits", payload=Limits)
+async def limits(ctx: TaskContext, payload: Limits) -> dict[str, object]:
+    """Goes past a composition limit on request."""
+    if payload.big_step:
+        await ctx.step("big", lambda: "x" * (1024 * 1024 + 1))
+    handles = [await ctx.spawn("noop", {}, key=str(i)) for i in range(payload.children)]
+    await ctx.gather(handles)
+    return {}

@@ -443,6 +443,7 @@ async def task(task_id: UUID) -> Any:
         task=found,
         attempts=attempts,
         blocked_by=await flow.blocked_by(_db(), found),
+        composition=await console.composition(_db(), task=found),
         terminal=Status(found.status) in TERMINAL,
         retryable=found.status in (Status.DISCARDED, Status.CANCELLED),
         tenants=await _tenants(),
@@ -476,7 +477,8 @@ async def task_events(task_id: UUID) -> Any:
             if event is None:
                 yield b": keep-alive\n\n"
             else:
-                yield f"event: task\ndata: {json.dumps(event)}\n\n".encode()
+                name = event.pop("event", "task")  # task, or step | signal | child | suspended
+                yield f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()
         yield b"event: end\ndata: {}\n\n"
 
     response = await make_response(

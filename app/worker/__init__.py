@@ -23,9 +23,11 @@ from uuid import UUID
 import structlog
 
 from app.src.api.engine.outcomes import Backoff
-from app.src.api.kinds import REGISTRY, KindRegistry, TaskContext
+from app.src.api.kinds import REGISTRY, KindRegistry, LeaseLost, PermanentError, TaskContext
+from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from app.src.database import workers as worker_store
+from app.src.database.durable import DurableState
 from app.src.database.tasks import ClaimedTask
 from app.src.utils import tracing
 from app.src.utils.metrics import LAG, WORKER_CAPACITY, WORKER_RUNNING
@@ -82,7 +84,13 @@ class Worker:
             queues=list(settings.WORKER_QUEUES) or None,
             start=self._start,
         )
-        self.executor = Executor(registry, queue_backoff=self._queue_backoff, payload_context=payload_context)
+        self.executor = Executor(
+            registry,
+            queue_backoff=self._queue_backoff,
+            payload_context=payload_context,
+            engine=self.resources.get("engine"),
+            worker_id=self.id,
+        )
         self.completer = Completer(db, self.holdings, worker_id=self.id, on_written=self.claimer.wake)
         self._claim_task: asyncio.Task[None] | None = None
         self._service_tasks: list[asyncio.Task[None]] = []
@@ -168,7 +176,7 @@ class Worker:
 
     # --- running ---------------------------------------------------------------------------------
 
-    def _start(self, claimed: ClaimedTask, lease_from: float) -> None:
+    def _start(self, claimed: ClaimedTask, lease_from: float, state: DurableState | None = None) -> None:
         ctx = TaskContext(
             task_id=claimed.id,
             attempt=claimed.attempt,
@@ -178,6 +186,8 @@ class Worker:
             client_id=claimed.client_id,
             progress=self._report_progress,
             resources=self.resources,
+            state=state,
+            checkpoint=self._checkpoint_step,
         )
         running = Running(claimed, ctx, lease_from)
         self.holdings.running[claimed.id] = running
@@ -217,6 +227,10 @@ class Worker:
                 self.holdings.room.set()
         if running.abandoned is not None:
             return
+        if completion is None:  # suspended: written already; its slot is free
+            self.holdings.room.set()
+            self.claimer.wake()
+            return
         self.completer.add(completion)
 
     async def _seen_at_start(self) -> None:
@@ -252,6 +266,17 @@ class Worker:
 
     async def _queue_backoff(self, queue_id: int) -> Backoff:
         return (await self.queue_settings.by_ids({queue_id}))[queue_id]
+
+    async def _checkpoint_step(self, ctx: TaskContext, name: str, result: Any) -> None:
+        """Store a step that succeeded before its handler goes on (guarded by the lease)."""
+        async with asyncio.timeout(PROGRESS_TIMEOUT_S), self.db.driver() as conn:
+            stored = await durable_store.checkpoint_step(
+                conn, task_id=ctx.task_id, attempt=ctx.attempt, worker_id=self.id, name=name, result=result
+            )
+        if not stored.owned:
+            raise LeaseLost()
+        if stored.over_limit:
+            raise PermanentError(f"a task may hold at most {durable_store.MAX_STEPS} steps")
 
     async def _report_progress(self, task_id: UUID, attempt: int, progress: dict[str, Any]) -> None:
         async with asyncio.timeout(PROGRESS_TIMEOUT_S), self.db.driver() as conn:

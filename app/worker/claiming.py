@@ -17,7 +17,9 @@ from uuid import UUID
 
 import structlog
 
+from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
+from app.src.database.durable import DurableState
 from app.src.database.tasks import ClaimedTask
 from app.worker.leases import Holdings, LeaseKeeper
 
@@ -44,7 +46,7 @@ class Claimer:
         batch_size: int,
         poll_s: float,
         queues: list[str] | None,
-        start: Callable[[ClaimedTask, float], None],
+        start: Callable[[ClaimedTask, float, DurableState | None], None],
     ) -> None:
         self.db = db
         self.holdings = holdings
@@ -65,6 +67,7 @@ class Claimer:
         # limited later is found by the periodic refresh, within a poll interval.)
         self._named: set[int] = set()
         self._unlimited: set[int] = set()
+        self._recheck: set[int] = set()
         # When claim_available last came back short (the unlimited queues had nothing more), and
         # nothing was announced since outside the limited queues: until then, or a poll interval
         # later, a claim asks only the limited queues (one round trip fewer per round).
@@ -107,7 +110,7 @@ class Claimer:
             try:
                 # bounded by the lease it sets: an answer later than that is useless anyway
                 async with asyncio.timeout(self.leases.lease_s - self.leases.margin_s):
-                    claimed, again = await self._claim(want)
+                    claimed, again, states = await self._claim(want)
             except Exception as exc:
                 failures += 1
                 delay = min(self.poll_s * 2 ** (failures - 1), MAX_RETRY_DELAY_S)
@@ -130,7 +133,7 @@ class Claimer:
                 await self._release(claimed)  # the stop signal arrived while this claim ran
                 break
             for task in claimed:
-                self.start(task, sent)
+                self.start(task, sent, states.get(task.id))
             if again or len(claimed) >= want:
                 continue
             await self._sleep(self.poll_s, wakeable=True)
@@ -168,10 +171,12 @@ class Claimer:
         # claim again once a quarter of a batch is free: fewer, fuller round trips
         return max(1, min(self.batch_size, self.concurrency) // 4)
 
-    async def _claim(self, want: int) -> tuple[list[ClaimedTask], bool]:
-        """Claim up to `want` tasks, and whether to claim again at once (a limited queue gave all
-        it was asked for: it may have more room)."""
+    async def _claim(self, want: int) -> tuple[list[ClaimedTask], bool, dict[UUID, DurableState]]:
+        """Claim up to `want` tasks; whether to claim again at once (a limited queue gave all it
+        was asked for: it may have more room); and the stored state (steps, signals, children) of
+        the durable ones."""
         again = False
+        states: dict[UUID, DurableState] = {}
         async with self.db.driver() as conn:
             claimed: list[ClaimedTask] = []
             idle_since = self._unlimited_idle_since
@@ -206,16 +211,25 @@ class Claimer:
                     )
                     claimed += got
                     again = again or len(got) == share
-        return claimed, again
+            # only tasks that stored steps, signals or children cost this one more statement
+            durable = [task.id for task in claimed if task.durable]
+            if durable:
+                states = await durable_store.load_state(conn, durable)
+        return claimed, again, states
 
     async def _limited_queues(self, conn: task_store.Executor) -> list[task_store.LimitedQueue]:
         fetched_at, limited = self._limited
         # Re-read early for a queue the list does not know (resuming a limited queue NOTIFYs its
         # id, but the list read while it was paused lacks it): otherwise its tasks would wait up
         # to a poll interval.
-        unknown = self._named - self._unlimited - {queue.id for queue in limited}
-        self._named = set()
-        if unknown or time.monotonic() - fetched_at > self.poll_s:
+        known = {queue.id for queue in limited}
+        named = self._named - self._unlimited - known
+        again = self._recheck - self._unlimited - known
+        self._named, self._recheck = set(), set()
+        if named or again or time.monotonic() - fetched_at > self.poll_s:
             limited = await task_store.limited_queues(conn, queues=self.queues)
             self._limited = (time.monotonic(), limited)
+            # A NOTIFY can arrive while a round reads the list, before the change it announces is
+            # visible to that read: an id it named and the list still lacks is looked up once more.
+            self._recheck = named - {queue.id for queue in limited}
         return limited

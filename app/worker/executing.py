@@ -11,15 +11,19 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from app.src.api.engine import durable
+from app.src.api.engine.durable import CompositionError, Suspended, Suspension
 from app.src.api.engine.outcomes import Backoff, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.kinds import (
     Deferred,
     KindRegistry,
+    LeaseLost,
     PermanentError,
     RetryLater,
     TaskCancelled,
@@ -30,9 +34,13 @@ from app.src.database.tasks import Completion
 from app.src.utils import json_text
 from app.worker.leases import Running
 
+if TYPE_CHECKING:
+    from app.src.api.engine.task_engine import TaskEngine
+
 log = structlog.get_logger("taskgate.worker")
 
 QueueBackoff = Callable[[int], Awaitable[Backoff]]  # queue id -> its backoff settings
+SUSPEND_TIMEOUT_S = 10.0
 
 
 class Executor:
@@ -42,13 +50,55 @@ class Executor:
         *,
         queue_backoff: QueueBackoff,
         payload_context: Mapping[str, Any] | None,
+        engine: TaskEngine | None = None,
+        worker_id: UUID | None = None,
     ) -> None:
+        self.engine = engine  # suspensions create children through its submit rules
+        self.worker_id = worker_id
         self.registry = registry
         self.queue_backoff = queue_backoff
         # the same validation context as at enqueue, so a payload valid then is valid now
         self.payload_context = payload_context
 
-    async def run(self, running: Running) -> Completion:
+    async def run(self, running: Running) -> Completion | None:
+        """The attempt's completion; None when there is nothing (more) to write: it suspended
+        (written already, in its own transaction) or its lease was lost."""
+        try:
+            completion = await self._run(running)
+        except Suspended as suspended:
+            return await self.suspend(running, suspended.suspension)
+        except LeaseLost:
+            running.abandoned = "lease lost"
+            return None
+        if completion.status is Status.COMPLETED:
+            spawns = running.ctx.unrecorded_spawns()
+            if spawns:  # children spawned but never gathered: record them, then finish on a re-run
+                return await self.suspend(running, Suspension(spawn=spawns))
+        return completion
+
+    async def suspend(self, running: Running, suspension: Suspension) -> Completion | None:
+        claimed = running.claimed
+        if self.engine is None or self.worker_id is None:
+            return finished(
+                running, Status.DISCARDED, Outcome.FAILED, error="this worker cannot suspend tasks"
+            )
+        try:
+            async with asyncio.timeout(SUSPEND_TIMEOUT_S):
+                status = await durable.suspend(
+                    self.engine,
+                    task_id=claimed.id,
+                    client_id=claimed.client_id,
+                    attempt=claimed.attempt,
+                    worker_id=self.worker_id,
+                    suspension=suspension,
+                )
+        except CompositionError as exc:
+            return finished(running, Status.DISCARDED, Outcome.FAILED, error=str(exc))
+        if status is None:
+            running.abandoned = "lease lost"
+        return None
+
+    async def _run(self, running: Running) -> Completion:
         claimed, ctx = running.claimed, running.ctx
         kind = self.registry.get(claimed.kind)
         if kind is None:

@@ -21,6 +21,12 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.span": [{"path": "/tmp/x", "seconds": 1}],
     "test.returns": [{"value": "x"}, {"value": "x", "nul": True, "big": True}],
     "test.deep": [{"depth": 0}, {"depth": 300}],
+    "test.steps": [{"path": "/tmp/x"}, {"path": "/tmp/x", "hold_s": 60, "gate": "/tmp/g"}],
+    "test.nap": [{"seconds": 2}, {"seconds": 0.5, "path": "/tmp/x"}],
+    "test.await_signal": [{"name": "shipped"}, {"name": "approved", "timeout_s": 1}],
+    "test.child": [{"i": 1}, {"i": 2, "path": "/tmp/x", "fail": True}],
+    "test.limits": [{}, {"big_step": True}, {"children": 10_001}],
+    "test.fanout": [{"children": 3}, {"children": 500, "path": "/tmp/x", "fail": [7], "queue": "q"}],
     "test.flaky": [
         {"fail_times": 2},
         {"fail_times": 1, "retry_after_s": 0.5},
@@ -100,4 +106,5 @@ def test_task_shape_matches_spec() -> None:
         "run_at", "created_at", "started_at", "finished_at", "result", "last_error", "progress",
         "schedule",  # optional, beyond SPEC: {id, fire_time, coalesced_fires, manual} of a schedule fire
         "concurrency_key", "blocked_by", "debounced",  # SPEC part two, flow control by key
+        "waiting_for", "parent_id", "depends_on",  # SPEC part two, durable composition
     ]  # fmt: skip

@@ -28,10 +28,9 @@ from tests.task_harness import eventually, fetch
 pytestmark = pytest.mark.timeout(180)
 
 WORKER_MODULE = """
-import os, time
+import asyncio, os, time
 from pydantic import BaseModel
-import asyncio
-from taskgate import Client, PermanentError, RetryLater, TaskCancelled, Worker
+from taskgate import ChildFailed, Client, PermanentError, RetryLater, TaskCancelled, Worker
 
 tg = Client(os.environ["TG_URL"], api_key=os.environ["TG_KEY"], verify=os.environ["TG_CA"])
 worker = Worker(tg, concurrency=int(os.environ.get("TG_CONCURRENCY", "50")), name=os.environ["TG_NAME"])
@@ -96,6 +95,64 @@ def waits_sync(ctx, payload: Slow) -> dict:
 async def waits_async(ctx, payload: Slow) -> dict:
     await asyncio.sleep(payload.seconds)  # interrupted by a cancel request
     return {"cancelled": False}
+
+
+# durable composition: the same ctx API as in-process kinds
+def mark(line):
+    with open(os.environ["TG_RECORD"] + ".durable", "a") as handle:
+        handle.write(f"{line} {os.getpid()}\\n")
+
+
+class Steps(BaseModel):
+    hold_s: float = 0
+
+
+@worker.kind("e2e.steps", payload=Steps)
+async def steps(ctx, payload: Steps) -> dict:
+    async def three(previous):
+        mark(f"{ctx.task_id} three")
+        await asyncio.sleep(float(open(os.environ["TG_RECORD"] + ".hold").read()) if os.path.exists(
+            os.environ["TG_RECORD"] + ".hold") else payload.hold_s)
+        return previous + 1
+
+    one = await ctx.step("one", lambda: (mark(f"{ctx.task_id} one"), 1)[1])
+    two = await ctx.step("two", lambda: (mark(f"{ctx.task_id} two"), one + 1)[1])
+    return {"results": [one, two, await ctx.step("three", three, two)]}
+
+
+class Order(BaseModel):
+    order_id: int
+    notify: int = 3
+    fail_notification: int = -1
+
+
+@worker.kind("e2e.order", payload=Order)
+async def order(ctx, payload: Order) -> dict:
+    charge = await ctx.step("charge", lambda: {"charged": payload.order_id * 100})
+    await ctx.sleep("cool-off", 0.5)
+    shipped = await ctx.wait_signal("shipped", timeout_s=60)
+    children = [
+        await ctx.spawn("e2e.notify", {"n": i, "fail": i == payload.fail_notification}, key=f"notify-{i}")
+        for i in range(payload.notify)
+    ]
+    try:
+        sent = await ctx.gather(children)
+    except ChildFailed as exc:
+        return {"child_failed": exc.key}
+    return {"charge": charge, "shipped": shipped, "sent": [s["n"] for s in sent]}
+
+
+class Notify(BaseModel):
+    n: int
+    fail: bool = False
+
+
+@worker.kind("e2e.notify", payload=Notify)
+async def notify(ctx, payload: Notify) -> dict:
+    mark(f"{ctx.task_id} notify-{payload.n}")
+    if payload.fail:
+        raise PermanentError("the mail server refused it")
+    return {"n": payload.n}
 """
 
 CLIENT_SCRIPT = """
@@ -244,7 +301,7 @@ def spawn_worker(
 
 
 async def registered(platform: Platform, client: IssuedKey) -> None:
-    """Until the worker registered its seven kinds for this client."""
+    """Until the worker registered its kinds for this client."""
 
     async def check() -> bool:
         rows = await fetch(
@@ -252,7 +309,7 @@ async def registered(platform: Platform, client: IssuedKey) -> None:
             "SELECT count(*) AS n FROM remote_kinds WHERE client_id = $1",
             client.client_id,
         )
-        return bool(rows[0]["n"] == 7)
+        return bool(rows[0]["n"] == WORKER_MODULE.count("@worker.kind("))
 
     await eventually(check, timeout=30)
 
@@ -409,6 +466,105 @@ async def test_a_sigkilled_remote_worker_loses_nothing_and_its_stale_completion_
         task_id,
     )
     assert [r["outcome"] for r in outcomes] == ["lost", "completed"]
+
+
+DURABLE_SCRIPT = """
+import json, os, time
+from taskgate import Client
+
+tg = Client(os.environ["TG_URL"], api_key=os.environ["TG_KEY"], verify=os.environ["TG_CA"])
+out = {}
+early = tg.enqueue("e2e.order", {"order_id": 1})
+tg.signal(early.id, "shipped", {"carrier": "ups"})  # before the task reaches its wait
+late = tg.enqueue("e2e.order", {"order_id": 2, "notify": 50})
+while (tg.get(late.id).waiting_for or {}).get("name") != "shipped":  # it waits for the signal now
+    time.sleep(0.05)
+tg.signal(late.id, "shipped", {"carrier": "dhl"})
+failing = tg.enqueue("e2e.order", {"order_id": 3, "fail_notification": 1})
+tg.signal(failing.id, "shipped", None)
+out["early"] = tg.wait(early.id, timeout_s=60).result
+out["late"] = tg.wait(late.id, timeout_s=60).result
+out["failing"] = tg.wait(failing.id, timeout_s=60).result
+# depends_on over HTTP with remote kinds: a diamond A -> (B, C) -> D
+a = tg.enqueue("e2e.square", {"n": 1})
+b = tg.enqueue("e2e.square", {"n": 2}, depends_on=[a.id])
+c = tg.enqueue("e2e.square", {"n": 3}, depends_on=[a.id])
+d = tg.enqueue("e2e.square", {"n": 4}, depends_on=[b.id, c.id])
+done = {name: tg.wait(t.id, timeout_s=60) for name, t in zip("abcd", (a, b, c, d))}
+out["diamond_in_order"] = (
+    done["a"].finished_at <= done["b"].started_at and done["a"].finished_at <= done["c"].started_at
+    and max(done["b"].finished_at, done["c"].finished_at) <= done["d"].started_at
+)
+out["diamond"] = [done[n].status for n in "abcd"]
+out["steps"] = [s["name"] for s in tg.steps(early.id)]
+print(json.dumps(out))
+"""
+
+
+async def test_durable_composition_through_the_sdk_worker(
+    sdk: Sdk, platform: Platform, tmp_path: Path
+) -> None:
+    """The same ctx API in remote workers: steps survive a SIGKILL, sleep, signals before and
+    after the wait, fan-out and gather, ChildFailed, and depends_on, all through the SDK."""
+    issued = await platform.client_key("sdk user")
+    key = issued.api_key
+    record = tmp_path / "record.txt"
+    durable_marks = Path(str(record) + ".durable")
+    hold = Path(str(record) + ".hold")
+    hold.write_text("60")
+    workers = [spawn_worker(sdk, platform.server, key, f"durable-{i}", record) for i in (1, 2)]
+    try:
+        await registered(platform, issued)
+        (sdk.scripts / "durable_script.py").write_text(textwrap.dedent(DURABLE_SCRIPT))
+        result = subprocess.run(
+            [str(sdk.python), "durable_script.py"], cwd=sdk.scripts, env=sdk_env(platform.server, key),
+            capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        out = json.loads(result.stdout)
+
+        script = (
+            "import os\nfrom taskgate import Client\n"
+            "tg = Client(os.environ['TG_URL'], api_key=os.environ['TG_KEY'], verify=os.environ['TG_CA'])\n"
+            "tg.put_queue('steps', min_backoff_s=0.05, max_backoff_s=0.1)\n"
+            "print(tg.enqueue('e2e.steps', {}, queue='steps').id)\n"
+        )
+        enqueued = subprocess.run(
+            [str(sdk.python), "-c", script], cwd=sdk.scripts, env=sdk_env(platform.server, key), check=True,
+            capture_output=True,
+        )  # fmt: skip
+        task_id = enqueued.stdout.decode().strip()
+
+        def three_started() -> list[str]:
+            text = durable_marks.read_text() if durable_marks.exists() else ""
+            return [line for line in text.splitlines() if line.startswith(f"{task_id} three")]
+
+        started_three = await eventually(three_started, timeout=30)
+        victim = next(w for w in workers if w.pid == int(started_three[0].split()[2]))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        hold.write_text("0")
+
+        async def completed() -> bool:
+            rows = await fetch(platform.database_uri, "SELECT status FROM tasks WHERE id = $1::uuid", task_id)
+            return bool(rows[0]["status"] == "completed")
+
+        await eventually(completed, timeout=60, interval=0.2)
+    finally:
+        stop(*workers)
+    assert out["early"] == {"charge": {"charged": 100}, "shipped": {"carrier": "ups"}, "sent": [0, 1, 2]}
+    assert out["late"] == {"charge": {"charged": 200}, "shipped": {"carrier": "dhl"}, "sent": list(range(50))}
+    assert out["failing"] == {"child_failed": "notify-1"}
+    assert out["diamond"] == ["completed"] * 4
+    assert out["diamond_in_order"] is True
+    assert out["steps"] == ["charge", "cool-off"]  # the signal came before the wait: no wait was recorded
+    marks = Counter(" ".join(line.split()[:2]) for line in durable_marks.read_text().splitlines())
+    assert [marks[f"{task_id} {step}"] for step in ("one", "two", "three")] == [1, 1, 2]
+    notified = [m for m in marks if "notify-" in m]
+    assert len(notified) == 3 + 50 + 3
+    assert {marks[m] for m in notified} == {1}  # each child ran once
+    rows = await fetch(platform.database_uri, "SELECT result FROM tasks WHERE id = $1::uuid", task_id)
+    assert json.loads(rows[0]["result"]) == {"results": [1, 2, 3]}
 
 
 GENERATED_CLIENT_SCRIPT = """

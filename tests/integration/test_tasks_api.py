@@ -20,6 +20,7 @@ async def test_enqueue_returns_the_task_in_spec_shape(client: Client, auth_heade
         "run_at", "created_at", "started_at", "finished_at", "result", "last_error", "progress",
         "schedule",  # beyond SPEC: the schedule fire that made the task, null otherwise
         "concurrency_key", "blocked_by", "debounced",  # SPEC part two, flow control by key
+        "waiting_for", "parent_id", "depends_on",  # SPEC part two, durable composition
     }  # fmt: skip
     assert task["schedule"] is None
     assert (task["concurrency_key"], task["blocked_by"], task["debounced"]) == (None, None, None)

@@ -23,6 +23,8 @@ LEGAL = {
     (Status.RUNNING, Status.CANCELLED),
     (Status.RUNNING, Status.WAITING),
     (Status.RUNNING, Status.AVAILABLE),
+    (Status.RUNNING, Status.SCHEDULED),  # durable sleep
+    (Status.WAITING, Status.AVAILABLE),  # signal, children, dependencies, or a signal's timeout
     (Status.WAITING, Status.COMPLETED),
     (Status.WAITING, Status.RETRYABLE),
     (Status.WAITING, Status.DISCARDED),

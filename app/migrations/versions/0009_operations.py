@@ -1,7 +1,7 @@
 """Operations: the traceback of a failed Python attempt, and the trace context a task was enqueued in.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-02
 
 Additive only (nullable columns without defaults: a catalog change, no table rewrite), so the
@@ -11,7 +11,7 @@ previous release keeps running against this schema during a rolling upgrade.
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
+from pydantic import TypeAdapter, ValidationError
 from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
@@ -23,11 +24,17 @@ from app.routes.context import (
 )
 from app.src.api import bulk, tasks
 from app.src.api.engine import flow, submit
+from app.src.api.errors import Unprocessable, field_errors
 from app.src.api.models.tasks import (
     AttemptList,
     AttemptOut,
     BulkIn,
     BulkOut,
+    SignalIn,
+    SignalName,
+    SignalOut,
+    StepList,
+    StepOut,
     TaskBatchIn,
     TaskBatchOut,
     TaskEvent,
@@ -38,6 +45,7 @@ from app.src.api.models.tasks import (
     WaitQuery,
     task_body,
 )
+from app.src.api.state_machine import Status
 from app.src.utils import json_provider
 
 blueprint = Blueprint("tasks", __name__)
@@ -156,6 +164,9 @@ async def list_attempts(task_id: UUID) -> AttemptList:
 async def task_events(task_id: UUID) -> ResponseReturnValue:
     """Server-sent events: the task's status changes and progress, until it is terminal.
 
+    Composed tasks also send `event: step` {id, name, at}, `event: signal` {id, name, at},
+    `event: child` {id, key, child_id, status, at} and `event: suspended` {id, attempt, at}.
+
     A `text/event-stream` of `event: task` messages whose data is the object documented here. A
     server that is shutting down ends the stream with `event: shutdown` (data `{"retry_after_s":
     1}`, and the SSE `retry` field): reconnect, another replica answers.
@@ -169,7 +180,8 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
             if event is None:
                 yield b": keep-alive\n\n"
             else:
-                yield f"event: task\ndata: {json.dumps(event)}\n\n".encode()
+                name = event.pop("event", "task")  # task, or step | signal | child | suspended
+                yield f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()
         if stopping.is_set():
             # the server is shutting down: say so, and when to reconnect, then end the stream
             yield SHUTDOWN_EVENT
@@ -181,6 +193,41 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
     )
     response.timeout = None  # type: ignore[union-attr]
     return response
+
+
+@blueprint.get("/<uuid:task_id>/steps")
+@requires_scopes("tasks:read")
+@validate_response(StepList)
+async def list_steps(task_id: UUID) -> StepList:
+    """The steps a task stored: `ctx.step` results, and its sleeps and signal waits."""
+    rows = await tasks.steps(db(), client_id=client_id(), task_id=task_id)
+    return StepList(
+        items=[StepOut(name=r["name"], result=r["result"], created_at=r["created_at"]) for r in rows]
+    )
+
+
+@blueprint.post("/<uuid:task_id>/signals/<name>")
+@requires_scopes("tasks:write")
+@validate_request(SignalIn)
+@validate_response(SignalOut, 202)
+async def send_signal(task_id: UUID, name: str, data: SignalIn) -> tuple[SignalOut, int]:
+    """Send a signal to a task: delivered to `ctx.wait_signal(name)`, kept until it waits for it."""
+    checked = _signal_name(name)
+    status = await tasks.signal(db(), client_id=client_id(), task_id=task_id, name=checked, data=data.data)
+    return SignalOut(task_id=task_id, name=checked, status=Status(status)), 202
+
+
+_SIGNAL_NAME = TypeAdapter(SignalName)
+
+
+def _signal_name(name: str) -> str:
+    try:
+        return _SIGNAL_NAME.validate_python(name)
+    except ValidationError as exc:
+        raise Unprocessable(
+            "A signal name is 1 to 128 letters, digits and . _ : - (starting with a letter or digit).",
+            errors=field_errors(exc.errors(include_url=False, include_input=False), prefix=("path", "name")),
+        ) from None
 
 
 @blueprint.post("/<uuid:task_id>/cancel")

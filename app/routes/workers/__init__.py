@@ -55,6 +55,11 @@ async def claim(data: ClaimIn) -> ClaimOut | tuple[ClaimOut, int, dict[str, str]
                 max_attempts=c.task.max_attempts,
                 lease_expires_at=c.lease_expires_at,
                 traceparent=c.traceparent,
+                **(
+                    {}
+                    if c.state is None
+                    else {"steps": c.state.steps, "signals": c.state.signals, "children": c.state.children}
+                ),
             )
             for c in claimed
         ],

@@ -8,17 +8,19 @@ holds here too. Callers are operator-only; that is checked where a request is au
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.src.api import queues, schedules, tasks
 from app.src.api.engine.submit import Submitter
 from app.src.api.errors import NotFound
 from app.src.api.models.schedules import Schedule, SchedulePatch
-from app.src.api.models.tasks import Attempt, Queue, QueueIn, Task
+from app.src.api.models.tasks import Attempt, Queue, QueueIn, Task, waiting_for
 from app.src.database import auth as auth_store
 from app.src.database import console as store
+from app.src.database import durable as durable_store
 from app.src.database import workers as worker_store
 from app.src.database.console import QueueStats, Series
 
@@ -122,6 +124,23 @@ async def task(db: Database, *, task_id: UUID) -> Task:
 async def task_with_attempts(db: Database, *, task_id: UUID) -> tuple[Task, list[Attempt]]:
     found = await task(db, task_id=task_id)
     return found, await tasks.attempts(db, client_id=found.client_id, task_id=task_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Composition:
+    """What the task page shows of a composed task."""
+
+    waiting_for: dict[str, Any] | None
+    steps: list[Mapping[str, Any]]
+    children: list[Mapping[str, Any]]
+    children_total: int
+
+
+async def composition(db: Database, *, task: Task, children_limit: int = 200) -> Composition:
+    steps = await tasks.steps(db, client_id=task.client_id, task_id=task.id)
+    async with db.driver() as conn:
+        children = await durable_store.list_children(conn, parent_id=task.id, limit=children_limit + 1)
+    return Composition(waiting_for(task), steps, children[:children_limit], len(children))
 
 
 async def retry_task(engine: TaskEngine, *, task_id: UUID) -> Task:

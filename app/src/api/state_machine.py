@@ -14,7 +14,7 @@ class Status(StrEnum):
     SCHEDULED = "scheduled"  # run_at in the future
     AVAILABLE = "available"  # ready to be claimed
     RUNNING = "running"  # claimed; a worker holds its lease
-    WAITING = "waiting"  # an external provider is working; the scheduler polls it
+    WAITING = "waiting"  # for a provider (polled), a signal, children or dependencies: see waiting_for
     RETRYABLE = "retryable"  # failed; next attempt at run_at
     COMPLETED = "completed"
     DISCARDED = "discarded"  # dead letter: attempts exhausted or a permanent error
@@ -33,11 +33,20 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
             Status.RETRYABLE,
             Status.DISCARDED,
             Status.CANCELLED,
-            Status.WAITING,
-            Status.AVAILABLE,  # released unfinished by a worker shutting down
+            Status.WAITING,  # a provider's answer, a signal or children to wait for (suspended)
+            Status.AVAILABLE,  # released unfinished by a worker shutting down, or suspended to resume
+            Status.SCHEDULED,  # suspended in a durable sleep (ctx.sleep)
         }
     ),
-    Status.WAITING: frozenset({Status.COMPLETED, Status.RETRYABLE, Status.DISCARDED, Status.CANCELLED}),
+    Status.WAITING: frozenset(
+        {
+            Status.COMPLETED,
+            Status.RETRYABLE,
+            Status.DISCARDED,
+            Status.CANCELLED,
+            Status.AVAILABLE,  # the signal, the last child or the last dependency arrived (or a timeout)
+        }
+    ),
     Status.RETRYABLE: frozenset({Status.AVAILABLE, Status.CANCELLED}),
     Status.COMPLETED: frozenset(),
     Status.DISCARDED: frozenset({Status.AVAILABLE}),  # manual retry

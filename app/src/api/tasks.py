@@ -6,7 +6,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -15,6 +16,7 @@ from app.src.api.engine.task_engine import TaskEngine
 from app.src.api.errors import Conflict, NotFound, Unprocessable
 from app.src.api.models.tasks import Attempt, Task
 from app.src.api.state_machine import TERMINAL, Status, sources
+from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from app.src.database.notifications import Notifier
 
@@ -68,10 +70,13 @@ async def events(
     last: tuple[str, Any, int] | None = None
     loop = asyncio.get_running_loop()
     sent_at = loop.time()
+    history = _History()
     with notifier.watch(task_id) as changed:
         while True:
             changed.clear()
             task = await get(db, client_id=client_id, task_id=task_id)
+            for event in await history.new(db, task):
+                yield event
             current = (task.status, task.progress, task.attempts)
             if current != last:
                 yield {
@@ -92,6 +97,38 @@ async def events(
                 continue
             within_s = min(keepalive_s - quiet_s, notifier.recheck_s)
             await _changed_or_stopping(changed, stopping, within_s=within_s)
+
+
+class _History:
+    """What a task's composition did since the stream last looked: steps stored, signals received,
+    children finished, suspensions (each told once, as `event: step|signal|child|suspended`)."""
+
+    SLACK = timedelta(seconds=5)  # children finish in their own transactions, with their own now()
+
+    def __init__(self) -> None:
+        self.since: datetime | None = None
+        self.seen: set[tuple[str, str]] = set()
+
+    async def new(self, db: Database, task: Task) -> list[dict[str, Any]]:
+        since = (self.since or task.created_at) - self.SLACK
+        async with db.driver() as conn:
+            rows = await durable_store.history_since(conn, task_id=task.id, since=since)
+        events = []
+        for row in rows:
+            key = (row["event"], str(row["child_id"] or row["name"]))
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            self.since = max(self.since or row["at"], row["at"])
+            event: dict[str, Any] = {"event": row["event"], "id": str(task.id), "at": row["at"].isoformat()}
+            if row["event"] == "child":
+                event.update(key=row["name"], child_id=str(row["child_id"]), status=row["status"])
+            elif row["event"] == "suspended":
+                event.update(attempt=int(row["name"]))
+            else:
+                event.update(name=row["name"])
+            events.append(event)
+        return events
 
 
 def _is_set(event: asyncio.Event | None) -> bool:
@@ -178,3 +215,27 @@ async def retry(engine: TaskEngine, *, client_id: UUID, task_id: UUID) -> Task:
         return task
     current = await get(engine.db, client_id=client_id, task_id=task_id)
     raise Conflict(f"Task {task_id} is {current.status}; only discarded or cancelled tasks can be retried.")
+
+
+async def steps(db: Database, *, client_id: UUID, task_id: UUID) -> list[Mapping[str, Any]]:
+    """The steps a task stored (ctx.step results, and its sleeps' and signal waits' records)."""
+    await get(db, client_id=client_id, task_id=task_id)  # tenancy: 404 for another client's task
+    async with db.driver() as conn:
+        return await durable_store.list_steps(conn, task_id=task_id)
+
+
+async def signal(db: Database, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> str:
+    """Keep a signal for the task (delivered to `ctx.wait_signal(name)`, now or when it waits);
+    the task's status afterwards. A second signal of the same name, or one for a finished task,
+    is a 409 and changes nothing."""
+    async with db.driver() as conn:
+        sent = await durable_store.send_signal(
+            conn, client_id=client_id, task_id=task_id, name=name, data=data
+        )
+    if sent.task_status is None:
+        raise NotFound(f"No task {task_id}.")
+    if Status(sent.task_status) in TERMINAL:
+        raise Conflict(f"Task {task_id} is {sent.task_status}; it can no longer receive signals.")
+    if not sent.stored or sent.status is None:
+        raise Conflict(f"Task {task_id} has already received a signal {name!r}.")
+    return sent.status

@@ -254,6 +254,7 @@ CLAIM_WAITING = """
 WITH due AS (
     SELECT id FROM tasks
     WHERE status = 'waiting' AND run_at <= now() AND kind = ANY($1::text[])
+      AND waiting_for IS NULL  -- a provider's answer; not a dependency, a signal or children
     ORDER BY run_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED

@@ -28,7 +28,7 @@ _NOTIFY_IDS_PER_MESSAGE = 200  # 200 * 37 bytes stays under NOTIFY's 8000-byte p
 TASK_COLUMNS = (
     "id, client_id, queue_id, queue, kind, payload, status, priority, attempts, max_attempts, "
     "run_at, created_at, started_at, finished_at, result, last_error, progress, cancel_requested, schedule, "
-    "concurrency_key"
+    "concurrency_key, waiting_for, parent_id, depends_on"
 )
 _DACITE = dacite.Config(check_types=False)
 
@@ -328,7 +328,7 @@ claimed AS (
         debounce_key = NULL  -- started: no longer debounced (tasks_debounce)
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
-              t.run_at, t.started_at
+              t.run_at, t.started_at, t.durable
 ),
 {notify_events("claimed")}
 SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
@@ -452,12 +452,12 @@ claimed AS (
         lease_expires_at = now() + make_interval(secs => $3), worker_id = $4, debounce_key = NULL
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND EXISTS (SELECT 1 FROM bumped)
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
-              t.run_at, t.started_at
+              t.run_at, t.started_at, t.durable
 ),
 {notify_events("claimed")}
 SELECT claimed.*, (SELECT n FROM notified) AS _notified, false AS _conflict FROM claimed
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
 WHERE EXISTS (SELECT 1 FROM picked) AND NOT EXISTS (SELECT 1 FROM bumped)
 """
 
@@ -584,7 +584,7 @@ claimed AS (
         debounce_key = NULL
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = 'available'
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
-              t.run_at, t.started_at, t.concurrency_key
+              t.run_at, t.started_at, t.durable, t.concurrency_key
 ),
 logged AS (
     INSERT INTO task_key_starts AS s (queue_id, key, starts, updated_at)
@@ -666,6 +666,7 @@ class ClaimedTask:
     max_attempts: int
     run_at: datetime
     started_at: datetime
+    durable: bool = False  # it stored steps, signals or children: the worker loads them
 
 
 def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[ClaimedTask]:
@@ -681,6 +682,7 @@ def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[ClaimedTask]:
             r["max_attempts"],
             r["run_at"],
             r["started_at"],
+            r["durable"],
         )
         for r in rows
     ]

@@ -4,14 +4,16 @@ from taskgate import webhooks
 from taskgate.client import AsyncClient, Client
 from taskgate.errors import (
     ApiError,
+    ChildFailed,
     PermanentError,
     RetryLater,
+    SignalTimeout,
     TaskCancelled,
     TaskgateError,
     TimeoutExceeded,
 )
 from taskgate.models import Attempt, BlockedBy, Kind, Queue, Schedule, Task, TaskEvent, TaskPage, WorkerInfo
-from taskgate.worker import TaskContext, Worker
+from taskgate.worker import Child, TaskContext, Worker
 
 __version__ = "0.1.0"
 __all__ = [
@@ -19,12 +21,15 @@ __all__ = [
     "AsyncClient",
     "Attempt",
     "BlockedBy",
+    "Child",
+    "ChildFailed",
     "Client",
     "Kind",
     "PermanentError",
     "Queue",
     "RetryLater",
     "Schedule",
+    "SignalTimeout",
     "Task",
     "TaskCancelled",
     "TaskContext",

@@ -125,6 +125,10 @@ def signal(task_id: TaskId, name: str, data: Any) -> Call[Any]:
     return Call("POST", f"/api/tasks/{_id(task_id)}/signals/{_name(name)}", _ANY, json={"data": dump(data)})
 
 
+def steps(task_id: TaskId) -> Call[Any]:
+    return Call("GET", f"/api/tasks/{_id(task_id)}/steps", _ANY)
+
+
 def events_path(task_id: TaskId) -> str:
     return f"/api/tasks/{_id(task_id)}/events"
 

@@ -38,6 +38,7 @@ Queues = list[Queue]
 Schedules = list[Schedule]
 Kinds = list[Kind]
 Workers = list[WorkerInfo]
+Steps = list[dict[str, Any]]
 Verify = bool | str | ssl.SSLContext
 MAX_EVENT_RECONNECTS = 20
 
@@ -140,6 +141,7 @@ class Client:
         max_attempts: int | None = None,
         concurrency_key: str | None = None,
         debounce: Mapping[str, Any] | None = None,
+        depends_on: Sequence[TaskId] | None = None,
         idempotency_key: str | None = None,
         idempotent: bool = True,
     ) -> Task:
@@ -150,7 +152,8 @@ class Client:
         the same debounce key (the answer's `debounced` says so)."""
         body = calls.task_body(kind, payload, queue=queue, run_at=run_at, delay_s=delay_s, priority=priority,
                                max_attempts=max_attempts, concurrency_key=concurrency_key,
-                               debounce=debounce)  # fmt: skip
+                               debounce=debounce,
+                               depends_on=[str(d) for d in depends_on] if depends_on else None)  # fmt: skip
         return self._run(calls.enqueue(body, idempotency_key=idempotency_key, idempotent=idempotent))
 
     def enqueue_many(
@@ -219,7 +222,13 @@ class Client:
         return self._run(calls.attempts(task_id))["items"]
 
     def signal(self, task_id: TaskId, name: str, data: Any = None) -> Any:
+        """Send signal `name` to a task (kept until its `ctx.wait_signal(name)` takes it)."""
         return self._run(calls.signal(task_id, name, data))
+
+    def steps(self, task_id: TaskId) -> Steps:
+        """The steps a composed task stored: [{name, result, created_at}]."""
+        items: Steps = self._run(calls.steps(task_id))["items"]
+        return items
 
     def events(self, task_id: TaskId) -> Iterator[TaskEvent]:
         """Status and progress changes until the task is terminal (reconnects if the stream drops)."""
@@ -392,12 +401,14 @@ class AsyncClient:
         max_attempts: int | None = None,
         concurrency_key: str | None = None,
         debounce: Mapping[str, Any] | None = None,
+        depends_on: Sequence[TaskId] | None = None,
         idempotency_key: str | None = None,
         idempotent: bool = True,
     ) -> Task:
         body = calls.task_body(kind, payload, queue=queue, run_at=run_at, delay_s=delay_s, priority=priority,
                                max_attempts=max_attempts, concurrency_key=concurrency_key,
-                               debounce=debounce)  # fmt: skip
+                               debounce=debounce,
+                               depends_on=[str(d) for d in depends_on] if depends_on else None)  # fmt: skip
         return await self._run(calls.enqueue(body, idempotency_key=idempotency_key, idempotent=idempotent))
 
     async def enqueue_many(
@@ -465,7 +476,13 @@ class AsyncClient:
         return (await self._run(calls.attempts(task_id)))["items"]
 
     async def signal(self, task_id: TaskId, name: str, data: Any = None) -> Any:
+        """Send signal `name` to a task (kept until its `ctx.wait_signal(name)` takes it)."""
         return await self._run(calls.signal(task_id, name, data))
+
+    async def steps(self, task_id: TaskId) -> Steps:
+        """The steps a composed task stored: [{name, result, created_at}]."""
+        items: Steps = (await self._run(calls.steps(task_id)))["items"]
+        return items
 
     async def events(self, task_id: TaskId) -> AsyncIterator[TaskEvent]:
         reconnects = 0

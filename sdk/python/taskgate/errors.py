@@ -59,3 +59,22 @@ class PermanentError(Exception):
 
 class TaskCancelled(Exception):
     """Raised by a handler that saw `ctx.cancelled` and stopped: the task ends cancelled."""
+
+
+class SignalTimeout(Exception):
+    """`ctx.wait_signal(name, timeout_s=...)` passed its deadline without the signal."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no signal {name!r} arrived before the timeout")
+        self.name = name
+
+
+class ChildFailed(Exception):
+    """A gathered child ended discarded or cancelled (the parent may catch it)."""
+
+    def __init__(self, key: str, task_id: str, status: str, error: str | None = None) -> None:
+        super().__init__(f"child {key!r} ({task_id}) was {status}" + (f": {error}" if error else ""))
+        self.key = key
+        self.task_id = task_id
+        self.status = status
+        self.error = error

@@ -45,6 +45,9 @@ class Task(_Model):
     concurrency_key: str | None = None
     blocked_by: list[BlockedBy] | None = None
     debounced: bool | None = None
+    waiting_for: dict[str, Any] | None = None  # why a waiting task waits: {type: signal | children | ...}
+    parent_id: UUID | None = None
+    depends_on: list[UUID] | None = None
 
     @property
     def terminal(self) -> bool:

@@ -38,7 +38,7 @@ from uuid import UUID
 from pydantic import BaseModel, ValidationError
 
 from taskgate.client import AsyncClient, Client
-from taskgate.errors import ApiError, PermanentError, RetryLater, TaskCancelled
+from taskgate.errors import ApiError, ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskCancelled
 from taskgate.models import ClaimedTask
 
 log = logging.getLogger("taskgate.worker")
@@ -52,9 +52,35 @@ MAX_TRACEBACK = 8192
 
 _CANCEL_EVENTS = threading.Lock()  # guards the lazy creation of TaskContext's cancel event
 
+_FINISHED = ("completed", "discarded", "cancelled")
+
+
+class _Suspend(BaseException):
+    """Ends a handler's attempt with a suspension (a BaseException: `except Exception` keeps out)."""
+
+    def __init__(self, suspend: dict[str, Any]) -> None:
+        super().__init__("suspended")
+        self.suspend = suspend
+
+
+@dataclass(frozen=True)
+class Child:
+    """A spawned child: its key, and its id once it exists (after the suspension that made it)."""
+
+    key: str
+    id: str | None = None
+
 
 class TaskContext:
-    """What a running handler knows about its task, and how it reports back."""
+    """What a running handler knows about its task, and how it reports back.
+
+    Durable composition (async handlers): `await ctx.step(name, fn, *args)`, `await ctx.sleep(name,
+    seconds)`, `await ctx.wait_signal(name, timeout_s=...)`, `await ctx.spawn(kind, payload,
+    key=...)` and `await ctx.gather(children)`. A handler that reaches a new step, a sleep, a wait
+    or a gather ends its attempt `suspended`; Taskgate stores what it produced and runs it again
+    from the top when it may go on, with completed steps returning their stored results. Code
+    between steps must therefore be deterministic (or inside a step).
+    """
 
     def __init__(self, task: ClaimedTask, worker: Worker) -> None:
         self.task_id: UUID = task.id
@@ -67,6 +93,99 @@ class TaskContext:
         self._cancelled = False
         # made only for a handler that waits on it (a thread per task would pay for it otherwise)
         self._cancel_event: threading.Event | None = None
+        self._steps: dict[str, Any] = dict(task.steps)
+        self._signals: dict[str, Any] = dict(task.signals)
+        self._children: dict[str, Any] = dict(task.children)
+        self._spawns: list[dict[str, Any]] = []
+        self._spawn_keys: set[str] = set()
+
+    # --- durable composition ---------------------------------------------------------------------
+
+    async def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` at most once per task to success; later runs get its stored result.
+
+        A new step's result is sent to Taskgate (the attempt ends `suspended`) before anything
+        after it runs, so a worker killed right after a step never runs it again.
+        """
+        if name in self._steps:
+            return self._steps[name]
+        value = fn(*args)
+        if inspect.isawaitable(value):
+            value = await value
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        raise _Suspend({"steps": {name: value}, "spawn": self._take_spawns()})
+
+    async def sleep(self, name: str, seconds: float) -> None:
+        """Durable sleep: the task is `scheduled` until then and holds no worker slot."""
+        stored = self._steps.get(name)
+        if isinstance(stored, dict) and stored.get("done"):
+            return
+        wait = {"type": "sleep", "name": name, "seconds": float(seconds)}
+        raise _Suspend({"spawn": self._take_spawns(), "wait": wait})
+
+    async def wait_signal(self, name: str, *, timeout_s: float | None = None) -> Any:
+        """The data of signal `name`; the task is `waiting` until it arrives (a signal sent
+        earlier is kept). Raises SignalTimeout once `timeout_s` passed without it."""
+        if name in self._signals:
+            return self._signals[name]
+        stored = self._steps.get(name)
+        if isinstance(stored, dict) and stored.get("timed_out"):
+            raise SignalTimeout(name)
+        wait: dict[str, Any] = {"type": "signal", "name": name}
+        if timeout_s is not None:
+            wait["seconds"] = float(timeout_s)
+        raise _Suspend({"spawn": self._take_spawns(), "wait": wait})
+
+    async def spawn(
+        self,
+        kind: str,
+        payload: BaseModel | dict[str, Any],
+        *,
+        key: str,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+    ) -> Child:
+        """A child task, created once per (this task, key) when this attempt next suspends."""
+        known = self._children.get(key)
+        if known is not None:
+            return Child(key, str(known["id"]))
+        if key in self._spawn_keys:
+            raise ValueError(f"a child with key {key!r} was spawned twice")
+        self._spawn_keys.add(key)
+        spec: dict[str, Any] = {
+            "key": key,
+            "kind": kind,
+            "payload": payload.model_dump(mode="json") if isinstance(payload, BaseModel) else dict(payload),
+            "queue": queue or self.queue,
+        }
+        if priority is not None:
+            spec["priority"] = priority
+        if max_attempts is not None:
+            spec["max_attempts"] = max_attempts
+        self._spawns.append(spec)
+        return Child(key)
+
+    async def gather(self, children: list[Child]) -> list[Any]:
+        """The children's results in order, once every child is terminal (the task is `waiting`
+        meanwhile); a discarded or cancelled child raises ChildFailed."""
+        known = self._children
+        if any(c.key not in known or known[c.key].get("status") not in _FINISHED for c in children):
+            raise _Suspend({"spawn": self._take_spawns(), "wait": {"type": "children"}})
+        results = []
+        for child in children:
+            state = known[child.key]
+            if state.get("status") != "completed":
+                raise ChildFailed(
+                    child.key, str(state.get("id")), str(state.get("status")), state.get("error")
+                )
+            results.append(state.get("result"))
+        return results
+
+    def _take_spawns(self) -> list[dict[str, Any]]:
+        spawns, self._spawns = self._spawns, []
+        return spawns
 
     @property
     def cancelled(self) -> bool:
@@ -368,7 +487,12 @@ class Worker:
             else:
                 loop = asyncio.get_running_loop()
                 value = await loop.run_in_executor(self._pool, kind.handler, ctx, payload)
+            spawns = ctx._take_spawns()
+            if spawns:  # children spawned but never gathered: record them; the re-run finishes
+                return {"outcome": "suspended", "suspend": {"spawn": spawns}}
             return {"outcome": "completed", "result": _result(kind, value)}
+        except _Suspend as suspended:
+            return {"outcome": "suspended", "suspend": {k: v for k, v in suspended.suspend.items() if v}}
         except RetryLater as exc:
             return {"outcome": "failed", "error": str(exc) or "retry later", "retry_after_s": exc.after_s}
         except PermanentError as exc:

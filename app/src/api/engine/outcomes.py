@@ -29,6 +29,7 @@ class Outcome(StrEnum):
     WAITING = "waiting"  # handed to an external provider (the http kind's follow_async)
     DEFERRED = "deferred"  # the handler could not start; not an attempt, never recorded
     LOST = "lost"  # the lease expired: the worker died, stalled or fenced itself
+    SUSPENDED = "suspended"  # a composed task stopped to wait or to record (engine/durable.py)
 
 
 # the outcome label of taskgate_task_outcomes_total for the status an attempt left its task in:

@@ -24,8 +24,10 @@ from app.src.api.engine import remote_kinds
 from app.src.api.engine.task_engine import KindContract, SubmitRules, TaskEngine
 from app.src.api.errors import Conflict, TooManyRequests, Unprocessable, field_errors, problem_type
 from app.src.api.models.tasks import DebounceIn, Queue, Task, TaskIn
+from app.src.database import durable as durable_store
 from app.src.database import queues as queue_store
 from app.src.database import tasks as task_store
+from app.src.database.durable import Composed
 from app.src.database.tasks import Debounce, Executor, NewTask
 from app.src.utils import json_text, tracing
 from app.src.utils.ids import uuid7s
@@ -69,6 +71,7 @@ class TaskRequest:
     schedule: dict[str, Any] | None = None  # the schedule fire that asks for it (ScheduleRef fields)
     concurrency_key: str | None = None
     debounce: DebounceIn | None = None
+    depends_on: list[UUID] | None = None  # existing tasks of the same client that must complete first
 
     @classmethod
     def from_input(cls, item: TaskIn) -> TaskRequest:
@@ -82,6 +85,7 @@ class TaskRequest:
             delay_s=item.delay_s,
             concurrency_key=item.concurrency_key,
             debounce=item.debounce,
+            depends_on=list(dict.fromkeys(item.depends_on)) if item.depends_on else None,
         )
 
 
@@ -247,10 +251,21 @@ async def prepare(
     return new_tasks(rules, submitter, requests, kinds, queues, traceparent)
 
 
-async def store_prepared(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]:
+async def store_prepared(
+    conn: Executor,
+    tasks: Sequence[NewTask],
+    *,
+    depends_on: Sequence[list[UUID] | None] = (),
+    field_prefix: Callable[[int], FieldPath] = own_fields,
+) -> list[Task]:
     """Insert prepared rows on the caller's connection (in its transaction, if it opened one).
 
-    A debounced row may come back as the pending task of its debounce key (another id)."""
+    A debounced row may come back as the pending task of its debounce key (another id). Tasks with
+    `depends_on` need that transaction: their dependencies are checked (same client, existing:
+    else a 422) and locked until the dependents are stored, so none can finish unseen.
+    """
+    if any(depends_on):
+        return await _store_dependents(conn, tasks, depends_on, field_prefix)
     if all(task.debounce is None for task in tasks):
         return await task_store.insert_tasks(conn, tasks)
     plain = [task for task in tasks if task.debounce is None]
@@ -261,9 +276,51 @@ async def store_prepared(conn: Executor, tasks: Sequence[NewTask]) -> list[Task]
     return [stored[task.id] for task in tasks]
 
 
+async def _store_dependents(
+    conn: Executor,
+    tasks: Sequence[NewTask],
+    depends_on: Sequence[list[UUID] | None],
+    field_prefix: Callable[[int], FieldPath],
+) -> list[Task]:
+    both = [
+        {"field": _dotted(*field_prefix(i), "debounce"), "message": "debounce cannot be combined with "
+         "depends_on", "type": "value_error"}
+        for i, (task, deps) in enumerate(zip(tasks, depends_on, strict=True)) if deps and task.debounce
+    ]  # fmt: skip
+    if both:
+        raise Unprocessable("A task that depends on others cannot be debounced.", errors=both)
+    wanted = [d for deps in depends_on if deps for d in deps]
+    statuses = await durable_store.mark_dependencies(conn, client_id=tasks[0].client_id, ids=wanted)
+    errors = [
+        {"field": _dotted(*field_prefix(i), "depends_on", j), "message": "no such task of this client",
+         "type": "unknown_task"}
+        for i, deps in enumerate(depends_on) for j, d in enumerate(deps or ()) if d not in statuses
+    ]  # fmt: skip
+    if errors:
+        raise Unprocessable("depends_on names tasks that do not exist (for this client).", errors=errors)
+    return await durable_store.insert_composed(
+        conn, [(task, _dependent(deps, statuses)) for task, deps in zip(tasks, depends_on, strict=True)]
+    )
+
+
 def debounced(new: Sequence[NewTask], tasks: Sequence[Task]) -> list[bool | None]:
     """Per task: None without debounce; True when an earlier pending task took the enqueue."""
     return [None if n.debounce is None else t.id != n.id for n, t in zip(new, tasks, strict=True)]
+
+
+def _dependent(deps: list[UUID] | None, statuses: dict[UUID, str]) -> Composed:
+    """A dependent's start: waiting for its open dependencies, or cancelled if one already failed."""
+    if not deps:
+        return Composed()
+    failed = [d for d in deps if statuses[d] in ("discarded", "cancelled")]
+    if failed:
+        error = f"dependency {failed[0]} was {statuses[failed[0]]}"
+        return Composed(depends_on=deps, status="cancelled", last_error=error)
+    open_ = [d for d in deps if statuses[d] != "completed"]
+    if not open_:
+        return Composed(depends_on=deps)
+    waiting = {"type": "dependencies", "task_ids": [str(d) for d in open_]}
+    return Composed(depends_on=deps, status="waiting", waiting_for=waiting, deps_open=len(open_))
 
 
 def accepted(engine: TaskEngine, tasks: Sequence[Task]) -> None:
@@ -303,8 +360,11 @@ async def _submit_traced(
 ) -> Submitted:
     requests = [TaskRequest.from_input(item) for item in items]
     new = await prepare(engine, submitter, requests, field_prefix=field_prefix, traceparent=traceparent)
+    depends_on = [request.depends_on for request in requests]
     if idempotency_key is not None:
-        stored = await _store_once(engine, submitter.client_id, idempotency_key, items, new)
+        stored = await _store_once(
+            engine, submitter.client_id, idempotency_key, items, new, depends_on, field_prefix
+        )
         if stored.replayed:
             return stored
         tasks = [
@@ -312,6 +372,9 @@ async def _submit_traced(
         ]
         accepted(engine, tasks)
         return stored
+    elif any(depends_on):
+        async with engine.db.driver() as conn, conn.transaction():
+            tasks = await store_prepared(conn, new, depends_on=depends_on, field_prefix=field_prefix)
     elif len(new) == 1 and new[0].debounce is None:
         tasks = [await engine.task_inserts.submit(new[0])]
     else:
@@ -323,7 +386,13 @@ async def _submit_traced(
 
 
 async def _store_once(
-    engine: TaskEngine, client_id: UUID, key: str, items: Sequence[TaskIn], new: Sequence[NewTask]
+    engine: TaskEngine,
+    client_id: UUID,
+    key: str,
+    items: Sequence[TaskIn],
+    new: Sequence[NewTask],
+    depends_on: Sequence[list[UUID] | None],
+    field_prefix: Callable[[int], FieldPath],
 ) -> Submitted:
     """Store under an Idempotency-Key: once per key; a repeat returns the first request's tasks."""
     request_hash = _request_hash(items)
@@ -343,7 +412,7 @@ async def _store_once(
             return Submitted(
                 await task_store.get_tasks(conn, client_id=client_id, task_ids=previous[1]), True
             )
-        tasks = await store_prepared(conn, new)
+        tasks = await store_prepared(conn, new, depends_on=depends_on, field_prefix=field_prefix)
         await task_store.save_idempotency_key(conn, client_id, key, request_hash, [t.id for t in tasks])
     flags = debounced(new, tasks)
     return Submitted(tasks, replayed=False, debounced=flags if any(f is not None for f in flags) else None)

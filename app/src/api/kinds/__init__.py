@@ -10,15 +10,24 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel
 
+from app.src.api.engine.durable import (
+    ChildSpec,
+    CompositionError,
+    Suspended,
+    Suspension,
+    Wait,
+    check_step_result,
+)
 from app.src.api.engine.submit import submit_in_transaction
 from app.src.api.engine.task_engine import SubmitRules, TaskEngine
+from app.src.database.durable import DurableState
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -69,7 +78,40 @@ class WaitExternal(Exception):
         self.http_status = http_status
 
 
+class SignalTimeout(Exception):
+    """`ctx.wait_signal(name, timeout_s=...)` passed its deadline without the signal."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no signal {name!r} arrived before the timeout")
+        self.name = name
+
+
+class ChildFailed(Exception):
+    """A gathered child ended discarded or cancelled (the parent may catch it)."""
+
+    def __init__(self, key: str, task_id: UUID, status: str, error: str | None) -> None:
+        super().__init__(f"child {key!r} ({task_id}) was {status}" + (f": {error}" if error else ""))
+        self.key = key
+        self.task_id = task_id
+        self.status = status
+        self.error = error
+
+
+class LeaseLost(BaseException):
+    """The attempt no longer holds its task (its lease was rescued): the handler must stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """A spawned child: its key, and its id once it exists (after the suspension that made it)."""
+
+    key: str
+    id: UUID | None = None
+
+
 ProgressSink = Callable[[UUID, int, dict[str, Any]], Awaitable[None]]
+StepSink = Callable[["TaskContext", str, Any], Awaitable[None]]  # stores a step, or raises
+_FINISHED = ("completed", "discarded", "cancelled")
 
 
 class TaskContext:
@@ -77,7 +119,11 @@ class TaskContext:
 
     __slots__ = (
         "_cancelled",
+        "_checkpoint",
         "_progress",
+        "_spawn_keys",
+        "_spawns",
+        "_state",
         "attempt",
         "client_id",
         "http_status",
@@ -100,6 +146,8 @@ class TaskContext:
         client_id: UUID,
         progress: ProgressSink | None = None,
         resources: Mapping[str, Any] | None = None,
+        state: DurableState | None = None,
+        checkpoint: StepSink | None = None,
     ) -> None:
         self.task_id = task_id
         # the W3C trace context the task was enqueued in, when kept (outbound requests carry it)
@@ -116,6 +164,11 @@ class TaskContext:
         self.resources: Mapping[str, Any] = resources or {}
         # A handler that called a provider sets the HTTP status it got: the attempt records it.
         self.http_status: int | None = None
+        # durable composition: what earlier runs stored, where new steps go, children to create
+        self._state = state if state is not None else DurableState()  # its own: steps are added
+        self._checkpoint = checkpoint
+        self._spawns: list[ChildSpec] = []
+        self._spawn_keys: set[str] = set()
 
     @property
     def cancelled(self) -> asyncio.Event:
@@ -128,6 +181,104 @@ class TaskContext:
         """Store progress on the task and publish it to /api/tasks/{id}/events."""
         if self._progress is not None:
             await self._progress(self.task_id, self.attempt, progress)
+
+    # --- durable composition (SPEC: "Durable composition") --------------------------------------
+
+    async def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` at most once per task to success; later runs get its stored JSON result.
+
+        A step that raises is retried with the task (the queue's policy); one that succeeded is
+        stored before this returns, so it never runs again, even if the worker dies right after.
+        """
+        steps = self._state.steps
+        if name in steps:
+            return steps[name]
+        value = fn(*args)
+        if inspect.isawaitable(value):
+            value = await value
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        try:
+            check_step_result(name, value)
+        except CompositionError as exc:
+            raise PermanentError(str(exc)) from None
+        if self._checkpoint is None:
+            raise RuntimeError("ctx.step needs a worker to store its result")
+        await self._checkpoint(self, name, value)
+        steps[name] = value
+        return value
+
+    async def sleep(self, name: str, seconds: float) -> None:
+        """Durable sleep: the attempt ends, the task is `scheduled` until then, no worker slot is
+        held, and the handler resumes past this point."""
+        stored = self._state.steps.get(name)
+        if isinstance(stored, dict) and stored.get("done"):
+            return
+        raise Suspended(Suspension(spawn=self._take_spawns(), wait=Wait("sleep", name, float(seconds))))
+
+    async def wait_signal(self, name: str, *, timeout_s: float | None = None) -> Any:
+        """The data of signal `name` (POST /api/tasks/{id}/signals/{name}); the task is `waiting`
+        until it arrives. A signal sent before the wait is kept and delivered here. Raises
+        SignalTimeout once `timeout_s` passed without it."""
+        signals = self._state.signals
+        if name in signals:
+            return signals[name]
+        stored = self._state.steps.get(name)
+        if isinstance(stored, dict) and stored.get("timed_out"):
+            raise SignalTimeout(name)
+        raise Suspended(Suspension(spawn=self._take_spawns(), wait=Wait("signal", name, timeout_s)))
+
+    async def spawn(
+        self,
+        kind: str | TaskKind[Any, Any],
+        payload: BaseModel | dict[str, Any],
+        *,
+        key: str,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+    ) -> Child:
+        """A child task, created once per (this task, key): when this attempt next suspends or
+        ends, through the same rules as any enqueue. A later run gets the same child back."""
+        known = self._state.children.get(key)
+        if known is not None:
+            return Child(key, UUID(str(known["id"])))
+        if key in self._spawn_keys:
+            raise ValueError(f"a child with key {key!r} was spawned twice")
+        self._spawn_keys.add(key)
+        self._spawns.append(
+            ChildSpec(
+                key=key,
+                kind=kind if isinstance(kind, str) else kind.name,
+                payload=payload.model_dump(mode="json") if isinstance(payload, BaseModel) else dict(payload),
+                queue=queue or self.queue,
+                priority=priority,
+                max_attempts=max_attempts,
+            )
+        )
+        return Child(key)
+
+    async def gather(self, children: Sequence[Child]) -> list[Any]:
+        """The children's results, in order, once every child of this task is terminal (the task
+        is `waiting` until then). A discarded or cancelled child raises ChildFailed."""
+        known = self._state.children
+        if any(c.key not in known or known[c.key]["status"] not in _FINISHED for c in children):
+            raise Suspended(Suspension(spawn=self._take_spawns(), wait=Wait("children")))
+        results = []
+        for child in children:
+            state = known[child.key]
+            if state["status"] != "completed":
+                raise ChildFailed(child.key, UUID(str(state["id"])), state["status"], state.get("error"))
+            results.append(state.get("result"))
+        return results
+
+    def _take_spawns(self) -> list[ChildSpec]:
+        spawns, self._spawns = self._spawns, []
+        return spawns
+
+    def unrecorded_spawns(self) -> list[ChildSpec]:
+        """Children spawned in this run that no suspension recorded yet (the executor's last word)."""
+        return self._take_spawns()
 
 
 Handler = Callable[[TaskContext, Any], Awaitable[Any]]

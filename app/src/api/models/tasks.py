@@ -51,6 +51,12 @@ class TaskIn(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
     concurrency_key: ConcurrencyKey | None = None
     debounce: DebounceIn | None = None
+    depends_on: list[UUID] | None = Field(
+        default=None,
+        max_length=100,
+        description="tasks of this client that must complete first (the task is `waiting` until then; "
+        "it is cancelled if one of them is discarded or cancelled)",
+    )
 
     @model_validator(mode="after")
     def _one_schedule(self) -> TaskIn:
@@ -93,6 +99,9 @@ class Task:
     cancel_requested: bool = False
     schedule: dict[str, Any] | None = None  # ScheduleRef fields when a schedule made the task
     concurrency_key: str | None = None
+    waiting_for: dict[str, Any] | None = None  # why a waiting task waits (None: a provider, polled)
+    parent_id: UUID | None = None  # the task that spawned it (ctx.spawn)
+    depends_on: list[UUID] | None = None  # tasks that must complete before it runs
 
 
 class BlockedBy(BaseModel):
@@ -141,6 +150,12 @@ class TaskOut(BaseModel):
     debounced: bool | None = Field(
         default=None, description="enqueue with debounce: true when an earlier task took this enqueue"
     )
+    waiting_for: dict[str, Any] | None = Field(
+        default=None,
+        description="why a `waiting` task waits: {type: http_status | signal | children | dependencies, ...}",
+    )
+    parent_id: UUID | None = Field(default=None, description="the task that spawned this one (ctx.spawn)")
+    depends_on: list[UUID] | None = None
 
     @classmethod
     def from_domain(cls, task: Task, *, blocked_by: list[BlockedBy] | None = None) -> TaskOut:
@@ -163,7 +178,17 @@ class TaskOut(BaseModel):
             schedule=ScheduleRef.model_validate(task.schedule) if task.schedule else None,
             concurrency_key=task.concurrency_key,
             blocked_by=blocked_by,
+            waiting_for=waiting_for(task),
+            parent_id=task.parent_id,
+            depends_on=task.depends_on,
         )
+
+
+def waiting_for(task: Task) -> dict[str, Any] | None:
+    """The reason of a waiting task; a waiting task without one is polling its provider."""
+    if task.status != Status.WAITING:
+        return None
+    return task.waiting_for if task.waiting_for is not None else {"type": "http_status"}
 
 
 def task_body(task: Task, *, debounced: bool | None = None) -> dict[str, Any]:
@@ -193,7 +218,39 @@ def task_body(task: Task, *, debounced: bool | None = None) -> dict[str, Any]:
         "concurrency_key": task.concurrency_key,
         "blocked_by": None,
         "debounced": debounced,
+        "waiting_for": waiting_for(task),
+        "parent_id": task.parent_id,
+        "depends_on": task.depends_on,
     }
+
+
+SignalName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+
+
+class SignalIn(BaseModel):
+    """A signal for `ctx.wait_signal(name)`: kept until the task waits for it, then delivered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Any = None
+
+
+class SignalOut(BaseModel):
+    task_id: UUID
+    name: str
+    status: Status = Field(
+        description="the task's status after the signal (`available` if it was waiting for it)"
+    )
+
+
+class StepOut(BaseModel):
+    name: str
+    result: Any = None
+    created_at: datetime
+
+
+class StepList(BaseModel):
+    items: list[StepOut]
 
 
 class TaskEvent(BaseModel):

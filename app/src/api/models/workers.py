@@ -6,9 +6,9 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.src.api.models.tasks import KindName, QueueName
+from app.src.api.models.tasks import MAX_DELAY_S, KindName, QueueName
 
 MAX_CLAIM = 100
 MAX_WAIT_S = 30.0
@@ -92,6 +92,50 @@ class HeartbeatOut(BaseModel):
 Outcome = Literal["completed", "failed", "permanent_failure", "cancelled", "suspended"]
 
 
+class SpawnIn(BaseModel):
+    """A child to create once per (task, key) (`ctx.spawn`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, max_length=200)
+    kind: KindName
+    payload: dict[str, Any] = Field(default_factory=dict)
+    queue: QueueName | None = Field(default=None, description="default: the parent's queue")
+    priority: int | None = Field(default=None, ge=0, le=9)
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+
+
+class WaitIn(BaseModel):
+    """What a suspended task waits for: a durable sleep, a signal, or its children."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["sleep", "signal", "children"]
+    name: str | None = Field(default=None, min_length=1, max_length=200, description="sleep and signal")
+    seconds: Annotated[float, Field(ge=0, le=MAX_DELAY_S)] | None = Field(
+        default=None, description="a sleep's length, or a signal wait's timeout (none: no timeout)"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> WaitIn:
+        if self.type in ("sleep", "signal") and not self.name:
+            raise ValueError(f"a {self.type} needs a name")
+        if self.type == "sleep" and self.seconds is None:
+            raise ValueError("a sleep needs seconds")
+        return self
+
+
+class SuspendIn(BaseModel):
+    """What a `suspended` attempt produced (steps, children to create) and what it waits for
+    (no `wait`: the task runs again at once, replaying what it stored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: dict[str, Any] = Field(default_factory=dict, max_length=1000)
+    spawn: list[SpawnIn] = Field(default_factory=list, max_length=10_000)
+    wait: WaitIn | None = None
+
+
 class CompletionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,7 +146,7 @@ class CompletionIn(BaseModel):
     error: str | None = Field(default=None, max_length=20_000)
     traceback: str | None = Field(default=None, max_length=64_000)
     retry_after_s: Annotated[float, Field(ge=0, le=366 * 86_400)] | None = None
-    suspend: dict[str, Any] | None = None
+    suspend: SuspendIn | None = Field(default=None, description="with outcome `suspended`")
 
 
 class CompleteIn(BaseModel):

@@ -20,13 +20,23 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.database import StorageUnavailable
-from app.src.api.engine import remote_kinds
+from app.src.api.engine import durable, remote_kinds
+from app.src.api.engine.durable import ChildSpec, CompositionError, Suspension, Wait
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.errors import Unprocessable
-from app.src.api.models.workers import ClaimIn, CompleteIn, CompletionIn, HeartbeatIn, WorkerIdentity
+from app.src.api.models.workers import (
+    ClaimIn,
+    CompleteIn,
+    CompletionIn,
+    HeartbeatIn,
+    SuspendIn,
+    WorkerIdentity,
+)
 from app.src.api.state_machine import Status, transition
+from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from app.src.database import workers as store
+from app.src.database.durable import DurableState
 from app.src.database.tasks import ClaimedTask, Completion, KindsFilter
 from app.src.database.workers import HeldTask, WorkerRow
 from app.src.utils.metrics import OUTCOMES
@@ -85,6 +95,7 @@ class Claimed:
     task: ClaimedTask
     lease_expires_at: datetime
     traceparent: str | None = None  # handed to the remote worker, which continues the trace
+    state: DurableState | None = None  # steps, signals and children of a durable task
 
 
 async def claim(
@@ -142,8 +153,16 @@ async def claim(
     with contextlib.suppress(StorageUnavailable):  # the tasks are claimed: hand them out regardless
         async with db.driver() as conn:
             contexts = await task_store.traceparents(conn, [t.id for t in claimed])
+    # only tasks that stored steps, signals or children cost one more statement
+    states: dict[UUID, DurableState] = {}
+    if any(t.durable for t in claimed):
+        async with db.driver() as conn:
+            states = await durable_store.load_state(conn, [t.id for t in claimed if t.durable])
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
-    return [Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id)) for t in claimed]
+    return [
+        Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id), states.get(t.id))
+        for t in claimed
+    ]
 
 
 async def _first(woken: asyncio.Event, stopping: asyncio.Event | None, *, timeout_s: float) -> None:
@@ -268,15 +287,34 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
     now = datetime.now(UTC)
     groups: dict[UUID, list[Completion]] = {}
     seen_ids: set[UUID] = set()
+    written: dict[UUID, str] = {}
     for item in data.items:
         task = held.get(item.id)
         if task is None or item.id in seen_ids or not _current(task, item, named):
             continue
         seen_ids.add(item.id)
+        if item.outcome == "suspended" and task.worker_id is not None:
+            queue = backoffs.get(task.queue_id)
+            try:
+                status = await durable.suspend(
+                    engine,
+                    task_id=task.id,
+                    client_id=client_id,
+                    attempt=item.attempt,
+                    worker_id=task.worker_id,
+                    suspension=_suspension(item.suspend, default_queue=queue.name if queue else "default"),
+                )
+            except CompositionError as exc:
+                discarded = _finished(task, item, Status.DISCARDED, Outcome.FAILED,
+                                      task.started_at or now, now, error=str(exc))  # fmt: skip
+                groups.setdefault(task.worker_id, []).append(discarded)
+                continue
+            if status is not None:
+                written[task.id] = status
+            continue
         completion = _completion(task, item, kinds.get(task.kind), backoffs.get(task.queue_id), now)
         if completion is not None and task.worker_id is not None:  # _current: it has a holder
             groups.setdefault(task.worker_id, []).append(completion)
-    written: dict[UUID, str] = {}
     async with db.driver() as conn:
         for worker_id, batch in groups.items():
             for row in await task_store.complete(conn, batch, worker_id=worker_id):
@@ -333,7 +371,20 @@ def _completion(
     if item.outcome == "cancelled":
         return _finished(task, item, Status.CANCELLED, Outcome.CANCELLED, started_at, now,
                          error=error or "cancelled")  # fmt: skip
-    return None  # "suspended": durable composition is not served yet; the lease runs its course
+    return None  # "suspended" is written by durable.suspend (complete)
+
+
+def _suspension(data: SuspendIn | None, *, default_queue: str) -> Suspension:
+    """A remote worker's suspension, as the engine writes it for in-process workers too."""
+    if data is None:
+        return Suspension()
+    wait = None if data.wait is None else Wait(data.wait.type, data.wait.name, data.wait.seconds)
+    spawn = [
+        ChildSpec(key=c.key, kind=c.kind, payload=c.payload, queue=c.queue or default_queue,
+                  priority=c.priority, max_attempts=c.max_attempts)
+        for c in data.spawn
+    ]  # fmt: skip
+    return Suspension(steps=data.steps, spawn=spawn, wait=wait)
 
 
 def _finished(

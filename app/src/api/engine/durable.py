@@ -1,0 +1,206 @@
+"""Durable composition: what a suspended attempt means, for in-process and remote workers alike.
+
+A handler that reaches `ctx.sleep`, `ctx.wait_signal` or `ctx.gather` (or that spawned children
+and returned) ends its attempt with a `Suspension`: the steps it produced, the children to create,
+and what to wait for. `suspend` writes all of it in one transaction guarded by the attempt's lease
+— steps, children (through submit's rules: contract, quota, defaults), the parent's new status —
+so a suspension either happened entirely or not at all. In-process workers call it from the
+executor; remote workers' `suspended` completions call it from app/src/api/workers.
+
+Resuming re-runs the handler from the top with what was stored (`DurableState`): completed steps
+return their results, a finished sleep returns, a delivered signal returns its data, children
+report their status and result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+from uuid import UUID
+
+from app.src.api.engine import submit
+from app.src.api.errors import AppError
+from app.src.api.state_machine import Status, transition
+from app.src.database import durable as store
+from app.src.database.durable import MAX_CHILDREN, MAX_STEPS, Composed
+from app.src.utils import json_text
+
+if TYPE_CHECKING:
+    from app.src.api.engine.task_engine import TaskEngine
+
+MAX_STEP_RESULT_BYTES = 1024 * 1024
+MAX_NAME = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    key: str
+    kind: str
+    payload: dict[str, Any]
+    queue: str
+    priority: int | None = None
+    max_attempts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    type: Literal["sleep", "signal", "children"]
+    name: str | None = None
+    seconds: float | None = None  # a sleep's length, a signal's timeout (None: no timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Suspension:
+    steps: Mapping[str, Any] = field(default_factory=dict)
+    spawn: list[ChildSpec] = field(default_factory=list)
+    wait: Wait | None = None  # None: resume at once (new steps or children to record first)
+
+
+class Suspended(BaseException):
+    """Raised inside a handler to end its attempt with a suspension. A BaseException, so a
+    handler's `except Exception` cannot swallow it."""
+
+    def __init__(self, suspension: Suspension) -> None:
+        super().__init__("suspended")
+        self.suspension = suspension
+
+
+class CompositionError(Exception):
+    """What a suspension asked for cannot be done (a limit, an invalid child): the task fails
+    for good with this message."""
+
+
+def check_step_result(name: str, value: Any) -> Any:
+    """A step's result as stored: JSON of at most 1 MiB (a permanent error otherwise)."""
+    if not name or len(name) > MAX_NAME:
+        raise CompositionError(f"a step name must be 1 to {MAX_NAME} characters")
+    try:
+        text = json_text.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise CompositionError(f"step {name!r} returned something that is not JSON: {exc}") from None
+    if len(text.encode()) > MAX_STEP_RESULT_BYTES:
+        raise CompositionError(f"step {name!r} returned more than 1 MiB of JSON")
+    if json_text.contains_nul(value):
+        raise CompositionError(f"step {name!r}: {json_text.NUL_MESSAGE}")
+    return value
+
+
+async def suspend(
+    engine: TaskEngine,
+    *,
+    task_id: UUID,
+    client_id: UUID,
+    attempt: int,
+    worker_id: UUID,
+    suspension: Suspension,
+) -> str | None:
+    """Write a suspension; the task's new status, or None when the attempt no longer holds it."""
+    for name, value in suspension.steps.items():
+        check_step_result(name, value)
+    children = await _prepare_children(engine, client_id, suspension.spawn)
+    created: list[Any] = []
+    async with engine.db.driver() as conn, conn.transaction():
+        locked = await store.lock_running(conn, task_id=task_id, attempt=attempt, worker_id=worker_id)
+        if locked is None:
+            return None
+        waits_step = suspension.wait is not None and suspension.wait.type in ("sleep", "signal")
+        if locked.steps + len(suspension.steps) + int(waits_step) > MAX_STEPS:
+            raise CompositionError(f"a task may hold at most {MAX_STEPS} steps")
+        if locked.children + len(children) > MAX_CHILDREN:
+            raise CompositionError(f"a task may have at most {MAX_CHILDREN} children")
+        await store.insert_steps(conn, task_id=task_id, steps=suspension.steps)
+        if children:
+            created = await store.insert_composed(
+                conn, [(new, Composed(parent_id=task_id, child_key=key)) for key, new in children]
+            )
+        status, waiting_for, run_at = await _decide(conn, task_id, suspension.wait)
+        row = await store.suspend(
+            conn,
+            task_id=task_id,
+            attempt=attempt,
+            worker_id=worker_id,
+            status=str(transition(Status.RUNNING, status)),
+            waiting_for=waiting_for,
+            run_at=run_at,
+            new_children=len(created),
+        )
+    if created:
+        submit.accepted(engine, created)
+    return None if row is None else str(row["status"])
+
+
+async def _prepare_children(
+    engine: TaskEngine, client_id: UUID, spawn: list[ChildSpec]
+) -> list[tuple[str, Any]]:
+    if not spawn:
+        return []
+    keys = [child.key for child in spawn]
+    if len(set(keys)) != len(keys):
+        raise CompositionError("two children were spawned with the same key")
+    if any(not key or len(key) > MAX_NAME for key in keys):
+        raise CompositionError(f"a child's key must be 1 to {MAX_NAME} characters")
+    if len(spawn) > MAX_CHILDREN:
+        raise CompositionError(f"a task may have at most {MAX_CHILDREN} children")
+    requests = [
+        submit.TaskRequest(
+            kind=child.kind,
+            payload=child.payload,
+            queue=child.queue,
+            priority=child.priority,
+            max_attempts=child.max_attempts,
+        )
+        for child in spawn
+    ]
+    try:
+        new = await submit.prepare(
+            engine, submit.Submitter(client_id), requests, field_prefix=lambda i: ("spawn", i)
+        )
+    except AppError as exc:
+        details = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in (exc.errors or []))
+        raise CompositionError(
+            f"a child cannot be created: {exc.detail}{' ' + details if details else ''}"
+        ) from None
+    return list(zip(keys, new, strict=True))
+
+
+async def _decide(
+    conn: Any, task_id: UUID, wait: Wait | None
+) -> tuple[Status, dict[str, Any] | None, datetime | None]:
+    """The parent's status, waiting_for and run_at for what it waits for."""
+    if wait is None:
+        return Status.AVAILABLE, None, None
+    if wait.type == "sleep":
+        result, now = await store.record_wait(
+            conn,
+            task_id=task_id,
+            name=wait.name or "",
+            key="sleep_until",
+            seconds=max(0.0, wait.seconds or 0.0),
+        )
+        until = _timestamp(result, "sleep_until")
+        if until is not None and until > now:
+            return Status.SCHEDULED, None, until
+        return Status.AVAILABLE, None, None
+    if wait.type == "signal":
+        name = wait.name or ""
+        if await store.signal_stored(conn, task_id=task_id, name=name):
+            return Status.AVAILABLE, None, None
+        result, now = await store.record_wait(
+            conn, task_id=task_id, name=name, key="wait_until", seconds=wait.seconds
+        )  # no timeout: seconds None, and the deadline is null
+        if isinstance(result, dict) and result.get("timed_out"):
+            return Status.AVAILABLE, None, None
+        deadline = _timestamp(result, "wait_until")
+        waiting: dict[str, Any] = {"type": "signal", "name": name}
+        if deadline is not None:
+            waiting["timeout_at"] = deadline.isoformat()
+        return Status.WAITING, waiting, None
+    return Status.WAITING, {"type": "children"}, None
+
+
+def _timestamp(result: Any, key: str) -> datetime | None:
+    if not isinstance(result, dict) or not result.get(key):
+        return None
+    return datetime.fromisoformat(str(result[key]))

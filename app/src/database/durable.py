@@ -1,0 +1,521 @@
+"""Storage of durable composition: steps, signals, children, dependencies and suspensions.
+
+A task that uses none of this is never touched here: the claim returns its `durable` flag, and
+only flagged tasks have their state loaded (LOAD_STATE, one statement for a whole claim). Every
+write is guarded like a completion (status running, same attempt, same worker), and what a
+suspension produced — its steps, its children, the parent's new status — is written in one
+transaction. What the end of a child or a dependency means for others is decided by the trigger
+`taskgate_composition_changed` (migration 0008), in the transaction that ended it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from app.src.api.models.tasks import Task
+from app.src.database.tasks import (
+    AVAILABLE_CHANNEL,
+    CANCEL_CHANNEL,
+    EVENTS_CHANNEL,
+    TASK_COLUMNS,
+    Executor,
+    NewTask,
+    to_task,
+)
+from app.src.utils import json_text
+
+MAX_STEPS = 1000
+MAX_CHILDREN = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class DurableState:
+    """What a claimed durable task's handler replays: {name: result}, {name: data}, {key: child}."""
+
+    steps: dict[str, Any] = field(default_factory=dict)
+    signals: dict[str, Any] = field(default_factory=dict)
+    children: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# One statement for every durable task of a claim. Steps come back as stored, except that a sleep
+# says whether it is over (`done`, by the database's clock: workers' clocks do not decide). A signal
+# whose wait already timed out is not delivered to it (the handler saw SignalTimeout, and a replay
+# must see the same). Children by key (index: tasks_parent_key).
+LOAD_STATE = """
+SELECT t.id,
+       (SELECT COALESCE(jsonb_object_agg(s.name,
+                  CASE WHEN s.result ? 'sleep_until'
+                       THEN s.result || jsonb_build_object(
+                           'done', (s.result->>'sleep_until')::timestamptz <= now())
+                       ELSE s.result END), '{}'::jsonb)
+        FROM task_steps s WHERE s.task_id = t.id) AS steps,
+       (SELECT COALESCE(jsonb_object_agg(g.name, g.data), '{}'::jsonb)
+        FROM task_signals g WHERE g.task_id = t.id
+          AND NOT EXISTS (SELECT 1 FROM task_steps w WHERE w.task_id = t.id AND w.name = g.name
+                          AND (w.result->>'timed_out')::boolean)) AS signals,
+       (SELECT COALESCE(jsonb_object_agg(c.child_key,
+                  jsonb_build_object('id', c.id, 'status', c.status, 'result', c.result,
+                                     'error', c.last_error)),
+                  '{}'::jsonb)
+        FROM tasks c WHERE c.parent_id = t.id) AS children
+FROM unnest($1::uuid[]) AS t(id)
+"""
+
+
+async def load_state(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, DurableState]:
+    if not task_ids:
+        return {}
+    rows = await conn.fetch(LOAD_STATE, list(task_ids))
+    return {
+        row["id"]: DurableState(
+            steps=_json(row["steps"]), signals=_json(row["signals"]), children=_json(row["children"])
+        )
+        for row in rows
+    }
+
+
+def _json(value: Any) -> Any:
+    return value  # the pool's jsonb codec has decoded it already (app/database.py)
+
+
+# --- steps (in-process workers) ------------------------------------------------------------------
+
+# A step that succeeded, stored before the handler goes on, so a worker killed right after it never
+# runs it again. Guarded by the attempt's lease (status, attempt, worker): a stale attempt stores
+# nothing. The first step flags the task durable, so its next claims load what it stored.
+CHECKPOINT_STEP = f"""
+WITH owner AS (
+    SELECT id, durable FROM tasks
+    WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3
+),
+flagged AS (
+    UPDATE tasks SET durable = true WHERE id IN (SELECT id FROM owner WHERE NOT durable) RETURNING id
+),
+counted AS (SELECT count(*) AS n FROM task_steps WHERE task_id = $1),
+stored AS (
+    INSERT INTO task_steps (task_id, name, result)
+    SELECT id, $4, $5::jsonb FROM owner WHERE (SELECT n FROM counted) < {MAX_STEPS}
+    ON CONFLICT (task_id, name) DO NOTHING
+    RETURNING task_id
+)
+SELECT (SELECT count(*) FROM owner) AS owned, (SELECT n FROM counted) AS steps,
+       (SELECT count(*) FROM flagged) AS _flagged,
+       (SELECT count(pg_notify('{EVENTS_CHANNEL}', task_id::text)) FROM stored) AS stored
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    owned: bool  # the attempt still holds the task
+    over_limit: bool  # the task already holds MAX_STEPS steps
+
+
+async def checkpoint_step(
+    conn: Executor, *, task_id: UUID, attempt: int, worker_id: UUID, name: str, result: Any
+) -> Checkpoint:
+    rows = await conn.fetch(CHECKPOINT_STEP, task_id, attempt, worker_id, name, json_text.dumps(result))
+    row = rows[0]
+    return Checkpoint(owned=bool(row["owned"]), over_limit=bool(row["owned"]) and row["steps"] >= MAX_STEPS)
+
+
+async def list_steps(conn: Executor, *, task_id: UUID) -> list[Mapping[str, Any]]:
+    return list(
+        await conn.fetch(
+            "SELECT name, result, created_at FROM task_steps WHERE task_id = $1 ORDER BY created_at, name",
+            task_id,
+        )
+    )
+
+
+# --- suspension ----------------------------------------------------------------------------------
+
+# The running attempt ends without a result; the task keeps everything it stored. Locked first
+# (the guard), so the counts read next are exact for this transaction.
+LOCK_RUNNING = """
+SELECT t.id, t.client_id, t.queue_id, t.children_open, t.started_at,
+       (SELECT count(*) FROM task_steps s WHERE s.task_id = t.id) AS steps,
+       (SELECT count(*) FROM tasks c WHERE c.parent_id = t.id) AS children
+FROM tasks t
+WHERE t.id = $1 AND t.status = 'running' AND t.attempts = $2 AND t.worker_id = $3
+FOR UPDATE OF t
+"""
+
+INSERT_STEPS = f"""
+WITH stored AS (
+    INSERT INTO task_steps (task_id, name, result)
+    SELECT $1, n, r FROM unnest($2::text[], $3::jsonb[]) AS i(n, r)
+    ON CONFLICT (task_id, name) DO NOTHING
+    RETURNING name
+)
+SELECT count(*) AS n, (SELECT count(pg_notify('{EVENTS_CHANNEL}', $1::text))) AS _n FROM stored
+"""
+
+# A wait recorded as a step under its name the first time it is reached: a sleep's end and a
+# signal's deadline are fixed then (by the database's clock) and kept across re-runs.
+RECORD_WAIT = """
+WITH stored AS (
+    INSERT INTO task_steps (task_id, name, result)
+    VALUES ($1, $2, jsonb_build_object($3::text, now() + make_interval(secs => $4::float8)))
+    ON CONFLICT (task_id, name) DO NOTHING
+    RETURNING result
+)
+SELECT COALESCE((SELECT result FROM stored), (SELECT result FROM task_steps WHERE task_id = $1 AND name = $2))
+       AS result, now() AS now
+"""
+
+SIGNAL_STORED = "SELECT 1 AS found FROM task_signals WHERE task_id = $1 AND name = $2"
+
+# The parent's new life: `status` and `waiting_for` as decided (a wait for children becomes
+# `available` at once when none is open any more, counted under the lock), its lease gone, its
+# attempt recorded as suspended. A suspension is not a failure: max_attempts grows with it, so a
+# task that suspends a hundred times keeps its whole failure budget (attempts still count up, so
+# every completion guard stays exact).
+SUSPEND = f"""
+WITH changed AS (
+    UPDATE tasks t
+    SET status = CASE WHEN $4 = 'waiting' AND ($5::jsonb)->>'type' = 'children'
+                           AND t.children_open + $7 <= 0 THEN 'available' ELSE $4 END,
+        waiting_for = CASE WHEN $4 = 'waiting' AND ($5::jsonb)->>'type' = 'children'
+                                AND t.children_open + $7 <= 0 THEN NULL ELSE $5::jsonb END,
+        run_at = COALESCE($6::timestamptz, now()),
+        children_open = t.children_open + $7,
+        durable = true,
+        max_attempts = t.max_attempts + 1,
+        lease_expires_at = NULL,
+        worker_id = NULL
+    WHERE t.id = $1 AND t.status = 'running' AND t.attempts = $2 AND t.worker_id = $3
+    RETURNING t.id, t.queue_id, t.queue, t.kind, t.status, t.started_at
+),
+recorded AS (
+    INSERT INTO task_attempts (task_id, attempt, started_at, finished_at, outcome, duration_ms)
+    SELECT id, $2, COALESCE(started_at, now()), now(), 'suspended',
+           EXTRACT(epoch FROM now() - COALESCE(started_at, now())) * 1000
+    FROM changed
+),
+notified AS (
+    SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text))
+         + count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text))
+           FILTER (WHERE status = 'available') AS n
+    FROM changed
+)
+SELECT changed.*, (SELECT n FROM notified) AS _n FROM changed
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Locked:
+    id: UUID
+    client_id: UUID
+    queue_id: int
+    steps: int
+    children: int
+
+
+async def lock_running(conn: Any, *, task_id: UUID, attempt: int, worker_id: UUID) -> Locked | None:
+    row = await conn.fetchrow(LOCK_RUNNING, task_id, attempt, worker_id)
+    if row is None:
+        return None
+    return Locked(row["id"], row["client_id"], row["queue_id"], row["steps"], row["children"])
+
+
+async def insert_steps(conn: Any, *, task_id: UUID, steps: Mapping[str, Any]) -> None:
+    if steps:
+        await conn.fetch(
+            INSERT_STEPS, task_id, list(steps), [json_text.dumps(value) for value in steps.values()]
+        )
+
+
+async def record_wait(
+    conn: Any, *, task_id: UUID, name: str, key: str, seconds: float | None
+) -> tuple[Any, datetime]:
+    """The wait's step (created now if it is new): its stored result and the database's now()."""
+    row = await conn.fetchrow(RECORD_WAIT, task_id, name, key, seconds)
+    return _json(row["result"]), row["now"]
+
+
+async def signal_stored(conn: Any, *, task_id: UUID, name: str) -> bool:
+    return await conn.fetchrow(SIGNAL_STORED, task_id, name) is not None
+
+
+async def suspend(
+    conn: Any,
+    *,
+    task_id: UUID,
+    attempt: int,
+    worker_id: UUID,
+    status: str,
+    waiting_for: dict[str, Any] | None,
+    run_at: datetime | None,
+    new_children: int,
+) -> Mapping[str, Any] | None:
+    rows = await conn.fetch(
+        SUSPEND,
+        task_id,
+        attempt,
+        worker_id,
+        status,
+        None if waiting_for is None else json_text.dumps(waiting_for),
+        run_at,
+        new_children,
+    )
+    return rows[0] if rows else None
+
+
+# --- composed inserts: children and dependents ---------------------------------------------------
+
+# Like INSERT_TASKS (app/src/database/tasks.py), with what composition adds: the parent and its
+# key (a child exists once per (parent, key): index tasks_parent_key), the dependencies, and a
+# status decided by the caller for dependents (waiting, or cancelled when a dependency already
+# failed). Plain enqueues never use this statement.
+INSERT_COMPOSED = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[],
+                         $7::smallint[], $8::int[], $9::timestamptz[], $10::float8[],
+                         $11::uuid[], $12::text[], $13::text[], $14::text[], $15::jsonb[], $16::int[],
+                         $17::text[], $18::text[], $19::text[])
+        AS i(id, client_id, queue_id, queue, kind, payload, priority, max_attempts, run_at, delay_s,
+             parent_id, child_key, depends_on, status, waiting_for, deps_open, last_error, concurrency_key,
+             traceparent)
+),
+inserted AS (
+    INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts, run_at,
+                       parent_id, child_key, depends_on, waiting_for, deps_open, last_error, finished_at,
+                       concurrency_key, traceparent)
+    SELECT i.id, i.client_id, i.queue_id, i.queue, i.kind, i.payload,
+           COALESCE(i.status, CASE WHEN due.at <= now() THEN 'available' ELSE 'scheduled' END),
+           i.priority, i.max_attempts, due.at, i.parent_id, i.child_key, i.depends_on::uuid[],
+           i.waiting_for, i.deps_open, i.last_error,
+           CASE WHEN i.status = 'cancelled' THEN now() END, i.concurrency_key, i.traceparent
+    FROM input i
+    CROSS JOIN LATERAL (
+        SELECT COALESCE(i.run_at, now() + make_interval(secs => COALESCE(i.delay_s, 0)), now()) AS at
+    ) due
+    ON CONFLICT (parent_id, child_key) WHERE parent_id IS NOT NULL DO NOTHING
+    RETURNING {TASK_COLUMNS}
+),
+linked AS (
+    INSERT INTO task_dependencies (task_id, depends_on_id)
+    SELECT inserted.id, d FROM inserted CROSS JOIN LATERAL unnest(inserted.depends_on) AS d
+    ON CONFLICT DO NOTHING
+),
+woken AS (
+    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
+        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM inserted WHERE status = 'available'
+    ) q WHERE ids IS NOT NULL
+)
+SELECT inserted.*, (SELECT n FROM woken) AS _woken FROM inserted
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Composed:
+    """What composition adds to a NewTask."""
+
+    parent_id: UUID | None = None
+    child_key: str | None = None
+    depends_on: list[UUID] | None = None
+    status: str | None = None  # None: available or scheduled by run_at, as for any task
+    waiting_for: dict[str, Any] | None = None
+    deps_open: int = 0
+    last_error: str | None = None
+
+
+async def insert_composed(conn: Executor, tasks: Sequence[tuple[NewTask, Composed]]) -> list[Task]:
+    """Insert children or dependents; a child whose (parent, key) exists already is skipped."""
+    rows = await conn.fetch(
+        INSERT_COMPOSED,
+        [t.id for t, _ in tasks],
+        [t.client_id for t, _ in tasks],
+        [t.queue_id for t, _ in tasks],
+        [t.queue for t, _ in tasks],
+        [t.kind for t, _ in tasks],
+        [json_text.dumps(t.payload) for t, _ in tasks],
+        [t.priority for t, _ in tasks],
+        [t.max_attempts for t, _ in tasks],
+        [t.run_at for t, _ in tasks],
+        [t.delay_s for t, _ in tasks],
+        [c.parent_id for _, c in tasks],
+        [c.child_key for _, c in tasks],
+        [None if c.depends_on is None else "{" + ",".join(map(str, c.depends_on)) + "}" for _, c in tasks],
+        [c.status for _, c in tasks],
+        [None if c.waiting_for is None else json_text.dumps(c.waiting_for) for _, c in tasks],
+        [c.deps_open for _, c in tasks],
+        [c.last_error for _, c in tasks],
+        [t.concurrency_key for t, _ in tasks],
+        [t.traceparent for t, _ in tasks],
+    )
+    return [to_task(row) for row in rows]
+
+
+# Dependencies must exist, belong to the same client, and are marked so the trigger fires when
+# they end; the UPDATE also locks them until the dependent is stored, so none can finish unseen.
+MARK_DEPENDENCIES = """
+UPDATE tasks SET has_dependents = true
+WHERE id = ANY($1::uuid[]) AND client_id = $2
+RETURNING id, status
+"""
+
+
+async def mark_dependencies(conn: Executor, *, client_id: UUID, ids: Sequence[UUID]) -> dict[UUID, str]:
+    rows = await conn.fetch(MARK_DEPENDENCIES, sorted(set(ids)), client_id)
+    return {row["id"]: row["status"] for row in rows}
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+# A signal is kept (the first of a name wins) whether or not the task waits for it yet; a task
+# waiting for exactly this signal becomes available in the same statement.
+SEND_SIGNAL = f"""
+WITH target AS (
+    SELECT id, status, waiting_for, queue_id FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE
+),
+stored AS (
+    INSERT INTO task_signals (task_id, name, data)
+    SELECT id, $3, $4::jsonb FROM target WHERE status NOT IN ('completed', 'discarded', 'cancelled')
+    ON CONFLICT (task_id, name) DO NOTHING
+    RETURNING task_id
+),
+woken AS (
+    UPDATE tasks t
+    SET status = CASE WHEN t.status = 'waiting' AND t.waiting_for->>'type' = 'signal'
+                           AND t.waiting_for->>'name' = $3 THEN 'available' ELSE t.status END,
+        run_at = CASE WHEN t.status = 'waiting' AND t.waiting_for->>'type' = 'signal'
+                           AND t.waiting_for->>'name' = $3 THEN now() ELSE t.run_at END,
+        waiting_for = CASE WHEN t.status = 'waiting' AND t.waiting_for->>'type' = 'signal'
+                           AND t.waiting_for->>'name' = $3 THEN NULL ELSE t.waiting_for END,
+        durable = true
+    WHERE t.id IN (SELECT task_id FROM stored)
+    RETURNING t.id, t.status, t.queue_id
+),
+notified AS (
+    SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text))
+         + count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text)) FILTER (WHERE status = 'available') AS n
+    FROM woken
+)
+SELECT (SELECT status FROM target) AS task_status, (SELECT count(*) FROM stored) AS stored,
+       (SELECT status FROM woken) AS status, (SELECT n FROM notified) AS _n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSent:
+    task_status: str | None  # None: no such task of this client
+    stored: bool  # False: the task is finished, or a signal of this name was sent before
+    status: str | None  # the task's status after the signal (when stored)
+
+
+async def send_signal(conn: Executor, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> SignalSent:
+    row = (await conn.fetch(SEND_SIGNAL, task_id, client_id, name, json_text.dumps(data)))[0]
+    return SignalSent(row["task_status"], bool(row["stored"]), row["status"])
+
+
+# --- sweeping ------------------------------------------------------------------------------------
+
+# The scheduler's safety net (index: tasks_composed_waiting): waits for a signal past their
+# deadline resume (the wait's step is marked timed out, so the handler sees SignalTimeout and so
+# does every replay), and waits whose children or dependencies are all done — which the trigger
+# decides as they finish — resume if anything was missed.
+SWEEP_WAITING = f"""
+WITH due AS (
+    SELECT id, waiting_for FROM tasks
+    WHERE status = 'waiting' AND waiting_for IS NOT NULL
+      AND CASE waiting_for->>'type'
+              WHEN 'signal' THEN (waiting_for->>'timeout_at')::timestamptz <= now()
+              WHEN 'children' THEN children_open <= 0
+              WHEN 'dependencies' THEN deps_open <= 0
+              ELSE false END
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+),
+woken AS (
+    UPDATE tasks t SET status = 'available', run_at = now(), waiting_for = NULL
+    FROM due
+    WHERE t.id = due.id AND t.status = 'waiting'
+    RETURNING t.id, t.queue_id, due.waiting_for AS was
+),
+timed_out AS (
+    UPDATE task_steps s SET result = s.result || '{{"timed_out": true}}'::jsonb
+    FROM woken w
+    WHERE w.was->>'type' = 'signal' AND s.task_id = w.id AND s.name = w.was->>'name'
+),
+notified AS (
+    SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text))
+         + count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text))
+           AS n
+    FROM woken
+)
+SELECT count(*) AS woken, (SELECT n FROM notified) AS _n FROM woken
+"""
+
+
+# Children of a cancelled parent that its cancel had to skip (they were locked at that moment):
+# cancelled now, or asked to stop if running (index: tasks_cancelled_parents, then tasks_parent_key).
+SWEEP_ORPHANS = f"""
+WITH orphans AS (
+    SELECT c.id FROM tasks p JOIN tasks c ON c.parent_id = p.id
+    WHERE p.status = 'cancelled' AND p.children_open > 0
+      AND c.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
+      AND NOT (c.status = 'running' AND c.cancel_requested)
+    LIMIT $1
+    FOR UPDATE OF c SKIP LOCKED
+),
+changed AS (
+    UPDATE tasks t
+    SET status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,
+        finished_at = CASE WHEN t.status = 'running' THEN t.finished_at ELSE now() END,
+        waiting_for = CASE WHEN t.status = 'running' THEN t.waiting_for END,
+        cancel_requested = true,
+        last_error = COALESCE(t.last_error, 'parent ' || t.parent_id || ' was cancelled')
+    FROM orphans o
+    WHERE t.id = o.id
+    RETURNING t.id, t.status
+)
+SELECT count(*) AS changed,
+       (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) FROM changed)
+     + (SELECT count(pg_notify('{CANCEL_CHANNEL}', id::text)) FROM changed WHERE status = 'running') AS _n
+FROM changed
+"""
+
+
+async def sweep_waiting(conn: Executor, *, limit: int = 1000) -> int:
+    """Composed waits resumed (timeouts, anything missed) and orphaned children cancelled."""
+    rows = await conn.fetch(SWEEP_WAITING, limit)
+    orphans = await conn.fetch(SWEEP_ORPHANS, limit)
+    return int(rows[0]["woken"]) + int(orphans[0]["changed"])
+
+
+# --- reading for the events stream ---------------------------------------------------------------
+
+HISTORY_SINCE = """
+SELECT 'step' AS event, name AS name, NULL::uuid AS child_id, NULL::text AS status, created_at AS at
+FROM task_steps WHERE task_id = $1 AND created_at > $2
+UNION ALL
+SELECT 'signal', name, NULL, NULL, created_at FROM task_signals WHERE task_id = $1 AND created_at > $2
+UNION ALL
+SELECT 'child', child_key, id, status, finished_at FROM tasks
+WHERE parent_id = $1 AND finished_at > $2 AND status IN ('completed', 'discarded', 'cancelled')
+UNION ALL
+SELECT 'suspended', attempt::text, NULL, NULL, finished_at FROM task_attempts
+WHERE task_id = $1 AND outcome = 'suspended' AND finished_at > $2
+ORDER BY at
+"""
+
+
+async def history_since(conn: Executor, *, task_id: UUID, since: datetime) -> list[Mapping[str, Any]]:
+    return list(await conn.fetch(HISTORY_SINCE, task_id, since))
+
+
+async def list_children(conn: Executor, *, parent_id: UUID, limit: int = 200) -> list[Mapping[str, Any]]:
+    """A parent's children by key (index: tasks_parent_key), the first `limit` of them."""
+    return list(
+        await conn.fetch(
+            "SELECT id, child_key, kind, status, finished_at FROM tasks WHERE parent_id = $1 "
+            "ORDER BY child_key LIMIT $2",
+            parent_id,
+            limit,
+        )
+    )

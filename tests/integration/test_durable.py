@@ -1,0 +1,388 @@
+"""Durable composition with the worker in this process: steps, sleep, signals, children, depends_on."""
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+from quart import Quart
+
+from tests.conftest import driver_uri
+from tests.task_harness import enqueue, eventually, fetch
+
+Serving = Callable[..., Awaitable[Quart]]
+ALL_ROLES = {"ROLES": ["api", "worker", "scheduler"]}
+
+
+async def get(client: Any, headers: dict[str, str], path: str) -> Any:
+    response = await client.get(path, headers=headers)
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    return await response.get_json()
+
+
+async def wait_done(
+    client: Any, headers: dict[str, str], task_id: str, timeout: float = 20
+) -> dict[str, Any]:
+    async def done() -> Any:
+        task = await get(client, headers, f"/api/tasks/{task_id}")
+        return task if task["status"] in ("completed", "discarded", "cancelled") else None
+
+    result: dict[str, Any] = await eventually(done, timeout=timeout)
+    return result
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_steps_run_once_and_are_listed(
+    serving: Serving, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    marks = tmp_path / "steps.txt"
+    task = await enqueue(client, auth_headers, kind="test.steps", payload={"path": str(marks)})
+    done = await wait_done(client, auth_headers, task["id"])
+    assert done["status"] == "completed"
+    assert done["result"] == {"results": [1, 2, 3]}
+    assert Counter(line.split()[1] for line in lines(marks)) == {"one": 1, "two": 1, "three": 1}
+    steps = (await get(client, auth_headers, f"/api/tasks/{task['id']}/steps"))["items"]
+    assert [(s["name"], s["result"]) for s in steps] == [("one", 1), ("two", 2), ("three", 3)]
+
+
+async def test_a_failed_step_is_retried_with_the_task_and_earlier_steps_do_not_rerun(
+    serving: Serving, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/steps", json={"min_backoff_s": 0.1, "max_backoff_s": 0.2}, headers=auth_headers
+    )
+    marks, gate = tmp_path / "steps.txt", tmp_path / "gate"
+    task = await enqueue(
+        client, auth_headers, kind="test.steps", queue="steps", max_attempts=10,
+        payload={"path": str(marks), "gate": str(gate)},
+    )  # fmt: skip
+    await eventually(lambda: _attempts(client, auth_headers, task["id"], at_least=2))
+    gate.touch()
+    done = await wait_done(client, auth_headers, task["id"])
+    assert done["status"] == "completed"
+    runs = Counter(line.split()[1] for line in lines(marks))
+    assert runs["one"] == runs["two"] == 1
+    assert runs["three"] >= 3
+
+
+async def _attempts(client: Any, headers: dict[str, str], task_id: str, *, at_least: int) -> bool:
+    items = (await get(client, headers, f"/api/tasks/{task_id}/attempts"))["items"]
+    return len([a for a in items if a["outcome"] == "failed"]) >= at_least
+
+
+async def test_a_signal_sent_before_the_wait_and_one_sent_after_are_both_delivered(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    # early: the signal is kept before the task ever ran (its queue is paused)
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    early = await enqueue(
+        client, auth_headers, kind="test.await_signal", queue="held", payload={"name": "go"}
+    )
+    sent = await client.post(
+        f"/api/tasks/{early['id']}/signals/go", json={"data": {"n": 1}}, headers=auth_headers
+    )
+    assert sent.status_code == 202
+    assert (await sent.get_json())["status"] == "available"
+    await client.post("/api/queues/held/resume", headers=auth_headers)
+    # late: the task waits first
+    late = await enqueue(client, auth_headers, kind="test.await_signal", payload={"name": "shipped"})
+
+    async def waiting() -> Any:
+        task = await get(client, auth_headers, f"/api/tasks/{late['id']}")
+        return task if task["status"] == "waiting" else None
+
+    parked = await eventually(waiting)
+    assert parked["waiting_for"] == {"type": "signal", "name": "shipped"}
+    sent = await client.post(
+        f"/api/tasks/{late['id']}/signals/shipped", json={"data": {"carrier": "ups"}}, headers=auth_headers
+    )
+    assert sent.status_code == 202
+    assert (await wait_done(client, auth_headers, early["id"]))["result"] == {"data": {"n": 1}}
+    assert (await wait_done(client, auth_headers, late["id"]))["result"] == {"data": {"carrier": "ups"}}
+    # a second signal of the same name, or one for a finished task, changes nothing
+    again = await client.post(
+        f"/api/tasks/{late['id']}/signals/shipped", json={"data": 2}, headers=auth_headers
+    )
+    assert again.status_code == 409
+    assert again.headers["Content-Type"] == "application/problem+json"
+
+
+async def test_signals_are_tenant_isolated_and_validated(
+    serving: Serving, auth_headers: dict[str, str], other_client_headers: dict[str, str], clean_database: str
+) -> None:
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="test.await_signal", payload={"name": "go"})
+    foreign = await client.post(
+        f"/api/tasks/{task['id']}/signals/go", json={"data": 1}, headers=other_client_headers
+    )
+    assert foreign.status_code == 404
+    steps = await client.get(f"/api/tasks/{task['id']}/steps", headers=other_client_headers)
+    assert steps.status_code == 404
+    bad = await client.post(f"/api/tasks/{task['id']}/signals/-bad", json={"data": 1}, headers=auth_headers)
+    assert bad.status_code == 422
+    assert bad.headers["Content-Type"] == "application/problem+json"
+    extra = await client.post(f"/api/tasks/{task['id']}/signals/go", json={"nope": 1}, headers=auth_headers)
+    assert extra.status_code in (400, 422)
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM task_signals"))[0]["n"] == 0
+
+
+async def test_a_durable_sleep_and_a_signal_wait_hold_no_worker_slot_and_the_wait_times_out(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**ALL_ROLES, WORKER_CONCURRENCY=1)
+    client = app.test_client()
+    sleeper = await enqueue(client, auth_headers, kind="test.nap", payload={"seconds": 2})
+    waiter = await enqueue(
+        client, auth_headers, kind="test.await_signal", payload={"name": "x", "timeout_s": 0.5}
+    )
+
+    async def parked() -> bool:
+        statuses = [
+            (await get(client, auth_headers, f"/api/tasks/{t['id']}"))["status"] for t in (sleeper, waiter)
+        ]
+        return statuses == ["scheduled", "waiting"]
+
+    await eventually(parked)
+    # the only slot is free while they sleep and wait: other tasks run and finish meanwhile
+    others = [await enqueue(client, auth_headers, kind="noop", payload={}) for _ in range(3)]
+    for other in others:
+        assert (await wait_done(client, auth_headers, other["id"], timeout=1.5))["status"] == "completed"
+    assert (await get(client, auth_headers, f"/api/tasks/{sleeper['id']}"))["status"] == "scheduled"
+    timed_out = await wait_done(client, auth_headers, waiter["id"])
+    assert timed_out["result"] == {"timed_out": True}
+    # too late: the task is finished, the signal is refused
+    late = await client.post(f"/api/tasks/{waiter['id']}/signals/x", json={"data": 1}, headers=auth_headers)
+    assert late.status_code == 409
+    done = await wait_done(client, auth_headers, sleeper["id"])
+    assert done["status"] == "completed"
+    assert done["result"]["slept_s"] >= 2
+
+
+async def test_fan_out_and_gather_and_a_failing_child_raises_child_failed(
+    serving: Serving, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    marks = tmp_path / "children.txt"
+    parent = await enqueue(
+        client, auth_headers, kind="test.fanout", payload={"children": 20, "path": str(marks)}
+    )
+    done = await wait_done(client, auth_headers, parent["id"])
+    assert done["result"] == {"sum": sum(i * 2 for i in range(20)), "count": 20}
+    assert len(lines(marks)) == 20
+    children = await get(client, auth_headers, "/api/tasks?kind=test.child&limit=100")
+    assert {c["parent_id"] for c in children["items"]} == {parent["id"]}
+    told = await events_of(client, auth_headers, parent["id"])
+    assert sorted(e["key"] for name, e in told if name == "child") == sorted(f"c{i}" for i in range(20))
+    assert {e["status"] for name, e in told if name == "child"} == {"completed"}
+    assert [name for name, _ in told].count("suspended") == 1
+    failing = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 3, "fail": [1]})
+    failed = await wait_done(client, auth_headers, failing["id"])
+    assert failed["result"] == {"child_failed": "c1", "status": "discarded"}
+
+
+async def test_depends_on_runs_a_diamond_in_order_and_cancels_after_a_discard(
+    serving: Serving, auth_headers: dict[str, str], other_client_headers: dict[str, str], tmp_path: Path
+) -> None:
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put("/api/queues/gated", json={"paused": True}, headers=auth_headers)
+    a = await enqueue(client, auth_headers, kind="noop", queue="gated", payload={})
+    b = await enqueue(client, auth_headers, kind="noop", payload={}, depends_on=[a["id"]])
+    c = await enqueue(client, auth_headers, kind="noop", payload={}, depends_on=[a["id"]])
+    d = await enqueue(client, auth_headers, kind="noop", payload={}, depends_on=[b["id"], c["id"]])
+    assert b["status"] == "waiting"
+    assert b["waiting_for"] == {"type": "dependencies", "task_ids": [a["id"]]}
+    assert d["depends_on"] == [b["id"], c["id"]]
+    await asyncio.sleep(0.5)
+    assert (await get(client, auth_headers, f"/api/tasks/{d['id']}"))["status"] == "waiting"
+    await client.post("/api/queues/gated/resume", headers=auth_headers)
+    finished = {t["id"]: await wait_done(client, auth_headers, t["id"]) for t in (a, b, c, d)}
+    assert all(t["status"] == "completed" for t in finished.values())
+    assert finished[a["id"]]["finished_at"] <= finished[b["id"]]["started_at"]
+    assert (
+        max(finished[b["id"]]["finished_at"], finished[c["id"]]["finished_at"])
+        <= finished[d["id"]]["started_at"]
+    )
+
+    # C discarded: D, which needs it, is cancelled and says why
+    a2 = await enqueue(client, auth_headers, kind="noop", payload={})
+    c2 = await enqueue(
+        client,
+        auth_headers,
+        kind="test.flaky",
+        payload={"fail_times": 1, "permanent": True},
+        depends_on=[a2["id"]],
+    )
+    d2 = await enqueue(client, auth_headers, kind="noop", payload={}, depends_on=[a2["id"], c2["id"]])
+    cancelled = await wait_done(client, auth_headers, d2["id"])
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["last_error"] == f"dependency {c2['id']} was discarded"
+
+    # unknown and foreign ids are a 422 and create nothing
+    foreign = await enqueue(client, other_client_headers, kind="noop", payload={})
+    before = (await get(client, auth_headers, "/api/tasks?limit=500"))["items"]
+    for deps in ([foreign["id"]], ["018f0000-0000-7000-8000-000000000000"]):
+        response = await client.post(
+            "/api/tasks", json={"kind": "noop", "payload": {}, "depends_on": deps}, headers=auth_headers
+        )
+        assert response.status_code == 422
+        problem = await response.get_json()
+        assert problem["errors"][0]["field"] == "depends_on.0"
+    assert len((await get(client, auth_headers, "/api/tasks?limit=500"))["items"]) == len(before)
+
+
+async def test_cancelling_a_parent_cancels_its_unfinished_children(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put("/api/queues/kids", json={"paused": True}, headers=auth_headers)
+    parent = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 5, "queue": "kids"})
+
+    async def waiting() -> Any:
+        task = await get(client, auth_headers, f"/api/tasks/{parent['id']}")
+        return task if task["status"] == "waiting" else None
+
+    assert (await eventually(waiting))["waiting_for"] == {"type": "children"}
+    # one child is locked by someone else (as a completion would) while the parent is cancelled:
+    # the cancel does not wait for it, and the scheduler's sweep cancels it right after
+    locker = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        async with locker.transaction():
+            await locker.execute(
+                "SELECT id FROM tasks WHERE parent_id = $1 AND child_key = 'c0' FOR UPDATE",
+                UUID(parent["id"]),
+            )
+            response = await client.post(f"/api/tasks/{parent['id']}/cancel", headers=auth_headers)
+            assert response.status_code == 200
+            children = (await get(client, auth_headers, "/api/tasks?kind=test.child"))["items"]
+            assert sorted(c["status"] for c in children) == ["available"] + ["cancelled"] * 4
+    finally:
+        await locker.close()
+
+    async def all_cancelled() -> bool:
+        children = (await get(client, auth_headers, "/api/tasks?kind=test.child"))["items"]
+        return {c["status"] for c in children} == {"cancelled"}
+
+    await eventually(all_cancelled, timeout=5)
+
+
+async def test_the_events_stream_tells_steps_suspensions_signals_and_children(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="test.await_signal", payload={"name": "go"})
+
+    async def waiting() -> bool:
+        return (await get(client, auth_headers, f"/api/tasks/{task['id']}"))["status"] == "waiting"
+
+    await eventually(waiting)
+    await client.post(f"/api/tasks/{task['id']}/signals/go", json={"data": 1}, headers=auth_headers)
+    await wait_done(client, auth_headers, task["id"])
+    events = await events_of(client, auth_headers, task["id"])
+    names = [name for name, _ in events]
+    assert {"step", "suspended", "signal", "task"} <= set(names)
+    assert ("step", "go") in [(n, e.get("name")) for n, e in events]
+
+
+async def events_of(client: Any, headers: dict[str, str], task_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """The events stream of a finished task, read to its end: [(event name, data)]."""
+    response = await client.get(f"/api/tasks/{task_id}/events", headers=headers)
+    blocks = (await response.get_data(as_text=True)).split("\n\n")
+    return [
+        (
+            block.split("\n")[0].removeprefix("event: "),
+            json.loads(block.split("\n")[1].removeprefix("data: ")),
+        )
+        for block in blocks
+        if block.startswith("event:")
+    ]
+
+
+async def test_the_console_task_page_shows_steps_children_and_what_it_waits_for(
+    serving: Serving, auth_headers: dict[str, str], operator: Any, tmp_path: Path
+) -> None:
+    from tests.integration.ui.test_console import Browser, log_in
+
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put("/api/queues/kids", json={"paused": True}, headers=auth_headers)
+    parent = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 2, "queue": "kids"})
+
+    async def waiting() -> bool:
+        return (await get(client, auth_headers, f"/api/tasks/{parent['id']}"))["status"] == "waiting"
+
+    await eventually(waiting)
+    steps = await enqueue(client, auth_headers, kind="test.steps", payload={"path": str(tmp_path / "s.txt")})
+    await wait_done(client, auth_headers, steps["id"])
+    browser = Browser(app)
+    await log_in(browser, operator)
+    page = await (await browser.get(f"/ui/tasks/{parent['id']}")).get_data(as_text=True)
+    assert "Waiting for" in page
+    assert "children" in page
+    assert "Children" in page
+    assert ">c0<" in page
+    assert ">c1<" in page
+    steps_page = await (await browser.get(f"/ui/tasks/{steps['id']}")).get_data(as_text=True)
+    assert "Steps" in steps_page
+    assert ">three<" in steps_page
+
+
+async def test_composition_limits_fail_the_task_for_good_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    big = await enqueue(client, auth_headers, kind="test.limits", payload={"big_step": True})
+    many = await enqueue(client, auth_headers, kind="test.limits", payload={"children": 10_001})
+    big_done = await wait_done(client, auth_headers, big["id"])
+    assert (big_done["status"], big_done["attempts"]) == ("discarded", 1)
+    assert big_done["last_error"] == "step 'big' returned more than 1 MiB of JSON"
+    many_done = await wait_done(client, auth_headers, many["id"])
+    assert many_done["status"] == "discarded"
+    assert many_done["last_error"] == "a task may have at most 10000 children"
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id IS NOT NULL"))[0][
+        "n"
+    ] == 0
+
+
+async def test_depends_on_with_an_idempotency_key_and_in_a_batch(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    a = await enqueue(client, auth_headers, kind="noop", payload={})
+    body = {"kind": "noop", "payload": {}, "depends_on": [a["id"]]}
+    headers = {**auth_headers, "Idempotency-Key": "dep-1"}
+    first = await client.post("/api/tasks", json=body, headers=headers)
+    again = await client.post("/api/tasks", json=body, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert (await first.get_json())["id"] == (await again.get_json())["id"]
+    assert (await again.get_json())["status"] == "waiting"
+    bad = await client.post(
+        "/api/tasks/batch",
+        json={"tasks": [body, {**body, "depends_on": [a["id"], "018f0000-0000-7000-8000-000000000000"]}]},
+        headers=auth_headers,
+    )
+    assert bad.status_code == 422
+    assert [e["field"] for e in (await bad.get_json())["errors"]] == ["tasks.1.depends_on.1"]
+    too_many = await client.post(
+        "/api/tasks", json={**body, "depends_on": [a["id"]] * 101}, headers=auth_headers
+    )
+    assert too_many.status_code == 422
