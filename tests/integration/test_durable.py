@@ -106,6 +106,8 @@ async def test_a_signal_sent_before_the_wait_and_one_sent_after_are_both_deliver
 
     parked = await eventually(waiting)
     assert parked["waiting_for"] == {"type": "signal", "name": "shipped"}
+    assert [b["reason"] for b in parked["blocked_by"]] == ["signal"]
+    assert "shipped" in parked["blocked_by"][0]["detail"]
     sent = await client.post(
         f"/api/tasks/{late['id']}/signals/shipped", json={"data": {"carrier": "ups"}}, headers=auth_headers
     )
@@ -209,7 +211,9 @@ async def test_depends_on_runs_a_diamond_in_order_and_cancels_after_a_discard(
     assert b["waiting_for"] == {"type": "dependencies", "task_ids": [a["id"]]}
     assert d["depends_on"] == [b["id"], c["id"]]
     await asyncio.sleep(0.5)
-    assert (await get(client, auth_headers, f"/api/tasks/{d['id']}"))["status"] == "waiting"
+    held = await get(client, auth_headers, f"/api/tasks/{d['id']}")
+    assert held["status"] == "waiting"
+    assert [b["reason"] for b in held["blocked_by"]] == ["dependencies"]  # why it is not running
     await client.post("/api/queues/gated/resume", headers=auth_headers)
     finished = {t["id"]: await wait_done(client, auth_headers, t["id"]) for t in (a, b, c, d)}
     assert all(t["status"] == "completed" for t in finished.values())
@@ -258,7 +262,9 @@ async def test_cancelling_a_parent_cancels_its_unfinished_children(
         task = await get(client, auth_headers, f"/api/tasks/{parent['id']}")
         return task if task["status"] == "waiting" else None
 
-    assert (await eventually(waiting))["waiting_for"] == {"type": "children"}
+    parked = await eventually(waiting)
+    assert parked["waiting_for"] == {"type": "children"}
+    assert [b["reason"] for b in parked["blocked_by"]] == ["children"]
     # one child is locked by someone else (as a completion would) while the parent is cancelled:
     # the cancel does not wait for it, and the scheduler's sweep cancels it right after
     locker = await asyncpg.connect(driver_uri(clean_database))

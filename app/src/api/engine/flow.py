@@ -52,7 +52,7 @@ async def blocked_by(db: Database, task: Task) -> list[BlockedBy] | None:
     if holds is None:
         return None
     if status is Status.WAITING:
-        return reasons  # waiting for its provider (waiting_for), not for a claim rule
+        return _waiting(task)  # its composition or its provider, not a claim rule
     if holds.run_at_future:
         reasons.append(BlockedBy(reason="run_at", detail=f"due at {task.run_at.isoformat()}"))
     if holds.queue_paused:
@@ -132,3 +132,25 @@ async def task_hosts(db: Database, *, client_id: UUID | None) -> list[store.Host
             max_concurrency=db.settings.HTTP_HOST_MAX_CONCURRENCY,
             circuit_failures=db.settings.HTTP_CIRCUIT_FAILURES,
         )
+
+
+def _waiting(task: Task) -> list[BlockedBy]:
+    """A waiting task waits for what `waiting_for` names: its dependencies, its children, a
+    signal (made available by the event itself), or its provider (an http task polled for its
+    status: no reason of ours)."""
+    waiting = task.waiting_for or {}
+    kind = waiting.get("type")
+    if kind == "dependencies":
+        ids = waiting.get("task_ids") or []
+        return [BlockedBy(reason="dependencies", detail=f"waits for {len(ids)} task(s) to complete: "
+                          + ", ".join(map(str, ids[:5])) + (" ..." if len(ids) > 5 else ""))]  # fmt: skip
+    if kind == "children":
+        return [BlockedBy(reason="children", detail="waits for its children to finish (ctx.gather)")]
+    if kind == "signal":
+        name = waiting.get("name")
+        return [
+            BlockedBy(
+                reason="signal", detail=f"waits for signal {name!r} (POST /api/tasks/{{id}}/signals/{name})"
+            )
+        ]
+    return []
