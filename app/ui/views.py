@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from quart import (
     Blueprint,
     Response,
@@ -38,8 +38,9 @@ from app.src.api.auth import clients, operators
 from app.src.api.engine import flow
 from app.src.api.errors import AppError, Forbidden, Unprocessable, field_errors
 from app.src.api.models.auth import SCOPES, Principal
-from app.src.api.models.tasks import QueueIn
+from app.src.api.models.tasks import QueueIn, SignalName
 from app.src.api.state_machine import TERMINAL, Status
+from app.src.utils import json_provider
 from app.ui import session
 from app.ui.charts import throughput_chart
 
@@ -461,6 +462,33 @@ async def retry_task(task_id: UUID) -> Any:
 async def cancel_task(task_id: UUID) -> Any:
     await console.cancel_task(_db(), task_id=task_id)
     return redirect(url_for("ui.task", task_id=task_id, done="cancel requested"), 303)
+
+
+_SIGNAL_NAME: TypeAdapter[str] = TypeAdapter(SignalName)
+
+
+@blueprint.post("/tasks/<uuid:task_id>/signal")
+async def signal_task(task_id: UUID) -> Any:
+    """Send a signal (what POST /api/tasks/{id}/signals/{name} does, for the task's own client)."""
+    found = await console.task(_db(), task_id=task_id)
+    form = await request.form
+    try:
+        name = _SIGNAL_NAME.validate_python(form.get("name", "").strip())
+    except ValidationError:
+        raise Unprocessable(
+            "A signal name is 1 to 128 letters, digits and . _ : - (starting with a letter or digit).",
+            errors=[{"field": "form.name", "message": "invalid signal name", "type": "value_error"}],
+        ) from None
+    raw = form.get("data", "").strip()
+    try:
+        data = json_provider.loads(raw, max_depth=_runtime().settings.SERVER_MAX_JSON_DEPTH) if raw else None
+    except ValueError:
+        raise Unprocessable(
+            "The signal's data must be JSON (or empty).",
+            errors=[{"field": "form.data", "message": "not JSON", "type": "json_invalid"}],
+        ) from None
+    await tasks.signal(_db(), client_id=found.client_id, task_id=task_id, name=name, data=data)
+    return redirect(url_for("ui.task", task_id=task_id, done=f"signal {name} sent"), 303)
 
 
 @blueprint.get("/tasks/<uuid:task_id>/events")

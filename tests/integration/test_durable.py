@@ -392,3 +392,36 @@ async def test_depends_on_with_an_idempotency_key_and_in_a_batch(
         "/api/tasks", json={**body, "depends_on": [a["id"]] * 101}, headers=auth_headers
     )
     assert too_many.status_code == 422
+
+
+async def test_an_operator_sends_a_signal_from_the_console(
+    serving: Serving, auth_headers: dict[str, str], operator: Any
+) -> None:
+    from tests.integration.ui.test_console import Browser, log_in
+
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="test.await_signal", payload={"name": "approved"})
+
+    async def waiting() -> bool:
+        return (await get(client, auth_headers, f"/api/tasks/{task['id']}"))["status"] == "waiting"
+
+    await eventually(waiting)
+    browser = Browser(app)
+    await log_in(browser, operator)
+    path = f"/ui/tasks/{task['id']}"
+    page = await (await browser.get(path)).get_data(as_text=True)
+    assert 'name="name" required maxlength="128" value="approved"' in page  # the awaited name
+    token = await browser.csrf(path)
+    # refused without the CSRF token, and for data that is not JSON: nothing is delivered
+    refused = await browser.post(f"{path}/signal", {"name": "approved", "data": "{}"})
+    assert refused.status_code == 403
+    bad = await browser.post(f"{path}/signal", {"name": "approved", "data": "{not json", "csrf_token": token})
+    assert bad.status_code == 422
+    assert (await get(client, auth_headers, f"/api/tasks/{task['id']}"))["status"] == "waiting"
+    sent = await browser.post(
+        f"{path}/signal", {"name": "approved", "data": '{"by": "ops"}', "csrf_token": token}
+    )
+    assert sent.status_code == 303
+    done = await wait_done(client, auth_headers, task["id"])
+    assert done["result"] == {"data": {"by": "ops"}}
