@@ -187,10 +187,10 @@ def _inserted(new: NewTask, row: Mapping[str, Any]) -> Task:
 DEBOUNCE_TASK = f"""
 WITH upserted AS (
     INSERT INTO tasks AS t (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts,
-                            run_at, concurrency_key, debounce_key, debounce_until)
+                            run_at, concurrency_key, debounce_key, debounce_until, traceparent)
     VALUES ($1, $2, $3, $4, $5, $6::jsonb, CASE WHEN $9::float8 <= 0 THEN 'available' ELSE 'scheduled' END,
             $7, $8, now() + make_interval(secs => $9::float8), $10, $11,
-            now() + make_interval(secs => $12::float8))
+            now() + make_interval(secs => $12::float8), $13)
     ON CONFLICT (client_id, debounce_key)
         WHERE debounce_key IS NOT NULL AND status IN ('scheduled', 'available')
     DO UPDATE SET
@@ -227,6 +227,7 @@ async def debounce_task(conn: Executor, task: NewTask) -> tuple[Task, bool]:
         task.concurrency_key,
         task.debounce.key,
         task.debounce.max_wait_s,
+        task.traceparent,
     )
     return to_task(rows[0]), not rows[0]["created"]
 
