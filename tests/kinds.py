@@ -220,6 +220,7 @@ async def fan_out(ctx: TaskContext, payload: FanOut) -> dict[str, object]:
 class Limits(BaseModel):
     big_step: bool = False  # a step result over 1 MiB
     children: int = 0  # spawn this many children (10,001 is one too many)
+    steps: int = 0  # store this many steps (1,001 is one too many)
 
 
 @task_kind("test.limits", payload=Limits)
@@ -227,6 +228,8 @@ async def limits(ctx: TaskContext, payload: Limits) -> dict[str, object]:
     """Goes past a composition limit on request."""
     if payload.big_step:
         await ctx.step("big", lambda: "x" * (1024 * 1024 + 1))
+    for i in range(payload.steps):
+        await ctx.step(f"s{i}", lambda i=i: i)
     handles = [await ctx.spawn("noop", {}, key=str(i)) for i in range(payload.children)]
     await ctx.gather(handles)
     return {}

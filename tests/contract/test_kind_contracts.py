@@ -25,7 +25,7 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.nap": [{"seconds": 2}, {"seconds": 0.5, "path": "/tmp/x"}],
     "test.await_signal": [{"name": "shipped"}, {"name": "approved", "timeout_s": 1}],
     "test.child": [{"i": 1}, {"i": 2, "path": "/tmp/x", "fail": True}],
-    "test.limits": [{}, {"big_step": True}, {"children": 10_001}],
+    "test.limits": [{}, {"big_step": True}, {"children": 10_001}, {"steps": 1_001}],
     "test.fanout": [{"children": 3}, {"children": 500, "path": "/tmp/x", "fail": [7], "queue": "q"}],
     "test.flaky": [
         {"fail_times": 2},

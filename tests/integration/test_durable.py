@@ -357,12 +357,20 @@ async def test_composition_limits_fail_the_task_for_good_with_a_clear_error(
     client = app.test_client()
     big = await enqueue(client, auth_headers, kind="test.limits", payload={"big_step": True})
     many = await enqueue(client, auth_headers, kind="test.limits", payload={"children": 10_001})
+    long = await enqueue(client, auth_headers, kind="test.limits", payload={"steps": 1_001})
     big_done = await wait_done(client, auth_headers, big["id"])
     assert (big_done["status"], big_done["attempts"]) == ("discarded", 1)
     assert big_done["last_error"] == "step 'big' returned more than 1 MiB of JSON"
     many_done = await wait_done(client, auth_headers, many["id"])
     assert many_done["status"] == "discarded"
     assert many_done["last_error"] == "a task may have at most 10000 children"
+    long_done = await wait_done(client, auth_headers, long["id"])
+    assert long_done["status"] == "discarded"
+    assert long_done["last_error"] == "a task may hold at most 1000 steps"
+    stored = await fetch(
+        clean_database, "SELECT count(*) AS n FROM task_steps WHERE task_id = $1", long["id"]
+    )
+    assert stored[0]["n"] == 1000  # the thousand it was allowed, none past them
     assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id IS NOT NULL"))[0][
         "n"
     ] == 0
