@@ -69,9 +69,12 @@ class Claimer:
         self._unlimited: set[int] = set()
         self._recheck: set[int] = set()
         # When claim_available last came back short (the unlimited queues had nothing more), and
-        # nothing was announced since outside the limited queues: until then, or a poll interval
-        # later, a claim asks only the limited queues (one round trip fewer per round).
-        self._unlimited_idle_since: float | None = None
+        # how many announcements outside the limited queues had arrived before it was sent: while
+        # no other arrives, and for a poll interval at most, a claim asks only the limited queues
+        # (one round trip fewer per round). Counting, not a flag: an announcement that lands while
+        # that claim is in flight (which could not see its task) must not be forgotten.
+        self._unlimited_idle: tuple[float, int] | None = None
+        self._announced = 0
         self.log = log.bind(worker_id=str(worker_id))
 
     def wake(self) -> None:
@@ -81,11 +84,11 @@ class Claimer:
         """A NOTIFY that tasks became available in these queues (None: anything may have changed)."""
         if queue_ids is None:
             self._limited = (0.0, [])
-            self._unlimited_idle_since = None
+            self._announced += 1
         else:
             self._named |= queue_ids
             if not queue_ids <= {queue.id for queue in self._limited[1]}:
-                self._unlimited_idle_since = None
+                self._announced += 1
         self._wake.set()
 
     def stop(self) -> None:
@@ -179,8 +182,9 @@ class Claimer:
         states: dict[UUID, DurableState] = {}
         async with self.db.driver() as conn:
             claimed: list[ClaimedTask] = []
-            idle_since = self._unlimited_idle_since
-            if idle_since is None or time.monotonic() - idle_since > self.poll_s:
+            idle = self._unlimited_idle
+            if idle is None or idle[1] != self._announced or time.monotonic() - idle[0] > self.poll_s:
+                announced = self._announced
                 claimed = await task_store.claim_available(
                     conn,
                     limit=want,
@@ -189,7 +193,7 @@ class Claimer:
                     queues=self.queues,
                 )
                 self._unlimited.update(task.queue_id for task in claimed)
-                self._unlimited_idle_since = time.monotonic() if len(claimed) < want else None
+                self._unlimited_idle = (time.monotonic(), announced) if len(claimed) < want else None
             if len(claimed) < want:
                 for queue in await self._limited_queues(conn):
                     if len(claimed) >= want:
