@@ -61,8 +61,12 @@ async def test_bulk_cancel_by_filter_and_what_it_refuses(
         ),
         await client.post("/api/tasks/bulk/cancel", json={"filter": {}, "extra": 1}, headers=auth_headers),
         await client.post("/api/tasks/bulk/cancel", json={}, headers=auth_headers),
+        # a number is not a date-time (pydantic would read it as a Unix time: 1970)
+        await client.post(
+            "/api/tasks/bulk/retry", json={"filter": {"created_before": 0}}, headers=auth_headers
+        ),
     ]
-    assert [r.status_code for r in refused] == [422, 422, 422]
+    assert [r.status_code for r in refused] == [422, 422, 422, 422]
     assert all(r.headers["Content-Type"].startswith("application/problem+json") for r in refused)
     reader = await make_client(db, "reader", scopes=("tasks:read",))
     forbidden = await client.post(

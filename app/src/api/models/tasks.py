@@ -7,13 +7,24 @@ from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.src.api.state_machine import Status
 
 QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["default"])]
 KindName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 MAX_DELAY_S = 366 * 86_400
+
+
+def _date_time_text(value: Any) -> Any:
+    """The schema says an RFC 3339 string: a number (which pydantic would read as a Unix time)
+    is refused rather than taken for 1970."""
+    if value is not None and not isinstance(value, str | datetime):
+        raise ValueError("expected an RFC 3339 date-time string")
+    return value
+
+
+DateTimeText = Annotated[AwareDatetime, BeforeValidator(_date_time_text)]
 ConcurrencyKey = Annotated[
     str,
     Field(
@@ -297,8 +308,8 @@ class BulkFilter(BaseModel):
     queue: QueueName | None = None
     kind: KindName | None = None
     status: Status | None = None
-    created_before: AwareDatetime | None = None
-    created_after: AwareDatetime | None = None
+    created_before: DateTimeText | None = None
+    created_after: DateTimeText | None = None
 
 
 class BulkIn(BaseModel):
