@@ -58,9 +58,16 @@ async def test_key_concurrency_caps_each_key_and_other_keys_still_run(
     assert keys == {"a": 2, "b": 2, None: 3}
     assert len(first) == 7
     assert await claim(db, qid) == []  # both keys are full
-    await fetch(clean_database, "UPDATE tasks SET status = 'completed' WHERE id = $1", first[0].id)
+    # one of key a's tasks finishes (RETURNING has no order: pick it by its key, not its place)
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET status = 'completed' WHERE id = (SELECT id FROM tasks WHERE status = 'running' "
+        "AND concurrency_key = 'a' LIMIT 1)",
+    )
     again = await claim(db, qid)
     assert len(again) == 1
+    [started] = await fetch(clean_database, "SELECT concurrency_key FROM tasks WHERE id = $1", again[0].id)
+    assert started["concurrency_key"] == "a"  # the room that freed, taken by its own key
 
 
 async def test_one_big_key_cannot_delay_small_keys_beyond_one_round(
