@@ -19,8 +19,10 @@ install: .venv/.installed
 run: install
 	$(PY) -m app serve --migrate
 
+# two pytest-xdist workers, each with a database of its own (most tests wait on processes and timers)
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 # Debian's chromium for the console's browser tests (Playwright drives it; its own download cannot work here)
 CHROMIUM ?= /usr/bin/chromium

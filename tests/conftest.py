@@ -2,16 +2,20 @@
 
 The embedded server (a pip-installed wheel, under var/test/) runs unless TEST_DB_URI names another
 server. Isolation is by TRUNCATE between tests, so worker subprocesses and the real HTTPS server
-see the same committed data a test wrote.
+see the same committed data a test wrote. Run in parallel (`pytest -n 2`, as `make test` does),
+every pytest-xdist worker has a database of its own on the same server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -26,6 +30,7 @@ from app.src.api.engine.task_engine import SubmitRules, TaskEngine
 from app.src.api.kinds import load_kinds
 from app.src.api.models.auth import IssuedKey, NewOperator
 from app.src.database import migrations
+from app.src.database.embedded import create_database
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DATABASE = "taskgate_test"
@@ -37,23 +42,38 @@ def driver_uri(sqlalchemy_uri: str) -> str:
     return sqlalchemy_uri.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
+def _database_of(uri: str) -> str:
+    return urlsplit(uri).path.lstrip("/")
+
+
+def _own_database(uri: str, name: str) -> str:
+    """`uri` with its database replaced by `name`, this xdist worker's own when run in parallel."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return urlunsplit(urlsplit(uri)._replace(path=f"/{name}_{worker}" if worker else f"/{name}"))
+
+
 @pytest.fixture(scope="session")
 def database_uri() -> Iterator[str]:
     """A migrated database, as a postgresql+asyncpg URI."""
     external = os.environ.get("TEST_DB_URI")
     if external:
-        uri = external.replace("postgresql://", "postgresql+asyncpg://", 1)
+        admin_uri = external.replace("postgresql://", "postgresql+asyncpg://", 1)
+        uri = admin_uri
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            uri = _own_database(admin_uri, _database_of(admin_uri) or TEST_DATABASE)
+            asyncio.run(create_database(driver_uri(admin_uri), _database_of(uri)))
         migrations.upgrade(uri)
         yield uri
         return
     from app.src.database import embedded
 
     data_dir = Path(os.environ.get("TEST_DATA_DIR", ROOT / "var" / "test"))
-    _server, admin_uri = embedded.start(data_dir, tuning=TEST_TUNING)
-    uri = admin_uri.replace(f"/{embedded.DATABASE}?", f"/{TEST_DATABASE}?")
-    import asyncio
-
-    asyncio.run(embedded.create_database(driver_uri(admin_uri), TEST_DATABASE))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / "start.lock").open("w") as lock:  # parallel workers start (or join) it in turn
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _server, admin_uri = embedded.start(data_dir, tuning=TEST_TUNING)
+        uri = _own_database(admin_uri, TEST_DATABASE)
+        asyncio.run(create_database(driver_uri(admin_uri), _database_of(uri)))
     migrations.upgrade(uri)
     yield uri
 

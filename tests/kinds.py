@@ -15,6 +15,7 @@ from app.src.api.kinds import ChildFailed, PermanentError, RetryLater, SignalTim
 class Record(BaseModel):
     path: str
     seconds: float = 0.0
+    started_path: str | None = None  # a line is appended here when the handler starts
 
 
 class Flaky(BaseModel):
@@ -31,6 +32,9 @@ class Done(BaseModel):
 async def record(ctx: TaskContext, payload: Record) -> Done:
     """Append 'task_id attempt pid start end' to a file: proves who ran what, when, how often."""
     start = time.time()
+    if payload.started_path:
+        with Path(payload.started_path).open("a") as handle:
+            handle.write(f"{ctx.task_id}\n")
     if payload.seconds:
         await asyncio.sleep(payload.seconds)
     line = f"{ctx.task_id} {ctx.attempt} {os.getpid()} {start:.6f} {time.time():.6f}\n"

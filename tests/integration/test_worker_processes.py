@@ -107,6 +107,10 @@ async def test_a_worker_killed_mid_task_loses_nothing(
     assert len(read_records(marks)) == 5
 
 
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 async def _count_is(database_uri: str, where: str, n: int) -> bool:
     return await count(database_uri, where) == n
 
@@ -116,15 +120,20 @@ async def test_sigterm_drains_short_tasks_and_releases_long_ones(
 ) -> None:
     app = await serving(ROLES=["api"])
     client = app.test_client()
-    marks = tmp_path / "runs.txt"
+    marks, begun = tmp_path / "runs.txt", tmp_path / "begun.txt"
     short = await batch(
-        client, auth_headers, [{"kind": "test.record", "payload": {"path": str(marks), "seconds": 0.8}}] * 3
+        client,
+        auth_headers,
+        [{"kind": "test.record", "payload": {"path": str(marks), "seconds": 0.8, "started_path": str(begun)}}]
+        * 3,
     )
     long = await batch(client, auth_headers, [{"kind": "sleep", "payload": {"seconds": 120}}] * 2)
     worker = spawn_worker(clean_database, tmp_path / "w", WORKER_SHUTDOWN_GRACE_S="3")
     await started(worker)
     try:
+        # running in the table is not enough: a claim answered after SIGTERM is released unstarted
         await eventually(lambda: _count_is(clean_database, "status = 'running'", 5), timeout=30)
+        await eventually(lambda: _lines(begun) == 3, timeout=30)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
     finally:
