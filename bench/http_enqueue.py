@@ -122,12 +122,18 @@ async def batch_enqueue(
 
 
 def create_client(env: dict[str, str], *scopes: str) -> str:
+    return create_client_id(env, *scopes)[1]
+
+
+def create_client_id(env: dict[str, str], *scopes: str) -> tuple[str, str]:
+    """A client with tasks:read/write and `scopes`, created with the admin CLI: (client id, API key)."""
     out = subprocess.run(
         [sys.executable, "-m", "app", "admin", "create-client", "--name", "bench", "--scopes", "tasks:write",
          "tasks:read", *scopes, "--rate-limit-per-s", "1000000", "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    return str(json.loads(out.stdout.strip().splitlines()[-1])["api_key"])
+    created = json.loads(out.stdout.strip().splitlines()[-1])
+    return str(created["client_id"]), str(created["api_key"])
 
 
 def run(server: BenchServer, *, seconds: int = 10) -> dict[str, Any]:

@@ -6,6 +6,9 @@ Every system measured here runs against the same server, one fresh database per 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,15 @@ from app.src.database import embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "var" / "bench"
+
+
+def run_json(args: list[str], **kwargs: Any) -> dict[str, Any]:
+    """`python ARGS` from the repository root; its last stdout line, read as JSON."""
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:3])} failed:\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def sqlalchemy_uri(uri: str) -> str:
