@@ -94,7 +94,7 @@ def _ints(text: str) -> list[int]:
 # The sizes `make bench` uses; --quick and the size options make smaller runs (never latest.json)
 FULL = {
     "tasks": 50_000,
-    "pgqueuer_batches": [10, 50, 100, 200],
+    "pgqueuer_batches": [10, 50, 100, 200, 500, 1000],
     "ceiling_tasks": 200_000,
     "ceiling_clients": [1, 2, 4],
     "history": 10_000_000,

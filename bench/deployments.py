@@ -290,13 +290,16 @@ def history_vs_empty(server: BenchServer, runs: int, n: int, history: int) -> di
     the table, against a fresh database; the history is loaded once and serves every round (each
     round leaves its n completions in it too)."""
     uri = server.fresh_database("deploy_history")
-    asyncio.run(preload.history(uri, history))
-    return interleaved(
-        runs,
-        lambda: drain(server, "split", n, database=uri),
-        lambda: drain(server, "split", n),
-        label="history/empty",
-    )
+    try:
+        asyncio.run(preload.history(uri, history))
+        return interleaved(
+            runs,
+            lambda: drain(server, "split", n, database=uri),
+            lambda: drain(server, "split", n),
+            label="history/empty",
+        )
+    finally:
+        server.drop_database("deploy_history")  # gigabytes at the full size
 
 
 def limited_vs_unlimited(server: BenchServer, runs: int, n: int) -> dict[str, list[Any]]:

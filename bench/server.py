@@ -64,3 +64,13 @@ class BenchServer:
 
         asyncio.run(recreate())
         return self.uri(name)
+
+    def drop_database(self, name: str) -> None:
+        async def drop() -> None:
+            conn = await asyncpg.connect(self.admin_uri)
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())

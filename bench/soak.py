@@ -124,11 +124,11 @@ async def _soak(running: Deployment, *, minutes: int, rate: float) -> dict[str, 
         drained_by = loop.time() + 60
         while await conn.fetchval(left, queue_id) and loop.time() < drained_by:
             await asyncio.sleep(0.2)
+        behind_s = max(0.0, loop.time() - end)  # how long the worker took to catch up after the last batch
         await asyncio.sleep(READ_LAG_S)
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
         await read_latencies(until_idle=True)
-        behind_s = max(0.0, loop.time() - end)
     await conn.close()
     for row, minute in zip(per_minute, range(1, minutes + 1), strict=True):
         row["accepted"] = accepted[minute]
