@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.server import BenchServer, sqlalchemy_uri
+from bench.server import BenchServer, run_json, sqlalchemy_uri
 
 KEYS = 10_000
 KEY_CONCURRENCY = 10
@@ -46,8 +46,6 @@ async def prepare(uri: str, n: int, *, keys: int | None, key_concurrency: int | 
 
 
 def drain(server: BenchServer, name: str, n: int, **prepared: Any) -> dict[str, Any]:
-    from bench.__main__ import run_json
-
     uri = server.fresh_database(name)
     asyncio.run(prepare(uri, n, **prepared))
     total = n + prepared.get("big", 0)

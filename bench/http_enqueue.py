@@ -106,13 +106,13 @@ async def batch_enqueue(
     body = json.dumps({"tasks": [{"queue": queue, "kind": "noop", "payload": {"i": i}} for i in range(size)]})
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-        queue: asyncio.Queue[int] = asyncio.Queue()
+        pending: asyncio.Queue[int] = asyncio.Queue()
         for i in range(batches):
-            queue.put_nowait(i)
+            pending.put_nowait(i)
 
         async def sender() -> None:
-            while not queue.empty():
-                queue.get_nowait()
+            while not pending.empty():
+                pending.get_nowait()
                 async with session.post(f"{base}/api/tasks/batch", data=body, headers=headers) as response:
                     assert response.status == 201, await response.text()
 
