@@ -5,6 +5,18 @@ run. Each number is the median of RUNS runs with min-max; compared systems run i
 by round, and their ratio is the median of the per-round ratios. The table, with every target of
 the performance issue and whether it is met, is printed and written as JSON under bench/results/
 (latest.json for a full run at the default sizes, else a timestamped file only).
+
+Sections (--only):
+  drain            serve and split (bench/deployments.py) draining --tasks over HTTPS, and pgqueuer
+                   in a process of its own at each of --pgqueuer-batches (its best per round counts)
+  ceiling          pgbench running the worker's own claim and completion statements (bench/ceiling.py)
+  drain-inprocess  the earlier drains: a worker inside the benchmark process, a table loaded by SQL
+  enqueue          POST /api/tasks under wrk beside bare Quart endpoints; batch enqueue
+  latency          enqueue-to-start latency at 200 tasks/s (bench/latency.py)
+  history          split draining --tasks with --history finished tasks in the table vs none
+  memory           the `worker` process's peak RSS draining --memory-tasks loaded by SQL
+  soak             --soak-rate tasks/s in and out for --soak-minutes (bench/soak.py)
+  scale-out, limited, console, remote, flow, fanout: the earlier features' own measurements
 """
 
 from __future__ import annotations
