@@ -60,14 +60,10 @@ class _Recorder:
         return []
 
 
-def _captured(call: Any) -> tuple[str, tuple[Any, ...]]:
+def _captured(call: Any) -> list[tuple[str, tuple[Any, ...]]]:
     recorder = _Recorder()
     asyncio.run(call(recorder))
-    if len(recorder.calls) != 1:
-        raise RuntimeError(
-            f"expected one statement, the product sent {len(recorder.calls)}; update bench/ceiling.py"
-        )
-    return recorder.calls[0]
+    return recorder.calls
 
 
 def _split_final_select(sql: str) -> tuple[str, str]:
@@ -82,7 +78,7 @@ def script(batch: int = BATCH_SIZE) -> tuple[str, dict[str, str]]:
     """The pgbench script of one claim + completion cycle, from the product's own statements, and
     the variables it needs (-D): every value is a bound parameter, never a literal in the text."""
     worker = uuid.UUID(int=0xC0FFEE)
-    claim_sql, claim_args = _captured(
+    claims = _captured(
         lambda conn: task_store.claim_available(
             conn, limit=batch, lease_s=LEASE_S, worker_id=worker, queues=None
         )
@@ -101,10 +97,10 @@ def script(batch: int = BATCH_SIZE) -> tuple[str, dict[str, str]]:
         )
         for i in range(batch)
     ]
-    complete_sql, complete_args = _captured(
-        lambda conn: task_store.complete(conn, completions, worker_id=worker)
-    )
-    if "task_attempts" not in complete_sql:
+    completes = _captured(lambda conn: task_store.complete(conn, completions, worker_id=worker))
+    if len(claims) != 1:  # its answer feeds the completion: one statement, read with \gset
+        raise RuntimeError(f"the claim is {len(claims)} statements now; update bench/ceiling.py")
+    if not any("task_attempts" in sql for sql, _ in completes):
         raise RuntimeError("the completion no longer writes the attempt record; add that statement here")
 
     scalars = {"batch": batch, "lease": LEASE_S, "worker": worker}
@@ -127,31 +123,37 @@ def script(batch: int = BATCH_SIZE) -> tuple[str, dict[str, str]]:
         "started_at": [c.started_at for c in completions],
         "finished_at": [c.finished_at for c in completions],
     }
-    columns: list[str] = []
+    columns: dict[str, str] = {}  # pgbench variable -> its aggregate in the claim's answer
 
-    def array(position: int, value: list[Any]) -> str:
+    def array(value: list[Any]) -> str:
         for column, known in per_task.items():
             if value == known:
                 source = "started_at" if column == "finished_at" else column
-                columns.append(f"COALESCE(array_agg({source}), '{{}}') AS c{position}")
-                return f":c{position}"
+                columns[column] = f"array_agg({source})"
+                return f":{column}"
         if len(set(map(repr, value))) == 1:  # the same value for every task
+            name = f"same{len(columns)}"
             if value[0] is None:
-                columns.append(f"COALESCE(array_agg(NULL::text), '{{}}') AS c{position}")
+                columns[name] = "array_agg(NULL::text)"
             else:
-                variables[f"v{position}"] = str(value[0])
-                columns.append(f"COALESCE(array_agg(:v{position}::text), '{{}}') AS c{position}")
-            return f":c{position}"
-        raise RuntimeError(f"no pgbench form for completion argument ${position}; update bench/ceiling.py")
+                variables[f"{name}_value"] = str(value[0])
+                columns[name] = f"array_agg(:{name}_value::text)"
+            return f":{name}"
+        raise RuntimeError(
+            f"no pgbench form for a completion argument {value[:3]!r}...; update bench/ceiling.py"
+        )
 
-    complete_params = {
-        position: array(position, arg) if isinstance(arg, list) else scalar(arg)
-        for position, arg in enumerate(complete_args, start=1)
-    }
+    completion = "".join(
+        _substitute(sql, {position: array(arg) if isinstance(arg, list) else scalar(arg)
+                          for position, arg in enumerate(args, start=1)}) + ";\n"
+        for sql, args in completes
+    )  # fmt: skip
+    claim_sql, claim_args = claims[0]
     claim_params = {position: scalar(arg) for position, arg in enumerate(claim_args, start=1)}
     ctes, final = _split_final_select(_substitute(claim_sql, claim_params))
-    claim = f"{ctes},\nclaim_answer AS (\n{final}\n)\nSELECT {', '.join(columns)} FROM claim_answer"
-    return f"{claim}\n\\gset\n{_substitute(complete_sql, complete_params)};\n", variables
+    answer = ", ".join(f"COALESCE({aggregate}, '{{}}') AS {name}" for name, aggregate in columns.items())
+    claim = f"{ctes},\nclaim_answer AS (\n{final}\n)\nSELECT {answer} FROM claim_answer"
+    return f"{claim}\n\\gset\n{completion}", variables
 
 
 def _substitute(sql: str, params: dict[int, str]) -> str:
