@@ -71,15 +71,9 @@ async def load_state(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, Dur
         return {}
     rows = await conn.fetch(LOAD_STATE, list(task_ids))
     return {
-        row["id"]: DurableState(
-            steps=_json(row["steps"]), signals=_json(row["signals"]), children=_json(row["children"])
-        )
+        row["id"]: DurableState(steps=row["steps"], signals=row["signals"], children=row["children"])
         for row in rows
     }
-
-
-def _json(value: Any) -> Any:
-    return value  # the pool's jsonb codec has decoded it already (app/database.py)
 
 
 # --- steps (in-process workers) ------------------------------------------------------------------
@@ -234,7 +228,7 @@ async def record_wait(
 ) -> tuple[Any, datetime]:
     """The wait's step (created now if it is new): its stored result and the database's now()."""
     row = await conn.fetchrow(RECORD_WAIT, task_id, name, key, seconds)
-    return _json(row["result"]), row["now"]
+    return row["result"], row["now"]  # the pool's jsonb codec has decoded it (app/database.py)
 
 
 async def signal_stored(conn: Any, *, task_id: UUID, name: str) -> bool:

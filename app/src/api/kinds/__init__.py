@@ -27,6 +27,7 @@ from app.src.api.engine.durable import (
 )
 from app.src.api.engine.submit import submit_in_transaction
 from app.src.api.engine.task_engine import SubmitRules, TaskEngine
+from app.src.api.state_machine import TERMINAL
 from app.src.database.durable import DurableState
 
 if TYPE_CHECKING:
@@ -111,7 +112,6 @@ class Child:
 
 ProgressSink = Callable[[UUID, int, dict[str, Any]], Awaitable[None]]
 StepSink = Callable[["TaskContext", str, Any], Awaitable[None]]  # stores a step, or raises
-_FINISHED = ("completed", "discarded", "cancelled")
 
 
 class TaskContext:
@@ -262,7 +262,7 @@ class TaskContext:
         """The children's results, in order, once every child of this task is terminal (the task
         is `waiting` until then). A discarded or cancelled child raises ChildFailed."""
         known = self._state.children
-        if any(c.key not in known or known[c.key]["status"] not in _FINISHED for c in children):
+        if any(c.key not in known or known[c.key]["status"] not in TERMINAL for c in children):
             raise Suspended(Suspension(spawn=self._take_spawns(), wait=Wait("children")))
         results = []
         for child in children:
