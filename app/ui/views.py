@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from quart import (
     Blueprint,
     Response,
@@ -38,9 +38,9 @@ from app.src.api.auth import clients, operators
 from app.src.api.engine import flow
 from app.src.api.errors import AppError, Forbidden, Unprocessable, field_errors
 from app.src.api.models.auth import SCOPES, Principal
-from app.src.api.models.tasks import QueueIn, SignalName
+from app.src.api.models.tasks import QueueIn
 from app.src.api.state_machine import TERMINAL, Status
-from app.src.utils import json_provider
+from app.src.utils import json_provider, sse
 from app.ui import session
 from app.ui.charts import throughput_chart
 
@@ -464,21 +464,12 @@ async def cancel_task(task_id: UUID) -> Any:
     return redirect(url_for("ui.task", task_id=task_id, done="cancel requested"), 303)
 
 
-_SIGNAL_NAME: TypeAdapter[str] = TypeAdapter(SignalName)
-
-
 @blueprint.post("/tasks/<uuid:task_id>/signal")
 async def signal_task(task_id: UUID) -> Any:
     """Send a signal (what POST /api/tasks/{id}/signals/{name} does, for the task's own client)."""
     found = await console.task(_db(), task_id=task_id)
     form = await request.form
-    try:
-        name = _SIGNAL_NAME.validate_python(form.get("name", "").strip())
-    except ValidationError:
-        raise Unprocessable(
-            "A signal name is 1 to 128 letters, digits and . _ : - (starting with a letter or digit).",
-            errors=[{"field": "form.name", "message": "invalid signal name", "type": "value_error"}],
-        ) from None
+    name = tasks.signal_name(form.get("name", "").strip(), field="form.name")
     raw = form.get("data", "").strip()
     try:
         data = json_provider.loads(raw, max_depth=_runtime().settings.SERVER_MAX_JSON_DEPTH) if raw else None
@@ -501,12 +492,8 @@ async def task_events(task_id: UUID) -> Any:
     stream_of = tasks.events(_db(), runtime.notifier, client_id=found.client_id, task_id=task_id)
 
     async def stream() -> AsyncIterator[bytes]:
-        async for event in stream_of:
-            if event is None:
-                yield b": keep-alive\n\n"
-            else:
-                name = event.pop("event", "task")  # task, or step | signal | child | suspended
-                yield f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()
+        async for frame in sse.frames(stream_of):
+            yield frame
         yield b"event: end\ndata: {}\n\n"
 
     response = await make_response(

@@ -137,6 +137,7 @@ async def test_signals_are_tenant_isolated_and_validated(
     bad = await client.post(f"/api/tasks/{task['id']}/signals/-bad", json={"data": 1}, headers=auth_headers)
     assert bad.status_code == 422
     assert bad.headers["Content-Type"] == "application/problem+json"
+    assert [e["field"] for e in (await bad.get_json())["errors"]] == ["path.name"]
     extra = await client.post(f"/api/tasks/{task['id']}/signals/go", json={"nope": 1}, headers=auth_headers)
     assert extra.status_code in (400, 422)
     assert (await fetch(clean_database, "SELECT count(*) AS n FROM task_signals"))[0]["n"] == 0
@@ -426,6 +427,9 @@ async def test_an_operator_sends_a_signal_from_the_console(
     assert refused.status_code == 403
     bad = await browser.post(f"{path}/signal", {"name": "approved", "data": "{not json", "csrf_token": token})
     assert bad.status_code == 422
+    unnamed = await browser.post(f"{path}/signal", {"name": "-x", "data": "{}", "csrf_token": token})
+    assert unnamed.status_code == 422
+    assert "A signal name is 1 to 128 letters" in await unnamed.get_data(as_text=True)
     assert (await get(client, auth_headers, f"/api/tasks/{task['id']}"))["status"] == "waiting"
     sent = await browser.post(
         f"{path}/signal", {"name": "approved", "data": '{"by": "ops"}', "csrf_token": token}

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
-from pydantic import TypeAdapter, ValidationError
 from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
@@ -24,14 +22,12 @@ from app.routes.context import (
 )
 from app.src.api import bulk, tasks
 from app.src.api.engine import flow, submit
-from app.src.api.errors import Unprocessable, field_errors
 from app.src.api.models.tasks import (
     AttemptList,
     AttemptOut,
     BulkIn,
     BulkOut,
     SignalIn,
-    SignalName,
     SignalOut,
     StepList,
     StepOut,
@@ -46,7 +42,7 @@ from app.src.api.models.tasks import (
     task_body,
 )
 from app.src.api.state_machine import Status
-from app.src.utils import json_provider
+from app.src.utils import json_provider, sse
 
 blueprint = Blueprint("tasks", __name__)
 SHUTDOWN_EVENT = (
@@ -176,12 +172,8 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
     stream_of = tasks.events(db(), notifier(), client_id=client_id(), task_id=task_id, stopping=stopping)
 
     async def stream() -> AsyncIterator[bytes]:
-        async for event in stream_of:
-            if event is None:
-                yield b": keep-alive\n\n"
-            else:
-                name = event.pop("event", "task")  # task, or step | signal | child | suspended
-                yield f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()
+        async for frame in sse.frames(stream_of):
+            yield frame
         if stopping.is_set():
             # the server is shutting down: say so, and when to reconnect, then end the stream
             yield SHUTDOWN_EVENT
@@ -212,22 +204,9 @@ async def list_steps(task_id: UUID) -> StepList:
 @validate_response(SignalOut, 202)
 async def send_signal(task_id: UUID, name: str, data: SignalIn) -> tuple[SignalOut, int]:
     """Send a signal to a task: delivered to `ctx.wait_signal(name)`, kept until it waits for it."""
-    checked = _signal_name(name)
+    checked = tasks.signal_name(name, field="path.name")
     status = await tasks.signal(db(), client_id=client_id(), task_id=task_id, name=checked, data=data.data)
     return SignalOut(task_id=task_id, name=checked, status=Status(status)), 202
-
-
-_SIGNAL_NAME = TypeAdapter(SignalName)
-
-
-def _signal_name(name: str) -> str:
-    try:
-        return _SIGNAL_NAME.validate_python(name)
-    except ValidationError as exc:
-        raise Unprocessable(
-            "A signal name is 1 to 128 letters, digits and . _ : - (starting with a letter or digit).",
-            errors=field_errors(exc.errors(include_url=False, include_input=False), prefix=("path", "name")),
-        ) from None
 
 
 @blueprint.post("/<uuid:task_id>/cancel")

@@ -137,8 +137,10 @@ class Composition:
 
 
 async def composition(db: Database, *, task: Task, children_limit: int = 200) -> Composition:
-    steps = await tasks.steps(db, client_id=task.client_id, task_id=task.id)
+    if not task.durable:  # it stored no steps, signals or children: nothing to read
+        return Composition(waiting_for(task), [], [], 0)
     async with db.driver() as conn:
+        steps = await durable_store.list_steps(conn, task_id=task.id)
         children = await durable_store.list_children(conn, parent_id=task.id, limit=children_limit + 1)
     return Composition(waiting_for(task), steps, children[:children_limit], len(children))
 

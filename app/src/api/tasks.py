@@ -11,10 +11,12 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from pydantic import TypeAdapter, ValidationError
+
 from app.database import Database
 from app.src.api.engine.task_engine import TaskEngine
 from app.src.api.errors import Conflict, NotFound, Unprocessable
-from app.src.api.models.tasks import Attempt, Task
+from app.src.api.models.tasks import Attempt, SignalName, Task
 from app.src.api.state_machine import TERMINAL, Status, sources
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
@@ -110,6 +112,8 @@ class _History:
         self.seen: set[tuple[str, str]] = set()
 
     async def new(self, db: Database, task: Task) -> list[dict[str, Any]]:
+        if not task.durable:  # no steps, signals or children stored yet: no history to read
+            return []
         since = (self.since or task.created_at) - self.SLACK
         async with db.driver() as conn:
             rows = await durable_store.history_since(conn, task_id=task.id, since=since)
@@ -222,6 +226,20 @@ async def steps(db: Database, *, client_id: UUID, task_id: UUID) -> list[Mapping
     await get(db, client_id=client_id, task_id=task_id)  # tenancy: 404 for another client's task
     async with db.driver() as conn:
         return await durable_store.list_steps(conn, task_id=task_id)
+
+
+_SIGNAL_NAME: TypeAdapter[str] = TypeAdapter(SignalName)
+
+
+def signal_name(name: str, *, field: str) -> str:
+    """`name` if it is a valid signal name; otherwise a 422 that names `field` (where it came from)."""
+    try:
+        return _SIGNAL_NAME.validate_python(name)
+    except ValidationError:
+        raise Unprocessable(
+            "A signal name is 1 to 128 letters, digits and . _ : - (starting with a letter or digit).",
+            errors=[{"field": field, "message": "invalid signal name", "type": "value_error"}],
+        ) from None
 
 
 async def signal(db: Database, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> str:

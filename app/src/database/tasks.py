@@ -28,7 +28,7 @@ _NOTIFY_IDS_PER_MESSAGE = 200  # 200 * 37 bytes stays under NOTIFY's 8000-byte p
 TASK_COLUMNS = (
     "id, client_id, queue_id, queue, kind, payload, status, priority, attempts, max_attempts, "
     "run_at, created_at, started_at, finished_at, result, last_error, progress, cancel_requested, schedule, "
-    "concurrency_key, waiting_for, parent_id, depends_on"
+    "concurrency_key, waiting_for, parent_id, depends_on, durable"
 )
 _DACITE = dacite.Config(check_types=False)
 

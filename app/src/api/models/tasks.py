@@ -113,6 +113,7 @@ class Task:
     waiting_for: dict[str, Any] | None = None  # why a waiting task waits (None: a provider, polled)
     parent_id: UUID | None = None  # the task that spawned it (ctx.spawn)
     depends_on: list[UUID] | None = None  # tasks that must complete before it runs
+    durable: bool = False  # it stored steps, signals or children: it has a composition history
 
 
 class BlockedBy(BaseModel):
@@ -235,7 +236,7 @@ def task_body(task: Task, *, debounced: bool | None = None) -> dict[str, Any]:
     }
 
 
-SignalName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+SignalName = KindName  # the same rule: 1 to 128 letters, digits and . _ : -, a letter or digit first
 
 
 class SignalIn(BaseModel):
