@@ -2,8 +2,9 @@
 
 `python -m bench.soak [--minutes 10] [--rate 2000]` prints one JSON line. The split deployment
 (`serve --roles api,scheduler` + `worker`) runs with TASK_RETENTION_DAYS set to RETENTION_S, so
-finished tasks pass retention a minute after they finish and the scheduler's prune (its own
-period, PRUNE_INTERVAL_S in app/scheduler.py, not a setting) deletes them during the run.
+finished tasks pass retention a minute after they finish and the scheduler's prune (every tenth
+of the retention, at least every 10 s: app/scheduler.py prune_interval_s) deletes them during the
+run.
 
 Per minute: the start latency of the tasks created in it (created_at -> started_at, both written
 by PostgreSQL, read back through tasks_finished a few seconds behind the completions), the tasks
@@ -23,7 +24,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from app.scheduler import PRUNE_INTERVAL_S
+from app.scheduler import prune_interval_s
 from bench.deployments import Deployment, started
 from bench.latency import percentiles
 from bench.server import BenchServer
@@ -51,6 +52,7 @@ WHERE status = 'completed' AND queue_id = $1 AND finished_at > $2 AND finished_a
 
 async def _soak(running: Deployment, *, minutes: int, rate: float) -> dict[str, Any]:
     conn = await asyncpg.connect(running.db)
+    reading = await asyncpg.connect(running.db)  # the latency reader's: it runs beside the sizes
     body = json.dumps({"tasks": [{"queue": QUEUE, "kind": "noop", "payload": {}} for _ in range(BATCH)]})
     headers = {"Authorization": f"Bearer {running.api_key}", "Content-Type": "application/json"}
     context = ssl.create_default_context(cafile=str(running.cafile))
@@ -99,10 +101,10 @@ async def _soak(running: Deployment, *, minutes: int, rate: float) -> dict[str, 
         async def read_latencies(until_idle: bool = False) -> None:
             nonlocal watermark
             while True:
-                upto = await conn.fetchval(
+                upto = await reading.fetchval(
                     "SELECT clock_timestamp() - make_interval(secs => $1)", 0.0 if until_idle else READ_LAG_S
                 )
-                for row in await conn.fetch(FINISHED, queue_id, watermark, upto):
+                for row in await reading.fetch(FINISHED, queue_id, watermark, upto):
                     minute = 1 + int((float(row["created"]) - db_start) // 60)
                     if 1 <= minute <= minutes:
                         latencies[minute].append(float(row["latency_s"]))
@@ -130,6 +132,7 @@ async def _soak(running: Deployment, *, minutes: int, rate: float) -> dict[str, 
         await asyncio.gather(reader, return_exceptions=True)
         await read_latencies(until_idle=True)
     await conn.close()
+    await reading.close()
     for row, minute in zip(per_minute, range(1, minutes + 1), strict=True):
         row["accepted"] = accepted[minute]
         row["completed"] = completed[minute]
@@ -141,7 +144,7 @@ async def _soak(running: Deployment, *, minutes: int, rate: float) -> dict[str, 
         "minutes": minutes,
         "rate": rate,
         "retention_s": RETENTION_S,
-        "prune_interval_s": PRUNE_INTERVAL_S,
+        "prune_interval_s": prune_interval_s(RETENTION_S, 86_400),  # idempotency records: a day
         "failed_requests": failed,
         "drained_after_end_s": round(behind_s, 1),
         "size_minute_1_mb": round(first / 2**20, 1),

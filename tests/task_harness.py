@@ -93,3 +93,8 @@ def read_records(path: Path) -> list[tuple[str, int, int, float, float]]:
         task_id, attempt, pid, start, end = line.split()
         rows.append((task_id, int(attempt), int(pid), float(start), float(end)))
     return rows
+
+
+def lines(path: Path) -> list[str]:
+    """The lines a test kind appended to `path` so far (none before it first wrote)."""
+    return path.read_text().splitlines() if path.exists() else []

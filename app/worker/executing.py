@@ -71,7 +71,7 @@ class Executor:
             running.abandoned = "lease lost"
             return None
         if completion.status is Status.COMPLETED:
-            spawns = running.ctx.unrecorded_spawns()
+            spawns = running.ctx.take_spawns()
             if spawns:  # children spawned but never gathered: record them, then finish on a re-run
                 return await self.suspend(running, Suspension(spawn=spawns))
         return completion
@@ -225,8 +225,6 @@ def _storable(result: Any) -> None:
     if result is None:
         return
     try:
-        json_text.dumps(result)
-    except (TypeError, ValueError) as exc:
-        raise PermanentError(f"the handler's result is not JSON: {exc}") from None
-    if json_text.contains_nul(result):
-        raise PermanentError(f"the handler's result cannot be stored: {json_text.NUL_MESSAGE}")
+        json_text.storable(result)
+    except ValueError as exc:
+        raise PermanentError(f"the handler's result cannot be stored: {exc}") from None

@@ -12,7 +12,7 @@ import asyncpg
 from quart import Quart
 
 from tests.conftest import driver_uri
-from tests.task_harness import enqueue, eventually, fetch
+from tests.task_harness import enqueue, eventually, fetch, lines
 
 Serving = Callable[..., Awaitable[Quart]]
 ALL_ROLES = {"ROLES": ["api", "worker", "scheduler"]}
@@ -27,16 +27,10 @@ async def get(client: Any, headers: dict[str, str], path: str) -> Any:
 async def wait_done(
     client: Any, headers: dict[str, str], task_id: str, timeout: float = 20
 ) -> dict[str, Any]:
-    async def done() -> Any:
-        task = await get(client, headers, f"/api/tasks/{task_id}")
-        return task if task["status"] in ("completed", "discarded", "cancelled") else None
-
-    result: dict[str, Any] = await eventually(done, timeout=timeout)
-    return result
-
-
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
+    """The task once it is finished, waited for as a client waits: GET /api/tasks/{id}?wait=N."""
+    task: dict[str, Any] = await get(client, headers, f"/api/tasks/{task_id}?wait={timeout}")
+    assert task["status"] in ("completed", "discarded", "cancelled"), task
+    return task
 
 
 async def test_steps_run_once_and_are_listed(

@@ -9,13 +9,9 @@ from typing import Any
 
 from quart import Quart
 
-from tests.task_harness import enqueue, eventually, fetch, spawn_worker, started
+from tests.task_harness import enqueue, eventually, fetch, lines, spawn_worker, started
 
 Serving = Callable[..., Awaitable[Quart]]
-
-
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
 
 
 async def _finished(database_uri: str, task_id: str) -> dict[str, Any] | None:

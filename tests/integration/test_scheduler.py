@@ -350,3 +350,17 @@ async def test_prune_removes_what_is_past_retention(
     assert await count(clean_database, "SELECT count(*) FROM tasks") == 1
     assert await count(clean_database, "SELECT count(*) FROM idempotency_keys") == 1
     assert await count(clean_database, "SELECT count(*) FROM schedule_fires") == 1
+
+
+async def test_prune_runs_every_tenth_of_the_shortest_retention(db: Database, settings: Settings) -> None:
+    def prune_period(**retention: float) -> float:
+        scheduler = Scheduler(db, settings.model_copy(update=retention))
+        return next(job.period_s for job in scheduler.jobs if job.name == "prune")
+
+    # a week of tasks and a day of idempotency records: every five minutes, as before
+    assert prune_period(TASK_RETENTION_DAYS=7, IDEMPOTENCY_RETENTION_HOURS=24) == 300
+    # two hours of idempotency records: a tenth is 12 minutes, past the five-minute ceiling
+    assert prune_period(TASK_RETENTION_DAYS=7, IDEMPOTENCY_RETENTION_HOURS=2) == 300
+    # a retention of ten minutes is pruned every minute; a minute's every 10 s (the floor)
+    assert prune_period(TASK_RETENTION_DAYS=600 / 86_400) == 60
+    assert prune_period(TASK_RETENTION_DAYS=60 / 86_400) == 10

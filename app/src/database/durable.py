@@ -130,8 +130,7 @@ async def list_steps(conn: Executor, *, task_id: UUID) -> list[Mapping[str, Any]
 # The running attempt ends without a result; the task keeps everything it stored. Locked first
 # (the guard), so the counts read next are exact for this transaction.
 LOCK_RUNNING = """
-SELECT t.id, t.client_id, t.queue_id, t.children_open, t.started_at,
-       (SELECT count(*) FROM task_steps s WHERE s.task_id = t.id) AS steps,
+SELECT (SELECT count(*) FROM task_steps s WHERE s.task_id = t.id) AS steps,
        (SELECT count(*) FROM tasks c WHERE c.parent_id = t.id) AS children
 FROM tasks t
 WHERE t.id = $1 AND t.status = 'running' AND t.attempts = $2 AND t.worker_id = $3
@@ -202,9 +201,8 @@ SELECT changed.*, (SELECT n FROM notified) AS _n FROM changed
 
 @dataclass(frozen=True, slots=True)
 class Locked:
-    id: UUID
-    client_id: UUID
-    queue_id: int
+    """What a locked running task already holds: its stored steps and its children."""
+
     steps: int
     children: int
 
@@ -213,7 +211,7 @@ async def lock_running(conn: Any, *, task_id: UUID, attempt: int, worker_id: UUI
     row = await conn.fetchrow(LOCK_RUNNING, task_id, attempt, worker_id)
     if row is None:
         return None
-    return Locked(row["id"], row["client_id"], row["queue_id"], row["steps"], row["children"])
+    return Locked(row["steps"], row["children"])
 
 
 async def insert_steps(conn: Any, *, task_id: UUID, steps: Mapping[str, Any]) -> None:

@@ -379,15 +379,17 @@ QUEUE_TOKENS = """CASE WHEN q.rate_limit_per_s IS NOT NULL THEN
                LEAST(GREATEST(q.rate_limit_per_s, 1),
                      q.rate_tokens + EXTRACT(epoch FROM now() - q.rate_updated_at) * q.rate_limit_per_s)
            END"""
-# Room under max_concurrency (NULL: no limit); index tasks_queue_status.
+# Room under max_concurrency (NULL: no limit, and nothing counted); index tasks_queue_status.
 QUEUE_ROOM = (
-    "q.max_concurrency - (SELECT count(*) FROM tasks WHERE queue_id = {queue} AND status = 'running')"
+    "CASE WHEN q.max_concurrency IS NOT NULL THEN q.max_concurrency - "
+    "(SELECT count(*) FROM tasks WHERE queue_id = {queue} AND status = 'running') END"
 )
-# Room of one key under key_concurrency (NULL: no limit); index tasks_running_key, at most
-# key_concurrency rows.
+# Room of one key under key_concurrency (NULL: no limit, and nothing counted); index
+# tasks_running_key, at most key_concurrency rows.
 KEY_ROOM = (
-    "q.key_concurrency - (SELECT count(*) FROM tasks r WHERE r.queue_id = {queue} "
-    "AND r.concurrency_key = {key} AND r.status = 'running')"
+    "CASE WHEN q.key_concurrency IS NOT NULL THEN q.key_concurrency - "
+    "(SELECT count(*) FROM tasks r WHERE r.queue_id = {queue} "
+    "AND r.concurrency_key = {key} AND r.status = 'running') END"
 )
 # The key rate limit is a sliding window: at most `cap` starts per key within the last `window`
 # seconds (1 s, or 1/rate below one per second), logged in task_key_starts under the queue lock.

@@ -47,3 +47,14 @@ def contains_nul(value: Any) -> bool:
         elif isinstance(item, list | tuple):
             stack.extend(item)
     return False
+
+
+def storable(value: Any) -> str:
+    """The JSON text of a value PostgreSQL's jsonb can store; ValueError saying why it cannot."""
+    try:
+        text = dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if contains_nul(value):
+        raise ValueError(NUL_MESSAGE)
+    return text

@@ -214,7 +214,7 @@ class TaskContext:
         stored = self._state.steps.get(name)
         if isinstance(stored, dict) and stored.get("done"):
             return
-        raise Suspended(Suspension(spawn=self._take_spawns(), wait=Wait("sleep", name, float(seconds))))
+        raise Suspended(Suspension(spawn=self.take_spawns(), wait=Wait("sleep", name, float(seconds))))
 
     async def wait_signal(self, name: str, *, timeout_s: float | None = None) -> Any:
         """The data of signal `name` (POST /api/tasks/{id}/signals/{name}); the task is `waiting`
@@ -226,7 +226,7 @@ class TaskContext:
         stored = self._state.steps.get(name)
         if isinstance(stored, dict) and stored.get("timed_out"):
             raise SignalTimeout(name)
-        raise Suspended(Suspension(spawn=self._take_spawns(), wait=Wait("signal", name, timeout_s)))
+        raise Suspended(Suspension(spawn=self.take_spawns(), wait=Wait("signal", name, timeout_s)))
 
     async def spawn(
         self,
@@ -263,7 +263,7 @@ class TaskContext:
         is `waiting` until then). A discarded or cancelled child raises ChildFailed."""
         known = self._state.children
         if any(c.key not in known or known[c.key]["status"] not in TERMINAL for c in children):
-            raise Suspended(Suspension(spawn=self._take_spawns(), wait=Wait("children")))
+            raise Suspended(Suspension(spawn=self.take_spawns(), wait=Wait("children")))
         results = []
         for child in children:
             state = known[child.key]
@@ -272,13 +272,10 @@ class TaskContext:
             results.append(state.get("result"))
         return results
 
-    def _take_spawns(self) -> list[ChildSpec]:
+    def take_spawns(self) -> list[ChildSpec]:
+        """Children spawned in this run that no suspension recorded yet; they are recorded now."""
         spawns, self._spawns = self._spawns, []
         return spawns
-
-    def unrecorded_spawns(self) -> list[ChildSpec]:
-        """Children spawned in this run that no suspension recorded yet (the executor's last word)."""
-        return self._take_spawns()
 
 
 Handler = Callable[[TaskContext, Any], Awaitable[Any]]
