@@ -69,7 +69,10 @@ async def test_two_worker_processes_behind_pgbouncer_run_each_task_once(
     ]
     try:
         await started(*workers)
-        await batch(client, auth_headers, [{"kind": "test.record", "payload": {"path": str(marks)}}] * 300)
+        # Without LISTEN a worker wakes only on its 1 s poll: each task takes 0.1 s so that one
+        # worker alone would need 3 s, and the other worker's poll finds work before the end.
+        tasks = [{"kind": "test.record", "payload": {"path": str(marks), "seconds": 0.1}}] * 300
+        await batch(client, auth_headers, tasks)
         await eventually(lambda: _all_done(clean_database), timeout=60)
     finally:
         for worker in workers:
@@ -82,7 +85,7 @@ async def test_two_worker_processes_behind_pgbouncer_run_each_task_once(
     per_task = Counter(task_id for task_id, *_ in runs)
     assert len(per_task) == 300
     assert set(per_task.values()) == {1}
-    assert len({pid for _, _, pid, _, _ in runs}) == 2
+    assert len({pid for _, _, pid, _, _ in runs}) == 2  # both processes took part
 
 
 async def _all_done(database_uri: str) -> bool:
