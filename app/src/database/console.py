@@ -20,6 +20,7 @@ from app.src.database.schedules import SCHEDULE_COLUMNS, to_schedule
 from app.src.database.tasks import (
     AVAILABLE_CHANNEL,
     CANCEL_CHANNEL,
+    CANCELLING,
     TASK_COLUMNS,
     Executor,
     notify_events,
@@ -235,9 +236,7 @@ BULK_CANCEL = f"""
 WITH picked AS ({_MATCH}),
 changed AS (
     UPDATE tasks t
-    SET status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,
-        finished_at = CASE WHEN t.status = 'running' THEN t.finished_at ELSE now() END,
-        cancel_requested = true
+    SET {CANCELLING.format(t="t")}
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = ANY($7::text[])
     RETURNING t.id, t.client_id, t.status
 ),

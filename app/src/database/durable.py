@@ -20,6 +20,7 @@ from app.src.api.models.tasks import Task
 from app.src.database.tasks import (
     AVAILABLE_CHANNEL,
     CANCEL_CHANNEL,
+    CANCELLING,
     EVENTS_CHANNEL,
     TASK_COLUMNS,
     Executor,
@@ -457,10 +458,7 @@ WITH orphans AS (
 ),
 changed AS (
     UPDATE tasks t
-    SET status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,
-        finished_at = CASE WHEN t.status = 'running' THEN t.finished_at ELSE now() END,
-        waiting_for = CASE WHEN t.status = 'running' THEN t.waiting_for END,
-        cancel_requested = true,
+    SET {CANCELLING.format(t="t")},
         last_error = COALESCE(t.last_error, 'parent ' || t.parent_id || ' was cancelled')
     FROM orphans o
     WHERE t.id = o.id

@@ -1177,14 +1177,20 @@ async def list_attempts(conn: Executor, *, task_id: UUID) -> list[Attempt]:
     return [dacite.from_dict(Attempt, dict(row), config=_DACITE) for row in rows]
 
 
-# Cancel: waiting, scheduled, available and retryable tasks are cancelled at once; a running task
-# gets cancel_requested, which its worker sees at the next heartbeat and passes to the handler.
+# What a cancel does, in each of them (one task, the bulk cancel, a cancelled parent's children,
+# and the row trigger of migration 0008, which keeps its own copy as migrations do): waiting,
+# scheduled, available and retryable tasks are cancelled at once; a running task keeps running
+# with cancel_requested, which its worker sees at the next heartbeat and passes to the handler.
+# `{t}` is the alias of the updated `tasks`.
+CANCELLING = """status = CASE WHEN {t}.status = 'running' THEN {t}.status ELSE 'cancelled' END,
+        finished_at = CASE WHEN {t}.status = 'running' THEN {t}.finished_at ELSE now() END,
+        waiting_for = CASE WHEN {t}.status = 'running' THEN {t}.waiting_for END,
+        cancel_requested = true"""
+
 CANCEL = f"""
 WITH changed AS (
-    UPDATE tasks
-    SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
-        finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
-        cancel_requested = true
+    UPDATE tasks t
+    SET {CANCELLING.format(t="t")}
     WHERE id = $1 AND client_id = $2 AND status = ANY($3::text[])
     RETURNING {TASK_COLUMNS}
 )
