@@ -11,7 +11,6 @@ results, and the long-poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -148,16 +147,21 @@ async def claim(
             await _first(woken, stopping, timeout_s=min(remaining, POLL_S))
     if not claimed:
         return []
-    # one primary-key read per claim round (not per task), outside the claim statement
+    # One primary-key read per claim round (not per task), outside the claim statement, and one
+    # more statement for the tasks that stored steps, signals or children, on one connection.
+    # The tasks are claimed: without their trace contexts they are handed out regardless, but a
+    # durable task cannot run without its stored state (its lease expires and it is retried).
     contexts: dict[UUID, str] = {}
-    with contextlib.suppress(StorageUnavailable):  # the tasks are claimed: hand them out regardless
+    states: dict[UUID, DurableState] = {}
+    durable = [t.id for t in claimed if t.durable]
+    try:
         async with db.driver() as conn:
             contexts = await task_store.traceparents(conn, [t.id for t in claimed])
-    # only tasks that stored steps, signals or children cost one more statement
-    states: dict[UUID, DurableState] = {}
-    if any(t.durable for t in claimed):
-        async with db.driver() as conn:
-            states = await durable_store.load_state(conn, [t.id for t in claimed if t.durable])
+            if durable:
+                states = await durable_store.load_state(conn, durable)
+    except StorageUnavailable:
+        if durable:
+            raise
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
     return [
         Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id), states.get(t.id))
