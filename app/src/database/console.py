@@ -236,7 +236,7 @@ BULK_CANCEL = f"""
 WITH picked AS ({_MATCH}),
 changed AS (
     UPDATE tasks t
-    SET {CANCELLING.format(t="t")}
+    SET {CANCELLING}
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = ANY($7::text[])
     RETURNING t.id, t.client_id, t.status
 ),

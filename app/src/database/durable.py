@@ -458,7 +458,7 @@ WITH orphans AS (
 ),
 changed AS (
     UPDATE tasks t
-    SET {CANCELLING.format(t="t")},
+    SET {CANCELLING},
         last_error = COALESCE(t.last_error, 'parent ' || t.parent_id || ' was cancelled')
     FROM orphans o
     WHERE t.id = o.id

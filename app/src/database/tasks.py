@@ -1181,16 +1181,16 @@ async def list_attempts(conn: Executor, *, task_id: UUID) -> list[Attempt]:
 # and the row trigger of migration 0008, which keeps its own copy as migrations do): waiting,
 # scheduled, available and retryable tasks are cancelled at once; a running task keeps running
 # with cancel_requested, which its worker sees at the next heartbeat and passes to the handler.
-# `{t}` is the alias of the updated `tasks`.
-CANCELLING = """status = CASE WHEN {t}.status = 'running' THEN {t}.status ELSE 'cancelled' END,
-        finished_at = CASE WHEN {t}.status = 'running' THEN {t}.finished_at ELSE now() END,
-        waiting_for = CASE WHEN {t}.status = 'running' THEN {t}.waiting_for END,
+# The updated `tasks` is aliased `t`.
+CANCELLING = """status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,
+        finished_at = CASE WHEN t.status = 'running' THEN t.finished_at ELSE now() END,
+        waiting_for = CASE WHEN t.status = 'running' THEN t.waiting_for END,
         cancel_requested = true"""
 
 CANCEL = f"""
 WITH changed AS (
     UPDATE tasks t
-    SET {CANCELLING.format(t="t")}
+    SET {CANCELLING}
     WHERE id = $1 AND client_id = $2 AND status = ANY($3::text[])
     RETURNING {TASK_COLUMNS}
 )
