@@ -1,5 +1,6 @@
 """Limited queues under racing claims: many workers claiming the same queue at the same instant
-never run more than its max_concurrency, nor spend more than its token bucket holds."""
+never run more than its max_concurrency, nor spend more than its token bucket holds, nor run more
+of one key than its key_concurrency or its key rate window allows."""
 
 import asyncio
 import uuid
@@ -12,7 +13,8 @@ from tests.conftest import driver_uri
 CLAIMERS = 12
 
 
-async def _queue_with_tasks(conn: asyncpg.Connection, n: int, **limits: float) -> int:
+async def _queue_with_tasks(conn: asyncpg.Connection, n: int, *, keys: int = 0, **limits: float) -> int:
+    """A queue with these limits and n available tasks; with `keys`, spread over that many keys."""
     client = uuid.uuid4()
     await conn.execute("INSERT INTO api_clients (id, name, scopes) VALUES ($1, 'race', '{}')", client)
     columns = ", ".join(limits)
@@ -24,17 +26,20 @@ async def _queue_with_tasks(conn: asyncpg.Connection, n: int, **limits: float) -
         *limits.values(),
     )
     await conn.execute(
-        """INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, max_attempts, run_at)
-           SELECT gen_random_uuid(), $1, $2, 'narrow', 'noop', '{}', 'available', 3, now()
-           FROM generate_series(1, $3)""",
+        """INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, max_attempts, run_at,
+                              concurrency_key)
+           SELECT gen_random_uuid(), $1, $2, 'narrow', 'noop', '{}', 'available', 3, now(),
+                  CASE WHEN $4 > 0 THEN 'key-' || (i % $4) END
+           FROM generate_series(1, $3) i""",
         client,
         queue_id,
         n,
+        keys,
     )
     return queue_id
 
 
-async def _race(uri: str, queue_id: int, *, rounds: int) -> list[int]:
+async def _race(uri: str, queue_id: int, *, rounds: int, keyed: bool = False) -> list[int]:
     """CLAIMERS connections, each claiming up to 10 at once, `rounds` times; tasks claimed per round.
 
     In the first round the queue row is held locked until every claim has read its snapshot, so
@@ -47,7 +52,7 @@ async def _race(uri: str, queue_id: int, *, rounds: int) -> list[int]:
         for i in range(rounds):
             claims = [
                 task_store.claim_limited(
-                    c, queue_id=queue_id, keyed=False, limit=10, lease_s=30, worker_id=uuid.uuid4()
+                    c, queue_id=queue_id, keyed=keyed, limit=10, lease_s=30, worker_id=uuid.uuid4()
                 )
                 for c in conns
             ]
@@ -94,3 +99,82 @@ async def test_racing_claims_spend_the_token_bucket_once(clean_database: str) ->
     finally:
         await conn.close()
     assert sum(claimed) == 1  # the bucket holds at most max(rate, 1) = 1 token
+
+
+async def test_racing_keyed_claims_never_exceed_key_concurrency(clean_database: str) -> None:
+    uri = driver_uri(clean_database)
+    conn = await asyncpg.connect(uri)
+    try:
+        queue_id = await _queue_with_tasks(conn, 500, keys=5, key_concurrency=2)
+        claimed = await _race(uri, queue_id, rounds=4, keyed=True)
+        per_key = await conn.fetch(
+            """SELECT concurrency_key, count(*) AS n FROM tasks
+               WHERE queue_id = $1 AND status = 'running' GROUP BY concurrency_key""",
+            queue_id,
+        )
+    finally:
+        await conn.close()
+    assert sorted(row["n"] for row in per_key) == [2, 2, 2, 2, 2]  # every key full, none over
+    assert claimed == [10, 0, 0, 0]
+
+
+async def test_racing_keyed_claims_spend_each_key_window_once(clean_database: str) -> None:
+    uri = driver_uri(clean_database)
+    conn = await asyncpg.connect(uri)
+    try:
+        # one start per key in any 10 s (a rate of 0.1/s), 4 keys: the race starts 4 in all
+        queue_id = await _queue_with_tasks(conn, 400, keys=4, key_rate_limit_per_s=0.1)
+        claimed = await _race(uri, queue_id, rounds=2, keyed=True)
+        per_key = await conn.fetch(
+            """SELECT concurrency_key, count(*) AS n FROM tasks
+               WHERE queue_id = $1 AND status = 'running' GROUP BY concurrency_key""",
+            queue_id,
+        )
+    finally:
+        await conn.close()
+    assert sorted(row["n"] for row in per_key) == [1, 1, 1, 1]
+    assert claimed == [4, 0]
+
+
+async def test_a_keyed_claim_from_an_older_snapshot_claims_nothing(clean_database: str) -> None:
+    """Two claims that saw different tasks: X read before urgent tasks arrived, Y after (so they
+    pick different tasks of each key), and both wait on the queue row. Written together they would
+    run three tasks of a key whose limit is two; the one written second claims again instead."""
+    uri = driver_uri(clean_database)
+    conn = await asyncpg.connect(uri)
+    x_conn, y_conn, blocker = [await asyncpg.connect(uri) for _ in range(3)]
+    try:
+        queue_id = await _queue_with_tasks(conn, 30, keys=3, key_concurrency=2)
+
+        def claim(c: asyncpg.Connection) -> asyncio.Future[list[task_store.ClaimedTask]]:
+            return asyncio.ensure_future(
+                task_store.claim_limited(
+                    c, queue_id=queue_id, keyed=True, limit=10, lease_s=30, worker_id=uuid.uuid4()
+                )
+            )
+
+        async with blocker.transaction():
+            # the lock a claim's write of the queue row takes, which still lets tasks reference the row
+            await blocker.execute("SELECT 1 FROM queues WHERE id = $1 FOR NO KEY UPDATE", queue_id)
+            x = claim(x_conn)
+            await asyncio.sleep(0.3)
+            await conn.execute(
+                """INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, max_attempts,
+                                      run_at, priority, concurrency_key)
+                   SELECT gen_random_uuid(), client_id, id, name, 'noop', '{}', 'available', 3, now(), 0,
+                          'key-' || k
+                   FROM queues, generate_series(0, 2) k WHERE id = $1""",
+                queue_id,
+            )
+            y = claim(y_conn)
+            await asyncio.sleep(0.3)
+        await asyncio.gather(x, y)
+        per_key = await conn.fetch(
+            """SELECT concurrency_key, count(*) AS n FROM tasks
+               WHERE queue_id = $1 AND status = 'running' GROUP BY concurrency_key""",
+            queue_id,
+        )
+    finally:
+        for c in (conn, x_conn, y_conn, blocker):
+            await c.close()
+    assert sorted(row["n"] for row in per_key) == [2, 2, 2]

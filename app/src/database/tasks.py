@@ -355,20 +355,6 @@ CLAIM_AVAILABLE_KINDS = _claim_available(remote=True)  # $5 kinds, $6 client
 # of the rows for it and still reads tasks_claim in claim order (EXPLAIN with 10,000 waiting tasks:
 # an index scan stopping after the allowance, no sort).
 
-# Keyed queues (CLAIM_KEYED below): the caller holds the queue row lock (LOCK_QUEUE, same
-# transaction), so the claim's fresh snapshot sees every task claimed before it; per-key counts and
-# windows are therefore exact across all worker processes. A keyed queue's claim runs with a
-# generic plan (set for this transaction only): the statement is
-# long, and planning it afresh cost more than running it (1.3 ms of planning; 15 ms against 7 ms
-# per claim of 100 under load, measured with 10,000 keys).
-LOCK_QUEUE = """
-SELECT keyed, CASE WHEN keyed THEN set_config('plan_cache_mode', 'force_generic_plan', true) END AS _plan
-FROM (
-    SELECT key_concurrency IS NOT NULL OR key_rate_limit_per_s IS NOT NULL AS keyed
-    FROM queues WHERE id = $1 AND NOT paused FOR UPDATE
-) q
-"""
-
 
 # The rules of the limited claims, as SQL fragments over a queue row `q`. blocked_by
 # (app/src/database/flow.py) evaluates the same fragments for one task: what it reports is what
@@ -392,7 +378,7 @@ KEY_ROOM = (
     "AND r.concurrency_key = {key} AND r.status = 'running') END"
 )
 # The key rate limit is a sliding window: at most `cap` starts per key within the last `window`
-# seconds (1 s, or 1/rate below one per second), logged in task_key_starts under the queue lock.
+# seconds (1 s, or 1/rate below one per second), logged in task_key_starts by the claims.
 KEY_WINDOW_S = "GREATEST(1, 1 / q.key_rate_limit_per_s)"
 KEY_WINDOW_CAP = f"GREATEST(1, floor(q.key_rate_limit_per_s * {KEY_WINDOW_S}))::int"
 KEY_RATE_ROOM = (
@@ -470,8 +456,10 @@ LIMITED_CLAIM_TRIES = 5
 CLAIM_LIMITED_KINDS = _claim_limited(remote=True)  # $5 kinds
 
 
-# THE KEYED CLAIM: queues with key_concurrency or key_rate_limit_per_s, under the queue lock like
-# CLAIM_LIMITED (so per-key counts are exact across every worker process, of both sorts), fair
+# THE KEYED CLAIM: queues with key_concurrency or key_rate_limit_per_s, guarded like
+# CLAIM_LIMITED (one statement, no lock held: `turned` writes the queue row only if its claim_seq
+# still holds the value this statement read, and the tasks are marked running only if it wrote), so
+# per-key counts and rate windows are exact across every worker process, of both sorts. Fair
 # across keys: round-robin by key within priority (Hatchet's RunGroupRoundRobin, DBOS's
 # partitioned queues), so a key with 100,000 waiting tasks delays a key with one by at most one
 # claim round.
@@ -492,15 +480,19 @@ CLAIM_LIMITED_KINDS = _claim_limited(remote=True)  # $5 kinds
 #    allowance (max_concurrency, rate_limit_per_s, the batch): every key gets its first task
 #    before any key gets a second.
 # Tasks without a key in a keyed queue form one more group, not key-limited, read from the head of
-# tasks_claim, at most a batch deep (a keyless task queued behind more than a batch of waiting
+# tasks_claim, at most the allowance deep (a keyless task queued behind more than that many waiting
 # keyed tasks waits until they have started: give every task of a keyed queue a key).
 # Cost with 10,000 keys that all have work: a claim of 100 visits 116 keys, about 3 index probes
-# each (next key, running count, head tasks): ~350 probes and ~4 ms per claim of 100 on the 2-core
-# machine, against ~100 probes and ~2.5 ms for the keyless claim. The statement runs with a
-# generic plan (LOCK_QUEUE sets it for the transaction): planning it each time cost more than
-# running it. Measured end to end in `make bench` (flow: claim cost with 10,000 keys).
+# each (next key, running count, head tasks): ~350 probes and ~2.5 ms per claim of 100 on the
+# 2-core machine, against ~100 probes and ~1.9 ms for the keyless claim. No LIMIT is a parameter
+# (each is computed inside the statement), so the planner's generic plan costs what the custom ones
+# do and the plan cache keeps it after five executions: planning this long statement afresh took
+# 1.3 ms, more than half of running it. Measured end to end in `make bench` (flow:
+# claim cost with 10,000 keys). The claim once ran in a transaction under the queue row lock;
+# its three more round trips per claim took a third of the keyed drain's time (1.89 s against
+# 1.22 s for 20,000 tasks).
 # The UPDATE re-checks status on each row (READ COMMITTED re-evaluates a row changed meanwhile),
-# so no SKIP LOCKED is needed: the queue lock already keeps other claimers of this queue out.
+# so no SKIP LOCKED is needed: a concurrent claim of this queue loses at `turned` instead.
 def _claim_keyed(*, remote: bool) -> str:
     # ($5 is NULL for in-process workers, which never take a client's remote kinds)
     kind_filter = "AND t.kind = ANY($5::text[])" if remote else f"{_NOT_REMOTE} AND $5::text[] IS NULL"
@@ -513,8 +505,9 @@ WITH RECURSIVE
 clock AS MATERIALIZED (SELECT clock_timestamp() AS at),
 q AS MATERIALIZED (
     SELECT q.id, q.max_concurrency, q.rate_limit_per_s, q.key_concurrency, q.key_rate_limit_per_s,
-           q.key_cursor, {QUEUE_TOKENS} AS tokens
+           q.key_cursor, q.claim_seq, {QUEUE_TOKENS} AS tokens
     FROM queues q WHERE q.id = $1 AND NOT q.paused
+      AND (q.key_concurrency IS NOT NULL OR q.key_rate_limit_per_s IS NOT NULL)
 ),
 allowance AS MATERIALIZED (
     SELECT GREATEST(0, LEAST(
@@ -573,12 +566,30 @@ candidates AS (
         SELECT t.id, t.priority, t.run_at, t.concurrency_key FROM tasks t
         WHERE t.queue_id = $1 AND t.status = 'available' AND t.run_at <= now() {kind_filter}
         ORDER BY t.priority, t.run_at, t.id
-        LIMIT $2::int
+        LIMIT (SELECT n FROM allowance)
     ) h
     WHERE h.concurrency_key IS NULL
 ),
-picked AS (
-    SELECT id FROM candidates ORDER BY priority, rn, pos LIMIT (SELECT n FROM allowance)
+picked AS MATERIALIZED (
+    SELECT id, pos FROM candidates ORDER BY priority, rn, pos LIMIT (SELECT n FROM allowance)
+),
+turned AS (
+    -- one UPDATE of the queue row: the bucket spent, the round-robin position, and claim_seq,
+    -- written only if claim_seq still holds the value this statement read (see CLAIM_LIMITED)
+    UPDATE queues
+    SET claim_seq = claim_seq + 1,
+        rate_tokens = CASE WHEN rate_limit_per_s IS NOT NULL
+                           THEN (SELECT tokens FROM allowance) - (SELECT count(*) FROM picked)
+                           ELSE rate_tokens END,
+        rate_updated_at = CASE WHEN rate_limit_per_s IS NOT NULL THEN now() ELSE rate_updated_at END,
+        key_cursor = COALESCE(CASE
+            WHEN (SELECT count(*) FROM picked) >= (SELECT n FROM allowance)
+            THEN (SELECT k.key FROM keys k WHERE k.pos = (SELECT max(pos) FROM picked WHERE pos > 0))
+            ELSE (SELECT k.key FROM keys k ORDER BY k.pos DESC LIMIT 1)
+        END, CASE WHEN (SELECT count(*) FROM keys) = 0 THEN NULL ELSE key_cursor END)
+    WHERE id = $1 AND NOT paused AND claim_seq = (SELECT claim_seq FROM q)
+      AND (key_concurrency IS NOT NULL OR key_rate_limit_per_s IS NOT NULL)
+    RETURNING 1
 ),
 claimed AS (
     UPDATE tasks t
@@ -586,6 +597,7 @@ claimed AS (
         lease_expires_at = (SELECT at FROM clock) + make_interval(secs => $3), worker_id = $4,
         debounce_key = NULL
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = 'available'
+      AND EXISTS (SELECT 1 FROM turned)
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
               t.run_at, t.started_at, t.durable, t.concurrency_key
 ),
@@ -604,28 +616,13 @@ logged AS (
         updated_at = EXCLUDED.updated_at
     RETURNING 1
 ),
-turned AS (
-    -- one UPDATE of the queue row: the bucket spent, the round-robin position, and claim_seq
-    -- (a lock-free claim that counted before this one cannot then be written: CLAIM_LIMITED)
-    UPDATE queues
-    SET claim_seq = claim_seq + 1,
-        rate_tokens = CASE WHEN rate_limit_per_s IS NOT NULL
-                           THEN (SELECT tokens FROM allowance) - (SELECT count(*) FROM claimed)
-                           ELSE rate_tokens END,
-        rate_updated_at = CASE WHEN rate_limit_per_s IS NOT NULL THEN now() ELSE rate_updated_at END,
-        key_cursor = COALESCE(CASE
-            WHEN (SELECT count(*) FROM claimed) >= (SELECT n FROM allowance)
-            THEN (SELECT k.key FROM keys k WHERE k.key IN (SELECT concurrency_key FROM claimed)
-                  ORDER BY k.pos DESC LIMIT 1)
-            ELSE (SELECT k.key FROM keys k ORDER BY k.pos DESC LIMIT 1)
-        END, CASE WHEN (SELECT count(*) FROM keys) = 0 THEN NULL ELSE key_cursor END)
-    WHERE id = $1
-    RETURNING 1
-),
 {notify_events("claimed")}
 SELECT claimed.*, (SELECT n FROM notified) AS _notified, (SELECT count(*) FROM logged) AS _logged,
-       (SELECT count(*) FROM turned) AS _turned
+       false AS _conflict
 FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+WHERE NOT EXISTS (SELECT 1 FROM turned) AND EXISTS (SELECT 1 FROM q)
 """
 
 
@@ -713,7 +710,7 @@ async def claim_available(
 class LimitedQueue:
     id: int
     max_concurrency: int | None
-    keyed: bool  # key_concurrency or key_rate_limit_per_s: CLAIM_KEYED, under the queue lock
+    keyed: bool  # key_concurrency or key_rate_limit_per_s: CLAIM_KEYED
 
 
 async def limited_queues(
@@ -731,24 +728,19 @@ async def claim_limited(
     limit: int,
     lease_s: float,
     worker_id: UUID,
-    keyed: bool | None = None,
+    keyed: bool,
     kinds: KindsFilter | None = None,
 ) -> list[ClaimedTask]:
     """Claim from one limited queue; `conn` is an asyncpg connection.
 
-    A queue limited only as a whole (`keyed` False, from `limited_queues`) takes one statement
-    (again, in a fresh snapshot, while a concurrent claim of the same queue won the race: each lost
-    race means another claim was written); a keyed queue, or one not known to be either, takes a
-    transaction holding its row lock. With `kinds`, the queue must be one of
-    `limited_queues(client_id=kinds.client_id)`.
+    One statement, CLAIM_LIMITED or (`keyed`, from `limited_queues`) CLAIM_KEYED, taken again in a
+    fresh snapshot while a concurrent claim of the same queue won the race (each lost race means
+    another claim was written). Either claims nothing from a queue of the other sort. With `kinds`,
+    the queue must be one of `limited_queues(client_id=kinds.client_id)`.
     """
-    if keyed is not False:
-        return await _claim_locked(
-            conn, queue_id, limit=limit, lease_s=lease_s, worker_id=worker_id, kinds=kinds
-        )
     for _ in range(LIMITED_CLAIM_TRIES):
         rows = await _fetch_limited(
-            conn, queue_id, limit=limit, lease_s=lease_s, worker_id=worker_id, kinds=kinds
+            conn, queue_id, keyed=keyed, limit=limit, lease_s=lease_s, worker_id=worker_id, kinds=kinds
         )
         if not (rows and rows[-1]["_conflict"]):
             return _claimed(rows)
@@ -756,32 +748,23 @@ async def claim_limited(
 
 
 async def _fetch_limited(
-    conn: Any, queue_id: int, *, limit: int, lease_s: float, worker_id: UUID, kinds: KindsFilter | None
+    conn: Any,
+    queue_id: int,
+    *,
+    keyed: bool,
+    limit: int,
+    lease_s: float,
+    worker_id: UUID,
+    kinds: KindsFilter | None,
 ) -> list[Any]:
+    if keyed:
+        statement, names = (CLAIM_KEYED, None) if kinds is None else (CLAIM_KEYED_KINDS, kinds.kinds)
+        return list(
+            await conn.fetch(statement, queue_id, limit, lease_s, worker_id, names, keys_per_claim(limit))
+        )
     if kinds is None:
         return list(await conn.fetch(CLAIM_LIMITED, queue_id, limit, lease_s, worker_id))
     return list(await conn.fetch(CLAIM_LIMITED_KINDS, queue_id, limit, lease_s, worker_id, kinds.kinds))
-
-
-async def _claim_locked(
-    conn: Any, queue_id: int, *, limit: int, lease_s: float, worker_id: UUID, kinds: KindsFilter | None
-) -> list[ClaimedTask]:
-    async with conn.transaction():
-        keyed = await conn.fetchval(LOCK_QUEUE, queue_id)
-        if keyed is None:
-            return []
-        if not keyed:  # limited as a whole (under the lock, the statement's guard always holds)
-            rows = await _fetch_limited(conn, queue_id, limit=limit, lease_s=lease_s, worker_id=worker_id,
-                                        kinds=kinds)  # fmt: skip
-            return _claimed([row for row in rows if not row["_conflict"]])
-        visits = keys_per_claim(limit)
-        if kinds is None:
-            rows = await conn.fetch(CLAIM_KEYED, queue_id, limit, lease_s, worker_id, None, visits)
-        else:
-            rows = await conn.fetch(
-                CLAIM_KEYED_KINDS, queue_id, limit, lease_s, worker_id, kinds.kinds, visits
-            )
-        return _claimed(rows)
 
 
 # --- staging -------------------------------------------------------------------------------------

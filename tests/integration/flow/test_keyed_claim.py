@@ -32,7 +32,9 @@ async def queue_id(database_uri: str, name: str) -> int:
 
 async def claim(db: Database, qid: int, limit: int = 100) -> list[task_store.ClaimedTask]:
     async with db.driver() as conn:
-        return await task_store.claim_limited(conn, queue_id=qid, limit=limit, lease_s=30, worker_id=WORKER)
+        return await task_store.claim_limited(
+            conn, queue_id=qid, keyed=True, limit=limit, lease_s=30, worker_id=WORKER
+        )
 
 
 async def test_key_concurrency_caps_each_key_and_other_keys_still_run(
