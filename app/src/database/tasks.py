@@ -575,7 +575,9 @@ picked AS MATERIALIZED (
 ),
 turned AS (
     -- one UPDATE of the queue row: the bucket spent, the round-robin position, and claim_seq,
-    -- written only if claim_seq still holds the value this statement read (see CLAIM_LIMITED)
+    -- written only if claim_seq still holds the value this statement read (see CLAIM_LIMITED).
+    -- The bucket is charged for the picked tasks: one cancelled between the pick and the write
+    -- below still spends its token.
     UPDATE queues
     SET claim_seq = claim_seq + 1,
         rate_tokens = CASE WHEN rate_limit_per_s IS NOT NULL
@@ -589,6 +591,7 @@ turned AS (
         END, CASE WHEN (SELECT count(*) FROM keys) = 0 THEN NULL ELSE key_cursor END)
     WHERE id = $1 AND NOT paused AND claim_seq = (SELECT claim_seq FROM q)
       AND (key_concurrency IS NOT NULL OR key_rate_limit_per_s IS NOT NULL)
+      AND (EXISTS (SELECT 1 FROM picked) OR EXISTS (SELECT 1 FROM keys))  -- else nothing changed
     RETURNING 1
 ),
 claimed AS (
@@ -622,7 +625,7 @@ SELECT claimed.*, (SELECT n FROM notified) AS _notified, (SELECT count(*) FROM l
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
-WHERE NOT EXISTS (SELECT 1 FROM turned) AND EXISTS (SELECT 1 FROM q)
+WHERE EXISTS (SELECT 1 FROM picked) AND NOT EXISTS (SELECT 1 FROM turned)
 """
 
 
