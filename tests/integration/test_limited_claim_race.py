@@ -136,6 +136,19 @@ async def test_racing_keyed_claims_spend_each_key_window_once(clean_database: st
     assert claimed == [4, 0]
 
 
+async def _waiting_on_a_lock(conn: asyncpg.Connection, n: int) -> None:
+    """Until n claim statements wait on a lock (the blocker's, on the queue row)."""
+    for _ in range(500):
+        waiting = await conn.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE wait_event_type = 'Lock' AND datname = current_database()"""
+        )
+        if waiting >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{n} claims never waited on the queue row")
+
+
 async def test_a_keyed_claim_from_an_older_snapshot_claims_nothing(clean_database: str) -> None:
     """Two claims that saw different tasks: X read before urgent tasks arrived, Y after (so they
     pick different tasks of each key), and both wait on the queue row. Written together they would
@@ -157,7 +170,7 @@ async def test_a_keyed_claim_from_an_older_snapshot_claims_nothing(clean_databas
             # the lock a claim's write of the queue row takes, which still lets tasks reference the row
             await blocker.execute("SELECT 1 FROM queues WHERE id = $1 FOR NO KEY UPDATE", queue_id)
             x = claim(x_conn)
-            await asyncio.sleep(0.3)
+            await _waiting_on_a_lock(conn, 1)
             await conn.execute(
                 """INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, max_attempts,
                                       run_at, priority, concurrency_key)
@@ -167,7 +180,7 @@ async def test_a_keyed_claim_from_an_older_snapshot_claims_nothing(clean_databas
                 queue_id,
             )
             y = claim(y_conn)
-            await asyncio.sleep(0.3)
+            await _waiting_on_a_lock(conn, 2)
         await asyncio.gather(x, y)
         per_key = await conn.fetch(
             """SELECT concurrency_key, count(*) AS n FROM tasks

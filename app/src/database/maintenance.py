@@ -136,11 +136,23 @@ async def prune_schedule_fires(conn: Any, *, older_than_s: float, batch: int = 5
             return total
 
 
-# Flow-control state that outlived its use: key rate windows not written for a minute (their
-# starts are all outside any window: index task_key_starts_updated), and the record of which
-# clients called which hosts, past task retention.
+# Flow-control state that outlived its use: key rate windows not written for a minute and for
+# their queue's window (1/key_rate_limit_per_s seconds when that is longer: their starts are all
+# outside it; index task_key_starts_updated), and the record of which clients called which hosts,
+# past task retention.
+PRUNE_KEY_WINDOWS = """
+DELETE FROM task_key_starts s
+WHERE s.updated_at < now() - interval '1 minute'
+  AND NOT EXISTS (
+      SELECT 1 FROM queues q
+      WHERE q.id = s.queue_id AND q.key_rate_limit_per_s IS NOT NULL
+        AND s.updated_at >= now() - make_interval(secs => 1 / q.key_rate_limit_per_s)
+  )
+"""
+
+
 async def prune_flow_state(conn: Any, *, older_than_s: float) -> int:
-    windows = await conn.execute("DELETE FROM task_key_starts WHERE updated_at < now() - interval '1 minute'")
+    windows = await conn.execute(PRUNE_KEY_WINDOWS)
     callers = await conn.execute(
         "DELETE FROM http_host_clients WHERE last_used_at < now() - make_interval(secs => $1)", older_than_s
     )

@@ -97,7 +97,12 @@ async def upsert(
     values = [row[column] for column in columns]
     insert_columns = ", ".join(["client_id", "name", *columns])
     placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 3))
-    updates = ", ".join([*(f"{c} = EXCLUDED.{c}" for c in columns if c in changes), "updated_at = now()"])
+    # claim_seq advances with every change: a limited or keyed claim that read the old settings
+    # is not written (CLAIM_LIMITED, CLAIM_KEYED) and claims again under the new ones
+    updates = ", ".join(
+        [*(f"{c} = EXCLUDED.{c}" for c in columns if c in changes), "updated_at = now()",
+         "claim_seq = queues.claim_seq + 1"]
+    )  # fmt: skip
     rows = await conn.fetch(
         f"""
         INSERT INTO queues ({insert_columns}) VALUES ({placeholders})

@@ -566,7 +566,7 @@ candidates AS (
         SELECT t.id, t.priority, t.run_at, t.concurrency_key FROM tasks t
         WHERE t.queue_id = $1 AND t.status = 'available' AND t.run_at <= now() {kind_filter}
         ORDER BY t.priority, t.run_at, t.id
-        LIMIT (SELECT n FROM allowance)
+        LIMIT (SELECT $2::int)  -- the batch, as a subquery: no LIMIT is a parameter (see above)
     ) h
     WHERE h.concurrency_key IS NULL
 ),
@@ -591,7 +591,16 @@ turned AS (
         END, CASE WHEN (SELECT count(*) FROM keys) = 0 THEN NULL ELSE key_cursor END)
     WHERE id = $1 AND NOT paused AND claim_seq = (SELECT claim_seq FROM q)
       AND (key_concurrency IS NOT NULL OR key_rate_limit_per_s IS NOT NULL)
-      AND (EXISTS (SELECT 1 FROM picked) OR EXISTS (SELECT 1 FROM keys))  -- else nothing changed
+      AND EXISTS (SELECT 1 FROM picked)
+    RETURNING 1
+),
+passed AS (
+    -- nothing picked, keys visited (all full or out of tokens): only the round-robin position
+    -- moves on (a data-modifying CTE runs whether or not it is read). Unguarded, as it orders keys
+    -- and limits nothing: a claim that finds no room never makes one that does lose its race.
+    UPDATE queues
+    SET key_cursor = COALESCE((SELECT k.key FROM keys k ORDER BY k.pos DESC LIMIT 1), key_cursor)
+    WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM picked) AND EXISTS (SELECT 1 FROM keys)
     RETURNING 1
 ),
 claimed AS (
