@@ -70,6 +70,27 @@ _CONNECTION_ERRORS = (
 )
 
 
+def is_unstorable_value(error: BaseException) -> bool:
+    """True when PostgreSQL (class 22) or the driver refused a value that a statement carried: a
+    NUL in text, a number out of its column's range. Retrying the same statement cannot succeed."""
+    return isinstance(error, asyncpg.DataError | asyncpg_base.DataError)
+
+
+# text and jsonb refuse the NUL character: as a byte in text (22021), as \u0000 in jsonb (22P05)
+_NUL_REFUSED = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
+
+
+def is_refused_text(error: BaseException) -> bool:
+    """True when PostgreSQL refused a statement for a NUL character in the text it carried: what a
+    request sent that no column can hold (a 422), not a failure of the service."""
+    if isinstance(error, sa_exc.DBAPIError):
+        original = error.orig
+        return original is not None and (
+            isinstance(original, _NUL_REFUSED) or isinstance(original.__cause__, _NUL_REFUSED)
+        )
+    return isinstance(error, _NUL_REFUSED)
+
+
 def is_connection_failure(error: BaseException) -> bool:
     """True when `error` says the database is out of reach rather than that a statement is wrong."""
     if isinstance(error, StorageUnavailable):

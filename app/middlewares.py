@@ -20,7 +20,7 @@ from quart.wrappers import Request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.database import StorageUnavailable
+from app.database import StorageUnavailable, is_refused_text
 from app.settings import ACCESS_LOGGER
 from app.src.api.errors import (
     AppError,
@@ -28,10 +28,11 @@ from app.src.api.errors import (
     Forbidden,
     ServiceUnavailable,
     Unauthorized,
+    Unprocessable,
     field_errors,
     problem_type,
 )
-from app.src.utils import json_provider, tracing
+from app.src.utils import json_provider, json_text, tracing
 from app.src.utils.metrics import HTTP_LATENCY, HTTP_REQUESTS, LabelCache
 
 log = structlog.get_logger("taskgate.http")
@@ -226,6 +227,12 @@ async def handle_http_exception(error: HTTPException) -> Response:
 
 
 async def handle_unexpected(error: Exception) -> Response:
+    if is_refused_text(error):
+        # the field-level checks name the field; this is the net under every text they do not cover
+        # (the statement failed, so nothing was stored)
+        return await handle_app_error(
+            Unprocessable(f"The request cannot be stored: {json_text.NUL_MESSAGE}.")
+        )
     log.exception("unhandled error", error_type=type(error).__name__)
     return problem_response({"type": "about:blank", "title": "Internal Server Error", "status": 500}, 500)
 

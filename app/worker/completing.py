@@ -13,6 +13,7 @@ from uuid import UUID
 
 import structlog
 
+from app.database import is_unstorable_value
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome
 from app.src.database import tasks as task_store
 from app.src.database.tasks import Completion
@@ -67,7 +68,7 @@ class Completer:
             batch, holdings.pending = holdings.pending[:MAX_BATCH], holdings.pending[MAX_BATCH:]
             try:
                 async with asyncio.timeout(timeout_s), self.db.driver() as conn:
-                    rows = await task_store.complete(conn, batch, worker_id=self.worker_id)
+                    rows = await self._write(conn, batch)
             except BaseException:
                 holdings.pending[:0] = batch
                 raise
@@ -77,6 +78,27 @@ class Completer:
             self._observe(batch, rows)
             if len(rows) < len(batch):
                 self.log.info("completions dropped: their leases were lost", count=len(batch) - len(rows))
+
+    async def _write(self, conn: task_store.Executor, batch: list[Completion]) -> list[Mapping[str, Any]]:
+        """One statement for the batch. A batch that PostgreSQL refuses for a value one completion
+        carries is written in halves, down to that completion, which is dropped: its lease expires
+        and the rescuer retries the task. Retried whole, the one bad row would hold back every
+        completion written with it, at every retry, while their leases were renewed for ever."""
+        try:
+            return await task_store.complete(conn, batch, worker_id=self.worker_id)
+        except Exception as exc:
+            if not is_unstorable_value(exc):
+                raise
+            if len(batch) == 1:
+                self.log.error(
+                    "a completion cannot be stored; the task is left to the lease rescuer",
+                    task_id=str(batch[0].id),
+                    attempt=batch[0].attempt,
+                    error=str(exc) or type(exc).__name__,
+                )
+                return []
+        half = len(batch) // 2
+        return [*await self._write(conn, batch[:half]), *await self._write(conn, batch[half:])]
 
     @staticmethod
     def _observe(batch: list[Completion], rows: Sequence[Mapping[str, Any]]) -> None:

@@ -49,6 +49,13 @@ def contains_nul(value: Any) -> bool:
     return False
 
 
+def storable_text(text: str) -> str:
+    """`text` with each NUL character (which PostgreSQL's text cannot hold) shown as U+FFFD, as an
+    undecodable byte is: for texts that come from outside and are kept as a record (an error
+    message, a response body), where refusing them would lose the record."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def storable(value: Any) -> str:
     """The JSON text of a value PostgreSQL's jsonb can store; ValueError saying why it cannot."""
     try:

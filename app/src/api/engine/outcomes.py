@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from app.src.api.state_machine import Status
 from app.src.database import tasks as task_store
+from app.src.utils.json_text import storable_text
 
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_BYTES = 8192  # the task_attempts.traceback check (migration 0009) bounds it too
@@ -107,12 +108,18 @@ async def rescue_expired_leases(conn: Any, *, limit: int = 1000) -> list[Mapping
 
 
 def clip_error(text: str) -> str:
-    """An error message as stored on the task and its attempt: at most MAX_ERROR_CHARS."""
+    """An error message as stored on the task and its attempt: at most MAX_ERROR_CHARS, storable.
+
+    Error texts come from outside (a response body, an exception's message, a remote worker's
+    report); PostgreSQL's text refuses NUL, and one such row would fail the whole completion batch
+    it is written in, again at every retry."""
+    text = storable_text(text)
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
 def clip_traceback(text: str) -> str:
     """A traceback bounded to 8 KiB of UTF-8, keeping its end (where the exception is raised)."""
+    text = storable_text(text)
     data = text.encode("utf-8", "replace")
     if len(data) <= MAX_TRACEBACK_BYTES:
         return text

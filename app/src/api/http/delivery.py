@@ -43,7 +43,7 @@ from app.src.api.kinds import (
     WaitExternal,
 )
 from app.src.api.models.http import HttpPayload, HttpResult, HttpWaitState
-from app.src.utils import tracing
+from app.src.utils import json_text, tracing
 from app.src.utils.metrics import HTTP_DELIVERIES, HTTP_DELIVERY_LATENCY
 
 T = TypeVar("T")
@@ -277,7 +277,7 @@ def to_result(response: HttpResponse) -> HttpResult:
     return HttpResult(
         status=response.status,
         headers=response.headers,
-        body=response.body.decode("utf-8", errors="replace"),
+        body=json_text.storable_text(response.body.decode("utf-8", errors="replace")),
         duration_ms=round(response.duration_ms, 3),
     )
 

@@ -7,9 +7,18 @@ from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 from app.src.api.state_machine import Status
+from app.src.utils import json_text
 
 QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["default"])]
 KindName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
@@ -25,8 +34,20 @@ def _date_time_text(value: Any) -> Any:
 
 
 DateTimeText = Annotated[AwareDatetime, BeforeValidator(_date_time_text)]
+
+
+def storable(value: Any) -> Any:
+    """A value PostgreSQL can store: no NUL character in any string or key (a 422, not a 500)."""
+    if json_text.contains_nul(value):
+        raise ValueError(json_text.NUL_MESSAGE)
+    return value
+
+
+StorableJson = Annotated[Any, AfterValidator(storable)]
+StorableObject = Annotated[dict[str, Any], AfterValidator(storable)]
 ConcurrencyKey = Annotated[
     str,
+    AfterValidator(storable),
     Field(
         min_length=1,
         max_length=128,
@@ -244,7 +265,7 @@ class SignalIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: Any = None
+    data: StorableJson = None
 
 
 class SignalOut(BaseModel):

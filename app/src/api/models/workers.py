@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.src.api.models.tasks import MAX_DELAY_S, KindName, QueueName
+from app.src.api.models.tasks import MAX_DELAY_S, KindName, QueueName, StorableJson, StorableObject
 
 MAX_CLAIM = 100
 MAX_WAIT_S = 30.0
@@ -72,7 +72,7 @@ class HeartbeatIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task_ids: list[UUID] = Field(max_length=MAX_BATCH)
-    progress: dict[UUID, dict[str, Any]] | None = None
+    progress: dict[UUID, StorableObject] | None = None
     worker: WorkerIdentity | None = Field(
         default=None, description="the worker that claimed the tasks (as in the claim); guards the leases"
     )
@@ -99,7 +99,7 @@ class SpawnIn(BaseModel):
 
     key: str = Field(min_length=1, max_length=200)
     kind: KindName
-    payload: dict[str, Any] = Field(default_factory=dict)
+    payload: StorableObject = Field(default_factory=dict)
     queue: QueueName | None = Field(default=None, description="default: the parent's queue")
     priority: int | None = Field(default=None, ge=0, le=9)
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
@@ -131,7 +131,7 @@ class SuspendIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: dict[str, Any] = Field(default_factory=dict, max_length=1000)
+    steps: dict[str, StorableJson] = Field(default_factory=dict, max_length=1000)
     spawn: list[SpawnIn] = Field(default_factory=list, max_length=10_000)
     wait: WaitIn | None = None
 
