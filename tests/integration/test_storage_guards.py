@@ -130,3 +130,54 @@ async def test_enqueue_from_python_for_an_unknown_client_is_refused(db: Database
     async with db.driver() as conn:
         assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
         assert await conn.fetchval("SELECT count(*) FROM queues") == 0
+
+
+async def test_a_retried_task_never_reuses_an_attempt_number_so_a_stale_report_is_refused(
+    db: Database,
+) -> None:
+    """A worker loses its lease (the task is discarded), the task is retried by hand and claimed
+    again by the same worker: the report of the lost run must not be taken for the new run."""
+    task_id = await make_task(db)
+    worker = uuid.uuid4()
+    async with db.driver() as conn:
+        await conn.execute("UPDATE tasks SET max_attempts = 2 WHERE id = $1", task_id)
+        client_id = await conn.fetchval("SELECT client_id FROM tasks WHERE id = $1", task_id)
+    lost_run = None
+    for attempt in (1, 2):  # both attempts of its budget lost: the task is dead-lettered
+        lost_run = await claim_one(db, worker)
+        assert lost_run.attempt == attempt
+        async with db.driver() as conn:
+            await conn.execute(
+                "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
+            )
+            await rescue_expired_leases(conn)
+            await conn.execute("UPDATE tasks SET run_at = now() WHERE id = $1", task_id)  # no backoff
+            await store.stage_due(conn)
+    assert lost_run is not None
+    async with db.driver() as conn:
+        assert await conn.fetchval("SELECT status FROM tasks WHERE id = $1", task_id) == "discarded"
+        retried = await store.retry(conn, client_id=client_id, task_id=task_id, from_statuses=["discarded"])
+    assert retried is not None
+    assert (retried.status, retried.attempts, retried.max_attempts) == ("available", 2, 4)  # 2 more
+
+    new_run = await claim_one(db, worker)
+    assert new_run.attempt == 3
+    async with db.driver() as conn:
+        assert await store.complete(conn, [completed(lost_run)], worker_id=worker) == []
+        assert len(await store.complete(conn, [completed(new_run)], worker_id=worker)) == 1
+        row = await conn.fetchrow("SELECT status, attempts, max_attempts FROM tasks WHERE id = $1", task_id)
+        numbers = [
+            r["attempt"]
+            for r in await conn.fetch("SELECT attempt FROM task_attempts WHERE task_id = $1", task_id)
+        ]
+    assert (row["status"], row["attempts"], row["max_attempts"]) == ("completed", 3, 4)
+    assert numbers == [1, 2, 3]  # one record per attempt number
+
+    # the budget stays what the task was created with, retry after retry
+    async with db.driver() as conn:
+        await conn.execute(
+            "UPDATE tasks SET status = 'discarded', finished_at = now() WHERE id = $1", task_id
+        )
+        again = await store.retry(conn, client_id=client_id, task_id=task_id, from_statuses=["discarded"])
+    assert again is not None
+    assert (again.attempts, again.max_attempts) == (3, 5)

@@ -21,6 +21,7 @@ from app.src.database.tasks import (
     AVAILABLE_CHANNEL,
     CANCEL_CHANNEL,
     CANCELLING,
+    RETRYING,
     TASK_COLUMNS,
     Executor,
     notify_events,
@@ -216,8 +217,7 @@ BULK_RETRY = f"""
 WITH picked AS ({_MATCH}),
 changed AS (
     UPDATE tasks t
-    SET status = 'available', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
-        cancel_requested = false, result = NULL, progress = NULL
+    SET {RETRYING}
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = ANY($7::text[])
     RETURNING t.id, t.client_id, t.queue_id
 ),

@@ -1201,11 +1201,22 @@ async def cancel(conn: Executor, *, client_id: UUID, task_id: UUID) -> Task | No
     return to_task(rows[0]) if rows else None
 
 
+# What a retry by hand does (one task, and the bulk retry): the task is available again with as
+# many attempts ahead of it as it was created with. Its attempt count goes on, never back to 0:
+# the attempt number is what fences a completion (status running, same attempt, same worker), so
+# a number used twice would let a worker that lost an earlier run's lease, and then claimed the
+# retried task, have its stale report of that run accepted for the new one. The budget is
+# max_attempts minus the attempts used before the last retry; max_attempts moves on by it.
+# The updated `tasks` is aliased `t`.
+RETRYING = """status = 'available', run_at = now(), started_at = NULL, finished_at = NULL,
+        cancel_requested = false, result = NULL, progress = NULL,
+        max_attempts = t.attempts + (t.max_attempts - t.attempts_before_retry),
+        attempts_before_retry = t.attempts"""
+
 RETRY = f"""
 WITH changed AS (
-    UPDATE tasks
-    SET status = 'available', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
-        cancel_requested = false, result = NULL, progress = NULL
+    UPDATE tasks t
+    SET {RETRYING}
     WHERE id = $1 AND client_id = $2 AND status = ANY($3::text[])
     RETURNING {TASK_COLUMNS}
 ),
