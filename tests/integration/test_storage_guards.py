@@ -181,3 +181,44 @@ async def test_a_retried_task_never_reuses_an_attempt_number_so_a_stale_report_i
         again = await store.retry(conn, client_id=client_id, task_id=task_id, from_statuses=["discarded"])
     assert again is not None
     assert (again.attempts, again.max_attempts) == (3, 5)
+
+
+async def test_a_task_whose_cancel_was_requested_while_it_ran_is_never_run_again(db: Database) -> None:
+    """Its attempt ends in a failure to retry, or its worker dies: either way it ends cancelled."""
+    failing, dying = await make_task(db), await make_task(db)
+    worker = uuid.uuid4()
+    async with db.driver() as conn:
+        claimed = {
+            c.id: c
+            for c in await store.claim_available(conn, limit=2, lease_s=30, worker_id=worker, queues=None)
+        }
+        for task_id in (failing, dying):
+            owner = await conn.fetchval("SELECT client_id FROM tasks WHERE id = $1", task_id)
+            requested = await store.cancel(conn, client_id=owner, task_id=task_id)
+            assert requested is not None
+            assert (requested.status, requested.cancel_requested) == (
+                "running",
+                True,
+            )
+        run = claimed[failing]
+        failed = Completion(
+            id=run.id, attempt=run.attempt, status=Status.RETRYABLE, outcome="failed",
+            started_at=run.started_at, finished_at=datetime.now(UTC), error="boom", retry_in_s=0.1,
+        )  # fmt: skip
+        [written] = await store.complete(conn, [failed], worker_id=worker)
+        assert written["status"] == "cancelled"
+        await conn.execute(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", dying
+        )
+        [rescued] = await rescue_expired_leases(conn)
+        assert (rescued["id"], rescued["status"]) == (dying, "cancelled")
+        rows = {
+            r["id"]: (r["status"], r["finished_at"] is not None)
+            for r in await conn.fetch("SELECT id, status, finished_at FROM tasks")
+        }
+        outcomes = {
+            r["task_id"]: r["outcome"] for r in await conn.fetch("SELECT task_id, outcome FROM task_attempts")
+        }
+        assert await store.claim_available(conn, limit=2, lease_s=30, worker_id=worker, queues=None) == []
+    assert rows == {failing: ("cancelled", True), dying: ("cancelled", True)}
+    assert outcomes == {failing: "failed", dying: "lost"}  # each attempt keeps its own outcome

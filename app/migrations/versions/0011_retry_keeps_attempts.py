@@ -21,12 +21,15 @@ def upgrade() -> None:
     # max_attempts grows with each retry, past the 1000 a request may ask for (the API still
     # bounds what is asked); NOT VALID: the stored rows satisfied the stricter check already
     op.execute("ALTER TABLE tasks DROP CONSTRAINT tasks_max_attempts_check")
-    op.execute("ALTER TABLE tasks ADD CONSTRAINT tasks_max_attempts_check CHECK (max_attempts >= 1) NOT VALID")
+    op.execute(
+        "ALTER TABLE tasks ADD CONSTRAINT tasks_max_attempts_check CHECK (max_attempts >= 1) NOT VALID"
+    )
 
 
 def downgrade() -> None:
     op.execute("ALTER TABLE tasks DROP CONSTRAINT tasks_max_attempts_check")
     op.execute(
-        "ALTER TABLE tasks ADD CONSTRAINT tasks_max_attempts_check CHECK (max_attempts BETWEEN 1 AND 1000) NOT VALID"
+        "ALTER TABLE tasks ADD CONSTRAINT tasks_max_attempts_check "
+        "CHECK (max_attempts BETWEEN 1 AND 1000) NOT VALID"
     )
     op.execute("ALTER TABLE tasks DROP COLUMN attempts_before_retry")

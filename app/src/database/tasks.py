@@ -844,6 +844,17 @@ async def heartbeat_rows(
 # instead of the merge join it picks for a join condition.
 # A refunded completion (a deferral: the handler could not start) gives the attempt back and
 # writes no attempt record.
+# A task whose cancel was requested while it ran never goes back to wait for another run: an
+# attempt that ends without finishing it (a failure to retry, a deferral, a lost lease, a hand-off
+# to an external provider) leaves it cancelled. Its attempt keeps its own outcome. `status` is the
+# SQL of the status the attempt's end would give it; the updated `tasks` is aliased `t`.
+def ended_status(status: str) -> str:
+    return (
+        f"CASE WHEN t.cancel_requested AND {status} IN ('retryable', 'available', 'waiting') "
+        f"THEN 'cancelled' ELSE {status} END"
+    )
+
+
 COMPLETE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[],
@@ -855,7 +866,7 @@ WITH input AS (
 ),
 done AS (
     UPDATE tasks t
-    SET status = i.status,
+    SET status = {ended_status("i.status")},
         attempts = CASE WHEN i.refund THEN t.attempts - 1 ELSE t.attempts END,
         result = CASE WHEN i.status = 'completed' THEN i.result
                       WHEN i.status = 'waiting' THEN i.state ELSE t.result END,
@@ -863,7 +874,8 @@ done AS (
         last_error = CASE WHEN i.status = 'completed' THEN NULL ELSE COALESCE(i.error, t.last_error) END,
         run_at = CASE WHEN i.retry_in_s IS NOT NULL
                       THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
-        finished_at = CASE WHEN i.status IN ('completed', 'discarded', 'cancelled') THEN now() END,
+        finished_at = CASE WHEN {ended_status("i.status")} IN ('completed', 'discarded', 'cancelled')
+                           THEN now() END,
         lease_expires_at = NULL,
         worker_id = NULL
     FROM input i
@@ -1032,11 +1044,11 @@ WITH input AS (
 ),
 rescued AS (
     UPDATE tasks t
-    SET status = i.status,
+    SET status = {ended_status("i.status")},
         last_error = 'lease expired: the worker stopped renewing it (attempt ' || t.attempts || ')',
         run_at = CASE WHEN i.retry_in_s IS NOT NULL
                       THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
-        finished_at = CASE WHEN i.status = 'discarded' THEN now() END,
+        finished_at = CASE WHEN {ended_status("i.status")} IN ('discarded', 'cancelled') THEN now() END,
         lease_expires_at = NULL,
         worker_id = NULL
     FROM input i
