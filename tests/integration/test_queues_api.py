@@ -66,3 +66,22 @@ async def test_counts_pause_resume_and_purge(client: Client, auth_headers: dict[
     after = await (await client.get("/api/queues/work", headers=auth_headers)).get_json()
     assert after["counts"] == {}
     assert (await client.post("/api/queues/nowhere/purge", headers=auth_headers)).status_code == 404
+
+
+async def test_purge_cancels_what_a_parent_or_a_dependent_waits_for(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """Deleted, a dependency would leave its dependent waiting for ever; cancelled, it tells it."""
+    first = await enqueue(client, auth_headers, kind="noop", queue="doomed", delay_s=600)
+    plain = await enqueue(client, auth_headers, kind="noop", queue="doomed")
+    dependent = await enqueue(client, auth_headers, kind="noop", queue="kept", depends_on=[first["id"]])
+    assert dependent["status"] == "waiting"
+
+    purged = await (await client.post("/api/queues/doomed/purge", headers=auth_headers)).get_json()
+    assert purged == {"purged": 2}
+    gone = await client.get(f"/api/tasks/{plain['id']}", headers=auth_headers)
+    assert gone.status_code == 404
+    dependency = await (await client.get(f"/api/tasks/{first['id']}", headers=auth_headers)).get_json()
+    assert (dependency["status"], dependency["last_error"]) == ("cancelled", "purged with its queue")
+    after = await (await client.get(f"/api/tasks/{dependent['id']}?wait=10", headers=auth_headers)).get_json()
+    assert after["status"] == "cancelled"

@@ -9,7 +9,7 @@ from uuid import UUID
 import dacite
 
 from app.src.api.models.tasks import Queue
-from app.src.database.tasks import AVAILABLE_CHANNEL, Executor
+from app.src.database.tasks import AVAILABLE_CHANNEL, CANCELLING, Executor, notify_events
 
 QUEUE_COLUMNS = (
     "id, client_id, name, max_concurrency, rate_limit_per_s, max_attempts, min_backoff_s, "
@@ -139,17 +139,32 @@ async def counts(conn: Executor, *, queue_id: int) -> tuple[dict[str, int], floa
     return {row["status"]: int(row["n"]) for row in rows}, oldest[0]["age"]
 
 
+# Purge: the tasks of a queue that are waiting to run go (running ones finish or are cancelled).
+# A task in a composition (a child, a dependency, a parent with open children) is cancelled
+# instead, so the row trigger of migration 0008 tells its parent and dependents: deleted, it would
+# leave them waiting for it for ever. Its row stays, for the parent's gather to read.
+PURGE = f"""
+WITH doomed AS (
+    SELECT id, (parent_id IS NOT NULL OR has_dependents OR children_open > 0) AS composed FROM tasks
+    WHERE queue_id = $1 AND status IN ('scheduled', 'available', 'retryable')
+    FOR UPDATE
+),
+cancelled AS (
+    UPDATE tasks t SET {CANCELLING}, last_error = 'purged with its queue'
+    WHERE t.id IN (SELECT id FROM doomed WHERE composed)
+    RETURNING t.id
+),
+purged AS (
+    DELETE FROM tasks WHERE id IN (SELECT id FROM doomed WHERE NOT composed)
+    RETURNING id
+),
+attempts AS (DELETE FROM task_attempts WHERE task_id IN (SELECT id FROM purged)),
+{notify_events("cancelled")}
+SELECT (SELECT count(*) FROM purged) + (SELECT count(*) FROM cancelled) AS n, (SELECT n FROM notified) AS _n
+"""
+
+
 async def purge(conn: Executor, *, queue_id: int) -> int:
-    """Delete the tasks of a queue that are waiting to run (running ones finish or are cancelled)."""
-    rows = await conn.fetch(
-        """
-        WITH purged AS (
-            DELETE FROM tasks WHERE queue_id = $1 AND status IN ('scheduled', 'available', 'retryable')
-            RETURNING id
-        ),
-        attempts AS (DELETE FROM task_attempts WHERE task_id IN (SELECT id FROM purged))
-        SELECT count(*) AS n FROM purged
-        """,
-        queue_id,
-    )
+    """Remove the tasks of a queue that are waiting to run; how many (deleted or cancelled)."""
+    rows = await conn.fetch(PURGE, queue_id)
     return int(rows[0]["n"])
