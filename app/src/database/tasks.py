@@ -184,6 +184,8 @@ def _inserted(new: NewTask, row: Mapping[str, Any]) -> Task:
 # task has not started, every later one meets it in ON CONFLICT, which locks the row and replaces
 # its payload and run_at (now + period_s, never past the first enqueue + max_wait_s). A claim that
 # takes the row meanwhile moves it out of the index, and the insert then goes ahead: a new task.
+# Only a task of the same queue and kind is folded into: one of another kind would be given a
+# payload its contract never checked. Then nothing is written and nothing comes back.
 DEBOUNCE_TASK = f"""
 WITH upserted AS (
     INSERT INTO tasks AS t (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts,
@@ -198,6 +200,7 @@ WITH upserted AS (
         run_at = LEAST(EXCLUDED.run_at, COALESCE(t.debounce_until, 'infinity')),
         status = CASE WHEN LEAST(EXCLUDED.run_at, COALESCE(t.debounce_until, 'infinity')) > now()
                       THEN 'scheduled' ELSE t.status END
+    WHERE t.queue_id = EXCLUDED.queue_id AND t.kind = EXCLUDED.kind
     RETURNING {TASK_COLUMNS}, (xmax = 0) AS created
 ),
 woken AS (
@@ -209,8 +212,14 @@ SELECT upserted.*, (SELECT n FROM woken) + (SELECT n FROM evented) AS _n FROM up
 """
 
 
+class DebounceKeyTaken(Exception):
+    """The debounce key is held by a pending task of another queue or kind."""
+
+
 async def debounce_task(conn: Executor, task: NewTask) -> tuple[Task, bool]:
-    """Insert `task`, or fold it into the pending task of its debounce key; (task, debounced)."""
+    """Insert `task`, or fold it into the pending task of its debounce key; (task, debounced).
+
+    Raises DebounceKeyTaken when that pending task is of another queue or kind."""
     if task.debounce is None:
         raise ValueError("debounce_task needs a task with debounce")
     rows = await conn.fetch(
@@ -229,6 +238,8 @@ async def debounce_task(conn: Executor, task: NewTask) -> tuple[Task, bool]:
         task.debounce.max_wait_s,
         task.traceparent,
     )
+    if not rows:
+        raise DebounceKeyTaken(task.debounce.key)
     return to_task(rows[0]), not rows[0]["created"]
 
 

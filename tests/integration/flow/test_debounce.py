@@ -101,3 +101,25 @@ async def test_debounce_keys_are_per_client(
     )
     assert (mine.status_code, theirs.status_code) == (201, 201)
     assert (await mine.get_json())["id"] != (await theirs.get_json())["id"]
+
+
+async def test_a_debounce_key_held_by_another_kind_or_queue_is_409_and_changes_nothing(
+    app: Quart, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Folded into a task of another kind, the payload would meet a contract it was never checked
+    against (and the pending task would be discarded when it ran)."""
+    client = app.test_client()
+    first = await client.post("/api/tasks", json=debounced("first", period_s=30), headers=auth_headers)
+    assert first.status_code == 201
+    other_kind = {**debounced("x", period_s=30), "kind": "noop", "payload": {}}
+    other_queue = {**debounced("y", period_s=30), "queue": "elsewhere"}
+    for body in (other_kind, other_queue):
+        refused = await client.post("/api/tasks", json=body, headers=auth_headers)
+        assert refused.status_code == 409, await refused.get_data(as_text=True)
+        assert refused.headers["Content-Type"].startswith("application/problem+json")
+        assert [e["field"] for e in (await refused.get_json())["errors"]] == ["debounce.key"]
+    batch = await client.post("/api/tasks/batch", json={"tasks": [other_kind]}, headers=auth_headers)
+    assert batch.status_code == 409
+    assert [e["field"] for e in (await batch.get_json())["errors"]] == ["tasks.0.debounce.key"]
+    rows = await fetch(clean_database, "SELECT kind, payload->>'value' AS value FROM tasks")
+    assert [(r["kind"], r["value"]) for r in rows] == [("test.returns", "first")]

@@ -270,9 +270,17 @@ async def store_prepared(
         return await task_store.insert_tasks(conn, tasks)
     plain = [task for task in tasks if task.debounce is None]
     stored = {task.id: task for task in await task_store.insert_tasks(conn, plain)} if plain else {}
-    for task in tasks:
+    for index, task in enumerate(tasks):
         if task.debounce is not None:
-            stored[task.id], _ = await task_store.debounce_task(conn, task)
+            try:
+                stored[task.id], _ = await task_store.debounce_task(conn, task)
+            except task_store.DebounceKeyTaken:
+                held = "held by a pending task of another queue or kind"
+                raise Conflict(
+                    f"This debounce key is {held}.",
+                    errors=[{"field": _dotted(*field_prefix(index), "debounce", "key"), "message": held,
+                             "type": "conflict"}],
+                ) from None  # fmt: skip
     return [stored[task.id] for task in tasks]
 
 
@@ -379,7 +387,7 @@ async def _submit_traced(
         tasks = [await engine.task_inserts.submit(new[0])]
     else:
         async with engine.db.driver() as conn, conn.transaction():
-            tasks = await store_prepared(conn, new)
+            tasks = await store_prepared(conn, new, field_prefix=field_prefix)
     flags = debounced(new, tasks)
     accepted(engine, [task for task, flag in zip(tasks, flags, strict=True) if not flag])
     return Submitted(tasks, replayed=False, debounced=flags if any(f is not None for f in flags) else None)
