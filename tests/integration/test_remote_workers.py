@@ -10,6 +10,8 @@ from typing import Any
 from quart.typing import TestClientProtocol as Client
 
 from app.database import Database
+from app.src.api.engine import remote_kinds
+from app.src.api.models.auth import IssuedKey
 from app.src.database import tasks as task_store
 from tests.task_harness import enqueue, eventually, fetch
 
@@ -314,3 +316,53 @@ async def test_a_schedule_can_name_a_remote_kind_of_its_own_client(
     task = await fired.get_json()
     got = await claim(client, auth_headers)
     assert [(item["id"], item["payload"]) for item in got["items"]] == [(task["id"], {"account_id": 7})]
+
+
+async def test_a_schema_can_never_make_the_server_fetch_a_url_or_loop(
+    client: Client, auth_headers: dict[str, str], clean_database: str, api_client: IssuedKey
+) -> None:
+    """A $ref outside the schema is refused when the kind is registered; one stored anyway (a kind
+    registered before that check) is not fetched at enqueue: a 422, as is a schema that loops."""
+    from aiohttp import web
+
+    fetched: list[str] = []
+
+    async def served(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.json_response({"type": "object"})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", served)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/schema.json"
+    try:
+        remote = await client.put(
+            "/api/catalog/kinds/reports.remote", json={"payload_schema": {"$ref": url}}, headers=auth_headers
+        )
+        assert remote.status_code == 422
+        assert (await remote.get_json())["errors"][0]["field"] == "body.payload_schema.$ref"
+        looping = await client.put(
+            "/api/catalog/kinds/reports.loop", json={"payload_schema": {"$ref": "#"}}, headers=auth_headers
+        )
+        assert looping.status_code == 422
+        local = {"$defs": {"id": {"type": "integer"}}, "properties": {"account_id": {"$ref": "#/$defs/id"}}}
+        await register(client, auth_headers, payload_schema=local)
+
+        # stored as an earlier version would have: the enqueue answers 422 and fetches nothing
+        await fetch(
+            clean_database,
+            "UPDATE remote_kinds SET payload_schema = $1::jsonb, version = version + 1",
+            f'{{"properties": {{"account_id": {{"$ref": "{url}"}}}}}}',
+        )
+        remote_kinds.forget(api_client.client_id)  # as KINDS_TTL_S later
+        answer = await client.post(
+            "/api/tasks", json={"kind": "reports.build", "payload": {"account_id": 1}}, headers=auth_headers
+        )
+        assert answer.status_code == 422, await answer.get_data(as_text=True)
+        assert "cannot be applied" in (await answer.get_json())["errors"][0]["message"]
+    finally:
+        await runner.cleanup()
+    assert fetched == []
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks"))[0]["n"] == 0

@@ -15,6 +15,8 @@ from uuid import UUID
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError
+from referencing import Registry
+from referencing.exceptions import Unresolvable
 
 from app.src.api.errors import Conflict, NotFound, Unprocessable
 from app.src.database import workers as store
@@ -28,6 +30,13 @@ if TYPE_CHECKING:
 KINDS_TTL_S = 5.0
 MAX_ERRORS = 50
 _MAX_VALIDATORS = 10_000
+
+# Every $ref resolves inside the schema itself. (The validator's default registry downloads what it
+# cannot resolve, with urllib, no timeout, on the event loop: a schema could make the server fetch
+# any URL, past HTTP_ALLOWED_NETWORKS, while every request waited.)
+_NOTHING_FETCHED = Registry()
+_REFERENCES = ("$ref", "$dynamicRef")
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")  # their values are data, not schemas
 
 _kinds: dict[UUID, tuple[float, dict[str, RemoteKindRow]]] = {}
 _validators: dict[tuple[UUID, str, int, str], Draft202012Validator] = {}
@@ -69,7 +78,7 @@ def _validator(kind: RemoteKindRow, which: str) -> Draft202012Validator | None:
         if len(_validators) >= _MAX_VALIDATORS:
             _validators.clear()
         # no format checker and no remote $ref retrieval: a schema cannot make the server fetch URLs
-        validator = _validators[key] = Draft202012Validator(schema)
+        validator = _validators[key] = Draft202012Validator(schema, registry=_NOTHING_FETCHED)
     return validator
 
 
@@ -81,7 +90,13 @@ def schema_errors(
     if validator is None:
         return []
     out: list[dict[str, Any]] = []
-    errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    try:
+        errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    except (RecursionError, Unresolvable) as exc:
+        # a kind registered before references were checked, or a reference that loops for this value
+        reason = "it refers to itself without end" if isinstance(exc, RecursionError) else str(exc)
+        return [{"field": ".".join(map(str, prefix)), "message": f"the {which} schema of kind "
+                 f"{kind.name!r} cannot be applied: {reason}", "type": "invalid_schema"}]  # fmt: skip
     for error in errors[:MAX_ERRORS]:
         out.extend(_field_errors(error, prefix))
     return out
@@ -133,7 +148,38 @@ def _check_schema(schema: dict[str, Any] | None, field: str) -> list[dict[str, A
     except SchemaError as exc:
         path = ".".join(map(str, ("body", field, *exc.absolute_path)))
         return [{"field": path, "message": exc.message, "type": "invalid_schema"}]
+    embedded = any(key == "$id" for key, _, _ in _walk(schema, ()))
+    errors = [
+        {"field": ".".join(map(str, ("body", field, *path, key))),
+         "message": "only references inside the schema (#...) are supported: nothing is fetched",
+         "type": "invalid_schema"}
+        for key, value, path in _walk(schema, ())
+        if key in _REFERENCES and isinstance(value, str) and not value.startswith("#") and not embedded
+    ]  # fmt: skip
+    if errors:
+        return errors
+    try:  # a schema that refers to itself without end fails every value: refuse it now
+        list(Draft202012Validator(schema, registry=_NOTHING_FETCHED).iter_errors({}))
+    except (RecursionError, Unresolvable) as exc:
+        reason = "it refers to itself without end" if isinstance(exc, RecursionError) else str(exc)
+        return [{"field": f"body.{field}", "message": f"the schema cannot be applied: {reason}",
+                 "type": "invalid_schema"}]  # fmt: skip
     return []
+
+
+def _walk(node: Any, path: tuple[str | int, ...]) -> Iterable[tuple[str, Any, tuple[str | int, ...]]]:
+    """(keyword, value, path of the object holding it) for every keyword of a schema, iteratively,
+    leaving out the values of keywords that hold data."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(node, path)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                yield key, value, at
+                if key not in _DATA_KEYWORDS:
+                    stack.append((value, (*at, key)))
+        elif isinstance(item, list):
+            stack.extend((value, (*at, index)) for index, value in enumerate(item))
 
 
 async def register(
