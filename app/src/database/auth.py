@@ -459,6 +459,39 @@ async def record_failure(conn: Connection, *, scope: str, key: str, forget_after
     return failures
 
 
+async def hold(conn: Connection, *, scope: str, key: str, seconds: float) -> bool:
+    """Take (scope, key) for one attempt unless it is blocked or held: its blocked_until, for at
+    most `seconds`. The row lock of the upsert orders concurrent attempts; one of them wins."""
+    row = await conn.fetchrow(
+        """
+        INSERT INTO auth_throttle AS t (scope, key, failures, last_failure_at, blocked_until)
+        VALUES ($1, $2, 0, now(), now() + make_interval(secs => $3))
+        ON CONFLICT (scope, key) DO UPDATE SET blocked_until = now() + make_interval(secs => $3)
+        WHERE t.blocked_until IS NULL OR t.blocked_until <= now()
+        RETURNING 1
+        """,
+        scope,
+        key,
+        float(seconds),
+    )
+    return row is not None
+
+
+async def release(conn: Connection, *, scope: str, key: str, blocked_for_s: float) -> None:
+    """End an attempt's hold on (scope, key): blocked for `blocked_for_s` after a failure that
+    earned a lockout, else free."""
+    await conn.execute(
+        """
+        UPDATE auth_throttle
+        SET blocked_until = CASE WHEN $3 > 0 THEN now() + make_interval(secs => $3) END
+        WHERE scope = $1 AND key = $2
+        """,
+        scope,
+        key,
+        float(blocked_for_s),
+    )
+
+
 async def block(conn: Connection, *, scope: str, key: str, seconds: float) -> None:
     await conn.execute(
         """

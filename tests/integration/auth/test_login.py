@@ -258,3 +258,31 @@ async def test_auth_events_are_logged_without_secrets(client: Client, operator: 
         assert secret not in text
     # six digits may turn up inside an id by chance: look for the code as a value instead
     assert all(second_factor not in map(str, entry.values()) for entry in logs)
+
+
+async def test_parallel_wrong_passwords_are_checked_one_at_a_time(
+    client: Client, operator: NewOperator
+) -> None:
+    """Sent at once, guesses cannot all pass the throttle before the first failure is counted:
+    an account is checked for one attempt at a time, the rest are told to retry (429)."""
+    responses = await asyncio.gather(
+        *(password_step(client, operator.email, f"wrong-{i}", address=f"198.51.100.{i}") for i in range(12))
+    )
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {401, 429}, statuses
+    assert statuses.count(401) < 5, statuses  # checked: fewer than the free failures
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 429)
+    # and the account is usable again once the burst is over
+    await log_in(client, operator.email, OPERATOR_PASSWORD, code(operator.totp_secret))
+
+
+async def test_parallel_wrong_codes_cannot_outrun_the_code_limit(
+    client: Client, operator: NewOperator
+) -> None:
+    token = await mfa_token(client, operator.email, OPERATOR_PASSWORD)
+    right = code(operator.totp_secret)
+    wrongs = [f"{(int(right) + 1 + i) % 1_000_000:06d}" for i in range(40)]
+    responses = await asyncio.gather(*(totp_step(client, token, wrong) for wrong in wrongs))
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {401, 429}, statuses
+    assert statuses.count(401) <= 5, statuses  # at most the challenge's five wrong codes were checked

@@ -22,9 +22,8 @@ from app.src.api.auth.throttle import (
     LOGIN_ADDRESS,
     TOTP_ACCOUNT,
     TOTP_ADDRESS,
+    attempt,
     forget,
-    record_failures,
-    refuse_if_blocked,
 )
 from app.src.api.errors import (
     Conflict,
@@ -106,18 +105,18 @@ async def login(db: Database, *, email: str, password: str, address: str) -> Mfa
     """
     account = account_key(email)
     subjects = [(LOGIN_ACCOUNT, account), (LOGIN_ADDRESS, address)]
-    await refuse_if_blocked(db, subjects, event="auth.login")
-    async with db.driver() as conn:
-        user = await store.get_user_by_email(conn, account)
-    if user is None:
-        await _hashing(HASHER.verify_dummy(password))
-        verified = False
-    else:
-        verified = await _hashing(HASHER.verify(user.password_hash, password))
-    if user is None or not verified or user.disabled:
-        await record_failures(db, subjects)
-        log.info("auth.login", outcome="failed", email=account, address=address)
-        raise Unauthorized(WRONG_CREDENTIALS)
+    async with attempt(db, subjects, event="auth.login") as this:
+        async with db.driver() as conn:
+            user = await store.get_user_by_email(conn, account)
+        if user is None:
+            await _hashing(HASHER.verify_dummy(password))
+            verified = False
+        else:
+            verified = await _hashing(HASHER.verify(user.password_hash, password))
+        if user is None or not verified or user.disabled:
+            this.failed = True
+            log.info("auth.login", outcome="failed", email=account, address=address)
+            raise Unauthorized(WRONG_CREDENTIALS)
     if HASHER.needs_rehash(user.password_hash):
         rehashed = await _hashing(HASHER.hash(password))
         async with db.driver() as conn:
@@ -149,33 +148,33 @@ async def login_totp(
         log.info("auth.login.totp", outcome="bad_mfa_token", address=address)
         raise Unauthorized(BAD_MFA_TOKEN)
     subjects = [(TOTP_ACCOUNT, str(user.id)), (TOTP_ADDRESS, address)]
-    await refuse_if_blocked(db, subjects, event="auth.login.totp")
-    step = _matching_step(db, user, user.totp_secret, code, now=now)
-    recovery = tokens.normalize_recovery_code(code) if step is None else None
-    try:
-        async with transaction(db) as conn:
-            # The challenge, the step and the session commit together; any refusal rolls all back,
-            # so a typo does not burn the challenge and a lost race does not burn the code.
-            if not await store.consume_challenge(conn, token_hash):
-                raise _Rejected(BAD_MFA_TOKEN)
-            if step is not None:
-                accepted = await store.advance_totp_step(conn, user_id=user.id, step=step)
-            elif recovery is not None:
-                accepted = await store.use_recovery_code(
-                    conn, user_id=user.id, code_hash=tokens.digest(recovery)
-                )
-            else:
-                accepted = False
-            if not accepted:
-                raise _Rejected(WRONG_CODE)
-            grant = await _start_session(conn, user.id)
-    except _Rejected as rejected:
-        if rejected.args[0] == WRONG_CODE:
-            async with db.driver() as conn:
-                await store.fail_challenge(conn, token_hash, max_failures=MFA_MAX_FAILURES)
-            await record_failures(db, subjects)
-        log.info("auth.login.totp", outcome="failed", user_id=str(user.id), address=address)
-        raise Unauthorized(rejected.args[0]) from None
+    async with attempt(db, subjects, event="auth.login.totp") as this:
+        step = _matching_step(db, user, user.totp_secret, code, now=now)
+        recovery = tokens.normalize_recovery_code(code) if step is None else None
+        try:
+            async with transaction(db) as conn:
+                # The challenge, the step and the session commit together; any refusal rolls all
+                # back, so a typo does not burn the challenge and a lost race does not burn the code.
+                if not await store.consume_challenge(conn, token_hash):
+                    raise _Rejected(BAD_MFA_TOKEN)
+                if step is not None:
+                    accepted = await store.advance_totp_step(conn, user_id=user.id, step=step)
+                elif recovery is not None:
+                    accepted = await store.use_recovery_code(
+                        conn, user_id=user.id, code_hash=tokens.digest(recovery)
+                    )
+                else:
+                    accepted = False
+                if not accepted:
+                    raise _Rejected(WRONG_CODE)
+                grant = await _start_session(conn, user.id)
+        except _Rejected as rejected:
+            if rejected.args[0] == WRONG_CODE:
+                async with db.driver() as conn:
+                    await store.fail_challenge(conn, token_hash, max_failures=MFA_MAX_FAILURES)
+                this.failed = True
+            log.info("auth.login.totp", outcome="failed", user_id=str(user.id), address=address)
+            raise Unauthorized(rejected.args[0]) from None
     await forget(db, [(LOGIN_ACCOUNT, account_key(user.email)), (TOTP_ACCOUNT, str(user.id))])
     log.info(
         "auth.login.totp",
@@ -245,12 +244,14 @@ async def confirm_totp(
     if user.totp_pending_secret is None:
         raise Conflict("No TOTP enrolment is pending; start with POST /api/auth/totp/enroll.")
     subjects = [(TOTP_ACCOUNT, str(user.id)), (TOTP_ADDRESS, address)]
-    await refuse_if_blocked(db, subjects, event="auth.totp.confirm")
-    step = _matching_step(db, user, user.totp_pending_secret, code, now=now)
-    if step is None:
-        await record_failures(db, subjects)
-        log.info("auth.totp.confirm", outcome="failed", user_id=str(user.id))
-        raise Unprocessable("The code does not match the new secret.", type=problem_type("invalid-totp-code"))
+    async with attempt(db, subjects, event="auth.totp.confirm") as this:
+        step = _matching_step(db, user, user.totp_pending_secret, code, now=now)
+        if step is None:
+            this.failed = True
+            log.info("auth.totp.confirm", outcome="failed", user_id=str(user.id))
+            raise Unprocessable(
+                "The code does not match the new secret.", type=problem_type("invalid-totp-code")
+            )
     codes = [tokens.new_recovery_code() for _ in range(RECOVERY_CODE_COUNT)]
     async with transaction(db) as conn:
         if not await store.confirm_pending_totp(

@@ -6,11 +6,18 @@ for an exponentially growing delay (1 s, 2 s, 4 s, ... up to 15 min), and a key 
 `forget_after_s` starts over. Blocked attempts are refused before any password or code is
 checked, so they reveal nothing. Per-account keys are the email as typed (lowercased), whether or
 not the account exists, so a 429 says nothing about which accounts exist.
+
+An attempt holds its account's key while it checks (`attempt`): a second attempt on the same
+account meanwhile is refused at once (429), so parallel guesses cannot all pass the check before
+the first failure is counted. The hold is the key's `blocked_until`, set for IN_FLIGHT_S at most:
+an attempt that never ends (a killed process) frees the account when it runs out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -47,6 +54,51 @@ def lockout_seconds(policy: Policy, failures: int) -> float:
 
 
 Subject = tuple[Policy, str]
+IN_FLIGHT_S = 30.0  # longer than any password check waits for the hasher
+
+
+@dataclass(slots=True)
+class Attempt:
+    failed: bool = False  # set by the caller before it raises its refusal
+
+
+@contextlib.asynccontextmanager
+async def attempt(db: Database, subjects: Sequence[Subject], *, event: str) -> AsyncIterator[Attempt]:
+    """One login or code attempt, the only one in flight for its account (`subjects[0]`).
+
+    Refused (429) while any subject is blocked or another attempt holds the account. A failure
+    the caller marks (`failed = True`) is counted against every subject when the block exits, and
+    the account's hold becomes its lockout (or ends); otherwise the hold just ends.
+    """
+    await refuse_if_blocked(db, subjects, event=event)
+    account = subjects[0]
+    async with db.driver() as conn:
+        held = await store.hold(conn, scope=account[0].scope, key=account[1], seconds=IN_FLIGHT_S)
+    if not held:
+        log.warning(event, outcome="throttled", reason="attempt in flight")
+        raise TooManyRequests(
+            "Another attempt for this account is in progress; retry shortly.", retry_after=1
+        )
+    outcome = Attempt()
+    try:
+        yield outcome
+    finally:
+        # shielded: a client that goes away mid-attempt must not leave a failure uncounted
+        await asyncio.shield(_end(db, subjects, failed=outcome.failed))
+
+
+async def _end(db: Database, subjects: Sequence[Subject], *, failed: bool) -> None:
+    (policy, key), others = subjects[0], subjects[1:]
+    async with transaction(db) as conn:
+        seconds = 0.0
+        if failed:
+            failures = await store.record_failure(
+                conn, scope=policy.scope, key=key, forget_after_s=policy.forget_after_s
+            )
+            seconds = lockout_seconds(policy, failures)
+        await store.release(conn, scope=policy.scope, key=key, blocked_for_s=seconds)
+    if failed and others:
+        await record_failures(db, others)
 
 
 async def refuse_if_blocked(db: Database, subjects: Sequence[Subject], *, event: str) -> None:
