@@ -46,6 +46,32 @@ def test_berlin_fall_back_fires_a_fixed_time_once() -> None:
     ]
 
 
+def test_four_fixed_times_in_the_repeated_hour_fire_once_each_and_the_schedule_goes_on() -> None:
+    # every fire time of the repeated hour has a second occurrence to step over: the schedule
+    # once came out of that hour with no next fire time at all, and never fired again
+    assert fires("0,15,30,45 2 * * *", "Europe/Berlin", utc(2025, 10, 25, 12), 6) == [
+        utc(2025, 10, 26, 0, 0),  # 02:00 CEST
+        utc(2025, 10, 26, 0, 15),
+        utc(2025, 10, 26, 0, 30),
+        utc(2025, 10, 26, 0, 45),  # 02:45 CEST; not again in CET
+        utc(2025, 10, 27, 1, 0),  # 02:00 CET, the next day
+        utc(2025, 10, 27, 1, 15),
+    ]
+    # asked from inside the repeated hour (a scheduler that was down), it finds the next day
+    assert fires("0,15,30,45 2 * * *", "Europe/Berlin", utc(2025, 10, 26, 1, 20), 1) == [
+        utc(2025, 10, 27, 1, 0)
+    ]
+
+
+def test_a_daily_job_at_a_skipped_midnight_fires_that_day_shifted_by_the_gap() -> None:
+    # Chile, 2025-09-07 00:00 -04 → 01:00 -03: midnight does not exist that day
+    assert fires("0 0 * * *", "America/Santiago", utc(2025, 9, 5, 12), 3) == [
+        utc(2025, 9, 6, 4, 0),  # 00:00 -04
+        utc(2025, 9, 7, 4, 0),  # the missing 00:00, as 01:00 -03
+        utc(2025, 9, 8, 3, 0),  # 00:00 -03
+    ]
+
+
 def test_a_wildcard_schedule_keeps_its_cadence_through_the_repeated_hour() -> None:
     assert fires("*/30 * * * *", "Europe/Berlin", utc(2025, 10, 26, 0, 0), 5) == [
         utc(2025, 10, 26, 0, 30),  # 02:30 CEST

@@ -10,6 +10,12 @@ APScheduler's `CronTrigger.from_crontab` differs from crontab(5) in three ways t
 A wall-clock time skipped when clocks go forward fires once, shifted by the gap (02:30 in a
 02:00→03:00 change fires at 03:30 local time), as PEP 495 and java.time resolve it.
 
+Jobs at fixed times are planned on the wall clock: the next matching local time is found as if the
+zone had no changes, then read in the zone (fold 0: the first occurrence of a repeated time, and
+a skipped time moved on by the gap). Computed on the zone's real instants instead, a skipped time
+is not there to match (a daily job at a skipped midnight lost its day) and the repeated hour
+has to be stepped through fire by fire.
+
 Every time returned is UTC. Five fields, or six with seconds first where the caller allows it.
 """
 
@@ -39,6 +45,7 @@ FIELDS_6 = ("second", *FIELDS_5)
 _ITEM = re.compile(r"^(\*|[0-9]{1,2}|[A-Za-z]{3})(-([0-9]{1,2}|[A-Za-z]{3}))?(/[0-9]{1,2})?$")
 _WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # crontab numbering: 0 = Sunday
 _MICROSECOND = timedelta(microseconds=1)
+_MAX_REPEATED_FIRES = 2 * 3600 + 1  # one per second of the longest repeated period (2 h)
 MAX_TIMEZONE_LENGTH = 64
 
 
@@ -110,30 +117,33 @@ class Cron:
 
     expression: str
     timezone: ZoneInfo
-    trigger: Any  # CronTrigger or OrTrigger; APScheduler ships no type hints
+    trigger: Any  # CronTrigger or OrTrigger in the zone; APScheduler ships no type hints
+    wall_clock: Any  # the same fields on a clock without changes (UTC), for fixed times
     fixed_time: bool  # no `*` in the second, minute or hour field: fires once per wall time
 
     def next_after(self, moment: datetime) -> datetime | None:
         """The first fire time strictly after `moment` (UTC), or None if there is none."""
-        candidate = self.trigger.get_next_fire_time(None, (moment + _MICROSECOND).astimezone(self.timezone))
-        for _ in range(4):  # at most one repeated wall time per change, but stay bounded
+        if not self.fixed_time:
+            candidate = self.trigger.get_next_fire_time(
+                None, (moment + _MICROSECOND).astimezone(self.timezone)
+            )
+            return None if candidate is None else candidate.astimezone(UTC)
+        wall = moment.astimezone(self.timezone).replace(tzinfo=UTC, fold=0)
+        # In a repeated hour, the wall times after `moment`'s were first passed an hour ago: their
+        # first occurrences lie before `moment` and are stepped over (at most one per fire time
+        # in that hour).
+        for _ in range(_MAX_REPEATED_FIRES):
+            candidate = self.wall_clock.get_next_fire_time(None, wall + _MICROSECOND)
             if candidate is None:
                 return None
-            utc = candidate.astimezone(UTC)
-            if not (self.fixed_time and _second_occurrence(utc, self.timezone)):
-                found: datetime = utc
-                return found
-            candidate = self.trigger.get_next_fire_time(None, (utc + _MICROSECOND).astimezone(self.timezone))
-        return None  # pragma: no cover - unreachable with real time zone data
+            fire: datetime = candidate.replace(tzinfo=self.timezone, fold=0).astimezone(UTC)
+            if fire > moment:
+                return fire
+            wall = candidate
+        return None  # pragma: no cover - more fire times than seconds in a repeated hour
 
     def next_at_or_after(self, moment: datetime) -> datetime | None:
         return self.next_after(moment - _MICROSECOND)
-
-
-def _second_occurrence(utc: datetime, tz: ZoneInfo) -> bool:
-    """True when this instant shows a wall time that already occurred (clocks went back)."""
-    local = utc.astimezone(tz)
-    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
 
 
 def parse(expression: str, timezone: str, *, allow_seconds: bool) -> Cron:
@@ -175,13 +185,16 @@ def _parse(expression: str, timezone: str, allow_seconds: bool) -> Cron:
     firing = [v for v in variants if _fires(_cron_trigger({**v, **span}, tz), now)]
     if not firing:
         raise CronError("cron", "the expression never fires")
-    triggers = [_cron_trigger(v, tz) for v in firing]
-    trigger = triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
     fixed = not any(fields.get(name, "0").startswith("*") for name in ("second", "minute", "hour"))
-    return Cron(expression, tz, trigger, fixed)
+    return Cron(expression, tz, _either(firing, tz), _either(firing, UTC), fixed)
 
 
-def _cron_trigger(fields: dict[str, str], tz: ZoneInfo) -> Any:
+def _either(variants: list[dict[str, str]], tz: Any) -> Any:
+    triggers = [_cron_trigger(v, tz) for v in variants]
+    return triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
+
+
+def _cron_trigger(fields: dict[str, str], tz: Any) -> Any:
     try:
         return CronTrigger(**fields, timezone=tz)
     except ValueError as exc:
