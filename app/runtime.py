@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("taskgate.runtime")
 
+# A server that is shutting down ends long-polls and event streams with this Retry-After (seconds):
+# another replica answers the next request.
+SHUTDOWN_RETRY_AFTER_S = 1
+
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:

@@ -16,10 +16,6 @@ if TYPE_CHECKING:
     from app.src.api.models.auth import Principal
     from app.src.database.notifications import Notifier
 
-# A server that is shutting down ends long-polls and event streams with this Retry-After (seconds):
-# another replica answers the next request.
-SHUTDOWN_RETRY_AFTER_S = 1
-
 
 def runtime() -> Runtime:
     rt: Runtime = current_app.extensions["taskgate"]

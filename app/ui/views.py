@@ -32,7 +32,7 @@ from quart import (
 from quart_schema import hide
 from werkzeug.exceptions import HTTPException
 
-from app.runtime import Runtime
+from app.runtime import SHUTDOWN_RETRY_AFTER_S, Runtime
 from app.src.api import bulk, console, tasks
 from app.src.api.auth import clients, operators
 from app.src.api.engine import flow
@@ -329,7 +329,7 @@ async def overview() -> Any:
     )
 
 
-@blueprint.get("/queues/<int:queue_id>")
+@blueprint.get("/queues/<int(max=9223372036854775807):queue_id>")
 async def queue(queue_id: int) -> Any:
     summary = await console.queue(_db(), queue_id=queue_id)
     return await render_template(
@@ -341,13 +341,13 @@ async def queue(queue_id: int) -> Any:
     )
 
 
-@blueprint.post("/queues/<int:queue_id>/pause")
+@blueprint.post("/queues/<int(max=9223372036854775807):queue_id>/pause")
 async def pause_queue(queue_id: int) -> Any:
     await console.set_queue_paused(_engine(), queue_id=queue_id, paused=True)
     return redirect(url_for("ui.queue", queue_id=queue_id, done="paused"), 303)
 
 
-@blueprint.post("/queues/<int:queue_id>/resume")
+@blueprint.post("/queues/<int(max=9223372036854775807):queue_id>/resume")
 async def resume_queue(queue_id: int) -> Any:
     await console.set_queue_paused(_engine(), queue_id=queue_id, paused=False)
     return redirect(url_for("ui.queue", queue_id=queue_id, done="resumed"), 303)
@@ -357,7 +357,7 @@ _LIMITS = ("max_concurrency", "rate_limit_per_s", "max_attempts", "min_backoff_s
 _LIFTABLE = frozenset({"max_concurrency", "rate_limit_per_s"})  # empty means no limit
 
 
-@blueprint.post("/queues/<int:queue_id>/limits")
+@blueprint.post("/queues/<int(max=9223372036854775807):queue_id>/limits")
 async def set_queue_limits(queue_id: int) -> Any:
     form = await request.form
     changes: dict[str, Any] = {}
@@ -376,7 +376,7 @@ async def set_queue_limits(queue_id: int) -> Any:
     return redirect(url_for("ui.queue", queue_id=queue_id, done="limits saved"), 303)
 
 
-@blueprint.get("/queues/<int:queue_id>/purge")
+@blueprint.get("/queues/<int(max=9223372036854775807):queue_id>/purge")
 async def confirm_purge(queue_id: int) -> Any:
     summary = await console.queue(_db(), queue_id=queue_id)
     return await render_template(
@@ -391,7 +391,7 @@ async def confirm_purge(queue_id: int) -> Any:
     )
 
 
-@blueprint.post("/queues/<int:queue_id>/purge")
+@blueprint.post("/queues/<int(max=9223372036854775807):queue_id>/purge")
 async def purge_queue(queue_id: int) -> Any:
     purged = await console.purge_queue(_db(), queue_id=queue_id)
     return redirect(url_for("ui.queue", queue_id=queue_id, done=f"purged {purged} tasks"), 303)
@@ -489,12 +489,19 @@ async def task_events(task_id: UUID) -> Any:
     runtime = _runtime()
     if runtime.notifier is None:
         raise AppError("Live events are not available yet.", status=503)
-    stream_of = tasks.events(_db(), runtime.notifier, client_id=found.client_id, task_id=task_id)
+    stopping = runtime.shutting_down
+    stream_of = tasks.events(
+        _db(), runtime.notifier, client_id=found.client_id, task_id=task_id, stopping=stopping
+    )
 
     async def stream() -> AsyncIterator[bytes]:
         async for frame in sse.frames(stream_of):
             yield frame
-        yield b"event: end\ndata: {}\n\n"
+        if stopping.is_set():
+            # not the task's end: the page reconnects (to another replica) and follows on
+            yield sse.shutdown_event(SHUTDOWN_RETRY_AFTER_S)
+        else:
+            yield b"event: end\ndata: {}\n\n"
 
     response = await make_response(
         stream(), 200, {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}

@@ -11,7 +11,6 @@ from quart_schema import document_response, validate_querystring, validate_reque
 
 from app.middlewares import header, requires_scopes
 from app.routes.context import (
-    SHUTDOWN_RETRY_AFTER_S,
     client_id,
     db,
     engine,
@@ -20,6 +19,7 @@ from app.routes.context import (
     submitter,
     tenant,
 )
+from app.runtime import SHUTDOWN_RETRY_AFTER_S
 from app.src.api import bulk, tasks
 from app.src.api.engine import flow, submit
 from app.src.api.models.tasks import (
@@ -45,10 +45,7 @@ from app.src.api.state_machine import Status
 from app.src.utils import json_provider, sse
 
 blueprint = Blueprint("tasks", __name__)
-SHUTDOWN_EVENT = (
-    f"retry: {SHUTDOWN_RETRY_AFTER_S * 1000}\nevent: shutdown\n"
-    f'data: {{"retry_after_s": {SHUTDOWN_RETRY_AFTER_S}}}\n\n'
-).encode()
+SHUTDOWN_EVENT = sse.shutdown_event(SHUTDOWN_RETRY_AFTER_S)
 
 
 def json_response(body: dict[str, Any], status: int) -> Response:

@@ -6,7 +6,8 @@ from quart import Blueprint
 from quart_schema import validate_request, validate_response
 
 from app.middlewares import requires_scopes
-from app.routes.context import SHUTDOWN_RETRY_AFTER_S, client_id, db, engine, notifier, runtime
+from app.routes.context import client_id, db, engine, notifier, runtime
+from app.runtime import SHUTDOWN_RETRY_AFTER_S
 from app.src.api import workers
 from app.src.api.models.workers import (
     ClaimedOut,

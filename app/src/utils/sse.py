@@ -15,3 +15,11 @@ async def frames(events: AsyncIterable[dict[str, Any] | None]) -> AsyncIterator[
         else:
             name = event.pop("event", "task")  # task, or step | signal | child | suspended
             yield f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+def shutdown_event(retry_after_s: int) -> bytes:
+    """The last message of a stream that a shutting-down server ends: reconnect after this long
+    (the SSE `retry` field; EventSource does it by itself), and another replica answers."""
+    return (
+        f'retry: {retry_after_s * 1000}\nevent: shutdown\ndata: {{"retry_after_s": {retry_after_s}}}\n\n'
+    ).encode()

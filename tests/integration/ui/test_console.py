@@ -439,3 +439,28 @@ async def test_a_task_page_says_why_the_task_waits(
     assert "Why it waits" in page
     assert "queue_paused" in page
     assert "acct-3" in page
+
+
+async def test_a_queue_id_beyond_bigint_is_404_not_500(
+    app: Quart, db: Database, operator: NewOperator
+) -> None:
+    browser = await logged_in(app, db, operator)
+    for path in ("/ui/queues/99999999999999999999999", "/ui/queues/99999999999999999999999/purge"):
+        assert (await browser.get(path)).status_code == 404, path
+
+
+async def test_the_task_pages_event_stream_ends_at_shutdown_and_says_reconnect(
+    app: Quart, db: Database, operator: NewOperator, auth_headers: dict[str, str]
+) -> None:
+    import asyncio
+
+    browser = await logged_in(app, db, operator)
+    task = await enqueue(app.test_client(), auth_headers, kind="noop", delay_s=600)
+    stream = asyncio.create_task(browser.get(f"/ui/tasks/{task['id']}/events"))
+    await asyncio.sleep(0.3)
+    assert not stream.done()
+    app.extensions["taskgate"].shutting_down.set()
+    response = await asyncio.wait_for(stream, timeout=5)
+    body = await response.get_data()
+    assert body.endswith(b'event: shutdown\ndata: {"retry_after_s": 1}\n\n'), body
+    assert b"event: end" not in body  # the task did not end: the page reconnects and follows on
