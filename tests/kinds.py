@@ -165,6 +165,24 @@ async def nap(ctx: TaskContext, payload: Nap) -> dict[str, object]:
     return {"slept_s": woke - started}
 
 
+class HoldThenNap(BaseModel):
+    hold_s: float
+    seconds: float
+
+
+@task_kind("test.hold_then_nap", payload=HoldThenNap)
+async def hold_then_nap(ctx: TaskContext, payload: HoldThenNap) -> dict[str, object]:
+    """A step that takes a while (time to ask for a cancel while it runs), then a durable sleep."""
+
+    async def hold() -> float:
+        await asyncio.sleep(payload.hold_s)
+        return time.time()
+
+    held = await ctx.step("held", hold)
+    await ctx.sleep("nap", payload.seconds)
+    return {"held_at": held}
+
+
 class AwaitSignal(BaseModel):
     name: str
     timeout_s: float | None = None

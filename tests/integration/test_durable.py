@@ -431,3 +431,40 @@ async def test_an_operator_sends_a_signal_from_the_console(
     assert sent.status_code == 303
     done = await wait_done(client, auth_headers, task["id"])
     assert done["result"] == {"data": {"by": "ops"}}
+
+
+async def test_a_cancel_asked_while_a_durable_task_runs_holds_when_it_suspends(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Cancelled inside a step, the task reaches a durable sleep: it ends cancelled there instead
+    of sleeping and running on to completion."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    task = await enqueue(
+        client, auth_headers, kind="test.hold_then_nap", payload={"hold_s": 1.0, "seconds": 0.2}
+    )
+    await eventually(lambda: _status(clean_database, task["id"], "running"))
+    asked = await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)
+    assert (await asked.get_json())["status"] == "running"  # asked; the handler is inside its step
+    done = await wait_done(client, auth_headers, task["id"])
+    assert done["status"] == "cancelled"
+    await asyncio.sleep(0.5)  # past the sleep it would have taken
+    outcomes = [
+        r["outcome"]
+        for r in await fetch(
+            clean_database,
+            "SELECT outcome FROM task_attempts WHERE task_id = $1 ORDER BY id",
+            UUID(task["id"]),
+        )
+    ]
+    assert outcomes == ["suspended"]  # no second run
+    [row] = await fetch(clean_database, "SELECT status FROM tasks WHERE id = $1", UUID(task["id"]))
+    assert row["status"] == "cancelled"
+    # retried by hand, it has the attempts ahead of it that it was created with, suspensions aside
+    retried = await (await client.post(f"/api/tasks/{task['id']}/retry", headers=auth_headers)).get_json()
+    assert retried["max_attempts"] - retried["attempts"] == task["max_attempts"]
+
+
+async def _status(database_uri: str, task_id: str, status: str) -> bool:
+    rows = await fetch(database_uri, "SELECT status FROM tasks WHERE id = $1", UUID(task_id))
+    return bool(rows) and rows[0]["status"] == status

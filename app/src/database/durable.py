@@ -167,18 +167,24 @@ SIGNAL_STORED = "SELECT 1 AS found FROM task_signals WHERE task_id = $1 AND name
 # `available` at once when none is open any more, counted under the lock), its lease gone, its
 # attempt recorded as suspended. A suspension is not a failure: max_attempts grows with it, so a
 # task that suspends a hundred times keeps its whole failure budget (attempts still count up, so
-# every completion guard stays exact).
+# every completion guard stays exact), and so does the budget a retry by hand grants.
+# A task whose cancel was requested while it ran is cancelled here instead of waiting for its next
+# run (its steps and children are still stored: the children are then cancelled with it).
 SUSPEND = f"""
 WITH changed AS (
     UPDATE tasks t
-    SET status = CASE WHEN $4 = 'waiting' AND ($5::jsonb)->>'type' = 'children'
+    SET status = CASE WHEN t.cancel_requested THEN 'cancelled'
+                      WHEN $4 = 'waiting' AND ($5::jsonb)->>'type' = 'children'
                            AND t.children_open + $7 <= 0 THEN 'available' ELSE $4 END,
-        waiting_for = CASE WHEN $4 = 'waiting' AND ($5::jsonb)->>'type' = 'children'
+        waiting_for = CASE WHEN t.cancel_requested THEN NULL
+                           WHEN $4 = 'waiting' AND ($5::jsonb)->>'type' = 'children'
                                 AND t.children_open + $7 <= 0 THEN NULL ELSE $5::jsonb END,
+        finished_at = CASE WHEN t.cancel_requested THEN now() ELSE t.finished_at END,
         run_at = COALESCE($6::timestamptz, now()),
         children_open = t.children_open + $7,
         durable = true,
         max_attempts = t.max_attempts + 1,
+        attempts_before_retry = t.attempts_before_retry + 1,
         lease_expires_at = NULL,
         worker_id = NULL
     WHERE t.id = $1 AND t.status = 'running' AND t.attempts = $2 AND t.worker_id = $3
