@@ -364,3 +364,42 @@ async def test_prune_runs_every_tenth_of_the_shortest_retention(db: Database, se
     # a retention of ten minutes is pruned every minute; a minute's every 10 s (the floor)
     assert prune_period(TASK_RETENTION_DAYS=600 / 86_400) == 60
     assert prune_period(TASK_RETENTION_DAYS=60 / 86_400) == 10
+
+
+async def test_prune_keeps_the_finished_children_of_a_parent_that_has_not_finished(
+    db: Database, settings: Settings, serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A parent that waits longer than the retention replays its spawns when it runs again: its
+    children must still be there, or they would be created and run a second time."""
+    api = (await serving(ROLES=["api"])).test_client()
+    ids = []
+    for _ in range(3):
+        response = await api.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)
+        ids.append(uuid.UUID((await response.get_json())["id"]))
+    waiting_parent, finished_parent, child_of_waiting = ids
+    await fetch(clean_database, "UPDATE tasks SET status = 'waiting' WHERE id = $1", waiting_parent)
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET status = 'completed', finished_at = now() - interval '8 days' WHERE id = $1",
+        finished_parent,
+    )
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET status = 'completed', finished_at = now() - interval '8 days', parent_id = $2, "
+        "child_key = 'a' WHERE id = $1",
+        child_of_waiting,
+        waiting_parent,
+    )
+    pruned = await Scheduler(db, settings).prune()
+    assert pruned is not None
+    assert pruned["tasks"] == 1  # the finished parent; not the child of the waiting one
+    left = {r["id"] for r in await fetch(clean_database, "SELECT id FROM tasks")}
+    assert left == {waiting_parent, child_of_waiting}
+    # once its parent has finished, the child goes at the next prune
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET status = 'completed', finished_at = now() WHERE id = $1",
+        waiting_parent,
+    )
+    await Scheduler(db, settings).prune()
+    assert {r["id"] for r in await fetch(clean_database, "SELECT id FROM tasks")} == {waiting_parent}

@@ -82,12 +82,18 @@ async def release_lease(conn: Executor, *, job: str, run_id: UUID) -> None:
 
 
 # Finished tasks past retention, with their attempts, in slices so no statement holds locks for
-# long (index: tasks_finished; attempts by task_attempts_task).
+# long (index: tasks_finished; attempts by task_attempts_task). A child whose parent has not
+# finished stays: the parent's next run replays its spawn, and a child no longer there would be
+# created, and run, again.
 PRUNE_TASKS = """
 WITH old AS (
-    SELECT id FROM tasks
+    SELECT id FROM tasks t
     WHERE status IN ('completed', 'discarded', 'cancelled')
       AND finished_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (
+          SELECT 1 FROM tasks p
+          WHERE p.id = t.parent_id AND p.status NOT IN ('completed', 'discarded', 'cancelled')
+      )
     ORDER BY finished_at
     LIMIT $2
 ),
