@@ -183,6 +183,15 @@ async def hold_then_nap(ctx: TaskContext, payload: HoldThenNap) -> dict[str, obj
     return {"held_at": held}
 
 
+@task_kind("test.wait_shaped_step", payload=Nap)
+async def wait_shaped_step(ctx: TaskContext, payload: Nap) -> dict[str, object]:
+    """A step whose result has the keys a wait record has, replayed after a sleep: it must come
+    back exactly as it was stored."""
+    stored = await ctx.step("looks_like_a_wait", lambda: {"sleep_until": "when ready", "timed_out": "no"})
+    await ctx.sleep("nap", payload.seconds)
+    return {"step": stored}
+
+
 class AwaitSignal(BaseModel):
     name: str
     timeout_s: float | None = None

@@ -468,3 +468,17 @@ async def test_a_cancel_asked_while_a_durable_task_runs_holds_when_it_suspends(
 async def _status(database_uri: str, task_id: str, status: str) -> bool:
     rows = await fetch(database_uri, "SELECT status FROM tasks WHERE id = $1", UUID(task_id))
     return bool(rows) and rows[0]["status"] == status
+
+
+async def test_a_step_result_shaped_like_a_wait_record_is_replayed_as_it_was_stored(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """Wait records were told apart by their keys: this step was read as a sleep, its value cast
+    to a time, and every claim that loaded it failed."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="test.wait_shaped_step", payload={"seconds": 0.1})
+    done = await wait_done(client, auth_headers, task["id"])
+    assert done["status"] == "completed", done
+    assert done["result"] == {"step": {"sleep_until": "when ready", "timed_out": "no"}}
+    assert done["attempts"] == 2  # the run that slept and the one that woke: no lost lease

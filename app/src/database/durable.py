@@ -43,13 +43,14 @@ class DurableState:
 
 
 # One statement for every durable task of a claim. Steps come back as stored, except that a sleep
-# says whether it is over (`done`, by the database's clock: workers' clocks do not decide). A signal
-# whose wait already timed out is not delivered to it (the handler saw SignalTimeout, and a replay
-# must see the same). Children by key (index: tasks_parent_key).
+# (a wait record, flagged as such: a step's result may hold any keys) says whether it is over
+# (`done`, by the database's clock: workers' clocks do not decide). A signal whose wait already
+# timed out is not delivered to it (the handler saw SignalTimeout, and a replay must see the
+# same). Children by key (index: tasks_parent_key).
 LOAD_STATE = """
 SELECT t.id,
        (SELECT COALESCE(jsonb_object_agg(s.name,
-                  CASE WHEN s.result ? 'sleep_until'
+                  CASE WHEN s.wait AND s.result ? 'sleep_until'
                        THEN s.result || jsonb_build_object(
                            'done', (s.result->>'sleep_until')::timestamptz <= now())
                        ELSE s.result END), '{}'::jsonb)
@@ -57,7 +58,7 @@ SELECT t.id,
        (SELECT COALESCE(jsonb_object_agg(g.name, g.data), '{}'::jsonb)
         FROM task_signals g WHERE g.task_id = t.id
           AND NOT EXISTS (SELECT 1 FROM task_steps w WHERE w.task_id = t.id AND w.name = g.name
-                          AND (w.result->>'timed_out')::boolean)) AS signals,
+                          AND w.wait AND (w.result->>'timed_out')::boolean)) AS signals,
        (SELECT COALESCE(jsonb_object_agg(c.child_key,
                   jsonb_build_object('id', c.id, 'status', c.status, 'result', c.result,
                                      'error', c.last_error)),
@@ -152,8 +153,8 @@ SELECT count(*) AS n, (SELECT count(pg_notify('{EVENTS_CHANNEL}', $1::text))) AS
 # signal's deadline are fixed then (by the database's clock) and kept across re-runs.
 RECORD_WAIT = """
 WITH stored AS (
-    INSERT INTO task_steps (task_id, name, result)
-    VALUES ($1, $2, jsonb_build_object($3::text, now() + make_interval(secs => $4::float8)))
+    INSERT INTO task_steps (task_id, name, result, wait)
+    VALUES ($1, $2, jsonb_build_object($3::text, now() + make_interval(secs => $4::float8)), true)
     ON CONFLICT (task_id, name) DO NOTHING
     RETURNING result
 )
@@ -439,7 +440,7 @@ woken AS (
 timed_out AS (
     UPDATE task_steps s SET result = s.result || '{{"timed_out": true}}'::jsonb
     FROM woken w
-    WHERE w.was->>'type' = 'signal' AND s.task_id = w.id AND s.name = w.was->>'name'
+    WHERE w.was->>'type' = 'signal' AND s.task_id = w.id AND s.name = w.was->>'name' AND s.wait
 ),
 notified AS (
     SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text))
