@@ -40,6 +40,7 @@ NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
         "fc00::1",
         "fd00:ec2::254",
         "ff02::1",
+        "fec0::1",  # site-local (deprecated, still routed in older networks)
         "::ffff:127.0.0.1",  # IPv4-mapped
         "::ffff:169.254.169.254",
         "2002:7f00:1::",  # 6to4 of 127.0.0.1

@@ -65,6 +65,8 @@ def _non_public(address: IPAddress) -> str | None:
         return "loopback"
     if address.is_link_local:
         return "link-local"
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
+        return "site-local"  # fec0::/10: deprecated, still routed inside older networks
     if address.is_multicast:
         return "multicast"
     if address.is_private:
