@@ -482,3 +482,34 @@ async def test_a_step_result_shaped_like_a_wait_record_is_replayed_as_it_was_sto
     assert done["status"] == "completed", done
     assert done["result"] == {"step": {"sleep_until": "when ready", "timed_out": "no"}}
     assert done["attempts"] == 2  # the run that slept and the one that woke: no lost lease
+
+
+async def test_a_dependent_retried_by_hand_waits_for_its_dependencies_again(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Cancelled because its dependency was, a dependent retried by hand must not run before that
+    dependency has completed: refused while it is cancelled, waiting while it runs again."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    dependency = await enqueue(client, auth_headers, kind="sleep", payload={"seconds": 1}, delay_s=600)
+    dependent = await enqueue(client, auth_headers, kind="noop", payload={}, depends_on=[dependency["id"]])
+    assert dependent["status"] == "waiting"
+    await client.post(f"/api/tasks/{dependency['id']}/cancel", headers=auth_headers)
+    assert (await wait_done(client, auth_headers, dependent["id"]))["status"] == "cancelled"
+
+    refused = await client.post(f"/api/tasks/{dependent['id']}/retry", headers=auth_headers)
+    assert refused.status_code == 409
+    assert "dependency" in (await refused.get_json())["detail"]
+
+    retried_dependency = await client.post(f"/api/tasks/{dependency['id']}/retry", headers=auth_headers)
+    assert retried_dependency.status_code == 200
+    again = await (await client.post(f"/api/tasks/{dependent['id']}/retry", headers=auth_headers)).get_json()
+    assert again["status"] == "waiting"
+    assert again["waiting_for"] == {"type": "dependencies", "task_ids": [dependency["id"]]}
+    finished = await wait_done(client, auth_headers, dependent["id"])
+    assert finished["status"] == "completed"
+    [first] = await fetch(
+        clean_database, "SELECT finished_at FROM tasks WHERE id = $1", UUID(dependency["id"])
+    )
+    [then] = await fetch(clean_database, "SELECT started_at FROM tasks WHERE id = $1", UUID(dependent["id"]))
+    assert then["started_at"] >= first["finished_at"]  # it ran after its dependency completed

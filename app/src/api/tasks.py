@@ -218,6 +218,11 @@ async def retry(engine: TaskEngine, *, client_id: UUID, task_id: UUID) -> Task:
         engine.quotas.added(client_id, 1)
         return task
     current = await get(engine.db, client_id=client_id, task_id=task_id)
+    if current.status in RETRYABLE_BY_CLIENT:
+        raise Conflict(
+            f"A dependency of task {task_id} was discarded or cancelled; retry that one first "
+            "(this task then waits for it again)."
+        )
     raise Conflict(f"Task {task_id} is {current.status}; only discarded or cancelled tasks can be retried.")
 
 

@@ -21,6 +21,8 @@ from app.src.database.tasks import (
     AVAILABLE_CHANNEL,
     CANCEL_CHANNEL,
     CANCELLING,
+    NO_FAILED_DEPENDENCY,
+    RETRY_DEPENDENCIES,
     RETRYING,
     TASK_COLUMNS,
     Executor,
@@ -215,10 +217,12 @@ _MATCH = """
 
 BULK_RETRY = f"""
 WITH picked AS ({_MATCH}),
+deps AS ({RETRY_DEPENDENCIES.format(ids="ARRAY(SELECT id FROM picked)")}
+),
 changed AS (
     UPDATE tasks t
     SET {RETRYING}
-    WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = ANY($7::text[])
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = ANY($7::text[]) AND {NO_FAILED_DEPENDENCY}
     RETURNING t.id, t.client_id, t.queue_id
 ),
 woken AS (

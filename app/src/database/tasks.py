@@ -1230,17 +1230,39 @@ async def cancel(conn: Executor, *, client_id: UUID, task_id: UUID) -> Task | No
 # a number used twice would let a worker that lost an earlier run's lease, and then claimed the
 # retried task, have its stale report of that run accepted for the new one. The budget is
 # max_attempts minus the attempts used before the last retry; max_attempts moves on by it.
+# A task with dependencies waits again for those that have not completed (it was cancelled when
+# one failed, or while they ran), and is not retried while one of them is discarded or cancelled:
+# retry that one first. Their statuses come from `deps` (RETRY_DEPENDENCIES), read under a share
+# lock so that none can finish between the count and the write unseen by the trigger.
 # The updated `tasks` is aliased `t`.
-RETRYING = """status = 'available', run_at = now(), started_at = NULL, finished_at = NULL,
+RETRY_DEPENDENCIES = """
+    SELECT x.task_id, d.id, d.status FROM task_dependencies x JOIN tasks d ON d.id = x.depends_on_id
+    WHERE x.task_id = ANY({ids})
+    FOR SHARE OF d"""
+_OPEN_DEPENDENCIES = (
+    "SELECT {what} FROM deps WHERE deps.task_id = t.id "
+    "AND deps.status NOT IN ('completed', 'discarded', 'cancelled')"
+)
+RETRYING = f"""status = CASE WHEN EXISTS ({_OPEN_DEPENDENCIES.format(what="1")}) THEN 'waiting'
+                      ELSE 'available' END,
+        waiting_for = CASE WHEN EXISTS ({_OPEN_DEPENDENCIES.format(what="1")})
+                           THEN jsonb_build_object('type', 'dependencies', 'task_ids',
+                                ({_OPEN_DEPENDENCIES.format(what="jsonb_agg(deps.id::text)")})) END,
+        deps_open = ({_OPEN_DEPENDENCIES.format(what="count(*)")}),
+        run_at = now(), started_at = NULL, finished_at = NULL,
         cancel_requested = false, result = NULL, progress = NULL,
         max_attempts = t.attempts + (t.max_attempts - t.attempts_before_retry),
         attempts_before_retry = t.attempts"""
+NO_FAILED_DEPENDENCY = """NOT EXISTS (
+        SELECT 1 FROM deps WHERE deps.task_id = t.id AND deps.status IN ('discarded', 'cancelled'))"""
 
 RETRY = f"""
-WITH changed AS (
+WITH deps AS ({RETRY_DEPENDENCIES.format(ids="ARRAY[$1::uuid]")}
+),
+changed AS (
     UPDATE tasks t
     SET {RETRYING}
-    WHERE id = $1 AND client_id = $2 AND status = ANY($3::text[])
+    WHERE id = $1 AND client_id = $2 AND status = ANY($3::text[]) AND {NO_FAILED_DEPENDENCY}
     RETURNING {TASK_COLUMNS}
 ),
 woken AS (SELECT count(pg_notify('{AVAILABLE_CHANNEL}', queue_id::text)) AS n FROM changed),
