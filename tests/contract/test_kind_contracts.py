@@ -23,6 +23,8 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.deep": [{"depth": 0}, {"depth": 300}],
     "test.steps": [{"path": "/tmp/x"}, {"path": "/tmp/x", "hold_s": 60, "gate": "/tmp/g"}],
     "test.nap": [{"seconds": 2}, {"seconds": 0.5, "path": "/tmp/x"}],
+    "test.hold_then_nap": [{"hold_s": 1, "seconds": 0.2}],
+    "test.wait_shaped_step": [{"seconds": 0.1}],
     "test.await_signal": [{"name": "shipped"}, {"name": "approved", "timeout_s": 1}],
     "test.child": [{"i": 1}, {"i": 2, "path": "/tmp/x", "fail": True}],
     "test.limits": [{}, {"big_step": True}, {"children": 10_001}, {"steps": 1_001}],
