@@ -244,6 +244,9 @@ class _Running:
 
 
 class Worker:
+    """Runs the declared kinds. `client` is an AsyncClient, or a Client that the worker copies into
+    one (`AsyncClient.like`: same address, key, headers, TLS, timeout and retries)."""
+
     def __init__(
         self,
         client: Client | AsyncClient,
