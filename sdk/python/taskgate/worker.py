@@ -490,10 +490,6 @@ class Worker:
             else:
                 loop = asyncio.get_running_loop()
                 value = await loop.run_in_executor(self._pool, kind.handler, ctx, payload)
-            spawns = ctx._take_spawns()
-            if spawns:  # children spawned but never gathered: record them; the re-run finishes
-                return {"outcome": "suspended", "suspend": {"spawn": spawns}}
-            return {"outcome": "completed", "result": _result(kind, value)}
         except _Suspend as suspended:
             return {"outcome": "suspended", "suspend": {k: v for k, v in suspended.suspend.items() if v}}
         except RetryLater as exc:
@@ -502,11 +498,6 @@ class Worker:
             return {"outcome": "permanent_failure", "error": str(exc) or type(exc).__name__}
         except TaskCancelled as exc:
             return {"outcome": "cancelled", "error": str(exc) or "cancelled"}
-        except ValidationError as exc:
-            return {
-                "outcome": "failed",
-                "error": f"result does not match the result model of {kind.name!r}: {exc}",
-            }
         except Exception as exc:
             log.warning("task %s failed: %r", task.id, exc)
             return {
@@ -514,6 +505,18 @@ class Worker:
                 "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc()[-MAX_TRACEBACK:],
             }
+        spawns = ctx._take_spawns()
+        if spawns:  # children spawned but never gathered: record them; the re-run finishes
+            return {"outcome": "suspended", "suspend": {"spawn": spawns}}
+        try:
+            return {"outcome": "completed", "result": _result(kind, value)}
+        except ValidationError as exc:
+            return {
+                "outcome": "failed",
+                "error": f"result does not match the result model of {kind.name!r}: {exc}",
+            }
+        except Exception as exc:  # a model whose dump fails
+            return {"outcome": "failed", "error": f"result cannot be serialized: {type(exc).__name__}: {exc}"}
 
     def _abandon(self, running: _Running, reason: str) -> None:
         if running.abandoned is None:
