@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ValidationError
 
+from taskgate._core import dump
 from taskgate.client import AsyncClient, Client
 from taskgate.errors import ApiError, ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskCancelled
 from taskgate.models import ClaimedTask
@@ -48,6 +50,12 @@ Handler = Callable[..., Any]
 MAX_CLAIM = 100
 MAX_COMPLETE_BATCH = 1000
 MAX_TRACEBACK = 8192
+# what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
+# within it itself: a completion the server refuses must never stall the others
+MAX_ERROR = 20_000
+MAX_STORED_TRACEBACK = 64_000
+MAX_COMPLETE_BYTES = 8 * 1024 * 1024 - 64 * 1024  # room for the request's envelope
+REFUSED = frozenset({400, 413, 422})
 
 
 _CANCEL_EVENTS = threading.Lock()  # guards the lazy creation of TaskContext's cancel event
@@ -464,7 +472,7 @@ class Worker:
         if running.abandoned is not None:
             return
         task = running.task
-        self._pending.append({"id": str(task.id), "attempt": task.attempt, **report})
+        self._pending.append(_sendable({"id": str(task.id), "attempt": task.attempt, **report}))
         assert self._to_complete is not None
         self._to_complete.set()
 
@@ -499,7 +507,7 @@ class Worker:
         except TaskCancelled as exc:
             return {"outcome": "cancelled", "error": str(exc) or "cancelled"}
         except Exception as exc:
-            log.warning("task %s failed: %r", task.id, exc)
+            log.warning("task %s failed: %s", task.id, _text(repr(exc), 1000))
             return {
                 "outcome": "failed",
                 "error": f"{type(exc).__name__}: {exc}",
@@ -607,16 +615,97 @@ class Worker:
             await self._flush()
 
     async def _flush(self) -> None:
-        assert self._client is not None
         assert self._room is not None
-        batch = self._pending[:MAX_COMPLETE_BATCH]
-        answers = await self._client.complete(batch, worker=self.identity)
-        done = {str(a.id) for a in answers}
-        self._pending = [c for c in self._pending if c["id"] not in done]
-        refused = [a for a in answers if not a.accepted]
-        if refused:
-            log.info("%d completions refused: their leases were lost", len(refused))
+        await self._send(self._next_batch())
         self._room.set()
+
+    def _next_batch(self) -> list[dict[str, Any]]:
+        """The oldest completions that fit one request, by count and by encoded size."""
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for item in self._pending[:MAX_COMPLETE_BATCH]:
+            size += _encoded_size(item) + 1
+            if batch and size > MAX_COMPLETE_BYTES:
+                break
+            batch.append(item)
+        return batch
+
+    async def _send(self, batch: list[dict[str, Any]]) -> None:
+        """Complete `batch`; a batch the server refuses is halved until the refused item is alone."""
+        assert self._client is not None
+        try:
+            answers = await self._client.complete(batch, worker=self.identity)
+        except ApiError as exc:
+            if exc.status not in REFUSED:
+                raise
+            if len(batch) == 1:
+                await self._send_refused(batch[0], exc)
+                return
+            half = len(batch) // 2
+            await self._send(batch[:half])
+            await self._send(batch[half:])
+            return
+        self._settle({str(a.id) for a in answers})
+        lost = [a for a in answers if not a.accepted]
+        if lost:
+            log.info("%d completions refused: their leases were lost", len(lost))
+
+    async def _send_refused(self, item: dict[str, Any], refusal: ApiError) -> None:
+        """Report a completion the server refuses as a failed attempt; refused again, let it go:
+        its lease expires and Taskgate retries the task."""
+        assert self._client is not None
+        log.error("completion of task %s refused; reporting the attempt failed: %s", item["id"], refusal)
+        error = _text(f"completion refused: {refusal}", MAX_ERROR)
+        failed = {"id": item["id"], "attempt": item["attempt"], "outcome": "failed", "error": error}
+        try:
+            await self._client.complete([failed], worker=self.identity)
+        except ApiError as exc:
+            if exc.status not in REFUSED:
+                raise
+            log.error("completion of task %s refused again; dropped (its lease will expire): %s",
+                      item["id"], exc)  # fmt: skip
+        self._settle({item["id"]})
+
+    def _settle(self, task_ids: set[str]) -> None:
+        self._pending = [c for c in self._pending if c["id"] not in task_ids]
+
+
+def _text(value: str, limit: int) -> str:
+    """`value` as the server stores text: no NUL character, at most `limit` characters."""
+    value = value.replace("\x00", "\\x00")
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _encoded_size(item: dict[str, Any]) -> int:
+    """The bytes `item` takes in a request body, encoded as httpx encodes it."""
+    text = json.dumps(dump(item), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return len(text.encode())
+
+
+def _sendable(item: dict[str, Any]) -> dict[str, Any]:
+    """A completion the server can take: texts within its limits, and a report that encodes as
+    JSON within a request body (otherwise the attempt fails and says why)."""
+    if item.get("error"):
+        item["error"] = _text(item["error"], MAX_ERROR)
+    if item.get("traceback"):
+        item["traceback"] = _text(item["traceback"], MAX_STORED_TRACEBACK)
+    try:
+        size = _encoded_size(item)
+    except (TypeError, ValueError, RecursionError) as exc:
+        problem = f"what this attempt returned cannot be encoded as JSON: {type(exc).__name__}: {exc}"
+    else:
+        if size <= MAX_COMPLETE_BYTES:
+            return item
+        problem = (
+            f"what this attempt returned is {size} bytes of JSON; at most {MAX_COMPLETE_BYTES} are taken"
+        )
+    log.warning("task %s: %s", item["id"], problem)
+    return {
+        "id": item["id"],
+        "attempt": item["attempt"],
+        "outcome": "failed",
+        "error": _text(problem, MAX_ERROR),
+    }
 
 
 def _result(kind: RegisteredKind[Any], value: Any) -> Any:

@@ -3,6 +3,7 @@ what a handler's outcome becomes, and that nothing one task does stalls the othe
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
@@ -38,3 +39,99 @@ async def test_a_validation_error_the_handler_raises_is_not_blamed_on_its_result
     assert server.completed[own]["error"].startswith("ValidationError: ")
     assert "traceback" in server.completed[own]
     assert server.completed[wrong]["error"].startswith("result does not match the result model of 'parse'")
+
+
+async def test_completions_the_server_would_refuse_never_hold_back_the_others() -> None:
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=10, grace_s=1)
+        started: list[str] = []
+        together = asyncio.Event()  # every handler ends at once: one completion batch
+
+        async def started_all() -> None:
+            started.append("")
+            if len(started) == 8:
+                together.set()
+            await together.wait()
+
+        @worker.kind("ok")
+        async def ok(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            await started_all()
+            return {"n": 1}
+
+        @worker.kind("loud")
+        async def loud(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            await started_all()
+            raise ValueError("x" * 50_000)
+
+        @worker.kind("unencodable")
+        async def unencodable(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            await started_all()
+            return {"tags": {"a", "b"}}
+
+        @worker.kind("bad_spawn")
+        async def bad_spawn(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> list[Any]:
+            await started_all()
+            child = await ctx.spawn("ok", {}, key="child", priority=10)  # the server takes 0-9
+            return await ctx.gather([child])
+
+        @worker.kind("long_sleep")
+        async def long_sleep(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            await started_all()
+            await ctx.sleep("nap", 400 * 86_400)  # the server takes at most 366 days
+
+        fine = [server.add("ok") for _ in range(4)]
+        loud_id, unencodable_id = server.add("loud"), server.add("unencodable")
+        bad_spawn_id, long_sleep_id = server.add("bad_spawn"), server.add("long_sleep")
+        async with server.serving(worker):
+            await until(lambda: len(server.completed) == 8)
+    done = server.completed
+    assert [done[f]["outcome"] for f in fine] == ["completed"] * 4
+    assert done[loud_id]["outcome"] == "failed"
+    assert done[loud_id]["error"].startswith("ValueError: xxx")
+    assert len(done[loud_id]["error"]) == 20_000  # the server's limit
+    assert done[unencodable_id]["outcome"] == "failed"
+    assert "cannot be encoded as JSON: TypeError" in done[unencodable_id]["error"]
+    for refused in (bad_spawn_id, long_sleep_id):
+        assert done[refused]["outcome"] == "failed"
+        assert done[refused]["error"].startswith("completion refused: 422")
+    assert len(server.refused) <= 8  # halving down to the two refused items, not retrying for ever
+
+
+async def test_completions_are_batched_within_the_servers_body_cap() -> None:
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=4, grace_s=1)
+        together = asyncio.Barrier(4)
+
+        @worker.kind("blob")
+        async def blob(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            await together.wait()
+            return {"blob": "x" * payload["size"]}
+
+        three_mib = [server.add("blob", {"size": 3 * 1024 * 1024}) for _ in range(3)]
+        too_big = server.add("blob", {"size": 9 * 1024 * 1024})
+        async with server.serving(worker):
+            await until(lambda: len(server.completed) == 4)
+    assert [server.completed[t]["outcome"] for t in three_mib] == ["completed"] * 3
+    assert server.completed[too_big]["outcome"] == "failed"
+    assert "bytes of JSON" in server.completed[too_big]["error"]
+    assert server.refused == []
+
+
+async def test_a_completion_refused_twice_is_dropped_and_the_worker_goes_on() -> None:
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1)
+
+        @worker.kind("ok")
+        async def ok(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+        doomed = server.add("ok")
+        server.refuse_item = lambda item: item["id"] == doomed  # in any form
+        later = [server.add("ok") for _ in range(3)]
+        async with server.serving(worker):  # one slot: the dropped completion must free it
+            await until(lambda: set(later) <= server.completed.keys())
+    assert doomed not in server.completed
+    assert server.refused == [("/api/workers/complete", 422)] * 2
