@@ -41,7 +41,7 @@ from pydantic import BaseModel, ValidationError
 from taskgate._core import dump
 from taskgate.client import AsyncClient, Client
 from taskgate.errors import ApiError, ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskCancelled
-from taskgate.models import ClaimedTask
+from taskgate.models import ClaimedTask, Heartbeat
 
 log = logging.getLogger("taskgate.worker")
 
@@ -217,8 +217,15 @@ class TaskContext:
                 self._cancel_event.set()
 
     def progress(self, progress: dict[str, Any]) -> None:
-        """Report progress (any JSON object); sent with the next heartbeat. Safe from threads."""
-        self._worker._progress[self.task_id] = progress
+        """Report progress (any JSON object); sent with the next heartbeat. Safe from threads.
+
+        Datetimes and pydantic models are converted as in payloads; anything else JSON cannot
+        encode raises TypeError or ValueError here, not in the heartbeat."""
+        if not isinstance(progress, dict):
+            raise TypeError(f"progress must be a dict, not {type(progress).__name__}")
+        value = dump(progress)  # a copy: later changes to `progress` are not sent
+        json.dumps(value, allow_nan=False)
+        self._worker._progress[self.task_id] = value
 
     async def report_progress(self, progress: dict[str, Any]) -> None:
         self.progress(progress)
@@ -556,18 +563,10 @@ class Worker:
         if not held:
             return
         progress, self._progress = self._progress, {}
+        progress = {k: v for k, v in progress.items() if k in self._running}  # of tasks still held
         sent = time.monotonic()
-        try:
-            answer = await asyncio.wait_for(
-                self._client.heartbeat(
-                    held, worker=self.identity, progress={str(k): v for k, v in progress.items()}
-                ),
-                timeout=self._lease_s / 3,
-            )
-        except Exception as exc:
-            for task_id, value in progress.items():  # send it again next time
-                self._progress.setdefault(task_id, value)
-            log.warning("heartbeat failed: %s", exc or type(exc).__name__)
+        answer = await self._renew(held, progress)
+        if answer is None:
             return
         for lease in answer.items:
             running = self._running.get(lease.id)
@@ -585,6 +584,29 @@ class Worker:
             if running is not None and str(task_id) not in pending:
                 log.warning("lease lost; abandoning task %s", task_id)
                 self._abandon(running, "lease lost")
+
+    async def _renew(self, held: list[UUID], progress: dict[UUID, Any]) -> Heartbeat | None:
+        """One heartbeat. Progress the server refuses is dropped, and the leases renewed without
+        it; progress that could not be sent is kept for the next heartbeat."""
+        assert self._client is not None
+        try:
+            answer: Heartbeat = await asyncio.wait_for(
+                self._client.heartbeat(
+                    held, worker=self.identity, progress={str(k): v for k, v in progress.items()}
+                ),
+                timeout=self._lease_s / 3,
+            )
+            return answer
+        except ApiError as exc:
+            if progress and 400 <= exc.status < 500:
+                log.warning("heartbeat refused; sending it again without its progress: %s", exc)
+                return await self._renew(held, {})
+            log.warning("heartbeat failed: %s", exc)
+        except Exception as exc:
+            for task_id, value in progress.items():
+                self._progress.setdefault(task_id, value)
+            log.warning("heartbeat failed: %s", exc or type(exc).__name__)
+        return None
 
     def _fence(self, now: float) -> None:
         """Abandon handlers whose lease could not be confirmed: stop before someone else starts."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -135,3 +136,34 @@ async def test_a_completion_refused_twice_is_dropped_and_the_worker_goes_on() ->
             await until(lambda: set(later) <= server.completed.keys())
     assert doomed not in server.completed
     assert server.refused == [("/api/workers/complete", 422)] * 2
+
+
+async def test_progress_that_cannot_be_sent_never_costs_the_leases() -> None:
+    server = FakeTaskgate(lease_s=3)  # heartbeats every second; a lease unconfirmed for 2 s is given up
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=3, grace_s=1)
+        refused: list[str] = []
+
+        @worker.kind("report")
+        async def report(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            try:
+                ctx.progress({"handle": object()})
+            except TypeError as exc:
+                refused.append(str(exc))
+            if payload["progress"] == "nul":
+                ctx.progress({"note": "a\x00b"})  # the server refuses a NUL (422)
+            for _ in range(8):  # longer than the lease: only heartbeats keep it
+                if payload["progress"] == "datetime":
+                    ctx.progress({"at": datetime.now(UTC)})
+                await asyncio.sleep(0.5)
+            return {}
+
+        dated = server.add("report", {"progress": "datetime"})
+        refused_by_server = server.add("report", {"progress": "nul"})
+        async with server.serving(worker):
+            await until(lambda: len(server.completed) == 2, timeout_s=10)
+    assert [server.completed[t]["outcome"] for t in (dated, refused_by_server)] == ["completed"] * 2
+    assert len(refused) == 2  # the handler itself is told
+    sent = [b["progress"] for b in server.heartbeats if b.get("progress")]
+    assert sent  # progress with a datetime is sent; the one refused was dropped (with that heartbeat's)
+    assert all(list(p) == [dated] and isinstance(p[dated]["at"], str) for p in sent)
