@@ -49,6 +49,7 @@ P = TypeVar("P")
 Handler = Callable[..., Any]
 MAX_CLAIM = 100
 MAX_COMPLETE_BATCH = 1000
+MAX_HEARTBEAT = 1000  # task ids per heartbeat (the server's limit)
 MAX_TRACEBACK = 8192
 # what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
 # within it itself: a completion the server refuses must never stall the others
@@ -565,9 +566,15 @@ class Worker:
         progress, self._progress = self._progress, {}
         progress = {k: v for k, v in progress.items() if k in self._running}  # of tasks still held
         sent = time.monotonic()
-        answer = await self._renew(held, progress)
-        if answer is None:
-            return
+        chunks = [held[i : i + MAX_HEARTBEAT] for i in range(0, len(held), MAX_HEARTBEAT)]
+        answers = await asyncio.gather(
+            *(self._renew(chunk, {k: progress[k] for k in chunk if k in progress}) for chunk in chunks)
+        )
+        for answer in answers:
+            if answer is not None:
+                self._renewed(answer, sent)
+
+    def _renewed(self, answer: Heartbeat, sent: float) -> None:
         for lease in answer.items:
             running = self._running.get(lease.id)
             if running is None:

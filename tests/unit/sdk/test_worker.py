@@ -167,3 +167,24 @@ async def test_progress_that_cannot_be_sent_never_costs_the_leases() -> None:
     sent = [b["progress"] for b in server.heartbeats if b.get("progress")]
     assert sent  # progress with a datetime is sent; the one refused was dropped (with that heartbeat's)
     assert all(list(p) == [dated] and isinstance(p[dated]["at"], str) for p in sent)
+
+
+async def test_a_worker_holding_more_than_a_thousand_tasks_keeps_every_lease() -> None:
+    server = FakeTaskgate(lease_s=3)
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1500, grace_s=1)
+        release = asyncio.Event()
+
+        @worker.kind("hold")
+        async def hold(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            await release.wait()
+            return {}
+
+        held = {server.add("hold") for _ in range(1200)}
+        async with server.serving(worker):
+            await until(lambda: not server.available)
+            await until(lambda: held <= {i for b in server.heartbeats for i in b["task_ids"]})
+            release.set()
+            await until(lambda: len(server.completed) == 1200)
+    assert server.refused == []
+    assert all(c["outcome"] == "completed" for c in server.completed.values())  # none was fenced
