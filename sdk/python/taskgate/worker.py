@@ -50,6 +50,7 @@ Handler = Callable[..., Any]
 MAX_CLAIM = 100
 MAX_COMPLETE_BATCH = 1000
 MAX_HEARTBEAT = 1000  # task ids per heartbeat (the server's limit)
+FENCE_EVERY_S = 0.5  # half the smallest margin (_margin_s): a fence is never later than that
 MAX_TRACEBACK = 8192
 # what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
 # within it itself: a completion the server refuses must never stall the others
@@ -373,6 +374,7 @@ class Worker:
             ]
             services = [
                 asyncio.create_task(self._heartbeat_loop(), name="taskgate-heartbeat"),
+                asyncio.create_task(self._fence_loop(), name="taskgate-fence"),
                 asyncio.create_task(self._complete_loop(), name="taskgate-complete"),
             ]
             stopping = asyncio.create_task(self._stop.wait())
@@ -552,7 +554,6 @@ class Worker:
         while True:
             await asyncio.sleep(min(self._lease_s / 3, self._margin_s() / 2))
             now = time.monotonic()
-            self._fence(now)
             if now - last < self._lease_s / 3:
                 continue
             last = now
@@ -614,6 +615,13 @@ class Worker:
                 self._progress.setdefault(task_id, value)
             log.warning("heartbeat failed: %s", exc or type(exc).__name__)
         return None
+
+    async def _fence_loop(self) -> None:
+        """Fences on its own timer: a heartbeat in flight (up to a third of the lease) must not
+        hold back giving up a lease that has gone unconfirmed."""
+        while True:
+            await asyncio.sleep(FENCE_EVERY_S)
+            self._fence(time.monotonic())
 
     def _fence(self, now: float) -> None:
         """Abandon handlers whose lease could not be confirmed: stop before someone else starts."""

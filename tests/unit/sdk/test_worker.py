@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -188,3 +189,27 @@ async def test_a_worker_holding_more_than_a_thousand_tasks_keeps_every_lease() -
             await until(lambda: len(server.completed) == 1200)
     assert server.refused == []
     assert all(c["outcome"] == "completed" for c in server.completed.values())  # none was fenced
+
+
+async def test_a_handler_is_stopped_before_its_lease_ends_even_while_a_heartbeat_hangs() -> None:
+    server = FakeTaskgate(lease_s=4)  # given up 1 s before the end when unconfirmed
+    server.hang_heartbeats = True  # each heartbeat then waits a third of the lease for nothing
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=20, grace_s=1)
+        stopped: dict[str, float] = {}
+
+        @worker.kind("long")
+        async def long(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            try:
+                await asyncio.sleep(30)
+            finally:
+                stopped[str(ctx.task_id)] = time.monotonic()
+
+        async with server.serving(worker):
+            # claimed 0.15 s apart: their deadlines fall at every phase of the heartbeats
+            for _ in range(12):
+                server.add("long")
+                await asyncio.sleep(0.15)
+            await until(lambda: len(stopped) == 12, timeout_s=10)
+    late = {t: round(stopped[t] - server.expires[t], 2) for t in stopped if stopped[t] >= server.expires[t]}
+    assert late == {}  # task id -> seconds its handler ran past its lease
