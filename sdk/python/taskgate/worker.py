@@ -13,8 +13,11 @@ worker.run()
 with a long-poll, runs handlers concurrently (sync handlers in a thread pool), renews leases every
 third of the lease, sends progress with the heartbeats and completes in batches. A handler whose
 lease is lost (or cannot be confirmed in time) is abandoned: its task belongs to another attempt
-now. SIGTERM/SIGINT: stop claiming, let running handlers finish within `grace_s`, then let the
-remaining leases go (they expire and the server retries those tasks).
+now. An async handler is cancelled; a sync handler cannot be interrupted, so it should poll
+`ctx.cancelled` (or block in `ctx.wait_cancelled`) and return: until it does, it keeps its slot
+and this worker does not start the same task again. SIGTERM/SIGINT: stop claiming, let running
+handlers finish within `grace_s`, then let the remaining leases go (they expire and the server
+retries those tasks).
 """
 
 from __future__ import annotations
@@ -199,7 +202,8 @@ class TaskContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once a client asked to cancel this task (seen at the next heartbeat)."""
+        """True once a client asked to cancel this task (seen at the next heartbeat) or its lease
+        was lost: a sync handler should check it and return (it cannot be interrupted)."""
         return self._cancelled
 
     def wait_cancelled(self, timeout_s: float | None = None) -> bool:
@@ -256,6 +260,8 @@ class _Running:
     ctx: TaskContext
     lease_from: float  # monotonic time the request that last set its lease was sent
     runner: asyncio.Task[None] | None = None
+    thread: asyncio.Future[Any] | None = None  # a sync handler's run in the pool
+    previous: _Running | None = None  # a run of the same task this one waits for
     abandoned: str | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -288,7 +294,8 @@ class Worker:
         self.threads = threads or concurrency
         self.kinds: dict[str, RegisteredKind[Any]] = {}
         self._progress: dict[UUID, dict[str, Any]] = {}
-        self._running: dict[UUID, _Running] = {}
+        self._running: dict[UUID, _Running] = {}  # the latest run of each task here
+        self._busy = 0  # runs not ended: abandoned sync handlers hold their slot until they return
         self._pending: list[dict[str, Any]] = []
         self._lease_s = 30.0
         self._claiming = 0  # slots reserved by claims in flight
@@ -414,6 +421,8 @@ class Worker:
             await asyncio.wait(runners, timeout=max(0.0, deadline - loop.time()))
         for running in list(self._running.values()):
             self._abandon(running, "shutdown")
+            if running.runner is not None:
+                running.runner.cancel()  # a sync handler's thread goes on, but the worker stops
         # the last completions, within what is left of the grace period (at least a moment)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_all(), timeout=max(1.0, deadline - loop.time()))
@@ -428,7 +437,7 @@ class Worker:
         assert self._room is not None
         failures = 0
         while True:
-            free = self.concurrency - len(self._running) - len(self._pending) - self._claiming
+            free = self.concurrency - self._busy - len(self._pending) - self._claiming
             if free <= 0:
                 self._room.clear()
                 await self._room.wait()
@@ -464,14 +473,19 @@ class Worker:
                 self._start(task, sent)
 
     def _start(self, task: ClaimedTask, lease_from: float) -> None:
-        running = _Running(task, TaskContext(task, self), lease_from)
+        running = _Running(task, TaskContext(task, self), lease_from, previous=self._running.get(task.id))
         self._running[task.id] = running
+        self._busy += 1
         running.runner = asyncio.create_task(self._execute(running), name=f"taskgate-task-{task.id}")
 
     # --- running ---------------------------------------------------------------------------------
 
     async def _execute(self, running: _Running) -> None:
         try:
+            if running.previous is not None and running.previous.runner is not None:
+                # an abandoned sync handler of this task still runs here: never run it twice at once
+                await asyncio.wait([running.previous.runner])
+                running.previous = None
             report = await self._outcome(running)
         except asyncio.CancelledError:
             if running.abandoned is not None:
@@ -487,7 +501,9 @@ class Worker:
         self._to_complete.set()
 
     def _finished(self, running: _Running) -> None:
-        self._running.pop(running.task.id, None)
+        self._busy -= 1
+        if self._running.get(running.task.id) is running:
+            del self._running[running.task.id]
         if running.abandoned is not None and self._room is not None:
             self._room.set()
 
@@ -507,7 +523,8 @@ class Worker:
                 value = await kind.handler(ctx, payload)
             else:
                 loop = asyncio.get_running_loop()
-                value = await loop.run_in_executor(self._pool, kind.handler, ctx, payload)
+                running.thread = loop.run_in_executor(self._pool, kind.handler, ctx, payload)
+                value = await running.thread
         except _Suspend as suspended:
             return {"outcome": "suspended", "suspend": {k: v for k, v in suspended.suspend.items() if v}}
         except RetryLater as exc:
@@ -537,10 +554,14 @@ class Worker:
             return {"outcome": "failed", "error": f"result cannot be serialized: {type(exc).__name__}: {exc}"}
 
     def _abandon(self, running: _Running, reason: str) -> None:
+        """Stop running a task whose lease is gone. A sync handler cannot be interrupted: its run
+        keeps its slot (no longer heartbeated) until the handler returns, and a new claim of the
+        same task waits for it."""
         if running.abandoned is None:
             running.abandoned = reason
         running.ctx._cancel()
-        if running.runner is not None and not running.runner.done():
+        in_thread = running.thread is not None and not running.thread.done()
+        if running.runner is not None and not running.runner.done() and not in_thread:
             running.runner.cancel()
 
     # --- leases ----------------------------------------------------------------------------------
@@ -561,11 +582,13 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         assert self._client is not None
-        held = [*self._running, *(UUID(c["id"]) for c in self._pending)]
+        held = [i for i, r in self._running.items() if r.abandoned is None]
+        held += [UUID(c["id"]) for c in self._pending]
         if not held:
             return
         progress, self._progress = self._progress, {}
-        progress = {k: v for k, v in progress.items() if k in self._running}  # of tasks still held
+        still_held = set(held)
+        progress = {k: v for k, v in progress.items() if k in still_held}
         sent = time.monotonic()
         chunks = [held[i : i + MAX_HEARTBEAT] for i in range(0, len(held), MAX_HEARTBEAT)]
         answers = await asyncio.gather(

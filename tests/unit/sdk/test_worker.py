@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -213,3 +215,44 @@ async def test_a_handler_is_stopped_before_its_lease_ends_even_while_a_heartbeat
             await until(lambda: len(stopped) == 12, timeout_s=10)
     late = {t: round(stopped[t] - server.expires[t], 2) for t in stopped if stopped[t] >= server.expires[t]}
     assert late == {}  # task id -> seconds its handler ran past its lease
+
+
+async def test_an_abandoned_sync_handler_keeps_its_slot_and_its_task_never_runs_twice_at_once() -> None:
+    server = FakeTaskgate(lease_s=3)
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=2, grace_s=1)
+        release = threading.Event()
+        lock = threading.Lock()
+        active: Counter[str] = Counter()
+        peak: Counter[str] = Counter()
+        contexts: list[taskgate.TaskContext] = []
+        started: list[tuple[str, int, bool]] = []  # (task, attempt, released already)
+
+        @worker.kind("block")
+        def block(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            with lock:
+                contexts.append(ctx)
+                started.append((payload["name"], ctx.attempt, release.is_set()))
+                active[payload["name"]] += 1
+                peak[payload["name"]] = max(peak[payload["name"]], active[payload["name"]])
+            release.wait(10)  # does not look at ctx.cancelled, as too many handlers don't
+            with lock:
+                active[payload["name"]] -= 1
+            return {"attempt": ctx.attempt}
+
+        a = server.add("block", {"name": "a"})
+        server.lost.add(a)  # the first heartbeat says its lease is lost
+        async with server.serving(worker):
+            await until(lambda: bool(contexts) and contexts[0].cancelled)
+            server.lost.clear()
+            server.add("block", {"name": "a"}, task_id=a, attempt=2)  # the server hands it out again
+            b = server.add("block", {"name": "b"})
+            await until(lambda: a not in {t["id"] for t in server.available})  # claimed again
+            await asyncio.sleep(0.3)
+            release.set()
+            await until(lambda: {a, b} <= server.completed.keys())
+    assert peak["a"] == 1
+    assert server.completed[a]["outcome"] == "completed"
+    assert server.completed[a]["result"] == {"attempt": 2}
+    assert ("a", 2, True) in started  # the second attempt ran once the first had returned
+    assert ("b", 1, True) in started  # the abandoned run's slot stayed taken until then
