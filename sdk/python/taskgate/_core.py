@@ -90,9 +90,13 @@ def retry_after_s(response: httpx.Response | None, attempt: int) -> float:
             try:
                 return min(MAX_RETRY_DELAY_S, max(0.0, float(value)))
             except ValueError:
+                pass
+            try:
                 when = email.utils.parsedate_to_datetime(value)
-                if when is not None:
-                    return min(MAX_RETRY_DELAY_S, max(0.0, when.timestamp() - time.time()))
+            except (TypeError, ValueError):  # neither seconds nor a date: the usual backoff
+                when = None
+            if when is not None:
+                return min(MAX_RETRY_DELAY_S, max(0.0, when.timestamp() - time.time()))
     return float(min(MAX_RETRY_DELAY_S, random.uniform(0.1, 0.5 * 2**attempt)))  # noqa: S311
 
 

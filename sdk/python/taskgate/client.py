@@ -62,6 +62,7 @@ class _Config:
         )
         self.timeout_s = timeout_s
         self.max_retries = max_retries
+        self.extra_headers = dict(headers or {})
         self.headers = build_headers(api_key, headers)
 
     def timeout(self, call: Call[Any]) -> httpx.Timeout:
@@ -88,6 +89,7 @@ class Client:
         http: httpx.Client | None = None,
     ) -> None:
         self.config = _Config(base_url, api_key, verify, timeout_s, max_retries, headers)
+        self.own_http = http is None  # a transport passed in is not copied by AsyncClient.like
         self._http = http or httpx.Client(
             base_url=self.config.base_url,
             headers=self.config.headers,
@@ -351,11 +353,20 @@ class AsyncClient:
 
     @classmethod
     def like(cls, client: Client) -> AsyncClient:
-        """An AsyncClient with the same address, key and TLS settings as `client`."""
+        """An AsyncClient with the same address, key, headers, TLS, timeout and retries as `client`.
+
+        A Client built on its own `http=` client cannot be copied (its transport, proxies, auth
+        and hooks are sync-only): that raises ValueError; build an AsyncClient instead."""
+        if not client.own_http:
+            raise ValueError(
+                "a Client built with http=... cannot be copied into an AsyncClient; "
+                "pass an AsyncClient (with its own http=httpx.AsyncClient(...)) instead"
+            )
         c = client.config
         return cls(
-            c.base_url, api_key=c.api_key, verify=c.verify, timeout_s=c.timeout_s, max_retries=c.max_retries
-        )
+            c.base_url, api_key=c.api_key, verify=c.verify, timeout_s=c.timeout_s,
+            max_retries=c.max_retries, headers=c.extra_headers,
+        )  # fmt: skip
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -13,8 +13,11 @@ worker.run()
 with a long-poll, runs handlers concurrently (sync handlers in a thread pool), renews leases every
 third of the lease, sends progress with the heartbeats and completes in batches. A handler whose
 lease is lost (or cannot be confirmed in time) is abandoned: its task belongs to another attempt
-now. SIGTERM/SIGINT: stop claiming, let running handlers finish within `grace_s`, then let the
-remaining leases go (they expire and the server retries those tasks).
+now. An async handler is cancelled; a sync handler cannot be interrupted, so it should poll
+`ctx.cancelled` (or block in `ctx.wait_cancelled`) and return: until it does, it keeps its slot
+and this worker does not start the same task again. SIGTERM/SIGINT: stop claiming, let running
+handlers finish within `grace_s`, then let the remaining leases go (they expire and the server
+retries those tasks).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import os
 import signal
@@ -37,9 +41,10 @@ from uuid import UUID
 
 from pydantic import BaseModel, ValidationError
 
+from taskgate._core import dump
 from taskgate.client import AsyncClient, Client
 from taskgate.errors import ApiError, ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskCancelled
-from taskgate.models import ClaimedTask
+from taskgate.models import ClaimedTask, Heartbeat
 
 log = logging.getLogger("taskgate.worker")
 
@@ -47,7 +52,15 @@ P = TypeVar("P")
 Handler = Callable[..., Any]
 MAX_CLAIM = 100
 MAX_COMPLETE_BATCH = 1000
+MAX_HEARTBEAT = 1000  # task ids per heartbeat (the server's limit)
+FENCE_EVERY_S = 0.5  # half the smallest margin (_margin_s): a fence is never later than that
 MAX_TRACEBACK = 8192
+# what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
+# within it itself: a completion the server refuses must never stall the others
+MAX_ERROR = 20_000
+MAX_STORED_TRACEBACK = 64_000
+MAX_COMPLETE_BYTES = 8 * 1024 * 1024 - 64 * 1024  # room for the request's envelope
+REFUSED = frozenset({400, 413, 422})
 
 
 _CANCEL_EVENTS = threading.Lock()  # guards the lazy creation of TaskContext's cancel event
@@ -189,7 +202,8 @@ class TaskContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once a client asked to cancel this task (seen at the next heartbeat)."""
+        """True once a client asked to cancel this task (seen at the next heartbeat) or its lease
+        was lost: a sync handler should check it and return (it cannot be interrupted)."""
         return self._cancelled
 
     def wait_cancelled(self, timeout_s: float | None = None) -> bool:
@@ -209,8 +223,15 @@ class TaskContext:
                 self._cancel_event.set()
 
     def progress(self, progress: dict[str, Any]) -> None:
-        """Report progress (any JSON object); sent with the next heartbeat. Safe from threads."""
-        self._worker._progress[self.task_id] = progress
+        """Report progress (any JSON object); sent with the next heartbeat. Safe from threads.
+
+        Datetimes and pydantic models are converted as in payloads; anything else JSON cannot
+        encode raises TypeError or ValueError here, not in the heartbeat."""
+        if not isinstance(progress, dict):
+            raise TypeError(f"progress must be a dict, not {type(progress).__name__}")
+        value = dump(progress)  # a copy: later changes to `progress` are not sent
+        json.dumps(value, allow_nan=False)
+        self._worker._progress[self.task_id] = value
 
     async def report_progress(self, progress: dict[str, Any]) -> None:
         self.progress(progress)
@@ -239,11 +260,16 @@ class _Running:
     ctx: TaskContext
     lease_from: float  # monotonic time the request that last set its lease was sent
     runner: asyncio.Task[None] | None = None
+    thread: asyncio.Future[Any] | None = None  # a sync handler's run in the pool
+    previous: _Running | None = None  # a run of the same task this one waits for
     abandoned: str | None = None
     started: float = field(default_factory=time.monotonic)
 
 
 class Worker:
+    """Runs the declared kinds. `client` is an AsyncClient, or a Client that the worker copies into
+    one (`AsyncClient.like`: same address, key, headers, TLS, timeout and retries)."""
+
     def __init__(
         self,
         client: Client | AsyncClient,
@@ -268,7 +294,8 @@ class Worker:
         self.threads = threads or concurrency
         self.kinds: dict[str, RegisteredKind[Any]] = {}
         self._progress: dict[UUID, dict[str, Any]] = {}
-        self._running: dict[UUID, _Running] = {}
+        self._running: dict[UUID, _Running] = {}  # the latest run of each task here
+        self._busy = 0  # runs not ended: abandoned sync handlers hold their slot until they return
         self._pending: list[dict[str, Any]] = []
         self._lease_s = 30.0
         self._claiming = 0  # slots reserved by claims in flight
@@ -354,6 +381,7 @@ class Worker:
             ]
             services = [
                 asyncio.create_task(self._heartbeat_loop(), name="taskgate-heartbeat"),
+                asyncio.create_task(self._fence_loop(), name="taskgate-fence"),
                 asyncio.create_task(self._complete_loop(), name="taskgate-complete"),
             ]
             stopping = asyncio.create_task(self._stop.wait())
@@ -393,6 +421,8 @@ class Worker:
             await asyncio.wait(runners, timeout=max(0.0, deadline - loop.time()))
         for running in list(self._running.values()):
             self._abandon(running, "shutdown")
+            if running.runner is not None:
+                running.runner.cancel()  # a sync handler's thread goes on, but the worker stops
         # the last completions, within what is left of the grace period (at least a moment)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_all(), timeout=max(1.0, deadline - loop.time()))
@@ -407,7 +437,7 @@ class Worker:
         assert self._room is not None
         failures = 0
         while True:
-            free = self.concurrency - len(self._running) - len(self._pending) - self._claiming
+            free = self.concurrency - self._busy - len(self._pending) - self._claiming
             if free <= 0:
                 self._room.clear()
                 await self._room.wait()
@@ -443,14 +473,19 @@ class Worker:
                 self._start(task, sent)
 
     def _start(self, task: ClaimedTask, lease_from: float) -> None:
-        running = _Running(task, TaskContext(task, self), lease_from)
+        running = _Running(task, TaskContext(task, self), lease_from, previous=self._running.get(task.id))
         self._running[task.id] = running
+        self._busy += 1
         running.runner = asyncio.create_task(self._execute(running), name=f"taskgate-task-{task.id}")
 
     # --- running ---------------------------------------------------------------------------------
 
     async def _execute(self, running: _Running) -> None:
         try:
+            if running.previous is not None and running.previous.runner is not None:
+                # an abandoned sync handler of this task still runs here: never run it twice at once
+                await asyncio.wait([running.previous.runner])
+                running.previous = None
             report = await self._outcome(running)
         except asyncio.CancelledError:
             if running.abandoned is not None:
@@ -461,12 +496,14 @@ class Worker:
         if running.abandoned is not None:
             return
         task = running.task
-        self._pending.append({"id": str(task.id), "attempt": task.attempt, **report})
+        self._pending.append(_sendable({"id": str(task.id), "attempt": task.attempt, **report}))
         assert self._to_complete is not None
         self._to_complete.set()
 
     def _finished(self, running: _Running) -> None:
-        self._running.pop(running.task.id, None)
+        self._busy -= 1
+        if self._running.get(running.task.id) is running:
+            del self._running[running.task.id]
         if running.abandoned is not None and self._room is not None:
             self._room.set()
 
@@ -486,11 +523,8 @@ class Worker:
                 value = await kind.handler(ctx, payload)
             else:
                 loop = asyncio.get_running_loop()
-                value = await loop.run_in_executor(self._pool, kind.handler, ctx, payload)
-            spawns = ctx._take_spawns()
-            if spawns:  # children spawned but never gathered: record them; the re-run finishes
-                return {"outcome": "suspended", "suspend": {"spawn": spawns}}
-            return {"outcome": "completed", "result": _result(kind, value)}
+                running.thread = loop.run_in_executor(self._pool, kind.handler, ctx, payload)
+                value = await running.thread
         except _Suspend as suspended:
             return {"outcome": "suspended", "suspend": {k: v for k, v in suspended.suspend.items() if v}}
         except RetryLater as exc:
@@ -499,24 +533,35 @@ class Worker:
             return {"outcome": "permanent_failure", "error": str(exc) or type(exc).__name__}
         except TaskCancelled as exc:
             return {"outcome": "cancelled", "error": str(exc) or "cancelled"}
-        except ValidationError as exc:
-            return {
-                "outcome": "failed",
-                "error": f"result does not match the result model of {kind.name!r}: {exc}",
-            }
         except Exception as exc:
-            log.warning("task %s failed: %r", task.id, exc)
+            log.warning("task %s failed: %s", task.id, _text(repr(exc), 1000))
             return {
                 "outcome": "failed",
                 "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc()[-MAX_TRACEBACK:],
             }
+        spawns = ctx._take_spawns()
+        if spawns:  # children spawned but never gathered: record them; the re-run finishes
+            return {"outcome": "suspended", "suspend": {"spawn": spawns}}
+        try:
+            return {"outcome": "completed", "result": _result(kind, value)}
+        except ValidationError as exc:
+            return {
+                "outcome": "failed",
+                "error": f"result does not match the result model of {kind.name!r}: {exc}",
+            }
+        except Exception as exc:  # a model whose dump fails
+            return {"outcome": "failed", "error": f"result cannot be serialized: {type(exc).__name__}: {exc}"}
 
     def _abandon(self, running: _Running, reason: str) -> None:
+        """Stop running a task whose lease is gone. A sync handler cannot be interrupted: its run
+        keeps its slot (no longer heartbeated) until the handler returns, and a new claim of the
+        same task waits for it."""
         if running.abandoned is None:
             running.abandoned = reason
         running.ctx._cancel()
-        if running.runner is not None and not running.runner.done():
+        in_thread = running.thread is not None and not running.thread.done()
+        if running.runner is not None and not running.runner.done() and not in_thread:
             running.runner.cancel()
 
     # --- leases ----------------------------------------------------------------------------------
@@ -530,7 +575,6 @@ class Worker:
         while True:
             await asyncio.sleep(min(self._lease_s / 3, self._margin_s() / 2))
             now = time.monotonic()
-            self._fence(now)
             if now - last < self._lease_s / 3:
                 continue
             last = now
@@ -538,23 +582,23 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         assert self._client is not None
-        held = [*self._running, *(UUID(c["id"]) for c in self._pending)]
+        held = [i for i, r in self._running.items() if r.abandoned is None]
+        held += [UUID(c["id"]) for c in self._pending]
         if not held:
             return
         progress, self._progress = self._progress, {}
+        still_held = set(held)
+        progress = {k: v for k, v in progress.items() if k in still_held}
         sent = time.monotonic()
-        try:
-            answer = await asyncio.wait_for(
-                self._client.heartbeat(
-                    held, worker=self.identity, progress={str(k): v for k, v in progress.items()}
-                ),
-                timeout=self._lease_s / 3,
-            )
-        except Exception as exc:
-            for task_id, value in progress.items():  # send it again next time
-                self._progress.setdefault(task_id, value)
-            log.warning("heartbeat failed: %s", exc or type(exc).__name__)
-            return
+        chunks = [held[i : i + MAX_HEARTBEAT] for i in range(0, len(held), MAX_HEARTBEAT)]
+        answers = await asyncio.gather(
+            *(self._renew(chunk, {k: progress[k] for k in chunk if k in progress}) for chunk in chunks)
+        )
+        for answer in answers:
+            if answer is not None:
+                self._renewed(answer, sent)
+
+    def _renewed(self, answer: Heartbeat, sent: float) -> None:
         for lease in answer.items:
             running = self._running.get(lease.id)
             if running is None:
@@ -571,6 +615,36 @@ class Worker:
             if running is not None and str(task_id) not in pending:
                 log.warning("lease lost; abandoning task %s", task_id)
                 self._abandon(running, "lease lost")
+
+    async def _renew(self, held: list[UUID], progress: dict[UUID, Any]) -> Heartbeat | None:
+        """One heartbeat. Progress the server refuses is dropped, and the leases renewed without
+        it; progress that could not be sent is kept for the next heartbeat."""
+        assert self._client is not None
+        try:
+            answer: Heartbeat = await asyncio.wait_for(
+                self._client.heartbeat(
+                    held, worker=self.identity, progress={str(k): v for k, v in progress.items()}
+                ),
+                timeout=self._lease_s / 3,
+            )
+            return answer
+        except ApiError as exc:
+            if progress and 400 <= exc.status < 500:
+                log.warning("heartbeat refused; sending it again without its progress: %s", exc)
+                return await self._renew(held, {})
+            log.warning("heartbeat failed: %s", exc)
+        except Exception as exc:
+            for task_id, value in progress.items():
+                self._progress.setdefault(task_id, value)
+            log.warning("heartbeat failed: %s", exc or type(exc).__name__)
+        return None
+
+    async def _fence_loop(self) -> None:
+        """Fences on its own timer: a heartbeat in flight (up to a third of the lease) must not
+        hold back giving up a lease that has gone unconfirmed."""
+        while True:
+            await asyncio.sleep(FENCE_EVERY_S)
+            self._fence(time.monotonic())
 
     def _fence(self, now: float) -> None:
         """Abandon handlers whose lease could not be confirmed: stop before someone else starts."""
@@ -601,16 +675,97 @@ class Worker:
             await self._flush()
 
     async def _flush(self) -> None:
-        assert self._client is not None
         assert self._room is not None
-        batch = self._pending[:MAX_COMPLETE_BATCH]
-        answers = await self._client.complete(batch, worker=self.identity)
-        done = {str(a.id) for a in answers}
-        self._pending = [c for c in self._pending if c["id"] not in done]
-        refused = [a for a in answers if not a.accepted]
-        if refused:
-            log.info("%d completions refused: their leases were lost", len(refused))
+        await self._send(self._next_batch())
         self._room.set()
+
+    def _next_batch(self) -> list[dict[str, Any]]:
+        """The oldest completions that fit one request, by count and by encoded size."""
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for item in self._pending[:MAX_COMPLETE_BATCH]:
+            size += _encoded_size(item) + 1
+            if batch and size > MAX_COMPLETE_BYTES:
+                break
+            batch.append(item)
+        return batch
+
+    async def _send(self, batch: list[dict[str, Any]]) -> None:
+        """Complete `batch`; a batch the server refuses is halved until the refused item is alone."""
+        assert self._client is not None
+        try:
+            answers = await self._client.complete(batch, worker=self.identity)
+        except ApiError as exc:
+            if exc.status not in REFUSED:
+                raise
+            if len(batch) == 1:
+                await self._send_refused(batch[0], exc)
+                return
+            half = len(batch) // 2
+            await self._send(batch[:half])
+            await self._send(batch[half:])
+            return
+        self._settle({str(a.id) for a in answers})
+        lost = [a for a in answers if not a.accepted]
+        if lost:
+            log.info("%d completions refused: their leases were lost", len(lost))
+
+    async def _send_refused(self, item: dict[str, Any], refusal: ApiError) -> None:
+        """Report a completion the server refuses as a failed attempt; refused again, let it go:
+        its lease expires and Taskgate retries the task."""
+        assert self._client is not None
+        log.error("completion of task %s refused; reporting the attempt failed: %s", item["id"], refusal)
+        error = _text(f"completion refused: {refusal}", MAX_ERROR)
+        failed = {"id": item["id"], "attempt": item["attempt"], "outcome": "failed", "error": error}
+        try:
+            await self._client.complete([failed], worker=self.identity)
+        except ApiError as exc:
+            if exc.status not in REFUSED:
+                raise
+            log.error("completion of task %s refused again; dropped (its lease will expire): %s",
+                      item["id"], exc)  # fmt: skip
+        self._settle({item["id"]})
+
+    def _settle(self, task_ids: set[str]) -> None:
+        self._pending = [c for c in self._pending if c["id"] not in task_ids]
+
+
+def _text(value: str, limit: int) -> str:
+    """`value` as the server stores text: no NUL character, at most `limit` characters."""
+    value = value.replace("\x00", "\\x00")
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _encoded_size(item: dict[str, Any]) -> int:
+    """The bytes `item` takes in a request body, encoded as httpx encodes it."""
+    text = json.dumps(dump(item), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return len(text.encode())
+
+
+def _sendable(item: dict[str, Any]) -> dict[str, Any]:
+    """A completion the server can take: texts within its limits, and a report that encodes as
+    JSON within a request body (otherwise the attempt fails and says why)."""
+    if item.get("error"):
+        item["error"] = _text(item["error"], MAX_ERROR)
+    if item.get("traceback"):
+        item["traceback"] = _text(item["traceback"], MAX_STORED_TRACEBACK)
+    try:
+        size = _encoded_size(item)
+    except (TypeError, ValueError, RecursionError) as exc:
+        problem = f"what this attempt returned cannot be encoded as JSON: {type(exc).__name__}: {exc}"
+    else:
+        if size <= MAX_COMPLETE_BYTES:
+            return item
+        problem = (
+            f"what this attempt returned is {size} bytes of JSON; at most {MAX_COMPLETE_BYTES} are taken"
+        )
+    log.warning("task %s: %s", item["id"], problem)
+    return {
+        "id": item["id"],
+        "attempt": item["attempt"],
+        "outcome": "failed",
+        "error": _text(problem, MAX_ERROR),
+    }
 
 
 def _result(kind: RegisteredKind[Any], value: Any) -> Any:

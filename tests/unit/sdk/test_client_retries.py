@@ -65,3 +65,17 @@ def test_retries_are_bounded_and_problems_become_api_errors(monkeypatch: pytest.
         client([httpx.Response(422, json=problem)], []).enqueue("e2e.square", {"n": "x"}, idempotent=False)
     assert invalid.value.errors[0]["field"] == "payload.n"
     assert invalid.value.type.endswith("validation")
+
+
+def test_a_malformed_retry_after_falls_back_to_the_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(taskgate.client.time, "sleep", slept.append)
+    seen: list[httpx.Request] = []
+    answers = [
+        httpx.Response(503, headers={"Retry-After": "soon"}, json={"status": 503}),
+        httpx.Response(200, json=TASK),
+    ]
+    task = client(answers, seen).get(TASK["id"])
+    assert str(task.id) == TASK["id"]
+    assert len(seen) == 2
+    assert 0.1 <= slept[0] <= 0.5  # the first step of the jittered backoff

@@ -1,0 +1,258 @@
+"""The SDK's remote Worker against an in-memory Taskgate that holds it to the server's contract:
+what a handler's outcome becomes, and that nothing one task does stalls the others."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from tests.conftest import ROOT
+from tests.unit.sdk.fake_taskgate import FakeTaskgate, until
+
+sys.path.insert(0, str(ROOT / "sdk" / "python"))
+import taskgate
+
+
+class Number(BaseModel):
+    n: int
+
+
+async def test_a_validation_error_the_handler_raises_is_not_blamed_on_its_result() -> None:
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=2, grace_s=1)
+
+        @worker.kind("parse", result=Number)
+        async def parse(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> Number:
+            if payload.get("raw") is not None:
+                Number.model_validate({"n": payload["raw"]})  # the handler's own parsing fails
+            return {"n": "not a number"}  # type: ignore[return-value]
+
+        own = server.add("parse", {"raw": "x"})
+        wrong = server.add("parse")
+        async with server.serving(worker):
+            await until(lambda: {own, wrong} <= server.completed.keys())
+    assert server.completed[own]["outcome"] == "failed"
+    assert server.completed[own]["error"].startswith("ValidationError: ")
+    assert "traceback" in server.completed[own]
+    assert server.completed[wrong]["error"].startswith("result does not match the result model of 'parse'")
+
+
+async def test_completions_the_server_would_refuse_never_hold_back_the_others() -> None:
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=10, grace_s=1)
+        started: list[str] = []
+        together = asyncio.Event()  # every handler ends at once: one completion batch
+
+        async def started_all() -> None:
+            started.append("")
+            if len(started) == 8:
+                together.set()
+            await together.wait()
+
+        @worker.kind("ok")
+        async def ok(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            await started_all()
+            return {"n": 1}
+
+        @worker.kind("loud")
+        async def loud(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            await started_all()
+            raise ValueError("x" * 50_000)
+
+        @worker.kind("unencodable")
+        async def unencodable(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            await started_all()
+            return {"tags": {"a", "b"}}
+
+        @worker.kind("bad_spawn")
+        async def bad_spawn(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> list[Any]:
+            await started_all()
+            child = await ctx.spawn("ok", {}, key="child", priority=10)  # the server takes 0-9
+            return await ctx.gather([child])
+
+        @worker.kind("long_sleep")
+        async def long_sleep(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            await started_all()
+            await ctx.sleep("nap", 400 * 86_400)  # the server takes at most 366 days
+
+        fine = [server.add("ok") for _ in range(4)]
+        loud_id, unencodable_id = server.add("loud"), server.add("unencodable")
+        bad_spawn_id, long_sleep_id = server.add("bad_spawn"), server.add("long_sleep")
+        async with server.serving(worker):
+            await until(lambda: len(server.completed) == 8)
+    done = server.completed
+    assert [done[f]["outcome"] for f in fine] == ["completed"] * 4
+    assert done[loud_id]["outcome"] == "failed"
+    assert done[loud_id]["error"].startswith("ValueError: xxx")
+    assert len(done[loud_id]["error"]) == 20_000  # the server's limit
+    assert done[unencodable_id]["outcome"] == "failed"
+    assert "cannot be encoded as JSON: TypeError" in done[unencodable_id]["error"]
+    for refused in (bad_spawn_id, long_sleep_id):
+        assert done[refused]["outcome"] == "failed"
+        assert done[refused]["error"].startswith("completion refused: 422")
+    assert len(server.refused) <= 8  # halving down to the two refused items, not retrying for ever
+
+
+async def test_completions_are_batched_within_the_servers_body_cap() -> None:
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=4, grace_s=1)
+        together = asyncio.Barrier(4)
+
+        @worker.kind("blob")
+        async def blob(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            await together.wait()
+            return {"blob": "x" * payload["size"]}
+
+        three_mib = [server.add("blob", {"size": 3 * 1024 * 1024}) for _ in range(3)]
+        too_big = server.add("blob", {"size": 9 * 1024 * 1024})
+        async with server.serving(worker):
+            await until(lambda: len(server.completed) == 4)
+    assert [server.completed[t]["outcome"] for t in three_mib] == ["completed"] * 3
+    assert server.completed[too_big]["outcome"] == "failed"
+    assert "bytes of JSON" in server.completed[too_big]["error"]
+    assert server.refused == []
+
+
+async def test_a_completion_refused_twice_is_dropped_and_the_worker_goes_on() -> None:
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1)
+
+        @worker.kind("ok")
+        async def ok(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+        doomed = server.add("ok")
+        server.refuse_item = lambda item: item["id"] == doomed  # in any form
+        later = [server.add("ok") for _ in range(3)]
+        async with server.serving(worker):  # one slot: the dropped completion must free it
+            await until(lambda: set(later) <= server.completed.keys())
+    assert doomed not in server.completed
+    assert server.refused == [("/api/workers/complete", 422)] * 2
+
+
+async def test_progress_that_cannot_be_sent_never_costs_the_leases() -> None:
+    server = FakeTaskgate(lease_s=3)  # heartbeats every second; a lease unconfirmed for 2 s is given up
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=3, grace_s=1)
+        refused: list[str] = []
+
+        @worker.kind("report")
+        async def report(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            try:
+                ctx.progress({"handle": object()})
+            except TypeError as exc:
+                refused.append(str(exc))
+            if payload["progress"] == "nul":
+                ctx.progress({"note": "a\x00b"})  # the server refuses a NUL (422)
+            for _ in range(8):  # longer than the lease: only heartbeats keep it
+                if payload["progress"] == "datetime":
+                    ctx.progress({"at": datetime.now(UTC)})
+                await asyncio.sleep(0.5)
+            return {}
+
+        dated = server.add("report", {"progress": "datetime"})
+        refused_by_server = server.add("report", {"progress": "nul"})
+        async with server.serving(worker):
+            await until(lambda: len(server.completed) == 2, timeout_s=10)
+    assert [server.completed[t]["outcome"] for t in (dated, refused_by_server)] == ["completed"] * 2
+    assert len(refused) == 2  # the handler itself is told
+    sent = [b["progress"] for b in server.heartbeats if b.get("progress")]
+    assert sent  # progress with a datetime is sent; the one refused was dropped (with that heartbeat's)
+    assert all(list(p) == [dated] and isinstance(p[dated]["at"], str) for p in sent)
+
+
+async def test_a_worker_holding_more_than_a_thousand_tasks_keeps_every_lease() -> None:
+    server = FakeTaskgate(lease_s=3)
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1500, grace_s=1)
+        release = asyncio.Event()
+
+        @worker.kind("hold")
+        async def hold(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            await release.wait()
+            return {}
+
+        held = {server.add("hold") for _ in range(1200)}
+        async with server.serving(worker):
+            await until(lambda: not server.available)
+            await until(lambda: held <= {i for b in server.heartbeats for i in b["task_ids"]})
+            release.set()
+            await until(lambda: len(server.completed) == 1200)
+    assert server.refused == []
+    assert all(c["outcome"] == "completed" for c in server.completed.values())  # none was fenced
+
+
+async def test_a_handler_is_stopped_before_its_lease_ends_even_while_a_heartbeat_hangs() -> None:
+    server = FakeTaskgate(lease_s=4)  # given up 1 s before the end when unconfirmed
+    server.hang_heartbeats = True  # each heartbeat then waits a third of the lease for nothing
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=20, grace_s=1)
+        stopped: dict[str, float] = {}
+
+        @worker.kind("long")
+        async def long(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            try:
+                await asyncio.sleep(30)
+            finally:
+                stopped[str(ctx.task_id)] = time.monotonic()
+
+        async with server.serving(worker):
+            # claimed 0.15 s apart: their deadlines fall at every phase of the heartbeats
+            for _ in range(12):
+                server.add("long")
+                await asyncio.sleep(0.15)
+            await until(lambda: len(stopped) == 12, timeout_s=10)
+    late = {t: round(stopped[t] - server.expires[t], 2) for t in stopped if stopped[t] >= server.expires[t]}
+    assert late == {}  # task id -> seconds its handler ran past its lease
+
+
+async def test_an_abandoned_sync_handler_keeps_its_slot_and_its_task_never_runs_twice_at_once() -> None:
+    server = FakeTaskgate(lease_s=3)
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=2, grace_s=1)
+        release = threading.Event()
+        lock = threading.Lock()
+        active: Counter[str] = Counter()
+        peak: Counter[str] = Counter()
+        contexts: list[taskgate.TaskContext] = []
+        started: list[tuple[str, int, bool]] = []  # (task, attempt, released already)
+
+        @worker.kind("block")
+        def block(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            with lock:
+                contexts.append(ctx)
+                started.append((payload["name"], ctx.attempt, release.is_set()))
+                active[payload["name"]] += 1
+                peak[payload["name"]] = max(peak[payload["name"]], active[payload["name"]])
+            release.wait(10)  # does not look at ctx.cancelled, as too many handlers don't
+            with lock:
+                active[payload["name"]] -= 1
+            return {"attempt": ctx.attempt}
+
+        a = server.add("block", {"name": "a"})
+        server.lost.add(a)  # the first heartbeat says its lease is lost
+        async with server.serving(worker):
+            await until(lambda: bool(contexts) and contexts[0].cancelled)
+            server.lost.clear()
+            server.add("block", {"name": "a"}, task_id=a, attempt=2)  # the server hands it out again
+            b = server.add("block", {"name": "b"})
+            await until(lambda: a not in {t["id"] for t in server.available})  # claimed again
+            await asyncio.sleep(0.3)
+            release.set()
+            await until(lambda: {a, b} <= server.completed.keys())
+    assert peak["a"] == 1
+    assert server.completed[a]["outcome"] == "completed"
+    assert server.completed[a]["result"] == {"attempt": 2}
+    assert ("a", 2, True) in started  # the second attempt ran once the first had returned
+    assert ("b", 1, True) in started  # the abandoned run's slot stayed taken until then
