@@ -55,6 +55,21 @@ async def flaky(ctx: TaskContext, payload: Flaky) -> Done:
     return Done()
 
 
+class Raises(BaseModel):
+    what: str  # "inner_cancel": awaits a cancelled sub-task; "timeout": raises its own TimeoutError
+
+
+@task_kind("test.raises", payload=Raises, result=Done, max_attempts=1)
+async def raises(ctx: TaskContext, payload: Raises) -> Done:
+    """Exceptions that look like the worker's own: a CancelledError and a TimeoutError that the
+    handler's own code raised, not a cancel or a timeout of the attempt."""
+    if payload.what == "inner_cancel":
+        sub = asyncio.ensure_future(asyncio.sleep(10))
+        sub.cancel()
+        await sub
+    raise TimeoutError("the handler's own call timed out")
+
+
 class Returns(BaseModel):
     value: str
     nul: bool = False

@@ -213,6 +213,7 @@ class Worker:
                 completion = await self.executor.run(running)
         except asyncio.CancelledError:
             if running.abandoned is None:
+                self.holdings.room.set()  # its slot is free whatever comes next
                 raise
             return  # shutdown releases it; a lost lease belongs to whoever holds the task now
         except Exception as exc:

@@ -108,9 +108,10 @@ class Executor:
         except ValidationError as exc:
             error = f"payload no longer matches the contract of kind {kind.name!r}: {exc}"
             return finished(running, Status.DISCARDED, Outcome.INVALID_PAYLOAD, error=error)
+        deadline: asyncio.Timeout | None = None
         try:
             if kind.timeout_s is not None:
-                async with asyncio.timeout(kind.timeout_s):
+                async with asyncio.timeout(kind.timeout_s) as deadline:
                     result = await kind(ctx, payload)
             else:
                 result = await kind(ctx, payload)
@@ -146,17 +147,31 @@ class Executor:
                 retry_in_s=exc.poll_after_s,
                 http_status=exc.http_status,
             )
-        except TimeoutError:
-            return await self.failed(running, f"timed out after {kind.timeout_s} s")
+        except TimeoutError as exc:
+            if deadline is not None and deadline.expired():
+                return await self.failed(running, f"timed out after {kind.timeout_s} s")
+            return await self._raised(running, exc)  # the handler's own
         except ValidationError as exc:
             return await self.failed(running, f"result does not match the contract of {kind.name!r}: {exc}")
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this attempt is being stopped: shutdown, or its lease was lost
+            # raised inside the handler (it awaited something cancelled): a failure like any
+            # other; let through, it would end the attempt with nothing written and its slot held
+            return await self._raised(running, exc)
         except Exception as exc:
-            # formatted here, on the failure path only: a success never pays for it
-            trace = clip_traceback(traceback.format_exc())
-            log.warning(
-                "task failed", task_id=str(claimed.id), kind=claimed.kind, error=repr(exc), traceback=trace
-            )
-            return await self.failed(running, f"{type(exc).__name__}: {exc}", traceback=trace)
+            return await self._raised(running, exc)
+
+    async def _raised(self, running: Running, exc: BaseException) -> Completion:
+        """A handler's exception: a failed attempt, with its traceback (formatted here, on the
+        failure path only: a success never pays for it)."""
+        claimed = running.claimed
+        trace = clip_traceback(traceback.format_exc())
+        log.warning(
+            "task failed", task_id=str(claimed.id), kind=claimed.kind, error=repr(exc), traceback=trace
+        )
+        return await self.failed(running, f"{type(exc).__name__}: {exc}", traceback=trace)
 
     async def failed(
         self,

@@ -365,3 +365,25 @@ async def test_a_result_postgresql_cannot_store_fails_its_task_and_only_its_task
     assert done["status"] == "completed"
     read = await client.get(f"/api/tasks/{good['id']}", headers=auth_headers)
     assert json.loads(await read.get_data(as_text=True))["result"] == {"value": "y", "big": 2**70 + 1}
+
+
+async def test_exceptions_a_handler_raises_itself_fail_its_attempt_and_the_worker_goes_on(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """A CancelledError from inside a handler (it awaited a cancelled sub-task) once ended the
+    attempt with nothing written and its slot never freed: with one slot the worker stalled."""
+    app = await serving(**WORKER, WORKER_CONCURRENCY=1)
+    client = app.test_client()
+    inner = await enqueue(client, auth_headers, kind="test.raises", payload={"what": "inner_cancel"})
+    own_timeout = await enqueue(client, auth_headers, kind="test.raises", payload={"what": "timeout"})
+    after = await enqueue(client, auth_headers, kind="noop")
+    for task, error in ((inner, "CancelledError"), (own_timeout, "TimeoutError: the handler's own call")):
+        done = await (await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)).get_json()
+        assert done["status"] == "discarded", done
+        assert done["last_error"].startswith(error), done["last_error"]
+        [attempt] = (
+            await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
+        )["items"]
+        assert "Traceback (most recent call last)" in attempt["traceback"]
+    finished = await (await client.get(f"/api/tasks/{after['id']}?wait=10", headers=auth_headers)).get_json()
+    assert finished["status"] == "completed"
