@@ -235,3 +235,31 @@ async def test_catalog_lists_kinds_with_schemas(client: Client, auth_headers: di
     assert {"noop", "sleep"} <= set(kinds)
     assert kinds["sleep"]["payload_schema"]["properties"]["seconds"]["type"] == "number"
     assert kinds["sleep"]["result_schema"]["properties"]["slept_s"]
+
+
+async def test_a_repeat_gets_its_tasks_even_when_the_quota_is_full_or_they_are_gone(
+    app: Any, auth_headers: dict[str, str]
+) -> None:
+    """A client whose answer was lost repeats the request: it must get the task it already has,
+    not a 429 for the quota that task now fills; and a clear 409, not a 500, once it is gone."""
+    from tests.integration.test_one_enqueue_path import tenant
+
+    _, headers = await tenant(app, "small", max_queued_tasks=1)
+    client = app.test_client()
+    body = {"kind": "noop", "queue": "q", "delay_s": 3600}
+    first = await client.post("/api/tasks", json=body, headers={**headers, "Idempotency-Key": "k1"})
+    assert first.status_code == 201
+    again = await client.post("/api/tasks", json=body, headers={**headers, "Idempotency-Key": "k1"})
+    assert again.status_code == 200, await again.get_data(as_text=True)
+    assert (await again.get_json())["id"] == (await first.get_json())["id"]
+    other = await client.post("/api/tasks", json=body, headers={**headers, "Idempotency-Key": "k2"})
+    assert other.status_code == 429  # a new request is still held to the quota
+
+    # gone: a client (without a quota in the way) repeats after its queue was purged
+    for path, sent in (("/api/tasks", body), ("/api/tasks/batch", {"tasks": [body]})):
+        keyed = {**auth_headers, "Idempotency-Key": f"gone-{path}"}
+        assert (await client.post(path, json=sent, headers=keyed)).status_code == 201
+        assert (await client.post("/api/queues/q/purge", headers=auth_headers)).status_code == 200
+        gone = await client.post(path, json=sent, headers=keyed)
+        assert gone.status_code == 409, await gone.get_data(as_text=True)
+        assert (await gone.get_json())["type"].endswith("idempotency-tasks-gone")

@@ -366,6 +366,13 @@ async def _submit_traced(
     field_prefix: Callable[[int], FieldPath],
     traceparent: str | None,
 ) -> Submitted:
+    if idempotency_key is not None:
+        # A repeat answers with the first request's tasks whatever has changed since (the quota
+        # now full, a kind's contract changed): only a new request is held to the rules.
+        async with engine.db.driver() as conn:
+            replay = await _replay(conn, submitter.client_id, idempotency_key, items)
+        if replay is not None:
+            return replay
     requests = [TaskRequest.from_input(item) for item in items]
     new = await prepare(engine, submitter, requests, field_prefix=field_prefix, traceparent=traceparent)
     depends_on = [request.depends_on for request in requests]
@@ -410,20 +417,35 @@ async def _store_once(
                 "A request with this Idempotency-Key is still in flight; retry shortly.",
                 type=problem_type("idempotency-in-flight"),
             )
-        previous = await task_store.find_idempotency_key(conn, client_id, key)
-        if previous is not None:
-            if previous[0] != request_hash:
-                raise Unprocessable(
-                    "This Idempotency-Key was used with a different request body.",
-                    type=problem_type("idempotency-key-reused"),
-                )
-            return Submitted(
-                await task_store.get_tasks(conn, client_id=client_id, task_ids=previous[1]), True
-            )
+        replay = await _replay(conn, client_id, key, items, request_hash=request_hash)
+        if replay is not None:
+            return replay
         tasks = await store_prepared(conn, new, depends_on=depends_on, field_prefix=field_prefix)
         await task_store.save_idempotency_key(conn, client_id, key, request_hash, [t.id for t in tasks])
     flags = debounced(new, tasks)
     return Submitted(tasks, replayed=False, debounced=flags if any(f is not None for f in flags) else None)
+
+
+async def _replay(
+    conn: Executor, client_id: UUID, key: str, items: Sequence[TaskIn], *, request_hash: str | None = None
+) -> Submitted | None:
+    """The first request's tasks when this key was used before; None when it was not."""
+    previous = await task_store.find_idempotency_key(conn, client_id, key)
+    if previous is None:
+        return None
+    if previous[0] != (request_hash or _request_hash(items)):
+        raise Unprocessable(
+            "This Idempotency-Key was used with a different request body.",
+            type=problem_type("idempotency-key-reused"),
+        )
+    tasks = await task_store.get_tasks(conn, client_id=client_id, task_ids=previous[1])
+    if len(tasks) < len(previous[1]):
+        raise Conflict(
+            "The tasks this Idempotency-Key created no longer exist (purged, or past their "
+            "retention); send the request with a new key to enqueue it again.",
+            type=problem_type("idempotency-tasks-gone"),
+        )
+    return Submitted(tasks, True)
 
 
 def _request_hash(items: Sequence[TaskIn]) -> str:
