@@ -263,3 +263,26 @@ async def test_a_repeat_gets_its_tasks_even_when_the_quota_is_full_or_they_are_g
         gone = await client.post(path, json=sent, headers=keyed)
         assert gone.status_code == 409, await gone.get_data(as_text=True)
         assert (await gone.get_json())["type"].endswith("idempotency-tasks-gone")
+
+
+async def test_concurrent_enqueues_cannot_all_pass_one_quota_check(app: Any, clean_database: str) -> None:
+    """The quota counts enqueues being stored, not only those stored: 30 requests at once for the
+    one place left get one 201 and 29 answers 429."""
+    from tests.integration.test_one_enqueue_path import tenant
+
+    client_id, headers = await tenant(app, "bursty", max_queued_tasks=3)
+    client = app.test_client()
+    body = {"kind": "noop", "delay_s": 3600}
+    for _ in range(2):
+        assert (await client.post("/api/tasks", json=body, headers=headers)).status_code == 201
+    answers = await asyncio.gather(
+        *(client.post("/api/tasks", json=body, headers=headers) for _ in range(30))
+    )
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [201] + [429] * 29, statuses
+    batches = await asyncio.gather(
+        *(client.post("/api/tasks/batch", json={"tasks": [body]}, headers=headers) for _ in range(10))
+    )
+    assert {b.status_code for b in batches} == {429}
+    stored = await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE client_id = $1", client_id)
+    assert stored[0]["n"] == 3

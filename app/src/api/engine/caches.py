@@ -91,29 +91,54 @@ class QueueCache:
 
 @dataclass
 class QuotaCache:
-    """Approximate unfinished-task counts per client: exact at refresh, plus what we enqueued since."""
+    """Approximate unfinished-task counts per client: exact at refresh, plus what we enqueued since,
+    plus what is being enqueued right now (reserved between the quota check and the insert, so
+    that concurrent enqueues cannot all pass the same check)."""
 
     db: Database
     _counts: dict[UUID, tuple[float, int]] = field(default_factory=dict)
     _counting: SingleFlight[UUID, int] = field(default_factory=SingleFlight)
+    _reserved: dict[UUID, int] = field(default_factory=dict)
+    _added: dict[UUID, int] = field(default_factory=dict)  # ever added here, per client
 
     def clear(self) -> None:
         self._counts.clear()
 
     async def unfinished(self, client_id: UUID) -> int:
+        """Stored and being stored: the count a new enqueue is checked against."""
+        return await self._stored(client_id) + self._reserved.get(client_id, 0)
+
+    async def _stored(self, client_id: UUID) -> int:
         hit = self._counts.get(client_id)
         if hit is not None and time.monotonic() - hit[0] < QUOTA_TTL_S:
             return hit[1]
 
         async def load() -> int:
+            # what this process adds while the count is read may or may not be in it: counted
+            # again (an over-count until the next refresh) rather than lost
+            before = self._added.get(client_id, 0)
             async with self.db.driver() as conn:
                 count = await task_store.count_unfinished(conn, client_id=client_id)
+            count += self._added.get(client_id, 0) - before
             self._counts[client_id] = (time.monotonic(), count)
             return count
 
         return await self._counting.load(client_id, load)
 
+    def reserve(self, client_id: UUID, n: int) -> None:
+        """Hold `n` of the quota for an enqueue that passed its check (call it with no await in
+        between); `release` it once the tasks are stored (and `added`) or refused."""
+        self._reserved[client_id] = self._reserved.get(client_id, 0) + n
+
+    def release(self, client_id: UUID, n: int) -> None:
+        left = self._reserved.get(client_id, 0) - n
+        if left > 0:
+            self._reserved[client_id] = left
+        else:
+            self._reserved.pop(client_id, None)
+
     def added(self, client_id: UUID, n: int) -> None:
+        self._added[client_id] = self._added.get(client_id, 0) + n
         hit = self._counts.get(client_id)
         if hit is not None:
             self._counts[client_id] = (hit[0], hit[1] + n)

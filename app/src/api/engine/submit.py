@@ -375,6 +375,23 @@ async def _submit_traced(
             return replay
     requests = [TaskRequest.from_input(item) for item in items]
     new = await prepare(engine, submitter, requests, field_prefix=field_prefix, traceparent=traceparent)
+    # held from the quota check (prepare returns right after it) until the tasks are counted
+    engine.quotas.reserve(submitter.client_id, len(new))
+    try:
+        return await _store_new(engine, submitter, items, requests, new, idempotency_key, field_prefix)
+    finally:
+        engine.quotas.release(submitter.client_id, len(new))
+
+
+async def _store_new(
+    engine: TaskEngine,
+    submitter: Submitter,
+    items: Sequence[TaskIn],
+    requests: Sequence[TaskRequest],
+    new: list[NewTask],
+    idempotency_key: str | None,
+    field_prefix: Callable[[int], FieldPath],
+) -> Submitted:
     depends_on = [request.depends_on for request in requests]
     if idempotency_key is not None:
         stored = await _store_once(
