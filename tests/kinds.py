@@ -70,6 +70,21 @@ async def raises(ctx: TaskContext, payload: Raises) -> Done:
     raise TimeoutError("the handler's own call timed out")
 
 
+class SlowUnwind(BaseModel):
+    seconds: float
+    unwind_s: float
+
+
+@task_kind("test.slow_unwind", payload=SlowUnwind, result=Done)
+async def slow_unwind(ctx: TaskContext, payload: SlowUnwind) -> Done:
+    """Runs for `seconds`; cancelled, its cleanup takes `unwind_s` more."""
+    try:
+        await asyncio.sleep(payload.seconds)
+    finally:
+        await asyncio.sleep(payload.unwind_s)
+    return Done()
+
+
 class Returns(BaseModel):
     value: str
     nul: bool = False

@@ -48,6 +48,9 @@ log = structlog.get_logger("taskgate.worker")
 PROGRESS_TIMEOUT_S = 5.0
 # after the grace period: the last completion writes and releases (a stop takes grace + this at most)
 FINAL_WRITES_S = 0.5
+# How long a handler cancelled at the end of the grace may take to unwind (its `finally` blocks):
+# one that takes longer, or swallows the cancel, must not hold up the completions of the others.
+UNWIND_S = 0.25
 
 
 class Worker:
@@ -145,7 +148,19 @@ class Worker:
         leftover = list(self.holdings.running.values())
         for running in leftover:
             self.holdings.abandon(running, "shutdown")
-        await asyncio.gather(*(r.task for r in leftover if r.task is not None), return_exceptions=True)
+        unwinding = [r.task for r in leftover if r.task is not None]
+        if unwinding:
+            await asyncio.wait(unwinding, timeout=UNWIND_S)
+        # A handler still running cannot be released: another worker would run its task while it
+        # still does. Its lease, no longer renewed, expires after this process has exited.
+        stuck = [r for r in leftover if r.task is not None and not r.task.done()]
+        if stuck:
+            self.log.warning(
+                "handlers did not stop when cancelled; their tasks are left to their leases",
+                count=len(stuck),
+                task_ids=[str(r.claimed.id) for r in stuck],
+            )
+            leftover = [r for r in leftover if r not in stuck]
         for service in self._service_tasks:
             service.cancel()
         await asyncio.gather(*self._service_tasks, return_exceptions=True)

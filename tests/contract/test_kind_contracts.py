@@ -25,6 +25,7 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.nap": [{"seconds": 2}, {"seconds": 0.5, "path": "/tmp/x"}],
     "test.hold_then_nap": [{"hold_s": 1, "seconds": 0.2}],
     "test.raises": [{"what": "inner_cancel"}, {"what": "timeout"}],
+    "test.slow_unwind": [{"seconds": 60, "unwind_s": 4}],
     "test.wait_shaped_step": [{"seconds": 0.1}],
     "test.await_signal": [{"name": "shipped"}, {"name": "approved", "timeout_s": 1}],
     "test.child": [{"i": 1}, {"i": 2, "path": "/tmp/x", "fail": True}],

@@ -387,3 +387,33 @@ async def test_exceptions_a_handler_raises_itself_fail_its_attempt_and_the_worke
         assert "Traceback (most recent call last)" in attempt["traceback"]
     finished = await (await client.get(f"/api/tasks/{after['id']}?wait=10", headers=auth_headers)).get_json()
     assert finished["status"] == "completed"
+
+
+async def test_a_handler_slow_to_unwind_does_not_hold_up_the_stop_or_the_other_completions(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Cancelled at the end of the grace, a handler whose cleanup takes 4 s once held the whole
+    stop (and every other completion) for those 4 s. Its task is left to its lease, not released
+    while it still runs."""
+    import time
+    from uuid import UUID
+
+    app = await serving(**WORKER, WORKER_CONCURRENCY=2)
+    client = app.test_client()
+    slow = await enqueue(
+        client, auth_headers, kind="test.slow_unwind", payload={"seconds": 60, "unwind_s": 4}
+    )
+    quick = await enqueue(client, auth_headers, kind="sleep", payload={"seconds": 0.3})
+
+    async def both_running() -> bool:
+        rows = await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE status = 'running'")
+        return bool(rows[0]["n"] == 2)
+
+    await eventually(both_running)
+    worker = app.extensions["taskgate"].worker
+    started = time.monotonic()
+    await worker.stop(grace_s=0.6)
+    assert time.monotonic() - started < 2.0
+    rows = {r["id"]: r["status"] for r in await fetch(clean_database, "SELECT id, status FROM tasks")}
+    assert rows[UUID(quick["id"])] == "completed"  # finished within the grace, and written
+    assert rows[UUID(slow["id"])] == "running"  # still unwinding here: left to its lease
