@@ -129,8 +129,26 @@ async def test_a_batch_past_its_deadline_fails_its_callers_and_nobody_queues_beh
     later = [asyncio.ensure_future(coalescer.submit(i)) for i in range(2, 6)]
     outcomes = await asyncio.gather(first, *later, return_exceptions=True)
     assert all(isinstance(outcome, Unavailable) for outcome in outcomes)
-    assert loop.time() - began < 0.45  # each waited at most its own deadline, not one batch after another
+    # each waited at most its own deadline, or its own batch's once that started: not one batch
+    # after another (queued 0.1 s in, the second batch starts at 0.2 s and is abandoned at 0.4 s)
+    assert loop.time() - began < 0.6
 
     stuck.released.set()  # the database answers again
     assert await coalescer.submit(7) == 7
+    await coalescer.close()
+
+
+async def test_a_caller_whose_batch_has_started_is_answered_with_its_row() -> None:
+    """Queued behind a slow batch, a caller's own deadline passes while its batch is being
+    written: it is answered with its row, not told it was not stored."""
+
+    async def slow(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.2)
+        return items
+
+    coalescer = Coalescer(slow, deadline_s=0.3, on_deadline=Unavailable)
+    first = asyncio.ensure_future(coalescer.submit(1))
+    await asyncio.sleep(0.05)  # behind the first batch: its own starts at 0.2 s and ends at 0.4 s
+    assert await coalescer.submit(2) == 2  # its own deadline (0.35 s) passed while it was written
+    assert await first == 1
     await coalescer.close()

@@ -10,10 +10,12 @@ nothing is acknowledged before it is committed. A batch that fails on a row's da
 or data error) is split in halves and retried until the bad rows stand alone, so a bad row fails
 only its own caller and costs the others a few round trips, not one each.
 
-With a deadline, no caller waits longer than it: a batch still in flight after the deadline is
-abandoned and fails its callers with `on_deadline()`, and a caller queued behind a stuck batch
-gives up at its own deadline instead of joining an ever longer queue. A caller that gave up may
-still find its row stored (the statement was on its way), as after any timeout.
+With a deadline, no caller waits much longer than it: a batch still in flight after the deadline
+is abandoned and fails its callers with `on_deadline()`, and a caller queued behind a stuck batch
+gives up at its own deadline instead of joining an ever longer queue. A caller whose own batch has
+started waits for that batch (bounded by the batch's deadline): giving up then would answer
+"not stored" for a row that is being committed, and a client retrying on that answer would store
+it twice. A batch abandoned at its deadline may still have stored its rows, as after any timeout.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Coalescer(Generic[T, R]):
         self._deadline_s = deadline_s
         self._on_deadline = on_deadline
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._started: set[asyncio.Future[R]] = set()  # the callers of the batch in flight
         self._flusher: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
@@ -61,9 +64,11 @@ class Coalescer(Generic[T, R]):
         if self._deadline_s is None:
             return await future
         try:
-            # on timeout wait_for cancels the future: a batch not yet started drops it
-            return await asyncio.wait_for(future, self._deadline_s)
+            return await asyncio.wait_for(asyncio.shield(future), self._deadline_s)
         except TimeoutError:
+            if future in self._started:
+                return await future  # its batch is running, under a deadline of its own
+            future.cancel()  # a batch not yet started drops it
             raise self._on_deadline() from None
 
     def _flusher_done(self, flusher: asyncio.Task[None]) -> None:
@@ -81,7 +86,9 @@ class Coalescer(Generic[T, R]):
                 taken, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
                 # a caller that went away before its batch started (client disconnected) is dropped
                 batch = [(item, future) for item, future in taken if not future.done()]
+                self._started = {future for _, future in batch}
                 await self._run_batch(batch)
+                self._started = set()
         except BaseException as error:  # cancelled mid-batch (the rest: _flusher_done)
             for _, future in batch:
                 _settle(future, error=error)
