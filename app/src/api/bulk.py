@@ -34,7 +34,7 @@ async def count(db: Database, *, where: TaskFilter, action: str) -> int:
     """How many tasks `retry` or `cancel` would reach now (the confirmation names it)."""
     statuses = RETRY_FROM if action == "retry" else CANCEL_FROM
     async with db.driver() as conn:
-        return await store.count_matching(conn, where, statuses=statuses)
+        return await store.count_matching(conn, where, statuses=statuses, retry=action == "retry")
 
 
 async def retry(engine: TaskEngine, *, where: TaskFilter, limit: int = MAX_PER_CALL) -> int:

@@ -23,6 +23,7 @@ from app.src.database.tasks import (
     CANCELLING,
     NO_FAILED_DEPENDENCY,
     RETRY_DEPENDENCIES,
+    RETRY_REFUSED,
     RETRYING,
     TASK_COLUMNS,
     Executor,
@@ -201,22 +202,25 @@ class TaskFilter:
 # One chunk: lock up to $8 matching rows (SKIP LOCKED: a worker holding one keeps it), then one
 # guarded UPDATE. The caller repeats until a chunk comes back short. The status guard ($7) is the
 # state machine's list of sources for the target status.
-_MATCH = """
-    SELECT id FROM tasks
-    WHERE ($1::uuid IS NULL OR client_id = $1)
+_FILTER = """($1::uuid IS NULL OR client_id = $1)
       AND ($2::text IS NULL OR queue = $2)
       AND ($3::text IS NULL OR kind = $3)
       AND ($4::text IS NULL OR status = $4)
       AND ($5::timestamptz IS NULL OR created_at < $5)
       AND ($6::timestamptz IS NULL OR created_at > $6)
-      AND status = ANY($7::text[])
+      AND status = ANY($7::text[])"""
+_MATCH = f"""
+    SELECT id FROM tasks
+    WHERE {_FILTER}
     ORDER BY id
     LIMIT $8
     FOR UPDATE SKIP LOCKED
 """
+# a retry picks no task it would refuse (a dependent whose dependency failed)
+_MATCH_RETRY = _MATCH.replace("ORDER BY id", f"AND NOT {RETRY_REFUSED}\n    ORDER BY id")
 
 BULK_RETRY = f"""
-WITH picked AS ({_MATCH}),
+WITH picked AS ({_MATCH_RETRY}),
 deps AS ({RETRY_DEPENDENCIES.format(ids="ARRAY(SELECT id FROM picked)")}
 ),
 changed AS (
@@ -284,16 +288,13 @@ async def bulk_cancel_chunk(
     return await _bulk(conn, BULK_CANCEL, where, from_statuses=from_statuses, chunk=chunk)
 
 
-async def count_matching(conn: Executor, where: TaskFilter, *, statuses: Sequence[str]) -> int:
-    """How many tasks a bulk action would touch now (for its confirmation)."""
+async def count_matching(
+    conn: Executor, where: TaskFilter, *, statuses: Sequence[str], retry: bool = False
+) -> int:
+    """How many tasks a bulk action (a retry, or else a cancel) would touch now (its confirmation)."""
+    refused = f"AND NOT {RETRY_REFUSED}" if retry else ""
     rows = await conn.fetch(
-        """
-        SELECT count(*) AS n FROM tasks
-        WHERE ($1::uuid IS NULL OR client_id = $1) AND ($2::text IS NULL OR queue = $2)
-          AND ($3::text IS NULL OR kind = $3) AND ($4::text IS NULL OR status = $4)
-          AND ($5::timestamptz IS NULL OR created_at < $5) AND ($6::timestamptz IS NULL OR created_at > $6)
-          AND status = ANY($7::text[])
-        """,
+        f"SELECT count(*) AS n FROM tasks WHERE {_FILTER} {refused}",
         where.client_id,
         where.queue,
         where.kind,

@@ -1255,6 +1255,11 @@ RETRYING = f"""status = CASE WHEN EXISTS ({_OPEN_DEPENDENCIES.format(what="1")})
         attempts_before_retry = t.attempts"""
 NO_FAILED_DEPENDENCY = """NOT EXISTS (
         SELECT 1 FROM deps WHERE deps.task_id = t.id AND deps.status IN ('discarded', 'cancelled'))"""
+# The same refusal when tasks are picked for a bulk retry (the guard above holds it under the lock):
+# picked and then refused, they would stop every later chunk short. `tasks` is not aliased there.
+RETRY_REFUSED = """(tasks.depends_on IS NOT NULL AND EXISTS (
+        SELECT 1 FROM task_dependencies x JOIN tasks d ON d.id = x.depends_on_id
+        WHERE x.task_id = tasks.id AND d.status IN ('discarded', 'cancelled')))"""
 
 RETRY = f"""
 WITH deps AS ({RETRY_DEPENDENCIES.format(ids="ARRAY[$1::uuid]")}

@@ -80,3 +80,34 @@ async def test_bulk_cancel_by_filter_and_what_it_refuses(
     assert await response.get_json() == {"count": 30}
     assert await count(clean_database, "status = 'cancelled'") == 30
     assert await count(clean_database, "status = 'scheduled'") == 12  # 5 sleeps, 7 of the other client
+
+
+async def test_bulk_retry_passes_over_dependents_it_must_refuse(
+    app: Quart, auth_headers: dict[str, str], clean_database: str, monkeypatch: object
+) -> None:
+    """Dependents whose dependency is cancelled are refused a retry; picked first (they come first
+    by id) they once cut every chunk short, and the call retried nothing at all."""
+    from app.src.api import bulk
+
+    monkeypatch.setattr(bulk, "CHUNK", 3)  # type: ignore[attr-defined]
+    client = app.test_client()
+
+    async def post(body: dict[str, object]) -> str:
+        response = await client.post("/api/tasks", json=body, headers=auth_headers)
+        assert response.status_code == 201, await response.get_data(as_text=True)
+        return str((await response.get_json())["id"])
+
+    dependency = await post({"kind": "sleep", "payload": {"seconds": 1}, "delay_s": 3600})  # not matched
+    dependents = [await post({"kind": "noop", "depends_on": [dependency]}) for _ in range(3)]
+    others = [await post({"kind": "noop", "delay_s": 3600}) for _ in range(5)]
+    for task_id in (dependency, *others):
+        assert (await client.post(f"/api/tasks/{task_id}/cancel", headers=auth_headers)).status_code == 200
+    filter_ = {"filter": {"status": "cancelled", "kind": "noop"}}
+    retried = await client.post("/api/tasks/bulk/retry", json=filter_, headers=auth_headers)
+    assert retried.status_code == 200, await retried.get_data(as_text=True)
+    assert (await retried.get_json())["count"] == 5  # the others; the dependents are refused
+    rows = {str(r["id"]): r["status"] for r in await fetch(clean_database, "SELECT id, status FROM tasks")}
+    assert [rows[d] for d in dependents] == ["cancelled"] * 3
+    assert [rows[o] for o in others] == ["available"] * 5
+    confirm = await client.post("/api/tasks/bulk/retry", json=filter_, headers=auth_headers)
+    assert (await confirm.get_json())["count"] == 0  # nothing more it could retry
