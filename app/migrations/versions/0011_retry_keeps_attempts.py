@@ -14,6 +14,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # each statement takes the table's lock briefly; waiting behind a long transaction would stop
+    # every claim meanwhile, so give up instead (docs/operations.md, zero-downtime migrations)
+    op.execute("SET LOCAL lock_timeout = '3s'")
     # The attempts a task had used when it was last retried by hand: its budget of attempts per
     # life is max_attempts minus this, and a retry moves max_attempts on by that budget
     # (app/src/database/tasks.py, RETRYING). A constant default: no table rewrite.

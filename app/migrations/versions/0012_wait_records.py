@@ -17,21 +17,10 @@ def upgrade() -> None:
     # A sleep's end and a signal wait's deadline are stored in task_steps beside the handler's
     # steps (app/src/database/durable.py, RECORD_WAIT). Told apart by their keys, a step whose
     # result held "sleep_until" was read as a sleep, and a value that was not a time failed the
-    # claim of every task loaded with it. A constant default: no table rewrite.
+    # claim of every task loaded with it. A constant default: no table rewrite; the stored wait
+    # records are flagged by 0013, after this lock is released.
+    op.execute("SET LOCAL lock_timeout = '3s'")
     op.execute("ALTER TABLE task_steps ADD COLUMN wait boolean NOT NULL DEFAULT false")
-    # the wait records stored so far: exactly the shapes RECORD_WAIT and the sweep write
-    op.execute(
-        r"""
-        WITH shape AS (SELECT '^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?[+-]\d{2}:\d{2}$' AS time)
-        UPDATE task_steps SET wait = true
-        FROM shape
-        WHERE CASE WHEN jsonb_typeof(result) = 'object' THEN  -- a step's result may be any JSON
-                  (result - 'timed_out') = '{"wait_until": null}'::jsonb
-                  OR ((SELECT count(*) FROM jsonb_object_keys(result - 'timed_out')) = 1
-                      AND (result->>'sleep_until' ~ shape.time OR result->>'wait_until' ~ shape.time))
-              ELSE false END
-        """
-    )
 
 
 def downgrade() -> None:
