@@ -68,8 +68,10 @@ class Settings(BaseSettings):
     LEASE_SECONDS: int = Field(default=30, ge=2, le=86_400)
     RESCUE_INTERVAL_S: float = Field(default=5.0, gt=0, le=3600)
     CLIENT_MAX_QUEUED_TASKS: int = Field(default=1_000_000, ge=1)
-    TASK_RETENTION_DAYS: float = Field(default=7, gt=0)
-    IDEMPOTENCY_RETENTION_HOURS: float = Field(default=24, gt=0)
+    # bounded: an infinite or huge retention is an interval PostgreSQL cannot hold, and the prune
+    # job (which also prunes sessions, idempotency keys and workers) would fail at every run
+    TASK_RETENTION_DAYS: float = Field(default=7, gt=0, le=36_500, allow_inf_nan=False)
+    IDEMPOTENCY_RETENTION_HOURS: float = Field(default=24, gt=0, le=876_000, allow_inf_nan=False)
     SCHEDULE_MISFIRE_GRACE_S: float = Field(default=60, ge=0, le=86_400)
     SCHEDULE_ALLOW_SECONDS: bool = False
     DATA_DIR: Path = Path("./var")

@@ -57,3 +57,13 @@ def test_production_starts_behind_a_tls_terminating_proxy(monkeypatch: pytest.Mo
     settings = load_settings(APP_ENV="prod")
     assert settings.LOG_FORMAT == "json"
     assert not settings.tls_enabled
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e9"])
+def test_a_retention_postgresql_cannot_hold_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Accepted, it failed the prune job at every run (and with it every other prune)."""
+    monkeypatch.setenv("TASK_RETENTION_DAYS", value)
+    with pytest.raises(ConfigurationError, match="TASK_RETENTION_DAYS"):
+        load_settings(APP_ENV="test")
