@@ -37,3 +37,26 @@ def test_every_queue_gets_zeros_and_the_smallest_beyond_the_cap_are_summed() -> 
         assert value("taskgate_queue_depth", queue="busy", status="available") is None  # gone, not stale
     finally:
         clear_queue_gauges()
+
+
+def test_per_task_metrics_count_new_client_names_under_other_past_their_bound() -> None:
+    """Queue names, kinds and hosts come from clients: one batch to 300 new queues once added 300
+    series to every per-task metric, in every process, for ever."""
+    from prometheus_client import Counter
+
+    from app.src.utils.metrics import LabelCache
+
+    counter = Counter(
+        "taskgate_test_bounded_total", "a metric labelled by client input", ["queue", "outcome"]
+    )
+    bounded = LabelCache(counter, spill=(0,), max_series=3)
+    for i in range(300):
+        bounded(f"tenant-made-{i}", "completed").inc()
+    bounded("tenant-made-0", "completed").inc()  # a set seen before the bound keeps its own series
+    queues = {
+        s.labels["queue"] for m in REGISTRY.collect() if m.name == "taskgate_test_bounded" for s in m.samples
+    }
+    assert queues == {"tenant-made-0", "tenant-made-1", "tenant-made-2", OTHER_QUEUES}
+    assert value("taskgate_test_bounded_total", queue=OTHER_QUEUES, outcome="completed") == 297
+    assert value("taskgate_test_bounded_total", queue="tenant-made-0", outcome="completed") == 2
+    REGISTRY.unregister(counter)

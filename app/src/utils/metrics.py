@@ -94,24 +94,45 @@ def clear_queue_gauges() -> None:
     QUEUE_OLDEST_AVAILABLE.clear()
 
 
-class LabelCache:
-    """Children of a labelled metric, looked up once per label set (labels() is costly per task)."""
+# Label sets a metric labelled by client input (queue names, kinds, hosts) gets in one process;
+# past them, new values are counted under `_other`: clients cannot grow the series without bound.
+MAX_SERIES = 1000
 
-    def __init__(self, metric: Counter | Histogram | Gauge) -> None:
+
+class LabelCache:
+    """Children of a labelled metric, looked up once per label set (labels() is costly per task).
+
+    `spill` names the positions of labels that come from clients: once the metric has
+    `max_series` label sets, a new set is counted with those positions as `_other`."""
+
+    def __init__(
+        self,
+        metric: Counter | Histogram | Gauge,
+        *,
+        spill: tuple[int, ...] = (),
+        max_series: int = MAX_SERIES,
+    ) -> None:
         self._metric = metric
         self._children: dict[tuple[str, ...], Any] = {}
+        self._spill = spill
+        self._max_series = max_series
 
     def __call__(self, *labels: str) -> Any:
         child = self._children.get(labels)
         if child is None:
+            if self._spill and len(self._children) >= self._max_series:
+                labels = tuple(OTHER_QUEUES if i in self._spill else value for i, value in enumerate(labels))
+                child = self._children.get(labels)
+                if child is not None:
+                    return child
             child = self._children[labels] = self._metric.labels(*labels)
         return child
 
 
-OUTCOMES = LabelCache(TASK_OUTCOMES)
-ENQUEUED = LabelCache(TASKS_ENQUEUED)
-LAG = LabelCache(START_LAG)
-DURATION = LabelCache(TASK_DURATION)
+OUTCOMES = LabelCache(TASK_OUTCOMES, spill=(0, 1))  # queue, kind (the outcome is ours)
+ENQUEUED = LabelCache(TASKS_ENQUEUED, spill=(0, 1))
+LAG = LabelCache(START_LAG, spill=(0,))
+DURATION = LabelCache(TASK_DURATION, spill=(0, 1))
 # The `http` kind, per destination host (host:port)
 HTTP_DELIVERIES = Counter(
     "taskgate_http_deliveries_total",
@@ -138,3 +159,6 @@ HTTP_HOST_UNHEALTHY = Gauge(
     "1 while a destination host's circuit is open or half-open (consecutive failures at the threshold)",
     ["host"],
 )
+
+DELIVERIES = LabelCache(HTTP_DELIVERIES, spill=(0,))  # host (the outcome is ours)
+DELIVERY_LATENCY = LabelCache(HTTP_DELIVERY_LATENCY, spill=(0,))

@@ -44,7 +44,7 @@ from app.src.api.kinds import (
 )
 from app.src.api.models.http import HttpPayload, HttpResult, HttpWaitState
 from app.src.utils import json_text, tracing
-from app.src.utils.metrics import HTTP_DELIVERIES, HTTP_DELIVERY_LATENCY
+from app.src.utils.metrics import DELIVERIES, DELIVERY_LATENCY
 
 T = TypeVar("T")
 
@@ -206,7 +206,7 @@ async def exchange(
     try:
         http.check_address(URL(url, encoded=True))
     except ForbiddenDestination as exc:
-        HTTP_DELIVERIES.labels(host, "refused").inc()
+        DELIVERIES(host, "refused").inc()
         raise PermanentError(str(exc)) from None
     try:
         async with http.gate.permit(
@@ -225,30 +225,30 @@ async def exchange(
                 )
                 response = await (unless_cancelled(ctx, sending) if ctx is not None else sending)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                HTTP_DELIVERY_LATENCY.labels(host).observe(time.perf_counter() - started)
+                DELIVERY_LATENCY(host).observe(time.perf_counter() - started)
                 refused = forbidden_reason(exc)
                 if refused is not None:
-                    HTTP_DELIVERIES.labels(host, "refused").inc()
+                    DELIVERIES(host, "refused").inc()
                     raise PermanentError(refused) from None
                 if isinstance(exc, aiohttp.InvalidURL):
-                    HTTP_DELIVERIES.labels(host, "discarded").inc()
+                    DELIVERIES(host, "discarded").inc()
                     raise PermanentError(f"invalid URL: {exc}") from None
                 permit.health = "failure"
                 permit.throttled = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
-                HTTP_DELIVERIES.labels(host, "retry").inc()
+                DELIVERIES(host, "retry").inc()
                 raise RetryLater(_network_error(exc, payload.timeout_s)) from None
             except RedirectError as exc:
                 permit.health = "success"
-                HTTP_DELIVERIES.labels(host, "discarded").inc()
+                DELIVERIES(host, "discarded").inc()
                 raise PermanentError(str(exc)) from None
-            HTTP_DELIVERY_LATENCY.labels(host).observe(response.duration_ms / 1000)
+            DELIVERY_LATENCY(host).observe(response.duration_ms / 1000)
             verdict = judge(response)
             permit.health = host_health(verdict.answer)
             permit.throttled = response.status in THROTTLING
-            HTTP_DELIVERIES.labels(host, verdict.answer).inc()
+            DELIVERIES(host, verdict.answer).inc()
             return response, verdict
     except Deferred:
-        HTTP_DELIVERIES.labels(host, "deferred").inc()
+        DELIVERIES(host, "deferred").inc()
         raise
 
 

@@ -46,7 +46,7 @@ from app.src.api.models.http import HttpPayload, HttpWaitState
 from app.src.api.state_machine import Status, sources, transition
 from app.src.database import http as store
 from app.src.database.http import WaitingTask
-from app.src.utils.metrics import TASK_OUTCOMES
+from app.src.utils.metrics import OUTCOMES
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -302,7 +302,7 @@ async def _finish(
             started_at=started_at,
         )
     if finished:
-        TASK_OUTCOMES.labels(task.queue, task.kind, str(status)).inc()
+        OUTCOMES(task.queue, task.kind, str(status)).inc()
     else:
         log.info("waiting task changed meanwhile (cancelled?); poll result dropped", task_id=str(task.id))
 
