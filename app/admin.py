@@ -30,7 +30,9 @@ def _fail(message: str) -> NoReturn:
 
 
 def _run(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
-    from app.database import Database
+    import asyncpg
+
+    from app.database import Database, StorageUnavailable
     from app.src.api.errors import AppError
     from app.src.database.migrations import head_revisions
 
@@ -50,6 +52,23 @@ def _run(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
         _fail(str(exc))
     except AppError as exc:
         _fail(exc.detail or exc.problem()["title"])
+    except StorageUnavailable as exc:
+        _fail(f"{exc}; is DB_URI right and PostgreSQL up?")
+    except asyncpg.PostgresError as exc:
+        _fail(f"PostgreSQL refused it: {exc}")
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a finite number above zero (argparse reports anything else in one line)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
 
 
 def read_password(prompt: str = "Password: ") -> str:
@@ -147,8 +166,8 @@ def register(sub: Any, bootstrap: Bootstrap) -> None:
     )
     client.add_argument("--name", required=True)
     client.add_argument("--scopes", nargs="+", required=True, choices=SCOPES, metavar="SCOPE")
-    client.add_argument("--max-queued-tasks", type=int, help="unfinished tasks it may hold")
-    client.add_argument("--rate-limit-per-s", type=float, help="requests per second (default 100)")
+    client.add_argument("--max-queued-tasks", type=_positive(int), help="unfinished tasks it may hold")
+    client.add_argument("--rate-limit-per-s", type=_positive(float), help="requests per second (default 100)")
     client.add_argument("--json", action="store_true", help="print one JSON object")
     client.set_defaults(func=lambda args: cmd_create_client(args, bootstrap))
 

@@ -110,3 +110,28 @@ def test_make_run_prints_dev_credentials_on_first_start_only(
     assert "API key:           tg_" in out
     print_dev_credentials(dev)
     assert capsys.readouterr().out == ""
+
+
+def test_admin_says_in_one_line_what_is_wrong_with_a_number_or_the_database(
+    settings: Settings, clean_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--rate-limit-per-s 0` once became the default 100 silently, `inf` no limit at all, and a
+    database out of reach a traceback."""
+    for flag, value in (
+        ("--rate-limit-per-s", "0"),
+        ("--rate-limit-per-s", "inf"),
+        ("--max-queued-tasks", "0"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parser().parse_args(
+                ["admin", "create-client", "--name", "x", "--scopes", "tasks:read", flag, value]
+            )
+        assert exit_info.value.code == 2
+        assert "not a positive number" in capsys.readouterr().err
+    unreachable = settings.model_copy(update={"DB_URI": "postgresql+asyncpg://taskgate@127.0.0.1:9/none"})
+    with pytest.raises(SystemExit) as exit_info:
+        _run(unreachable, lambda db: operators.create_operator(db, email="b@example.com", password=PASSWORD))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("taskgate: "), err
+    assert "\n" not in err, err
