@@ -316,9 +316,13 @@ class Database:
 
     async def schema_at_head(self, heads: frozenset[str], *, timeout_s: float = 1.0) -> bool:
         """True when the database carries exactly the migration `heads` this code ships."""
+        return await self.schema_revisions(timeout_s=timeout_s) == heads
+
+    async def schema_revisions(self, *, timeout_s: float = 1.0) -> frozenset[str] | None:
+        """The migration revisions the database carries; None when they cannot be read."""
         try:
             async with self.driver(acquire_timeout_s=timeout_s) as conn:
                 rows = await conn.fetch("SELECT version_num FROM alembic_version", timeout=timeout_s)
         except (StorageUnavailable, asyncpg.UndefinedTableError):
-            return False
-        return {row["version_num"] for row in rows} == heads
+            return None
+        return frozenset(row["version_num"] for row in rows)

@@ -199,10 +199,8 @@ class Runtime:
             return {"database": False, "migrations": False}
         # both checks at once, each bounded: readiness answers within about 2 s, and false
         # while the database is out of reach
-        reachable, at_head = await asyncio.gather(
-            self._db.ping(), self._db.schema_at_head(migrations.head_revisions())
-        )
-        checks = {"database": reachable, "migrations": at_head}
+        reachable, revisions = await asyncio.gather(self._db.ping(), self._db.schema_revisions())
+        checks = {"database": reachable, "migrations": migrations.serves(revisions)}
         roles = set(self.settings.ROLES)
         if "worker" in roles:
             checks["worker"] = self.worker is not None and self.worker.alive

@@ -19,6 +19,24 @@ async def test_ready_reports_database_and_schema(client: Client) -> None:
     assert body == {"ready": True, "checks": {"database": True, "migrations": True}}
 
 
+async def test_ready_through_a_rollout_is_false_on_an_older_schema_only(
+    client: Client, clean_database: str
+) -> None:
+    """Migrated by the next release (a revision this code does not know), this release keeps
+    serving while the next one rolls out; it is unready only on a schema older than its own."""
+    from tests.task_harness import fetch
+
+    [current] = await fetch(clean_database, "SELECT version_num FROM alembic_version")
+    try:
+        for revision, ready in (("0001", False), ("9999_next_release", True)):
+            await fetch(clean_database, "UPDATE alembic_version SET version_num = $1", revision)
+            response = await client.get("/api/common/ready")
+            checks = (await response.get_json())["checks"]
+            assert (response.status_code, checks["migrations"]) == ((200, True) if ready else (503, False))
+    finally:
+        await fetch(clean_database, "UPDATE alembic_version SET version_num = $1", current["version_num"])
+
+
 async def test_health_and_version(client: Client) -> None:
     assert (await (await client.get("/api/common/health")).get_json()) == {"status": "ok"}
     version = await (await client.get("/api/common/version")).get_json()
