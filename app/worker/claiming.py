@@ -143,13 +143,22 @@ class Claimer:
 
     async def stage_due(self) -> None:
         """Every poll interval, make due scheduled and retryable tasks available (all queues)."""
+        failures = 0
         while not self.stopping:
             try:
                 async with asyncio.timeout(STAGE_TIMEOUT_S), self.db.driver() as conn:
                     staged = await task_store.stage_due(conn, limit=STAGE_BATCH)
             except Exception as exc:
-                self.log.debug("staging due tasks failed", error=str(exc) or type(exc).__name__)
+                failures += 1
+                # said once per streak: an outage repeats it every poll interval
+                (self.log.warning if failures == 1 else self.log.debug)(
+                    "staging due tasks failed", error=str(exc) or type(exc).__name__
+                )
                 staged = 0
+            else:
+                if failures:
+                    self.log.info("staging due tasks again", failed_rounds=failures)
+                failures = 0
             if staged >= STAGE_BATCH:
                 continue  # more are due: keep going
             if staged:

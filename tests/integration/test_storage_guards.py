@@ -222,3 +222,25 @@ async def test_a_task_whose_cancel_was_requested_while_it_ran_is_never_run_again
         assert await store.claim_available(conn, limit=2, lease_s=30, worker_id=worker, queues=None) == []
     assert rows == {failing: ("cancelled", True), dying: ("cancelled", True)}
     assert outcomes == {failing: "failed", dying: "lost"}  # each attempt keeps its own outcome
+
+
+async def test_staging_wakes_thousands_of_queues_at_once(db: Database) -> None:
+    """One NOTIFY naming every queue of a staging round passed PostgreSQL's 8000 bytes once the
+    due tasks spanned about 1,300 queues: the statement failed, the next round picked the same
+    rows, and no scheduled or retryable task anywhere became available again."""
+    owner = await make_client(db, "many-queues")
+    async with db.driver() as conn:
+        await conn.execute(
+            "INSERT INTO queues (client_id, name) SELECT $1, 'q' || i FROM generate_series(1, 2000) i",
+            owner.client_id,
+        )
+        await conn.execute(
+            """
+            INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, max_attempts, run_at)
+            SELECT gen_random_uuid(), $1, q.id, q.name, 'noop', '{}', 'scheduled', 3, now() - interval '1 s'
+            FROM queues q WHERE q.client_id = $1 AND q.name LIKE 'q%'
+            """,
+            owner.client_id,
+        )
+        assert await store.stage_due(conn) == 2000
+        assert await conn.fetchval("SELECT count(*) FROM tasks WHERE status = 'available'") == 2000

@@ -18,7 +18,6 @@ from app.src.api.models.tasks import Queue, Task
 from app.src.database.queues import QUEUE_COLUMNS, to_queue
 from app.src.database.schedules import SCHEDULE_COLUMNS, to_schedule
 from app.src.database.tasks import (
-    AVAILABLE_CHANNEL,
     CANCEL_CHANNEL,
     CANCELLING,
     NO_FAILED_DEPENDENCY,
@@ -28,6 +27,7 @@ from app.src.database.tasks import (
     TASK_COLUMNS,
     Executor,
     notify_events,
+    notify_queues,
     to_task,
 )
 from app.src.database.workers import WorkerRow
@@ -229,11 +229,7 @@ changed AS (
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = ANY($7::text[]) AND {NO_FAILED_DEPENDENCY}
     RETURNING t.id, t.client_id, t.queue_id
 ),
-woken AS (
-    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
-        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM changed
-    ) q WHERE ids IS NOT NULL
-),
+{notify_queues("woken", "SELECT queue_id FROM changed")},
 {notify_events("changed")}
 SELECT client_id, count(*) AS n, (SELECT n FROM woken) + (SELECT n FROM notified) AS _n
 FROM changed GROUP BY client_id

@@ -25,6 +25,7 @@ from app.src.database.tasks import (
     TASK_COLUMNS,
     Executor,
     NewTask,
+    notify_queues,
     to_task,
 )
 from app.src.utils import json_text
@@ -302,11 +303,7 @@ linked AS (
     SELECT inserted.id, d FROM inserted CROSS JOIN LATERAL unnest(inserted.depends_on) AS d
     ON CONFLICT DO NOTHING
 ),
-woken AS (
-    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
-        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM inserted WHERE status = 'available'
-    ) q WHERE ids IS NOT NULL
-)
+{notify_queues("woken", "SELECT queue_id FROM inserted WHERE status = 'available'")}
 SELECT inserted.*, (SELECT n FROM woken) AS _woken FROM inserted
 """
 

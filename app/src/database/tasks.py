@@ -60,17 +60,31 @@ def notify_events(source: str) -> str:
     )"""
 
 
+def notify_queues(name: str, queue_ids: str) -> str:
+    """A CTE `name` that tells workers these queues have work: the distinct ids `queue_ids` selects
+    (a query of one column, queue_id), in chunks of 200 so that no message passes NOTIFY's 8000
+    bytes (one message naming them all failed the statement, and staging with it, for good, once
+    its rows spanned a thousand queues or so)."""
+    return f"""
+    {name} AS (
+        SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
+            SELECT string_agg(queue_id::text, ',') AS ids
+            FROM (SELECT queue_id, (row_number() OVER ()) / {_NOTIFY_IDS_PER_MESSAGE} AS chunk
+                  FROM (SELECT DISTINCT queue_id FROM ({queue_ids}) q) d) c
+            GROUP BY chunk
+        ) chunks
+    )"""
+
+
 def _notify_room(source: str) -> str:
     """A CTE that wakes every worker for the concurrency-limited queues of `source`'s finished
     rows: room frees cluster-wide, not only in the worker that wrote the completion."""
-    return f"""
-    room AS (
-        SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
-            SELECT string_agg(q.id::text, ',') AS ids FROM queues q
+    return notify_queues(
+        "room",
+        f"""SELECT q.id AS queue_id FROM queues q
             WHERE q.id IN (SELECT queue_id FROM {source})
-              AND (q.max_concurrency IS NOT NULL OR q.key_concurrency IS NOT NULL)
-        ) limited WHERE ids IS NOT NULL
-    )"""
+              AND (q.max_concurrency IS NOT NULL OR q.key_concurrency IS NOT NULL)""",
+    )
 
 
 # --- enqueue -------------------------------------------------------------------------------------
@@ -98,11 +112,7 @@ inserted AS (
     ) due
     RETURNING id, queue_id, status, run_at, created_at
 ),
-woken AS (
-    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
-        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM inserted WHERE status = 'available'
-    ) q WHERE ids IS NOT NULL
-)
+{notify_queues("woken", "SELECT queue_id FROM inserted WHERE status = 'available'")}
 SELECT inserted.id, inserted.status, inserted.run_at, inserted.created_at, (SELECT n FROM woken) AS _woken
 FROM inserted
 """
@@ -807,11 +817,7 @@ staged AS (
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.status IN ('scheduled', 'retryable')
     RETURNING t.id, t.queue_id
 ),
-woken AS (
-    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
-        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM staged
-    ) q WHERE ids IS NOT NULL
-)
+{notify_queues("woken", "SELECT queue_id FROM staged")}
 SELECT count(*) AS staged, (SELECT n FROM woken) AS _woken FROM staged
 """
 
@@ -1000,11 +1006,7 @@ WITH released AS (
     WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $2
     RETURNING id, queue_id
 ),
-woken AS (
-    SELECT count(pg_notify('{AVAILABLE_CHANNEL}', ids)) AS n FROM (
-        SELECT string_agg(DISTINCT queue_id::text, ',') AS ids FROM released
-    ) q WHERE ids IS NOT NULL
-)
+{notify_queues("woken", "SELECT queue_id FROM released")}
 SELECT id, (SELECT n FROM woken) AS _woken FROM released
 """
 
