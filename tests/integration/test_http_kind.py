@@ -767,3 +767,21 @@ async def test_rescuing_a_killed_workers_lease_frees_its_host_permits(
 
 async def _ok() -> web.StreamResponse:
     return web.Response(text="ok")
+
+
+async def test_a_status_answer_whose_location_is_not_a_url_ends_the_wait(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """The same Location on the first request discards the task; on a poll it failed the poll,
+    which was tried again after every lease, past the task's deadline, for ever."""
+    target.routes["/jobs"] = answer(202, Location="/jobs/8/status", **{"Retry-After": "1"})
+    target.routes["/jobs/8/status"] = answer(202, Location="http://a:99999/x")
+    app = await serving(**{**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2})
+    client = app.test_client()
+    task = await enqueue(
+        client, auth_headers, kind="http", payload={"url": target.url("/jobs"), "follow_async": True}
+    )
+    finished = await done(client, auth_headers, task["id"], wait=15)
+    assert finished["status"] == "discarded", finished
+    assert "Location" in finished["last_error"]
+    assert len(target.to("/jobs/8/status")) == 1

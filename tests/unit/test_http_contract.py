@@ -116,6 +116,7 @@ def test_retry_after_takes_seconds_or_an_http_date() -> None:
     past = format_datetime(NOW - timedelta(seconds=90), usegmt=True)
     assert retry_after_s(_response(503, **{"Retry-After": past}), now=NOW) == 0
     assert retry_after_s(_response(503, **{"Retry-After": "soon"}), now=NOW) is None
+    assert retry_after_s(_response(503, **{"Retry-After": "\u00b2"}), now=NOW) is None  # a digit to isdigit()
     assert retry_after_s(_response(503), now=NOW) is None
 
 

@@ -55,7 +55,8 @@ class Notifier:
     @property
     def recheck_s(self) -> float:
         """The longest a waiter should wait before re-reading the state it waits on."""
-        return RECHECK_LISTENING_S if self.listening else RECHECK_POLLING_S
+        # connected, not configured: while LISTEN is down (a failover, say) nothing wakes waiters
+        return RECHECK_LISTENING_S if self.listening and self.connected.is_set() else RECHECK_POLLING_S
 
     async def start(self) -> None:
         if not self.listening:

@@ -152,6 +152,9 @@ async def poll_one(
             return await _keep_waiting(
                 db, task, state, error=verdict.reason, retry_after_s=verdict.retry_after_s
             )
+        # what the answer means is decided inside the try too: a Location that is not a URL ends
+        # the wait as it would on the first request, instead of failing every poll for ever
+        return await _conclude(db, task, state, response, verdict, queue_settings)
     except Deferred as exc:  # the host is busy or its circuit open: not a poll, try again soon
         return await _keep_waiting(db, task, state, delay_s=exc.after_s, count=False)
     except RetryLater as exc:  # could not reach the status or result URL
@@ -161,7 +164,6 @@ async def poll_one(
             db, task, Status.DISCARDED, started_at=state.accepted_at, error=str(exc), outcome=Outcome.FAILED
         )
         return PollResult.DISCARDED
-    return await _conclude(db, task, state, response, verdict, queue_settings)
 
 
 async def _conclude(
