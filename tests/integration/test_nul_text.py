@@ -8,11 +8,9 @@ completion the database refuses anyway never holds back the others written with 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
 from aiohttp import web
 from quart.typing import TestClientProtocol as Client
 
@@ -22,22 +20,19 @@ from app.src.database import tasks as task_store
 from app.src.database.tasks import Completion
 from app.worker.completing import Completer
 from app.worker.leases import Holdings
-from tests.integration.test_http_kind import WORKER, Serving, Target, attempts, done
+from tests.integration.test_http_kind import (
+    WORKER,
+    Serving,
+    Target,
+    attempts,
+    done,
+    target,  # noqa: F401  (the fixture)
+)
 from tests.integration.test_remote_workers import claim, complete, register
 from tests.task_harness import enqueue, fetch
 
 PROBLEM = "application/problem+json"
 NUL = "a\u0000b"
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Target]:
-    server = Target()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def with_nul(status: int) -> Any:
@@ -48,18 +43,20 @@ def with_nul(status: int) -> Any:
 
 
 async def test_a_response_with_a_nul_byte_is_recorded_and_the_worker_goes_on(
-    serving: Serving, auth_headers: dict[str, str], sink: Target
+    serving: Serving,
+    auth_headers: dict[str, str],
+    target: Target,  # noqa: F811  (the fixture imported above)
 ) -> None:
-    sink.routes["/failing"] = with_nul(500)
-    sink.routes["/fine"] = with_nul(200)
+    target.routes["/failing"] = with_nul(500)
+    target.routes["/fine"] = with_nul(200)
     app = await serving(**WORKER)
     client = app.test_client()
     await client.put(
         "/api/queues/quick", json={"min_backoff_s": 0.05, "max_backoff_s": 0.1}, headers=auth_headers
     )
     failing = await enqueue(client, auth_headers, kind="http", queue="quick", max_attempts=2,
-                            payload={"url": sink.url("/failing"), "json": {}})  # fmt: skip
-    fine = await enqueue(client, auth_headers, kind="http", payload={"url": sink.url("/fine"), "json": {}})
+                            payload={"url": target.url("/failing"), "json": {}})  # fmt: skip
+    fine = await enqueue(client, auth_headers, kind="http", payload={"url": target.url("/fine"), "json": {}})
     after = await enqueue(client, auth_headers, kind="noop")
 
     failed = await done(client, auth_headers, failing["id"])
