@@ -19,6 +19,7 @@ import dacite
 from app.src.api.models.tasks import Attempt, Task
 from app.src.api.state_machine import Status, sources
 from app.src.utils import json_text
+from app.src.utils.records import record
 
 EVENTS_CHANNEL = "taskgate_events"  # payload: comma-separated task ids whose state changed
 AVAILABLE_CHANNEL = "taskgate_available"  # payload: comma-separated queue ids with new work
@@ -118,7 +119,7 @@ FROM inserted
 """
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NewTask:
     id: UUID
     client_id: UUID
@@ -687,7 +688,7 @@ class KindsFilter:
     kinds: list[str]
 
 
-@dataclass(slots=True)
+@record
 class ClaimedTask:
     id: UUID
     client_id: UUID
@@ -943,7 +944,7 @@ SELECT done.*, (SELECT n FROM notified) AS _notified, (SELECT n FROM room) AS _r
 """
 
 
-@dataclass(slots=True)
+@record
 class Completion:
     id: UUID
     attempt: int

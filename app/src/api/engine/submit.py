@@ -32,6 +32,7 @@ from app.src.database.tasks import Debounce, Executor, NewTask
 from app.src.utils import json_text, tracing
 from app.src.utils.ids import uuid7s
 from app.src.utils.metrics import ENQUEUED
+from app.src.utils.records import record
 
 MAX_IDEMPOTENCY_KEY = 255
 MAX_CONCURRENCY_KEY = 128
@@ -57,7 +58,7 @@ def batch_item(index: int) -> FieldPath:
     return ("tasks", index)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TaskRequest:
     """A task somebody wants created, before the rules fill in its defaults."""
 
@@ -334,11 +335,14 @@ def _dependent(deps: list[UUID] | None, statuses: dict[UUID, str]) -> Composed:
 def accepted(engine: TaskEngine, tasks: Sequence[Task]) -> None:
     """Count stored tasks: against their client's quota, and in the enqueue metric."""
     per_client: dict[UUID, int] = {}
+    per_series: dict[tuple[str, str], int] = {}
     for task in tasks:
         per_client[task.client_id] = per_client.get(task.client_id, 0) + 1
-        ENQUEUED(task.queue, task.kind).inc()
+        per_series[task.queue, task.kind] = per_series.get((task.queue, task.kind), 0) + 1
     for client_id, n in per_client.items():
         engine.quotas.added(client_id, n)
+    for (queue, kind), n in per_series.items():
+        ENQUEUED(queue, kind).inc(n)
 
 
 async def _submit(

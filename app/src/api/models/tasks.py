@@ -19,6 +19,7 @@ from pydantic import (
 
 from app.src.api.state_machine import Status
 from app.src.utils import json_text
+from app.src.utils.records import record
 
 QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["default"])]
 KindName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
@@ -107,7 +108,7 @@ class TaskBatchIn(BaseModel):
     tasks: list[TaskIn] = Field(min_length=1, max_length=1000)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Task:
     """A task as storage returns it (built from rows by app/src/database/tasks.py `to_task`)."""
 
