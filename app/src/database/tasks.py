@@ -1236,6 +1236,9 @@ async def cancel(conn: Executor, *, client_id: UUID, task_id: UUID) -> Task | No
 # one failed, or while they ran), and is not retried while one of them is discarded or cancelled:
 # retry that one first. Their statuses come from `deps` (RETRY_DEPENDENCIES), read under a share
 # lock so that none can finish between the count and the write unseen by the trigger.
+# A retried task is debounced no more: one cancelled before it started still had its debounce key,
+# and back among pending tasks beside a newer one holding that key, it broke tasks_debounce (a
+# 500, and every bulk retry of a filter that matched it).
 # The updated `tasks` is aliased `t`.
 RETRY_DEPENDENCIES = """
     SELECT x.task_id, d.id, d.status FROM task_dependencies x JOIN tasks d ON d.id = x.depends_on_id
@@ -1252,7 +1255,7 @@ RETRYING = f"""status = CASE WHEN EXISTS ({_OPEN_DEPENDENCIES.format(what="1")})
                                 ({_OPEN_DEPENDENCIES.format(what="jsonb_agg(deps.id::text)")})) END,
         deps_open = ({_OPEN_DEPENDENCIES.format(what="count(*)")}),
         run_at = now(), started_at = NULL, finished_at = NULL,
-        cancel_requested = false, result = NULL, progress = NULL,
+        cancel_requested = false, result = NULL, progress = NULL, debounce_key = NULL,
         max_attempts = t.attempts + (t.max_attempts - t.attempts_before_retry),
         attempts_before_retry = t.attempts"""
 NO_FAILED_DEPENDENCY = """NOT EXISTS (
