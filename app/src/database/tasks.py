@@ -538,8 +538,11 @@ allowance AS MATERIALIZED (
     )) AS n, q.tokens
     FROM q
 ),
+-- no keys are walked while the queue has no room (max_concurrency reached, or no token): they
+-- would all be passed over without a turn, and the cursor moved past them (see `passed`)
 after_cursor(key, pos) AS (
     SELECT {next_key.format(after="COALESCE((SELECT key_cursor FROM q), '')")}, 1
+    WHERE (SELECT n FROM allowance) > 0
     UNION ALL
     SELECT {next_key.format(after="a.key")}, a.pos + 1
     FROM after_cursor a WHERE a.key IS NOT NULL AND a.pos < $6
@@ -548,6 +551,7 @@ after_n AS MATERIALIZED (SELECT count(key) AS n FROM after_cursor),
 from_start(key, pos) AS (
     SELECT {next_key.format(after="''")}, (SELECT n FROM after_n) + 1
     WHERE (SELECT key_cursor FROM q) IS NOT NULL AND (SELECT n FROM after_n) < $6
+      AND (SELECT n FROM allowance) > 0
     UNION ALL
     SELECT {next_key.format(after="f.key")}, f.pos + 1
     FROM from_start f
@@ -619,6 +623,8 @@ passed AS (
     -- nothing picked, keys visited (all full or out of tokens): only the round-robin position
     -- moves on (a data-modifying CTE runs whether or not it is read). Unguarded, as it orders keys
     -- and limits nothing: a claim that finds no room never makes one that does lose its race.
+    -- A queue without room visits no keys: moved past keys that had no turn, the cursor came back
+    -- round to the key just served, which then took every slot that freed.
     UPDATE queues
     SET key_cursor = COALESCE((SELECT k.key FROM keys k ORDER BY k.pos DESC LIMIT 1), key_cursor)
     WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM picked) AND EXISTS (SELECT 1 FROM keys)

@@ -139,3 +139,35 @@ async def test_the_round_robin_turns_past_the_keys_one_claim_visits(
         seen += [r["concurrency_key"] for r in rows]
     assert len(set(seen)) == 300
     assert await claim(db, qid, limit=10) == []
+
+
+async def test_a_claim_that_finds_the_queue_full_keeps_the_round_robin_in_place(
+    app: Quart, db: Database, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """With max_concurrency reached, a claim (another worker woken by the same completion, or a
+    poll) visited the keys anyway and moved the cursor past them all, though none had a turn: with
+    18 keys and claims of 1 (17 keys visited) the cursor came back to the key just served, which
+    then took every slot while the 17 other keys, ready all along, waited."""
+    client = app.test_client()
+    response = await client.put(
+        "/api/queues/turns", json={"key_concurrency": 5, "max_concurrency": 1}, headers=auth_headers
+    )
+    assert response.status_code == 200
+    await batch(
+        client,
+        auth_headers,
+        [{"kind": "noop", "queue": "turns", "concurrency_key": f"k{i:02}"} for i in range(18)] * 5,
+    )
+    qid = await queue_id(clean_database, "turns")
+    served: list[str] = []
+    for _ in range(5):
+        [task] = await claim(db, qid, limit=1)
+        assert await claim(db, qid, limit=1) == []  # the queue is full: nothing to take
+        [row] = await fetch(
+            clean_database,
+            "UPDATE tasks SET status = 'completed', finished_at = now() WHERE id = $1 "
+            "RETURNING concurrency_key",
+            task.id,
+        )
+        served.append(row["concurrency_key"])
+    assert served == ["k00", "k01", "k02", "k03", "k04"]  # one key after the other
