@@ -141,3 +141,35 @@ async def test_raising_min_backoff_above_the_default_max_is_a_422_or_stored(
         "fresh": (5000, 6000),
         "slow": (5000, 7200),
     }
+
+
+@pytest.mark.parametrize("moment", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"])
+async def test_a_time_past_year_9999_or_before_year_1_in_utc_is_a_422(
+    client: Client, auth_headers: dict[str, str], clean_database: str, moment: str
+) -> None:
+    """Valid RFC 3339 with an offset, but no datetime once read in UTC: sending it to PostgreSQL
+    raised OverflowError, a 500 (for a whole batch, and for a bulk filter)."""
+    answers = [
+        await client.post("/api/tasks", json={"kind": "noop", "run_at": moment}, headers=auth_headers),
+        await client.post(
+            "/api/tasks/batch",
+            json={"tasks": [{"kind": "noop"}, {"kind": "noop", "run_at": moment}]},
+            headers=auth_headers,
+        ),
+        await client.post(
+            "/api/tasks/bulk/cancel", json={"filter": {"created_before": moment}}, headers=auth_headers
+        ),
+        await client.post(
+            "/api/tasks/bulk/retry", json={"filter": {"created_after": moment}}, headers=auth_headers
+        ),
+    ]
+    assert [a.status_code for a in answers] == [422] * 4
+    assert all(a.mimetype == PROBLEM for a in answers)
+    fields = [[e["field"] for e in (await a.get_json())["errors"]] for a in answers]
+    assert fields == [
+        ["body.run_at"],
+        ["body.tasks.1.run_at"],
+        ["body.filter.created_before"],
+        ["body.filter.created_after"],
+    ]
+    assert await task_count(clean_database) == 0

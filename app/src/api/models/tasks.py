@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -33,7 +33,18 @@ def _date_time_text(value: Any) -> Any:
     return value
 
 
-DateTimeText = Annotated[AwareDatetime, BeforeValidator(_date_time_text)]
+def _readable_in_utc(value: datetime) -> datetime:
+    """A time is stored in UTC: one whose offset carries it past year 9999 or before year 1 there
+    ("9999-12-31T23:59:59-23:59") has no UTC reading, and failed its statement (a 500)."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once read in UTC (years 1 to 9999)") from None
+    return value
+
+
+StorableDatetime = Annotated[AwareDatetime, AfterValidator(_readable_in_utc)]
+DateTimeText = Annotated[StorableDatetime, BeforeValidator(_date_time_text)]
 
 
 def storable(value: Any) -> Any:
@@ -77,7 +88,7 @@ class TaskIn(BaseModel):
     queue: QueueName = "default"
     kind: KindName
     payload: dict[str, Any] = Field(default_factory=dict)
-    run_at: AwareDatetime | None = None
+    run_at: StorableDatetime | None = None
     delay_s: float | None = Field(default=None, ge=0, le=MAX_DELAY_S)
     priority: int = Field(default=5, ge=0, le=9, description="0 runs first, 9 last")
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
