@@ -173,3 +173,30 @@ async def test_a_time_past_year_9999_or_before_year_1_in_utc_is_a_422(
         ["body.filter.created_after"],
     ]
     assert await task_count(clean_database) == 0
+
+
+async def test_a_key_rate_too_small_to_compute_is_a_422_and_changes_nothing(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A key rate of 1e-300 per second was stored: its window (1/rate seconds) is no interval, so
+    once a key had started a task every keyed claim of the queue failed ("interval out of range"),
+    and so did GET of its tasks (blocked_by)."""
+    assert (
+        await client.put("/api/queues/paced", json={"key_concurrency": 2}, headers=auth_headers)
+    ).status_code == 200
+    for rate in (1e-300, 1e-9):
+        refused = await client.put(
+            "/api/queues/paced", json={"key_rate_limit_per_s": rate}, headers=auth_headers
+        )
+        assert refused.status_code == 422, await refused.get_data(as_text=True)
+        assert refused.mimetype == PROBLEM
+        assert [e["field"] for e in (await refused.get_json())["errors"]] == ["body.key_rate_limit_per_s"]
+    # one start a year per key is the slowest pace a queue takes
+    slowest = await client.put(
+        "/api/queues/paced", json={"key_rate_limit_per_s": 1 / (366 * 86_400)}, headers=auth_headers
+    )
+    assert slowest.status_code == 200, await slowest.get_data(as_text=True)
+    rows = await fetch(
+        clean_database, "SELECT key_concurrency, key_rate_limit_per_s FROM queues WHERE name = 'paced'"
+    )
+    assert [(r["key_concurrency"], r["key_rate_limit_per_s"]) for r in rows] == [(2, 1 / (366 * 86_400))]

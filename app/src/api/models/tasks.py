@@ -23,6 +23,7 @@ from app.src.utils import json_text
 QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["default"])]
 KindName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 MAX_DELAY_S = 366 * 86_400
+MIN_KEY_RATE_PER_S = 1 / MAX_DELAY_S
 
 
 def _date_time_text(value: Any) -> Any:
@@ -402,8 +403,13 @@ class QueueIn(BaseModel):
     key_concurrency: int | None = Field(
         default=None, ge=1, le=100_000, description="running tasks per concurrency_key, cluster-wide"
     )
+    # at least one start a year: a key's rate window is 1/rate seconds, and a far smaller rate
+    # (1e-300) made a window PostgreSQL cannot compute, which failed every keyed claim of the queue
     key_rate_limit_per_s: float | None = Field(
-        default=None, gt=0, le=1_000_000, description="task starts per second per concurrency_key"
+        default=None,
+        ge=MIN_KEY_RATE_PER_S,
+        le=1_000_000,
+        description="task starts per second per concurrency_key (at least one a year)",
     )
 
 
