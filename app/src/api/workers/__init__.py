@@ -18,6 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import asyncpg
+import structlog
+
 from app.database import StorageUnavailable
 from app.src.api.engine import durable, remote_kinds
 from app.src.api.engine.durable import ChildSpec, CompositionError, Suspension, Wait
@@ -44,6 +47,8 @@ if TYPE_CHECKING:
     from app.database import Database
     from app.src.api.engine.task_engine import TaskEngine
     from app.src.database.notifications import Notifier
+
+log = structlog.get_logger("taskgate.workers")
 
 _WORKER_NAMESPACE = UUID("5b0f4f64-3c1e-4c55-9a51-7d2f1c7e0a11")
 # LISTEN/NOTIFY is a hint: a long-poll re-checks at least this often even when nothing woke it
@@ -182,19 +187,33 @@ async def _first(woken: asyncio.Event, stopping: asyncio.Event | None, *, timeou
 async def _claim_once(
     db: Database, *, kinds: KindsFilter, queues: list[str] | None, want: int, lease_s: float, worker_id: UUID
 ) -> list[ClaimedTask]:
-    """The in-process claimer's round (app/worker/claiming.py), with the remote worker's filter."""
+    """The in-process claimer's round (app/worker/claiming.py), with the remote worker's filter.
+
+    As there, a limited queue whose claim fails is passed over: the tasks already claimed (each
+    statement commits its own) are handed out, not left to their leases; the request fails only
+    when nothing was claimed."""
     async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
         claimed = await task_store.claim_available(
             conn, limit=want, lease_s=lease_s, worker_id=worker_id, queues=queues, kinds=kinds
         )
         if len(claimed) < want:
+            failed: Exception | None = None
             for queue in await _limited_queues(conn, kinds.client_id, queues):
                 if len(claimed) >= want:
                     break
-                claimed += await task_store.claim_limited(
-                    conn, queue_id=queue.id, keyed=queue.keyed, limit=want - len(claimed), lease_s=lease_s,
-                    worker_id=worker_id, kinds=kinds,
-                )  # fmt: skip
+                try:
+                    claimed += await task_store.claim_limited(
+                        conn, queue_id=queue.id, keyed=queue.keyed, limit=want - len(claimed),
+                        lease_s=lease_s, worker_id=worker_id, kinds=kinds,
+                    )  # fmt: skip
+                except Exception as exc:
+                    failed = failed or exc
+                    log.warning("claiming from a limited queue failed; passed over",
+                                queue_id=queue.id, error=str(exc) or type(exc).__name__)  # fmt: skip
+                    if not isinstance(exc, asyncpg.PostgresError):
+                        break  # the connection failed, not this queue's statement
+            if failed is not None and not claimed:
+                raise failed
     return claimed
 
 
