@@ -16,7 +16,7 @@ from uuid import UUID
 
 import dacite
 
-from app.src.api.models.tasks import Attempt, Task
+from app.src.api.models.tasks import MAX_DELAY_S, Attempt, Task
 from app.src.api.state_machine import Status, sources
 from app.src.utils import json_text
 
@@ -399,8 +399,11 @@ KEY_ROOM = (
     "AND r.concurrency_key = {key} AND r.status = 'running') END"
 )
 # The key rate limit is a sliding window: at most `cap` starts per key within the last `window`
-# seconds (1 s, or 1/rate below one per second), logged in task_key_starts by the claims.
-KEY_WINDOW_S = "GREATEST(1, 1 / q.key_rate_limit_per_s)"
+# seconds (1 s, or 1/rate below one per second), logged in task_key_starts by the claims, and
+# pruned by maintenance once it has passed. At most a year: the slowest rate the API takes
+# (MIN_KEY_RATE_PER_S); a rate stored before that (1e-300) made a window that is no interval, and
+# every statement computing it failed.
+KEY_WINDOW_S = f"LEAST(GREATEST(1, 1 / q.key_rate_limit_per_s), {MAX_DELAY_S})"
 KEY_WINDOW_CAP = f"GREATEST(1, floor(q.key_rate_limit_per_s * {KEY_WINDOW_S}))::int"
 KEY_RATE_ROOM = (
     f"CASE WHEN q.key_rate_limit_per_s IS NOT NULL THEN {KEY_WINDOW_CAP} - ("
@@ -650,7 +653,7 @@ logged AS (
     SET starts = ARRAY(
             SELECT st FROM unnest(s.starts) st
             WHERE st > EXCLUDED.updated_at
-                       - make_interval(secs => (SELECT GREATEST(1, 1 / key_rate_limit_per_s) FROM q))
+                       - make_interval(secs => (SELECT {KEY_WINDOW_S} FROM q))
         ) || EXCLUDED.starts,
         updated_at = EXCLUDED.updated_at
     RETURNING 1
