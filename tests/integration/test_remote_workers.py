@@ -13,7 +13,7 @@ from app.database import Database
 from app.src.api.engine import remote_kinds
 from app.src.api.models.auth import IssuedKey
 from app.src.database import tasks as task_store
-from tests.task_harness import enqueue, eventually, fetch
+from tests.task_harness import claims_fail_in, enqueue, eventually, fetch
 
 REPORT = {
     "type": "object",
@@ -372,32 +372,19 @@ async def test_a_limited_queue_that_cannot_be_claimed_holds_up_no_other_queue(
     client: Client, auth_headers: dict[str, str], clean_database: str
 ) -> None:
     """As for in-process workers (test_worker.py): one limited queue whose claim failed at every
-    request (a key rate stored before such rates were refused) failed the claim request, a 500,
-    and the tasks claimed before it in that request were never handed out: each lost an attempt
-    to its lease at every request."""
+    request failed the claim request, a 500, and the tasks claimed before it in that request were
+    never handed out: each lost an attempt to its lease at every request."""
     await register(client, auth_headers)
-    await client.put("/api/queues/broken", json={"key_concurrency": 1}, headers=auth_headers)
+    await client.put("/api/queues/broken", json={"max_concurrency": 5}, headers=auth_headers)
     await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
-    [broken] = await fetch(
-        clean_database,
-        "UPDATE queues SET key_rate_limit_per_s = 1e-300 WHERE name = 'broken' RETURNING id",
-    )
-    await fetch(
-        clean_database,
-        "INSERT INTO task_key_starts (queue_id, key, starts, updated_at) "
-        "VALUES ($1, 'k', ARRAY[now()], now())",
-        broken["id"],
-    )
     payload = {"account_id": 1}
-    stuck = await enqueue(
-        client, auth_headers, kind="reports.build", queue="broken", concurrency_key="k", payload=payload
-    )
+    stuck = await enqueue(client, auth_headers, kind="reports.build", queue="broken", payload=payload)
     others = {
         (await enqueue(client, auth_headers, kind="reports.build", payload=payload))["id"],
         (await enqueue(client, auth_headers, kind="reports.build", queue="narrow", payload=payload))["id"],
     }
-    items = (await claim(client, auth_headers, max=10))["items"]
-    assert {item["id"] for item in items} == others
-    assert all(item["attempt"] == 1 for item in items)
-    [held] = await fetch(clean_database, "SELECT status FROM tasks WHERE id = $1", uuid.UUID(stuck["id"]))
-    assert held["status"] == "available"
+    async with claims_fail_in(clean_database, "broken"):
+        items = (await claim(client, auth_headers, max=10))["items"]
+        assert {item["id"] for item in items} == others
+        assert all(item["attempt"] == 1 for item in items)
+    assert [item["id"] for item in (await claim(client, auth_headers, max=10))["items"]] == [stuck["id"]]

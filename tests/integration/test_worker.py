@@ -5,11 +5,10 @@ import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from quart import Quart
 
-from tests.task_harness import enqueue, eventually, fetch, read_records
+from tests.task_harness import claims_fail_in, enqueue, eventually, fetch, read_records
 
 Serving = Callable[..., Awaitable[Quart]]
 WORKER = {"ROLES": ["api", "worker"]}
@@ -424,32 +423,25 @@ async def test_a_limited_queue_that_cannot_be_claimed_holds_up_no_other_queue(
     serving: Serving, auth_headers: dict[str, str], clean_database: str
 ) -> None:
     """A claim round is several statements, each committing what it claims. One limited queue's
-    claim failed at every round (here: a key rate stored before such rates were refused, whose
-    window PostgreSQL cannot compute), and the round with it: the tasks claimed before it in the
-    round were never run, each lost an attempt to its lease at every round and was discarded
-    without having run once, whichever client it belonged to; the queues after it were never
-    claimed."""
+    claim failed at every round (seen with a key rate window PostgreSQL could not compute; here a
+    trigger makes it fail), and the round with it: the tasks claimed before it in the round were
+    never run, each lost an attempt to its lease at every round and was discarded without having
+    run once, whichever client it belonged to; the queues after it were never claimed."""
     app = await serving(**WORKER)
     client = app.test_client()
-    await client.put("/api/queues/broken", json={"key_concurrency": 1}, headers=auth_headers)
+    await client.put("/api/queues/broken", json={"max_concurrency": 5}, headers=auth_headers)
     await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
-    [broken] = await fetch(
-        clean_database,
-        "UPDATE queues SET key_rate_limit_per_s = 1e-300 WHERE name = 'broken' RETURNING id",
-    )
-    await fetch(
-        clean_database,
-        "INSERT INTO task_key_starts (queue_id, key, starts, updated_at) "
-        "VALUES ($1, 'k', ARRAY[now()], now())",
-        broken["id"],
-    )
-    stuck = await enqueue(client, auth_headers, kind="noop", queue="broken", concurrency_key="k")
-    others = [
-        await enqueue(client, auth_headers, kind="noop", max_attempts=1),
-        await enqueue(client, auth_headers, kind="noop", queue="narrow", max_attempts=1),
-    ]
-    for task in others:
-        done = await (await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)).get_json()
-        assert (done["status"], done["attempts"]) == ("completed", 1), done
-    [held] = await fetch(clean_database, "SELECT status FROM tasks WHERE id = $1", UUID(stuck["id"]))
-    assert held["status"] == "available"
+    async with claims_fail_in(clean_database, "broken"):
+        stuck = await enqueue(client, auth_headers, kind="noop", queue="broken")
+        others = [
+            await enqueue(client, auth_headers, kind="noop", max_attempts=1),
+            await enqueue(client, auth_headers, kind="noop", queue="narrow", max_attempts=1),
+        ]
+        for task in others:
+            done = await (
+                await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)
+            ).get_json()
+            assert (done["status"], done["attempts"]) == ("completed", 1), done
+        assert (await task_status(client, auth_headers, stuck["id"]))["status"] == "available"
+    done = await (await client.get(f"/api/tasks/{stuck['id']}?wait=10", headers=auth_headers)).get_json()
+    assert (done["status"], done["attempts"]) == ("completed", 1)  # claimed once the fault is gone
