@@ -388,3 +388,30 @@ async def test_a_limited_queue_that_cannot_be_claimed_holds_up_no_other_queue(
         assert {item["id"] for item in items} == others
         assert all(item["attempt"] == 1 for item in items)
     assert [item["id"] for item in (await claim(client, auth_headers, max=10))["items"]] == [stuck["id"]]
+
+
+async def test_retries_come_due_while_remote_workers_drain_a_backlog(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """With only API replicas and remote workers (no in-process worker to stage due tasks on its
+    own timer), due scheduled and retryable tasks were staged only by a claim that found nothing:
+    while a backlog lasted, every claim found something, and a failed task's retry (or a delayed
+    task) waited for the whole backlog, however long it was due."""
+    await register(client, auth_headers)
+    payload = {"account_id": 1}
+    for _ in range(20):
+        await enqueue(client, auth_headers, kind="reports.build", payload=payload, priority=5)
+    retried = await enqueue(client, auth_headers, kind="reports.build", payload=payload, priority=0)
+    [first] = (await claim(client, auth_headers, max=1))["items"]
+    assert first["id"] == retried["id"]
+    [answer] = await complete(
+        client, auth_headers, {"id": first["id"], "attempt": 1, "outcome": "failed", "error": "flaky"}
+    )
+    assert (answer["accepted"], answer["status"]) == (True, "retryable")
+    # due at once (the queue's backoff, shortened here), and it goes first: priority 0
+    await fetch(clean_database, "UPDATE tasks SET run_at = now() WHERE id = $1", uuid.UUID(retried["id"]))
+    started = []
+    for _ in range(6):
+        await asyncio.sleep(0.5)
+        started += [item["id"] for item in (await claim(client, auth_headers, max=1, wait_s=1))["items"]]
+    assert retried["id"] in started

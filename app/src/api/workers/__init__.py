@@ -141,14 +141,18 @@ async def claim(
     with notifier.watch_available() as woken:
         while True:
             woken.clear()
+            # on its own timer, before the claim (which then sees what it made available), and
+            # whatever the claims find: staged only when a claim came back empty, due retries
+            # and delayed tasks waited for a whole backlog to drain
+            staged = await _stage_due(db)
             claimed = await _claim_once(
                 db, kinds=kinds, queues=data.queues, want=data.max, lease_s=lease_s, worker_id=worker_id
             )
             remaining = deadline - loop.time()
             if claimed or remaining <= 0 or (stopping is not None and stopping.is_set()):
                 break
-            if await _stage_due(db):
-                continue
+            if staged:
+                continue  # what was staged may belong to others; the timer holds the next staging
             await _first(woken, stopping, timeout_s=min(remaining, POLL_S))
     if not claimed:
         return []
@@ -223,14 +227,19 @@ _staged_at = 0.0
 async def _stage_due(db: Database) -> int:
     """Due scheduled and retryable tasks become available, at most once per POLL_S per process:
     in-process workers do it too, but a deployment whose API replicas serve only remote workers
-    must not leave their retries waiting."""
+    must not leave their retries waiting. A claim does not depend on it: a failure is logged (the
+    next one is due a POLL_S later)."""
     global _staged_at
     now = asyncio.get_running_loop().time()
     if now - _staged_at < POLL_S:
         return 0
     _staged_at = now
-    async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
-        return await task_store.stage_due(conn)
+    try:
+        async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
+            return await task_store.stage_due(conn)
+    except Exception as exc:
+        log.warning("staging due tasks failed", error=str(exc) or type(exc).__name__)
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
