@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,28 @@ async def fetch(database_uri: str, query: str, *args: Any) -> list[asyncpg.Recor
         return list(await conn.fetch(query, *args))
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def claims_fail_in(database_uri: str, queue: str) -> AsyncIterator[None]:
+    """While open, every statement that starts a task of `queue` fails (a trigger raises): a claim
+    statement of that queue that fails whatever its rows, as a fault in PostgreSQL would."""
+    await fetch(
+        database_uri,
+        f"""CREATE FUNCTION fail_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'injected: claims of queue {queue} fail'; END $$""",
+    )
+    await fetch(
+        database_uri,
+        "CREATE TRIGGER fail_claims BEFORE UPDATE ON tasks FOR EACH ROW "
+        f"WHEN (NEW.queue = '{queue}' AND NEW.status = 'running' AND OLD.status = 'available') "
+        "EXECUTE FUNCTION fail_claims()",
+    )
+    try:
+        yield
+    finally:
+        await fetch(database_uri, "DROP TRIGGER fail_claims ON tasks")
+        await fetch(database_uri, "DROP FUNCTION fail_claims()")
 
 
 def spawn_worker(database_uri: str, data_dir: Path, **env: Any) -> subprocess.Popen[bytes]:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+import asyncpg
 import structlog
 
 from app.src.database import durable as durable_store
@@ -75,6 +76,7 @@ class Claimer:
         # that claim is in flight (which could not see its task) must not be forgotten.
         self._unlimited_idle: tuple[float, int] | None = None
         self._announced = 0
+        self._queue_failures: dict[int, int] = {}  # limited queue id -> claims failed in a row
         self.log = log.bind(worker_id=str(worker_id))
 
     def wake(self) -> None:
@@ -204,6 +206,12 @@ class Claimer:
                 self._unlimited.update(task.queue_id for task in claimed)
                 self._unlimited_idle = (time.monotonic(), announced) if len(claimed) < want else None
             if len(claimed) < want:
+                # Each statement commits what it claims: those tasks are this worker's from then on.
+                # A queue whose claim fails is passed over for this round, so neither the tasks
+                # claimed before it (left to their leases, they lost an attempt each round, and
+                # were discarded without ever running) nor the queues after it pay for it; the
+                # round fails only when nothing was claimed (an outage, say).
+                failed: Exception | None = None
                 for queue in await self._limited_queues(conn):
                     if len(claimed) >= want:
                         break
@@ -214,21 +222,40 @@ class Claimer:
                     share = want - len(claimed)
                     if queue.max_concurrency is not None:
                         share = min(share, max(1, (queue.max_concurrency + 1) // 2))
-                    got = await task_store.claim_limited(
-                        conn,
-                        queue_id=queue.id,
-                        keyed=queue.keyed,
-                        limit=share,
-                        lease_s=self.leases.lease_s,
-                        worker_id=self.worker_id,
-                    )
+                    try:
+                        got = await task_store.claim_limited(
+                            conn,
+                            queue_id=queue.id,
+                            keyed=queue.keyed,
+                            limit=share,
+                            lease_s=self.leases.lease_s,
+                            worker_id=self.worker_id,
+                        )
+                    except Exception as exc:
+                        failed = failed or exc
+                        self._queue_failed(queue.id, exc)
+                        if isinstance(exc, asyncpg.PostgresError):
+                            continue  # this statement failed; the connection is fine
+                        break  # the connection failed: the other queues would wait for it too
+                    self._queue_failures.pop(queue.id, None)
                     claimed += got
                     again = again or len(got) == share
+                if failed is not None and not claimed:
+                    raise failed
             # only tasks that stored steps, signals or children cost this one more statement
             durable = [task.id for task in claimed if task.durable]
             if durable:
                 states = await durable_store.load_state(conn, durable)
         return claimed, again, states
+
+    def _queue_failed(self, queue_id: int, exc: Exception) -> None:
+        # said once per streak: a queue that cannot be claimed fails again at every round
+        failures = self._queue_failures[queue_id] = self._queue_failures.get(queue_id, 0) + 1
+        (self.log.warning if failures == 1 else self.log.debug)(
+            "claiming from a limited queue failed; passed over this round",
+            queue_id=queue_id,
+            error=str(exc) or type(exc).__name__,
+        )
 
     async def _limited_queues(self, conn: task_store.Executor) -> list[task_store.LimitedQueue]:
         fetched_at, limited = self._limited

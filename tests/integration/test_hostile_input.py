@@ -141,3 +141,62 @@ async def test_raising_min_backoff_above_the_default_max_is_a_422_or_stored(
         "fresh": (5000, 6000),
         "slow": (5000, 7200),
     }
+
+
+@pytest.mark.parametrize("moment", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"])
+async def test_a_time_past_year_9999_or_before_year_1_in_utc_is_a_422(
+    client: Client, auth_headers: dict[str, str], clean_database: str, moment: str
+) -> None:
+    """Valid RFC 3339 with an offset, but no datetime once read in UTC: sending it to PostgreSQL
+    raised OverflowError, a 500 (for a whole batch, and for a bulk filter)."""
+    answers = [
+        await client.post("/api/tasks", json={"kind": "noop", "run_at": moment}, headers=auth_headers),
+        await client.post(
+            "/api/tasks/batch",
+            json={"tasks": [{"kind": "noop"}, {"kind": "noop", "run_at": moment}]},
+            headers=auth_headers,
+        ),
+        await client.post(
+            "/api/tasks/bulk/cancel", json={"filter": {"created_before": moment}}, headers=auth_headers
+        ),
+        await client.post(
+            "/api/tasks/bulk/retry", json={"filter": {"created_after": moment}}, headers=auth_headers
+        ),
+    ]
+    assert [a.status_code for a in answers] == [422] * 4
+    assert all(a.mimetype == PROBLEM for a in answers)
+    fields = [[e["field"] for e in (await a.get_json())["errors"]] for a in answers]
+    assert fields == [
+        ["body.run_at"],
+        ["body.tasks.1.run_at"],
+        ["body.filter.created_before"],
+        ["body.filter.created_after"],
+    ]
+    assert await task_count(clean_database) == 0
+
+
+async def test_a_key_rate_too_small_to_compute_is_a_422_and_changes_nothing(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A key rate of 1e-300 per second was stored: its window (1/rate seconds) is no interval, so
+    once a key had started a task every keyed claim of the queue failed ("interval out of range"),
+    and so did GET of its tasks (blocked_by)."""
+    assert (
+        await client.put("/api/queues/paced", json={"key_concurrency": 2}, headers=auth_headers)
+    ).status_code == 200
+    for rate in (1e-300, 1e-9):
+        refused = await client.put(
+            "/api/queues/paced", json={"key_rate_limit_per_s": rate}, headers=auth_headers
+        )
+        assert refused.status_code == 422, await refused.get_data(as_text=True)
+        assert refused.mimetype == PROBLEM
+        assert [e["field"] for e in (await refused.get_json())["errors"]] == ["body.key_rate_limit_per_s"]
+    # one start a year per key is the slowest pace a queue takes
+    slowest = await client.put(
+        "/api/queues/paced", json={"key_rate_limit_per_s": 1 / (366 * 86_400)}, headers=auth_headers
+    )
+    assert slowest.status_code == 200, await slowest.get_data(as_text=True)
+    rows = await fetch(
+        clean_database, "SELECT key_concurrency, key_rate_limit_per_s FROM queues WHERE name = 'paced'"
+    )
+    assert [(r["key_concurrency"], r["key_rate_limit_per_s"]) for r in rows] == [(2, 1 / (366 * 86_400))]

@@ -13,7 +13,7 @@ from app.database import Database
 from app.src.api.engine import remote_kinds
 from app.src.api.models.auth import IssuedKey
 from app.src.database import tasks as task_store
-from tests.task_harness import enqueue, eventually, fetch
+from tests.task_harness import claims_fail_in, enqueue, eventually, fetch
 
 REPORT = {
     "type": "object",
@@ -366,3 +366,52 @@ async def test_a_schema_can_never_make_the_server_fetch_a_url_or_loop(
         await runner.cleanup()
     assert fetched == []
     assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks"))[0]["n"] == 0
+
+
+async def test_a_limited_queue_that_cannot_be_claimed_holds_up_no_other_queue(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """As for in-process workers (test_worker.py): one limited queue whose claim failed at every
+    request failed the claim request, a 500, and the tasks claimed before it in that request were
+    never handed out: each lost an attempt to its lease at every request."""
+    await register(client, auth_headers)
+    await client.put("/api/queues/broken", json={"max_concurrency": 5}, headers=auth_headers)
+    await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
+    payload = {"account_id": 1}
+    stuck = await enqueue(client, auth_headers, kind="reports.build", queue="broken", payload=payload)
+    others = {
+        (await enqueue(client, auth_headers, kind="reports.build", payload=payload))["id"],
+        (await enqueue(client, auth_headers, kind="reports.build", queue="narrow", payload=payload))["id"],
+    }
+    async with claims_fail_in(clean_database, "broken"):
+        items = (await claim(client, auth_headers, max=10))["items"]
+        assert {item["id"] for item in items} == others
+        assert all(item["attempt"] == 1 for item in items)
+    assert [item["id"] for item in (await claim(client, auth_headers, max=10))["items"]] == [stuck["id"]]
+
+
+async def test_retries_come_due_while_remote_workers_drain_a_backlog(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """With only API replicas and remote workers (no in-process worker to stage due tasks on its
+    own timer), due scheduled and retryable tasks were staged only by a claim that found nothing:
+    while a backlog lasted, every claim found something, and a failed task's retry (or a delayed
+    task) waited for the whole backlog, however long it was due."""
+    await register(client, auth_headers)
+    payload = {"account_id": 1}
+    for _ in range(20):
+        await enqueue(client, auth_headers, kind="reports.build", payload=payload, priority=5)
+    retried = await enqueue(client, auth_headers, kind="reports.build", payload=payload, priority=0)
+    [first] = (await claim(client, auth_headers, max=1))["items"]
+    assert first["id"] == retried["id"]
+    [answer] = await complete(
+        client, auth_headers, {"id": first["id"], "attempt": 1, "outcome": "failed", "error": "flaky"}
+    )
+    assert (answer["accepted"], answer["status"]) == (True, "retryable")
+    # due at once (the queue's backoff, shortened here), and it goes first: priority 0
+    await fetch(clean_database, "UPDATE tasks SET run_at = now() WHERE id = $1", uuid.UUID(retried["id"]))
+    started = []
+    for _ in range(6):
+        await asyncio.sleep(0.5)
+        started += [item["id"] for item in (await claim(client, auth_headers, max=1, wait_s=1))["items"]]
+    assert retried["id"] in started

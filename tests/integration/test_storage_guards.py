@@ -244,3 +244,36 @@ async def test_staging_wakes_thousands_of_queues_at_once(db: Database) -> None:
         )
         assert await store.stage_due(conn) == 2000
         assert await conn.fetchval("SELECT count(*) FROM tasks WHERE status = 'available'") == 2000
+
+
+async def test_a_task_past_its_1024th_attempt_is_retried_and_holds_up_no_other_rescue(db: Database) -> None:
+    """Retries by hand add attempts (max_attempts moves on by the task's budget, up to 1000 each
+    time), so a task can reach its 1025th attempt. Its backoff, 2**1024 times the minimum, did not
+    fit a float: the rescuer's whole batch failed on it, at every round, and no expired lease in
+    the cluster was rescued again."""
+    veteran, other = await make_task(db), await make_task(db)
+    worker = uuid.uuid4()
+    async with db.driver() as conn:
+        client_id = await conn.fetchval("SELECT client_id FROM tasks WHERE id = $1", veteran)
+        # 1024 attempts used (a budget of 1000, then one retry by hand), all failed: a dead letter
+        await conn.execute(
+            "UPDATE tasks SET status = 'discarded', finished_at = now(), attempts = 1024, "
+            "max_attempts = 1024, attempts_before_retry = 24 WHERE id = $1",
+            veteran,
+        )
+        retried = await store.retry(conn, client_id=client_id, task_id=veteran, from_statuses=["discarded"])
+        assert retried is not None
+        assert (retried.attempts, retried.max_attempts) == (1024, 2024)
+        claimed = await store.claim_available(conn, limit=2, lease_s=30, worker_id=worker, queues=None)
+        assert {c.id: c.attempt for c in claimed} == {veteran: 1025, other: 1}
+        await conn.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
+        rescued = await rescue_expired_leases(conn)
+        rows = {
+            r["id"]: (r["status"], r["run_at"] - r["now"])
+            for r in await conn.fetch("SELECT id, status, run_at, now() AS now FROM tasks")
+        }
+        queue = await conn.fetchrow("SELECT min_backoff_s, max_backoff_s FROM queues")
+    assert {r["id"]: r["status"] for r in rescued} == {veteran: "retryable", other: "retryable"}
+    status, delay = rows[veteran]
+    assert status == "retryable"
+    assert queue["min_backoff_s"] <= delay.total_seconds() <= queue["max_backoff_s"]  # the queue's bounds

@@ -8,7 +8,7 @@ from typing import Any
 
 from quart import Quart
 
-from tests.task_harness import enqueue, eventually, fetch, read_records
+from tests.task_harness import claims_fail_in, enqueue, eventually, fetch, read_records
 
 Serving = Callable[..., Awaitable[Quart]]
 WORKER = {"ROLES": ["api", "worker"]}
@@ -417,3 +417,31 @@ async def test_a_handler_slow_to_unwind_does_not_hold_up_the_stop_or_the_other_c
     rows = {r["id"]: r["status"] for r in await fetch(clean_database, "SELECT id, status FROM tasks")}
     assert rows[UUID(quick["id"])] == "completed"  # finished within the grace, and written
     assert rows[UUID(slow["id"])] == "running"  # still unwinding here: left to its lease
+
+
+async def test_a_limited_queue_that_cannot_be_claimed_holds_up_no_other_queue(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A claim round is several statements, each committing what it claims. One limited queue's
+    claim failed at every round (seen with a key rate window PostgreSQL could not compute; here a
+    trigger makes it fail), and the round with it: the tasks claimed before it in the round were
+    never run, each lost an attempt to its lease at every round and was discarded without having
+    run once, whichever client it belonged to; the queues after it were never claimed."""
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put("/api/queues/broken", json={"max_concurrency": 5}, headers=auth_headers)
+    await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
+    async with claims_fail_in(clean_database, "broken"):
+        stuck = await enqueue(client, auth_headers, kind="noop", queue="broken")
+        others = [
+            await enqueue(client, auth_headers, kind="noop", max_attempts=1),
+            await enqueue(client, auth_headers, kind="noop", queue="narrow", max_attempts=1),
+        ]
+        for task in others:
+            done = await (
+                await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)
+            ).get_json()
+            assert (done["status"], done["attempts"]) == ("completed", 1), done
+        assert (await task_status(client, auth_headers, stuck["id"]))["status"] == "available"
+    done = await (await client.get(f"/api/tasks/{stuck['id']}?wait=10", headers=auth_headers)).get_json()
+    assert (done["status"], done["attempts"]) == ("completed", 1)  # claimed once the fault is gone

@@ -82,3 +82,15 @@ def test_a_traceback_is_clipped_to_8_kib_of_utf8_keeping_its_end() -> None:
     assert len(clipped.encode()) <= 8192
     assert clipped.startswith("…")
     assert clipped.endswith("ValueError: the end")
+
+
+def test_backoff_of_any_attempt_stays_within_the_queue_bounds() -> None:
+    """Past attempt 1024 the exponential once overflowed a float (OverflowError)."""
+    for attempt in (1024, 1025, 2000, 10**6):
+        delay = backoff_seconds(attempt=attempt, min_backoff_s=1, max_backoff_s=3600)
+        assert 1 <= delay <= 3600
+        assert backoff_seconds(attempt=attempt, min_backoff_s=0, max_backoff_s=0) == 0
+    decided = after_failure(attempt=1500, max_attempts=2000, queue=Queue())
+    assert decided.status is Status.RETRYABLE
+    assert decided.retry_in_s is not None
+    assert 1.0 <= decided.retry_in_s <= 60.0

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from app.src.database.tasks import Executor
+from app.src.database.tasks import KEY_WINDOW_S, Executor
 
 # One row per job. The replica whose conditional upsert succeeds runs the job for this period and
 # holds a lease on it while the run lasts; the others skip. The row is also the cluster's record
@@ -146,13 +146,13 @@ async def prune_schedule_fires(conn: Any, *, older_than_s: float, batch: int = 5
 # their queue's window (1/key_rate_limit_per_s seconds when that is longer: their starts are all
 # outside it; index task_key_starts_updated), and the record of which clients called which hosts,
 # past task retention.
-PRUNE_KEY_WINDOWS = """
+PRUNE_KEY_WINDOWS = f"""
 DELETE FROM task_key_starts s
 WHERE s.updated_at < now() - interval '1 minute'
   AND NOT EXISTS (
       SELECT 1 FROM queues q
       WHERE q.id = s.queue_id AND q.key_rate_limit_per_s IS NOT NULL
-        AND s.updated_at >= now() - make_interval(secs => 1 / q.key_rate_limit_per_s)
+        AND s.updated_at >= now() - make_interval(secs => {KEY_WINDOW_S})
   )
 """
 

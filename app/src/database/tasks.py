@@ -16,7 +16,7 @@ from uuid import UUID
 
 import dacite
 
-from app.src.api.models.tasks import Attempt, Task
+from app.src.api.models.tasks import MAX_DELAY_S, Attempt, Task
 from app.src.api.state_machine import Status, sources
 from app.src.utils import json_text
 from app.src.utils.records import record
@@ -400,8 +400,11 @@ KEY_ROOM = (
     "AND r.concurrency_key = {key} AND r.status = 'running') END"
 )
 # The key rate limit is a sliding window: at most `cap` starts per key within the last `window`
-# seconds (1 s, or 1/rate below one per second), logged in task_key_starts by the claims.
-KEY_WINDOW_S = "GREATEST(1, 1 / q.key_rate_limit_per_s)"
+# seconds (1 s, or 1/rate below one per second), logged in task_key_starts by the claims, and
+# pruned by maintenance once it has passed. At most a year: the slowest rate the API takes
+# (MIN_KEY_RATE_PER_S); a rate stored before that (1e-300) made a window that is no interval, and
+# every statement computing it failed.
+KEY_WINDOW_S = f"LEAST(GREATEST(1, 1 / q.key_rate_limit_per_s), {MAX_DELAY_S})"
 KEY_WINDOW_CAP = f"GREATEST(1, floor(q.key_rate_limit_per_s * {KEY_WINDOW_S}))::int"
 KEY_RATE_ROOM = (
     f"CASE WHEN q.key_rate_limit_per_s IS NOT NULL THEN {KEY_WINDOW_CAP} - ("
@@ -539,8 +542,11 @@ allowance AS MATERIALIZED (
     )) AS n, q.tokens
     FROM q
 ),
+-- no keys are walked while the queue has no room (max_concurrency reached, or no token): they
+-- would all be passed over without a turn, and the cursor moved past them (see `passed`)
 after_cursor(key, pos) AS (
     SELECT {next_key.format(after="COALESCE((SELECT key_cursor FROM q), '')")}, 1
+    WHERE (SELECT n FROM allowance) > 0
     UNION ALL
     SELECT {next_key.format(after="a.key")}, a.pos + 1
     FROM after_cursor a WHERE a.key IS NOT NULL AND a.pos < $6
@@ -549,6 +555,7 @@ after_n AS MATERIALIZED (SELECT count(key) AS n FROM after_cursor),
 from_start(key, pos) AS (
     SELECT {next_key.format(after="''")}, (SELECT n FROM after_n) + 1
     WHERE (SELECT key_cursor FROM q) IS NOT NULL AND (SELECT n FROM after_n) < $6
+      AND (SELECT n FROM allowance) > 0
     UNION ALL
     SELECT {next_key.format(after="f.key")}, f.pos + 1
     FROM from_start f
@@ -620,6 +627,8 @@ passed AS (
     -- nothing picked, keys visited (all full or out of tokens): only the round-robin position
     -- moves on (a data-modifying CTE runs whether or not it is read). Unguarded, as it orders keys
     -- and limits nothing: a claim that finds no room never makes one that does lose its race.
+    -- A queue without room visits no keys: moved past keys that had no turn, the cursor came back
+    -- round to the key just served, which then took every slot that freed.
     UPDATE queues
     SET key_cursor = COALESCE((SELECT k.key FROM keys k ORDER BY k.pos DESC LIMIT 1), key_cursor)
     WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM picked) AND EXISTS (SELECT 1 FROM keys)
@@ -645,7 +654,7 @@ logged AS (
     SET starts = ARRAY(
             SELECT st FROM unnest(s.starts) st
             WHERE st > EXCLUDED.updated_at
-                       - make_interval(secs => (SELECT GREATEST(1, 1 / key_rate_limit_per_s) FROM q))
+                       - make_interval(secs => (SELECT {KEY_WINDOW_S} FROM q))
         ) || EXCLUDED.starts,
         updated_at = EXCLUDED.updated_at
     RETURNING 1
@@ -1237,6 +1246,9 @@ async def cancel(conn: Executor, *, client_id: UUID, task_id: UUID) -> Task | No
 # one failed, or while they ran), and is not retried while one of them is discarded or cancelled:
 # retry that one first. Their statuses come from `deps` (RETRY_DEPENDENCIES), read under a share
 # lock so that none can finish between the count and the write unseen by the trigger.
+# A retried task is debounced no more: one cancelled before it started still had its debounce key,
+# and back among pending tasks beside a newer one holding that key, it broke tasks_debounce (a
+# 500, and every bulk retry of a filter that matched it).
 # The updated `tasks` is aliased `t`.
 RETRY_DEPENDENCIES = """
     SELECT x.task_id, d.id, d.status FROM task_dependencies x JOIN tasks d ON d.id = x.depends_on_id
@@ -1253,7 +1265,7 @@ RETRYING = f"""status = CASE WHEN EXISTS ({_OPEN_DEPENDENCIES.format(what="1")})
                                 ({_OPEN_DEPENDENCIES.format(what="jsonb_agg(deps.id::text)")})) END,
         deps_open = ({_OPEN_DEPENDENCIES.format(what="count(*)")}),
         run_at = now(), started_at = NULL, finished_at = NULL,
-        cancel_requested = false, result = NULL, progress = NULL,
+        cancel_requested = false, result = NULL, progress = NULL, debounce_key = NULL,
         max_attempts = t.attempts + (t.max_attempts - t.attempts_before_retry),
         attempts_before_retry = t.attempts"""
 NO_FAILED_DEPENDENCY = """NOT EXISTS (

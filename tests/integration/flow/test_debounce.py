@@ -123,3 +123,36 @@ async def test_a_debounce_key_held_by_another_kind_or_queue_is_409_and_changes_n
     assert [e["field"] for e in (await batch.get_json())["errors"]] == ["tasks.0.debounce.key"]
     rows = await fetch(clean_database, "SELECT kind, payload->>'value' AS value FROM tasks")
     assert [(r["kind"], r["value"]) for r in rows] == [("test.returns", "first")]
+
+
+async def test_a_debounced_task_cancelled_before_it_started_can_be_retried_beside_a_newer_one(
+    app: Quart, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A task cancelled before it started kept its debounce key; once a newer pending task held
+    that key, retrying the old one (alone or in bulk) broke the unique index: a 500, and every
+    bulk retry of the dead letters failed on it."""
+    client = app.test_client()
+    old = await (
+        await client.post("/api/tasks", json=debounced("old", period_s=30), headers=auth_headers)
+    ).get_json()
+    assert (await client.post(f"/api/tasks/{old['id']}/cancel", headers=auth_headers)).status_code == 200
+    newer = await client.post("/api/tasks", json=debounced("newer", period_s=30), headers=auth_headers)
+    assert newer.status_code == 201
+    newer_id = (await newer.get_json())["id"]
+
+    retried = await client.post(f"/api/tasks/{old['id']}/retry", headers=auth_headers)
+    assert retried.status_code == 200, await retried.get_data(as_text=True)
+    assert (await retried.get_json())["status"] == "available"
+    # the retried task is a plain task now: later enqueues still fold into the newer one
+    again = await client.post("/api/tasks", json=debounced("latest", period_s=30), headers=auth_headers)
+    assert again.status_code == 200
+    assert (await again.get_json())["id"] == newer_id
+
+    assert (await client.post(f"/api/tasks/{old['id']}/cancel", headers=auth_headers)).status_code == 200
+    bulk = await client.post(
+        "/api/tasks/bulk/retry", json={"filter": {"status": "cancelled"}}, headers=auth_headers
+    )
+    assert bulk.status_code == 200, await bulk.get_data(as_text=True)
+    assert (await bulk.get_json())["count"] == 1
+    rows = await fetch(clean_database, "SELECT id, status FROM tasks ORDER BY id")
+    assert [(str(r["id"]), r["status"]) for r in rows] == [(old["id"], "available"), (newer_id, "scheduled")]

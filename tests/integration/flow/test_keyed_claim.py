@@ -9,6 +9,7 @@ from typing import Any
 from quart import Quart
 
 from app.database import Database
+from app.src.database import maintenance
 from app.src.database import tasks as task_store
 from tests.task_harness import fetch
 
@@ -139,3 +140,65 @@ async def test_the_round_robin_turns_past_the_keys_one_claim_visits(
         seen += [r["concurrency_key"] for r in rows]
     assert len(set(seen)) == 300
     assert await claim(db, qid, limit=10) == []
+
+
+async def test_a_claim_that_finds_the_queue_full_keeps_the_round_robin_in_place(
+    app: Quart, db: Database, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """With max_concurrency reached, a claim (another worker woken by the same completion, or a
+    poll) visited the keys anyway and moved the cursor past them all, though none had a turn: with
+    18 keys and claims of 1 (17 keys visited) the cursor came back to the key just served, which
+    then took every slot while the 17 other keys, ready all along, waited."""
+    client = app.test_client()
+    response = await client.put(
+        "/api/queues/turns", json={"key_concurrency": 5, "max_concurrency": 1}, headers=auth_headers
+    )
+    assert response.status_code == 200
+    await batch(
+        client,
+        auth_headers,
+        [{"kind": "noop", "queue": "turns", "concurrency_key": f"k{i:02}"} for i in range(18)] * 5,
+    )
+    qid = await queue_id(clean_database, "turns")
+    served: list[str] = []
+    for _ in range(5):
+        [task] = await claim(db, qid, limit=1)
+        assert await claim(db, qid, limit=1) == []  # the queue is full: nothing to take
+        [row] = await fetch(
+            clean_database,
+            "UPDATE tasks SET status = 'completed', finished_at = now() WHERE id = $1 "
+            "RETURNING concurrency_key",
+            task.id,
+        )
+        served.append(row["concurrency_key"])
+    assert served == ["k00", "k01", "k02", "k03", "k04"]  # one key after the other
+
+
+async def test_a_key_rate_stored_before_tiny_rates_were_refused_paces_one_start_a_year(
+    app: Quart, db: Database, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A queue row with key_rate_limit_per_s 1e-300, written while the API still took it: its
+    window, 1/rate seconds, is no interval, so once a key had started, every keyed claim of the
+    queue, GET of its tasks (blocked_by) and the prune of key windows failed. Its window is the
+    slowest pace the API takes now: one start a year."""
+    client = app.test_client()
+    await client.put("/api/queues/legacy", json={"key_concurrency": 5}, headers=auth_headers)
+    await fetch(clean_database, "UPDATE queues SET key_rate_limit_per_s = 1e-300 WHERE name = 'legacy'")
+    created = await batch(
+        client, auth_headers, [{"kind": "noop", "queue": "legacy", "concurrency_key": "k"}] * 2
+    )
+    qid = await queue_id(clean_database, "legacy")
+    assert len(await claim(db, qid)) == 1
+    await fetch(
+        clean_database,
+        "UPDATE task_key_starts SET updated_at = now() - interval '2 minutes' WHERE queue_id = $1",
+        qid,
+    )
+    assert await claim(db, qid) == []  # its window holds a year
+    waiting = [t["id"] for t in created if t["id"] not in {str(r["id"]) for r in await fetch(
+        clean_database, "SELECT id FROM tasks WHERE status = 'running'")}]  # fmt: skip
+    response = await client.get(f"/api/tasks/{waiting[0]}", headers=auth_headers)
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    assert [b["reason"] for b in (await response.get_json())["blocked_by"]][:1] == ["key_rate_limit"]
+    async with db.driver() as conn:
+        assert await maintenance.prune_flow_state(conn, older_than_s=86_400) == 0  # the window is kept

@@ -89,7 +89,10 @@ def backoff_seconds(
     A `retry_after_s` that the task reports (an HTTP Retry-After, say) is honoured as a floor,
     still bounded by the queue's max backoff.
     """
-    ceiling = min(max_backoff_s, min_backoff_s * 2 ** max(0, attempt - 1))
+    # 2.0 ** 1023 is the largest power of two a float holds; from attempt 1025 on (retries by hand
+    # add attempts) 2 ** (attempt - 1) raised OverflowError, and failed every rescue batch with it.
+    # A product past the float range is inf, and the ceiling then max_backoff_s.
+    ceiling = min(max_backoff_s, min_backoff_s * 2.0 ** min(max(0, attempt - 1), 1023))
     draw = (rng or _random).uniform(min_backoff_s, max(min_backoff_s, ceiling))
     if retry_after_s is not None:
         draw = max(draw, retry_after_s)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -24,6 +24,7 @@ from app.src.utils.records import record
 QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["default"])]
 KindName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 MAX_DELAY_S = 366 * 86_400
+MIN_KEY_RATE_PER_S = 1 / MAX_DELAY_S
 
 
 def _date_time_text(value: Any) -> Any:
@@ -34,7 +35,18 @@ def _date_time_text(value: Any) -> Any:
     return value
 
 
-DateTimeText = Annotated[AwareDatetime, BeforeValidator(_date_time_text)]
+def _readable_in_utc(value: datetime) -> datetime:
+    """A time is stored in UTC: one whose offset carries it past year 9999 or before year 1 there
+    ("9999-12-31T23:59:59-23:59") has no UTC reading, and failed its statement (a 500)."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once read in UTC (years 1 to 9999)") from None
+    return value
+
+
+StorableDatetime = Annotated[AwareDatetime, AfterValidator(_readable_in_utc)]
+DateTimeText = Annotated[StorableDatetime, BeforeValidator(_date_time_text)]
 
 
 def storable(value: Any) -> Any:
@@ -78,7 +90,7 @@ class TaskIn(BaseModel):
     queue: QueueName = "default"
     kind: KindName
     payload: dict[str, Any] = Field(default_factory=dict)
-    run_at: AwareDatetime | None = None
+    run_at: StorableDatetime | None = None
     delay_s: float | None = Field(default=None, ge=0, le=MAX_DELAY_S)
     priority: int = Field(default=5, ge=0, le=9, description="0 runs first, 9 last")
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
@@ -392,8 +404,13 @@ class QueueIn(BaseModel):
     key_concurrency: int | None = Field(
         default=None, ge=1, le=100_000, description="running tasks per concurrency_key, cluster-wide"
     )
+    # at least one start a year: a key's rate window is 1/rate seconds, and a far smaller rate
+    # (1e-300) made a window PostgreSQL cannot compute, which failed every keyed claim of the queue
     key_rate_limit_per_s: float | None = Field(
-        default=None, gt=0, le=1_000_000, description="task starts per second per concurrency_key"
+        default=None,
+        ge=MIN_KEY_RATE_PER_S,
+        le=1_000_000,
+        description="task starts per second per concurrency_key (at least one a year)",
     )
 
 

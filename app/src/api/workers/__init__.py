@@ -18,6 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import asyncpg
+import structlog
+
 from app.database import StorageUnavailable
 from app.src.api.engine import durable, remote_kinds
 from app.src.api.engine.durable import ChildSpec, CompositionError, Suspension, Wait
@@ -44,6 +47,8 @@ if TYPE_CHECKING:
     from app.database import Database
     from app.src.api.engine.task_engine import TaskEngine
     from app.src.database.notifications import Notifier
+
+log = structlog.get_logger("taskgate.workers")
 
 _WORKER_NAMESPACE = UUID("5b0f4f64-3c1e-4c55-9a51-7d2f1c7e0a11")
 # LISTEN/NOTIFY is a hint: a long-poll re-checks at least this often even when nothing woke it
@@ -136,14 +141,18 @@ async def claim(
     with notifier.watch_available() as woken:
         while True:
             woken.clear()
+            # on its own timer, before the claim (which then sees what it made available), and
+            # whatever the claims find: staged only when a claim came back empty, due retries
+            # and delayed tasks waited for a whole backlog to drain
+            staged = await _stage_due(db)
             claimed = await _claim_once(
                 db, kinds=kinds, queues=data.queues, want=data.max, lease_s=lease_s, worker_id=worker_id
             )
             remaining = deadline - loop.time()
             if claimed or remaining <= 0 or (stopping is not None and stopping.is_set()):
                 break
-            if await _stage_due(db):
-                continue
+            if staged:
+                continue  # what was staged may belong to others; the timer holds the next staging
             await _first(woken, stopping, timeout_s=min(remaining, POLL_S))
     if not claimed:
         return []
@@ -182,19 +191,33 @@ async def _first(woken: asyncio.Event, stopping: asyncio.Event | None, *, timeou
 async def _claim_once(
     db: Database, *, kinds: KindsFilter, queues: list[str] | None, want: int, lease_s: float, worker_id: UUID
 ) -> list[ClaimedTask]:
-    """The in-process claimer's round (app/worker/claiming.py), with the remote worker's filter."""
+    """The in-process claimer's round (app/worker/claiming.py), with the remote worker's filter.
+
+    As there, a limited queue whose claim fails is passed over: the tasks already claimed (each
+    statement commits its own) are handed out, not left to their leases; the request fails only
+    when nothing was claimed."""
     async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
         claimed = await task_store.claim_available(
             conn, limit=want, lease_s=lease_s, worker_id=worker_id, queues=queues, kinds=kinds
         )
         if len(claimed) < want:
+            failed: Exception | None = None
             for queue in await _limited_queues(conn, kinds.client_id, queues):
                 if len(claimed) >= want:
                     break
-                claimed += await task_store.claim_limited(
-                    conn, queue_id=queue.id, keyed=queue.keyed, limit=want - len(claimed), lease_s=lease_s,
-                    worker_id=worker_id, kinds=kinds,
-                )  # fmt: skip
+                try:
+                    claimed += await task_store.claim_limited(
+                        conn, queue_id=queue.id, keyed=queue.keyed, limit=want - len(claimed),
+                        lease_s=lease_s, worker_id=worker_id, kinds=kinds,
+                    )  # fmt: skip
+                except Exception as exc:
+                    failed = failed or exc
+                    log.warning("claiming from a limited queue failed; passed over",
+                                queue_id=queue.id, error=str(exc) or type(exc).__name__)  # fmt: skip
+                    if not isinstance(exc, asyncpg.PostgresError):
+                        break  # the connection failed, not this queue's statement
+            if failed is not None and not claimed:
+                raise failed
     return claimed
 
 
@@ -204,14 +227,19 @@ _staged_at = 0.0
 async def _stage_due(db: Database) -> int:
     """Due scheduled and retryable tasks become available, at most once per POLL_S per process:
     in-process workers do it too, but a deployment whose API replicas serve only remote workers
-    must not leave their retries waiting."""
+    must not leave their retries waiting. A claim does not depend on it: a failure is logged (the
+    next one is due a POLL_S later)."""
     global _staged_at
     now = asyncio.get_running_loop().time()
     if now - _staged_at < POLL_S:
         return 0
     _staged_at = now
-    async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
-        return await task_store.stage_due(conn)
+    try:
+        async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
+            return await task_store.stage_due(conn)
+    except Exception as exc:
+        log.warning("staging due tasks failed", error=str(exc) or type(exc).__name__)
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
