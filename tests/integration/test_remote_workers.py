@@ -366,3 +366,82 @@ async def test_a_schema_can_never_make_the_server_fetch_a_url_or_loop(
         await runner.cleanup()
     assert fetched == []
     assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks"))[0]["n"] == 0
+
+
+async def test_a_wait_under_a_name_already_taken_fails_the_task_for_good(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A sleep named like a stored step found the step's row as its record: it ended at once and
+    the replay reached it again, claim after claim, for ever; a step holding a "sleep_until" that
+    was not a time made the completion a 500; a signal wait took a step's row for its own. Names
+    are unique per task: such a task fails for good, saying why."""
+    await register(client, auth_headers)
+    tasks = [
+        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
+        for i in range(3)
+    ]
+    assert len((await claim(client, auth_headers, max=3))["items"]) == 3
+    steps = {"a": {"sleep_until": "not a time"}, "b": 1}
+    first = [{"id": t["id"], "attempt": 1, "outcome": "suspended", "suspend": {"steps": steps}}
+             for t in tasks]  # fmt: skip
+    assert {a["status"] for a in await complete(client, auth_headers, *first)} == {"available"}
+    assert len((await claim(client, auth_headers, max=3))["items"]) == 3
+    waits = [
+        {"type": "sleep", "name": "b", "seconds": 60},
+        {"type": "sleep", "name": "a", "seconds": 60},
+        {"type": "signal", "name": "a", "seconds": 60},
+    ]
+    answers = await complete(
+        client,
+        auth_headers,
+        *(
+            {"id": t["id"], "attempt": 2, "outcome": "suspended", "suspend": {"wait": w}}
+            for t, w in zip(tasks, waits, strict=True)
+        ),
+    )
+    assert [(a["accepted"], a["status"]) for a in answers] == [(True, "discarded")] * 3
+    assert (await claim(client, auth_headers, max=3))["items"] == []
+    final = await (await client.get(f"/api/tasks/{tasks[0]['id']}", headers=auth_headers)).get_json()
+    assert final["last_error"].startswith("the sleep 'b' has the name of another step, sleep or signal wait")
+    steps_now = await fetch(clean_database, "SELECT name, wait FROM task_steps")
+    assert sorted((r["name"], r["wait"]) for r in steps_now) == [("a", False)] * 3 + [("b", False)] * 3
+
+
+async def test_names_postgresql_or_a_signal_cannot_take_fail_their_own_task_only(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A NUL in a step's name failed the whole request with a 422 after another task of it had
+    been suspended; a signal wait named what no signal can be sent to waited for ever."""
+    await register(client, auth_headers)
+    tasks = [
+        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
+        for i in range(4)
+    ]
+    assert len((await claim(client, auth_headers, max=4))["items"]) == 4
+    suspends: list[dict[str, Any]] = [
+        {"steps": {"fine": 1}},
+        {"steps": {"a\u0000b": 1}},
+        {"spawn": [{"key": "k\u0000", "kind": "noop"}]},
+        {"wait": {"type": "signal", "name": "has space"}},
+    ]
+    answers = await complete(
+        client,
+        auth_headers,
+        *(
+            {"id": t["id"], "attempt": 1, "outcome": "suspended", "suspend": s}
+            for t, s in zip(tasks, suspends, strict=True)
+        ),
+    )
+    outcomes = [(a["accepted"], a["status"]) for a in answers]
+    assert outcomes == [(True, "available")] + [(True, "discarded")] * 3
+    errors = [
+        (await (await client.get(f"/api/tasks/{t['id']}", headers=auth_headers)).get_json())["last_error"]
+        for t in tasks[1:]
+    ]
+    assert errors[0] == "a step name must be 1 to 200 characters, none of them NUL"
+    assert errors[1] == "a child's key must be 1 to 200 characters, none of them NUL"
+    assert errors[2].startswith("the signal wait 'has space' can never be signalled")
+    assert [r["name"] for r in await fetch(clean_database, "SELECT name FROM task_steps")] == ["fine"]
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id IS NOT NULL"))[0][
+        "n"
+    ] == 0
