@@ -582,8 +582,10 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         assert self._client is not None
-        held = [i for i, r in self._running.items() if r.abandoned is None]
-        held += [UUID(c["id"]) for c in self._pending]
+        # the runs this heartbeat speaks for: its answer may come back after one of them ended and
+        # a newer run of the same task was claimed here, which it must not renew, cancel or abandon
+        runs = {i: r for i, r in self._running.items() if r.abandoned is None}
+        held = [*runs, *(UUID(c["id"]) for c in self._pending)]
         if not held:
             return
         progress, self._progress = self._progress, {}
@@ -596,11 +598,16 @@ class Worker:
         )
         for answer in answers:
             if answer is not None:
-                self._renewed(answer, sent)
+                self._renewed(answer, sent, runs)
 
-    def _renewed(self, answer: Heartbeat, sent: float) -> None:
+    def _current(self, task_id: UUID, runs: dict[UUID, _Running]) -> _Running | None:
+        """The run of `task_id` a heartbeat answered for, if it is still this task's latest run."""
+        running = self._running.get(task_id)
+        return running if running is not None and runs.get(task_id) is running else None
+
+    def _renewed(self, answer: Heartbeat, sent: float, runs: dict[UUID, _Running]) -> None:
         for lease in answer.items:
-            running = self._running.get(lease.id)
+            running = self._current(lease.id, runs)
             if running is None:
                 continue
             running.lease_from = max(running.lease_from, sent)
@@ -611,7 +618,7 @@ class Worker:
                     running.runner.cancel()  # async handlers are interrupted; sync ones see ctx.cancelled
         pending = {c["id"] for c in self._pending}
         for task_id in answer.lost:
-            running = self._running.get(task_id)
+            running = self._current(task_id, runs)
             if running is not None and str(task_id) not in pending:
                 log.warning("lease lost; abandoning task %s", task_id)
                 self._abandon(running, "lease lost")
