@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 from quart.typing import TestClientProtocol as Client
@@ -445,3 +446,36 @@ async def test_names_postgresql_or_a_signal_cannot_take_fail_their_own_task_only
     assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id IS NOT NULL"))[0][
         "n"
     ] == 0
+
+
+async def test_children_are_held_to_their_clients_own_quota_and_a_full_one_retries_the_parent(
+    client: Client, db: Database, clean_database: str
+) -> None:
+    """Spawned children were counted against the deployment's default quota, never the client's own:
+    a client allowed 2 unfinished tasks got a parent and 3 children stored. A spawn the quota has
+    no room for now fails the attempt to be retried later (after the quota's Retry-After), as an
+    enqueue would be answered 429, rather than discarding the parent for good."""
+    from app.src.api.auth import clients
+    from app.src.api.models.auth import SCOPES
+    from tests.conftest import bearer
+
+    _, key = await clients.create_client(db, name="small", scopes=SCOPES, max_queued_tasks=2)
+    headers = bearer(key.api_key)
+    await register(client, headers)
+    parent = await enqueue(client, headers, kind="reports.build", payload={"account_id": 1})
+    await claim(client, headers)
+    spawn = [{"key": f"c{i}", "kind": "noop"} for i in range(3)]
+    [answer] = await complete(
+        client,
+        headers,
+        {"id": parent["id"], "attempt": 1, "outcome": "suspended",
+         "suspend": {"spawn": spawn, "wait": {"type": "children"}}},
+    )  # fmt: skip
+    assert (answer["accepted"], answer["status"]) == (True, "retryable")
+    final = await (await client.get(f"/api/tasks/{parent['id']}", headers=headers)).get_json()
+    assert "a child cannot be created now" in final["last_error"]
+    assert "quota is 2" in final["last_error"]
+    waited = datetime.fromisoformat(final["run_at"]) - datetime.fromisoformat(final["created_at"])
+    assert waited.total_seconds() >= 4  # the quota's Retry-After (5 s), not the queue's first backoff
+    rows = await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE client_id = $1", key.client_id)
+    assert rows[0]["n"] == 1

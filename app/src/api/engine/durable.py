@@ -23,10 +23,11 @@ from uuid import UUID
 from pydantic import TypeAdapter, ValidationError
 
 from app.src.api.engine import submit
-from app.src.api.errors import AppError
+from app.src.api.errors import AppError, TooManyRequests
 from app.src.api.models.tasks import SignalName
 from app.src.api.state_machine import Status, transition
 from app.src.database import durable as store
+from app.src.database import tasks as task_store
 from app.src.database.durable import MAX_CHILDREN, MAX_STEPS, Composed
 from app.src.utils import json_text
 
@@ -75,6 +76,15 @@ class CompositionError(Exception):
     for good with this message."""
 
 
+class SpawnRefused(Exception):
+    """The client's quota has no room for the children now: the attempt fails and is retried no
+    sooner than `retry_after_s`, as an enqueue would be answered 429 with Retry-After."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 def check_name(what: str, name: str) -> str:
     """A step's, wait's or child's name as stored: 1 to 200 characters, none of them NUL (which
     PostgreSQL cannot store: the whole suspension would fail, not only this task)."""
@@ -104,7 +114,10 @@ async def suspend(
     worker_id: UUID,
     suspension: Suspension,
 ) -> str | None:
-    """Write a suspension; the task's new status, or None when the attempt no longer holds it."""
+    """Write a suspension; the task's new status, or None when the attempt no longer holds it.
+
+    Raises CompositionError (the task fails for good) or SpawnRefused (the attempt fails and is
+    retried), having written nothing."""
     for name, value in suspension.steps.items():
         check_step_result(name, value)
     children = await _prepare_children(engine, client_id, suspension.spawn)
@@ -159,10 +172,16 @@ async def _prepare_children(
         )
         for child in spawn
     ]
+    # held to the client's own quota, as its enqueues are (None: the deployment's default)
+    async with engine.db.driver() as conn:
+        quotas = await task_store.client_quotas(conn, [client_id])
+    submitter = submit.Submitter(client_id, quotas.get(client_id))
     try:
-        new = await submit.prepare(
-            engine, submit.Submitter(client_id), requests, field_prefix=lambda i: ("spawn", i)
-        )
+        new = await submit.prepare(engine, submitter, requests, field_prefix=lambda i: ("spawn", i))
+    except TooManyRequests as exc:
+        raise SpawnRefused(
+            f"a child cannot be created now: {exc.detail}", retry_after_s=submit.QUOTA_RETRY_AFTER_S
+        ) from None
     except AppError as exc:
         details = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in (exc.errors or []))
         raise CompositionError(

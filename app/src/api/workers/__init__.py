@@ -20,7 +20,7 @@ from uuid import UUID
 
 from app.database import StorageUnavailable
 from app.src.api.engine import durable, remote_kinds
-from app.src.api.engine.durable import ChildSpec, CompositionError, Suspension, Wait
+from app.src.api.engine.durable import ChildSpec, CompositionError, SpawnRefused, Suspension, Wait
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.errors import Unprocessable
 from app.src.api.models.workers import (
@@ -312,6 +312,13 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
                 discarded = _finished(task, item, Status.DISCARDED, Outcome.FAILED,
                                       task.started_at or now, now, error=str(exc))  # fmt: skip
                 groups.setdefault(task.worker_id, []).append(discarded)
+                continue
+            except SpawnRefused as exc:  # a failed attempt, retried by the queue's policy
+                refused = item.model_copy(update={"outcome": "failed", "error": str(exc),
+                                                  "retry_after_s": exc.retry_after_s})  # fmt: skip
+                retried = _completion(task, refused, None, queue, now)
+                if retried is not None:
+                    groups.setdefault(task.worker_id, []).append(retried)
                 continue
             if status is not None:
                 written[task.id] = status
