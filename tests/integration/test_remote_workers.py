@@ -479,3 +479,46 @@ async def test_children_are_held_to_their_clients_own_quota_and_a_full_one_retri
     assert waited.total_seconds() >= 4  # the quota's Retry-After (5 s), not the queue's first backoff
     rows = await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE client_id = $1", key.client_id)
     assert rows[0]["n"] == 1
+
+
+async def test_a_worker_that_names_no_worker_never_ends_or_renews_an_in_process_attempt(
+    client: Client, auth_headers: dict[str, str], db: Database, clean_database: str
+) -> None:
+    """Without `worker`, a completion or heartbeat is guarded by whoever holds the task: a client's
+    hand-written worker could end, suspend or renew an attempt that an in-process worker was
+    running (a suspension made it available at once: a second run while the first went on)."""
+    local = await enqueue(client, auth_headers, kind="noop")
+    in_process = uuid.uuid4()
+    async with db.driver() as conn:
+        [claimed] = await task_store.claim_available(
+            conn, limit=1, lease_s=5, worker_id=in_process, queues=None
+        )
+    assert str(claimed.id) == local["id"]
+    items = [
+        {"id": local["id"], "attempt": 1, "outcome": "suspended"},
+        {"id": local["id"], "attempt": 1, "outcome": "completed", "result": {"forged": True}},
+    ]
+    for item in items:
+        response = await client.post("/api/workers/complete", json={"items": [item]}, headers=auth_headers)
+        assert (await response.get_json())["items"] == [
+            {"id": local["id"], "accepted": False, "status": "running"}
+        ]
+    beat = await client.post("/api/workers/heartbeat", json={"task_ids": [local["id"]]}, headers=auth_headers)
+    assert (await beat.get_json()) == {"items": [], "lost": [local["id"]]}
+    [row] = await fetch(
+        clean_database, "SELECT status, worker_id, result FROM tasks WHERE id = $1", uuid.UUID(local["id"])
+    )
+    assert (row["status"], row["worker_id"], row["result"]) == ("running", in_process, None)
+    # a task a remote worker of this client holds is still renewed and completed without `worker`
+    await register(client, auth_headers)
+    remote = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    await claim(client, auth_headers)
+    renewed = await client.post(
+        "/api/workers/heartbeat", json={"task_ids": [remote["id"]]}, headers=auth_headers
+    )
+    assert [x["id"] for x in (await renewed.get_json())["items"]] == [remote["id"]]
+    done = {"id": remote["id"], "attempt": 1, "outcome": "completed", "result": {"url": "u"}}
+    finished = await client.post("/api/workers/complete", json={"items": [done]}, headers=auth_headers)
+    assert (await finished.get_json())["items"] == [
+        {"id": remote["id"], "accepted": True, "status": "completed"}
+    ]

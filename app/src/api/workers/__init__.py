@@ -120,17 +120,23 @@ async def claim(
     kinds = KindsFilter(client_id=client_id, kinds=sorted(set(data.kinds)))
     worker_id = remote_worker_id(client_id, data.worker.name)
     if _due_for_seen(worker_id):
-        async with db.driver() as conn:
-            await store.seen(
-                conn,
-                worker_id=worker_id,
-                client_id=client_id,
-                name=data.worker.name,
-                version=data.worker.version,
-                remote=True,
-                kinds=kinds.kinds,
-                queues=data.queues,
-            )
+        try:
+            async with db.driver() as conn:
+                await store.seen(
+                    conn,
+                    worker_id=worker_id,
+                    client_id=client_id,
+                    name=data.worker.name,
+                    version=data.worker.version,
+                    remote=True,
+                    kinds=kinds.kinds,
+                    queues=data.queues,
+                )
+        except BaseException:
+            # not written: the next claim writes it (before claiming), as completions of a worker
+            # that names no worker find its tasks' holder by this row (store.held_tasks)
+            _seen_at.pop(worker_id, None)
+            raise
     loop = asyncio.get_running_loop()
     deadline = loop.time() + data.wait_s
     with notifier.watch_available() as woken:
@@ -260,14 +266,15 @@ async def _by_worker(
     conn: task_store.Executor, client_id: UUID, task_ids: list[UUID], worker: WorkerIdentity | None
 ) -> dict[UUID, list[UUID]]:
     """The tasks grouped by the worker id their guard must name. A named worker guards them with
-    its own id; otherwise each running task's current holder (still this client's) stands in,
-    and the attempt number (completion) or the running status (heartbeat) is the guard."""
+    its own id; otherwise each running task's current holder (still this client's, and a remote
+    worker: never an in-process one) stands in, and the attempt number (completion) or the
+    running status (heartbeat) is the guard."""
     unique = list(dict.fromkeys(task_ids))
     if worker is not None:
         return {remote_worker_id(client_id, worker.name): unique}
     grouped: dict[UUID, list[UUID]] = {}
     for task in (await store.held_tasks(conn, client_id=client_id, task_ids=unique)).values():
-        if task.worker_id is not None and task.status == Status.RUNNING:
+        if task.worker_id is not None and task.remote_holder and task.status == Status.RUNNING:
             grouped.setdefault(task.worker_id, []).append(task.id)
     return grouped
 
@@ -342,10 +349,12 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
 
 
 def _current(task: HeldTask, item: CompletionIn, named: UUID | None) -> bool:
-    """The attempt named is the one running now (the statement checks it again, atomically)."""
+    """The attempt named is the one running now (the statement checks it again, atomically), held
+    by the worker named or, when none is, by a remote worker of this client: an attempt an
+    in-process worker runs is never ended (or suspended, and so run again at once) from here."""
     if task.status != Status.RUNNING or task.attempt != item.attempt or task.worker_id is None:
         return False
-    return named is None or task.worker_id == named
+    return task.remote_holder if named is None else task.worker_id == named
 
 
 def _completion(
