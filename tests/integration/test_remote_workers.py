@@ -522,3 +522,45 @@ async def test_a_worker_that_names_no_worker_never_ends_or_renews_an_in_process_
     assert (await finished.get_json())["items"] == [
         {"id": remote["id"], "accepted": True, "status": "completed"}
     ]
+
+
+async def test_a_schema_pattern_cannot_hold_the_event_loop(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """Patterns were matched by Python's backtracking `re`: a payload of 29 characters against
+    ^(a+)+$ held the server's event loop for ~20 s (each two more characters: four times as long),
+    every request of every client waiting. They are matched in linear time now, and patterns that
+    need backtracking (look-around, back-references) are refused at registration."""
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^(a+)+$"}},
+        "patternProperties": {"^x-(a+)+$": {"type": "integer"}},
+        "additionalProperties": False,
+    }
+    await register(client, auth_headers, payload_schema=schema)
+    hostile = {"code": "a" * 29 + "!", "x-" + "a" * 29 + "!": 1}
+    started = time.monotonic()
+    refused = await client.post(
+        "/api/tasks", json={"kind": "reports.build", "payload": hostile}, headers=auth_headers
+    )
+    assert time.monotonic() - started < 5
+    assert refused.status_code == 422
+    fields = sorted(e["field"] for e in (await refused.get_json())["errors"])
+    assert fields == ["payload", "payload.code"]  # the key matches no pattern: not allowed
+    fine = await enqueue(client, auth_headers, kind="reports.build", payload={"code": "aaa", "x-aa": 1})
+    assert fine["status"] == "available"
+    wrong_type = await client.post(
+        "/api/tasks", json={"kind": "reports.build", "payload": {"x-a": "one"}}, headers=auth_headers
+    )
+    assert [e["field"] for e in (await wrong_type.get_json())["errors"]] == ["payload.x-a"]
+
+    for bad, field in [
+        ({"type": "string", "pattern": "(?<!a)b"}, "body.payload_schema.pattern"),
+        ({"patternProperties": {"(a)\\1": {}}}, "body.payload_schema.patternProperties.(a)\\1"),
+        ({"patternProperties": {"^a": {}}, "unevaluatedProperties": False}, "body.payload_schema"),
+    ]:
+        response = await client.put(
+            "/api/catalog/kinds/reports.bad", json={"payload_schema": bad}, headers=auth_headers
+        )
+        assert response.status_code == 422, bad
+        assert [e["field"] for e in (await response.get_json())["errors"]] == [field]

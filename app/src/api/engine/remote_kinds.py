@@ -8,13 +8,16 @@ ago can be enqueued right away.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from jsonschema import Draft202012Validator
+import pydantic_core
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
+from pydantic_core import SchemaValidator, core_schema
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
@@ -38,8 +41,70 @@ _NOTHING_FETCHED = Registry()
 _REFERENCES = ("$ref", "$dynamicRef")
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")  # their values are data, not schemas
 
+# Patterns (`pattern`, `patternProperties`) are matched by the linear-time engine pydantic-core
+# brings (Rust's regex crate), never by Python's backtracking `re`: with `re`, a pattern such as
+# ^(a+)+$ held the event loop for minutes on a string of 30 characters, and every request of every
+# client on that process waited. Patterns that engine cannot run (look-around, back-references)
+# are refused when the kind is registered.
+_PATTERN_KEYWORDS = ("pattern", "patternProperties")
+
+
+@functools.lru_cache(maxsize=4096)
+def _regex(pattern: str) -> SchemaValidator:
+    return SchemaValidator(core_schema.str_schema(pattern=pattern))
+
+
+def _matches(pattern: str, text: str) -> bool:
+    """Whether `pattern` matches anywhere in `text` (JSON Schema's `pattern`: not anchored)."""
+    try:
+        _regex(pattern).validate_python(text)
+    except pydantic_core.ValidationError:
+        return False
+    return True
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterable[ValidationError]:
+    if validator.is_type(instance, "string") and not _matches(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
+) -> Iterable[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _matches(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(
+    validator: Any, additional: Any, instance: Any, schema: Any
+) -> Iterable[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    patterns = list(schema.get("patternProperties", {}))
+    extras = [key for key in instance
+              if key not in properties and not any(_matches(p, key) for p in patterns)]  # fmt: skip
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif not additional and extras:
+        listed = ", ".join(repr(extra) for extra in sorted(extras))
+        verb = "was" if len(extras) == 1 else "were"
+        yield ValidationError(f"Additional properties are not allowed ({listed} {verb} unexpected)")
+
+
+_Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator,
+    {"pattern": _pattern, "patternProperties": _pattern_properties,
+     "additionalProperties": _additional_properties},
+)  # fmt: skip
+
 _kinds: dict[UUID, tuple[float, dict[str, RemoteKindRow]]] = {}
-_validators: dict[tuple[UUID, str, int, str], Draft202012Validator] = {}
+_validators: dict[tuple[UUID, str, int, str], Any] = {}
 
 
 def forget(client_id: UUID) -> None:
@@ -68,7 +133,7 @@ async def lookup(db: Database, *, client_id: UUID, names: Iterable[str]) -> dict
     return {name: kinds[name] for name in wanted if name in kinds}
 
 
-def _validator(kind: RemoteKindRow, which: str) -> Draft202012Validator | None:
+def _validator(kind: RemoteKindRow, which: str) -> Any:
     schema = kind.payload_schema if which == "payload" else kind.result_schema
     if schema is None:
         return None
@@ -78,7 +143,7 @@ def _validator(kind: RemoteKindRow, which: str) -> Draft202012Validator | None:
         if len(_validators) >= _MAX_VALIDATORS:
             _validators.clear()
         # no format checker and no remote $ref retrieval: a schema cannot make the server fetch URLs
-        validator = _validators[key] = Draft202012Validator(schema, registry=_NOTHING_FETCHED)
+        validator = _validators[key] = _Validator(schema, registry=_NOTHING_FETCHED)
     return validator
 
 
@@ -156,15 +221,43 @@ def _check_schema(schema: dict[str, Any] | None, field: str) -> list[dict[str, A
         for key, value, path in _walk(schema, ())
         if key in _REFERENCES and isinstance(value, str) and not value.startswith("#") and not embedded
     ]  # fmt: skip
+    errors += _pattern_errors(schema, field)
     if errors:
         return errors
     try:  # a schema that refers to itself without end fails every value: refuse it now
-        list(Draft202012Validator(schema, registry=_NOTHING_FETCHED).iter_errors({}))
+        list(_Validator(schema, registry=_NOTHING_FETCHED).iter_errors({}))
     except (RecursionError, Unresolvable) as exc:
         reason = "it refers to itself without end" if isinstance(exc, RecursionError) else str(exc)
         return [{"field": f"body.{field}", "message": f"the schema cannot be applied: {reason}",
                  "type": "invalid_schema"}]  # fmt: skip
     return []
+
+
+def _pattern_errors(schema: dict[str, Any], field: str) -> list[dict[str, Any]]:
+    """Patterns the linear-time engine cannot run, and `unevaluatedProperties` beside
+    `patternProperties` (which the validator would match with Python's `re`)."""
+    errors = []
+    keywords = set()
+    for key, value, path in _walk(schema, ()):
+        keywords.add(key)
+        if key == "pattern" and isinstance(value, str):
+            found = [((*path, key), value)]
+        elif key == "patternProperties" and isinstance(value, dict):
+            found = [((*path, key, pattern), pattern) for pattern in value]
+        else:
+            continue
+        for at, pattern in found:
+            try:
+                _regex(pattern)
+            except pydantic_core.SchemaError:
+                errors.append({"field": ".".join(map(str, ("body", field, *at))),
+                               "message": "a pattern may not use look-around or back-references "
+                                          "(patterns are matched in linear time)",
+                               "type": "invalid_schema"})  # fmt: skip
+    if {"patternProperties", "unevaluatedProperties"} <= keywords:
+        errors.append({"field": f"body.{field}", "message": "unevaluatedProperties cannot be combined "
+                       "with patternProperties", "type": "invalid_schema"})  # fmt: skip
+    return errors
 
 
 def _walk(node: Any, path: tuple[str | int, ...]) -> Iterable[tuple[str, Any, tuple[str | int, ...]]]:
