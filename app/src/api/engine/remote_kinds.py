@@ -157,8 +157,9 @@ def schema_errors(
     out: list[dict[str, Any]] = []
     try:
         errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
-    except (RecursionError, Unresolvable) as exc:
-        # a kind registered before references were checked, or a reference that loops for this value
+    except (RecursionError, Unresolvable, pydantic_core.SchemaError) as exc:
+        # a kind registered before references (or patterns) were checked, or a reference that
+        # loops for this value
         reason = "it refers to itself without end" if isinstance(exc, RecursionError) else str(exc)
         return [{"field": ".".join(map(str, prefix)), "message": f"the {which} schema of kind "
                  f"{kind.name!r} cannot be applied: {reason}", "type": "invalid_schema"}]  # fmt: skip
