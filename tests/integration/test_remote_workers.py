@@ -576,3 +576,29 @@ async def test_a_schema_pattern_cannot_hold_the_event_loop(
     )
     assert stored.status_code == 422, await stored.get_data(as_text=True)
     assert "cannot be applied" in (await stored.get_json())["errors"][0]["message"]
+
+
+async def test_unique_items_of_a_large_array_cannot_hold_the_event_loop(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """jsonschema compares array items it cannot sort (objects, arrays) each with every other: an
+    enqueue of 6,000 objects (70 KB) against uniqueItems, which pydantic writes for every set field
+    of an SDK kind, held the event loop for about 40 s; the body cap allows hundreds of thousands."""
+    schema = {"type": "object", "properties": {"rows": {"type": "array", "uniqueItems": True}}}
+    await register(client, auth_headers, payload_schema=schema)
+    rows: list[Any] = [{"n": i} for i in range(6_000)]
+    started = time.monotonic()
+    accepted = await enqueue(client, auth_headers, kind="reports.build", payload={"rows": rows})
+    assert time.monotonic() - started < 5
+    assert accepted["status"] == "available"
+    for duplicated in ([{"a": 1, "b": [2]}, {"b": [2.0], "a": 1}], [1, 1.0]):
+        refused = await client.post(
+            "/api/tasks",
+            json={"kind": "reports.build", "payload": {"rows": duplicated}},
+            headers=auth_headers,
+        )
+        assert [e["field"] for e in (await refused.get_json())["errors"]] == ["payload.rows"]
+    distinct = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"rows": [True, 1, False, 0, "1", [1], {"1": 1}]}
+    )
+    assert distinct["status"] == "available"

@@ -9,6 +9,7 @@ ago can be enqueued right away.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -97,10 +98,36 @@ def _additional_properties(
         yield ValidationError(f"Additional properties are not allowed ({listed} {verb} unexpected)")
 
 
+def _comparable(value: Any) -> Any:
+    """`value` as JSON Schema compares it: numbers by value (1 equals 1.0), booleans apart from
+    numbers (JSON writes them apart), objects whatever the order of their keys."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _comparable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_comparable(item) for item in value]
+    return value
+
+
+def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> Iterable[ValidationError]:
+    """jsonschema compares items that cannot be sorted (objects, arrays) each with every other: an
+    array of 4,000 objects held the event loop for 19 s. One pass over canonical JSON instead."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    seen: set[str] = set()
+    for item in instance:
+        text = json.dumps(_comparable(item), sort_keys=True)
+        if text in seen:
+            yield ValidationError("the array has non-unique elements")
+            return
+        seen.add(text)
+
+
 _Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator,
     {"pattern": _pattern, "patternProperties": _pattern_properties,
-     "additionalProperties": _additional_properties},
+     "additionalProperties": _additional_properties, "uniqueItems": _unique_items},
 )  # fmt: skip
 
 _kinds: dict[UUID, tuple[float, dict[str, RemoteKindRow]]] = {}
