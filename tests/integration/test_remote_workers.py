@@ -602,3 +602,41 @@ async def test_unique_items_of_a_large_array_cannot_hold_the_event_loop(
         client, auth_headers, kind="reports.build", payload={"rows": [True, 1, False, 0, "1", [1], {"1": 1}]}
     )
     assert distinct["status"] == "available"
+
+
+def _multiplying(depth: int) -> dict[str, Any]:
+    """$defs whose every level is an anyOf of two references to the next: 2^depth checks."""
+    defs: dict[str, Any] = {
+        f"l{i}": {"anyOf": [{"$ref": f"#/$defs/l{i + 1}"}, {"$ref": f"#/$defs/l{i + 1}"}]}
+        for i in range(depth)
+    }
+    return {**defs, f"l{depth}": {"type": "string"}}
+
+
+async def test_a_schema_whose_alternatives_multiply_is_checked_within_a_budget(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """A 2 KB schema of anyOfs of references to anyOfs costs 2^depth to check one value: at a
+    depth of 18, {"x": 1} held the event loop for about half a minute (each level doubles it).
+    Every check now ends within a budget: past it the value is refused with a 422 saying why, and
+    a schema that cannot check even an empty object within it is refused when registered."""
+    schema = {"$defs": _multiplying(18), "type": "object", "properties": {"x": {"$ref": "#/$defs/l0"}}}
+    await register(client, auth_headers, payload_schema=schema)
+    started = time.monotonic()
+    refused = await client.post(
+        "/api/tasks", json={"kind": "reports.build", "payload": {"x": 1}}, headers=auth_headers
+    )
+    assert time.monotonic() - started < 5
+    assert refused.status_code == 422
+    [error] = (await refused.get_json())["errors"]
+    assert error["field"] == "payload"
+    assert "takes longer than 1 s" in error["message"]
+    assert (await enqueue(client, auth_headers, kind="reports.build", payload={"x": "s"}))[
+        "status"
+    ] == "available"
+    everywhere = {"$defs": _multiplying(30), "$ref": "#/$defs/l0"}
+    response = await client.put(
+        "/api/catalog/kinds/reports.slow", json={"payload_schema": everywhere}, headers=auth_headers
+    )
+    assert response.status_code == 422
+    assert "takes longer than 1 s" in (await response.get_json())["errors"][0]["message"]

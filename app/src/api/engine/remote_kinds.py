@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -124,11 +126,50 @@ def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> It
         seen.add(text)
 
 
+# Checks run on the event loop, and a schema's keywords can multiply (an anyOf of references to
+# anyOfs of references...: 2^depth for one value, 6.5 s at a depth of 16 for {"x": 1}). Every
+# keyword looks at this deadline first, so no value is checked for longer than the budget.
+CHECK_BUDGET_S = 1.0
+_deadline: ContextVar[float] = ContextVar("schema_check_deadline", default=math.inf)
+
+
+class _OverBudget(Exception):
+    """A schema check ran past CHECK_BUDGET_S."""
+
+
+Keyword = Callable[[Any, Any, Any, Any], Iterable[ValidationError] | None]
+
+
+def _bounded(keyword: Keyword) -> Keyword:
+    def check(validator: Any, value: Any, instance: Any, schema: Any) -> Iterable[ValidationError]:
+        if time.monotonic() > _deadline.get():
+            raise _OverBudget
+        found = keyword(validator, value, instance, schema)
+        if found is not None:
+            yield from found
+
+    return check
+
+
+def _checked(validator: Any, instance: Any) -> list[ValidationError]:
+    """Every error of `instance`, found within CHECK_BUDGET_S (else _OverBudget)."""
+    token = _deadline.set(time.monotonic() + CHECK_BUDGET_S)
+    try:
+        return sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    finally:
+        _deadline.reset(token)
+
+
+_KEYWORDS: dict[str, Keyword] = {
+    **Draft202012Validator.VALIDATORS,
+    "pattern": _pattern,
+    "patternProperties": _pattern_properties,
+    "additionalProperties": _additional_properties,
+    "uniqueItems": _unique_items,
+}
 _Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
-    Draft202012Validator,
-    {"pattern": _pattern, "patternProperties": _pattern_properties,
-     "additionalProperties": _additional_properties, "uniqueItems": _unique_items},
-)  # fmt: skip
+    Draft202012Validator, {name: _bounded(keyword) for name, keyword in _KEYWORDS.items()}
+)
 
 _kinds: dict[UUID, tuple[float, dict[str, RemoteKindRow]]] = {}
 _validators: dict[tuple[UUID, str, int, str], Any] = {}
@@ -183,11 +224,11 @@ def schema_errors(
         return []
     out: list[dict[str, Any]] = []
     try:
-        errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
-    except (RecursionError, Unresolvable, pydantic_core.SchemaError) as exc:
-        # a kind registered before references (or patterns) were checked, or a reference that
-        # loops for this value
-        reason = "it refers to itself without end" if isinstance(exc, RecursionError) else str(exc)
+        errors = _checked(validator, instance)
+    except (RecursionError, Unresolvable, pydantic_core.SchemaError, _OverBudget) as exc:
+        # a kind registered before references (or patterns, or its cost) were checked, or a
+        # reference that loops, or alternatives that multiply, for this value
+        reason = _reason(exc)
         return [{"field": ".".join(map(str, prefix)), "message": f"the {which} schema of kind "
                  f"{kind.name!r} cannot be applied: {reason}", "type": "invalid_schema"}]  # fmt: skip
     for error in errors[:MAX_ERRORS]:
@@ -252,13 +293,23 @@ def _check_schema(schema: dict[str, Any] | None, field: str) -> list[dict[str, A
     errors += _pattern_errors(schema, field)
     if errors:
         return errors
-    try:  # a schema that refers to itself without end fails every value: refuse it now
-        list(_Validator(schema, registry=_NOTHING_FETCHED).iter_errors({}))
-    except (RecursionError, Unresolvable) as exc:
-        reason = "it refers to itself without end" if isinstance(exc, RecursionError) else str(exc)
+    try:  # a schema that refers to itself without end (or costs too much) fails every value: refuse it now
+        _checked(_Validator(schema, registry=_NOTHING_FETCHED), {})
+    except (RecursionError, Unresolvable, _OverBudget) as exc:
+        reason = _reason(exc)
         return [{"field": f"body.{field}", "message": f"the schema cannot be applied: {reason}",
                  "type": "invalid_schema"}]  # fmt: skip
     return []
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "it refers to itself without end"
+    if isinstance(error, _OverBudget):
+        return (
+            f"checking a value against it takes longer than {CHECK_BUDGET_S:g} s (its alternatives multiply)"
+        )
+    return str(error)
 
 
 def _pattern_errors(schema: dict[str, Any], field: str) -> list[dict[str, Any]]:
