@@ -449,6 +449,8 @@ class Worker:
                 claim = await self._client.claim(
                     sorted(self.kinds), worker=self.identity, queues=self.queues, max=want, wait_s=self.wait_s
                 )
+                self._lease_s = float(claim.lease_s)
+                starts = await self._confirm(claim.items, sent)  # within the slots this claim reserved
             except asyncio.CancelledError:
                 raise
             except ApiError as exc:
@@ -468,9 +470,24 @@ class Worker:
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 continue
             failures = 0
-            self._lease_s = float(claim.lease_s)
-            for task in claim.items:
-                self._start(task, sent)
+            for task, lease_from in starts:
+                self._start(task, lease_from)
+
+    async def _confirm(self, tasks: list[ClaimedTask], sent: float) -> list[tuple[ClaimedTask, float]]:
+        """The claimed tasks to start, each with the time its lease was set at the latest (`_Running.
+        lease_from`). A claim answered late in its long-poll set its leases long after it was sent:
+        reckoned from then, they could already be past the fence, and would be abandoned at once.
+        Those are renewed first (one heartbeat); a task the server says is lost is not started."""
+        if not tasks or time.monotonic() - sent <= self._margin_s():
+            return [(task, sent) for task in tasks]
+        renewing = time.monotonic()
+        answer = await self._renew([task.id for task in tasks], {})
+        if answer is None:  # unconfirmed: the fence decides, as for any lease not renewed in time
+            return [(task, sent) for task in tasks]
+        lost = set(answer.lost)
+        if lost:
+            log.warning("%d claimed tasks lost before they started", len(lost))
+        return [(task, renewing) for task in tasks if task.id not in lost]
 
     def _start(self, task: ClaimedTask, lease_from: float) -> None:
         running = _Running(task, TaskContext(task, self), lease_from, previous=self._running.get(task.id))

@@ -309,3 +309,35 @@ async def test_a_heartbeat_answered_late_never_abandons_a_newer_run_of_its_task(
             await until(lambda: server.completed[server.target].get("attempt") == 2)
     assert server.completed[server.target]["outcome"] == "completed"
     assert contexts[1].cancelled is False
+
+
+async def test_a_task_claimed_at_the_end_of_a_long_poll_runs() -> None:
+    """The leases of a claim were reckoned from when the claim was sent: a task that arrived late
+    in a long-poll (after lease minus margin: 24 s into a 30 s wait with the default 30 s lease,
+    8 s into the default 10 s wait with a 10 s lease) was claimed already unconfirmed and abandoned
+    at once, its lease left to expire unused, attempt after attempt."""
+
+    class LongPoll(FakeTaskgate):
+        async def _claim(self, body: dict[str, Any]) -> Any:
+            deadline = time.monotonic() + body["wait_s"]
+            while not self.available and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return await super()._claim(body)
+
+    server = LongPoll(lease_s=3)  # fenced 1 s (the smallest margin) before the lease ends
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1, wait_s=2.8)
+        contexts: list[taskgate.TaskContext] = []
+
+        @worker.kind("job")
+        async def job(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            contexts.append(ctx)
+            await asyncio.sleep(0.8)  # past the first fence after the claim
+            return {"ran": True}
+
+        async with server.serving(worker):
+            await asyncio.sleep(2.3)  # into the worker's first long-poll, past lease minus margin
+            task_id = server.add("job")
+            await until(lambda: task_id in server.completed, timeout_s=5)
+    assert server.completed[task_id]["outcome"] == "completed"
+    assert [ctx.cancelled for ctx in contexts] == [False]
