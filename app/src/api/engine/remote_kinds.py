@@ -58,7 +58,12 @@ def _regex(pattern: str) -> SchemaValidator:
 
 
 def _matches(pattern: str, text: str) -> bool:
-    """Whether `pattern` matches anywhere in `text` (JSON Schema's `pattern`: not anchored)."""
+    """Whether `pattern` matches anywhere in `text` (JSON Schema's `pattern`: not anchored).
+
+    Within the check's budget (see CHECK_BUDGET_S): one keyword matches every key of an object
+    against each of its patterns, thousands times thousands of matches in one call."""
+    if time.monotonic() > _deadline.get():
+        raise _OverBudget
     try:
         _regex(pattern).validate_python(text)
     except pydantic_core.ValidationError:
