@@ -124,6 +124,8 @@ def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> It
         return
     seen: set[str] = set()
     for item in instance:
+        if time.monotonic() > _deadline.get():  # the budget, inside the loop (see _matches)
+            raise _OverBudget
         text = json.dumps(_comparable(item), sort_keys=True)
         if text in seen:
             yield ValidationError("the array has non-unique elements")
