@@ -18,7 +18,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from app.src.api.engine import durable
-from app.src.api.engine.durable import CompositionError, Suspended, Suspension
+from app.src.api.engine.durable import CompositionError, SpawnRefused, Suspended, Suspension
 from app.src.api.engine.outcomes import Backoff, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.kinds import (
     Deferred,
@@ -94,6 +94,8 @@ class Executor:
                 )
         except CompositionError as exc:
             return finished(running, Status.DISCARDED, Outcome.FAILED, error=str(exc))
+        except SpawnRefused as exc:
+            return await self.failed(running, str(exc), retry_after_s=exc.retry_after_s)
         if status is None:
             running.abandoned = "lease lost"
         return None

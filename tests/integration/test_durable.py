@@ -513,3 +513,32 @@ async def test_a_dependent_retried_by_hand_waits_for_its_dependencies_again(
     )
     [then] = await fetch(clean_database, "SELECT started_at FROM tasks WHERE id = $1", UUID(dependent["id"]))
     assert then["started_at"] >= first["finished_at"]  # it ran after its dependency completed
+
+
+async def test_children_spawned_in_process_are_held_to_their_clients_own_quota(
+    serving: Serving, clean_database: str
+) -> None:
+    """The in-process side of the quota rule for children (test_remote_workers has the remote one):
+    a client allowed 2 unfinished tasks got its parent and 3 children stored; now the attempt
+    fails, to be retried once the quota has room, and no child exists."""
+    from app.src.api.auth import clients
+    from app.src.api.models.auth import SCOPES
+    from tests.conftest import bearer
+
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    _, key = await clients.create_client(
+        app.extensions["taskgate"].db, name="small", scopes=SCOPES, max_queued_tasks=2
+    )
+    headers = bearer(key.api_key)
+    parent = await enqueue(client, headers, kind="test.fanout", payload={"children": 3})
+
+    async def retried() -> dict[str, Any] | None:
+        task: dict[str, Any] = await get(client, headers, f"/api/tasks/{parent['id']}")
+        return task if task["status"] == "retryable" else None
+
+    task = await eventually(retried)
+    assert "a child cannot be created now" in task["last_error"]
+    assert "quota is 2" in task["last_error"]
+    rows = await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id IS NOT NULL")
+    assert rows[0]["n"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 from quart.typing import TestClientProtocol as Client
@@ -415,3 +416,298 @@ async def test_retries_come_due_while_remote_workers_drain_a_backlog(
         await asyncio.sleep(0.5)
         started += [item["id"] for item in (await claim(client, auth_headers, max=1, wait_s=1))["items"]]
     assert retried["id"] in started
+
+
+async def test_a_wait_under_a_name_already_taken_fails_the_task_for_good(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A sleep named like a stored step found the step's row as its record: it ended at once and
+    the replay reached it again, claim after claim, for ever; a step holding a "sleep_until" that
+    was not a time made the completion a 500; a signal wait took a step's row for its own. Names
+    are unique per task: such a task fails for good, saying why."""
+    await register(client, auth_headers)
+    tasks = [
+        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
+        for i in range(3)
+    ]
+    assert len((await claim(client, auth_headers, max=3))["items"]) == 3
+    steps = {"a": {"sleep_until": "not a time"}, "b": 1}
+    first = [{"id": t["id"], "attempt": 1, "outcome": "suspended", "suspend": {"steps": steps}}
+             for t in tasks]  # fmt: skip
+    assert {a["status"] for a in await complete(client, auth_headers, *first)} == {"available"}
+    assert len((await claim(client, auth_headers, max=3))["items"]) == 3
+    waits = [
+        {"type": "sleep", "name": "b", "seconds": 60},
+        {"type": "sleep", "name": "a", "seconds": 60},
+        {"type": "signal", "name": "a", "seconds": 60},
+    ]
+    answers = await complete(
+        client,
+        auth_headers,
+        *(
+            {"id": t["id"], "attempt": 2, "outcome": "suspended", "suspend": {"wait": w}}
+            for t, w in zip(tasks, waits, strict=True)
+        ),
+    )
+    assert [(a["accepted"], a["status"]) for a in answers] == [(True, "discarded")] * 3
+    assert (await claim(client, auth_headers, max=3))["items"] == []
+    final = await (await client.get(f"/api/tasks/{tasks[0]['id']}", headers=auth_headers)).get_json()
+    assert final["last_error"].startswith("the sleep 'b' has the name of another step, sleep or signal wait")
+    steps_now = await fetch(clean_database, "SELECT name, wait FROM task_steps")
+    assert sorted((r["name"], r["wait"]) for r in steps_now) == [("a", False)] * 3 + [("b", False)] * 3
+
+
+async def test_names_postgresql_or_a_signal_cannot_take_fail_their_own_task_only(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A NUL in a step's name failed the whole request with a 422 after another task of it had
+    been suspended; a signal wait named what no signal can be sent to waited for ever."""
+    await register(client, auth_headers)
+    tasks = [
+        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
+        for i in range(4)
+    ]
+    assert len((await claim(client, auth_headers, max=4))["items"]) == 4
+    suspends: list[dict[str, Any]] = [
+        {"steps": {"fine": 1}},
+        {"steps": {"a\u0000b": 1}},
+        {"spawn": [{"key": "k\u0000", "kind": "noop"}]},
+        {"wait": {"type": "signal", "name": "has space"}},
+    ]
+    answers = await complete(
+        client,
+        auth_headers,
+        *(
+            {"id": t["id"], "attempt": 1, "outcome": "suspended", "suspend": s}
+            for t, s in zip(tasks, suspends, strict=True)
+        ),
+    )
+    outcomes = [(a["accepted"], a["status"]) for a in answers]
+    assert outcomes == [(True, "available")] + [(True, "discarded")] * 3
+    errors = [
+        (await (await client.get(f"/api/tasks/{t['id']}", headers=auth_headers)).get_json())["last_error"]
+        for t in tasks[1:]
+    ]
+    assert errors[0] == "a step name must be 1 to 200 characters, none of them NUL"
+    assert errors[1] == "a child's key must be 1 to 200 characters, none of them NUL"
+    assert errors[2].startswith("the signal wait 'has space' can never be signalled")
+    assert [r["name"] for r in await fetch(clean_database, "SELECT name FROM task_steps")] == ["fine"]
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id IS NOT NULL"))[0][
+        "n"
+    ] == 0
+
+
+async def test_children_are_held_to_their_clients_own_quota_and_a_full_one_retries_the_parent(
+    client: Client, db: Database, clean_database: str
+) -> None:
+    """Spawned children were counted against the deployment's default quota, never the client's own:
+    a client allowed 2 unfinished tasks got a parent and 3 children stored. A spawn the quota has
+    no room for now fails the attempt to be retried later (after the quota's Retry-After), as an
+    enqueue would be answered 429, rather than discarding the parent for good."""
+    from app.src.api.auth import clients
+    from app.src.api.models.auth import SCOPES
+    from tests.conftest import bearer
+
+    _, key = await clients.create_client(db, name="small", scopes=SCOPES, max_queued_tasks=2)
+    headers = bearer(key.api_key)
+    await register(client, headers)
+    parent = await enqueue(client, headers, kind="reports.build", payload={"account_id": 1})
+    await claim(client, headers)
+    spawn = [{"key": f"c{i}", "kind": "noop"} for i in range(3)]
+    [answer] = await complete(
+        client,
+        headers,
+        {"id": parent["id"], "attempt": 1, "outcome": "suspended",
+         "suspend": {"spawn": spawn, "wait": {"type": "children"}}},
+    )  # fmt: skip
+    assert (answer["accepted"], answer["status"]) == (True, "retryable")
+    final = await (await client.get(f"/api/tasks/{parent['id']}", headers=headers)).get_json()
+    assert "a child cannot be created now" in final["last_error"]
+    assert "quota is 2" in final["last_error"]
+    waited = datetime.fromisoformat(final["run_at"]) - datetime.fromisoformat(final["created_at"])
+    assert waited.total_seconds() >= 4  # the quota's Retry-After (5 s), not the queue's first backoff
+    rows = await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE client_id = $1", key.client_id)
+    assert rows[0]["n"] == 1
+
+
+async def test_a_worker_that_names_no_worker_never_ends_or_renews_an_in_process_attempt(
+    client: Client, auth_headers: dict[str, str], db: Database, clean_database: str
+) -> None:
+    """Without `worker`, a completion or heartbeat is guarded by whoever holds the task: a client's
+    hand-written worker could end, suspend or renew an attempt that an in-process worker was
+    running (a suspension made it available at once: a second run while the first went on)."""
+    local = await enqueue(client, auth_headers, kind="noop")
+    in_process = uuid.uuid4()
+    async with db.driver() as conn:
+        [claimed] = await task_store.claim_available(
+            conn, limit=1, lease_s=5, worker_id=in_process, queues=None
+        )
+    assert str(claimed.id) == local["id"]
+    items = [
+        {"id": local["id"], "attempt": 1, "outcome": "suspended"},
+        {"id": local["id"], "attempt": 1, "outcome": "completed", "result": {"forged": True}},
+    ]
+    for item in items:
+        response = await client.post("/api/workers/complete", json={"items": [item]}, headers=auth_headers)
+        assert (await response.get_json())["items"] == [
+            {"id": local["id"], "accepted": False, "status": "running"}
+        ]
+    beat = await client.post("/api/workers/heartbeat", json={"task_ids": [local["id"]]}, headers=auth_headers)
+    assert (await beat.get_json()) == {"items": [], "lost": [local["id"]]}
+    [row] = await fetch(
+        clean_database, "SELECT status, worker_id, result FROM tasks WHERE id = $1", uuid.UUID(local["id"])
+    )
+    assert (row["status"], row["worker_id"], row["result"]) == ("running", in_process, None)
+    # a task a remote worker of this client holds is still renewed and completed without `worker`
+    await register(client, auth_headers)
+    remote = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    await claim(client, auth_headers)
+    renewed = await client.post(
+        "/api/workers/heartbeat", json={"task_ids": [remote["id"]]}, headers=auth_headers
+    )
+    assert [x["id"] for x in (await renewed.get_json())["items"]] == [remote["id"]]
+    done = {"id": remote["id"], "attempt": 1, "outcome": "completed", "result": {"url": "u"}}
+    finished = await client.post("/api/workers/complete", json={"items": [done]}, headers=auth_headers)
+    assert (await finished.get_json())["items"] == [
+        {"id": remote["id"], "accepted": True, "status": "completed"}
+    ]
+
+
+async def test_a_schema_pattern_cannot_hold_the_event_loop(
+    client: Client, auth_headers: dict[str, str], clean_database: str, api_client: IssuedKey
+) -> None:
+    """Patterns were matched by Python's backtracking `re`: a payload of 29 characters against
+    ^(a+)+$ held the server's event loop for ~20 s (each two more characters: four times as long),
+    every request of every client waiting. They are matched in linear time now, and patterns that
+    need backtracking (look-around, back-references) are refused at registration."""
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^(a+)+$"}},
+        "patternProperties": {"^x-(a+)+$": {"type": "integer"}},
+        "additionalProperties": False,
+    }
+    await register(client, auth_headers, payload_schema=schema)
+    hostile = {"code": "a" * 29 + "!", "x-" + "a" * 29 + "!": 1}
+    started = time.monotonic()
+    refused = await client.post(
+        "/api/tasks", json={"kind": "reports.build", "payload": hostile}, headers=auth_headers
+    )
+    assert time.monotonic() - started < 5
+    assert refused.status_code == 422
+    fields = sorted(e["field"] for e in (await refused.get_json())["errors"])
+    assert fields == ["payload", "payload.code"]  # the key matches no pattern: not allowed
+    fine = await enqueue(client, auth_headers, kind="reports.build", payload={"code": "aaa", "x-aa": 1})
+    assert fine["status"] == "available"
+    wrong_type = await client.post(
+        "/api/tasks", json={"kind": "reports.build", "payload": {"x-a": "one"}}, headers=auth_headers
+    )
+    assert [e["field"] for e in (await wrong_type.get_json())["errors"]] == ["payload.x-a"]
+
+    for bad, field in [
+        ({"type": "string", "pattern": "(?<!a)b"}, "body.payload_schema.pattern"),
+        ({"patternProperties": {"(a)\\1": {}}}, "body.payload_schema.patternProperties.(a)\\1"),
+        ({"patternProperties": {"^a": {}}, "unevaluatedProperties": False}, "body.payload_schema"),
+    ]:
+        response = await client.put(
+            "/api/catalog/kinds/reports.bad", json={"payload_schema": bad}, headers=auth_headers
+        )
+        assert response.status_code == 422, bad
+        assert [e["field"] for e in (await response.get_json())["errors"]] == [field]
+    # a look-around stored before patterns were checked: the enqueue is a 422, not a 500
+    await fetch(
+        clean_database,
+        "UPDATE remote_kinds SET payload_schema = $1::jsonb, version = version + 1",
+        '{"properties": {"code": {"type": "string", "pattern": "(?<!a)b"}}}',
+    )
+    remote_kinds.forget(api_client.client_id)
+    stored = await client.post(
+        "/api/tasks", json={"kind": "reports.build", "payload": {"code": "b"}}, headers=auth_headers
+    )
+    assert stored.status_code == 422, await stored.get_data(as_text=True)
+    assert "cannot be applied" in (await stored.get_json())["errors"][0]["message"]
+
+
+async def test_unique_items_of_a_large_array_cannot_hold_the_event_loop(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """jsonschema compares array items it cannot sort (objects, arrays) each with every other: an
+    enqueue of 6,000 objects (70 KB) against uniqueItems, which pydantic writes for every set field
+    of an SDK kind, held the event loop for about 40 s; the body cap allows hundreds of thousands."""
+    schema = {"type": "object", "properties": {"rows": {"type": "array", "uniqueItems": True}}}
+    await register(client, auth_headers, payload_schema=schema)
+    rows: list[Any] = [{"n": i} for i in range(6_000)]
+    started = time.monotonic()
+    accepted = await enqueue(client, auth_headers, kind="reports.build", payload={"rows": rows})
+    assert time.monotonic() - started < 5
+    assert accepted["status"] == "available"
+    for duplicated in ([{"a": 1, "b": [2]}, {"b": [2.0], "a": 1}], [1, 1.0]):
+        refused = await client.post(
+            "/api/tasks",
+            json={"kind": "reports.build", "payload": {"rows": duplicated}},
+            headers=auth_headers,
+        )
+        assert [e["field"] for e in (await refused.get_json())["errors"]] == ["payload.rows"]
+    distinct = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"rows": [True, 1, False, 0, "1", [1], {"1": 1}]}
+    )
+    assert distinct["status"] == "available"
+
+
+def _multiplying(depth: int) -> dict[str, Any]:
+    """$defs whose every level is an anyOf of two references to the next: 2^depth checks."""
+    defs: dict[str, Any] = {
+        f"l{i}": {"anyOf": [{"$ref": f"#/$defs/l{i + 1}"}, {"$ref": f"#/$defs/l{i + 1}"}]}
+        for i in range(depth)
+    }
+    return {**defs, f"l{depth}": {"type": "string"}}
+
+
+async def test_a_schema_whose_alternatives_multiply_is_checked_within_a_budget(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """A 2 KB schema of anyOfs of references to anyOfs costs 2^depth to check one value: at a
+    depth of 18, {"x": 1} held the event loop for about half a minute (each level doubles it).
+    Every check now ends within a budget: past it the value is refused with a 422 saying why, and
+    a schema that cannot check even an empty object within it is refused when registered."""
+    schema = {"$defs": _multiplying(18), "type": "object", "properties": {"x": {"$ref": "#/$defs/l0"}}}
+    await register(client, auth_headers, payload_schema=schema)
+    started = time.monotonic()
+    refused = await client.post(
+        "/api/tasks", json={"kind": "reports.build", "payload": {"x": 1}}, headers=auth_headers
+    )
+    assert time.monotonic() - started < 5
+    assert refused.status_code == 422
+    [error] = (await refused.get_json())["errors"]
+    assert error["field"] == "payload"
+    assert "takes longer than 1 s" in error["message"]
+    assert (await enqueue(client, auth_headers, kind="reports.build", payload={"x": "s"}))[
+        "status"
+    ] == "available"
+    everywhere = {"$defs": _multiplying(30), "$ref": "#/$defs/l0"}
+    response = await client.put(
+        "/api/catalog/kinds/reports.slow", json={"payload_schema": everywhere}, headers=auth_headers
+    )
+    assert response.status_code == 422
+    assert "takes longer than 1 s" in (await response.get_json())["errors"][0]["message"]
+
+
+async def test_a_check_of_many_keys_against_many_patterns_ends_within_the_budget(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """patternProperties matches every key of an object against each pattern, all inside one
+    keyword: 50,000 keys (640 KB) against 300 patterns held the event loop for about 9 s (the 8 MiB
+    body cap allows minutes) before the budget was next looked at. Every match looks at it now."""
+    patterns = {f"^p{i}-": {"type": "integer"} for i in range(300)}
+    schema = {"type": "object", "patternProperties": patterns, "additionalProperties": False}
+    await register(client, auth_headers, payload_schema=schema)
+    started = time.monotonic()
+    refused = await client.post(
+        "/api/tasks",
+        json={"kind": "reports.build", "payload": {f"k{i}": 1 for i in range(50_000)}},
+        headers=auth_headers,
+    )
+    assert time.monotonic() - started < 5
+    assert refused.status_code == 422
+    assert "takes longer than 1 s" in (await refused.get_json())["errors"][0]["message"]
+    fine = await enqueue(client, auth_headers, kind="reports.build", payload={"p7-x": 1})
+    assert fine["status"] == "available"

@@ -151,16 +151,24 @@ SELECT count(*) AS n, (SELECT count(pg_notify('{EVENTS_CHANNEL}', $1::text))) AS
 """
 
 # A wait recorded as a step under its name the first time it is reached: a sleep's end and a
-# signal's deadline are fixed then (by the database's clock) and kept across re-runs.
+# signal's deadline are fixed then (by the database's clock) and kept across re-runs. `own` says
+# whether the row under that name is a wait of this sort (flagged, holding key $3): a step's
+# result, or a wait of the other sort, met here is a name used twice, not this wait's record.
 RECORD_WAIT = """
 WITH stored AS (
     INSERT INTO task_steps (task_id, name, result, wait)
     VALUES ($1, $2, jsonb_build_object($3::text, now() + make_interval(secs => $4::float8)), true)
     ON CONFLICT (task_id, name) DO NOTHING
-    RETURNING result
+    RETURNING result, wait
+),
+found AS (
+    SELECT result, wait FROM stored
+    UNION ALL
+    SELECT result, wait FROM task_steps
+    WHERE task_id = $1 AND name = $2 AND NOT EXISTS (SELECT 1 FROM stored)
 )
-SELECT COALESCE((SELECT result FROM stored), (SELECT result FROM task_steps WHERE task_id = $1 AND name = $2))
-       AS result, now() AS now
+SELECT (SELECT result FROM found) AS result,
+       COALESCE((SELECT wait AND result ? $3::text FROM found), false) AS own, now() AS now
 """
 
 SIGNAL_STORED = "SELECT 1 AS found FROM task_signals WHERE task_id = $1 AND name = $2"
@@ -230,12 +238,17 @@ async def insert_steps(conn: Any, *, task_id: UUID, steps: Mapping[str, Any]) ->
         )
 
 
-async def record_wait(
-    conn: Any, *, task_id: UUID, name: str, key: str, seconds: float | None
-) -> tuple[Any, datetime]:
-    """The wait's step (created now if it is new): its stored result and the database's now()."""
+@dataclass(frozen=True, slots=True)
+class WaitRecord:
+    result: Any  # the pool's jsonb codec has decoded it (app/database.py)
+    own: bool  # False: the name holds a step, or a wait of the other sort (`key` absent)
+    now: datetime  # the database's
+
+
+async def record_wait(conn: Any, *, task_id: UUID, name: str, key: str, seconds: float | None) -> WaitRecord:
+    """The wait's step (created now if it is new), and the database's now()."""
     row = await conn.fetchrow(RECORD_WAIT, task_id, name, key, seconds)
-    return row["result"], row["now"]  # the pool's jsonb codec has decoded it (app/database.py)
+    return WaitRecord(row["result"], bool(row["own"]), row["now"])
 
 
 async def signal_stored(conn: Any, *, task_id: UUID, name: str) -> bool:

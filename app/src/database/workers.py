@@ -123,16 +123,23 @@ class HeldTask:
     max_attempts: int
     started_at: datetime | None
     worker_id: UUID | None
+    remote_holder: bool = False  # held by a remote worker of this client (not an in-process one)
+
+
+# A remote worker's row is written by its first claim in each process (before it claims), so a
+# task one of them holds finds it (primary key of workers); in-process workers' rows have no client.
+HELD_TASKS = """
+SELECT t.id, t.queue_id, t.kind, t.status, t.attempts, t.max_attempts, t.started_at, t.worker_id,
+       EXISTS (SELECT 1 FROM workers w WHERE w.id = t.worker_id AND w.remote AND w.client_id = $2)
+           AS remote_holder
+FROM tasks t
+WHERE t.id = ANY($1::uuid[]) AND t.client_id = $2
+"""
 
 
 async def held_tasks(conn: Executor, *, client_id: UUID, task_ids: list[UUID]) -> dict[UUID, HeldTask]:
     """The named tasks of this client as they are now (primary key); others' are not there."""
-    rows = await conn.fetch(
-        "SELECT id, queue_id, kind, status, attempts, max_attempts, started_at, worker_id FROM tasks "
-        "WHERE id = ANY($1::uuid[]) AND client_id = $2",
-        task_ids,
-        client_id,
-    )
+    rows = await conn.fetch(HELD_TASKS, task_ids, client_id)
     return {
         r["id"]: HeldTask(
             id=r["id"],
@@ -143,6 +150,7 @@ async def held_tasks(conn: Executor, *, client_id: UUID, task_ids: list[UUID]) -
             max_attempts=r["max_attempts"],
             started_at=r["started_at"],
             worker_id=r["worker_id"],
+            remote_holder=r["remote_holder"],
         )
         for r in rows
     }

@@ -70,6 +70,14 @@ class _Config:
         return httpx.Timeout(self.timeout_s, read=read)
 
 
+def _refused_delay(response: httpx.Response, refused: int, max_retries: int) -> float:
+    """How long to wait before opening an event stream again that was answered with an error:
+    429 and 503 are retried after Retry-After, `max_retries` times in a row; others raise."""
+    if refused < max_retries and should_retry(response, None):
+        return retry_after_s(response, refused)
+    raise api_error(response)
+
+
 def _task_specs(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [calls.task_body(**dict(t)) for t in tasks]
 
@@ -235,7 +243,9 @@ class Client:
     def events(self, task_id: TaskId) -> Iterator[TaskEvent]:
         """Status and progress changes until the task is terminal (reconnects if the stream drops)."""
         reconnects = 0
+        refused = 0  # 429/503 answers in a row: retried after Retry-After, as every call is
         while True:
+            delay_s: float | None = None
             try:
                 with self._http.stream(
                     "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
@@ -243,17 +253,23 @@ class Client:
                 ) as response:  # fmt: skip
                     if response.status_code >= 400:
                         response.read()
-                        raise api_error(response)
-                    for name, data in sse_events(response.iter_lines()):
-                        if name != "task":
-                            continue
-                        event = TaskEvent.model_validate(json.loads(data))
-                        yield event
-                        if event.terminal:
-                            return
+                        delay_s = _refused_delay(response, refused, self.config.max_retries)
+                        refused += 1
+                    else:
+                        refused = 0
+                        for name, data in sse_events(response.iter_lines()):
+                            if name != "task":
+                                continue
+                            event = TaskEvent.model_validate(json.loads(data))
+                            yield event
+                            if event.terminal:
+                                return
             except httpx.TransportError:
                 if reconnects >= MAX_EVENT_RECONNECTS:
                     raise
+            if delay_s is not None:
+                time.sleep(delay_s)
+                continue
             reconnects += 1
             if reconnects > MAX_EVENT_RECONNECTS:
                 return
@@ -497,7 +513,9 @@ class AsyncClient:
 
     async def events(self, task_id: TaskId) -> AsyncIterator[TaskEvent]:
         reconnects = 0
+        refused = 0  # 429/503 answers in a row: retried after Retry-After, as every call is
         while True:
+            delay_s: float | None = None
             try:
                 async with self._http.stream(
                     "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
@@ -505,17 +523,23 @@ class AsyncClient:
                 ) as response:  # fmt: skip
                     if response.status_code >= 400:
                         await response.aread()
-                        raise api_error(response)
-                    async for name, data in _sse(response):
-                        if name != "task":
-                            continue
-                        event = TaskEvent.model_validate(json.loads(data))
-                        yield event
-                        if event.terminal:
-                            return
+                        delay_s = _refused_delay(response, refused, self.config.max_retries)
+                        refused += 1
+                    else:
+                        refused = 0
+                        async for name, data in _sse(response):
+                            if name != "task":
+                                continue
+                            event = TaskEvent.model_validate(json.loads(data))
+                            yield event
+                            if event.terminal:
+                                return
             except httpx.TransportError:
                 if reconnects >= MAX_EVENT_RECONNECTS:
                     raise
+            if delay_s is not None:
+                await asyncio.sleep(delay_s)
+                continue
             reconnects += 1
             if reconnects > MAX_EVENT_RECONNECTS:
                 return

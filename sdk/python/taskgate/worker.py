@@ -449,6 +449,8 @@ class Worker:
                 claim = await self._client.claim(
                     sorted(self.kinds), worker=self.identity, queues=self.queues, max=want, wait_s=self.wait_s
                 )
+                self._lease_s = float(claim.lease_s)
+                starts = await self._confirm(claim.items, sent)  # within the slots this claim reserved
             except asyncio.CancelledError:
                 raise
             except ApiError as exc:
@@ -468,9 +470,24 @@ class Worker:
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 continue
             failures = 0
-            self._lease_s = float(claim.lease_s)
-            for task in claim.items:
-                self._start(task, sent)
+            for task, lease_from in starts:
+                self._start(task, lease_from)
+
+    async def _confirm(self, tasks: list[ClaimedTask], sent: float) -> list[tuple[ClaimedTask, float]]:
+        """The claimed tasks to start, each with the time its lease was set at the latest (`_Running.
+        lease_from`). A claim answered late in its long-poll set its leases long after it was sent:
+        reckoned from then, they could already be past the fence, and would be abandoned at once.
+        Those are renewed first (one heartbeat); a task the server says is lost is not started."""
+        if not tasks or time.monotonic() - sent <= self._margin_s():
+            return [(task, sent) for task in tasks]
+        renewing = time.monotonic()
+        answer = await self._renew([task.id for task in tasks], {})
+        if answer is None:  # unconfirmed: the fence decides, as for any lease not renewed in time
+            return [(task, sent) for task in tasks]
+        lost = set(answer.lost)
+        if lost:
+            log.warning("%d claimed tasks lost before they started", len(lost))
+        return [(task, renewing) for task in tasks if task.id not in lost]
 
     def _start(self, task: ClaimedTask, lease_from: float) -> None:
         running = _Running(task, TaskContext(task, self), lease_from, previous=self._running.get(task.id))
@@ -582,8 +599,10 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         assert self._client is not None
-        held = [i for i, r in self._running.items() if r.abandoned is None]
-        held += [UUID(c["id"]) for c in self._pending]
+        # the runs this heartbeat speaks for: its answer may come back after one of them ended and
+        # a newer run of the same task was claimed here, which it must not renew, cancel or abandon
+        runs = {i: r for i, r in self._running.items() if r.abandoned is None}
+        held = [*runs, *(UUID(c["id"]) for c in self._pending)]
         if not held:
             return
         progress, self._progress = self._progress, {}
@@ -596,11 +615,16 @@ class Worker:
         )
         for answer in answers:
             if answer is not None:
-                self._renewed(answer, sent)
+                self._renewed(answer, sent, runs)
 
-    def _renewed(self, answer: Heartbeat, sent: float) -> None:
+    def _current(self, task_id: UUID, runs: dict[UUID, _Running]) -> _Running | None:
+        """The run of `task_id` a heartbeat answered for, if it is still this task's latest run."""
+        running = self._running.get(task_id)
+        return running if running is not None and runs.get(task_id) is running else None
+
+    def _renewed(self, answer: Heartbeat, sent: float, runs: dict[UUID, _Running]) -> None:
         for lease in answer.items:
-            running = self._running.get(lease.id)
+            running = self._current(lease.id, runs)
             if running is None:
                 continue
             running.lease_from = max(running.lease_from, sent)
@@ -611,7 +635,7 @@ class Worker:
                     running.runner.cancel()  # async handlers are interrupted; sync ones see ctx.cancelled
         pending = {c["id"] for c in self._pending}
         for task_id in answer.lost:
-            running = self._running.get(task_id)
+            running = self._current(task_id, runs)
             if running is not None and str(task_id) not in pending:
                 log.warning("lease lost; abandoning task %s", task_id)
                 self._abandon(running, "lease lost")

@@ -3,6 +3,7 @@ problem+json read into ApiError, and an Idempotency-Key that stays the same acro
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -79,3 +80,54 @@ def test_a_malformed_retry_after_falls_back_to_the_backoff(monkeypatch: pytest.M
     assert str(task.id) == TASK["id"]
     assert len(seen) == 2
     assert 0.1 <= slept[0] <= 0.5  # the first step of the jittered backoff
+
+
+def _stream(*events: dict[str, Any]) -> httpx.Response:
+    body = "".join(f"event: task\ndata: {json.dumps(e)}\n\n" for e in events)
+    return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=body.encode())
+
+
+def test_events_retry_429_and_503_after_retry_after_like_every_other_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 503 (a replica shutting down, the database out of reach) or a 429 when the stream was
+    (re)opened ended `events()` with an ApiError at once, where every other call waits and retries."""
+    slept: list[float] = []
+    monkeypatch.setattr(taskgate.client.time, "sleep", slept.append)
+    running = {"id": TASK["id"], "status": "running", "attempts": 1}
+    done = {**running, "status": "completed"}
+    answers = [
+        httpx.Response(503, headers={"Retry-After": "2"}, json={"status": 503}),
+        _stream(running),  # the stream ends (a replica stopping), then is opened again
+        httpx.Response(429, headers={"Retry-After": "1"}, json={"status": 429}),
+        _stream(running, done),
+    ]
+    seen: list[httpx.Request] = []
+    statuses = [e.status for e in client(answers, seen).events(TASK["id"])]
+    assert statuses == ["running", "running", "completed"]
+    assert len(seen) == 4
+    assert slept == [2.0, 0.2, 1.0]  # Retry-After, the reconnect backoff, Retry-After
+    busy = [httpx.Response(503, headers={"Retry-After": "1"}, json={"status": 503}) for _ in range(3)]
+    with pytest.raises(taskgate.ApiError) as refused:
+        list(client(busy, [], max_retries=2).events(TASK["id"]))
+    assert refused.value.status == 503  # bounded, as for every call
+
+
+async def test_async_events_retry_429_and_503_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(taskgate.client.asyncio, "sleep", sleep)
+    done = {"id": TASK["id"], "status": "completed", "attempts": 1}
+    answers = [httpx.Response(503, headers={"Retry-After": "2"}, json={"status": 503}), _stream(done)]
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0)
+
+    http = httpx.AsyncClient(base_url="https://tg.test", transport=httpx.MockTransport(handle))
+    async with taskgate.AsyncClient("https://tg.test", api_key="k", http=http) as tg:
+        statuses = [e.status async for e in tg.events(TASK["id"])]
+    assert statuses == ["completed"]
+    assert slept == [2.0]

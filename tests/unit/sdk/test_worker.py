@@ -11,6 +11,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from pydantic import BaseModel
 
 from tests.conftest import ROOT
@@ -256,3 +257,87 @@ async def test_an_abandoned_sync_handler_keeps_its_slot_and_its_task_never_runs_
     assert server.completed[a]["result"] == {"attempt": 2}
     assert ("a", 2, True) in started  # the second attempt ran once the first had returned
     assert ("b", 1, True) in started  # the abandoned run's slot stayed taken until then
+
+
+async def test_a_heartbeat_answered_late_never_abandons_a_newer_run_of_its_task() -> None:
+    """A heartbeat sent while attempt 1 ran, answered (lost) only after that attempt completed and
+    attempt 2 of the same task was claimed here, abandoned attempt 2: its lease ran out unused and
+    the task was retried once more (or discarded, on its last attempt) though nothing failed."""
+
+    class LateHeartbeat(FakeTaskgate):
+        def __init__(self) -> None:
+            super().__init__(lease_s=6)
+            self.target = ""
+            self.held = asyncio.Event()
+            self.release = asyncio.Event()
+            self.answered = asyncio.Event()
+
+        async def _heartbeat(self, body: dict[str, Any]) -> Any:
+            if self.target in body["task_ids"] and not self.held.is_set():
+                self.held.set()
+                await self.release.wait()
+                self.answered.set()
+                # processed after attempt 1 completed: the task was not running then
+                return httpx.Response(200, json={"items": [], "lost": [self.target]})
+            return await super()._heartbeat(body)
+
+    server = LateHeartbeat()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=2, grace_s=1)
+        second_started, gate = asyncio.Event(), asyncio.Event()
+        contexts: list[taskgate.TaskContext] = []
+
+        @worker.kind("job")
+        async def job(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            contexts.append(ctx)
+            if ctx.attempt == 1:
+                await server.held.wait()  # the heartbeat naming this attempt is on its way
+                raise taskgate.RetryLater("again", after_s=0)
+            second_started.set()
+            await gate.wait()
+            return {"attempt": ctx.attempt}
+
+        server.target = server.add("job")
+        async with server.serving(worker):
+            await until(lambda: server.completed.get(server.target, {}).get("outcome") == "failed")
+            server.add("job", task_id=server.target, attempt=2)
+            await asyncio.wait_for(second_started.wait(), 5)
+            server.release.set()
+            await asyncio.wait_for(server.answered.wait(), 5)
+            await asyncio.sleep(0.1)  # the answer is read
+            gate.set()
+            await until(lambda: server.completed[server.target].get("attempt") == 2)
+    assert server.completed[server.target]["outcome"] == "completed"
+    assert contexts[1].cancelled is False
+
+
+async def test_a_task_claimed_at_the_end_of_a_long_poll_runs() -> None:
+    """The leases of a claim were reckoned from when the claim was sent: a task that arrived late
+    in a long-poll (after lease minus margin: 24 s into a 30 s wait with the default 30 s lease,
+    8 s into the default 10 s wait with a 10 s lease) was claimed already unconfirmed and abandoned
+    at once, its lease left to expire unused, attempt after attempt."""
+
+    class LongPoll(FakeTaskgate):
+        async def _claim(self, body: dict[str, Any]) -> Any:
+            deadline = time.monotonic() + body["wait_s"]
+            while not self.available and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return await super()._claim(body)
+
+    server = LongPoll(lease_s=3)  # fenced 1 s (the smallest margin) before the lease ends
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1, wait_s=2.8)
+        contexts: list[taskgate.TaskContext] = []
+
+        @worker.kind("job")
+        async def job(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            contexts.append(ctx)
+            await asyncio.sleep(0.8)  # past the first fence after the claim
+            return {"ran": True}
+
+        async with server.serving(worker):
+            await asyncio.sleep(2.3)  # into the worker's first long-poll, past lease minus margin
+            task_id = server.add("job")
+            await until(lambda: task_id in server.completed, timeout_s=5)
+    assert server.completed[task_id]["outcome"] == "completed"
+    assert [ctx.cancelled for ctx in contexts] == [False]

@@ -20,10 +20,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
+from pydantic import TypeAdapter, ValidationError
+
 from app.src.api.engine import submit
-from app.src.api.errors import AppError
+from app.src.api.errors import AppError, TooManyRequests
+from app.src.api.models.tasks import SignalName
 from app.src.api.state_machine import Status, transition
 from app.src.database import durable as store
+from app.src.database import tasks as task_store
 from app.src.database.durable import MAX_CHILDREN, MAX_STEPS, Composed
 from app.src.utils import json_text
 
@@ -72,10 +76,26 @@ class CompositionError(Exception):
     for good with this message."""
 
 
+class SpawnRefused(Exception):
+    """The client's quota has no room for the children now: the attempt fails and is retried no
+    sooner than `retry_after_s`, as an enqueue would be answered 429 with Retry-After."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def check_name(what: str, name: str) -> str:
+    """A step's, wait's or child's name as stored: 1 to 200 characters, none of them NUL (which
+    PostgreSQL cannot store: the whole suspension would fail, not only this task)."""
+    if not name or len(name) > MAX_NAME or "\x00" in name:
+        raise CompositionError(f"a {what} must be 1 to {MAX_NAME} characters, none of them NUL")
+    return name
+
+
 def check_step_result(name: str, value: Any) -> Any:
     """A step's result as stored: JSON of at most 1 MiB (a permanent error otherwise)."""
-    if not name or len(name) > MAX_NAME:
-        raise CompositionError(f"a step name must be 1 to {MAX_NAME} characters")
+    check_name("step name", name)
     try:
         text = json_text.storable(value)
     except ValueError as exc:
@@ -94,7 +114,10 @@ async def suspend(
     worker_id: UUID,
     suspension: Suspension,
 ) -> str | None:
-    """Write a suspension; the task's new status, or None when the attempt no longer holds it."""
+    """Write a suspension; the task's new status, or None when the attempt no longer holds it.
+
+    Raises CompositionError (the task fails for good) or SpawnRefused (the attempt fails and is
+    retried), having written nothing."""
     for name, value in suspension.steps.items():
         check_step_result(name, value)
     children = await _prepare_children(engine, client_id, suspension.spawn)
@@ -134,11 +157,9 @@ async def _prepare_children(
 ) -> list[tuple[str, Any]]:
     if not spawn:
         return []
-    keys = [child.key for child in spawn]
+    keys = [check_name("child's key", child.key) for child in spawn]
     if len(set(keys)) != len(keys):
         raise CompositionError("two children were spawned with the same key")
-    if any(not key or len(key) > MAX_NAME for key in keys):
-        raise CompositionError(f"a child's key must be 1 to {MAX_NAME} characters")
     if len(spawn) > MAX_CHILDREN:
         raise CompositionError(f"a task may have at most {MAX_CHILDREN} children")
     requests = [
@@ -151,10 +172,16 @@ async def _prepare_children(
         )
         for child in spawn
     ]
+    # held to the client's own quota, as its enqueues are (None: the deployment's default)
+    async with engine.db.driver() as conn:
+        quotas = await task_store.client_quotas(conn, [client_id])
+    submitter = submit.Submitter(client_id, quotas.get(client_id))
     try:
-        new = await submit.prepare(
-            engine, submit.Submitter(client_id), requests, field_prefix=lambda i: ("spawn", i)
-        )
+        new = await submit.prepare(engine, submitter, requests, field_prefix=lambda i: ("spawn", i))
+    except TooManyRequests as exc:
+        raise SpawnRefused(
+            f"a child cannot be created now: {exc.detail}", retry_after_s=submit.QUOTA_RETRY_AFTER_S
+        ) from None
     except AppError as exc:
         details = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in (exc.errors or []))
         raise CompositionError(
@@ -170,24 +197,24 @@ async def _decide(
     if wait is None:
         return Status.AVAILABLE, None, None
     if wait.type == "sleep":
-        result, now = await store.record_wait(
-            conn,
-            task_id=task_id,
-            name=wait.name or "",
-            key="sleep_until",
-            seconds=max(0.0, wait.seconds or 0.0),
+        name = check_name("sleep's name", wait.name or "")
+        record = await store.record_wait(
+            conn, task_id=task_id, name=name, key="sleep_until", seconds=max(0.0, wait.seconds or 0.0)
         )
-        until = _timestamp(result, "sleep_until")
-        if until is not None and until > now:
+        _own_record(record, "sleep", name)
+        until = _timestamp(record.result, "sleep_until")
+        if until is not None and until > record.now:
             return Status.SCHEDULED, None, until
         return Status.AVAILABLE, None, None
     if wait.type == "signal":
-        name = wait.name or ""
+        name = _signal_name(wait.name or "")
         if await store.signal_stored(conn, task_id=task_id, name=name):
             return Status.AVAILABLE, None, None
-        result, now = await store.record_wait(
+        record = await store.record_wait(
             conn, task_id=task_id, name=name, key="wait_until", seconds=wait.seconds
         )  # no timeout: seconds None, and the deadline is null
+        _own_record(record, "signal wait", name)
+        result = record.result
         if isinstance(result, dict) and result.get("timed_out"):
             return Status.AVAILABLE, None, None
         deadline = _timestamp(result, "wait_until")
@@ -196,6 +223,31 @@ async def _decide(
             waiting["timeout_at"] = deadline.isoformat()
         return Status.WAITING, waiting, None
     return Status.WAITING, {"type": "children"}, None
+
+
+def _own_record(record: store.WaitRecord, what: str, name: str) -> None:
+    """A wait's name must be its own: under a step's name (or a wait's of the other sort) the
+    stored row is not its record, so it would end at once and be reached again on every re-run."""
+    if not record.own:
+        raise CompositionError(
+            f"the {what} {name!r} has the name of another step, sleep or signal wait of this task: "
+            "each needs a name of its own"
+        )
+
+
+_SIGNAL_NAME: TypeAdapter[str] = TypeAdapter(SignalName)
+
+
+def _signal_name(name: str) -> str:
+    """A signal wait's name must be one a signal can be sent to (POST .../signals/{name}):
+    otherwise nothing could ever end the wait."""
+    try:
+        return _SIGNAL_NAME.validate_python(name)
+    except ValidationError:
+        raise CompositionError(
+            f"the signal wait {name[:MAX_NAME]!r} can never be signalled: a signal name is 1 to 128 "
+            "letters, digits and . _ : - (starting with a letter or digit)"
+        ) from None
 
 
 def _timestamp(result: Any, key: str) -> datetime | None:

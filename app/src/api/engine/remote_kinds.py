@@ -8,13 +8,19 @@ ago can be enqueued right away.
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from jsonschema import Draft202012Validator
+import pydantic_core
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
+from pydantic_core import SchemaValidator, core_schema
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
@@ -38,8 +44,141 @@ _NOTHING_FETCHED = Registry()
 _REFERENCES = ("$ref", "$dynamicRef")
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")  # their values are data, not schemas
 
+# Patterns (`pattern`, `patternProperties`) are matched by the linear-time engine pydantic-core
+# brings (Rust's regex crate), never by Python's backtracking `re`: with `re`, a pattern such as
+# ^(a+)+$ held the event loop for about 40 s on a string of 30 characters (four times as long for
+# each two more), and every request of every client on that process waited. Patterns that engine
+# cannot run (look-around, back-references) are refused when the kind is registered.
+
+
+@functools.lru_cache(maxsize=4096)
+def _regex(pattern: str) -> SchemaValidator:
+    return SchemaValidator(core_schema.str_schema(pattern=pattern))
+
+
+def _matches(pattern: str, text: str) -> bool:
+    """Whether `pattern` matches anywhere in `text` (JSON Schema's `pattern`: not anchored).
+
+    Within the check's budget (see CHECK_BUDGET_S): one keyword matches every key of an object
+    against each of its patterns, thousands times thousands of matches in one call."""
+    if time.monotonic() > _deadline.get():
+        raise _OverBudget
+    try:
+        _regex(pattern).validate_python(text)
+    except pydantic_core.ValidationError:
+        return False
+    return True
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterable[ValidationError]:
+    if validator.is_type(instance, "string") and not _matches(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
+) -> Iterable[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _matches(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(
+    validator: Any, additional: Any, instance: Any, schema: Any
+) -> Iterable[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    patterns = list(schema.get("patternProperties", {}))
+    extras = [key for key in instance
+              if key not in properties and not any(_matches(p, key) for p in patterns)]  # fmt: skip
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif not additional and extras:
+        listed = ", ".join(repr(extra) for extra in sorted(extras))
+        verb = "was" if len(extras) == 1 else "were"
+        yield ValidationError(f"Additional properties are not allowed ({listed} {verb} unexpected)")
+
+
+def _comparable(value: Any) -> Any:
+    """`value` as JSON Schema compares it: numbers by value (1 equals 1.0), booleans apart from
+    numbers (JSON writes them apart), objects whatever the order of their keys."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _comparable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_comparable(item) for item in value]
+    return value
+
+
+def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> Iterable[ValidationError]:
+    """jsonschema compares items that cannot be sorted (objects, arrays) each with every other: an
+    array of 4,000 objects held the event loop for 19 s. One pass over canonical JSON instead."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    seen: set[str] = set()
+    for item in instance:
+        if time.monotonic() > _deadline.get():  # the budget, inside the loop (see _matches)
+            raise _OverBudget
+        text = json.dumps(_comparable(item), sort_keys=True)
+        if text in seen:
+            yield ValidationError("the array has non-unique elements")
+            return
+        seen.add(text)
+
+
+# Checks run on the event loop, and a schema's keywords can multiply (an anyOf of references to
+# anyOfs of references...: 2^depth for one value, 6.5 s at a depth of 16 for {"x": 1}). Every
+# keyword looks at this deadline first, so no value is checked for longer than the budget.
+CHECK_BUDGET_S = 1.0
+_deadline: ContextVar[float] = ContextVar("schema_check_deadline", default=math.inf)
+
+
+class _OverBudget(Exception):
+    """A schema check ran past CHECK_BUDGET_S."""
+
+
+Keyword = Callable[[Any, Any, Any, Any], Iterable[ValidationError] | None]
+
+
+def _bounded(keyword: Keyword) -> Keyword:
+    def check(validator: Any, value: Any, instance: Any, schema: Any) -> Iterable[ValidationError]:
+        if time.monotonic() > _deadline.get():
+            raise _OverBudget
+        found = keyword(validator, value, instance, schema)
+        if found is not None:
+            yield from found
+
+    return check
+
+
+def _checked(validator: Any, instance: Any) -> list[ValidationError]:
+    """Every error of `instance`, found within CHECK_BUDGET_S (else _OverBudget)."""
+    token = _deadline.set(time.monotonic() + CHECK_BUDGET_S)
+    try:
+        return sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    finally:
+        _deadline.reset(token)
+
+
+_KEYWORDS: dict[str, Keyword] = {
+    **Draft202012Validator.VALIDATORS,
+    "pattern": _pattern,
+    "patternProperties": _pattern_properties,
+    "additionalProperties": _additional_properties,
+    "uniqueItems": _unique_items,
+}
+_Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator, {name: _bounded(keyword) for name, keyword in _KEYWORDS.items()}
+)
+
 _kinds: dict[UUID, tuple[float, dict[str, RemoteKindRow]]] = {}
-_validators: dict[tuple[UUID, str, int, str], Draft202012Validator] = {}
+_validators: dict[tuple[UUID, str, int, str], Any] = {}
 
 
 def forget(client_id: UUID) -> None:
@@ -68,7 +207,7 @@ async def lookup(db: Database, *, client_id: UUID, names: Iterable[str]) -> dict
     return {name: kinds[name] for name in wanted if name in kinds}
 
 
-def _validator(kind: RemoteKindRow, which: str) -> Draft202012Validator | None:
+def _validator(kind: RemoteKindRow, which: str) -> Any:
     schema = kind.payload_schema if which == "payload" else kind.result_schema
     if schema is None:
         return None
@@ -78,7 +217,7 @@ def _validator(kind: RemoteKindRow, which: str) -> Draft202012Validator | None:
         if len(_validators) >= _MAX_VALIDATORS:
             _validators.clear()
         # no format checker and no remote $ref retrieval: a schema cannot make the server fetch URLs
-        validator = _validators[key] = Draft202012Validator(schema, registry=_NOTHING_FETCHED)
+        validator = _validators[key] = _Validator(schema, registry=_NOTHING_FETCHED)
     return validator
 
 
@@ -91,10 +230,11 @@ def schema_errors(
         return []
     out: list[dict[str, Any]] = []
     try:
-        errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
-    except (RecursionError, Unresolvable) as exc:
-        # a kind registered before references were checked, or a reference that loops for this value
-        reason = "it refers to itself without end" if isinstance(exc, RecursionError) else str(exc)
+        errors = _checked(validator, instance)
+    except (RecursionError, Unresolvable, pydantic_core.SchemaError, _OverBudget) as exc:
+        # a kind registered before references (or patterns, or its cost) were checked, or a
+        # reference that loops, or alternatives that multiply, for this value
+        reason = _reason(exc)
         return [{"field": ".".join(map(str, prefix)), "message": f"the {which} schema of kind "
                  f"{kind.name!r} cannot be applied: {reason}", "type": "invalid_schema"}]  # fmt: skip
     for error in errors[:MAX_ERRORS]:
@@ -156,15 +296,53 @@ def _check_schema(schema: dict[str, Any] | None, field: str) -> list[dict[str, A
         for key, value, path in _walk(schema, ())
         if key in _REFERENCES and isinstance(value, str) and not value.startswith("#") and not embedded
     ]  # fmt: skip
+    errors += _pattern_errors(schema, field)
     if errors:
         return errors
-    try:  # a schema that refers to itself without end fails every value: refuse it now
-        list(Draft202012Validator(schema, registry=_NOTHING_FETCHED).iter_errors({}))
-    except (RecursionError, Unresolvable) as exc:
-        reason = "it refers to itself without end" if isinstance(exc, RecursionError) else str(exc)
+    try:  # a schema that refers to itself without end (or costs too much) fails every value: refuse it now
+        _checked(_Validator(schema, registry=_NOTHING_FETCHED), {})
+    except (RecursionError, Unresolvable, _OverBudget) as exc:
+        reason = _reason(exc)
         return [{"field": f"body.{field}", "message": f"the schema cannot be applied: {reason}",
                  "type": "invalid_schema"}]  # fmt: skip
     return []
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "it refers to itself without end"
+    if isinstance(error, _OverBudget):
+        return (
+            f"checking a value against it takes longer than {CHECK_BUDGET_S:g} s (its alternatives multiply)"
+        )
+    return str(error)
+
+
+def _pattern_errors(schema: dict[str, Any], field: str) -> list[dict[str, Any]]:
+    """Patterns the linear-time engine cannot run, and `unevaluatedProperties` beside
+    `patternProperties` (which the validator would match with Python's `re`)."""
+    errors = []
+    keywords = set()
+    for key, value, path in _walk(schema, ()):
+        keywords.add(key)
+        if key == "pattern" and isinstance(value, str):
+            found = [((*path, key), value)]
+        elif key == "patternProperties" and isinstance(value, dict):
+            found = [((*path, key, pattern), pattern) for pattern in value]
+        else:
+            continue
+        for at, pattern in found:
+            try:
+                _regex(pattern)
+            except pydantic_core.SchemaError:
+                errors.append({"field": ".".join(map(str, ("body", field, *at))),
+                               "message": "a pattern may not use look-around or back-references "
+                                          "(patterns are matched in linear time)",
+                               "type": "invalid_schema"})  # fmt: skip
+    if {"patternProperties", "unevaluatedProperties"} <= keywords:
+        errors.append({"field": f"body.{field}", "message": "unevaluatedProperties cannot be combined "
+                       "with patternProperties", "type": "invalid_schema"})  # fmt: skip
+    return errors
 
 
 def _walk(node: Any, path: tuple[str | int, ...]) -> Iterable[tuple[str, Any, tuple[str | int, ...]]]:

@@ -23,7 +23,7 @@ import structlog
 
 from app.database import StorageUnavailable
 from app.src.api.engine import durable, remote_kinds
-from app.src.api.engine.durable import ChildSpec, CompositionError, Suspension, Wait
+from app.src.api.engine.durable import ChildSpec, CompositionError, SpawnRefused, Suspension, Wait
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.errors import Unprocessable
 from app.src.api.models.workers import (
@@ -125,17 +125,23 @@ async def claim(
     kinds = KindsFilter(client_id=client_id, kinds=sorted(set(data.kinds)))
     worker_id = remote_worker_id(client_id, data.worker.name)
     if _due_for_seen(worker_id):
-        async with db.driver() as conn:
-            await store.seen(
-                conn,
-                worker_id=worker_id,
-                client_id=client_id,
-                name=data.worker.name,
-                version=data.worker.version,
-                remote=True,
-                kinds=kinds.kinds,
-                queues=data.queues,
-            )
+        try:
+            async with db.driver() as conn:
+                await store.seen(
+                    conn,
+                    worker_id=worker_id,
+                    client_id=client_id,
+                    name=data.worker.name,
+                    version=data.worker.version,
+                    remote=True,
+                    kinds=kinds.kinds,
+                    queues=data.queues,
+                )
+        except BaseException:
+            # not written: the next claim writes it (before claiming), as completions of a worker
+            # that names no worker find its tasks' holder by this row (store.held_tasks)
+            _seen_at.pop(worker_id, None)
+            raise
     loop = asyncio.get_running_loop()
     deadline = loop.time() + data.wait_s
     with notifier.watch_available() as woken:
@@ -288,14 +294,15 @@ async def _by_worker(
     conn: task_store.Executor, client_id: UUID, task_ids: list[UUID], worker: WorkerIdentity | None
 ) -> dict[UUID, list[UUID]]:
     """The tasks grouped by the worker id their guard must name. A named worker guards them with
-    its own id; otherwise each running task's current holder (still this client's) stands in,
-    and the attempt number (completion) or the running status (heartbeat) is the guard."""
+    its own id; otherwise each running task's current holder (still this client's, and a remote
+    worker: never an in-process one) stands in, and the attempt number (completion) or the
+    running status (heartbeat) is the guard."""
     unique = list(dict.fromkeys(task_ids))
     if worker is not None:
         return {remote_worker_id(client_id, worker.name): unique}
     grouped: dict[UUID, list[UUID]] = {}
     for task in (await store.held_tasks(conn, client_id=client_id, task_ids=unique)).values():
-        if task.worker_id is not None and task.status == Status.RUNNING:
+        if task.worker_id is not None and task.remote_holder and task.status == Status.RUNNING:
             grouped.setdefault(task.worker_id, []).append(task.id)
     return grouped
 
@@ -341,6 +348,13 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
                                       task.started_at or now, now, error=str(exc))  # fmt: skip
                 groups.setdefault(task.worker_id, []).append(discarded)
                 continue
+            except SpawnRefused as exc:  # a failed attempt, retried by the queue's policy
+                refused = item.model_copy(update={"outcome": "failed", "error": str(exc),
+                                                  "retry_after_s": exc.retry_after_s})  # fmt: skip
+                retried = _completion(task, refused, None, queue, now)
+                if retried is not None:
+                    groups.setdefault(task.worker_id, []).append(retried)
+                continue
             if status is not None:
                 written[task.id] = status
             continue
@@ -363,10 +377,12 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
 
 
 def _current(task: HeldTask, item: CompletionIn, named: UUID | None) -> bool:
-    """The attempt named is the one running now (the statement checks it again, atomically)."""
+    """The attempt named is the one running now (the statement checks it again, atomically), held
+    by the worker named or, when none is, by a remote worker of this client: an attempt an
+    in-process worker runs is never ended (or suspended, and so run again at once) from here."""
     if task.status != Status.RUNNING or task.attempt != item.attempt or task.worker_id is None:
         return False
-    return named is None or task.worker_id == named
+    return task.remote_holder if named is None else task.worker_id == named
 
 
 def _completion(
