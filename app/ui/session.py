@@ -23,6 +23,7 @@ from quart import current_app, g, request
 from werkzeug.sansio.response import Response
 
 from app.src.api.auth.operators import MFA_TTL_S, SESSION_TTL_S
+from app.src.encryption.tokens import same
 
 SESSION_COOKIE = "tg_session"
 MFA_COOKIE = "tg_mfa"
@@ -73,7 +74,9 @@ def unpack(value: str | None, *, now: float | None = None) -> tuple[BrowserSessi
     if len(parts) != 4:
         return None, None
     token, expires, seen, signature = parts
-    if not hmac.compare_digest(signature, _mac("session", token, expires, seen)):
+    # bytes, not str: compare_digest raises TypeError for a str with non-ASCII characters, and a
+    # cookie or a form field can hold any
+    if not same(signature, _mac("session", token, expires, seen)):
         return None, None
     moment = time.time() if now is None else now
     try:
@@ -129,4 +132,4 @@ async def check_csrf() -> bool:
     if not sent:
         form = await request.form
         sent = form.get(CSRF_FIELD)
-    return bool(sent) and hmac.compare_digest(str(sent), csrf_token())
+    return bool(sent) and same(str(sent), csrf_token())

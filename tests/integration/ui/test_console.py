@@ -192,6 +192,22 @@ async def test_state_changes_need_the_sessions_csrf_token(
     assert queue["paused"] is True
 
 
+async def test_a_non_ascii_csrf_token_or_session_cookie_is_refused_not_a_500(
+    app: Quart, db: Database, operator: NewOperator, clean_database: str
+) -> None:
+    browser = await logged_in(app, db, operator)
+    assert (await browser.post("/ui/logout", headers={"X-CSRF-Token": "é"})).status_code == 403
+    assert (await browser.post("/ui/logout", {"csrf_token": "é中"})).status_code == 403
+    assert (await browser.get("/ui/")).status_code == 200  # neither ended the session
+    # a cookie no server signed, with a non-ASCII signature: the login page, not a 500
+    mangled = Browser(app)
+    mangled.cookies[session.SESSION_COOKIE] = "tgs_x.1.2.é"
+    response = await mangled.get("/ui/")
+    assert response.status_code == 303
+    assert response.headers["Location"].startswith("/ui/login")
+    assert (await mangled.get("/ui/login")).status_code == 200
+
+
 async def test_pages_carry_a_csp_without_inline_script_and_templates_have_no_inline_code(
     app: Quart, operator: NewOperator
 ) -> None:
