@@ -69,6 +69,8 @@ async def test_bad_client_bodies_are_422(client: Client, operator_headers: dict[
         {"scopes": ["tasks:read"]},
         {"name": "x", "scopes": []},
         {"name": "x", "scopes": ["tasks:read"], "rate_limit_per_s": 0},
+        # beyond the integer column: once a 500 from the database driver
+        {"name": "x", "scopes": ["tasks:read"], "max_queued_tasks": 2**31},
     ):
         response = await client.post("/api/auth/clients", json=body, headers=operator_headers)
         assert response.status_code == 422, body
@@ -205,3 +207,22 @@ async def test_a_client_over_its_rate_limit_gets_429_with_retry_after(
     assert int(limited.headers["Retry-After"]) >= 1
     # other clients are not affected
     assert (await client.get("/api/auth/me", headers=operator_headers)).status_code == 200
+
+
+async def test_a_rate_limit_near_zero_is_a_429_with_a_bounded_retry_after_not_a_500(
+    client: Client, operator_headers: dict[str, str]
+) -> None:
+    """At 1e-320 requests a second, the wait for the next token is infinite: its Retry-After once
+    raised OverflowError, a 500 for every request of the client after its first."""
+    created = await client.post(
+        "/api/auth/clients",
+        json={"name": "frozen", "scopes": ["tasks:read"], "rate_limit_per_s": 1e-320},
+        headers=operator_headers,
+    )
+    assert created.status_code == 201
+    headers = bearer((await created.get_json())["api_key"])
+    assert (await client.get("/api/auth/me", headers=headers)).status_code == 200
+    limited = await client.get("/api/auth/me", headers=headers)
+    assert limited.status_code == 429
+    assert limited.mimetype == PROBLEM
+    assert 1 <= int(limited.headers["Retry-After"]) <= 86_400
