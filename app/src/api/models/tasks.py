@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -33,7 +33,18 @@ def _date_time_text(value: Any) -> Any:
     return value
 
 
-DateTimeText = Annotated[AwareDatetime, BeforeValidator(_date_time_text)]
+def _utc_representable(value: datetime) -> datetime:
+    """A time that exists in UTC: 0001-01-01T00:00:00+14:00 and 9999-12-31T23:59:59-14:00 do not
+    (years 0 and 10000), and the database driver's conversion to UTC failed on them (a 500)."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time is out of range: years 1 to 9999 in UTC") from None
+    return value
+
+
+Instant = Annotated[AwareDatetime, AfterValidator(_utc_representable)]
+DateTimeText = Annotated[Instant, BeforeValidator(_date_time_text)]
 
 
 def storable(value: Any) -> Any:
@@ -77,7 +88,7 @@ class TaskIn(BaseModel):
     queue: QueueName = "default"
     kind: KindName
     payload: dict[str, Any] = Field(default_factory=dict)
-    run_at: AwareDatetime | None = None
+    run_at: Instant | None = None
     delay_s: float | None = Field(default=None, ge=0, le=MAX_DELAY_S)
     priority: int = Field(default=5, ge=0, le=9, description="0 runs first, 9 last")
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
