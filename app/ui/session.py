@@ -57,6 +57,11 @@ def _mac(*parts: str) -> str:
 class BrowserSession:
     token: str
     expires_at: int  # epoch seconds: the session's absolute end
+    seen: int = 0  # epoch seconds: the last use its cookie carries (0 for a new one)
+
+    def ends_at(self) -> int:
+        """When it ends unless used again: idle too long, or its absolute end."""
+        return min(self.expires_at, self.seen + IDLE_TIMEOUT_S) if self.seen else self.expires_at
 
 
 def pack(session: BrowserSession, *, now: float | None = None) -> str:
@@ -86,7 +91,7 @@ def unpack(value: str | None, *, now: float | None = None) -> tuple[BrowserSessi
             return None, token
     except ValueError:
         return None, None
-    return BrowserSession(token=token, expires_at=int(expires)), None
+    return BrowserSession(token=token, expires_at=int(expires), seen=int(seen)), None
 
 
 def secure_cookie(response: Response, name: str, value: str, *, max_age: int) -> None:
