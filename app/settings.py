@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 import ipaddress
 import logging
@@ -133,15 +135,30 @@ class Settings(BaseSettings):
         return not self.TLS_TERMINATED_UPSTREAM
 
     def missing_for_production(self) -> list[str]:
-        """Names of the variables production cannot run without."""
+        """Names of the variables production cannot run without (or not in this form)."""
         missing = []
         if not self.DB_URI:
             missing.append("DB_URI")
         if not self.SECRET_KEYS:
             missing.append("SECRET_KEYS")
+        elif not all(_is_fernet_key(key) for key in self.SECRET_KEYS):
+            # a placeholder left in place (the Kubernetes example's "CHANGE-ME ...") or a word
+            # would encrypt every TOTP and signing secret under a key others can guess
+            missing.append(
+                "SECRET_KEYS as Fernet keys (python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())')"
+            )
         if not self.TLS_TERMINATED_UPSTREAM and not (self.SSL_CERTFILE and self.SSL_KEYFILE):
             missing.append("SSL_CERTFILE/SSL_KEYFILE (or TLS_TERMINATED_UPSTREAM=true)")
         return missing
+
+
+def _is_fernet_key(value: str) -> bool:
+    """What Fernet.generate_key() makes: 32 random bytes in URL-safe base64 (44 characters)."""
+    try:
+        return len(value) == 44 and len(base64.urlsafe_b64decode(value.encode("ascii"))) == 32
+    except (ValueError, binascii.Error):
+        return False
 
 
 class ConfigurationError(Exception):
