@@ -72,11 +72,26 @@ def _certificate(settings: Settings) -> tuple[Path | None, Path | None]:
     return ensure_dev_certificate(settings.DATA_DIR / "tls")
 
 
+def migrate(settings: Settings) -> None:
+    """Apply the migrations; a failure is one line on standard error and exit 2, not a traceback
+    (a migration that waited too long for a lock changed nothing and can simply be run again)."""
+    import sqlalchemy.exc
+
+    from app.src.database import migrations
+
+    try:
+        migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+    except (OSError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        _fail(f"migrations failed: {reason} (the failed migration changed nothing; run migrate again)")
+
+
 def cmd_migrate(args: argparse.Namespace) -> None:
     settings, _embedded = bootstrap()
     from app.src.database import migrations
 
-    migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+    migrate(settings)
     announce(settings, "migrations applied", schema=sorted(migrations.head_revisions()))
 
 
@@ -143,9 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         overrides["PORT"] = args.port
     settings, _embedded = bootstrap(**overrides)
     if args.migrate:
-        from app.src.database import migrations
-
-        migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+        migrate(settings)
         if settings.APP_ENV == "dev":
             from app.admin import print_dev_credentials
 

@@ -11,6 +11,8 @@ import asyncpg
 import pytest
 from sqlalchemy.exc import DBAPIError
 
+from app.__main__ import migrate
+from app.settings import Settings
 from app.src.database import migrations
 from app.src.database.embedded import create_database
 from tests.conftest import driver_uri
@@ -59,3 +61,30 @@ async def test_a_migration_waiting_for_a_lock_holds_no_earlier_ones_lock_and_fai
     finally:
         await reader.close()
         await other.close()
+
+
+async def test_migrate_says_in_one_line_why_it_failed(
+    fresh_database: str, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m app migrate` once printed a traceback for a lock timeout or a database out of
+    reach; a Job's log should say what happened, and that running it again is safe."""
+    await asyncio.to_thread(migrations.upgrade, fresh_database, "0011")
+    reader = await asyncpg.connect(driver_uri(fresh_database))
+    try:
+        async with reader.transaction():
+            await reader.execute("LOCK task_steps IN ACCESS SHARE MODE")
+            with pytest.raises(SystemExit) as exit_info:
+                await asyncio.to_thread(migrate, settings.model_copy(update={"DB_URI": fresh_database}))
+    finally:
+        await reader.close()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("taskgate: migrations failed: "), err
+    assert "lock timeout" in err, err
+    assert "\n" not in err
+    unreachable = settings.model_copy(update={"DB_URI": "postgresql+asyncpg://taskgate@127.0.0.1:9/none"})
+    with pytest.raises(SystemExit):
+        await asyncio.to_thread(migrate, unreachable)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("taskgate: migrations failed: "), err
+    assert "\n" not in err, err
