@@ -21,6 +21,10 @@ ACCESS_LOGGER = "taskgate.access"
 ALL_ROLES: tuple[Role, ...] = ("api", "worker", "scheduler")
 
 
+ASYNCPG_SCHEME = "postgresql+asyncpg://"
+_POSTGRES_SCHEMES = (ASYNCPG_SCHEME, "postgresql://", "postgres://")
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -109,6 +113,20 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("DB_URI", "DB_LISTEN_URI")
+    @classmethod
+    def _database_uri(cls, value: str | None) -> str | None:
+        """A PostgreSQL URI for asyncpg. The libpq forms (postgresql://, postgres://) every
+        PostgreSQL tool prints are taken as asyncpg's: given as they were, the engine picked
+        another driver and the process failed at start with a driver's TypeError."""
+        if not value:
+            return None
+        for scheme in _POSTGRES_SCHEMES:
+            if value.startswith(scheme):
+                return ASYNCPG_SCHEME + value[len(scheme) :]
+        # the value is not repeated: it may hold a password
+        raise ValueError(f"must be a PostgreSQL URI, {ASYNCPG_SCHEME}user:password@host:5432/database")
 
     @field_validator("HTTP_ALLOWED_NETWORKS", mode="before")
     @classmethod

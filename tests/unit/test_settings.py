@@ -77,3 +77,27 @@ def test_a_retention_postgresql_cannot_hold_is_refused_at_start(
     monkeypatch.setenv("TASK_RETENTION_DAYS", value)
     with pytest.raises(ConfigurationError, match="TASK_RETENTION_DAYS"):
         load_settings(APP_ENV="test")
+
+
+def test_a_database_uri_is_taken_in_its_libpq_forms_and_refused_in_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`postgresql://...` (what psql and every hosting provider print) once failed at start with
+    "connect() got an unexpected keyword argument 'dbname'" under a traceback."""
+    for given in (
+        "postgresql://u:p@db:5432/x",
+        "postgres://u:p@db:5432/x",
+        "postgresql+asyncpg://u:p@db:5432/x",
+    ):
+        monkeypatch.setenv("DB_URI", given)
+        monkeypatch.setenv("DB_LISTEN_URI", given)
+        settings = load_settings(APP_ENV="test")
+        assert settings.DB_URI == settings.DB_LISTEN_URI == "postgresql+asyncpg://u:p@db:5432/x"
+    monkeypatch.delenv("DB_LISTEN_URI")
+    monkeypatch.setenv("DB_URI", "mysql://u:hunter2@db/x")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(APP_ENV="test")
+    assert str(caught.value).startswith("invalid setting DB_URI: ")
+    assert "hunter2" not in str(caught.value)
+    monkeypatch.setenv("DB_URI", "")
+    assert load_settings(APP_ENV="test").DB_URI is None  # unset: the embedded database in dev
