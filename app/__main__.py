@@ -113,6 +113,10 @@ def uvicorn_config(
             header_timeout_s=settings.SERVER_HEADER_TIMEOUT_S,
             max_connections=settings.SERVER_MAX_CONNECTIONS,
         ),
+        # no route is a WebSocket: a handshake is answered as the plain request it also is (with
+        # a WebSocket protocol loaded, uvicorn handed the app a websocket scope, where the error
+        # handlers have no request to answer with: a 500 and a traceback for anyone who asked)
+        ws="none",
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
         ssl_ciphers=TLS_CIPHERS,
