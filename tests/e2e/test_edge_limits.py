@@ -173,3 +173,14 @@ async def test_a_websocket_handshake_is_answered_as_plain_http_not_a_500(limited
         if status != b"200":
             assert b"application/problem+json" in answer, answer[:400]
     assert "Exception in ASGI application" not in limited.log()
+
+
+async def test_a_request_http_cannot_parse_is_a_problem_400(limited: ServerProcess) -> None:
+    """uvicorn's own answer was text/plain; every error of the API is problem+json."""
+    reader, writer = await connect(limited)
+    writer.write(REQUEST + b"A header without a colon\r\n\r\n")
+    answer = await read_until_closed(reader, timeout=5)
+    writer.transport.abort()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"content-type: application/problem+json" in answer.lower(), answer
+    await still_serving(limited)
