@@ -128,7 +128,11 @@ def uvicorn_config(
         # the drain's share of WORKER_SHUTDOWN_GRACE_S is set when the stop begins (app/server.py)
         timeout_graceful_shutdown=int(settings.WORKER_SHUTDOWN_GRACE_S),
     )
-    config.load()
+    try:
+        config.load()
+    except (OSError, ssl.SSLError) as exc:  # a missing, unreadable or mismatched certificate or key
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _fail(f"cannot load the certificate SSL_CERTFILE={certfile} with SSL_KEYFILE={keyfile}: {reason}")
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
     return config
