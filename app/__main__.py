@@ -203,6 +203,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: stop_requested.append(received))
     settings, _embedded = bootstrap(ROLES=["worker"])
+    import structlog
+
+    from app.database import StorageUnavailable
     from app.runtime import Runtime
     from app.src.api.kinds import load_kinds
 
@@ -225,7 +228,13 @@ def cmd_worker(args: argparse.Namespace) -> None:
             loop.add_signal_handler(signum, on_signal)
         if stop_requested:
             return
-        await runtime.start()
+        try:
+            await runtime.start()
+        except StorageUnavailable as exc:
+            # as serve's start-up fails: one log line (JSON in the JSON profile), exit 3
+            structlog.get_logger("taskgate").error("runtime failed to start", error=str(exc))
+            await runtime.stop()
+            raise SystemExit(3) from None
         try:
             await stop.wait()
         finally:
