@@ -72,11 +72,26 @@ def _certificate(settings: Settings) -> tuple[Path | None, Path | None]:
     return ensure_dev_certificate(settings.DATA_DIR / "tls")
 
 
+def migrate(settings: Settings) -> None:
+    """Apply the migrations; a failure is one line on standard error and exit 2, not a traceback
+    (a migration that waited too long for a lock changed nothing and can simply be run again)."""
+    import sqlalchemy.exc
+
+    from app.src.database import migrations
+
+    try:
+        migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+    except (OSError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        _fail(f"migrations failed: {reason} (the failed migration changed nothing; run migrate again)")
+
+
 def cmd_migrate(args: argparse.Namespace) -> None:
     settings, _embedded = bootstrap()
     from app.src.database import migrations
 
-    migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+    migrate(settings)
     announce(settings, "migrations applied", schema=sorted(migrations.head_revisions()))
 
 
@@ -98,6 +113,10 @@ def uvicorn_config(
             header_timeout_s=settings.SERVER_HEADER_TIMEOUT_S,
             max_connections=settings.SERVER_MAX_CONNECTIONS,
         ),
+        # no route is a WebSocket: a handshake is answered as the plain request it also is (with
+        # a WebSocket protocol loaded, uvicorn handed the app a websocket scope, where the error
+        # handlers have no request to answer with: a 500 and a traceback for anyone who asked)
+        ws="none",
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
         ssl_ciphers=TLS_CIPHERS,
@@ -109,7 +128,11 @@ def uvicorn_config(
         # the drain's share of WORKER_SHUTDOWN_GRACE_S is set when the stop begins (app/server.py)
         timeout_graceful_shutdown=int(settings.WORKER_SHUTDOWN_GRACE_S),
     )
-    config.load()
+    try:
+        config.load()
+    except (OSError, ssl.SSLError) as exc:  # a missing, unreadable or mismatched certificate or key
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _fail(f"cannot load the certificate SSL_CERTFILE={certfile} with SSL_KEYFILE={keyfile}: {reason}")
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
     return config
@@ -143,9 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         overrides["PORT"] = args.port
     settings, _embedded = bootstrap(**overrides)
     if args.migrate:
-        from app.src.database import migrations
-
-        migrations.upgrade(settings.DB_URI or _fail("DB_URI is not set"))
+        migrate(settings)
         if settings.APP_ENV == "dev":
             from app.admin import print_dev_credentials
 
@@ -182,6 +203,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: stop_requested.append(received))
     settings, _embedded = bootstrap(ROLES=["worker"])
+    import structlog
+
+    from app.database import StorageUnavailable
     from app.runtime import Runtime
     from app.src.api.kinds import load_kinds
 
@@ -204,7 +228,13 @@ def cmd_worker(args: argparse.Namespace) -> None:
             loop.add_signal_handler(signum, on_signal)
         if stop_requested:
             return
-        await runtime.start()
+        try:
+            await runtime.start()
+        except StorageUnavailable as exc:
+            # as serve's start-up fails: one log line (JSON in the JSON profile), exit 3
+            structlog.get_logger("taskgate").error("runtime failed to start", error=str(exc))
+            await runtime.stop()
+            raise SystemExit(3) from None
         try:
             await stop.wait()
         finally:

@@ -264,7 +264,8 @@ def requires_operator(view: F) -> F:
     return view
 
 
-def _bearer_token() -> str | None:
+def bearer_token() -> str | None:
+    """The request's `Authorization: Bearer` token, or None."""
     scheme, _, token = (header("Authorization") or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
@@ -287,7 +288,7 @@ async def authenticate(view: Callable[..., Any] | None) -> None:
         if request.path.startswith("/api/"):
             raise Forbidden("This route declares no scopes.")
         return
-    token = _bearer_token()
+    token = bearer_token()
     runtime = current_app.extensions["taskgate"]
     principal = await runtime.authenticator.authenticate(token) if token else None
     if principal is None:

@@ -151,9 +151,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._close()
 
     def send_400_response(self, msg: str) -> None:
-        super().send_400_response(msg)
-        self._refused = True
-        self._abort_later()
+        # a problem body like every other error (uvicorn's own is text/plain)
+        self._refuse(400, msg)
 
     def shutdown(self) -> None:
         cycle = self.cycle

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 import ipaddress
 import logging
@@ -17,6 +19,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 Role = Literal["api", "worker", "scheduler"]
 ACCESS_LOGGER = "taskgate.access"
 ALL_ROLES: tuple[Role, ...] = ("api", "worker", "scheduler")
+
+
+ASYNCPG_SCHEME = "postgresql+asyncpg://"
+_POSTGRES_SCHEMES = (ASYNCPG_SCHEME, "postgresql://", "postgres://")
 
 
 def _split_csv(value: Any) -> Any:
@@ -108,6 +114,20 @@ class Settings(BaseSettings):
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
+    @field_validator("DB_URI", "DB_LISTEN_URI")
+    @classmethod
+    def _database_uri(cls, value: str | None) -> str | None:
+        """A PostgreSQL URI for asyncpg. The libpq forms (postgresql://, postgres://) every
+        PostgreSQL tool prints are taken as asyncpg's: given as they were, the engine picked
+        another driver and the process failed at start with a driver's TypeError."""
+        if not value:
+            return None
+        for scheme in _POSTGRES_SCHEMES:
+            if value.startswith(scheme):
+                return ASYNCPG_SCHEME + value[len(scheme) :]
+        # the value is not repeated: it may hold a password
+        raise ValueError(f"must be a PostgreSQL URI, {ASYNCPG_SCHEME}user:password@host:5432/database")
+
     @field_validator("HTTP_ALLOWED_NETWORKS", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
@@ -133,15 +153,30 @@ class Settings(BaseSettings):
         return not self.TLS_TERMINATED_UPSTREAM
 
     def missing_for_production(self) -> list[str]:
-        """Names of the variables production cannot run without."""
+        """Names of the variables production cannot run without (or not in this form)."""
         missing = []
         if not self.DB_URI:
             missing.append("DB_URI")
         if not self.SECRET_KEYS:
             missing.append("SECRET_KEYS")
+        elif not all(_is_fernet_key(key) for key in self.SECRET_KEYS):
+            # a placeholder left in place (the Kubernetes example's "CHANGE-ME ...") or a word
+            # would encrypt every TOTP and signing secret under a key others can guess
+            missing.append(
+                "SECRET_KEYS as Fernet keys (python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())')"
+            )
         if not self.TLS_TERMINATED_UPSTREAM and not (self.SSL_CERTFILE and self.SSL_KEYFILE):
             missing.append("SSL_CERTFILE/SSL_KEYFILE (or TLS_TERMINATED_UPSTREAM=true)")
         return missing
+
+
+def _is_fernet_key(value: str) -> bool:
+    """What Fernet.generate_key() makes: 32 random bytes in URL-safe base64 (44 characters)."""
+    try:
+        return len(value) == 44 and len(base64.urlsafe_b64decode(value.encode("ascii"))) == 32
+    except (ValueError, binascii.Error):
+        return False
 
 
 class ConfigurationError(Exception):

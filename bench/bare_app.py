@@ -54,7 +54,7 @@ def bare_app(db_uri: str) -> Quart:
 def main() -> None:
     db_uri, port, cert, key = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
     settings = load_settings(
-        APP_ENV="prod", DB_URI=db_uri, SECRET_KEYS=["bare"], SSL_CERTFILE=cert, SSL_KEYFILE=key, PORT=port,
+        APP_ENV="prod", DB_URI=db_uri, SECRET_KEYS=["zOyp1OqHZ8zvcfnAaflu0J1z4Jx0pcXOm8ZNjPzVumI="], SSL_CERTFILE=cert, SSL_KEYFILE=key, PORT=port,
         HOST="127.0.0.1", LOG_LEVEL="WARNING",
     )  # fmt: skip
     serve_forever(uvicorn_config(bare_app(db_uri), settings, certfile=cert, keyfile=key))

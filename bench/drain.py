@@ -68,7 +68,7 @@ async def taskgate(
     config = load_settings(
         APP_ENV="prod",
         DB_URI=sqlalchemy_uri(uri),
-        SECRET_KEYS=["bench"],
+        SECRET_KEYS=["zOyp1OqHZ8zvcfnAaflu0J1z4Jx0pcXOm8ZNjPzVumI="],
         TLS_TERMINATED_UPSTREAM=True,
         ROLES=["worker"],
         LOG_LEVEL="WARNING",

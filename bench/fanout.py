@@ -33,7 +33,7 @@ async def fan_out(uri: str, n: int) -> dict[str, Any]:
     config = load_settings(
         APP_ENV="prod",
         DB_URI=sqlalchemy_uri(uri),
-        SECRET_KEYS=["bench"],
+        SECRET_KEYS=["zOyp1OqHZ8zvcfnAaflu0J1z4Jx0pcXOm8ZNjPzVumI="],
         TLS_TERMINATED_UPSTREAM=True,
         ROLES=["worker"],
         LOG_LEVEL="WARNING",

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATABASE = "taskgate_bench_http"
 BODY = b'{"event":"order.paid","order":{"id":42,"total":"19.90"}}'
 STALL_S = 30.0  # give up when no task completes for this long (and show why)
-SECRET_KEY = "bench-secret-key"  # SECRET_KEYS of the worker: it decrypts the tenant's signing secret
+SECRET_KEY = "zOyp1OqHZ8zvcfnAaflu0J1z4Jx0pcXOm8ZNjPzVumI="  # SECRET_KEYS of the worker: it decrypts the tenant's signing secret
 
 
 class Sink:

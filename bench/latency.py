@@ -71,7 +71,7 @@ async def taskgate(uri: str, rate: float, seconds: float) -> dict[str, Any]:
     await asyncio.to_thread(migrations.upgrade, sqlalchemy_uri(uri))
     load_kinds(["bench.kinds"])
     config = load_settings(
-        APP_ENV="prod", DB_URI=sqlalchemy_uri(uri), SECRET_KEYS=["bench"], TLS_TERMINATED_UPSTREAM=True,
+        APP_ENV="prod", DB_URI=sqlalchemy_uri(uri), SECRET_KEYS=["zOyp1OqHZ8zvcfnAaflu0J1z4Jx0pcXOm8ZNjPzVumI="], TLS_TERMINATED_UPSTREAM=True,
         ROLES=["worker"], LOG_LEVEL="WARNING", TASK_KIND_MODULES=["bench.kinds"],
     )  # fmt: skip
     configure_logging(config)

@@ -23,6 +23,7 @@ from quart import current_app, g, request
 from werkzeug.sansio.response import Response
 
 from app.src.api.auth.operators import MFA_TTL_S, SESSION_TTL_S
+from app.src.encryption.tokens import same
 
 SESSION_COOKIE = "tg_session"
 MFA_COOKIE = "tg_mfa"
@@ -56,6 +57,11 @@ def _mac(*parts: str) -> str:
 class BrowserSession:
     token: str
     expires_at: int  # epoch seconds: the session's absolute end
+    seen: int = 0  # epoch seconds: the last use its cookie carries (0 for a new one)
+
+    def ends_at(self) -> int:
+        """When it ends unless used again: idle too long, or its absolute end."""
+        return min(self.expires_at, self.seen + IDLE_TIMEOUT_S) if self.seen else self.expires_at
 
 
 def pack(session: BrowserSession, *, now: float | None = None) -> str:
@@ -73,7 +79,9 @@ def unpack(value: str | None, *, now: float | None = None) -> tuple[BrowserSessi
     if len(parts) != 4:
         return None, None
     token, expires, seen, signature = parts
-    if not hmac.compare_digest(signature, _mac("session", token, expires, seen)):
+    # bytes, not str: compare_digest raises TypeError for a str with non-ASCII characters, and a
+    # cookie or a form field can hold any
+    if not same(signature, _mac("session", token, expires, seen)):
         return None, None
     moment = time.time() if now is None else now
     try:
@@ -83,7 +91,7 @@ def unpack(value: str | None, *, now: float | None = None) -> tuple[BrowserSessi
             return None, token
     except ValueError:
         return None, None
-    return BrowserSession(token=token, expires_at=int(expires)), None
+    return BrowserSession(token=token, expires_at=int(expires), seen=int(seen)), None
 
 
 def secure_cookie(response: Response, name: str, value: str, *, max_age: int) -> None:
@@ -129,4 +137,4 @@ async def check_csrf() -> bool:
     if not sent:
         form = await request.form
         sent = form.get(CSRF_FIELD)
-    return bool(sent) and hmac.compare_digest(str(sent), csrf_token())
+    return bool(sent) and same(str(sent), csrf_token())

@@ -9,6 +9,7 @@ those that show a secret once (a new API key), which render it in their own answ
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -493,9 +494,18 @@ async def task_events(task_id: UUID) -> Any:
     stream_of = tasks.events(
         _db(), runtime.notifier, client_id=found.client_id, task_id=task_id, stopping=stopping
     )
+    browser: session.BrowserSession = g.ui_session
+
+    async def allowed() -> bool:
+        """The page's session still holds: not idle too long (the stream does not slide it), not
+        past its end, not logged out."""
+        if time.time() >= browser.ends_at():
+            return False
+        principal = await runtime.authenticator.identify(browser.token)
+        return principal is not None and principal.kind == "operator"
 
     async def stream() -> AsyncIterator[bytes]:
-        async for frame in sse.frames(stream_of):
+        async for frame in sse.frames(stream_of, allowed=allowed):
             yield frame
         if stopping.is_set():
             # not the task's end: the page reconnects (to another replica) and follows on

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from app.__main__ import parser
+from app.settings import ConfigurationError, load_settings
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "docs" / "kubernetes" / "taskgate.yaml"
 
@@ -31,3 +33,16 @@ def test_api_and_worker_deployments_have_probes_and_a_long_enough_grace() -> Non
     migrate = docs[("Job", "taskgate-migrate")]["spec"]["template"]["spec"]["containers"][0]
     parser().parse_args(migrate["args"])
     assert "target_session_attrs=read-write" in docs[("Secret", "taskgate")]["stringData"]["DB_URI"]
+
+
+def test_the_example_secret_does_not_start_production_until_it_is_edited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its SECRET_KEYS is a placeholder, which production once took for a key (and encrypted every
+    TOTP and signing secret under a key anyone who read the example knows)."""
+    secret = documents()[("Secret", "taskgate")]["stringData"]
+    monkeypatch.setenv("SECRET_KEYS", secret["SECRET_KEYS"])
+    monkeypatch.setenv("DB_URI", "postgresql+asyncpg://db/x")
+    monkeypatch.setenv("TLS_TERMINATED_UPSTREAM", "true")
+    with pytest.raises(ConfigurationError, match="SECRET_KEYS as Fernet keys"):
+        load_settings(APP_ENV="prod")

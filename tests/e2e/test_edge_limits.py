@@ -154,3 +154,33 @@ async def test_connections_beyond_the_limit_get_503_with_retry_after(limited: Se
     extra.transport.abort()
     await asyncio.sleep(0.2)
     await still_serving(limited)
+
+
+async def test_a_websocket_handshake_is_answered_as_plain_http_not_a_500(limited: ServerProcess) -> None:
+    """Taskgate serves no WebSocket, but uvicorn accepted the upgrade and handed the app a
+    websocket scope, where the problem+json handler had no request: every handshake, from anyone
+    and to any path, was a text/plain 500 and an error traceback in the log."""
+    await still_serving(limited)
+    for path, status in ((b"/api/common/health", b"200"), (b"/api/tasks", b"401"), (b"/nowhere", b"404")):
+        reader, writer = await connect(limited)
+        writer.write(
+            b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        answer = await read_until_closed(reader, timeout=5)
+        writer.transport.abort()
+        assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+        if status != b"200":
+            assert b"application/problem+json" in answer, answer[:400]
+    assert "Exception in ASGI application" not in limited.log()
+
+
+async def test_a_request_http_cannot_parse_is_a_problem_400(limited: ServerProcess) -> None:
+    """uvicorn's own answer was text/plain; every error of the API is problem+json."""
+    reader, writer = await connect(limited)
+    writer.write(REQUEST + b"A header without a colon\r\n\r\n")
+    answer = await read_until_closed(reader, timeout=5)
+    writer.transport.abort()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"content-type: application/problem+json" in answer.lower(), answer
+    await still_serving(limited)

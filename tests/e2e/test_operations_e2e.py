@@ -146,3 +146,27 @@ def test_a_typo_in_task_kind_modules_is_one_clear_line(clean_database: str, tmp_
     # `serve` builds its app the same way (create_app loads the kinds), and fails the same way
     with pytest.raises(ConfigurationError, match=re.escape(TYPO)):
         create_app(load_settings(APP_ENV="test", DB_URI=clean_database, TASK_KIND_MODULES=["tests.kindz"]))
+
+
+def test_a_worker_that_cannot_reach_the_database_at_start_says_so_in_json(tmp_path: Path) -> None:
+    """`serve` logs the failure as a JSON line and exits 3; `worker` once printed a raw Python
+    traceback in the middle of a JSON log stream (what a pod started before its database shows)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "worker"],
+        cwd=ROOT,
+        env=subprocess_env(
+            APP_ENV="test",
+            DB_URI="postgresql+asyncpg://taskgate@127.0.0.1:9/none",
+            DATA_DIR=tmp_path,
+            SECRET_KEYS="k",
+            LOG_FORMAT="json",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3, result.stderr
+    lines = json_lines(result.stderr)  # every line is one JSON object
+    failed = next(line for line in lines if line["event"] == "runtime failed to start")
+    assert failed["level"] == "error"
+    assert "the database is unavailable" in failed["error"]

@@ -65,7 +65,22 @@ def test_sigterm_stops_cleanly_with_exit_0(server: ServerProcess) -> None:
     [
         ({}, "DB_URI"),
         ({"DB_URI": "postgresql+asyncpg://x@127.0.0.1:1/x"}, "SECRET_KEYS"),
-        ({"DB_URI": "postgresql+asyncpg://x@127.0.0.1:1/x", "SECRET_KEYS": "k"}, "SSL_CERTFILE"),
+        (
+            {
+                "DB_URI": "postgresql+asyncpg://x@127.0.0.1:1/x",
+                "SECRET_KEYS": "SfkNBxE3pbOLVVqDc4Z5iwTY26wP6J2vn46qXL6ogQc=",
+            },
+            "SSL_CERTFILE",
+        ),
+        (  # a certificate that is not there (a volume not mounted) once ended in a traceback
+            {
+                "DB_URI": "postgresql+asyncpg://x@127.0.0.1:1/x",
+                "SECRET_KEYS": "SfkNBxE3pbOLVVqDc4Z5iwTY26wP6J2vn46qXL6ogQc=",
+                "SSL_CERTFILE": "/nonexistent/cert.pem",
+                "SSL_KEYFILE": "/nonexistent/key.pem",
+            },
+            "SSL_CERTFILE=/nonexistent/cert.pem",
+        ),
     ],
 )
 def test_production_without_secrets_exits_with_one_line(env: dict[str, str], named: str) -> None:

@@ -50,6 +50,9 @@ async def test_deferred_tasks_are_scheduled(client: Client, auth_headers: dict[s
         ({"kind": "noop", "queue": "bad name!"}, "body.queue"),
         ({"kind": "noop", "delay_s": 1, "run_at": "2030-01-01T00:00:00Z"}, "body"),
         ({"kind": "noop", "run_at": "2030-01-01T00:00:00"}, "body.run_at"),
+        # times with no UTC equivalent (years 10000 and 0): once a 500 from the database driver
+        ({"kind": "noop", "run_at": "9999-12-31T23:59:59-14:00"}, "body.run_at"),
+        ({"kind": "noop", "run_at": "0001-01-01T00:00:00+14:00"}, "body.run_at"),
         ({"kind": "noop", "surprise": 1}, "body.surprise"),
         ({"payload": {}}, "body.kind"),
         ({"kind": "noop", "payload": {"note": "a\u0000b"}}, "payload"),  # jsonb cannot store NUL

@@ -4,6 +4,12 @@ import pytest
 
 from app.settings import ConfigurationError, load_settings
 
+KEY = "SfkNBxE3pbOLVVqDc4Z5iwTY26wP6J2vn46qXL6ogQc="  # what Fernet.generate_key() makes
+# the Kubernetes example's Secret, as it ships
+PLACEHOLDER = (
+    "CHANGE-ME (python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
+)
+
 
 def test_comma_separated_variables_become_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SECRET_KEYS", "k1, k2")
@@ -33,7 +39,10 @@ def test_dev_profile_defaults_to_console_logs(monkeypatch: pytest.MonkeyPatch) -
     [
         ({}, ["DB_URI", "SECRET_KEYS", "SSL_CERTFILE"]),
         ({"DB_URI": "postgresql+asyncpg://db/x"}, ["SECRET_KEYS", "SSL_CERTFILE"]),
-        ({"DB_URI": "postgresql+asyncpg://db/x", "SECRET_KEYS": "k"}, ["SSL_CERTFILE"]),
+        ({"DB_URI": "postgresql+asyncpg://db/x", "SECRET_KEYS": KEY}, ["SSL_CERTFILE"]),
+        # a placeholder left in place, or a word, is no key: it once encrypted everything
+        ({"DB_URI": "postgresql+asyncpg://db/x", "SECRET_KEYS": PLACEHOLDER}, ["SECRET_KEYS as Fernet"]),
+        ({"DB_URI": "postgresql+asyncpg://db/x", "SECRET_KEYS": f"{KEY},secret"}, ["SECRET_KEYS as Fernet"]),
     ],
 )
 def test_production_names_what_is_missing(
@@ -48,11 +57,12 @@ def test_production_names_what_is_missing(
     for name in missing:
         assert name in str(caught.value)
     assert "\n" not in str(caught.value)
+    assert "CHANGE-ME" not in str(caught.value)  # a secret's value is never repeated
 
 
 def test_production_starts_behind_a_tls_terminating_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DB_URI", "postgresql+asyncpg://db/x")
-    monkeypatch.setenv("SECRET_KEYS", "k")
+    monkeypatch.setenv("SECRET_KEYS", KEY)
     monkeypatch.setenv("TLS_TERMINATED_UPSTREAM", "true")
     settings = load_settings(APP_ENV="prod")
     assert settings.LOG_FORMAT == "json"
@@ -67,3 +77,27 @@ def test_a_retention_postgresql_cannot_hold_is_refused_at_start(
     monkeypatch.setenv("TASK_RETENTION_DAYS", value)
     with pytest.raises(ConfigurationError, match="TASK_RETENTION_DAYS"):
         load_settings(APP_ENV="test")
+
+
+def test_a_database_uri_is_taken_in_its_libpq_forms_and_refused_in_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`postgresql://...` (what psql and every hosting provider print) once failed at start with
+    "connect() got an unexpected keyword argument 'dbname'" under a traceback."""
+    for given in (
+        "postgresql://u:p@db:5432/x",
+        "postgres://u:p@db:5432/x",
+        "postgresql+asyncpg://u:p@db:5432/x",
+    ):
+        monkeypatch.setenv("DB_URI", given)
+        monkeypatch.setenv("DB_LISTEN_URI", given)
+        settings = load_settings(APP_ENV="test")
+        assert settings.DB_URI == settings.DB_LISTEN_URI == "postgresql+asyncpg://u:p@db:5432/x"
+    monkeypatch.delenv("DB_LISTEN_URI")
+    monkeypatch.setenv("DB_URI", "mysql://u:hunter2@db/x")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(APP_ENV="test")
+    assert str(caught.value).startswith("invalid setting DB_URI: ")
+    assert "hunter2" not in str(caught.value)
+    monkeypatch.setenv("DB_URI", "")
+    assert load_settings(APP_ENV="test").DB_URI is None  # unset: the embedded database in dev

@@ -9,7 +9,7 @@ from uuid import UUID
 from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
-from app.middlewares import header, requires_scopes
+from app.middlewares import bearer_token, header, requires_scopes
 from app.routes.context import (
     client_id,
     db,
@@ -167,9 +167,15 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
     await tasks.get(db(), client_id=client_id(), task_id=task_id)  # 404 before the stream opens
     stopping = runtime().shutting_down
     stream_of = tasks.events(db(), notifier(), client_id=client_id(), task_id=task_id, stopping=stopping)
+    token, authenticator = bearer_token() or "", runtime().authenticator
+
+    async def allowed() -> bool:
+        """The stream's token still opens it (not revoked, its client not disabled)."""
+        principal = await authenticator.identify(token)
+        return principal is not None and "tasks:read" in principal.scopes
 
     async def stream() -> AsyncIterator[bytes]:
-        async for frame in sse.frames(stream_of):
+        async for frame in sse.frames(stream_of, allowed=allowed):
             yield frame
         if stopping.is_set():
             # the server is shutting down: say so, and when to reconnect, then end the stream

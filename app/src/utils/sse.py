@@ -3,18 +3,45 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+# How often an open stream asks whether its caller may still read it (see `frames`)
+RECHECK_ALLOWED_S = 1.0
 
-async def frames(events: AsyncIterable[dict[str, Any] | None]) -> AsyncIterator[bytes]:
-    """Each event as an SSE message named by its `event` key (default `task`); None as a keep-alive."""
-    async for event in events:
-        if event is None:
-            yield b": keep-alive\n\n"
-        else:
-            name = event.pop("event", "task")  # task, or step | signal | child | suspended
-            yield f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()
+
+async def frames(
+    events: AsyncIterator[dict[str, Any] | None],
+    *,
+    allowed: Callable[[], Awaitable[bool]] | None = None,
+) -> AsyncIterator[bytes]:
+    """Each event as an SSE message named by its `event` key (default `task`); None as a keep-alive.
+
+    A stream outlives the request that authenticated it (a task may wait for days): before a
+    message goes out, and at most every RECHECK_ALLOWED_S, `allowed()` is asked again, and the
+    stream ends once it says no (a revoked key, a disabled client, an ended session), as the next
+    request would be refused. Keep-alives come at least every 15 s, so that is the longest a
+    refused caller keeps a stream open.
+    """
+    checked_at = time.monotonic()
+    try:
+        async for event in events:
+            if allowed is not None and time.monotonic() - checked_at >= RECHECK_ALLOWED_S:
+                if not await allowed():
+                    return
+                checked_at = time.monotonic()
+            if event is None:
+                yield b": keep-alive\n\n"
+            else:
+                name = event.pop("event", "task")  # task, or step | signal | child | suspended
+                yield f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()
+    finally:
+        # an early end (or a client gone) leaves `events` suspended: close it now, which ends its
+        # watch on the task, rather than whenever the collector finds it
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def shutdown_event(retry_after_s: int) -> bytes:

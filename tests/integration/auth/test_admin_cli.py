@@ -15,7 +15,7 @@ from app.__main__ import parser
 from app.admin import _run, print_dev_credentials
 from app.database import Database
 from app.settings import Settings
-from app.src.api.auth import operators
+from app.src.api.auth import clients, operators
 from app.src.api.auth.dev import MARKER, issue_dev_credentials
 from tests.conftest import ROOT, bearer, subprocess_env
 from tests.integration.auth.login_steps import code, log_in
@@ -77,6 +77,14 @@ def test_bad_admin_input_is_refused_with_one_line(
         parser().parse_args(["admin", "create-client", "--name", "x", "--scopes", "everything"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+    # beyond the integer column: once a driver traceback instead of a line
+    with pytest.raises(SystemExit) as exit_info:
+        _run(
+            settings,
+            lambda db: clients.create_client(db, name="x", scopes=["tasks:read"], max_queued_tasks=2**31),
+        )
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "taskgate: max_queued_tasks must be 1 to 2147483647."
 
 
 async def test_dev_credentials_are_issued_once_and_work(db: Database, client: Client, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 
@@ -11,8 +12,10 @@ from standardwebhooks.webhooks import Webhook
 from app.database import Database
 from app.src.api.auth import active_signing_secrets
 from app.src.api.models.auth import IssuedKey, NewOperator
+from app.src.utils import sse
 from tests.conftest import bearer, make_client
 from tests.integration.auth.login_steps import PROBLEM
+from tests.task_harness import enqueue
 
 
 async def test_an_operator_creates_a_client_whose_key_works_at_once(
@@ -69,6 +72,8 @@ async def test_bad_client_bodies_are_422(client: Client, operator_headers: dict[
         {"scopes": ["tasks:read"]},
         {"name": "x", "scopes": []},
         {"name": "x", "scopes": ["tasks:read"], "rate_limit_per_s": 0},
+        # beyond the integer column: once a 500 from the database driver
+        {"name": "x", "scopes": ["tasks:read"], "max_queued_tasks": 2**31},
     ):
         response = await client.post("/api/auth/clients", json=body, headers=operator_headers)
         assert response.status_code == 422, body
@@ -93,6 +98,30 @@ async def test_key_revocation_takes_effect_on_the_next_request(
         f"/api/auth/clients/{api_client.client_id}/keys/{uuid.uuid4()}", headers=auth_headers
     )
     assert missing.status_code == 404
+
+
+async def test_an_open_event_stream_ends_once_its_key_is_revoked(
+    client: Client, api_client: IssuedKey, auth_headers: dict[str, str]
+) -> None:
+    """A stream outlives the request that opened it: it once went on serving the task's changes
+    to a revoked key (or a disabled client) until the task ended, days later for a waiting one."""
+    second = await (
+        await client.post(f"/api/auth/clients/{api_client.client_id}/keys", headers=auth_headers)
+    ).get_json()
+    task = await enqueue(client, bearer(second["api_key"]), kind="noop", delay_s=600)
+    stream = asyncio.create_task(
+        client.get(f"/api/tasks/{task['id']}/events", headers=bearer(second["api_key"]))
+    )
+    await asyncio.sleep(0.3)
+    assert not stream.done()
+    url = f"/api/auth/clients/{api_client.client_id}/keys/{second['key_id']}"
+    assert (await client.delete(url, headers=auth_headers)).status_code == 200
+    await asyncio.sleep(sse.RECHECK_ALLOWED_S + 0.1)
+    cancelled = await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)
+    assert cancelled.status_code == 200
+    body = await (await asyncio.wait_for(stream, timeout=10)).get_data(as_text=True)
+    assert '"status": "scheduled"' in body  # what it was allowed to see
+    assert "cancelled" not in body  # what happened after the key was revoked
 
 
 async def test_a_disabled_client_is_refused_until_enabled(
@@ -205,3 +234,22 @@ async def test_a_client_over_its_rate_limit_gets_429_with_retry_after(
     assert int(limited.headers["Retry-After"]) >= 1
     # other clients are not affected
     assert (await client.get("/api/auth/me", headers=operator_headers)).status_code == 200
+
+
+async def test_a_rate_limit_near_zero_is_a_429_with_a_bounded_retry_after_not_a_500(
+    client: Client, operator_headers: dict[str, str]
+) -> None:
+    """At 1e-320 requests a second, the wait for the next token is infinite: its Retry-After once
+    raised OverflowError, a 500 for every request of the client after its first."""
+    created = await client.post(
+        "/api/auth/clients",
+        json={"name": "frozen", "scopes": ["tasks:read"], "rate_limit_per_s": 1e-320},
+        headers=operator_headers,
+    )
+    assert created.status_code == 201
+    headers = bearer((await created.get_json())["api_key"])
+    assert (await client.get("/api/auth/me", headers=headers)).status_code == 200
+    limited = await client.get("/api/auth/me", headers=headers)
+    assert limited.status_code == 429
+    assert limited.mimetype == PROBLEM
+    assert 1 <= int(limited.headers["Retry-After"]) <= 86_400

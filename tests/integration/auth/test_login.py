@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 
+import pytest
 import structlog
 from quart.typing import TestClientProtocol as Client
 
 from app.database import Database
+from app.src.api.auth import operators
 from app.src.api.auth.access import transaction
+from app.src.api.errors import TooManyRequests
 from app.src.api.models.auth import SCOPES, NewOperator
 from app.src.database import auth as store
-from app.src.encryption import totp
+from app.src.encryption import passwords, totp
 from tests.conftest import OPERATOR_PASSWORD
 from tests.integration.auth.login_steps import (
     PROBLEM,
@@ -286,3 +290,31 @@ async def test_parallel_wrong_codes_cannot_outrun_the_code_limit(
     statuses = [response.status_code for response in responses]
     assert set(statuses) <= {401, 429}, statuses
     assert statuses.count(401) <= 5, statuses  # at most the challenge's five wrong codes were checked
+
+
+async def test_a_login_abandoned_while_its_password_is_checked_counts_as_a_failure(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that hangs up once its password reached the hasher was never answered, and so
+    never counted: from one address, one could keep every argon2 thread busy without ever meeting
+    the address's throttle (and no guess is learnt either way)."""
+    checking = asyncio.Event()
+
+    async def slow_check(password: str) -> None:
+        checking.set()
+        await asyncio.sleep(60)  # the argon2 run the client does not wait for
+
+    monkeypatch.setattr(passwords.HASHER, "verify_dummy", slow_check)
+    for attempt in range(operators.LOGIN_ADDRESS.free_failures):
+        checking.clear()
+        login = asyncio.create_task(
+            operators.login(db, email=f"nobody{attempt}@example.com", password="x", address="192.0.2.7")
+        )
+        await asyncio.wait_for(checking.wait(), timeout=5)
+        login.cancel()  # the client went away
+        with contextlib.suppress(asyncio.CancelledError):
+            await login
+    with pytest.raises(TooManyRequests):  # refused before any password work
+        await asyncio.wait_for(
+            operators.login(db, email="nobody@example.com", password="x", address="192.0.2.7"), timeout=5
+        )

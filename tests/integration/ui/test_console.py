@@ -192,6 +192,22 @@ async def test_state_changes_need_the_sessions_csrf_token(
     assert queue["paused"] is True
 
 
+async def test_a_non_ascii_csrf_token_or_session_cookie_is_refused_not_a_500(
+    app: Quart, db: Database, operator: NewOperator, clean_database: str
+) -> None:
+    browser = await logged_in(app, db, operator)
+    assert (await browser.post("/ui/logout", headers={"X-CSRF-Token": "é"})).status_code == 403
+    assert (await browser.post("/ui/logout", {"csrf_token": "é中"})).status_code == 403
+    assert (await browser.get("/ui/")).status_code == 200  # neither ended the session
+    # a cookie no server signed, with a non-ASCII signature: the login page, not a 500
+    mangled = Browser(app)
+    mangled.cookies[session.SESSION_COOKIE] = "tgs_x.1.2.é"
+    response = await mangled.get("/ui/")
+    assert response.status_code == 303
+    assert response.headers["Location"].startswith("/ui/login")
+    assert (await mangled.get("/ui/login")).status_code == 200
+
+
 async def test_pages_carry_a_csp_without_inline_script_and_templates_have_no_inline_code(
     app: Quart, operator: NewOperator
 ) -> None:
@@ -464,3 +480,36 @@ async def test_the_task_pages_event_stream_ends_at_shutdown_and_says_reconnect(
     body = await response.get_data()
     assert body.endswith(b'event: shutdown\ndata: {"retry_after_s": 1}\n\n'), body
     assert b"event: end" not in body  # the task did not end: the page reconnects and follows on
+
+
+async def test_the_task_pages_event_stream_ends_with_its_session(
+    app: Quart, db: Database, operator: NewOperator, auth_headers: dict[str, str]
+) -> None:
+    """The stream does not slide the idle timeout, and once outlived its session: logged out, or
+    left idle past IDLE_TIMEOUT_S, a page kept receiving the task's changes until the task ended."""
+    import asyncio
+
+    from app.src.utils import sse
+
+    api = app.test_client()
+    task = await enqueue(api, auth_headers, kind="noop", delay_s=600)
+    events = f"/ui/tasks/{task['id']}/events"
+    logged_out = await logged_in(app, db, operator)
+    grant = await operators.start_session(db, user_id=operator.user_id)
+    idle = Browser(app)
+    async with app.app_context():  # its last use was IDLE_TIMEOUT_S ago, less a second
+        idle.cookies[session.SESSION_COOKIE] = session.pack(
+            session.BrowserSession(grant.access_token, int(grant.expires_at.timestamp())),
+            now=time.time() - session.IDLE_TIMEOUT_S + 1,
+        )
+    streams = [asyncio.create_task(browser.get(events)) for browser in (logged_out, idle)]
+    await asyncio.sleep(0.3)
+    assert not any(stream.done() for stream in streams)
+    token = await logged_out.csrf("/ui/")
+    assert (await logged_out.post("/ui/logout", {"csrf_token": token})).status_code == 303
+    await asyncio.sleep(sse.RECHECK_ALLOWED_S + 1)
+    assert (await api.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)).status_code == 200
+    for stream in streams:
+        body = await (await asyncio.wait_for(stream, timeout=10)).get_data(as_text=True)
+        assert '"status": "scheduled"' in body
+        assert "cancelled" not in body

@@ -47,13 +47,7 @@ class Authenticator:
 
     async def authenticate(self, token: str) -> Principal | None:
         """The principal a token stands for, or None (401); raises TooManyRequests over the rate."""
-        prefix = tokens.parse_api_key(token)
-        if prefix is not None:
-            principal = await self._api_key(prefix, token)
-        elif tokens.opaque_kind(token) == tokens.SESSION_PREFIX:
-            principal = await self._session(token)
-        else:
-            principal = None
+        principal = await self.identify(token)
         if principal is not None and principal.rate_limit_per_s is not None:
             wait = self.buckets.take(principal.client_id, rate=principal.rate_limit_per_s)
             if wait > 0:
@@ -61,6 +55,16 @@ class Authenticator:
                     "This client is over its request rate limit.", retry_after=retry_after_seconds(wait)
                 )
         return principal
+
+    async def identify(self, token: str) -> Principal | None:
+        """The principal a token stands for now, or None; no rate limit is charged (an open event
+        stream asks this again while it runs)."""
+        prefix = tokens.parse_api_key(token)
+        if prefix is not None:
+            return await self._api_key(prefix, token)
+        if tokens.opaque_kind(token) == tokens.SESSION_PREFIX:
+            return await self._session(token)
+        return None
 
     async def _api_key(self, prefix: str, token: str) -> Principal | None:
         found = await self._key_lookups.submit(prefix)

@@ -16,6 +16,7 @@ from app.database import Database
 from app.src.api.auth.access import keyring, transaction
 from app.src.api.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.src.api.models.auth import (
+    MAX_QUEUED_TASKS_LIMIT,
     SCOPES,
     ApiClient,
     ApiKeyRecord,
@@ -50,6 +51,8 @@ async def create_client(
     name = name.strip()
     if not 1 <= len(name) <= 100:
         raise Unprocessable("The name must be 1 to 100 characters long.")
+    if max_queued_tasks is not None and not 1 <= max_queued_tasks <= MAX_QUEUED_TASKS_LIMIT:
+        raise Unprocessable(f"max_queued_tasks must be 1 to {MAX_QUEUED_TASKS_LIMIT}.")
     ring = keyring(db)
     async with transaction(db) as conn:
         client = await store.insert_client(

@@ -55,5 +55,10 @@ class TokenBuckets:
         return (1.0 - bucket.tokens) / rate
 
 
+# A Retry-After no client should plan beyond; a rate near zero (an operator may set 1e-300 per
+# second) makes the wait overflow to infinity, which has no whole number of seconds.
+MAX_RETRY_AFTER_S = 86_400
+
+
 def retry_after_seconds(wait: float) -> int:
-    return max(1, math.ceil(wait))
+    return max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S)))

@@ -82,6 +82,11 @@ async def attempt(db: Database, subjects: Sequence[Subject], *, event: str) -> A
     outcome = Attempt()
     try:
         yield outcome
+    except asyncio.CancelledError:
+        # the client went away before its answer: counted as a failure, or hanging up once the
+        # password reached the hasher would buy argon2 runs that no throttle ever sees
+        outcome.failed = True
+        raise
     finally:
         # shielded: a client that goes away mid-attempt must not leave a failure uncounted
         await asyncio.shield(_end(db, subjects, failed=outcome.failed))

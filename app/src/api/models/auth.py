@@ -19,6 +19,8 @@ Scope = Literal[
     "tasks:work",
 ]
 SCOPES: tuple[str, ...] = get_args(Scope)
+# api_clients.max_queued_tasks is a PostgreSQL integer
+MAX_QUEUED_TASKS_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +228,7 @@ class ClientIn(BaseModel):
 
     name: str = Field(min_length=1, max_length=100)
     scopes: list[Scope] = Field(min_length=1)
-    max_queued_tasks: int | None = Field(default=None, gt=0)
+    max_queued_tasks: int | None = Field(default=None, gt=0, le=MAX_QUEUED_TASKS_LIMIT)
     rate_limit_per_s: float | None = Field(default=None, gt=0, le=1_000_000)
 
 

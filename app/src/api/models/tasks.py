@@ -35,18 +35,18 @@ def _date_time_text(value: Any) -> Any:
     return value
 
 
-def _readable_in_utc(value: datetime) -> datetime:
-    """A time is stored in UTC: one whose offset carries it past year 9999 or before year 1 there
-    ("9999-12-31T23:59:59-23:59") has no UTC reading, and failed its statement (a 500)."""
+def _utc_representable(value: datetime) -> datetime:
+    """A time that exists in UTC: 0001-01-01T00:00:00+14:00 and 9999-12-31T23:59:59-14:00 do not
+    (years 0 and 10000), and the database driver's conversion to UTC failed on them (a 500)."""
     try:
         value.astimezone(UTC)
     except OverflowError:
-        raise ValueError("out of range once read in UTC (years 1 to 9999)") from None
+        raise ValueError("the time is out of range: years 1 to 9999 in UTC") from None
     return value
 
 
-StorableDatetime = Annotated[AwareDatetime, AfterValidator(_readable_in_utc)]
-DateTimeText = Annotated[StorableDatetime, BeforeValidator(_date_time_text)]
+Instant = Annotated[AwareDatetime, AfterValidator(_utc_representable)]
+DateTimeText = Annotated[Instant, BeforeValidator(_date_time_text)]
 
 
 def storable(value: Any) -> Any:
@@ -90,7 +90,7 @@ class TaskIn(BaseModel):
     queue: QueueName = "default"
     kind: KindName
     payload: dict[str, Any] = Field(default_factory=dict)
-    run_at: StorableDatetime | None = None
+    run_at: Instant | None = None
     delay_s: float | None = Field(default=None, ge=0, le=MAX_DELAY_S)
     priority: int = Field(default=5, ge=0, le=9, description="0 runs first, 9 last")
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
