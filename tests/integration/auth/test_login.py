@@ -110,6 +110,21 @@ async def test_failed_logins_from_one_address_are_throttled_by_the_20th(client: 
     assert other.status_code == 401  # another address is not affected
 
 
+async def test_failed_logins_from_one_ipv6_64_are_throttled_together(client: Client) -> None:
+    """A host is given a whole /64: a fresh address for every guess must not escape the address's
+    throttle (each guess below names an unknown account, so only the address counter can trip)."""
+    statuses = []
+    for attempt in range(20):
+        address = f"2001:db8:1:2::{attempt + 1:x}"
+        response = await password_step(client, f"nobody{attempt}@example.com", "wrong", address=address)
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            break
+    assert statuses[-1] == 429, statuses
+    other = await password_step(client, "nobody@example.com", "wrong", address="2001:db8:1:3::1")
+    assert other.status_code == 401  # the next /64 is another network
+
+
 async def test_a_totp_code_is_accepted_once(client: Client, operator: NewOperator) -> None:
     first = code(operator.totp_secret)
     await log_in(client, operator.email, OPERATOR_PASSWORD, first)

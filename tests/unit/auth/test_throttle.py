@@ -1,4 +1,4 @@
-"""The lockout schedule of failed logins and TOTP attempts."""
+"""The lockout schedule of failed logins and TOTP attempts, and what an address is throttled as."""
 
 import pytest
 
@@ -8,6 +8,7 @@ from app.src.api.auth.throttle import (
     TOTP_ACCOUNT,
     TOTP_ADDRESS,
     Policy,
+    address_key,
     lockout_seconds,
 )
 
@@ -27,3 +28,17 @@ def test_delays_double_then_cap() -> None:
 def test_accounts_are_stricter_than_addresses() -> None:
     # an office behind one NAT address shares the address budget
     assert LOGIN_ACCOUNT.free_failures < LOGIN_ADDRESS.free_failures
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),  # an IPv4 client of a dual-stack listener
+        ("unknown", "unknown"),
+    ],
+)
+def test_an_address_is_throttled_as_its_ipv4_address_or_ipv6_64(address: str, key: str) -> None:
+    assert address_key(address) == key

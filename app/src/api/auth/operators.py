@@ -22,6 +22,7 @@ from app.src.api.auth.throttle import (
     LOGIN_ADDRESS,
     TOTP_ACCOUNT,
     TOTP_ADDRESS,
+    address_key,
     attempt,
     forget,
 )
@@ -104,7 +105,7 @@ async def login(db: Database, *, email: str, password: str, address: str) -> Mfa
     the same 401 and count against the same throttles.
     """
     account = account_key(email)
-    subjects = [(LOGIN_ACCOUNT, account), (LOGIN_ADDRESS, address)]
+    subjects = [(LOGIN_ACCOUNT, account), (LOGIN_ADDRESS, address_key(address))]
     async with attempt(db, subjects, event="auth.login") as this:
         async with db.driver() as conn:
             user = await store.get_user_by_email(conn, account)
@@ -147,7 +148,7 @@ async def login_totp(
     if challenge is None or user is None or user.disabled:
         log.info("auth.login.totp", outcome="bad_mfa_token", address=address)
         raise Unauthorized(BAD_MFA_TOKEN)
-    subjects = [(TOTP_ACCOUNT, str(user.id)), (TOTP_ADDRESS, address)]
+    subjects = [(TOTP_ACCOUNT, str(user.id)), (TOTP_ADDRESS, address_key(address))]
     async with attempt(db, subjects, event="auth.login.totp") as this:
         step = _matching_step(db, user, user.totp_secret, code, now=now)
         recovery = tokens.normalize_recovery_code(code) if step is None else None
@@ -243,7 +244,7 @@ async def confirm_totp(
     user = await _operator(db, principal)
     if user.totp_pending_secret is None:
         raise Conflict("No TOTP enrolment is pending; start with POST /api/auth/totp/enroll.")
-    subjects = [(TOTP_ACCOUNT, str(user.id)), (TOTP_ADDRESS, address)]
+    subjects = [(TOTP_ACCOUNT, str(user.id)), (TOTP_ADDRESS, address_key(address))]
     async with attempt(db, subjects, event="auth.totp.confirm") as this:
         step = _matching_step(db, user, user.totp_pending_secret, code, now=now)
         if step is None:

@@ -5,7 +5,8 @@ and restart. A key may fail `free_failures - 1` times freely; from then on each 
 for an exponentially growing delay (1 s, 2 s, 4 s, ... up to 15 min), and a key quiet for
 `forget_after_s` starts over. Blocked attempts are refused before any password or code is
 checked, so they reveal nothing. Per-account keys are the email as typed (lowercased), whether or
-not the account exists, so a 429 says nothing about which accounts exist.
+not the account exists, so a 429 says nothing about which accounts exist. Per-address keys are an
+IPv4 address or an IPv6 /64 (`address_key`).
 
 An attempt holds its account's key while it checks (`attempt`): a second attempt on the same
 account meanwhile is refused at once (429), so parallel guesses cannot all pass the check before
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +53,20 @@ def lockout_seconds(policy: Policy, failures: int) -> float:
         return 0.0
     exponent = min(failures - policy.free_failures, 32)  # 2**32 s is past any cap
     return float(min(policy.max_delay_s, policy.base_delay_s * 2**exponent))
+
+
+def address_key(address: str) -> str:
+    """The unit an address is throttled by: an IPv4 address, or the /64 of an IPv6 one (a host is
+    routinely given a whole /64, and could otherwise take a fresh address for every guess)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an address ("unknown"): a key of its own
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 Subject = tuple[Policy, str]
