@@ -91,6 +91,22 @@ def is_refused_text(error: BaseException) -> bool:
     return isinstance(error, _NUL_REFUSED)
 
 
+# Contention, not a fault of the request: PostgreSQL ended the transaction to break a deadlock or
+# a serialization conflict (class 40), or a lock wait ran out (55P03). The same request, retried,
+# succeeds; the connection itself is sound.
+_CONTENDED = (asyncpg.TransactionRollbackError, asyncpg.LockNotAvailableError)
+
+
+def is_contended(error: BaseException) -> bool:
+    """True when PostgreSQL ended a statement for a conflict with another transaction."""
+    if isinstance(error, sa_exc.DBAPIError):
+        original = error.orig
+        return original is not None and (
+            isinstance(original, _CONTENDED) or isinstance(original.__cause__, _CONTENDED)
+        )
+    return isinstance(error, _CONTENDED)
+
+
 def is_connection_failure(error: BaseException) -> bool:
     """True when `error` says the database is out of reach rather than that a statement is wrong."""
     if isinstance(error, StorageUnavailable):

@@ -20,7 +20,7 @@ from quart.wrappers import Request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.database import StorageUnavailable, is_refused_text
+from app.database import RETRY_AFTER_S, StorageUnavailable, is_contended, is_refused_text
 from app.settings import ACCESS_LOGGER
 from app.src.api.errors import (
     AppError,
@@ -232,6 +232,15 @@ async def handle_unexpected(error: Exception) -> Response:
         # (the statement failed, so nothing was stored)
         return await handle_app_error(
             Unprocessable(f"The request cannot be stored: {json_text.NUL_MESSAGE}.")
+        )
+    if is_contended(error):
+        # a deadlock or serialization conflict with another transaction: the statement was rolled
+        # back, nothing was changed, and the same request succeeds when retried
+        log.warning("request ended by a database conflict", error=str(error))
+        return await handle_app_error(
+            ServiceUnavailable(
+                "The database ended this request in a conflict; retry.", retry_after=RETRY_AFTER_S
+            )
         )
     log.exception("unhandled error", error_type=type(error).__name__)
     return problem_response({"type": "about:blank", "title": "Internal Server Error", "status": 500}, 500)

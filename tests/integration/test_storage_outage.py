@@ -132,3 +132,35 @@ async def test_a_stalled_database_is_503_with_retry_after_not_a_hang(
     assert {a.status_code for a in answers} == {503}
     assert time.monotonic() - began < ANSWER_WITHIN_S
     proxy.refuse()  # let the app shut down without waiting on the frozen connections
+
+
+async def test_a_request_ended_by_a_deadlock_is_a_503_and_changes_nothing(
+    client: Any, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """PostgreSQL breaks a deadlock (or a serialization conflict) by ending one transaction: that
+    is contention, not a fault of the request, and a retry succeeds. It was a 500."""
+    conn = await asyncpg.connect(clean_database.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        await conn.execute(
+            """CREATE FUNCTION conflict() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = 'deadlock_detected'; END $$"""
+        )
+        await conn.execute(
+            "CREATE TRIGGER conflict BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION conflict()"
+        )
+        for path, body in (
+            ("/api/tasks", {"kind": "noop"}),
+            ("/api/tasks/batch", {"tasks": [{"kind": "noop"}] * 3}),
+        ):
+            refused = await client.post(path, json=body, headers=auth_headers)
+            assert refused.status_code == 503, await refused.get_data()
+            assert refused.mimetype == PROBLEM
+            assert int(refused.headers["Retry-After"]) >= 1
+        assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
+        await conn.execute("DROP TRIGGER conflict ON tasks")
+        retried = await client.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)
+        assert retried.status_code == 201
+    finally:
+        await conn.execute("DROP TRIGGER IF EXISTS conflict ON tasks")
+        await conn.execute("DROP FUNCTION IF EXISTS conflict()")
+        await conn.close()
