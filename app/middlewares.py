@@ -151,6 +151,10 @@ _API_CSP = [("Content-Security-Policy", "default-src 'none'; frame-ancestors 'no
 
 async def finish_response(response: Response) -> Response:
     request_id = getattr(g, "request_id", None) or new_request_id()
+    if request.method == "HEAD" and response.mimetype == "text/event-stream":
+        # Quart sends a HEAD's body (the server drops it): an event stream's lasts as long as its
+        # task, holding the connection for nothing. The headers are the whole answer.
+        response.set_data(b"")
     headers = response.headers
     headers[REQUEST_ID_HEADER] = request_id
     # appended, not set: no view sets these, and set() scans the list for each one

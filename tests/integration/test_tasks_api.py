@@ -204,6 +204,19 @@ async def test_unknown_task_is_404(client: Client, auth_headers: dict[str, str])
     assert cancel.status_code == 404
 
 
+async def test_head_of_an_event_stream_answers_with_its_headers_at_once(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """A HEAD of /events was answered with the whole stream's body (dropped by the server), so it
+    lasted as long as the task: here, a task no worker runs, for ever."""
+    task = await enqueue(client, auth_headers, kind="noop", delay_s=600)
+    response = await asyncio.wait_for(
+        client.head(f"/api/tasks/{task['id']}/events", headers=auth_headers), timeout=5
+    )
+    assert response.status_code == 200
+    assert response.mimetype == "text/event-stream"
+
+
 async def test_cancel_and_retry(client: Client, auth_headers: dict[str, str]) -> None:
     task = await enqueue(client, auth_headers, kind="noop", delay_s=600)
     cancelled = await (await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)).get_json()
