@@ -18,6 +18,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
+from app.database import is_connection_failure
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from app.src.database.durable import DurableState
@@ -212,7 +213,16 @@ class Claimer:
                 # were discarded without ever running) nor the queues after it pay for it; the
                 # round fails only when nothing was claimed (an outage, say).
                 failed: Exception | None = None
-                for queue in await self._limited_queues(conn):
+                try:
+                    limited = await self._limited_queues(conn)
+                except Exception as exc:
+                    if not claimed:
+                        raise
+                    failed, limited = exc, []  # read again next round; these tasks start now
+                    self.log.warning(
+                        "reading the limited queues failed", error=str(exc) or type(exc).__name__
+                    )
+                for queue in limited:
                     if len(claimed) >= want:
                         break
                     # A queue with a concurrency limit is claimed half its limit at a time: one half
@@ -243,9 +253,27 @@ class Claimer:
                 if failed is not None and not claimed:
                     raise failed
             # only tasks that stored steps, signals or children cost this one more statement
-            durable = [task.id for task in claimed if task.durable]
+            durable = [task for task in claimed if task.durable]
             if durable:
-                states = await durable_store.load_state(conn, durable)
+                try:
+                    states = await durable_store.load_state(conn, [task.id for task in durable])
+                except Exception as exc:
+                    # Started without their stored steps they would run those again. The others
+                    # start; these are handed back when the database was out of reach (the
+                    # attempt not spent), else left to their leases: a state that cannot be read
+                    # spends an attempt each time and ends in a dead letter, not a loop.
+                    transient = is_connection_failure(exc)
+                    self.log.warning(
+                        "loading the state of durable tasks failed",
+                        count=len(durable),
+                        handed_back=transient,
+                        error=str(exc) or type(exc).__name__,
+                    )
+                    if transient:
+                        await self._release(durable)
+                    claimed = [task for task in claimed if not task.durable]
+                    if not claimed:
+                        raise
         return claimed, again, states
 
     def _queue_failed(self, queue_id: int, exc: Exception) -> None:

@@ -542,3 +542,35 @@ async def test_children_spawned_in_process_are_held_to_their_clients_own_quota(
     assert "quota is 2" in task["last_error"]
     rows = await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id IS NOT NULL")
     assert rows[0]["n"] == 0
+
+
+async def test_a_durable_task_whose_state_cannot_be_loaded_in_an_outage_is_handed_back(
+    serving: Serving, auth_headers: dict[str, str], monkeypatch: Any
+) -> None:
+    """Loading the stored steps of claimed durable tasks failed (the database out of reach for a
+    moment): the whole claim round failed, and every task it had claimed (durable or not) waited
+    out its lease and lost an attempt, or was discarded on its last one. Now the durable ones are
+    handed back at once, the attempt not spent, and run as soon as their state can be read."""
+    from app.src.database import durable as durable_store
+
+    load_state = durable_store.load_state
+    failures: list[int] = []
+
+    async def failing_once(conn: Any, task_ids: Any) -> Any:
+        if not failures:
+            failures.append(len(task_ids))
+            raise ConnectionResetError("injected: the connection was reset")
+        return await load_state(conn, task_ids)
+
+    monkeypatch.setattr(durable_store, "load_state", failing_once)
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="test.nap", payload={"seconds": 0.3})
+    done = await wait_done(client, auth_headers, task["id"])
+    assert failures == [1]  # the claim after the nap met the outage
+    assert done["status"] == "completed"
+    outcomes = [
+        a["outcome"] for a in (await get(client, auth_headers, f"/api/tasks/{task['id']}/attempts"))["items"]
+    ]
+    assert "lost" not in outcomes, outcomes
+    assert outcomes[-1] == "completed"

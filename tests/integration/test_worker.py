@@ -445,3 +445,23 @@ async def test_a_limited_queue_that_cannot_be_claimed_holds_up_no_other_queue(
         assert (await task_status(client, auth_headers, stuck["id"]))["status"] == "available"
     done = await (await client.get(f"/api/tasks/{stuck['id']}?wait=10", headers=auth_headers)).get_json()
     assert (done["status"], done["attempts"]) == ("completed", 1)  # claimed once the fault is gone
+
+
+async def test_tasks_claimed_before_the_limited_queues_cannot_be_read_still_run(
+    serving: Serving, auth_headers: dict[str, str], monkeypatch: Any
+) -> None:
+    """A round claims the unlimited queues, then reads which queues are limited. When that read
+    failed, the round failed and the tasks it had already claimed were never started: each waited
+    out its lease, lost an attempt, and was claimed (and lost) again until discarded."""
+    from app.src.database import tasks as task_store
+
+    async def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionResetError("injected: the connection was reset")
+
+    monkeypatch.setattr(task_store, "limited_queues", unreadable)
+    app = await serving(**WORKER)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="noop", payload={})
+    await eventually(lambda: _status_is(client, auth_headers, task["id"], "completed"), timeout=4)
+    attempts = await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
+    assert [a["outcome"] for a in attempts["items"]] == ["completed"]
