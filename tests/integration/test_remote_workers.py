@@ -711,3 +711,24 @@ async def test_a_check_of_many_keys_against_many_patterns_ends_within_the_budget
     assert "takes longer than 1 s" in (await refused.get_json())["errors"][0]["message"]
     fine = await enqueue(client, auth_headers, kind="reports.build", payload={"p7-x": 1})
     assert fine["status"] == "available"
+
+
+async def test_an_empty_suspension_hands_a_last_attempt_back_without_spending_it(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """What the SDK worker sends at shutdown for a handler that stopped: the task is available
+    again at once and runs again, where an expired lease would have discarded it."""
+    await register(client, auth_headers)
+    task = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=1
+    )
+    [first] = (await claim(client, auth_headers))["items"]
+    [answer] = await complete(client, auth_headers, {"id": task["id"], "attempt": first["attempt"],
+                                                     "outcome": "suspended"})  # fmt: skip
+    assert (answer["accepted"], answer["status"]) == (True, "available")
+    [again] = (await claim(client, auth_headers))["items"]
+    assert again["id"] == task["id"]
+    result = {"url": "u"}
+    [done] = await complete(client, auth_headers, {"id": task["id"], "attempt": again["attempt"],
+                                                   "outcome": "completed", "result": result})  # fmt: skip
+    assert (done["accepted"], done["status"]) == (True, "completed")

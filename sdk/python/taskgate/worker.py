@@ -16,8 +16,9 @@ lease is lost (or cannot be confirmed in time) is abandoned: its task belongs to
 now. An async handler is cancelled; a sync handler cannot be interrupted, so it should poll
 `ctx.cancelled` (or block in `ctx.wait_cancelled`) and return: until it does, it keeps its slot
 and this worker does not start the same task again. SIGTERM/SIGINT: stop claiming, let running
-handlers finish within `grace_s`, then let the remaining leases go (they expire and the server
-retries those tasks).
+handlers finish within `grace_s`, then cancel the rest: a handler that stops hands its task back
+(available again at once, no attempt spent); one still running (a sync handler that does not
+return) keeps its task until its lease expires, and the server retries it as a failed attempt.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ MAX_CLAIM = 100
 MAX_COMPLETE_BATCH = 1000
 MAX_HEARTBEAT = 1000  # task ids per heartbeat (the server's limit)
 FENCE_EVERY_S = 0.5  # half the smallest margin (_margin_s): a fence is never later than that
+UNWIND_S = 0.25  # at shutdown, what a cancelled handler gets to end before it counts as running
 MAX_TRACEBACK = 8192
 # what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
 # within it itself: a completion the server refuses must never stall the others
@@ -419,10 +421,28 @@ class Worker:
         if runners:
             log.info("waiting for running tasks", extra={"count": len(runners), "grace_s": self.grace_s})
             await asyncio.wait(runners, timeout=max(0.0, deadline - loop.time()))
-        for running in list(self._running.values()):
-            self._abandon(running, "shutdown")
+        leftover = list(self._running.values())
+        for running in leftover:
+            self._abandon(running, "shutdown")  # async handlers are cancelled, sync ones told
+        unwinding = [r.runner for r in leftover if r.runner is not None]
+        if unwinding:
+            await asyncio.wait(unwinding, timeout=UNWIND_S)
+        # A handler that has stopped hands its task back with an empty suspension: the attempt
+        # ends without spending the failure budget and the task is available at once. Left to its
+        # lease, the rescuer would count a failed attempt (and discard a task on its last one).
+        # A handler still running cannot be handed back: another worker would run its task while
+        # it still does; its lease, no longer renewed, expires and the task is retried.
+        stuck = []
+        for running in leftover:
+            if running.abandoned == "shutdown" and _stopped(running):
+                task = running.task
+                self._pending.append({"id": str(task.id), "attempt": task.attempt, "outcome": "suspended"})
+            else:
+                stuck.append(running)
             if running.runner is not None:
                 running.runner.cancel()  # a sync handler's thread goes on, but the worker stops
+        if stuck:
+            log.warning("%d handlers still run; their tasks are left to their leases", len(stuck))
         # the last completions, within what is left of the grace period (at least a moment)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_all(), timeout=max(1.0, deadline - loop.time()))
@@ -752,6 +772,13 @@ class Worker:
 
     def _settle(self, task_ids: set[str]) -> None:
         self._pending = [c for c in self._pending if c["id"] not in task_ids]
+
+
+def _stopped(running: _Running) -> bool:
+    """Nothing of this run's task still runs here: its handler ended, and so did any abandoned
+    run of the same task it was waiting for."""
+    runners = [running.runner, running.previous.runner if running.previous is not None else None]
+    return all(runner is None or runner.done() for runner in runners) and running.runner is not None
 
 
 def _text(value: str, limit: int) -> str:

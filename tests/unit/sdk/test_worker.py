@@ -341,3 +341,47 @@ async def test_a_task_claimed_at_the_end_of_a_long_poll_runs() -> None:
             await until(lambda: task_id in server.completed, timeout_s=5)
     assert server.completed[task_id]["outcome"] == "completed"
     assert [ctx.cancelled for ctx in contexts] == [False]
+
+
+async def test_on_shutdown_a_handler_that_stopped_hands_its_task_back_and_one_still_running_does_not() -> (
+    None
+):
+    """After the grace period a stopped handler's task is handed back with an empty suspension
+    (available again, its failure budget untouched: a last attempt is not discarded); a sync
+    handler that ignores `ctx.cancelled` is never handed back while it runs (it would run twice)."""
+    server = FakeTaskgate()
+    stubborn_may_end = threading.Event()
+    started: set[str] = set()
+    try:
+        async with server.client() as client:
+            worker = taskgate.Worker(client, concurrency=4, grace_s=0.3)
+
+            @worker.kind("slow_async")
+            async def slow_async(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+                started.add(str(ctx.task_id))
+                await asyncio.sleep(60)
+
+            @worker.kind("polite_sync")
+            def polite_sync(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+                started.add(str(ctx.task_id))
+                ctx.wait_cancelled(60)
+                return {}
+
+            @worker.kind("stubborn_sync")
+            def stubborn_sync(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+                started.add(str(ctx.task_id))
+                stubborn_may_end.wait(60)  # never looks at ctx.cancelled
+                return {}
+
+            stopped_async = server.add("slow_async")
+            stopped_sync = server.add("polite_sync")
+            running = server.add("stubborn_sync")
+            async with server.serving(worker):
+                await until(lambda: len(started) == 3)
+    finally:
+        stubborn_may_end.set()
+    for task_id in (stopped_async, stopped_sync):
+        handed_back = server.completed[task_id]
+        assert handed_back["outcome"] == "suspended"
+        assert not handed_back.get("suspend")  # nothing to wait for: available at once
+    assert running not in server.completed  # left to its lease while its handler runs
