@@ -56,6 +56,10 @@ MAX_COMPLETE_BATCH = 1000
 MAX_HEARTBEAT = 1000  # task ids per heartbeat (the server's limit)
 FENCE_EVERY_S = 0.5  # half the smallest margin (_margin_s): a fence is never later than that
 UNWIND_S = 0.25  # at shutdown, what a cancelled handler gets to end before it counts as running
+# A completion that cannot be delivered (a server error, a network failure) is retried, and its
+# lease kept by the heartbeats, this long at most; then it is dropped: its lease expires and
+# Taskgate retries the task, rather than the task staying `running` (and its slot taken) for ever.
+DELIVER_FOR_S = 300.0
 MAX_TRACEBACK = 8192
 # what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
 # within it itself: a completion the server refuses must never stall the others
@@ -299,6 +303,7 @@ class Worker:
         self._running: dict[UUID, _Running] = {}  # the latest run of each task here
         self._busy = 0  # runs not ended: abandoned sync handlers hold their slot until they return
         self._pending: list[dict[str, Any]] = []
+        self._pending_since: dict[str, float] = {}  # task id -> monotonic time its completion was queued
         self._lease_s = 30.0
         self._claiming = 0  # slots reserved by claims in flight
         self._stop: asyncio.Event | None = None
@@ -436,7 +441,7 @@ class Worker:
         for running in leftover:
             if running.abandoned == "shutdown" and _stopped(running):
                 task = running.task
-                self._pending.append({"id": str(task.id), "attempt": task.attempt, "outcome": "suspended"})
+                self._queue_completion({"id": str(task.id), "attempt": task.attempt, "outcome": "suspended"})
             else:
                 stuck.append(running)
             if running.runner is not None:
@@ -533,9 +538,29 @@ class Worker:
         if running.abandoned is not None:
             return
         task = running.task
-        self._pending.append(_sendable({"id": str(task.id), "attempt": task.attempt, **report}))
+        self._queue_completion(_sendable({"id": str(task.id), "attempt": task.attempt, **report}))
         assert self._to_complete is not None
         self._to_complete.set()
+
+    def _queue_completion(self, item: dict[str, Any]) -> None:
+        self._pending.append(item)
+        self._pending_since.setdefault(item["id"], time.monotonic())
+
+    def _delivering(self, now: float) -> list[dict[str, Any]]:
+        """The completions still worth their leases: queued less than DELIVER_FOR_S ago."""
+        return [c for c in self._pending if now - self._pending_since.get(c["id"], now) < DELIVER_FOR_S]
+
+    def _give_up_delivering(self) -> None:
+        """Drop the completions that could not be delivered within DELIVER_FOR_S (the heartbeats
+        no longer renew their leases): each task's lease expires and Taskgate retries it."""
+        keep = self._delivering(time.monotonic())
+        dropped = {c["id"] for c in self._pending} - {c["id"] for c in keep}
+        if dropped:
+            log.error("%d completions could not be delivered in %.0f s; dropped (their leases expire "
+                      "and Taskgate retries those tasks)", len(dropped), DELIVER_FOR_S)  # fmt: skip
+            self._settle(dropped)
+            assert self._room is not None
+            self._room.set()
 
     def _finished(self, running: _Running) -> None:
         self._busy -= 1
@@ -622,7 +647,7 @@ class Worker:
         # the runs this heartbeat speaks for: its answer may come back after one of them ended and
         # a newer run of the same task was claimed here, which it must not renew, cancel or abandon
         runs = {i: r for i, r in self._running.items() if r.abandoned is None}
-        held = [*runs, *(UUID(c["id"]) for c in self._pending)]
+        held = [*runs, *(UUID(c["id"]) for c in self._delivering(time.monotonic()))]
         if not held:
             return
         progress, self._progress = self._progress, {}
@@ -701,17 +726,21 @@ class Worker:
 
     async def _complete_loop(self) -> None:
         assert self._to_complete is not None
+        failures = 0
         while True:
             await self._to_complete.wait()
             self._to_complete.clear()
             try:
                 while self._pending:
                     await self._flush()
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                failures += 1
                 log.warning("completing failed; retrying: %s", exc)
-                await asyncio.sleep(0.5)
+                self._give_up_delivering()
+                await asyncio.sleep(min(5.0, 0.25 * 2**failures))
                 self._to_complete.set()
 
     async def _flush_all(self) -> None:
@@ -772,6 +801,8 @@ class Worker:
 
     def _settle(self, task_ids: set[str]) -> None:
         self._pending = [c for c in self._pending if c["id"] not in task_ids]
+        for task_id in task_ids:
+            self._pending_since.pop(task_id, None)
 
 
 def _stopped(running: _Running) -> bool:

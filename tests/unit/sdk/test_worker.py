@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import pytest
 from pydantic import BaseModel
 
 from tests.conftest import ROOT
@@ -385,3 +386,34 @@ async def test_on_shutdown_a_handler_that_stopped_hands_its_task_back_and_one_st
         assert handed_back["outcome"] == "suspended"
         assert not handed_back.get("suspend")  # nothing to wait for: available at once
     assert running not in server.completed  # left to its lease while its handler runs
+
+
+async def test_a_completion_the_server_fails_for_ever_is_given_up_and_its_lease_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A completion answered 500 every time is retried only so long: then the heartbeats stop
+    renewing its lease (Taskgate rescues and retries the task) and its slot is free again."""
+    monkeypatch.setattr(taskgate.worker, "DELIVER_FOR_S", 1.0)
+    server = FakeTaskgate(lease_s=3)  # a heartbeat every second, a fence 2 s after the last
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1)
+
+        @worker.kind("quick")
+        async def quick(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+        @worker.kind("next")
+        async def next_one(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            mine = str(ctx.task_id)
+            await until(lambda: any(mine in beat["task_ids"] for beat in server.heartbeats))
+            return {}
+
+        broken = server.add("quick")
+        server.break_item = lambda item: item["id"] == broken
+        after = server.add("next")
+        async with server.serving(worker):
+            await until(lambda: after in server.completed, timeout_s=10)  # the only slot came free
+    assert broken not in server.completed
+    assert ("/api/workers/complete", 500) in server.refused
+    last_beat = next(beat for beat in reversed(server.heartbeats) if after in beat["task_ids"])
+    assert broken not in last_beat["task_ids"]  # its lease is no longer renewed
