@@ -4,6 +4,7 @@ tasks exactly once, survive SIGKILL without losing any, and have stale completio
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -33,7 +34,8 @@ from pydantic import BaseModel
 from taskgate import ChildFailed, Client, PermanentError, RetryLater, TaskCancelled, Worker
 
 tg = Client(os.environ["TG_URL"], api_key=os.environ["TG_KEY"], verify=os.environ["TG_CA"])
-worker = Worker(tg, concurrency=int(os.environ.get("TG_CONCURRENCY", "50")), name=os.environ["TG_NAME"])
+worker = Worker(tg, concurrency=int(os.environ.get("TG_CONCURRENCY", "50")), name=os.environ["TG_NAME"],
+                grace_s=float(os.environ.get("TG_GRACE", "30")))
 
 
 class Square(BaseModel):
@@ -285,14 +287,14 @@ def sdk_env(server: ServerProcess, key: str, **extra: str) -> dict[str, str]:
 
 
 def spawn_worker(
-    sdk: Sdk, server: ServerProcess, key: str, name: str, record: Path
+    sdk: Sdk, server: ServerProcess, key: str, name: str, record: Path, **extra: str
 ) -> subprocess.Popen[bytes]:
     log = (record.parent / f"{name}.log").open("wb")
     try:
         return subprocess.Popen(
             [str(sdk.python), "-m", "taskgate", "worker", "e2e_worker:worker"],
             cwd=sdk.scripts,
-            env=sdk_env(server, key, TG_NAME=name, TG_RECORD=str(record)),
+            env=sdk_env(server, key, TG_NAME=name, TG_RECORD=str(record), **extra),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -466,6 +468,47 @@ async def test_a_sigkilled_remote_worker_loses_nothing_and_its_stale_completion_
         task_id,
     )
     assert [r["outcome"] for r in outcomes] == ["lost", "completed"]
+
+
+async def test_a_sigterm_hands_back_a_last_attempt_whose_handler_it_stopped(
+    sdk: Sdk, platform: Platform, tmp_path: Path
+) -> None:
+    """A handler still running when the grace ends is cancelled and its task handed back: it is
+    available again, not rescued as a failure (with max_attempts 1 that would discard it)."""
+    issued = await platform.client_key("sdk sigterm")
+    key = issued.api_key
+    worker = spawn_worker(sdk, platform.server, key, "stopping", tmp_path / "record.txt", TG_GRACE="0.5")
+    try:
+        await registered(platform, issued)
+        script = (
+            "import os\nfrom taskgate import Client\n"
+            "tg = Client(os.environ['TG_URL'], api_key=os.environ['TG_KEY'], verify=os.environ['TG_CA'])\n"
+            "print(tg.enqueue('e2e.waits_async', {'seconds': 60}, max_attempts=1).id)\n"
+        )
+        done = subprocess.run(
+            [str(sdk.python), "-c", script], cwd=sdk.scripts, env=sdk_env(platform.server, key), check=True,
+            capture_output=True,
+        )  # fmt: skip
+        task_id = done.stdout.decode().strip()
+
+        async def status() -> str:
+            rows = await fetch(platform.database_uri, "SELECT status FROM tasks WHERE id = $1::uuid", task_id)
+            return str(rows[0]["status"])
+
+        async def running() -> bool:
+            return await status() == "running"
+
+        await eventually(running, timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0
+    finally:
+        stop(worker)
+    await asyncio.sleep(4.5)  # past the lease (3 s) and a rescue (every 0.5 s): nothing to rescue
+    assert await status() == "available"
+    outcomes = await fetch(
+        platform.database_uri, "SELECT outcome FROM task_attempts WHERE task_id = $1::uuid", task_id
+    )
+    assert [r["outcome"] for r in outcomes] == ["suspended"]
 
 
 DURABLE_SCRIPT = """

@@ -7,6 +7,7 @@ completion the database refuses anyway never holds back the others written with 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -130,6 +131,27 @@ async def test_a_remote_worker_reporting_nul_gets_422_for_data_and_its_error_kep
     assert [(a["accepted"], a["status"]) for a in answers] == [(True, "discarded"), (True, "completed")]
     failed = await (await client.get(f"/api/tasks/{first['id']}", headers=auth_headers)).get_json()
     assert failed["last_error"] == "a\ufffdb"
+
+
+async def test_a_heartbeat_naming_a_version_with_nul_is_refused_before_any_lease_is_renewed(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    await register(client, auth_headers)
+    task = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 1})
+    await claim(client, auth_headers)
+    before = (await fetch(clean_database, "SELECT lease_expires_at FROM tasks"))[0]["lease_expires_at"]
+    await asyncio.sleep(0.05)
+    beat = await client.post(
+        "/api/workers/heartbeat",
+        json={"task_ids": [task["id"]], "worker": {"name": "test-host:1", "version": NUL}},
+        headers=auth_headers,
+    )
+    assert beat.status_code == 422
+    assert beat.mimetype == PROBLEM
+    after = (await fetch(clean_database, "SELECT lease_expires_at FROM tasks"))[0]["lease_expires_at"]
+    assert after == before  # refused, so nothing was renewed
+    [field] = [e["field"] for e in (await beat.get_json())["errors"]]
+    assert field == "body.worker.version"
 
 
 async def test_a_completion_the_database_refuses_does_not_hold_back_the_others(db: Database) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from datetime import datetime
@@ -10,9 +11,10 @@ from typing import Any
 
 from quart.typing import TestClientProtocol as Client
 
-from app.database import Database
+from app.database import Database, StorageUnavailable
 from app.src.api.engine import remote_kinds
 from app.src.api.models.auth import IssuedKey
+from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from tests.task_harness import claims_fail_in, enqueue, eventually, fetch
 
@@ -711,3 +713,83 @@ async def test_a_check_of_many_keys_against_many_patterns_ends_within_the_budget
     assert "takes longer than 1 s" in (await refused.get_json())["errors"][0]["message"]
     fine = await enqueue(client, auth_headers, kind="reports.build", payload={"p7-x": 1})
     assert fine["status"] == "available"
+
+
+async def test_an_empty_suspension_hands_a_last_attempt_back_without_spending_it(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """What the SDK worker sends at shutdown for a handler that stopped: the task is available
+    again at once and runs again, where an expired lease would have discarded it."""
+    await register(client, auth_headers)
+    task = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=1
+    )
+    [first] = (await claim(client, auth_headers))["items"]
+    [answer] = await complete(client, auth_headers, {"id": task["id"], "attempt": first["attempt"],
+                                                     "outcome": "suspended"})  # fmt: skip
+    assert (answer["accepted"], answer["status"]) == (True, "available")
+    [again] = (await claim(client, auth_headers))["items"]
+    assert again["id"] == task["id"]
+    result = {"url": "u"}
+    [done] = await complete(client, auth_headers, {"id": task["id"], "attempt": again["attempt"],
+                                                   "outcome": "completed", "result": result})  # fmt: skip
+    assert (done["accepted"], done["status"]) == (True, "completed")
+
+
+async def _durable_task(client: Client, headers: dict[str, str]) -> Any:
+    """A task that stored its durable state (an empty suspension flags it), available again."""
+    await register(client, headers)
+    task = await enqueue(client, headers, kind="reports.build", payload={"account_id": 7}, max_attempts=1)
+    [first] = (await claim(client, headers))["items"]
+    await complete(client, headers, {"id": task["id"], "attempt": first["attempt"], "outcome": "suspended"})
+    return task
+
+
+async def test_a_claim_whose_answer_fails_after_claiming_hands_its_tasks_back(
+    client: Client, auth_headers: dict[str, str], monkeypatch: Any
+) -> None:
+    """The claim committed, then its durable state could not be read (a 503): the tasks are
+    available again at once, their attempt not spent, instead of waiting for their leases."""
+    task = await _durable_task(client, auth_headers)
+
+    async def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise StorageUnavailable("injected")
+
+    monkeypatch.setattr(durable_store, "load_state", unavailable)
+    body = {"kinds": ["reports.build"], "wait_s": 0, "worker": WORKER}
+    failed = await client.post("/api/workers/claim", json=body, headers=auth_headers)
+    assert failed.status_code == 503
+    monkeypatch.undo()
+    after = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert (after["status"], after["attempts"]) == ("available", 1)  # the lost claim is not counted
+    [again] = (await claim(client, auth_headers))["items"]
+    assert again["id"] == task["id"]
+
+
+async def test_a_claim_cancelled_after_claiming_hands_its_tasks_back(
+    client: Client, auth_headers: dict[str, str], monkeypatch: Any
+) -> None:
+    """The client went away (the request is cancelled) after the claim committed: the tasks are
+    handed back rather than left to their leases."""
+    task = await _durable_task(client, auth_headers)
+    loading = asyncio.Event()
+
+    async def hangs(*args: Any, **kwargs: Any) -> Any:
+        loading.set()
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(durable_store, "load_state", hangs)
+    body = {"kinds": ["reports.build"], "wait_s": 0, "worker": WORKER}
+    headers = {**auth_headers, "Content-Type": "application/json"}
+    async with client.request("/api/workers/claim", method="POST", headers=headers) as connection:
+        await connection.send(json.dumps(body).encode())
+        await connection.send_complete()
+        await asyncio.wait_for(loading.wait(), 5)
+        await connection.disconnect()  # as the server sees a client that went away
+    monkeypatch.undo()
+
+    async def available() -> bool:
+        got = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+        return bool(got["status"] == "available")
+
+    await eventually(available, timeout=5)

@@ -193,7 +193,8 @@ def _inserted(new: NewTask, row: Mapping[str, Any]) -> Task:
 # Debounce: one statement per task, race-free through the unique index tasks_debounce (client_id,
 # debounce_key) WHERE status IN ('scheduled', 'available'): the first enqueue inserts; while that
 # task has not started, every later one meets it in ON CONFLICT, which locks the row and replaces
-# its payload and run_at (now + period_s, never past the first enqueue + max_wait_s). A claim that
+# its payload and run_at (now + period_s, never past the first enqueue + max_wait_s: the first
+# enqueue's own run_at is bounded alike; LEAST ignores a NULL max_wait_s). A claim that
 # takes the row meanwhile moves it out of the index, and the insert then goes ahead: a new task.
 # Only a task of the same queue and kind is folded into: one of another kind would be given a
 # payload its contract never checked. Then nothing is written and nothing comes back.
@@ -201,8 +202,9 @@ DEBOUNCE_TASK = f"""
 WITH upserted AS (
     INSERT INTO tasks AS t (id, client_id, queue_id, queue, kind, payload, status, priority, max_attempts,
                             run_at, concurrency_key, debounce_key, debounce_until, traceparent)
-    VALUES ($1, $2, $3, $4, $5, $6::jsonb, CASE WHEN $9::float8 <= 0 THEN 'available' ELSE 'scheduled' END,
-            $7, $8, now() + make_interval(secs => $9::float8), $10, $11,
+    VALUES ($1, $2, $3, $4, $5, $6::jsonb,
+            CASE WHEN LEAST($9::float8, $12::float8) <= 0 THEN 'available' ELSE 'scheduled' END,
+            $7, $8, now() + make_interval(secs => LEAST($9::float8, $12::float8)), $10, $11,
             now() + make_interval(secs => $12::float8), $13)
     ON CONFLICT (client_id, debounce_key)
         WHERE debounce_key IS NOT NULL AND status IN ('scheduled', 'available')

@@ -16,8 +16,9 @@ lease is lost (or cannot be confirmed in time) is abandoned: its task belongs to
 now. An async handler is cancelled; a sync handler cannot be interrupted, so it should poll
 `ctx.cancelled` (or block in `ctx.wait_cancelled`) and return: until it does, it keeps its slot
 and this worker does not start the same task again. SIGTERM/SIGINT: stop claiming, let running
-handlers finish within `grace_s`, then let the remaining leases go (they expire and the server
-retries those tasks).
+handlers finish within `grace_s`, then cancel the rest: a handler that stops hands its task back
+(available again at once, no attempt spent); one still running (a sync handler that does not
+return) keeps its task until its lease expires, and the server retries it as a failed attempt.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ MAX_CLAIM = 100
 MAX_COMPLETE_BATCH = 1000
 MAX_HEARTBEAT = 1000  # task ids per heartbeat (the server's limit)
 FENCE_EVERY_S = 0.5  # half the smallest margin (_margin_s): a fence is never later than that
+UNWIND_S = 0.25  # at shutdown, what a cancelled handler gets to end before it counts as running
+# A completion that cannot be delivered (a server error, a network failure) is retried, and its
+# lease kept by the heartbeats, this long at most; then it is dropped: its lease expires and
+# Taskgate retries the task, rather than the task staying `running` (and its slot taken) for ever.
+DELIVER_FOR_S = 300.0
 MAX_TRACEBACK = 8192
 # what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
 # within it itself: a completion the server refuses must never stall the others
@@ -297,6 +303,7 @@ class Worker:
         self._running: dict[UUID, _Running] = {}  # the latest run of each task here
         self._busy = 0  # runs not ended: abandoned sync handlers hold their slot until they return
         self._pending: list[dict[str, Any]] = []
+        self._pending_since: dict[str, float] = {}  # task id -> monotonic time its completion was queued
         self._lease_s = 30.0
         self._claiming = 0  # slots reserved by claims in flight
         self._stop: asyncio.Event | None = None
@@ -419,10 +426,28 @@ class Worker:
         if runners:
             log.info("waiting for running tasks", extra={"count": len(runners), "grace_s": self.grace_s})
             await asyncio.wait(runners, timeout=max(0.0, deadline - loop.time()))
-        for running in list(self._running.values()):
-            self._abandon(running, "shutdown")
+        leftover = list(self._running.values())
+        for running in leftover:
+            self._abandon(running, "shutdown")  # async handlers are cancelled, sync ones told
+        unwinding = [r.runner for r in leftover if r.runner is not None]
+        if unwinding:
+            await asyncio.wait(unwinding, timeout=UNWIND_S)
+        # A handler that has stopped hands its task back with an empty suspension: the attempt
+        # ends without spending the failure budget and the task is available at once. Left to its
+        # lease, the rescuer would count a failed attempt (and discard a task on its last one).
+        # A handler still running cannot be handed back: another worker would run its task while
+        # it still does; its lease, no longer renewed, expires and the task is retried.
+        stuck = []
+        for running in leftover:
+            if running.abandoned == "shutdown" and _stopped(running):
+                task = running.task
+                self._queue_completion({"id": str(task.id), "attempt": task.attempt, "outcome": "suspended"})
+            else:
+                stuck.append(running)
             if running.runner is not None:
                 running.runner.cancel()  # a sync handler's thread goes on, but the worker stops
+        if stuck:
+            log.warning("%d handlers still run; their tasks are left to their leases", len(stuck))
         # the last completions, within what is left of the grace period (at least a moment)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_all(), timeout=max(1.0, deadline - loop.time()))
@@ -513,9 +538,29 @@ class Worker:
         if running.abandoned is not None:
             return
         task = running.task
-        self._pending.append(_sendable({"id": str(task.id), "attempt": task.attempt, **report}))
+        self._queue_completion(_sendable({"id": str(task.id), "attempt": task.attempt, **report}))
         assert self._to_complete is not None
         self._to_complete.set()
+
+    def _queue_completion(self, item: dict[str, Any]) -> None:
+        self._pending.append(item)
+        self._pending_since.setdefault(item["id"], time.monotonic())
+
+    def _delivering(self, now: float) -> list[dict[str, Any]]:
+        """The completions still worth their leases: queued less than DELIVER_FOR_S ago."""
+        return [c for c in self._pending if now - self._pending_since.get(c["id"], now) < DELIVER_FOR_S]
+
+    def _give_up_delivering(self) -> None:
+        """Drop the completions that could not be delivered within DELIVER_FOR_S (the heartbeats
+        no longer renew their leases): each task's lease expires and Taskgate retries it."""
+        keep = self._delivering(time.monotonic())
+        dropped = {c["id"] for c in self._pending} - {c["id"] for c in keep}
+        if dropped:
+            log.error("%d completions could not be delivered in %.0f s; dropped (their leases expire "
+                      "and Taskgate retries those tasks)", len(dropped), DELIVER_FOR_S)  # fmt: skip
+            self._settle(dropped)
+            assert self._room is not None
+            self._room.set()
 
     def _finished(self, running: _Running) -> None:
         self._busy -= 1
@@ -602,7 +647,7 @@ class Worker:
         # the runs this heartbeat speaks for: its answer may come back after one of them ended and
         # a newer run of the same task was claimed here, which it must not renew, cancel or abandon
         runs = {i: r for i, r in self._running.items() if r.abandoned is None}
-        held = [*runs, *(UUID(c["id"]) for c in self._pending)]
+        held = [*runs, *(UUID(c["id"]) for c in self._delivering(time.monotonic()))]
         if not held:
             return
         progress, self._progress = self._progress, {}
@@ -681,17 +726,21 @@ class Worker:
 
     async def _complete_loop(self) -> None:
         assert self._to_complete is not None
+        failures = 0
         while True:
             await self._to_complete.wait()
             self._to_complete.clear()
             try:
                 while self._pending:
                     await self._flush()
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                failures += 1
                 log.warning("completing failed; retrying: %s", exc)
-                await asyncio.sleep(0.5)
+                self._give_up_delivering()
+                await asyncio.sleep(min(5.0, 0.25 * 2**failures))
                 self._to_complete.set()
 
     async def _flush_all(self) -> None:
@@ -752,6 +801,15 @@ class Worker:
 
     def _settle(self, task_ids: set[str]) -> None:
         self._pending = [c for c in self._pending if c["id"] not in task_ids]
+        for task_id in task_ids:
+            self._pending_since.pop(task_id, None)
+
+
+def _stopped(running: _Running) -> bool:
+    """Nothing of this run's task still runs here: its handler ended, and so did any abandoned
+    run of the same task it was waiting for."""
+    runners = [running.runner, running.previous.runner if running.previous is not None else None]
+    return all(runner is None or runner.done() for runner in runners) and running.runner is not None
 
 
 def _text(value: str, limit: int) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from quart import Quart
@@ -68,13 +68,26 @@ async def test_max_wait_bounds_how_far_run_at_moves(
         await client.post("/api/tasks", json=debounced("a", period_s=60, max_wait_s=2), headers=auth_headers)
     ).get_json()
     created = datetime.fromisoformat(first["created_at"])
-    assert datetime.fromisoformat(first["run_at"]) - created > timedelta(seconds=59)
+    # the first enqueue is bounded too: a lone enqueue runs by first enqueue + max_wait_s
+    assert abs((datetime.fromisoformat(first["run_at"]) - created).total_seconds() - 2) < 0.5
+    assert first["status"] == "scheduled"
     again = await (
         await client.post("/api/tasks", json=debounced("b", period_s=60, max_wait_s=2), headers=auth_headers)
     ).get_json()
     assert again["id"] == first["id"]
     assert again["payload"] == {"value": "b"}
     assert abs((datetime.fromisoformat(again["run_at"]) - created).total_seconds() - 2) < 0.5
+
+
+async def test_a_max_wait_of_zero_makes_the_first_enqueue_available_at_once(
+    app: Quart, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    client = app.test_client()
+    response = await client.post(
+        "/api/tasks", json=debounced("a", period_s=60, max_wait_s=0), headers=auth_headers
+    )
+    task = await response.get_json()
+    assert (response.status_code, task["status"]) == (201, "available")
 
 
 async def test_debounce_with_a_run_at_is_refused_and_stores_nothing(

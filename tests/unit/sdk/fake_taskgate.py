@@ -35,6 +35,7 @@ class FakeTaskgate:
         self.refused: list[tuple[str, int]] = []  # (path, status) of every request refused
         self.heartbeats: list[dict[str, Any]] = []  # accepted heartbeat bodies
         self.refuse_item: Callable[[dict[str, Any]], bool] = lambda _item: False
+        self.break_item: Callable[[dict[str, Any]], bool] = lambda _item: False  # answered 500
         self.hang_heartbeats = False
 
     def add(self, kind: str, payload: dict[str, Any] | None = None, *, task_id: str | None = None,
@@ -110,6 +111,8 @@ class FakeTaskgate:
         )
 
     async def _complete(self, body: dict[str, Any]) -> httpx.Response:
+        if any(self.break_item(item) for item in body["items"]):
+            return self._refuse("/api/workers/complete", problem(500, "internal server error"))
         bad = [item for item in body["items"] if self.refuse_item(item)]
         if bad:
             return self._refuse("/api/workers/complete", problem(422, f"item {bad[0]['id']} refused"))

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import pytest
 from pydantic import BaseModel
 
 from tests.conftest import ROOT
@@ -341,3 +342,78 @@ async def test_a_task_claimed_at_the_end_of_a_long_poll_runs() -> None:
             await until(lambda: task_id in server.completed, timeout_s=5)
     assert server.completed[task_id]["outcome"] == "completed"
     assert [ctx.cancelled for ctx in contexts] == [False]
+
+
+async def test_on_shutdown_a_handler_that_stopped_hands_its_task_back_and_one_still_running_does_not() -> (
+    None
+):
+    """After the grace period a stopped handler's task is handed back with an empty suspension
+    (available again, its failure budget untouched: a last attempt is not discarded); a sync
+    handler that ignores `ctx.cancelled` is never handed back while it runs (it would run twice)."""
+    server = FakeTaskgate()
+    stubborn_may_end = threading.Event()
+    started: set[str] = set()
+    try:
+        async with server.client() as client:
+            worker = taskgate.Worker(client, concurrency=4, grace_s=0.3)
+
+            @worker.kind("slow_async")
+            async def slow_async(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+                started.add(str(ctx.task_id))
+                await asyncio.sleep(60)
+
+            @worker.kind("polite_sync")
+            def polite_sync(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+                started.add(str(ctx.task_id))
+                ctx.wait_cancelled(60)
+                return {}
+
+            @worker.kind("stubborn_sync")
+            def stubborn_sync(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+                started.add(str(ctx.task_id))
+                stubborn_may_end.wait(60)  # never looks at ctx.cancelled
+                return {}
+
+            stopped_async = server.add("slow_async")
+            stopped_sync = server.add("polite_sync")
+            running = server.add("stubborn_sync")
+            async with server.serving(worker):
+                await until(lambda: len(started) == 3)
+    finally:
+        stubborn_may_end.set()
+    for task_id in (stopped_async, stopped_sync):
+        handed_back = server.completed[task_id]
+        assert handed_back["outcome"] == "suspended"
+        assert not handed_back.get("suspend")  # nothing to wait for: available at once
+    assert running not in server.completed  # left to its lease while its handler runs
+
+
+async def test_a_completion_the_server_fails_for_ever_is_given_up_and_its_lease_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A completion answered 500 every time is retried only so long: then the heartbeats stop
+    renewing its lease (Taskgate rescues and retries the task) and its slot is free again."""
+    monkeypatch.setattr(taskgate.worker, "DELIVER_FOR_S", 1.0)
+    server = FakeTaskgate(lease_s=3)  # a heartbeat every second, a fence 2 s after the last
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1)
+
+        @worker.kind("quick")
+        async def quick(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+        @worker.kind("next")
+        async def next_one(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            mine = str(ctx.task_id)
+            await until(lambda: any(mine in beat["task_ids"] for beat in server.heartbeats))
+            return {}
+
+        broken = server.add("quick")
+        server.break_item = lambda item: item["id"] == broken
+        after = server.add("next")
+        async with server.serving(worker):
+            await until(lambda: after in server.completed, timeout_s=10)  # the only slot came free
+    assert broken not in server.completed
+    assert ("/api/workers/complete", 500) in server.refused
+    last_beat = next(beat for beat in reversed(server.heartbeats) if after in beat["task_ids"])
+    assert broken not in last_beat["task_ids"]  # its lease is no longer renewed

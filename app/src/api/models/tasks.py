@@ -73,7 +73,8 @@ MAX_DEBOUNCE_S = 7 * 86_400
 
 class DebounceIn(BaseModel):
     """While a task with this debounce key has not started, a new enqueue replaces its payload and
-    moves its run_at to now + period_s (never later than the first enqueue + max_wait_s)."""
+    moves its run_at to now + period_s (never later than the first enqueue + max_wait_s, the first
+    enqueue's own run_at included)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -6,9 +6,9 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from app.src.api.models.tasks import MAX_DELAY_S, KindName, QueueName, StorableJson, StorableObject
+from app.src.api.models.tasks import MAX_DELAY_S, KindName, QueueName, StorableJson, StorableObject, storable
 
 MAX_CLAIM = 100
 MAX_WAIT_S = 30.0
@@ -32,7 +32,8 @@ class WorkerIdentity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[\x21-\x7e][\x20-\x7e]*$")
-    version: str | None = Field(default=None, max_length=100)
+    # checked here, not by PostgreSQL: a heartbeat writes its worker row after renewing the leases
+    version: Annotated[str, AfterValidator(storable)] | None = Field(default=None, max_length=100)
 
 
 class ClaimIn(BaseModel):

@@ -151,9 +151,18 @@ async def claim(
             # whatever the claims find: staged only when a claim came back empty, due retries
             # and delayed tasks waited for a whole backlog to drain
             staged = await _stage_due(db)
-            claimed = await _claim_once(
-                db, kinds=kinds, queues=data.queues, want=data.max, lease_s=lease_s, worker_id=worker_id
+            claiming = asyncio.ensure_future(
+                _claim_once(
+                    db, kinds=kinds, queues=data.queues, want=data.max, lease_s=lease_s, worker_id=worker_id
+                )
             )
+            try:
+                # shielded: a request cancelled (its client gone) while the statement runs must
+                # still learn what it claimed, to hand it back
+                claimed = await asyncio.shield(claiming)
+            except asyncio.CancelledError:
+                _hand_back(db, worker_id, claiming)
+                raise
             remaining = deadline - loop.time()
             if claimed or remaining <= 0 or (stopping is not None and stopping.is_set()):
                 break
@@ -165,23 +174,63 @@ async def claim(
     # One primary-key read per claim round (not per task), outside the claim statement, and one
     # more statement for the tasks that stored steps, signals or children, on one connection.
     # The tasks are claimed: without their trace contexts they are handed out regardless, but a
-    # durable task cannot run without its stored state (its lease expires and it is retried).
+    # durable task cannot run without its stored state (the claim is handed back: _hand_back).
     contexts: dict[UUID, str] = {}
     states: dict[UUID, DurableState] = {}
     durable = [t.id for t in claimed if t.durable]
     try:
-        async with db.driver() as conn:
-            contexts = await task_store.traceparents(conn, [t.id for t in claimed])
+        try:
+            async with db.driver() as conn:
+                contexts = await task_store.traceparents(conn, [t.id for t in claimed])
+                if durable:
+                    states = await durable_store.load_state(conn, durable)
+        except StorageUnavailable:
             if durable:
-                states = await durable_store.load_state(conn, durable)
-    except StorageUnavailable:
-        if durable:
-            raise
+                raise
+    except asyncio.CancelledError:
+        _hand_back(db, worker_id, claimed)
+        raise
+    except BaseException:
+        await asyncio.shield(_hand_back(db, worker_id, claimed))
+        raise
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
     return [
         Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id), states.get(t.id))
         for t in claimed
     ]
+
+
+_handing_back: set[asyncio.Task[None]] = set()
+
+
+def _hand_back(
+    db: Database, worker_id: UUID, claimed: list[ClaimedTask] | asyncio.Future[list[ClaimedTask]]
+) -> asyncio.Task[None]:
+    """Release tasks this request claimed but cannot answer with (it failed or was cancelled after
+    the claim committed): available again at once, the attempt not counted (no worker ever saw
+    it), as the in-process claimer releases a claim that a stop overtook, instead of sitting until
+    their leases expire and spending an attempt. On a task of its own, so that a cancelled request
+    still does it; bounded; if it fails, the leases decide as before."""
+
+    async def release() -> None:
+        try:
+            tasks = claimed if isinstance(claimed, list) else await claimed
+        except Exception:
+            return  # the claim failed: it claimed nothing (app/src/api/workers._claim_once)
+        if not tasks:
+            return
+        try:
+            async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
+                released = await task_store.release(conn, task_ids=[t.id for t in tasks], worker_id=worker_id)
+            log.info("claimed tasks whose answer was lost released", count=len(released))
+        except Exception as exc:
+            log.warning("claimed tasks whose answer was lost could not be released; their leases expire",
+                        count=len(tasks), error=str(exc) or type(exc).__name__)  # fmt: skip
+
+    task = asyncio.create_task(release())
+    _handing_back.add(task)
+    task.add_done_callback(_handing_back.discard)
+    return task
 
 
 async def _first(woken: asyncio.Event, stopping: asyncio.Event | None, *, timeout_s: float) -> None:
