@@ -785,3 +785,37 @@ async def test_a_status_answer_whose_location_is_not_a_url_ends_the_wait(
     assert finished["status"] == "discarded", finished
     assert "Location" in finished["last_error"]
     assert len(target.to("/jobs/8/status")) == 1
+
+
+async def test_a_location_that_is_not_an_http_url_ends_the_wait_and_the_redirect(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """A Location such as `mailto:` joins to a URL without a host: the poller stored it as the
+    status URL and failed every poll on it (past the deadline, for ever); a redirect to it raised
+    out of the client as a bare ValueError (retried as a crash instead of discarded)."""
+    target.routes["/jobs"] = answer(202, Location="mailto:ops@example.com")
+    target.routes["/later"] = answer(202, Location="/later/status", **{"Retry-After": "1"})
+    target.routes["/later/status"] = answer(202, Location="urn:job:9")
+    target.routes["/moved"] = answer(302, Location="mailto:ops@example.com")
+    app = await serving(**{**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2})
+    client = app.test_client()
+    accepted = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        payload={"url": target.url("/jobs"), "follow_async": True, "async_deadline_s": 600},
+    )
+    polled = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        payload={"url": target.url("/later"), "follow_async": True, "async_deadline_s": 600},
+    )
+    moved = await enqueue(
+        client, auth_headers, kind="http", payload={"url": target.url("/moved"), "follow_redirects": True}
+    )
+    for task_id in (accepted["id"], polled["id"], moved["id"]):
+        finished = await done(client, auth_headers, task_id, wait=15)
+        assert (finished["status"], finished["attempts"]) == ("discarded", 1), finished
+        assert "Location" in finished["last_error"], finished["last_error"]
+    assert len(target.to("/later/status")) == 1

@@ -221,10 +221,7 @@ class OutboundHttp:
                 if follow_redirects and response.status in REDIRECTS and location:
                     if hop == MAX_REDIRECTS:
                         raise RedirectError(f"more than {MAX_REDIRECTS} redirects")
-                    try:
-                        target = current.join(URL(location))
-                    except ValueError:
-                        raise RedirectError(f"redirect to an invalid Location {location[:200]!r}") from None
+                    target = join_location(current, location)
                     if response.status == 303 or (response.status in (301, 302) and method == "POST"):
                         method, body = ("HEAD" if method == "HEAD" else "GET"), None
                         sent_headers = {k: v for k, v in sent_headers.items() if k.lower() != "content-type"}
@@ -244,6 +241,18 @@ class OutboundHttp:
                     duration_ms=(time.perf_counter() - started) * 1000,
                 )
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+
+def join_location(base: URL, location: str) -> URL:
+    """The absolute http(s) URL a Location header names, relative to `base`; RedirectError when it
+    names none (not a URL, or one without a host such as `mailto:`: nothing could ever fetch it)."""
+    try:
+        target = base.join(URL(location))
+    except ValueError:
+        raise RedirectError(f"the Location header is not a URL: {location[:200]!r}") from None
+    if target.scheme not in ("http", "https") or not target.host:
+        raise RedirectError(f"the Location header is not an http(s) URL with a host: {location[:200]!r}")
+    return target
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:

@@ -31,6 +31,7 @@ from app.src.api.http.client import (
     Signer,
     destination,
     forbidden_reason,
+    join_location,
 )
 from app.src.api.http.gate import HostHealth
 from app.src.api.http.signing import sign_delivery
@@ -268,9 +269,9 @@ def _snippet(body: bytes) -> str:
 def resolve_location(base: str, location: str) -> str:
     """An absolute URL for a Location header (which may be relative to the request's URL)."""
     try:
-        return str(URL(base, encoded=True).join(URL(location)))
-    except ValueError:
-        raise PermanentError(f"the Location header is not a URL: {location[:200]!r}") from None
+        return str(join_location(URL(base, encoded=True), location))
+    except RedirectError as exc:
+        raise PermanentError(str(exc)) from None
 
 
 def to_result(response: HttpResponse) -> HttpResult:
