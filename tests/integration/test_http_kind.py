@@ -325,6 +325,8 @@ async def test_only_the_first_64_kib_of_a_response_are_kept(
         ({"url": "https://example.com/", "timeout_s": 901}, "payload.timeout_s"),
         ({"url": "https://example.com/", "timeout_s": -1}, "payload.timeout_s"),
         ({"url": "https://example.com/", "success_codes": [99]}, "payload.success_codes.0"),
+        ({"url": "https://a..example.com/"}, "payload.url"),  # no name lookup can take these
+        ({"url": f"https://{'a' * 64}.example.com/"}, "payload.url"),
     ],
 )
 async def test_invalid_payloads_get_422_with_field_errors(
@@ -792,11 +794,13 @@ async def test_a_location_that_is_not_an_http_url_ends_the_wait_and_the_redirect
 ) -> None:
     """A Location such as `mailto:` joins to a URL without a host: the poller stored it as the
     status URL and failed every poll on it (past the deadline, for ever); a redirect to it raised
-    out of the client as a bare ValueError (retried as a crash instead of discarded)."""
+    out of the client as a bare ValueError (retried as a crash instead of discarded). A host no
+    name lookup can take (an empty or over-long label) raised UnicodeError the same way."""
     target.routes["/jobs"] = answer(202, Location="mailto:ops@example.com")
     target.routes["/later"] = answer(202, Location="/later/status", **{"Retry-After": "1"})
     target.routes["/later/status"] = answer(202, Location="urn:job:9")
     target.routes["/moved"] = answer(302, Location="mailto:ops@example.com")
+    target.routes["/moved-to-no-name"] = answer(302, Location="http://a..example.com/")
     app = await serving(**{**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2})
     client = app.test_client()
     accepted = await enqueue(
@@ -814,7 +818,13 @@ async def test_a_location_that_is_not_an_http_url_ends_the_wait_and_the_redirect
     moved = await enqueue(
         client, auth_headers, kind="http", payload={"url": target.url("/moved"), "follow_redirects": True}
     )
-    for task_id in (accepted["id"], polled["id"], moved["id"]):
+    unnamed = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        payload={"url": target.url("/moved-to-no-name"), "follow_redirects": True},
+    )
+    for task_id in (accepted["id"], polled["id"], moved["id"], unnamed["id"]):
         finished = await done(client, auth_headers, task_id, wait=15)
         assert (finished["status"], finished["attempts"]) == ("discarded", 1), finished
         assert "Location" in finished["last_error"], finished["last_error"]

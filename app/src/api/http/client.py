@@ -32,6 +32,7 @@ from app.src.api.models.http import (
     AddressPolicy,
     IPAddress,
     literal_address,
+    unlookable_name,
 )
 from app.src.api.models.http import destination as destination
 
@@ -252,6 +253,9 @@ def join_location(base: URL, location: str) -> URL:
         raise RedirectError(f"the Location header is not a URL: {location[:200]!r}") from None
     if target.scheme not in ("http", "https") or not target.host:
         raise RedirectError(f"the Location header is not an http(s) URL with a host: {location[:200]!r}")
+    unlookable = unlookable_name(target.host)
+    if unlookable is not None:
+        raise RedirectError(f"the Location header names no reachable host: {unlookable}")
     return target
 
 
