@@ -829,3 +829,47 @@ async def test_a_location_that_is_not_an_http_url_ends_the_wait_and_the_redirect
         assert (finished["status"], finished["attempts"]) == ("discarded", 1), finished
         assert "Location" in finished["last_error"], finished["last_error"]
     assert len(target.to("/later/status")) == 1
+
+
+@contextlib.asynccontextmanager
+async def raw_target(answer: bytes) -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 that answers every request with these exact bytes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_a_response_header_that_is_not_utf8_is_kept_readable(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """A Latin-1 header value (an old server's Content-Disposition) reached the result as lone
+    surrogates, which jsonb refuses: the completion could not be written and the task, delivered
+    and answered 200, never completed (rescued, delivered again, until its attempts ran out). A
+    reason phrase in Latin-1 failed the same way in last_error."""
+    answer_bytes = (
+        b'HTTP/1.1 200 OK\r\nContent-Disposition: attachment; filename="caf\xe9.txt"\r\n'
+        b"Content-Length: 2\r\nConnection: close\r\n\r\nok"
+    )
+    async with raw_target(answer_bytes) as port:
+        app = await serving(**WORKER)
+        client = app.test_client()
+        task = await enqueue(client, auth_headers, kind="http", payload={"url": f"http://127.0.0.1:{port}/"})
+        finished = await done(client, auth_headers, task["id"], wait=15)
+    assert (finished["status"], finished["attempts"]) == ("completed", 1), finished
+    assert finished["result"]["headers"]["Content-Disposition"] == 'attachment; filename="caf\ufffd.txt"'
+    refused = b"HTTP/1.1 400 Requ\xeate invalide\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    async with raw_target(refused) as port:
+        task = await enqueue(client, auth_headers, kind="http", payload={"url": f"http://127.0.0.1:{port}/"})
+        finished = await done(client, auth_headers, task["id"], wait=15)
+    assert (finished["status"], finished["attempts"]) == ("discarded", 1), finished
+    assert "HTTP 400 Requ\ufffdte invalide" in finished["last_error"]
