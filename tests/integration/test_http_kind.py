@@ -873,3 +873,25 @@ async def test_a_response_header_that_is_not_utf8_is_kept_readable(
         finished = await done(client, auth_headers, task["id"], wait=15)
     assert (finished["status"], finished["attempts"]) == ("discarded", 1), finished
     assert "HTTP 400 Requ\ufffdte invalide" in finished["last_error"]
+
+
+async def test_a_status_url_failing_with_a_latin1_reason_still_ends_at_the_deadline(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """The poller kept the failed poll's reason in the task's wait state (jsonb): a reason phrase
+    in Latin-1 made every poll fail to write, so the task stayed waiting past its deadline."""
+    failing = b"HTTP/1.1 503 Indisponible \xe9\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    async with raw_target(failing) as port:
+        target.routes["/jobs"] = answer(202, Location=f"http://127.0.0.1:{port}/status")
+        app = await serving(**{**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2})
+        client = app.test_client()
+        task = await enqueue(
+            client,
+            auth_headers,
+            kind="http",
+            payload={"url": target.url("/jobs"), "follow_async": True, "async_deadline_s": 3},
+        )
+        finished = await done(client, auth_headers, task["id"], wait=20)
+    assert finished["status"] == "discarded", finished
+    assert "no final answer" in finished["last_error"]
+    assert "HTTP 503 Indisponible \ufffd" in finished["last_error"]

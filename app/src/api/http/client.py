@@ -35,6 +35,7 @@ from app.src.api.models.http import (
     unlookable_name,
 )
 from app.src.api.models.http import destination as destination
+from app.src.utils.json_text import storable_text
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -62,7 +63,7 @@ class RedirectError(Exception):
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
     status: int
-    reason: str
+    reason: str  # reason and headers: storable text (json_text.storable_text)
     headers: dict[str, str]
     body: bytes  # the first MAX_RESULT_BODY_BYTES
     url: str  # after the redirects that were followed
@@ -235,7 +236,7 @@ class OutboundHttp:
                 content = await _read_capped(response, MAX_RESULT_BODY_BYTES)
                 return HttpResponse(
                     status=response.status,
-                    reason=response.reason or "",
+                    reason=storable_text(response.reason or ""),
                     headers=_flatten(response.headers),
                     body=content,
                     url=str(current),
@@ -272,7 +273,10 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
 
 
 def _flatten(headers: Mapping[str, str]) -> dict[str, str]:
+    """One value per name, as text that can be stored: aiohttp decodes header bytes that are not
+    UTF-8 (a Latin-1 filename, say) to lone surrogates, which PostgreSQL refuses."""
     flat: dict[str, str] = {}
-    for name, value in headers.items():
+    for raw_name, raw_value in headers.items():
+        name, value = storable_text(raw_name), storable_text(raw_value)
         flat[name] = f"{flat[name]}, {value}" if name in flat else value
     return flat

@@ -277,10 +277,7 @@ def resolve_location(base: str, location: str) -> str:
 def to_result(response: HttpResponse) -> HttpResult:
     return HttpResult(
         status=response.status,
-        headers={
-            json_text.storable_text(name): json_text.storable_text(value)
-            for name, value in response.headers.items()
-        },
+        headers=response.headers,
         body=json_text.storable_text(response.body.decode("utf-8", errors="replace")),
         duration_ms=round(response.duration_ms, 3),
     )

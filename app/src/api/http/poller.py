@@ -234,7 +234,7 @@ async def _keep_waiting(
     now = datetime.now(UTC)
     if count:
         state.polls += 1
-        state.last_error = error
+        state.last_error = clip_error(error) if error else None  # kept in jsonb: storable, bounded
     left_s = (state.deadline - now).total_seconds()
     if left_s <= 0:
         reason = f"no final answer from {state.status_url} within async_deadline_s"
