@@ -883,7 +883,8 @@ async def test_a_status_url_failing_with_a_latin1_reason_still_ends_at_the_deadl
     failing = b"HTTP/1.1 503 Indisponible \xe9\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     async with raw_target(failing) as port:
         target.routes["/jobs"] = answer(202, Location=f"http://127.0.0.1:{port}/status")
-        app = await serving(**{**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2})
+        roles = {**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2}
+        app = await serving(**roles)
         client = app.test_client()
         task = await enqueue(
             client,
@@ -895,3 +896,29 @@ async def test_a_status_url_failing_with_a_latin1_reason_still_ends_at_the_deadl
     assert finished["status"] == "discarded", finished
     assert "no final answer" in finished["last_error"]
     assert "HTTP 503 Indisponible \ufffd" in finished["last_error"]
+
+
+async def test_a_waiting_task_whose_every_poll_fails_unexpectedly_still_ends_at_its_deadline(
+    serving: Serving, auth_headers: dict[str, str], target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline was enforced only on the paths a poll ends normally: a poll that raised (each
+    of the three Location and encoding defects before) was tried again after every lease, for ever."""
+    from app.src.api.http import poller
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in judging the status answer")
+
+    monkeypatch.setattr(poller, "judge_status", broken)
+    async_job(target, polls_before_done=1000)
+    app = await serving(**{**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2})
+    client = app.test_client()
+    task = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        payload={"url": target.url("/jobs"), "follow_async": True, "async_deadline_s": 0.5},
+    )
+    finished = await done(client, auth_headers, task["id"], wait=20)
+    assert finished["status"] == "discarded", finished
+    assert "no final answer" in finished["last_error"]
+    assert "a bug in judging the status answer" in finished["last_error"]
