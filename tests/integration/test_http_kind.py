@@ -922,3 +922,33 @@ async def test_a_waiting_task_whose_every_poll_fails_unexpectedly_still_ends_at_
     assert finished["status"] == "discarded", finished
     assert "no final answer" in finished["last_error"]
     assert "a bug in judging the status answer" in finished["last_error"]
+
+
+async def test_a_redirect_to_another_host_waits_for_that_hosts_permit(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """A followed redirect was sent under the first host's permit only: with a limit of one, a
+    host reached both directly and through a redirect from another host served two at once."""
+    running = {"now": 0, "max": 0}
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        running["now"] += 1
+        running["max"] = max(running["max"], running["now"])
+        await asyncio.sleep(1)
+        running["now"] -= 1
+        return web.Response(text="ok")
+
+    target.routes["/slow"] = slow
+    # 127.0.0.1:port and localhost:port are two destinations (host keys) of one server
+    target.routes["/hop"] = answer(307, Location=target.url("/slow", host="localhost"))
+    app = await serving(**WORKER, HTTP_HOST_MAX_CONCURRENCY=1, HTTP_HOST_PERMIT_WAIT_S=10)
+    client = app.test_client()
+    direct = {"url": target.url("/slow", host="localhost")}
+    redirected = {"url": target.url("/hop"), "follow_redirects": True}
+    tasks = [await enqueue(client, auth_headers, kind="http", payload=p) for p in (direct, redirected) * 2]
+    for task in tasks:
+        finished = await done(client, auth_headers, task["id"])
+        assert finished["status"] == "completed", finished
+        assert finished["result"]["body"] == "ok"
+    assert len(target.to("/slow")) == 4
+    assert running["max"] == 1

@@ -61,6 +61,18 @@ class RedirectError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class NextHop:
+    """The request a redirect to another destination asks for: it needs that host's permit, so
+    OutboundHttp.send hands it back instead of sending it (delivery.exchange sends it)."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    redirects: int  # redirects followed to get here, this one included
+
+
+@dataclass(frozen=True, slots=True)
 class HttpResponse:
     status: int
     reason: str  # reason and headers: storable text (json_text.storable_text)
@@ -68,6 +80,7 @@ class HttpResponse:
     body: bytes  # the first MAX_RESULT_BODY_BYTES
     url: str  # after the redirects that were followed
     duration_ms: float
+    next_hop: NextHop | None = None  # a redirect to another destination, to follow there
 
 
 class GuardedResolver(AbstractResolver):
@@ -193,8 +206,13 @@ class OutboundHttp:
         timeout_s: float,
         follow_redirects: bool,
         signer: Signer | None = None,
+        redirects_left: int = MAX_REDIRECTS,
     ) -> HttpResponse:
         """One request (and its redirects when asked) within `timeout_s` overall.
+
+        Redirects within the destination (host:port) are followed here, under its permit; one to
+        another destination comes back as the response's `next_hop`, for the caller to send
+        under that destination's permit (HTTP_HOST_MAX_CONCURRENCY holds for it too).
 
         Raises ForbiddenDestination, RedirectError, TimeoutError or aiohttp.ClientError.
         """
@@ -219,9 +237,10 @@ class OutboundHttp:
                     total=remaining, connect=min(self.connect_timeout_s, remaining)
                 ),
             ) as response:
+                next_hop = None
                 location = response.headers.get("Location")
                 if follow_redirects and response.status in REDIRECTS and location:
-                    if hop == MAX_REDIRECTS:
+                    if hop >= redirects_left:
                         raise RedirectError(f"more than {MAX_REDIRECTS} redirects")
                     target = join_location(current, location)
                     if response.status == 303 or (response.status in (301, 302) and method == "POST"):
@@ -231,9 +250,11 @@ class OutboundHttp:
                         sent_headers = {
                             k: v for k, v in sent_headers.items() if k.lower() not in CREDENTIAL_HEADERS
                         }
-                    current = target
-                    continue
-                content = await _read_capped(response, MAX_RESULT_BODY_BYTES)
+                    if destination(target) == destination(current):
+                        current = target
+                        continue
+                    next_hop = NextHop(method, str(target), sent_headers, body, redirects=hop + 1)
+                content = b"" if next_hop else await _read_capped(response, MAX_RESULT_BODY_BYTES)
                 return HttpResponse(
                     status=response.status,
                     reason=storable_text(response.reason or ""),
@@ -241,6 +262,7 @@ class OutboundHttp:
                     body=content,
                     url=str(current),
                     duration_ms=(time.perf_counter() - started) * 1000,
+                    next_hop=next_hop,
                 )
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
