@@ -325,6 +325,8 @@ async def test_only_the_first_64_kib_of_a_response_are_kept(
         ({"url": "https://example.com/", "timeout_s": 901}, "payload.timeout_s"),
         ({"url": "https://example.com/", "timeout_s": -1}, "payload.timeout_s"),
         ({"url": "https://example.com/", "success_codes": [99]}, "payload.success_codes.0"),
+        ({"url": "https://a..example.com/"}, "payload.url"),  # no name lookup can take these
+        ({"url": f"https://{'a' * 64}.example.com/"}, "payload.url"),
     ],
 )
 async def test_invalid_payloads_get_422_with_field_errors(
@@ -785,3 +787,168 @@ async def test_a_status_answer_whose_location_is_not_a_url_ends_the_wait(
     assert finished["status"] == "discarded", finished
     assert "Location" in finished["last_error"]
     assert len(target.to("/jobs/8/status")) == 1
+
+
+async def test_a_location_that_is_not_an_http_url_ends_the_wait_and_the_redirect(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """A Location such as `mailto:` joins to a URL without a host: the poller stored it as the
+    status URL and failed every poll on it (past the deadline, for ever); a redirect to it raised
+    out of the client as a bare ValueError (retried as a crash instead of discarded). A host no
+    name lookup can take (an empty or over-long label) raised UnicodeError the same way."""
+    target.routes["/jobs"] = answer(202, Location="mailto:ops@example.com")
+    target.routes["/later"] = answer(202, Location="/later/status", **{"Retry-After": "1"})
+    target.routes["/later/status"] = answer(202, Location="urn:job:9")
+    target.routes["/moved"] = answer(302, Location="mailto:ops@example.com")
+    target.routes["/moved-to-no-name"] = answer(302, Location="http://a..example.com/")
+    app = await serving(**{**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2})
+    client = app.test_client()
+    accepted = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        payload={"url": target.url("/jobs"), "follow_async": True, "async_deadline_s": 600},
+    )
+    polled = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        payload={"url": target.url("/later"), "follow_async": True, "async_deadline_s": 600},
+    )
+    moved = await enqueue(
+        client, auth_headers, kind="http", payload={"url": target.url("/moved"), "follow_redirects": True}
+    )
+    unnamed = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        payload={"url": target.url("/moved-to-no-name"), "follow_redirects": True},
+    )
+    for task_id in (accepted["id"], polled["id"], moved["id"], unnamed["id"]):
+        finished = await done(client, auth_headers, task_id, wait=15)
+        assert (finished["status"], finished["attempts"]) == ("discarded", 1), finished
+        assert "Location" in finished["last_error"], finished["last_error"]
+    assert len(target.to("/later/status")) == 1
+
+
+@contextlib.asynccontextmanager
+async def raw_target(answer: bytes) -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 that answers every request with these exact bytes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_a_response_header_that_is_not_utf8_is_kept_readable(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """A Latin-1 header value (an old server's Content-Disposition) reached the result as lone
+    surrogates, which jsonb refuses: the completion could not be written and the task, delivered
+    and answered 200, never completed (rescued, delivered again, until its attempts ran out). A
+    reason phrase in Latin-1 failed the same way in last_error."""
+    answer_bytes = (
+        b'HTTP/1.1 200 OK\r\nContent-Disposition: attachment; filename="caf\xe9.txt"\r\n'
+        b"Content-Length: 2\r\nConnection: close\r\n\r\nok"
+    )
+    async with raw_target(answer_bytes) as port:
+        app = await serving(**WORKER)
+        client = app.test_client()
+        task = await enqueue(client, auth_headers, kind="http", payload={"url": f"http://127.0.0.1:{port}/"})
+        finished = await done(client, auth_headers, task["id"], wait=15)
+    assert (finished["status"], finished["attempts"]) == ("completed", 1), finished
+    assert finished["result"]["headers"]["Content-Disposition"] == 'attachment; filename="caf\ufffd.txt"'
+    refused = b"HTTP/1.1 400 Requ\xeate invalide\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    async with raw_target(refused) as port:
+        task = await enqueue(client, auth_headers, kind="http", payload={"url": f"http://127.0.0.1:{port}/"})
+        finished = await done(client, auth_headers, task["id"], wait=15)
+    assert (finished["status"], finished["attempts"]) == ("discarded", 1), finished
+    assert "HTTP 400 Requ\ufffdte invalide" in finished["last_error"]
+
+
+async def test_a_status_url_failing_with_a_latin1_reason_still_ends_at_the_deadline(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """The poller kept the failed poll's reason in the task's wait state (jsonb): a reason phrase
+    in Latin-1 made every poll fail to write, so the task stayed waiting past its deadline."""
+    failing = b"HTTP/1.1 503 Indisponible \xe9\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    async with raw_target(failing) as port:
+        target.routes["/jobs"] = answer(202, Location=f"http://127.0.0.1:{port}/status")
+        roles = {**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2}
+        app = await serving(**roles)
+        client = app.test_client()
+        task = await enqueue(
+            client,
+            auth_headers,
+            kind="http",
+            payload={"url": target.url("/jobs"), "follow_async": True, "async_deadline_s": 3},
+        )
+        finished = await done(client, auth_headers, task["id"], wait=20)
+    assert finished["status"] == "discarded", finished
+    assert "no final answer" in finished["last_error"]
+    assert "HTTP 503 Indisponible \ufffd" in finished["last_error"]
+
+
+async def test_a_waiting_task_whose_every_poll_fails_unexpectedly_still_ends_at_its_deadline(
+    serving: Serving, auth_headers: dict[str, str], target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline was enforced only on the paths a poll ends normally: a poll that raised (each
+    of the three Location and encoding defects before) was tried again after every lease, for ever."""
+    from app.src.api.http import poller
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in judging the status answer")
+
+    monkeypatch.setattr(poller, "judge_status", broken)
+    async_job(target, polls_before_done=1000)
+    app = await serving(**{**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2})
+    client = app.test_client()
+    task = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        payload={"url": target.url("/jobs"), "follow_async": True, "async_deadline_s": 0.5},
+    )
+    finished = await done(client, auth_headers, task["id"], wait=20)
+    assert finished["status"] == "discarded", finished
+    assert "no final answer" in finished["last_error"]
+    assert "a bug in judging the status answer" in finished["last_error"]
+
+
+async def test_a_redirect_to_another_host_waits_for_that_hosts_permit(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """A followed redirect was sent under the first host's permit only: with a limit of one, a
+    host reached both directly and through a redirect from another host served two at once."""
+    running = {"now": 0, "max": 0}
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        running["now"] += 1
+        running["max"] = max(running["max"], running["now"])
+        await asyncio.sleep(1)
+        running["now"] -= 1
+        return web.Response(text="ok")
+
+    target.routes["/slow"] = slow
+    # 127.0.0.1:port and localhost:port are two destinations (host keys) of one server
+    target.routes["/hop"] = answer(307, Location=target.url("/slow", host="localhost"))
+    app = await serving(**WORKER, HTTP_HOST_MAX_CONCURRENCY=1, HTTP_HOST_PERMIT_WAIT_S=10)
+    client = app.test_client()
+    direct = {"url": target.url("/slow", host="localhost")}
+    redirected = {"url": target.url("/hop"), "follow_redirects": True}
+    tasks = [await enqueue(client, auth_headers, kind="http", payload=p) for p in (direct, redirected) * 2]
+    for task in tasks:
+        finished = await done(client, auth_headers, task["id"])
+        assert finished["status"] == "completed", finished
+        assert finished["result"]["body"] == "ok"
+    assert len(target.to("/slow")) == 4
+    assert running["max"] == 1

@@ -9,6 +9,7 @@ standard library, which keeps such integers exact (orjson would turn them into f
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -49,11 +50,18 @@ def contains_nul(value: Any) -> bool:
     return False
 
 
+# A surrogate alone is not a character: UTF-8 cannot encode it, so neither text nor jsonb stores it.
+# Python makes them of undecodable bytes (surrogateescape: aiohttp's HTTP header values and reason
+# phrases, os and sys texts).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def storable_text(text: str) -> str:
-    """`text` with each NUL character (which PostgreSQL's text cannot hold) shown as U+FFFD, as an
-    undecodable byte is: for texts that come from outside and are kept as a record (an error
-    message, a response body), where refusing them would lose the record."""
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    """`text` with each NUL character and each lone surrogate (which PostgreSQL's text cannot hold)
+    shown as U+FFFD, as an undecodable byte is: for texts that come from outside and are kept as a
+    record (an error message, a response's headers and body), where refusing them would lose the
+    record."""
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def storable(value: Any) -> str:

@@ -32,8 +32,10 @@ from app.src.api.models.http import (
     AddressPolicy,
     IPAddress,
     literal_address,
+    unlookable_name,
 )
 from app.src.api.models.http import destination as destination
+from app.src.utils.json_text import storable_text
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -59,13 +61,26 @@ class RedirectError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class NextHop:
+    """The request a redirect to another destination asks for: it needs that host's permit, so
+    OutboundHttp.send hands it back instead of sending it (delivery.exchange sends it)."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    redirects: int  # redirects followed to get here, this one included
+
+
+@dataclass(frozen=True, slots=True)
 class HttpResponse:
     status: int
-    reason: str
+    reason: str  # reason and headers: storable text (json_text.storable_text)
     headers: dict[str, str]
     body: bytes  # the first MAX_RESULT_BODY_BYTES
     url: str  # after the redirects that were followed
     duration_ms: float
+    next_hop: NextHop | None = None  # a redirect to another destination, to follow there
 
 
 class GuardedResolver(AbstractResolver):
@@ -191,8 +206,13 @@ class OutboundHttp:
         timeout_s: float,
         follow_redirects: bool,
         signer: Signer | None = None,
+        redirects_left: int = MAX_REDIRECTS,
     ) -> HttpResponse:
         """One request (and its redirects when asked) within `timeout_s` overall.
+
+        Redirects within the destination (host:port) are followed here, under its permit; one to
+        another destination comes back as the response's `next_hop`, for the caller to send
+        under that destination's permit (HTTP_HOST_MAX_CONCURRENCY holds for it too).
 
         Raises ForbiddenDestination, RedirectError, TimeoutError or aiohttp.ClientError.
         """
@@ -217,14 +237,12 @@ class OutboundHttp:
                     total=remaining, connect=min(self.connect_timeout_s, remaining)
                 ),
             ) as response:
+                next_hop = None
                 location = response.headers.get("Location")
                 if follow_redirects and response.status in REDIRECTS and location:
-                    if hop == MAX_REDIRECTS:
+                    if hop >= redirects_left:
                         raise RedirectError(f"more than {MAX_REDIRECTS} redirects")
-                    try:
-                        target = current.join(URL(location))
-                    except ValueError:
-                        raise RedirectError(f"redirect to an invalid Location {location[:200]!r}") from None
+                    target = join_location(current, location)
                     if response.status == 303 or (response.status in (301, 302) and method == "POST"):
                         method, body = ("HEAD" if method == "HEAD" else "GET"), None
                         sent_headers = {k: v for k, v in sent_headers.items() if k.lower() != "content-type"}
@@ -232,18 +250,36 @@ class OutboundHttp:
                         sent_headers = {
                             k: v for k, v in sent_headers.items() if k.lower() not in CREDENTIAL_HEADERS
                         }
-                    current = target
-                    continue
-                content = await _read_capped(response, MAX_RESULT_BODY_BYTES)
+                    if destination(target) == destination(current):
+                        current = target
+                        continue
+                    next_hop = NextHop(method, str(target), sent_headers, body, redirects=hop + 1)
+                content = b"" if next_hop else await _read_capped(response, MAX_RESULT_BODY_BYTES)
                 return HttpResponse(
                     status=response.status,
-                    reason=response.reason or "",
+                    reason=storable_text(response.reason or ""),
                     headers=_flatten(response.headers),
                     body=content,
                     url=str(current),
                     duration_ms=(time.perf_counter() - started) * 1000,
+                    next_hop=next_hop,
                 )
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+
+def join_location(base: URL, location: str) -> URL:
+    """The absolute http(s) URL a Location header names, relative to `base`; RedirectError when it
+    names none (not a URL, or one without a host such as `mailto:`: nothing could ever fetch it)."""
+    try:
+        target = base.join(URL(location))
+    except ValueError:
+        raise RedirectError(f"the Location header is not a URL: {location[:200]!r}") from None
+    if target.scheme not in ("http", "https") or not target.host:
+        raise RedirectError(f"the Location header is not an http(s) URL with a host: {location[:200]!r}")
+    unlookable = unlookable_name(target.host)
+    if unlookable is not None:
+        raise RedirectError(f"the Location header names no reachable host: {unlookable}")
+    return target
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
@@ -259,7 +295,10 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
 
 
 def _flatten(headers: Mapping[str, str]) -> dict[str, str]:
+    """One value per name, as text that can be stored: aiohttp decodes header bytes that are not
+    UTF-8 (a Latin-1 filename, say) to lone surrogates, which PostgreSQL refuses."""
     flat: dict[str, str] = {}
-    for name, value in headers.items():
+    for raw_name, raw_value in headers.items():
+        name, value = storable_text(raw_name), storable_text(raw_value)
         flat[name] = f"{flat[name]}, {value}" if name in flat else value
     return flat

@@ -9,6 +9,7 @@ destination. With follow_async, a 202 with Location hands the task to the poller
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import time
@@ -26,11 +27,13 @@ from app.src.api.http.client import (
     REDIRECTS,
     ForbiddenDestination,
     HttpResponse,
+    NextHop,
     OutboundHttp,
     RedirectError,
     Signer,
     destination,
     forbidden_reason,
+    join_location,
 )
 from app.src.api.http.gate import HostHealth
 from app.src.api.http.signing import sign_delivery
@@ -42,7 +45,7 @@ from app.src.api.kinds import (
     TaskContext,
     WaitExternal,
 )
-from app.src.api.models.http import HttpPayload, HttpResult, HttpWaitState
+from app.src.api.models.http import MAX_REDIRECTS, HttpPayload, HttpResult, HttpWaitState
 from app.src.utils import json_text, tracing
 from app.src.utils.metrics import DELIVERIES, DELIVERY_LATENCY
 
@@ -201,7 +204,58 @@ async def exchange(
 ) -> tuple[HttpResponse, Classified]:
     """Send under the destination's permit and `judge` the answer; failures to get one become
     RetryLater (network, timeout) or PermanentError (refused destination, bad redirect).
-    Raises Deferred when the host has no free permit or its circuit is open."""
+    Raises Deferred when the host has no free permit or its circuit is open.
+
+    A followed redirect to another destination is sent under that destination's own permit (the
+    host limit and circuit hold for it too), within the same `timeout_s` overall."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + payload.timeout_s
+    started = time.perf_counter()
+    redirects_left = MAX_REDIRECTS
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise RetryLater(_network_error(TimeoutError(), payload.timeout_s))
+        answered = await _hop(
+            http,
+            task_id=task_id,
+            method=method,
+            url=url,
+            headers=headers,
+            body=body,
+            payload=payload,
+            timeout_s=remaining,
+            redirects_left=redirects_left,
+            signer=signer,
+            judge=judge,
+            ctx=ctx,
+            client_id=client_id,
+        )
+        if not isinstance(answered, NextHop):
+            response, verdict = answered
+            return dataclasses.replace(response, duration_ms=(time.perf_counter() - started) * 1000), verdict
+        method, url, headers, body = answered.method, answered.url, answered.headers, answered.body
+        redirects_left -= answered.redirects
+
+
+async def _hop(
+    http: OutboundHttp,
+    *,
+    task_id: UUID,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    payload: HttpPayload,
+    timeout_s: float,
+    redirects_left: int,
+    signer: Signer,
+    judge: Callable[[HttpResponse], Classified],
+    ctx: TaskContext | None,
+    client_id: UUID | None,
+) -> tuple[HttpResponse, Classified] | NextHop:
+    """One destination's part of an exchange, under its permit: the answer and its verdict, or
+    the request a redirect to another destination asks for."""
     host = destination(url)
     try:
         http.check_address(URL(url, encoded=True))
@@ -210,7 +264,7 @@ async def exchange(
         raise PermanentError(str(exc)) from None
     try:
         async with http.gate.permit(
-            host, task_id=task_id, timeout_s=payload.timeout_s, client_id=client_id
+            host, task_id=task_id, timeout_s=timeout_s, client_id=client_id
         ) as permit:
             started = time.perf_counter()
             try:
@@ -219,9 +273,10 @@ async def exchange(
                     url=url,
                     headers=headers,
                     body=body,
-                    timeout_s=payload.timeout_s,
+                    timeout_s=timeout_s,
                     follow_redirects=payload.follow_redirects,
                     signer=signer,
+                    redirects_left=redirects_left,
                 )
                 response = await (unless_cancelled(ctx, sending) if ctx is not None else sending)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -242,6 +297,9 @@ async def exchange(
                 DELIVERIES(host, "discarded").inc()
                 raise PermanentError(str(exc)) from None
             DELIVERY_LATENCY(host).observe(response.duration_ms / 1000)
+            if response.next_hop is not None:
+                permit.health = "success"  # it answered: a redirect, followed at its destination
+                return response.next_hop
             verdict = judge(response)
             permit.health = host_health(verdict.answer)
             permit.throttled = response.status in THROTTLING
@@ -268,9 +326,9 @@ def _snippet(body: bytes) -> str:
 def resolve_location(base: str, location: str) -> str:
     """An absolute URL for a Location header (which may be relative to the request's URL)."""
     try:
-        return str(URL(base, encoded=True).join(URL(location)))
-    except ValueError:
-        raise PermanentError(f"the Location header is not a URL: {location[:200]!r}") from None
+        return str(join_location(URL(base, encoded=True), location))
+    except RedirectError as exc:
+        raise PermanentError(str(exc)) from None
 
 
 def to_result(response: HttpResponse) -> HttpResult:

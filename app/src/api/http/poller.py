@@ -95,10 +95,10 @@ async def poll_waiting_http(
                 # shutdown: hand the claim back, so the next replica polls at once, not after the lease
                 await asyncio.shield(_hand_back(db, task))
                 raise
-            except Exception:
+            except Exception as exc:
                 # the claim's lease runs out and the task is polled again: nothing is lost
                 log.exception("polling a waiting task failed", task_id=str(task.id))
-                return PollResult.ERROR
+                return await _give_up_if_late(db, task, exc)
 
     return dict(Counter(await asyncio.gather(*(poll(task) for task in due))))
 
@@ -234,7 +234,7 @@ async def _keep_waiting(
     now = datetime.now(UTC)
     if count:
         state.polls += 1
-        state.last_error = error
+        state.last_error = clip_error(error) if error else None  # kept in jsonb: storable, bounded
     left_s = (state.deadline - now).total_seconds()
     if left_s <= 0:
         reason = f"no final answer from {state.status_url} within async_deadline_s"
@@ -263,6 +263,31 @@ async def _keep_waiting(
             error=clip_error(error) if error else None,
         )
     return PollResult.PENDING if error is None else PollResult.POLL_FAILED
+
+
+async def _give_up_if_late(db: Database, task: WaitingTask, exc: Exception) -> PollResult:
+    """A poll that failed unexpectedly is tried again after its claim's lease, but never past the
+    task's deadline: the deadline is checked in _keep_waiting, which such a poll never reached, so
+    without this an error on every poll kept the task waiting for ever."""
+    try:
+        state = HttpWaitState.model_validate(task.state)
+        if state.deadline > datetime.now(UTC):
+            return PollResult.ERROR
+        await _finish(
+            db,
+            task,
+            Status.DISCARDED,
+            started_at=state.accepted_at,
+            error=(
+                f"no final answer from {state.status_url} within async_deadline_s "
+                f"(polling failed: {type(exc).__name__}: {exc})"
+            ),
+            outcome=Outcome.FAILED,
+        )
+    except Exception:
+        log.exception("ending a waiting task at its deadline failed", task_id=str(task.id))
+        return PollResult.ERROR
+    return PollResult.DISCARDED
 
 
 async def _hand_back(db: Database, task: WaitingTask) -> None:

@@ -115,6 +115,18 @@ def literal_address(host: str) -> IPAddress | None:
         return None
 
 
+def unlookable_name(host: str) -> str | None:
+    """Why no name lookup can take `host` (an empty label, or one over 63 characters: the IDNA
+    encoding getaddrinfo applies refuses them), or None. Literal addresses are never looked up."""
+    if literal_address(host) is not None:
+        return None
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return f"the host name {host[:100]!r} has an empty label or one longer than 63 characters"
+    return None
+
+
 # RFC 9110 field-name token; values must not smuggle a line break (header injection) or NUL.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -180,6 +192,9 @@ class HttpPayload(BaseModel):
     def _reachable(cls, url: AnyUrl, info: ValidationInfo) -> AnyUrl:
         if url.username or url.password:
             raise ValueError("credentials in the URL are not accepted; send them in headers")
+        unlookable = unlookable_name(url.host or "")
+        if unlookable is not None:
+            raise ValueError(unlookable)
         address = literal_address(url.host or "")
         if address is not None:
             # Only literal addresses can be judged here; names are resolved and checked per
