@@ -445,3 +445,28 @@ async def test_a_limited_queue_that_cannot_be_claimed_holds_up_no_other_queue(
         assert (await task_status(client, auth_headers, stuck["id"]))["status"] == "available"
     done = await (await client.get(f"/api/tasks/{stuck['id']}?wait=10", headers=auth_headers)).get_json()
     assert (done["status"], done["attempts"]) == ("completed", 1)  # claimed once the fault is gone
+
+
+async def test_a_task_asked_to_stop_that_outlives_the_grace_is_cancelled_not_released(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A worker stopping releases what it could not finish; a task whose cancel was requested while
+    it ran (its handler never looked) was released to `available` like the others, and another
+    worker ran it again after the cancel had been accepted."""
+    app = await serving(**WORKER)
+    client = app.test_client()
+    task = await enqueue(
+        client, auth_headers, kind="test.slow_unwind", payload={"seconds": 60, "unwind_s": 0}
+    )
+    other = await enqueue(
+        client, auth_headers, kind="test.slow_unwind", payload={"seconds": 60, "unwind_s": 0}
+    )
+    await eventually(lambda: _status_is(client, auth_headers, task["id"], "running"))
+    await eventually(lambda: _status_is(client, auth_headers, other["id"], "running"))
+    asked = await (await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)).get_json()
+    assert asked["status"] == "running"
+    await app.extensions["taskgate"].worker.stop(grace_s=0.3)
+    cancelled = await task_status(client, auth_headers, task["id"])
+    assert (cancelled["status"], cancelled["finished_at"] is not None) == ("cancelled", True)
+    released = await task_status(client, auth_headers, other["id"])
+    assert (released["status"], released["attempts"]) == ("available", 0)  # not asked: back in line

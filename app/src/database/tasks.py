@@ -1008,16 +1008,20 @@ async def complete(
 
 
 # Shutdown: tasks this worker could not finish in its grace period go back to available. The
-# attempt did not fail, so it is not counted.
+# attempt did not fail, so it is not counted. One whose cancel was requested while it ran ends
+# cancelled instead, as at any other end of an attempt that did not finish it (ended_status):
+# released, it was claimed and run again.
 RELEASE = f"""
 WITH released AS (
-    UPDATE tasks SET status = 'available', attempts = attempts - 1, started_at = NULL,
-                     lease_expires_at = NULL, worker_id = NULL
-    WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $2
-    RETURNING id, queue_id
+    UPDATE tasks t SET status = {ended_status("'available'")}, attempts = t.attempts - 1,
+                       started_at = NULL, lease_expires_at = NULL, worker_id = NULL,
+                       finished_at = CASE WHEN t.cancel_requested THEN now() END
+    WHERE t.id = ANY($1::uuid[]) AND t.status = 'running' AND t.worker_id = $2
+    RETURNING t.id, t.queue_id, t.status
 ),
-{notify_queues("woken", "SELECT queue_id FROM released")}
-SELECT id, (SELECT n FROM woken) AS _woken FROM released
+{notify_queues("woken", "SELECT queue_id FROM released WHERE status = 'available'")},
+{notify_events("released")}
+SELECT id, (SELECT n FROM woken) + (SELECT n FROM notified) AS _woken FROM released
 """
 
 
