@@ -542,3 +542,22 @@ async def test_children_spawned_in_process_are_held_to_their_clients_own_quota(
     assert "quota is 2" in task["last_error"]
     rows = await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE parent_id IS NOT NULL")
     assert rows[0]["n"] == 0
+
+
+async def test_a_sleep_or_signal_wait_past_what_a_timestamp_holds_fails_its_task_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """`ctx.sleep(name, 1e13)` (317,000 years) made the suspension's statement fail on the
+    database's time range: the attempt was left to its lease, rescued as lost, and run again until
+    its attempts were spent, each time ending the same way, with 'lease expired' as its error."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    sleeper = await enqueue(client, auth_headers, kind="test.nap", payload={"seconds": 1e13}, max_attempts=3)
+    waiter = await enqueue(
+        client, auth_headers, kind="test.await_signal", payload={"name": "x", "timeout_s": 1e13},
+        max_attempts=3,
+    )  # fmt: skip
+    for task in (sleeper, waiter):
+        done = await wait_done(client, auth_headers, task["id"], timeout=5)
+        assert (done["status"], done["attempts"]) == ("discarded", 1), done
+        assert "may be at most 31622400 s" in done["last_error"], done["last_error"]
