@@ -190,6 +190,7 @@ class Executor:
             max_attempts=claimed.max_attempts,
             queue=await self.queue_backoff(claimed.queue_id),
             retry_after_s=retry_after_s,
+            retry_base=claimed.retry_base,
         )
         return finished(
             running,

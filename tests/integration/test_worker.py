@@ -470,3 +470,37 @@ async def test_a_task_asked_to_stop_that_outlives_the_grace_is_cancelled_not_rel
     assert (cancelled["status"], cancelled["finished_at"] is not None) == ("cancelled", True)
     released = await task_status(client, auth_headers, other["id"])
     assert (released["status"], released["attempts"]) == ("available", 0)  # not asked: back in line
+
+
+async def test_the_first_failure_after_suspensions_or_a_retry_by_hand_backs_off_as_a_first_failure(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Backoff grows with the failures of a task's life, not with its attempt number: a composed
+    task's suspensions (an SDK kind suspends at every new step) and a retry by hand move the
+    attempt number on without failing. Counted from the attempt number, the first failure of a
+    task at attempt 21 was retried after up to min_backoff * 2^20 s (the queue's max, an hour)
+    instead of min_backoff."""
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/composed",
+        json={"min_backoff_s": 0.5, "max_backoff_s": 3600, "paused": True},
+        headers=auth_headers,
+    )
+    task = await enqueue(
+        client, auth_headers, kind="test.flaky", queue="composed", payload={"fail_times": 99}, max_attempts=3
+    )
+    # as after 20 suspensions (SUSPEND: attempts, max_attempts and the retry base move on together)
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET attempts = 20, max_attempts = 23, attempts_before_retry = 20, durable = true",
+    )
+    await client.post("/api/queues/composed/resume", headers=auth_headers)
+    await eventually(lambda: _status_is(client, auth_headers, task["id"], "retryable"))
+    [row] = await fetch(
+        clean_database,
+        "SELECT EXTRACT(epoch FROM t.run_at - a.finished_at)::float8 AS backoff_s, t.attempts "
+        "FROM tasks t JOIN task_attempts a ON a.task_id = t.id",
+    )
+    assert row["attempts"] == 21
+    assert row["backoff_s"] < 1.5, row  # min_backoff 0.5 s: the first failure of this life
