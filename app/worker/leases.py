@@ -39,6 +39,7 @@ class Running:
     lease_from: float  # monotonic time the statement that last set its lease was sent
     task: asyncio.Task[None] | None = None
     abandoned: str | None = None  # why it ends without a result: "shutdown", "lease lost", ...
+    unloadable: str | None = None  # why its stored state could not be loaded: it fails at once
     started: float = field(default_factory=time.perf_counter)
 
 

@@ -504,3 +504,35 @@ async def test_the_first_failure_after_suspensions_or_a_retry_by_hand_backs_off_
     )
     assert row["attempts"] == 21
     assert row["backoff_s"] < 1.5, row  # min_backoff 0.5 s: the first failure of this life
+
+
+async def test_a_durable_task_whose_state_cannot_be_loaded_fails_alone_and_clearly(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """The stored state of the durable tasks of a claim is loaded in one statement after the claim.
+    When it failed (here a wait record that is no time), every task of that claim, durable or not,
+    was left running unstarted until its lease expired, and lost an attempt ('lease expired'),
+    claim after claim while the bad one was claimed with them: plain tasks were discarded without
+    ever running. Now the others run, and the task whose state cannot be loaded fails its attempt
+    saying why."""
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/mixed", json={"paused": True, "min_backoff_s": 60, "max_backoff_s": 60},
+        headers=auth_headers,
+    )  # fmt: skip
+    broken = await enqueue(client, auth_headers, kind="test.nap", queue="mixed", payload={"seconds": 1})
+    plain = [await enqueue(client, auth_headers, kind="noop", queue="mixed", payload={}) for _ in range(3)]
+    await fetch(clean_database, f"UPDATE tasks SET durable = true WHERE id = '{broken['id']}'")
+    await fetch(
+        clean_database,
+        "INSERT INTO task_steps (task_id, name, result, wait) "
+        f"""VALUES ('{broken["id"]}', 'nap', '{{"sleep_until": "not a time"}}', true)""",
+    )
+    await client.post("/api/queues/mixed/resume", headers=auth_headers)
+    for task in plain:
+        done = await (await client.get(f"/api/tasks/{task['id']}?wait=3", headers=auth_headers)).get_json()
+        assert (done["status"], done["attempts"]) == ("completed", 1), done
+    await eventually(lambda: _status_is(client, auth_headers, broken["id"], "retryable"), timeout=3)
+    failed = await task_status(client, auth_headers, broken["id"])
+    assert "stored state could not be loaded" in failed["last_error"], failed["last_error"]
