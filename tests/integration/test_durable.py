@@ -561,3 +561,17 @@ async def test_a_sleep_or_signal_wait_past_what_a_timestamp_holds_fails_its_task
         done = await wait_done(client, auth_headers, task["id"], timeout=5)
         assert (done["status"], done["attempts"]) == ("discarded", 1), done
         assert "may be at most 31622400 s" in done["last_error"], done["last_error"]
+
+
+async def test_a_step_named_like_a_sleep_before_it_fails_its_task_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """Names are unique per task. A step under the name of a sleep recorded before it was not
+    stored (the sleep's record held the name), yet returned its value that run; every later run
+    got the sleep's record back as the step's result, in silence."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="test.step_named_like_a_sleep", payload={"seconds": 0})
+    done = await wait_done(client, auth_headers, task["id"], timeout=10)
+    assert done["status"] == "discarded", done["result"]  # not the sleep record as its result
+    assert "has the name of a sleep or signal wait" in done["last_error"], done["last_error"]

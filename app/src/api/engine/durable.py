@@ -108,6 +108,13 @@ def check_wait(wait: Wait | None) -> None:
         )
 
 
+def step_named_like_a_wait(name: str) -> str:
+    return (
+        f"the step {name[:MAX_NAME]!r} has the name of a sleep or signal wait of this task: "
+        "each needs a name of its own"
+    )
+
+
 def check_step_result(name: str, value: Any) -> Any:
     """A step's result as stored: JSON of at most 1 MiB (a permanent error otherwise)."""
     check_name("step name", name)
