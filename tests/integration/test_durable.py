@@ -566,9 +566,9 @@ async def test_a_sleep_or_signal_wait_past_what_a_timestamp_holds_fails_its_task
 async def test_a_step_named_like_a_sleep_before_it_fails_its_task_with_a_clear_error(
     serving: Serving, auth_headers: dict[str, str]
 ) -> None:
-    """Names are unique per task. A step under the name of a sleep recorded before it was not
-    stored (the sleep's record held the name), yet returned its value that run; every later run
-    got the sleep's record back as the step's result, in silence."""
+    """Names are unique per task. A step under the name of a sleep taken before found the sleep's
+    record in the replayed state and returned it, in silence, as its result: its function never
+    ran."""
     app = await serving(**ALL_ROLES)
     client = app.test_client()
     task = await enqueue(client, auth_headers, kind="test.step_named_like_a_sleep", payload={"seconds": 0})
