@@ -222,6 +222,15 @@ async def wait_shaped_step(ctx: TaskContext, payload: Nap) -> dict[str, object]:
     return {"step": stored}
 
 
+@task_kind("test.step_named_like_a_sleep", payload=Nap)
+async def step_named_like_a_sleep(ctx: TaskContext, payload: Nap) -> dict[str, object]:
+    """A step under the name of a sleep it took before: names are unique per task."""
+    await ctx.sleep("nap", payload.seconds)
+    stored = await ctx.step("nap", lambda: {"answer": 42})
+    await ctx.sleep("nap again", payload.seconds)  # a replay follows
+    return {"step": stored}
+
+
 class AwaitSignal(BaseModel):
     name: str
     timeout_s: float | None = None

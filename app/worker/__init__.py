@@ -32,7 +32,7 @@ from app.src.database.tasks import ClaimedTask
 from app.src.utils import tracing
 from app.src.utils.metrics import LAG, WORKER_CAPACITY, WORKER_RUNNING
 from app.version import __version__
-from app.worker.claiming import Claimer
+from app.worker.claiming import Claimer, Unloadable
 from app.worker.completing import Completer
 from app.worker.executing import Executor
 from app.worker.leases import Holdings, LeaseKeeper, Running
@@ -191,7 +191,12 @@ class Worker:
 
     # --- running ---------------------------------------------------------------------------------
 
-    def _start(self, claimed: ClaimedTask, lease_from: float, state: DurableState | None = None) -> None:
+    def _start(
+        self, claimed: ClaimedTask, lease_from: float, state: DurableState | Unloadable | None = None
+    ) -> None:
+        unloadable = state.error if isinstance(state, Unloadable) else None
+        if isinstance(state, Unloadable):
+            state = None
         ctx = TaskContext(
             task_id=claimed.id,
             attempt=claimed.attempt,
@@ -204,7 +209,7 @@ class Worker:
             state=state,
             checkpoint=self._checkpoint_step,
         )
-        running = Running(claimed, ctx, lease_from)
+        running = Running(claimed, ctx, lease_from, unloadable=unloadable)
         self.holdings.running[claimed.id] = running
         running.task = asyncio.create_task(self._execute(running))
         LAG(claimed.queue).observe(max(0.0, (claimed.started_at - claimed.run_at).total_seconds()))

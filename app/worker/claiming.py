@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -27,6 +28,15 @@ from app.worker.leases import Holdings, LeaseKeeper
 
 if TYPE_CHECKING:
     from app.database import Database
+
+
+@dataclass(frozen=True, slots=True)
+class Unloadable:
+    """A durable task's stored state that PostgreSQL could not load: the task cannot replay, so its
+    attempt fails with this error (retried by its queue's policy) instead of running."""
+
+    error: str
+
 
 log = structlog.get_logger("taskgate.worker")
 
@@ -48,7 +58,7 @@ class Claimer:
         batch_size: int,
         poll_s: float,
         queues: list[str] | None,
-        start: Callable[[ClaimedTask, float, DurableState | None], None],
+        start: Callable[[ClaimedTask, float, DurableState | Unloadable | None], None],
     ) -> None:
         self.db = db
         self.holdings = holdings
@@ -186,12 +196,14 @@ class Claimer:
         # claim again once a quarter of a batch is free: fewer, fuller round trips
         return max(1, min(self.batch_size, self.concurrency) // 4)
 
-    async def _claim(self, want: int) -> tuple[list[ClaimedTask], bool, dict[UUID, DurableState]]:
+    async def _claim(
+        self, want: int
+    ) -> tuple[list[ClaimedTask], bool, dict[UUID, DurableState | Unloadable]]:
         """Claim up to `want` tasks; whether to claim again at once (a limited queue gave all it
         was asked for: it may have more room); and the stored state (steps, signals, children) of
         the durable ones."""
         again = False
-        states: dict[UUID, DurableState] = {}
+        states: dict[UUID, DurableState | Unloadable] = {}
         async with self.db.driver() as conn:
             claimed: list[ClaimedTask] = []
             idle = self._unlimited_idle
@@ -256,12 +268,12 @@ class Claimer:
             durable = [task for task in claimed if task.durable]
             if durable:
                 try:
-                    states = await durable_store.load_state(conn, [task.id for task in durable])
+                    states = await self._load_states(conn, [task.id for task in durable])
                 except Exception as exc:
-                    # Started without their stored steps they would run those again. The others
-                    # start; these are handed back when the database was out of reach (the
-                    # attempt not spent), else left to their leases: a state that cannot be read
-                    # spends an attempt each time and ends in a dead letter, not a loop.
+                    # (A task whose own state cannot be read fails alone, in _load_states.) Started
+                    # without their stored steps they would run those again. The others start;
+                    # these are handed back when the database was out of reach (the attempt not
+                    # spent), else left to their leases.
                     transient = is_connection_failure(exc)
                     self.log.warning(
                         "loading the state of durable tasks failed",
@@ -275,6 +287,29 @@ class Claimer:
                     if not claimed:
                         raise
         return claimed, again, states
+
+    async def _load_states(
+        self, conn: task_store.Executor, task_ids: Sequence[UUID]
+    ) -> dict[UUID, DurableState | Unloadable]:
+        """The stored state of the claimed durable tasks, in one statement. The tasks are this
+        worker's already: if the statement fails on one task's state, the others are loaded one by
+        one, so only that task fails its attempt (raised, the whole claim was left unstarted to its
+        leases, and lost an attempt, round after round while the bad one was claimed with it)."""
+        try:
+            return dict(await durable_store.load_state(conn, task_ids))
+        except asyncpg.PostgresError as exc:
+            if is_connection_failure(exc):
+                raise  # not this task's state: the database is out of reach
+            if len(task_ids) == 1:
+                return {task_ids[0]: Unloadable(str(exc) or type(exc).__name__)}
+        states: dict[UUID, DurableState | Unloadable] = {}
+        for task_id in task_ids:
+            states.update(await self._load_states(conn, [task_id]))
+        for task_id, state in states.items():
+            if isinstance(state, Unloadable):
+                self.log.warning("a durable task's state cannot be loaded", task_id=str(task_id),
+                                 error=state.error)  # fmt: skip
+        return states
 
     def _queue_failed(self, queue_id: int, exc: Exception) -> None:
         # said once per streak: a queue that cannot be claimed fails again at every round

@@ -102,6 +102,8 @@ class Executor:
 
     async def _run(self, running: Running) -> Completion:
         claimed, ctx = running.claimed, running.ctx
+        if running.unloadable is not None:  # it cannot replay what it stored: it must not run
+            return await self.failed(running, f"its stored state could not be loaded: {running.unloadable}")
         kind = self.registry.get(claimed.kind)
         if kind is None:
             return await self.failed(running, f"no task kind {claimed.kind!r} is declared in this worker")
@@ -190,6 +192,7 @@ class Executor:
             max_attempts=claimed.max_attempts,
             queue=await self.queue_backoff(claimed.queue_id),
             retry_after_s=retry_after_s,
+            retry_base=claimed.retry_base,
         )
         return finished(
             running,

@@ -39,6 +39,7 @@ class Running:
     lease_from: float  # monotonic time the statement that last set its lease was sent
     task: asyncio.Task[None] | None = None
     abandoned: str | None = None  # why it ends without a result: "shutdown", "lease lost", ...
+    unloadable: str | None = None  # why its stored state could not be loaded: it fails at once
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -135,6 +136,10 @@ class LeaseKeeper:
         held = self.holdings.ids()
         if not held:
             return
+        # The runs this heartbeat speaks for. Its answer may come after one of them ended and this
+        # worker claimed the task again (a suspension makes it available at once): the task is
+        # then missing from the answer, which says nothing about the later run.
+        sent_runs = dict(self.holdings.running)
         sent = time.monotonic()
         try:
             # a heartbeat that cannot finish within its interval is as good as a failed one
@@ -148,7 +153,7 @@ class LeaseKeeper:
         pending = {c.id for c in self.holdings.pending}
         for task_id in held:
             running = self.holdings.running.get(task_id)
-            if running is None:
+            if running is None or running is not sent_runs.get(task_id):
                 continue
             if task_id in alive:
                 running.lease_from = max(running.lease_from, sent)

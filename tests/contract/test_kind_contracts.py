@@ -27,6 +27,7 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.raises": [{"what": "inner_cancel"}, {"what": "timeout"}],
     "test.slow_unwind": [{"seconds": 60, "unwind_s": 4}],
     "test.wait_shaped_step": [{"seconds": 0.1}],
+    "test.step_named_like_a_sleep": [{"seconds": 0}],
     "test.await_signal": [{"name": "shipped"}, {"name": "approved", "timeout_s": 1}],
     "test.child": [{"i": 1}, {"i": 2, "path": "/tmp/x", "fail": True}],
     "test.limits": [{}, {"big_step": True}, {"children": 10_001}, {"steps": 1_001}],

@@ -574,3 +574,36 @@ async def test_a_durable_task_whose_state_cannot_be_loaded_in_an_outage_is_hande
     ]
     assert "lost" not in outcomes, outcomes
     assert outcomes[-1] == "completed"
+
+
+async def test_a_sleep_or_signal_wait_past_what_a_timestamp_holds_fails_its_task_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """`ctx.sleep(name, 1e13)` (317,000 years) made the suspension's statement fail on the
+    database's time range: the attempt was left to its lease, rescued as lost, and run again until
+    its attempts were spent, each time ending the same way, with 'lease expired' as its error."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    sleeper = await enqueue(client, auth_headers, kind="test.nap", payload={"seconds": 1e13}, max_attempts=3)
+    waiter = await enqueue(
+        client, auth_headers, kind="test.await_signal", payload={"name": "x", "timeout_s": 1e13},
+        max_attempts=3,
+    )  # fmt: skip
+    for task in (sleeper, waiter):
+        done = await wait_done(client, auth_headers, task["id"], timeout=5)
+        assert (done["status"], done["attempts"]) == ("discarded", 1), done
+        assert "may be at most 31622400 s" in done["last_error"], done["last_error"]
+
+
+async def test_a_step_named_like_a_sleep_before_it_fails_its_task_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """Names are unique per task. A step under the name of a sleep taken before found the sleep's
+    record in the replayed state and returned it, in silence, as its result: its function never
+    ran."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="test.step_named_like_a_sleep", payload={"seconds": 0})
+    done = await wait_done(client, auth_headers, task["id"], timeout=10)
+    assert done["status"] == "discarded", done["result"]  # not the sleep record as its result
+    assert "has the name of a sleep or signal wait" in done["last_error"], done["last_error"]

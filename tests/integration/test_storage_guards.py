@@ -268,12 +268,46 @@ async def test_a_task_past_its_1024th_attempt_is_retried_and_holds_up_no_other_r
         assert {c.id: c.attempt for c in claimed} == {veteran: 1025, other: 1}
         await conn.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
         rescued = await rescue_expired_leases(conn)
+        # the backoff from the rescue's own now(): the time its lost attempt is recorded as ending
         rows = {
-            r["id"]: (r["status"], r["run_at"] - r["now"])
-            for r in await conn.fetch("SELECT id, status, run_at, now() AS now FROM tasks")
+            r["id"]: (r["status"], r["run_at"] - r["finished_at"])
+            for r in await conn.fetch(
+                "SELECT t.id, t.status, t.run_at, a.finished_at FROM tasks t "
+                "JOIN task_attempts a ON a.task_id = t.id AND a.attempt = t.attempts"
+            )
         }
         queue = await conn.fetchrow("SELECT min_backoff_s, max_backoff_s FROM queues")
     assert {r["id"]: r["status"] for r in rescued} == {veteran: "retryable", other: "retryable"}
     status, delay = rows[veteran]
     assert status == "retryable"
     assert queue["min_backoff_s"] <= delay.total_seconds() <= queue["max_backoff_s"]  # the queue's bounds
+
+
+async def test_a_lost_attempt_after_suspensions_backs_off_as_a_first_failure(db: Database) -> None:
+    """The rescuer's backoff counts the failures of the task's life, as the worker's does: an
+    attempt number moved on by suspensions or a retry by hand is no failure."""
+    task_id = await make_task(db)
+    worker = uuid.uuid4()
+    async with db.driver() as conn:
+        await conn.execute(
+            "UPDATE queues SET min_backoff_s = 0.5, max_backoff_s = 3600 "
+            "WHERE id = (SELECT queue_id FROM tasks WHERE id = $1)",
+            task_id,
+        )
+        # as after 20 suspensions
+        await conn.execute(
+            "UPDATE tasks SET attempts = 20, max_attempts = 23, attempts_before_retry = 20 WHERE id = $1",
+            task_id,
+        )
+    claimed = await claim_one(db, worker)
+    assert claimed.attempt == 21
+    async with db.driver() as conn:
+        await conn.execute(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
+        )
+        [rescued] = await rescue_expired_leases(conn)
+        backoff = await conn.fetchval(
+            "SELECT EXTRACT(epoch FROM run_at - now())::float8 FROM tasks WHERE id = $1", task_id
+        )
+    assert rescued["status"] == "retryable"
+    assert backoff < 1.0  # min_backoff 0.5 s: the first failure of this life

@@ -465,3 +465,94 @@ async def test_tasks_claimed_before_the_limited_queues_cannot_be_read_still_run(
     await eventually(lambda: _status_is(client, auth_headers, task["id"], "completed"), timeout=4)
     attempts = await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
     assert [a["outcome"] for a in attempts["items"]] == ["completed"]
+
+
+async def test_a_task_asked_to_stop_that_outlives_the_grace_is_cancelled_not_released(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A worker stopping releases what it could not finish; a task whose cancel was requested while
+    it ran (its handler never looked) was released to `available` like the others, and another
+    worker ran it again after the cancel had been accepted."""
+    app = await serving(**WORKER)
+    client = app.test_client()
+    task = await enqueue(
+        client, auth_headers, kind="test.slow_unwind", payload={"seconds": 60, "unwind_s": 0}
+    )
+    other = await enqueue(
+        client, auth_headers, kind="test.slow_unwind", payload={"seconds": 60, "unwind_s": 0}
+    )
+    await eventually(lambda: _status_is(client, auth_headers, task["id"], "running"))
+    await eventually(lambda: _status_is(client, auth_headers, other["id"], "running"))
+    asked = await (await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)).get_json()
+    assert asked["status"] == "running"
+    await app.extensions["taskgate"].worker.stop(grace_s=0.3)
+    cancelled = await task_status(client, auth_headers, task["id"])
+    assert (cancelled["status"], cancelled["finished_at"] is not None) == ("cancelled", True)
+    released = await task_status(client, auth_headers, other["id"])
+    assert (released["status"], released["attempts"]) == ("available", 0)  # not asked: back in line
+
+
+async def test_the_first_failure_after_suspensions_or_a_retry_by_hand_backs_off_as_a_first_failure(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Backoff grows with the failures of a task's life, not with its attempt number: a composed
+    task's suspensions (an SDK kind suspends at every new step) and a retry by hand move the
+    attempt number on without failing. Counted from the attempt number, the first failure of a
+    task at attempt 21 was retried after up to min_backoff * 2^20 s (the queue's max, an hour)
+    instead of min_backoff."""
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/composed",
+        json={"min_backoff_s": 0.5, "max_backoff_s": 3600, "paused": True},
+        headers=auth_headers,
+    )
+    task = await enqueue(
+        client, auth_headers, kind="test.flaky", queue="composed", payload={"fail_times": 99}, max_attempts=3
+    )
+    # as after 20 suspensions (SUSPEND: attempts, max_attempts and the retry base move on together)
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET attempts = 20, max_attempts = 23, attempts_before_retry = 20, durable = true",
+    )
+    await client.post("/api/queues/composed/resume", headers=auth_headers)
+    await eventually(lambda: _status_is(client, auth_headers, task["id"], "retryable"))
+    [row] = await fetch(
+        clean_database,
+        "SELECT EXTRACT(epoch FROM t.run_at - a.finished_at)::float8 AS backoff_s, t.attempts "
+        "FROM tasks t JOIN task_attempts a ON a.task_id = t.id",
+    )
+    assert row["attempts"] == 21
+    assert row["backoff_s"] < 1.5, row  # min_backoff 0.5 s: the first failure of this life
+
+
+async def test_a_durable_task_whose_state_cannot_be_loaded_fails_alone_and_clearly(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """The stored state of the durable tasks of a claim is loaded in one statement after the claim.
+    When it failed (here a wait record that is no time), every task of that claim, durable or not,
+    was left running unstarted until its lease expired, and lost an attempt ('lease expired'),
+    claim after claim while the bad one was claimed with them: plain tasks were discarded without
+    ever running. Now the others run, and the task whose state cannot be loaded fails its attempt
+    saying why."""
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/mixed", json={"paused": True, "min_backoff_s": 60, "max_backoff_s": 60},
+        headers=auth_headers,
+    )  # fmt: skip
+    broken = await enqueue(client, auth_headers, kind="test.nap", queue="mixed", payload={"seconds": 1})
+    plain = [await enqueue(client, auth_headers, kind="noop", queue="mixed", payload={}) for _ in range(3)]
+    await fetch(clean_database, f"UPDATE tasks SET durable = true WHERE id = '{broken['id']}'")
+    await fetch(
+        clean_database,
+        "INSERT INTO task_steps (task_id, name, result, wait) "
+        f"""VALUES ('{broken["id"]}', 'nap', '{{"sleep_until": "not a time"}}', true)""",
+    )
+    await client.post("/api/queues/mixed/resume", headers=auth_headers)
+    for task in plain:
+        done = await (await client.get(f"/api/tasks/{task['id']}?wait=3", headers=auth_headers)).get_json()
+        assert (done["status"], done["attempts"]) == ("completed", 1), done
+    await eventually(lambda: _status_is(client, auth_headers, broken["id"], "retryable"), timeout=3)
+    failed = await task_status(client, auth_headers, broken["id"])
+    assert "stored state could not be loaded" in failed["last_error"], failed["last_error"]

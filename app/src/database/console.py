@@ -218,6 +218,10 @@ _MATCH = f"""
 """
 # a retry picks no task it would refuse (a dependent whose dependency failed)
 _MATCH_RETRY = _MATCH.replace("ORDER BY id", f"AND NOT {RETRY_REFUSED}\n    ORDER BY id")
+# a cancel picks no running task it already asked to stop: such a task stays running, so picked
+# first by id again and again, it filled every chunk and the call never reached the tasks behind
+CANCEL_ASKED = "(status = 'running' AND cancel_requested)"
+_MATCH_CANCEL = _MATCH.replace("ORDER BY id", f"AND NOT {CANCEL_ASKED}\n    ORDER BY id")
 
 BULK_RETRY = f"""
 WITH picked AS ({_MATCH_RETRY}),
@@ -237,7 +241,7 @@ FROM changed GROUP BY client_id
 
 # Cancel as the single cancel does: at once unless running; a running task is asked to stop.
 BULK_CANCEL = f"""
-WITH picked AS ({_MATCH}),
+WITH picked AS ({_MATCH_CANCEL}),
 changed AS (
     UPDATE tasks t
     SET {CANCELLING}
@@ -288,7 +292,7 @@ async def count_matching(
     conn: Executor, where: TaskFilter, *, statuses: Sequence[str], retry: bool = False
 ) -> int:
     """How many tasks a bulk action (a retry, or else a cancel) would touch now (its confirmation)."""
-    refused = f"AND NOT {RETRY_REFUSED}" if retry else ""
+    refused = f"AND NOT {RETRY_REFUSED}" if retry else f"AND NOT {CANCEL_ASKED}"
     rows = await conn.fetch(
         f"SELECT count(*) AS n FROM tasks WHERE {_FILTER} {refused}",
         where.client_id,

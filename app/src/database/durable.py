@@ -41,6 +41,7 @@ class DurableState:
     steps: dict[str, Any] = field(default_factory=dict)
     signals: dict[str, Any] = field(default_factory=dict)
     children: dict[str, dict[str, Any]] = field(default_factory=dict)
+    waits: frozenset[str] = frozenset()  # the names in `steps` that are sleeps' and signal waits' records
 
 
 # One statement for every durable task of a claim. Steps come back as stored, except that a sleep
@@ -64,7 +65,8 @@ SELECT t.id,
                   jsonb_build_object('id', c.id, 'status', c.status, 'result', c.result,
                                      'error', c.last_error)),
                   '{}'::jsonb)
-        FROM tasks c WHERE c.parent_id = t.id) AS children
+        FROM tasks c WHERE c.parent_id = t.id) AS children,
+       ARRAY(SELECT s.name FROM task_steps s WHERE s.task_id = t.id AND s.wait) AS waits
 FROM unnest($1::uuid[]) AS t(id)
 """
 
@@ -74,7 +76,12 @@ async def load_state(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, Dur
         return {}
     rows = await conn.fetch(LOAD_STATE, list(task_ids))
     return {
-        row["id"]: DurableState(steps=row["steps"], signals=row["signals"], children=row["children"])
+        row["id"]: DurableState(
+            steps=row["steps"],
+            signals=row["signals"],
+            children=row["children"],
+            waits=frozenset(row["waits"]),
+        )
         for row in rows
     }
 

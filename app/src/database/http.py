@@ -266,7 +266,7 @@ SET run_at = now() + make_interval(secs => $3 + 2 * LEAST(900,
 FROM due
 WHERE t.id = due.id AND t.status = 'waiting'
 RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.result AS state, t.attempts,
-          t.max_attempts, t.run_at AS lease
+          t.max_attempts, t.run_at AS lease, t.attempts_before_retry AS retry_base
 """
 
 
@@ -282,6 +282,7 @@ class WaitingTask:
     attempts: int
     max_attempts: int
     lease: datetime
+    retry_base: int = 0  # attempts_before_retry: attempts that were no failure (outcomes.after_failure)
 
 
 async def claim_waiting(

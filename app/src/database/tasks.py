@@ -353,7 +353,7 @@ claimed AS (
         debounce_key = NULL  -- started: no longer debounced (tasks_debounce)
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
-              t.run_at, t.started_at, t.durable
+              t.run_at, t.started_at, t.durable, t.attempts_before_retry
 ),
 {notify_events("claimed")}
 SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
@@ -468,12 +468,12 @@ claimed AS (
         lease_expires_at = now() + make_interval(secs => $3), worker_id = $4, debounce_key = NULL
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND EXISTS (SELECT 1 FROM bumped)
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
-              t.run_at, t.started_at, t.durable
+              t.run_at, t.started_at, t.durable, t.attempts_before_retry
 ),
 {notify_events("claimed")}
 SELECT claimed.*, (SELECT n FROM notified) AS _notified, false AS _conflict FROM claimed
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
 WHERE EXISTS (SELECT 1 FROM picked) AND NOT EXISTS (SELECT 1 FROM bumped)
 """
 
@@ -644,7 +644,7 @@ claimed AS (
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.status = 'available'
       AND EXISTS (SELECT 1 FROM turned)
     RETURNING t.id, t.client_id, t.queue_id, t.queue, t.kind, t.payload, t.attempts, t.max_attempts,
-              t.run_at, t.started_at, t.durable, t.concurrency_key
+              t.run_at, t.started_at, t.durable, t.attempts_before_retry, t.concurrency_key
 ),
 logged AS (
     INSERT INTO task_key_starts AS s (queue_id, key, starts, updated_at)
@@ -666,7 +666,7 @@ SELECT claimed.*, (SELECT n FROM notified) AS _notified, (SELECT count(*) FROM l
        false AS _conflict
 FROM claimed
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
 WHERE EXISTS (SELECT 1 FROM picked) AND NOT EXISTS (SELECT 1 FROM turned)
 """
 
@@ -712,6 +712,7 @@ class ClaimedTask:
     run_at: datetime
     started_at: datetime
     durable: bool = False  # it stored steps, signals or children: the worker loads them
+    retry_base: int = 0  # attempts_before_retry: attempts that were no failure (outcomes.after_failure)
 
 
 def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[ClaimedTask]:
@@ -728,6 +729,7 @@ def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[ClaimedTask]:
             r["run_at"],
             r["started_at"],
             r["durable"],
+            r["attempts_before_retry"],
         )
         for r in rows
     ]
@@ -1010,16 +1012,20 @@ async def complete(
 
 
 # Shutdown: tasks this worker could not finish in its grace period go back to available. The
-# attempt did not fail, so it is not counted.
+# attempt did not fail, so it is not counted. One whose cancel was requested while it ran ends
+# cancelled instead, as at any other end of an attempt that did not finish it (ended_status):
+# released, it was claimed and run again.
 RELEASE = f"""
 WITH released AS (
-    UPDATE tasks SET status = 'available', attempts = attempts - 1, started_at = NULL,
-                     lease_expires_at = NULL, worker_id = NULL
-    WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $2
-    RETURNING id, queue_id
+    UPDATE tasks t SET status = {ended_status("'available'")}, attempts = t.attempts - 1,
+                       started_at = NULL, lease_expires_at = NULL, worker_id = NULL,
+                       finished_at = CASE WHEN t.cancel_requested THEN now() END
+    WHERE t.id = ANY($1::uuid[]) AND t.status = 'running' AND t.worker_id = $2
+    RETURNING t.id, t.queue_id, t.status
 ),
-{notify_queues("woken", "SELECT queue_id FROM released")}
-SELECT id, (SELECT n FROM woken) AS _woken FROM released
+{notify_queues("woken", "SELECT queue_id FROM released WHERE status = 'available'")},
+{notify_events("released")}
+SELECT id, (SELECT n FROM woken) + (SELECT n FROM notified) AS _woken FROM released
 """
 
 
@@ -1054,7 +1060,8 @@ async def set_progress(conn: Executor, *, task_id: UUID, attempt: int, progress:
 # statement: otherwise they would block their destinations until their own, longer leases end.
 # (http_host_permits is a few rows per destination host: no index on holder is needed.)
 EXPIRED_LEASES = """
-SELECT t.id, t.attempts, t.max_attempts, t.worker_id, q.min_backoff_s, q.max_backoff_s
+SELECT t.id, t.attempts, t.max_attempts, t.worker_id, q.min_backoff_s, q.max_backoff_s,
+       t.attempts_before_retry
 FROM tasks t JOIN queues q ON q.id = t.queue_id
 WHERE t.status = 'running' AND t.lease_expires_at < now()
 ORDER BY t.lease_expires_at
@@ -1109,6 +1116,7 @@ class ExpiredLease:
     worker_id: UUID | None
     min_backoff_s: float
     max_backoff_s: float
+    retry_base: int = 0  # attempts_before_retry (outcomes.after_failure)
 
 
 class RescueDecision(Protocol):
@@ -1128,7 +1136,8 @@ async def rescue_expired(
         if not rows:
             return []
         leases = [ExpiredLease(r["id"], r["attempts"], r["max_attempts"], r["worker_id"],
-                               r["min_backoff_s"], r["max_backoff_s"]) for r in rows]  # fmt: skip
+                               r["min_backoff_s"], r["max_backoff_s"], r["attempts_before_retry"])
+                  for r in rows]  # fmt: skip
         decisions = [decide(lease) for lease in leases]
         return list(
             await conn.fetch(

@@ -124,12 +124,14 @@ class HeldTask:
     started_at: datetime | None
     worker_id: UUID | None
     remote_holder: bool = False  # held by a remote worker of this client (not an in-process one)
+    retry_base: int = 0  # attempts_before_retry: attempts that were no failure (outcomes.after_failure)
 
 
 # A remote worker's row is written by its first claim in each process (before it claims), so a
 # task one of them holds finds it (primary key of workers); in-process workers' rows have no client.
 HELD_TASKS = """
 SELECT t.id, t.queue_id, t.kind, t.status, t.attempts, t.max_attempts, t.started_at, t.worker_id,
+       t.attempts_before_retry,
        EXISTS (SELECT 1 FROM workers w WHERE w.id = t.worker_id AND w.remote AND w.client_id = $2)
            AS remote_holder
 FROM tasks t
@@ -151,6 +153,7 @@ async def held_tasks(conn: Executor, *, client_id: UUID, task_ids: list[UUID]) -
             started_at=r["started_at"],
             worker_id=r["worker_id"],
             remote_holder=r["remote_holder"],
+            retry_base=r["attempts_before_retry"],
         )
         for r in rows
     }

@@ -117,3 +117,34 @@ async def test_bulk_retry_passes_over_dependents_it_must_refuse(
     assert [rows[o] for o in others] == ["available"] * 5
     confirm = await client.post("/api/tasks/bulk/retry", json=filter_, headers=auth_headers)
     assert (await confirm.get_json())["count"] == 0  # nothing more it could retry
+
+
+async def test_bulk_cancel_goes_past_running_tasks_it_already_asked_to_stop(
+    app: Quart, auth_headers: dict[str, str], clean_database: str, monkeypatch: object
+) -> None:
+    """A running task stays `running` when asked to stop: picked first again by id in every chunk,
+    such tasks once filled each chunk, so a call went round them up to its bound, counted each
+    time, and never reached the queued tasks behind them."""
+    from app.src.api import bulk
+
+    monkeypatch.setattr(bulk, "CHUNK", 2)  # type: ignore[attr-defined]
+    client = app.test_client()
+    await batch(client, auth_headers, [{"kind": "noop", "queue": "q1", "delay_s": 60}] * 5)
+    # the two oldest are running (a worker holds them): a cancel only asks them to stop
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET status = 'running', attempts = 1, started_at = now(), "
+        "lease_expires_at = now() + interval '1 hour', worker_id = gen_random_uuid() "
+        "WHERE id IN (SELECT id FROM tasks ORDER BY id LIMIT 2)",
+    )
+    response = await client.post(
+        "/api/tasks/bulk/cancel", json={"filter": {"queue": "q1"}}, headers=auth_headers
+    )
+    assert response.status_code == 200
+    assert await response.get_json() == {"count": 5}
+    assert await count(clean_database, "status = 'cancelled'") == 3
+    assert await count(clean_database, "status = 'running' AND cancel_requested") == 2
+    again = await client.post(
+        "/api/tasks/bulk/cancel", json={"filter": {"queue": "q1"}}, headers=auth_headers
+    )
+    assert await again.get_json() == {"count": 0}  # nothing more to cancel or ask

@@ -14,6 +14,7 @@ report their status and result.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,7 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from app.src.api.engine import submit
 from app.src.api.errors import AppError, TooManyRequests
-from app.src.api.models.tasks import SignalName
+from app.src.api.models.tasks import MAX_DELAY_S, SignalName
 from app.src.api.state_machine import Status, transition
 from app.src.database import durable as store
 from app.src.database import tasks as task_store
@@ -93,6 +94,27 @@ def check_name(what: str, name: str) -> str:
     return name
 
 
+def check_wait(wait: Wait | None) -> None:
+    """A sleep's length and a signal wait's timeout: at most MAX_DELAY_S (366 days), as a delay
+    asked over HTTP is. Past what the database's time range holds (or not a number) the
+    suspension's statement would fail, again at every run of the task."""
+    if wait is None or wait.seconds is None or wait.type == "children":
+        return
+    if not math.isfinite(wait.seconds) or wait.seconds > MAX_DELAY_S:
+        what = "sleep" if wait.type == "sleep" else "signal wait's timeout"
+        raise CompositionError(
+            f"the {what} {str(wait.name)[:MAX_NAME]!r} is {wait.seconds} s; it may be at most "
+            f"{MAX_DELAY_S} s (366 days)"
+        )
+
+
+def step_named_like_a_wait(name: str) -> str:
+    return (
+        f"the step {name[:MAX_NAME]!r} has the name of a sleep or signal wait of this task: "
+        "each needs a name of its own"
+    )
+
+
 def check_step_result(name: str, value: Any) -> Any:
     """A step's result as stored: JSON of at most 1 MiB (a permanent error otherwise)."""
     check_name("step name", name)
@@ -120,6 +142,7 @@ async def suspend(
     retried), having written nothing."""
     for name, value in suspension.steps.items():
         check_step_result(name, value)
+    check_wait(suspension.wait)
     children = await _prepare_children(engine, client_id, suspension.spawn)
     created: list[Any] = []
     async with engine.db.driver() as conn, conn.transaction():

@@ -61,13 +61,20 @@ def after_failure(
     queue: Backoff,
     retry_after_s: float | None = None,
     permanent: bool = False,
+    retry_base: int = 0,
     rng: random.Random | None = None,
 ) -> AfterFailure:
-    """A failed attempt: retried after a backoff, or discarded when permanent or the last one."""
+    """A failed attempt: retried after a backoff, or discarded when permanent or the last one.
+
+    `retry_base` is the task's attempts_before_retry: the attempts that were no failure of its
+    present life (those before a retry by hand, and its suspensions, which move the attempt number
+    and max_attempts on together). The backoff grows with the failures after it, not with the
+    attempt number: a composed task suspended at each of twenty steps fails for the first time at
+    attempt 21, and is retried after min_backoff_s as any first failure is."""
     if permanent or attempt >= max_attempts:
         return AfterFailure(Status.DISCARDED, None)
     delay = backoff_seconds(
-        attempt=attempt,
+        attempt=attempt - retry_base,
         min_backoff_s=queue.min_backoff_s,
         max_backoff_s=queue.max_backoff_s,
         retry_after_s=retry_after_s,
@@ -101,7 +108,9 @@ def backoff_seconds(
 
 def decide_rescue(lease: task_store.ExpiredLease) -> tuple[Status, float | None]:
     """An expired lease is a failed attempt like any other (the worker cannot say why)."""
-    decided = after_failure(attempt=lease.attempt, max_attempts=lease.max_attempts, queue=lease)
+    decided = after_failure(
+        attempt=lease.attempt, max_attempts=lease.max_attempts, queue=lease, retry_base=lease.retry_base
+    )
     return decided.status, decided.retry_in_s
 
 

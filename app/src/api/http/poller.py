@@ -196,6 +196,7 @@ async def _conclude(
             max_attempts=task.max_attempts,
             queue=queue,
             retry_after_s=verdict.retry_after_s,
+            retry_base=task.retry_base,
         )
         await _finish(
             db,

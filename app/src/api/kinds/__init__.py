@@ -24,6 +24,7 @@ from app.src.api.engine.durable import (
     Suspension,
     Wait,
     check_step_result,
+    step_named_like_a_wait,
 )
 from app.src.api.engine.submit import submit_in_transaction
 from app.src.api.engine.task_engine import SubmitRules, TaskEngine
@@ -191,6 +192,8 @@ class TaskContext:
         stored before this returns, so it never runs again, even if the worker dies right after.
         """
         steps = self._state.steps
+        if name in self._state.waits:  # its record is not this step's result
+            raise PermanentError(step_named_like_a_wait(name))
         if name in steps:
             return steps[name]
         value = fn(*args)

@@ -452,6 +452,7 @@ def _completion(
             queue=queue,
             retry_after_s=retry_after_s,
             permanent=permanent,
+            retry_base=task.retry_base,
         )
         return _finished(task, item, decided.status, Outcome.FAILED, started_at, now,
                          error=message, retry_in_s=decided.retry_in_s, traceback=trace)  # fmt: skip
