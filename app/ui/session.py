@@ -38,19 +38,30 @@ _KEY = "taskgate.ui.key"
 
 
 def install(app: App) -> None:
-    """Derive the cookie-signing key once: from the first SECRET_KEYS entry, or per process."""
+    """Derive the cookie-signing keys once, one per SECRET_KEYS entry (or one per process without
+    any): the first signs, every one verifies, so rotating SECRET_KEYS (a new key first, the old
+    one kept) logs no operator out."""
     settings = app.config["TASKGATE_SETTINGS"]
-    material = settings.SECRET_KEYS[0].encode() if settings.SECRET_KEYS else os.urandom(32)
-    app.extensions[_KEY] = hmac.new(material, b"taskgate console cookies v1", hashlib.sha256).digest()
+    materials = [key.encode() for key in settings.SECRET_KEYS] or [os.urandom(32)]
+    app.extensions[_KEY] = [
+        hmac.new(material, b"taskgate console cookies v1", hashlib.sha256).digest() for material in materials
+    ]
 
 
-def _key() -> bytes:
-    key: bytes = current_app.extensions[_KEY]
-    return key
+def _keys() -> list[bytes]:
+    keys: list[bytes] = current_app.extensions[_KEY]
+    return keys
 
 
-def _mac(*parts: str) -> str:
-    return hmac.new(_key(), "|".join(parts).encode(), hashlib.sha256).hexdigest()
+def _mac(*parts: str, key: bytes | None = None) -> str:
+    return hmac.new(key or _keys()[0], "|".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _signed(signature: str, *parts: str) -> bool:
+    """`signature` is the MAC of `parts` under any of the keys (bytes compared in constant time:
+    compare_digest raises TypeError for a str with non-ASCII characters, and a cookie or a form
+    field can hold any)."""
+    return any(same(signature, _mac(*parts, key=key)) for key in _keys())
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +90,7 @@ def unpack(value: str | None, *, now: float | None = None) -> tuple[BrowserSessi
     if len(parts) != 4:
         return None, None
     token, expires, seen, signature = parts
-    # bytes, not str: compare_digest raises TypeError for a str with non-ASCII characters, and a
-    # cookie or a form field can hold any
-    if not same(signature, _mac("session", token, expires, seen)):
+    if not _signed(signature, "session", token, expires, seen):
         return None, None
     moment = time.time() if now is None else now
     try:
@@ -121,12 +130,16 @@ def pre_login_nonce() -> str:
     return str(nonce)
 
 
-def csrf_token() -> str:
-    """The token this page's forms must send back."""
+def _csrf_parts() -> tuple[str, str]:
     session: BrowserSession | None = getattr(g, "ui_session", None)
     if session is not None:
-        return _mac("csrf", hashlib.sha256(session.token.encode()).hexdigest())
-    return _mac("csrf-login", pre_login_nonce())
+        return "csrf", hashlib.sha256(session.token.encode()).hexdigest()
+    return "csrf-login", pre_login_nonce()
+
+
+def csrf_token() -> str:
+    """The token this page's forms must send back."""
+    return _mac(*_csrf_parts())
 
 
 async def check_csrf() -> bool:
@@ -137,4 +150,4 @@ async def check_csrf() -> bool:
     if not sent:
         form = await request.form
         sent = form.get(CSRF_FIELD)
-    return bool(sent) and same(str(sent), csrf_token())
+    return bool(sent) and _signed(str(sent), *_csrf_parts())

@@ -513,3 +513,25 @@ async def test_the_task_pages_event_stream_ends_with_its_session(
         body = await (await asyncio.wait_for(stream, timeout=10)).get_data(as_text=True)
         assert '"status": "scheduled"' in body
         assert "cancelled" not in body
+
+
+async def test_rotating_secret_keys_keeps_console_sessions_and_their_csrf_tokens(
+    serving: Any, db: Database, operator: NewOperator, secret_keys: list[str]
+) -> None:
+    """SECRET_KEYS rotate as documented (a new key first, the old one kept to decrypt): the
+    cookies were signed with a key from the first entry only, so a rotation logged every operator
+    out and refused every form open in a browser. The first key signs; every key verifies."""
+    from cryptography.fernet import Fernet
+
+    before = await logged_in(await serving(), db, operator)
+    token = await before.csrf("/ui/")
+    rotated = Browser(await serving(SECRET_KEYS=[Fernet.generate_key().decode(), *secret_keys]))
+    rotated.cookies = dict(before.cookies)
+    assert (await rotated.get("/ui/")).status_code == 200
+    dropped = Browser(await serving(SECRET_KEYS=[Fernet.generate_key().decode()]))
+    dropped.cookies = dict(before.cookies)
+    assert (await dropped.get("/ui/")).status_code == 303  # the old key is gone: so is its session
+    # a form rendered before the rotation still goes through after it
+    assert (await rotated.post("/ui/logout", {"csrf_token": token})).status_code == 303
+    rotated.cookies = dict(before.cookies)
+    assert (await rotated.get("/ui/")).status_code == 303  # logged out
