@@ -296,6 +296,29 @@ async def test_in_process_workers_are_listed_too(serving: Any, auth_headers: dic
     assert "noop" in worker["kinds"]
 
 
+async def test_an_in_process_worker_shows_each_tenant_only_its_own_running_tasks(
+    serving: Any, auth_headers: dict[str, str], other_client_headers: dict[str, str]
+) -> None:
+    # in-process workers serve every tenant: what one tenant runs on them is not another's business
+    app = await serving(ROLES=["api", "worker"])
+    client = app.test_client()
+    tasks = [await enqueue(client, auth_headers, kind="sleep", payload={"seconds": 30}) for _ in range(2)]
+
+    async def running(headers: dict[str, str]) -> int | None:
+        items = (await (await client.get("/api/workers", headers=headers)).get_json())["items"]
+        in_process = [w["running"] for w in items if w["remote"] is False]
+        return in_process[0] if in_process else None
+
+    assert await eventually(lambda: _is(running(auth_headers), 2), timeout=20)
+    assert await running(other_client_headers) == 0
+    for task in tasks:  # the runtime stops without waiting for them
+        await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)
+
+
+async def _is(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
+
+
 async def test_a_schedule_can_name_a_remote_kind_of_its_own_client(
     client: Client, auth_headers: dict[str, str], other_client_headers: dict[str, str]
 ) -> None:

@@ -11,6 +11,7 @@ from app.src.api.engine.submit import UnknownClient
 from app.src.api.kinds import REGISTRY, load_kinds
 from app.src.api.kinds.builtin import NoopPayload
 from app.src.api.state_machine import Status
+from app.src.database import http as http_store
 from app.src.database import tasks as store
 from app.src.database.tasks import Completion
 from tests.conftest import make_client
@@ -311,3 +312,30 @@ async def test_a_lost_attempt_after_suspensions_backs_off_as_a_first_failure(db:
         )
     assert rescued["status"] == "retryable"
     assert backoff < 1.0  # min_backoff 0.5 s: the first failure of this life
+
+
+async def test_rescuing_one_lease_frees_only_that_tasks_host_permits(db: Database) -> None:
+    # one worker, two http requests to one host, each holding a permit; only the first task's
+    # lease expired: the rescue frees its permit, not the one of the request whose lease is valid
+    first, second = await make_task(db), await make_task(db)
+    worker = uuid.uuid4()
+    async with db.driver() as conn:
+        claimed = await store.claim_available(conn, limit=2, lease_s=30, worker_id=worker, queues=None)
+        assert {c.id for c in claimed} == {first, second}
+        slots = {}
+        for task_id in (first, second):
+            admission = await http_store.acquire_permit(
+                conn, host="rescued.example:443", process_id=worker, task_id=task_id, limit=2,
+                circuit_failures=5, lease_s=60,
+            )  # fmt: skip
+            assert admission.slot is not None
+            slots[task_id] = admission.slot
+        await conn.execute(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", first
+        )
+        rescued = await rescue_expired_leases(conn)
+        assert [r["id"] for r in rescued] == [first]
+        held = await conn.fetch(
+            "SELECT slot FROM http_host_permits WHERE host = 'rescued.example:443' AND expires_at > now()"
+        )
+    assert [r["slot"] for r in held] == [slots[second]]

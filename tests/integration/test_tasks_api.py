@@ -8,7 +8,7 @@ import pytest
 from quart.typing import TestClientProtocol as Client
 
 from tests.conftest import driver_uri
-from tests.task_harness import enqueue, fetch
+from tests.task_harness import enqueue, eventually, fetch
 
 PROBLEM = "application/problem+json"
 
@@ -168,6 +168,45 @@ async def test_quota_answers_429_with_retry_after(serving: Any, auth_headers: di
     assert over.status_code == 429
     assert int(over.headers["Retry-After"]) >= 1
     assert over.mimetype == PROBLEM
+
+
+async def test_retrying_by_hand_is_held_to_the_quota_too(serving: Any, auth_headers: dict[str, str]) -> None:
+    # a retry makes a finished task unfinished again: like an enqueue, it must fit the quota
+    client = (await serving(CLIENT_MAX_QUEUED_TASKS=3)).test_client()
+    first = await client.post(
+        "/api/tasks/batch", json={"tasks": [{"kind": "noop", "run_at": "2099-01-01T00:00:00Z"}] * 3},
+        headers=auth_headers,
+    )  # fmt: skip
+    cancelled = [task["id"] for task in (await first.get_json())["items"]]
+    bulk = {"filter": {"kind": "noop"}}
+    assert (
+        await (await client.post("/api/tasks/bulk/cancel", json=bulk, headers=auth_headers)).get_json()
+    ) == {"count": 3}
+    later = {"kind": "noop", "run_at": "2099-01-01T00:00:00Z"}
+
+    async def enqueued() -> bool:  # once the quota's cached count (2 s) sees the cancels
+        return (await client.post("/api/tasks", json=later, headers=auth_headers)).status_code == 201
+
+    await eventually(enqueued, timeout=10, interval=0.2)
+    # one unfinished task, quota 3: two of the three cancelled ones fit
+    retried = await client.post("/api/tasks/bulk/retry", json=bulk, headers=auth_headers)
+    assert retried.status_code == 200
+    assert (await retried.get_json()) == {"count": 2}
+    statuses = [
+        (await (await client.get(f"/api/tasks/{task_id}", headers=auth_headers)).get_json())["status"]
+        for task_id in cancelled
+    ]
+    [still] = [task_id for task_id, status in zip(cancelled, statuses, strict=True) if status == "cancelled"]
+    for over in (
+        await client.post("/api/tasks/bulk/retry", json=bulk, headers=auth_headers),
+        await client.post(f"/api/tasks/{still}/retry", headers=auth_headers),
+    ):
+        assert over.status_code == 429
+        assert over.mimetype == PROBLEM
+        assert int(over.headers["Retry-After"]) >= 1
+    assert (await (await client.get(f"/api/tasks/{still}", headers=auth_headers)).get_json())[
+        "status"
+    ] == "cancelled"
 
 
 async def test_get_list_and_paginate(client: Client, auth_headers: dict[str, str]) -> None:

@@ -13,7 +13,7 @@ from standardwebhooks import Webhook
 from app.src.api.http.client import HttpResponse
 from app.src.api.http.delivery import classify, judge_status, request_body, retry_after_s
 from app.src.api.http.signing import sign_delivery
-from app.src.api.models.http import ALLOWED_NETWORKS_CONTEXT, AddressPolicy, HttpPayload
+from app.src.api.models.http import ALLOWED_NETWORKS_CONTEXT, AddressPolicy, HttpPayload, destination
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -158,3 +158,18 @@ def test_json_is_sent_compact_with_its_content_type() -> None:
     payload = HttpPayload.model_validate({"url": "https://example.com/", "json": {"a": [1, 2]}})
     assert request_body(payload) == (b'{"a":[1,2]}', "application/json")
     assert request_body(HttpPayload.model_validate({"url": "https://example.com/"})) == (None, None)
+
+
+def test_one_host_written_differently_is_one_destination() -> None:
+    # one host key per destination: otherwise its limit, circuit and metrics split between spellings
+    # (a tenant could double its concurrency against one target by writing it twice)
+    spellings = [
+        "https://example.com/a",
+        "https://EXAMPLE.com/a",
+        "https://example.com:443/a",
+        "https://example.com./a",
+        "https://Example.COM.:443/a",
+    ]
+    assert {destination(url) for url in spellings} == {"example.com:443"}
+    assert destination("http://example.com.:80/") == destination("http://example.com") == "example.com:80"
+    assert destination("https://example.com:8443/") == "example.com:8443"

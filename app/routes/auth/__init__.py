@@ -211,7 +211,10 @@ async def list_signing_secrets(client_id: UUID) -> SigningSecretList:
 @requires_scopes("clients:admin")
 @validate_response(SigningSecretList, 201)
 async def add_signing_secret(client_id: UUID) -> tuple[SigningSecretList, int]:
-    """Rotate: add a signing secret; older ones keep signing until deleted."""
+    """Rotate: add a signing secret; older ones keep signing until deleted.
+
+    A client has at most 3 active signing secrets (each one signs every delivery): adding a fourth
+    answers 409 (`urn:taskgate:problem:too-many-signing-secrets`); delete an old one first."""
     items = await clients.add_signing_secret(db(), principal=current_principal(), client_id=client_id)
     return _secrets(items), 201
 

@@ -225,7 +225,9 @@ async def cancel_task(task_id: UUID) -> TaskOut:
 @validate_response(TaskOut)
 async def retry_task(task_id: UUID) -> TaskOut:
     """Run a discarded or cancelled task again, from attempt one."""
-    return TaskOut.from_domain(await tasks.retry(engine(), client_id=client_id(), task_id=task_id))
+    return TaskOut.from_domain(
+        await tasks.retry(engine(), client_id=client_id(), task_id=task_id, submitter=submitter())
+    )
 
 
 def _bulk_filter(data: BulkIn) -> bulk.TaskFilter:
@@ -246,10 +248,11 @@ def _bulk_filter(data: BulkIn) -> bulk.TaskFilter:
 async def bulk_retry(data: BulkIn) -> BulkOut:
     """Run this client's discarded or cancelled tasks that match the filter again, from attempt one.
 
-    Chunked (one short statement per 1,000 tasks) and bounded (100,000 per call: call again for
-    the rest); `count` says how many.
+    Chunked (one short statement per 1,000 tasks) and bounded (100,000 per call, and what the
+    client's quota of unfinished tasks has room for: 429 when none; call again for the rest);
+    `count` says how many.
     """
-    return BulkOut(count=await bulk.retry(engine(), where=_bulk_filter(data)))
+    return BulkOut(count=await bulk.retry(engine(), where=_bulk_filter(data), submitter=submitter()))
 
 
 @blueprint.post("/bulk/cancel")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from app.src.api.engine.submit import Submitter, check_quota
 from app.src.api.state_machine import Status, sources
 from app.src.database import console as store
 from app.src.database.console import TaskFilter
@@ -37,19 +38,36 @@ async def count(db: Database, *, where: TaskFilter, action: str) -> int:
         return await store.count_matching(conn, where, statuses=statuses, retry=action == "retry")
 
 
-async def retry(engine: TaskEngine, *, where: TaskFilter, limit: int = MAX_PER_CALL) -> int:
-    """Discarded or cancelled tasks matching `where` run again from attempt one; returns how many."""
+async def retry(
+    engine: TaskEngine, *, where: TaskFilter, limit: int = MAX_PER_CALL, submitter: Submitter | None = None
+) -> int:
+    """Discarded or cancelled tasks matching `where` run again from attempt one; returns how many.
+
+    A tenant's own call (`submitter`, whose client `where` names) retries at most what its quota of
+    unfinished tasks has room for (429 when it has none), as an enqueue would; an operator's (None)
+    is not held to it."""
+    reserved = 0
+    if submitter is not None:
+        unfinished = await engine.quotas.unfinished(submitter.client_id)
+        check_quota(engine.rules, submitter, unfinished=unfinished, adding=1)
+        room = (submitter.max_queued_tasks or engine.rules.default_max_queued_tasks) - unfinished
+        limit = reserved = min(limit, room)
+        engine.quotas.reserve(submitter.client_id, reserved)  # concurrent enqueues see it taken
     total = 0
-    while total < limit:
-        chunk = min(CHUNK, limit - total)
-        async with engine.db.driver() as conn, conn.transaction():
-            per_tenant = await store.bulk_retry_chunk(conn, where, from_statuses=RETRY_FROM, chunk=chunk)
-        for client_id, n in per_tenant.items():
-            engine.quotas.added(client_id, n)
-        done = sum(per_tenant.values())
-        total += done
-        if done < chunk:
-            break
+    try:
+        while total < limit:
+            chunk = min(CHUNK, limit - total)
+            async with engine.db.driver() as conn, conn.transaction():
+                per_tenant = await store.bulk_retry_chunk(conn, where, from_statuses=RETRY_FROM, chunk=chunk)
+            for client_id, n in per_tenant.items():
+                engine.quotas.added(client_id, n)
+            done = sum(per_tenant.values())
+            total += done
+            if done < chunk:
+                break
+    finally:
+        if submitter is not None:
+            engine.quotas.release(submitter.client_id, reserved)
     log.info("tasks.bulk.retry", count=total, client_id=str(where.client_id) if where.client_id else None)
     return total
 

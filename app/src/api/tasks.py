@@ -14,6 +14,7 @@ from uuid import UUID
 from pydantic import TypeAdapter, ValidationError
 
 from app.database import Database
+from app.src.api.engine.submit import Submitter, check_quota
 from app.src.api.engine.task_engine import TaskEngine
 from app.src.api.errors import Conflict, NotFound, Unprocessable
 from app.src.api.models.tasks import Attempt, SignalName, Task
@@ -208,14 +209,26 @@ async def cancel(db: Database, *, client_id: UUID, task_id: UUID) -> Task:
 RETRYABLE_BY_CLIENT = [s for s in sources(Status.AVAILABLE) if s in (Status.DISCARDED, Status.CANCELLED)]
 
 
-async def retry(engine: TaskEngine, *, client_id: UUID, task_id: UUID) -> Task:
-    """A discarded or cancelled task runs again from attempt one (and counts against the quota)."""
-    async with engine.db.driver() as conn:
-        task = await task_store.retry(
-            conn, client_id=client_id, task_id=task_id, from_statuses=RETRYABLE_BY_CLIENT
-        )
+async def retry(
+    engine: TaskEngine, *, client_id: UUID, task_id: UUID, submitter: Submitter | None = None
+) -> Task:
+    """A discarded or cancelled task runs again from attempt one and counts against the quota: a
+    tenant's own retry (`submitter`) must fit in it, as an enqueue must (429 otherwise); an
+    operator's (None) is not held to it."""
+    if submitter is not None:
+        check_quota(engine.rules, submitter, unfinished=await engine.quotas.unfinished(client_id), adding=1)
+        engine.quotas.reserve(client_id, 1)
+    try:
+        async with engine.db.driver() as conn:
+            task = await task_store.retry(
+                conn, client_id=client_id, task_id=task_id, from_statuses=RETRYABLE_BY_CLIENT
+            )
+        if task is not None:
+            engine.quotas.added(client_id, 1)
+    finally:
+        if submitter is not None:
+            engine.quotas.release(client_id, 1)
     if task is not None:
-        engine.quotas.added(client_id, 1)
         return task
     current = await get(engine.db, client_id=client_id, task_id=task_id)
     if current.status in RETRYABLE_BY_CLIENT:

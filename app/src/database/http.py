@@ -23,8 +23,9 @@ _DACITE = dacite.Config(check_types=False)
 
 # --- host permits and circuit ----------------------------------------------------------------------
 
-# Take one free permit slot of `host` (1..limit) for holder $2 (a process), unless the host's
-# circuit is tripped and task $6 is not its probe. Index: the primary key (host, slot); the slot
+# Take one free permit slot of `host` (1..limit) for holder $2 (a process) and task $6 (whose
+# request it is for: rescuing that task's lease frees it), unless the host's circuit is tripped
+# and task $6 is not its probe. Index: the primary key (host, slot); the slot
 # rows of one host are few.
 # A slot is free when it has no row or its lease expired (a crashed holder); the upsert re-checks
 # that on the latest row version, so two processes racing for one slot cannot both win (the loser
@@ -53,9 +54,10 @@ free AS (
     LIMIT 1
 ),
 taken AS (
-    INSERT INTO http_host_permits AS p (host, slot, holder, expires_at)
-    SELECT $1, slot, $2, now() + make_interval(secs => $5) FROM free
-    ON CONFLICT (host, slot) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+    INSERT INTO http_host_permits AS p (host, slot, holder, task_id, expires_at)
+    SELECT $1, slot, $2, $6, now() + make_interval(secs => $5) FROM free
+    ON CONFLICT (host, slot) DO UPDATE
+    SET holder = EXCLUDED.holder, task_id = EXCLUDED.task_id, expires_at = EXCLUDED.expires_at
     WHERE p.expires_at <= now()
     RETURNING slot
 )
@@ -126,7 +128,7 @@ WINDOW = """window_requests = CASE WHEN h.window_started_at < now() - interval '
 DECREASE = "$8 AND (h.decreased_at IS NULL OR h.decreased_at < now() - interval '1 s')"
 RELEASE_PERMIT = f"""
 WITH released AS (
-    UPDATE http_host_permits SET holder = NULL, expires_at = now()
+    UPDATE http_host_permits SET holder = NULL, task_id = NULL, expires_at = now()
     WHERE host = $1 AND slot = $2 AND holder = $3
     RETURNING slot
 ),

@@ -1055,10 +1055,13 @@ async def set_progress(conn: Executor, *, task_id: UUID, attempt: int, progress:
 # guarded UPDATE writes them. The guard re-checks status, lease, attempt and worker on the locked
 # row, so a task that completed between the pick and the update is left alone (River #1302). The
 # lost attempt is recorded.
-# The worker is gone as far as the database knows (every lease it holds is renewed together), so
-# the host permits it holds (the `http` kind's, holder = worker id) are freed in the same
-# statement: otherwise they would block their destinations until their own, longer leases end.
-# (http_host_permits is a few rows per destination host: no index on holder is needed.)
+# The host permits the rescued attempts hold (the `http` kind's: holder = worker id, task_id = the
+# task) are freed in the same statement: otherwise they would block their destinations until their
+# own, longer leases end. Only those: the worker's other requests may hold valid leases (one claimed
+# after its last successful heartbeat), and freeing their permits would let a host's limit be
+# exceeded. A slot handed off between two requests of one process keeps the task that took it
+# from the database; it is freed with that one's rescue, or else ends with its own lease.
+# (http_host_permits is a few rows per destination host: no index is needed.)
 EXPIRED_LEASES = """
 SELECT t.id, t.attempts, t.max_attempts, t.worker_id, q.min_backoff_s, q.max_backoff_s,
        t.attempts_before_retry
@@ -1096,9 +1099,9 @@ recorded AS (
     FROM rescued
 ),
 permits_freed AS (
-    UPDATE http_host_permits SET holder = NULL, expires_at = now()
-    WHERE holder IN (SELECT i.worker FROM input i JOIN rescued r ON r.id = i.id)
-      AND expires_at > now()
+    UPDATE http_host_permits p SET holder = NULL, task_id = NULL, expires_at = now()
+    FROM input i JOIN rescued r ON r.id = i.id
+    WHERE p.holder = i.worker AND p.task_id = r.id AND p.expires_at > now()
     RETURNING host
 ),
 {notify_events("rescued")}

@@ -208,18 +208,30 @@ async def seen(
 
 SEEN_WINDOW_S = 600.0
 
+# An in-process worker serves every client: its recorded `running` counts them all, so a client is
+# shown only its own tasks that worker runs now (index tasks_leased: the running tasks are its
+# rows, as many as the workers' concurrency). A remote worker is the client's own: its record.
+LIST_WORKERS = """
+SELECT w.id, w.name, w.version, w.remote, w.kinds, w.queues,
+       CASE WHEN w.client_id IS NULL THEN COALESCE(mine.n, 0) ELSE w.running END AS running,
+       w.last_seen_at
+FROM workers w
+LEFT JOIN (
+    SELECT worker_id, count(*)::int AS n FROM tasks
+    WHERE lease_expires_at IS NOT NULL AND status = 'running' AND client_id = $1
+    GROUP BY worker_id
+) mine ON mine.worker_id = w.id
+WHERE w.last_seen_at > now() - make_interval(secs => $2) AND (w.client_id = $1 OR w.client_id IS NULL)
+ORDER BY w.last_seen_at DESC
+LIMIT 1000
+"""
+
 
 async def list_workers(
     conn: Executor, *, client_id: UUID, within_s: float = SEEN_WINDOW_S
 ) -> list[WorkerRow]:
     """This client's remote workers and the in-process ones (which serve every client), seen lately."""
-    rows = await conn.fetch(
-        "SELECT id, name, version, remote, kinds, queues, running, last_seen_at FROM workers "
-        "WHERE last_seen_at > now() - make_interval(secs => $2) AND (client_id = $1 OR client_id IS NULL) "
-        "ORDER BY last_seen_at DESC LIMIT 1000",
-        client_id,
-        within_s,
-    )
+    rows = await conn.fetch(LIST_WORKERS, client_id, within_s)
     return [WorkerRow(*(r[name] for name in WorkerRow.__dataclass_fields__)) for r in rows]
 
 

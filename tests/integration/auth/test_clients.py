@@ -11,7 +11,7 @@ from standardwebhooks.webhooks import Webhook
 
 from app.database import Database
 from app.src.api.auth import active_signing_secrets
-from app.src.api.models.auth import IssuedKey, NewOperator
+from app.src.api.models.auth import MAX_SIGNING_SECRETS, IssuedKey, NewOperator
 from app.src.utils import sse
 from tests.conftest import bearer, make_client
 from tests.integration.auth.login_steps import PROBLEM
@@ -205,6 +205,28 @@ async def test_signing_secrets_rotate_newest_first_and_are_encrypted_at_rest(
     assert await active_signing_secrets(db, client_id=api_client.client_id) == [newest["secret"]]
     last = await client.delete(f"{url}/{newest['id']}", headers=auth_headers)
     assert last.status_code == 409
+
+
+async def test_signing_secrets_are_bounded_per_client_and_rotation_still_works(
+    client: Client, api_client: IssuedKey, auth_headers: dict[str, str], db: Database
+) -> None:
+    # every delivery carries one signature per active secret: their number is bounded, so the
+    # webhook-signature header is too
+    url = f"/api/auth/clients/{api_client.client_id}/signing-secrets"
+    for _ in range(MAX_SIGNING_SECRETS - 1):
+        assert (await client.post(url, headers=auth_headers)).status_code == 201
+    refused = await client.post(url, headers=auth_headers)
+    assert refused.status_code == 409
+    assert refused.mimetype == PROBLEM
+    problem = await refused.get_json()
+    assert problem["type"] == "urn:taskgate:problem:too-many-signing-secrets"
+    assert str(MAX_SIGNING_SECRETS) in problem["detail"]
+    items = (await (await client.get(url, headers=auth_headers)).get_json())["items"]
+    assert len(items) == MAX_SIGNING_SECRETS
+    assert len(await active_signing_secrets(db, client_id=api_client.client_id)) == MAX_SIGNING_SECRETS
+    # rotation goes on: delete the oldest, then a new one is accepted beside the others
+    assert (await client.delete(f"{url}/{items[-1]['id']}", headers=auth_headers)).status_code == 200
+    assert (await client.post(url, headers=auth_headers)).status_code == 201
 
 
 async def test_an_operator_tenant_has_signing_secrets_too(

@@ -14,9 +14,10 @@ import structlog
 
 from app.database import Database
 from app.src.api.auth.access import keyring, transaction
-from app.src.api.errors import Conflict, Forbidden, NotFound, Unprocessable
+from app.src.api.errors import Conflict, Forbidden, NotFound, Unprocessable, problem_type
 from app.src.api.models.auth import (
     MAX_QUEUED_TASKS_LIMIT,
+    MAX_SIGNING_SECRETS,
     SCOPES,
     ApiClient,
     ApiKeyRecord,
@@ -131,11 +132,19 @@ async def list_signing_secrets(db: Database, *, principal: Principal, client_id:
 
 
 async def add_signing_secret(db: Database, *, principal: Principal, client_id: UUID) -> list[SigningSecret]:
-    """Rotation, step one: a new secret signs alongside the old ones until those are deleted."""
+    """Rotation, step one: a new secret signs alongside the old ones until those are deleted.
+    At most MAX_SIGNING_SECRETS are active (each signs every delivery): 409 beyond them."""
     ring = keyring(db)
     async with transaction(db) as conn:
         await _tenant(conn, principal, client_id)
-        await store.lock_tenant_secrets(conn, client_id)
+        await store.lock_tenant_secrets(conn, client_id)  # the count below holds until commit
+        if len(await store.active_signing_secrets(conn, client_id=client_id)) >= MAX_SIGNING_SECRETS:
+            raise Conflict(
+                f"A client has at most {MAX_SIGNING_SECRETS} signing secrets (each one signs every "
+                "delivery); delete an old one before adding another.",
+                type=problem_type("too-many-signing-secrets"),
+                title="Too many signing secrets",
+            )
         record = await insert_signing_secret(conn, ring, client_id=client_id)
         records = await store.active_signing_secrets(conn, client_id=client_id)
     log.info("auth.signing_secret.created", target_client_id=str(client_id), secret_id=str(record.id))

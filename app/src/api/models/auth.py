@@ -21,6 +21,10 @@ Scope = Literal[
 SCOPES: tuple[str, ...] = get_args(Scope)
 # api_clients.max_queued_tasks is a PostgreSQL integer
 MAX_QUEUED_TASKS_LIMIT = 2**31 - 1
+# Active signing secrets per client: every HTTP delivery carries one signature per secret, so the
+# webhook-signature header stays small; a rotation needs two (old and new), one more leaves room
+# to start a second rotation before the first one's old secret is deleted.
+MAX_SIGNING_SECRETS = 3
 
 
 @dataclass(frozen=True, slots=True)

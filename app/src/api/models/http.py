@@ -256,6 +256,9 @@ class HttpWaitState(BaseModel):
 
 
 def destination(url: str | URL) -> str:
-    """The host key of permits, circuit, metrics and GET /api/hosts: host:port, lowercased."""
+    """The host key of permits, circuit, metrics and GET /api/hosts: host:port, lowercased, without
+    a trailing dot (`example.com.` is the fully qualified `example.com`), the port always written
+    (the scheme's default when the URL has none): every spelling of one destination shares its
+    limit and circuit."""
     parsed = url if isinstance(url, URL) else URL(url)
-    return f"{(parsed.host or '').lower()}:{parsed.port}"
+    return f"{(parsed.host or '').lower().rstrip('.')}:{parsed.port}"
