@@ -157,6 +157,10 @@ async def finish_response(response: Response) -> Response:
         response.set_data(b"")
     headers = response.headers
     headers[REQUEST_ID_HEADER] = request_id
+    if current_app.extensions["taskgate"].shutting_down.is_set():
+        # The server closes its connections as it drains: a client that sent its next request on
+        # this one would see it cut. Told now, it opens a new one (refused, or another replica).
+        headers["Connection"] = "close"
     # appended, not set: no view sets these, and set() scans the list for each one
     headers.extend(_HARDENING)
     settings = current_app.config["TASKGATE_SETTINGS"]

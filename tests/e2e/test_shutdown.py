@@ -70,8 +70,11 @@ async def test_sigterm_ends_long_polls_and_streams_then_exits_within_the_grace(
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
 
-            status, retry_after, body = await asyncio.wait_for(long_poll, timeout=2)
+            status, retry_after, connection, body = await asyncio.wait_for(long_poll, timeout=2)
             assert (status, retry_after, body["status"]) == (200, "1", "scheduled")
+            # not to be reused: the server closes its connections as it drains, and a next request
+            # sent on this one would be cut (the client opens a new one, refused or elsewhere)
+            assert connection == "close"
             # a remote worker's claim long-poll ends too, with nothing claimed: claim elsewhere
             status, retry_after, claimed = await asyncio.wait_for(remote_claim, timeout=2)
             assert (status, retry_after, claimed["items"]) == (200, "1", [])
@@ -101,9 +104,12 @@ async def test_sigterm_ends_long_polls_and_streams_then_exits_within_the_grace(
     assert unclaimed[0]["n"] > 100  # the short tasks the worker did not get to stay for another one
 
 
-async def _long_poll(https: aiohttp.ClientSession, task_id: str) -> tuple[int, str | None, dict[str, str]]:
+async def _long_poll(
+    https: aiohttp.ClientSession, task_id: str
+) -> tuple[int, str | None, str | None, dict[str, str]]:
     async with https.get(f"/api/tasks/{task_id}", params={"wait": "60"}) as response:
-        return response.status, response.headers.get("Retry-After"), await response.json()
+        headers = response.headers
+        return response.status, headers.get("Retry-After"), headers.get("Connection"), await response.json()
 
 
 async def _remote_claim(https: aiohttp.ClientSession) -> tuple[int, str | None, dict[str, list[object]]]:
