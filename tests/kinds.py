@@ -287,6 +287,29 @@ async def fan_out(ctx: TaskContext, payload: FanOut) -> dict[str, object]:
     return {"sum": sum(r["value"] for r in results), "count": len(results)}
 
 
+class SpawnThenEnd(BaseModel):
+    queue: str  # where the children go (a paused queue keeps them unfinished)
+    hold_s: float = 0.0  # how long the run after the spawn holds on (time to ask for a cancel)
+    end: str = "fail"  # fail (for good) or complete, without gathering
+
+
+@task_kind("test.spawn_then_end", payload=SpawnThenEnd)
+async def spawn_then_end(ctx: TaskContext, payload: SpawnThenEnd) -> dict[str, object]:
+    """Spawns two children, suspends (so they exist), then ends without gathering them."""
+    for i in range(2):
+        await ctx.spawn("test.child", {"i": i}, key=f"c{i}", queue=payload.queue)
+    await ctx.sleep("spawned", 0)
+
+    async def hold() -> float:
+        await asyncio.sleep(payload.hold_s)
+        return time.time()
+
+    await ctx.step("held", hold)
+    if payload.end == "fail":
+        raise PermanentError("the parent fails for good")
+    return {"ended": payload.end}
+
+
 class Limits(BaseModel):
     big_step: bool = False  # a step result over 1 MiB
     children: int = 0  # spawn this many children (10,001 is one too many)

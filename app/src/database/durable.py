@@ -5,7 +5,7 @@ only flagged tasks have their state loaded (LOAD_STATE, one statement for a whol
 write is guarded like a completion (status running, same attempt, same worker), and what a
 suspension produced — its steps, its children, the parent's new status — is written in one
 transaction. What the end of a child or a dependency means for others is decided by the trigger
-`taskgate_composition_changed` (migration 0008), in the transaction that ended it.
+`taskgate_composition_changed` (migrations 0008, 0014), in the transaction that ended it.
 """
 
 from __future__ import annotations
@@ -469,12 +469,19 @@ SELECT count(*) AS woken, (SELECT n FROM notified) AS _n FROM woken
 """
 
 
-# Children of a cancelled parent that its cancel had to skip (they were locked at that moment):
-# cancelled now, or asked to stop if running (index: tasks_cancelled_parents, then tasks_parent_key).
+# A parent that ended this way stops its unfinished children (the trigger
+# taskgate_composition_changed, migration 0014, holds the same rule): cancelled or discarded, or
+# completed after a cancel was asked. Children a parent completed without gathering are its own
+# business (fire and forget). `p` is the parent.
+ENDED_PARENT = """p.children_open > 0 AND (p.status IN ('cancelled', 'discarded')
+                                  OR (p.status = 'completed' AND p.cancel_requested))"""
+
+# Children of such a parent that the trigger had to skip (they were locked at that moment):
+# cancelled now, or asked to stop if running (index: tasks_ended_parents, then tasks_parent_key).
 SWEEP_ORPHANS = f"""
 WITH orphans AS (
-    SELECT c.id FROM tasks p JOIN tasks c ON c.parent_id = p.id
-    WHERE p.status = 'cancelled' AND p.children_open > 0
+    SELECT c.id, p.status AS parent_status FROM tasks p JOIN tasks c ON c.parent_id = p.id
+    WHERE {ENDED_PARENT}
       AND c.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
       AND NOT (c.status = 'running' AND c.cancel_requested)
     LIMIT $1
@@ -483,7 +490,10 @@ WITH orphans AS (
 changed AS (
     UPDATE tasks t
     SET {CANCELLING},
-        last_error = COALESCE(t.last_error, 'parent ' || t.parent_id || ' was cancelled')
+        last_error = COALESCE(
+            t.last_error,
+            'parent ' || t.parent_id || ' was '
+            || CASE WHEN o.parent_status = 'discarded' THEN 'discarded' ELSE 'cancelled' END)
     FROM orphans o
     WHERE t.id = o.id
     RETURNING t.id, t.status
