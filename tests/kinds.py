@@ -234,6 +234,7 @@ async def step_named_like_a_sleep(ctx: TaskContext, payload: Nap) -> dict[str, o
 class AwaitSignal(BaseModel):
     name: str
     timeout_s: float | None = None
+    nap_s: float = 0.0  # a durable sleep after the wait: the task is still unfinished meanwhile
 
 
 @task_kind("test.await_signal", payload=AwaitSignal)
@@ -242,8 +243,13 @@ async def await_signal(ctx: TaskContext, payload: AwaitSignal) -> dict[str, obje
     try:
         data = await ctx.wait_signal(payload.name, timeout_s=payload.timeout_s)
     except SignalTimeout:
-        return {"timed_out": True}
-    return {"data": data}
+        data = None
+        timed_out = True
+    else:
+        timed_out = False
+    if payload.nap_s:
+        await ctx.sleep("nap", payload.nap_s)
+    return {"timed_out": True} if timed_out else {"data": data}
 
 
 class FanOut(BaseModel):

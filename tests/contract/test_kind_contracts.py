@@ -28,7 +28,11 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.slow_unwind": [{"seconds": 60, "unwind_s": 4}],
     "test.wait_shaped_step": [{"seconds": 0.1}],
     "test.step_named_like_a_sleep": [{"seconds": 0}],
-    "test.await_signal": [{"name": "shipped"}, {"name": "approved", "timeout_s": 1}],
+    "test.await_signal": [
+        {"name": "shipped"},
+        {"name": "approved", "timeout_s": 1},
+        {"name": "approved", "timeout_s": 1, "nap_s": 5},
+    ],
     "test.child": [{"i": 1}, {"i": 2, "path": "/tmp/x", "fail": True}],
     "test.limits": [{}, {"big_step": True}, {"children": 10_001}, {"steps": 1_001}],
     "test.fanout": [{"children": 3}, {"children": 500, "path": "/tmp/x", "fail": [7], "queue": "q"}],

@@ -693,3 +693,39 @@ async def test_a_parent_that_fails_for_good_stops_its_children_and_one_that_comp
 
     children = await eventually(all_cancelled, timeout=5)
     assert {c["last_error"] for c in children} == {f"parent {parent['id']} was discarded"}
+
+
+async def test_a_signal_sent_after_its_wait_timed_out_is_refused(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Once the sweep timed a wait out, the handler sees SignalTimeout on every run: a signal sent
+    then was answered 202 and stored, but never delivered (the run that took the timeout had gone
+    on), or delivered to a later run only (a replay that took another path than the first)."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    signal = {"data": {"late": True}}
+    # the run after the timeout has taken it and naps: the task is unfinished, the wait is over
+    napping = await enqueue(
+        client,
+        auth_headers,
+        kind="test.await_signal",
+        payload={"name": "late", "timeout_s": 0.2, "nap_s": 30},
+    )
+    await eventually(lambda: _status(clean_database, napping["id"], "scheduled"), timeout=10)
+    late = await client.post(f"/api/tasks/{napping['id']}/signals/late", json=signal, headers=auth_headers)
+    assert late.status_code == 409
+    assert "timed out" in (await late.get_json())["detail"]
+
+    # timed out by the sweep, not run again yet (its queue is paused): the same answer, and the
+    # run that follows sees the timeout
+    await client.put("/api/queues/sig", json={"paused": False}, headers=auth_headers)
+    waiting = await enqueue(
+        client, auth_headers, kind="test.await_signal", payload={"name": "late", "timeout_s": 2}, queue="sig"
+    )
+    await eventually(lambda: _status(clean_database, waiting["id"], "waiting"))
+    await client.put("/api/queues/sig", json={"paused": True}, headers=auth_headers)
+    await eventually(lambda: _status(clean_database, waiting["id"], "available"), timeout=10)
+    late = await client.post(f"/api/tasks/{waiting['id']}/signals/late", json=signal, headers=auth_headers)
+    assert late.status_code == 409
+    await client.put("/api/queues/sig", json={"paused": False}, headers=auth_headers)
+    assert (await wait_done(client, auth_headers, waiting["id"]))["result"] == {"timed_out": True}

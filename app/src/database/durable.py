@@ -385,14 +385,24 @@ async def mark_dependencies(conn: Executor, *, client_id: UUID, ids: Sequence[UU
 # --- signals -------------------------------------------------------------------------------------
 
 # A signal is kept (the first of a name wins) whether or not the task waits for it yet; a task
-# waiting for exactly this signal becomes available in the same statement.
+# waiting for exactly this signal becomes available in the same statement. A wait the sweep timed
+# out is over: every run of the handler sees SignalTimeout there (the wait's record says so), so a
+# signal of that name would never be delivered, or only to a later run that then took another path
+# than the first: it is refused. The task's row is locked by LOCK_SIGNAL_TARGET first, in the same
+# transaction, so that this statement's snapshot sees a sweep that held the lock until then.
+LOCK_SIGNAL_TARGET = "SELECT id FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE"
 SEND_SIGNAL = f"""
 WITH target AS (
-    SELECT id, status, waiting_for, queue_id FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE
+    SELECT id, status, waiting_for, queue_id,
+           EXISTS (SELECT 1 FROM task_steps s
+                   WHERE s.task_id = tasks.id AND s.name = $3 AND s.wait
+                     AND s.result @> '{{"timed_out": true}}'::jsonb) AS timed_out
+    FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE
 ),
 stored AS (
     INSERT INTO task_signals (task_id, name, data)
-    SELECT id, $3, $4::jsonb FROM target WHERE status NOT IN ('completed', 'discarded', 'cancelled')
+    SELECT id, $3, $4::jsonb FROM target
+    WHERE status NOT IN ('completed', 'discarded', 'cancelled') AND NOT timed_out
     ON CONFLICT (task_id, name) DO NOTHING
     RETURNING task_id
 ),
@@ -414,20 +424,24 @@ notified AS (
     FROM woken
 )
 SELECT (SELECT status FROM target) AS task_status, (SELECT count(*) FROM stored) AS stored,
-       (SELECT status FROM woken) AS status, (SELECT n FROM notified) AS _n
+       (SELECT status FROM woken) AS status, (SELECT timed_out FROM target) AS timed_out,
+       (SELECT n FROM notified) AS _n
 """
 
 
 @dataclass(frozen=True, slots=True)
 class SignalSent:
     task_status: str | None  # None: no such task of this client
-    stored: bool  # False: the task is finished, or a signal of this name was sent before
+    stored: bool  # False: the task is finished, its wait timed out, or a signal of this name was sent before
     status: str | None  # the task's status after the signal (when stored)
+    timed_out: bool = False  # the task's wait for this signal timed out
 
 
-async def send_signal(conn: Executor, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> SignalSent:
-    row = (await conn.fetch(SEND_SIGNAL, task_id, client_id, name, json_text.dumps(data)))[0]
-    return SignalSent(row["task_status"], bool(row["stored"]), row["status"])
+async def send_signal(conn: Any, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> SignalSent:
+    async with conn.transaction():
+        await conn.fetch(LOCK_SIGNAL_TARGET, task_id, client_id)
+        row = (await conn.fetch(SEND_SIGNAL, task_id, client_id, name, json_text.dumps(data)))[0]
+    return SignalSent(row["task_status"], bool(row["stored"]), row["status"], bool(row["timed_out"]))
 
 
 # --- sweeping ------------------------------------------------------------------------------------
