@@ -6,10 +6,19 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from uuid import UUID
 
 from pydantic import BaseModel
 
-from app.src.api.kinds import ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskContext, task_kind
+from app.src.api.kinds import (
+    Child,
+    ChildFailed,
+    PermanentError,
+    RetryLater,
+    SignalTimeout,
+    TaskContext,
+    task_kind,
+)
 
 
 class Record(BaseModel):
@@ -314,6 +323,22 @@ async def spawn_then_end(ctx: TaskContext, payload: SpawnThenEnd) -> dict[str, o
     if payload.end == "fail":
         raise PermanentError("the parent fails for good")
     return {"ended": payload.end}
+
+
+class GatherStranger(BaseModel):
+    stranger: str  # a task id (another task's child) or "" (a handle made by hand)
+
+
+@task_kind("test.gather_stranger", payload=GatherStranger)
+async def gather_stranger(ctx: TaskContext, payload: GatherStranger) -> dict[str, object]:
+    """Gathers a handle that is not a child of this task."""
+    mine = await ctx.spawn("noop", {}, key="mine")
+    if payload.stranger:
+        [result] = await ctx.gather([mine])  # "mine" now exists: pass another task's id under its key
+        await ctx.gather([Child("mine", UUID(payload.stranger))])
+        return {"result": result}
+    await ctx.gather([mine, Child("nobody")])
+    return {}
 
 
 class Limits(BaseModel):

@@ -729,3 +729,24 @@ async def test_a_signal_sent_after_its_wait_timed_out_is_refused(
     assert late.status_code == 409
     await client.put("/api/queues/sig", json={"paused": False}, headers=auth_headers)
     assert (await wait_done(client, auth_headers, waiting["id"]))["result"] == {"timed_out": True}
+
+
+async def test_gathering_a_handle_that_is_not_this_tasks_child_fails_the_task_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """It made the task wait for a child that never counts: resumed at once, over and over."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    unknown = await enqueue(client, auth_headers, kind="test.gather_stranger", payload={"stranger": ""})
+    done = await wait_done(client, auth_headers, unknown["id"], timeout=10)
+    assert done["status"] == "discarded", done
+    assert "'nobody' is not a child this task spawned" in done["last_error"]
+    assert done["attempts"] <= 2  # the run that spawned "mine", the one that found "nobody" unknown
+
+    other = await enqueue(client, auth_headers, kind="noop", payload={})
+    foreign = await enqueue(
+        client, auth_headers, kind="test.gather_stranger", payload={"stranger": other["id"]}
+    )
+    done = await wait_done(client, auth_headers, foreign["id"], timeout=10)
+    assert done["status"] == "discarded", done
+    assert f"task {other['id']} is not this task's child 'mine'" in done["last_error"]
