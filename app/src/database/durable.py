@@ -16,6 +16,9 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
+from app.database import is_connection_failure
 from app.src.api.models.tasks import Task
 from app.src.database.tasks import (
     AVAILABLE_CHANNEL,
@@ -84,6 +87,33 @@ async def load_state(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, Dur
         )
         for row in rows
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Unloadable:
+    """A durable task's stored state that PostgreSQL could not load: the task cannot replay, so its
+    attempt fails with this error (retried by its queue's policy) instead of running."""
+
+    error: str
+
+
+async def load_states(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, DurableState | Unloadable]:
+    """The stored state of a claim's durable tasks (in-process and remote claims alike), in one
+    statement. The tasks are claimed already: if the statement fails on one task's state, the others
+    are loaded one by one, so only that task fails its attempt (raised, the whole claim was left to
+    its leases, or handed back, round after round while the bad one was claimed with it). A
+    database out of reach is raised: no task's state is the cause, the caller hands the claim back."""
+    try:
+        return dict(await load_state(conn, task_ids))
+    except asyncpg.PostgresError as exc:
+        if is_connection_failure(exc):
+            raise
+        if len(task_ids) == 1:
+            return {task_ids[0]: Unloadable(str(exc) or type(exc).__name__)}
+    states: dict[UUID, DurableState | Unloadable] = {}
+    for task_id in task_ids:
+        states.update(await load_states(conn, [task_id]))
+    return states
 
 
 # --- steps (in-process workers) ------------------------------------------------------------------
