@@ -750,3 +750,24 @@ async def test_gathering_a_handle_that_is_not_this_tasks_child_fails_the_task_wi
     done = await wait_done(client, auth_headers, foreign["id"], timeout=10)
     assert done["status"] == "discarded", done
     assert f"task {other['id']} is not this task's child 'mine'" in done["last_error"]
+
+
+async def test_a_child_retried_by_hand_after_its_parent_was_cancelled_runs(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A retry is allowed (its parent's retry then finds it completed by key): the sweep took the
+    retried child for one the parent's cancel had skipped, and cancelled it again within a second."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put("/api/queues/kids", json={"paused": True}, headers=auth_headers)
+    parent = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 2, "queue": "kids"})
+    await eventually(lambda: _status(clean_database, parent["id"], "waiting"))
+    await client.post(f"/api/tasks/{parent['id']}/cancel", headers=auth_headers)
+    children = await _children(client, auth_headers, parent["id"])
+    assert [c["status"] for c in children] == ["cancelled", "cancelled"]
+    retried = await client.post(f"/api/tasks/{children[0]['id']}/retry", headers=auth_headers)
+    assert retried.status_code == 200
+    await asyncio.sleep(2.5)  # two sweeps
+    assert await _status(clean_database, children[0]["id"], "available")  # its queue is paused
+    await client.put("/api/queues/kids", json={"paused": False}, headers=auth_headers)
+    assert (await wait_done(client, auth_headers, children[0]["id"]))["status"] == "completed"

@@ -1,12 +1,18 @@
-"""A parent that ends discarded, or completed after a cancel was asked, stops its unfinished children.
+"""A parent that ends discarded, or completed after a cancel was asked, stops its unfinished children;
+the children it had to skip are recorded, so a child retried by hand later is left to run.
 
 The trigger cancelled a parent's children only when the parent itself became `cancelled`. A cancel
 asked while the parent ran ends it `cancelled` only if its attempt ends unfinished; an attempt that
 failed for good (`discarded`) or returned (`completed`) left every child running for a parent that
 would never gather them. Same for a parent that failed for good on its own. The trigger now stops
 the unfinished children of a parent that ends cancelled or discarded, or completed with a cancel
-asked (children a parent completes without gathering, fire and forget, are left alone), and the
-scheduler's sweep finds the children it had to skip through a partial index of those parents.
+asked (children a parent completes without gathering, fire and forget, are left alone).
+
+The scheduler's sweep found the children the trigger skipped (locked at that moment) by looking
+for cancelled parents with open children, so it also cancelled, within a second, a child retried
+by hand after its parent's cancel. The trigger now records the children it skipped in
+task_orphans, the sweep cancels those, and a child that becomes unfinished again (a retry) leaves
+that table.
 
 Revision ID: 0014
 Revises: 0013
@@ -24,7 +30,7 @@ TERMINAL = "('completed', 'discarded', 'cancelled')"
 UNFINISHED = "('scheduled', 'available', 'running', 'waiting', 'retryable')"
 
 
-def trigger_function(*, parent_ended: str, why: str) -> str:
+def trigger_function(*, parent_ended: str, why: str, unorphan: str = "", record_skipped: str = "") -> str:
     """0008's function with the parent's rule as given (upgrade and downgrade differ only there)."""
     return f"""
 CREATE OR REPLACE FUNCTION taskgate_composition_changed() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -49,6 +55,7 @@ BEGIN
             END IF;
         ELSIF OLD.status IN {TERMINAL} AND NEW.status NOT IN {TERMINAL} THEN
             UPDATE tasks SET children_open = children_open + 1 WHERE id = NEW.parent_id;
+            {unorphan}
         END IF;
     END IF;
 
@@ -103,6 +110,7 @@ BEGIN
                 PERFORM pg_notify('taskgate_cancel', woken.id::text);
             END IF;
         END LOOP;
+        {record_skipped}
     END IF;
     RETURN NULL;
 END
@@ -110,43 +118,48 @@ $$
 """  # noqa: S608 (composed from module constants only)
 
 
-# The same rule as app/src/database/durable.py's ENDED_PARENT (the sweep's): kept apart, since a
-# migration must read the same whatever the code says later.
+# The same rule as app/src/database/durable.py's sweep relies on: kept apart, since a migration
+# must read the same whatever the code says later.
 ENDED = (
     f"OLD.status NOT IN {TERMINAL} AND (NEW.status IN ('cancelled', 'discarded') "
     "OR (NEW.status = 'completed' AND NEW.cancel_requested))"
 )
 WHY = "' was ' || CASE WHEN NEW.status = 'discarded' THEN 'discarded' ELSE 'cancelled' END"
 BEFORE = "NEW.status = 'cancelled' AND OLD.status <> 'cancelled'"
-
-ENDED_PARENTS = (
-    "CREATE INDEX CONCURRENTLY IF NOT EXISTS tasks_ended_parents ON tasks (id) "
-    "WHERE children_open > 0 AND (status IN ('cancelled', 'discarded') "
-    "OR (status = 'completed' AND cancel_requested))"
-)
+# The children left unfinished and not asked to stop are the ones skipped (in this transaction
+# the others read as cancelled, or running with cancel_requested).
+RECORD_SKIPPED = f"""INSERT INTO task_orphans (task_id)
+        SELECT id FROM tasks WHERE parent_id = NEW.id AND status IN {UNFINISHED}
+          AND NOT (status = 'running' AND cancel_requested)
+        ON CONFLICT DO NOTHING;"""  # noqa: S608 (composed from module constants only)
+UNORPHAN = "DELETE FROM task_orphans WHERE task_id = NEW.id;"
 
 
 def upgrade() -> None:
     op.execute("SET LOCAL lock_timeout = '3s'")
-    op.execute(trigger_function(parent_ended=ENDED, why=WHY))
-    # Built without holding back writes to tasks (CONCURRENTLY cannot run in a transaction). A build
-    # that failed leaves an invalid index behind, which IF NOT EXISTS would keep: dropped first.
-    with op.get_context().autocommit_block():
-        op.execute(
-            "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "WHERE c.relname = 'tasks_ended_parents' AND NOT i.indisvalid) THEN "
-            "DROP INDEX tasks_ended_parents; END IF; END $$"
-        )
-        op.execute(ENDED_PARENTS)
-        op.execute("DROP INDEX CONCURRENTLY IF EXISTS tasks_cancelled_parents")
+    # No foreign key: its check would lock the child's row, which is exactly what the trigger must
+    # not wait for (a completion holds it). The sweep removes rows whose task is finished or gone.
+    op.execute("CREATE TABLE task_orphans (task_id uuid PRIMARY KEY)")
+    # the children the old sweep would have cancelled, found through its index before it goes
+    op.execute(
+        f"""
+        INSERT INTO task_orphans (task_id)
+        SELECT c.id FROM tasks p JOIN tasks c ON c.parent_id = p.id
+        WHERE p.status = 'cancelled' AND p.children_open > 0 AND c.status IN {UNFINISHED}
+          AND NOT (c.status = 'running' AND c.cancel_requested)
+        """  # noqa: S608 (composed from module constants only)
+    )
+    op.execute(
+        trigger_function(parent_ended=ENDED, why=WHY, unorphan=UNORPHAN, record_skipped=RECORD_SKIPPED)
+    )
+    op.execute("DROP INDEX tasks_cancelled_parents")
 
 
 def downgrade() -> None:
     op.execute("SET LOCAL lock_timeout = '3s'")
     op.execute(trigger_function(parent_ended=BEFORE, why="' was cancelled'"))
-    with op.get_context().autocommit_block():
-        op.execute(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS tasks_cancelled_parents ON tasks (id) "
-            "WHERE status = 'cancelled' AND children_open > 0"
-        )
-        op.execute("DROP INDEX CONCURRENTLY IF EXISTS tasks_ended_parents")
+    op.execute("DROP TABLE task_orphans")
+    # 0008's index, built again (a plain build: writes to tasks wait while it scans the table)
+    op.execute(
+        "CREATE INDEX tasks_cancelled_parents ON tasks (id) WHERE status = 'cancelled' AND children_open > 0"
+    )

@@ -513,22 +513,21 @@ SELECT count(*) AS woken, (SELECT n FROM notified) AS _n FROM woken
 """
 
 
-# A parent that ended this way stops its unfinished children (the trigger
-# taskgate_composition_changed, migration 0014, holds the same rule): cancelled or discarded, or
-# completed after a cancel was asked. Children a parent completed without gathering are its own
-# business (fire and forget). `p` is the parent.
-ENDED_PARENT = """p.children_open > 0 AND (p.status IN ('cancelled', 'discarded')
-                                  OR (p.status = 'completed' AND p.cancel_requested))"""
-
-# Children of such a parent that the trigger had to skip (they were locked at that moment):
-# cancelled now, or asked to stop if running (index: tasks_ended_parents, then tasks_parent_key).
+# Children that the end of their parent had to skip (they were locked at that moment), recorded by
+# the trigger taskgate_composition_changed (migration 0014) in task_orphans: cancelled now, or
+# asked to stop if running. A parent stops its children when it ends cancelled or discarded, or
+# completed after a cancel was asked. A child that became unfinished again since (retried by hand)
+# left the table then: it runs. Rows whose child is finished, or was handled here, go; a child
+# still locked keeps its row for the next sweep.
 SWEEP_ORPHANS = f"""
-WITH orphans AS (
-    SELECT c.id, p.status AS parent_status FROM tasks p JOIN tasks c ON c.parent_id = p.id
-    WHERE {ENDED_PARENT}
-      AND c.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
+WITH picked AS (
+    SELECT task_id FROM task_orphans LIMIT $1 FOR UPDATE SKIP LOCKED
+),
+orphans AS (
+    SELECT c.id, p.status AS parent_status
+    FROM picked JOIN tasks c ON c.id = picked.task_id JOIN tasks p ON p.id = c.parent_id
+    WHERE c.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
       AND NOT (c.status = 'running' AND c.cancel_requested)
-    LIMIT $1
     FOR UPDATE OF c SKIP LOCKED
 ),
 changed AS (
@@ -541,8 +540,18 @@ changed AS (
     FROM orphans o
     WHERE t.id = o.id
     RETURNING t.id, t.status
+),
+settled AS (
+    DELETE FROM task_orphans x USING picked
+    WHERE x.task_id = picked.task_id
+      AND (x.task_id IN (SELECT id FROM changed)
+           OR NOT EXISTS (SELECT 1 FROM tasks c WHERE c.id = x.task_id
+                          AND c.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
+                          AND NOT (c.status = 'running' AND c.cancel_requested)))
+    RETURNING x.task_id
 )
 SELECT count(*) AS changed,
+       (SELECT count(*) FROM settled) AS _settled,
        (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) FROM changed)
      + (SELECT count(pg_notify('{CANCEL_CHANNEL}', id::text)) FROM changed WHERE status = 'running') AS _n
 FROM changed
