@@ -6,10 +6,19 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from uuid import UUID
 
 from pydantic import BaseModel
 
-from app.src.api.kinds import ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskContext, task_kind
+from app.src.api.kinds import (
+    Child,
+    ChildFailed,
+    PermanentError,
+    RetryLater,
+    SignalTimeout,
+    TaskContext,
+    task_kind,
+)
 
 
 class Record(BaseModel):
@@ -234,6 +243,7 @@ async def step_named_like_a_sleep(ctx: TaskContext, payload: Nap) -> dict[str, o
 class AwaitSignal(BaseModel):
     name: str
     timeout_s: float | None = None
+    nap_s: float = 0.0  # a durable sleep after the wait: the task is still unfinished meanwhile
 
 
 @task_kind("test.await_signal", payload=AwaitSignal)
@@ -242,8 +252,13 @@ async def await_signal(ctx: TaskContext, payload: AwaitSignal) -> dict[str, obje
     try:
         data = await ctx.wait_signal(payload.name, timeout_s=payload.timeout_s)
     except SignalTimeout:
-        return {"timed_out": True}
-    return {"data": data}
+        data = None
+        timed_out = True
+    else:
+        timed_out = False
+    if payload.nap_s:
+        await ctx.sleep("nap", payload.nap_s)
+    return {"timed_out": True} if timed_out else {"data": data}
 
 
 class FanOut(BaseModel):
@@ -285,6 +300,45 @@ async def fan_out(ctx: TaskContext, payload: FanOut) -> dict[str, object]:
     except ChildFailed as exc:
         return {"child_failed": exc.key, "status": exc.status}
     return {"sum": sum(r["value"] for r in results), "count": len(results)}
+
+
+class SpawnThenEnd(BaseModel):
+    queue: str  # where the children go (a paused queue keeps them unfinished)
+    hold_s: float = 0.0  # how long the run after the spawn holds on (time to ask for a cancel)
+    end: str = "fail"  # fail (for good) or complete, without gathering
+
+
+@task_kind("test.spawn_then_end", payload=SpawnThenEnd)
+async def spawn_then_end(ctx: TaskContext, payload: SpawnThenEnd) -> dict[str, object]:
+    """Spawns two children, suspends (so they exist), then ends without gathering them."""
+    for i in range(2):
+        await ctx.spawn("test.child", {"i": i}, key=f"c{i}", queue=payload.queue)
+    await ctx.sleep("spawned", 0)
+
+    async def hold() -> float:
+        await asyncio.sleep(payload.hold_s)
+        return time.time()
+
+    await ctx.step("held", hold)
+    if payload.end == "fail":
+        raise PermanentError("the parent fails for good")
+    return {"ended": payload.end}
+
+
+class GatherStranger(BaseModel):
+    stranger: str  # a task id (another task's child) or "" (a handle made by hand)
+
+
+@task_kind("test.gather_stranger", payload=GatherStranger)
+async def gather_stranger(ctx: TaskContext, payload: GatherStranger) -> dict[str, object]:
+    """Gathers a handle that is not a child of this task."""
+    mine = await ctx.spawn("noop", {}, key="mine")
+    if payload.stranger:
+        [result] = await ctx.gather([mine])  # "mine" now exists: pass another task's id under its key
+        await ctx.gather([Child("mine", UUID(payload.stranger))])
+        return {"result": result}
+    await ctx.gather([mine, Child("nobody")])
+    return {}
 
 
 class Limits(BaseModel):

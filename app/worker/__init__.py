@@ -27,12 +27,12 @@ from app.src.api.kinds import REGISTRY, KindRegistry, LeaseLost, PermanentError,
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from app.src.database import workers as worker_store
-from app.src.database.durable import DurableState
+from app.src.database.durable import DurableState, Unloadable
 from app.src.database.tasks import ClaimedTask
 from app.src.utils import tracing
 from app.src.utils.metrics import LAG, WORKER_CAPACITY, WORKER_RUNNING
 from app.version import __version__
-from app.worker.claiming import Claimer, Unloadable
+from app.worker.claiming import Claimer
 from app.worker.completing import Completer
 from app.worker.executing import Executor
 from app.worker.leases import Holdings, LeaseKeeper, Running

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -22,20 +21,12 @@ import structlog
 from app.database import is_connection_failure
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
-from app.src.database.durable import DurableState
+from app.src.database.durable import DurableState, Unloadable
 from app.src.database.tasks import ClaimedTask
 from app.worker.leases import Holdings, LeaseKeeper
 
 if TYPE_CHECKING:
     from app.database import Database
-
-
-@dataclass(frozen=True, slots=True)
-class Unloadable:
-    """A durable task's stored state that PostgreSQL could not load: the task cannot replay, so its
-    attempt fails with this error (retried by its queue's policy) instead of running."""
-
-    error: str
 
 
 log = structlog.get_logger("taskgate.worker")
@@ -291,20 +282,9 @@ class Claimer:
     async def _load_states(
         self, conn: task_store.Executor, task_ids: Sequence[UUID]
     ) -> dict[UUID, DurableState | Unloadable]:
-        """The stored state of the claimed durable tasks, in one statement. The tasks are this
-        worker's already: if the statement fails on one task's state, the others are loaded one by
-        one, so only that task fails its attempt (raised, the whole claim was left unstarted to its
-        leases, and lost an attempt, round after round while the bad one was claimed with it)."""
-        try:
-            return dict(await durable_store.load_state(conn, task_ids))
-        except asyncpg.PostgresError as exc:
-            if is_connection_failure(exc):
-                raise  # not this task's state: the database is out of reach
-            if len(task_ids) == 1:
-                return {task_ids[0]: Unloadable(str(exc) or type(exc).__name__)}
-        states: dict[UUID, DurableState | Unloadable] = {}
-        for task_id in task_ids:
-            states.update(await self._load_states(conn, [task_id]))
+        """The stored state of the claimed durable tasks (durable_store.load_states: a task whose
+        own state cannot be loaded fails alone)."""
+        states = await durable_store.load_states(conn, task_ids)
         for task_id, state in states.items():
             if isinstance(state, Unloadable):
                 self.log.warning("a durable task's state cannot be loaded", task_id=str(task_id),

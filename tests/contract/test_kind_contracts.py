@@ -28,10 +28,16 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.slow_unwind": [{"seconds": 60, "unwind_s": 4}],
     "test.wait_shaped_step": [{"seconds": 0.1}],
     "test.step_named_like_a_sleep": [{"seconds": 0}],
-    "test.await_signal": [{"name": "shipped"}, {"name": "approved", "timeout_s": 1}],
+    "test.await_signal": [
+        {"name": "shipped"},
+        {"name": "approved", "timeout_s": 1},
+        {"name": "approved", "timeout_s": 1, "nap_s": 5},
+    ],
     "test.child": [{"i": 1}, {"i": 2, "path": "/tmp/x", "fail": True}],
     "test.limits": [{}, {"big_step": True}, {"children": 10_001}, {"steps": 1_001}],
     "test.fanout": [{"children": 3}, {"children": 500, "path": "/tmp/x", "fail": [7], "queue": "q"}],
+    "test.spawn_then_end": [{"queue": "q"}, {"queue": "q", "hold_s": 1, "end": "complete"}],
+    "test.gather_stranger": [{"stranger": ""}, {"stranger": "01a250aa-122b-7e1d-a301-39218add4024"}],
     "test.flaky": [
         {"fail_times": 2},
         {"fail_times": 1, "retry_after_s": 0.5},

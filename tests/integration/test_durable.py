@@ -607,3 +607,167 @@ async def test_a_step_named_like_a_sleep_before_it_fails_its_task_with_a_clear_e
     done = await wait_done(client, auth_headers, task["id"], timeout=10)
     assert done["status"] == "discarded", done["result"]  # not the sleep record as its result
     assert "has the name of a sleep or signal wait" in done["last_error"], done["last_error"]
+
+
+async def _children(client: Any, headers: dict[str, str], parent_id: str) -> list[dict[str, Any]]:
+    items = (await get(client, headers, "/api/tasks?kind=test.child&limit=100"))["items"]
+    return [c for c in items if c["parent_id"] == parent_id]
+
+
+async def test_a_parent_cancelled_while_it_runs_stops_its_children_however_its_attempt_ends(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A cancel asked while the parent ran stopped its children only if its attempt then ended
+    unfinished: one that failed for good (discarded) or returned (completed) left them queued for
+    a parent that would never gather them."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put("/api/queues/kids", json={"paused": True}, headers=auth_headers)
+    for end, status, told in (("fail", "discarded", "discarded"), ("complete", "completed", "cancelled")):
+        parent = await enqueue(
+            client,
+            auth_headers,
+            kind="test.spawn_then_end",
+            payload={"queue": "kids", "hold_s": 1.5, "end": end},
+        )
+
+        async def holding(parent_id: str = parent["id"]) -> bool:
+            rows = await fetch(
+                clean_database,
+                "SELECT 1 FROM task_steps WHERE task_id = $1 AND name = 'spawned'",
+                UUID(parent_id),
+            )
+            return bool(rows) and await _status(clean_database, parent_id, "running")
+
+        await eventually(holding)  # the children exist, the parent holds in its step
+        asked = await client.post(f"/api/tasks/{parent['id']}/cancel", headers=auth_headers)
+        assert (await asked.get_json())["status"] == "running"
+        assert (await wait_done(client, auth_headers, parent["id"]))["status"] == status
+        children = await _children(client, auth_headers, parent["id"])
+        assert [c["status"] for c in children] == ["cancelled", "cancelled"], (end, children)
+        assert {c["last_error"] for c in children} == {f"parent {parent['id']} was {told}"}
+
+
+async def test_a_parent_that_fails_for_good_stops_its_children_and_one_that_completes_leaves_them(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Discarded, a parent will never gather its children: they are cancelled, also those its end
+    had to skip (locked at that moment), by the sweep. Children a parent completes without
+    gathering are fire and forget: they stay."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put("/api/queues/kids", json={"paused": True}, headers=auth_headers)
+    kept = await enqueue(
+        client, auth_headers, kind="test.spawn_then_end", payload={"queue": "kids", "end": "complete"}
+    )
+    assert (await wait_done(client, auth_headers, kept["id"]))["status"] == "completed"
+    assert [c["status"] for c in await _children(client, auth_headers, kept["id"])] == ["available"] * 2
+
+    parent = await enqueue(
+        client, auth_headers, kind="test.spawn_then_end", payload={"queue": "kids", "hold_s": 1.0}
+    )
+    await eventually(lambda: _status(clean_database, parent["id"], "running"))
+    await eventually(
+        lambda: fetch(
+            clean_database,
+            "SELECT 1 FROM task_steps WHERE task_id = $1 AND name = 'spawned'",
+            UUID(parent["id"]),
+        )
+    )
+    locker = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        async with locker.transaction():
+            await locker.execute(
+                "SELECT id FROM tasks WHERE parent_id = $1 AND child_key = 'c0' FOR UPDATE",
+                UUID(parent["id"]),
+            )
+            assert (await wait_done(client, auth_headers, parent["id"]))["status"] == "discarded"
+            statuses = sorted(c["status"] for c in await _children(client, auth_headers, parent["id"]))
+            assert statuses == ["available", "cancelled"]
+    finally:
+        await locker.close()
+
+    async def all_cancelled() -> list[dict[str, Any]] | None:
+        children = await _children(client, auth_headers, parent["id"])
+        return children if {c["status"] for c in children} == {"cancelled"} else None
+
+    children = await eventually(all_cancelled, timeout=5)
+    assert {c["last_error"] for c in children} == {f"parent {parent['id']} was discarded"}
+
+
+async def test_a_signal_sent_after_its_wait_timed_out_is_refused(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Once the sweep timed a wait out, the handler sees SignalTimeout on every run: a signal sent
+    then was answered 202 and stored, but never delivered (the run that took the timeout had gone
+    on), or delivered to a later run only (a replay that took another path than the first)."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    signal = {"data": {"late": True}}
+    # the run after the timeout has taken it and naps: the task is unfinished, the wait is over
+    napping = await enqueue(
+        client,
+        auth_headers,
+        kind="test.await_signal",
+        payload={"name": "late", "timeout_s": 0.2, "nap_s": 30},
+    )
+    await eventually(lambda: _status(clean_database, napping["id"], "scheduled"), timeout=10)
+    late = await client.post(f"/api/tasks/{napping['id']}/signals/late", json=signal, headers=auth_headers)
+    assert late.status_code == 409
+    assert "timed out" in (await late.get_json())["detail"]
+
+    # timed out by the sweep, not run again yet (its queue is paused): the same answer, and the
+    # run that follows sees the timeout
+    await client.put("/api/queues/sig", json={"paused": False}, headers=auth_headers)
+    waiting = await enqueue(
+        client, auth_headers, kind="test.await_signal", payload={"name": "late", "timeout_s": 2}, queue="sig"
+    )
+    await eventually(lambda: _status(clean_database, waiting["id"], "waiting"))
+    await client.put("/api/queues/sig", json={"paused": True}, headers=auth_headers)
+    await eventually(lambda: _status(clean_database, waiting["id"], "available"), timeout=10)
+    late = await client.post(f"/api/tasks/{waiting['id']}/signals/late", json=signal, headers=auth_headers)
+    assert late.status_code == 409
+    await client.put("/api/queues/sig", json={"paused": False}, headers=auth_headers)
+    assert (await wait_done(client, auth_headers, waiting["id"]))["result"] == {"timed_out": True}
+
+
+async def test_gathering_a_handle_that_is_not_this_tasks_child_fails_the_task_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """It made the task wait for a child that never counts: resumed at once, over and over."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    unknown = await enqueue(client, auth_headers, kind="test.gather_stranger", payload={"stranger": ""})
+    done = await wait_done(client, auth_headers, unknown["id"], timeout=10)
+    assert done["status"] == "discarded", done
+    assert "'nobody' is not a child this task spawned" in done["last_error"]
+    assert done["attempts"] <= 2  # the run that spawned "mine", the one that found "nobody" unknown
+
+    other = await enqueue(client, auth_headers, kind="noop", payload={})
+    foreign = await enqueue(
+        client, auth_headers, kind="test.gather_stranger", payload={"stranger": other["id"]}
+    )
+    done = await wait_done(client, auth_headers, foreign["id"], timeout=10)
+    assert done["status"] == "discarded", done
+    assert f"task {other['id']} is not this task's child 'mine'" in done["last_error"]
+
+
+async def test_a_child_retried_by_hand_after_its_parent_was_cancelled_runs(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A retry is allowed (its parent's retry then finds it completed by key): the sweep took the
+    retried child for one the parent's cancel had skipped, and cancelled it again within a second."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put("/api/queues/kids", json={"paused": True}, headers=auth_headers)
+    parent = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 2, "queue": "kids"})
+    await eventually(lambda: _status(clean_database, parent["id"], "waiting"))
+    await client.post(f"/api/tasks/{parent['id']}/cancel", headers=auth_headers)
+    children = await _children(client, auth_headers, parent["id"])
+    assert [c["status"] for c in children] == ["cancelled", "cancelled"]
+    retried = await client.post(f"/api/tasks/{children[0]['id']}/retry", headers=auth_headers)
+    assert retried.status_code == 200
+    await asyncio.sleep(2.5)  # two sweeps
+    assert await _status(clean_database, children[0]["id"], "available")  # its queue is paused
+    await client.put("/api/queues/kids", json={"paused": False}, headers=auth_headers)
+    assert (await wait_done(client, auth_headers, children[0]["id"]))["status"] == "completed"

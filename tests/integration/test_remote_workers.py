@@ -816,3 +816,38 @@ async def test_a_claim_cancelled_after_claiming_hands_its_tasks_back(
         return bool(got["status"] == "available")
 
     await eventually(available, timeout=5)
+
+
+async def test_a_durable_task_whose_state_cannot_be_loaded_fails_alone_and_the_others_are_handed_out(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """The stored state of a claim's durable tasks is loaded in one statement after the claim. When
+    it failed on one task's state (here a wait record that is no time), the whole claim request
+    failed (a 500): no task it had claimed was handed out, claim after claim while the bad one was
+    claimed with them, and the bad one never spent an attempt. Now the others are handed out, and
+    that task fails its attempt saying why (retried by its queue's policy), as with an in-process
+    worker."""
+    await register(client, auth_headers)
+    await client.put(
+        "/api/queues/mixed", json={"min_backoff_s": 60, "max_backoff_s": 60}, headers=auth_headers
+    )
+    tasks = [
+        await enqueue(
+            client, auth_headers, kind="reports.build", queue="mixed", payload={"account_id": i + 1}
+        )
+        for i in range(3)
+    ]
+    broken = tasks[0]["id"]
+    await fetch(clean_database, f"UPDATE tasks SET durable = true WHERE id = '{broken}'")
+    await fetch(
+        clean_database,
+        "INSERT INTO task_steps (task_id, name, result, wait) "
+        f"""VALUES ('{broken}', 'nap', '{{"sleep_until": "not a time"}}', true)""",
+    )
+    items = (await claim(client, auth_headers, max=3))["items"]
+    assert sorted(item["id"] for item in items) == sorted(t["id"] for t in tasks[1:])
+    failed = await (await client.get(f"/api/tasks/{broken}", headers=auth_headers)).get_json()
+    assert (failed["status"], failed["attempts"]) == ("retryable", 1), failed
+    assert "stored state could not be loaded" in failed["last_error"], failed["last_error"]
+    attempts = await (await client.get(f"/api/tasks/{broken}/attempts", headers=auth_headers)).get_json()
+    assert [a["outcome"] for a in attempts["items"]] == ["failed"]

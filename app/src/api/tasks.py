@@ -262,8 +262,8 @@ def signal_name(name: str, *, field: str) -> str:
 
 async def signal(db: Database, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> str:
     """Keep a signal for the task (delivered to `ctx.wait_signal(name)`, now or when it waits);
-    the task's status afterwards. A second signal of the same name, or one for a finished task,
-    is a 409 and changes nothing."""
+    the task's status afterwards. A second signal of the same name, one for a finished task, or
+    one whose wait timed out, is a 409 and changes nothing."""
     async with db.driver() as conn:
         sent = await durable_store.send_signal(
             conn, client_id=client_id, task_id=task_id, name=name, data=data
@@ -272,6 +272,8 @@ async def signal(db: Database, *, client_id: UUID, task_id: UUID, name: str, dat
         raise NotFound(f"No task {task_id}.")
     if Status(sent.task_status) in TERMINAL:
         raise Conflict(f"Task {task_id} is {sent.task_status}; it can no longer receive signals.")
+    if sent.timed_out:
+        raise Conflict(f"Task {task_id}'s wait for signal {name!r} timed out; it can no longer receive it.")
     if not sent.stored or sent.status is None:
         raise Conflict(f"Task {task_id} has already received a signal {name!r}.")
     return sent.status

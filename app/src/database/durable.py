@@ -5,7 +5,7 @@ only flagged tasks have their state loaded (LOAD_STATE, one statement for a whol
 write is guarded like a completion (status running, same attempt, same worker), and what a
 suspension produced — its steps, its children, the parent's new status — is written in one
 transaction. What the end of a child or a dependency means for others is decided by the trigger
-`taskgate_composition_changed` (migration 0008), in the transaction that ended it.
+`taskgate_composition_changed` (migrations 0008, 0014), in the transaction that ended it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
+from app.database import is_connection_failure
 from app.src.api.models.tasks import Task
 from app.src.database.tasks import (
     AVAILABLE_CHANNEL,
@@ -84,6 +87,33 @@ async def load_state(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, Dur
         )
         for row in rows
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Unloadable:
+    """A durable task's stored state that PostgreSQL could not load: the task cannot replay, so its
+    attempt fails with this error (retried by its queue's policy) instead of running."""
+
+    error: str
+
+
+async def load_states(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, DurableState | Unloadable]:
+    """The stored state of a claim's durable tasks (in-process and remote claims alike), in one
+    statement. The tasks are claimed already: if the statement fails on one task's state, the others
+    are loaded one by one, so only that task fails its attempt (raised, the whole claim was left to
+    its leases, or handed back, round after round while the bad one was claimed with it). A
+    database out of reach is raised: no task's state is the cause, the caller hands the claim back."""
+    try:
+        return dict(await load_state(conn, task_ids))
+    except asyncpg.PostgresError as exc:
+        if is_connection_failure(exc):
+            raise
+        if len(task_ids) == 1:
+            return {task_ids[0]: Unloadable(str(exc) or type(exc).__name__)}
+    states: dict[UUID, DurableState | Unloadable] = {}
+    for task_id in task_ids:
+        states.update(await load_states(conn, [task_id]))
+    return states
 
 
 # --- steps (in-process workers) ------------------------------------------------------------------
@@ -385,14 +415,24 @@ async def mark_dependencies(conn: Executor, *, client_id: UUID, ids: Sequence[UU
 # --- signals -------------------------------------------------------------------------------------
 
 # A signal is kept (the first of a name wins) whether or not the task waits for it yet; a task
-# waiting for exactly this signal becomes available in the same statement.
+# waiting for exactly this signal becomes available in the same statement. A wait the sweep timed
+# out is over: every run of the handler sees SignalTimeout there (the wait's record says so), so a
+# signal of that name would never be delivered, or only to a later run that then took another path
+# than the first: it is refused. The task's row is locked by LOCK_SIGNAL_TARGET first, in the same
+# transaction, so that this statement's snapshot sees a sweep that held the lock until then.
+LOCK_SIGNAL_TARGET = "SELECT id FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE"
 SEND_SIGNAL = f"""
 WITH target AS (
-    SELECT id, status, waiting_for, queue_id FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE
+    SELECT id, status, waiting_for, queue_id,
+           EXISTS (SELECT 1 FROM task_steps s
+                   WHERE s.task_id = tasks.id AND s.name = $3 AND s.wait
+                     AND s.result @> '{{"timed_out": true}}'::jsonb) AS timed_out
+    FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE
 ),
 stored AS (
     INSERT INTO task_signals (task_id, name, data)
-    SELECT id, $3, $4::jsonb FROM target WHERE status NOT IN ('completed', 'discarded', 'cancelled')
+    SELECT id, $3, $4::jsonb FROM target
+    WHERE status NOT IN ('completed', 'discarded', 'cancelled') AND NOT timed_out
     ON CONFLICT (task_id, name) DO NOTHING
     RETURNING task_id
 ),
@@ -414,20 +454,24 @@ notified AS (
     FROM woken
 )
 SELECT (SELECT status FROM target) AS task_status, (SELECT count(*) FROM stored) AS stored,
-       (SELECT status FROM woken) AS status, (SELECT n FROM notified) AS _n
+       (SELECT status FROM woken) AS status, (SELECT timed_out FROM target) AS timed_out,
+       (SELECT n FROM notified) AS _n
 """
 
 
 @dataclass(frozen=True, slots=True)
 class SignalSent:
     task_status: str | None  # None: no such task of this client
-    stored: bool  # False: the task is finished, or a signal of this name was sent before
+    stored: bool  # False: the task is finished, its wait timed out, or a signal of this name was sent before
     status: str | None  # the task's status after the signal (when stored)
+    timed_out: bool = False  # the task's wait for this signal timed out
 
 
-async def send_signal(conn: Executor, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> SignalSent:
-    row = (await conn.fetch(SEND_SIGNAL, task_id, client_id, name, json_text.dumps(data)))[0]
-    return SignalSent(row["task_status"], bool(row["stored"]), row["status"])
+async def send_signal(conn: Any, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> SignalSent:
+    async with conn.transaction():
+        await conn.fetch(LOCK_SIGNAL_TARGET, task_id, client_id)
+        row = (await conn.fetch(SEND_SIGNAL, task_id, client_id, name, json_text.dumps(data)))[0]
+    return SignalSent(row["task_status"], bool(row["stored"]), row["status"], bool(row["timed_out"]))
 
 
 # --- sweeping ------------------------------------------------------------------------------------
@@ -469,26 +513,45 @@ SELECT count(*) AS woken, (SELECT n FROM notified) AS _n FROM woken
 """
 
 
-# Children of a cancelled parent that its cancel had to skip (they were locked at that moment):
-# cancelled now, or asked to stop if running (index: tasks_cancelled_parents, then tasks_parent_key).
+# Children that the end of their parent had to skip (they were locked at that moment), recorded by
+# the trigger taskgate_composition_changed (migration 0014) in task_orphans: cancelled now, or
+# asked to stop if running. A parent stops its children when it ends cancelled or discarded, or
+# completed after a cancel was asked. A child that became unfinished again since (retried by hand)
+# left the table then: it runs. Rows whose child is finished, or was handled here, go; a child
+# still locked keeps its row for the next sweep.
 SWEEP_ORPHANS = f"""
-WITH orphans AS (
-    SELECT c.id FROM tasks p JOIN tasks c ON c.parent_id = p.id
-    WHERE p.status = 'cancelled' AND p.children_open > 0
-      AND c.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
+WITH picked AS (
+    SELECT task_id FROM task_orphans LIMIT $1 FOR UPDATE SKIP LOCKED
+),
+orphans AS (
+    SELECT c.id, p.status AS parent_status
+    FROM picked JOIN tasks c ON c.id = picked.task_id JOIN tasks p ON p.id = c.parent_id
+    WHERE c.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
       AND NOT (c.status = 'running' AND c.cancel_requested)
-    LIMIT $1
     FOR UPDATE OF c SKIP LOCKED
 ),
 changed AS (
     UPDATE tasks t
     SET {CANCELLING},
-        last_error = COALESCE(t.last_error, 'parent ' || t.parent_id || ' was cancelled')
+        last_error = COALESCE(
+            t.last_error,
+            'parent ' || t.parent_id || ' was '
+            || CASE WHEN o.parent_status = 'discarded' THEN 'discarded' ELSE 'cancelled' END)
     FROM orphans o
     WHERE t.id = o.id
     RETURNING t.id, t.status
+),
+settled AS (
+    DELETE FROM task_orphans x USING picked
+    WHERE x.task_id = picked.task_id
+      AND (x.task_id IN (SELECT id FROM changed)
+           OR NOT EXISTS (SELECT 1 FROM tasks c WHERE c.id = x.task_id
+                          AND c.status IN ('scheduled', 'available', 'running', 'waiting', 'retryable')
+                          AND NOT (c.status = 'running' AND c.cancel_requested)))
+    RETURNING x.task_id
 )
 SELECT count(*) AS changed,
+       (SELECT count(*) FROM settled) AS _settled,
        (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) FROM changed)
      + (SELECT count(pg_notify('{CANCEL_CHANNEL}', id::text)) FROM changed WHERE status = 'running') AS _n
 FROM changed

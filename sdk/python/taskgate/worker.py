@@ -190,6 +190,14 @@ class TaskContext:
         """The children's results in order, once every child is terminal (the task is `waiting`
         meanwhile); a discarded or cancelled child raises ChildFailed."""
         known = self._children
+        for child in children:
+            # a handle that is not this task's child (made by hand, or another task's) would have
+            # the task wait for a child that never counts, and resume at once, over and over
+            stored = known.get(child.key)
+            if stored is None and child.key not in self._spawn_keys:
+                raise PermanentError(f"ctx.gather: {child.key!r} is not a child this task spawned")
+            if stored is not None and child.id is not None and str(child.id) != str(stored.get("id")):
+                raise PermanentError(f"ctx.gather: task {child.id} is not this task's child {child.key!r}")
         if any(c.key not in known or known[c.key].get("status") not in _FINISHED for c in children):
             raise _Suspend({"spawn": self._take_spawns(), "wait": {"type": "children"}})
         results = []

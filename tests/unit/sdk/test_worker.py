@@ -417,3 +417,20 @@ async def test_a_completion_the_server_fails_for_ever_is_given_up_and_its_lease_
     assert ("/api/workers/complete", 500) in server.refused
     last_beat = next(beat for beat in reversed(server.heartbeats) if after in beat["task_ids"])
     assert broken not in last_beat["task_ids"]  # its lease is no longer renewed
+
+
+async def test_gathering_a_handle_that_is_not_this_tasks_child_fails_the_task_for_good() -> None:
+    """It made the task wait for a child that never counts: resumed at once, over and over."""
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=2, grace_s=1)
+
+        @worker.kind("stranger")
+        async def stranger(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> list[Any]:
+            return await ctx.gather([taskgate.worker.Child("nobody")])
+
+        task = server.add("stranger")
+        async with server.serving(worker):
+            await until(lambda: task in server.completed)
+    assert server.completed[task]["outcome"] == "permanent_failure"
+    assert "'nobody' is not a child this task spawned" in server.completed[task]["error"]

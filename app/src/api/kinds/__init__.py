@@ -265,6 +265,14 @@ class TaskContext:
         """The children's results, in order, once every child of this task is terminal (the task
         is `waiting` until then). A discarded or cancelled child raises ChildFailed."""
         known = self._state.children
+        for child in children:
+            # a handle that is not this task's child (made by hand, or another task's) would have
+            # the task wait for a child that never counts, and resume at once, over and over
+            stored = known.get(child.key)
+            if stored is None and child.key not in self._spawn_keys:
+                raise PermanentError(f"ctx.gather: {child.key!r} is not a child this task spawned")
+            if stored is not None and child.id is not None and str(child.id) != str(stored["id"]):
+                raise PermanentError(f"ctx.gather: task {child.id} is not this task's child {child.key!r}")
         if any(c.key not in known or known[c.key]["status"] not in TERMINAL for c in children):
             raise Suspended(Suspension(spawn=self.take_spawns(), wait=Wait("children")))
         results = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -36,9 +37,10 @@ from app.src.api.models.workers import (
 )
 from app.src.api.state_machine import Status, transition
 from app.src.database import durable as durable_store
+from app.src.database import queues as queue_store
 from app.src.database import tasks as task_store
 from app.src.database import workers as store
-from app.src.database.durable import DurableState
+from app.src.database.durable import DurableState, Unloadable
 from app.src.database.tasks import ClaimedTask, Completion, KindsFilter
 from app.src.database.workers import HeldTask, WorkerRow
 from app.src.utils.metrics import OUTCOMES
@@ -175,15 +177,20 @@ async def claim(
     # more statement for the tasks that stored steps, signals or children, on one connection.
     # The tasks are claimed: without their trace contexts they are handed out regardless, but a
     # durable task cannot run without its stored state (the claim is handed back: _hand_back).
+    # A task whose own state cannot be loaded fails its attempt alone (durable_store.load_states),
+    # as with an in-process worker; the others are handed out.
     contexts: dict[UUID, str] = {}
-    states: dict[UUID, DurableState] = {}
+    states: dict[UUID, DurableState | Unloadable] = {}
     durable = [t.id for t in claimed if t.durable]
     try:
         try:
             async with db.driver() as conn:
                 contexts = await task_store.traceparents(conn, [t.id for t in claimed])
                 if durable:
-                    states = await durable_store.load_state(conn, durable)
+                    states = await durable_store.load_states(conn, durable)
+                    unloadable = [t for t in claimed if isinstance(states.get(t.id), Unloadable)]
+                    if unloadable:
+                        await _fail_unloadable(conn, worker_id, unloadable, states)
         except StorageUnavailable:
             if durable:
                 raise
@@ -195,9 +202,48 @@ async def claim(
         raise
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
     return [
-        Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id), states.get(t.id))
+        Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id), state)
         for t in claimed
+        if not isinstance(state := states.get(t.id), Unloadable)
     ]
+
+
+async def _fail_unloadable(
+    conn: Any, worker_id: UUID, tasks: list[ClaimedTask], states: Mapping[UUID, DurableState | Unloadable]
+) -> None:
+    """End the attempts of claimed tasks whose stored state cannot be loaded: failed, retried by
+    their queue's policy (the in-process worker fails them the same way, app/worker/executing.py).
+    Not handed out: without their steps they would run those again."""
+    queues = {q.id: q for q in await queue_store.get_by_ids(conn, sorted({t.queue_id for t in tasks}))}
+    now = datetime.now(UTC)
+    completions = []
+    for task in tasks:
+        state = states[task.id]
+        error = state.error if isinstance(state, Unloadable) else "unloadable"
+        queue = queues.get(task.queue_id)
+        decided = after_failure(
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            queue=queue,  # type: ignore[arg-type]  # None: permanent below
+            permanent=queue is None,
+            retry_base=task.retry_base,
+        )
+        transition(Status.RUNNING, decided.status)
+        completions.append(
+            Completion(
+                id=task.id,
+                attempt=task.attempt,
+                status=decided.status,
+                outcome=Outcome.FAILED,
+                started_at=task.started_at,
+                finished_at=max(now, task.started_at),
+                error=clip_error(f"its stored state could not be loaded: {error}"),
+                retry_in_s=decided.retry_in_s,
+            )
+        )
+        log.warning("a durable task's state cannot be loaded", task_id=str(task.id), error=error)
+    for row in await task_store.complete(conn, completions, worker_id=worker_id):
+        OUTCOMES(row["queue"], row["kind"], METRIC_OUTCOME.get(row["status"], row["status"])).inc()
 
 
 _handing_back: set[asyncio.Task[None]] = set()
