@@ -14,15 +14,15 @@ by hand after its parent's cancel. The trigger now records the children it skipp
 task_orphans, the sweep cancels those, and a child that becomes unfinished again (a retry) leaves
 that table.
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0015
+Revises: 0014
 Create Date: 2026-12-07
 """
 
 from alembic import op
 
-revision = "0014"
-down_revision = "0013"
+revision = "0015"
+down_revision = "0014"
 branch_labels = None
 depends_on = None
 
