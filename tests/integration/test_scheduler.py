@@ -123,12 +123,13 @@ async def test_the_fire_ledger_refuses_a_second_task_for_a_fire_time(
     due = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=3)
     await fetch(clean_database, "UPDATE schedules SET next_run_at = $1", due)
     first = await schedules.fire_due(engine, grace_s=60)
-    assert (first.on_time, first.duplicates) == (4, 0)
+    # 4 fire times (one more when a second began meanwhile, as under load)
+    assert first.on_time >= 4 and first.duplicates == 0, first
     # as if a replica had read a stale next_run_at: the same fire times come due again
     await fetch(clean_database, "UPDATE schedules SET next_run_at = $1", due)
     again = await schedules.fire_due(engine, grace_s=60)
-    assert again.duplicates >= 4
-    assert await count(clean_database, "SELECT count(*) FROM tasks") == 4 + again.on_time
+    assert again.duplicates >= first.on_time
+    assert await count(clean_database, "SELECT count(*) FROM tasks") == first.on_time + again.on_time
     assert await count(clean_database, "SELECT count(DISTINCT schedule->>'fire_time') FROM tasks") == (
         await count(clean_database, "SELECT count(*) FROM tasks")
     )
