@@ -136,6 +136,9 @@ class ClaimedTask(_Model):
     steps: dict[str, Any] = Field(default_factory=dict)
     signals: dict[str, Any] = Field(default_factory=dict)
     children: dict[str, Any] = Field(default_factory=dict)
+    # the names in `steps` that are sleeps' and signal waits' records; None from a server that
+    # does not say (older than this field): then a name's sort cannot be checked
+    waits: list[str] | None = None
 
 
 class Claim(_Model):
