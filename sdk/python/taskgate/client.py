@@ -41,6 +41,9 @@ Workers = list[WorkerInfo]
 Steps = list[dict[str, Any]]
 Verify = bool | str | ssl.SSLContext
 MAX_EVENT_RECONNECTS = 20
+# The server sends a keep-alive comment every 15 s on an event stream: three of them missed and
+# the connection is taken for dead (a ReadTimeout) and opened again, never waited on for ever.
+EVENTS_SILENCE_S = 45.0
 
 
 class _Config:
@@ -249,7 +252,7 @@ class Client:
             try:
                 with self._http.stream(
                     "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
-                    timeout=httpx.Timeout(self.config.timeout_s, read=None),
+                    timeout=httpx.Timeout(self.config.timeout_s, read=EVENTS_SILENCE_S),
                 ) as response:  # fmt: skip
                     if response.status_code >= 400:
                         response.read()
@@ -519,7 +522,7 @@ class AsyncClient:
             try:
                 async with self._http.stream(
                     "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
-                    timeout=httpx.Timeout(self.config.timeout_s, read=None),
+                    timeout=httpx.Timeout(self.config.timeout_s, read=EVENTS_SILENCE_S),
                 ) as response:  # fmt: skip
                     if response.status_code >= 400:
                         await response.aread()
