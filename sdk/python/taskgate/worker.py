@@ -720,12 +720,17 @@ class Worker:
             if progress and 400 <= exc.status < 500:
                 log.warning("heartbeat refused; sending it again without its progress: %s", exc)
                 return await self._renew(held, {})
+            self._keep_progress(progress)  # a server error, not a refusal of the progress
             log.warning("heartbeat failed: %s", exc)
         except Exception as exc:
-            for task_id, value in progress.items():
-                self._progress.setdefault(task_id, value)
+            self._keep_progress(progress)
             log.warning("heartbeat failed: %s", exc or type(exc).__name__)
         return None
+
+    def _keep_progress(self, progress: dict[UUID, Any]) -> None:
+        """Progress a heartbeat could not deliver goes with the next one (unless newer came)."""
+        for task_id, value in progress.items():
+            self._progress.setdefault(task_id, value)
 
     async def _fence_loop(self) -> None:
         """Fences on its own timer: a heartbeat in flight (up to a third of the lease) must not

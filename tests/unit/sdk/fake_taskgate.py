@@ -37,6 +37,7 @@ class FakeTaskgate:
         self.refuse_item: Callable[[dict[str, Any]], bool] = lambda _item: False
         self.break_item: Callable[[dict[str, Any]], bool] = lambda _item: False  # answered 500
         self.hang_heartbeats = False
+        self.break_heartbeats = 0  # how many heartbeats to answer 500 (and not apply)
 
     def add(self, kind: str, payload: dict[str, Any] | None = None, *, task_id: str | None = None,
             attempt: int = 1) -> str:  # fmt: skip
@@ -100,6 +101,9 @@ class FakeTaskgate:
     async def _heartbeat(self, body: dict[str, Any]) -> httpx.Response:
         if self.hang_heartbeats:
             await asyncio.Event().wait()
+        if self.break_heartbeats > 0:
+            self.break_heartbeats -= 1
+            return self._refuse("/api/workers/heartbeat", problem(500, "internal server error"))
         self.heartbeats.append(body)
         expires = datetime.now(UTC) + timedelta(seconds=self.lease_s)
         held = [i for i in body["task_ids"] if i not in self.lost]

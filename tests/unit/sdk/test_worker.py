@@ -488,3 +488,27 @@ async def test_a_claim_without_waits_from_an_older_server_replays_as_before() ->
             await until(lambda: task_id in server.completed)
     assert server.completed[task_id]["outcome"] == "completed"
     assert server.completed[task_id]["result"] == 1
+
+
+async def test_progress_a_failed_heartbeat_did_not_deliver_goes_with_the_next_one() -> None:
+    """Progress is taken out of the worker when a heartbeat is sent; a heartbeat the server
+    answered with a 5xx (not a refusal of the progress) dropped it, so the last progress a handler
+    reported before a quiet spell never reached the task."""
+    server = FakeTaskgate(lease_s=6)  # a heartbeat every 2 s, the fence at 4.8 s
+    server.break_heartbeats = 1
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1)
+        release = asyncio.Event()
+
+        @worker.kind("reports")
+        async def reports(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            ctx.progress({"done": 1})
+            await release.wait()
+
+        task_id = server.add("reports")
+        async with server.serving(worker):
+            await until(lambda: server.refused == [("/api/workers/heartbeat", 500)])
+            await until(lambda: bool(server.heartbeats), timeout_s=4)
+            release.set()
+            await until(lambda: task_id in server.completed)
+    assert server.heartbeats[0]["progress"] == {task_id: {"done": 1}}
