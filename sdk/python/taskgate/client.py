@@ -138,6 +138,8 @@ class Client:
             assert response is not None
             if response.status_code >= 400:
                 raise api_error(response)
+            if response.headers.get("retry-after"):
+                call.retry_after_s = retry_after_s(response, attempt)
             return call.parse(response)
 
     # --- tasks -----------------------------------------------------------------------------------
@@ -188,13 +190,16 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
-            task = self._run(calls.get(task_id, wait_s=max(0.0, remaining)))
+            call = calls.get(task_id, wait_s=max(0.0, remaining))
+            task = self._run(call)
             if task.terminal:
                 return task
             if deadline - time.monotonic() <= 0:
                 if raise_on_timeout:
                     raise TimeoutExceeded(f"task {task_id} is still {task.status} after {timeout_s} s")
                 return task
+            if call.retry_after_s:  # a stopping server ended the long-poll at once: not a tight loop
+                time.sleep(min(call.retry_after_s, max(0.0, deadline - time.monotonic())))
 
     def list(
         self,
@@ -417,6 +422,8 @@ class AsyncClient:
             assert response is not None
             if response.status_code >= 400:
                 raise api_error(response)
+            if response.headers.get("retry-after"):
+                call.retry_after_s = retry_after_s(response, attempt)
             return call.parse(response)
 
     async def enqueue(
@@ -458,13 +465,16 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            task = await self._run(calls.get(task_id, wait_s=max(0.0, deadline - loop.time())))
+            call = calls.get(task_id, wait_s=max(0.0, deadline - loop.time()))
+            task = await self._run(call)
             if task.terminal:
                 return task
             if deadline - loop.time() <= 0:
                 if raise_on_timeout:
                     raise TimeoutExceeded(f"task {task_id} is still {task.status} after {timeout_s} s")
                 return task
+            if call.retry_after_s:  # a stopping server ended the long-poll at once: not a tight loop
+                await asyncio.sleep(min(call.retry_after_s, max(0.0, deadline - loop.time())))
 
     async def list(
         self,
@@ -624,7 +634,10 @@ class AsyncClient:
         max: int = 10,
         wait_s: float = 10.0,
     ) -> Any:
-        return await self._run(calls.claim(kinds, worker=worker, queues=queues, max=max, wait_s=wait_s))
+        call = calls.claim(kinds, worker=worker, queues=queues, max=max, wait_s=wait_s)
+        claim = await self._run(call)
+        claim.retry_after_s = call.retry_after_s  # a stopping server: claim again after this
+        return claim
 
     async def heartbeat(
         self,

@@ -144,6 +144,9 @@ class ClaimedTask(_Model):
 class Claim(_Model):
     lease_s: float
     items: list[ClaimedTask]
+    # not in the body: the answer's Retry-After (a server shutting down ends a claim's long-poll
+    # at once and says when to claim again), set by AsyncClient.claim
+    retry_after_s: float | None = None
 
 
 class Lease(_Model):

@@ -516,6 +516,8 @@ class Worker:
             failures = 0
             for task, lease_from in starts:
                 self._start(task, lease_from)
+            if claim.retry_after_s:  # a server shutting down: another replica answers after this
+                await asyncio.sleep(claim.retry_after_s)
 
     async def _confirm(self, tasks: list[ClaimedTask], sent: float) -> list[tuple[ClaimedTask, float]]:
         """The claimed tasks to start, each with the time its lease was set at the latest (`_Running.

@@ -204,3 +204,21 @@ async def test_an_async_event_stream_gone_silent_is_reopened_too(monkeypatch: py
 
 async def _statuses(tg: taskgate.AsyncClient) -> list[str]:
     return [e.status async for e in tg.events(TASK["id"])]
+
+
+def test_wait_honours_the_retry_after_of_a_long_poll_a_stopping_server_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server shutting down answers `?wait=` at once with the task as it is and `Retry-After: 1`;
+    `wait()` asked again at once, in a tight loop, until the server closed the connection."""
+    slept: list[float] = []
+    monkeypatch.setattr(taskgate.client.time, "sleep", slept.append)
+    running = {**TASK, "status": "running"}
+    answers = [
+        httpx.Response(200, headers={"Retry-After": "1"}, json=running),
+        httpx.Response(200, json={**TASK, "status": "completed"}),
+    ]
+    seen: list[httpx.Request] = []
+    task = client(answers, seen).wait(TASK["id"], timeout_s=30)
+    assert task.status == "completed"
+    assert slept == [1.0]

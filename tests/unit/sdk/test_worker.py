@@ -512,3 +512,22 @@ async def test_progress_a_failed_heartbeat_did_not_deliver_goes_with_the_next_on
             release.set()
             await until(lambda: task_id in server.completed)
     assert server.heartbeats[0]["progress"] == {task_id: {"done": 1}}
+
+
+async def test_a_claim_a_stopping_server_ends_at_once_is_sent_again_after_its_retry_after() -> None:
+    """A server shutting down ends every claim's long-poll at once, empty, with `Retry-After: 1`
+    (claim again, another replica answers). The worker claimed again at once, in a tight loop of
+    requests on the same connection, until the server closed it."""
+    server = FakeTaskgate()
+    server.stopping = True
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1)
+
+        @worker.kind("noop")
+        async def noop(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            return None
+
+        async with server.serving(worker):
+            await until(lambda: server.claims >= 1)
+            await asyncio.sleep(0.6)
+    assert server.claims == 1
