@@ -144,6 +144,12 @@ async def order(ctx, payload: Order) -> dict:
     return {"charge": charge, "shipped": shipped, "sent": [s["n"] for s in sent]}
 
 
+@worker.kind("e2e.step_named_like_a_sleep")
+async def step_named_like_a_sleep(ctx, payload: dict) -> dict:
+    await ctx.sleep("nap", 0)
+    return {"step": await ctx.step("nap", lambda: 42)}  # names are unique per task
+
+
 class Notify(BaseModel):
     n: int
     fail: bool = False
@@ -540,6 +546,8 @@ out["diamond_in_order"] = (
 )
 out["diamond"] = [done[n].status for n in "abcd"]
 out["steps"] = [s["name"] for s in tg.steps(early.id)]
+named = tg.wait(tg.enqueue("e2e.step_named_like_a_sleep", {}).id, timeout_s=60)
+out["step_named_like_a_sleep"] = [named.status, named.last_error]
 print(json.dumps(out))
 """
 
@@ -601,6 +609,9 @@ async def test_durable_composition_through_the_sdk_worker(
     assert out["diamond"] == ["completed"] * 4
     assert out["diamond_in_order"] is True
     assert out["steps"] == ["charge", "cool-off"]  # the signal came before the wait: no wait was recorded
+    status, error = out["step_named_like_a_sleep"]
+    assert status == "discarded", error  # not completed with the sleep's record as the step's result
+    assert "has the name of a sleep or signal wait" in error
     marks = Counter(" ".join(line.split()[:2]) for line in durable_marks.read_text().splitlines())
     assert [marks[f"{task_id} {step}"] for step in ("one", "two", "three")] == [1, 1, 2]
     notified = [m for m in marks if "notify-" in m]

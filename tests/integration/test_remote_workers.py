@@ -117,7 +117,7 @@ async def test_claim_heartbeat_complete_and_stale_completions(
     assert claimed["lease_s"] > 0
     [item] = claimed["items"]
     assert (item["id"], item["attempt"], item["payload"]) == (task["id"], 1, {"account_id": 7})
-    assert (item["steps"], item["signals"], item["children"]) == ({}, {}, {})
+    assert (item["steps"], item["signals"], item["children"], item["waits"]) == ({}, {}, {}, [])
     beat = await client.post(
         "/api/workers/heartbeat",
         json={
@@ -851,3 +851,24 @@ async def test_a_durable_task_whose_state_cannot_be_loaded_fails_alone_and_the_o
     assert "stored state could not be loaded" in failed["last_error"], failed["last_error"]
     attempts = await (await client.get(f"/api/tasks/{broken}/attempts", headers=auth_headers)).get_json()
     assert [a["outcome"] for a in attempts["items"]] == ["failed"]
+
+
+async def test_a_claim_says_which_stored_names_are_wait_records(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """A step's result may hold any keys: only `waits` tells a remote worker that a stored name is
+    a sleep's or signal wait's record, so that a step under that name can fail its task rather
+    than return the record as its result (as an in-process ctx.step does)."""
+    await register(client, auth_headers)
+    task = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    assert len((await claim(client, auth_headers))["items"]) == 1
+    suspend = {"steps": {"one": {"done": True}}, "wait": {"type": "sleep", "name": "nap", "seconds": 0}}
+    item = {"id": task["id"], "attempt": 1, "outcome": "suspended", "suspend": suspend}
+    assert [a["accepted"] for a in await complete(client, auth_headers, item)] == [True]
+    deadline = time.monotonic() + 5
+    while not (claimed := (await claim(client, auth_headers))["items"]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    [again] = claimed
+    assert again["steps"]["one"] == {"done": True}
+    assert again["steps"]["nap"]["done"] is True
+    assert again["waits"] == ["nap"]

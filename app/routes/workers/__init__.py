@@ -59,7 +59,12 @@ async def claim(data: ClaimIn) -> ClaimOut | tuple[ClaimOut, int, dict[str, str]
                 **(
                     {}
                     if c.state is None
-                    else {"steps": c.state.steps, "signals": c.state.signals, "children": c.state.children}
+                    else {
+                        "steps": c.state.steps,
+                        "signals": c.state.signals,
+                        "children": c.state.children,
+                        "waits": sorted(c.state.waits),
+                    }
                 ),
             )
             for c in claimed

@@ -36,6 +36,9 @@ class Call(Generic[T]):
     params: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None  # read timeout beyond the client's (long-polls)
+    # set when a success answer carried Retry-After (a long-poll a stopping server ended early):
+    # how long to wait before sending the call again (bounded as every Retry-After is)
+    retry_after_s: float | None = None
 
     def parse(self, response: httpx.Response) -> T:
         if self.answer is None or response.status_code == 204:

@@ -41,6 +41,9 @@ Workers = list[WorkerInfo]
 Steps = list[dict[str, Any]]
 Verify = bool | str | ssl.SSLContext
 MAX_EVENT_RECONNECTS = 20
+# The server sends a keep-alive comment every 15 s on an event stream: three of them missed and
+# the connection is taken for dead (a ReadTimeout) and opened again, never waited on for ever.
+EVENTS_SILENCE_S = 45.0
 
 
 class _Config:
@@ -135,6 +138,8 @@ class Client:
             assert response is not None
             if response.status_code >= 400:
                 raise api_error(response)
+            if response.headers.get("retry-after"):
+                call.retry_after_s = retry_after_s(response, attempt)
             return call.parse(response)
 
     # --- tasks -----------------------------------------------------------------------------------
@@ -185,13 +190,16 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
-            task = self._run(calls.get(task_id, wait_s=max(0.0, remaining)))
+            call = calls.get(task_id, wait_s=max(0.0, remaining))
+            task = self._run(call)
             if task.terminal:
                 return task
             if deadline - time.monotonic() <= 0:
                 if raise_on_timeout:
                     raise TimeoutExceeded(f"task {task_id} is still {task.status} after {timeout_s} s")
                 return task
+            if call.retry_after_s:  # a stopping server ended the long-poll at once: not a tight loop
+                time.sleep(min(call.retry_after_s, max(0.0, deadline - time.monotonic())))
 
     def list(
         self,
@@ -249,7 +257,7 @@ class Client:
             try:
                 with self._http.stream(
                     "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
-                    timeout=httpx.Timeout(self.config.timeout_s, read=None),
+                    timeout=httpx.Timeout(self.config.timeout_s, read=EVENTS_SILENCE_S),
                 ) as response:  # fmt: skip
                     if response.status_code >= 400:
                         response.read()
@@ -414,6 +422,8 @@ class AsyncClient:
             assert response is not None
             if response.status_code >= 400:
                 raise api_error(response)
+            if response.headers.get("retry-after"):
+                call.retry_after_s = retry_after_s(response, attempt)
             return call.parse(response)
 
     async def enqueue(
@@ -455,13 +465,16 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            task = await self._run(calls.get(task_id, wait_s=max(0.0, deadline - loop.time())))
+            call = calls.get(task_id, wait_s=max(0.0, deadline - loop.time()))
+            task = await self._run(call)
             if task.terminal:
                 return task
             if deadline - loop.time() <= 0:
                 if raise_on_timeout:
                     raise TimeoutExceeded(f"task {task_id} is still {task.status} after {timeout_s} s")
                 return task
+            if call.retry_after_s:  # a stopping server ended the long-poll at once: not a tight loop
+                await asyncio.sleep(min(call.retry_after_s, max(0.0, deadline - loop.time())))
 
     async def list(
         self,
@@ -519,7 +532,7 @@ class AsyncClient:
             try:
                 async with self._http.stream(
                     "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
-                    timeout=httpx.Timeout(self.config.timeout_s, read=None),
+                    timeout=httpx.Timeout(self.config.timeout_s, read=EVENTS_SILENCE_S),
                 ) as response:  # fmt: skip
                     if response.status_code >= 400:
                         await response.aread()
@@ -621,7 +634,10 @@ class AsyncClient:
         max: int = 10,
         wait_s: float = 10.0,
     ) -> Any:
-        return await self._run(calls.claim(kinds, worker=worker, queues=queues, max=max, wait_s=wait_s))
+        call = calls.claim(kinds, worker=worker, queues=queues, max=max, wait_s=wait_s)
+        claim = await self._run(call)
+        claim.retry_after_s = call.retry_after_s  # a stopping server: claim again after this
+        return claim
 
     async def heartbeat(
         self,

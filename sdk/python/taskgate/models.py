@@ -136,11 +136,17 @@ class ClaimedTask(_Model):
     steps: dict[str, Any] = Field(default_factory=dict)
     signals: dict[str, Any] = Field(default_factory=dict)
     children: dict[str, Any] = Field(default_factory=dict)
+    # the names in `steps` that are sleeps' and signal waits' records; None from a server that
+    # does not say (older than this field): then a name's sort cannot be checked
+    waits: list[str] | None = None
 
 
 class Claim(_Model):
     lease_s: float
     items: list[ClaimedTask]
+    # not in the body: the answer's Retry-After (a server shutting down ends a claim's long-poll
+    # at once and says when to claim again), set by AsyncClient.claim
+    retry_after_s: float | None = None
 
 
 class Lease(_Model):

@@ -61,6 +61,7 @@ UNWIND_S = 0.25  # at shutdown, what a cancelled handler gets to end before it c
 # Taskgate retries the task, rather than the task staying `running` (and its slot taken) for ever.
 DELIVER_FOR_S = 300.0
 MAX_TRACEBACK = 8192
+MAX_NAME = 200  # a step's or wait's name as the server stores it (shown in errors)
 # what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
 # within it itself: a completion the server refuses must never stall the others
 MAX_ERROR = 20_000
@@ -115,6 +116,7 @@ class TaskContext:
         self._steps: dict[str, Any] = dict(task.steps)
         self._signals: dict[str, Any] = dict(task.signals)
         self._children: dict[str, Any] = dict(task.children)
+        self._waits: frozenset[str] | None = None if task.waits is None else frozenset(task.waits)
         self._spawns: list[dict[str, Any]] = []
         self._spawn_keys: set[str] = set()
 
@@ -126,6 +128,11 @@ class TaskContext:
         A new step's result is sent to Taskgate (the attempt ends `suspended`) before anything
         after it runs, so a worker killed right after a step never runs it again.
         """
+        if self._waits is not None and name in self._waits:  # its record is not this step's result
+            raise PermanentError(
+                f"the step {name[:MAX_NAME]!r} has the name of a sleep or signal wait of this task: "
+                "each needs a name of its own"
+            )
         if name in self._steps:
             return self._steps[name]
         value = fn(*args)
@@ -137,6 +144,7 @@ class TaskContext:
 
     async def sleep(self, name: str, seconds: float) -> None:
         """Durable sleep: the task is `scheduled` until then and holds no worker slot."""
+        self._own_wait("sleep", name)
         stored = self._steps.get(name)
         if isinstance(stored, dict) and stored.get("done"):
             return
@@ -146,6 +154,7 @@ class TaskContext:
     async def wait_signal(self, name: str, *, timeout_s: float | None = None) -> Any:
         """The data of signal `name`; the task is `waiting` until it arrives (a signal sent
         earlier is kept). Raises SignalTimeout once `timeout_s` passed without it."""
+        self._own_wait("signal wait", name)
         if name in self._signals:
             return self._signals[name]
         stored = self._steps.get(name)
@@ -155,6 +164,16 @@ class TaskContext:
         if timeout_s is not None:
             wait["seconds"] = float(timeout_s)
         raise _Suspend({"spawn": self._take_spawns(), "wait": wait})
+
+    def _own_wait(self, what: str, name: str) -> None:
+        """A wait under a stored step's name would take the step's result for its record (a
+        result holding `done` or `timed_out` would end it at once): it fails the task, as the
+        server refuses it. Unknown (an older server's claim does not say), it is not checked."""
+        if self._waits is not None and name in self._steps and name not in self._waits:
+            raise PermanentError(
+                f"the {what} {name[:MAX_NAME]!r} has the name of another step, sleep or signal wait "
+                "of this task: each needs a name of its own"
+            )
 
     async def spawn(
         self,
@@ -505,6 +524,8 @@ class Worker:
             failures = 0
             for task, lease_from in starts:
                 self._start(task, lease_from)
+            if claim.retry_after_s:  # a server shutting down: another replica answers after this
+                await asyncio.sleep(claim.retry_after_s)
 
     async def _confirm(self, tasks: list[ClaimedTask], sent: float) -> list[tuple[ClaimedTask, float]]:
         """The claimed tasks to start, each with the time its lease was set at the latest (`_Running.
@@ -709,12 +730,17 @@ class Worker:
             if progress and 400 <= exc.status < 500:
                 log.warning("heartbeat refused; sending it again without its progress: %s", exc)
                 return await self._renew(held, {})
+            self._keep_progress(progress)  # a server error, not a refusal of the progress
             log.warning("heartbeat failed: %s", exc)
         except Exception as exc:
-            for task_id, value in progress.items():
-                self._progress.setdefault(task_id, value)
+            self._keep_progress(progress)
             log.warning("heartbeat failed: %s", exc or type(exc).__name__)
         return None
+
+    def _keep_progress(self, progress: dict[UUID, Any]) -> None:
+        """Progress a heartbeat could not deliver goes with the next one (unless newer came)."""
+        for task_id, value in progress.items():
+            self._progress.setdefault(task_id, value)
 
     async def _fence_loop(self) -> None:
         """Fences on its own timer: a heartbeat in flight (up to a third of the lease) must not

@@ -37,6 +37,9 @@ class FakeTaskgate:
         self.refuse_item: Callable[[dict[str, Any]], bool] = lambda _item: False
         self.break_item: Callable[[dict[str, Any]], bool] = lambda _item: False  # answered 500
         self.hang_heartbeats = False
+        self.break_heartbeats = 0  # how many heartbeats to answer 500 (and not apply)
+        self.stopping = False  # a server shutting down: claims end at once, with Retry-After: 1
+        self.claims = 0
 
     def add(self, kind: str, payload: dict[str, Any] | None = None, *, task_id: str | None = None,
             attempt: int = 1) -> str:  # fmt: skip
@@ -88,6 +91,10 @@ class FakeTaskgate:
         return response
 
     async def _claim(self, body: dict[str, Any]) -> httpx.Response:
+        self.claims += 1
+        if self.stopping:
+            empty = {"lease_s": self.lease_s, "items": []}
+            return httpx.Response(200, headers={"Retry-After": "1"}, json=empty)
         if not self.available:
             await asyncio.sleep(0.02)  # a short long-poll
         items, self.available = self.available[: body["max"]], self.available[body["max"] :]
@@ -100,6 +107,9 @@ class FakeTaskgate:
     async def _heartbeat(self, body: dict[str, Any]) -> httpx.Response:
         if self.hang_heartbeats:
             await asyncio.Event().wait()
+        if self.break_heartbeats > 0:
+            self.break_heartbeats -= 1
+            return self._refuse("/api/workers/heartbeat", problem(500, "internal server error"))
         self.heartbeats.append(body)
         expires = datetime.now(UTC) + timedelta(seconds=self.lease_s)
         held = [i for i in body["task_ids"] if i not in self.lost]

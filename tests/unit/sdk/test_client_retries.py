@@ -3,8 +3,12 @@ problem+json read into ApiError, and an Idempotency-Key that stays the same acro
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import sys
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -131,3 +135,90 @@ async def test_async_events_retry_429_and_503_too(monkeypatch: pytest.MonkeyPatc
         statuses = [e.status async for e in tg.events(TASK["id"])]
     assert statuses == ["completed"]
     assert slept == [2.0]
+
+
+def _silent_then_done_server() -> tuple[str, list[int], threading.Event]:
+    """An HTTP server whose first event stream answers its headers and then says nothing, ever
+    (a peer gone without closing, a proxy holding the connection); the next one ends the task."""
+    done = {"id": TASK["id"], "status": "completed", "attempts": 1}
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    listener = socket.create_server(("127.0.0.1", 0))
+    opened: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        held = []
+        while not stop.is_set():
+            listener.settimeout(0.1)
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.recv(65536)
+            opened.append(1)
+            if len(opened) == 1:
+                conn.sendall(head)  # then silence, the connection left open
+                held.append(conn)
+                continue
+            event = f"event: task\ndata: {json.dumps(done)}\n\n".encode()
+            conn.sendall(head + f"{len(event):x}\r\n".encode() + event + b"\r\n0\r\n\r\n")
+            conn.close()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", opened, stop
+
+
+def test_an_event_stream_gone_silent_is_reopened_not_waited_on_for_ever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream was read without a read timeout: a connection that died without a word (the
+    server sends a keep-alive comment every 15 s) held `events()` for ever."""
+    monkeypatch.setattr(taskgate.client, "EVENTS_SILENCE_S", 0.5)
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    url, opened, stop = _silent_then_done_server()
+    try:
+        with taskgate.Client(url, api_key="k", timeout_s=5) as tg:
+            started = time.monotonic()
+            statuses = [e.status for e in tg.events(TASK["id"])]
+        assert statuses == ["completed"]
+        assert len(opened) == 2
+        assert time.monotonic() - started < 4
+    finally:
+        stop.set()
+
+
+async def test_an_async_event_stream_gone_silent_is_reopened_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(taskgate.client, "EVENTS_SILENCE_S", 0.5)
+    url, opened, stop = _silent_then_done_server()
+    try:
+        async with taskgate.AsyncClient(url, api_key="k", timeout_s=5) as tg:
+            statuses = await asyncio.wait_for(_statuses(tg), 4)
+        assert statuses == ["completed"]
+        assert len(opened) == 2
+    finally:
+        stop.set()
+
+
+async def _statuses(tg: taskgate.AsyncClient) -> list[str]:
+    return [e.status async for e in tg.events(TASK["id"])]
+
+
+def test_wait_honours_the_retry_after_of_a_long_poll_a_stopping_server_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server shutting down answers `?wait=` at once with the task as it is and `Retry-After: 1`;
+    `wait()` asked again at once, in a tight loop, until the server closed the connection."""
+    slept: list[float] = []
+    monkeypatch.setattr(taskgate.client.time, "sleep", slept.append)
+    running = {**TASK, "status": "running"}
+    answers = [
+        httpx.Response(200, headers={"Retry-After": "1"}, json=running),
+        httpx.Response(200, json={**TASK, "status": "completed"}),
+    ]
+    seen: list[httpx.Request] = []
+    task = client(answers, seen).wait(TASK["id"], timeout_s=30)
+    assert task.status == "completed"
+    assert slept == [1.0]

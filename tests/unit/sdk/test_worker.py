@@ -434,3 +434,117 @@ async def test_gathering_a_handle_that_is_not_this_tasks_child_fails_the_task_fo
             await until(lambda: task in server.completed)
     assert server.completed[task]["outcome"] == "permanent_failure"
     assert "'nobody' is not a child this task spawned" in server.completed[task]["error"]
+
+
+async def test_a_step_named_like_an_earlier_sleep_fails_its_task_and_never_returns_the_wait_record() -> None:
+    """Names are unique per task. The claim says which stored names are wait records: a step under
+    one of them must fail its task for good (as in-process), not return the sleep's record as its
+    result without running its function."""
+    server = FakeTaskgate()
+    ran: list[str] = []
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=2, grace_s=1)
+
+        @worker.kind("nap_then_step")
+        async def nap_then_step(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            await ctx.sleep("nap", 0)
+            return {"step": await ctx.step("nap", lambda: ran.append("step") or 42)}
+
+        task_id = server.add("nap_then_step")
+        record = {"sleep_until": "2026-01-01T00:00:00+00:00", "done": True}
+        server.available[0].update(steps={"nap": record}, waits=["nap"])
+        async with server.serving(worker):
+            await until(lambda: task_id in server.completed)
+    done = server.completed[task_id]
+    assert ran == []
+    assert done["outcome"] == "permanent_failure", done
+    assert "has the name of a sleep or signal wait" in done["error"]
+
+
+async def test_a_sleep_or_signal_wait_named_like_an_earlier_step_fails_its_task() -> None:
+    """A step's result shaped like a wait record ({"done": true}, {"timed_out": true}) must not end
+    a sleep at once or raise SignalTimeout: under a step's name, a wait fails its task."""
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=2, grace_s=1)
+
+        @worker.kind("step_then_sleep")
+        async def step_then_sleep(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> str:
+            await ctx.step("x", lambda: {"done": True, "timed_out": True})
+            if payload["signal"]:
+                await ctx.wait_signal("x")
+            else:
+                await ctx.sleep("x", 60)
+            return "went on"
+
+        ids = [server.add("step_then_sleep", {"signal": signal}) for signal in (False, True)]
+        for item in server.available:
+            item.update(steps={"x": {"done": True, "timed_out": True}}, waits=[])
+        async with server.serving(worker):
+            await until(lambda: set(ids) <= server.completed.keys())
+    for task_id in ids:
+        done = server.completed[task_id]
+        assert done["outcome"] == "permanent_failure", done
+        assert "has the name of another step" in done["error"]
+
+
+async def test_a_claim_without_waits_from_an_older_server_replays_as_before() -> None:
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=2, grace_s=1)
+
+        @worker.kind("slept")
+        async def slept(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> int:
+            await ctx.sleep("nap", 1)
+            return int(await ctx.step("one", lambda: 2))
+
+        task_id = server.add("slept")
+        server.available[0]["steps"] = {"nap": {"sleep_until": "2026-01-01T00:00:00+00:00", "done": True},
+                                        "one": 1}  # fmt: skip
+        async with server.serving(worker):
+            await until(lambda: task_id in server.completed)
+    assert server.completed[task_id]["outcome"] == "completed"
+    assert server.completed[task_id]["result"] == 1
+
+
+async def test_progress_a_failed_heartbeat_did_not_deliver_goes_with_the_next_one() -> None:
+    """Progress is taken out of the worker when a heartbeat is sent; a heartbeat the server
+    answered with a 5xx (not a refusal of the progress) dropped it, so the last progress a handler
+    reported before a quiet spell never reached the task."""
+    server = FakeTaskgate(lease_s=6)  # a heartbeat every 2 s, the fence at 4.8 s
+    server.break_heartbeats = 1
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1)
+        release = asyncio.Event()
+
+        @worker.kind("reports")
+        async def reports(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            ctx.progress({"done": 1})
+            await release.wait()
+
+        task_id = server.add("reports")
+        async with server.serving(worker):
+            await until(lambda: server.refused == [("/api/workers/heartbeat", 500)])
+            await until(lambda: bool(server.heartbeats), timeout_s=4)
+            release.set()
+            await until(lambda: task_id in server.completed)
+    assert server.heartbeats[0]["progress"] == {task_id: {"done": 1}}
+
+
+async def test_a_claim_a_stopping_server_ends_at_once_is_sent_again_after_its_retry_after() -> None:
+    """A server shutting down ends every claim's long-poll at once, empty, with `Retry-After: 1`
+    (claim again, another replica answers). The worker claimed again at once, in a tight loop of
+    requests on the same connection, until the server closed it."""
+    server = FakeTaskgate()
+    server.stopping = True
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1)
+
+        @worker.kind("noop")
+        async def noop(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            return None
+
+        async with server.serving(worker):
+            await until(lambda: server.claims >= 1)
+            await asyncio.sleep(0.6)
+    assert server.claims == 1

@@ -60,6 +60,10 @@ class ClaimedOut(BaseModel):
     steps: dict[str, Any] = Field(default_factory=dict)
     signals: dict[str, Any] = Field(default_factory=dict)
     children: dict[str, Any] = Field(default_factory=dict)
+    waits: list[str] = Field(
+        default_factory=list,
+        description="the names in `steps` that are sleeps' and signal waits' records, not steps' results",
+    )
 
 
 class ClaimOut(BaseModel):
