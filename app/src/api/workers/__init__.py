@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -188,9 +187,11 @@ async def claim(
                 contexts = await task_store.traceparents(conn, [t.id for t in claimed])
                 if durable:
                     states = await durable_store.load_states(conn, durable)
-                    unloadable = [t for t in claimed if isinstance(states.get(t.id), Unloadable)]
+                    unloadable = [
+                        (t, s.error) for t in claimed if isinstance(s := states.get(t.id), Unloadable)
+                    ]
                     if unloadable:
-                        await _fail_unloadable(conn, worker_id, unloadable, states)
+                        await _fail_unloadable(conn, worker_id, unloadable)
         except StorageUnavailable:
             if durable:
                 raise
@@ -208,18 +209,16 @@ async def claim(
     ]
 
 
-async def _fail_unloadable(
-    conn: Any, worker_id: UUID, tasks: list[ClaimedTask], states: Mapping[UUID, DurableState | Unloadable]
-) -> None:
-    """End the attempts of claimed tasks whose stored state cannot be loaded: failed, retried by
-    their queue's policy (the in-process worker fails them the same way, app/worker/executing.py).
-    Not handed out: without their steps they would run those again."""
-    queues = {q.id: q for q in await queue_store.get_by_ids(conn, sorted({t.queue_id for t in tasks}))}
+async def _fail_unloadable(conn: Any, worker_id: UUID, tasks: list[tuple[ClaimedTask, str]]) -> None:
+    """End the attempts of claimed tasks whose stored state cannot be loaded (each with the error
+    loading it gave): failed, retried by their queue's policy (the in-process worker fails them the
+    same way, app/worker/__init__.py `_start`). Not handed out: without their steps they would run
+    those again."""
+    queue_ids = sorted({task.queue_id for task, _ in tasks})
+    queues = {q.id: q for q in await queue_store.get_by_ids(conn, queue_ids)}
     now = datetime.now(UTC)
     completions = []
-    for task in tasks:
-        state = states[task.id]
-        error = state.error if isinstance(state, Unloadable) else "unloadable"
+    for task, error in tasks:
         queue = queues.get(task.queue_id)
         decided = after_failure(
             attempt=task.attempt,
