@@ -1,5 +1,7 @@
 """JSON helpers hold up against values nested far deeper than the interpreter's stack."""
 
+import random
+
 import pytest
 
 from app.src.utils import json_provider, json_text
@@ -31,7 +33,30 @@ def test_a_value_too_deep_to_write_is_a_value_error() -> None:
         (b'["[[[[[[", {"a": "}}}}\\"[[[["}]', False),
         (b'[[[["\\\\"]]]]', True),
         (b"[1], [2], [3], [4], [5]", False),
+        (b'["[[[[[[", {"a": "}}}}[[[["}]', False),  # no escapes: the quick path
+        (b'[{"a": "]]]]"}, [[["x"]]]]', True),
+        (b'["]]]]", "a"b", [[[1]]]]', True),  # an odd number of quotes: the regex path
     ],
 )
 def test_nesting_is_measured_outside_strings(raw: bytes, exceeds: bool) -> None:
     assert json_provider.nesting_exceeds(raw, 3) is exceeds
+
+
+def test_the_quick_path_finds_what_the_regex_finds() -> None:
+    """Without escapes the strings are found by splitting at quotes; it must agree with the
+    regex on any body, JSON or not."""
+
+    rng = random.Random(7)
+    for _ in range(20_000):
+        raw = bytes(rng.choice(b'[]{}"a,') for _ in range(rng.randint(0, 40)))
+        regex = json_provider._STRING.sub(b"", raw).translate(None, json_provider._NOT_BRACKETS)
+        assert json_provider._outside_strings(raw) == regex, raw
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"b": 1, "a": [{"z": None, "y": "é"}]}, {"big": 2**70}, {1: "int key"}, {"deep": deep(300, 1)}],
+    ids=["nested keys", "beyond 64 bits", "non-string key", "beyond orjson's depth"],
+)
+def test_answers_built_from_request_bodies_read_as_every_other_answer(body: dict[object, object]) -> None:
+    assert json_provider.dumps_parsed(body) == json_provider.dumps(body).encode()

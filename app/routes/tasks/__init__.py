@@ -50,7 +50,7 @@ SHUTDOWN_EVENT = sse.shutdown_event(SHUTDOWN_RETRY_AFTER_S)
 
 def json_response(body: dict[str, Any], status: int) -> Response:
     """The enqueue routes answer with `task_body` dicts (documented as TaskOut / TaskBatchOut)."""
-    return Response(json_provider.dumps(body), status=status, content_type="application/json")
+    return Response(json_provider.dumps_parsed(body), status=status, content_type="application/json")
 
 
 def _idempotency_key() -> str | None:

@@ -19,6 +19,9 @@ from quart import Quart
 from quart.json.provider import DefaultJSONProvider
 
 _OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+# Objects read from a request body have string keys only: without OPT_NON_STR_KEYS orjson takes its
+# faster path (a third of the time of a thousand enqueued tasks' answer).
+_STR_KEYS_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_SORT_KEYS
 
 
 def _plain(value: Any) -> Any:
@@ -41,10 +44,20 @@ def dumps(obj: Any, default: Callable[[Any], Any] = _plain) -> str:
         return json.dumps(obj, default=default, sort_keys=True, separators=(",", ":"))
 
 
+def dumps_parsed(obj: Any) -> bytes:
+    """A response body built from what a request body held (string keys only), as bytes: `dumps`
+    gives the same text."""
+    try:
+        return orjson.dumps(obj, default=_plain, option=_STR_KEYS_OPTIONS)
+    except orjson.JSONEncodeError:
+        return dumps(obj).encode()
+
+
 _LONG_NUMBER = re.compile(rb"\d{20,}")
 # A JSON string with its escapes (the unrolled form: linear, no backtracking per character).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_BRACKETS_OR_QUOTES = bytes(b for b in range(256) if b not in b'"[]{}')
 MAX_DEPTH = 64
 
 
@@ -62,11 +75,20 @@ def nesting_exceeds(raw: bytes, max_depth: int) -> bool:
     if raw.count(b"[") + raw.count(b"{") <= max_depth:  # the common case, in C
         return False
     depth = 0
-    for byte in _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS):
+    for byte in _outside_strings(raw):
         depth += 1 if byte in b"[{" else -1
         if depth > max_depth:
             return True
     return False
+
+
+def _outside_strings(raw: bytes) -> bytes:
+    """The brackets of `raw` that are not inside a JSON string."""
+    if b"\\" not in raw and raw.count(b'"') % 2 == 0:
+        # No escapes: every quote opens or closes a string, so the strings are every other piece
+        # between quotes (a fifth of the regex's time on a batch of a thousand tasks).
+        return b"".join(raw.translate(None, _NOT_BRACKETS_OR_QUOTES).split(b'"')[::2])
+    return _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
 
 
 def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
