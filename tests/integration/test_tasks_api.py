@@ -1,6 +1,7 @@
 """The tasks API against a real PostgreSQL: enqueue, validation, idempotency, reading, actions."""
 
 import asyncio
+import json
 from typing import Any
 
 import asyncpg
@@ -109,6 +110,33 @@ async def test_batch_is_all_or_nothing(
         "/api/tasks/batch", json={"tasks": [{"kind": "noop"}] * 1001}, headers=auth_headers
     )
     assert too_many.status_code == 422
+
+
+async def test_a_batch_stores_every_field_as_it_was_sent(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """The batch travels to PostgreSQL as one JSON document: numbers beyond 64 bits, floats,
+    text beyond ASCII, times with an offset and microseconds, and absent fields come back as sent."""
+    tasks = [
+        {"kind": "noop", "payload": {"n": 2**70 + 1, "f": 0.1, "s": 'żółw \u2603 "q" \\', "l": [None, {}]}},
+        {"kind": "noop", "queue": "second", "run_at": "2099-01-01T01:02:03.456789+05:30", "priority": 0},
+        {"kind": "noop", "delay_s": 3600.5, "max_attempts": 2, "concurrency_key": "k-ü"},
+    ]
+    answer = await client.post(
+        "/api/tasks/batch",
+        data=json.dumps({"tasks": tasks}),
+        headers={**auth_headers, "Content-Type": "application/json"},
+    )
+    assert answer.status_code == 201, await answer.get_data(as_text=True)
+    items = json.loads(await answer.get_data(as_text=True))["items"]
+    for item in items:  # what the batch answered is what was stored
+        stored = await client.get(f"/api/tasks/{item['id']}", headers=auth_headers)
+        assert {**json.loads(await stored.get_data(as_text=True)), "blocked_by": None} == item
+    first, second, third = items
+    assert first["payload"] == tasks[0]["payload"]
+    assert second["run_at"] == "2098-12-31T19:32:03.456789Z"
+    assert (second["queue"], second["priority"], second["status"]) == ("second", 0, "scheduled")
+    assert (third["max_attempts"], third["concurrency_key"], third["status"]) == (2, "k-ü", "scheduled")
 
 
 async def test_idempotency_key_replays_the_original(client: Client, auth_headers: dict[str, str]) -> None:

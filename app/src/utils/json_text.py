@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import orjson
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS
+_ROW_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC
 NUL_MESSAGE = "text must not contain the NUL character (\\u0000): PostgreSQL cannot store it"
 
 
@@ -22,10 +25,33 @@ def dumps(value: Any) -> str:
     try:
         return orjson.dumps(value, option=_OPTIONS).decode()
     except orjson.JSONEncodeError:  # the standard library takes it, or raises TypeError
-        try:
-            return json.dumps(value)
-        except RecursionError:  # a ValueError, like every other value JSON cannot hold
-            raise ValueError("the value is nested too deeply to write as JSON") from None
+        return _standard(value)
+
+
+def dumps_rows(rows: list[dict[str, Any]]) -> str:
+    """Rows for a json_to_recordset parameter: ids and times as PostgreSQL reads them (a time
+    without a zone is UTC, as the driver takes it; the session's zone never applies)."""
+    try:
+        return orjson.dumps(rows, default=_row_value, option=_ROW_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        return _standard(rows, default=_row_value)
+
+
+def _row_value(value: Any) -> str:
+    """What orjson does not write by itself: the driver's UUID subclass (and, on the standard
+    library's path, every UUID and datetime)."""
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _standard(value: Any, default: Any = None) -> str:
+    try:
+        return json.dumps(value, default=default)
+    except RecursionError:  # a ValueError, like every other value JSON cannot hold
+        raise ValueError("the value is nested too deeply to write as JSON") from None
 
 
 loads = json.loads
