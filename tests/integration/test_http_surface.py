@@ -1,5 +1,7 @@
 """The HTTP surface every module shares: problem+json errors, request ids, headers, metrics, docs."""
 
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +44,10 @@ async def test_health_and_version(client: Client) -> None:
     version = await (await client.get("/api/common/version")).get_json()
     assert version["name"] == "taskgate"
     assert version["schema_heads"]
+    # make run and the images install the dependencies only (no package metadata names taskgate):
+    # the version is still the project's, never a placeholder
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    assert version["version"] == project["version"]
 
 
 async def test_unknown_path_is_a_problem_404(client: Client) -> None:
