@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from opentelemetry.util._once import Once
 
+from app.src.utils import tracing
 from tests.integration.test_http_kind import WORKER as HTTP_WORKER
 from tests.integration.test_http_kind import Target, answer
 from tests.integration.test_remote_workers import claim, register
@@ -29,6 +30,7 @@ def _reset_global_provider() -> None:
     # the API lets a process set its provider once; tests put it back (as OpenTelemetry's own do)
     trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
     trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
+    tracing._active = False  # what tracing.active() remembered of the provider before
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 log = structlog.get_logger("taskgate.tracing")
@@ -28,13 +29,18 @@ log = structlog.get_logger("taskgate.tracing")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[^\s]{0,200})?$")
 TRACER_NAME = "taskgate"
 _configured = False
+_active = False
 
 
 def active() -> bool:
-    """True when spans are recorded somewhere (an SDK tracer provider is installed)."""
-    from opentelemetry.sdk.trace import TracerProvider
+    """True when spans are recorded somewhere (an SDK tracer provider is installed).
 
-    return isinstance(trace.get_tracer_provider(), TracerProvider)
+    Asked several times per task on the claim and enqueue paths. A process's tracer provider is
+    set at most once (OpenTelemetry refuses a second), so once on, tracing stays on: remembered."""
+    global _active
+    if not _active:
+        _active = isinstance(trace.get_tracer_provider(), TracerProvider)
+    return _active
 
 
 def configure(*, service_name: str) -> bool:
@@ -52,7 +58,6 @@ def configure(*, service_name: str) -> bool:
         )
         return False
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
