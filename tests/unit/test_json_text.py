@@ -60,3 +60,19 @@ def test_the_quick_path_finds_what_the_regex_finds() -> None:
 )
 def test_answers_built_from_request_bodies_read_as_every_other_answer(body: dict[object, object]) -> None:
     assert json_provider.dumps_parsed(body) == json_provider.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("values", "free"),
+    [
+        ([{"a": "b"}, {"c": [1, {"d": None}]}], True),
+        ([{"a": "b"}, {"c": ["x\x00"]}], False),
+        ([{"a\x00": 1}], False),  # in a key
+        ([{"a": "\\u0000"}], False),  # the escape's text, no NUL: the walk tells
+        ([{"n": 2**70}], False),  # beyond orjson: the walk tells
+    ],
+)
+def test_free_of_nul_never_misses_one(values: list[object], free: bool) -> None:
+    assert json_text.free_of_nul(values) is free
+    if free:
+        assert not any(json_text.contains_nul(value) for value in values)

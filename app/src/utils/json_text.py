@@ -76,6 +76,16 @@ def contains_nul(value: Any) -> bool:
     return False
 
 
+def free_of_nul(values: list[Any]) -> bool:
+    """True when no string or key in `values` holds a NUL character, found in one pass in C: JSON
+    text writes each NUL as the escape \\u0000. False when one may (that escape's text may also be
+    a string's own, or orjson cannot write the values): `contains_nul` then tells which."""
+    try:
+        return b"\\u0000" not in orjson.dumps(values, option=_OPTIONS)
+    except orjson.JSONEncodeError:
+        return False
+
+
 # A surrogate alone is not a character: UTF-8 cannot encode it, so neither text nor jsonb stores it.
 # Python makes them of undecodable bytes (surrogateescape: aiohttp's HTTP header values and reason
 # phrases, os and sys texts).

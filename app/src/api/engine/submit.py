@@ -113,9 +113,10 @@ class Submitted:
 
 
 def checked_kind(
-    rules: SubmitRules, kind_name: str, payload: dict[str, Any], *, at: FieldPath = ()
+    rules: SubmitRules, kind_name: str, payload: dict[str, Any], *, at: FieldPath = (), storable: bool = False
 ) -> KindContract:
-    """The kind, once the payload fits its contract and can be stored; else a 422 naming fields under `at`."""
+    """The kind, once the payload fits its contract and can be stored (`storable`: known already);
+    else a 422 naming fields under `at`."""
     kind = rules.kinds.get(kind_name)
     if kind is None:
         raise Unprocessable(
@@ -129,7 +130,8 @@ def checked_kind(
             f"The payload does not match the contract of kind {kind_name!r}.",
             errors=field_errors(exc.errors(include_url=False, include_input=False), prefix=(*at, "payload")),
         ) from None
-    check_storable(payload, at=at)
+    if not storable:
+        check_storable(payload, at=at)
     return kind
 
 
@@ -231,17 +233,22 @@ async def prepare(
     unknown = {request.kind for request in requests if rules.kinds.get(request.kind) is None}
     remote = await remote_kinds.lookup(engine.db, client_id=submitter.client_id, names=unknown)
     kinds: list[HasMaxAttempts | None] = []
+    # one look at all the payloads; only when one may hold a NUL is each walked to name it
+    storable = len(requests) > 1 and json_text.free_of_nul([request.payload for request in requests])
     for index, request in enumerate(requests):
         at = field_prefix(index)
         if request.kind in remote:
             if check_contract:
                 remote_kinds.validate_remote_payload(remote[request.kind], request.payload, at=at)
-            check_storable(request.payload, at=at)
+            if not storable:
+                check_storable(request.payload, at=at)
             kinds.append(remote[request.kind])
         elif check_contract:
-            kinds.append(checked_kind(rules, request.kind, request.payload, at=at))
-        else:
+            kinds.append(checked_kind(rules, request.kind, request.payload, at=at, storable=storable))
+        elif not storable:
             check_storable(request.payload, at=at)
+            kinds.append(rules.kinds.get(request.kind))
+        else:
             kinds.append(rules.kinds.get(request.kind))
     queues = {
         name: await engine.queues.ensure(client_id=submitter.client_id, name=name)
