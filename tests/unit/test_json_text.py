@@ -1,9 +1,12 @@
 """JSON helpers hold up against values nested far deeper than the interpreter's stack."""
 
 import random
+from datetime import UTC, datetime, timedelta, timezone
+from uuid import uuid4
 
 import pytest
 
+from app.src.database.tasks import Debounce, NewTask
 from app.src.utils import json_provider, json_text
 
 
@@ -76,3 +79,23 @@ def test_free_of_nul_never_misses_one(values: list[object], free: bool) -> None:
     assert json_text.free_of_nul(values) is free
     if free:
         assert not any(json_text.contains_nul(value) for value in values)
+
+
+def test_rows_are_written_alike_by_orjson_and_by_the_standard_library() -> None:
+    """dumps_rows writes dataclass rows with orjson; values orjson refuses send the whole list
+    through the standard library, which must write the same values (times as UTC)."""
+
+    def row(payload: dict[str, object], run_at: datetime | None) -> NewTask:
+        return NewTask(
+            uuid4(), uuid4(), 1, "q", "k", payload, 5, 3, run_at, 1.5, None, "key", Debounce("d", 2.0, None)
+        )
+
+    at = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    quick = json_text.loads(json_text.dumps_rows([row({"a": [1, None]}, at), row({}, None)]))
+    slow = json_text.loads(json_text.dumps_rows([row({"a": [1, None]}, at), row({"big": 2**70}, None)]))
+    assert quick[0].keys() == slow[0].keys()
+    assert {k: v for k, v in quick[0].items() if k not in ("id", "client_id")} == {
+        k: v for k, v in slow[0].items() if k not in ("id", "client_id")
+    }
+    assert datetime.fromisoformat(slow[0]["run_at"]) == at.astimezone(UTC)
+    assert slow[1]["payload"] == {"big": 2**70}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -28,18 +30,21 @@ def dumps(value: Any) -> str:
         return _standard(value)
 
 
-def dumps_rows(rows: list[dict[str, Any]]) -> str:
-    """Rows for a json_to_recordset parameter: ids and times as PostgreSQL reads them (a time
-    without a zone is UTC, as the driver takes it; the session's zone never applies)."""
+def dumps_rows(rows: Sequence[Any]) -> str:
+    """Rows (dicts or dataclasses) for a json_to_recordset parameter: ids and times as PostgreSQL
+    reads them (a time without a zone is UTC, as the driver takes it; the session's zone never
+    applies)."""
     try:
         return orjson.dumps(rows, default=_row_value, option=_ROW_OPTIONS).decode()
     except orjson.JSONEncodeError:
         return _standard(rows, default=_row_value)
 
 
-def _row_value(value: Any) -> str:
+def _row_value(value: Any) -> Any:
     """What orjson does not write by itself: the driver's UUID subclass (and, on the standard
-    library's path, every UUID and datetime)."""
+    library's path, every UUID, datetime and dataclass)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {field.name: getattr(value, field.name) for field in fields(value)}
     if isinstance(value, UUID):
         return str(value)
     if isinstance(value, datetime):
