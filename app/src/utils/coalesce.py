@@ -64,7 +64,9 @@ class Coalescer(Generic[T, R]):
         if self._deadline_s is None:
             return await future
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._deadline_s)
+            # (asyncio.timeout, not wait_for: that wraps the wait in a task of its own, per request)
+            async with asyncio.timeout(self._deadline_s):
+                return await asyncio.shield(future)
         except TimeoutError:
             if future in self._started:
                 return await future  # its batch is running, under a deadline of its own
@@ -103,7 +105,8 @@ class Coalescer(Generic[T, R]):
                 results = await self._run(items)
             else:
                 try:
-                    results = await asyncio.wait_for(self._run(items), self._deadline_s)
+                    async with asyncio.timeout(self._deadline_s):
+                        results = await self._run(items)
                 except TimeoutError:
                     raise self._on_deadline() from None
             if len(results) != len(batch):
