@@ -1,8 +1,11 @@
 """`Client` (blocking) and `AsyncClient`: the whole Taskgate API, typed.
 
 Both send the same calls (taskgate._calls); 429 and 503 answers and connection failures are
-retried up to `max_retries` times, honouring Retry-After (each wait at most 30 s). `enqueue` sends
-an Idempotency-Key unless told not to, so a retried enqueue never makes two tasks.
+retried up to `max_retries` times, honouring Retry-After (each wait at most 30 s). `enqueue` and
+`enqueue_many` send an Idempotency-Key unless told not to, so a retried enqueue never makes two
+tasks: with a key they are also sent again when the answer is lost after the request left (a read
+timeout, a dropped connection) and while the key's first request is still in flight (409); without
+one (`idempotent=False`) they are never sent again once they may have reached the server.
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ class Client:
                 )  # fmt: skip
             except httpx.TransportError as exc:
                 error = exc
-            if attempt < self.config.max_retries and should_retry(response, error):
+            if attempt < self.config.max_retries and should_retry(response, error, call.resendable):
                 time.sleep(retry_after_s(response, attempt))
                 attempt += 1
                 continue
@@ -413,7 +416,7 @@ class AsyncClient:
                 )  # fmt: skip
             except httpx.TransportError as exc:
                 error = exc
-            if attempt < self.config.max_retries and should_retry(response, error):
+            if attempt < self.config.max_retries and should_retry(response, error, call.resendable):
                 await asyncio.sleep(retry_after_s(response, attempt))
                 attempt += 1
                 continue
