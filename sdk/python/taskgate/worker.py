@@ -28,7 +28,9 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
+import re
 import signal
 import socket
 import threading
@@ -62,6 +64,14 @@ UNWIND_S = 0.25  # at shutdown, what a cancelled handler gets to end before it c
 DELIVER_FOR_S = 300.0
 MAX_TRACEBACK = 8192
 MAX_NAME = 200  # a step's or wait's name as the server stores it (shown in errors)
+# what the server stores of a suspension (app/src/api/engine/durable.py): a step, sleep, wait or
+# child it cannot store fails the task for good there, and so it does here, before it is sent (sent,
+# some are refused with the whole request, and the attempt would fail and be retried, re-running
+# the step each time, for an error that can only recur)
+MAX_STEP_RESULT_BYTES = 1024 * 1024
+MAX_DELAY_S = 366 * 86_400
+NUL_MESSAGE = "text must not contain the NUL character (\\u0000): PostgreSQL cannot store it"
+_SIGNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
 # within it itself: a completion the server refuses must never stall the others
 MAX_ERROR = 20_000
@@ -135,26 +145,37 @@ class TaskContext:
             )
         if name in self._steps:
             return self._steps[name]
+        _check_name("step name", name)  # before `fn` runs: a step under it could never be stored
         value = fn(*args)
         if inspect.isawaitable(value):
             value = await value
         if isinstance(value, BaseModel):
             value = value.model_dump(mode="json")
+        _check_step_result(name, value)
         raise _Suspend({"steps": {name: value}, "spawn": self._take_spawns()})
 
     async def sleep(self, name: str, seconds: float) -> None:
         """Durable sleep: the task is `scheduled` until then and holds no worker slot."""
         self._own_wait("sleep", name)
+        _check_name("sleep's name", name)
+        _check_wait("sleep", name, seconds)
         stored = self._steps.get(name)
         if isinstance(stored, dict) and stored.get("done"):
             return
-        wait = {"type": "sleep", "name": name, "seconds": float(seconds)}
+        wait = {"type": "sleep", "name": name, "seconds": max(0.0, float(seconds))}
         raise _Suspend({"spawn": self._take_spawns(), "wait": wait})
 
     async def wait_signal(self, name: str, *, timeout_s: float | None = None) -> Any:
         """The data of signal `name`; the task is `waiting` until it arrives (a signal sent
         earlier is kept). Raises SignalTimeout once `timeout_s` passed without it."""
         self._own_wait("signal wait", name)
+        if not isinstance(name, str) or not _SIGNAL_NAME.fullmatch(name):  # nothing could signal it
+            raise PermanentError(
+                f"the signal wait {str(name)[:MAX_NAME]!r} can never be signalled: a signal name is 1 to "
+                "128 letters, digits and . _ : - (starting with a letter or digit)"
+            )
+        if timeout_s is not None:
+            _check_wait("signal wait's timeout", name, timeout_s)
         if name in self._signals:
             return self._signals[name]
         stored = self._steps.get(name)
@@ -162,7 +183,7 @@ class TaskContext:
             raise SignalTimeout(name)
         wait: dict[str, Any] = {"type": "signal", "name": name}
         if timeout_s is not None:
-            wait["seconds"] = float(timeout_s)
+            wait["seconds"] = max(0.0, float(timeout_s))
         raise _Suspend({"spawn": self._take_spawns(), "wait": wait})
 
     def _own_wait(self, what: str, name: str) -> None:
@@ -186,6 +207,7 @@ class TaskContext:
         max_attempts: int | None = None,
     ) -> Child:
         """A child task, created once per (this task, key) when this attempt next suspends."""
+        _check_name("child's key", key)
         known = self._children.get(key)
         if known is not None:
             return Child(key, str(known["id"]))
@@ -844,6 +866,51 @@ def _stopped(running: _Running) -> bool:
     run of the same task it was waiting for."""
     runners = [running.runner, running.previous.runner if running.previous is not None else None]
     return all(runner is None or runner.done() for runner in runners) and running.runner is not None
+
+
+def _check_name(what: str, name: Any) -> None:
+    """A step's, sleep's or child's name as the server stores it (durable.check_name)."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or "\x00" in name:
+        raise PermanentError(f"a {what} must be 1 to {MAX_NAME} characters, none of them NUL")
+
+
+def _check_wait(what: str, name: str, seconds: float) -> None:
+    """A sleep's length or a signal wait's timeout: at most 366 days (durable.check_wait)."""
+    if not math.isfinite(float(seconds)) or float(seconds) > MAX_DELAY_S:
+        raise PermanentError(
+            f"the {what} {str(name)[:MAX_NAME]!r} is {float(seconds)} s; it may be at most "
+            f"{MAX_DELAY_S} s (366 days)"
+        )
+
+
+def _check_step_result(name: str, value: Any) -> None:
+    """A step's result as the server stores it: JSON of at most 1 MiB, without NUL characters
+    (durable.check_step_result)."""
+    try:
+        value = dump(value)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise PermanentError(f"step {name!r} returned what cannot be stored: not JSON: {exc}") from None
+    if _contains_nul(value):
+        raise PermanentError(f"step {name!r} returned what cannot be stored: {NUL_MESSAGE}")
+    if len(text.encode()) > MAX_STEP_RESULT_BYTES:
+        raise PermanentError(f"step {name!r} returned more than 1 MiB of JSON")
+
+
+def _contains_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character in a string or a key (iterative: no depth bound)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def _text(value: str, limit: int) -> str:
