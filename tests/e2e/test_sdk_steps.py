@@ -64,6 +64,12 @@ async def test_a_step_the_server_cannot_store_fails_its_task_for_good_at_once(
                 return run
 
             worker.kind(kind)(handler())
+
+        @worker.kind("steps.sleep_negative")
+        async def sleep_negative(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> Any:
+            await ctx.sleep("nap", -5)  # in-process takes it as 0; the server refused it (422)
+            return {"slept": True}
+
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run_async(stop))
         try:
@@ -71,6 +77,9 @@ async def test_a_step_the_server_cannot_store_fails_its_task_for_good_at_once(
             ids = {
                 kind: (await tg.enqueue(kind, {}, queue="steps", max_attempts=3)).id for kind in UNSTORABLE
             }
+            ids["steps.sleep_negative"] = (
+                await tg.enqueue("steps.sleep_negative", {}, queue="steps", max_attempts=3)
+            ).id
 
             async def finished() -> list[Any]:
                 rows = await fetch(
@@ -93,3 +102,5 @@ async def test_a_step_the_server_cannot_store_fails_its_task_for_good_at_once(
         or ran.get(kind, 0) > 1
     }
     assert not wrong, "\n".join(f"{k}: {v}" for k, v in wrong.items())
+    negative = by_kind["steps.sleep_negative"]
+    assert negative["status"] == "completed", negative["last_error"]
