@@ -59,11 +59,13 @@ def adapter(tp: Any) -> TypeAdapter[Any]:
 
 
 def dump(value: Any) -> Any:
-    """A JSON-ready body: pydantic models dumped, datetimes as RFC 3339."""
+    """A JSON-ready body: pydantic models dumped, datetimes as RFC 3339, UUIDs (task ids) as text."""
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json", exclude_none=True)
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
     if isinstance(value, Mapping):
         return {k: dump(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
