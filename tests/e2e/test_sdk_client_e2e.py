@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from urllib.parse import urlsplit
 
 import pytest
 
 from app.database import Database
 from tests.conftest import ROOT, make_client
 from tests.e2e.conftest import ServerProcess
+from tests.proxy import TcpProxy
 from tests.task_harness import fetch
 
 sys.path.insert(0, str(ROOT / "sdk" / "python"))
@@ -35,3 +37,38 @@ async def test_enqueue_many_takes_the_task_ids_and_uuids_enqueue_takes(
     assert second.payload == {"after": str(first.id)}
     rows = await fetch(clean_database, "SELECT depends_on FROM tasks WHERE id = $1", second.id)
     assert [str(d) for d in rows[0]["depends_on"]] == [str(first.id)]
+
+
+async def test_events_follow_a_task_through_any_number_of_dropped_streams(
+    server: ServerProcess, db: Database, clean_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`events()` counted every reconnect of its life against one budget (20): a task followed
+    across that many dropped streams (deploys, a proxy's connection age limit) ended the iteration
+    with a transport error although every stream had served, or, when they ended cleanly,
+    silently, before the task was terminal."""
+    monkeypatch.setattr(taskgate.client, "MAX_EVENT_RECONNECTS", 2)
+    issued = await make_client(db, "events")
+    port = urlsplit(server.base_url).port
+    assert port is not None
+    proxy = TcpProxy(port=port)
+    await proxy.start()
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    statuses: list[str] = []
+    try:
+        async with (
+            taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as direct,
+            taskgate.AsyncClient(f"https://localhost:{proxy.port}", api_key=issued.api_key, verify=ca) as tg,
+        ):
+            task = await direct.enqueue("noop", {}, run_at=None, delay_s=3600)  # scheduled: not terminal
+            async for event in tg.events(task.id):
+                statuses.append(event.status)
+                if event.terminal:
+                    break
+                if len(statuses) <= 4:  # more dropped streams than the budget, each after an event
+                    proxy.refuse()
+                    await proxy.start()
+                else:
+                    await direct.cancel(task.id)
+    finally:
+        await proxy.close()
+    assert statuses == ["scheduled"] * 5 + ["cancelled"]
