@@ -36,6 +36,8 @@ UNSTORABLE: dict[str, tuple[str, Any, str]] = {
     "steps.sleep_long_name": ("n" * 201, 1, "a sleep's name must be 1 to 200 characters, none of them NUL"),
     "steps.sleep_too_long": ("nap", 367 * 86_400, "the sleep 'nap' is 31708800.0 s; it may be at most"),
     "steps.child_empty_key": ("", 1, "a child's key must be 1 to 200 characters, none of them NUL"),
+    # what the server refuses of a suspension otherwise: replayed, the handler asks the same again
+    "steps.child_priority": ("c", 10, "completion refused: 422"),
 }
 
 
@@ -58,7 +60,8 @@ async def test_a_step_the_server_cannot_store_fails_its_task_for_good_at_once(
                     if kind.startswith("steps.sleep"):
                         await ctx.sleep(name, value)
                     elif kind.startswith("steps.child"):
-                        await ctx.gather([await ctx.spawn("steps.big", {}, key=name)])
+                        priority = value if kind == "steps.child_priority" else None
+                        await ctx.gather([await ctx.spawn("steps.big", {}, key=name, priority=priority)])
                     return {"step": await ctx.step(name, produce)}
 
                 return run

@@ -841,11 +841,13 @@ class Worker:
 
     async def _send_refused(self, item: dict[str, Any], refusal: ApiError) -> None:
         """Report a completion the server refuses as a failed attempt; refused again, let it go:
-        its lease expires and Taskgate retries the task."""
+        its lease expires and Taskgate retries the task. A refused suspension fails the task for
+        good: the handler's replay (deterministic, by the composition rule) would ask the same."""
         assert self._client is not None
         log.error("completion of task %s refused; reporting the attempt failed: %s", item["id"], refusal)
         error = _text(f"completion refused: {refusal}", MAX_ERROR)
-        failed = {"id": item["id"], "attempt": item["attempt"], "outcome": "failed", "error": error}
+        outcome = "permanent_failure" if item.get("outcome") == "suspended" else "failed"
+        failed = {"id": item["id"], "attempt": item["attempt"], "outcome": outcome, "error": error}
         try:
             await self._client.complete([failed], worker=self.identity)
         except ApiError as exc:

@@ -98,7 +98,7 @@ async def test_completions_the_server_would_refuse_never_hold_back_the_others() 
     assert len(done[loud_id]["error"]) == 20_000  # the server's limit
     assert done[unencodable_id]["outcome"] == "failed"
     assert "cannot be encoded as JSON: TypeError" in done[unencodable_id]["error"]
-    assert done[bad_spawn_id]["outcome"] == "failed"
+    assert done[bad_spawn_id]["outcome"] == "permanent_failure"  # a replay would ask the same
     assert done[bad_spawn_id]["error"].startswith("completion refused: 422")
     assert len(server.refused) <= 8  # halving down to the refused item, not retrying for ever
     # a sleep the server could never store fails for good before it is sent (test_sdk_steps.py)
