@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import signal
 import socket
@@ -37,7 +38,7 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -292,6 +293,73 @@ class TaskContext:
         self.progress(progress)
 
 
+class HandlerThreads(Executor):
+    """The threads sync handlers run in: up to `size`, started as needed and reused. Unlike a
+    ThreadPoolExecutor's they are daemon threads, which the interpreter does not wait for at exit:
+    a handler that never returns is left behind when the worker stops (its task to its lease, as
+    documented), instead of keeping the stopped worker's process alive until it returns."""
+
+    def __init__(self, size: int, *, name: str) -> None:
+        self._size = max(1, size)
+        self._name = name
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        call = (lambda: fn(*args, **kwargs)) if kwargs else fn
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot run a handler after the worker stopped")
+            self._work.put((future, call, () if kwargs else args))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._size:
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # handed to the awaiting coroutine, as an executor does
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del item, future, fn, args
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in threads:
+            self._work.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
 @dataclass
 class RegisteredKind(Generic[P]):
     name: str
@@ -358,7 +426,7 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._to_complete: asyncio.Event | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: HandlerThreads | None = None
         self._client: AsyncClient | None = None
 
     @property
@@ -425,7 +493,7 @@ class Worker:
             AsyncClient.like(self._client_arg) if isinstance(self._client_arg, Client) else self._client_arg
         )
         self._client = client
-        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="taskgate-handler")
+        self._pool = HandlerThreads(self.threads, name="taskgate-handler")
         try:
             await self.register()
             log.info("worker started", extra={"worker": self.name, "kinds": sorted(self.kinds)})
