@@ -706,6 +706,8 @@ class Worker:
                 loop = asyncio.get_running_loop()
                 running.thread = loop.run_in_executor(self._pool, kind.handler, ctx, payload)
                 value = await running.thread
+                if inspect.isawaitable(value):  # an async handler behind a plain decorator
+                    value = await value
         except _Suspend as suspended:
             return {"outcome": "suspended", "suspend": {k: v for k, v in suspended.suspend.items() if v}}
         except RetryLater as exc:
@@ -794,8 +796,8 @@ class Worker:
             running.lease_from = max(running.lease_from, sent)
             if lease.cancel_requested and not running.ctx.cancelled:
                 running.ctx._cancel()
-                kind = self.kinds.get(running.task.kind)
-                if kind is not None and kind.is_async and running.runner is not None:
+                in_thread = running.thread is not None and not running.thread.done()
+                if running.runner is not None and not in_thread:
                     running.runner.cancel()  # async handlers are interrupted; sync ones see ctx.cancelled
         pending = {c["id"] for c in self._pending}
         for task_id in answer.lost:
