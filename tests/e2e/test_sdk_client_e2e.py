@@ -7,6 +7,7 @@ import sys
 from urllib.parse import urlsplit
 
 import pytest
+from pydantic import BaseModel
 
 from app.database import Database
 from tests.conftest import ROOT, make_client
@@ -72,3 +73,20 @@ async def test_events_follow_a_task_through_any_number_of_dropped_streams(
     finally:
         await proxy.close()
     assert statuses == ["scheduled"] * 5 + ["cancelled"]
+
+
+class Note(BaseModel):
+    text: str | None  # required, and may be null
+
+
+async def test_a_payload_model_keeps_its_null_fields(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """A pydantic payload was dumped with exclude_none: a required field set to None was left
+    out, and the server refused the enqueue (422: the kind's schema, made from the same model,
+    requires it)."""
+    issued = await make_client(db, "nulls")
+    with sdk_client(server, issued.api_key) as tg:
+        await asyncio.to_thread(tg.register_kind, "notes.keep", payload_schema=Note.model_json_schema())
+        task = await asyncio.to_thread(tg.enqueue, "notes.keep", Note(text=None))
+    assert task.payload == {"text": None}

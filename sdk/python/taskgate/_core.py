@@ -59,9 +59,10 @@ def adapter(tp: Any) -> TypeAdapter[Any]:
 
 
 def dump(value: Any) -> Any:
-    """A JSON-ready body: pydantic models dumped, datetimes as RFC 3339, UUIDs (task ids) as text."""
+    """A JSON-ready body: pydantic models dumped (all their fields: a None may be required),
+    datetimes as RFC 3339, UUIDs (task ids) as text."""
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", exclude_none=True)
+        return value.model_dump(mode="json")
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, uuid.UUID):
