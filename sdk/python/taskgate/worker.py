@@ -587,6 +587,7 @@ class Worker:
             sent = time.monotonic()
             want = min(free, self.batch_size)
             self._claiming += want
+            claim = None
             try:
                 claim = await self._client.claim(
                     sorted(self.kinds), worker=self.identity, queues=self.queues, max=want, wait_s=self.wait_s
@@ -594,6 +595,12 @@ class Worker:
                 self._lease_s = float(claim.lease_s)
                 starts = await self._confirm(claim.items, sent)  # within the slots this claim reserved
             except asyncio.CancelledError:
+                # stopping with tasks claimed and not started: hand them back (the drain sends it),
+                # rather than leave each to its lease and a lost attempt
+                for task in claim.items if claim is not None else []:
+                    self._queue_completion(
+                        {"id": str(task.id), "attempt": task.attempt, "outcome": "suspended"}
+                    )
                 raise
             except ApiError as exc:
                 if exc.status in (401, 403, 422):
