@@ -517,6 +517,39 @@ async def test_a_sigterm_hands_back_a_last_attempt_whose_handler_it_stopped(
     assert [r["outcome"] for r in outcomes] == ["suspended"]
 
 
+async def test_a_sigterm_ends_the_worker_process_even_while_a_sync_handler_does_not_return(
+    sdk: Sdk, platform: Platform, tmp_path: Path
+) -> None:
+    """`Worker.run()` returned after the grace, but the process then waited at exit for the
+    handler's thread (the pool's threads are joined at interpreter exit): a sync handler that
+    never returns kept a SIGTERMed worker alive until it was killed."""
+    issued = await platform.client_key("sdk stuck")
+    key = issued.api_key
+    record = tmp_path / "record.txt"
+    worker = spawn_worker(sdk, platform.server, key, "stuck", record, TG_GRACE="0.5")
+    try:
+        await registered(platform, issued)
+        script = (
+            "import os\nfrom taskgate import Client\n"
+            "tg = Client(os.environ['TG_URL'], api_key=os.environ['TG_KEY'], verify=os.environ['TG_CA'])\n"
+            "print(tg.enqueue('e2e.slow', {'seconds': 120}).id)\n"
+        )
+        done = subprocess.run(
+            [str(sdk.python), "-c", script], cwd=sdk.scripts, env=sdk_env(platform.server, key), check=True,
+            capture_output=True,
+        )  # fmt: skip
+        task_id = done.stdout.decode().strip()
+        await eventually(lambda: record.exists() and task_id in record.read_text(), timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        try:
+            exited = worker.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            exited = None
+        assert exited == 0, (tmp_path / "stuck.log").read_text()
+    finally:
+        stop(worker)
+
+
 DURABLE_SCRIPT = """
 import json, os, time
 from taskgate import Client

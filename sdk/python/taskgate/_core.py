@@ -20,6 +20,8 @@ from taskgate.errors import ApiError
 T = TypeVar("T")
 
 RETRY_STATUSES = frozenset({429, 503})
+# the server's answer to a repeat of an Idempotency-Key whose first request is still being stored
+IN_FLIGHT = "urn:taskgate:problem:idempotency-in-flight"
 DEFAULT_MAX_RETRIES = 5
 MAX_RETRY_DELAY_S = 30.0
 USER_AGENT = "taskgate-python/0.1.0"
@@ -40,6 +42,12 @@ class Call(Generic[T]):
     # how long to wait before sending the call again (bounded as every Retry-After is)
     retry_after_s: float | None = None
 
+    @property
+    def resendable(self) -> bool:
+        """Whether sending it again after it may have reached the server is safe: the server
+        answers a repeat of its Idempotency-Key with what the first request made."""
+        return "Idempotency-Key" in self.headers
+
     def parse(self, response: httpx.Response) -> T:
         if self.answer is None or response.status_code == 204:
             return None  # type: ignore[return-value]
@@ -51,11 +59,14 @@ def adapter(tp: Any) -> TypeAdapter[Any]:
 
 
 def dump(value: Any) -> Any:
-    """A JSON-ready body: pydantic models dumped, datetimes as RFC 3339."""
+    """A JSON-ready body: pydantic models dumped (all their fields: a None may be required),
+    datetimes as RFC 3339, UUIDs (task ids) as text."""
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", exclude_none=True)
+        return value.model_dump(mode="json")
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
     if isinstance(value, Mapping):
         return {k: dump(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -103,11 +114,29 @@ def retry_after_s(response: httpx.Response | None, attempt: int) -> float:
     return float(min(MAX_RETRY_DELAY_S, random.uniform(0.1, 0.5 * 2**attempt)))  # noqa: S311
 
 
-def should_retry(response: httpx.Response | None, error: Exception | None) -> bool:
+def should_retry(response: httpx.Response | None, error: Exception | None, resendable: bool = False) -> bool:
+    """Whether to send a call again (after `retry_after_s`): 429 and 503, and a request that
+    surely never reached the server. A `resendable` call (one with an Idempotency-Key) also after
+    its answer was lost (a read timeout, a dropped connection) and while its first request is
+    still in flight (409 idempotency-in-flight): the server makes its tasks once per key."""
     if error is not None:
-        # the request surely never reached the server: safe to send again
-        return isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
-    return response is not None and response.status_code in RETRY_STATUSES
+        if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+            return True  # the request surely never reached the server: safe to send again
+        return resendable and isinstance(error, (httpx.TimeoutException, httpx.NetworkError,
+                                                 httpx.RemoteProtocolError))  # fmt: skip
+    if response is None:
+        return False
+    if response.status_code in RETRY_STATUSES:
+        return True
+    return resendable and response.status_code == 409 and _problem_type(response) == IN_FLIGHT
+
+
+def _problem_type(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        return None
+    return str(body.get("type")) if isinstance(body, dict) else None
 
 
 def build_headers(api_key: str | None, extra: Mapping[str, str] | None) -> dict[str, str]:

@@ -1,8 +1,11 @@
 """`Client` (blocking) and `AsyncClient`: the whole Taskgate API, typed.
 
 Both send the same calls (taskgate._calls); 429 and 503 answers and connection failures are
-retried up to `max_retries` times, honouring Retry-After (each wait at most 30 s). `enqueue` sends
-an Idempotency-Key unless told not to, so a retried enqueue never makes two tasks.
+retried up to `max_retries` times, honouring Retry-After (each wait at most 30 s). `enqueue` and
+`enqueue_many` send an Idempotency-Key unless told not to, so a retried enqueue never makes two
+tasks: with a key they are also sent again when the answer is lost after the request left (a read
+timeout, a dropped connection) and while the key's first request is still in flight (409); without
+one (`idempotent=False`) they are never sent again once they may have reached the server.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from taskgate._core import (
     should_retry,
     sse_events,
 )
-from taskgate.errors import TimeoutExceeded
+from taskgate.errors import TaskgateError, TimeoutExceeded
 from taskgate.models import Attempt, Kind, Queue, Schedule, Task, TaskEvent, TaskPage, WorkerInfo
 
 T = TypeVar("T")
@@ -40,6 +43,8 @@ Kinds = list[Kind]
 Workers = list[WorkerInfo]
 Steps = list[dict[str, Any]]
 Verify = bool | str | ssl.SSLContext
+# an event stream that failed or ended without an event this many times in a row is given up (an
+# error is raised); one that delivered an event starts the count again
 MAX_EVENT_RECONNECTS = 20
 # The server sends a keep-alive comment every 15 s on an event stream: three of them missed and
 # the connection is taken for dead (a ReadTimeout) and opened again, never waited on for ever.
@@ -79,6 +84,13 @@ def _refused_delay(response: httpx.Response, refused: int, max_retries: int) -> 
     if refused < max_retries and should_retry(response, None):
         return retry_after_s(response, refused)
     raise api_error(response)
+
+
+def _streams_ended(task_id: TaskId) -> TaskgateError:
+    return TaskgateError(
+        f"the event stream of task {task_id} ended {MAX_EVENT_RECONNECTS + 1} times in a row without an "
+        "event before the task was terminal"
+    )
 
 
 def _task_specs(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -129,7 +141,7 @@ class Client:
                 )  # fmt: skip
             except httpx.TransportError as exc:
                 error = exc
-            if attempt < self.config.max_retries and should_retry(response, error):
+            if attempt < self.config.max_retries and should_retry(response, error, call.resendable):
                 time.sleep(retry_after_s(response, attempt))
                 attempt += 1
                 continue
@@ -249,7 +261,9 @@ class Client:
         return items
 
     def events(self, task_id: TaskId) -> Iterator[TaskEvent]:
-        """Status and progress changes until the task is terminal (reconnects if the stream drops)."""
+        """Status and progress changes until the task is terminal (reconnects if the stream drops or
+        ends early: each new stream starts with the task's current state). Never ends before the
+        terminal event: after MAX_EVENT_RECONNECTS failures in a row it raises."""
         reconnects = 0
         refused = 0  # 429/503 answers in a row: retried after Retry-After, as every call is
         while True:
@@ -269,6 +283,7 @@ class Client:
                             if name != "task":
                                 continue
                             event = TaskEvent.model_validate(json.loads(data))
+                            reconnects = 0  # the stream served: only failures in a row count
                             yield event
                             if event.terminal:
                                 return
@@ -280,7 +295,7 @@ class Client:
                 continue
             reconnects += 1
             if reconnects > MAX_EVENT_RECONNECTS:
-                return
+                raise _streams_ended(task_id)
             time.sleep(min(5.0, 0.2 * reconnects))
 
     # --- queues, schedules, catalog, workers -----------------------------------------------------
@@ -413,7 +428,7 @@ class AsyncClient:
                 )  # fmt: skip
             except httpx.TransportError as exc:
                 error = exc
-            if attempt < self.config.max_retries and should_retry(response, error):
+            if attempt < self.config.max_retries and should_retry(response, error, call.resendable):
                 await asyncio.sleep(retry_after_s(response, attempt))
                 attempt += 1
                 continue
@@ -544,6 +559,7 @@ class AsyncClient:
                             if name != "task":
                                 continue
                             event = TaskEvent.model_validate(json.loads(data))
+                            reconnects = 0  # the stream served: only failures in a row count
                             yield event
                             if event.terminal:
                                 return
@@ -555,7 +571,7 @@ class AsyncClient:
                 continue
             reconnects += 1
             if reconnects > MAX_EVENT_RECONNECTS:
-                return
+                raise _streams_ended(task_id)
             await asyncio.sleep(min(5.0, 0.2 * reconnects))
 
     async def put_queue(self, name: str, **settings: Any) -> Queue:

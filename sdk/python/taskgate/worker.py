@@ -28,14 +28,17 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
+import queue
+import re
 import signal
 import socket
 import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -62,6 +65,14 @@ UNWIND_S = 0.25  # at shutdown, what a cancelled handler gets to end before it c
 DELIVER_FOR_S = 300.0
 MAX_TRACEBACK = 8192
 MAX_NAME = 200  # a step's or wait's name as the server stores it (shown in errors)
+# what the server stores of a suspension (app/src/api/engine/durable.py): a step, sleep, wait or
+# child it cannot store fails the task for good there, and so it does here, before it is sent (sent,
+# some are refused with the whole request, and the attempt would fail and be retried, re-running
+# the step each time, for an error that can only recur)
+MAX_STEP_RESULT_BYTES = 1024 * 1024
+MAX_DELAY_S = 366 * 86_400
+NUL_MESSAGE = "text must not contain the NUL character (\\u0000): PostgreSQL cannot store it"
+_SIGNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # what the server takes (app/src/api/models/workers.py and its 8 MiB body cap); the worker keeps
 # within it itself: a completion the server refuses must never stall the others
 MAX_ERROR = 20_000
@@ -135,26 +146,37 @@ class TaskContext:
             )
         if name in self._steps:
             return self._steps[name]
+        _check_name("step name", name)  # before `fn` runs: a step under it could never be stored
         value = fn(*args)
         if inspect.isawaitable(value):
             value = await value
         if isinstance(value, BaseModel):
             value = value.model_dump(mode="json")
+        _check_step_result(name, value)
         raise _Suspend({"steps": {name: value}, "spawn": self._take_spawns()})
 
     async def sleep(self, name: str, seconds: float) -> None:
         """Durable sleep: the task is `scheduled` until then and holds no worker slot."""
         self._own_wait("sleep", name)
+        _check_name("sleep's name", name)
+        _check_wait("sleep", name, seconds)
         stored = self._steps.get(name)
         if isinstance(stored, dict) and stored.get("done"):
             return
-        wait = {"type": "sleep", "name": name, "seconds": float(seconds)}
+        wait = {"type": "sleep", "name": name, "seconds": max(0.0, float(seconds))}
         raise _Suspend({"spawn": self._take_spawns(), "wait": wait})
 
     async def wait_signal(self, name: str, *, timeout_s: float | None = None) -> Any:
         """The data of signal `name`; the task is `waiting` until it arrives (a signal sent
         earlier is kept). Raises SignalTimeout once `timeout_s` passed without it."""
         self._own_wait("signal wait", name)
+        if not isinstance(name, str) or not _SIGNAL_NAME.fullmatch(name):  # nothing could signal it
+            raise PermanentError(
+                f"the signal wait {str(name)[:MAX_NAME]!r} can never be signalled: a signal name is 1 to "
+                "128 letters, digits and . _ : - (starting with a letter or digit)"
+            )
+        if timeout_s is not None:
+            _check_wait("signal wait's timeout", name, timeout_s)
         if name in self._signals:
             return self._signals[name]
         stored = self._steps.get(name)
@@ -162,7 +184,7 @@ class TaskContext:
             raise SignalTimeout(name)
         wait: dict[str, Any] = {"type": "signal", "name": name}
         if timeout_s is not None:
-            wait["seconds"] = float(timeout_s)
+            wait["seconds"] = max(0.0, float(timeout_s))
         raise _Suspend({"spawn": self._take_spawns(), "wait": wait})
 
     def _own_wait(self, what: str, name: str) -> None:
@@ -186,6 +208,7 @@ class TaskContext:
         max_attempts: int | None = None,
     ) -> Child:
         """A child task, created once per (this task, key) when this attempt next suspends."""
+        _check_name("child's key", key)
         known = self._children.get(key)
         if known is not None:
             return Child(key, str(known["id"]))
@@ -270,6 +293,73 @@ class TaskContext:
         self.progress(progress)
 
 
+class HandlerThreads(Executor):
+    """The threads sync handlers run in: up to `size`, started as needed and reused. Unlike a
+    ThreadPoolExecutor's they are daemon threads, which the interpreter does not wait for at exit:
+    a handler that never returns is left behind when the worker stops (its task to its lease, as
+    documented), instead of keeping the stopped worker's process alive until it returns."""
+
+    def __init__(self, size: int, *, name: str) -> None:
+        self._size = max(1, size)
+        self._name = name
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        call = (lambda: fn(*args, **kwargs)) if kwargs else fn
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot run a handler after the worker stopped")
+            self._work.put((future, call, () if kwargs else args))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._size:
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # handed to the awaiting coroutine, as an executor does
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del item, future, fn, args
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in threads:
+            self._work.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
 @dataclass
 class RegisteredKind(Generic[P]):
     name: str
@@ -336,7 +426,7 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._to_complete: asyncio.Event | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: HandlerThreads | None = None
         self._client: AsyncClient | None = None
 
     @property
@@ -403,7 +493,7 @@ class Worker:
             AsyncClient.like(self._client_arg) if isinstance(self._client_arg, Client) else self._client_arg
         )
         self._client = client
-        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="taskgate-handler")
+        self._pool = HandlerThreads(self.threads, name="taskgate-handler")
         try:
             await self.register()
             log.info("worker started", extra={"worker": self.name, "kinds": sorted(self.kinds)})
@@ -497,6 +587,7 @@ class Worker:
             sent = time.monotonic()
             want = min(free, self.batch_size)
             self._claiming += want
+            claim = None
             try:
                 claim = await self._client.claim(
                     sorted(self.kinds), worker=self.identity, queues=self.queues, max=want, wait_s=self.wait_s
@@ -504,6 +595,12 @@ class Worker:
                 self._lease_s = float(claim.lease_s)
                 starts = await self._confirm(claim.items, sent)  # within the slots this claim reserved
             except asyncio.CancelledError:
+                # stopping with tasks claimed and not started: hand them back (the drain sends it),
+                # rather than leave each to its lease and a lost attempt
+                for task in claim.items if claim is not None else []:
+                    self._queue_completion(
+                        {"id": str(task.id), "attempt": task.attempt, "outcome": "suspended"}
+                    )
                 raise
             except ApiError as exc:
                 if exc.status in (401, 403, 422):
@@ -616,6 +713,8 @@ class Worker:
                 loop = asyncio.get_running_loop()
                 running.thread = loop.run_in_executor(self._pool, kind.handler, ctx, payload)
                 value = await running.thread
+                if inspect.isawaitable(value):  # an async handler behind a plain decorator
+                    value = await value
         except _Suspend as suspended:
             return {"outcome": "suspended", "suspend": {k: v for k, v in suspended.suspend.items() if v}}
         except RetryLater as exc:
@@ -704,8 +803,8 @@ class Worker:
             running.lease_from = max(running.lease_from, sent)
             if lease.cancel_requested and not running.ctx.cancelled:
                 running.ctx._cancel()
-                kind = self.kinds.get(running.task.kind)
-                if kind is not None and kind.is_async and running.runner is not None:
+                in_thread = running.thread is not None and not running.thread.done()
+                if running.runner is not None and not in_thread:
                     running.runner.cancel()  # async handlers are interrupted; sync ones see ctx.cancelled
         pending = {c["id"] for c in self._pending}
         for task_id in answer.lost:
@@ -819,11 +918,13 @@ class Worker:
 
     async def _send_refused(self, item: dict[str, Any], refusal: ApiError) -> None:
         """Report a completion the server refuses as a failed attempt; refused again, let it go:
-        its lease expires and Taskgate retries the task."""
+        its lease expires and Taskgate retries the task. A refused suspension fails the task for
+        good: the handler's replay (deterministic, by the composition rule) would ask the same."""
         assert self._client is not None
         log.error("completion of task %s refused; reporting the attempt failed: %s", item["id"], refusal)
         error = _text(f"completion refused: {refusal}", MAX_ERROR)
-        failed = {"id": item["id"], "attempt": item["attempt"], "outcome": "failed", "error": error}
+        outcome = "permanent_failure" if item.get("outcome") == "suspended" else "failed"
+        failed = {"id": item["id"], "attempt": item["attempt"], "outcome": outcome, "error": error}
         try:
             await self._client.complete([failed], worker=self.identity)
         except ApiError as exc:
@@ -844,6 +945,51 @@ def _stopped(running: _Running) -> bool:
     run of the same task it was waiting for."""
     runners = [running.runner, running.previous.runner if running.previous is not None else None]
     return all(runner is None or runner.done() for runner in runners) and running.runner is not None
+
+
+def _check_name(what: str, name: Any) -> None:
+    """A step's, sleep's or child's name as the server stores it (durable.check_name)."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or "\x00" in name:
+        raise PermanentError(f"a {what} must be 1 to {MAX_NAME} characters, none of them NUL")
+
+
+def _check_wait(what: str, name: str, seconds: float) -> None:
+    """A sleep's length or a signal wait's timeout: at most 366 days (durable.check_wait)."""
+    if not math.isfinite(float(seconds)) or float(seconds) > MAX_DELAY_S:
+        raise PermanentError(
+            f"the {what} {str(name)[:MAX_NAME]!r} is {float(seconds)} s; it may be at most "
+            f"{MAX_DELAY_S} s (366 days)"
+        )
+
+
+def _check_step_result(name: str, value: Any) -> None:
+    """A step's result as the server stores it: JSON of at most 1 MiB, without NUL characters
+    (durable.check_step_result)."""
+    try:
+        value = dump(value)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise PermanentError(f"step {name!r} returned what cannot be stored: not JSON: {exc}") from None
+    if _contains_nul(value):
+        raise PermanentError(f"step {name!r} returned what cannot be stored: {NUL_MESSAGE}")
+    if len(text.encode()) > MAX_STEP_RESULT_BYTES:
+        raise PermanentError(f"step {name!r} returned more than 1 MiB of JSON")
+
+
+def _contains_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character in a string or a key (iterative: no depth bound)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def _text(value: str, limit: int) -> str:

@@ -117,6 +117,22 @@ def test_events_retry_429_and_503_after_retry_after_like_every_other_call(
     assert refused.value.status == 503  # bounded, as for every call
 
 
+def test_events_never_end_before_the_terminal_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams that end cleanly before the task is terminal (each replica of a rolling deploy
+    ends its streams) counted against one budget for the generator's life: past it, `events()`
+    ended silently, as if the task were done. Now only streams that end without an event in a
+    row count, and running out of them raises."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(taskgate.client, "MAX_EVENT_RECONNECTS", 2)
+    running = {"id": TASK["id"], "status": "running", "attempts": 1}
+    answers = [_stream(running) for _ in range(5)] + [_stream({**running, "status": "completed"})]
+    statuses = [e.status for e in client(answers, []).events(TASK["id"])]
+    assert statuses == ["running"] * 5 + ["completed"]
+    empty = [_stream() for _ in range(3)]
+    with pytest.raises(taskgate.TaskgateError, match="ended 3 times in a row"):
+        list(client(empty, []).events(TASK["id"]))
+
+
 async def test_async_events_retry_429_and_503_too(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
 

@@ -98,10 +98,12 @@ async def test_completions_the_server_would_refuse_never_hold_back_the_others() 
     assert len(done[loud_id]["error"]) == 20_000  # the server's limit
     assert done[unencodable_id]["outcome"] == "failed"
     assert "cannot be encoded as JSON: TypeError" in done[unencodable_id]["error"]
-    for refused in (bad_spawn_id, long_sleep_id):
-        assert done[refused]["outcome"] == "failed"
-        assert done[refused]["error"].startswith("completion refused: 422")
-    assert len(server.refused) <= 8  # halving down to the two refused items, not retrying for ever
+    assert done[bad_spawn_id]["outcome"] == "permanent_failure"  # a replay would ask the same
+    assert done[bad_spawn_id]["error"].startswith("completion refused: 422")
+    assert len(server.refused) <= 8  # halving down to the refused item, not retrying for ever
+    # a sleep the server could never store fails for good before it is sent (test_sdk_steps.py)
+    assert done[long_sleep_id]["outcome"] == "permanent_failure"
+    assert "it may be at most 31622400 s (366 days)" in done[long_sleep_id]["error"]
 
 
 async def test_completions_are_batched_within_the_servers_body_cap() -> None:
@@ -548,3 +550,45 @@ async def test_a_claim_a_stopping_server_ends_at_once_is_sent_again_after_its_re
             await until(lambda: server.claims >= 1)
             await asyncio.sleep(0.6)
     assert server.claims == 1
+
+
+async def test_tasks_claimed_when_the_worker_stops_before_they_start_are_handed_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claim answered late in its long-poll is confirmed with a heartbeat before its tasks
+    start; a stop during that heartbeat cancelled the claim loop and dropped the claimed tasks:
+    never started, never handed back, each waited for its lease and lost an attempt (and a task
+    on its last attempt was discarded without running)."""
+    server = FakeTaskgate(lease_s=5)  # a 1 s margin: a claim answered later is confirmed first
+    claim = server._claim
+    confirming = asyncio.Event()
+
+    async def late_claim(body: dict[str, Any]) -> httpx.Response:
+        answer = await claim(body)
+        if server.claims == 1:
+            await asyncio.sleep(1.2)
+        return answer
+
+    async def hanging_heartbeat(body: dict[str, Any]) -> httpx.Response:
+        confirming.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(server, "_claim", late_claim)
+    monkeypatch.setattr(server, "_heartbeat", hanging_heartbeat)
+    ran: list[str] = []
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=1, grace_s=1)
+
+        @worker.kind("noop")
+        async def noop(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            ran.append(str(ctx.task_id))
+
+        task_id = server.add("noop", attempt=25)  # its last attempt
+        async with server.serving(worker):
+            await asyncio.wait_for(confirming.wait(), 10)
+    assert ran == []
+    handed_back = server.completed.get(task_id)
+    assert handed_back is not None, "dropped: left to its lease"
+    assert handed_back["outcome"] == "suspended"
+    assert not handed_back.get("suspend")

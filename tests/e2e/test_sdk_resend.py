@@ -1,0 +1,145 @@
+"""The SDK client against the real server over HTTPS: an enqueue whose answer is lost (a read
+timeout, a dropped connection) after it reached the server is sent again under its
+Idempotency-Key and makes one task; one sent without a key is never sent again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+import pytest
+
+from app.database import Database
+from tests.conftest import ROOT, driver_uri, make_client
+from tests.e2e.conftest import ServerProcess
+from tests.proxy import TcpProxy
+from tests.task_harness import eventually, fetch
+
+sys.path.insert(0, str(ROOT / "sdk" / "python"))
+import taskgate
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@contextlib.asynccontextmanager
+async def inserts_held(database_uri: str) -> AsyncIterator[asyncpg.Connection]:
+    """While open, every INSERT into `tasks` waits (a SHARE lock held by this transaction): the
+    enqueue has reached the server and PostgreSQL, and its answer is not written yet."""
+    conn = await asyncpg.connect(driver_uri(database_uri))
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE tasks IN SHARE MODE")
+            yield conn
+    finally:
+        await conn.close()
+
+
+async def an_insert_waits(database_uri: str) -> None:
+    async def waiting() -> bool:
+        rows = await fetch(
+            database_uri,
+            "SELECT count(*) AS n FROM pg_locks WHERE NOT granted AND relation = 'tasks'::regclass",
+        )
+        return bool(rows[0]["n"])
+
+    await eventually(waiting, timeout=20, interval=0.02)
+
+
+async def tasks_of(database_uri: str, client_id: object) -> list[str]:
+    rows = await fetch(database_uri, "SELECT id FROM tasks WHERE client_id = $1", client_id)
+    return [str(r["id"]) for r in rows]
+
+
+def sdk_client(server: ServerProcess, key: str, base_url: str | None = None) -> taskgate.Client:
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    return taskgate.Client(base_url or server.base_url, api_key=key, verify=ca, timeout_s=1.0)
+
+
+async def test_an_enqueue_with_a_key_is_sent_again_after_a_read_timeout_and_makes_one_task(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """A read timeout ended `enqueue` with httpx.ReadTimeout although the request had reached the
+    server (which may store the task) and sending it again under its key is safe."""
+    issued = await make_client(db, "resend")
+    with sdk_client(server, issued.api_key) as tg:
+        async with inserts_held(clean_database):
+            sent = asyncio.create_task(asyncio.to_thread(tg.enqueue, "noop", {}, idempotency_key="order-1"))
+            await an_insert_waits(clean_database)
+            await asyncio.sleep(1.5)  # past the client's 1 s read timeout
+            assert not sent.done()  # sent again, not given up
+        task = await asyncio.wait_for(sent, 30)
+    assert await tasks_of(clean_database, issued.client_id) == [str(task.id)]
+
+
+async def test_an_enqueue_without_a_key_is_never_sent_again_after_it_reached_the_server(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    issued = await make_client(db, "no resend")
+    with sdk_client(server, issued.api_key) as tg:
+        async with inserts_held(clean_database):
+            sent = asyncio.create_task(asyncio.to_thread(tg.enqueue, "noop", {}, idempotent=False))
+            await an_insert_waits(clean_database)
+            with pytest.raises(httpx.ReadTimeout):
+                await asyncio.wait_for(sent, 10)
+        await asyncio.sleep(1.0)  # what the server still does with the request
+    assert len(await tasks_of(clean_database, issued.client_id)) <= 1  # never two
+
+
+async def test_an_async_enqueue_with_a_key_is_sent_again_after_its_connection_dropped(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """A connection cut while the server worked on an enqueue (a proxy or load balancer going
+    away) ended `AsyncClient.enqueue` with a ReadError / RemoteProtocolError."""
+    issued = await make_client(db, "dropped")
+    port = urlsplit(server.base_url).port
+    assert port is not None
+    proxy = TcpProxy(port=port)
+    await proxy.start()
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    try:
+        async with taskgate.AsyncClient(
+            f"https://localhost:{proxy.port}", api_key=issued.api_key, verify=ca, timeout_s=10
+        ) as tg:
+            async with inserts_held(clean_database):
+                sent = asyncio.create_task(tg.enqueue("noop", {}, idempotency_key="order-2"))
+                await an_insert_waits(clean_database)
+                proxy.refuse()  # every connection through it cut; then it listens again
+                await proxy.start()
+                await asyncio.sleep(0.5)
+                assert not sent.done(), sent.exception()
+            task = await asyncio.wait_for(sent, 30)
+    finally:
+        await proxy.close()
+    assert await tasks_of(clean_database, issued.client_id) == [str(task.id)]
+
+
+async def test_an_enqueue_whose_key_is_still_in_flight_is_sent_again_when_the_first_is_done(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """A repeat sent while the first request of its key is still being stored is answered 409
+    idempotency-in-flight ("retry shortly"): `enqueue` raised it instead of retrying shortly."""
+    issued = await make_client(db, "in flight")
+    conn = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        with sdk_client(server, issued.api_key) as tg:
+            async with conn.transaction():  # the key's lock, as its first request holds it
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2, 7))",
+                    str(issued.client_id),
+                    "order-3",
+                )
+                sent = asyncio.create_task(
+                    asyncio.to_thread(tg.enqueue, "noop", {}, idempotency_key="order-3")
+                )
+                await asyncio.sleep(0.5)  # the first retries (each backs off at least 0.1 s) refused
+                assert not sent.done(), sent.exception()
+                assert await tasks_of(clean_database, issued.client_id) == []
+            task = await asyncio.wait_for(sent, 30)
+    finally:
+        await conn.close()
+    assert await tasks_of(clean_database, issued.client_id) == [str(task.id)]

@@ -1,0 +1,109 @@
+"""An SDK worker's durable steps against the real server over HTTPS: a step the server can never
+store (a result over 1 MiB or not storable as JSON, a name that is not 1-200 characters without
+NUL) fails its task for good on its first attempt, as in-process kinds do, instead of spending
+every retry re-running the step."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import pytest
+
+from app.database import Database
+from tests.conftest import ROOT, make_client
+from tests.e2e.conftest import ServerProcess
+from tests.task_harness import eventually, fetch
+
+sys.path.insert(0, str(ROOT / "sdk" / "python"))
+import taskgate
+
+pytestmark = pytest.mark.timeout(90)
+
+BIG = "x" * (1024 * 1024)  # with its quotes, just over 1 MiB of JSON
+
+# kind -> (the step's name, its result, what the task's last_error says); in-process kinds give the
+# same messages (app/src/api/engine/durable.py, check_step_result)
+UNSTORABLE: dict[str, tuple[str, Any, str]] = {
+    "steps.big": ("big", BIG, "step 'big' returned more than 1 MiB of JSON"),
+    "steps.huge": ("huge", BIG * 9, "step 'huge' returned more than 1 MiB of JSON"),  # over the body cap
+    "steps.nul_result": ("nul", {"a": "\x00"}, "step 'nul' returned what cannot be stored: text must"),
+    "steps.not_json": ("set", {1, 2}, "step 'set' returned what cannot be stored: not JSON"),
+    "steps.empty_name": ("", 1, "a step name must be 1 to 200 characters, none of them NUL"),
+    "steps.long_name": ("n" * 201, 1, "a step name must be 1 to 200 characters, none of them NUL"),
+    "steps.nul_name": ("a\x00b", 1, "a step name must be 1 to 200 characters, none of them NUL"),
+    "steps.sleep_long_name": ("n" * 201, 1, "a sleep's name must be 1 to 200 characters, none of them NUL"),
+    "steps.sleep_too_long": ("nap", 367 * 86_400, "the sleep 'nap' is 31708800.0 s; it may be at most"),
+    "steps.child_empty_key": ("", 1, "a child's key must be 1 to 200 characters, none of them NUL"),
+    # what the server refuses of a suspension otherwise: replayed, the handler asks the same again
+    "steps.child_priority": ("c", 10, "completion refused: 422"),
+}
+
+
+async def test_a_step_the_server_cannot_store_fails_its_task_for_good_at_once(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    issued = await make_client(db, "steps")
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    ran: dict[str, int] = {}
+    async with taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as tg:
+        worker = taskgate.Worker(tg, queues=["steps"], concurrency=10, wait_s=1, grace_s=5)
+        for kind, (name, value, _) in UNSTORABLE.items():
+
+            def handler(kind: str = kind, name: str = name, value: Any = value) -> Any:
+                async def run(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> Any:
+                    def produce() -> Any:
+                        ran[kind] = ran.get(kind, 0) + 1
+                        return value
+
+                    if kind.startswith("steps.sleep"):
+                        await ctx.sleep(name, value)
+                    elif kind.startswith("steps.child"):
+                        priority = value if kind == "steps.child_priority" else None
+                        await ctx.gather([await ctx.spawn("steps.big", {}, key=name, priority=priority)])
+                    return {"step": await ctx.step(name, produce)}
+
+                return run
+
+            worker.kind(kind)(handler())
+
+        @worker.kind("steps.sleep_negative")
+        async def sleep_negative(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> Any:
+            await ctx.sleep("nap", -5)  # in-process takes it as 0; the server refused it (422)
+            return {"slept": True}
+
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run_async(stop))
+        try:
+            await tg.put_queue("steps", min_backoff_s=0.05, max_backoff_s=0.1)
+            ids = {
+                kind: (await tg.enqueue(kind, {}, queue="steps", max_attempts=3)).id for kind in UNSTORABLE
+            }
+            ids["steps.sleep_negative"] = (
+                await tg.enqueue("steps.sleep_negative", {}, queue="steps", max_attempts=3)
+            ).id
+
+            async def finished() -> list[Any]:
+                rows = await fetch(
+                    clean_database,
+                    "SELECT kind, status, attempts, last_error FROM tasks WHERE id = ANY($1::uuid[])",
+                    list(ids.values()),
+                )
+                return rows if all(r["status"] in ("completed", "discarded") for r in rows) else []
+
+            rows = await eventually(finished, timeout=60, interval=0.1)
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 30)
+    by_kind = {r["kind"]: r for r in rows}
+    wrong = {
+        kind: (by_kind[kind]["status"], by_kind[kind]["attempts"], by_kind[kind]["last_error"], ran.get(kind))
+        for kind, (_, _, error) in UNSTORABLE.items()
+        if (by_kind[kind]["status"], by_kind[kind]["attempts"]) != ("discarded", 1)
+        or error not in (by_kind[kind]["last_error"] or "")
+        or ran.get(kind, 0) > 1
+    }
+    assert not wrong, "\n".join(f"{k}: {v}" for k, v in wrong.items())
+    negative = by_kind["steps.sleep_negative"]
+    assert negative["status"] == "completed", negative["last_error"]

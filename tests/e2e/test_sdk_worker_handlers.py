@@ -1,0 +1,71 @@
+"""An SDK Worker in this process against the real server over HTTPS: the handlers users write."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from app.database import Database
+from tests.conftest import ROOT, make_client
+from tests.e2e.conftest import ServerProcess
+from tests.task_harness import eventually, fetch
+
+sys.path.insert(0, str(ROOT / "sdk" / "python"))
+import taskgate
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def traced(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A decorator as tracing and metrics libraries write them: a plain function that returns the
+    handler's coroutine (so the handler no longer looks like a coroutine function)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Awaitable[Any]:
+        return fn(*args)
+
+    return wrapper
+
+
+async def test_a_decorated_async_handler_runs(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """A handler wrapped by a plain decorator was run in a thread, its coroutine taken for its
+    result and never run: every attempt failed with "cannot be encoded as JSON" (and a
+    "never awaited" warning) until the task was discarded."""
+    issued = await make_client(db, "handlers")
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    ran: list[int] = []
+    async with taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as tg:
+        worker = taskgate.Worker(tg, queues=["handlers"], wait_s=1, grace_s=5)
+
+        @worker.kind("handlers.traced")
+        @traced
+        async def handle(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            ran.append(ctx.attempt)
+            await asyncio.sleep(0)
+            return {"n": payload["n"] * 2}
+
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run_async(stop))
+        try:
+            task = await tg.enqueue("handlers.traced", {"n": 21}, queue="handlers", max_attempts=2)
+
+            async def finished() -> Any:
+                rows = await fetch(
+                    clean_database, "SELECT status, result, last_error FROM tasks WHERE id = $1", task.id
+                )
+                return rows[0] if rows[0]["status"] in ("completed", "discarded") else None
+
+            row = await eventually(finished, timeout=30, interval=0.1)
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 30)
+    assert (row["status"], row["last_error"]) == ("completed", None)
+    assert row["result"] == '{"n": 42}'
+    assert ran == [1]
