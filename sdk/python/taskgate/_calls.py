@@ -81,6 +81,9 @@ def task_body(
 def _idempotency(key: str | None, idempotent: bool) -> dict[str, str]:
     if key is None and not idempotent:
         return {}
+    if key is not None and not key.strip():
+        # (a blank key taken for "none" would make every call a new task: the opposite of asked)
+        raise ValueError("idempotency_key must not be blank; pass None to have one made")
     return {"Idempotency-Key": key or new_idempotency_key()}
 
 

@@ -44,9 +44,9 @@ class Call(Generic[T]):
 
     @property
     def resendable(self) -> bool:
-        """Whether sending it again after it may have reached the server is safe: the server
-        answers a repeat of its Idempotency-Key with what the first request made."""
-        return "Idempotency-Key" in self.headers
+        """Whether sending it again after it may have reached the server is safe: a read, or a
+        request whose Idempotency-Key the server answers with what the first request made."""
+        return self.method in ("GET", "HEAD") or "Idempotency-Key" in self.headers
 
     def parse(self, response: httpx.Response) -> T:
         if self.answer is None or response.status_code == 204:
@@ -116,7 +116,7 @@ def retry_after_s(response: httpx.Response | None, attempt: int) -> float:
 
 def should_retry(response: httpx.Response | None, error: Exception | None, resendable: bool = False) -> bool:
     """Whether to send a call again (after `retry_after_s`): 429 and 503, and a request that
-    surely never reached the server. A `resendable` call (one with an Idempotency-Key) also after
+    surely never reached the server. A `resendable` call (a read, or one with an Idempotency-Key) also after
     its answer was lost (a read timeout, a dropped connection) and while its first request is
     still in flight (409 idempotency-in-flight): the server makes its tasks once per key."""
     if error is not None:

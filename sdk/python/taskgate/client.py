@@ -127,7 +127,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        """Close the connections this client opened (an `http=` client passed in stays open: its
+        owner closes it)."""
+        if self.own_http:
+            self._http.close()
 
     def _run(self, call: Call[T]) -> T:
         attempt = 0
@@ -382,6 +385,7 @@ class AsyncClient:
         max_connections: int = 100,
     ) -> None:
         self.config = _Config(base_url, api_key, verify, timeout_s, max_retries, headers)
+        self.own_http = http is None
         self._http = http or httpx.AsyncClient(
             base_url=self.config.base_url,
             headers=self.config.headers,
@@ -414,7 +418,9 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        """Close the connections this client opened (an `http=` client passed in stays open)."""
+        if self.own_http:
+            await self._http.aclose()
 
     async def _run(self, call: Call[T]) -> T:
         attempt = 0

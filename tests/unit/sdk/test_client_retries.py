@@ -238,3 +238,62 @@ def test_wait_honours_the_retry_after_of_a_long_poll_a_stopping_server_ended(
     task = client(answers, seen).wait(TASK["id"], timeout_s=30)
     assert task.status == "completed"
     assert slept == [1.0]
+
+
+def scripted(script: list[httpx.Response | Exception], seen: list[httpx.Request]) -> httpx.Client:
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        step = script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    return httpx.Client(base_url="https://tg.test", transport=httpx.MockTransport(handle))
+
+
+def test_a_read_whose_answer_was_lost_is_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GET changes nothing: a read timeout or a dropped connection is retried like a 503."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    seen: list[httpx.Request] = []
+    lost = [
+        httpx.ReadTimeout("no answer"),
+        httpx.RemoteProtocolError("dropped"),
+        httpx.Response(200, json=TASK),
+    ]
+    tg = taskgate.Client("https://tg.test", api_key="k", http=scripted(lost, seen))
+    assert str(tg.get(TASK["id"]).id) == TASK["id"]
+    assert [r.method for r in seen] == ["GET", "GET", "GET"]
+    # a POST without a key still is not: it may have made a task already
+    seen.clear()
+    lost[:] = [httpx.ReadTimeout("no answer")]
+    with pytest.raises(httpx.ReadTimeout):
+        taskgate.Client("https://tg.test", api_key="k", http=scripted(lost, seen)).enqueue(
+            "noop", {}, idempotent=False
+        )
+    assert len(seen) == 1
+
+
+def test_closing_a_client_leaves_an_http_client_passed_in_open() -> None:
+    http = scripted([httpx.Response(200, json=TASK)], [])
+    taskgate.Client("https://tg.test", api_key="k", http=http).close()
+    assert not http.is_closed  # its owner goes on using it
+    assert taskgate.Client("https://tg.test", api_key="k", http=http).get(TASK["id"]).kind == "noop"
+    own = taskgate.Client("https://tg.test", api_key="k")
+    own.close()
+    assert own._http.is_closed
+
+    async def passed_in() -> bool:
+        http = httpx.AsyncClient(base_url="https://tg.test")
+        await taskgate.AsyncClient("https://tg.test", api_key="k", http=http).aclose()
+        return http.is_closed
+
+    assert asyncio.run(passed_in()) is False
+
+
+def test_a_blank_idempotency_key_is_refused_not_replaced() -> None:
+    seen: list[httpx.Request] = []
+    tg = taskgate.Client("https://tg.test", api_key="k", http=scripted([], seen))
+    for blank in ("", "  "):
+        with pytest.raises(ValueError, match="idempotency_key"):
+            tg.enqueue("noop", {}, idempotency_key=blank)
+    assert seen == []  # nothing was sent
