@@ -872,3 +872,102 @@ async def test_a_claim_says_which_stored_names_are_wait_records(
     assert again["steps"]["one"] == {"done": True}
     assert again["steps"]["nap"]["done"] is True
     assert again["waits"] == ["nap"]
+
+
+async def _claimed(client: Client, headers: dict[str, str], n: int) -> list[dict[str, Any]]:
+    await register(client, headers)
+    for i in range(n):
+        await enqueue(client, headers, kind="reports.build", payload={"account_id": i + 1})
+    items: list[dict[str, Any]] = (await claim(client, headers, max=n))["items"]
+    assert len(items) == n
+    return items
+
+
+async def test_a_complete_request_carrying_more_suspended_work_than_its_bound_is_422_and_changes_nothing(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Each item could spawn 10,000 children and store 1,000 steps, so one request of 1,000 items
+    asked for ten million children. The request is bounded in total (one task's whole allowance)."""
+    first, second = await _claimed(client, auth_headers, 2)
+
+    def suspended(item: dict[str, Any], **suspend: Any) -> dict[str, Any]:
+        return {"id": item["id"], "attempt": item["attempt"], "outcome": "suspended", "suspend": suspend}
+
+    spawn = [{"key": f"c{i}", "kind": "noop"} for i in range(5001)]
+    steps = {f"s{i}": i for i in range(501)}
+    for items in (
+        [suspended(first, spawn=spawn), suspended(second, spawn=spawn[:5000])],
+        [suspended(first, steps=steps), suspended(second, steps=steps)],
+    ):
+        body = {"items": items, "worker": WORKER}
+        refused = await client.post("/api/workers/complete", json=body, headers=auth_headers)
+        assert refused.status_code == 422, await refused.get_data(as_text=True)
+        assert refused.mimetype == "application/problem+json"
+        [error] = (await refused.get_json())["errors"]
+        assert error["field"] == "body.items"
+        assert "smaller batches" in error["message"]
+    rows = await fetch(clean_database, "SELECT status FROM tasks ORDER BY id")
+    assert [r["status"] for r in rows] == ["running", "running"]  # no child, no step, no change
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM task_steps"))[0]["n"] == 0
+    # within the bound: one task's whole allowance in one item still goes through
+    [answer] = await complete(client, auth_headers, suspended(first, steps={f"s{i}": i for i in range(1000)}))
+    assert (answer["accepted"], answer["status"]) == (True, "available")
+
+
+async def test_a_complete_request_on_a_slow_database_is_503_within_its_deadline_and_a_resend_finishes_it(
+    client: Client, auth_headers: dict[str, str], clean_database: str, monkeypatch: Any
+) -> None:
+    """Every statement had its own deadline, but not the request: 12 suspensions at 0.25 s each held
+    the request (and the worker's completions) 3 s; 1,000 of them, minutes. Past the request's
+    deadline the answer is 503 + Retry-After; what was written is whole (one transaction per
+    suspension), and the same request sent again writes the rest and changes nothing written."""
+    from app.src.api import workers
+
+    monkeypatch.setattr(workers, "COMPLETE_DEADLINE_S", 1.0, raising=False)
+    claimed = await _claimed(client, auth_headers, 12)
+    items = [
+        {
+            "id": c["id"],
+            "attempt": c["attempt"],
+            "outcome": "suspended",
+            "suspend": {"steps": {"done": c["id"]}},
+        }
+        for c in claimed
+    ]
+    await fetch(
+        clean_database,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM pg_sleep(0.25); RETURN NEW; END $$",
+    )
+    await fetch(
+        clean_database, "CREATE TRIGGER slow BEFORE INSERT ON task_steps FOR EACH ROW EXECUTE FUNCTION slow()"
+    )
+    try:
+        began = time.monotonic()
+        cut = await client.post(
+            "/api/workers/complete", json={"items": items, "worker": WORKER}, headers=auth_headers
+        )
+        elapsed = time.monotonic() - began
+        assert cut.status_code == 503, await cut.get_data(as_text=True)
+        assert cut.mimetype == "application/problem+json"
+        assert int(cut.headers["Retry-After"]) >= 1
+        assert elapsed < 2.5, elapsed  # the deadline (1 s), not the sum of the statements (3 s)
+    finally:
+        await fetch(clean_database, "DROP TRIGGER IF EXISTS slow ON task_steps")
+        await fetch(clean_database, "DROP FUNCTION IF EXISTS slow()")
+    written = {
+        str(r["id"]) for r in await fetch(clean_database, "SELECT id FROM tasks WHERE status = 'available'")
+    }
+    assert 0 < len(written) < 12
+    steps = await fetch(clean_database, "SELECT task_id, count(*) AS n FROM task_steps GROUP BY task_id")
+    assert {str(r["task_id"]) for r in steps} == written
+    assert {r["n"] for r in steps} == {1}  # none half-written
+    answers = await complete(client, auth_headers, *items)
+    assert [(a["accepted"], a["status"]) for a in answers] == [
+        (c["id"] not in written, "available") for c in claimed
+    ]
+    rows = await fetch(
+        clean_database,
+        "SELECT status, (SELECT count(*) FROM task_steps s WHERE s.task_id = t.id) AS n FROM tasks t",
+    )
+    assert {(r["status"], r["n"]) for r in rows} == {("available", 1)}

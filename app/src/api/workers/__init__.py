@@ -25,7 +25,7 @@ from app.database import StorageUnavailable
 from app.src.api.engine import durable, remote_kinds
 from app.src.api.engine.durable import ChildSpec, CompositionError, SpawnRefused, Suspension, Wait
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
-from app.src.api.errors import Unprocessable
+from app.src.api.errors import ServiceUnavailable, Unprocessable
 from app.src.api.models.workers import (
     ClaimIn,
     CompleteIn,
@@ -408,8 +408,38 @@ class Answer:
     status: str | None
 
 
+# A complete request's whole processing, answered 503 + Retry-After past it. Its work grows with
+# what it carries (a transaction per suspended item, up to 1,000, besides the batch statements), and
+# each statement is bounded on its own (DB_COMMAND_TIMEOUT_S) but their sum was not: a slow (not
+# stalled) database held one request, its connection and its worker's completions for minutes.
+# Cutting a request part-way is safe because no completion can be half-applied: each suspension is
+# one transaction (durable.suspend: steps, children, wait record and status, or nothing) and each
+# batch of the others one statement, each guarded by status, attempt and worker. The client sends the
+# same request again (the SDK does, after Retry-After): what was written answers `accepted: false`
+# with the task's new status (its attempt is no longer running) and changes nothing; the rest is
+# written then. Well under the SDK's 30 s request timeout; a healthy database writes 1,000
+# suspensions in a few seconds.
+COMPLETE_DEADLINE_S = 10.0
+
+
 async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> list[Answer]:
-    """Finish attempts in one guarded statement per worker; a stale or duplicate one is refused."""
+    """Finish attempts in one guarded statement per worker; a stale or duplicate one is refused.
+    Within COMPLETE_DEADLINE_S, else ServiceUnavailable (what was written stays written)."""
+    try:
+        async with asyncio.timeout(COMPLETE_DEADLINE_S):
+            return await _complete(engine, client_id=client_id, data=data)
+    except TimeoutError:
+        log.warning(
+            "a completion request ran out of time", items=len(data.items), deadline_s=COMPLETE_DEADLINE_S
+        )
+        raise ServiceUnavailable(
+            f"The completions were not all written within {COMPLETE_DEADLINE_S:g} s (the database is slow); "
+            "send the same request again: those already written answer accepted false.",
+            retry_after=1,
+        ) from None
+
+
+async def _complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> list[Answer]:
     db = engine.db
     ids = list(dict.fromkeys(item.id for item in data.items))
     async with db.driver() as conn:
