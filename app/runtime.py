@@ -40,6 +40,9 @@ log = structlog.get_logger("taskgate.runtime")
 # A server that is shutting down ends long-polls and event streams with this Retry-After (seconds):
 # another replica answers the next request.
 SHUTDOWN_RETRY_AFTER_S = 1
+# the database pools' close after a stop that used its whole grace: idle connections close in
+# milliseconds; only a connection something left behind still holds waits this long
+DISCONNECT_MIN_S = 0.25
 
 
 class Runtime:
@@ -183,7 +186,9 @@ class Runtime:
             await self._engine.close()
             self._engine = None
         if self._db is not None:
-            await self._db.disconnect()
+            # what is left of the grace (a moment at least, to say goodbye to the server): past
+            # it, a connection still out is held by something the stop left behind
+            await self._db.disconnect(timeout_s=max(self.grace_left(), DISCONNECT_MIN_S))
             self._db = None
             self.events.append("database stopped")
         self.started = False
