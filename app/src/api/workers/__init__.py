@@ -448,6 +448,7 @@ async def _complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) ->
     kinds = await remote_kinds.lookup(db, client_id=client_id, names={t.kind for t in held.values()})
     backoffs = await engine.queues.by_ids({t.queue_id for t in held.values()})
     now = datetime.now(UTC)
+    problems = _result_problems(data, held, named, kinds)
     groups: dict[UUID, list[Completion]] = {}
     seen_ids: set[UUID] = set()
     written: dict[UUID, str] = {}
@@ -482,7 +483,7 @@ async def _complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) ->
             if status is not None:
                 written[task.id] = status
             continue
-        completion = _completion(task, item, kinds.get(task.kind), backoffs.get(task.queue_id), now)
+        completion = _completion(task, item, problems.get(item.id), backoffs.get(task.queue_id), now)
         if completion is not None and task.worker_id is not None:  # _current: it has a holder
             groups.setdefault(task.worker_id, []).append(completion)
     async with db.driver() as conn:
@@ -500,6 +501,32 @@ async def _complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) ->
     return answers
 
 
+def _result_problems(
+    data: CompleteIn, held: dict[UUID, HeldTask], named: UUID | None, kinds: dict[str, store.RemoteKindRow]
+) -> dict[UUID, str]:
+    """Why each completed result cannot complete its task, checked before anything is written and
+    within one budget for the whole request: 1,000 results that each cost just under a check's own
+    budget held the event loop for minutes. A request past it is refused whole (422, nothing
+    written; the SDK splits the batch): failing the attempts of results that were fine, for what
+    the others cost, would be wrong."""
+    problems: dict[UUID, str] = {}
+    try:
+        with remote_kinds.checks_within():
+            for item in data.items:
+                task = held.get(item.id)
+                if item.outcome != "completed" or task is None or not _current(task, item, named):
+                    continue
+                problem = remote_kinds.result_problem(kinds.get(task.kind), item.result)
+                if problem is not None:
+                    problems[item.id] = problem
+    except remote_kinds.ChecksOverBudget as exc:
+        raise Unprocessable(
+            f"Checking these results against their kinds' result schemas takes too long: {exc}",
+            errors=[{"field": "body.items", "message": str(exc), "type": "over_budget"}],
+        ) from None
+    return problems
+
+
 def _current(task: HeldTask, item: CompletionIn, named: UUID | None) -> bool:
     """The attempt named is the one running now (the statement checks it again, atomically), held
     by the worker named or, when none is, by a remote worker of this client: an attempt an
@@ -510,9 +537,10 @@ def _current(task: HeldTask, item: CompletionIn, named: UUID | None) -> bool:
 
 
 def _completion(
-    task: HeldTask, item: CompletionIn, kind: store.RemoteKindRow | None, queue: Any, now: datetime
+    task: HeldTask, item: CompletionIn, problem: str | None, queue: Any, now: datetime
 ) -> Completion | None:
-    """What the worker's report means for the task; None for what this server cannot do yet."""
+    """What the worker's report means for the task (`problem`: why its result cannot complete it,
+    see _result_problems); None for what this server cannot do yet."""
     started_at = task.started_at or now
     error = item.error
     # the remote worker's traceback goes to the attempt record, bounded as an in-process one
@@ -533,7 +561,6 @@ def _completion(
                          error=message, retry_in_s=decided.retry_in_s, traceback=trace)  # fmt: skip
 
     if item.outcome == "completed":
-        problem = remote_kinds.result_problem(kind, item.result)
         if problem is not None:
             return failed(problem)
         return _finished(task, item, Status.COMPLETED, Outcome.COMPLETED, started_at, now, result=item.result)
