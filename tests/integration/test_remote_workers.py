@@ -1024,3 +1024,41 @@ async def test_schema_checks_of_one_request_share_one_budget(
     answers = await complete(client, auth_headers, *items[:3])
     assert [(a["accepted"], a["status"]) for a in answers] == [(True, "completed")] * 3
     assert one["status"] == "available"
+
+
+async def test_a_heartbeats_progress_costs_one_statement_not_one_per_task(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Progress was written one statement per task after the leases were renewed, and the answer
+    waited for all of them: with 1,000 tasks reporting progress, every millisecond of a statement's
+    round trip was a second more, and an answer later than a third of the lease makes the SDK
+    abandon every handler it holds. Here each statement costs 20 ms (a slow link): 100 progress
+    reports held the heartbeat 2 s."""
+    claimed = await _claimed(client, auth_headers, 100)
+    await fetch(
+        clean_database,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM pg_sleep(0.02); RETURN NULL; END $$",
+    )
+    await fetch(
+        clean_database, "CREATE TRIGGER slow AFTER UPDATE ON tasks FOR EACH STATEMENT EXECUTE FUNCTION slow()"
+    )
+    body = {
+        "task_ids": [c["id"] for c in claimed],
+        "progress": {c["id"]: {"done": i} for i, c in enumerate(claimed)},
+        "worker": WORKER,
+    }
+    try:
+        began = time.monotonic()
+        response = await client.post("/api/workers/heartbeat", json=body, headers=auth_headers)
+        elapsed = time.monotonic() - began
+    finally:
+        await fetch(clean_database, "DROP TRIGGER IF EXISTS slow ON tasks")
+        await fetch(clean_database, "DROP FUNCTION IF EXISTS slow()")
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    answer = await response.get_json()
+    assert (len(answer["items"]), answer["lost"]) == (100, [])
+    assert elapsed < 1.0, elapsed  # a few statements, not one per task
+    rows = await fetch(clean_database, "SELECT id, progress FROM tasks")
+    assert {str(r["id"]): json.loads(r["progress"]) if isinstance(r["progress"], str) else r["progress"]
+            for r in rows} == {c["id"]: {"done": i} for i, c in enumerate(claimed)}  # fmt: skip

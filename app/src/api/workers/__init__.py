@@ -361,12 +361,10 @@ async def heartbeat(
             renewed += await task_store.heartbeat_rows(
                 conn, task_ids=ids, lease_s=lease_s, worker_id=worker_id
             )
-        for row in renewed:
-            progress = (data.progress or {}).get(row["id"])
-            if progress is not None:
-                await task_store.set_progress(
-                    conn, task_id=row["id"], attempt=row["attempts"], progress=progress
-                )
+        given = data.progress or {}
+        await task_store.set_progress_many(
+            conn, [(row["id"], row["attempts"], given[row["id"]]) for row in renewed if row["id"] in given]
+        )
         if data.worker is not None and _due_for_seen(
             remote_worker_id(client_id, data.worker.name), heartbeat=True
         ):
