@@ -328,6 +328,10 @@ class ClientFilterQuery(BaseModel):
 
 
 class TaskListQuery(BaseModel):
+    # a filter this list does not take (created_after, as bulk actions take) was ignored, and the
+    # answer listed every task as if it matched: a 422 naming it instead
+    model_config = ConfigDict(extra="forbid")
+
     client_id: UUID | None = Field(
         default=None, description="operator sessions only: list this client's tasks instead of their own"
     )
