@@ -1062,3 +1062,22 @@ async def test_a_heartbeats_progress_costs_one_statement_not_one_per_task(
     rows = await fetch(clean_database, "SELECT id, progress FROM tasks")
     assert {str(r["id"]): json.loads(r["progress"]) if isinstance(r["progress"], str) else r["progress"]
             for r in rows} == {c["id"]: {"done": i} for i, c in enumerate(claimed)}  # fmt: skip
+
+
+async def test_of_two_completions_of_one_attempt_the_first_is_taken_with_its_own_result(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """Results are checked before anything is written; the one checked is the one taken."""
+    [claimed] = await _claimed(client, auth_headers, 1)
+    good = {
+        "id": claimed["id"],
+        "attempt": claimed["attempt"],
+        "outcome": "completed",
+        "result": {"url": "u"},
+    }
+    bad = {**good, "result": {"nope": 1}}
+    first, second = await complete(client, auth_headers, good, bad)
+    assert (first["accepted"], first["status"]) == (True, "completed")
+    assert second["accepted"] is False
+    task = await (await client.get(f"/api/tasks/{claimed['id']}", headers=auth_headers)).get_json()
+    assert (task["status"], task["result"]) == ("completed", {"url": "u"})

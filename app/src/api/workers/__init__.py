@@ -508,11 +508,15 @@ def _result_problems(
     written; the SDK splits the batch): failing the attempts of results that were fine, for what
     the others cost, would be wrong."""
     problems: dict[UUID, str] = {}
+    taken: set[UUID] = set()  # as _complete: of an id's current items, the first is the one taken
     try:
         with remote_kinds.checks_within():
             for item in data.items:
                 task = held.get(item.id)
-                if item.outcome != "completed" or task is None or not _current(task, item, named):
+                if task is None or item.id in taken or not _current(task, item, named):
+                    continue
+                taken.add(item.id)
+                if item.outcome != "completed":
                     continue
                 problem = remote_kinds.result_problem(kinds.get(task.kind), item.result)
                 if problem is not None:
