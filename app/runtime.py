@@ -183,7 +183,10 @@ class Runtime:
             self.notifier = None
             self.events.append("notifier stopped")
         if self._engine is not None:
-            await self._engine.close()
+            # an insert batch in flight gets what is left of the grace (it waited up to its own
+            # deadline, 4.5 s by default); past it the pool's close cuts it, and its requests, not
+            # yet answered, get a 503
+            await self._engine.close(timeout_s=max(self.grace_left(), DISCONNECT_MIN_S))
             self._engine = None
         if self._db is not None:
             # what is left of the grace (a moment at least, to say goodbye to the server): past

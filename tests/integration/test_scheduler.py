@@ -295,6 +295,50 @@ async def test_the_runtime_stop_is_bounded_by_the_grace_when_a_job_ignores_its_c
     await asyncio.wait(left, timeout=6)  # the deaf run, left behind, ends on its own
 
 
+async def test_the_runtime_stop_is_bounded_by_the_grace_with_an_insert_batch_in_flight(
+    settings: Settings, clean_database: str, auth_headers: dict[str, str]
+) -> None:
+    """The stop waited for the enqueue batch in flight, up to its deadline (a checkout and a
+    statement: 4.5 s), past the grace. It waits what is left of the grace now. (Under `serve` the
+    server's drain has already ended, unanswered, the requests still open at the grace's end; the
+    batch's statement, already in PostgreSQL, runs to its end whether or not anyone waits.)"""
+    from app import create_app
+
+    await fetch(
+        clean_database,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$",
+    )
+    await fetch(
+        clean_database, "CREATE TRIGGER slow AFTER INSERT ON tasks FOR EACH STATEMENT EXECUTE FUNCTION slow()"
+    )
+    try:
+        app = create_app(settings.model_copy(update={"ROLES": ["api"], "WORKER_SHUTDOWN_GRACE_S": 0.5}))
+        async with app.test_app():
+            client = app.test_client()
+            runtime = app.extensions["taskgate"]
+            enqueueing = asyncio.ensure_future(
+                client.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)
+            )
+            await eventually(lambda: _sleeping(clean_database), timeout=10)
+            began = time.monotonic()
+            await runtime.stop()
+            stopped_in = time.monotonic() - began
+            await asyncio.wait([enqueueing], timeout=10)
+    finally:
+        await eventually(lambda: _sleeping(clean_database, none=True), timeout=10)
+        await fetch(clean_database, "DROP TRIGGER IF EXISTS slow ON tasks")
+        await fetch(clean_database, "DROP FUNCTION IF EXISTS slow()")
+    assert stopped_in < 0.5 + 0.75, stopped_in  # the grace and the pool's last moment, not the batch's 2 s
+
+
+async def _sleeping(database_uri: str, *, none: bool = False) -> bool:
+    rows = await fetch(
+        database_uri, "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+    )
+    return not rows[0]["n"] if none else bool(rows[0]["n"])
+
+
 async def test_a_run_longer_than_its_period_is_never_doubled_by_another_replica(
     settings: Settings, clean_database: str
 ) -> None:
