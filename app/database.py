@@ -267,17 +267,21 @@ class Database:
             return self.connect_args(self.settings.DB_LISTEN_URI)
         return None
 
-    async def disconnect(self) -> None:
+    async def disconnect(self, *, timeout_s: float | None = None) -> None:
+        """Close the pools, within `timeout_s` each (at most DB_COMMAND_TIMEOUT_S): a pool's close
+        waits for its connections to come back, and one held by something a stop left behind (a
+        task that did not end when cancelled) would hold the stop; past it they are cut."""
+        wait_s = self.command_timeout_s if timeout_s is None else min(self.command_timeout_s, timeout_s)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
-                await asyncio.wait_for(pool.close(), timeout=self.command_timeout_s)
+                await asyncio.wait_for(pool.close(), timeout=wait_s)
             except Exception:  # a stalled or vanished server cannot be told goodbye
                 pool.terminate()
         if self._engine is not None:
             engine, self._engine = self._engine, None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(engine.dispose(), timeout=self.command_timeout_s)
+                await asyncio.wait_for(engine.dispose(), timeout=wait_s)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:

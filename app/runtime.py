@@ -40,6 +40,9 @@ log = structlog.get_logger("taskgate.runtime")
 # A server that is shutting down ends long-polls and event streams with this Retry-After (seconds):
 # another replica answers the next request.
 SHUTDOWN_RETRY_AFTER_S = 1
+# the database pools' close after a stop that used its whole grace: idle connections close in
+# milliseconds; only a connection something left behind still holds waits this long
+DISCONNECT_MIN_S = 0.25
 
 
 class Runtime:
@@ -180,10 +183,15 @@ class Runtime:
             self.notifier = None
             self.events.append("notifier stopped")
         if self._engine is not None:
-            await self._engine.close()
+            # an insert batch in flight gets what is left of the grace (it waited up to its own
+            # deadline, 4.5 s by default); past it the pool's close cuts it, and its requests, not
+            # yet answered, get a 503
+            await self._engine.close(timeout_s=max(self.grace_left(), DISCONNECT_MIN_S))
             self._engine = None
         if self._db is not None:
-            await self._db.disconnect()
+            # what is left of the grace (a moment at least, to say goodbye to the server): past
+            # it, a connection still out is held by something the stop left behind
+            await self._db.disconnect(timeout_s=max(self.grace_left(), DISCONNECT_MIN_S))
             self._db = None
             self.events.append("database stopped")
         self.started = False

@@ -79,6 +79,9 @@ MIN_PRUNE_INTERVAL_S = 10.0
 # A run in flight at shutdown gets this long to finish, then is cancelled: every job is safe to
 # cancel (each statement or transaction is atomic), and the worker drains after the scheduler.
 SHUTDOWN_GRACE_S = 5.0
+# ... of which the end is for cancelled runs to unwind: at most UNWIND_S, and at most this share
+UNWIND_S = 1.0
+UNWIND_SHARE = 0.5
 FIRE_BATCHES_PER_TICK = 10
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -176,7 +179,16 @@ class Scheduler:
         log.info("scheduler started", jobs=[job.name for job in self.jobs], replica=self.replica)
 
     async def shutdown(self) -> None:
-        """Stop ticking, let runs in flight finish (cancel them after the grace), then return."""
+        """Stop ticking, let runs in flight finish, cancel what outlasts them; returns within
+        `shutdown_grace_s` whatever a job does.
+
+        The grace's last share (UNWIND_SHARE, at most UNWIND_S) is for cancelled runs to unwind
+        (free their leases). A run still going after that is left behind, logged: waiting for it
+        held the process's stop up to 5 s past WORKER_SHUTDOWN_GRACE_S. Its lease expires by itself,
+        and every job is safe to cut anywhere (each statement or transaction is atomic)."""
+        loop = asyncio.get_running_loop()
+        grace = max(0.0, self.shutdown_grace_s)
+        deadline = loop.time() + grace
         self._stopping = True
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
@@ -184,11 +196,15 @@ class Scheduler:
         in_flight = [task for task in self._in_flight.values() if not task.done()]
         if in_flight:
             log.info("waiting for maintenance jobs", jobs=sorted(t.get_name() for t in in_flight))
-            _, late = await asyncio.wait(in_flight, timeout=self.shutdown_grace_s)
+            unwind_s = min(UNWIND_S, grace * UNWIND_SHARE)
+            _, late = await asyncio.wait(in_flight, timeout=max(0.0, deadline - unwind_s - loop.time()))
             for task in late:
                 task.cancel()
             if late:
-                await asyncio.wait(late, timeout=5)
+                _, stuck = await asyncio.wait(late, timeout=max(0.0, deadline - loop.time()))
+                if stuck:
+                    log.warning("maintenance jobs did not stop when cancelled; left behind",
+                                jobs=sorted(t.get_name() for t in stuck))  # fmt: skip
         self._in_flight.clear()
         log.info("scheduler stopped", replica=self.replica)
 

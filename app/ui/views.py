@@ -55,6 +55,7 @@ CONTENT_SECURITY_POLICY = (
 )
 PUBLIC_ENDPOINTS = frozenset({"ui.static", "ui.login", "ui.login_submit", "ui.totp", "ui.totp_submit"})
 PAGE_SIZE = 50
+CONSOLE_HOSTS = 500  # the hosts page shows the first 500 by name (GET /api/hosts pages through all)
 _TEXT_FILTER_MAX = 64
 
 
@@ -686,7 +687,7 @@ async def worker_list() -> Any:
 async def host_list() -> Any:
     """The destinations of `http` tasks as GET /api/hosts shows them (the same service)."""
     client = _uuid_arg("client")
-    items = await flow.task_hosts(_db(), client_id=client)
+    items, _ = await flow.task_hosts(_db(), client_id=client, limit=CONSOLE_HOSTS)
     return await render_template(
         "hosts.html",
         items=items,

@@ -872,3 +872,212 @@ async def test_a_claim_says_which_stored_names_are_wait_records(
     assert again["steps"]["one"] == {"done": True}
     assert again["steps"]["nap"]["done"] is True
     assert again["waits"] == ["nap"]
+
+
+async def _claimed(client: Client, headers: dict[str, str], n: int) -> list[dict[str, Any]]:
+    await register(client, headers)
+    for i in range(n):
+        await enqueue(client, headers, kind="reports.build", payload={"account_id": i + 1})
+    items: list[dict[str, Any]] = (await claim(client, headers, max=n))["items"]
+    assert len(items) == n
+    return items
+
+
+async def test_a_complete_request_carrying_more_suspended_work_than_its_bound_is_422_and_changes_nothing(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Each item could spawn 10,000 children and store 1,000 steps, so one request of 1,000 items
+    asked for ten million children. The request is bounded in total (one task's whole allowance)."""
+    first, second = await _claimed(client, auth_headers, 2)
+
+    def suspended(item: dict[str, Any], **suspend: Any) -> dict[str, Any]:
+        return {"id": item["id"], "attempt": item["attempt"], "outcome": "suspended", "suspend": suspend}
+
+    spawn = [{"key": f"c{i}", "kind": "noop"} for i in range(5001)]
+    steps = {f"s{i}": i for i in range(501)}
+    for items in (
+        [suspended(first, spawn=spawn), suspended(second, spawn=spawn[:5000])],
+        [suspended(first, steps=steps), suspended(second, steps=steps)],
+    ):
+        body = {"items": items, "worker": WORKER}
+        refused = await client.post("/api/workers/complete", json=body, headers=auth_headers)
+        assert refused.status_code == 422, await refused.get_data(as_text=True)
+        assert refused.mimetype == "application/problem+json"
+        [error] = (await refused.get_json())["errors"]
+        assert error["field"] == "body.items"
+        assert "smaller batches" in error["message"]
+    rows = await fetch(clean_database, "SELECT status FROM tasks ORDER BY id")
+    assert [r["status"] for r in rows] == ["running", "running"]  # no child, no step, no change
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM task_steps"))[0]["n"] == 0
+    # within the bound: one task's whole allowance in one item still goes through
+    [answer] = await complete(client, auth_headers, suspended(first, steps={f"s{i}": i for i in range(1000)}))
+    assert (answer["accepted"], answer["status"]) == (True, "available")
+
+
+async def test_a_complete_request_on_a_slow_database_is_503_within_its_deadline_and_a_resend_finishes_it(
+    client: Client, auth_headers: dict[str, str], clean_database: str, monkeypatch: Any
+) -> None:
+    """Every statement had its own deadline, but not the request: 12 suspensions at 0.25 s each held
+    the request (and the worker's completions) 3 s; 1,000 of them, minutes. Past the request's
+    deadline the answer is 503 + Retry-After; what was written is whole (one transaction per
+    suspension), and the same request sent again writes the rest and changes nothing written."""
+    from app.src.api import workers
+
+    monkeypatch.setattr(workers, "COMPLETE_DEADLINE_S", 1.0, raising=False)
+    claimed = await _claimed(client, auth_headers, 12)
+    items = [
+        {
+            "id": c["id"],
+            "attempt": c["attempt"],
+            "outcome": "suspended",
+            "suspend": {"steps": {"done": c["id"]}},
+        }
+        for c in claimed
+    ]
+    await fetch(
+        clean_database,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM pg_sleep(0.25); RETURN NEW; END $$",
+    )
+    await fetch(
+        clean_database, "CREATE TRIGGER slow BEFORE INSERT ON task_steps FOR EACH ROW EXECUTE FUNCTION slow()"
+    )
+    try:
+        began = time.monotonic()
+        cut = await client.post(
+            "/api/workers/complete", json={"items": items, "worker": WORKER}, headers=auth_headers
+        )
+        elapsed = time.monotonic() - began
+        assert cut.status_code == 503, await cut.get_data(as_text=True)
+        assert cut.mimetype == "application/problem+json"
+        assert int(cut.headers["Retry-After"]) >= 1
+        assert elapsed < 2.5, elapsed  # the deadline (1 s), not the sum of the statements (3 s)
+    finally:
+        await fetch(clean_database, "DROP TRIGGER IF EXISTS slow ON task_steps")
+        await fetch(clean_database, "DROP FUNCTION IF EXISTS slow()")
+    written = {
+        str(r["id"]) for r in await fetch(clean_database, "SELECT id FROM tasks WHERE status = 'available'")
+    }
+    assert 0 < len(written) < 12
+    steps = await fetch(clean_database, "SELECT task_id, count(*) AS n FROM task_steps GROUP BY task_id")
+    assert {str(r["task_id"]) for r in steps} == written
+    assert {r["n"] for r in steps} == {1}  # none half-written
+    answers = await complete(client, auth_headers, *items)
+    assert [(a["accepted"], a["status"]) for a in answers] == [
+        (c["id"] not in written, "available") for c in claimed
+    ]
+    rows = await fetch(
+        clean_database,
+        "SELECT status, (SELECT count(*) FROM task_steps s WHERE s.task_id = t.id) AS n FROM tasks t",
+    )
+    assert {(r["status"], r["n"]) for r in rows} == {("available", 1)}
+
+
+def _costly_but_valid(depth: int) -> dict[str, Any]:
+    """`x` first tries 2^depth alternatives that all fail, then takes an integer: each value costs
+    about the same (well under the 1 s budget) and passes; an empty object costs nothing."""
+    return {
+        "$defs": _multiplying(depth),
+        "type": "object",
+        "properties": {"x": {"anyOf": [{"$ref": "#/$defs/l0"}, {"type": "integer"}]}},
+    }
+
+
+async def test_schema_checks_of_one_request_share_one_budget(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """The 1 s budget was per value: a batch of 1,000 payloads (or a completion of 1,000 results)
+    that each cost just under it held the event loop, every request of every client waiting, for
+    up to 1,000 s. Here 80 values at ~0.07 s each held it ~5 s. A request's checks share a budget
+    now (2 s): past it the request is a 422 (send fewer at once) and nothing is stored or written."""
+    schema = _costly_but_valid(10)
+    await register(client, auth_headers, payload_schema=schema, result_schema=schema)
+    began = time.monotonic()
+    one = await enqueue(client, auth_headers, kind="reports.build", payload={"x": 1})
+    assert time.monotonic() - began < 0.5  # one value is well within the budget
+    batch = {"tasks": [{"kind": "reports.build", "payload": {"x": i}} for i in range(80)]}
+    began = time.monotonic()
+    refused = await client.post("/api/tasks/batch", json=batch, headers=auth_headers)
+    assert time.monotonic() - began < 3.5
+    assert refused.status_code == 422, await refused.get_data(as_text=True)
+    assert "fewer at once" in (await refused.get_json())["errors"][0]["message"]
+    assert (await fetch(clean_database, "SELECT count(*) AS n FROM tasks"))[0]["n"] == 1
+
+    await fetch(clean_database, "INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, "
+                "priority, max_attempts, run_at, created_at) SELECT gen_random_uuid(), client_id, queue_id, "
+                "queue, kind, payload, status, priority, max_attempts, run_at, created_at "
+                "FROM tasks, generate_series(1, 79)")  # fmt: skip
+    claimed = (await claim(client, auth_headers, max=80))["items"]
+    assert len(claimed) == 80
+    items = [
+        {"id": c["id"], "attempt": c["attempt"], "outcome": "completed", "result": {"x": 1}} for c in claimed
+    ]
+    began = time.monotonic()
+    cut = await client.post(
+        "/api/workers/complete", json={"items": items, "worker": WORKER}, headers=auth_headers
+    )
+    assert time.monotonic() - began < 3.5
+    assert cut.status_code == 422, await cut.get_data(as_text=True)
+    assert "fewer at once" in (await cut.get_json())["detail"]
+    rows = await fetch(clean_database, "SELECT status FROM tasks")
+    assert {r["status"] for r in rows} == {"running"}  # nothing written
+    answers = await complete(client, auth_headers, *items[:3])
+    assert [(a["accepted"], a["status"]) for a in answers] == [(True, "completed")] * 3
+    assert one["status"] == "available"
+
+
+async def test_a_heartbeats_progress_costs_one_statement_not_one_per_task(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Progress was written one statement per task after the leases were renewed, and the answer
+    waited for all of them: with 1,000 tasks reporting progress, every millisecond of a statement's
+    round trip was a second more, and an answer later than a third of the lease makes the SDK
+    abandon every handler it holds. Here each statement costs 20 ms (a slow link): 100 progress
+    reports held the heartbeat 2 s."""
+    claimed = await _claimed(client, auth_headers, 100)
+    await fetch(
+        clean_database,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM pg_sleep(0.02); RETURN NULL; END $$",
+    )
+    await fetch(
+        clean_database, "CREATE TRIGGER slow AFTER UPDATE ON tasks FOR EACH STATEMENT EXECUTE FUNCTION slow()"
+    )
+    body = {
+        "task_ids": [c["id"] for c in claimed],
+        "progress": {c["id"]: {"done": i} for i, c in enumerate(claimed)},
+        "worker": WORKER,
+    }
+    try:
+        began = time.monotonic()
+        response = await client.post("/api/workers/heartbeat", json=body, headers=auth_headers)
+        elapsed = time.monotonic() - began
+    finally:
+        await fetch(clean_database, "DROP TRIGGER IF EXISTS slow ON tasks")
+        await fetch(clean_database, "DROP FUNCTION IF EXISTS slow()")
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    answer = await response.get_json()
+    assert (len(answer["items"]), answer["lost"]) == (100, [])
+    assert elapsed < 1.0, elapsed  # a few statements, not one per task
+    rows = await fetch(clean_database, "SELECT id, progress FROM tasks")
+    assert {str(r["id"]): json.loads(r["progress"]) if isinstance(r["progress"], str) else r["progress"]
+            for r in rows} == {c["id"]: {"done": i} for i, c in enumerate(claimed)}  # fmt: skip
+
+
+async def test_of_two_completions_of_one_attempt_the_first_is_taken_with_its_own_result(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """Results are checked before anything is written; the one checked is the one taken."""
+    [claimed] = await _claimed(client, auth_headers, 1)
+    good = {
+        "id": claimed["id"],
+        "attempt": claimed["attempt"],
+        "outcome": "completed",
+        "result": {"url": "u"},
+    }
+    bad = {**good, "result": {"nope": 1}}
+    first, second = await complete(client, auth_headers, good, bad)
+    assert (first["accepted"], first["status"]) == (True, "completed")
+    assert second["accepted"] is False
+    task = await (await client.get(f"/api/tasks/{claimed['id']}", headers=auth_headers)).get_json()
+    assert (task["status"], task["result"]) == ("completed", {"url": "u"})

@@ -232,6 +232,113 @@ async def test_shutdown_cancels_a_job_that_outlasts_the_grace_and_frees_its_leas
     assert (row["runs"], row["lease_expires_at"]) == (0, None)
 
 
+async def test_shutdown_returns_within_its_grace_even_when_a_job_ignores_its_cancel(
+    db: Database, settings: Settings, clean_database: str
+) -> None:
+    """After cancelling what outlasted the grace, the stop waited up to 5 s more for it: a job that
+    goes on after its cancel (a cleanup of its own, a shielded call) held the process's stop that
+    long past WORKER_SHUTDOWN_GRACE_S. It is left behind now (its lease expires by itself)."""
+    started = asyncio.Event()
+    events: list[str] = []
+
+    async def deaf() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            await asyncio.sleep(3)  # goes on regardless
+            events.append("ended")
+
+    scheduler = scheduler_with(db, settings, [Job("deaf", 60, deaf)], shutdown_grace_s=0.5)
+    scheduler.start()
+    await asyncio.wait_for(started.wait(), timeout=10)
+    began = time.monotonic()
+    await scheduler.shutdown()
+    assert time.monotonic() - began < 0.5 + 0.3  # the grace (and a loop turn), not the grace + 3 s
+    assert events == ["cancelled"]
+    [left] = [t for t in asyncio.all_tasks() if t.get_name() == "deaf"]
+    await asyncio.wait([left], timeout=5)  # let it end before the database closes under it
+    assert events == ["cancelled", "ended"]
+
+
+async def test_the_runtime_stop_is_bounded_by_the_grace_when_a_job_ignores_its_cancel(
+    settings: Settings, clean_database: str, monkeypatch: Any
+) -> None:
+    """The process's stop (Runtime.stop, after the server's drain): a maintenance run that goes on
+    after its cancel, holding a pooled connection, held it 4 s past a 1 s grace (the scheduler's
+    wait after the cancel, then the pool's close waiting for that connection)."""
+    from app import create_app
+    from app.scheduler import Scheduler
+
+    started = asyncio.Event()
+
+    async def deaf(self: Scheduler) -> None:
+        async with self.db.driver() as conn:
+            await conn.fetchval("SELECT 1")
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await asyncio.sleep(4)  # a cleanup that goes on regardless, connection held
+
+    monkeypatch.setattr(Scheduler, "refresh_caches", deaf)  # a job that runs at once at start
+    app = create_app(settings.model_copy(update={"ROLES": ["scheduler"], "WORKER_SHUTDOWN_GRACE_S": 1.0}))
+    async with app.test_app():
+        runtime = app.extensions["taskgate"]
+        await asyncio.wait_for(started.wait(), timeout=10)
+        began = time.monotonic()
+        await runtime.stop()
+        stopped_in = time.monotonic() - began
+    assert stopped_in < 1.0 + 0.75, stopped_in  # the grace, plus the unwinding the README allows
+    left = [t for t in asyncio.all_tasks() if t.get_name() == "refresh_caches"]
+    await asyncio.wait(left, timeout=6)  # the deaf run, left behind, ends on its own
+
+
+async def test_the_runtime_stop_is_bounded_by_the_grace_with_an_insert_batch_in_flight(
+    settings: Settings, clean_database: str, auth_headers: dict[str, str]
+) -> None:
+    """The stop waited for the enqueue batch in flight, up to its deadline (a checkout and a
+    statement: 4.5 s), past the grace. It waits what is left of the grace now. (Under `serve` the
+    server's drain has already ended, unanswered, the requests still open at the grace's end; the
+    batch's statement, already in PostgreSQL, runs to its end whether or not anyone waits.)"""
+    from app import create_app
+
+    await fetch(
+        clean_database,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$",
+    )
+    await fetch(
+        clean_database, "CREATE TRIGGER slow AFTER INSERT ON tasks FOR EACH STATEMENT EXECUTE FUNCTION slow()"
+    )
+    try:
+        app = create_app(settings.model_copy(update={"ROLES": ["api"], "WORKER_SHUTDOWN_GRACE_S": 0.5}))
+        async with app.test_app():
+            client = app.test_client()
+            runtime = app.extensions["taskgate"]
+            enqueueing = asyncio.ensure_future(
+                client.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)
+            )
+            await eventually(lambda: _sleeping(clean_database), timeout=10)
+            began = time.monotonic()
+            await runtime.stop()
+            stopped_in = time.monotonic() - began
+            await asyncio.wait([enqueueing], timeout=10)
+    finally:
+        await eventually(lambda: _sleeping(clean_database, none=True), timeout=10)
+        await fetch(clean_database, "DROP TRIGGER IF EXISTS slow ON tasks")
+        await fetch(clean_database, "DROP FUNCTION IF EXISTS slow()")
+    assert stopped_in < 0.5 + 0.75, stopped_in  # the grace and the pool's last moment, not the batch's 2 s
+
+
+async def _sleeping(database_uri: str, *, none: bool = False) -> bool:
+    rows = await fetch(
+        database_uri, "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+    )
+    return not rows[0]["n"] if none else bool(rows[0]["n"])
+
+
 async def test_a_run_longer_than_its_period_is_never_doubled_by_another_replica(
     settings: Settings, clean_database: str
 ) -> None:

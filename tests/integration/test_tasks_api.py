@@ -369,3 +369,23 @@ async def test_concurrent_enqueues_cannot_all_pass_one_quota_check(app: Any, cle
     assert {b.status_code for b in batches} == {429}
     stored = await fetch(clean_database, "SELECT count(*) AS n FROM tasks WHERE client_id = $1", client_id)
     assert stored[0]["n"] == 3
+
+
+async def test_a_list_filter_the_api_does_not_take_is_a_422_not_ignored(
+    client: Any, auth_headers: dict[str, str]
+) -> None:
+    """GET /api/tasks takes no time range: `created_after` (as bulk actions take) was ignored, so
+    the answer listed every task as if it matched. A parameter it does not know is a 422 naming it."""
+    await enqueue(client, auth_headers, kind="noop")
+    for query in (
+        "created_after=2030-01-01T00:00:00Z",
+        "created_before=2020-01-01T00:00:00Z",
+        "statuz=completed",
+    ):
+        response = await client.get(f"/api/tasks?{query}", headers=auth_headers)
+        assert response.status_code == 422, (query, await response.get_data(as_text=True))
+        assert response.mimetype == "application/problem+json"
+        [error] = (await response.get_json())["errors"]
+        assert error["field"] == f"query.{query.split('=')[0]}"
+    listed = await client.get("/api/tasks?status=available&limit=10", headers=auth_headers)
+    assert len((await listed.get_json())["items"]) == 1

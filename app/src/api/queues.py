@@ -17,6 +17,8 @@ DEFAULT_QUEUE = "default"
 # the column defaults of a new queue (migration 0001)
 DEFAULT_MIN_BACKOFF_S = 1.0
 DEFAULT_MAX_BACKOFF_S = 3600.0
+PURGE_CHUNK = 1000
+PURGE_MAX_PER_CALL = 100_000  # a bound on one call's work, as bulk actions have (app/src/api/bulk.py)
 
 
 async def put(engine: TaskEngine, *, client_id: UUID, name: str, data: QueueIn) -> Queue:
@@ -89,6 +91,15 @@ async def set_paused(engine: TaskEngine, *, client_id: UUID, name: str, paused: 
 
 
 async def purge(db: Database, *, client_id: UUID, name: str) -> int:
+    """Delete (or, in a composition, cancel) the queue's tasks that have not started, in short
+    statements of PURGE_CHUNK, at most PURGE_MAX_PER_CALL a call (call again for the rest)."""
     queue = await get(db, client_id=client_id, name=name)
-    async with db.driver() as conn:
-        return await store.purge(conn, queue_id=queue.id)
+    total = 0
+    while total < PURGE_MAX_PER_CALL:
+        chunk = min(PURGE_CHUNK, PURGE_MAX_PER_CALL - total)
+        async with db.driver() as conn:
+            done = await store.purge_chunk(conn, queue_id=queue.id, chunk=chunk)
+        total += done
+        if done < chunk:
+            break
+    return total

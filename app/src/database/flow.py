@@ -80,12 +80,15 @@ async def holds(conn: Executor, *, client_id: UUID, task_id: UUID) -> Holds | No
 
 # A destination's permits in flight and its adaptive state (http_host_permits, http_hosts: both
 # a few rows per host). $1: the hosts to show (NULL: every host), $2: HTTP_HOST_MAX_CONCURRENCY,
-# $3: HTTP_CIRCUIT_FAILURES.
+# $3: HTTP_CIRCUIT_FAILURES, $4: the page starts after this host (NULL: from the first), $5: at
+# most this many (NULL: all; the per-host columns are computed for the page's rows only).
 HOSTS = """
 WITH hosts AS (
-    SELECT host FROM http_hosts WHERE $1::text[] IS NULL OR host = ANY($1::text[])
+    SELECT host FROM http_hosts
+    WHERE ($1::text[] IS NULL OR host = ANY($1::text[])) AND ($4::text IS NULL OR host > $4::text)
     UNION
-    SELECT DISTINCT host FROM http_host_permits WHERE $1::text[] IS NULL OR host = ANY($1::text[])
+    SELECT DISTINCT host FROM http_host_permits
+    WHERE ($1::text[] IS NULL OR host = ANY($1::text[])) AND ($4::text IS NULL OR host > $4::text)
 )
 SELECT hosts.host,
        COALESCE(h.concurrency_limit, $2::int) AS concurrency_limit,
@@ -101,6 +104,7 @@ SELECT hosts.host,
             THEN round(h.window_failures::numeric / h.window_requests, 4)::float8 ELSE 0 END AS error_rate
 FROM hosts LEFT JOIN http_hosts h ON h.host = hosts.host
 ORDER BY hosts.host
+LIMIT $5
 """
 
 
@@ -120,14 +124,28 @@ def _host(row: Mapping[str, Any]) -> HostRow:
 
 
 async def hosts(
-    conn: Executor, *, only: list[str] | None, max_concurrency: int, circuit_failures: int
+    conn: Executor,
+    *,
+    only: list[str] | None,
+    max_concurrency: int,
+    circuit_failures: int,
+    after: str | None = None,
+    limit: int | None = None,
 ) -> list[HostRow]:
-    return [_host(row) for row in await conn.fetch(HOSTS, only, max_concurrency, circuit_failures)]
+    rows = await conn.fetch(HOSTS, only, max_concurrency, circuit_failures, after, limit)
+    return [_host(row) for row in rows]
 
 
-async def client_hosts(conn: Executor, *, client_id: UUID) -> list[str]:
-    """The destinations this client's tasks called (http_host_clients, primary key)."""
-    rows = await conn.fetch("SELECT host FROM http_host_clients WHERE client_id = $1", client_id)
+async def client_hosts(conn: Executor, *, client_id: UUID, after: str | None, limit: int) -> list[str]:
+    """The destinations this client's tasks called, in name order after `after` (http_host_clients,
+    primary key (client_id, host))."""
+    rows = await conn.fetch(
+        "SELECT host FROM http_host_clients WHERE client_id = $1 AND ($2::text IS NULL OR host > $2::text) "
+        "ORDER BY host LIMIT $3",
+        client_id,
+        after,
+        limit,
+    )
     return [row["host"] for row in rows]
 
 

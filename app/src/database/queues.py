@@ -143,11 +143,15 @@ async def counts(conn: Executor, *, queue_id: int) -> tuple[dict[str, int], floa
 # A task in a composition (a child, a dependency, a parent with open children) is cancelled
 # instead, so the row trigger of migration 0008 tells its parent and dependents: deleted, it would
 # leave them waiting for it for ever. Its row stays, for the parent's gather to read.
+# One chunk of up to $2 tasks (index tasks_queue_status); the caller repeats until a chunk comes back
+# short. In one statement, a large queue's purge outlasted the statement deadline, and was rolled
+# back, every time. SKIP LOCKED: a task a claim is taking now runs (as one claimed a moment earlier).
 PURGE = f"""
 WITH doomed AS (
     SELECT id, (parent_id IS NOT NULL OR has_dependents OR children_open > 0) AS composed FROM tasks
     WHERE queue_id = $1 AND status IN ('scheduled', 'available', 'retryable')
-    FOR UPDATE
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
 ),
 cancelled AS (
     UPDATE tasks t SET {CANCELLING}, last_error = 'purged with its queue'
@@ -164,7 +168,7 @@ SELECT (SELECT count(*) FROM purged) + (SELECT count(*) FROM cancelled) AS n, (S
 """
 
 
-async def purge(conn: Executor, *, queue_id: int) -> int:
-    """Remove the tasks of a queue that are waiting to run; how many (deleted or cancelled)."""
-    rows = await conn.fetch(PURGE, queue_id)
+async def purge_chunk(conn: Executor, *, queue_id: int, chunk: int) -> int:
+    """Remove up to `chunk` tasks of a queue that are waiting to run; how many (deleted or cancelled)."""
+    rows = await conn.fetch(PURGE, queue_id, chunk)
     return int(rows[0]["n"])

@@ -1039,6 +1039,35 @@ async def set_progress(conn: Executor, *, task_id: UUID, attempt: int, progress:
     await conn.fetch(PROGRESS, task_id, attempt, json_text.dumps(progress))
 
 
+# A heartbeat's progress reports in one statement (one per task was a round trip each, and the
+# heartbeat's answer waited for all of them), in id order, as the other batch writes lock rows.
+PROGRESS_MANY = f"""
+WITH given AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[]) AS g(id, attempt, progress)
+),
+updated AS (
+    UPDATE tasks t SET progress = g.progress::jsonb
+    FROM given g
+    WHERE t.id = g.id AND t.attempts = g.attempt AND t.status = 'running'
+    RETURNING t.id
+)
+SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) AS n FROM updated
+"""
+
+
+async def set_progress_many(conn: Executor, reports: list[tuple[UUID, int, dict[str, Any]]]) -> None:
+    """Store each (task id, attempt, progress) of a running attempt; stale ones change nothing."""
+    if not reports:
+        return
+    ordered = sorted(reports, key=lambda report: report[0])
+    await conn.fetch(
+        PROGRESS_MANY,
+        [task_id for task_id, _, _ in ordered],
+        [attempt for _, attempt, _ in ordered],
+        [json_text.dumps(progress) for _, _, progress in ordered],
+    )
+
+
 # --- rescue --------------------------------------------------------------------------------------
 
 # Leases that expired: the worker died, stalled or fenced itself. The rescuer locks a batch of them

@@ -128,10 +128,12 @@ class Coalescer(Generic[T, R]):
                 if not future.done():
                     future.set_result(result)
 
-    async def close(self) -> None:
-        """Wait for the batch in flight (on shutdown, after requests have stopped arriving)."""
+    async def close(self, *, timeout_s: float | None = None) -> None:
+        """Wait for the batch in flight (on shutdown, after requests have stopped arriving), at
+        most `timeout_s`: past it the batch is left to end as its connection is closed under it
+        (its callers get the error; nothing they sent was answered as stored)."""
         if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
+            await asyncio.wait([self._flusher], timeout=timeout_s)
 
 
 def _settle(future: asyncio.Future[R], *, error: BaseException) -> None:

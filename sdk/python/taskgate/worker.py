@@ -78,6 +78,9 @@ _SIGNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 MAX_ERROR = 20_000
 MAX_STORED_TRACEBACK = 64_000
 MAX_COMPLETE_BYTES = 8 * 1024 * 1024 - 64 * 1024  # room for the request's envelope
+# what the server takes in one complete request over all its items' suspensions
+MAX_COMPLETE_SPAWNS = 10_000
+MAX_COMPLETE_STEPS = 1000
 REFUSED = frozenset({400, 413, 422})
 
 
@@ -886,12 +889,17 @@ class Worker:
         self._room.set()
 
     def _next_batch(self) -> list[dict[str, Any]]:
-        """The oldest completions that fit one request, by count and by encoded size."""
+        """The oldest completions that fit one request: by count, by encoded size, and by the
+        children and steps their suspensions carry in all."""
         batch: list[dict[str, Any]] = []
-        size = 0
+        size = spawns = steps = 0
         for item in self._pending[:MAX_COMPLETE_BATCH]:
             size += _encoded_size(item) + 1
-            if batch and size > MAX_COMPLETE_BYTES:
+            suspend = item.get("suspend") or {}
+            spawns += len(suspend.get("spawn") or ())
+            steps += len(suspend.get("steps") or ())
+            over = size > MAX_COMPLETE_BYTES or spawns > MAX_COMPLETE_SPAWNS or steps > MAX_COMPLETE_STEPS
+            if batch and over:
                 break
             batch.append(item)
         return batch

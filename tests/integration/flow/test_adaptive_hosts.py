@@ -87,3 +87,43 @@ async def test_hosts_needs_queues_admin(app: Quart, clean_database: str) -> None
 
 async def _metric(client: Any, text: str) -> bool:
     return text in await (await client.get("/metrics")).get_data(as_text=True)
+
+
+async def test_hosts_are_listed_in_keyset_pages(
+    app: Quart, auth_headers: dict[str, str], clean_database: str, api_client: Any, other_client: Any
+) -> None:
+    """Every host came in one answer: a client calling 100,000 destinations (webhooks to each of
+    its customers) got 17 MB after 2.4 s, and a few more made it a 503 for good. Pages now, as
+    every other list ({items, next_cursor})."""
+    client = app.test_client()
+    await fetch(
+        clean_database,
+        "INSERT INTO http_hosts (host) SELECT 'h' || i || '.example:443' FROM generate_series(100, 349) i",
+    )
+    for owner, hosts_of in (
+        (api_client, "generate_series(100, 349)"),
+        (other_client, "generate_series(90, 99)"),
+    ):
+        await fetch(
+            clean_database,
+            "INSERT INTO http_host_clients (host, client_id) "
+            f"SELECT 'h' || i || '.example:443', $1 FROM {hosts_of} i",
+            owner.client_id,
+        )
+    seen: list[str] = []
+    pages = []
+    query = "?limit=100"
+    while True:
+        response = await client.get(f"/api/hosts{query}", headers=auth_headers)
+        assert response.status_code == 200, await response.get_data(as_text=True)
+        page = await response.get_json()
+        pages.append(len(page["items"]))
+        seen += [h["host"] for h in page["items"]]
+        if page["next_cursor"] is None:
+            break
+        query = f"?limit=100&cursor={page['next_cursor']}"
+    assert pages == [100, 100, 50]
+    assert seen == sorted(f"h{i}.example:443" for i in range(100, 350))  # own hosts only, each once
+    refused = await client.get("/api/hosts?cursor=%%%", headers=auth_headers)
+    assert refused.status_code == 422
+    assert (await refused.get_json())["errors"][0]["field"] == "query.cursor"

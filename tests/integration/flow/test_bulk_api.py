@@ -148,3 +148,36 @@ async def test_bulk_cancel_goes_past_running_tasks_it_already_asked_to_stop(
         "/api/tasks/bulk/cancel", json={"filter": {"queue": "q1"}}, headers=auth_headers
     )
     assert await again.get_json() == {"count": 0}  # nothing more to cancel or ask
+
+
+async def test_bulk_filter_whose_created_after_is_not_before_created_before_is_422_naming_it(
+    app: Quart, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """An inverted (or empty) time range matches no task: it was answered 200 {"count": 0}, so a
+    caller who swapped the two bounds learnt nothing. Now a 422 naming the field, nothing changed."""
+    client = app.test_client()
+    await batch(client, auth_headers, [{"kind": "noop", "queue": "q1", "delay_s": 60}] * 3)
+    await fetch(clean_database, "UPDATE tasks SET status = 'discarded', finished_at = now()")
+    later, earlier = "2030-01-02T00:00:00Z", "2020-01-01T00:00:00+00:00"
+    for action in ("retry", "cancel"):
+        for after, before in ((later, earlier), (earlier, earlier), ("2020-01-01T02:00:00+02:00", earlier)):
+            response = await client.post(
+                f"/api/tasks/bulk/{action}",
+                json={"filter": {"created_after": after, "created_before": before}},
+                headers=auth_headers,
+            )
+            assert response.status_code == 422, (action, after, before, await response.get_data(as_text=True))
+            assert response.headers["Content-Type"].startswith("application/problem+json")
+            problem = await response.get_json()
+            assert [e["field"] for e in problem["errors"]] == ["body.filter.created_after"]
+            assert "created_before" in problem["errors"][0]["message"]
+    assert await count(clean_database, "status = 'discarded'") == 3
+    # a proper range, and either bound alone, still work
+    for filter_ in (
+        {"created_after": earlier, "created_before": later},
+        {"created_after": later},
+        {"created_before": earlier},
+    ):
+        response = await client.post("/api/tasks/bulk/retry", json={"filter": filter_}, headers=auth_headers)
+        assert response.status_code == 200, await response.get_data(as_text=True)
+    assert await count(clean_database, "status = 'discarded'") == 0

@@ -127,6 +127,29 @@ async def test_completions_are_batched_within_the_servers_body_cap() -> None:
     assert server.refused == []
 
 
+async def test_completions_are_batched_within_the_servers_bound_on_suspended_work() -> None:
+    """The server takes at most 10,000 spawned children and 1,000 steps in one complete request:
+    three tasks that each spawn 4,000 go in two requests, none refused (a refused batch is split
+    in halves, a round trip each, before the bad item alone is failed)."""
+    server = FakeTaskgate()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=3, grace_s=1)
+        together = asyncio.Barrier(3)
+
+        @worker.kind("fan")
+        async def fan(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> None:
+            children = [await ctx.spawn("leaf", {}, key=f"c{i}") for i in range(4000)]
+            await together.wait()
+            await ctx.gather(children)
+
+        fans = [server.add("fan") for _ in range(3)]
+        async with server.serving(worker):
+            await until(lambda: len(server.completed) == 3)
+    assert [server.completed[t]["outcome"] for t in fans] == ["suspended"] * 3
+    assert [len(server.completed[t]["suspend"]["spawn"]) for t in fans] == [4000] * 3
+    assert server.refused == []
+
+
 async def test_a_completion_refused_twice_is_dropped_and_the_worker_goes_on() -> None:
     server = FakeTaskgate()
     async with server.client() as client:

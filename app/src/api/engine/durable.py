@@ -145,33 +145,36 @@ async def suspend(
     check_wait(suspension.wait)
     children = await _prepare_children(engine, client_id, suspension.spawn)
     created: list[Any] = []
-    async with engine.db.driver() as conn, conn.transaction():
-        locked = await store.lock_running(conn, task_id=task_id, attempt=attempt, worker_id=worker_id)
-        if locked is None:
-            return None
-        waits_step = suspension.wait is not None and suspension.wait.type in ("sleep", "signal")
-        if locked.steps + len(suspension.steps) + int(waits_step) > MAX_STEPS:
-            raise CompositionError(f"a task may hold at most {MAX_STEPS} steps")
-        if locked.children + len(children) > MAX_CHILDREN:
-            raise CompositionError(f"a task may have at most {MAX_CHILDREN} children")
-        await store.insert_steps(conn, task_id=task_id, steps=suspension.steps)
-        if children:
-            created = await store.insert_composed(
-                conn, [(new, Composed(parent_id=task_id, child_key=key)) for key, new in children]
+    async with engine.db.driver() as conn:
+        async with conn.transaction():
+            locked = await store.lock_running(conn, task_id=task_id, attempt=attempt, worker_id=worker_id)
+            if locked is None:
+                return None
+            waits_step = suspension.wait is not None and suspension.wait.type in ("sleep", "signal")
+            if locked.steps + len(suspension.steps) + int(waits_step) > MAX_STEPS:
+                raise CompositionError(f"a task may hold at most {MAX_STEPS} steps")
+            if locked.children + len(children) > MAX_CHILDREN:
+                raise CompositionError(f"a task may have at most {MAX_CHILDREN} children")
+            await store.insert_steps(conn, task_id=task_id, steps=suspension.steps)
+            if children:
+                created = await store.insert_composed(
+                    conn, [(new, Composed(parent_id=task_id, child_key=key)) for key, new in children]
+                )
+            status, waiting_for, run_at = await _decide(conn, task_id, suspension.wait)
+            row = await store.suspend(
+                conn,
+                task_id=task_id,
+                attempt=attempt,
+                worker_id=worker_id,
+                status=str(transition(Status.RUNNING, status)),
+                waiting_for=waiting_for,
+                run_at=run_at,
+                new_children=len(created),
             )
-        status, waiting_for, run_at = await _decide(conn, task_id, suspension.wait)
-        row = await store.suspend(
-            conn,
-            task_id=task_id,
-            attempt=attempt,
-            worker_id=worker_id,
-            status=str(transition(Status.RUNNING, status)),
-            waiting_for=waiting_for,
-            run_at=run_at,
-            new_children=len(created),
-        )
-    if created:
-        submit.accepted(engine, created)
+        # counted as soon as the commit returns, not after the connection is back: a request cut
+        # by its deadline (app/src/api/workers COMPLETE_DEADLINE_S) while releasing it keeps count
+        if created:
+            submit.accepted(engine, created)
     return None if row is None else str(row["status"])
 
 

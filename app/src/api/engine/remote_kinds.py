@@ -8,11 +8,12 @@ ago can be enqueued right away.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -137,10 +138,35 @@ def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> It
 # keyword looks at this deadline first, so no value is checked for longer than the budget.
 CHECK_BUDGET_S = 1.0
 _deadline: ContextVar[float] = ContextVar("schema_check_deadline", default=math.inf)
+# A budget for all the checks of one call together (checks_within): with the budget per value
+# alone, a batch of 1,000 payloads, or a completion of 1,000 results, that each cost just under it
+# held the event loop (every request of every client) for up to 1,000 s. Twice a value's, so that a
+# value alone always meets its own budget first (and is told it is the one that costs too much).
+SHARED_CHECK_BUDGET_S = 2 * CHECK_BUDGET_S
+_shared_deadline: ContextVar[float] = ContextVar("schema_checks_deadline", default=math.inf)
 
 
 class _OverBudget(Exception):
     """A schema check ran past CHECK_BUDGET_S."""
+
+
+class _SharedOverBudget(_OverBudget):
+    """The checks of one call together ran past their shared budget (checks_within)."""
+
+
+@contextlib.contextmanager
+def checks_within(seconds: float = SHARED_CHECK_BUDGET_S) -> Iterator[None]:
+    """Every schema check inside (in this task) shares one budget of `seconds` (or what is left of
+    an enclosing one); past it a check raises as over budget, its message saying to send fewer."""
+    token = _shared_deadline.set(min(_shared_deadline.get(), time.monotonic() + seconds))
+    try:
+        yield
+    finally:
+        _shared_deadline.reset(token)
+
+
+class ChecksOverBudget(Exception):
+    """The checks of one call (checks_within) ran past their shared budget: the fault of no value."""
 
 
 Keyword = Callable[[Any, Any, Any, Any], Iterable[ValidationError] | None]
@@ -158,10 +184,17 @@ def _bounded(keyword: Keyword) -> Keyword:
 
 
 def _checked(validator: Any, instance: Any) -> list[ValidationError]:
-    """Every error of `instance`, found within CHECK_BUDGET_S (else _OverBudget)."""
-    token = _deadline.set(time.monotonic() + CHECK_BUDGET_S)
+    """Every error of `instance`, found within CHECK_BUDGET_S and what is left of a shared budget
+    (else _OverBudget, or _SharedOverBudget when the shared one ended first)."""
+    own = time.monotonic() + CHECK_BUDGET_S
+    shared = _shared_deadline.get()
+    token = _deadline.set(min(own, shared))
     try:
         return sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    except _OverBudget:
+        if shared < own:
+            raise _SharedOverBudget from None
+        raise
     finally:
         _deadline.reset(token)
 
@@ -235,8 +268,9 @@ def schema_errors(
         # a kind registered before references (or patterns, or its cost) were checked, or a
         # reference that loops, or alternatives that multiply, for this value
         reason = _reason(exc)
+        kind_of = "over_budget" if isinstance(exc, _SharedOverBudget) else "invalid_schema"
         return [{"field": ".".join(map(str, prefix)), "message": f"the {which} schema of kind "
-                 f"{kind.name!r} cannot be applied: {reason}", "type": "invalid_schema"}]  # fmt: skip
+                 f"{kind.name!r} cannot be applied: {reason}", "type": kind_of}]  # fmt: skip
     for error in errors[:MAX_ERRORS]:
         out.extend(_field_errors(error, prefix))
     return out
@@ -268,7 +302,8 @@ def validate_remote_payload(kind: RemoteKindRow, payload: Any, *, at: tuple[str 
 
 
 def result_problem(kind: RemoteKindRow | None, result: Any) -> str | None:
-    """Why a remote worker's result cannot complete its task, or None when it can."""
+    """Why a remote worker's result cannot complete its task, or None when it can; raises
+    ChecksOverBudget when a shared budget (checks_within) ended before it was checked."""
     if json_text.contains_nul(result):
         return f"the handler's result cannot be stored: {json_text.NUL_MESSAGE}"
     if kind is None:
@@ -276,6 +311,8 @@ def result_problem(kind: RemoteKindRow | None, result: Any) -> str | None:
     errors = schema_errors(kind, "result", result, prefix=("result",))
     if not errors:
         return None
+    if any(e["type"] == "over_budget" for e in errors):
+        raise ChecksOverBudget(errors[0]["message"])  # not this result's fault: no attempt fails for it
     listed = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:10])
     return f"result does not match the result schema of kind {kind.name!r}: {listed}"
 
@@ -308,9 +345,16 @@ def _check_schema(schema: dict[str, Any] | None, field: str) -> list[dict[str, A
     return []
 
 
+SEND_FEWER = "send fewer at once"
+
+
 def _reason(error: Exception) -> str:
     if isinstance(error, RecursionError):
         return "it refers to itself without end"
+    if isinstance(error, _SharedOverBudget):
+        return (
+            f"checking the values of this request takes longer than {CHECK_BUDGET_S:g} s in all: {SEND_FEWER}"
+        )
     if isinstance(error, _OverBudget):
         return (
             f"checking a value against it takes longer than {CHECK_BUDGET_S:g} s (its alternatives multiply)"

@@ -93,9 +93,10 @@ class TaskEngine:
         self.queues.clear()
         self.quotas.clear()
 
-    async def close(self) -> None:
-        """Wait for the insert batch in flight (after requests have stopped arriving)."""
-        await self.task_inserts.close()
+    async def close(self, *, timeout_s: float | None = None) -> None:
+        """Wait for the insert batch in flight (after requests have stopped arriving), at most
+        `timeout_s` (see Coalescer.close)."""
+        await self.task_inserts.close(timeout_s=timeout_s)
 
     async def _insert_tasks(self, tasks: Sequence[NewTask]) -> list[Task]:
         async with self.db.driver() as conn:

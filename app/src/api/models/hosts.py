@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Literal
+from uuid import UUID
 
 from pydantic import BaseModel, Field
 
@@ -25,3 +26,12 @@ class HostOut(BaseModel):
 
 class HostList(BaseModel):
     items: list[HostOut]
+    next_cursor: str | None = Field(default=None, description="the next page's `cursor`; null: the last page")
+
+
+class HostListQuery(BaseModel):
+    client_id: UUID | None = Field(
+        default=None, description="operator sessions only: read this client's data instead of their own"
+    )
+    limit: int = Field(default=100, ge=1, le=500)
+    cursor: str | None = Field(default=None, max_length=1024)

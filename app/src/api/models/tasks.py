@@ -14,6 +14,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -326,6 +328,10 @@ class ClientFilterQuery(BaseModel):
 
 
 class TaskListQuery(BaseModel):
+    # a filter this list does not take (created_after, as bulk actions take) was ignored, and the
+    # answer listed every task as if it matched: a 422 naming it instead
+    model_config = ConfigDict(extra="forbid")
+
     client_id: UUID | None = Field(
         default=None, description="operator sessions only: list this client's tasks instead of their own"
     )
@@ -346,6 +352,19 @@ class BulkFilter(BaseModel):
     status: Status | None = None
     created_before: DateTimeText | None = None
     created_after: DateTimeText | None = None
+
+    @field_validator("created_after")
+    @classmethod
+    def _a_range(cls, created_after: datetime | None, info: ValidationInfo) -> datetime | None:
+        """Both bounds are exclusive: created_after at or past created_before matches no task, and
+        was answered {"count": 0} (a caller who swapped them learnt nothing). Refused instead."""
+        created_before = info.data.get("created_before")  # declared first: validated already
+        if created_after is not None and created_before is not None and created_after >= created_before:
+            raise ValueError(
+                "created_after must be earlier than created_before (both exclusive): "
+                "this range matches no task"
+            )
+        return created_after
 
 
 class BulkIn(BaseModel):

@@ -6,13 +6,19 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.src.api.models.tasks import MAX_DELAY_S, KindName, QueueName, StorableJson, StorableObject, storable
 
 MAX_CLAIM = 100
 MAX_WAIT_S = 30.0
 MAX_BATCH = 1000
+# What one complete request may carry in suspensions, over all its items: one task's whole allowance
+# (app/src/database/durable.py: MAX_CHILDREN children, MAX_STEPS steps in its life), and the SDK's
+# largest batch (1,000 completions, each suspension carrying at most one new step). Each item alone
+# allowed 10,000 children and 1,000 steps, so one request could ask for 10 million children.
+MAX_SPAWN_PER_REQUEST = 10_000
+MAX_STEPS_PER_REQUEST = 1000
 
 
 class RemoteKindIn(BaseModel):
@@ -157,10 +163,29 @@ class CompletionIn(BaseModel):
 class CompleteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    items: list[CompletionIn] = Field(min_length=1, max_length=MAX_BATCH)
+    items: list[CompletionIn] = Field(
+        min_length=1,
+        max_length=MAX_BATCH,
+        description=f"at most {MAX_SPAWN_PER_REQUEST} spawned children and {MAX_STEPS_PER_REQUEST} "
+        "steps in all the items' suspensions together",
+    )
     worker: WorkerIdentity | None = Field(
         default=None, description="the worker that claimed the tasks (as in the claim); guards the leases"
     )
+
+    @field_validator("items")
+    @classmethod
+    def _bounded_work(cls, items: list[CompletionIn]) -> list[CompletionIn]:
+        suspensions = [item.suspend for item in items if item.suspend is not None]
+        spawned = sum(len(s.spawn) for s in suspensions)
+        steps = sum(len(s.steps) for s in suspensions)
+        if spawned > MAX_SPAWN_PER_REQUEST or steps > MAX_STEPS_PER_REQUEST:
+            raise ValueError(
+                f"one request carries at most {MAX_SPAWN_PER_REQUEST} spawned children and "
+                f"{MAX_STEPS_PER_REQUEST} steps over all its items (these carry {spawned} and {steps}): "
+                "send the completions in smaller batches"
+            )
+        return items
 
 
 class CompletionOut(BaseModel):

@@ -25,7 +25,7 @@ from app.database import StorageUnavailable
 from app.src.api.engine import durable, remote_kinds
 from app.src.api.engine.durable import ChildSpec, CompositionError, SpawnRefused, Suspension, Wait
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
-from app.src.api.errors import Unprocessable
+from app.src.api.errors import ServiceUnavailable, Unprocessable
 from app.src.api.models.workers import (
     ClaimIn,
     CompleteIn,
@@ -361,12 +361,10 @@ async def heartbeat(
             renewed += await task_store.heartbeat_rows(
                 conn, task_ids=ids, lease_s=lease_s, worker_id=worker_id
             )
-        for row in renewed:
-            progress = (data.progress or {}).get(row["id"])
-            if progress is not None:
-                await task_store.set_progress(
-                    conn, task_id=row["id"], attempt=row["attempts"], progress=progress
-                )
+        given = data.progress or {}
+        await task_store.set_progress_many(
+            conn, [(row["id"], row["attempts"], given[row["id"]]) for row in renewed if row["id"] in given]
+        )
         if data.worker is not None and _due_for_seen(
             remote_worker_id(client_id, data.worker.name), heartbeat=True
         ):
@@ -408,8 +406,38 @@ class Answer:
     status: str | None
 
 
+# A complete request's whole processing, answered 503 + Retry-After past it. Its work grows with
+# what it carries (a transaction per suspended item, up to 1,000, besides the batch statements), and
+# each statement is bounded on its own (DB_COMMAND_TIMEOUT_S) but their sum was not: a slow (not
+# stalled) database held one request, its connection and its worker's completions for minutes.
+# Cutting a request part-way is safe because no completion can be half-applied: each suspension is
+# one transaction (durable.suspend: steps, children, wait record and status, or nothing) and each
+# batch of the others one statement, each guarded by status, attempt and worker. The client sends the
+# same request again (the SDK does, after Retry-After): what was written answers `accepted: false`
+# with the task's new status (its attempt is no longer running) and changes nothing; the rest is
+# written then. Well under the SDK's 30 s request timeout; a healthy database writes 1,000
+# suspensions in a few seconds.
+COMPLETE_DEADLINE_S = 10.0
+
+
 async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> list[Answer]:
-    """Finish attempts in one guarded statement per worker; a stale or duplicate one is refused."""
+    """Finish attempts in one guarded statement per worker; a stale or duplicate one is refused.
+    Within COMPLETE_DEADLINE_S, else ServiceUnavailable (what was written stays written)."""
+    try:
+        async with asyncio.timeout(COMPLETE_DEADLINE_S):
+            return await _complete(engine, client_id=client_id, data=data)
+    except TimeoutError:
+        log.warning(
+            "a completion request ran out of time", items=len(data.items), deadline_s=COMPLETE_DEADLINE_S
+        )
+        raise ServiceUnavailable(
+            f"The completions were not all written within {COMPLETE_DEADLINE_S:g} s (the database is slow); "
+            "send the same request again: those already written answer accepted false.",
+            retry_after=1,
+        ) from None
+
+
+async def _complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> list[Answer]:
     db = engine.db
     ids = list(dict.fromkeys(item.id for item in data.items))
     async with db.driver() as conn:
@@ -418,6 +446,7 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
     kinds = await remote_kinds.lookup(db, client_id=client_id, names={t.kind for t in held.values()})
     backoffs = await engine.queues.by_ids({t.queue_id for t in held.values()})
     now = datetime.now(UTC)
+    problems = _result_problems(data, held, named, kinds)
     groups: dict[UUID, list[Completion]] = {}
     seen_ids: set[UUID] = set()
     written: dict[UUID, str] = {}
@@ -452,7 +481,7 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
             if status is not None:
                 written[task.id] = status
             continue
-        completion = _completion(task, item, kinds.get(task.kind), backoffs.get(task.queue_id), now)
+        completion = _completion(task, item, problems.get(item.id), backoffs.get(task.queue_id), now)
         if completion is not None and task.worker_id is not None:  # _current: it has a holder
             groups.setdefault(task.worker_id, []).append(completion)
     async with db.driver() as conn:
@@ -470,6 +499,36 @@ async def complete(engine: TaskEngine, *, client_id: UUID, data: CompleteIn) -> 
     return answers
 
 
+def _result_problems(
+    data: CompleteIn, held: dict[UUID, HeldTask], named: UUID | None, kinds: dict[str, store.RemoteKindRow]
+) -> dict[UUID, str]:
+    """Why each completed result cannot complete its task, checked before anything is written and
+    within one budget for the whole request: 1,000 results that each cost just under a check's own
+    budget held the event loop for minutes. A request past it is refused whole (422, nothing
+    written; the SDK splits the batch): failing the attempts of results that were fine, for what
+    the others cost, would be wrong."""
+    problems: dict[UUID, str] = {}
+    taken: set[UUID] = set()  # as _complete: of an id's current items, the first is the one taken
+    try:
+        with remote_kinds.checks_within():
+            for item in data.items:
+                task = held.get(item.id)
+                if task is None or item.id in taken or not _current(task, item, named):
+                    continue
+                taken.add(item.id)
+                if item.outcome != "completed":
+                    continue
+                problem = remote_kinds.result_problem(kinds.get(task.kind), item.result)
+                if problem is not None:
+                    problems[item.id] = problem
+    except remote_kinds.ChecksOverBudget as exc:
+        raise Unprocessable(
+            f"Checking these results against their kinds' result schemas takes too long: {exc}",
+            errors=[{"field": "body.items", "message": str(exc), "type": "over_budget"}],
+        ) from None
+    return problems
+
+
 def _current(task: HeldTask, item: CompletionIn, named: UUID | None) -> bool:
     """The attempt named is the one running now (the statement checks it again, atomically), held
     by the worker named or, when none is, by a remote worker of this client: an attempt an
@@ -480,9 +539,10 @@ def _current(task: HeldTask, item: CompletionIn, named: UUID | None) -> bool:
 
 
 def _completion(
-    task: HeldTask, item: CompletionIn, kind: store.RemoteKindRow | None, queue: Any, now: datetime
+    task: HeldTask, item: CompletionIn, problem: str | None, queue: Any, now: datetime
 ) -> Completion | None:
-    """What the worker's report means for the task; None for what this server cannot do yet."""
+    """What the worker's report means for the task (`problem`: why its result cannot complete it,
+    see _result_problems); None for what this server cannot do yet."""
     started_at = task.started_at or now
     error = item.error
     # the remote worker's traceback goes to the attempt record, bounded as an in-process one
@@ -503,7 +563,6 @@ def _completion(
                          error=message, retry_in_s=decided.retry_in_s, traceback=trace)  # fmt: skip
 
     if item.outcome == "completed":
-        problem = remote_kinds.result_problem(kind, item.result)
         if problem is not None:
             return failed(problem)
         return _finished(task, item, Status.COMPLETED, Outcome.COMPLETED, started_at, now, result=item.result)
