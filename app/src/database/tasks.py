@@ -1,10 +1,9 @@
 """Task storage: every SQL statement of the engine, written once, named, and commented.
 
 Hot paths run on a pooled asyncpg connection (`Database.driver()`), with arrays (`unnest`) or one
-JSON array of rows (`json_to_recordset`) so a
-batch of any size is one round trip. Every UPDATE that changes a status is
-a compare-and-set guarded by the source statuses the state machine allows, so a task that
-finished meanwhile is never overwritten.
+JSON array of rows (`json_to_recordset`) so a batch of any size is one round trip. Every UPDATE
+that changes a status is a compare-and-set guarded by the source statuses the state machine
+allows, so a task that finished meanwhile is never overwritten.
 """
 
 from __future__ import annotations
