@@ -115,7 +115,9 @@ async def test_two_replicas_run_each_period_once_fire_each_second_once_and_survi
                 lambda: _taken_over(clean_database, replica_id(survivor), killed_at), timeout=15
             )
             takeover_s = (taken["last_started_at"] - killed_at).total_seconds()
-            assert takeover_s < PERIOD_S + 0.5, takeover_s  # the next boundary (plus tick jitter)
+            # the next boundary, plus the tick's jitter: on a loaded 2-core machine a tick can come
+            # most of a second late (1.65 s was seen while other suites ran beside this one)
+            assert takeover_s < PERIOD_S + 1.0, takeover_s
             surviving = sessions[servers.index(survivor)]
             async with surviving.get("/api/common/ready") as response:
                 assert response.status == 200
