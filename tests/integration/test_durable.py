@@ -1,6 +1,7 @@
 """Durable composition with the worker in this process: steps, sleep, signals, children, depends_on."""
 
 import asyncio
+import base64
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -888,6 +889,8 @@ async def test_a_tasks_steps_are_listed_in_pages_bounded_in_count_and_bytes(
     assert (names, pages) == (["s0", "s1", "s2", "s3", "s4"], 3)
     whole = await get(client, auth_headers, f"/api/tasks/{small['id']}/steps")
     assert ([s["result"] for s in whole["items"]], whole["next_cursor"]) == ([0, 1, 2, 3, 4], None)
-    bad = await client.get(f"/api/tasks/{small['id']}/steps?cursor=nonsense", headers=auth_headers)
-    assert bad.status_code == 422
-    assert (await bad.get_json())["errors"][0]["field"] == "query.cursor"
+    forged = base64.urlsafe_b64encode(json.dumps(["9999-12-31T23:59:59-14:00", "s0"]).encode()).decode()
+    for cursor in ("nonsense", forged):  # the second, a time with no UTC reading, failed in the driver
+        bad = await client.get(f"/api/tasks/{small['id']}/steps?cursor={cursor}", headers=auth_headers)
+        assert bad.status_code == 422
+        assert (await bad.get_json())["errors"][0]["field"] == "query.cursor"

@@ -8,7 +8,7 @@ import binascii
 import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -255,8 +255,10 @@ def _steps_cursor(created_at: datetime, name: str) -> str:
 def _after_step(cursor: str) -> tuple[datetime, str]:
     try:
         at, name = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), str(name)
-    except (ValueError, TypeError, binascii.Error):
+        when = datetime.fromisoformat(at)
+        # a time with no UTC reading (9999-12-31T23:59:59-14:00) would fail in the driver
+        return (when.replace(tzinfo=UTC) if when.tzinfo is None else when).astimezone(UTC), str(name)
+    except (ValueError, TypeError, OverflowError, binascii.Error):
         raise Unprocessable(
             "The cursor is not one this API returned.",
             errors=[{"field": "query.cursor", "message": "invalid cursor", "type": "value_error"}],
