@@ -345,6 +345,7 @@ class Limits(BaseModel):
     big_step: bool = False  # a step result over 1 MiB
     children: int = 0  # spawn this many children (10,001 is one too many)
     steps: int = 0  # store this many steps (1,001 is one too many)
+    step_bytes: int = 0  # each of those steps returns a string of this many characters
 
 
 @task_kind("test.limits", payload=Limits)
@@ -353,7 +354,7 @@ async def limits(ctx: TaskContext, payload: Limits) -> dict[str, object]:
     if payload.big_step:
         await ctx.step("big", lambda: "x" * (1024 * 1024 + 1))
     for i in range(payload.steps):
-        await ctx.step(f"s{i}", lambda i=i: i)
+        await ctx.step(f"s{i}", lambda i=i: "x" * payload.step_bytes if payload.step_bytes else i)
     handles = [await ctx.spawn("noop", {}, key=str(i)) for i in range(payload.children)]
     await ctx.gather(handles)
     return {}

@@ -22,6 +22,7 @@ from uuid import UUID
 
 import structlog
 
+from app.src.api.engine.durable import state_full
 from app.src.api.engine.outcomes import Backoff
 from app.src.api.kinds import REGISTRY, KindRegistry, LeaseLost, PermanentError, TaskContext
 from app.src.database import durable as durable_store
@@ -298,6 +299,8 @@ class Worker:
             raise LeaseLost()
         if stored.over_limit:
             raise PermanentError(f"a task may hold at most {durable_store.MAX_STEPS} steps")
+        if stored.over_bytes:
+            raise PermanentError(state_full(name))
 
     async def _report_progress(self, task_id: UUID, attempt: int, progress: dict[str, Any]) -> None:
         async with asyncio.timeout(PROGRESS_TIMEOUT_S), self.db.driver() as conn:

@@ -277,14 +277,35 @@ class Claimer:
                     claimed = [task for task in claimed if not task.durable]
                     if not claimed:
                         raise
+                else:
+                    claimed = await self._hand_back_over_budget(conn, claimed, states)
         return claimed, again, states
+
+    async def _hand_back_over_budget(
+        self,
+        conn: task_store.Executor,
+        claimed: list[ClaimedTask],
+        states: dict[UUID, DurableState | Unloadable],
+    ) -> list[ClaimedTask]:
+        """The claimed tasks less the durable ones whose state a round's budget left unloaded
+        (durable_store.MAX_CLAIM_STATE_BYTES): handed back, available again at once and their
+        attempt not counted, for a later round (or another worker) to load."""
+        over = [task for task in claimed if task.durable and task.id not in states]
+        if not over:
+            return claimed
+        try:
+            await task_store.release(conn, task_ids=[t.id for t in over], worker_id=self.worker_id)
+        except Exception as exc:  # their leases expire and the rescuer retries them
+            self.log.warning("handing back tasks over a claim's state budget failed",
+                             count=len(over), error=str(exc) or type(exc).__name__)  # fmt: skip
+        return [task for task in claimed if not task.durable or task.id in states]
 
     async def _load_states(
         self, conn: task_store.Executor, task_ids: Sequence[UUID]
     ) -> dict[UUID, DurableState | Unloadable]:
         """The stored state of the claimed durable tasks (durable_store.load_states: a task whose
         own state cannot be loaded fails alone)."""
-        states = await durable_store.load_states(conn, task_ids)
+        states = await durable_store.load_claimed_states(conn, task_ids)
         for task_id, state in states.items():
             if isinstance(state, Unloadable):
                 self.log.warning("a durable task's state cannot be loaded", task_id=str(task_id),

@@ -6,9 +6,11 @@ every retry re-running the step."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 from typing import Any
 
+import httpx
 import pytest
 
 from app.database import Database
@@ -107,3 +109,39 @@ async def test_a_step_the_server_cannot_store_fails_its_task_for_good_at_once(
     assert not wrong, "\n".join(f"{k}: {v}" for k, v in wrong.items())
     negative = by_kind["steps.sleep_negative"]
     assert negative["status"] == "completed", negative["last_error"]
+
+
+async def test_sdk_steps_reads_every_page_of_a_large_state(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """GET /api/tasks/{id}/steps answers at most 4 MiB of results a page; `tg.steps(id)` returns
+    every step still, one bounded answer at a time (it read one answer holding the whole state)."""
+    issued = await make_client(db, "pages")
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    sizes: list[int] = []
+
+    async def measured(response: httpx.Response) -> None:
+        if response.url.path.endswith("/steps"):
+            sizes.append(len(await response.aread()))
+
+    http = httpx.AsyncClient(
+        base_url=server.base_url,
+        headers={"Authorization": f"Bearer {issued.api_key}"},
+        verify=ssl.create_default_context(cafile=ca),
+        timeout=30,
+        event_hooks={"response": [measured]},
+    )
+    async with http, taskgate.AsyncClient(server.base_url, http=http) as tg:
+        task = await tg.enqueue("noop", {}, delay_s=3600)
+        await fetch(
+            clean_database,
+            "INSERT INTO task_steps (task_id, name, result, created_at) "
+            "SELECT $1, 's' || i, to_jsonb(repeat('x', 1000000)), now() + make_interval(secs => i) "
+            "FROM generate_series(0, 9) AS i",
+            task.id,
+        )
+        steps = await tg.steps(task.id)
+    assert [s["name"] for s in steps] == [f"s{i}" for i in range(10)]
+    assert all(s["result"] == "x" * 1_000_000 for s in steps)
+    assert len(sizes) == 3, sizes
+    assert max(sizes) < 5 * 1024 * 1024, sizes

@@ -1,6 +1,7 @@
 """Durable composition with the worker in this process: steps, sleep, signals, children, depends_on."""
 
 import asyncio
+import base64
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -771,3 +772,125 @@ async def test_a_child_retried_by_hand_after_its_parent_was_cancelled_runs(
     assert await _status(clean_database, children[0]["id"], "available")  # its queue is paused
     await client.put("/api/queues/kids", json={"paused": False}, headers=auth_headers)
     assert (await wait_done(client, auth_headers, children[0]["id"]))["status"] == "completed"
+
+
+MIB = 1024 * 1024
+STATE_FULL = "a task's steps and signals may hold at most 16 MiB of JSON in all"
+
+
+async def test_steps_past_a_tasks_state_bound_fail_it_for_good_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A task's stored state had no bound in bytes: 1,000 steps of up to 1 MiB each (1 GB), all of
+    it loaded into the worker at every claim. Its steps and signals now hold at most 16 MiB; the
+    step past it fails the task for good (no retry re-runs it), as an unstorable step does."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    # each step's result is 1,000,002 bytes of JSON: sixteen fit in 16 MiB, the seventeenth does not
+    task = await enqueue(
+        client, auth_headers, kind="test.limits", payload={"steps": 17, "step_bytes": 1_000_000}
+    )
+    done = await wait_done(client, auth_headers, task["id"], timeout=60)
+    assert (done["status"], done["attempts"]) == ("discarded", 1), done
+    assert done["last_error"] == f"step 's16' does not fit: {STATE_FULL}"
+    stored = await fetch(
+        clean_database,
+        "SELECT (SELECT count(*) FROM task_steps WHERE task_id = t.id) AS n, t.state_bytes FROM tasks t "
+        "WHERE t.id = $1",
+        UUID(task["id"]),
+    )
+    assert (stored[0]["n"], stored[0]["state_bytes"]) == (16, 16 * 1_000_002)
+    # inside the bound nothing changed: a task whose steps hold 15 MB completes
+    fits = await enqueue(
+        client, auth_headers, kind="test.limits", payload={"steps": 15, "step_bytes": 1_000_000}
+    )
+    assert (await wait_done(client, auth_headers, fits["id"], timeout=60))["status"] == "completed"
+
+
+async def test_signals_past_a_tasks_state_bound_or_its_pending_signals_cap_are_409_and_keep_nothing(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Any number of signals of up to 8 MiB each could be sent to a task (each kept, each loaded
+    into the worker at every claim of it). A signal that would take the task's steps and signals
+    past 16 MiB, or one more when 1,000 are kept that no wait received, is now a 409 naming why."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="test.await_signal", payload={"name": "go"})
+    await eventually(lambda: _status(clean_database, task["id"], "waiting"))
+    big = {"data": "x" * 7_000_000}  # 7,000,002 bytes of JSON
+    for name in ("a", "b"):
+        sent = await client.post(f"/api/tasks/{task['id']}/signals/{name}", json=big, headers=auth_headers)
+        assert sent.status_code == 202, await sent.get_data(as_text=True)
+    refused = await client.post(f"/api/tasks/{task['id']}/signals/c", json=big, headers=auth_headers)
+    assert refused.status_code == 409
+    assert refused.headers["Content-Type"] == "application/problem+json"
+    detail = (await refused.get_json())["detail"]
+    assert "14000004 bytes" in detail, detail
+    assert "16 MiB" in detail, detail
+    kept = await fetch(clean_database, "SELECT name FROM task_signals WHERE task_id = $1", UUID(task["id"]))
+    assert sorted(r["name"] for r in kept) == ["a", "b"]
+    # what fits is still kept and delivered
+    go = await client.post(
+        f"/api/tasks/{task['id']}/signals/go", json={"data": {"ok": 1}}, headers=auth_headers
+    )
+    assert go.status_code == 202
+    assert (await wait_done(client, auth_headers, task["id"]))["result"] == {"data": {"ok": 1}}
+
+    later = await enqueue(client, auth_headers, kind="noop", payload={}, delay_s=3600)
+    await fetch(
+        clean_database,
+        "INSERT INTO task_signals (task_id, name, data) "
+        "SELECT $1, 's' || i, 'null'::jsonb FROM generate_series(1, 1000) AS i",
+        UUID(later["id"]),
+    )
+    more = await client.post(f"/api/tasks/{later['id']}/signals/more", json={"data": 1}, headers=auth_headers)
+    assert more.status_code == 409
+    assert "1000 signals that no wait has received" in (await more.get_json())["detail"]
+    again = await client.post(f"/api/tasks/{later['id']}/signals/s1", json={"data": 1}, headers=auth_headers)
+    assert again.status_code == 409
+    assert "already received" in (await again.get_json())["detail"]
+    count = await fetch(
+        clean_database, "SELECT count(*) AS n FROM task_signals WHERE task_id = $1", UUID(later["id"])
+    )
+    assert count[0]["n"] == 1000
+
+
+async def test_a_tasks_steps_are_listed_in_pages_bounded_in_count_and_bytes(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """GET /api/tasks/{id}/steps answered every step at once (up to 1,000 of 1 MiB: one answer of
+    1 GB built in the API process). It pages now (keyset: limit, cursor); by default a page holds
+    every step unless their results pass 4 MiB."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    task = await enqueue(
+        client, auth_headers, kind="test.limits", payload={"steps": 6, "step_bytes": 1_000_000}
+    )
+    assert (await wait_done(client, auth_headers, task["id"], timeout=60))["status"] == "completed"
+    path = f"/api/tasks/{task['id']}/steps"
+    first = await get(client, auth_headers, path)
+    assert [s["name"] for s in first["items"]] == ["s0", "s1", "s2", "s3"]  # 4,000,008 bytes: 4 MiB
+    assert first["next_cursor"]
+    rest = await get(client, auth_headers, f"{path}?cursor={first['next_cursor']}")
+    assert ([s["name"] for s in rest["items"]], rest["next_cursor"]) == (["s4", "s5"], None)
+    assert rest["items"][0]["result"] == "x" * 1_000_000
+
+    small = await enqueue(client, auth_headers, kind="test.limits", payload={"steps": 5})
+    await wait_done(client, auth_headers, small["id"])
+    names, cursor, pages = [], None, 0
+    while True:
+        query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = await get(client, auth_headers, f"/api/tasks/{small['id']}/steps{query}")
+        names += [s["name"] for s in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert (names, pages) == (["s0", "s1", "s2", "s3", "s4"], 3)
+    whole = await get(client, auth_headers, f"/api/tasks/{small['id']}/steps")
+    assert ([s["result"] for s in whole["items"]], whole["next_cursor"]) == ([0, 1, 2, 3, 4], None)
+    forged = base64.urlsafe_b64encode(json.dumps(["9999-12-31T23:59:59-14:00", "s0"]).encode()).decode()
+    for cursor in ("nonsense", forged):  # the second, a time with no UTC reading, failed in the driver
+        bad = await client.get(f"/api/tasks/{small['id']}/steps?cursor={cursor}", headers=auth_headers)
+        assert bad.status_code == 422
+        assert (await bad.get_json())["errors"][0]["field"] == "query.cursor"

@@ -1081,3 +1081,80 @@ async def test_of_two_completions_of_one_attempt_the_first_is_taken_with_its_own
     assert second["accepted"] is False
     task = await (await client.get(f"/api/tasks/{claimed['id']}", headers=auth_headers)).get_json()
     assert (task["status"], task["result"]) == ("completed", {"url": "u"})
+
+
+async def _await_claim(client: Client, headers: dict[str, str]) -> dict[str, Any]:
+    deadline = time.monotonic() + 5
+    while not (claimed := (await claim(client, headers))["items"]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    [item] = claimed
+    return item  # type: ignore[no-any-return]
+
+
+async def test_a_remote_step_past_its_tasks_state_bound_fails_the_task_for_good(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A remote worker's suspensions could store steps without a bound in bytes (1,000 of 1 MiB),
+    each claim's answer carrying all of them. A task's steps and signals may hold 16 MiB: filled
+    to the byte over three suspensions it goes on, and the step past it fails the task for good
+    with the in-process message."""
+    await register(client, auth_headers)
+    task = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    mib = "x" * (1024 * 1024 - 2)  # with its quotes, 1 MiB of JSON: sixteen of them fill the bound
+    batches = [range(0, 7), range(7, 14), range(14, 16)]  # 7 MiB a request: under the 8 MiB body cap
+    for attempt, batch in enumerate(batches, start=1):
+        item = await _await_claim(client, auth_headers)
+        assert (item["attempt"], len(item["steps"])) == (attempt, batch.start)
+        suspend = {"steps": {f"s{i}": mib for i in batch}}
+        done = await complete(
+            client,
+            auth_headers,
+            {"id": task["id"], "attempt": attempt, "outcome": "suspended", "suspend": suspend},
+        )
+        assert [(d["accepted"], d["status"]) for d in done] == [(True, "available")]
+    item = await _await_claim(client, auth_headers)
+    assert len(item["steps"]) == 16
+    over = {"steps": {"over": 0}, "wait": {"type": "sleep", "name": "nap", "seconds": 60}}
+    done = await complete(
+        client, auth_headers, {"id": task["id"], "attempt": 4, "outcome": "suspended", "suspend": over}
+    )
+    assert [d["status"] for d in done] == ["discarded"]
+    failed = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert failed["last_error"] == (
+        "step 'over' does not fit: a task's steps and signals may hold at most 16 MiB of JSON in all"
+    )
+    rows = await fetch(
+        clean_database,
+        "SELECT count(*) AS n, (SELECT state_bytes FROM tasks WHERE id = $1) AS b "
+        "FROM task_steps WHERE task_id = $1",
+        uuid.UUID(task["id"]),
+    )
+    assert (rows[0]["n"], rows[0]["b"]) == (16, 16 * 1024 * 1024)
+
+
+async def test_a_claim_loads_durable_states_up_to_its_budget_and_hands_the_rest_back(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Up to 100 durable tasks could be claimed at once, each answer carrying every state in full.
+    One claim now loads up to 64 MiB of states (at least one task); the tasks past that are handed
+    back, available at once with their attempt not spent, for the next claim."""
+    await register(client, auth_headers)
+    tasks = [
+        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
+        for i in range(3)
+    ]
+    # the counter is what the budget reads: three states of 30 MiB each, as counted
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET durable = true, state_bytes = 30 * 1024 * 1024 WHERE id = ANY($1::uuid[])",
+        [uuid.UUID(t["id"]) for t in tasks],
+    )
+    first = (await claim(client, auth_headers, max=10))["items"]
+    assert len(first) == 2
+    rest = {t["id"] for t in tasks} - {item["id"] for item in first}
+    [left] = await fetch(
+        clean_database, "SELECT status, attempts FROM tasks WHERE id = $1", uuid.UUID(rest.pop())
+    )
+    assert (left["status"], left["attempts"]) == ("available", 0)
+    second = (await claim(client, auth_headers, max=10))["items"]
+    assert [(item["attempt"]) for item in second] == [1]

@@ -30,6 +30,7 @@ from app.src.api.models.tasks import (
     SignalIn,
     SignalOut,
     StepList,
+    StepListQuery,
     StepOut,
     TaskBatchIn,
     TaskBatchOut,
@@ -192,12 +193,17 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
 
 @blueprint.get("/<uuid:task_id>/steps")
 @requires_scopes("tasks:read")
+@validate_querystring(StepListQuery)
 @validate_response(StepList)
-async def list_steps(task_id: UUID) -> StepList:
-    """The steps a task stored: `ctx.step` results, and its sleeps and signal waits."""
-    rows = await tasks.steps(db(), client_id=client_id(), task_id=task_id)
+async def list_steps(task_id: UUID, query_args: StepListQuery) -> StepList:
+    """The steps a task stored: `ctx.step` results, and its sleeps and signal waits, in pages
+    (keyset: `next_cursor`) of at most `limit` steps and 4 MiB of results."""
+    rows, next_cursor = await tasks.steps(
+        db(), client_id=client_id(), task_id=task_id, limit=query_args.limit, cursor=query_args.cursor
+    )
     return StepList(
-        items=[StepOut(name=r["name"], result=r["result"], created_at=r["created_at"]) for r in rows]
+        items=[StepOut(name=r["name"], result=r["result"], created_at=r["created_at"]) for r in rows],
+        next_cursor=next_cursor,
     )
 
 

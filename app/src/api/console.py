@@ -134,15 +134,18 @@ class Composition:
     steps: list[Mapping[str, Any]]
     children: list[Mapping[str, Any]]
     children_total: int
+    steps_more: bool = False  # steps follow the first page shown (GET /api/tasks/{id}/steps pages)
 
 
 async def composition(db: Database, *, task: Task, children_limit: int = 200) -> Composition:
     if not task.durable:  # it stored no steps, signals or children: nothing to read
         return Composition(waiting_for(task), [], [], 0)
     async with db.driver() as conn:
-        steps = await durable_store.list_steps(conn, task_id=task.id)
+        steps = await durable_store.list_steps(conn, task_id=task.id, max_bytes=tasks.STEPS_PAGE_BYTES)
         children = await durable_store.list_children(conn, parent_id=task.id, limit=children_limit + 1)
-    return Composition(waiting_for(task), steps, children[:children_limit], len(children))
+    return Composition(
+        waiting_for(task), steps.items, children[:children_limit], len(children), steps_more=steps.more
+    )
 
 
 async def retry_task(engine: TaskEngine, *, task_id: UUID) -> Task:

@@ -6,8 +6,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -22,6 +23,7 @@ from app.src.api.state_machine import TERMINAL, Status, sources
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from app.src.database.notifications import Notifier
+from app.src.utils import json_text
 
 
 async def get(db: Database, *, client_id: UUID, task_id: UUID) -> Task:
@@ -239,11 +241,44 @@ async def retry(
     raise Conflict(f"Task {task_id} is {current.status}; only discarded or cancelled tasks can be retried.")
 
 
-async def steps(db: Database, *, client_id: UUID, task_id: UUID) -> list[Mapping[str, Any]]:
-    """The steps a task stored (ctx.step results, and its sleeps' and signal waits' records)."""
+# What one page of GET /api/tasks/{id}/steps carries at most in step results (it always carries
+# one step, of at most 1 MiB): a task's whole state (up to durable_store.MAX_STATE_BYTES) is read
+# a page at a time.
+STEPS_PAGE_BYTES = 4 * 1024 * 1024
+
+
+def _steps_cursor(created_at: datetime, name: str) -> str:
+    text = json_text.dumps([created_at.isoformat(), name])
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _after_step(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, name = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        when = datetime.fromisoformat(at)
+        # a time with no UTC reading (9999-12-31T23:59:59-14:00) would fail in the driver
+        return (when.replace(tzinfo=UTC) if when.tzinfo is None else when).astimezone(UTC), str(name)
+    except (ValueError, TypeError, OverflowError, binascii.Error):
+        raise Unprocessable(
+            "The cursor is not one this API returned.",
+            errors=[{"field": "query.cursor", "message": "invalid cursor", "type": "value_error"}],
+        ) from None
+
+
+async def steps(
+    db: Database, *, client_id: UUID, task_id: UUID, limit: int, cursor: str | None
+) -> tuple[list[Mapping[str, Any]], str | None]:
+    """A page of the steps a task stored (ctx.step results, and its sleeps' and signal waits'
+    records), and the cursor of the next page (None: this is the last)."""
+    after = _after_step(cursor) if cursor else None
     await get(db, client_id=client_id, task_id=task_id)  # tenancy: 404 for another client's task
     async with db.driver() as conn:
-        return await durable_store.list_steps(conn, task_id=task_id)
+        page = await durable_store.list_steps(
+            conn, task_id=task_id, after=after, limit=limit, max_bytes=STEPS_PAGE_BYTES
+        )
+    last = page.items[-1] if page.items else None
+    next_cursor = _steps_cursor(last["created_at"], last["name"]) if page.more and last else None
+    return page.items, next_cursor
 
 
 _SIGNAL_NAME: TypeAdapter[str] = TypeAdapter(SignalName)
@@ -274,6 +309,18 @@ async def signal(db: Database, *, client_id: UUID, task_id: UUID, name: str, dat
         raise Conflict(f"Task {task_id} is {sent.task_status}; it can no longer receive signals.")
     if sent.timed_out:
         raise Conflict(f"Task {task_id}'s wait for signal {name!r} timed out; it can no longer receive it.")
+    if sent.full == "bytes":
+        bound_mib = durable_store.MAX_STATE_BYTES // (1024 * 1024)
+        raise Conflict(
+            f"Task {task_id}'s steps and signals hold {sent.state_bytes} bytes of JSON; this signal's "
+            f"{sent.size} bytes would take them past the {bound_mib} MiB a task may hold. Nothing was "
+            "kept: send less data (a reference to it, say)."
+        )
+    if sent.full == "pending":
+        raise Conflict(
+            f"Task {task_id} keeps {durable_store.MAX_PENDING_SIGNALS} signals that no wait has received "
+            "yet; no more can be kept until it receives some."
+        )
     if not sent.stored or sent.status is None:
         raise Conflict(f"Task {task_id} has already received a signal {name!r}.")
     return sent.status

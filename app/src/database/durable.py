@@ -35,6 +35,21 @@ from app.src.utils import json_text
 
 MAX_STEPS = 1000
 MAX_CHILDREN = 10_000
+# What a task may hold in all: every claim of it loads its steps and signals into the worker (a
+# remote claim's answer carries them), and GET /api/tasks/{id}/steps reads them. Counted in
+# `tasks.state_bytes` (migration 0016) as the compact JSON of each step result and signal data,
+# by the statements that store them; a sleep's or signal wait's own record (a few bytes) is not.
+MAX_STATE_BYTES = 16 * 1024 * 1024
+# Signals kept that no wait has received yet: only a wait (itself one of MAX_STEPS) receives one.
+MAX_PENDING_SIGNALS = 1000
+# What one claim round loads (in-process and remote alike): the durable tasks claimed past it are
+# handed back (available again at once, the attempt not counted), the first one always loads.
+MAX_CLAIM_STATE_BYTES = 4 * MAX_STATE_BYTES
+
+
+def state_size(value: Any) -> int:
+    """The bytes a step result or a signal's data counts toward MAX_STATE_BYTES."""
+    return len(json_text.dumps(value).encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +89,16 @@ FROM unnest($1::uuid[]) AS t(id)
 """
 
 
+# The durable tasks of a claim that fit in a round's budget, in the claim's order (the first always).
+WITHIN_BUDGET = """
+SELECT id FROM (
+    SELECT t.id, sum(t.state_bytes) OVER (ORDER BY i.n) AS total, i.n
+    FROM unnest($1::uuid[]) WITH ORDINALITY AS i(id, n) JOIN tasks t ON t.id = i.id
+) sized
+WHERE n = 1 OR total <= $2
+"""
+
+
 async def load_state(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, DurableState]:
     if not task_ids:
         return {}
@@ -95,6 +120,18 @@ class Unloadable:
     attempt fails with this error (retried by its queue's policy) instead of running."""
 
     error: str
+
+
+async def load_claimed_states(
+    conn: Executor, task_ids: Sequence[UUID]
+) -> dict[UUID, DurableState | Unloadable]:
+    """The stored state of a claim's durable tasks, as far as MAX_CLAIM_STATE_BYTES goes: a task
+    missing from the answer was left out (the caller hands it back), so that one claim round never
+    loads a worker's (or a remote claim's answer's) worth of states past that bound."""
+    if not task_ids:
+        return {}
+    fitting = {row["id"] for row in await conn.fetch(WITHIN_BUDGET, list(task_ids), MAX_CLAIM_STATE_BYTES)}
+    return await load_states(conn, [task_id for task_id in task_ids if task_id in fitting])
 
 
 async def load_states(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, DurableState | Unloadable]:
@@ -120,24 +157,33 @@ async def load_states(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, Du
 
 # A step that succeeded, stored before the handler goes on, so a worker killed right after it never
 # runs it again. Guarded by the attempt's lease (status, attempt, worker): a stale attempt stores
-# nothing. The first step flags the task durable, so its next claims load what it stored.
+# nothing. The first step flags the task durable, so its next claims load what it stored. The
+# task's row is locked (a signal counts its bytes under the same lock), so the bound is exact.
 CHECKPOINT_STEP = f"""
 WITH owner AS (
-    SELECT id, durable FROM tasks
+    SELECT id, durable, state_bytes FROM tasks
     WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3
-),
-flagged AS (
-    UPDATE tasks SET durable = true WHERE id IN (SELECT id FROM owner WHERE NOT durable) RETURNING id
+    FOR UPDATE
 ),
 counted AS (SELECT count(*) AS n FROM task_steps WHERE task_id = $1),
 stored AS (
     INSERT INTO task_steps (task_id, name, result)
-    SELECT id, $4, $5::jsonb FROM owner WHERE (SELECT n FROM counted) < {MAX_STEPS}
+    SELECT id, $4, $5::jsonb FROM owner
+    WHERE (SELECT n FROM counted) < {MAX_STEPS} AND owner.state_bytes + $6 <= {MAX_STATE_BYTES}
     ON CONFLICT (task_id, name) DO NOTHING
     RETURNING task_id
+),
+changed AS (
+    UPDATE tasks t
+    SET durable = true,
+        state_bytes = t.state_bytes + CASE WHEN EXISTS (SELECT 1 FROM stored) THEN $6 ELSE 0 END
+    FROM owner
+    WHERE t.id = owner.id AND (NOT owner.durable OR EXISTS (SELECT 1 FROM stored))
+    RETURNING t.id
 )
 SELECT (SELECT count(*) FROM owner) AS owned, (SELECT n FROM counted) AS steps,
-       (SELECT count(*) FROM flagged) AS _flagged,
+       (SELECT state_bytes FROM owner) AS state_bytes,
+       (SELECT count(*) FROM changed) AS _changed,
        (SELECT count(pg_notify('{EVENTS_CHANNEL}', task_id::text)) FROM stored) AS stored
 """
 
@@ -146,23 +192,70 @@ SELECT (SELECT count(*) FROM owner) AS owned, (SELECT n FROM counted) AS steps,
 class Checkpoint:
     owned: bool  # the attempt still holds the task
     over_limit: bool  # the task already holds MAX_STEPS steps
+    over_bytes: bool = False  # the step would bring the task's state past MAX_STATE_BYTES
+    state_bytes: int = 0  # what the task held before this step
 
 
 async def checkpoint_step(
     conn: Executor, *, task_id: UUID, attempt: int, worker_id: UUID, name: str, result: Any
 ) -> Checkpoint:
-    rows = await conn.fetch(CHECKPOINT_STEP, task_id, attempt, worker_id, name, json_text.dumps(result))
+    text = json_text.dumps(result)
+    size = len(text.encode())
+    rows = await conn.fetch(CHECKPOINT_STEP, task_id, attempt, worker_id, name, text, size)
     row = rows[0]
-    return Checkpoint(owned=bool(row["owned"]), over_limit=bool(row["owned"]) and row["steps"] >= MAX_STEPS)
+    owned = bool(row["owned"])
+    held = int(row["state_bytes"] or 0)
+    return Checkpoint(
+        owned=owned,
+        over_limit=owned and row["steps"] >= MAX_STEPS,
+        over_bytes=owned and not row["stored"] and held + size > MAX_STATE_BYTES,
+        state_bytes=held,
+    )
 
 
-async def list_steps(conn: Executor, *, task_id: UUID) -> list[Mapping[str, Any]]:
-    return list(
+# One page of a task's steps in the order they were stored (a task has at most MAX_STEPS: sorted
+# in memory). A page ends at `limit` steps or before the step that would take its results past
+# `max_bytes` (it always holds one), so no answer carries a whole state at once; `fetched` tells
+# the caller whether steps follow.
+LIST_STEPS = """
+SELECT name, result, created_at, fetched FROM (
+    SELECT name, result, created_at,
+           sum(octet_length(result::text)) OVER (ORDER BY created_at, name) AS total,
+           row_number() OVER (ORDER BY created_at, name) AS n,
+           count(*) OVER () AS fetched
+    FROM (
+        SELECT name, result, created_at FROM task_steps
+        WHERE task_id = $1 AND ($2::timestamptz IS NULL OR (created_at, name) > ($2, $3::text))
+        ORDER BY created_at, name
+        LIMIT $5 + 1
+    ) first
+) page
+WHERE n = 1 OR total <= $4
+ORDER BY created_at, name
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StepPage:
+    items: list[Mapping[str, Any]]
+    more: bool  # steps follow the last item
+
+
+async def list_steps(
+    conn: Executor,
+    *,
+    task_id: UUID,
+    after: tuple[datetime, str] | None = None,
+    limit: int = MAX_STEPS,
+    max_bytes: int = MAX_STATE_BYTES,
+) -> StepPage:
+    rows = list(
         await conn.fetch(
-            "SELECT name, result, created_at FROM task_steps WHERE task_id = $1 ORDER BY created_at, name",
-            task_id,
+            LIST_STEPS, task_id, after[0] if after else None, after[1] if after else None, max_bytes, limit
         )
     )
+    items = rows[:limit]
+    return StepPage(items=items, more=bool(rows) and int(rows[0]["fetched"]) > len(items))
 
 
 # --- suspension ----------------------------------------------------------------------------------
@@ -170,19 +263,26 @@ async def list_steps(conn: Executor, *, task_id: UUID) -> list[Mapping[str, Any]
 # The running attempt ends without a result; the task keeps everything it stored. Locked first
 # (the guard), so the counts read next are exact for this transaction.
 LOCK_RUNNING = """
-SELECT (SELECT count(*) FROM task_steps s WHERE s.task_id = t.id) AS steps,
+SELECT (SELECT count(*) FROM task_steps s WHERE s.task_id = t.id) AS steps, t.state_bytes,
        (SELECT count(*) FROM tasks c WHERE c.parent_id = t.id) AS children
 FROM tasks t
 WHERE t.id = $1 AND t.status = 'running' AND t.attempts = $2 AND t.worker_id = $3
 FOR UPDATE OF t
 """
 
+# The task's row is locked already (LOCK_RUNNING): its state_bytes grows by what was stored.
 INSERT_STEPS = f"""
-WITH stored AS (
+WITH input AS (SELECT * FROM unnest($2::text[], $3::jsonb[], $4::bigint[]) AS i(n, r, b)),
+stored AS (
     INSERT INTO task_steps (task_id, name, result)
-    SELECT $1, n, r FROM unnest($2::text[], $3::jsonb[]) AS i(n, r)
+    SELECT $1, n, r FROM input
     ON CONFLICT (task_id, name) DO NOTHING
     RETURNING name
+),
+counted AS (
+    UPDATE tasks SET state_bytes = state_bytes
+        + (SELECT COALESCE(sum(input.b), 0) FROM stored JOIN input ON input.n = stored.name)
+    WHERE id = $1
 )
 SELECT count(*) AS n, (SELECT count(pg_notify('{EVENTS_CHANNEL}', $1::text))) AS _n FROM stored
 """
@@ -259,20 +359,20 @@ class Locked:
 
     steps: int
     children: int
+    state_bytes: int = 0  # its steps' and signals' bytes (MAX_STATE_BYTES)
 
 
 async def lock_running(conn: Any, *, task_id: UUID, attempt: int, worker_id: UUID) -> Locked | None:
     row = await conn.fetchrow(LOCK_RUNNING, task_id, attempt, worker_id)
     if row is None:
         return None
-    return Locked(row["steps"], row["children"])
+    return Locked(row["steps"], row["children"], int(row["state_bytes"]))
 
 
 async def insert_steps(conn: Any, *, task_id: UUID, steps: Mapping[str, Any]) -> None:
     if steps:
-        await conn.fetch(
-            INSERT_STEPS, task_id, list(steps), [json_text.dumps(value) for value in steps.values()]
-        )
+        texts = [json_text.dumps(value) for value in steps.values()]
+        await conn.fetch(INSERT_STEPS, task_id, list(steps), texts, [len(text.encode()) for text in texts])
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,19 +520,33 @@ async def mark_dependencies(conn: Executor, *, client_id: UUID, ids: Sequence[UU
 # signal of that name would never be delivered, or only to a later run that then took another path
 # than the first: it is refused. The task's row is locked by LOCK_SIGNAL_TARGET first, in the same
 # transaction, so that this statement's snapshot sees a sweep that held the lock until then.
+# A signal is also refused when it would take the task's state past MAX_STATE_BYTES, or when the
+# task keeps MAX_PENDING_SIGNALS signals no wait has received yet (`full` says which).
 LOCK_SIGNAL_TARGET = "SELECT id FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE"
 SEND_SIGNAL = f"""
 WITH target AS (
-    SELECT id, status, waiting_for, queue_id,
+    SELECT id, status, waiting_for, queue_id, state_bytes,
            EXISTS (SELECT 1 FROM task_steps s
                    WHERE s.task_id = tasks.id AND s.name = $3 AND s.wait
-                     AND s.result @> '{{"timed_out": true}}'::jsonb) AS timed_out
+                     AND s.result @> '{{"timed_out": true}}'::jsonb) AS timed_out,
+           EXISTS (SELECT 1 FROM task_signals g WHERE g.task_id = tasks.id AND g.name = $3) AS known,
+           (SELECT count(*) FROM task_signals g
+            WHERE g.task_id = tasks.id
+              AND NOT EXISTS (SELECT 1 FROM task_steps w
+                              WHERE w.task_id = g.task_id AND w.name = g.name AND w.wait)) AS pending
     FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE
+),
+refusal AS (
+    SELECT CASE WHEN known THEN NULL
+                WHEN state_bytes + $5 > {MAX_STATE_BYTES} THEN 'bytes'
+                WHEN pending >= {MAX_PENDING_SIGNALS} THEN 'pending' END AS why
+    FROM target
 ),
 stored AS (
     INSERT INTO task_signals (task_id, name, data)
     SELECT id, $3, $4::jsonb FROM target
     WHERE status NOT IN ('completed', 'discarded', 'cancelled') AND NOT timed_out
+      AND (SELECT why FROM refusal) IS NULL
     ON CONFLICT (task_id, name) DO NOTHING
     RETURNING task_id
 ),
@@ -444,7 +558,8 @@ woken AS (
                            AND t.waiting_for->>'name' = $3 THEN now() ELSE t.run_at END,
         waiting_for = CASE WHEN t.status = 'waiting' AND t.waiting_for->>'type' = 'signal'
                            AND t.waiting_for->>'name' = $3 THEN NULL ELSE t.waiting_for END,
-        durable = true
+        durable = true,
+        state_bytes = t.state_bytes + $5
     WHERE t.id IN (SELECT task_id FROM stored)
     RETURNING t.id, t.status, t.queue_id
 ),
@@ -455,6 +570,7 @@ notified AS (
 )
 SELECT (SELECT status FROM target) AS task_status, (SELECT count(*) FROM stored) AS stored,
        (SELECT status FROM woken) AS status, (SELECT timed_out FROM target) AS timed_out,
+       (SELECT why FROM refusal) AS refused, (SELECT state_bytes FROM target) AS state_bytes,
        (SELECT n FROM notified) AS _n
 """
 
@@ -465,13 +581,26 @@ class SignalSent:
     stored: bool  # False: the task is finished, its wait timed out, or a signal of this name was sent before
     status: str | None  # the task's status after the signal (when stored)
     timed_out: bool = False  # the task's wait for this signal timed out
+    full: str | None = None  # not kept: "bytes" (MAX_STATE_BYTES) or "pending" (MAX_PENDING_SIGNALS)
+    state_bytes: int = 0  # what the task's state held before this signal
+    size: int = 0  # this signal's bytes
 
 
 async def send_signal(conn: Any, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> SignalSent:
+    text = json_text.dumps(data)
+    size = len(text.encode())
     async with conn.transaction():
         await conn.fetch(LOCK_SIGNAL_TARGET, task_id, client_id)
-        row = (await conn.fetch(SEND_SIGNAL, task_id, client_id, name, json_text.dumps(data)))[0]
-    return SignalSent(row["task_status"], bool(row["stored"]), row["status"], bool(row["timed_out"]))
+        row = (await conn.fetch(SEND_SIGNAL, task_id, client_id, name, text, size))[0]
+    return SignalSent(
+        row["task_status"],
+        bool(row["stored"]),
+        row["status"],
+        bool(row["timed_out"]),
+        row["refused"],
+        int(row["state_bytes"] or 0),
+        size,
+    )
 
 
 # --- sweeping ------------------------------------------------------------------------------------

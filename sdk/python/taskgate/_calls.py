@@ -128,8 +128,10 @@ def signal(task_id: TaskId, name: str, data: Any) -> Call[Any]:
     return Call("POST", f"/api/tasks/{_id(task_id)}/signals/{_name(name)}", _ANY, json={"data": dump(data)})
 
 
-def steps(task_id: TaskId) -> Call[Any]:
-    return Call("GET", f"/api/tasks/{_id(task_id)}/steps", _ANY)
+def steps(task_id: TaskId, *, cursor: str | None = None) -> Call[Any]:
+    # one page (at most 4 MiB of results); a server older than pages answers them all, no cursor
+    params = None if cursor is None else {"cursor": cursor}
+    return Call("GET", f"/api/tasks/{_id(task_id)}/steps", _ANY, params=params)
 
 
 def events_path(task_id: TaskId) -> str:

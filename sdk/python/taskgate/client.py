@@ -93,6 +93,15 @@ def _streams_ended(task_id: TaskId) -> TaskgateError:
     )
 
 
+def _next_steps_cursor(page: Mapping[str, Any], cursor: str | None) -> str | None:
+    """The cursor of the next page of steps; None after the last one (or from a server older than
+    pages, which answers every step at once), or should a server hand the same cursor back."""
+    following = page.get("next_cursor")
+    if not following or following == cursor:
+        return None
+    return str(following)
+
+
 def _task_specs(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [calls.task_body(**dict(t)) for t in tasks]
 
@@ -259,9 +268,16 @@ class Client:
         return self._run(calls.signal(task_id, name, data))
 
     def steps(self, task_id: TaskId) -> Steps:
-        """The steps a composed task stored: [{name, result, created_at}]."""
-        items: Steps = self._run(calls.steps(task_id))["items"]
-        return items
+        """The steps a composed task stored: [{name, result, created_at}] (all of them: the
+        server's pages are followed)."""
+        items: Steps = []
+        cursor: str | None = None
+        while True:
+            page = self._run(calls.steps(task_id, cursor=cursor))
+            items += page["items"]
+            cursor = _next_steps_cursor(page, cursor)
+            if cursor is None:
+                return items
 
     def events(self, task_id: TaskId) -> Iterator[TaskEvent]:
         """Status and progress changes until the task is terminal (reconnects if the stream drops or
@@ -541,9 +557,16 @@ class AsyncClient:
         return await self._run(calls.signal(task_id, name, data))
 
     async def steps(self, task_id: TaskId) -> Steps:
-        """The steps a composed task stored: [{name, result, created_at}]."""
-        items: Steps = (await self._run(calls.steps(task_id)))["items"]
-        return items
+        """The steps a composed task stored: [{name, result, created_at}] (all of them: the
+        server's pages are followed)."""
+        items: Steps = []
+        cursor: str | None = None
+        while True:
+            page = await self._run(calls.steps(task_id, cursor=cursor))
+            items += page["items"]
+            cursor = _next_steps_cursor(page, cursor)
+            if cursor is None:
+                return items
 
     async def events(self, task_id: TaskId) -> AsyncIterator[TaskEvent]:
         reconnects = 0

@@ -29,7 +29,7 @@ from app.src.api.models.tasks import MAX_DELAY_S, SignalName
 from app.src.api.state_machine import Status, transition
 from app.src.database import durable as store
 from app.src.database import tasks as task_store
-from app.src.database.durable import MAX_CHILDREN, MAX_STEPS, Composed
+from app.src.database.durable import MAX_CHILDREN, MAX_STATE_BYTES, MAX_STEPS, Composed, state_size
 from app.src.utils import json_text
 
 if TYPE_CHECKING:
@@ -127,6 +127,25 @@ def check_step_result(name: str, value: Any) -> Any:
     return value
 
 
+def state_full(name: str) -> str:
+    """Why a step that would take its task's stored state past MAX_STATE_BYTES fails the task for
+    good (in-process checkpoints and suspensions, in-process and remote, alike)."""
+    return (
+        f"step {name[:MAX_NAME]!r} does not fit: a task's steps and signals may hold at most "
+        f"{MAX_STATE_BYTES // (1024 * 1024)} MiB of JSON in all"
+    )
+
+
+def check_state_size(held: int, steps: Mapping[str, Any]) -> None:
+    """New steps on top of the `held` bytes a task's state holds: CompositionError naming the first
+    one past MAX_STATE_BYTES (every claim loads the whole state into its worker)."""
+    total = held
+    for name, value in steps.items():
+        total += state_size(value)
+        if total > MAX_STATE_BYTES:
+            raise CompositionError(state_full(name))
+
+
 async def suspend(
     engine: TaskEngine,
     *,
@@ -155,6 +174,7 @@ async def suspend(
                 raise CompositionError(f"a task may hold at most {MAX_STEPS} steps")
             if locked.children + len(children) > MAX_CHILDREN:
                 raise CompositionError(f"a task may have at most {MAX_CHILDREN} children")
+            check_state_size(locked.state_bytes, suspension.steps)
             await store.insert_steps(conn, task_id=task_id, steps=suspension.steps)
             if children:
                 created = await store.insert_composed(

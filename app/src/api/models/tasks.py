@@ -299,7 +299,20 @@ class StepOut(BaseModel):
 
 
 class StepList(BaseModel):
+    """One page of a task's steps, in the order they were stored; `next_cursor` (null on the last
+    page) asks for the next."""
+
     items: list[StepOut]
+    next_cursor: str | None = None
+
+
+# A task holds at most 1,000 steps (app/src/database/durable.py, MAX_STEPS): by default one page
+# holds them all, unless their results pass a page's bytes (app/src/api/tasks.py, STEPS_PAGE_BYTES).
+class StepListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=1000, ge=1, le=1000)
+    cursor: str | None = Field(default=None, max_length=4096)
 
 
 class TaskEvent(BaseModel):

@@ -186,12 +186,17 @@ async def claim(
             async with db.driver() as conn:
                 contexts = await task_store.traceparents(conn, [t.id for t in claimed])
                 if durable:
-                    states = await durable_store.load_states(conn, durable)
+                    states = await durable_store.load_claimed_states(conn, durable)
                     unloadable = [
                         (t, s.error) for t in claimed if isinstance(s := states.get(t.id), Unloadable)
                     ]
                     if unloadable:
                         await _fail_unloadable(conn, worker_id, unloadable)
+                    # past the answer's state budget (MAX_CLAIM_STATE_BYTES): handed back, their
+                    # attempt not counted, for a later claim
+                    over = [t.id for t in claimed if t.durable and t.id not in states]
+                    if over:
+                        await task_store.release(conn, task_ids=over, worker_id=worker_id)
         except StorageUnavailable:
             if durable:
                 raise
@@ -205,7 +210,7 @@ async def claim(
     return [
         Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id), state)
         for t in claimed
-        if not isinstance(state := states.get(t.id), Unloadable)
+        if not isinstance(state := states.get(t.id), Unloadable) and (state is not None or not t.durable)
     ]
 
 
