@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from quart import Blueprint, Response
-from quart_schema import validate_request, validate_response
+from quart_schema import validate_querystring, validate_request, validate_response
 
 from app.middlewares import requires_scopes
 from app.routes.context import client_id, db, engine
 from app.src.api.engine import remote_kinds
 from app.src.api.kinds import REGISTRY
+from app.src.api.models.common import ListQuery
 from app.src.api.models.tasks import KindList, KindOut
 from app.src.api.models.workers import RemoteKindIn
 from app.src.database.workers import RemoteKindRow
@@ -30,8 +31,9 @@ def _remote_out(kind: RemoteKindRow) -> KindOut:
 
 @blueprint.get("/kinds")
 @requires_scopes("tasks:read")
+@validate_querystring(ListQuery)
 @validate_response(KindList)
-async def list_kinds() -> KindList:
+async def list_kinds(query_args: ListQuery) -> KindList:
     """Every task kind with its payload and result JSON Schema; `remote` marks this client's own."""
     local = [
         KindOut(

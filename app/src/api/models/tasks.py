@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.src.api.models.common import ListQuery, PageQuery
 from app.src.api.state_machine import Status
 from app.src.utils import json_text
 from app.src.utils.records import record
@@ -321,17 +322,15 @@ class TaskList(BaseModel):
     next_cursor: str | None
 
 
-class ClientFilterQuery(BaseModel):
+class QueueListQuery(ListQuery):
     client_id: UUID | None = Field(
         default=None, description="operator sessions only: read this client's data instead of their own"
     )
 
 
-class TaskListQuery(BaseModel):
+class TaskListQuery(PageQuery):
     # a filter this list does not take (created_after, as bulk actions take) was ignored, and the
-    # answer listed every task as if it matched: a 422 naming it instead
-    model_config = ConfigDict(extra="forbid")
-
+    # answer listed every task as if it matched: a 422 naming it instead (ListQuery)
     client_id: UUID | None = Field(
         default=None, description="operator sessions only: list this client's tasks instead of their own"
     )
@@ -339,7 +338,6 @@ class TaskListQuery(BaseModel):
     status: Status | None = None
     kind: KindName | None = None
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(default=None, max_length=64)
 
 
 class BulkFilter(BaseModel):
