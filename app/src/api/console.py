@@ -121,9 +121,15 @@ async def task(db: Database, *, task_id: UUID) -> Task:
     return found
 
 
+ATTEMPTS_SHOWN = 500  # the console shows a task's first attempts; the API pages through all of them
+
+
 async def task_with_attempts(db: Database, *, task_id: UUID) -> tuple[Task, list[Attempt]]:
     found = await task(db, task_id=task_id)
-    return found, await tasks.attempts(db, client_id=found.client_id, task_id=task_id)
+    shown, _ = await tasks.attempts(
+        db, client_id=found.client_id, task_id=task_id, limit=ATTEMPTS_SHOWN, cursor=None
+    )
+    return found, shown
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,21 @@ class PageQuery(ListQuery):
     )
 
 
+def _absent(cursor: str | None) -> bool:
+    return cursor is None
+
+
+def added_next_cursor() -> Any:
+    """`next_cursor` of a list that had no pages before: absent on the last page. A client that
+    read the list as {items: [...]} and nothing else (the SDK before pages: `dict[str, list[...]]`)
+    still reads a list of one page; a longer one it can no longer take for whole."""
+    return Field(
+        default=None,
+        exclude_if=_absent,
+        description="the next page's `cursor`; absent on the last page",
+    )
+
+
 class Health(BaseModel):
     status: str
 

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.src.api.models.common import ListQuery, PageQuery
+from app.src.api.models.common import ListQuery, PageQuery, added_next_cursor
 from app.src.api.state_machine import Status
 from app.src.utils import json_text
 from app.src.utils.records import record
@@ -389,6 +389,7 @@ class Attempt:
     error: str | None
     duration_ms: float
     traceback: str | None = None  # a Python failure's traceback, at most 8 KiB (its end)
+    seq: int | None = None  # its row's id: where a page of attempts ends (the keyset)
 
 
 class AttemptOut(BaseModel):
@@ -406,6 +407,7 @@ class AttemptOut(BaseModel):
 
 class AttemptList(BaseModel):
     items: list[AttemptOut]
+    next_cursor: str | None = added_next_cursor()
 
 
 class QueueIn(BaseModel):
@@ -510,3 +512,4 @@ class KindOut(BaseModel):
 
 class KindList(BaseModel):
     items: list[KindOut]
+    next_cursor: str | None = added_next_cursor()
