@@ -344,10 +344,18 @@ async def logout() -> Any:
 @blueprint.get("/")
 async def overview() -> Any:
     client = _uuid_arg("client")
-    summaries = await console.overview(_db(), client_id=client)
+    cursor = _cursor_arg()
+    summaries, next_cursor = await console.overview(
+        _db(), client_id=client, limit=CONSOLE_PAGE, cursor=cursor
+    )
     charts = {s.queue.id: throughput_chart(s.series) for s in summaries}
     return await render_template(
-        "overview.html", summaries=summaries, charts=charts, tenants=await _tenants(), client=client
+        "overview.html",
+        summaries=summaries,
+        charts=charts,
+        tenants=await _tenants(),
+        client=client,
+        **_pager(cursor, next_cursor, client=client),
     )
 
 

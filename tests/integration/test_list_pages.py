@@ -22,7 +22,6 @@ BOUNDED = {
 # not paged yet, and not bounded by construction (README: "What reviews found"): a known gap
 NOT_PAGED_YET = {
     "/api/workers": "workers seen in the last 10 minutes; a client may name any number",
-    "/api/queues": "paged with the cap on queues, the next change",
 }
 
 

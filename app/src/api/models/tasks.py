@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.src.api.models.common import ListQuery, PageQuery, added_next_cursor
+from app.src.api.models.common import PageQuery, added_next_cursor
 from app.src.api.state_machine import Status
 from app.src.utils import json_text
 from app.src.utils.records import record
@@ -322,7 +322,7 @@ class TaskList(BaseModel):
     next_cursor: str | None
 
 
-class QueueListQuery(ListQuery):
+class QueueListQuery(PageQuery):
     client_id: UUID | None = Field(
         default=None, description="operator sessions only: read this client's data instead of their own"
     )
@@ -494,6 +494,7 @@ class QueueOut(BaseModel):
 
 class QueueList(BaseModel):
     items: list[QueueOut]
+    next_cursor: str | None = added_next_cursor()
 
 
 class PurgeOut(BaseModel):
