@@ -5,16 +5,22 @@ import dataclasses
 import re
 from typing import Any
 
+import pytest
 from quart.typing import TestClientProtocol as Client
 
 from app.database import Database
 from app.src.api import schedules
 from app.src.api.engine.task_engine import TaskEngine
+from app.src.api.errors import TooManyQueues
+from app.src.api.kinds import REGISTRY, load_kinds
+from app.src.api.kinds.builtin import NoopPayload
 from app.src.api.models.auth import IssuedKey, NewOperator
 from tests.conftest import engine_over
 from tests.integration.test_list_pages import assert_refuses_bad_pages, walk
 from tests.integration.ui.test_console import logged_in
 from tests.task_harness import enqueue
+
+load_kinds()
 
 PROBLEM = "application/problem+json"
 TOO_MANY = "urn:taskgate:problem:too-many-queues"
@@ -135,3 +141,21 @@ async def test_a_schedule_firing_into_a_new_queue_past_the_cap_is_skipped_and_th
         made = await conn.fetch("SELECT queue_id FROM tasks")
     assert len(made) == 1
     assert await queue_names(client, auth_headers) == ["default"]
+
+
+async def test_enqueue_from_python_is_held_to_the_cap_too(db: Database, api_client: IssuedKey) -> None:
+    # TaskKind.enqueue(db=...) makes its queue in the caller's transaction: the same cap applies
+    noop = REGISTRY.get("noop")
+    assert noop is not None
+    engine = TaskEngine(db, dataclasses.replace(engine_over(db).rules, max_queues=2))
+    async with db.transaction() as conn:
+        await noop.enqueue(NoopPayload(), db=conn, client_id=api_client.client_id, engine=engine)
+        await noop.enqueue(NoopPayload(), db=conn, client_id=api_client.client_id, engine=engine, queue="one")
+    with pytest.raises(TooManyQueues):
+        async with db.transaction() as conn:
+            await noop.enqueue(
+                NoopPayload(), db=conn, client_id=api_client.client_id, engine=engine, queue="two"
+            )
+    async with db.driver() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM tasks") == 2
+        assert await conn.fetchval("SELECT count(*) FROM queues WHERE name = 'two'") == 0
