@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     LEASE_SECONDS: int = Field(default=30, ge=2, le=86_400)
     RESCUE_INTERVAL_S: float = Field(default=5.0, gt=0, le=3600)
     CLIENT_MAX_QUEUED_TASKS: int = Field(default=1_000_000, ge=1)
+    # Queues are made by the first enqueue naming one: without a cap, a client could make millions,
+    # and every queue listing, the console's queue pages and the workers' lookups with them
+    CLIENT_MAX_QUEUES: int = Field(default=10_000, ge=1, le=10_000_000)
     # bounded: an infinite or huge retention is an interval PostgreSQL cannot hold, and the prune
     # job (which also prunes sessions, idempotency keys and workers) would fail at every run
     TASK_RETENTION_DAYS: float = Field(default=7, gt=0, le=36_500, allow_inf_nan=False)

@@ -57,6 +57,7 @@ PUBLIC_ENDPOINTS = frozenset({"ui.static", "ui.login", "ui.login_submit", "ui.to
 PAGE_SIZE = 50
 CONSOLE_HOSTS = 500  # the hosts page shows the first 500 by name (GET /api/hosts pages through all)
 _TEXT_FILTER_MAX = 64
+_CURSOR_MAX = 1024
 
 
 def _runtime() -> Runtime:
@@ -213,6 +214,14 @@ def _text_arg(name: str) -> str | None:
     return raw or None
 
 
+def _cursor_arg() -> str | None:
+    """A keyset page's cursor (longer than a text filter: a JSON sort key, app/src/api/pages.py)."""
+    raw = request.args.get("cursor", "").strip()
+    if len(raw) > _CURSOR_MAX or not raw.isprintable():
+        raise Unprocessable("cursor is too long or not printable.")
+    return raw or None
+
+
 def _status_arg() -> str | None:
     raw = _text_arg("status")
     if raw is not None and raw not in {s.value for s in Status}:
@@ -231,6 +240,17 @@ def _filters(*, status: str | None = None) -> dict[str, Any]:
 
 def _query(values: dict[str, Any]) -> str:
     return urlencode({k: str(v) for k, v in values.items() if v not in (None, "")})
+
+
+CONSOLE_PAGE = 100  # rows of a console list page (clients, keys, queues)
+
+
+def _pager(cursor: str | None, next_cursor: str | None, **shown: Any) -> dict[str, str | None]:
+    """The links of a keyset-paged console list: back to its first page, on to the next."""
+    return {
+        "next_url": f"?{_query({**shown, 'cursor': next_cursor})}" if next_cursor else None,
+        "first_url": f"?{_query(shown)}" if cursor else None,
+    }
 
 
 async def _tenants() -> dict[UUID, str]:
@@ -324,10 +344,18 @@ async def logout() -> Any:
 @blueprint.get("/")
 async def overview() -> Any:
     client = _uuid_arg("client")
-    summaries = await console.overview(_db(), client_id=client)
+    cursor = _cursor_arg()
+    summaries, next_cursor = await console.overview(
+        _db(), client_id=client, limit=CONSOLE_PAGE, cursor=cursor
+    )
     charts = {s.queue.id: throughput_chart(s.series) for s in summaries}
     return await render_template(
-        "overview.html", summaries=summaries, charts=charts, tenants=await _tenants(), client=client
+        "overview.html",
+        summaries=summaries,
+        charts=charts,
+        tenants=await _tenants(),
+        client=client,
+        **_pager(cursor, next_cursor, client=client),
     )
 
 
@@ -602,8 +630,13 @@ async def trigger_schedule(schedule_id: UUID) -> Any:
 
 @blueprint.get("/clients")
 async def client_list() -> Any:
-    items = await clients.list_clients(_db(), principal=_principal())
-    return await render_template("clients.html", items=items, scopes=SCOPES, created=None)
+    cursor = _cursor_arg()
+    items, next_cursor = await clients.list_clients(
+        _db(), principal=_principal(), limit=CONSOLE_PAGE, cursor=cursor
+    )
+    return await render_template(
+        "clients.html", items=items, scopes=SCOPES, created=None, **_pager(cursor, next_cursor)
+    )
 
 
 @blueprint.post("/clients")
@@ -615,14 +648,21 @@ async def create_client() -> Any:
     client, key = await clients.create_client(
         _db(), name=form.get("name", "")[:100], scopes=chosen, created_by=_principal().operator_id
     )
-    items = await clients.list_clients(_db(), principal=_principal())
-    return await render_template("clients.html", items=items, scopes=SCOPES, created=(client, key))
+    items, next_cursor = await clients.list_clients(
+        _db(), principal=_principal(), limit=CONSOLE_PAGE, cursor=None
+    )
+    return await render_template(
+        "clients.html", items=items, scopes=SCOPES, created=(client, key), **_pager(None, next_cursor)
+    )
 
 
 async def _client_page(client_id: UUID, *, new_key: str | None = None, done: str | None = None) -> Any:
     principal = _principal()
     found = await clients.get_client(_db(), principal=principal, client_id=client_id)
-    keys = await clients.list_keys(_db(), principal=principal, client_id=client_id)
+    # the newest keys (a client may have any number; GET /api/auth/clients/{id}/keys pages them all)
+    keys, _ = await clients.list_keys(
+        _db(), principal=principal, client_id=client_id, limit=CONSOLE_PAGE, cursor=None
+    )
     secrets = await clients.list_signing_secrets(_db(), principal=principal, client_id=client_id)
     return await render_template(
         "client.html",

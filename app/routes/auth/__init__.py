@@ -5,7 +5,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from quart import Blueprint, request
-from quart_schema import validate_request, validate_response
+from quart_schema import validate_querystring, validate_request, validate_response
 
 from app.middlewares import public, requires_operator, requires_scopes
 from app.routes.context import db
@@ -32,6 +32,7 @@ from app.src.api.models.auth import (
     TotpEnrollOut,
     TotpLoginIn,
 )
+from app.src.api.models.common import ListQuery, PageQuery
 
 blueprint = Blueprint("auth", __name__)
 
@@ -130,11 +131,15 @@ async def create_client(data: ClientIn) -> tuple[ClientCreatedOut, int]:
 
 @blueprint.get("/clients")
 @requires_scopes("clients:admin")
+@validate_querystring(PageQuery)
 @validate_response(ClientList, 200)
-async def list_clients() -> ClientList:
-    """List API clients (an API client sees only itself)."""
-    items = await clients.list_clients(db(), principal=current_principal())
-    return ClientList(items=[ClientOut.model_validate(item) for item in items])
+async def list_clients(query_args: PageQuery) -> ClientList:
+    """List API clients (an API client sees only itself), oldest first, in pages of `limit`
+    (`next_cursor`)."""
+    items, next_cursor = await clients.list_clients(
+        db(), principal=current_principal(), limit=query_args.limit, cursor=query_args.cursor
+    )
+    return ClientList(items=[ClientOut.model_validate(item) for item in items], next_cursor=next_cursor)
 
 
 @blueprint.get("/clients/<uuid:client_id>")
@@ -173,11 +178,19 @@ async def enable_client(client_id: UUID) -> ClientOut:
 
 @blueprint.get("/clients/<uuid:client_id>/keys")
 @requires_scopes("clients:admin")
+@validate_querystring(PageQuery)
 @validate_response(KeyList, 200)
-async def list_keys(client_id: UUID) -> KeyList:
-    """A client's API keys (prefixes and dates; the keys themselves are never stored)."""
-    keys = await clients.list_keys(db(), principal=current_principal(), client_id=client_id)
-    return KeyList(items=[KeyOut.model_validate(key) for key in keys])
+async def list_keys(client_id: UUID, query_args: PageQuery) -> KeyList:
+    """A client's API keys (prefixes and dates; the keys themselves are never stored), newest
+    first, in pages of `limit` (`next_cursor`)."""
+    keys, next_cursor = await clients.list_keys(
+        db(),
+        principal=current_principal(),
+        client_id=client_id,
+        limit=query_args.limit,
+        cursor=query_args.cursor,
+    )
+    return KeyList(items=[KeyOut.model_validate(key) for key in keys], next_cursor=next_cursor)
 
 
 @blueprint.post("/clients/<uuid:client_id>/keys")
@@ -200,9 +213,10 @@ async def revoke_key(client_id: UUID, key_id: UUID) -> KeyOut:
 
 @blueprint.get("/clients/<uuid:client_id>/signing-secrets")
 @requires_scopes("clients:admin")
+@validate_querystring(ListQuery)
 @validate_response(SigningSecretList, 200)
-async def list_signing_secrets(client_id: UUID) -> SigningSecretList:
-    """The secrets that sign this tenant's HTTP deliveries, newest first."""
+async def list_signing_secrets(client_id: UUID, query_args: ListQuery) -> SigningSecretList:
+    """The secrets that sign this tenant's HTTP deliveries, newest first: at most 3 (no pages)."""
     items = await clients.list_signing_secrets(db(), principal=current_principal(), client_id=client_id)
     return _secrets(items)
 

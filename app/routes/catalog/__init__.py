@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from quart import Blueprint, Response
-from quart_schema import validate_request, validate_response
+from quart_schema import validate_querystring, validate_request, validate_response
 
 from app.middlewares import requires_scopes
 from app.routes.context import client_id, db, engine
+from app.src.api import pages
 from app.src.api.engine import remote_kinds
-from app.src.api.kinds import REGISTRY
+from app.src.api.kinds import REGISTRY, TaskKind
+from app.src.api.models.common import PageQuery
 from app.src.api.models.tasks import KindList, KindOut
 from app.src.api.models.workers import RemoteKindIn
 from app.src.database.workers import RemoteKindRow
@@ -30,22 +34,50 @@ def _remote_out(kind: RemoteKindRow) -> KindOut:
 
 @blueprint.get("/kinds")
 @requires_scopes("tasks:read")
+@validate_querystring(PageQuery)
 @validate_response(KindList)
-async def list_kinds() -> KindList:
-    """Every task kind with its payload and result JSON Schema; `remote` marks this client's own."""
-    local = [
-        KindOut(
-            name=kind.name,
-            aliases=list(kind.aliases),
-            payload_schema=kind.payload.model_json_schema(),
-            result_schema=kind.result.model_json_schema() if kind.result else None,
-            max_attempts=kind.max_attempts,
-            description=kind.description,
+async def list_kinds(query_args: PageQuery) -> KindList:
+    """Every task kind with its payload and result JSON Schema; `remote` marks this client's own.
+
+    The kinds this deployment runs come first, then the client's remote kinds (any number), each
+    in name order; in pages of `limit` (`next_cursor`)."""
+    phase, after = _kinds_cursor(query_args.cursor)
+    wanted = query_args.limit + 1  # one more than the page: is there a next one?
+    found: list[KindOut] = []
+    if phase == LOCAL:
+        mine = sorted(REGISTRY.all(), key=lambda k: k.name)
+        found = [_local_out(kind) for kind in mine if after is None or kind.name > after][:wanted]
+        after = None
+    if len(found) < wanted:
+        remote = await remote_kinds.page_of_kinds(
+            db(), client_id=client_id(), after=after, limit=wanted - len(found)
         )
-        for kind in REGISTRY.all()
-    ]
-    remote = await remote_kinds.kinds_of(db(), client_id=client_id(), fresh=True)
-    return KindList(items=local + [_remote_out(kind) for kind in remote.values()])
+        found += [_remote_out(kind) for kind in remote]
+    items, next_cursor = pages.page(found, query_args.limit, lambda k: (int(k.remote), k.name))
+    return KindList(items=items, next_cursor=next_cursor)
+
+
+LOCAL, REMOTE = 0, 1  # the two parts of the catalog, in the order it lists them
+
+
+def _kinds_cursor(cursor: str | None) -> tuple[int, str | None]:
+    if cursor is None:
+        return LOCAL, None
+    phase, name = pages.decode(cursor, int, str)
+    if phase not in (LOCAL, REMOTE):
+        raise pages.invalid_cursor()
+    return int(phase), str(name)
+
+
+def _local_out(kind: TaskKind[Any, Any]) -> KindOut:
+    return KindOut(
+        name=kind.name,
+        aliases=list(kind.aliases),
+        payload_schema=kind.payload.model_json_schema(),
+        result_schema=kind.result.model_json_schema() if kind.result else None,
+        max_attempts=kind.max_attempts,
+        description=kind.description,
+    )
 
 
 @blueprint.put("/kinds/<name>")

@@ -8,7 +8,7 @@ from quart_schema import validate_querystring, validate_request, validate_respon
 from app.middlewares import requires_scopes
 from app.routes.context import client_id, db, engine, tenant
 from app.src.api import queues
-from app.src.api.models.tasks import ClientFilterQuery, PurgeOut, QueueIn, QueueList, QueueName, QueueOut
+from app.src.api.models.tasks import PurgeOut, QueueIn, QueueList, QueueListQuery, QueueName, QueueOut
 
 blueprint = Blueprint("queues", __name__)
 NAME = "/<string(maxlength=64):name>"
@@ -16,12 +16,15 @@ NAME = "/<string(maxlength=64):name>"
 
 @blueprint.get("")
 @requires_scopes("tasks:read")
-@validate_querystring(ClientFilterQuery)
+@validate_querystring(QueueListQuery)
 @validate_response(QueueList)
-async def list_queues(query_args: ClientFilterQuery) -> QueueList:
-    """List this client's queues (`default` always exists); an operator may name a `client_id`."""
-    items = await queues.list_queues(db(), client_id=tenant(query_args.client_id))
-    return QueueList(items=[QueueOut.from_domain(q) for q in items])
+async def list_queues(query_args: QueueListQuery) -> QueueList:
+    """List this client's queues (`default` always exists) in name order, in pages of `limit`
+    (`next_cursor`); an operator may name a `client_id`."""
+    items, next_cursor = await queues.list_queues(
+        db(), client_id=tenant(query_args.client_id), limit=query_args.limit, cursor=query_args.cursor
+    )
+    return QueueList(items=[QueueOut.from_domain(q) for q in items], next_cursor=next_cursor)
 
 
 @blueprint.put(NAME)
@@ -29,7 +32,10 @@ async def list_queues(query_args: ClientFilterQuery) -> QueueList:
 @validate_request(QueueIn)
 @validate_response(QueueOut)
 async def put_queue(name: str, data: QueueIn) -> QueueOut:
-    """Create a queue or change its settings (omitted fields keep their values; null lifts a limit)."""
+    """Create a queue or change its settings (omitted fields keep their values; null lifts a limit).
+
+    A client has at most CLIENT_MAX_QUEUES queues (10,000 by default): past it, naming a new queue
+    is a 409 `urn:taskgate:problem:too-many-queues` and creates nothing."""
     _check_name(name)
     return QueueOut.from_domain(await queues.put(engine(), client_id=client_id(), name=name, data=data))
 

@@ -22,6 +22,7 @@ from app.routes.context import (
 from app.runtime import SHUTDOWN_RETRY_AFTER_S
 from app.src.api import bulk, tasks
 from app.src.api.engine import flow, submit
+from app.src.api.models.common import PageQuery
 from app.src.api.models.tasks import (
     AttemptList,
     AttemptOut,
@@ -145,11 +146,17 @@ async def list_tasks(query_args: TaskListQuery) -> TaskList:
 
 @blueprint.get("/<uuid:task_id>/attempts")
 @requires_scopes("tasks:read")
+@validate_querystring(PageQuery)
 @validate_response(AttemptList)
-async def list_attempts(task_id: UUID) -> AttemptList:
-    """Every finished attempt of a task: outcome, HTTP status, error, duration."""
-    items = await tasks.attempts(db(), client_id=client_id(), task_id=task_id)
-    return AttemptList(items=[AttemptOut.model_validate(a, from_attributes=True) for a in items])
+async def list_attempts(task_id: UUID, query_args: PageQuery) -> AttemptList:
+    """The finished attempts of a task, in the order they ended: outcome, HTTP status, error,
+    duration; in pages of `limit` (`next_cursor`)."""
+    items, next_cursor = await tasks.attempts(
+        db(), client_id=client_id(), task_id=task_id, limit=query_args.limit, cursor=query_args.cursor
+    )
+    return AttemptList(
+        items=[AttemptOut.model_validate(a, from_attributes=True) for a in items], next_cursor=next_cursor
+    )
 
 
 @blueprint.get("/<uuid:task_id>/events")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from quart import Blueprint
-from quart_schema import validate_request, validate_response
+from quart_schema import validate_querystring, validate_request, validate_response
 
 from app.middlewares import requires_scopes
 from app.routes.context import client_id, db, engine, notifier, runtime
 from app.runtime import SHUTDOWN_RETRY_AFTER_S
 from app.src.api import workers
+from app.src.api.models.common import ListQuery
 from app.src.api.models.workers import (
     ClaimedOut,
     ClaimIn,
@@ -101,8 +102,9 @@ async def complete(data: CompleteIn) -> CompleteOut:
 
 @blueprint.get("")
 @requires_scopes("tasks:read")
+@validate_querystring(ListQuery)
 @validate_response(WorkerList)
-async def list_workers() -> WorkerList:
+async def list_workers(query_args: ListQuery) -> WorkerList:
     """Workers seen in the last 10 minutes: this client's remote ones and the in-process ones."""
     rows = await workers.list_workers(db(), client_id=client_id())
     return WorkerList(items=[WorkerOut.model_validate(row, from_attributes=True) for row in rows])

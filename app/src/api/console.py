@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from app.src.api import queues, schedules, tasks
+from app.src.api import pages, queues, schedules, tasks
 from app.src.api.engine.submit import Submitter
 from app.src.api.errors import NotFound
 from app.src.api.models.schedules import Schedule, SchedulePatch
@@ -59,13 +59,27 @@ async def tenant_names(db: Database) -> dict[UUID, str]:
         return {client.id: client.name for client in await auth_store.list_clients(conn)}
 
 
-async def overview(db: Database, *, client_id: UUID | None) -> list[QueueSummary]:
+async def overview(
+    db: Database, *, client_id: UUID | None, limit: int, cursor: str | None
+) -> tuple[list[QueueSummary], str | None]:
+    """A page of queues (by name, then client) with their figures, and the next page's cursor."""
+    after = None
+    if cursor:
+        name, client = pages.decode(cursor, str, str)
+        try:
+            after = (str(name), UUID(str(client)))
+        except ValueError:
+            raise pages.invalid_cursor() from None
     async with db.driver() as conn:
-        found = await store.list_queues(conn, client_id=client_id)
+        found, next_cursor = pages.page(
+            await store.list_queues(conn, client_id=client_id, after=after, limit=limit + 1),
+            limit,
+            lambda q: (q.name, str(q.client_id)),
+        )
         ids = [q.id for q in found]
         stats = await store.queue_stats(conn, queue_ids=ids)
         series = await store.throughput(conn, queue_ids=ids, minutes=SERIES_MINUTES)
-    return [QueueSummary(q, stats[q.id], series[q.id]) for q in found]
+    return [QueueSummary(q, stats[q.id], series[q.id]) for q in found], next_cursor
 
 
 async def queue(db: Database, *, queue_id: int) -> QueueSummary:
@@ -121,9 +135,15 @@ async def task(db: Database, *, task_id: UUID) -> Task:
     return found
 
 
+ATTEMPTS_SHOWN = 500  # the console shows a task's first attempts; the API pages through all of them
+
+
 async def task_with_attempts(db: Database, *, task_id: UUID) -> tuple[Task, list[Attempt]]:
     found = await task(db, task_id=task_id)
-    return found, await tasks.attempts(db, client_id=found.client_id, task_id=task_id)
+    shown, _ = await tasks.attempts(
+        db, client_id=found.client_id, task_id=task_id, limit=ATTEMPTS_SHOWN, cursor=None
+    )
+    return found, shown
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,13 @@ class Conflict(AppError):
     title = "Conflict"
 
 
+class TooManyQueues(Conflict):
+    """A client at its cap on queues (CLIENT_MAX_QUEUES) named a queue it does not have."""
+
+    type = problem_type("too-many-queues")
+    title = "Too many queues"
+
+
 class Unprocessable(AppError):
     status = 422
     type = problem_type("validation")

@@ -8,12 +8,13 @@ from uuid import UUID
 import asyncpg
 
 from app.database import Database
+from app.src.api import pages
+from app.src.api.engine.submit import DEFAULT_QUEUE
 from app.src.api.engine.task_engine import TaskEngine
-from app.src.api.errors import NotFound, Unprocessable
+from app.src.api.errors import NotFound, TooManyQueues, Unprocessable
 from app.src.api.models.tasks import Queue, QueueIn
 from app.src.database import queues as store
 
-DEFAULT_QUEUE = "default"
 # the column defaults of a new queue (migration 0001)
 DEFAULT_MIN_BACKOFF_S = 1.0
 DEFAULT_MAX_BACKOFF_S = 3600.0
@@ -32,6 +33,8 @@ async def put(engine: TaskEngine, *, client_id: UUID, name: str, data: QueueIn) 
     async with engine.db.driver() as conn, conn.transaction():
         # locked: the check below and the write see the same row, whatever runs alongside
         current = await store.get(conn, client_id=client_id, name=name, for_update=True)
+        if current is None and name != DEFAULT_QUEUE:
+            await _check_room(conn, client_id=client_id, name=name, cap=engine.rules.max_queues)
         low = changes.get("min_backoff_s", current.min_backoff_s if current else DEFAULT_MIN_BACKOFF_S)
         high = changes.get("max_backoff_s", current.max_backoff_s if current else DEFAULT_MAX_BACKOFF_S)
         if low > high:
@@ -60,6 +63,18 @@ async def put(engine: TaskEngine, *, client_id: UUID, name: str, data: QueueIn) 
     return queue
 
 
+async def _check_room(conn: asyncpg.Connection, *, client_id: UUID, name: str, cap: int) -> None:
+    try:
+        await store.check_room(conn, client_id=client_id, names=[name], cap=cap)
+    except store.QueueLimitReached:
+        raise TooManyQueues(
+            f"This client has reached its cap of {cap} queues (CLIENT_MAX_QUEUES): its queues can "
+            "be changed, but no new queue can be made.",
+            errors=[{"field": "path.name", "message": f"queue {name!r} would be one more than the cap "
+                     f"of {cap}", "type": "too_many_queues"}],
+        ) from None  # fmt: skip
+
+
 async def get(db: Database, *, client_id: UUID, name: str) -> Queue:
     async with db.driver() as conn:
         queue = await store.get(conn, client_id=client_id, name=name)
@@ -79,10 +94,16 @@ async def get_with_counts(
     return queue, counts, oldest
 
 
-async def list_queues(db: Database, *, client_id: UUID) -> list[Queue]:
+async def list_queues(
+    db: Database, *, client_id: UUID, limit: int, cursor: str | None
+) -> tuple[list[Queue], str | None]:
+    """A page of the client's queues in name order, and the next page's cursor."""
+    after = str(pages.decode(cursor, str)[0]) if cursor else None
     async with db.driver() as conn:
-        await store.ensure(conn, client_id=client_id, name=DEFAULT_QUEUE)
-        return await store.list_for_client(conn, client_id=client_id)
+        if after is None:
+            await store.ensure(conn, client_id=client_id, name=DEFAULT_QUEUE)
+        found = await store.list_for_client(conn, client_id=client_id, after=after, limit=limit + 1)
+    return pages.page(found, limit, lambda q: (q.name,))
 
 
 async def set_paused(engine: TaskEngine, *, client_id: UUID, name: str, paused: bool) -> Queue:

@@ -21,7 +21,7 @@ from app.src.api import cron as crontab
 from app.src.api.engine import submit
 from app.src.api.engine.submit import Submitter, TaskRequest
 from app.src.api.engine.task_engine import TaskEngine
-from app.src.api.errors import Conflict, NotFound, TooManyRequests, Unprocessable
+from app.src.api.errors import Conflict, NotFound, TooManyQueues, TooManyRequests, Unprocessable
 from app.src.api.models.schedules import Schedule, ScheduleIn, SchedulePatch, TaskTemplate
 from app.src.api.models.tasks import Task
 from app.src.api.tasks import decode_cursor, encode_cursor
@@ -341,7 +341,7 @@ async def fire_due(engine: TaskEngine, *, grace_s: float, batch: int = FIRE_BATC
                     check_contract=False,
                     pending=planned.get(schedule.client_id, 0),
                 )
-            except (TooManyRequests, Unprocessable) as refused:
+            except (TooManyRequests, TooManyQueues, Unprocessable) as refused:
                 report.over_quota += len(requests) if isinstance(refused, TooManyRequests) else 0
                 log.warning("schedule fire refused", schedule_id=str(schedule.id), reason=refused.detail)
                 continue

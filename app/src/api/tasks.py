@@ -15,6 +15,7 @@ from uuid import UUID
 from pydantic import TypeAdapter, ValidationError
 
 from app.database import Database
+from app.src.api import pages
 from app.src.api.engine.submit import Submitter, check_quota
 from app.src.api.engine.task_engine import TaskEngine
 from app.src.api.errors import Conflict, NotFound, Unprocessable
@@ -192,10 +193,16 @@ async def list_tasks(
     return tasks[:limit], next_cursor
 
 
-async def attempts(db: Database, *, client_id: UUID, task_id: UUID) -> list[Attempt]:
+async def attempts(
+    db: Database, *, client_id: UUID, task_id: UUID, limit: int, cursor: str | None
+) -> tuple[list[Attempt], str | None]:
+    """A page of a task's attempts, in the order they ended, and the next page's cursor. (A task's
+    attempts are not bounded by its max_attempts: retries by hand and durable suspensions add more.)"""
+    after = int(pages.decode(cursor, int)[0]) if cursor else None
     await get(db, client_id=client_id, task_id=task_id)  # tenancy: 404 for another client's task
     async with db.driver() as conn:
-        return await task_store.list_attempts(conn, task_id=task_id)
+        found = await task_store.list_attempts(conn, task_id=task_id, after=after, limit=limit + 1)
+    return pages.page(found, limit, lambda a: (a.seq or 0,))
 
 
 async def cancel(db: Database, *, client_id: UUID, task_id: UUID) -> Task:

@@ -285,10 +285,26 @@ async def get_client(conn: Connection, client_id: UUID) -> ApiClient | None:
     return _to(ApiClient, row)
 
 
-async def list_clients(conn: Connection, *, only: UUID | None = None) -> list[ApiClient]:
+async def list_clients(
+    conn: Connection,
+    *,
+    only: UUID | None = None,
+    after: tuple[datetime, UUID] | None = None,
+    limit: int | None = None,
+) -> list[ApiClient]:
+    """Clients oldest first; `after` (created_at, id) and `limit` make a keyset page. (No index
+    on created_at: clients are made by operators, few; the sort is a top-N of them.)"""
     rows = await conn.fetch(
-        f"SELECT {CLIENT_COLUMNS} FROM api_clients WHERE $1::uuid IS NULL OR id = $1 ORDER BY created_at, id",
+        f"""
+        SELECT {CLIENT_COLUMNS} FROM api_clients
+        WHERE ($1::uuid IS NULL OR id = $1)
+          AND ($2::timestamptz IS NULL OR (created_at, id) > ($2::timestamptz, $3::uuid))
+        ORDER BY created_at, id LIMIT $4
+        """,
         only,
+        None if after is None else after[0],
+        None if after is None else after[1],
+        limit,
     )
     return _all(ApiClient, rows)
 
@@ -321,9 +337,22 @@ async def insert_key(
     return _one(ApiKeyRecord, row)
 
 
-async def list_keys(conn: Connection, *, client_id: UUID) -> list[ApiKeyRecord]:
+async def list_keys(
+    conn: Connection, *, client_id: UUID, after: tuple[datetime, UUID] | None = None, limit: int | None = None
+) -> list[ApiKeyRecord]:
+    """A client's keys newest first (index api_keys_client); `after` (created_at, id) and `limit`
+    make a keyset page."""
     rows = await conn.fetch(
-        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE client_id = $1 ORDER BY created_at DESC, id", client_id
+        f"""
+        SELECT {KEY_COLUMNS} FROM api_keys
+        WHERE client_id = $1
+          AND ($2::timestamptz IS NULL OR created_at < $2 OR (created_at = $2 AND id > $3::uuid))
+        ORDER BY created_at DESC, id LIMIT $4
+        """,
+        client_id,
+        None if after is None else after[0],
+        None if after is None else after[1],
+        limit,
     )
     return _all(ApiKeyRecord, rows)
 

@@ -75,11 +75,22 @@ async def find_queue(conn: Executor, *, queue_id: int) -> Queue | None:
     return to_queue(rows[0]) if rows else None
 
 
-async def list_queues(conn: Executor, *, client_id: UUID | None) -> list[Queue]:
+async def list_queues(
+    conn: Executor,
+    *,
+    client_id: UUID | None,
+    after: tuple[str, UUID] | None = None,
+    limit: int | None = None,
+) -> list[Queue]:
+    """Queues in (name, client) order; `after` and `limit` make a keyset page."""
     rows = await conn.fetch(
         f"SELECT {QUEUE_COLUMNS} FROM queues WHERE ($1::uuid IS NULL OR client_id = $1) "
-        "ORDER BY name, client_id",
+        "AND ($2::text IS NULL OR (name, client_id) > ($2::text, $3::uuid)) "
+        "ORDER BY name, client_id LIMIT $4",
         client_id,
+        None if after is None else after[0],
+        None if after is None else after[1],
+        limit,
     )
     return [to_queue(row) for row in rows]
 

@@ -72,11 +72,78 @@ async def ensure(conn: Executor, *, client_id: UUID, name: str) -> Queue:
     return to_queue(rows[0])
 
 
-async def list_for_client(conn: Executor, *, client_id: UUID) -> list[Queue]:
+async def list_for_client(
+    conn: Executor, *, client_id: UUID, after: str | None = None, limit: int | None = None
+) -> list[Queue]:
+    """A client's queues in name order; `after` and `limit` make a keyset page (the unique index
+    on (client_id, name))."""
     rows = await conn.fetch(
-        f"SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 ORDER BY name", client_id
+        f"SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 AND ($2::text IS NULL OR name > $2) "
+        "ORDER BY name LIMIT $3",
+        client_id,
+        after,
+        limit,
     )
     return [to_queue(row) for row in rows]
+
+
+class QueueLimitReached(Exception):
+    """Creating these queues would take the client past its cap on queues; none was created."""
+
+    def __init__(self, names: list[str], cap: int) -> None:
+        super().__init__(f"{len(names)} new queue(s) past the cap of {cap}")
+        self.names = names
+        self.cap = cap
+
+
+async def check_room(conn: Executor, *, client_id: UUID, names: list[str], cap: int) -> None:
+    """Raise QueueLimitReached unless `names` (queues this client does not have yet) fit under
+    `cap` beside its queues. Call it in the transaction that creates them: it holds the client's
+    queue-creation lock until that ends, so two creations cannot both take the last place. The
+    count stops at cap + 1 (index on (client_id, name)): bounded whatever a client has."""
+    await conn.fetch(
+        "SELECT pg_advisory_xact_lock(hashtextextended('queues:' || $1::uuid::text, 0))", client_id
+    )
+    rows = await conn.fetch(
+        "SELECT count(*) AS n FROM (SELECT 1 FROM queues WHERE client_id = $1 LIMIT $2) mine",
+        client_id,
+        cap + 1,
+    )
+    if int(rows[0]["n"]) + len(names) > cap:
+        raise QueueLimitReached(names, cap)
+
+
+async def get_many(conn: Executor, *, client_id: UUID, names: list[str]) -> dict[str, Queue]:
+    """Those of the named queues the client has."""
+    rows = await conn.fetch(
+        f"SELECT {QUEUE_COLUMNS} FROM queues WHERE client_id = $1 AND name = ANY($2::text[])",
+        client_id,
+        names,
+    )
+    return {row["name"]: to_queue(row) for row in rows}
+
+
+async def create_within(
+    conn: Executor, *, client_id: UUID, names: list[str], cap: int, always: str | None = None
+) -> dict[str, Queue]:
+    """Queues the client did not have, created with defaults (queues are implicit, like Oban's) if
+    all of them fit under `cap`, else none (QueueLimitReached). `always` names a queue created
+    whatever the cap (`default`, which every client has). Needs a transaction (check_room)."""
+    counted = [name for name in names if name != always]
+    if counted:
+        await check_room(conn, client_id=client_id, names=counted, cap=cap)
+    return {name: await ensure(conn, client_id=client_id, name=name) for name in names}
+
+
+async def ensure_many(
+    conn: Executor, *, client_id: UUID, names: list[str], cap: int, always: str | None = None
+) -> dict[str, Queue]:
+    """The named queues, those missing created as `create_within` does. Needs a transaction."""
+    found = await get_many(conn, client_id=client_id, names=names)
+    missing = [name for name in dict.fromkeys(names) if name not in found]
+    if missing:
+        found |= await create_within(conn, client_id=client_id, names=missing, cap=cap, always=always)
+    return found
 
 
 async def upsert(

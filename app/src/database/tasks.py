@@ -1232,11 +1232,18 @@ async def list_tasks(
     return [to_task(row) for row in rows]
 
 
-async def list_attempts(conn: Executor, *, task_id: UUID) -> list[Attempt]:
+async def list_attempts(
+    conn: Executor, *, task_id: UUID, after: int | None = None, limit: int | None = None
+) -> list[Attempt]:
+    """A task's attempts in the order they ended; `after` (a `seq`) and `limit` make a keyset page
+    (index task_attempts_task (task_id, id))."""
     rows = await conn.fetch(
-        "SELECT attempt, started_at, finished_at, outcome, http_status, error, duration_ms, traceback "
-        "FROM task_attempts WHERE task_id = $1 ORDER BY id",
+        "SELECT attempt, started_at, finished_at, outcome, http_status, error, duration_ms, traceback, "
+        "id AS seq FROM task_attempts WHERE task_id = $1 AND ($2::bigint IS NULL OR id > $2) "
+        "ORDER BY id LIMIT $3",
         task_id,
+        after,
+        limit,
     )
     return [dacite.from_dict(Attempt, dict(row), config=_DACITE) for row in rows]
 

@@ -74,13 +74,23 @@ async def upsert_kind(
 
 
 async def list_kinds(
-    conn: Executor, *, client_id: UUID, names: Sequence[str] | None = None
+    conn: Executor,
+    *,
+    client_id: UUID,
+    names: Sequence[str] | None = None,
+    after: str | None = None,
+    limit: int | None = None,
 ) -> list[RemoteKindRow]:
+    """A client's remote kinds in name order (primary key (client_id, name)); `after` and `limit`
+    make a keyset page."""
     rows = await conn.fetch(
         f"SELECT {_KIND_COLUMNS} FROM remote_kinds WHERE client_id = $1 "
-        "AND ($2::text[] IS NULL OR name = ANY($2::text[])) ORDER BY name",
+        "AND ($2::text[] IS NULL OR name = ANY($2::text[])) AND ($3::text IS NULL OR name > $3) "
+        "ORDER BY name LIMIT $4",
         client_id,
         None if names is None else list(names),
+        after,
+        limit,
     )
     return [_kind(row) for row in rows]
 

@@ -15,6 +15,7 @@ from taskgate.models import (
     CompletionAnswer,
     Heartbeat,
     Kind,
+    Page,
     Queue,
     Schedule,
     Task,
@@ -24,17 +25,18 @@ from taskgate.models import (
 
 TaskId = UUID | str
 MAX_WAIT_S = 60.0  # the server's longest ?wait=
+PAGE_LIMIT = 500  # the server's largest page: lists the clients read whole take fewest round trips
 
 _TASK = adapter(Task)
 _TASKS = adapter(dict[str, list[Task]])
 _PAGE = adapter(TaskPage)
-_ATTEMPTS = adapter(dict[str, list[Attempt]])
+_ATTEMPTS = adapter(Page[Attempt])
 _QUEUE = adapter(Queue)
-_QUEUES = adapter(dict[str, list[Queue]])
+_QUEUES = adapter(Page[Queue])
 _SCHEDULE = adapter(Schedule)
-_SCHEDULES = adapter(dict[str, Any])
+_SCHEDULES = adapter(Page[Schedule])
 _KIND = adapter(Kind)
-_KINDS = adapter(dict[str, list[Kind]])
+_KINDS = adapter(Page[Kind])
 _CLAIM = adapter(Claim)
 _HEARTBEAT = adapter(Heartbeat)
 _COMPLETE = adapter(dict[str, list[CompletionAnswer]])
@@ -120,8 +122,12 @@ def retry(task_id: TaskId) -> Call[Task]:
     return Call("POST", f"/api/tasks/{_id(task_id)}/retry", _TASK)
 
 
-def attempts(task_id: TaskId) -> Call[dict[str, list[Attempt]]]:
-    return Call("GET", f"/api/tasks/{_id(task_id)}/attempts", _ATTEMPTS)
+def _page(cursor: str | None) -> dict[str, Any]:
+    return {"limit": PAGE_LIMIT} if cursor is None else {"limit": PAGE_LIMIT, "cursor": cursor}
+
+
+def attempts(task_id: TaskId, cursor: str | None = None) -> Call[Page[Attempt]]:
+    return Call("GET", f"/api/tasks/{_id(task_id)}/attempts", _ATTEMPTS, params=_page(cursor))
 
 
 def signal(task_id: TaskId, name: str, data: Any) -> Call[Any]:
@@ -146,8 +152,8 @@ def get_queue(name: str) -> Call[Queue]:
     return Call("GET", f"/api/queues/{_name(name)}", _QUEUE)
 
 
-def list_queues() -> Call[dict[str, list[Queue]]]:
-    return Call("GET", "/api/queues", _QUEUES)
+def list_queues(cursor: str | None = None) -> Call[Page[Queue]]:
+    return Call("GET", "/api/queues", _QUEUES, params=_page(cursor))
 
 
 def queue_action(name: str, action: str) -> Call[Any]:
@@ -161,8 +167,8 @@ def create_schedule(
     return Call("POST", "/api/schedules", _SCHEDULE, json=body)
 
 
-def list_schedules() -> Call[dict[str, Any]]:
-    return Call("GET", "/api/schedules", _SCHEDULES)
+def list_schedules(cursor: str | None = None) -> Call[Page[Schedule]]:
+    return Call("GET", "/api/schedules", _SCHEDULES, params=_page(cursor))
 
 
 def schedule(method: str, schedule_id: TaskId, *, suffix: str = "", body: Any = None) -> Call[Schedule]:
@@ -173,8 +179,8 @@ def trigger_schedule(schedule_id: TaskId) -> Call[Task]:
     return Call("POST", f"/api/schedules/{_id(schedule_id)}/trigger", _TASK)
 
 
-def kinds() -> Call[dict[str, list[Kind]]]:
-    return Call("GET", "/api/catalog/kinds", _KINDS)
+def kinds(cursor: str | None = None) -> Call[Page[Kind]]:
+    return Call("GET", "/api/catalog/kinds", _KINDS, params=_page(cursor))
 
 
 def register_kind(

@@ -14,7 +14,7 @@ import asyncio
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -32,7 +32,7 @@ from taskgate._core import (
     sse_events,
 )
 from taskgate.errors import TaskgateError, TimeoutExceeded
-from taskgate.models import Attempt, Kind, Queue, Schedule, Task, TaskEvent, TaskPage, WorkerInfo
+from taskgate.models import Attempt, Kind, Page, Queue, Schedule, Task, TaskEvent, TaskPage, WorkerInfo
 
 T = TypeVar("T")
 Tasks = list[Task]
@@ -166,6 +166,17 @@ class Client:
                 call.retry_after_s = retry_after_s(response, attempt)
             return call.parse(response)
 
+    def _every(self, page: Callable[[str | None], Call[Page[T]]]) -> list[T]:
+        """A whole list, following `next_cursor` from its first page to its last."""
+        items: list[T] = []
+        cursor: str | None = None
+        while True:
+            answer = self._run(page(cursor))
+            items += answer.items
+            if answer.next_cursor is None:
+                return items
+            cursor = answer.next_cursor
+
     # --- tasks -----------------------------------------------------------------------------------
 
     def enqueue(
@@ -261,7 +272,8 @@ class Client:
         return self._run(calls.retry(task_id))
 
     def attempts(self, task_id: TaskId) -> Attempts:
-        return self._run(calls.attempts(task_id))["items"]
+        """Every finished attempt of the task, in the order they ended (page after page)."""
+        return self._every(lambda cursor: calls.attempts(task_id, cursor))
 
     def signal(self, task_id: TaskId, name: str, data: Any = None) -> Any:
         """Send signal `name` to a task (kept until its `ctx.wait_signal(name)` takes it)."""
@@ -326,7 +338,8 @@ class Client:
         return self._run(calls.get_queue(name))
 
     def queues(self) -> Queues:
-        return self._run(calls.list_queues())["items"]
+        """Every queue of this client, in name order (page after page)."""
+        return self._every(calls.list_queues)
 
     def pause_queue(self, name: str) -> Any:
         return self._run(calls.queue_action(name, "pause"))
@@ -343,7 +356,8 @@ class Client:
         return self._run(calls.create_schedule(name, cron, task, timezone=timezone, paused=paused))
 
     def schedules(self) -> Schedules:
-        return [Schedule.model_validate(s) for s in self._run(calls.list_schedules())["items"]]
+        """Every schedule of this client, newest first (page after page)."""
+        return self._every(calls.list_schedules)
 
     def get_schedule(self, schedule_id: TaskId) -> Schedule:
         return self._run(calls.schedule("GET", schedule_id))
@@ -358,7 +372,8 @@ class Client:
         return self._run(calls.trigger_schedule(schedule_id))
 
     def kinds(self) -> Kinds:
-        return self._run(calls.kinds())["items"]
+        """Every kind: the deployment's, then this client's remote kinds (page after page)."""
+        return self._every(calls.kinds)
 
     def register_kind(
         self,
@@ -463,6 +478,17 @@ class AsyncClient:
                 call.retry_after_s = retry_after_s(response, attempt)
             return call.parse(response)
 
+    async def _every(self, page: Callable[[str | None], Call[Page[T]]]) -> list[T]:
+        """A whole list, following `next_cursor` from its first page to its last."""
+        items: list[T] = []
+        cursor: str | None = None
+        while True:
+            answer = await self._run(page(cursor))
+            items += answer.items
+            if answer.next_cursor is None:
+                return items
+            cursor = answer.next_cursor
+
     async def enqueue(
         self,
         kind: str,
@@ -550,7 +576,8 @@ class AsyncClient:
         return await self._run(calls.retry(task_id))
 
     async def attempts(self, task_id: TaskId) -> Attempts:
-        return (await self._run(calls.attempts(task_id)))["items"]
+        """Every finished attempt of the task, in the order they ended (page after page)."""
+        return await self._every(lambda cursor: calls.attempts(task_id, cursor))
 
     async def signal(self, task_id: TaskId, name: str, data: Any = None) -> Any:
         """Send signal `name` to a task (kept until its `ctx.wait_signal(name)` takes it)."""
@@ -610,7 +637,8 @@ class AsyncClient:
         return await self._run(calls.get_queue(name))
 
     async def queues(self) -> Queues:
-        return (await self._run(calls.list_queues()))["items"]
+        """Every queue of this client, in name order (page after page)."""
+        return await self._every(calls.list_queues)
 
     async def pause_queue(self, name: str) -> Any:
         return await self._run(calls.queue_action(name, "pause"))
@@ -627,7 +655,8 @@ class AsyncClient:
         return await self._run(calls.create_schedule(name, cron, task, timezone=timezone, paused=paused))
 
     async def schedules(self) -> Schedules:
-        return [Schedule.model_validate(s) for s in (await self._run(calls.list_schedules()))["items"]]
+        """Every schedule of this client, newest first (page after page)."""
+        return await self._every(calls.list_schedules)
 
     async def get_schedule(self, schedule_id: TaskId) -> Schedule:
         return await self._run(calls.schedule("GET", schedule_id))
@@ -642,7 +671,8 @@ class AsyncClient:
         return await self._run(calls.trigger_schedule(schedule_id))
 
     async def kinds(self) -> Kinds:
-        return (await self._run(calls.kinds()))["items"]
+        """Every kind: the deployment's, then this client's remote kinds (page after page)."""
+        return await self._every(calls.kinds)
 
     async def register_kind(
         self,

@@ -4,7 +4,7 @@ never breaks an older SDK."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +17,16 @@ TERMINAL: frozenset[str] = frozenset({"completed", "discarded", "cancelled"})
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+ItemT = TypeVar("ItemT")
+
+
+class Page(_Model, Generic[ItemT]):
+    """One page of a list; `next_cursor` (absent or null on the last page) asks for the next."""
+
+    items: list[ItemT]
+    next_cursor: str | None = None
 
 
 class BlockedBy(_Model):

@@ -13,6 +13,7 @@ from uuid import UUID, uuid4
 import structlog
 
 from app.database import Database
+from app.src.api import pages
 from app.src.api.auth.access import keyring, transaction
 from app.src.api.errors import Conflict, Forbidden, NotFound, Unprocessable, problem_type
 from app.src.api.models.auth import (
@@ -76,9 +77,16 @@ async def create_client(
     return client, key
 
 
-async def list_clients(db: Database, *, principal: Principal) -> list[ApiClient]:
+async def list_clients(
+    db: Database, *, principal: Principal, limit: int, cursor: str | None
+) -> tuple[list[ApiClient], str | None]:
+    """A page of clients, oldest first, and the next page's cursor."""
+    after = pages.decode_time_id(cursor) if cursor else None
     async with db.driver() as conn:
-        return await store.list_clients(conn, only=None if principal.is_operator else principal.client_id)
+        found = await store.list_clients(
+            conn, only=None if principal.is_operator else principal.client_id, after=after, limit=limit + 1
+        )
+    return pages.page(found, limit, lambda c: pages.time_id_key(c.created_at, c.id))
 
 
 async def get_client(db: Database, *, principal: Principal, client_id: UUID) -> ApiClient:
@@ -107,10 +115,15 @@ async def issue_key(db: Database, *, principal: Principal, client_id: UUID) -> I
     return key
 
 
-async def list_keys(db: Database, *, principal: Principal, client_id: UUID) -> list[ApiKeyRecord]:
+async def list_keys(
+    db: Database, *, principal: Principal, client_id: UUID, limit: int, cursor: str | None
+) -> tuple[list[ApiKeyRecord], str | None]:
+    """A page of a client's keys, newest first, and the next page's cursor."""
+    after = pages.decode_time_id(cursor) if cursor else None
     async with db.driver() as conn:
         await _client(conn, principal, client_id)
-        return await store.list_keys(conn, client_id=client_id)
+        found = await store.list_keys(conn, client_id=client_id, after=after, limit=limit + 1)
+    return pages.page(found, limit, lambda k: pages.time_id_key(k.created_at, k.id))
 
 
 async def revoke_key(db: Database, *, principal: Principal, client_id: UUID, key_id: UUID) -> ApiKeyRecord:

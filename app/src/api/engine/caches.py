@@ -65,7 +65,7 @@ class QueueCache:
         self._by_id.pop(queue.id, None)
 
     async def ensure(self, *, client_id: UUID, name: str) -> Queue:
-        """The queue for enqueueing (created on first use)."""
+        """The queue for enqueueing (created on first use, whatever the cap: for `default`)."""
         hit = self._by_name.get((client_id, name))
         if hit is not None and time.monotonic() - hit[0] < QUEUE_TTL_S:
             return hit[1]
@@ -75,6 +75,39 @@ class QueueCache:
                 return self.remember(await queue_store.ensure(conn, client_id=client_id, name=name))
 
         return await self._ensuring.load((client_id, name), load)
+
+    async def ensure_all(
+        self, *, client_id: UUID, names: set[str], cap: int, always: str
+    ) -> dict[str, Queue]:
+        """The queues for enqueueing, those missing created on first use, all of them or none:
+        past the client's `cap` on queues, QueueLimitReached (`always` is created regardless)."""
+        now = time.monotonic()
+        found = {
+            name: hit[1]
+            for name in names
+            if (hit := self._by_name.get((client_id, name))) is not None and now - hit[0] < QUEUE_TTL_S
+        }
+        missing = sorted(names - found.keys())
+
+        async def load() -> dict[str, Queue]:
+            async with self.db.driver() as conn:
+                # one statement for queues that exist (the common case, after the TTL); a
+                # transaction only to create, under the client's queue-creation lock
+                loaded = await queue_store.get_many(conn, client_id=client_id, names=missing)
+                new = [name for name in missing if name not in loaded]
+                if new:
+                    async with conn.transaction():
+                        loaded |= await queue_store.create_within(
+                            conn, client_id=client_id, names=new, cap=cap, always=always
+                        )
+            return {name: self.remember(queue) for name, queue in loaded.items()}
+
+        if len(missing) == 1:  # concurrent enqueues to one queue share its load
+            (name,) = missing
+            found[name] = await self._ensuring.load((client_id, name), lambda: _one(load, name))
+        elif missing:
+            found |= await load()
+        return found
 
     async def by_ids(self, ids: set[int]) -> dict[int, Queue]:
         now = time.monotonic()
@@ -142,3 +175,7 @@ class QuotaCache:
         hit = self._counts.get(client_id)
         if hit is not None:
             self._counts[client_id] = (hit[0], hit[1] + n)
+
+
+async def _one(load: Callable[[], Awaitable[dict[str, Queue]]], name: str) -> Queue:
+    return (await load())[name]

@@ -229,6 +229,15 @@ async def kinds_of(db: Database, *, client_id: UUID, fresh: bool = False) -> dic
     return kinds
 
 
+async def page_of_kinds(
+    db: Database, *, client_id: UUID, after: str | None, limit: int
+) -> list[RemoteKindRow]:
+    """Up to `limit` of the client's remote kinds named after `after`, in name order (GET
+    /api/catalog/kinds pages them: a client may register any number)."""
+    async with db.driver() as conn:
+        return await store.list_kinds(conn, client_id=client_id, after=after, limit=limit)
+
+
 async def lookup(db: Database, *, client_id: UUID, names: Iterable[str]) -> dict[str, RemoteKindRow]:
     """The remote kinds among `names` (in-process names are never looked up here)."""
     wanted = set(names)

@@ -22,7 +22,14 @@ from pydantic import ValidationError
 
 from app.src.api.engine import remote_kinds
 from app.src.api.engine.task_engine import KindContract, SubmitRules, TaskEngine
-from app.src.api.errors import Conflict, TooManyRequests, Unprocessable, field_errors, problem_type
+from app.src.api.errors import (
+    Conflict,
+    TooManyQueues,
+    TooManyRequests,
+    Unprocessable,
+    field_errors,
+    problem_type,
+)
 from app.src.api.models.tasks import DebounceIn, Queue, Task, TaskIn
 from app.src.database import durable as durable_store
 from app.src.database import queues as queue_store
@@ -35,6 +42,7 @@ from app.src.utils.metrics import ENQUEUED
 from app.src.utils.records import record
 
 MAX_IDEMPOTENCY_KEY = 255
+DEFAULT_QUEUE = "default"  # every client has it: made whatever the cap on queues
 MAX_CONCURRENCY_KEY = 128
 QUOTA_RETRY_AFTER_S = 5
 
@@ -252,13 +260,45 @@ async def prepare(
                 if not storable:
                     check_storable(request.payload, at=at)
                 kinds.append(rules.kinds.get(request.kind))
-    queues = {
-        name: await engine.queues.ensure(client_id=submitter.client_id, name=name)
-        for name in {request.queue for request in requests}
-    }
+    queues = await ensure_queues(engine, submitter.client_id, requests, field_prefix)
     unfinished = await engine.quotas.unfinished(submitter.client_id)
     check_quota(rules, submitter, unfinished=unfinished + pending, adding=len(requests))
     return new_tasks(rules, submitter, requests, kinds, queues, traceparent)
+
+
+async def ensure_queues(
+    engine: TaskEngine,
+    client_id: UUID,
+    requests: Sequence[TaskRequest],
+    field_prefix: Callable[[int], FieldPath] = own_fields,
+) -> dict[str, Queue]:
+    """The requests' queues, those new created: all of them within the client's cap, or none."""
+    try:
+        return await engine.queues.ensure_all(
+            client_id=client_id,
+            names={request.queue for request in requests},
+            cap=engine.rules.max_queues,
+            always=DEFAULT_QUEUE,
+        )
+    except queue_store.QueueLimitReached as refused:
+        raise too_many_queues(refused, requests, field_prefix) from None
+
+
+def too_many_queues(
+    refused: queue_store.QueueLimitReached,
+    requests: Sequence[TaskRequest],
+    field_prefix: Callable[[int], FieldPath] = own_fields,
+) -> TooManyQueues:
+    new = set(refused.names)
+    return TooManyQueues(
+        f"This client has reached its cap of {refused.cap} queues (CLIENT_MAX_QUEUES): a task can "
+        "go to a queue it has, but no new queue can be made. Nothing was stored.",
+        errors=[
+            {"field": _dotted(*field_prefix(i), "queue"), "message": f"queue {r.queue!r} would be "
+             f"one more than the cap of {refused.cap}", "type": "too_many_queues"}
+            for i, r in enumerate(requests) if r.queue in new
+        ],
+    )  # fmt: skip
 
 
 async def store_prepared(
@@ -560,7 +600,14 @@ async def submit_in_transaction(
     if client_id not in quotas:
         # a task nobody can see, list or cancel is worse than an error here
         raise UnknownClient(f"enqueue(client_id={client_id}): no API client has this id")
-    queue_row = await queue_store.ensure(executor, client_id=client_id, name=queue)
+    try:
+        queue_row = (
+            await queue_store.ensure_many(
+                executor, client_id=client_id, names=[queue], cap=rules.max_queues, always=DEFAULT_QUEUE
+            )
+        )[queue]
+    except queue_store.QueueLimitReached as refused:
+        raise too_many_queues(refused, [request]) from None
     submitter = Submitter(client_id, quotas[client_id])
     unfinished = await task_store.count_unfinished(executor, client_id=client_id)
     check_quota(rules, submitter, unfinished=unfinished, adding=1)

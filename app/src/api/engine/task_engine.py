@@ -23,6 +23,7 @@ from app.src.utils.coalesce import Coalescer
 
 # The deployment default of CLIENT_MAX_QUEUED_TASKS, for rules made without settings.
 DEFAULT_MAX_QUEUED_TASKS: int = Settings.model_fields["CLIENT_MAX_QUEUED_TASKS"].default
+DEFAULT_MAX_QUEUES: int = Settings.model_fields["CLIENT_MAX_QUEUES"].default
 
 
 class KindContract(Protocol):
@@ -59,6 +60,7 @@ class SubmitRules:
 
     kinds: KindLookup = field(default_factory=_NoKinds)
     default_max_queued_tasks: int = DEFAULT_MAX_QUEUED_TASKS
+    max_queues: int = DEFAULT_MAX_QUEUES  # per client: an enqueue or PUT past it is refused
     payload_context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     default_priority: int = 5
 
@@ -67,6 +69,7 @@ class SubmitRules:
         return cls(
             kinds=kinds,
             default_max_queued_tasks=settings.CLIENT_MAX_QUEUED_TASKS,
+            max_queues=settings.CLIENT_MAX_QUEUES,
             payload_context=MappingProxyType(
                 {ALLOWED_NETWORKS_CONTEXT: tuple(settings.HTTP_ALLOWED_NETWORKS)}
             ),

@@ -7,6 +7,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field
 
+from app.src.api.models.common import PageQuery
+
 
 class HostOut(BaseModel):
     host: str = Field(description="host:port, as the permits and the circuit name it")
@@ -29,9 +31,7 @@ class HostList(BaseModel):
     next_cursor: str | None = Field(default=None, description="the next page's `cursor`; null: the last page")
 
 
-class HostListQuery(BaseModel):
+class HostListQuery(PageQuery):
     client_id: UUID | None = Field(
         default=None, description="operator sessions only: read this client's data instead of their own"
     )
-    limit: int = Field(default=100, ge=1, le=500)
-    cursor: str | None = Field(default=None, max_length=1024)

@@ -9,6 +9,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.src.api.models.common import PageQuery
 from app.src.api.models.tasks import ConcurrencyKey, KindName, QueueName
 
 ScheduleName = Annotated[str, Field(min_length=1, max_length=200, examples=["nightly-report"])]
@@ -127,6 +128,5 @@ class ScheduleList(BaseModel):
     next_cursor: str | None
 
 
-class ScheduleListQuery(BaseModel):
+class ScheduleListQuery(PageQuery):
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(default=None, max_length=64)

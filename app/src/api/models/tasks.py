@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.src.api.models.common import PageQuery, added_next_cursor
 from app.src.api.state_machine import Status
 from app.src.utils import json_text
 from app.src.utils.records import record
@@ -334,17 +335,15 @@ class TaskList(BaseModel):
     next_cursor: str | None
 
 
-class ClientFilterQuery(BaseModel):
+class QueueListQuery(PageQuery):
     client_id: UUID | None = Field(
         default=None, description="operator sessions only: read this client's data instead of their own"
     )
 
 
-class TaskListQuery(BaseModel):
+class TaskListQuery(PageQuery):
     # a filter this list does not take (created_after, as bulk actions take) was ignored, and the
-    # answer listed every task as if it matched: a 422 naming it instead
-    model_config = ConfigDict(extra="forbid")
-
+    # answer listed every task as if it matched: a 422 naming it instead (ListQuery)
     client_id: UUID | None = Field(
         default=None, description="operator sessions only: list this client's tasks instead of their own"
     )
@@ -352,7 +351,6 @@ class TaskListQuery(BaseModel):
     status: Status | None = None
     kind: KindName | None = None
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(default=None, max_length=64)
 
 
 class BulkFilter(BaseModel):
@@ -404,6 +402,7 @@ class Attempt:
     error: str | None
     duration_ms: float
     traceback: str | None = None  # a Python failure's traceback, at most 8 KiB (its end)
+    seq: int | None = None  # its row's id: where a page of attempts ends (the keyset)
 
 
 class AttemptOut(BaseModel):
@@ -421,6 +420,7 @@ class AttemptOut(BaseModel):
 
 class AttemptList(BaseModel):
     items: list[AttemptOut]
+    next_cursor: str | None = added_next_cursor()
 
 
 class QueueIn(BaseModel):
@@ -507,6 +507,7 @@ class QueueOut(BaseModel):
 
 class QueueList(BaseModel):
     items: list[QueueOut]
+    next_cursor: str | None = added_next_cursor()
 
 
 class PurgeOut(BaseModel):
@@ -525,3 +526,4 @@ class KindOut(BaseModel):
 
 class KindList(BaseModel):
     items: list[KindOut]
+    next_cursor: str | None = added_next_cursor()
