@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.src.api.models.common import PageQuery, added_next_cursor
+from app.src.api.models.common import ListQuery, PageQuery, added_next_cursor
 from app.src.api.state_machine import Status
 from app.src.utils import json_text
 from app.src.utils.records import record
@@ -309,8 +309,8 @@ class StepList(BaseModel):
 
 # A task holds at most 1,000 steps (app/src/database/durable.py, MAX_STEPS): by default one page
 # holds them all, unless their results pass a page's bytes (app/src/api/tasks.py, STEPS_PAGE_BYTES).
-class StepListQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StepListQuery(ListQuery):
+    """Pages of steps: up to 1,000 at a time (a task holds at most 1,000), and 4 MiB of results."""
 
     limit: int = Field(default=1000, ge=1, le=1000)
     cursor: str | None = Field(default=None, max_length=4096)
