@@ -90,3 +90,22 @@ async def test_a_payload_model_keeps_its_null_fields(
         await asyncio.to_thread(tg.register_kind, "notes.keep", payload_schema=Note.model_json_schema())
         task = await asyncio.to_thread(tg.enqueue, "notes.keep", Note(text=None))
     assert task.payload == {"text": None}
+
+
+async def test_workers_reads_every_page(server: ServerProcess, db: Database, clean_database: str) -> None:
+    """`GET /api/workers` comes in pages (it stopped at the 1,000 seen last): `workers()` follows
+    them, sync and async, to every worker seen lately."""
+    issued = await make_client(db, "many workers")
+    await fetch(
+        clean_database,
+        "INSERT INTO workers (id, client_id, name, remote) "
+        "SELECT gen_random_uuid(), $1, 'w' || g, true FROM generate_series(1, 1203) g",
+        issued.client_id,
+    )
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    with sdk_client(server, issued.api_key) as tg:
+        remote = [w.name for w in await asyncio.to_thread(tg.workers) if w.remote]
+    async with taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as atg:
+        remote_async = [w.name for w in await atg.workers() if w.remote]
+    assert len(remote) == len(set(remote)) == 1203
+    assert sorted(remote_async) == sorted(remote)

@@ -397,7 +397,8 @@ class Client:
         self._run(calls.delete_kind(name))
 
     def workers(self) -> Workers:
-        return self._run(calls.workers())["items"]
+        """Every worker seen in the last 10 minutes, in id order (page after page)."""
+        return self._every(calls.workers)
 
 
 class AsyncClient:
@@ -696,7 +697,8 @@ class AsyncClient:
         await self._run(calls.delete_kind(name))
 
     async def workers(self) -> Workers:
-        return (await self._run(calls.workers()))["items"]
+        """Every worker seen in the last 10 minutes, in id order (page after page)."""
+        return await self._every(calls.workers)
 
     # --- the remote worker protocol (used by taskgate.Worker) ------------------------------------
 
