@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
+import time
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from pydantic import BaseModel
 
@@ -90,3 +94,72 @@ async def test_a_payload_model_keeps_its_null_fields(
         await asyncio.to_thread(tg.register_kind, "notes.keep", payload_schema=Note.model_json_schema())
         task = await asyncio.to_thread(tg.enqueue, "notes.keep", Note(text=None))
     assert task.payload == {"text": None}
+
+
+async def test_workers_reads_every_page(server: ServerProcess, db: Database, clean_database: str) -> None:
+    """`GET /api/workers` comes in pages (it stopped at the 1,000 seen last): `workers()` follows
+    them, sync and async, to every worker seen lately."""
+    issued = await make_client(db, "many workers")
+    await fetch(
+        clean_database,
+        "INSERT INTO workers (id, client_id, name, remote) "
+        "SELECT gen_random_uuid(), $1, 'w' || g, true FROM generate_series(1, 1203) g",
+        issued.client_id,
+    )
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    with sdk_client(server, issued.api_key) as tg:
+        remote = [w.name for w in await asyncio.to_thread(tg.workers) if w.remote]
+    async with taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as atg:
+        remote_async = [w.name for w in await atg.workers() if w.remote]
+    assert len(remote) == len(set(remote)) == 1203
+    assert sorted(remote_async) == sorted(remote)
+
+
+async def test_events_wait_as_long_as_a_stopping_server_asks_before_reconnecting(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """A server that shuts down ends each event stream with `event: shutdown` and the SSE `retry`
+    field (1,000 ms: another replica answers then); `events()` ignored both and reconnected
+    after 0.2 s, to the replica that was going away."""
+    issued = await make_client(db, "events hint")
+    port = urlsplit(server.base_url).port
+    assert port is not None
+    proxy = TcpProxy(port=port)
+    opened: list[float] = []  # when each connection of the SDK's reached the proxy
+    forward = proxy._accept
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(time.monotonic())
+        await forward(reader, writer)
+
+    proxy._accept = counted  # type: ignore[method-assign]
+    await proxy.start()
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    try:
+        async with (
+            taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as direct,
+            taskgate.AsyncClient(f"https://localhost:{proxy.port}", api_key=issued.api_key, verify=ca) as tg,
+        ):
+            task = await direct.enqueue("noop", {}, delay_s=3600)  # scheduled: not terminal
+            first = asyncio.Event()
+
+            async def follow() -> None:
+                async for _ in tg.events(task.id):
+                    first.set()
+
+            following = asyncio.create_task(follow())
+            await asyncio.wait_for(first.wait(), 10)
+            streams = len(opened)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            for _ in range(100):  # the stream ends at once; then the SDK opens another
+                if len(opened) > streams:
+                    break
+                await asyncio.sleep(0.05)
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await following
+    finally:
+        await proxy.close()
+    assert len(opened) > streams
+    assert opened[streams] - signalled >= 0.9  # the server's 1 s, not 0.2 s

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
+from uuid import UUID
 
 import asyncpg
 import httpx
@@ -143,3 +145,45 @@ async def test_an_enqueue_whose_key_is_still_in_flight_is_sent_again_when_the_fi
     finally:
         await conn.close()
     assert await tasks_of(clean_database, issued.client_id) == [str(task.id)]
+
+
+async def test_a_completion_sent_again_tells_what_its_first_send_wrote_from_lost_leases(
+    server: ServerProcess, db: Database, clean_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A complete request answered 503 (past the server's 10 s deadline) or whose answer was lost is
+    sent again; the items its first send wrote come back `accepted: false`, and the worker logged
+    them all as leases lost. Their status is what they asked for: they were written."""
+    issued = await make_client(db, "complete again")
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    worker = taskgate.Worker(taskgate.Client(server.base_url, api_key=issued.api_key, verify=ca), name="w1")
+    async with taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as tg:
+        await tg.register_kind("resend.job", payload_schema={"type": "object"})
+        for _ in range(3):
+            await tg.enqueue("resend.job", {})
+        claim = await tg.claim(["resend.job"], worker=worker.identity, max=3, wait_s=0)
+        done, failed, lost = (str(item.id) for item in claim.items)
+        batch = [
+            {"id": done, "attempt": 1, "outcome": "completed", "result": {"ok": True}},
+            {"id": failed, "attempt": 1, "outcome": "failed", "error": "boom"},
+            {"id": lost, "attempt": 1, "outcome": "completed", "result": {"ok": True}},
+        ]
+        first = await tg.complete(batch[:2], worker=worker.identity)  # the first send: its answer lost
+        assert [a.accepted for a in first] == [True, True]
+        # the third task's lease expired meanwhile and it was rescued for another attempt
+        await fetch(
+            clean_database,
+            "UPDATE tasks SET status = 'retryable', worker_id = NULL, lease_expires_at = NULL WHERE id = $1",
+            UUID(lost),
+        )
+        worker._client = tg
+        worker._pending = list(batch)
+        with caplog.at_level(logging.INFO, logger="taskgate.worker"):
+            await worker._send(batch)  # sent again: the server wrote none of it this time
+    messages = [r.getMessage() for r in caplog.records if r.name == "taskgate.worker"]
+    written = "2 completions were already written (their tasks are 1 completed, 1 retryable, as they asked)"
+    assert f"{written}: a request sent again" in messages, messages
+    assert "1 completions refused: their leases were lost (their tasks are 1 retryable)" in messages, messages
+    assert worker._pending == []
+    rows = await fetch(clean_database, "SELECT id, status FROM tasks WHERE client_id = $1", issued.client_id)
+    statuses = {str(r["id"]): r["status"] for r in rows}
+    assert statuses == {done: "completed", failed: "retryable", lost: "retryable"}

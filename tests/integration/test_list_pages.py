@@ -18,9 +18,6 @@ PROBLEM = "application/problem+json"
 # lists bounded by construction (no pages): what bounds them
 BOUNDED = {
     "/api/auth/clients/<uuid:client_id>/signing-secrets": "at most 3 active secrets a client",
-    # a client may name any number of workers: the list stops at the 1,000 seen last (LIMIT
-    # 1000 in LIST_WORKERS), without saying so; pages would show the rest (README)
-    "/api/workers": "the 1,000 workers seen last",
 }
 
 
@@ -132,3 +129,70 @@ async def test_lists_paged_before_refuse_bad_pages_too(
     client: Client, auth_headers: dict[str, str], path: str
 ) -> None:
     await assert_refuses_bad_pages(client, path, auth_headers, keyed=False)
+
+
+async def test_workers_come_in_pages(
+    client: Client,
+    auth_headers: dict[str, str],
+    api_client: IssuedKey,
+    other_client: IssuedKey,
+    db: Database,
+) -> None:
+    # a client may run any number of workers: the list stopped at the 1,000 seen last, unsaid
+    async with db.driver() as conn:
+        await conn.fetch(
+            "INSERT INTO workers (id, client_id, name, remote, last_seen_at) "
+            "SELECT gen_random_uuid(), $1, 'w' || g, true, now() - g * interval '10 ms' "
+            "FROM generate_series(1, 1005) g",
+            api_client.client_id,
+        )
+        await conn.fetch(
+            "INSERT INTO workers (id, client_id, name, remote, last_seen_at) VALUES "
+            "(gen_random_uuid(), NULL, 'in-process', false, now()), "
+            "(gen_random_uuid(), $1, 'another tenant''s', true, now()), "
+            "(gen_random_uuid(), $2, 'gone', true, now() - interval '1 hour')",
+            other_client.client_id,
+            api_client.client_id,
+        )
+    first = await (await client.get("/api/workers", headers=auth_headers)).get_json()
+    assert len(first["items"]) == 1000  # what an answer held before pages: no `limit` still gets it
+    assert first["next_cursor"]
+    following = {"limit": 1000, "cursor": first["next_cursor"]}
+    last = await (await client.get("/api/workers", query_string=following, headers=auth_headers)).get_json()
+    assert len(last["items"]) == 6
+    assert "next_cursor" not in last  # the last page: {items}, as the list read before pages
+    paged = await walk(client, "/api/workers", auth_headers, limit=500)
+    names = [w["name"] for w in paged]
+    assert len(names) == len(set(names)) == 1006  # each once: the client's 1,005 and the in-process one
+    assert "in-process" in names
+    assert "gone" not in names
+    assert "another tenant's" not in names
+    assert [w["id"] for w in paged] == sorted(w["id"] for w in paged)
+
+    # a walk meanwhile: workers seen again (their last_seen_at moves) are neither skipped nor repeated
+    half_page = await client.get("/api/workers", query_string={"limit": 500}, headers=auth_headers)
+    half = await half_page.get_json()
+    async with db.driver() as conn:
+        await conn.fetch("UPDATE workers SET last_seen_at = now()")
+    rest = await walk_from(client, "/api/workers", auth_headers, cursor=half["next_cursor"])
+    assert sorted(w["name"] for w in half["items"] + rest) == sorted(names)
+
+    await assert_refuses_bad_pages(client, "/api/workers", auth_headers)
+    not_an_id = "WyJ4Il0"  # base64 of ["x"]: a key of the right shape, but no worker id
+    refused = await client.get("/api/workers", query_string={"cursor": not_an_id}, headers=auth_headers)
+    assert refused.status_code == 422
+    assert [e["field"] for e in (await refused.get_json())["errors"]] == ["query.cursor"]
+
+
+async def walk_from(
+    client: Client, url: str, headers: dict[str, str], *, cursor: str
+) -> list[dict[str, Any]]:
+    """The items of a list from `cursor` to its last page."""
+    items: list[dict[str, Any]] = []
+    next_cursor: str | None = cursor
+    while next_cursor is not None:
+        response = await client.get(url, query_string={"limit": 500, "cursor": next_cursor}, headers=headers)
+        body = await response.get_json()
+        items += body["items"]
+        next_cursor = body.get("next_cursor")
+    return items

@@ -124,15 +124,66 @@ async def test_the_console_overview_pages_queues(
     assert "q099" not in second
 
 
+async def test_a_schedule_into_a_new_queue_past_the_cap_is_refused_and_nothing_is_stored(
+    serving: Any, auth_headers: dict[str, str], db: Database
+) -> None:
+    client = (await serving(CLIENT_MAX_QUEUES=2)).test_client()
+    await queue_names(client, auth_headers)  # `default`: 1 of 2
+
+    def schedule(name: str, queue: str) -> dict[str, Any]:
+        return {"name": name, "cron": "* * * * *", "task": {"kind": "noop", "queue": queue}}
+
+    async def schedule_rows() -> list[tuple[str, str]]:
+        async with db.driver() as conn:
+            rows = await conn.fetch("SELECT name, queue FROM schedules ORDER BY name")
+        return [(row["name"], row["queue"]) for row in rows]
+
+    made = await client.post("/api/schedules", json=schedule("into-a", "a"), headers=auth_headers)
+    assert made.status_code == 201  # its queue is made with it: its fires have their place
+    assert await queue_names(client, auth_headers) == ["a", "default"]
+    schedule_id = (await made.get_json())["id"]
+
+    refused = await client.post("/api/schedules", json=schedule("into-b", "b"), headers=auth_headers)
+    assert refused.status_code == 409
+    assert refused.mimetype == PROBLEM
+    body = await refused.get_json()
+    assert body["type"] == TOO_MANY
+    assert [e["field"] for e in body["errors"]] == ["body.task.queue"]
+
+    patched = await client.patch(
+        f"/api/schedules/{schedule_id}", json={"task": {"kind": "noop", "queue": "b"}}, headers=auth_headers
+    )
+    assert patched.status_code == 409
+    assert (await patched.get_json())["type"] == TOO_MANY
+    assert [e["field"] for e in (await patched.get_json())["errors"]] == ["body.task.queue"]
+
+    assert await schedule_rows() == [("into-a", "a")]  # changing nothing
+    assert await queue_names(client, auth_headers) == ["a", "default"]
+    # queues it has still take schedules and changes
+    assert (
+        await client.post("/api/schedules", json=schedule("into-default", "default"), headers=auth_headers)
+    ).status_code == 201
+    assert (
+        await client.patch(
+            f"/api/schedules/{schedule_id}",
+            json={"task": {"kind": "noop", "queue": "default"}},
+            headers=auth_headers,
+        )
+    ).status_code == 200
+    assert await schedule_rows() == [("into-a", "default"), ("into-default", "default")]
+
+
 async def test_a_schedule_firing_into_a_new_queue_past_the_cap_is_skipped_and_the_others_fire(
     serving: Any, auth_headers: dict[str, str], db: Database
 ) -> None:
     client = (await serving(CLIENT_MAX_QUEUES=1)).test_client()
     await queue_names(client, auth_headers)  # `default`: the one queue the cap allows
-    for name, queue in (("into-default", "default"), ("into-new", "new")):
-        body = {"name": name, "cron": "* * * * *", "task": {"kind": "noop", "queue": queue}}
+    for name in ("into-default", "into-new"):
+        body = {"name": name, "cron": "* * * * *", "task": {"kind": "noop"}}
         assert (await client.post("/api/schedules", json=body, headers=auth_headers)).status_code == 201
     async with db.driver() as conn:
+        # a schedule stored before creations were held to the cap, into a queue it never made
+        await conn.fetch("UPDATE schedules SET queue = 'new' WHERE name = 'into-new'")
         await conn.fetch("UPDATE schedules SET next_run_at = now() - interval '1 second'")
     engine = TaskEngine(db, dataclasses.replace(engine_over(db).rules, max_queues=1))
     report = await schedules.fire_due(engine, grace_s=60)  # one refusal must not fail the others

@@ -41,6 +41,8 @@ async def create_schedule(data: ScheduleIn) -> tuple[ScheduleOut, int]:
 
     A bad cron expression or time zone is a 422 naming `body.cron` or `body.timezone`; the task
     payload is validated against its kind (`body.task.payload.*`). Names are unique per client (409).
+    The task's queue is made with the schedule, within the client's CLIENT_MAX_QUEUES: past it, a 409
+    `urn:taskgate:problem:too-many-queues` naming `body.task.queue` (the same for a PATCH of `task`).
     """
     schedule = await schedules.create(
         engine(), client_id=client_id(), data=data, allow_seconds=_allow_seconds()

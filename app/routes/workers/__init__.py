@@ -9,7 +9,6 @@ from app.middlewares import requires_scopes
 from app.routes.context import client_id, db, engine, notifier, runtime
 from app.runtime import SHUTDOWN_RETRY_AFTER_S
 from app.src.api import workers
-from app.src.api.models.common import ListQuery
 from app.src.api.models.workers import (
     ClaimedOut,
     ClaimIn,
@@ -21,6 +20,7 @@ from app.src.api.models.workers import (
     HeartbeatOut,
     LeaseOut,
     WorkerList,
+    WorkerListQuery,
     WorkerOut,
 )
 
@@ -102,9 +102,14 @@ async def complete(data: CompleteIn) -> CompleteOut:
 
 @blueprint.get("")
 @requires_scopes("tasks:read")
-@validate_querystring(ListQuery)
+@validate_querystring(WorkerListQuery)
 @validate_response(WorkerList)
-async def list_workers(query_args: ListQuery) -> WorkerList:
-    """Workers seen in the last 10 minutes: this client's remote ones and the in-process ones."""
-    rows = await workers.list_workers(db(), client_id=client_id())
-    return WorkerList(items=[WorkerOut.model_validate(row, from_attributes=True) for row in rows])
+async def list_workers(query_args: WorkerListQuery) -> WorkerList:
+    """Workers seen in the last 10 minutes: this client's remote ones and the in-process ones, in
+    id order, in keyset pages (`limit`, `cursor`; `next_cursor` absent on the last page)."""
+    rows, next_cursor = await workers.list_workers(
+        db(), client_id=client_id(), limit=query_args.limit, cursor=query_args.cursor
+    )
+    return WorkerList(
+        items=[WorkerOut.model_validate(row, from_attributes=True) for row in rows], next_cursor=next_cursor
+    )

@@ -28,7 +28,7 @@ from app.src.api.tasks import decode_cursor, encode_cursor
 from app.src.database import schedules as schedule_store
 from app.src.database import tasks as task_store
 from app.src.database.schedules import Advance, FireRecord, NameTaken
-from app.src.database.tasks import NewTask
+from app.src.database.tasks import Executor, NewTask
 from app.src.utils.ids import uuid7
 from app.src.utils.metrics import SCHEDULE_FIRES
 
@@ -70,6 +70,16 @@ async def _checked(
     return parsed
 
 
+async def _ensure_queue(conn: Executor, engine: TaskEngine, *, client_id: UUID, task: TaskTemplate) -> None:
+    """The queue the schedule's fires go to, created in the schedule's transaction within the
+    client's cap on queues (else the same 409 as an enqueue, naming `body.task.queue`): a schedule
+    accepted into a queue past the cap would have its every fire refused."""
+    request = TaskRequest(kind=task.kind, payload=task.payload, queue=task.queue)
+    await submit.ensure_queues_within(
+        conn, engine.rules, client_id=client_id, requests=[request], field_prefix=_body_template_fields
+    )
+
+
 def _name_taken(name: str) -> Conflict:
     return Conflict(f"A schedule named {name!r} already exists for this client.")
 
@@ -87,6 +97,7 @@ async def create(engine: TaskEngine, *, client_id: UUID, data: ScheduleIn, allow
         allow_seconds=allow_seconds,
     )
     async with engine.db.driver() as conn, conn.transaction():
+        await _ensure_queue(conn, engine, client_id=client_id, task=data.task)
         next_run_at = None if data.paused else parsed.next_after(await schedule_store.now(conn))
         try:
             return await schedule_store.insert(
@@ -160,6 +171,7 @@ async def update(
         changes: dict[str, Any] = {"name": data.name, "cron": cron, "timezone": timezone, "paused": paused}
         changes = {key: value for key, value in changes.items() if key in given}
         if data.task is not None:
+            await _ensure_queue(conn, engine, client_id=client_id, task=data.task)
             changes.update(
                 queue=data.task.queue,
                 kind=data.task.kind,
@@ -212,6 +224,10 @@ async def trigger(engine: TaskEngine, submitter: Submitter, *, schedule_id: UUID
 
 def _template_fields(index: int) -> tuple[str | int, ...]:
     return ("task",)
+
+
+def _body_template_fields(index: int) -> tuple[str | int, ...]:
+    return ("body", "task")
 
 
 def _ref(schedule_id: UUID, fire_time: datetime, *, coalesced: int, manual: bool = False) -> dict[str, Any]:

@@ -221,6 +221,8 @@ SEEN_WINDOW_S = 600.0
 # An in-process worker serves every client: its recorded `running` counts them all, so a client is
 # shown only its own tasks that worker runs now (index tasks_leased: the running tasks are its
 # rows, as many as the workers' concurrency). A remote worker is the client's own: its record.
+# Keyset pages in id order (the primary key): a worker's id never changes while its last_seen_at
+# moves at every heartbeat, so a walk in that order would skip or repeat workers seen meanwhile.
 LIST_WORKERS = """
 SELECT w.id, w.name, w.version, w.remote, w.kinds, w.queues,
        CASE WHEN w.client_id IS NULL THEN COALESCE(mine.n, 0) ELSE w.running END AS running,
@@ -232,16 +234,23 @@ LEFT JOIN (
     GROUP BY worker_id
 ) mine ON mine.worker_id = w.id
 WHERE w.last_seen_at > now() - make_interval(secs => $2) AND (w.client_id = $1 OR w.client_id IS NULL)
-ORDER BY w.last_seen_at DESC
-LIMIT 1000
+  AND ($3::uuid IS NULL OR w.id > $3)
+ORDER BY w.id
+LIMIT $4
 """
 
 
 async def list_workers(
-    conn: Executor, *, client_id: UUID, within_s: float = SEEN_WINDOW_S
+    conn: Executor,
+    *,
+    client_id: UUID,
+    after: UUID | None = None,
+    limit: int,
+    within_s: float = SEEN_WINDOW_S,
 ) -> list[WorkerRow]:
-    """This client's remote workers and the in-process ones (which serve every client), seen lately."""
-    rows = await conn.fetch(LIST_WORKERS, client_id, within_s)
+    """This client's remote workers and the in-process ones (which serve every client), seen
+    lately, in id order; `after` and `limit` make a keyset page."""
+    rows = await conn.fetch(LIST_WORKERS, client_id, within_s, after, limit)
     return [WorkerRow(*(r[name] for name in WorkerRow.__dataclass_fields__)) for r in rows]
 
 

@@ -40,7 +40,7 @@ _KINDS = adapter(Page[Kind])
 _CLAIM = adapter(Claim)
 _HEARTBEAT = adapter(Heartbeat)
 _COMPLETE = adapter(dict[str, list[CompletionAnswer]])
-_WORKERS = adapter(dict[str, list[WorkerInfo]])
+_WORKERS = adapter(Page[WorkerInfo])
 _ANY = adapter(Any)
 
 
@@ -209,8 +209,8 @@ def delete_kind(name: str) -> Call[None]:
     return Call("DELETE", f"/api/catalog/kinds/{_name(name)}", None)
 
 
-def workers() -> Call[dict[str, list[WorkerInfo]]]:
-    return Call("GET", "/api/workers", _WORKERS)
+def workers(cursor: str | None = None) -> Call[Page[WorkerInfo]]:
+    return Call("GET", "/api/workers", _WORKERS, params=_page(cursor))
 
 
 def claim(

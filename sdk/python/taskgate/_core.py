@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import random
 import time
 import uuid
@@ -114,6 +115,21 @@ def retry_after_s(response: httpx.Response | None, attempt: int) -> float:
     return float(min(MAX_RETRY_DELAY_S, random.uniform(0.1, 0.5 * 2**attempt)))  # noqa: S311
 
 
+def reconnect_hint_s(name: str, data: str) -> float | None:
+    """How long an event stream's server asks to wait before reconnecting, from one of its
+    messages (the SSE `retry` field, or the `shutdown` event's `retry_after_s`); bounded."""
+    try:
+        if name == SSE_RETRY:
+            return min(MAX_RETRY_DELAY_S, int(data) / 1000)
+        if name == "shutdown":
+            value = json.loads(data).get("retry_after_s")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return min(MAX_RETRY_DELAY_S, max(0.0, float(value)))
+    except (ValueError, AttributeError):
+        pass
+    return None
+
+
 def should_retry(response: httpx.Response | None, error: Exception | None, resendable: bool = False) -> bool:
     """Whether to send a call again (after `retry_after_s`): 429 and 503, and a request that
     surely never reached the server. A `resendable` call (a read, or one with an Idempotency-Key) also after
@@ -147,8 +163,14 @@ def build_headers(api_key: str | None, extra: Mapping[str, str] | None) -> dict[
     return headers
 
 
+# the name under which `sse_events` hands on the SSE `retry` field (the reconnection time in
+# milliseconds, digits only): not an event, and no event of the stream can be named so
+SSE_RETRY = "\x00retry"
+
+
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(event, data) pairs of a text/event-stream, read line by line."""
+    """(event, data) pairs of a text/event-stream, read line by line; a `retry` field as
+    (SSE_RETRY, its milliseconds) where it appears."""
     event: str = "message"
     data: list[str] = []
     for raw in lines:
@@ -166,5 +188,7 @@ def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
                 event = value
             elif name == "data":
                 data.append(value)
+            elif name == "retry" and value.isascii() and value.isdigit():
+                yield SSE_RETRY, value
     if data:
         yield event, "\n".join(data)

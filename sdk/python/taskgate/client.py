@@ -27,6 +27,7 @@ from taskgate._core import (
     Call,
     api_error,
     build_headers,
+    reconnect_hint_s,
     retry_after_s,
     should_retry,
     sse_events,
@@ -84,6 +85,15 @@ def _refused_delay(response: httpx.Response, refused: int, max_retries: int) -> 
     if refused < max_retries and should_retry(response, None):
         return retry_after_s(response, refused)
     raise api_error(response)
+
+
+def _stream_hint_s(response: httpx.Response) -> float | None:
+    """An event stream's Retry-After (a server that ends it at once, shutting down), bounded."""
+    return retry_after_s(response, 0) if response.headers.get("retry-after") else None
+
+
+def _or(value: float | None, otherwise: float | None) -> float | None:
+    return otherwise if value is None else value
 
 
 def _streams_ended(task_id: TaskId) -> TaskgateError:
@@ -299,6 +309,7 @@ class Client:
         refused = 0  # 429/503 answers in a row: retried after Retry-After, as every call is
         while True:
             delay_s: float | None = None
+            hint_s: float | None = None  # how long the server asked to wait before reconnecting
             try:
                 with self._http.stream(
                     "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
@@ -310,8 +321,10 @@ class Client:
                         refused += 1
                     else:
                         refused = 0
+                        hint_s = _stream_hint_s(response)
                         for name, data in sse_events(response.iter_lines()):
                             if name != "task":
+                                hint_s = _or(reconnect_hint_s(name, data), hint_s)
                                 continue
                             event = TaskEvent.model_validate(json.loads(data))
                             reconnects = 0  # the stream served: only failures in a row count
@@ -327,7 +340,8 @@ class Client:
             reconnects += 1
             if reconnects > MAX_EVENT_RECONNECTS:
                 raise _streams_ended(task_id)
-            time.sleep(min(5.0, 0.2 * reconnects))
+            # no sooner than the server asked (the SSE `retry` field, a shutdown's retry_after_s)
+            time.sleep(max(min(5.0, 0.2 * reconnects), hint_s or 0.0))
 
     # --- queues, schedules, catalog, workers -----------------------------------------------------
 
@@ -397,7 +411,8 @@ class Client:
         self._run(calls.delete_kind(name))
 
     def workers(self) -> Workers:
-        return self._run(calls.workers())["items"]
+        """Every worker seen in the last 10 minutes, in id order (page after page)."""
+        return self._every(calls.workers)
 
 
 class AsyncClient:
@@ -600,6 +615,7 @@ class AsyncClient:
         refused = 0  # 429/503 answers in a row: retried after Retry-After, as every call is
         while True:
             delay_s: float | None = None
+            hint_s: float | None = None  # how long the server asked to wait before reconnecting
             try:
                 async with self._http.stream(
                     "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
@@ -611,8 +627,10 @@ class AsyncClient:
                         refused += 1
                     else:
                         refused = 0
+                        hint_s = _stream_hint_s(response)
                         async for name, data in _sse(response):
                             if name != "task":
+                                hint_s = _or(reconnect_hint_s(name, data), hint_s)
                                 continue
                             event = TaskEvent.model_validate(json.loads(data))
                             reconnects = 0  # the stream served: only failures in a row count
@@ -628,7 +646,8 @@ class AsyncClient:
             reconnects += 1
             if reconnects > MAX_EVENT_RECONNECTS:
                 raise _streams_ended(task_id)
-            await asyncio.sleep(min(5.0, 0.2 * reconnects))
+            # no sooner than the server asked (the SSE `retry` field, a shutdown's retry_after_s)
+            await asyncio.sleep(max(min(5.0, 0.2 * reconnects), hint_s or 0.0))
 
     async def put_queue(self, name: str, **settings: Any) -> Queue:
         return await self._run(calls.put_queue(name, settings))
@@ -696,7 +715,8 @@ class AsyncClient:
         await self._run(calls.delete_kind(name))
 
     async def workers(self) -> Workers:
-        return (await self._run(calls.workers()))["items"]
+        """Every worker seen in the last 10 minutes, in id order (page after page)."""
+        return await self._every(calls.workers)
 
     # --- the remote worker protocol (used by taskgate.Worker) ------------------------------------
 

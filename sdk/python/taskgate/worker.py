@@ -48,7 +48,7 @@ from pydantic import BaseModel, ValidationError
 from taskgate._core import dump
 from taskgate.client import AsyncClient, Client
 from taskgate.errors import ApiError, ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskCancelled
-from taskgate.models import ClaimedTask, Heartbeat
+from taskgate.models import ClaimedTask, CompletionAnswer, Heartbeat
 
 log = logging.getLogger("taskgate.worker")
 
@@ -82,6 +82,18 @@ MAX_COMPLETE_BYTES = 8 * 1024 * 1024 - 64 * 1024  # room for the request's envel
 MAX_COMPLETE_SPAWNS = 10_000
 MAX_COMPLETE_STEPS = 1000
 REFUSED = frozenset({400, 413, 422})
+# The statuses a completion leaves its task in once written, by outcome. The server answers a
+# completion it already wrote `accepted: false` with the task's status: so does a request sent again
+# after its first send was cut off (a 503 past the server's 10 s deadline, a lost answer) for the
+# items that first send wrote. Their status is the one they asked for; a lost lease's is not
+# (`running` under another worker, or `retryable` where the completion was not a failure).
+_WRITTEN_AS: dict[str, frozenset[str]] = {
+    "completed": frozenset({"completed"}),
+    "failed": frozenset({"retryable", "discarded"}),  # discarded: at the last attempt
+    "permanent_failure": frozenset({"discarded"}),
+    "cancelled": frozenset({"cancelled"}),
+    "suspended": frozenset({"scheduled", "available", "waiting"}),
+}
 
 
 _CANCEL_EVENTS = threading.Lock()  # guards the lazy creation of TaskContext's cancel event
@@ -920,9 +932,16 @@ class Worker:
             await self._send(batch[half:])
             return
         self._settle({str(a.id) for a in answers})
-        lost = [a for a in answers if not a.accepted]
-        if lost:
-            log.info("%d completions refused: their leases were lost", len(lost))
+        asked = {item["id"]: item["outcome"] for item in batch}
+        refused = [a for a in answers if not a.accepted]
+        written = [a for a in refused if a.status in _WRITTEN_AS.get(asked.get(str(a.id), ""), ())]
+        if written:
+            log.info("%d completions were already written (their tasks are %s, as they asked): a request "
+                     "sent again", len(written), _statuses(written))  # fmt: skip
+        if len(refused) > len(written):
+            lost = [a for a in refused if a not in written]
+            log.info("%d completions refused: their leases were lost (their tasks are %s)",
+                     len(lost), _statuses(lost))  # fmt: skip
 
     async def _send_refused(self, item: dict[str, Any], refusal: ApiError) -> None:
         """Report a completion the server refuses as a failed attempt; refused again, let it go:
@@ -946,6 +965,15 @@ class Worker:
         self._pending = [c for c in self._pending if c["id"] not in task_ids]
         for task_id in task_ids:
             self._pending_since.pop(task_id, None)
+
+
+def _statuses(answers: list[CompletionAnswer]) -> str:
+    """`3 completed, 1 retryable`: the tasks' statuses in a completion answer, counted."""
+    counts: dict[str, int] = {}
+    for answer in answers:
+        status = answer.status or "gone"  # null: no such task (any more)
+        counts[status] = counts.get(status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
 
 
 def _stopped(running: _Running) -> bool:

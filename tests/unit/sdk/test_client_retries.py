@@ -297,3 +297,16 @@ def test_a_blank_idempotency_key_is_refused_not_replaced() -> None:
         with pytest.raises(ValueError, match="idempotency_key"):
             tg.enqueue("noop", {}, idempotency_key=blank)
     assert seen == []  # nothing was sent
+
+
+def test_an_event_streams_reconnect_hint_is_read_and_bounded() -> None:
+    lines = ["retry: 1000", "event: shutdown", 'data: {"retry_after_s": 1}', ""]
+    pairs = list(_core.sse_events(iter(lines)))
+    assert pairs == [(_core.SSE_RETRY, "1000"), ("shutdown", '{"retry_after_s": 1}')]
+    assert [_core.reconnect_hint_s(name, data) for name, data in pairs] == [1.0, 1.0]
+    assert _core.reconnect_hint_s(_core.SSE_RETRY, "86400000") == _core.MAX_RETRY_DELAY_S
+    assert _core.reconnect_hint_s("shutdown", '{"retry_after_s": 1e9}') == _core.MAX_RETRY_DELAY_S
+    for name, data in [("shutdown", "[1]"), ("shutdown", "no json"), ("shutdown", '{"retry_after_s": "1"}'),
+                       ("task", "{}")]:  # fmt: skip
+        assert _core.reconnect_hint_s(name, data) is None
+    assert list(_core.sse_events(iter(["retry: soon", "retry: -5", ""]))) == []  # not digits: ignored

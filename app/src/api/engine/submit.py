@@ -284,6 +284,28 @@ async def ensure_queues(
         raise too_many_queues(refused, requests, field_prefix) from None
 
 
+async def ensure_queues_within(
+    conn: Executor,
+    rules: SubmitRules,
+    *,
+    client_id: UUID,
+    requests: Sequence[TaskRequest],
+    field_prefix: Callable[[int], FieldPath] = own_fields,
+) -> dict[str, Queue]:
+    """`ensure_queues` on the caller's open transaction: the requests' queues, those new created
+    in it, all of them within the client's cap, or none (409 too-many-queues naming the fields)."""
+    try:
+        return await queue_store.ensure_many(
+            conn,
+            client_id=client_id,
+            names=list(dict.fromkeys(request.queue for request in requests)),
+            cap=rules.max_queues,
+            always=DEFAULT_QUEUE,
+        )
+    except queue_store.QueueLimitReached as refused:
+        raise too_many_queues(refused, requests, field_prefix) from None
+
+
 def too_many_queues(
     refused: queue_store.QueueLimitReached,
     requests: Sequence[TaskRequest],
@@ -600,14 +622,7 @@ async def submit_in_transaction(
     if client_id not in quotas:
         # a task nobody can see, list or cancel is worse than an error here
         raise UnknownClient(f"enqueue(client_id={client_id}): no API client has this id")
-    try:
-        queue_row = (
-            await queue_store.ensure_many(
-                executor, client_id=client_id, names=[queue], cap=rules.max_queues, always=DEFAULT_QUEUE
-            )
-        )[queue]
-    except queue_store.QueueLimitReached as refused:
-        raise too_many_queues(refused, [request]) from None
+    queue_row = (await ensure_queues_within(executor, rules, client_id=client_id, requests=[request]))[queue]
     submitter = Submitter(client_id, quotas[client_id])
     unfinished = await task_store.count_unfinished(executor, client_id=client_id)
     check_quota(rules, submitter, unfinished=unfinished, adding=1)

@@ -8,6 +8,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.src.api.models.common import PageQuery, added_next_cursor
 from app.src.api.models.tasks import MAX_DELAY_S, KindName, QueueName, StorableJson, StorableObject, storable
 
 MAX_CLAIM = 100
@@ -211,3 +212,10 @@ class WorkerOut(BaseModel):
 
 class WorkerList(BaseModel):
     items: list[WorkerOut]
+    next_cursor: str | None = added_next_cursor()
+
+
+class WorkerListQuery(PageQuery):
+    # before pages the list was the first 1,000 (unpaged): a client that sends no `limit` (an SDK
+    # from then, which reads {items} only) still gets up to as many in one answer
+    limit: int = Field(default=1000, ge=1, le=1000, description="items per page")

@@ -22,6 +22,7 @@ import asyncpg
 import structlog
 
 from app.database import StorageUnavailable
+from app.src.api import pages
 from app.src.api.engine import durable, remote_kinds
 from app.src.api.engine.durable import ChildSpec, CompositionError, SpawnRefused, Suspension, Wait
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
@@ -622,6 +623,16 @@ def _finished(
     )
 
 
-async def list_workers(db: Database, *, client_id: UUID) -> list[WorkerRow]:
+async def list_workers(
+    db: Database, *, client_id: UUID, limit: int, cursor: str | None
+) -> tuple[list[WorkerRow], str | None]:
+    """A page of the workers seen lately in id order, and the next page's cursor."""
+    after = None
+    if cursor:
+        try:
+            after = UUID(str(pages.decode(cursor, str)[0]))
+        except ValueError:
+            raise pages.invalid_cursor() from None
     async with db.driver() as conn:
-        return await store.list_workers(conn, client_id=client_id)
+        found = await store.list_workers(conn, client_id=client_id, after=after, limit=limit + 1)
+    return pages.page(found, limit, lambda w: (str(w.id),))
