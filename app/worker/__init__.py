@@ -195,7 +195,7 @@ class Worker:
     def _start(
         self, claimed: ClaimedTask, lease_from: float, state: DurableState | Unloadable | None = None
     ) -> None:
-        unloadable = state.error if isinstance(state, Unloadable) else None
+        unloadable = state if isinstance(state, Unloadable) else None
         if isinstance(state, Unloadable):
             state = None
         ctx = TaskContext(

@@ -807,6 +807,43 @@ async def test_steps_past_a_tasks_state_bound_fail_it_for_good_with_a_clear_erro
     assert (await wait_done(client, auth_headers, fits["id"], timeout=60))["status"] == "completed"
 
 
+async def test_a_parent_whose_childrens_results_are_past_its_state_bound_fails_for_good_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A gather loads every child's result into the parent's worker, and they were not counted in
+    the parent's bound (10,000 children of up to 8 MiB each). They now count toward its 16 MiB:
+    past it the parent is never loaded, it fails for good saying why; within it, it completes."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    # each child's result is 1,000,000 characters and a few more bytes: 17 are past 16 MiB
+    parent = await enqueue(
+        client, auth_headers, kind="test.fanout", payload={"children": 17, "pad": 1_000_000}
+    )
+    done = await wait_done(client, auth_headers, parent["id"], timeout=60)
+    assert done["status"] == "discarded", done
+    assert done["result"] is None
+    sized = await fetch(
+        clean_database,
+        "SELECT sum(octet_length(result::text)) AS n FROM tasks WHERE parent_id = $1",
+        UUID(parent["id"]),
+    )
+    assert done["last_error"] == (
+        f"its stored state could not be loaded: its stored state and its children's results come to"
+        f" {sized[0]['n']} bytes, past the 16777216 a task may load to replay: have its children return"
+        " less (store large data elsewhere and return a reference to it), or gather fewer children in"
+        " one task"
+    )
+    runs = await fetch(
+        clean_database,
+        "SELECT outcome FROM task_attempts WHERE task_id = $1 ORDER BY attempt",
+        UUID(parent["id"]),
+    )
+    assert [r["outcome"] for r in runs] == ["suspended", "failed"]
+    fits = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 15, "pad": 1_000_000})
+    finished = await wait_done(client, auth_headers, fits["id"], timeout=60)
+    assert finished["result"] == {"sum": sum(i * 2 for i in range(15)), "count": 15}
+
+
 async def test_signals_past_a_tasks_state_bound_or_its_pending_signals_cap_are_409_and_keep_nothing(
     serving: Serving, auth_headers: dict[str, str], clean_database: str
 ) -> None:

@@ -1141,16 +1141,16 @@ async def test_a_claim_loads_durable_states_up_to_its_budget_and_hands_the_rest_
     await register(client, auth_headers)
     tasks = [
         await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
-        for i in range(3)
+        for i in range(5)
     ]
-    # the counter is what the budget reads: three states of 30 MiB each, as counted
+    # the counter is what the budget reads: five states of 15 MiB each (a task holds at most 16)
     await fetch(
         clean_database,
-        "UPDATE tasks SET durable = true, state_bytes = 30 * 1024 * 1024 WHERE id = ANY($1::uuid[])",
+        "UPDATE tasks SET durable = true, state_bytes = 15 * 1024 * 1024 WHERE id = ANY($1::uuid[])",
         [uuid.UUID(t["id"]) for t in tasks],
     )
     first = (await claim(client, auth_headers, max=10))["items"]
-    assert len(first) == 2
+    assert len(first) == 4
     rest = {t["id"] for t in tasks} - {item["id"] for item in first}
     [left] = await fetch(
         clean_database, "SELECT status, attempts FROM tasks WHERE id = $1", uuid.UUID(rest.pop())
