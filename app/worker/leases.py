@@ -60,6 +60,10 @@ class Holdings:
     def count(self) -> int:
         return len(self.running) + len(self.pending)
 
+    def state_bytes(self) -> int:
+        """The loaded state the running handlers hold (what the claims counted of it)."""
+        return sum(running.state_bytes for running in self.running.values())
+
     def ids(self) -> list[UUID]:
         return [*self.running, *(c.id for c in self.pending)]
 
