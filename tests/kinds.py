@@ -98,12 +98,14 @@ class Returns(BaseModel):
     value: str
     nul: bool = False
     big: bool = False
+    pad: int = 0  # this many more characters in the result
 
 
 @task_kind("test.returns", payload=Returns)
 async def returns(ctx: TaskContext, payload: Returns) -> dict[str, object]:
-    """A raw result (no result model): with a NUL character or an integer beyond 64 bits on request."""
-    result: dict[str, object] = {"value": payload.value + ("\x00" if payload.nul else "")}
+    """A raw result (no result model): with a NUL character, an integer beyond 64 bits or `pad`
+    characters more on request."""
+    result: dict[str, object] = {"value": payload.value + ("\x00" if payload.nul else "") + "x" * payload.pad}
     if payload.big:
         result["big"] = 2**70 + 1
     return result
@@ -266,12 +268,14 @@ class FanOut(BaseModel):
     path: str | None = None
     fail: list[int] = []
     queue: str | None = None
+    pad: int = 0  # each child's result holds this many characters more
 
 
 class ChildWork(BaseModel):
     i: int
     path: str | None = None
     fail: bool = False
+    pad: int = 0
 
 
 @task_kind("test.child", payload=ChildWork)
@@ -280,7 +284,7 @@ async def child_work(ctx: TaskContext, payload: ChildWork) -> dict[str, object]:
         _mark(payload.path, f"{ctx.task_id} {payload.i} {os.getpid()}")
     if payload.fail:
         raise PermanentError(f"child {payload.i} fails")
-    return {"value": payload.i * 2}
+    return {"value": payload.i * 2, "pad": "x" * payload.pad} if payload.pad else {"value": payload.i * 2}
 
 
 @task_kind("test.fanout", payload=FanOut)
@@ -289,7 +293,7 @@ async def fan_out(ctx: TaskContext, payload: FanOut) -> dict[str, object]:
     handles = [
         await ctx.spawn(
             "test.child",
-            {"i": i, "path": payload.path, "fail": i in payload.fail},
+            {"i": i, "path": payload.path, "fail": i in payload.fail, "pad": payload.pad},
             key=f"c{i}",
             queue=payload.queue,
         )

@@ -195,7 +195,7 @@ class Worker:
     def _start(
         self, claimed: ClaimedTask, lease_from: float, state: DurableState | Unloadable | None = None
     ) -> None:
-        unloadable = state.error if isinstance(state, Unloadable) else None
+        unloadable = state if isinstance(state, Unloadable) else None
         if isinstance(state, Unloadable):
             state = None
         ctx = TaskContext(
@@ -210,7 +210,9 @@ class Worker:
             state=state,
             checkpoint=self._checkpoint_step,
         )
-        running = Running(claimed, ctx, lease_from, unloadable=unloadable)
+        running = Running(
+            claimed, ctx, lease_from, unloadable=unloadable, state_bytes=state.size if state else 0
+        )
         self.holdings.running[claimed.id] = running
         running.task = asyncio.create_task(self._execute(running))
         LAG(claimed.queue).observe(max(0.0, (claimed.started_at - claimed.run_at).total_seconds()))

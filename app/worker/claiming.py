@@ -35,6 +35,11 @@ log = structlog.get_logger("taskgate.worker")
 MAX_RETRY_DELAY_S = 1.0
 STAGE_TIMEOUT_S = 5.0
 STAGE_BATCH = 5000
+# What a worker's running durable tasks may hold of loaded state at once (their steps, signals and
+# children's results, as SIZE_STATES counts them), across claim rounds: a claim loads only what is
+# left of it (the first durable task always, when none is held), and while nothing is left its
+# claims pass over durable tasks (CLAIM_* $skip_durable) instead of claiming them to hand them back.
+MAX_HELD_STATE_BYTES = durable_store.MAX_CLAIM_STATE_BYTES
 
 
 class Claimer:
@@ -79,6 +84,10 @@ class Claimer:
         self._unlimited_idle: tuple[float, int] | None = None
         self._announced = 0
         self._queue_failures: dict[int, int] = {}  # limited queue id -> claims failed in a row
+        # What this worker held of loaded state when a claim last handed durable tasks back for
+        # want of budget: its claims pass over durable tasks until it holds less (a task ended),
+        # or the tasks handed back would be claimed again at once, round after round.
+        self._durable_full_at: int | None = None
         self.log = log.bind(worker_id=str(worker_id))
 
     def wake(self) -> None:
@@ -195,6 +204,10 @@ class Claimer:
         the durable ones."""
         again = False
         states: dict[UUID, DurableState | Unloadable] = {}
+        held = self.holdings.state_bytes()
+        if self._durable_full_at is not None and held < self._durable_full_at:
+            self._durable_full_at = None
+        skip_durable = held >= MAX_HELD_STATE_BYTES or self._durable_full_at is not None
         async with self.db.driver() as conn:
             claimed: list[ClaimedTask] = []
             idle = self._unlimited_idle
@@ -206,6 +219,7 @@ class Claimer:
                     lease_s=self.leases.lease_s,
                     worker_id=self.worker_id,
                     queues=self.queues,
+                    skip_durable=skip_durable,
                 )
                 self._unlimited.update(task.queue_id for task in claimed)
                 self._unlimited_idle = (time.monotonic(), announced) if len(claimed) < want else None
@@ -243,6 +257,7 @@ class Claimer:
                             limit=share,
                             lease_s=self.leases.lease_s,
                             worker_id=self.worker_id,
+                            skip_durable=skip_durable,
                         )
                     except Exception as exc:
                         failed = failed or exc
@@ -259,7 +274,7 @@ class Claimer:
             durable = [task for task in claimed if task.durable]
             if durable:
                 try:
-                    states = await self._load_states(conn, [task.id for task in durable])
+                    states = await self._load_states(conn, [task.id for task in durable], held=held)
                 except Exception as exc:
                     # (A task whose own state cannot be read fails alone, in _load_states.) Started
                     # without their stored steps they would run those again. The others start;
@@ -278,7 +293,7 @@ class Claimer:
                     if not claimed:
                         raise
                 else:
-                    claimed = await self._hand_back_over_budget(conn, claimed, states)
+                    claimed = await self._hand_back_over_budget(conn, claimed, states, held=held)
         return claimed, again, states
 
     async def _hand_back_over_budget(
@@ -286,13 +301,19 @@ class Claimer:
         conn: task_store.Executor,
         claimed: list[ClaimedTask],
         states: dict[UUID, DurableState | Unloadable],
+        *,
+        held: int,
     ) -> list[ClaimedTask]:
-        """The claimed tasks less the durable ones whose state a round's budget left unloaded
-        (durable_store.MAX_CLAIM_STATE_BYTES): handed back, available again at once and their
-        attempt not counted, for a later round (or another worker) to load."""
+        """The claimed tasks less the durable ones whose state the worker's budget left unloaded
+        (MAX_HELD_STATE_BYTES): handed back, available again at once and their attempt not counted,
+        for another worker, or this one once it holds less (its claims pass over durable tasks
+        until then)."""
         over = [task for task in claimed if task.durable and task.id not in states]
         if not over:
             return claimed
+        self._durable_full_at = held + sum(
+            state.size for state in states.values() if isinstance(state, DurableState)
+        )
         try:
             await task_store.release(conn, task_ids=[t.id for t in over], worker_id=self.worker_id)
         except Exception as exc:  # their leases expire and the rescuer retries them
@@ -301,11 +322,14 @@ class Claimer:
         return [task for task in claimed if not task.durable or task.id in states]
 
     async def _load_states(
-        self, conn: task_store.Executor, task_ids: Sequence[UUID]
+        self, conn: task_store.Executor, task_ids: Sequence[UUID], *, held: int
     ) -> dict[UUID, DurableState | Unloadable]:
-        """The stored state of the claimed durable tasks (durable_store.load_states: a task whose
-        own state cannot be loaded fails alone)."""
-        states = await durable_store.load_claimed_states(conn, task_ids)
+        """The stored state of the claimed durable tasks, within what is left of the worker's
+        budget (the first always when it holds none; durable_store.load_states: a task whose own
+        state cannot be loaded fails alone)."""
+        states = await durable_store.load_claimed_states(
+            conn, task_ids, budget=MAX_HELD_STATE_BYTES - held, first=held == 0
+        )
         for task_id, state in states.items():
             if isinstance(state, Unloadable):
                 self.log.warning("a durable task's state cannot be loaded", task_id=str(task_id),

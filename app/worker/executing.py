@@ -29,6 +29,7 @@ from app.src.api.kinds import (
     TaskCancelled,
     WaitExternal,
 )
+from app.src.api.models.tasks import MAX_RESULT_BYTES
 from app.src.api.state_machine import Status, transition
 from app.src.database.tasks import Completion
 from app.src.utils import json_text
@@ -103,7 +104,10 @@ class Executor:
     async def _run(self, running: Running) -> Completion:
         claimed, ctx = running.claimed, running.ctx
         if running.unloadable is not None:  # it cannot replay what it stored: it must not run
-            return await self.failed(running, f"its stored state could not be loaded: {running.unloadable}")
+            error = f"its stored state could not be loaded: {running.unloadable.error}"
+            if running.unloadable.permanent:
+                return finished(running, Status.DISCARDED, Outcome.FAILED, error=error)
+            return await self.failed(running, error)
         kind = self.registry.get(claimed.kind)
         if kind is None:
             return await self.failed(running, f"no task kind {claimed.kind!r} is declared in this worker")
@@ -241,10 +245,18 @@ def finished(
 
 def _storable(result: Any) -> None:
     """A result PostgreSQL cannot store would fail the completion batch of every task with it; the
-    task fails permanently instead (a handler that returns it will return it again)."""
+    task fails permanently instead (a handler that returns it will return it again). So does one
+    past MAX_RESULT_BYTES, what a remote worker's completion can carry: a result is loaded whole by
+    every read of its task and by its parent's gather."""
     if result is None:
         return
     try:
-        json_text.storable(result)
+        text = json_text.storable(result)
     except ValueError as exc:
         raise PermanentError(f"the handler's result cannot be stored: {exc}") from None
+    # a character is at most 4 bytes of UTF-8: a short text is not encoded to be measured
+    if len(text) > MAX_RESULT_BYTES // 4 and (size := len(text.encode())) > MAX_RESULT_BYTES:
+        raise PermanentError(
+            f"the handler's result is {size} bytes of JSON, past the {MAX_RESULT_BYTES} a result may"
+            " hold: store large data elsewhere and return a reference to it"
+        )

@@ -24,6 +24,7 @@ import structlog
 
 from app.src.api.kinds import TaskContext
 from app.src.database import tasks as task_store
+from app.src.database.durable import Unloadable
 from app.src.database.tasks import ClaimedTask, Completion
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ class Running:
     lease_from: float  # monotonic time the statement that last set its lease was sent
     task: asyncio.Task[None] | None = None
     abandoned: str | None = None  # why it ends without a result: "shutdown", "lease lost", ...
-    unloadable: str | None = None  # why its stored state could not be loaded: it fails at once
+    unloadable: Unloadable | None = None  # why its stored state could not be loaded: it fails at once
+    state_bytes: int = 0  # what its loaded state counts toward the worker's budget (claiming.py)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -57,6 +59,10 @@ class Holdings:
 
     def count(self) -> int:
         return len(self.running) + len(self.pending)
+
+    def state_bytes(self) -> int:
+        """The loaded state the running handlers hold (what the claims counted of it)."""
+        return sum(running.state_bytes for running in self.running.values())
 
     def ids(self) -> list[UUID]:
         return [*self.running, *(c.id for c in self.pending)]

@@ -807,6 +807,88 @@ async def test_steps_past_a_tasks_state_bound_fail_it_for_good_with_a_clear_erro
     assert (await wait_done(client, auth_headers, fits["id"], timeout=60))["status"] == "completed"
 
 
+async def test_a_parent_whose_childrens_results_are_past_its_state_bound_fails_for_good_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A gather loads every child's result into the parent's worker, and they were not counted in
+    the parent's bound (10,000 children of up to 8 MiB each). They now count toward its 16 MiB:
+    past it the parent is never loaded, it fails for good saying why; within it, it completes."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    # each child's result is 1,000,000 characters and a few more bytes: 17 are past 16 MiB
+    parent = await enqueue(
+        client, auth_headers, kind="test.fanout", payload={"children": 17, "pad": 1_000_000}
+    )
+    done = await wait_done(client, auth_headers, parent["id"], timeout=60)
+    assert done["status"] == "discarded", done
+    assert done["result"] is None
+    sized = await fetch(
+        clean_database,
+        "SELECT sum(octet_length(result::text)) AS n FROM tasks WHERE parent_id = $1",
+        UUID(parent["id"]),
+    )
+    assert done["last_error"] == (
+        f"its stored state could not be loaded: its stored state and its children's results come to"
+        f" {sized[0]['n']} bytes, past the 16777216 a task may load to replay: have its children return"
+        " less (store large data elsewhere and return a reference to it), or gather fewer children in"
+        " one task"
+    )
+    runs = await fetch(
+        clean_database,
+        "SELECT outcome FROM task_attempts WHERE task_id = $1 ORDER BY attempt",
+        UUID(parent["id"]),
+    )
+    assert [r["outcome"] for r in runs] == ["suspended", "failed"]
+    fits = await enqueue(client, auth_headers, kind="test.fanout", payload={"children": 15, "pad": 1_000_000})
+    finished = await wait_done(client, auth_headers, fits["id"], timeout=60)
+    assert finished["result"] == {"sum": sum(i * 2 for i in range(15)), "count": 15}
+
+
+async def test_a_worker_holds_at_most_its_budget_of_loaded_state_across_claim_rounds(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    """The 64 MiB budget held for one claim round only: the durable tasks it handed back were
+    claimed and loaded by the next round, so a worker of concurrency 200 could hold 200 states of
+    16 MiB at once. Now what its running tasks hold counts: past the budget its claims pass over
+    durable tasks (no claim and hand-back loop) and take the others; the durable ones run as the
+    budget frees, their attempts not spent."""
+    app = await serving(**ALL_ROLES, WORKER_CONCURRENCY=50)
+    client = app.test_client()
+    spans = tmp_path / "spans.txt"
+    durable = [
+        await enqueue(
+            client, auth_headers, kind="test.span", payload={"path": str(spans), "seconds": 1.0}, delay_s=1
+        )
+        for _ in range(8)
+    ]
+    ids = [UUID(t["id"]) for t in durable]
+    # the counter is what the budget reads: eight states of 15 MiB, four of them fit in 64 MiB
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET durable = true, state_bytes = 15 * 1024 * 1024 WHERE id = ANY($1::uuid[])",
+        ids,
+    )
+    plain = [await enqueue(client, auth_headers, kind="noop", payload={}, delay_s=1.2) for _ in range(10)]
+    for task in durable:
+        assert (await wait_done(client, auth_headers, task["id"]))["status"] == "completed"
+    # the handlers that ran at once: never more than four
+    runs = [(float(start), float(end)) for _, _, _, start, end in (line.split() for line in lines(spans))]
+    assert len(runs) == 8
+    assert max(sum(1 for s, e in runs if s <= at < e) for at, _ in runs) == 4
+    rows = await fetch(
+        clean_database,
+        "SELECT id, status, attempts, started_at, finished_at FROM tasks WHERE id = ANY($1::uuid[])",
+        ids + [UUID(t["id"]) for t in plain],
+    )
+    by_id = {str(r["id"]): r for r in rows}
+    assert {by_id[t["id"]]["attempts"] for t in durable} == {1}
+    # the plain tasks were not held up behind the durable ones waiting for budget
+    assert all(by_id[t["id"]]["status"] == "completed" for t in plain)
+    assert max(by_id[t["id"]]["finished_at"] for t in plain) < max(
+        by_id[t["id"]]["started_at"] for t in durable
+    )
+
+
 async def test_signals_past_a_tasks_state_bound_or_its_pending_signals_cap_are_409_and_keep_nothing(
     serving: Serving, auth_headers: dict[str, str], clean_database: str
 ) -> None:

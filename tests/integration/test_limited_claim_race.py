@@ -191,3 +191,60 @@ async def test_a_keyed_claim_from_an_older_snapshot_claims_nothing(clean_databas
         for c in (conn, x_conn, y_conn, blocker):
             await c.close()
     assert sorted(row["n"] for row in per_key) == [2, 2, 2]
+
+
+async def test_every_in_process_claim_can_pass_over_durable_tasks(clean_database: str) -> None:
+    """A worker that holds its budget of loaded state passes over durable tasks in each sort of
+    queue (unlimited, limited, keyed) and claims the others; with room it claims them all."""
+    uri = driver_uri(clean_database)
+    conn = await asyncpg.connect(uri)
+    try:
+        queues = {
+            "unlimited": await _queue_with_tasks(conn, 4, max_concurrency=None),  # type: ignore[arg-type]
+            "limited": await _queue_with_tasks(conn, 4, max_concurrency=10),
+            "keyed": await _queue_with_tasks(conn, 4, keys=2, key_concurrency=10),
+        }
+        # half of each queue's tasks stored state, the first ones in claim order
+        await conn.execute(
+            "UPDATE tasks SET priority = 2 WHERE queue_id = ANY($1::bigint[])", list(queues.values())
+        )
+        await conn.execute(
+            """UPDATE tasks SET durable = true, state_bytes = 1024, priority = 1
+               WHERE id IN (SELECT id FROM tasks t WHERE t.queue_id = ANY($1::bigint[])
+                            AND (SELECT count(*) FROM tasks u WHERE u.queue_id = t.queue_id
+                                 AND u.id < t.id) < 2)""",
+            list(queues.values()),
+        )
+        worker = uuid.uuid4()
+        skipping = {
+            "unlimited": await task_store.claim_available(
+                conn, limit=10, lease_s=30, worker_id=worker, queues=None, skip_durable=True
+            ),
+            **{
+                name: await task_store.claim_limited(
+                    conn,
+                    queue_id=queues[name],
+                    keyed=name == "keyed",
+                    limit=10,
+                    lease_s=30,
+                    worker_id=worker,
+                    skip_durable=True,
+                )
+                for name in ("limited", "keyed")
+            },
+        }
+        assert {name: sorted(t.durable for t in got) for name, got in skipping.items()} == {
+            name: [False, False] for name in queues
+        }
+        taking = [
+            *await task_store.claim_available(conn, limit=10, lease_s=30, worker_id=worker, queues=None),
+            *await task_store.claim_limited(
+                conn, queue_id=queues["limited"], keyed=False, limit=10, lease_s=30, worker_id=worker
+            ),
+            *await task_store.claim_limited(
+                conn, queue_id=queues["keyed"], keyed=True, limit=10, lease_s=30, worker_id=worker
+            ),
+        ]
+    finally:
+        await conn.close()
+    assert sorted(t.durable for t in taking) == [True] * 6

@@ -1132,6 +1132,37 @@ async def test_a_remote_step_past_its_tasks_state_bound_fails_the_task_for_good(
     assert (rows[0]["n"], rows[0]["b"]) == (16, 16 * 1024 * 1024)
 
 
+async def test_a_remote_parent_whose_childrens_results_are_past_its_state_bound_fails_for_good(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A claim's answer carries a parent's children's results, which no bound counted (10,000 of up
+    to 8 MiB each). They count toward the parent's 16 MiB: past it the parent is never handed out,
+    it fails for good saying why, and a task claimed with it is handed out as before."""
+    await register(client, auth_headers)
+    parent = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 1})
+    other = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 2})
+    # three finished children of 6 MB results each: 18 MB with their quotes, past 16 MiB
+    await fetch(
+        clean_database,
+        """INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, max_attempts, run_at,
+                              parent_id, child_key, result, finished_at)
+           SELECT gen_random_uuid(), p.client_id, p.queue_id, p.queue, 'noop', '{}', 'completed', 1, now(),
+                  p.id, 'c' || i, to_jsonb(repeat('x', 6000000)), now()
+           FROM tasks p, generate_series(1, 3) i WHERE p.id = $1""",
+        uuid.UUID(parent["id"]),
+    )
+    await fetch(clean_database, "UPDATE tasks SET durable = true WHERE id = $1", uuid.UUID(parent["id"]))
+    items = (await claim(client, auth_headers, max=10))["items"]
+    assert [item["id"] for item in items] == [other["id"]]
+    failed = await (await client.get(f"/api/tasks/{parent['id']}", headers=auth_headers)).get_json()
+    assert (failed["status"], failed["attempts"]) == ("discarded", 1)
+    assert failed["last_error"] == (
+        "its stored state could not be loaded: its stored state and its children's results come to"
+        " 18000006 bytes, past the 16777216 a task may load to replay: have its children return less"
+        " (store large data elsewhere and return a reference to it), or gather fewer children in one task"
+    )
+
+
 async def test_a_claim_loads_durable_states_up_to_its_budget_and_hands_the_rest_back(
     client: Client, auth_headers: dict[str, str], clean_database: str
 ) -> None:
@@ -1141,16 +1172,16 @@ async def test_a_claim_loads_durable_states_up_to_its_budget_and_hands_the_rest_
     await register(client, auth_headers)
     tasks = [
         await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
-        for i in range(3)
+        for i in range(5)
     ]
-    # the counter is what the budget reads: three states of 30 MiB each, as counted
+    # the counter is what the budget reads: five states of 15 MiB each (a task holds at most 16)
     await fetch(
         clean_database,
-        "UPDATE tasks SET durable = true, state_bytes = 30 * 1024 * 1024 WHERE id = ANY($1::uuid[])",
+        "UPDATE tasks SET durable = true, state_bytes = 15 * 1024 * 1024 WHERE id = ANY($1::uuid[])",
         [uuid.UUID(t["id"]) for t in tasks],
     )
     first = (await claim(client, auth_headers, max=10))["items"]
-    assert len(first) == 2
+    assert len(first) == 4
     rest = {t["id"] for t in tasks} - {item["id"] for item in first}
     [left] = await fetch(
         clean_database, "SELECT status, attempts FROM tasks WHERE id = $1", uuid.UUID(rest.pop())

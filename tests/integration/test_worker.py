@@ -367,6 +367,35 @@ async def test_a_result_postgresql_cannot_store_fails_its_task_and_only_its_task
     assert json.loads(await read.get_data(as_text=True))["result"] == {"value": "y", "big": 2**70 + 1}
 
 
+async def test_an_in_process_result_past_8_mib_fails_its_task_for_good_with_a_clear_error(
+    serving: Any, auth_headers: dict[str, str]
+) -> None:
+    """A remote worker's result is bounded by the 8 MiB request body; an in-process handler's had no
+    bound (a parent's gather loads every child's result). Past 8 MiB of JSON it now fails its task
+    for good, saying why; at the bound it completes."""
+    app = await serving(ROLES=["api", "worker"])
+    client = app.test_client()
+    limit = 8 * 1024 * 1024
+    # {"value":"…"} is 12 bytes of JSON around the text
+    over = await enqueue(client, auth_headers, kind="test.returns", payload={"value": "", "pad": limit - 11})
+    at = await enqueue(client, auth_headers, kind="test.returns", payload={"value": "", "pad": limit - 12})
+
+    async def finished(task_id: str) -> dict[str, Any] | None:
+        body: dict[str, Any] = await (
+            await client.get(f"/api/tasks/{task_id}", headers=auth_headers)
+        ).get_json()
+        return body if body["status"] in ("completed", "discarded") else None
+
+    failed = await eventually(lambda: finished(over["id"]), timeout=30)
+    assert (failed["status"], failed["attempts"], failed["result"]) == ("discarded", 1, None)
+    assert failed["last_error"] == (
+        f"the handler's result is {limit + 1} bytes of JSON, past the {limit} a result may hold:"
+        " store large data elsewhere and return a reference to it"
+    )
+    done = await eventually(lambda: finished(at["id"]), timeout=30)
+    assert done["status"] == "completed"
+
+
 async def test_exceptions_a_handler_raises_itself_fail_its_attempt_and_the_worker_goes_on(
     serving: Serving, auth_headers: dict[str, str]
 ) -> None:

@@ -11,7 +11,7 @@ transaction. What the end of a child or a dependency means for others is decided
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -60,6 +60,7 @@ class DurableState:
     signals: dict[str, Any] = field(default_factory=dict)
     children: dict[str, dict[str, Any]] = field(default_factory=dict)
     waits: frozenset[str] = frozenset()  # the names in `steps` that are sleeps' and signal waits' records
+    size: int = 0  # what it counts toward a claim's budget (SIZE_STATES)
 
 
 # One statement for every durable task of a claim. Steps come back as stored, except that a sleep
@@ -89,14 +90,32 @@ FROM unnest($1::uuid[]) AS t(id)
 """
 
 
-# The durable tasks of a claim that fit in a round's budget, in the claim's order (the first always).
-WITHIN_BUDGET = """
-SELECT id FROM (
-    SELECT t.id, sum(t.state_bytes) OVER (ORDER BY i.n) AS total, i.n
+# What each durable task of a claim would load — its steps and signals (state_bytes) and its
+# children's results and errors, which a gather replays (counted here, as their JSON text: a child's
+# result is up to MAX_RESULT_BYTES, a parent has up to MAX_CHILDREN) — and which of them fit in
+# the budget $2, in the claim's order (the first always when $4). A task past $3 (MAX_STATE_BYTES)
+# in all is answered whatever the budget and counts nothing toward it: it is not loaded, it fails.
+SIZE_STATES = """
+SELECT id, size, n = 1 AND $4 OR total <= $2 AS fits FROM (
+    SELECT t.id, i.n, s.size,
+           sum(CASE WHEN s.size > $3 THEN 0 ELSE s.size END) OVER (ORDER BY i.n) AS total
     FROM unnest($1::uuid[]) WITH ORDINALITY AS i(id, n) JOIN tasks t ON t.id = i.id
+    CROSS JOIN LATERAL (
+        SELECT t.state_bytes + COALESCE((
+            SELECT sum(COALESCE(octet_length(c.result::text), 0) + COALESCE(octet_length(c.last_error), 0))
+            FROM tasks c WHERE c.parent_id = t.id), 0)::bigint AS size
+    ) s
 ) sized
-WHERE n = 1 OR total <= $2
+WHERE n = 1 AND $4 OR total <= $2 OR size > $3
 """
+
+
+def too_large(size: int) -> str:
+    return (
+        f"its stored state and its children's results come to {size} bytes, past the"
+        f" {MAX_STATE_BYTES} a task may load to replay: have its children return less (store large"
+        " data elsewhere and return a reference to it), or gather fewer children in one task"
+    )
 
 
 async def load_state(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, DurableState]:
@@ -117,21 +136,35 @@ async def load_state(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, Dur
 @dataclass(frozen=True, slots=True)
 class Unloadable:
     """A durable task's stored state that PostgreSQL could not load: the task cannot replay, so its
-    attempt fails with this error (retried by its queue's policy) instead of running."""
+    attempt fails with this error (retried by its queue's policy) instead of running. `permanent`:
+    a state past what a task may load (MAX_STATE_BYTES with its children's results), which no
+    retry would change: the task fails for good."""
 
     error: str
+    permanent: bool = False
 
 
 async def load_claimed_states(
-    conn: Executor, task_ids: Sequence[UUID]
+    conn: Executor, task_ids: Sequence[UUID], *, budget: int = MAX_CLAIM_STATE_BYTES, first: bool = True
 ) -> dict[UUID, DurableState | Unloadable]:
-    """The stored state of a claim's durable tasks, as far as MAX_CLAIM_STATE_BYTES goes: a task
-    missing from the answer was left out (the caller hands it back), so that one claim round never
-    loads a worker's (or a remote claim's answer's) worth of states past that bound."""
+    """The stored state of a claim's durable tasks, as far as `budget` goes (the first task always
+    when `first`): a task missing from the answer was left out (the caller hands it back), so that
+    one claim round never loads a worker's (or a remote claim's answer's) worth of states past that
+    bound. A task whose state with its children's results is past MAX_STATE_BYTES is answered
+    Unloadable (permanent), never loaded."""
     if not task_ids:
         return {}
-    fitting = {row["id"] for row in await conn.fetch(WITHIN_BUDGET, list(task_ids), MAX_CLAIM_STATE_BYTES)}
-    return await load_states(conn, [task_id for task_id in task_ids if task_id in fitting])
+    rows = await conn.fetch(SIZE_STATES, list(task_ids), budget, MAX_STATE_BYTES, first)
+    sizes = {row["id"]: int(row["size"]) for row in rows if row["fits"] and row["size"] <= MAX_STATE_BYTES}
+    states: dict[UUID, DurableState | Unloadable] = {
+        row["id"]: Unloadable(too_large(int(row["size"])), permanent=True)
+        for row in rows
+        if row["size"] > MAX_STATE_BYTES
+    }
+    loaded = await load_states(conn, [task_id for task_id in task_ids if task_id in sizes])
+    for task_id, state in loaded.items():
+        states[task_id] = replace(state, size=sizes[task_id]) if isinstance(state, DurableState) else state
+    return states
 
 
 async def load_states(conn: Executor, task_ids: Sequence[UUID]) -> dict[UUID, DurableState | Unloadable]:

@@ -311,6 +311,11 @@ async def save_idempotency_key(
 _NOT_REMOTE = (
     "AND NOT EXISTS (SELECT 1 FROM remote_kinds r WHERE r.client_id = t.client_id AND r.name = t.kind)"
 )
+# In-process claims only: while its worker holds its budget of loaded durable state (app/worker/
+# claiming.py), a claim passes over durable tasks ({flag} true) instead of claiming them to hand
+# them back. A filter on the rows the index scan reads (no index change, the generic plan kept);
+# false costs one boolean test per row read.
+_NOT_DURABLE = "AND NOT (t.durable AND {flag}::boolean)"
 
 
 def _claim_available(*, remote: bool) -> str:
@@ -330,7 +335,7 @@ picked AS (
     CROSS JOIN LATERAL (
         SELECT t.id FROM tasks t
         WHERE t.queue_id = q.id AND t.status = 'available' AND t.run_at <= now()
-          {"AND t.kind = k.kind" if remote else _NOT_REMOTE}
+          {"AND t.kind = k.kind" if remote else _NOT_REMOTE + " " + _NOT_DURABLE.format(flag="$5")}
         ORDER BY t.priority, t.run_at, t.id
         LIMIT $1
         FOR UPDATE OF t SKIP LOCKED
@@ -351,7 +356,7 @@ SELECT claimed.*, (SELECT n FROM notified) AS _notified FROM claimed
 """
 
 
-CLAIM_AVAILABLE = _claim_available(remote=False)
+CLAIM_AVAILABLE = _claim_available(remote=False)  # $5 pass over durable tasks
 CLAIM_AVAILABLE_KINDS = _claim_available(remote=True)  # $5 kinds, $6 client
 
 # Limited queues, in one statement and without a lock. The statement counts the queue's running
@@ -411,7 +416,7 @@ def _claim_limited(*, remote: bool) -> str:
     pick_in_process = f"""
     SELECT t.id FROM tasks t
     WHERE t.queue_id = $1 AND t.status = 'available' AND t.run_at <= now()
-      {_NOT_REMOTE}
+      {_NOT_REMOTE} {_NOT_DURABLE.format(flag="$5")}
     ORDER BY t.priority, t.run_at, t.id
     LIMIT COALESCE((SELECT n FROM allowance), 0)
     FOR UPDATE SKIP LOCKED"""
@@ -469,7 +474,7 @@ WHERE EXISTS (SELECT 1 FROM picked) AND NOT EXISTS (SELECT 1 FROM bumped)
 """
 
 
-CLAIM_LIMITED = _claim_limited(remote=False)
+CLAIM_LIMITED = _claim_limited(remote=False)  # $5 pass over durable tasks
 LIMITED_CLAIM_TRIES = 5
 CLAIM_LIMITED_KINDS = _claim_limited(remote=True)  # $5 kinds
 
@@ -512,8 +517,12 @@ CLAIM_LIMITED_KINDS = _claim_limited(remote=True)  # $5 kinds
 # The UPDATE re-checks status on each row (READ COMMITTED re-evaluates a row changed meanwhile),
 # so no SKIP LOCKED is needed: a concurrent claim of this queue loses at `turned` instead.
 def _claim_keyed(*, remote: bool) -> str:
-    # ($5 is NULL for in-process workers, which never take a client's remote kinds)
-    kind_filter = "AND t.kind = ANY($5::text[])" if remote else f"{_NOT_REMOTE} AND $5::text[] IS NULL"
+    # ($5 is NULL for in-process workers, which never take a client's remote kinds; $7 theirs only)
+    kind_filter = (
+        "AND t.kind = ANY($5::text[])"
+        if remote
+        else f"{_NOT_REMOTE} AND $5::text[] IS NULL {_NOT_DURABLE.format(flag='$7')}"
+    )
     next_key = """(SELECT t.concurrency_key FROM tasks t
             WHERE t.queue_id = $1 AND t.status = 'available' AND t.concurrency_key IS NOT NULL
               AND t.concurrency_key > {after}
@@ -662,7 +671,7 @@ WHERE EXISTS (SELECT 1 FROM picked) AND NOT EXISTS (SELECT 1 FROM turned)
 """
 
 
-CLAIM_KEYED = _claim_keyed(remote=False)
+CLAIM_KEYED = _claim_keyed(remote=False)  # $7 pass over durable tasks
 CLAIM_KEYED_KINDS = _claim_keyed(remote=True)  # $5 kinds
 
 
@@ -734,10 +743,12 @@ async def claim_available(
     worker_id: UUID,
     queues: list[str] | None,
     kinds: KindsFilter | None = None,
+    skip_durable: bool = False,
 ) -> list[ClaimedTask]:
-    """Claim from unlimited queues: any kind but remote ones, or (`kinds`) a remote worker's."""
+    """Claim from unlimited queues: any kind but remote ones, or (`kinds`) a remote worker's.
+    `skip_durable` (in-process only): pass over tasks that have stored state to load."""
     if kinds is None:
-        return _claimed(await conn.fetch(CLAIM_AVAILABLE, limit, lease_s, worker_id, queues))
+        return _claimed(await conn.fetch(CLAIM_AVAILABLE, limit, lease_s, worker_id, queues, skip_durable))
     rows = await conn.fetch(
         CLAIM_AVAILABLE_KINDS, limit, lease_s, worker_id, queues, kinds.kinds, kinds.client_id
     )
@@ -768,8 +779,10 @@ async def claim_limited(
     worker_id: UUID,
     keyed: bool,
     kinds: KindsFilter | None = None,
+    skip_durable: bool = False,
 ) -> list[ClaimedTask]:
-    """Claim from one limited queue; `conn` is an asyncpg connection.
+    """Claim from one limited queue; `conn` is an asyncpg connection (`skip_durable`: as for
+    claim_available).
 
     One statement, CLAIM_LIMITED or (`keyed`, from `limited_queues`) CLAIM_KEYED, taken again in a
     fresh snapshot while a concurrent claim of the same queue won the race (each lost race means
@@ -778,7 +791,14 @@ async def claim_limited(
     """
     for _ in range(LIMITED_CLAIM_TRIES):
         rows = await _fetch_limited(
-            conn, queue_id, keyed=keyed, limit=limit, lease_s=lease_s, worker_id=worker_id, kinds=kinds
+            conn,
+            queue_id,
+            keyed=keyed,
+            limit=limit,
+            lease_s=lease_s,
+            worker_id=worker_id,
+            kinds=kinds,
+            skip_durable=skip_durable,
         )
         if not (rows and rows[-1]["_conflict"]):
             return _claimed(rows)
@@ -794,14 +814,29 @@ async def _fetch_limited(
     lease_s: float,
     worker_id: UUID,
     kinds: KindsFilter | None,
+    skip_durable: bool,
 ) -> list[Any]:
     if keyed:
-        statement, names = (CLAIM_KEYED, None) if kinds is None else (CLAIM_KEYED_KINDS, kinds.kinds)
+        if kinds is None:
+            return list(
+                await conn.fetch(
+                    CLAIM_KEYED,
+                    queue_id,
+                    limit,
+                    lease_s,
+                    worker_id,
+                    None,
+                    keys_per_claim(limit),
+                    skip_durable,
+                )
+            )
         return list(
-            await conn.fetch(statement, queue_id, limit, lease_s, worker_id, names, keys_per_claim(limit))
+            await conn.fetch(
+                CLAIM_KEYED_KINDS, queue_id, limit, lease_s, worker_id, kinds.kinds, keys_per_claim(limit)
+            )
         )
     if kinds is None:
-        return list(await conn.fetch(CLAIM_LIMITED, queue_id, limit, lease_s, worker_id))
+        return list(await conn.fetch(CLAIM_LIMITED, queue_id, limit, lease_s, worker_id, skip_durable))
     return list(await conn.fetch(CLAIM_LIMITED_KINDS, queue_id, limit, lease_s, worker_id, kinds.kinds))
 
 

@@ -27,6 +27,10 @@ from app.src.utils.records import record
 QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["default"])]
 KindName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 MAX_DELAY_S = 366 * 86_400
+# A task's result, as compact JSON: what a remote worker's completion can carry (the API takes 8 MiB
+# request bodies, app/__init__.py), held to in-process handlers too. Each child's result is loaded
+# by its parent's gather (within the parent's state bound, app/src/database/durable.py).
+MAX_RESULT_BYTES = 8 * 1024 * 1024
 MIN_KEY_RATE_PER_S = 1 / MAX_DELAY_S
 
 

@@ -188,9 +188,7 @@ async def claim(
                 contexts = await task_store.traceparents(conn, [t.id for t in claimed])
                 if durable:
                     states = await durable_store.load_claimed_states(conn, durable)
-                    unloadable = [
-                        (t, s.error) for t in claimed if isinstance(s := states.get(t.id), Unloadable)
-                    ]
+                    unloadable = [(t, s) for t in claimed if isinstance(s := states.get(t.id), Unloadable)]
                     if unloadable:
                         await _fail_unloadable(conn, worker_id, unloadable)
                     # past the answer's state budget (MAX_CLAIM_STATE_BYTES): handed back, their
@@ -215,22 +213,22 @@ async def claim(
     ]
 
 
-async def _fail_unloadable(conn: Any, worker_id: UUID, tasks: list[tuple[ClaimedTask, str]]) -> None:
+async def _fail_unloadable(conn: Any, worker_id: UUID, tasks: list[tuple[ClaimedTask, Unloadable]]) -> None:
     """End the attempts of claimed tasks whose stored state cannot be loaded (each with the error
-    loading it gave): failed, retried by their queue's policy (the in-process worker fails them the
-    same way, app/worker/__init__.py `_start`). Not handed out: without their steps they would run
-    those again."""
+    loading it gave): failed, retried by their queue's policy, or for good when it is past what a
+    task may load (the in-process worker fails them the same way, app/worker/executing.py). Not
+    handed out: without their steps they would run those again."""
     queue_ids = sorted({task.queue_id for task, _ in tasks})
     queues = {q.id: q for q in await queue_store.get_by_ids(conn, queue_ids)}
     now = datetime.now(UTC)
     completions = []
-    for task, error in tasks:
+    for task, unloadable in tasks:
         queue = queues.get(task.queue_id)
         decided = after_failure(
             attempt=task.attempt,
             max_attempts=task.max_attempts,
             queue=queue,  # type: ignore[arg-type]  # None: permanent below
-            permanent=queue is None,
+            permanent=queue is None or unloadable.permanent,
             retry_base=task.retry_base,
         )
         transition(Status.RUNNING, decided.status)
@@ -242,11 +240,11 @@ async def _fail_unloadable(conn: Any, worker_id: UUID, tasks: list[tuple[Claimed
                 outcome=Outcome.FAILED,
                 started_at=task.started_at,
                 finished_at=max(now, task.started_at),
-                error=clip_error(f"its stored state could not be loaded: {error}"),
+                error=clip_error(f"its stored state could not be loaded: {unloadable.error}"),
                 retry_in_s=decided.retry_in_s,
             )
         )
-        log.warning("a durable task's state cannot be loaded", task_id=str(task.id), error=error)
+        log.warning("a durable task's state cannot be loaded", task_id=str(task.id), error=unloadable.error)
     for row in await task_store.complete(conn, completions, worker_id=worker_id):
         OUTCOMES(row["queue"], row["kind"], METRIC_OUTCOME.get(row["status"], row["status"])).inc()
 
