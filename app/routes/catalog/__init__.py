@@ -46,7 +46,8 @@ async def list_kinds(query_args: PageQuery) -> KindList:
     found: list[KindOut] = []
     if phase == LOCAL:
         mine = sorted(REGISTRY.all(), key=lambda k: k.name)
-        found = [_local_out(kind) for kind in mine if after is None or kind.name > after][:wanted]
+        # cut the page before building each kind's schemas, not after
+        found = [_local_out(kind) for kind in [k for k in mine if after is None or k.name > after][:wanted]]
         after = None
     if len(found) < wanted:
         remote = await remote_kinds.page_of_kinds(

@@ -10,16 +10,17 @@ from quart_schema import validate_querystring, validate_response
 from app.middlewares import requires_scopes
 from app.routes.context import db, principal, tenant
 from app.src.api.engine import flow
-from app.src.api.models.hosts import HostList, HostListQuery, HostOut
+from app.src.api.models.hosts import HostList, HostOut
+from app.src.api.models.tasks import ClientFilterQuery
 
 blueprint = Blueprint("hosts", __name__)
 
 
 @blueprint.get("")
 @requires_scopes("queues:admin")
-@validate_querystring(HostListQuery)
+@validate_querystring(ClientFilterQuery)
 @validate_response(HostList)
-async def list_hosts(query_args: HostListQuery) -> HostList:
+async def list_hosts(query_args: ClientFilterQuery) -> HostList:
     """Each destination host of this client's `http` tasks: its adaptive concurrency limit,
     requests in flight (cluster-wide), circuit state and recent error rate; in name order, in
     pages of `limit` (`next_cursor`).

@@ -8,7 +8,7 @@ from quart_schema import validate_querystring, validate_request, validate_respon
 from app.middlewares import requires_scopes
 from app.routes.context import client_id, db, engine, tenant
 from app.src.api import queues
-from app.src.api.models.tasks import PurgeOut, QueueIn, QueueList, QueueListQuery, QueueName, QueueOut
+from app.src.api.models.tasks import ClientFilterQuery, PurgeOut, QueueIn, QueueList, QueueName, QueueOut
 
 blueprint = Blueprint("queues", __name__)
 NAME = "/<string(maxlength=64):name>"
@@ -16,9 +16,9 @@ NAME = "/<string(maxlength=64):name>"
 
 @blueprint.get("")
 @requires_scopes("tasks:read")
-@validate_querystring(QueueListQuery)
+@validate_querystring(ClientFilterQuery)
 @validate_response(QueueList)
-async def list_queues(query_args: QueueListQuery) -> QueueList:
+async def list_queues(query_args: ClientFilterQuery) -> QueueList:
     """List this client's queues (`default` always exists) in name order, in pages of `limit`
     (`next_cursor`); an operator may name a `client_id`."""
     items, next_cursor = await queues.list_queues(

@@ -47,11 +47,6 @@ MAX_PENDING_SIGNALS = 1000
 MAX_CLAIM_STATE_BYTES = 4 * MAX_STATE_BYTES
 
 
-def state_size(value: Any) -> int:
-    """The bytes a step result or a signal's data counts toward MAX_STATE_BYTES."""
-    return len(json_text.dumps(value).encode())
-
-
 @dataclass(frozen=True, slots=True)
 class DurableState:
     """What a claimed durable task's handler replays: {name: result}, {name: data}, {key: child}."""
@@ -96,7 +91,7 @@ FROM unnest($1::uuid[]) AS t(id)
 # the budget $2, in the claim's order (the first always when $4). A task past $3 (MAX_STATE_BYTES)
 # in all is answered whatever the budget and counts nothing toward it: it is not loaded, it fails.
 SIZE_STATES = """
-SELECT id, size, n = 1 AND $4 OR total <= $2 AS fits FROM (
+SELECT id, size FROM (
     SELECT t.id, i.n, s.size,
            sum(CASE WHEN s.size > $3 THEN 0 ELSE s.size END) OVER (ORDER BY i.n) AS total
     FROM unnest($1::uuid[]) WITH ORDINALITY AS i(id, n) JOIN tasks t ON t.id = i.id
@@ -155,7 +150,8 @@ async def load_claimed_states(
     if not task_ids:
         return {}
     rows = await conn.fetch(SIZE_STATES, list(task_ids), budget, MAX_STATE_BYTES, first)
-    sizes = {row["id"]: int(row["size"]) for row in rows if row["fits"] and row["size"] <= MAX_STATE_BYTES}
+    # (a row within MAX_STATE_BYTES is answered only when it fits the budget)
+    sizes = {row["id"]: int(row["size"]) for row in rows if row["size"] <= MAX_STATE_BYTES}
     states: dict[UUID, DurableState | Unloadable] = {
         row["id"]: Unloadable(too_large(int(row["size"])), permanent=True)
         for row in rows

@@ -29,7 +29,7 @@ from app.src.api.models.tasks import MAX_DELAY_S, SignalName
 from app.src.api.state_machine import Status, transition
 from app.src.database import durable as store
 from app.src.database import tasks as task_store
-from app.src.database.durable import MAX_CHILDREN, MAX_STATE_BYTES, MAX_STEPS, Composed, state_size
+from app.src.database.durable import MAX_CHILDREN, MAX_STATE_BYTES, MAX_STEPS, Composed
 from app.src.utils import json_text
 
 if TYPE_CHECKING:
@@ -115,16 +115,18 @@ def step_named_like_a_wait(name: str) -> str:
     )
 
 
-def check_step_result(name: str, value: Any) -> Any:
-    """A step's result as stored: JSON of at most 1 MiB (a permanent error otherwise)."""
+def check_step_result(name: str, value: Any) -> int:
+    """A step's result is JSON of at most 1 MiB (a permanent error otherwise); its size in bytes,
+    what it counts toward MAX_STATE_BYTES."""
     check_name("step name", name)
     try:
         text = json_text.storable(value)
     except ValueError as exc:
         raise CompositionError(f"step {name!r} returned what cannot be stored: {exc}") from None
-    if len(text.encode()) > MAX_STEP_RESULT_BYTES:
+    size = len(text.encode())
+    if size > MAX_STEP_RESULT_BYTES:
         raise CompositionError(f"step {name!r} returned more than 1 MiB of JSON")
-    return value
+    return size
 
 
 def state_full(name: str) -> str:
@@ -136,12 +138,13 @@ def state_full(name: str) -> str:
     )
 
 
-def check_state_size(held: int, steps: Mapping[str, Any]) -> None:
-    """New steps on top of the `held` bytes a task's state holds: CompositionError naming the first
-    one past MAX_STATE_BYTES (every claim loads the whole state into its worker)."""
+def check_state_size(held: int, sizes: Mapping[str, int]) -> None:
+    """New steps (their sizes, from check_step_result) on top of the `held` bytes a task's state
+    holds: CompositionError naming the first one past MAX_STATE_BYTES (every claim loads the whole
+    state into its worker)."""
     total = held
-    for name, value in steps.items():
-        total += state_size(value)
+    for name, size in sizes.items():
+        total += size
         if total > MAX_STATE_BYTES:
             raise CompositionError(state_full(name))
 
@@ -159,8 +162,7 @@ async def suspend(
 
     Raises CompositionError (the task fails for good) or SpawnRefused (the attempt fails and is
     retried), having written nothing."""
-    for name, value in suspension.steps.items():
-        check_step_result(name, value)
+    sizes = {name: check_step_result(name, value) for name, value in suspension.steps.items()}
     check_wait(suspension.wait)
     children = await _prepare_children(engine, client_id, suspension.spawn)
     created: list[Any] = []
@@ -174,7 +176,7 @@ async def suspend(
                 raise CompositionError(f"a task may hold at most {MAX_STEPS} steps")
             if locked.children + len(children) > MAX_CHILDREN:
                 raise CompositionError(f"a task may have at most {MAX_CHILDREN} children")
-            check_state_size(locked.state_bytes, suspension.steps)
+            check_state_size(locked.state_bytes, sizes)
             await store.insert_steps(conn, task_id=task_id, steps=suspension.steps)
             if children:
                 created = await store.insert_composed(

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from typing import Literal
-from uuid import UUID
 
 from pydantic import BaseModel, Field
-
-from app.src.api.models.common import PageQuery
 
 
 class HostOut(BaseModel):
@@ -29,9 +26,3 @@ class HostOut(BaseModel):
 class HostList(BaseModel):
     items: list[HostOut]
     next_cursor: str | None = Field(default=None, description="the next page's `cursor`; null: the last page")
-
-
-class HostListQuery(PageQuery):
-    client_id: UUID | None = Field(
-        default=None, description="operator sessions only: read this client's data instead of their own"
-    )

@@ -339,7 +339,9 @@ class TaskList(BaseModel):
     next_cursor: str | None
 
 
-class QueueListQuery(PageQuery):
+class ClientFilterQuery(PageQuery):
+    """A page of a client's list (queues, hosts)."""
+
     client_id: UUID | None = Field(
         default=None, description="operator sessions only: read this client's data instead of their own"
     )
