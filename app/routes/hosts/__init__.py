@@ -9,6 +9,7 @@ from quart_schema import validate_querystring, validate_response
 
 from app.middlewares import requires_scopes
 from app.routes.context import db, principal, tenant
+from app.src.api import pages
 from app.src.api.engine import flow
 from app.src.api.models.hosts import HostList, HostOut
 from app.src.api.models.tasks import ClientFilterQuery
@@ -32,10 +33,10 @@ async def list_hosts(query_args: ClientFilterQuery) -> HostList:
         db(),
         client_id=None if every else tenant(query_args.client_id),
         limit=query_args.limit,
-        after=None if query_args.cursor is None else flow.decode_host_cursor(query_args.cursor),
+        after=None if query_args.cursor is None else str(pages.decode(query_args.cursor, str)[0]),
     )
     limit = db().settings.HTTP_HOST_MAX_CONCURRENCY
     return HostList(
         items=[HostOut.model_validate({**asdict(row), "max_concurrency": limit}) for row in rows],
-        next_cursor=None if last is None else flow.encode_host_cursor(last),
+        next_cursor=None if last is None else pages.encode((last,)),
     )

@@ -2,7 +2,7 @@
 
 A cursor is the sort key of a page's last item (base64url of a JSON array); the next page starts
 after it. A cursor this API did not make is a 422 naming `query.cursor`, never a 500 and never
-a silent first page. (GET /api/tasks and /api/hosts keep their own, older cursor formats.)
+a silent first page. (GET /api/tasks keeps its own, older cursor format.)
 """
 
 from __future__ import annotations

@@ -7,12 +7,9 @@ CLAIM_LIMITED); `blocked_by` asks PostgreSQL which of those same rules hold one 
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from app.src.api.errors import Unprocessable
 from app.src.api.models.http import destination
 from app.src.api.models.tasks import BlockedBy, Task
 from app.src.api.state_machine import Status
@@ -120,24 +117,6 @@ def _limit(reason: str, what: str, limit: Any) -> BlockedBy:
     return BlockedBy(
         reason=reason, detail=f"{what} {limit:g}" if isinstance(limit, float) else f"{what} {limit}"
     )
-
-
-def encode_host_cursor(host: str) -> str:
-    """The opaque cursor of the page after `host`."""
-    return base64.urlsafe_b64encode(host.encode()).decode().rstrip("=")
-
-
-def decode_host_cursor(cursor: str) -> str:
-    try:
-        host = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, ValueError):
-        host = ""
-    if not host or "\x00" in host:
-        raise Unprocessable(
-            "The cursor is not one this API returned.",
-            errors=[{"field": "query.cursor", "message": "invalid cursor", "type": "value_error"}],
-        )
-    return host
 
 
 async def task_hosts(
