@@ -31,6 +31,7 @@ _TASK = adapter(Task)
 _TASKS = adapter(dict[str, list[Task]])
 _PAGE = adapter(TaskPage)
 _ATTEMPTS = adapter(Page[Attempt])
+_STEPS = adapter(Page[dict[str, Any]])
 _QUEUE = adapter(Queue)
 _QUEUES = adapter(Page[Queue])
 _SCHEDULE = adapter(Schedule)
@@ -134,10 +135,10 @@ def signal(task_id: TaskId, name: str, data: Any) -> Call[Any]:
     return Call("POST", f"/api/tasks/{_id(task_id)}/signals/{_name(name)}", _ANY, json={"data": dump(data)})
 
 
-def steps(task_id: TaskId, *, cursor: str | None = None) -> Call[Any]:
+def steps(task_id: TaskId, *, cursor: str | None = None) -> Call[Page[dict[str, Any]]]:
     # one page (at most 4 MiB of results); a server older than pages answers them all, no cursor
     params = None if cursor is None else {"cursor": cursor}
-    return Call("GET", f"/api/tasks/{_id(task_id)}/steps", _ANY, params=params)
+    return Call("GET", f"/api/tasks/{_id(task_id)}/steps", _STEPS, params=params)
 
 
 def events_path(task_id: TaskId) -> str:

@@ -103,15 +103,6 @@ def _streams_ended(task_id: TaskId) -> TaskgateError:
     )
 
 
-def _next_steps_cursor(page: Mapping[str, Any], cursor: str | None) -> str | None:
-    """The cursor of the next page of steps; None after the last one (or from a server older than
-    pages, which answers every step at once), or should a server hand the same cursor back."""
-    following = page.get("next_cursor")
-    if not following or following == cursor:
-        return None
-    return str(following)
-
-
 def _task_specs(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [calls.task_body(**dict(t)) for t in tasks]
 
@@ -183,7 +174,8 @@ class Client:
         while True:
             answer = self._run(page(cursor))
             items += answer.items
-            if answer.next_cursor is None:
+            # (a server older than pages answers no cursor; one handing the same cursor back ends)
+            if not answer.next_cursor or answer.next_cursor == cursor:
                 return items
             cursor = answer.next_cursor
 
@@ -292,14 +284,7 @@ class Client:
     def steps(self, task_id: TaskId) -> Steps:
         """The steps a composed task stored: [{name, result, created_at}] (all of them: the
         server's pages are followed)."""
-        items: Steps = []
-        cursor: str | None = None
-        while True:
-            page = self._run(calls.steps(task_id, cursor=cursor))
-            items += page["items"]
-            cursor = _next_steps_cursor(page, cursor)
-            if cursor is None:
-                return items
+        return self._every(lambda cursor: calls.steps(task_id, cursor=cursor))
 
     def events(self, task_id: TaskId) -> Iterator[TaskEvent]:
         """Status and progress changes until the task is terminal (reconnects if the stream drops or
@@ -500,7 +485,8 @@ class AsyncClient:
         while True:
             answer = await self._run(page(cursor))
             items += answer.items
-            if answer.next_cursor is None:
+            # (a server older than pages answers no cursor; one handing the same cursor back ends)
+            if not answer.next_cursor or answer.next_cursor == cursor:
                 return items
             cursor = answer.next_cursor
 
@@ -601,14 +587,7 @@ class AsyncClient:
     async def steps(self, task_id: TaskId) -> Steps:
         """The steps a composed task stored: [{name, result, created_at}] (all of them: the
         server's pages are followed)."""
-        items: Steps = []
-        cursor: str | None = None
-        while True:
-            page = await self._run(calls.steps(task_id, cursor=cursor))
-            items += page["items"]
-            cursor = _next_steps_cursor(page, cursor)
-            if cursor is None:
-                return items
+        return await self._every(lambda cursor: calls.steps(task_id, cursor=cursor))
 
     async def events(self, task_id: TaskId) -> AsyncIterator[TaskEvent]:
         reconnects = 0
