@@ -125,6 +125,7 @@ class Runtime:
             self.events.append("worker started")
         if "scheduler" in roles:
             self.scheduler = Scheduler(self._db, self.settings, resources=self.resources, engine=self._engine)
+            await self.scheduler.check_autovacuum()
             self.scheduler.start()
             self.events.append("scheduler started")
         self.started = True

@@ -83,7 +83,24 @@ SHUTDOWN_GRACE_S = 5.0
 UNWIND_S = 1.0
 UNWIND_SHARE = 0.5
 FIRE_BATCHES_PER_TICK = 10
+# Autovacuum's round on the server. Every task's row is written three times and deleted by
+# retention; between two rounds the dead versions and their index entries pile up. At
+# PostgreSQL's default of 60 s a queue at 2,000 tasks/s held 2.3x the pages it does at 10 s
+# (python -m bench.soak; README, "Benchmarks").
+RECOMMENDED_NAPTIME_S = 10.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def autovacuum_advice(enabled: bool, naptime_s: float) -> str | None:
+    """What to tell the operator about the server's autovacuum, or None when it suits a queue."""
+    if not enabled:
+        return "autovacuum is off: dead task rows are never reclaimed and the task tables grow without bound"
+    if naptime_s > 2 * RECOMMENDED_NAPTIME_S:
+        return (
+            f"autovacuum_naptime is {naptime_s:g} s: busy task tables bloat between vacuums; "
+            f"set it to {RECOMMENDED_NAPTIME_S:g}s (docs/operations.md, Autovacuum and bloat)"
+        )
+    return None
 
 
 def prune_interval_s(*retentions_s: float) -> float:
@@ -337,6 +354,19 @@ class Scheduler:
             if report.schedules < schedules.FIRE_BATCH:
                 break
         return total.summary()
+
+    async def check_autovacuum(self, *, timeout_s: float = 2.0) -> str | None:
+        """Warn once, at start, when the server's autovacuum does not suit a queue's tables; a
+        check that cannot run (a slow or restricted server) never holds up the start."""
+        try:
+            async with asyncio.timeout(timeout_s), self.db.driver() as conn:
+                advice = autovacuum_advice(*await maintenance.autovacuum_settings(conn))
+        except Exception as error:  # advice only: the start goes on without it
+            log.info("autovacuum settings not read", error=repr(error))
+            return None
+        if advice is not None:
+            log.warning("postgresql settings", advice=advice)
+        return advice
 
     async def refresh_caches(self) -> None:
         self.engine.queues.clear()

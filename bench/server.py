@@ -1,4 +1,5 @@
-"""The benchmark database server: the embedded PostgreSQL wheel with its default (durable) settings.
+"""The benchmark database server: the embedded PostgreSQL wheel, durable, as `make run` runs it
+(its one setting: autovacuum every 10 s, app/src/database/embedded.py SERVER_SETTINGS).
 
 Every system measured here runs against the same server, one fresh database per run.
 """

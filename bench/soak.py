@@ -131,6 +131,7 @@ async def _soak(running: Deployment, *, minutes: int, rate: float) -> dict[str, 
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
         await read_latencies(until_idle=True)
+    naptime = await conn.fetchval("SHOW autovacuum_naptime")  # the server's round (app/scheduler.py)
     await conn.close()
     await reading.close()
     for row, minute in zip(per_minute, range(1, minutes + 1), strict=True):
@@ -145,6 +146,7 @@ async def _soak(running: Deployment, *, minutes: int, rate: float) -> dict[str, 
         "rate": rate,
         "retention_s": RETENTION_S,
         "prune_interval_s": prune_interval_s(RETENTION_S, 86_400),  # idempotency records: a day
+        "autovacuum_naptime": naptime,
         "failed_requests": failed,
         "drained_after_end_s": round(behind_s, 1),
         "size_minute_1_mb": round(first / 2**20, 1),

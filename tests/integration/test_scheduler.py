@@ -2,16 +2,19 @@
 
 import asyncio
 import itertools
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+import structlog.testing
 from quart import Quart
 
 from app.database import Database
-from app.scheduler import Job, Scheduler
+from app.scheduler import Job, Scheduler, autovacuum_advice
 from app.settings import Settings
 from app.src.api import schedules
 from app.src.api.engine.task_engine import TaskEngine
@@ -512,3 +515,47 @@ async def test_prune_keeps_the_finished_children_of_a_parent_that_has_not_finish
     )
     await Scheduler(db, settings).prune()
     assert {r["id"] for r in await fetch(clean_database, "SELECT id FROM tasks")} == {waiting_parent}
+
+
+async def test_the_scheduler_says_at_start_whether_the_servers_autovacuum_suits_a_queue(
+    db: Database, settings: Settings
+) -> None:
+    scheduler = Scheduler(db, settings)
+    async with db.driver() as conn:
+        enabled = await conn.fetchval("SHOW autovacuum")
+        naptime = await conn.fetchval(
+            "SELECT setting::int FROM pg_settings WHERE name = 'autovacuum_naptime'"
+        )
+    with structlog.testing.capture_logs() as logs:
+        advice = await scheduler.check_autovacuum()
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    if enabled == "on" and naptime <= 20:
+        assert advice is None
+        assert warnings == []
+    else:  # an external TEST_DB_URI server at PostgreSQL's defaults
+        assert advice is not None
+        assert [entry["advice"] for entry in warnings] == [advice]
+    if not os.environ.get("TEST_DB_URI"):  # the embedded server runs with the round it recommends
+        assert (enabled, naptime) == ("on", 10)
+
+
+async def test_an_autovacuum_check_that_cannot_run_does_not_hold_up_the_start(settings: Settings) -> None:
+    unreachable = Database(
+        settings.model_copy(update={"DB_URI": "postgresql+asyncpg://nobody@127.0.0.1:9/none"})
+    )
+    scheduler = Scheduler(unreachable, settings)
+    started = time.monotonic()
+    assert await scheduler.check_autovacuum(timeout_s=1.0) is None
+    assert time.monotonic() - started < 5.0
+
+
+def test_the_advice_names_the_setting_to_change() -> None:
+    assert autovacuum_advice(True, 10.0) is None
+    assert autovacuum_advice(True, 20.0) is None
+    advice = autovacuum_advice(True, 60.0)
+    assert advice is not None
+    assert "autovacuum_naptime is 60 s" in advice
+    assert "set it to 10s" in advice
+    off = autovacuum_advice(False, 10.0)
+    assert off is not None
+    assert off.startswith("autovacuum is off")

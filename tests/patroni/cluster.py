@@ -104,6 +104,7 @@ class PatroniCluster:
                             "max_replication_slots": 10,
                             "wal_log_hints": "on",
                             "wal_keep_size": "128MB",
+                            "autovacuum_naptime": "10s",  # docs/operations.md
                         },
                     },
                 },

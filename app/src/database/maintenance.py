@@ -165,6 +165,18 @@ async def prune_flow_state(conn: Any, *, older_than_s: float) -> int:
     return int(windows.split()[-1]) + int(callers.split()[-1])
 
 
+AUTOVACUUM = """
+SELECT current_setting('autovacuum')::boolean AS enabled,
+       (SELECT setting::float8 FROM pg_settings WHERE name = 'autovacuum_naptime') AS naptime_s
+"""
+
+
+async def autovacuum_settings(conn: Executor) -> tuple[bool, float]:
+    """The server's autovacuum switch and its round in seconds (readable by any role)."""
+    [row] = await conn.fetch(AUTOVACUUM)
+    return bool(row["enabled"]), float(row["naptime_s"])
+
+
 async def queue_depths(conn: Executor) -> list[dict[str, Any]]:
     """Every queue (of every client) with its unfinished tasks per status, and the age of its
     oldest available task: a queue without tasks is one row with status NULL and n 0. Finished
