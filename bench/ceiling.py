@@ -113,6 +113,8 @@ def script(batch: int = BATCH_SIZE) -> tuple[str, dict[str, str]]:
                 return f":{name}"
         if value is None:
             return "NULL"
+        if isinstance(value, bool):  # e.g. the claim's "pass over durable tasks" flag
+            return "true" if value else "false"
         raise RuntimeError(f"no pgbench form for the argument {value!r}; update bench/ceiling.py")
 
     # each array the completion takes, as an aggregate over the claim's answer (one column each)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -88,3 +89,58 @@ async def test_migrate_says_in_one_line_why_it_failed(
     err = capsys.readouterr().err.strip()
     assert err.startswith("taskgate: migrations failed: "), err
     assert "\n" not in err, err
+
+
+async def test_backfills_commit_batch_by_batch_and_count_what_was_stored(fresh_database: str) -> None:
+    """0013 (flag the wait records) and 0017 (count each durable task's stored state) over data
+    stored before them. Each batch commits on its own: run in the migration's transaction, every
+    row they touched stayed locked until the last batch, so the release still serving could not
+    claim, complete or signal those tasks for the whole backfill."""
+    await asyncio.to_thread(migrations.upgrade, fresh_database, "0011")
+    conn = await asyncpg.connect(driver_uri(fresh_database))
+    try:
+        client = uuid.uuid4()
+        queue_id = await conn.fetchval(
+            "INSERT INTO queues (client_id, name) VALUES ($1, 'q') RETURNING id", client
+        )
+        await conn.execute(
+            """
+            INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, max_attempts,
+                               run_at, durable)
+            SELECT gen_random_uuid(), $1, $2, 'q', 'noop', '{}', 'available', 3, now(), true
+            FROM generate_series(1, 2500)
+            """,
+            client,
+            queue_id,
+        )
+        await conn.execute("INSERT INTO tasks (id, client_id, queue_id, queue, kind, payload, status, "
+                           "max_attempts, run_at) VALUES (gen_random_uuid(), $1, $2, 'q', 'noop', '{}', "
+                           "'available', 3, now())", client, queue_id)  # fmt: skip
+        await conn.execute(
+            """
+            INSERT INTO task_steps (task_id, name, result)
+            SELECT id, step.name, step.result FROM tasks, (VALUES
+                ('a', '{"n": 12345}'::jsonb),
+                ('nap', '{"sleep_until": "2026-12-07T10:00:00+00:00"}'::jsonb),
+                ('w', '{"wait_until": null}'::jsonb)
+            ) AS step (name, result)
+            WHERE durable
+            """
+        )
+        await conn.execute(
+            "INSERT INTO task_signals (task_id, name, data) "
+            "SELECT id, 's', '[1, 2, 3]' FROM tasks WHERE durable"
+        )
+
+        await asyncio.to_thread(migrations.upgrade, fresh_database)
+
+        # the step result's text and the signal's: 12 + 9 bytes; wait records are not state
+        counted = await conn.fetch("SELECT durable, state_bytes, count(*) FROM tasks GROUP BY 1, 2")
+        assert sorted(tuple(row) for row in counted) == [(False, 0, 1), (True, 21, 2500)]
+        flags = await conn.fetch("SELECT name, wait, count(*) FROM task_steps GROUP BY 1, 2 ORDER BY 1")
+        assert [tuple(row) for row in flags] == [("a", False, 2500), ("nap", True, 2500), ("w", True, 2500)]
+        # 2,500 tasks in batches of 1,000, 7,500 steps in batches of 5,000: one transaction each
+        assert await conn.fetchval("SELECT count(DISTINCT xmin::text) FROM tasks WHERE durable") == 3
+        assert await conn.fetchval("SELECT count(DISTINCT xmin::text) FROM task_steps WHERE wait") == 2
+    finally:
+        await conn.close()

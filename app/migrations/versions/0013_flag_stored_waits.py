@@ -38,15 +38,18 @@ SELECT task_id::text, name FROM batch ORDER BY task_id DESC, name DESC LIMIT 1
 
 
 def upgrade() -> None:
-    # In batches of 5,000 steps by primary key (docs/operations.md, zero-downtime migrations): no
-    # lock on the table beyond the updates' own, and row locks only on the wait records it flags.
-    connection = op.get_bind()
-    last = ("00000000-0000-0000-0000-000000000000", "")
-    while True:
-        row = connection.execute(sa.text(BATCH), {"task_id": last[0], "name": last[1]}).first()
-        if row is None:
-            return
-        last = (row[0], row[1])
+    # In batches of 5,000 steps by primary key (docs/operations.md, zero-downtime migrations), each
+    # committed on its own: no lock on the table beyond the updates' own, and row locks only on
+    # the wait records one statement flags, not on every one until the last batch. Run again
+    # after a failure, it finds only what is left to flag.
+    with op.get_context().autocommit_block():
+        connection = op.get_bind()
+        last = ("00000000-0000-0000-0000-000000000000", "")
+        while True:
+            row = connection.execute(sa.text(BATCH), {"task_id": last[0], "name": last[1]}).first()
+            if row is None:
+                return
+            last = (row[0], row[1])
 
 
 def downgrade() -> None:

@@ -38,14 +38,18 @@ SELECT id::text FROM batch ORDER BY id DESC LIMIT 1
 
 def upgrade() -> None:
     # In batches of 1,000 durable tasks by primary key (docs/operations.md, zero-downtime
-    # migrations): row locks only on the tasks it counts.
-    connection = op.get_bind()
-    last = "00000000-0000-0000-0000-000000000000"
-    while True:
-        row = connection.execute(sa.text(BATCH), {"id": last}).first()
-        if row is None:
-            return
-        last = row[0]
+    # migrations), each committed on its own: row locks only on the tasks one statement counts.
+    # (In the migration's transaction, every counted task stayed locked until the last batch: the
+    # release still serving could not claim, complete or signal any of them meanwhile.) Run again
+    # after a failure, it counts every task afresh.
+    with op.get_context().autocommit_block():
+        connection = op.get_bind()
+        last = "00000000-0000-0000-0000-000000000000"
+        while True:
+            row = connection.execute(sa.text(BATCH), {"id": last}).first()
+            if row is None:
+                return
+            last = row[0]
 
 
 def downgrade() -> None:
