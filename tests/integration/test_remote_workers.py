@@ -9,11 +9,14 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from app.database import Database, StorageUnavailable
+from app.src.api import workers
 from app.src.api.engine import remote_kinds
 from app.src.api.models.auth import IssuedKey
+from app.src.api.models.workers import ClaimIn
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from tests.task_harness import claims_fail_in, enqueue, eventually, fetch
@@ -1189,3 +1192,60 @@ async def test_a_claim_loads_durable_states_up_to_its_budget_and_hands_the_rest_
     assert (left["status"], left["attempts"]) == ("available", 0)
     second = (await claim(client, auth_headers, max=10))["items"]
     assert [(item["attempt"]) for item in second] == [1]
+
+
+async def test_concurrent_claims_share_the_processs_budget_of_loaded_state(
+    app: Quart, client: Client, auth_headers: dict[str, str], clean_database: str, monkeypatch: Any
+) -> None:
+    """Each claim loaded up to 64 MiB of durable state, however many ran at once in one API
+    process: 100 remote workers claiming together could hold 6.4 GB of it. The process now has a
+    budget (here 60 MiB, four states): a claim made while another holds it all waits for it, and
+    one that finds too little hands its durable tasks back unspent, for a later claim."""
+    mib = 1024 * 1024
+    monkeypatch.setattr(workers, "LOADED_STATE", workers.StateBudget(60 * mib))
+    monkeypatch.setattr(workers, "STATE_WAIT_S", 0.5)
+    await register(client, auth_headers)
+    tasks = [
+        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
+        for i in range(9)
+    ]
+    await fetch(  # what the budget reads: nine states of 15 MiB
+        clean_database,
+        "UPDATE tasks SET durable = true, state_bytes = 15 * $2::bigint WHERE id = ANY($1::uuid[])",
+        [uuid.UUID(t["id"]) for t in tasks],
+        mib,
+    )
+    [row] = await fetch(clean_database, "SELECT client_id FROM tasks LIMIT 1")
+    runtime = app.extensions["taskgate"]
+
+    def claiming(most: int) -> Any:
+        body = {"kinds": ["reports.build"], "wait_s": 0, "worker": WORKER, "max": most}
+        data = ClaimIn.model_validate(body)
+        return workers.claim(
+            runtime.db, runtime.notifier, client_id=row["client_id"], data=data, lease_s=30.0
+        )
+
+    async def available() -> int:
+        [n] = await fetch(
+            clean_database, "SELECT count(*) AS n FROM tasks WHERE status = 'available' AND attempts = 0"
+        )
+        return int(n["n"])
+
+    async with claiming(10) as first:
+        assert len(first) == 4  # 60 MiB: the whole budget
+        assert workers.LOADED_STATE.left == 0
+        # nothing is left: the next claim waits for it, then hands its tasks back unspent
+        async with claiming(10) as starved:
+            assert starved == []
+        assert await available() == 5
+        # one that starts now gets what the first gives back when its answer is written
+        waiting = asyncio.create_task(_claim_in(claiming(10)))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+    assert len(await waiting) == 4
+    assert workers.LOADED_STATE.left == 60 * mib  # every claim gave back what it held
+
+
+async def _claim_in(claiming: Any) -> list[Any]:
+    async with claiming as claimed:
+        return list(claimed)

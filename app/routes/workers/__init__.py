@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from quart import Blueprint
-from quart_schema import validate_querystring, validate_request, validate_response
+from quart import Blueprint, Response, current_app
+from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
 from app.middlewares import requires_scopes
 from app.routes.context import client_id, db, engine, notifier, runtime
@@ -34,18 +34,27 @@ def _lease_s() -> float:
 @blueprint.post("/claim")
 @requires_scopes("tasks:work")
 @validate_request(ClaimIn)
-@validate_response(ClaimOut)
-async def claim(data: ClaimIn) -> ClaimOut | tuple[ClaimOut, int, dict[str, str]]:
+@document_response(ClaimOut)
+async def claim(data: ClaimIn) -> Response:
     """Claim tasks of this client's remote kinds; long-polls up to `wait_s` when there are none.
 
     A server that is shutting down ends the long-poll at once (with whatever it claimed, often
     nothing) and a `Retry-After` header: claim again (another replica answers)."""
     lease_s = _lease_s()
     stopping = runtime().shutting_down
-    claimed = await workers.claim(
+    # written within the block: the loaded state of durable tasks counts against the process's
+    # budget (workers.LOADED_STATE) until its answer is
+    async with workers.claim(
         db(), notifier(), client_id=client_id(), data=data, lease_s=lease_s, stopping=stopping
-    )
-    answer = ClaimOut(
+    ) as claimed:
+        response: Response = current_app.json.response(_answer(claimed, lease_s))  # type: ignore[assignment]
+    if stopping.is_set():
+        response.headers["Retry-After"] = str(SHUTDOWN_RETRY_AFTER_S)
+    return response
+
+
+def _answer(claimed: list[workers.Claimed], lease_s: float) -> ClaimOut:
+    return ClaimOut(
         lease_s=lease_s,
         items=[
             ClaimedOut(
@@ -71,9 +80,6 @@ async def claim(data: ClaimIn) -> ClaimOut | tuple[ClaimOut, int, dict[str, str]
             for c in claimed
         ],
     )
-    if stopping.is_set():
-        return answer, 200, {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
-    return answer
 
 
 @blueprint.post("/heartbeat")

@@ -11,8 +11,11 @@ results, and the long-poll.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -56,6 +59,53 @@ _WORKER_NAMESPACE = UUID("5b0f4f64-3c1e-4c55-9a51-7d2f1c7e0a11")
 # LISTEN/NOTIFY is a hint: a long-poll re-checks at least this often even when nothing woke it
 POLL_S = 1.0
 CLAIM_TIMEOUT_S = 5.0
+# What the remote claims in flight in one API process may hold of loaded durable state at once
+# (steps, signals and children's results, counted as SIZE_STATES counts them). A claim takes its
+# answer's share (at most MAX_CLAIM_STATE_BYTES) before loading, gives back what it did not load,
+# and holds the rest until its answer is written: without it, every concurrent claim could load
+# its 64 MiB. A claim that finds less than its share left waits for it (STATE_WAIT_S at most), then
+# loads what fits in what is left and hands the other durable tasks back unspent, available at once
+# for a later claim, here or on another replica.
+MAX_LOADED_STATE_BYTES = 4 * durable_store.MAX_CLAIM_STATE_BYTES
+STATE_WAIT_S = 5.0
+
+
+class StateBudget:
+    """Bytes of loaded state, taken and given back by the claims of one process (its event loop
+    runs them one step at a time: no lock). A waiter's event is its own, made on its own loop."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.left = total
+        self._waiters: list[asyncio.Event] = []
+
+    async def take(self, most: int, *, wait_s: float) -> int:
+        """`most` bytes (at most the whole budget) once that much is left, or after `wait_s` what
+        is left then: a claim granted a sliver would hand its tasks back at once, and be sent
+        again at once, for as long as others held the rest."""
+        want = min(most, self.total)
+        if self.left < want:
+            freed = asyncio.Event()
+            self._waiters.append(freed)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        while self.left < want:
+                            await freed.wait()
+                            freed.clear()
+            finally:
+                self._waiters.remove(freed)
+        granted = max(0, min(want, self.left))
+        self.left -= granted
+        return granted
+
+    def give(self, amount: int) -> None:
+        self.left = min(self.total, self.left + amount)
+        for waiter in self._waiters:
+            waiter.set()
+
+
+LOADED_STATE = StateBudget(MAX_LOADED_STATE_BYTES)
 
 
 def remote_worker_id(client_id: UUID, name: str) -> UUID:
@@ -104,6 +154,7 @@ class Claimed:
     state: DurableState | None = None  # steps, signals and children of a durable task
 
 
+@asynccontextmanager
 async def claim(
     db: Database,
     notifier: Notifier,
@@ -112,9 +163,30 @@ async def claim(
     data: ClaimIn,
     lease_s: float,
     stopping: asyncio.Event | None = None,
-) -> list[Claimed]:
+) -> AsyncIterator[list[Claimed]]:
     """Claim up to `data.max` tasks of the named remote kinds, waiting up to `data.wait_s` (or
-    until `stopping` is set: the wait ends at once)."""
+    until `stopping` is set: the wait ends at once). The durable tasks' loaded state counts
+    against the process's LOADED_STATE until the block that writes the answer ends."""
+    held = 0
+    try:
+        claimed, held = await _claim(
+            db, notifier, client_id=client_id, data=data, lease_s=lease_s, stopping=stopping
+        )
+        yield claimed
+    finally:
+        LOADED_STATE.give(held)
+
+
+async def _claim(
+    db: Database,
+    notifier: Notifier,
+    *,
+    client_id: UUID,
+    data: ClaimIn,
+    lease_s: float,
+    stopping: asyncio.Event | None,
+) -> tuple[list[Claimed], int]:
+    """The claimed tasks, and the bytes of loaded state they hold of LOADED_STATE."""
     known = await remote_kinds.lookup(db, client_id=client_id, names=data.kinds)
     unknown = [name for name in data.kinds if name not in known]
     if unknown:
@@ -172,7 +244,7 @@ async def claim(
                 continue  # what was staged may belong to others; the timer holds the next staging
             await _first(woken, stopping, timeout_s=min(remaining, POLL_S))
     if not claimed:
-        return []
+        return [], 0
     # One primary-key read per claim round (not per task), outside the claim statement, and one
     # more statement for the tasks that stored steps, signals or children, on one connection.
     # The tasks are claimed: without their trace contexts they are handed out regardless, but a
@@ -182,12 +254,22 @@ async def claim(
     contexts: dict[UUID, str] = {}
     states: dict[UUID, DurableState | Unloadable] = {}
     durable = [t.id for t in claimed if t.durable]
+    granted = held = 0
     try:
         try:
+            if durable:
+                granted = await LOADED_STATE.take(durable_store.MAX_CLAIM_STATE_BYTES, wait_s=STATE_WAIT_S)
             async with db.driver() as conn:
                 contexts = await task_store.traceparents(conn, [t.id for t in claimed])
                 if durable:
-                    states = await durable_store.load_claimed_states(conn, durable)
+                    # the first task always, when the whole share was granted (one task's state is
+                    # within it); with less, only what fits, the rest handed back below
+                    states = await durable_store.load_claimed_states(
+                        conn, durable, budget=granted, first=granted == durable_store.MAX_CLAIM_STATE_BYTES
+                    )
+                    held = sum(s.size for s in states.values() if isinstance(s, DurableState))
+                    LOADED_STATE.give(granted - held)
+                    granted = 0
                     unloadable = [(t, s) for t in claimed if isinstance(s := states.get(t.id), Unloadable)]
                     if unloadable:
                         await _fail_unloadable(conn, worker_id, unloadable)
@@ -200,17 +282,20 @@ async def claim(
             if durable:
                 raise
     except asyncio.CancelledError:
+        LOADED_STATE.give(granted + held)
         _hand_back(db, worker_id, claimed)
         raise
     except BaseException:
+        LOADED_STATE.give(granted + held)
         await asyncio.shield(_hand_back(db, worker_id, claimed))
         raise
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
-    return [
+    answer = [
         Claimed(t, t.started_at + timedelta(seconds=lease_s), contexts.get(t.id), state)
         for t in claimed
         if not isinstance(state := states.get(t.id), Unloadable) and (state is not None or not t.durable)
     ]
+    return answer, held
 
 
 async def _fail_unloadable(conn: Any, worker_id: UUID, tasks: list[tuple[ClaimedTask, Unloadable]]) -> None:
