@@ -1199,51 +1199,72 @@ async def test_concurrent_claims_share_the_processs_budget_of_loaded_state(
 ) -> None:
     """Each claim loaded up to 64 MiB of durable state, however many ran at once in one API
     process: 100 remote workers claiming together could hold 6.4 GB of it. The process now has a
-    budget (here 60 MiB, four states): a claim made while another holds it all waits for it, and
-    one that finds too little hands its durable tasks back unspent, for a later claim."""
+    budget (here 61 MiB): a claim takes what its states come to and holds it until its answer is
+    built, so small states pass while big ones are held; a claim that finds too little left waits,
+    then hands back what does not fit, unspent; a waiting one gets what a built answer gives back."""
     mib = 1024 * 1024
-    monkeypatch.setattr(workers, "LOADED_STATE", workers.StateBudget(60 * mib))
+    monkeypatch.setattr(workers, "LOADED_STATE", workers.StateBudget(61 * mib))
     monkeypatch.setattr(workers, "STATE_WAIT_S", 0.5)
     await register(client, auth_headers)
-    tasks = [
-        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
-        for i in range(9)
-    ]
-    await fetch(  # what the budget reads: nine states of 15 MiB
-        clean_database,
-        "UPDATE tasks SET durable = true, state_bytes = 15 * $2::bigint WHERE id = ANY($1::uuid[])",
-        [uuid.UUID(t["id"]) for t in tasks],
-        mib,
-    )
-    [row] = await fetch(clean_database, "SELECT client_id FROM tasks LIMIT 1")
     runtime = app.extensions["taskgate"]
+
+    async def durable_tasks(n: int, size: int, **extra: Any) -> list[str]:
+        task = {"kind": "reports.build", "payload": {"account_id": 1}, **extra}
+        ids = [(await enqueue(client, auth_headers, **task))["id"] for _ in range(n)]
+        await fetch(  # what the budget reads: the counter of each task's stored state
+            clean_database,
+            "UPDATE tasks SET durable = true, state_bytes = $2 WHERE id = ANY($1::uuid[])",
+            [uuid.UUID(i) for i in ids],
+            size,
+        )
+        return ids
 
     def claiming(most: int) -> Any:
         body = {"kinds": ["reports.build"], "wait_s": 0, "worker": WORKER, "max": most}
-        data = ClaimIn.model_validate(body)
         return workers.claim(
-            runtime.db, runtime.notifier, client_id=row["client_id"], data=data, lease_s=30.0
+            runtime.db, runtime.notifier, client_id=owner, data=ClaimIn.model_validate(body), lease_s=30.0
         )
 
-    async def available() -> int:
-        [n] = await fetch(
-            clean_database, "SELECT count(*) AS n FROM tasks WHERE status = 'available' AND attempts = 0"
-        )
-        return int(n["n"])
+    async def available() -> set[str]:
+        rows = await fetch(clean_database, "SELECT id FROM tasks WHERE status = 'available' AND attempts = 0")
+        return {str(r["id"]) for r in rows}
 
-    async with claiming(10) as first:
-        assert len(first) == 4  # 60 MiB: the whole budget
-        assert workers.LOADED_STATE.left == 0
-        # nothing is left: the next claim waits for it, then hands its tasks back unspent
+    big = await durable_tasks(9, 15 * mib)
+    [row] = await fetch(clean_database, "SELECT client_id FROM tasks WHERE id = $1", uuid.UUID(big[0]))
+    owner = row["client_id"]
+    async with claiming(4) as first:
+        assert {str(item.task.id) for item in first} == set(big[:4])
+        assert workers.LOADED_STATE.left == mib  # 60 MiB held until the answer is built
+        # states of 1 KiB fit in what is left: claimed (first in line) and answered at once
+        small = await durable_tasks(2, 1024, priority=0)
+        async with claiming(2) as light:
+            assert {str(item.task.id) for item in light} == set(small)
+        # 60 MiB more do not: this claim waits for them, then hands its five tasks back unspent
         async with claiming(10) as starved:
             assert starved == []
-        assert await available() == 5
-        # one that starts now gets what the first gives back when its answer is written
+        assert await available() == set(big[4:])
+        # a claim that starts now gets what the first gives back when its answer is built
+        monkeypatch.setattr(workers, "STATE_WAIT_S", 30.0)
         waiting = asyncio.create_task(_claim_in(claiming(10)))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
         assert not waiting.done()
-    assert len(await waiting) == 4
-    assert workers.LOADED_STATE.left == 60 * mib  # every claim gave back what it held
+    got = {str(item.task.id) for item in await waiting}  # 4 of the 5 left: 60 MiB of one answer's 64
+    assert len(got) == 4
+    assert got < set(big[4:])
+    assert workers.LOADED_STATE.left == 61 * mib  # every claim gave back what it held
+
+
+async def test_a_claim_waiting_for_the_state_budget_stops_waiting_at_shutdown() -> None:
+    budget = workers.StateBudget(100)
+    assert await budget.take(80, wait_s=0) == 80
+    stopping = asyncio.Event()
+    waiting = asyncio.create_task(budget.take(50, wait_s=30, stopping=stopping))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    stopping.set()
+    assert await asyncio.wait_for(waiting, timeout=5) == 20  # what was left: the claim goes on
+    budget.give(100)
+    assert budget.left == 100
 
 
 async def _claim_in(claiming: Any) -> list[Any]:

@@ -18,6 +18,7 @@ from app.scheduler import Job, Scheduler, autovacuum_advice
 from app.settings import Settings
 from app.src.api import schedules
 from app.src.api.engine.task_engine import TaskEngine
+from app.src.database import maintenance
 from tests.conftest import engine_over
 from tests.task_harness import eventually, fetch
 
@@ -539,13 +540,30 @@ async def test_the_scheduler_says_at_start_whether_the_servers_autovacuum_suits_
         assert (enabled, naptime) == ("on", 10)
 
 
-async def test_an_autovacuum_check_that_cannot_run_does_not_hold_up_the_start(settings: Settings) -> None:
-    unreachable = Database(
-        settings.model_copy(update={"DB_URI": "postgresql+asyncpg://nobody@127.0.0.1:9/none"})
-    )
-    scheduler = Scheduler(unreachable, settings)
+async def test_a_server_at_the_default_round_gets_a_warning_naming_the_setting(
+    db: Database, settings: Settings, monkeypatch: Any
+) -> None:
+    async def default_round(conn: Any) -> tuple[bool, float]:
+        return True, 60.0
+
+    monkeypatch.setattr(maintenance, "autovacuum_settings", default_round)
+    with structlog.testing.capture_logs() as logs:
+        advice = await Scheduler(db, settings).check_autovacuum()
+    assert advice is not None
+    assert advice.startswith("autovacuum_naptime is 60 s")
+    assert [entry["advice"] for entry in logs if entry["log_level"] == "warning"] == [advice]
+
+
+async def test_an_autovacuum_check_that_cannot_run_does_not_hold_up_the_start(
+    db: Database, settings: Settings, monkeypatch: Any
+) -> None:
+    async def stalled(conn: Any) -> tuple[bool, float]:
+        await asyncio.sleep(60)  # a server that does not answer
+        return True, 10.0
+
+    monkeypatch.setattr(maintenance, "autovacuum_settings", stalled)
     started = time.monotonic()
-    assert await scheduler.check_autovacuum(timeout_s=1.0) is None
+    assert await Scheduler(db, settings).check_autovacuum(timeout_s=0.5) is None
     assert time.monotonic() - started < 5.0
 
 

@@ -147,17 +147,36 @@ async def load_claimed_states(
     one claim round never loads a worker's (or a remote claim's answer's) worth of states past that
     bound. A task whose state with its children's results is past MAX_STATE_BYTES is answered
     Unloadable (permanent), never loaded."""
+    sizes = await claimed_sizes(conn, task_ids, budget=budget, first=first)
+    return await load_sized_states(conn, [task_id for task_id in task_ids if task_id in sizes], sizes)
+
+
+async def claimed_sizes(
+    conn: Executor, task_ids: Sequence[UUID], *, budget: int = MAX_CLAIM_STATE_BYTES, first: bool = True
+) -> dict[UUID, int]:
+    """What the states of a claim's durable tasks come to (SIZE_STATES), for those within `budget`
+    in claim order (the first always when `first`) and those past MAX_STATE_BYTES."""
     if not task_ids:
         return {}
     rows = await conn.fetch(SIZE_STATES, list(task_ids), budget, MAX_STATE_BYTES, first)
-    # (a row within MAX_STATE_BYTES is answered only when it fits the budget)
-    sizes = {row["id"]: int(row["size"]) for row in rows if row["size"] <= MAX_STATE_BYTES}
+    return {row["id"]: int(row["size"]) for row in rows}
+
+
+def loadable(size: int) -> bool:
+    return size <= MAX_STATE_BYTES
+
+
+async def load_sized_states(
+    conn: Executor, task_ids: Sequence[UUID], sizes: Mapping[UUID, int]
+) -> dict[UUID, DurableState | Unloadable]:
+    """The states of `task_ids`, sized by claimed_sizes: those past MAX_STATE_BYTES are answered
+    Unloadable (permanent), never loaded."""
     states: dict[UUID, DurableState | Unloadable] = {
-        row["id"]: Unloadable(too_large(int(row["size"])), permanent=True)
-        for row in rows
-        if row["size"] > MAX_STATE_BYTES
+        task_id: Unloadable(too_large(sizes[task_id]), permanent=True)
+        for task_id in task_ids
+        if not loadable(sizes[task_id])
     }
-    loaded = await load_states(conn, [task_id for task_id in task_ids if task_id in sizes])
+    loaded = await load_states(conn, [task_id for task_id in task_ids if loadable(sizes[task_id])])
     for task_id, state in loaded.items():
         states[task_id] = replace(state, size=sizes[task_id]) if isinstance(state, DurableState) else state
     return states

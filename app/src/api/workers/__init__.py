@@ -11,7 +11,6 @@ results, and the long-poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -60,12 +59,11 @@ _WORKER_NAMESPACE = UUID("5b0f4f64-3c1e-4c55-9a51-7d2f1c7e0a11")
 POLL_S = 1.0
 CLAIM_TIMEOUT_S = 5.0
 # What the remote claims in flight in one API process may hold of loaded durable state at once
-# (steps, signals and children's results, counted as SIZE_STATES counts them). A claim takes its
-# answer's share (at most MAX_CLAIM_STATE_BYTES) before loading, gives back what it did not load,
-# and holds the rest until its answer is written: without it, every concurrent claim could load
-# its 64 MiB. A claim that finds less than its share left waits for it (STATE_WAIT_S at most), then
-# loads what fits in what is left and hands the other durable tasks back unspent, available at once
-# for a later claim, here or on another replica.
+# (steps, signals and children's results, counted as SIZE_STATES counts them): without it, every
+# concurrent claim could load its answer's 64 MiB (MAX_CLAIM_STATE_BYTES). A claim takes what its
+# states come to (read first) and holds it until its answer is built; finding less left, it waits
+# for it (STATE_WAIT_S at most, not past a shutdown), then loads what fits and hands the other
+# durable tasks back unspent, available at once for a later claim, here or on another replica.
 MAX_LOADED_STATE_BYTES = 4 * durable_store.MAX_CLAIM_STATE_BYTES
 STATE_WAIT_S = 5.0
 
@@ -79,20 +77,22 @@ class StateBudget:
         self.left = total
         self._waiters: list[asyncio.Event] = []
 
-    async def take(self, most: int, *, wait_s: float) -> int:
-        """`most` bytes (at most the whole budget) once that much is left, or after `wait_s` what
-        is left then: a claim granted a sliver would hand its tasks back at once, and be sent
-        again at once, for as long as others held the rest."""
+    async def take(self, most: int, *, wait_s: float, stopping: asyncio.Event | None = None) -> int:
+        """`most` bytes (at most the whole budget) once that much is left, or what is left after
+        `wait_s` or once `stopping` is set: a claim granted a sliver would hand its tasks back at
+        once, and be sent again at once, for as long as others held the rest."""
         want = min(most, self.total)
         if self.left < want:
             freed = asyncio.Event()
             self._waiters.append(freed)
+            deadline = time.monotonic() + wait_s
             try:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait_s):
-                        while self.left < want:
-                            await freed.wait()
-                            freed.clear()
+                while self.left < want and not (stopping is not None and stopping.is_set()):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    await _first(freed, stopping, timeout_s=remaining)
+                    freed.clear()
             finally:
                 self._waiters.remove(freed)
         granted = max(0, min(want, self.left))
@@ -257,24 +257,27 @@ async def _claim(
     granted = held = 0
     try:
         try:
-            if durable:
-                granted = await LOADED_STATE.take(durable_store.MAX_CLAIM_STATE_BYTES, wait_s=STATE_WAIT_S)
             async with db.driver() as conn:
                 contexts = await task_store.traceparents(conn, [t.id for t in claimed])
-                if durable:
-                    # the first task always, when the whole share was granted (one task's state is
-                    # within it); with less, only what fits, the rest handed back below
-                    states = await durable_store.load_claimed_states(
-                        conn, durable, budget=granted, first=granted == durable_store.MAX_CLAIM_STATE_BYTES
-                    )
+                # what each state comes to, as far as one answer's bound goes (the first always)
+                sizes = await durable_store.claimed_sizes(conn, durable) if durable else {}
+            if durable:
+                # the process's budget is taken for what will be loaded, outside the connection:
+                # a claim waiting for it holds none of the pool
+                need = sum(size for size in sizes.values() if durable_store.loadable(size))
+                granted = await LOADED_STATE.take(need, wait_s=STATE_WAIT_S, stopping=stopping)
+                loading, reserved = _within(durable, sizes, granted)
+                LOADED_STATE.give(granted - reserved)
+                granted, held = 0, reserved
+                async with db.driver() as conn:
+                    states = await durable_store.load_sized_states(conn, loading, sizes)
                     held = sum(s.size for s in states.values() if isinstance(s, DurableState))
-                    LOADED_STATE.give(granted - held)
-                    granted = 0
+                    LOADED_STATE.give(reserved - held)  # states that failed to load hold nothing
                     unloadable = [(t, s) for t in claimed if isinstance(s := states.get(t.id), Unloadable)]
                     if unloadable:
                         await _fail_unloadable(conn, worker_id, unloadable)
-                    # past the answer's state budget (MAX_CLAIM_STATE_BYTES): handed back, their
-                    # attempt not counted, for a later claim
+                    # past the answer's bound (MAX_CLAIM_STATE_BYTES) or what the process had left:
+                    # handed back, their attempt not counted, for a later claim
                     over = [t.id for t in claimed if t.durable and t.id not in states]
                     if over:
                         await task_store.release(conn, task_ids=over, worker_id=worker_id)
@@ -296,6 +299,23 @@ async def _claim(
         if not isinstance(state := states.get(t.id), Unloadable) and (state is not None or not t.durable)
     ]
     return answer, held
+
+
+def _within(durable: list[UUID], sizes: dict[UUID, int], granted: int) -> tuple[list[UUID], int]:
+    """The sized tasks to load, in claim order, as far as `granted` bytes go, and their bytes; the
+    ones past MAX_STATE_BYTES cost nothing (they are never loaded, only failed)."""
+    loading: list[UUID] = []
+    total = 0
+    for task_id in durable:
+        size = sizes.get(task_id)
+        if size is None:
+            continue  # past the answer's bound
+        if not durable_store.loadable(size):
+            loading.append(task_id)
+        elif total + size <= granted:
+            loading.append(task_id)
+            total += size
+    return loading, total
 
 
 async def _fail_unloadable(conn: Any, worker_id: UUID, tasks: list[tuple[ClaimedTask, Unloadable]]) -> None:
