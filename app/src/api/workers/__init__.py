@@ -266,13 +266,11 @@ async def _claim(
                 # a claim waiting for it holds none of the pool
                 need = sum(size for size in sizes.values() if durable_store.loadable(size))
                 granted = await LOADED_STATE.take(need, wait_s=STATE_WAIT_S, stopping=stopping)
-                loading, reserved = _within(durable, sizes, granted)
-                LOADED_STATE.give(granted - reserved)
-                granted, held = 0, reserved
+                loading, held = _within(durable, sizes, granted)
+                LOADED_STATE.give(granted - held)
+                granted = 0
                 async with db.driver() as conn:
                     states = await durable_store.load_sized_states(conn, loading, sizes)
-                    held = sum(s.size for s in states.values() if isinstance(s, DurableState))
-                    LOADED_STATE.give(reserved - held)  # states that failed to load hold nothing
                     unloadable = [(t, s) for t in claimed if isinstance(s := states.get(t.id), Unloadable)]
                     if unloadable:
                         await _fail_unloadable(conn, worker_id, unloadable)
