@@ -13,10 +13,11 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from app.database import Database, StorageUnavailable
+from app.routes.workers import ANSWER_CHUNK_BYTES
 from app.src.api import workers
 from app.src.api.engine import remote_kinds
 from app.src.api.models.auth import IssuedKey
-from app.src.api.models.workers import ClaimIn
+from app.src.api.models.workers import ClaimIn, ClaimOut
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from tests.task_harness import claims_fail_in, enqueue, eventually, fetch
@@ -1200,7 +1201,7 @@ async def test_concurrent_claims_share_the_processs_budget_of_loaded_state(
     """Each claim loaded up to 64 MiB of durable state, however many ran at once in one API
     process: 100 remote workers claiming together could hold 6.4 GB of it. The process now has a
     budget (here 61 MiB): a claim takes what its states come to and holds it until its answer is
-    built, so small states pass while big ones are held; a claim that finds too little left waits,
+    sent, so small states pass while big ones are held; a claim that finds too little left waits,
     then hands back what does not fit, unspent; a waiting one gets what a built answer gives back."""
     mib = 1024 * 1024
     monkeypatch.setattr(workers, "LOADED_STATE", workers.StateBudget(61 * mib))
@@ -1232,18 +1233,18 @@ async def test_concurrent_claims_share_the_processs_budget_of_loaded_state(
     big = await durable_tasks(9, 15 * mib)
     [row] = await fetch(clean_database, "SELECT client_id FROM tasks WHERE id = $1", uuid.UUID(big[0]))
     owner = row["client_id"]
-    async with claiming(4) as first:
+    async with await claiming(4) as first:
         assert {str(item.task.id) for item in first} == set(big[:4])
-        assert workers.LOADED_STATE.left == mib  # 60 MiB held until the answer is built
+        assert workers.LOADED_STATE.left == mib  # 60 MiB held until the answer is sent
         # states of 1 KiB fit in what is left: claimed (first in line) and answered at once
         small = await durable_tasks(2, 1024, priority=0)
-        async with claiming(2) as light:
+        async with await claiming(2) as light:
             assert {str(item.task.id) for item in light} == set(small)
         # 60 MiB more do not: this claim waits for them, then hands its five tasks back unspent
-        async with claiming(10) as starved:
+        async with await claiming(10) as starved:
             assert starved == []
         assert await available() == set(big[4:])
-        # a claim that starts now gets what the first gives back when its answer is built
+        # a claim that starts now gets what the first gives back when its answer is sent
         monkeypatch.setattr(workers, "STATE_WAIT_S", 30.0)
         waiting = asyncio.create_task(_claim_in(claiming(10)))
         await asyncio.sleep(0.3)
@@ -1268,5 +1269,40 @@ async def test_a_claim_waiting_for_the_state_budget_stops_waiting_at_shutdown() 
 
 
 async def _claim_in(claiming: Any) -> list[Any]:
-    async with claiming as claimed:
+    async with await claiming as claimed:
         return list(claimed)
+
+
+async def test_a_claim_answer_sent_in_pieces_is_the_answer_written_whole(
+    app: Quart, client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """An answer that carries loaded state goes out piece by piece (so that it counts against the
+    process's budget until sent): byte for byte what the whole answer would be."""
+    await register(client, auth_headers)
+    tasks = [
+        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": n}) for n in (1, 2)
+    ]
+    await fetch(
+        clean_database,
+        "INSERT INTO task_steps (task_id, name, result, wait) "
+        "SELECT t, 'step-' || g, jsonb_build_object('text', repeat('é\"', 30000), 'n', g), false "
+        "FROM unnest($1::uuid[]) t, generate_series(1, 3) g",
+        [uuid.UUID(t["id"]) for t in tasks],
+    )
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET durable = true, state_bytes = 1000 WHERE id = ANY($1::uuid[])",
+        [uuid.UUID(t["id"]) for t in tasks],
+    )
+    body = {"kinds": ["reports.build"], "wait_s": 0, "worker": WORKER, "max": 2}
+    response = await client.post("/api/workers/claim", json=body, headers=auth_headers)
+    assert response.status_code == 200
+    assert response.content_type == "application/json"
+    sent = await response.get_data()
+    assert len(sent) > 4 * ANSWER_CHUNK_BYTES
+    whole = app.json.dumps(ClaimOut.model_validate(json.loads(sent))).encode()
+    assert sent == whole
+    items = json.loads(sent)["items"]
+    assert sorted(item["id"] for item in items) == sorted(t["id"] for t in tasks)
+    assert all(item["steps"]["step-2"] == {"text": 'é"' * 30000, "n": 2} for item in items)
+    assert workers.LOADED_STATE.left == workers.LOADED_STATE.total  # given back once sent

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import AsyncIterator
+
 from quart import Blueprint, Response, current_app
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
@@ -42,43 +45,83 @@ async def claim(data: ClaimIn) -> Response:
     nothing) and a `Retry-After` header: claim again (another replica answers)."""
     lease_s = _lease_s()
     stopping = runtime().shutting_down
-    # written within the block: the loaded state of durable tasks counts against the process's
-    # budget (workers.LOADED_STATE) until its answer is
-    async with workers.claim(
+    answer = await workers.claim(
         db(), notifier(), client_id=client_id(), data=data, lease_s=lease_s, stopping=stopping
-    ) as claimed:
-        response: Response = current_app.json.response(_answer(claimed, lease_s))  # type: ignore[assignment]
+    )
+    response: Response
+    if answer.held:  # loaded durable state: sent in pieces, its share of the budget held till sent
+        try:
+            response = _streamed(answer, lease_s)
+        except BaseException:
+            answer.release(delivered=False)
+            raise
+    else:
+        async with answer as claimed:
+            response = current_app.json.response(_answer(claimed, lease_s))  # type: ignore[assignment]
     if stopping.is_set():
         response.headers["Retry-After"] = str(SHUTDOWN_RETRY_AFTER_S)
     return response
 
 
+# An answer that carries loaded durable state (up to MAX_CLAIM_STATE_BYTES) is sent in pieces of
+# this size, each once the connection has taken the last: a worker that stops reading holds one
+# piece in the server's buffers, not its whole answer, and the answer's share of the process's
+# budget (workers.LOADED_STATE) is held until the last piece is sent.
+ANSWER_CHUNK_BYTES = 64 * 1024
+
+
+def _streamed(answer: workers.ClaimAnswer, lease_s: float) -> Response:
+    """The answer as `json.response` writes it (keys sorted: items, then lease_s), sent piece by
+    piece within the lease (past it the tasks are the rescuer's anyway). An answer cut short (its
+    worker gone or too slow) reached no worker whole: it is released undelivered, its tasks handed
+    back unspent. One never sent at all (the request ended before its body began) gives back what
+    it held when it is collected."""
+    encode = current_app.json.dumps
+
+    async def body() -> AsyncIterator[bytes]:
+        delivered = False
+        try:
+            yield b'{"items":['
+            for index, claimed in enumerate(answer.claimed):
+                text = (b"," if index else b"") + encode(_item(claimed)).encode()
+                for start in range(0, len(text), ANSWER_CHUNK_BYTES):
+                    yield text[start : start + ANSWER_CHUNK_BYTES]
+            yield f'],"lease_s":{encode(lease_s)}}}'.encode()
+            delivered = True
+        finally:
+            answer.release(delivered=delivered)
+
+    chunks = body()
+    weakref.finalize(chunks, answer.release)
+    response = Response(chunks, content_type="application/json")
+    response.timeout = lease_s
+    return response
+
+
 def _answer(claimed: list[workers.Claimed], lease_s: float) -> ClaimOut:
-    return ClaimOut(
-        lease_s=lease_s,
-        items=[
-            ClaimedOut(
-                id=c.task.id,
-                kind=c.task.kind,
-                queue=c.task.queue,
-                payload=c.task.payload,
-                attempt=c.task.attempt,
-                max_attempts=c.task.max_attempts,
-                lease_expires_at=c.lease_expires_at,
-                traceparent=c.traceparent,
-                **(
-                    {}
-                    if c.state is None
-                    else {
-                        "steps": c.state.steps,
-                        "signals": c.state.signals,
-                        "children": c.state.children,
-                        "waits": sorted(c.state.waits),
-                    }
-                ),
-            )
-            for c in claimed
-        ],
+    return ClaimOut(lease_s=lease_s, items=[_item(c) for c in claimed])
+
+
+def _item(c: workers.Claimed) -> ClaimedOut:
+    return ClaimedOut(
+        id=c.task.id,
+        kind=c.task.kind,
+        queue=c.task.queue,
+        payload=c.task.payload,
+        attempt=c.task.attempt,
+        max_attempts=c.task.max_attempts,
+        lease_expires_at=c.lease_expires_at,
+        traceparent=c.traceparent,
+        **(
+            {}
+            if c.state is None
+            else {
+                "steps": c.state.steps,
+                "signals": c.state.signals,
+                "children": c.state.children,
+                "waits": sorted(c.state.waits),
+            }
+        ),
     )
 
 

@@ -40,6 +40,12 @@ WORKER_RUNNING = Gauge("taskgate_worker_running_tasks", "Tasks this process is r
 WORKER_CAPACITY = Gauge(
     "taskgate_worker_capacity_tasks", "Tasks this process may hold at once (WORKER_CONCURRENCY)"
 )
+REMOTE_CLAIM_STATE = Gauge(
+    "taskgate_remote_claim_state_bytes",
+    "Loaded durable state (steps, signals, children's results) that remote claims in this process "
+    "hold until their answers are sent, of MAX_LOADED_STATE_BYTES (256 MiB); claims that find too "
+    "little left wait for it",
+)
 TASK_DURATION = Histogram(
     "taskgate_task_duration_seconds",
     "How long an attempt ran, from claim to its handler's end",

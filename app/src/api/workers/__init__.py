@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -45,7 +43,7 @@ from app.src.database import workers as store
 from app.src.database.durable import DurableState, Unloadable
 from app.src.database.tasks import ClaimedTask, Completion, KindsFilter
 from app.src.database.workers import HeldTask, WorkerRow
-from app.src.utils.metrics import OUTCOMES
+from app.src.utils.metrics import OUTCOMES, REMOTE_CLAIM_STATE
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -61,9 +59,10 @@ CLAIM_TIMEOUT_S = 5.0
 # What the remote claims in flight in one API process may hold of loaded durable state at once
 # (steps, signals and children's results, counted as SIZE_STATES counts them): without it, every
 # concurrent claim could load its answer's 64 MiB (MAX_CLAIM_STATE_BYTES). A claim takes what its
-# states come to (read first) and holds it until its answer is built; finding less left, it waits
-# for it (STATE_WAIT_S at most, not past a shutdown), then loads what fits and hands the other
-# durable tasks back unspent, available at once for a later claim, here or on another replica.
+# states come to (read first) and holds it until its answer is sent (ClaimAnswer.release); finding
+# less left, it waits for it (STATE_WAIT_S at most, not past a shutdown), then loads what fits and
+# hands the other durable tasks back unspent, available at once for a later claim, here or on
+# another replica.
 MAX_LOADED_STATE_BYTES = 4 * durable_store.MAX_CLAIM_STATE_BYTES
 STATE_WAIT_S = 5.0
 
@@ -106,6 +105,7 @@ class StateBudget:
 
 
 LOADED_STATE = StateBudget(MAX_LOADED_STATE_BYTES)
+REMOTE_CLAIM_STATE.set_function(lambda: LOADED_STATE.total - LOADED_STATE.left)
 
 
 def remote_worker_id(client_id: UUID, name: str) -> UUID:
@@ -154,7 +154,35 @@ class Claimed:
     state: DurableState | None = None  # steps, signals and children of a durable task
 
 
-@asynccontextmanager
+class ClaimAnswer:
+    """What one claim hands out, and the bytes of the process's LOADED_STATE its loaded state holds
+    until `release`: once its answer is sent, or known lost (then its tasks are handed back).
+    Also an async context manager over the claimed tasks that releases them as delivered."""
+
+    def __init__(self, db: Database, worker_id: UUID, claimed: list[Claimed], held: int) -> None:
+        self.claimed = claimed
+        self.held = held
+        self._db = db
+        self._worker_id = worker_id
+        self._released = False
+
+    def release(self, *, delivered: bool = True) -> None:
+        """Give back what the answer held (once). Not delivered: no worker can have read it, so
+        its tasks are available again at once, their attempt not counted."""
+        if self._released:
+            return
+        self._released = True
+        LOADED_STATE.give(self.held)
+        if not delivered:
+            _hand_back(self._db, self._worker_id, [item.task for item in self.claimed])
+
+    async def __aenter__(self) -> list[Claimed]:
+        return self.claimed
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
 async def claim(
     db: Database,
     notifier: Notifier,
@@ -163,18 +191,15 @@ async def claim(
     data: ClaimIn,
     lease_s: float,
     stopping: asyncio.Event | None = None,
-) -> AsyncIterator[list[Claimed]]:
+) -> ClaimAnswer:
     """Claim up to `data.max` tasks of the named remote kinds, waiting up to `data.wait_s` (or
     until `stopping` is set: the wait ends at once). The durable tasks' loaded state counts
-    against the process's LOADED_STATE until the block that writes the answer ends."""
-    held = 0
-    try:
-        claimed, held = await _claim(
-            db, notifier, client_id=client_id, data=data, lease_s=lease_s, stopping=stopping
-        )
-        yield claimed
-    finally:
-        LOADED_STATE.give(held)
+    against the process's LOADED_STATE until the answer is released."""
+    worker_id = remote_worker_id(client_id, data.worker.name)
+    claimed, held = await _claim(
+        db, notifier, client_id=client_id, worker_id=worker_id, data=data, lease_s=lease_s, stopping=stopping
+    )
+    return ClaimAnswer(db, worker_id, claimed, held)
 
 
 async def _claim(
@@ -182,6 +207,7 @@ async def _claim(
     notifier: Notifier,
     *,
     client_id: UUID,
+    worker_id: UUID,
     data: ClaimIn,
     lease_s: float,
     stopping: asyncio.Event | None,
@@ -197,7 +223,6 @@ async def _claim(
             errors=[{"field": f"body.kinds.{i}", **not_remote} for i in positions],
         )
     kinds = KindsFilter(client_id=client_id, kinds=sorted(set(data.kinds)))
-    worker_id = remote_worker_id(client_id, data.worker.name)
     if _due_for_seen(worker_id):
         try:
             async with db.driver() as conn:
