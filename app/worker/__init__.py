@@ -246,7 +246,10 @@ class Worker:
             running.abandoned = "unconcluded"
             return
         finally:
-            self.holdings.running.pop(claimed.id, None)
+            # Only this run: a suspension makes its task available at once, and this worker may
+            # have claimed and started the next run of it before this one got here.
+            if self.holdings.running.get(claimed.id) is running:
+                del self.holdings.running[claimed.id]
             if running.abandoned is not None:
                 self.holdings.room.set()
         if running.abandoned is not None:

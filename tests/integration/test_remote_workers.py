@@ -9,6 +9,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
@@ -20,6 +22,7 @@ from app.src.api.models.auth import IssuedKey
 from app.src.api.models.workers import ClaimIn, ClaimOut
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
+from tests.conftest import driver_uri
 from tests.task_harness import claims_fail_in, enqueue, eventually, fetch
 
 REPORT = {
@@ -1306,3 +1309,36 @@ async def test_a_claim_answer_sent_in_pieces_is_the_answer_written_whole(
     assert sorted(item["id"] for item in items) == sorted(t["id"] for t in tasks)
     assert all(item["steps"]["step-2"] == {"text": 'é"' * 30000, "n": 2} for item in items)
     assert workers.LOADED_STATE.left == workers.LOADED_STATE.total  # given back once sent
+
+
+async def test_a_claim_round_past_its_deadline_hands_out_what_it_claimed_or_is_503(
+    client: Client, auth_headers: dict[str, str], clean_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim round bounded by CLAIM_TIMEOUT_S on a slow database (each statement within its own
+    deadline, their sum not): the TimeoutError came out of the request as a 500, and the tasks
+    its first statements had claimed were neither handed out nor handed back; each lost an attempt
+    to its lease (discarded, on its last one)."""
+    monkeypatch.setattr(workers, "CLAIM_TIMEOUT_S", 0.5)
+    await register(client, auth_headers)
+    await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
+    payload = {"account_id": 1}
+    plain = await enqueue(client, auth_headers, kind="reports.build", payload=payload)
+    narrow = await enqueue(client, auth_headers, kind="reports.build", queue="narrow", payload=payload)
+    conn = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        # the limited queue's claim waits for its queue row (well within DB_COMMAND_TIMEOUT_S)
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM queues WHERE name = 'narrow' FOR UPDATE")
+            items = (await claim(client, auth_headers, max=10))["items"]
+            assert [(item["id"], item["attempt"]) for item in items] == [(plain["id"], 1)]
+            alone = await client.post(
+                "/api/workers/claim", json={"kinds": ["reports.build"], "wait_s": 0, "worker": WORKER},
+                headers=auth_headers,
+            )  # fmt: skip
+            assert alone.status_code == 503, await alone.get_data(as_text=True)
+            assert alone.headers["Retry-After"]
+            assert alone.headers["Content-Type"] == "application/problem+json"
+    finally:
+        await conn.close()
+    items = (await claim(client, auth_headers, max=10))["items"]
+    assert [(item["id"], item["attempt"]) for item in items] == [(narrow["id"], 1)]

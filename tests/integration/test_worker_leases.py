@@ -3,17 +3,23 @@
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from quart import Quart
 
 from app.database import Database
+from app.src.api.engine import durable
 from app.src.api.kinds import TaskContext
 from app.src.database import durable as durable_store
 from app.src.database import tasks as store
 from app.worker import leases
 from app.worker.leases import Holdings, LeaseKeeper, Running
 from tests.integration.test_storage_guards import claim_one, make_task
+from tests.task_harness import enqueue, eventually
+
+Serving = Callable[..., Awaitable[Quart]]
 
 
 def running(claimed: store.ClaimedTask) -> Running:
@@ -70,3 +76,46 @@ async def test_a_heartbeat_answer_about_an_ended_run_does_not_abandon_the_next_r
     async with db.driver() as conn:
         row = await conn.fetchrow("SELECT status, attempts, worker_id FROM tasks WHERE id = $1", task_id)
     assert (row["status"], row["attempts"], row["worker_id"]) == ("running", 2, worker)
+
+
+async def test_a_run_claimed_while_the_suspended_run_of_its_task_winds_down_keeps_its_lease(
+    serving: Serving, auth_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suspension makes its task available at once; this worker may claim the next run while the
+    suspended run is still returning (its connection going back to the pool, say). The suspended
+    run's end then took the task out of what the worker holds (by id, whichever run was there): the
+    next run was never heartbeated nor fenced, its lease expired while its handler ran, and the
+    rescuer handed the task to another attempt that ran beside it."""
+    app = await serving(ROLES=["api", "worker"], LEASE_SECONDS=3)
+    client = app.test_client()
+    worker = app.extensions["taskgate"].worker
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)  # the children wait
+    real_suspend = durable.suspend
+    reclaimed = asyncio.Event()
+
+    async def slow_to_return(engine: Any, *, task_id: uuid.UUID, **kwargs: Any) -> str | None:
+        status = await real_suspend(engine, task_id=task_id, **kwargs)
+        ending = worker.holdings.running.get(task_id)
+        # the next run is claimed (and started) before this one has returned
+        await eventually(lambda: worker.holdings.running.get(task_id) not in (None, ending), timeout=10)
+        reclaimed.set()
+        return status
+
+    monkeypatch.setattr(durable, "suspend", slow_to_return)
+    task = await enqueue(
+        client, auth_headers, kind="test.spawn_then_end",
+        payload={"queue": "held", "hold_s": 6, "end": "complete"},
+    )  # fmt: skip
+    task_id = uuid.UUID(task["id"])
+    await asyncio.wait_for(reclaimed.wait(), timeout=15)
+    await asyncio.sleep(4.5)  # past the lease the claim set: only heartbeats kept it
+    async with worker.db.driver() as conn:
+        row = await conn.fetchrow(
+            "SELECT status, attempts, lease_expires_at > now() AS leased FROM tasks WHERE id = $1", task_id
+        )
+    assert (row["status"], row["attempts"], row["leased"]) == ("running", 2, True)
+    assert task_id in worker.holdings.running
+    done = await (await client.get(f"/api/tasks/{task_id}?wait=15", headers=auth_headers)).get_json()
+    assert done["status"] == "completed"
+    attempts = await (await client.get(f"/api/tasks/{task_id}/attempts", headers=auth_headers)).get_json()
+    assert [a["outcome"] for a in attempts["items"]] == ["suspended", "completed"]

@@ -435,7 +435,8 @@ class Worker:
         self._running: dict[UUID, _Running] = {}  # the latest run of each task here
         self._busy = 0  # runs not ended: abandoned sync handlers hold their slot until they return
         self._pending: list[dict[str, Any]] = []
-        self._pending_since: dict[str, float] = {}  # task id -> monotonic time its completion was queued
+        # (task id, attempt) -> monotonic time that run's completion was queued
+        self._pending_since: dict[tuple[str, int], float] = {}
         self._lease_s = 30.0
         self._claiming = 0  # slots reserved by claims in flight
         self._stop: asyncio.Event | None = None
@@ -685,17 +686,17 @@ class Worker:
 
     def _queue_completion(self, item: dict[str, Any]) -> None:
         self._pending.append(item)
-        self._pending_since.setdefault(item["id"], time.monotonic())
+        self._pending_since.setdefault(_run(item), time.monotonic())
 
     def _delivering(self, now: float) -> list[dict[str, Any]]:
         """The completions still worth their leases: queued less than DELIVER_FOR_S ago."""
-        return [c for c in self._pending if now - self._pending_since.get(c["id"], now) < DELIVER_FOR_S]
+        return [c for c in self._pending if now - self._pending_since.get(_run(c), now) < DELIVER_FOR_S]
 
     def _give_up_delivering(self) -> None:
         """Drop the completions that could not be delivered within DELIVER_FOR_S (the heartbeats
         no longer renew their leases): each task's lease expires and Taskgate retries it."""
         keep = self._delivering(time.monotonic())
-        dropped = {c["id"] for c in self._pending} - {c["id"] for c in keep}
+        dropped = {_run(c) for c in self._pending} - {_run(c) for c in keep}
         if dropped:
             log.error("%d completions could not be delivered in %.0f s; dropped (their leases expire "
                       "and Taskgate retries those tasks)", len(dropped), DELIVER_FOR_S)  # fmt: skip
@@ -931,7 +932,7 @@ class Worker:
             await self._send(batch[:half])
             await self._send(batch[half:])
             return
-        self._settle({str(a.id) for a in answers})
+        self._settle({_run(item) for item in batch})
         asked = {item["id"]: item["outcome"] for item in batch}
         refused = [a for a in answers if not a.accepted]
         written = [a for a in refused if a.status in _WRITTEN_AS.get(asked.get(str(a.id), ""), ())]
@@ -959,12 +960,20 @@ class Worker:
                 raise
             log.error("completion of task %s refused again; dropped (its lease will expire): %s",
                       item["id"], exc)  # fmt: skip
-        self._settle({item["id"]})
+        self._settle({_run(item)})
 
-    def _settle(self, task_ids: set[str]) -> None:
-        self._pending = [c for c in self._pending if c["id"] not in task_ids]
-        for task_id in task_ids:
-            self._pending_since.pop(task_id, None)
+    def _settle(self, runs: set[tuple[str, int]]) -> None:
+        """Forget the completions of these runs (task id, attempt). By run, not by task: a suspended
+        run's task is available again as soon as the server writes it, and the completion of the next
+        run, claimed here meanwhile, may be queued before the answer about the first comes back."""
+        self._pending = [c for c in self._pending if _run(c) not in runs]
+        for run in runs:
+            self._pending_since.pop(run, None)
+
+
+def _run(item: dict[str, Any]) -> tuple[str, int]:
+    """The run a completion item reports on: its task and attempt."""
+    return str(item["id"]), int(item["attempt"])
 
 
 def _statuses(answers: list[CompletionAnswer]) -> str:

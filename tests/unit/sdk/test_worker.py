@@ -4,6 +4,7 @@ what a handler's outcome becomes, and that nothing one task does stalls the othe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -615,3 +616,43 @@ async def test_tasks_claimed_when_the_worker_stops_before_they_start_are_handed_
     assert handed_back is not None, "dropped: left to its lease"
     assert handed_back["outcome"] == "suspended"
     assert not handed_back.get("suspend")
+
+
+async def test_a_completion_queued_while_an_earlier_run_of_its_task_is_being_completed_is_sent() -> None:
+    """A suspension is written as soon as the server reaches it in a complete request, and its task
+    is available at once: this worker may claim the next run and queue that run's completion before
+    the request's answer comes back. Settling that answer by task id also dropped the next run's
+    completion, never sent: its lease, no longer renewed, expired and the task ran again (a lost
+    attempt, or discarded on its last one) though its run had completed."""
+
+    class SlowAnswer(FakeTaskgate):
+        def __init__(self) -> None:
+            super().__init__()
+            self.target = ""
+            self.items: list[dict[str, Any]] = []
+            self.worker: Any = None
+
+        async def _complete(self, body: dict[str, Any]) -> Any:
+            self.items += body["items"]
+            if any(i["id"] == self.target and i["outcome"] == "suspended" for i in body["items"]):
+                # the suspension is written first; the rest of the request takes a while
+                self.add("job", task_id=self.target, attempt=2)
+                await until(lambda: any(c["attempt"] == 2 for c in self.worker._pending))
+            return await super()._complete(body)
+
+    server = SlowAnswer()
+    async with server.client() as client:
+        worker = taskgate.Worker(client, concurrency=2, grace_s=1)
+        server.worker = worker
+
+        @worker.kind("job")
+        async def job(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            if ctx.attempt == 1:
+                await ctx.sleep("nap", 0)
+            return {"attempt": ctx.attempt}
+
+        server.target = server.add("job")
+        async with server.serving(worker):
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: any(i["attempt"] == 2 for i in server.items), timeout_s=2)
+    assert [(i["attempt"], i["outcome"]) for i in server.items] == [(1, "suspended"), (2, "completed")]

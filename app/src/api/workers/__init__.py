@@ -427,29 +427,39 @@ async def _claim_once(
 
     As there, a limited queue whose claim fails is passed over: the tasks already claimed (each
     statement commits its own) are handed out, not left to their leases; the request fails only
-    when nothing was claimed."""
-    async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
-        claimed = await task_store.claim_available(
-            conn, limit=want, lease_s=lease_s, worker_id=worker_id, queues=queues, kinds=kinds
-        )
-        if len(claimed) < want:
-            failed: Exception | None = None
-            for queue in await _limited_queues(conn, kinds.client_id, queues):
-                if len(claimed) >= want:
-                    break
-                try:
-                    claimed += await task_store.claim_limited(
-                        conn, queue_id=queue.id, keyed=queue.keyed, limit=want - len(claimed),
-                        lease_s=lease_s, worker_id=worker_id, kinds=kinds,
-                    )  # fmt: skip
-                except Exception as exc:
-                    failed = failed or exc
-                    log.warning("claiming from a limited queue failed; passed over",
-                                queue_id=queue.id, error=str(exc) or type(exc).__name__)  # fmt: skip
-                    if not isinstance(exc, asyncpg.PostgresError):
-                        break  # the connection failed, not this queue's statement
-            if failed is not None and not claimed:
-                raise failed
+    when nothing was claimed. So with a round that outlasts CLAIM_TIMEOUT_S (a slow database, each
+    statement within its own deadline): what it claimed is handed out, and a round that claimed
+    nothing is StorageUnavailable (503 with Retry-After)."""
+    claimed: list[ClaimedTask] = []
+    try:
+        async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
+            claimed = await task_store.claim_available(
+                conn, limit=want, lease_s=lease_s, worker_id=worker_id, queues=queues, kinds=kinds
+            )
+            if len(claimed) < want:
+                failed: Exception | None = None
+                for queue in await _limited_queues(conn, kinds.client_id, queues):
+                    if len(claimed) >= want:
+                        break
+                    try:
+                        claimed += await task_store.claim_limited(
+                            conn, queue_id=queue.id, keyed=queue.keyed, limit=want - len(claimed),
+                            lease_s=lease_s, worker_id=worker_id, kinds=kinds,
+                        )  # fmt: skip
+                    except Exception as exc:
+                        failed = failed or exc
+                        log.warning("claiming from a limited queue failed; passed over",
+                                    queue_id=queue.id, error=str(exc) or type(exc).__name__)  # fmt: skip
+                        if not isinstance(exc, asyncpg.PostgresError):
+                            break  # the connection failed, not this queue's statement
+                if failed is not None and not claimed:
+                    raise failed
+    except TimeoutError:
+        log.warning("a claim round ran out of time", deadline_s=CLAIM_TIMEOUT_S, claimed=len(claimed))
+        if not claimed:
+            raise StorageUnavailable(
+                f"the database did not answer a claim round within {CLAIM_TIMEOUT_S:g} s"
+            ) from None
     return claimed
 
 
