@@ -200,3 +200,46 @@ async def test_a_key_rate_too_small_to_compute_is_a_422_and_changes_nothing(
         clean_database, "SELECT key_concurrency, key_rate_limit_per_s FROM queues WHERE name = 'paced'"
     )
     assert [(r["key_concurrency"], r["key_rate_limit_per_s"]) for r in rows] == [(2, 1 / (366 * 86_400))]
+
+
+# A run of 20 or more digits sends a body to the standard library's parser (json_provider.loads),
+# which also took what orjson refuses: NaN, Infinity and a lone surrogate's escape.
+LONG_NUMBER = "123456789012345678901234"
+UNSTORABLE = {"lone surrogate": '"a\\ud800b"', "NaN": "NaN", "Infinity": "-Infinity"}
+
+
+@pytest.mark.parametrize("value", UNSTORABLE.values(), ids=UNSTORABLE.keys())
+async def test_a_body_with_a_long_number_is_held_to_what_json_is(
+    client: Client, auth_headers: dict[str, str], clean_database: str, value: str
+) -> None:
+    """Each was stored as far as PostgreSQL, which refused the text: a 500 for the enqueue, the
+    batch, the signal, the schedule and the remote kind; now the same 400 as without the long
+    number, and nothing stored."""
+    task = await client.post("/api/tasks", json={"kind": "noop", "delay_s": 600}, headers=auth_headers)
+    task_id = (await task.get_json())["id"]
+    data = f'{{"x": {value}, "n": {LONG_NUMBER}}}'
+    task_body = f'{{"kind": "noop", "payload": {data}}}'
+    bodies = [
+        ("POST", "/api/tasks", task_body),
+        ("POST", "/api/tasks/batch", f'{{"tasks": [{{"kind": "noop"}}, {task_body}]}}'),
+        ("POST", f"/api/tasks/{task_id}/signals/go", f'{{"data": {data}}}'),
+        ("POST", "/api/schedules", f'{{"name": "s", "cron": "0 * * * *", "task": {task_body}}}'),
+        ("PUT", "/api/catalog/kinds/reports", f'{{"payload_schema": {{"default": {data}}}}}'),
+    ]  # fmt: skip
+    for method, path, body in bodies:
+        response = await client.open(
+            path, method=method, data=body.encode(), headers={**auth_headers, **JSON}
+        )
+        assert response.status_code == 400, (path, await response.get_data(as_text=True))
+        assert response.mimetype == PROBLEM
+        assert (await response.get_json())["type"] == "urn:taskgate:problem:malformed-json"
+    assert await task_count(clean_database) == 1
+    for table in ("task_signals", "schedules", "remote_kinds"):
+        assert not await fetch(clean_database, f"SELECT 1 FROM {table}")
+    # the long number alone is read exactly, as before
+    exact = await client.post(
+        "/api/tasks", data=f'{{"kind": "noop", "payload": {{"n": {LONG_NUMBER}}}}}'.encode(),
+        headers={**auth_headers, **JSON},
+    )  # fmt: skip
+    assert exact.status_code == 201
+    assert (await exact.get_json())["payload"] == {"n": int(LONG_NUMBER)}

@@ -196,3 +196,37 @@ async def walk_from(
         items += body["items"]
         next_cursor = body.get("next_cursor")
     return items
+
+
+def sort_key(*parts: Any) -> str:
+    """A cursor as the API makes them (base64url of a JSON array), of any key."""
+    import base64
+    import json
+
+    return base64.urlsafe_b64encode(json.dumps(list(parts)).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("url", "cursor"),
+    [
+        ("/api/tasks/{id}/attempts", sort_key(2**63)),
+        ("/api/tasks/{id}/attempts", sort_key(-(2**70))),
+        ("/api/tasks/{id}/steps", sort_key("2026-01-01T00:00:00+00:00", "\ud800")),
+        ("/api/queues", sort_key("\udfff")),
+        ("/api/catalog/kinds", sort_key(1, "a\ud800")),
+        ("/api/hosts", sort_key("\udfff")),
+    ],
+    ids=["attempt past bigint", "attempt below bigint", "step lone surrogate", "queue lone surrogate",
+         "kind lone surrogate", "host lone surrogate"],
+)  # fmt: skip
+async def test_a_cursor_whose_key_no_column_holds_is_a_422(
+    client: Client, auth_headers: dict[str, str], url: str, cursor: str
+) -> None:
+    """JSON, and of the list's shape, but its integer is past a bigint or its text holds a lone
+    surrogate (neither can be a sort key): each went to PostgreSQL's driver, which raised (a 500)."""
+    task = await enqueue(client, auth_headers, kind="noop", delay_s=600)
+    path = url.format(id=task["id"])
+    response = await client.get(path, query_string={"cursor": cursor}, headers=auth_headers)
+    assert response.status_code == 422, (path, await response.get_data(as_text=True))
+    assert response.mimetype == PROBLEM
+    assert [e["field"] for e in (await response.get_json())["errors"]] == ["query.cursor"]

@@ -290,6 +290,36 @@ async def test_deleting_a_kind_discards_its_unstarted_tasks(
     assert "was deleted" in final["last_error"]
 
 
+async def test_a_kind_deleted_and_registered_again_is_held_to_its_new_schemas(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Registered anew, a kind starts again at version 1: its payload and result were checked
+    with the validators compiled for the deleted kind's version 1 (cached per client, name and
+    version), so a payload the new schema refuses was stored, and one it takes was refused."""
+    await register(client, auth_headers)
+    await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})  # compiles it
+    assert (await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)).status_code == 204
+    by_name = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+               "additionalProperties": False}  # fmt: skip
+    by_path = {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}
+    again = await register(client, auth_headers, payload_schema=by_name, result_schema=by_path)
+    assert again["payload_schema"] == by_name
+    old_payload = await client.post(
+        "/api/tasks", json={"kind": "reports.build", "payload": {"account_id": 7}}, headers=auth_headers
+    )
+    assert old_payload.status_code == 422, await old_payload.get_data(as_text=True)
+    task = await enqueue(client, auth_headers, kind="reports.build", payload={"name": "q3"})
+    [item] = (await claim(client, auth_headers))["items"]
+    assert item["id"] == task["id"]
+    [answer] = await complete(
+        client, auth_headers, {"id": task["id"], "attempt": 1, "outcome": "completed", "result": {"url": "x"}}
+    )
+    assert answer["status"] != "completed"  # the deleted kind's result schema took {"url": ...}
+    # the old kind's task was discarded with it; no task of the old contract was stored since
+    stored = await fetch(clean_database, "SELECT status FROM tasks WHERE payload ? 'account_id'")
+    assert [r["status"] for r in stored] == ["discarded"]
+
+
 async def test_in_process_workers_are_listed_too(serving: Any, auth_headers: dict[str, str]) -> None:
     app = await serving(ROLES=["api", "worker"])
     client = app.test_client()

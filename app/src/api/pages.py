@@ -16,9 +16,12 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from app.src.api.errors import Unprocessable
+from app.src.utils import json_text
 
 T = TypeVar("T")
 Key = tuple[str | int, ...]
+# a sort key's integer is a bigint column's value
+BIGINT = range(-(2**63), 2**63)
 
 
 def invalid_cursor() -> Unprocessable:
@@ -44,7 +47,8 @@ def decode(cursor: str, *shape: type[str] | type[int]) -> Key:
         or len(key) != len(shape)
         # bool is an int to isinstance; no sort key is one
         or not all(type(part) is kind for part, kind in zip(key, shape, strict=True))
-        or any(isinstance(part, str) and "\x00" in part for part in key)
+        # what no column holds went as far as the driver, which raised (a 500)
+        or any(json_text.unstorable(part) if isinstance(part, str) else part not in BIGINT for part in key)
     ):
         raise invalid_cursor()
     return tuple(key)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +23,6 @@ from app.src.api.state_machine import TERMINAL, Status, sources
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from app.src.database.notifications import Notifier
-from app.src.utils import json_text
 
 
 async def get(db: Database, *, client_id: UUID, task_id: UUID) -> Task:
@@ -255,21 +253,17 @@ STEPS_PAGE_BYTES = 4 * 1024 * 1024
 
 
 def _steps_cursor(created_at: datetime, name: str) -> str:
-    text = json_text.dumps([created_at.isoformat(), name])
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    return pages.encode((created_at.isoformat(), name))
 
 
 def _after_step(cursor: str) -> tuple[datetime, str]:
+    at, name = pages.decode(cursor, str, str)
     try:
-        at, name = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        when = datetime.fromisoformat(at)
+        when = datetime.fromisoformat(str(at))
         # a time with no UTC reading (9999-12-31T23:59:59-14:00) would fail in the driver
         return (when.replace(tzinfo=UTC) if when.tzinfo is None else when).astimezone(UTC), str(name)
-    except (ValueError, TypeError, OverflowError, binascii.Error):
-        raise Unprocessable(
-            "The cursor is not one this API returned.",
-            errors=[{"field": "query.cursor", "message": "invalid cursor", "type": "value_error"}],
-        ) from None
+    except (ValueError, OverflowError):
+        raise pages.invalid_cursor() from None
 
 
 async def steps(

@@ -28,9 +28,14 @@ class RemoteKindRow:
     description: str | None
     max_attempts: int | None
     version: int
+    # a kind deleted and registered again starts again at version 1: (created_at, version) names
+    # one contract for good
+    created_at: datetime
 
 
-_KIND_COLUMNS = "client_id, name, payload_schema, result_schema, description, max_attempts, version"
+_KIND_COLUMNS = (
+    "client_id, name, payload_schema, result_schema, description, max_attempts, version, created_at"
+)
 
 
 def _kind(row: Mapping[str, Any]) -> RemoteKindRow:

@@ -101,8 +101,30 @@ def loads(data: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     if nesting_exceeds(raw, max_depth):
         raise TooDeep(max_depth)
     if _LONG_NUMBER.search(raw):
-        return json.loads(raw)
+        return _exact_loads(raw)
     return orjson.loads(raw)
+
+
+# What the standard library reads and orjson refuses: NaN and the infinities (not JSON), and the
+# escape of a lone surrogate (no character: PostgreSQL's text and jsonb refuse it). Read, they went
+# as far as the database, and a payload holding one was a 500 instead of this 400.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _exact_loads(raw: bytes) -> Any:
+    """A body with integers beyond 64 bits, read by the standard library held to what orjson reads."""
+    value = json.loads(raw, parse_constant=_not_json)
+    # a surrogate pair's two escapes are one character once read: only a lone one cannot be encoded
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a lone surrogate is not a character") from None
+    return value
 
 
 class OrjsonProvider(DefaultJSONProvider):

@@ -97,6 +97,11 @@ def free_of_nul(values: list[Any]) -> bool:
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+def unstorable(text: str) -> bool:
+    """Whether `text` holds a NUL character or a lone surrogate, which PostgreSQL's text cannot hold."""
+    return _UNSTORABLE.search(text) is not None
+
+
 def storable_text(text: str) -> str:
     """`text` with each NUL character and each lone surrogate (which PostgreSQL's text cannot hold)
     shown as U+FFFD, as an undecodable byte is: for texts that come from outside and are kept as a

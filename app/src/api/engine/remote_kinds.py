@@ -1,9 +1,9 @@
 """Remote kinds: a client's own task kinds, with JSON Schema 2020-12 contracts checked here.
 
-Validators are compiled once per (client, kind, schema version) and kept; the kinds of a client
-are cached for a few seconds (a change on this process is seen at once, on another replica within
-KINDS_TTL_S) and re-read at once when an unknown name is asked for, so a kind registered a moment
-ago can be enqueued right away.
+Validators are compiled once per (client, kind, registration, schema version) and kept; the kinds
+of a client are cached for a few seconds (a change on this process is seen at once, on another
+replica within KINDS_TTL_S) and re-read at once when an unknown name is asked for, so a kind
+registered a moment ago can be enqueued right away.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -211,7 +212,7 @@ _Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
 )
 
 _kinds: dict[UUID, tuple[float, dict[str, RemoteKindRow]]] = {}
-_validators: dict[tuple[UUID, str, int, str], Any] = {}
+_validators: dict[tuple[UUID, str, datetime, int, str], Any] = {}
 
 
 def forget(client_id: UUID) -> None:
@@ -253,7 +254,7 @@ def _validator(kind: RemoteKindRow, which: str) -> Any:
     schema = kind.payload_schema if which == "payload" else kind.result_schema
     if schema is None:
         return None
-    key = (kind.client_id, kind.name, kind.version, which)
+    key = (kind.client_id, kind.name, kind.created_at, kind.version, which)
     validator = _validators.get(key)
     if validator is None:
         if len(_validators) >= _MAX_VALIDATORS:
