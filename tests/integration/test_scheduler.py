@@ -479,11 +479,12 @@ async def test_prune_runs_every_tenth_of_the_shortest_retention(db: Database, se
     assert prune_period(TASK_RETENTION_DAYS=60 / 86_400) == 10
 
 
-async def test_prune_keeps_the_finished_children_of_a_parent_that_has_not_finished(
+async def test_prune_keeps_the_finished_children_of_a_parent_as_long_as_the_parent(
     db: Database, settings: Settings, serving: Serving, auth_headers: dict[str, str], clean_database: str
 ) -> None:
-    """A parent that waits longer than the retention replays its spawns when it runs again: its
-    children must still be there, or they would be created and run a second time."""
+    """A parent that waits longer than the retention replays its spawns when it runs again, and so
+    does a finished one retried by hand: its children must still be there, or they would be
+    created and run a second time. They go with it."""
     api = (await serving(ROLES=["api"])).test_client()
     ids = []
     for _ in range(3):
@@ -508,14 +509,30 @@ async def test_prune_keeps_the_finished_children_of_a_parent_that_has_not_finish
     assert pruned["tasks"] == 1  # the finished parent; not the child of the waiting one
     left = {r["id"] for r in await fetch(clean_database, "SELECT id FROM tasks")}
     assert left == {waiting_parent, child_of_waiting}
-    # once its parent has finished, the child goes at the next prune
+    # its parent finished (and may be retried by hand): the child stays while the parent does
     await fetch(
         clean_database,
-        "UPDATE tasks SET status = 'completed', finished_at = now() WHERE id = $1",
+        "UPDATE tasks SET status = 'discarded', finished_at = now() WHERE id = $1",
         waiting_parent,
     )
-    await Scheduler(db, settings).prune()
-    assert {r["id"] for r in await fetch(clean_database, "SELECT id FROM tasks")} == {waiting_parent}
+    assert await Scheduler(db, settings).prune() is None
+    retried = await api.post(f"/api/tasks/{waiting_parent}/retry", headers=auth_headers)
+    assert retried.status_code == 200, await retried.get_data(as_text=True)
+    left = await fetch(clean_database, "SELECT id, status FROM tasks")
+    assert {(r["id"], r["status"]) for r in left} == {
+        (waiting_parent, "available"),
+        (child_of_waiting, "completed"),
+    }
+    # once the parent is past its retention, both go in one prune (the child in the pass after it)
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET status = 'completed', finished_at = now() - interval '8 days' WHERE id = $1",
+        waiting_parent,
+    )
+    pruned = await Scheduler(db, settings).prune()
+    assert pruned is not None
+    assert pruned["tasks"] == 2
+    assert await fetch(clean_database, "SELECT id FROM tasks") == []
 
 
 async def test_the_scheduler_says_at_start_whether_the_servers_autovacuum_suits_a_queue(

@@ -82,18 +82,16 @@ async def release_lease(conn: Executor, *, job: str, run_id: UUID) -> None:
 
 
 # Finished tasks past retention, with their attempts, in slices so no statement holds locks for
-# long (index: tasks_finished; attempts by task_attempts_task). A child whose parent has not
-# finished stays: the parent's next run replays its spawn, and a child no longer there would be
-# created, and run, again.
+# long (index: tasks_finished; attempts by task_attempts_task). A child stays as long as its parent
+# does: the parent's next run (a later one while it waits, or a retry by hand of a finished one)
+# replays its spawn, and a child no longer there would be created, and run, again. A parent's
+# children go in the pass after it (prune_tasks repeats until a pass deletes nothing).
 PRUNE_TASKS = """
 WITH old AS (
     SELECT id FROM tasks t
     WHERE status IN ('completed', 'discarded', 'cancelled')
       AND finished_at < now() - make_interval(secs => $1)
-      AND NOT EXISTS (
-          SELECT 1 FROM tasks p
-          WHERE p.id = t.parent_id AND p.status NOT IN ('completed', 'discarded', 'cancelled')
-      )
+      AND NOT EXISTS (SELECT 1 FROM tasks p WHERE p.id = t.parent_id)
     ORDER BY finished_at
     LIMIT $2
 ),
@@ -108,7 +106,7 @@ async def prune_tasks(conn: Any, *, older_than_s: float, batch: int = 5000) -> i
         status = await conn.execute(PRUNE_TASKS, older_than_s, batch)
         deleted = int(status.split()[-1])
         total += deleted
-        if deleted < batch:
+        if not deleted:
             return total
 
 
