@@ -85,7 +85,7 @@ async def release_lease(conn: Executor, *, job: str, run_id: UUID) -> None:
 # long (index: tasks_finished; attempts by task_attempts_task). A child stays as long as its parent
 # does: the parent's next run (a later one while it waits, or a retry by hand of a finished one)
 # replays its spawn, and a child no longer there would be created, and run, again. A parent's
-# children go in the pass after it (prune_tasks repeats until a pass deletes nothing).
+# children go in the prune run after the one that deleted it.
 PRUNE_TASKS = """
 WITH old AS (
     SELECT id FROM tasks t
@@ -106,7 +106,9 @@ async def prune_tasks(conn: Any, *, older_than_s: float, batch: int = 5000) -> i
         status = await conn.execute(PRUNE_TASKS, older_than_s, batch)
         deleted = int(status.split()[-1])
         total += deleted
-        if not deleted:
+        # a short pass is the last: at a steady inflow rows pass the cutoff while it runs, so a
+        # pass that deletes nothing might never come
+        if deleted < batch:
             return total
 
 
