@@ -88,6 +88,9 @@ class Claimer:
         # want of budget: its claims pass over durable tasks until it holds less (a task ended),
         # or the tasks handed back would be claimed again at once, round after round.
         self._durable_full_at: int | None = None
+        # What the round in flight has claimed so far (each statement commits its own): a round cut
+        # off by its deadline hands these back instead of leaving them to their leases.
+        self._round: list[ClaimedTask] = []
         self.log = log.bind(worker_id=str(worker_id))
 
     def wake(self) -> None:
@@ -128,6 +131,11 @@ class Claimer:
                 async with asyncio.timeout(self.leases.lease_s - self.leases.margin_s):
                     claimed, again, states = await self._claim(want)
             except Exception as exc:
+                if isinstance(exc, TimeoutError) and self._round:
+                    # a slow database: what the first statements claimed would each lose an attempt
+                    # to its lease (and be discarded unrun on its last); handed back, unspent
+                    await self._release(self._round)
+                self._round = []
                 failures += 1
                 delay = min(self.poll_s * 2 ** (failures - 1), MAX_RETRY_DELAY_S)
                 (self.log.warning if failures == 1 else self.log.debug)(
@@ -213,7 +221,7 @@ class Claimer:
             idle = self._unlimited_idle
             if idle is None or idle[1] != self._announced or time.monotonic() - idle[0] > self.poll_s:
                 announced = self._announced
-                claimed = await task_store.claim_available(
+                claimed = self._round = await task_store.claim_available(
                     conn,
                     limit=want,
                     lease_s=self.leases.lease_s,
@@ -267,6 +275,7 @@ class Claimer:
                         break  # the connection failed: the other queues would wait for it too
                     self._queue_failures.pop(queue.id, None)
                     claimed += got
+                    self._round = claimed
                     again = again or len(got) == share
                 if failed is not None and not claimed:
                     raise failed
@@ -294,6 +303,7 @@ class Claimer:
                         raise
                 else:
                     claimed = await self._hand_back_over_budget(conn, claimed, states, held=held)
+        self._round = []
         return claimed, again, states
 
     async def _hand_back_over_budget(

@@ -6,8 +6,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from quart import Quart
 
+from tests.conftest import driver_uri
 from tests.task_harness import claims_fail_in, enqueue, eventually, fetch, read_records
 
 Serving = Callable[..., Awaitable[Quart]]
@@ -492,6 +494,34 @@ async def test_tasks_claimed_before_the_limited_queues_cannot_be_read_still_run(
     client = app.test_client()
     task = await enqueue(client, auth_headers, kind="noop", payload={})
     await eventually(lambda: _status_is(client, auth_headers, task["id"], "completed"), timeout=4)
+    attempts = await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
+    assert [a["outcome"] for a in attempts["items"]] == ["completed"]
+
+
+async def test_a_claim_round_past_its_deadline_hands_back_what_it_claimed(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A claim round is bounded by the lease it sets. On a slow database (here a limited queue's
+    claim waits for its queue row, each statement within its own deadline, the round not), the
+    tasks its first statement had claimed were left to their leases: each lost an attempt, and one
+    on its last was discarded without having run."""
+    app = await serving(**WORKER, LEASE_SECONDS=2)  # a round has 1 s (the lease less its margin)
+    client = app.test_client()
+    await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
+    # the narrow queue's task due first (its claim then waits for the locked queue row at every
+    # round), the other a moment later: a round claims it, then waits for the narrow queue
+    await enqueue(client, auth_headers, kind="noop", queue="narrow", delay_s=0.5)
+    task = await enqueue(client, auth_headers, kind="noop", max_attempts=1, delay_s=1.5)
+    conn = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM queues WHERE name = 'narrow' FOR UPDATE")
+            await asyncio.sleep(3.5)  # rounds past their deadline, each statement within its own
+    finally:
+        await conn.close()
+    # handed back unspent and claimed again (before: left running until its lease expired)
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=10", headers=auth_headers)).get_json()
+    assert (done["status"], done["attempts"]) == ("completed", 1), done
     attempts = await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
     assert [a["outcome"] for a in attempts["items"]] == ["completed"]
 
