@@ -309,7 +309,9 @@ class Worker:
 
     async def _report_progress(self, task_id: UUID, attempt: int, progress: dict[str, Any]) -> None:
         async with asyncio.timeout(PROGRESS_TIMEOUT_S), self.db.driver() as conn:
-            await task_store.set_progress(conn, task_id=task_id, attempt=attempt, progress=progress)
+            await task_store.set_progress(
+                conn, task_id=task_id, attempt=attempt, worker_id=self.id, progress=progress
+            )
 
     def _cancel_requested(self, task_id: UUID) -> None:
         running = self.holdings.running.get(task_id)

@@ -99,6 +99,30 @@ async def test_a_second_claim_after_rescue_owns_the_task(db: Database) -> None:
         assert len(await store.complete(conn, [completed(fresh)], worker_id=second)) == 1
 
 
+async def test_a_released_runs_progress_never_lands_on_the_next_run_of_its_task(db: Database) -> None:
+    """A released attempt is given back, so the next run of the task (another worker's) carries the
+    same attempt number: guarded by status and attempt only, the first run's late progress report
+    (its handler still going after the release) was written over the new run's."""
+    task_id = await make_task(db)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    claimed = await claim_one(db, first)
+    async with db.driver() as conn:
+        assert await store.release(conn, task_ids=[task_id], worker_id=first) == [task_id]
+    again = await claim_one(db, second)
+    assert again.attempt == claimed.attempt
+    async with db.driver() as conn:
+        await store.set_progress(
+            conn, task_id=task_id, attempt=again.attempt, worker_id=second, progress={"at": 1}
+        )
+        await store.set_progress(
+            conn, task_id=task_id, attempt=claimed.attempt, worker_id=first, progress={"at": 99}
+        )
+        await store.set_progress_many(conn, [(task_id, claimed.attempt, first, {"at": 98})])
+        assert await conn.fetchval("SELECT progress FROM tasks WHERE id = $1", task_id) == {"at": 1}
+        await store.set_progress_many(conn, [(task_id, again.attempt, second, {"at": 2})])
+        assert await conn.fetchval("SELECT progress FROM tasks WHERE id = $1", task_id) == {"at": 2}
+
+
 async def test_enqueue_from_python_commits_with_the_callers_transaction(db: Database) -> None:
     noop = REGISTRY.get("noop")
     assert noop is not None

@@ -1059,46 +1059,52 @@ async def release(conn: Executor, *, task_ids: list[UUID], worker_id: UUID) -> l
     return [row["id"] for row in await conn.fetch(RELEASE, task_ids, worker_id)]
 
 
+# Progress is the running attempt's, guarded as its completion is (status, attempt and worker): a
+# released attempt is given back, so the next run of the task may carry the same number.
 PROGRESS = f"""
 WITH updated AS (
     UPDATE tasks SET progress = $3::jsonb
-    WHERE id = $1 AND attempts = $2 AND status = 'running'
+    WHERE id = $1 AND attempts = $2 AND status = 'running' AND worker_id = $4
     RETURNING id
 )
 SELECT id, (SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) FROM updated) AS _n FROM updated
 """
 
 
-async def set_progress(conn: Executor, *, task_id: UUID, attempt: int, progress: dict[str, Any]) -> None:
-    await conn.fetch(PROGRESS, task_id, attempt, json_text.dumps(progress))
+async def set_progress(
+    conn: Executor, *, task_id: UUID, attempt: int, worker_id: UUID, progress: dict[str, Any]
+) -> None:
+    await conn.fetch(PROGRESS, task_id, attempt, json_text.dumps(progress), worker_id)
 
 
 # A heartbeat's progress reports in one statement (one per task was a round trip each, and the
 # heartbeat's answer waited for all of them), in id order, as the other batch writes lock rows.
 PROGRESS_MANY = f"""
 WITH given AS (
-    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[]) AS g(id, attempt, progress)
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[]) AS g(id, attempt, worker, progress)
 ),
 updated AS (
     UPDATE tasks t SET progress = g.progress::jsonb
     FROM given g
-    WHERE t.id = g.id AND t.attempts = g.attempt AND t.status = 'running'
+    WHERE t.id = g.id AND t.attempts = g.attempt AND t.status = 'running' AND t.worker_id = g.worker
     RETURNING t.id
 )
 SELECT count(pg_notify('{EVENTS_CHANNEL}', id::text)) AS n FROM updated
 """
 
 
-async def set_progress_many(conn: Executor, reports: list[tuple[UUID, int, dict[str, Any]]]) -> None:
-    """Store each (task id, attempt, progress) of a running attempt; stale ones change nothing."""
+async def set_progress_many(conn: Executor, reports: list[tuple[UUID, int, UUID, dict[str, Any]]]) -> None:
+    """Store each (task id, attempt, worker, progress) of a running attempt; stale ones change
+    nothing."""
     if not reports:
         return
     ordered = sorted(reports, key=lambda report: report[0])
     await conn.fetch(
         PROGRESS_MANY,
-        [task_id for task_id, _, _ in ordered],
-        [attempt for _, attempt, _ in ordered],
-        [json_text.dumps(progress) for _, _, progress in ordered],
+        [task_id for task_id, _, _, _ in ordered],
+        [attempt for _, attempt, _, _ in ordered],
+        [worker_id for _, _, worker_id, _ in ordered],
+        [json_text.dumps(progress) for _, _, _, progress in ordered],
     )
 
 

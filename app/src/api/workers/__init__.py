@@ -498,15 +498,18 @@ async def heartbeat(
     if not data.task_ids:
         return [], []
     renewed: list[Any] = []
+    given = data.progress or {}
+    reports: list[tuple[UUID, int, UUID, dict[str, Any]]] = []
     async with db.driver() as conn:
         for worker_id, ids in (await _by_worker(conn, client_id, data.task_ids, data.worker)).items():
-            renewed += await task_store.heartbeat_rows(
-                conn, task_ids=ids, lease_s=lease_s, worker_id=worker_id
-            )
-        given = data.progress or {}
-        await task_store.set_progress_many(
-            conn, [(row["id"], row["attempts"], given[row["id"]]) for row in renewed if row["id"] in given]
-        )
+            rows = await task_store.heartbeat_rows(conn, task_ids=ids, lease_s=lease_s, worker_id=worker_id)
+            renewed += rows
+            reports += [
+                (row["id"], row["attempts"], worker_id, given[row["id"]])
+                for row in rows
+                if row["id"] in given
+            ]
+        await task_store.set_progress_many(conn, reports)
         if data.worker is not None and _due_for_seen(
             remote_worker_id(client_id, data.worker.name), heartbeat=True
         ):
