@@ -952,3 +952,42 @@ async def test_a_redirect_to_another_host_waits_for_that_hosts_permit(
         assert finished["result"]["body"] == "ok"
     assert len(target.to("/slow")) == 4
     assert running["max"] == 1
+
+
+async def test_a_retry_after_date_no_datetime_holds_is_read_as_absent(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """email.utils raises OverflowError, not ValueError, for a date whose year or offset no C
+    integer holds: the answer was never judged. A 202 + Location with such a Retry-After failed
+    the attempt as a crash, so the original request was sent again (a second job at the
+    provider) instead of waiting; a 503 with one was recorded without its status, and its host's
+    circuit and adaptive limit never saw the failure."""
+    huge = "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"
+    target.routes["/jobs"] = answer(202, Location="/jobs/9/status", **{"Retry-After": huge})
+    target.routes["/jobs/9/status"] = answer(202, **{"Retry-After": "60"})
+    target.routes["/busy"] = answer(503, "busy", **{"Retry-After": huge})
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/quick", json={"min_backoff_s": 0.05, "max_backoff_s": 0.1}, headers=auth_headers
+    )
+    accepted = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        queue="quick",
+        max_attempts=2,
+        payload={"url": target.url("/jobs"), "follow_async": True},
+    )
+    busy = await enqueue(
+        client, auth_headers, kind="http", queue="quick", max_attempts=2, payload={"url": target.url("/busy")}
+    )
+    finished = await done(client, auth_headers, busy["id"], wait=15)
+    assert finished["status"] == "discarded", finished
+    records = await attempts(client, auth_headers, busy["id"])
+    assert [(a["outcome"], a["http_status"]) for a in records] == [("failed", 503)] * 2, records
+    assert all(a["error"].startswith("HTTP 503") for a in records), records
+    await eventually(lambda: _status_is(client, auth_headers, accepted["id"], "waiting"))
+    records = await attempts(client, auth_headers, accepted["id"])
+    assert [(a["outcome"], a["http_status"]) for a in records] == [("waiting", 202)], records
+    assert len(target.to("/jobs")) == 1  # the provider was asked once
