@@ -209,6 +209,7 @@ class Scheduler:
         grace = max(0.0, self.shutdown_grace_s)
         deadline = loop.time() + grace
         self._stopping = True
+        self.poller.stop_claiming()
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         self._scheduler = None
@@ -218,6 +219,7 @@ class Scheduler:
             log.info("waiting for maintenance jobs", jobs=sorted(t.get_name() for t in in_flight))
             unwind_s = min(UNWIND_S, grace * UNWIND_SHARE)
             _, late = await asyncio.wait(in_flight, timeout=max(0.0, deadline - unwind_s - loop.time()))
+            late |= set(self.poller.in_flight())  # started by a claim that was in flight
             for task in late:
                 task.cancel()
             if late:

@@ -99,6 +99,11 @@ class StatusPoller:
         self.concurrency = concurrency
         self.run_s = run_s
         self._in_flight: set[asyncio.Task[PollResult]] = set()
+        self._claiming = True
+
+    def stop_claiming(self) -> None:
+        """Shutdown: runs claim nothing more (the polls going on are the scheduler's to end)."""
+        self._claiming = False
 
     def in_flight(self) -> list[asyncio.Task[PollResult]]:
         """Polls still going (the scheduler's shutdown waits for them, then cancels them: a
@@ -115,14 +120,14 @@ class StatusPoller:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.run_s
         counts: Counter[str] = Counter()
-        while (room := min(POLL_BATCH, self.concurrency - len(self._in_flight))) > 0:
+        while self._claiming and (room := min(POLL_BATCH, self.concurrency - len(self._in_flight))) > 0:
             async with self.db.driver() as conn:
                 due = await store.claim_waiting(conn, kinds=kinds, limit=room, margin_s=CLAIM_MARGIN_S)
             if not due:
                 break
             started = [self._start(http, task) for task in due]
             ended, going = await asyncio.wait(started, timeout=max(0.0, deadline - loop.time()))
-            counts.update(str(task.result()) for task in ended)
+            counts.update(str(task.result()) for task in ended if not task.cancelled())
             if going or len(due) < room or loop.time() >= deadline:
                 break
         in_flight = len(self.in_flight())
