@@ -41,7 +41,7 @@ from app.src.api.auth import operators
 from app.src.api.engine import outcomes
 from app.src.api.engine.task_engine import SubmitRules, TaskEngine
 from app.src.api.http import RESOURCE_KEY as HTTP
-from app.src.api.http.poller import poll_waiting_http
+from app.src.api.http.poller import StatusPoller
 from app.src.api.kinds import REGISTRY
 from app.src.database import durable as durable_store
 from app.src.database import maintenance
@@ -148,12 +148,14 @@ class Scheduler:
         self._stopping = False
         self._last_success: dict[str, float] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # its polls outlive the runs that start them: a slow status URL holds up no other task
+        self.poller = StatusPoller(db, self.engine.queues)
         self.jobs = [
             Job("rescue_expired_leases", settings.RESCUE_INTERVAL_S, self.rescue_expired_leases),
             Job(
                 "poll_waiting_http",
                 settings.HTTP_POLL_INTERVAL_S,
-                lambda: poll_waiting_http(self.db, self.resources.get(HTTP), self.engine.queues),
+                lambda: self.poller.run(self.resources.get(HTTP)),
             ),
             Job("sweep_composed_waits", COMPOSED_SWEEP_S, self.sweep_composed_waits),
             Job("fire_schedules", FIRE_INTERVAL_S, self.fire_schedules, cluster_wide=False),
@@ -207,14 +209,17 @@ class Scheduler:
         grace = max(0.0, self.shutdown_grace_s)
         deadline = loop.time() + grace
         self._stopping = True
+        self.poller.stop_claiming()
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         self._scheduler = None
-        in_flight = [task for task in self._in_flight.values() if not task.done()]
+        in_flight: list[asyncio.Task[Any]] = [task for task in self._in_flight.values() if not task.done()]
+        in_flight += self.poller.in_flight()  # cancelled, a poll hands its task back at once
         if in_flight:
             log.info("waiting for maintenance jobs", jobs=sorted(t.get_name() for t in in_flight))
             unwind_s = min(UNWIND_S, grace * UNWIND_SHARE)
             _, late = await asyncio.wait(in_flight, timeout=max(0.0, deadline - unwind_s - loop.time()))
+            late |= set(self.poller.in_flight())  # started by a claim that was in flight
             for task in late:
                 task.cancel()
             if late:

@@ -952,3 +952,90 @@ async def test_a_redirect_to_another_host_waits_for_that_hosts_permit(
         assert finished["result"]["body"] == "ok"
     assert len(target.to("/slow")) == 4
     assert running["max"] == 1
+
+
+async def test_a_retry_after_date_no_datetime_holds_is_read_as_absent(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """email.utils raises OverflowError, not ValueError, for a date whose year or offset no C
+    integer holds: the answer was never judged. A 202 + Location with such a Retry-After failed
+    the attempt as a crash, so the original request was sent again (a second job at the
+    provider) instead of waiting; a 503 with one was recorded without its status, and its host's
+    circuit and adaptive limit never saw the failure."""
+    huge = "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"
+    target.routes["/jobs"] = answer(202, Location="/jobs/9/status", **{"Retry-After": huge})
+    target.routes["/jobs/9/status"] = answer(202, **{"Retry-After": "60"})
+    target.routes["/busy"] = answer(503, "busy", **{"Retry-After": huge})
+    app = await serving(**WORKER)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/quick", json={"min_backoff_s": 0.05, "max_backoff_s": 0.1}, headers=auth_headers
+    )
+    accepted = await enqueue(
+        client,
+        auth_headers,
+        kind="http",
+        queue="quick",
+        max_attempts=2,
+        payload={"url": target.url("/jobs"), "follow_async": True},
+    )
+    busy = await enqueue(
+        client, auth_headers, kind="http", queue="quick", max_attempts=2, payload={"url": target.url("/busy")}
+    )
+    finished = await done(client, auth_headers, busy["id"], wait=15)
+    assert finished["status"] == "discarded", finished
+    records = await attempts(client, auth_headers, busy["id"])
+    assert [(a["outcome"], a["http_status"]) for a in records] == [("failed", 503)] * 2, records
+    assert all(a["error"].startswith("HTTP 503") for a in records), records
+    await eventually(lambda: _status_is(client, auth_headers, accepted["id"], "waiting"))
+    records = await attempts(client, auth_headers, accepted["id"])
+    assert [(a["outcome"], a["http_status"]) for a in records] == [("waiting", 202)], records
+    assert len(target.to("/jobs")) == 1  # the provider was asked once
+
+
+async def test_a_status_url_that_hangs_does_not_hold_up_other_tasks_polls(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """A poll run waited for every poll it started, and the job is elected cluster-wide: one
+    status URL that answered no sooner than its task's timeout_s (up to 900 s, twice: status and
+    result) stopped every other waiting task of every tenant from being polled until it timed out,
+    and turned every replica unready (the job had no success for 30 s)."""
+    release = asyncio.Event()
+
+    async def hanging(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(status=202)
+
+    target.routes["/slow-jobs"] = answer(202, Location="/slow-jobs/status", **{"Retry-After": "0"})
+    target.routes["/slow-jobs/status"] = hanging
+    async_job(target, polls_before_done=0)
+    roles = {**WORKER, "ROLES": ["api", "worker", "scheduler"], "HTTP_POLL_INTERVAL_S": 0.2}
+    app = await serving(**roles)
+    client = app.test_client()
+    try:
+        stuck = await enqueue(
+            client,
+            auth_headers,
+            kind="http",
+            payload={"url": target.url("/slow-jobs"), "follow_async": True, "timeout_s": 120},
+        )
+        await eventually(lambda: target.to("/slow-jobs/status"))  # its poll is in flight, hanging
+        other = await enqueue(
+            client,
+            auth_headers,
+            kind="http",
+            payload={"url": target.url("/jobs", host="localhost"), "follow_async": True},
+        )
+        finished = await done(client, auth_headers, other["id"], wait=15)
+        assert finished["status"] == "completed", finished
+        assert not release.is_set()  # decided while the other poll still hung
+        ready = await (await client.get("/api/common/ready")).get_json()
+        assert ready["ready"] is True, ready
+        assert (await fetch_status(client, auth_headers, stuck["id"])) == "waiting"
+    finally:
+        release.set()
+
+
+async def fetch_status(client: Any, headers: dict[str, str], task_id: str) -> str:
+    task = await (await client.get(f"/api/tasks/{task_id}", headers=headers)).get_json()
+    return str(task["status"])

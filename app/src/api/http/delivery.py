@@ -126,7 +126,7 @@ def retry_after_s(response: HttpResponse, *, now: datetime) -> float | None:
         return min(float(value), MAX_RETRY_AFTER_S)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year or offset no C int holds
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

@@ -55,8 +55,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("taskgate.http.poller")
 
 KIND = "http"
-POLL_BATCH = 200  # due tasks claimed per run
-POLL_CONCURRENCY = 20  # polls in flight per run
+POLL_BATCH = 200  # due tasks claimed per statement
+POLL_CONCURRENCY = 100  # polls in flight per process (HTTP_MAX_CONNECTIONS' default)
+POLL_RUN_S = 5.0  # a run returns after this; polls still going go on beside the next runs
 CLAIM_MARGIN_S = 30.0  # a claim's lease: two requests' timeouts plus this
 FIRST_POLL_S = 1.0
 MAX_POLL_INTERVAL_S = 60.0
@@ -73,34 +74,84 @@ class PollResult(StrEnum):
     ERROR = "error"  # a bug; the claim's lease runs out and the task is polled again
 
 
-async def poll_waiting_http(
-    db: Database, http: OutboundHttp | None, queue_settings: QueueCache
-) -> dict[str, int] | None:
-    """Poll every due waiting http task once; returns counts per outcome (None when idle)."""
-    if http is None:
-        return None
-    kind = REGISTRY.get(KIND)
-    kinds = [kind.name, *kind.aliases] if kind is not None else [KIND]
-    async with db.driver() as conn:
-        due = await store.claim_waiting(conn, kinds=kinds, limit=POLL_BATCH, margin_s=CLAIM_MARGIN_S)
-    if not due:
-        return None
-    limit = asyncio.Semaphore(POLL_CONCURRENCY)
+class StatusPoller:
+    """The `poll_waiting_http` job of one process: its runs and the polls they started.
 
-    async def poll(task: WaitingTask) -> PollResult:
-        async with limit:
-            try:
-                return await poll_one(db, http, task, queue_settings)
-            except asyncio.CancelledError:
-                # shutdown: hand the claim back, so the next replica polls at once, not after the lease
-                await asyncio.shield(_hand_back(db, task))
-                raise
-            except Exception as exc:
-                # the claim's lease runs out and the task is polled again: nothing is lost
-                log.exception("polling a waiting task failed", task_id=str(task.id))
-                return await _give_up_if_late(db, task, exc)
+    A run claims only as many due tasks as the process has free poll slots and returns within
+    POLL_RUN_S; a poll still going then (a status URL that answers no sooner than its task's
+    timeout_s, up to 900 s, twice: status and result) goes on beside the later runs, holding its
+    slot. A run that waited for every poll it started held up the polls of every other waiting task
+    in the cluster (the job is elected: one run at a time) until the slowest timed out, and the
+    job, without a success for that long, turned every replica unready. A destination holds at
+    most HTTP_HOST_MAX_CONCURRENCY slots (its other polls are deferred by its permits).
+    """
 
-    return dict(Counter(await asyncio.gather(*(poll(task) for task in due))))
+    def __init__(
+        self,
+        db: Database,
+        queue_settings: QueueCache,
+        *,
+        concurrency: int = POLL_CONCURRENCY,
+        run_s: float = POLL_RUN_S,
+    ) -> None:
+        self.db = db
+        self.queue_settings = queue_settings
+        self.concurrency = concurrency
+        self.run_s = run_s
+        self._in_flight: set[asyncio.Task[PollResult]] = set()
+        self._claiming = True
+
+    def stop_claiming(self) -> None:
+        """Shutdown: runs claim nothing more (the polls going on are the scheduler's to end)."""
+        self._claiming = False
+
+    def in_flight(self) -> list[asyncio.Task[PollResult]]:
+        """Polls still going (the scheduler's shutdown waits for them, then cancels them: a
+        cancelled poll hands its task back at once)."""
+        return [task for task in self._in_flight if not task.done()]
+
+    async def run(self, http: OutboundHttp | None) -> dict[str, int] | None:
+        """Poll due waiting http tasks for up to POLL_RUN_S; counts per outcome of the polls that
+        ended within it (None when idle)."""
+        if http is None:
+            return None
+        kind = REGISTRY.get(KIND)
+        kinds = [kind.name, *kind.aliases] if kind is not None else [KIND]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.run_s
+        counts: Counter[str] = Counter()
+        while self._claiming and (room := min(POLL_BATCH, self.concurrency - len(self._in_flight))) > 0:
+            async with self.db.driver() as conn:
+                due = await store.claim_waiting(conn, kinds=kinds, limit=room, margin_s=CLAIM_MARGIN_S)
+            if not due:
+                break
+            started = [self._start(http, task) for task in due]
+            ended, going = await asyncio.wait(started, timeout=max(0.0, deadline - loop.time()))
+            counts.update(str(task.result()) for task in ended if not task.cancelled())
+            if going or len(due) < room or loop.time() >= deadline:
+                break
+        in_flight = len(self.in_flight())
+        if in_flight:
+            counts["in_flight"] = in_flight
+        return dict(counts) or None
+
+    def _start(self, http: OutboundHttp, task: WaitingTask) -> asyncio.Task[PollResult]:
+        poll = asyncio.create_task(self._poll(http, task), name=f"poll {task.id}")
+        self._in_flight.add(poll)
+        poll.add_done_callback(self._in_flight.discard)
+        return poll
+
+    async def _poll(self, http: OutboundHttp, task: WaitingTask) -> PollResult:
+        try:
+            return await poll_one(self.db, http, task, self.queue_settings)
+        except asyncio.CancelledError:
+            # shutdown: hand the claim back, so the next replica polls at once, not after the lease
+            await asyncio.shield(_hand_back(self.db, task))
+            raise
+        except Exception as exc:
+            # the claim's lease runs out and the task is polled again: nothing is lost
+            log.exception("polling a waiting task failed", task_id=str(task.id))
+            return await _give_up_if_late(self.db, task, exc)
 
 
 async def poll_one(
