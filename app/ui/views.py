@@ -89,18 +89,17 @@ class _LoginRequired(Exception):
 async def _authenticate() -> None:
     g.ui_session = None
     g.ui_principal = None
-    g.ui_stale_token = None
     if request.endpoint == "ui.static":
         return
     found, stale = session.unpack(request.cookies.get(session.SESSION_COOKIE))
-    if stale is not None:
-        g.ui_stale_token = stale
     if found is not None:
         principal = await _runtime().authenticator.authenticate(found.token)
         if principal is not None and principal.kind == "operator":
             g.ui_session = found
             g.ui_principal = principal
     if g.ui_principal is None and request.endpoint not in PUBLIC_ENDPOINTS:
+        if stale is not None:
+            await _end_idle_session(stale)
         raise _LoginRequired
     if not await session.check_csrf():
         raise Forbidden("This request did not carry the page's CSRF token; reload the page and try again.")
@@ -122,13 +121,17 @@ async def _finish(response: Response) -> Response:
     return response
 
 
+async def _end_idle_session(token: str) -> None:
+    """A genuine cookie left idle too long ends its session for good. Here, before any view, and
+    not in the handler of `_LoginRequired`: an error raised by an error handler (the database out
+    of reach) is answered 500, where the request's own hooks raise to the 503 handler."""
+    principal = await _runtime().authenticator.authenticate(token)
+    if principal is not None and principal.kind == "operator":
+        await operators.logout(_db(), principal=principal)
+
+
 @blueprint.errorhandler(_LoginRequired)
 async def _login_required(_: _LoginRequired) -> Any:
-    stale = g.get("ui_stale_token")
-    if stale:  # the cookie was genuine but idle too long: end its session for good
-        principal = await _runtime().authenticator.authenticate(stale)
-        if principal is not None and principal.kind == "operator":
-            await operators.logout(_db(), principal=principal)
     response: Any
     if request.headers.get("HX-Request") == "true":  # a background refresh: htmx loads the login page
         response = await make_response("", 401, {"HX-Redirect": url_for("ui.login")})

@@ -16,6 +16,10 @@ import asyncpg
 import pytest
 
 from app.database import Database, StorageUnavailable
+from app.src.api.auth import operators
+from app.src.api.models.auth import NewOperator
+from app.ui import session
+from tests.conftest import bearer
 from tests.proxy import TcpProxy
 
 PROBLEM = "application/problem+json"
@@ -164,3 +168,35 @@ async def test_a_request_ended_by_a_deadlock_is_a_503_and_changes_nothing(
         await conn.execute("DROP TRIGGER IF EXISTS conflict ON tasks")
         await conn.execute("DROP FUNCTION IF EXISTS conflict()")
         await conn.close()
+
+
+async def test_a_console_cookie_left_idle_during_an_outage_is_a_503_not_a_500(
+    serving: Any, proxy: TcpProxy, db: Database, operator: NewOperator
+) -> None:
+    """A genuine cookie left idle too long ends its session, which reads and writes PostgreSQL: that
+    ran in the error handler of the redirect to the login page, where an error is answered 500."""
+    app = await serving(DB_URI=proxy.uri, ROLES=["api"])
+    grant = await operators.start_session(db, user_id=operator.user_id)
+    async with app.app_context():
+        idle = session.pack(
+            session.BrowserSession(grant.access_token, int(grant.expires_at.timestamp())),
+            now=time.time() - session.IDLE_TIMEOUT_S - 5,
+        )
+    cookie = {"Cookie": f"{session.SESSION_COOKIE}={idle}"}
+    client = app.test_client(use_cookies=False)
+
+    proxy.refuse()
+    response, elapsed = await timed(client.get("/ui/", headers=cookie, scheme="https"))
+    assert response.status_code == 503, await response.get_data()
+    assert int(response.headers["Retry-After"]) >= 1
+    assert elapsed < ANSWER_WITHIN_S
+
+    await proxy.start()  # once it is back, the idle cookie still ends its session for good
+    deadline = time.monotonic() + 5
+    while (fresh := await client.get("/ui/", headers=cookie, scheme="https")).status_code == 503:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert fresh.status_code == 303
+    assert fresh.headers["Location"].startswith("/ui/login")
+    me = await app.test_client().get("/api/auth/me", headers=bearer(grant.access_token))
+    assert me.status_code == 401
