@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
 
+import structlog
 from pydantic import ValidationError
 from quart import (
     Blueprint,
@@ -33,6 +34,7 @@ from quart import (
 from quart_schema import hide
 from werkzeug.exceptions import HTTPException
 
+from app.database import StorageUnavailable
 from app.runtime import SHUTDOWN_RETRY_AFTER_S, Runtime
 from app.src.api import bulk, console, tasks
 from app.src.api.auth import clients, operators
@@ -47,6 +49,7 @@ from app.ui.charts import throughput_chart
 
 STATIC_DIR = Path(__file__).parent / "static"
 blueprint = Blueprint("ui", __name__, template_folder="templates")
+log = structlog.get_logger("taskgate.ui")
 blueprint.record_once(lambda state: session.install(state.app))
 
 CONTENT_SECURITY_POLICY = (
@@ -537,8 +540,14 @@ async def task_events(task_id: UUID) -> Any:
         return principal is not None and principal.kind == "operator"
 
     async def stream() -> AsyncIterator[bytes]:
-        async for frame in sse.frames(stream_of, allowed=allowed):
-            yield frame
+        try:
+            async for frame in sse.frames(stream_of, allowed=allowed):
+                yield frame
+        except StorageUnavailable as error:
+            # the page reconnects after the `retry` it names, as after a stopping server's
+            log.warning("event stream ended: database unavailable", error=str(error))
+            yield sse.unavailable_event(error.retry_after_s)
+            return
         if stopping.is_set():
             # not the task's end: the page reconnects (to another replica) and follows on
             yield sse.shutdown_event(SHUTDOWN_RETRY_AFTER_S)
