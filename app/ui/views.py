@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
 
+import structlog
 from pydantic import ValidationError
 from quart import (
     Blueprint,
@@ -33,6 +34,7 @@ from quart import (
 from quart_schema import hide
 from werkzeug.exceptions import HTTPException
 
+from app.database import StorageUnavailable
 from app.runtime import SHUTDOWN_RETRY_AFTER_S, Runtime
 from app.src.api import bulk, console, tasks
 from app.src.api.auth import clients, operators
@@ -47,6 +49,7 @@ from app.ui.charts import throughput_chart
 
 STATIC_DIR = Path(__file__).parent / "static"
 blueprint = Blueprint("ui", __name__, template_folder="templates")
+log = structlog.get_logger("taskgate.ui")
 blueprint.record_once(lambda state: session.install(state.app))
 
 CONTENT_SECURITY_POLICY = (
@@ -89,18 +92,17 @@ class _LoginRequired(Exception):
 async def _authenticate() -> None:
     g.ui_session = None
     g.ui_principal = None
-    g.ui_stale_token = None
     if request.endpoint == "ui.static":
         return
     found, stale = session.unpack(request.cookies.get(session.SESSION_COOKIE))
-    if stale is not None:
-        g.ui_stale_token = stale
     if found is not None:
         principal = await _runtime().authenticator.authenticate(found.token)
         if principal is not None and principal.kind == "operator":
             g.ui_session = found
             g.ui_principal = principal
     if g.ui_principal is None and request.endpoint not in PUBLIC_ENDPOINTS:
+        if stale is not None:
+            await _end_idle_session(stale)
         raise _LoginRequired
     if not await session.check_csrf():
         raise Forbidden("This request did not carry the page's CSRF token; reload the page and try again.")
@@ -122,13 +124,17 @@ async def _finish(response: Response) -> Response:
     return response
 
 
+async def _end_idle_session(token: str) -> None:
+    """A genuine cookie left idle too long ends its session for good. Here, before any view, and
+    not in the handler of `_LoginRequired`: an error raised by an error handler (the database out
+    of reach) is answered 500, where the request's own hooks raise to the 503 handler."""
+    principal = await _runtime().authenticator.authenticate(token)
+    if principal is not None and principal.kind == "operator":
+        await operators.logout(_db(), principal=principal)
+
+
 @blueprint.errorhandler(_LoginRequired)
 async def _login_required(_: _LoginRequired) -> Any:
-    stale = g.get("ui_stale_token")
-    if stale:  # the cookie was genuine but idle too long: end its session for good
-        principal = await _runtime().authenticator.authenticate(stale)
-        if principal is not None and principal.kind == "operator":
-            await operators.logout(_db(), principal=principal)
     response: Any
     if request.headers.get("HX-Request") == "true":  # a background refresh: htmx loads the login page
         response = await make_response("", 401, {"HX-Redirect": url_for("ui.login")})
@@ -534,8 +540,14 @@ async def task_events(task_id: UUID) -> Any:
         return principal is not None and principal.kind == "operator"
 
     async def stream() -> AsyncIterator[bytes]:
-        async for frame in sse.frames(stream_of, allowed=allowed):
-            yield frame
+        try:
+            async for frame in sse.frames(stream_of, allowed=allowed):
+                yield frame
+        except StorageUnavailable as error:
+            # the page reconnects after the `retry` it names, as after a stopping server's
+            log.warning("event stream ended: database unavailable", error=str(error))
+            yield sse.unavailable_event(error.retry_after_s)
+            return
         if stopping.is_set():
             # not the task's end: the page reconnects (to another replica) and follows on
             yield sse.shutdown_event(SHUTDOWN_RETRY_AFTER_S)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -18,7 +19,7 @@ import pytest
 
 from app.database import Database
 from tests.conftest import ROOT, driver_uri, make_client
-from tests.e2e.conftest import ServerProcess
+from tests.e2e.conftest import ServerProcess, start_server
 from tests.proxy import TcpProxy
 from tests.task_harness import eventually, fetch
 
@@ -187,3 +188,56 @@ async def test_a_completion_sent_again_tells_what_its_first_send_wrote_from_lost
     rows = await fetch(clean_database, "SELECT id, status FROM tasks WHERE client_id = $1", issued.client_id)
     statuses = {str(r["id"]): r["status"] for r in rows}
     assert statuses == {done: "completed", failed: "retryable", lost: "retryable"}
+
+
+async def test_an_enqueue_without_a_key_answered_503_after_its_task_was_stored_is_not_sent_again(
+    db: Database, clean_database: str, tmp_path: Path
+) -> None:
+    """The server answers 503 when PostgreSQL is lost while it stores a task, and the commit may
+    already have happened (its answer cut on the way back). `enqueue(idempotent=False)` sent the
+    request again after that 503, like a 503 that surely stored nothing: two tasks for one call."""
+    issued = await make_client(db, "no resend after 503")
+    proxy = TcpProxy.to_database(clean_database)
+    await proxy.start()
+    # started in a thread: the proxy serves its connections from this loop
+    server = await asyncio.to_thread(start_server, proxy.uri, tmp_path / "server")
+    conn = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        ca = str(server.data_dir / "tls" / "cert.pem")
+        async with taskgate.AsyncClient(
+            server.base_url, api_key=issued.api_key, verify=ca, timeout_s=10
+        ) as tg:
+            await tg.queues()  # the server's pool is connected, the key lookup warm
+            # every INSERT into tasks takes 1 s more before it commits: long enough to cut it off
+            await conn.execute(
+                """CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+                   BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$"""
+            )
+            await conn.execute(
+                "CREATE TRIGGER slow_insert AFTER INSERT ON tasks FOR EACH STATEMENT "
+                "EXECUTE FUNCTION slow_insert()"
+            )
+            sent = asyncio.create_task(tg.enqueue("noop", {}, idempotent=False))
+
+            async def sleeping() -> bool:
+                return bool(
+                    await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+                )
+
+            await eventually(sleeping, timeout=20, interval=0.02)
+            proxy.freeze()  # the commit's answer is held on its way back to the server
+            await eventually(lambda: tasks_of(clean_database, issued.client_id), timeout=5, interval=0.02)
+            proxy.refuse()  # then every connection is cut: the server answers 503
+            proxy.resume()
+            await proxy.start()  # and PostgreSQL is back at once
+            await conn.execute("DROP TRIGGER slow_insert ON tasks")
+            [answer] = await asyncio.gather(asyncio.wait_for(sent, 30), return_exceptions=True)
+        assert len(await tasks_of(clean_database, issued.client_id)) == 1  # never two
+        assert isinstance(answer, taskgate.ApiError), answer  # the 503, for the caller to decide
+        assert answer.status == 503
+    finally:
+        await asyncio.to_thread(server.stop)
+        await conn.execute("DROP TRIGGER IF EXISTS slow_insert ON tasks")
+        await conn.execute("DROP FUNCTION IF EXISTS slow_insert()")
+        await conn.close()
+        await proxy.close()

@@ -16,6 +16,10 @@ import asyncpg
 import pytest
 
 from app.database import Database, StorageUnavailable
+from app.src.api.auth import operators
+from app.src.api.models.auth import NewOperator
+from app.ui import session
+from tests.conftest import bearer
 from tests.proxy import TcpProxy
 
 PROBLEM = "application/problem+json"
@@ -164,3 +168,78 @@ async def test_a_request_ended_by_a_deadlock_is_a_503_and_changes_nothing(
         await conn.execute("DROP TRIGGER IF EXISTS conflict ON tasks")
         await conn.execute("DROP FUNCTION IF EXISTS conflict()")
         await conn.close()
+
+
+async def test_a_console_cookie_left_idle_during_an_outage_is_a_503_not_a_500(
+    serving: Any, proxy: TcpProxy, db: Database, operator: NewOperator
+) -> None:
+    """A genuine cookie left idle too long ends its session, which reads and writes PostgreSQL: that
+    ran in the error handler of the redirect to the login page, where an error is answered 500."""
+    app = await serving(DB_URI=proxy.uri, ROLES=["api"])
+    grant = await operators.start_session(db, user_id=operator.user_id)
+    async with app.app_context():
+        idle = session.pack(
+            session.BrowserSession(grant.access_token, int(grant.expires_at.timestamp())),
+            now=time.time() - session.IDLE_TIMEOUT_S - 5,
+        )
+    cookie = {"Cookie": f"{session.SESSION_COOKIE}={idle}"}
+    client = app.test_client(use_cookies=False)
+
+    proxy.refuse()
+    response, elapsed = await timed(client.get("/ui/", headers=cookie, scheme="https"))
+    assert response.status_code == 503, await response.get_data()
+    assert int(response.headers["Retry-After"]) >= 1
+    assert elapsed < ANSWER_WITHIN_S
+
+    await proxy.start()  # once it is back, the idle cookie still ends its session for good
+    deadline = time.monotonic() + 5
+    while (fresh := await client.get("/ui/", headers=cookie, scheme="https")).status_code == 503:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert fresh.status_code == 303
+    assert fresh.headers["Location"].startswith("/ui/login")
+    me = await app.test_client().get("/api/auth/me", headers=bearer(grant.access_token))
+    assert me.status_code == 401
+
+
+async def _follow_until_the_database_goes(
+    app: Any, proxy: TcpProxy, path: str, headers: dict[str, str]
+) -> bytes:
+    """What an open event stream sends once PostgreSQL goes away under it; it must end by itself."""
+    client = app.test_client(use_cookies=False)
+    async with client.request(path, headers=headers, scheme="https") as stream:
+        await stream.send_complete()
+        assert b"event: task" in await asyncio.wait_for(stream.receive(), 5)
+        proxy.refuse()
+    return bytes(stream.response_data)
+
+
+async def test_an_open_event_stream_ends_with_a_reconnect_hint_when_the_database_goes(
+    serving: Any, proxy: TcpProxy, db: Database, operator: NewOperator, auth_headers: dict[str, str]
+) -> None:
+    """A stream answers 200 before PostgreSQL goes, so no 503 can follow: its read raised out of
+    the application (an error logged, the connection cut mid-body, the browser's EventSource told
+    nothing about when to come back). It ends instead with the SSE `retry` field."""
+    app = await serving(DB_URI=proxy.uri, ROLES=["api"])
+    client = app.test_client()
+    created = await client.post(
+        "/api/tasks", json={"kind": "noop", "queue": "unserved"}, headers=auth_headers
+    )
+    task_id = (await created.get_json())["id"]
+    grant = await operators.start_session(db, user_id=operator.user_id)
+    async with app.app_context():
+        cookie = session.pack(session.BrowserSession(grant.access_token, int(grant.expires_at.timestamp())))
+
+    for path, headers in (
+        (f"/api/tasks/{task_id}/events", auth_headers),
+        (f"/ui/tasks/{task_id}/events", {"Cookie": f"{session.SESSION_COOKIE}={cookie}"}),
+    ):
+        began = time.monotonic()
+        tail = await asyncio.wait_for(_follow_until_the_database_goes(app, proxy, path, headers), 15)
+        assert time.monotonic() - began < ANSWER_WITHIN_S + 5  # a stream's reads wait up to ~5 s
+        assert tail.endswith(b'retry: 1000\nevent: unavailable\ndata: {"retry_after_s": 1}\n\n'), tail
+        await proxy.start()
+        deadline = time.monotonic() + 5
+        while (await client.get(f"/api/tasks/{task_id}", headers=auth_headers)).status_code == 503:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)

@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
+import structlog
 from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
+from app.database import StorageUnavailable
 from app.middlewares import bearer_token, header, requires_scopes
 from app.routes.context import (
     client_id,
@@ -47,6 +49,7 @@ from app.src.api.state_machine import Status
 from app.src.utils import json_provider, sse
 
 blueprint = Blueprint("tasks", __name__)
+log = structlog.get_logger("taskgate.http")
 SHUTDOWN_EVENT = sse.shutdown_event(SHUTDOWN_RETRY_AFTER_S)
 
 
@@ -170,7 +173,8 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
 
     A `text/event-stream` of `event: task` messages whose data is the object documented here. A
     server that is shutting down ends the stream with `event: shutdown` (data `{"retry_after_s":
-    1}`, and the SSE `retry` field): reconnect, another replica answers.
+    1}`, and the SSE `retry` field): reconnect, another replica answers. One whose database goes
+    away ends it with `event: unavailable` (the same data and `retry`).
     """
     await tasks.get(db(), client_id=client_id(), task_id=task_id)  # 404 before the stream opens
     stopping = runtime().shutting_down
@@ -183,8 +187,13 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
         return principal is not None and "tasks:read" in principal.scopes
 
     async def stream() -> AsyncIterator[bytes]:
-        async for frame in sse.frames(stream_of, allowed=allowed):
-            yield frame
+        try:
+            async for frame in sse.frames(stream_of, allowed=allowed):
+                yield frame
+        except StorageUnavailable as error:
+            log.warning("event stream ended: database unavailable", error=str(error))
+            yield sse.unavailable_event(error.retry_after_s)
+            return
         if stopping.is_set():
             # the server is shutting down: say so, and when to reconnect, then end the stream
             yield SHUTDOWN_EVENT

@@ -50,3 +50,12 @@ def shutdown_event(retry_after_s: int) -> bytes:
     return (
         f'retry: {retry_after_s * 1000}\nevent: shutdown\ndata: {{"retry_after_s": {retry_after_s}}}\n\n'
     ).encode()
+
+
+def unavailable_event(retry_after_s: int) -> bytes:
+    """The last message of a stream whose database went away under it: its 200 was sent, so no
+    503 can follow; reconnect after this long (the SSE `retry` field), and the new request gets
+    the 503 with Retry-After while the database is still out of reach."""
+    return (
+        f'retry: {retry_after_s * 1000}\nevent: unavailable\ndata: {{"retry_after_s": {retry_after_s}}}\n\n'
+    ).encode()

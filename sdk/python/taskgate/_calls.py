@@ -91,16 +91,16 @@ def _idempotency(key: str | None, idempotent: bool) -> dict[str, str]:
 
 
 def enqueue(body: dict[str, Any], *, idempotency_key: str | None, idempotent: bool) -> Call[Task]:
-    return Call("POST", "/api/tasks", _TASK, json=body, headers=_idempotency(idempotency_key, idempotent))
+    headers = _idempotency(idempotency_key, idempotent)
+    return Call("POST", "/api/tasks", _TASK, json=body, headers=headers, once=not headers)
 
 
 def enqueue_many(
     tasks: Sequence[Mapping[str, Any]], *, idempotency_key: str | None, idempotent: bool
 ) -> Call[dict[str, list[Task]]]:
     body = {"tasks": [dict(t) for t in tasks]}
-    return Call(
-        "POST", "/api/tasks/batch", _TASKS, json=body, headers=_idempotency(idempotency_key, idempotent)
-    )
+    headers = _idempotency(idempotency_key, idempotent)
+    return Call("POST", "/api/tasks/batch", _TASKS, json=body, headers=headers, once=not headers)
 
 
 def get(task_id: TaskId, *, wait_s: float | None = None) -> Call[Task]:

@@ -42,6 +42,9 @@ class Call(Generic[T]):
     # set when a success answer carried Retry-After (a long-poll a stopping server ended early):
     # how long to wait before sending the call again (bounded as every Retry-After is)
     retry_after_s: float | None = None
+    # each time the server carries it out it makes something new (an enqueue without an
+    # Idempotency-Key): never sent again once it may have been carried out, a 503 included
+    once: bool = False
 
     @property
     def resendable(self) -> bool:
@@ -130,17 +133,25 @@ def reconnect_hint_s(name: str, data: str) -> float | None:
     return None
 
 
-def should_retry(response: httpx.Response | None, error: Exception | None, resendable: bool = False) -> bool:
+def should_retry(
+    response: httpx.Response | None, error: Exception | None, resendable: bool = False, *, once: bool = False
+) -> bool:
     """Whether to send a call again (after `retry_after_s`): 429 and 503, and a request that
     surely never reached the server. A `resendable` call (a read, or one with an Idempotency-Key) also after
     its answer was lost (a read timeout, a dropped connection) and while its first request is
-    still in flight (409 idempotency-in-flight): the server makes its tasks once per key."""
+    still in flight (409 idempotency-in-flight): the server makes its tasks once per key.
+
+    A call made `once` is not sent again after a 503: the server answers 503 when PostgreSQL is
+    lost while it stores a task, and the commit may have happened (its answer lost on the way
+    back), as a proxy's 503 may come after the server did the work. A 429 refused it first."""
     if error is not None:
         if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
             return True  # the request surely never reached the server: safe to send again
         return resendable and isinstance(error, (httpx.TimeoutException, httpx.NetworkError,
                                                  httpx.RemoteProtocolError))  # fmt: skip
     if response is None:
+        return False
+    if response.status_code == 503 and once:
         return False
     if response.status_code in RETRY_STATUSES:
         return True

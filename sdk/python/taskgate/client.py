@@ -154,7 +154,9 @@ class Client:
                 )  # fmt: skip
             except httpx.TransportError as exc:
                 error = exc
-            if attempt < self.config.max_retries and should_retry(response, error, call.resendable):
+            if attempt < self.config.max_retries and should_retry(
+                response, error, call.resendable, once=call.once
+            ):
                 time.sleep(retry_after_s(response, attempt))
                 attempt += 1
                 continue
@@ -465,7 +467,9 @@ class AsyncClient:
                 )  # fmt: skip
             except httpx.TransportError as exc:
                 error = exc
-            if attempt < self.config.max_retries and should_retry(response, error, call.resendable):
+            if attempt < self.config.max_retries and should_retry(
+                response, error, call.resendable, once=call.once
+            ):
                 await asyncio.sleep(retry_after_s(response, attempt))
                 attempt += 1
                 continue

@@ -55,6 +55,29 @@ def test_429_and_503_are_retried_after_retry_after_with_the_same_idempotency_key
     assert len(keys) == 1
 
 
+def test_an_enqueue_without_a_key_is_sent_again_after_a_429_never_after_a_503(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 503 may come after the task was stored (the commit's answer lost between PostgreSQL and
+    the server): without a key, sending it again can make a second task. A 429 stored nothing."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    unavailable = {"type": "urn:taskgate:problem:unavailable", "title": "t", "status": 503}
+    for send in (
+        lambda tg: tg.enqueue("noop", {}, idempotent=False),
+        lambda tg: tg.enqueue_many([{"kind": "noop"}], idempotent=False),
+    ):
+        seen: list[httpx.Request] = []
+        answers = [
+            httpx.Response(429, headers={"Retry-After": "1"}, json={"status": 429}),
+            httpx.Response(503, headers={"Retry-After": "1"}, json=unavailable),
+            httpx.Response(201, json=TASK),
+        ]
+        with pytest.raises(taskgate.ApiError) as refused:
+            send(client(answers, seen))
+        assert (refused.value.status, len(seen)) == (503, 2)
+        assert all("Idempotency-Key" not in r.headers for r in seen)
+
+
 def test_retries_are_bounded_and_problems_become_api_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
     seen: list[httpx.Request] = []
