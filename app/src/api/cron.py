@@ -24,9 +24,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -55,6 +55,20 @@ class CronError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+# What ZoneInfo opens beyond the IANA zones: the server's own `localtime` (each replica's may differ)
+# and the `posix/` and `right/` trees (`right/` counts leap seconds: its fires come 27 s late).
+@cache
+def _iana_names() -> frozenset[str]:
+    return frozenset(available_timezones() - {"localtime"})
+
+
+def check_iana(name: str) -> None:
+    """CronError naming the timezone field unless `name` is an IANA zone (for schedules written
+    from now on; stored ones keep firing in whatever zone they were accepted in)."""
+    if name not in _iana_names():
+        raise CronError("timezone", f"unknown time zone {name!r} (use an IANA name like Europe/Berlin)")
 
 
 def zone(name: str) -> ZoneInfo:

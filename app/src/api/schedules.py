@@ -55,6 +55,7 @@ async def _checked(
     errors: list[dict[str, Any]] = []
     parsed = None
     try:
+        crontab.check_iana(timezone)
         parsed = crontab.parse(cron, timezone, allow_seconds=allow_seconds)
     except crontab.CronError as exc:
         errors.append({"field": f"body.{exc.field}", "message": str(exc), "type": exc.field})
