@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -241,3 +242,170 @@ async def test_an_enqueue_without_a_key_answered_503_after_its_task_was_stored_i
         await conn.execute("DROP FUNCTION IF EXISTS slow_insert()")
         await conn.close()
         await proxy.close()
+
+
+@contextlib.asynccontextmanager
+async def behind_a_database_proxy(
+    clean_database: str, data_dir: Path
+) -> AsyncIterator[tuple[ServerProcess, TcpProxy, asyncpg.Connection]]:
+    """The server with its PostgreSQL behind a proxy the test cuts, and a connection of the test's own."""
+    proxy = TcpProxy.to_database(clean_database)
+    await proxy.start()
+    # started in a thread: the proxy serves its connections from this loop
+    server = await asyncio.to_thread(start_server, proxy.uri, data_dir)
+    conn = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        yield server, proxy, conn
+    finally:
+        await asyncio.to_thread(server.stop)
+        await conn.close()
+        await proxy.close()
+
+
+async def answered_503_after_its_commit(
+    conn: asyncpg.Connection,
+    proxy: TcpProxy,
+    *,
+    table: str,
+    event: str,
+    send: Any,
+    stored: Any,
+) -> Any:
+    """What the SDK call `send` returns (or raises) when the server's PostgreSQL is cut off right
+    after the call's transaction committed (a deferred trigger makes its COMMIT take 1 s; the
+    proxy holds the answer and then cuts every connection): the server answers 503."""
+    await conn.execute(
+        """CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$"""
+    )
+    await conn.execute(
+        f"CREATE CONSTRAINT TRIGGER slow_commit AFTER {event} ON {table} "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+    )
+    try:
+        sent = asyncio.create_task(send)
+
+        async def sleeping() -> bool:
+            return bool(
+                await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+            )
+
+        await eventually(sleeping, timeout=20, interval=0.02)
+        proxy.freeze()  # the commit's answer is held on its way back to the server
+        await eventually(stored, timeout=5, interval=0.02)
+        proxy.refuse()  # then every connection is cut: the server answers 503
+        proxy.resume()
+        await proxy.start()  # and PostgreSQL is back at once
+        await conn.execute(f"DROP TRIGGER slow_commit ON {table}")
+        [answer] = await asyncio.gather(asyncio.wait_for(sent, 30), return_exceptions=True)
+        return answer
+    finally:
+        await conn.execute(f"DROP TRIGGER IF EXISTS slow_commit ON {table}")
+
+
+async def test_a_signal_and_a_schedule_answered_503_after_their_commit_succeed_once(
+    db: Database, clean_database: str, tmp_path: Path
+) -> None:
+    """Sent again after that 503, a signal was refused 409 "already received" and a schedule 409
+    "already exists": `signal` and `create_schedule` raised for calls that had succeeded. The
+    server now answers the same signal (task, name, data) and the same schedule (name and
+    definition) as it did the first time: each call returns, and each was stored once."""
+    issued = await make_client(db, "signal after 503")
+    async with behind_a_database_proxy(clean_database, tmp_path / "server") as (server, proxy, conn):
+        ca = str(server.data_dir / "tls" / "cert.pem")
+        async with taskgate.AsyncClient(
+            server.base_url, api_key=issued.api_key, verify=ca, timeout_s=10
+        ) as tg:
+            task = await tg.enqueue("noop", {}, delay_s=3600)
+
+            async def signal_kept() -> bool:
+                return bool(
+                    await conn.fetchval("SELECT count(*) FROM task_signals WHERE task_id = $1", task.id)
+                )
+
+            answer = await answered_503_after_its_commit(
+                conn, proxy, table="task_signals", event="INSERT",
+                send=tg.signal(task.id, "go", {"n": 1}), stored=signal_kept,
+            )  # fmt: skip
+            assert isinstance(answer, dict), answer
+            assert answer["name"] == "go"
+            assert await conn.fetchval("SELECT count(*) FROM task_signals") == 1
+
+            async def schedule_kept() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) FROM schedules"))
+
+            made = await answered_503_after_its_commit(
+                conn, proxy, table="schedules", event="INSERT",
+                send=tg.create_schedule("nightly", "0 2 * * *", {"kind": "noop"}), stored=schedule_kept,
+            )  # fmt: skip
+            assert isinstance(made, taskgate.Schedule), made
+            rows = await conn.fetch("SELECT id FROM schedules")
+            assert [r["id"] for r in rows] == [made.id]
+
+
+async def test_a_cancel_answered_503_after_its_commit_returns_the_cancelled_task(
+    db: Database, clean_database: str, tmp_path: Path
+) -> None:
+    """Sent again after that 503, the cancel was refused 409 ("cancelled and can no longer be
+    cancelled"): `cancel` raised for the task it had cancelled."""
+    issued = await make_client(db, "cancel after 503")
+    async with behind_a_database_proxy(clean_database, tmp_path / "server") as (server, proxy, conn):
+        ca = str(server.data_dir / "tls" / "cert.pem")
+        async with taskgate.AsyncClient(
+            server.base_url, api_key=issued.api_key, verify=ca, timeout_s=10
+        ) as tg:
+            task = await tg.enqueue("noop", {}, delay_s=3600)
+
+            async def cancelled() -> bool:
+                return await conn.fetchval("SELECT status FROM tasks WHERE id = $1", task.id) == "cancelled"
+
+            answer = await answered_503_after_its_commit(
+                conn, proxy, table="tasks", event="UPDATE", send=tg.cancel(task.id), stored=cancelled
+            )
+            assert isinstance(answer, taskgate.Task), answer
+            assert (answer.id, answer.status) == (task.id, "cancelled")
+
+
+async def test_a_trigger_or_a_retry_answered_503_after_its_commit_is_not_sent_again(
+    db: Database, clean_database: str, tmp_path: Path
+) -> None:
+    """Sent again after that 503, a schedule's trigger made a second task (two fires for one call),
+    and a retry by hand was refused 409 for the task it had retried (or, had the task failed again
+    meanwhile, retried it a second time). Neither is sent again after a 503: the caller gets it."""
+    issued = await make_client(db, "trigger after 503")
+    async with behind_a_database_proxy(clean_database, tmp_path / "server") as (server, proxy, conn):
+        ca = str(server.data_dir / "tls" / "cert.pem")
+        async with taskgate.AsyncClient(
+            server.base_url, api_key=issued.api_key, verify=ca, timeout_s=10
+        ) as tg:
+            schedule = await tg.create_schedule("nightly", "0 2 * * *", {"kind": "noop"}, paused=True)
+
+            async def fired() -> bool:
+                return bool(await tasks_of(clean_database, issued.client_id))
+
+            answer = await answered_503_after_its_commit(
+                conn,
+                proxy,
+                table="tasks",
+                event="INSERT",
+                send=tg.trigger_schedule(schedule.id),
+                stored=fired,
+            )
+            assert len(await tasks_of(clean_database, issued.client_id)) == 1  # never two
+            assert isinstance(answer, taskgate.ApiError), answer
+            assert answer.status == 503
+
+            [task_id] = await tasks_of(clean_database, issued.client_id)
+            await tg.cancel(task_id)
+
+            async def retried() -> bool:
+                return (
+                    await conn.fetchval("SELECT status FROM tasks WHERE id = $1", UUID(task_id))
+                    != "cancelled"
+                )
+
+            answer = await answered_503_after_its_commit(
+                conn, proxy, table="tasks", event="UPDATE", send=tg.retry(task_id), stored=retried
+            )
+            assert isinstance(answer, taskgate.ApiError), answer
+            assert answer.status == 503

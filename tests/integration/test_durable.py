@@ -976,3 +976,34 @@ async def test_a_tasks_steps_are_listed_in_pages_bounded_in_count_and_bytes(
         bad = await client.get(f"/api/tasks/{small['id']}/steps?cursor={cursor}", headers=auth_headers)
         assert bad.status_code == 422
         assert (await bad.get_json())["errors"][0]["field"] == "query.cursor"
+
+
+async def test_the_same_signal_sent_again_is_answered_as_the_first_and_delivered_once(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A signal answered 503 after its commit, or whose answer was lost, and sent again was a 409
+    "already received": the SDK raised for a signal that had been delivered. The same name and
+    data sent again is answered 202 (the task's status now) and kept once; other data is a 409."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    task = await enqueue(client, auth_headers, kind="test.await_signal", queue="held", payload={"name": "go"})
+    path = f"/api/tasks/{task['id']}/signals/go"
+    first = await client.post(path, json={"data": {"n": 1, "m": [1, 2]}}, headers=auth_headers)
+    assert first.status_code == 202
+    again = await client.post(path, json={"data": {"m": [1, 2], "n": 1}}, headers=auth_headers)
+    assert again.status_code == 202, await again.get_data(as_text=True)
+    assert await again.get_json() == await first.get_json()
+    other = await client.post(path, json={"data": {"n": 2, "m": [1, 2]}}, headers=auth_headers)
+    assert other.status_code == 409
+    kept = await fetch(clean_database, "SELECT data FROM task_signals WHERE task_id = $1", UUID(task["id"]))
+    assert len(kept) == 1
+    await client.post("/api/queues/held/resume", headers=auth_headers)
+    done = await wait_done(client, auth_headers, task["id"])
+    assert done["result"] == {"data": {"n": 1, "m": [1, 2]}}
+    # delivered and finished: the same signal sent again still gets the first one's answer
+    late = await client.post(path, json={"data": {"n": 1, "m": [1, 2]}}, headers=auth_headers)
+    assert late.status_code == 202
+    assert (await late.get_json())["status"] == "completed"
+    attempts = await get(client, auth_headers, f"/api/tasks/{task['id']}/attempts")
+    assert [a["outcome"] for a in attempts["items"]].count("completed") == 1

@@ -122,7 +122,7 @@ async def test_seconds_are_refused_outside_tests(serving: Any, auth_headers: dic
 
 async def test_names_are_unique_per_client(client: Client, auth_headers: dict[str, str]) -> None:
     await create(client, auth_headers)
-    again = await client.post("/api/schedules", json=NIGHTLY, headers=auth_headers)
+    again = await client.post("/api/schedules", json={**NIGHTLY, "cron": "@hourly"}, headers=auth_headers)
     assert again.status_code == 409
     assert again.mimetype == PROBLEM
     other = await create(client, auth_headers, name="other")
@@ -237,3 +237,38 @@ async def test_schedules_need_the_schedules_admin_scope(app: Quart, client: Clie
     ):  # fmt: skip
         response = await client.open(url, method=method, json=NIGHTLY, headers=headers)
         assert response.status_code == 403, (method, url)
+
+
+async def test_the_same_schedule_sent_again_is_answered_as_it_is_not_409(
+    client: Client, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A creation answered 503 after its commit (PostgreSQL lost on the way back), or whose answer
+    was lost, and sent again was a 409 "already exists" for the schedule it had made: the SDK
+    raised for a call that succeeded. The same name and definition is answered 200 with the
+    schedule; a schedule of that name that differs in anything is still a 409."""
+    template = {
+        **NIGHTLY,
+        "task": {"queue": "reports", "kind": "noop", "payload": {"seconds": 1, "tags": ["a"]}},
+    }
+    created = await create(client, auth_headers, **template)
+    # the same request (its payload keys in another order, the cron with blanks around it)
+    same = {
+        **template,
+        "cron": f" {NIGHTLY['cron']} ",
+        "task": {**template["task"], "payload": {"tags": ["a"], "seconds": 1}},
+    }
+    again = await client.post("/api/schedules", json=same, headers=auth_headers)
+    assert again.status_code == 200, await again.get_data(as_text=True)
+    assert await again.get_json() == created
+    for differs in (
+        {"cron": "@hourly"},
+        {"timezone": "UTC"},
+        {"paused": True},
+        {"task": {**template["task"], "queue": "other"}},
+        {"task": {**template["task"], "payload": {"seconds": True, "tags": ["a"]}}},
+        {"task": {**template["task"], "concurrency_key": "k"}},
+    ):
+        refused = await client.post("/api/schedules", json={**template, **differs}, headers=auth_headers)
+        assert refused.status_code == 409, differs
+    rows = await fetch(clean_database, "SELECT id FROM schedules")
+    assert [str(r["id"]) for r in rows] == [created["id"]]

@@ -36,18 +36,21 @@ def _allow_seconds() -> bool:
 @requires_scopes(SCOPE)
 @validate_request(ScheduleIn)
 @validate_response(ScheduleOut, 201)
+@validate_response(ScheduleOut, 200)
 async def create_schedule(data: ScheduleIn) -> tuple[ScheduleOut, int]:
     """Create a schedule; `next_run_at` is its first fire time in UTC.
 
     A bad cron expression or time zone is a 422 naming `body.cron` or `body.timezone`; the task
-    payload is validated against its kind (`body.task.payload.*`). Names are unique per client (409).
+    payload is validated against its kind (`body.task.payload.*`). Names are unique per client: a
+    schedule of that name that is exactly this one (name, cron, timezone, task, paused) is answered
+    200 as it is (the same request sent again, its first answer lost); one that differs is a 409.
     The task's queue is made with the schedule, within the client's CLIENT_MAX_QUEUES: past it, a 409
     `urn:taskgate:problem:too-many-queues` naming `body.task.queue` (the same for a PATCH of `task`).
     """
-    schedule = await schedules.create(
+    schedule, created = await schedules.create(
         engine(), client_id=client_id(), data=data, allow_seconds=_allow_seconds()
     )
-    return ScheduleOut.from_domain(schedule), 201
+    return ScheduleOut.from_domain(schedule), 201 if created else 200
 
 
 @blueprint.get("")

@@ -9,6 +9,7 @@ one task that says how many fire times it stands for.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -88,7 +89,31 @@ def _name_taken(name: str) -> Conflict:
 # --- client operations ---------------------------------------------------------------------------
 
 
-async def create(engine: TaskEngine, *, client_id: UUID, data: ScheduleIn, allow_seconds: bool) -> Schedule:
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _same_definition(schedule: Schedule, data: ScheduleIn) -> bool:
+    """Whether a stored schedule is what `data` asks for (its name, cron, time zone, template and
+    paused flag): the same creation sent again."""
+    return (
+        schedule.name == data.name
+        and schedule.cron == data.cron.strip()
+        and schedule.timezone == data.timezone
+        and schedule.paused == data.paused
+        and schedule.queue == data.task.queue
+        and schedule.kind == data.task.kind
+        and _canonical(schedule.payload) == _canonical(data.task.payload)
+        and schedule.concurrency_key == data.task.concurrency_key
+    )
+
+
+async def create(
+    engine: TaskEngine, *, client_id: UUID, data: ScheduleIn, allow_seconds: bool
+) -> tuple[Schedule, bool]:
+    """The new schedule, and whether it was made now. A schedule of that name that is already
+    exactly this one (the same request sent again after its answer was lost, or a 503 after its
+    commit) is answered as it is (False); one of that name that differs is a 409."""
     parsed = await _checked(
         engine,
         client_id=client_id,
@@ -97,11 +122,11 @@ async def create(engine: TaskEngine, *, client_id: UUID, data: ScheduleIn, allow
         task=data.task,
         allow_seconds=allow_seconds,
     )
-    async with engine.db.driver() as conn, conn.transaction():
-        await _ensure_queue(conn, engine, client_id=client_id, task=data.task)
-        next_run_at = None if data.paused else parsed.next_after(await schedule_store.now(conn))
-        try:
-            return await schedule_store.insert(
+    try:
+        async with engine.db.driver() as conn, conn.transaction():
+            await _ensure_queue(conn, engine, client_id=client_id, task=data.task)
+            next_run_at = None if data.paused else parsed.next_after(await schedule_store.now(conn))
+            created = await schedule_store.insert(
                 conn,
                 schedule_id=uuid7(),
                 client_id=client_id,
@@ -115,8 +140,13 @@ async def create(engine: TaskEngine, *, client_id: UUID, data: ScheduleIn, allow
                 next_run_at=next_run_at,
                 concurrency_key=data.task.concurrency_key,
             )
-        except NameTaken:
-            raise _name_taken(data.name) from None
+    except NameTaken:
+        async with engine.db.driver() as conn:
+            existing = await schedule_store.named(conn, client_id=client_id, name=data.name)
+        if existing is not None and _same_definition(existing, data):
+            return existing, False
+        raise _name_taken(data.name) from None
+    return created, True
 
 
 async def get(db: Database, *, client_id: UUID, schedule_id: UUID) -> Schedule:

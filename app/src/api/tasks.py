@@ -298,14 +298,18 @@ def signal_name(name: str, *, field: str) -> str:
 
 async def signal(db: Database, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> str:
     """Keep a signal for the task (delivered to `ctx.wait_signal(name)`, now or when it waits);
-    the task's status afterwards. A second signal of the same name, one for a finished task, or
-    one whose wait timed out, is a 409 and changes nothing."""
+    the task's status afterwards. A second signal of the same name with other data, one for a
+    finished task, or one whose wait timed out, is a 409 and changes nothing. The same signal again
+    (same name, same data: a request sent again after its answer was lost, a 503 after its commit)
+    is answered as the first was, with the task's status now, and changes nothing."""
     async with db.driver() as conn:
         sent = await durable_store.send_signal(
             conn, client_id=client_id, task_id=task_id, name=name, data=data
         )
     if sent.task_status is None:
         raise NotFound(f"No task {task_id}.")
+    if sent.repeated and not sent.stored:
+        return sent.task_status
     if Status(sent.task_status) in TERMINAL:
         raise Conflict(f"Task {task_id} is {sent.task_status}; it can no longer receive signals.")
     if sent.timed_out:

@@ -570,6 +570,8 @@ async def mark_dependencies(conn: Executor, *, client_id: UUID, ids: Sequence[UU
 # transaction, so that this statement's snapshot sees a sweep that held the lock until then.
 # A signal is also refused when it would take the task's state past MAX_STATE_BYTES, or when the
 # task keeps MAX_PENDING_SIGNALS signals no wait has received yet (`full` says which).
+# `repeated` says the task already keeps a signal of this name with the same data (jsonb equality):
+# the same request sent again, its first answer lost; it is answered as the first was.
 LOCK_SIGNAL_TARGET = "SELECT id FROM tasks WHERE id = $1 AND client_id = $2 FOR UPDATE"
 SEND_SIGNAL = f"""
 WITH target AS (
@@ -578,6 +580,8 @@ WITH target AS (
                    WHERE s.task_id = tasks.id AND s.name = $3 AND s.wait
                      AND s.result @> '{{"timed_out": true}}'::jsonb) AS timed_out,
            EXISTS (SELECT 1 FROM task_signals g WHERE g.task_id = tasks.id AND g.name = $3) AS known,
+           EXISTS (SELECT 1 FROM task_signals g
+                   WHERE g.task_id = tasks.id AND g.name = $3 AND g.data = $4::jsonb) AS repeated,
            (SELECT count(*) FROM task_signals g
             WHERE g.task_id = tasks.id
               AND NOT EXISTS (SELECT 1 FROM task_steps w
@@ -619,6 +623,7 @@ notified AS (
 SELECT (SELECT status FROM target) AS task_status, (SELECT count(*) FROM stored) AS stored,
        (SELECT status FROM woken) AS status, (SELECT timed_out FROM target) AS timed_out,
        (SELECT why FROM refusal) AS refused, (SELECT state_bytes FROM target) AS state_bytes,
+       (SELECT repeated FROM target) AS repeated,
        (SELECT n FROM notified) AS _n
 """
 
@@ -632,6 +637,7 @@ class SignalSent:
     full: str | None = None  # not kept: "bytes" (MAX_STATE_BYTES) or "pending" (MAX_PENDING_SIGNALS)
     state_bytes: int = 0  # what the task's state held before this signal
     size: int = 0  # this signal's bytes
+    repeated: bool = False  # the task keeps a signal of this name with this very data (a resend)
 
 
 async def send_signal(conn: Any, *, client_id: UUID, task_id: UUID, name: str, data: Any) -> SignalSent:
@@ -648,6 +654,7 @@ async def send_signal(conn: Any, *, client_id: UUID, task_id: UUID, name: str, d
         row["refused"],
         int(row["state_bytes"] or 0),
         size,
+        bool(row["repeated"]),
     )
 
 

@@ -101,6 +101,14 @@ async def get(conn: Executor, *, client_id: UUID, schedule_id: UUID, lock: bool 
     return to_schedule(rows[0]) if rows else None
 
 
+async def named(conn: Executor, *, client_id: UUID, name: str) -> Schedule | None:
+    """The schedule of this client with this name (UNIQUE (client_id, name))."""
+    rows = await conn.fetch(
+        f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE client_id = $1 AND name = $2", client_id, name
+    )
+    return to_schedule(rows[0]) if rows else None
+
+
 async def update(
     conn: Executor, *, client_id: UUID, schedule_id: UUID, changes: dict[str, Any]
 ) -> Schedule | None:

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import quote
 from uuid import UUID
 
-from taskgate._core import Call, adapter, dump, new_idempotency_key
+from taskgate._core import Call, Confirm, adapter, dump, new_idempotency_key
 from taskgate.models import (
     Attempt,
     Claim,
@@ -115,12 +115,21 @@ def list_tasks(
     return Call("GET", "/api/tasks", _PAGE, params={k: v for k, v in params.items() if v is not None})
 
 
+def _cancelled(task: Task) -> bool:
+    return task.status == "cancelled" or task.cancel_requested
+
+
 def cancel(task_id: TaskId) -> Call[Task]:
-    return Call("POST", f"/api/tasks/{_id(task_id)}/cancel", _TASK)
+    # sent again (a 503, a lost answer), a cancel that the first send did is refused (409: the task
+    # is cancelled); the task is read then, and returned if cancelled or asked to stop
+    confirm = Confirm(get(task_id), _cancelled)
+    return Call("POST", f"/api/tasks/{_id(task_id)}/cancel", _TASK, safe=True, confirm=confirm)
 
 
 def retry(task_id: TaskId) -> Call[Task]:
-    return Call("POST", f"/api/tasks/{_id(task_id)}/retry", _TASK)
+    # never sent again once it may have been carried out: the task retried may have failed again
+    # meanwhile, and a second retry would run it once more
+    return Call("POST", f"/api/tasks/{_id(task_id)}/retry", _TASK, once=True)
 
 
 def _page(cursor: str | None) -> dict[str, Any]:
@@ -132,7 +141,9 @@ def attempts(task_id: TaskId, cursor: str | None = None) -> Call[Page[Attempt]]:
 
 
 def signal(task_id: TaskId, name: str, data: Any) -> Call[Any]:
-    return Call("POST", f"/api/tasks/{_id(task_id)}/signals/{_name(name)}", _ANY, json={"data": dump(data)})
+    # the server answers the same signal (task, name, data) sent again as it did the first time
+    path = f"/api/tasks/{_id(task_id)}/signals/{_name(name)}"
+    return Call("POST", path, _ANY, json={"data": dump(data)}, safe=True)
 
 
 def steps(task_id: TaskId, *, cursor: str | None = None) -> Call[Page[dict[str, Any]]]:
@@ -158,14 +169,16 @@ def list_queues(cursor: str | None = None) -> Call[Page[Queue]]:
 
 
 def queue_action(name: str, action: str) -> Call[Any]:
-    return Call("POST", f"/api/queues/{_name(name)}/{action}", _ANY)
+    # a purge sent again would delete the tasks enqueued since the first one did its work
+    return Call("POST", f"/api/queues/{_name(name)}/{action}", _ANY, once=action == "purge")
 
 
 def create_schedule(
     name: str, cron: str, task: Mapping[str, Any], *, timezone: str, paused: bool
 ) -> Call[Schedule]:
     body = {"name": name, "cron": cron, "timezone": timezone, "task": dump(task), "paused": paused}
-    return Call("POST", "/api/schedules", _SCHEDULE, json=body)
+    # the server answers a schedule of that name that is exactly this one as it is (200)
+    return Call("POST", "/api/schedules", _SCHEDULE, json=body, safe=True)
 
 
 def list_schedules(cursor: str | None = None) -> Call[Page[Schedule]]:
@@ -177,7 +190,8 @@ def schedule(method: str, schedule_id: TaskId, *, suffix: str = "", body: Any = 
 
 
 def trigger_schedule(schedule_id: TaskId) -> Call[Task]:
-    return Call("POST", f"/api/schedules/{_id(schedule_id)}/trigger", _TASK)
+    # each trigger makes a task: never sent again once it may have made one (a 503 included)
+    return Call("POST", f"/api/schedules/{_id(schedule_id)}/trigger", _TASK, once=True)
 
 
 def kinds(cursor: str | None = None) -> Call[Page[Kind]]:

@@ -8,7 +8,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -45,17 +45,42 @@ class Call(Generic[T]):
     # each time the server carries it out it makes something new (an enqueue without an
     # Idempotency-Key): never sent again once it may have been carried out, a 503 included
     once: bool = False
+    # the server answers it sent again as it answered it the first time, by a natural key (a
+    # signal's task, name and data; a schedule's name and definition) or because what it asks for
+    # is done once (a cancel): sent again after its answer was lost, as a read is
+    safe: bool = False
+    # how to tell, when the call sent again is refused (409), that an earlier send did it (a
+    # cancel whose first send cancelled the task): this read, and what its answer must show
+    confirm: Confirm[T] | None = None
 
     @property
     def resendable(self) -> bool:
-        """Whether sending it again after it may have reached the server is safe: a read, or a
-        request whose Idempotency-Key the server answers with what the first request made."""
-        return self.method in ("GET", "HEAD") or "Idempotency-Key" in self.headers
+        """Whether sending it again after it may have reached the server is safe: a read, a
+        request whose Idempotency-Key the server answers with what the first request made, or one
+        the server answers again as it did the first time (`safe`)."""
+        return self.method in ("GET", "HEAD") or "Idempotency-Key" in self.headers or self.safe
 
     def parse(self, response: httpx.Response) -> T:
         if self.answer is None or response.status_code == 204:
             return None  # type: ignore[return-value]
         return self.answer.validate_json(response.content)
+
+
+@dataclass
+class Confirm(Generic[T]):
+    """A read that tells whether a call refused when sent again (409) was done by an earlier send."""
+
+    read: Call[T]
+    done: Callable[[T], bool]
+
+
+def maybe_done(response: httpx.Response | None, error: Exception | None) -> bool:
+    """Whether a send answered so (then sent again) may have been carried out by the server: a
+    503 (PostgreSQL lost after the commit, a proxy's 503 after the work) or an answer lost after
+    the request left; not a 429 or a connection that never opened."""
+    if error is not None:
+        return not isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+    return response is not None and response.status_code == 503
 
 
 def adapter(tp: Any) -> TypeAdapter[Any]:

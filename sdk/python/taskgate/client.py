@@ -6,6 +6,9 @@ retried up to `max_retries` times, honouring Retry-After (each wait at most 30 s
 tasks: with a key they are also sent again when the answer is lost after the request left (a read
 timeout, a dropped connection) and while the key's first request is still in flight (409); without
 one (`idempotent=False`) they are never sent again once they may have reached the server.
+`signal` and `create_schedule` are sent again like reads (the server answers the same one again as
+the first time); a `cancel` refused when sent again returns the task if it is cancelled; `retry`,
+`trigger_schedule` and `purge_queue` are never sent again once they may have been carried out.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from taskgate._core import (
     Call,
     api_error,
     build_headers,
+    maybe_done,
     reconnect_hint_s,
     retry_after_s,
     should_retry,
@@ -144,6 +148,7 @@ class Client:
 
     def _run(self, call: Call[T]) -> T:
         attempt = 0
+        uncertain = False  # an earlier send may have been carried out (its answer a 503, or lost)
         while True:
             response: httpx.Response | None = None
             error: Exception | None = None
@@ -157,6 +162,7 @@ class Client:
             if attempt < self.config.max_retries and should_retry(
                 response, error, call.resendable, once=call.once
             ):
+                uncertain = uncertain or maybe_done(response, error)
                 time.sleep(retry_after_s(response, attempt))
                 attempt += 1
                 continue
@@ -164,6 +170,12 @@ class Client:
                 raise error
             assert response is not None
             if response.status_code >= 400:
+                if uncertain and response.status_code == 409 and call.confirm is not None:
+                    # refused when sent again: an earlier send may have done it (a cancel whose
+                    # first answer was lost, and the task is cancelled now)
+                    done = self._run(call.confirm.read)
+                    if call.confirm.done(done):
+                        return done
                 raise api_error(response)
             if response.headers.get("retry-after"):
                 call.retry_after_s = retry_after_s(response, attempt)
@@ -457,6 +469,7 @@ class AsyncClient:
 
     async def _run(self, call: Call[T]) -> T:
         attempt = 0
+        uncertain = False  # an earlier send may have been carried out (its answer a 503, or lost)
         while True:
             response: httpx.Response | None = None
             error: Exception | None = None
@@ -470,6 +483,7 @@ class AsyncClient:
             if attempt < self.config.max_retries and should_retry(
                 response, error, call.resendable, once=call.once
             ):
+                uncertain = uncertain or maybe_done(response, error)
                 await asyncio.sleep(retry_after_s(response, attempt))
                 attempt += 1
                 continue
@@ -477,6 +491,12 @@ class AsyncClient:
                 raise error
             assert response is not None
             if response.status_code >= 400:
+                if uncertain and response.status_code == 409 and call.confirm is not None:
+                    # refused when sent again: an earlier send may have done it (a cancel whose
+                    # first answer was lost, and the task is cancelled now)
+                    done = await self._run(call.confirm.read)
+                    if call.confirm.done(done):
+                        return done
                 raise api_error(response)
             if response.headers.get("retry-after"):
                 call.retry_after_s = retry_after_s(response, attempt)

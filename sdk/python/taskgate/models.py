@@ -58,6 +58,7 @@ class Task(_Model):
     waiting_for: dict[str, Any] | None = None  # why a waiting task waits: {type: signal | children | ...}
     parent_id: UUID | None = None
     depends_on: list[UUID] | None = None
+    cancel_requested: bool = False  # a running task asked to stop (it ends cancelled)
 
     @property
     def terminal(self) -> bool:

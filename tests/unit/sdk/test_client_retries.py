@@ -333,3 +333,120 @@ def test_an_event_streams_reconnect_hint_is_read_and_bounded() -> None:
                        ("task", "{}")]:  # fmt: skip
         assert _core.reconnect_hint_s(name, data) is None
     assert list(_core.sse_events(iter(["retry: soon", "retry: -5", ""]))) == []  # not digits: ignored
+
+
+SCHEDULE = {
+    "id": "01a20047-8222-700d-bc3e-3051b847dd5f", "name": "nightly", "cron": "0 2 * * *",
+    "timezone": "UTC", "task": {"queue": "default", "kind": "noop", "payload": {}}, "paused": False,
+    "next_run_at": None, "last_fire_time": None, "last_task_id": None,
+    "created_at": "2026-12-01T00:00:00Z", "updated_at": "2026-12-01T00:00:00Z",
+}  # fmt: skip
+UNAVAILABLE = {"type": "about:blank", "title": "Service Unavailable", "status": 503}
+
+
+def test_calls_that_make_something_each_time_are_not_sent_again_after_a_503(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server answers 503 when PostgreSQL is lost while it stores, and the commit may have
+    happened. A retry by hand, a schedule's trigger and a purge were sent again after it: a second
+    retry of a task that failed again meanwhile, a second task from one trigger, and the tasks
+    enqueued since the purge purged too. A 429 refused them first: still sent again."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    for send in (
+        lambda tg: tg.retry(TASK["id"]),
+        lambda tg: tg.trigger_schedule(SCHEDULE["id"]),
+        lambda tg: tg.purge_queue("default"),
+    ):
+        seen: list[httpx.Request] = []
+        answers = [
+            httpx.Response(429, headers={"Retry-After": "1"}, json={"status": 429}),
+            httpx.Response(503, headers={"Retry-After": "1"}, json=UNAVAILABLE),
+            httpx.Response(200, json=TASK),
+        ]
+        with pytest.raises(taskgate.ApiError) as refused:
+            send(client(answers, seen))
+        assert (refused.value.status, len(seen)) == (503, 2), seen[0].url
+
+
+def test_a_cancel_refused_when_sent_again_returns_the_task_its_first_send_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancel answered 503 after its commit (or whose answer was lost) was sent again and
+    refused 409 (the task is cancelled: by that first send): `cancel` raised for a task it had
+    cancelled. It reads the task then, and returns it when cancelled or asked to stop."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    conflict = {"type": "about:blank", "title": "Conflict", "status": 409,
+                "detail": f"Task {TASK['id']} is cancelled and can no longer be cancelled."}  # fmt: skip
+    cancelled = {**TASK, "status": "cancelled", "finished_at": "2026-12-01T00:00:01Z"}
+    for first in (httpx.Response(503, json=UNAVAILABLE), httpx.ReadTimeout("no answer")):
+        seen: list[httpx.Request] = []
+        steps: list[Any] = [first, httpx.Response(409, json=conflict), httpx.Response(200, json=cancelled)]
+        tg = taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen))
+        assert tg.cancel(TASK["id"]).status == "cancelled"
+        assert [r.method for r in seen] == ["POST", "POST", "GET"]
+    # a task that is not cancelled: the 409 stands
+    done = {**TASK, "status": "completed"}
+    steps = [
+        httpx.Response(503, json=UNAVAILABLE),
+        httpx.Response(409, json=conflict),
+        httpx.Response(200, json=done),
+    ]
+    with pytest.raises(taskgate.ApiError) as refused:
+        taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, [])).cancel(TASK["id"])
+    assert refused.value.status == 409
+    # a 409 to the first send is the answer: nothing is read
+    seen = []
+    steps = [httpx.Response(409, json=conflict)]
+    with pytest.raises(taskgate.ApiError):
+        taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen)).cancel(TASK["id"])
+    assert len(seen) == 1
+
+
+async def test_an_async_cancel_refused_when_sent_again_returns_the_task_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def no_sleep(_s: float) -> None:
+        return None
+
+    monkeypatch.setattr(taskgate.client.asyncio, "sleep", no_sleep)
+    conflict = {"type": "about:blank", "title": "Conflict", "status": 409, "detail": "cancelled"}
+    asked = {**TASK, "status": "running", "cancel_requested": True}
+    steps = [
+        httpx.Response(503, json=UNAVAILABLE),
+        httpx.Response(409, json=conflict),
+        httpx.Response(200, json=asked),
+    ]
+    seen: list[httpx.Request] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return steps.pop(0)
+
+    http = httpx.AsyncClient(base_url="https://tg.test", transport=httpx.MockTransport(handle))
+    async with taskgate.AsyncClient("https://tg.test", api_key="k", http=http) as tg:
+        task = await tg.cancel(TASK["id"])
+    assert (task.status, task.cancel_requested) == ("running", True)
+    assert [r.method for r in seen] == ["POST", "POST", "GET"]
+    await http.aclose()
+
+
+def test_a_signal_and_a_schedule_whose_answer_was_lost_are_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server answers the same signal (task, name, data) and the same schedule (name and
+    definition) sent again as it answered them the first time: a lost answer (a read timeout, a
+    dropped connection) no longer ends `signal` or `create_schedule` with an error."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    signalled = {"task_id": TASK["id"], "name": "go", "status": "available"}
+    for send, answer in (
+        (lambda tg: tg.signal(TASK["id"], "go", {"n": 1}), httpx.Response(202, json=signalled)),
+        (
+            lambda tg: tg.create_schedule("nightly", "0 2 * * *", {"kind": "noop"}),
+            httpx.Response(200, json=SCHEDULE),
+        ),
+    ):
+        seen: list[httpx.Request] = []
+        steps: list[Any] = [httpx.ReadTimeout("no answer"), httpx.RemoteProtocolError("dropped"), answer]
+        send(taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen)))
+        assert len(seen) == 3
+        assert len({r.content for r in seen}) == 1
