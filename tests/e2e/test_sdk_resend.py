@@ -222,7 +222,10 @@ async def test_an_enqueue_without_a_key_answered_503_after_its_task_was_stored_i
 
             async def sleeping() -> bool:
                 return bool(
-                    await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+                    await conn.fetchval(  # this database's: other tests' sleep in theirs
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE wait_event = 'PgSleep' AND datname = current_database()"
+                    )
                 )
 
             await eventually(sleeping, timeout=20, interval=0.02)
@@ -287,7 +290,10 @@ async def answered_503_after_its_commit(
 
         async def sleeping() -> bool:
             return bool(
-                await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+                await conn.fetchval(  # this database's: other tests' sleep in theirs
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event = 'PgSleep' AND datname = current_database()"
+                )
             )
 
         await eventually(sleeping, timeout=20, interval=0.02)

@@ -338,7 +338,9 @@ async def test_the_runtime_stop_is_bounded_by_the_grace_with_an_insert_batch_in_
 
 async def _sleeping(database_uri: str, *, none: bool = False) -> bool:
     rows = await fetch(
-        database_uri, "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+        database_uri,  # this database's: other tests sleep in theirs
+        "SELECT count(*) AS n FROM pg_stat_activity "
+        "WHERE wait_event = 'PgSleep' AND datname = current_database()",
     )
     return not rows[0]["n"] if none else bool(rows[0]["n"])
 
