@@ -297,5 +297,8 @@ class Server(uvicorn.Server):
         if self.force_exit and isinstance(lifespan, LifespanOn) and not lifespan.shutdown_event.is_set():
             # forced before the lifespan shutdown, which uvicorn then skips: the application's
             # stop still runs (on_force told it to wait for nothing), or the tasks this process
-            # runs would stay claimed until their leases expire, each losing an attempt
+            # runs would stay claimed until their leases expire, each losing an attempt. Requests
+            # still running are cut first, as at the end of a drain, not left to meet closed pools.
+            for task in self.server_state.tasks:
+                task.cancel(msg="Task cancelled, forced exit")
             await lifespan.shutdown()
