@@ -147,7 +147,10 @@ def serve_forever(config: uvicorn.Config, runtime: Runtime | None = None) -> Non
         server = Server(config)
     else:
         server = Server(
-            config, on_stop=runtime.begin_shutdown, grace_s=runtime.settings.WORKER_SHUTDOWN_GRACE_S
+            config,
+            on_stop=runtime.begin_shutdown,
+            on_force=runtime.end_grace,
+            grace_s=runtime.settings.WORKER_SHUTDOWN_GRACE_S,
         )
     server.run()
     if not server.started:

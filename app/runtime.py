@@ -156,6 +156,13 @@ class Runtime:
             self.worker.stop_claiming()
         log.info("stopping", grace_s=self.settings.WORKER_SHUTDOWN_GRACE_S)
 
+    def end_grace(self) -> None:
+        """A forced stop (a second Ctrl-C): the grace is over. `stop()` waits for no handler or
+        job any more, but still hands back running tasks, writes the last completions and closes
+        the pools (about a second); a wait it is already in keeps the deadline it had."""
+        self.begin_shutdown()
+        self._stop_deadline = time.monotonic()
+
     def grace_left(self) -> float:
         """Seconds left of the stop's grace period (all of it before the stop began)."""
         if self._stop_deadline is None:

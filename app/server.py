@@ -23,6 +23,7 @@ from typing import Any
 import httptools
 import structlog
 import uvicorn
+from uvicorn.lifespan.on import LifespanOn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = structlog.get_logger("taskgate.server")
@@ -231,16 +232,27 @@ class Server(uvicorn.Server):
     streams), before uvicorn closes its sockets and drains requests; the drain gets what is left
     of `grace_s` since the signal; the lifespan shutdown (the runtime) follows with the rest.
 
+    A second SIGINT forces the exit: uvicorn then stops draining, and also skips the lifespan
+    shutdown, which would leave running tasks claimed until their leases expire and unwritten
+    completions lost. Here `on_force` runs (the runtime's grace is over) and the lifespan shutdown
+    runs all the same, waiting for nothing.
+
     It also does not re-raise the stop signal after a graceful shutdown: uvicorn does, which turns
     Ctrl-C into a KeyboardInterrupt traceback and SIGTERM into a kill that skips atexit (and so
     leaves the embedded database running). The shutdown already happened, so exit normally.
     """
 
     def __init__(
-        self, config: uvicorn.Config, *, on_stop: Callable[[], None] | None = None, grace_s: float = 0.0
+        self,
+        config: uvicorn.Config,
+        *,
+        on_stop: Callable[[], None] | None = None,
+        on_force: Callable[[], None] | None = None,
+        grace_s: float = 0.0,
     ) -> None:
         super().__init__(config)
         self._on_stop = on_stop
+        self._on_force = on_force
         self._grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_at: float | None = None
@@ -251,12 +263,16 @@ class Server(uvicorn.Server):
         self._captured_signals.clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        first = not self.should_exit
+        first, forced = not self.should_exit, self.force_exit
         super().handle_exit(sig, frame)
-        if first and sig in (signal.SIGTERM, signal.SIGINT) and self._loop is not None:
-            # a signal handler runs between two bytecodes of whatever the loop was doing: hand the
-            # work to the loop rather than touch its state from here
+        if self._loop is None:
+            return
+        # a signal handler runs between two bytecodes of whatever the loop was doing: hand the
+        # work to the loop rather than touch its state from here
+        if first and sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.call_soon_threadsafe(self._stop_now)
+        if self.force_exit and not forced:
+            self._loop.call_soon_threadsafe(self._force_now)
 
     def _stop_now(self) -> None:
         if self._stop_at is not None:
@@ -265,6 +281,11 @@ class Server(uvicorn.Server):
         if self._on_stop is not None:
             self._on_stop()
 
+    def _force_now(self) -> None:
+        self._stop_now()
+        if self._on_force is not None:
+            self._on_force()
+
     async def shutdown(self, sockets: Any = None) -> None:
         self._stop_now()  # also when the server stops for another reason than a signal
         now = asyncio.get_running_loop().time()
@@ -272,3 +293,12 @@ class Server(uvicorn.Server):
         # uvicorn hands this to asyncio.wait_for, which takes any real number of seconds
         self.config.timeout_graceful_shutdown = max(left, MIN_DRAIN_S)  # type: ignore[assignment]
         await super().shutdown(sockets)
+        lifespan = self.lifespan
+        if self.force_exit and isinstance(lifespan, LifespanOn) and not lifespan.shutdown_event.is_set():
+            # forced before the lifespan shutdown, which uvicorn then skips: the application's
+            # stop still runs (on_force told it to wait for nothing), or the tasks this process
+            # runs would stay claimed until their leases expire, each losing an attempt. Requests
+            # still running are cut first, as at the end of a drain, not left to meet closed pools.
+            for task in self.server_state.tasks:
+                task.cancel(msg="Task cancelled, forced exit")
+            await lifespan.shutdown()

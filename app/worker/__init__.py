@@ -149,7 +149,14 @@ class Worker:
         leftover = list(self.holdings.running.values())
         for running in leftover:
             self.holdings.abandon(running, "shutdown")
-        unwinding = [r.task for r in leftover if r.task is not None]
+        # The handlers, the claim loop and the service loops unwind together, within UNWIND_S: a
+        # statement cancelled on a stalled connection is released only once PostgreSQL confirms
+        # the cancel, or after DB_COMMAND_TIMEOUT_S, which must not stretch the stop. What is
+        # still unwinding then is left behind; the pools' close cuts its connection.
+        services = [*self._service_tasks, *([self._claim_task] if self._claim_task is not None else [])]
+        for service in services:
+            service.cancel()
+        unwinding = [r.task for r in leftover if r.task is not None] + services
         if unwinding:
             await asyncio.wait(unwinding, timeout=UNWIND_S)
         # A handler still running cannot be released: another worker would run its task while it
@@ -162,12 +169,11 @@ class Worker:
                 task_ids=[str(r.claimed.id) for r in stuck],
             )
             leftover = [r for r in leftover if r not in stuck]
-        for service in self._service_tasks:
-            service.cancel()
-        await asyncio.gather(*self._service_tasks, return_exceptions=True)
-        if self._claim_task is not None and not self._claim_task.done():
-            self._claim_task.cancel()
-            await asyncio.gather(self._claim_task, return_exceptions=True)
+        if any(not service.done() for service in services):
+            self.log.warning(
+                "worker loops did not stop when cancelled; left behind",
+                loops=sorted(service.get_name() for service in services if not service.done()),
+            )
         await self._write_last(leftover, timeout_s=FINAL_WRITES_S)
         WORKER_RUNNING.set(0)
         self.log.info("worker stopped")

@@ -121,3 +121,41 @@ async def _remote_claim(https: aiohttp.ClientSession) -> tuple[int, str | None, 
 async def _status_is(database_uri: str, task_id: str, status: str) -> bool:
     rows = await fetch(database_uri, "SELECT status FROM tasks WHERE id = $1", task_id)
     return bool(rows) and rows[0]["status"] == status
+
+
+async def test_a_second_sigint_during_the_drain_still_hands_back_running_tasks(
+    clean_database: str, tmp_path: Path, auth_headers: dict[str, str]
+) -> None:
+    # uvicorn's forced exit (Ctrl-C twice) skipped the application's stop: the running task stayed
+    # claimed, its attempt spent, until its lease expired
+    server = start_server(
+        clean_database,
+        tmp_path / "server",
+        roles="api,worker",
+        env={"WORKER_SHUTDOWN_GRACE_S": 10, "WORKER_CONCURRENCY": 2, "WORKER_POLL_INTERVAL_S": 0.2},
+    )
+    try:
+        connector = aiohttp.TCPConnector(ssl=server.ssl_context())
+        async with aiohttp.ClientSession(
+            base_url=server.base_url, connector=connector, headers=auth_headers
+        ) as https:
+            await wait_ready(https)
+            task = {"kind": "sleep", "payload": {"seconds": 60}}
+            async with https.post("/api/tasks", json=task) as response:
+                assert response.status == 201, await response.text()
+                running = str((await response.json())["id"])
+            await eventually(lambda: _status_is(clean_database, running, "running"), timeout=30)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        await asyncio.sleep(0.05)
+        server.process.send_signal(signal.SIGINT)  # Ctrl-C again, while the server drains
+        code = await asyncio.to_thread(server.process.wait, 20)
+        elapsed = time.monotonic() - signalled
+    finally:
+        server.stop(signal.SIGKILL)
+    assert code == 0, server.log()
+    assert elapsed < 5, elapsed  # forced: the grace (10 s) is not waited for
+    assert "Traceback" not in server.log()
+    query = "SELECT status, attempts, worker_id FROM tasks WHERE id = $1"
+    [row] = await fetch(clean_database, query, running)
+    assert (row["status"], row["attempts"], row["worker_id"]) == ("available", 0, None)  # handed back

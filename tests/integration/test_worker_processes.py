@@ -324,3 +324,36 @@ async def test_sigterm_stops_a_worker_process_within_one_grace_period(
     assert 1.0 <= elapsed < 2.0  # the running task had its grace, and the stop no more than one
     [row] = await fetch(clean_database, "SELECT status, attempts FROM tasks WHERE id = $1", task["id"])
     assert (row["status"], row["attempts"]) == ("available", 0)
+
+
+async def test_sigterm_stops_a_worker_process_within_one_grace_period_while_postgresql_stalls(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path
+) -> None:
+    # The loops the stop cancels were in statements on a frozen connection: each was released only
+    # when its cancel was confirmed or DB_COMMAND_TIMEOUT_S ran out (15 s for a grace of 1 s).
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    await batch(client, auth_headers, [{"kind": "sleep", "payload": {"seconds": 60}}])
+    proxy = TcpProxy.to_database(clean_database)
+    await proxy.start()
+    worker = spawn_worker(proxy.uri, tmp_path / "w", WORKER_SHUTDOWN_GRACE_S="1", DB_COMMAND_TIMEOUT_S="10")
+    try:
+        await started(worker)
+        await eventually(lambda: _count_is(clean_database, "status = 'running'", 1), timeout=30)
+        proxy.freeze()
+        await asyncio.sleep(0.5)  # the worker's next statements are under way, and hang
+        signalled = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(worker.wait, 30)
+        elapsed = time.monotonic() - signalled
+    finally:
+        stop_all([worker])
+        proxy.resume()
+        await proxy.close()
+    log = worker.log_path.read_text()  # type: ignore[attr-defined]
+    assert code == 0, log
+    # the grace, then the unwinding and the last writes, each bounded; nothing is waited for past it
+    assert elapsed < 2.5, (elapsed, log)
+    assert "Traceback" not in log
+    # what could not be handed back is left to its lease, as when the process is killed
+    assert await count(clean_database, "status = 'running'") == 1
