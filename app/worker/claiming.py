@@ -130,6 +130,10 @@ class Claimer:
                 # bounded by the lease it sets: an answer later than that is useless anyway
                 async with asyncio.timeout(self.leases.lease_s - self.leases.margin_s):
                     claimed, again, states = await self._claim(want)
+            except asyncio.CancelledError:
+                if self._round:  # the stop cut this round short (a slow database): hand back its claims
+                    await asyncio.shield(self._release(self._round))
+                raise
             except Exception as exc:
                 if isinstance(exc, TimeoutError) and self._round:
                     # a slow database: what the first statements claimed would each lose an attempt

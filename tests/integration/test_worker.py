@@ -3,6 +3,7 @@
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -524,6 +525,36 @@ async def test_a_claim_round_past_its_deadline_hands_back_what_it_claimed(
     assert (done["status"], done["attempts"]) == ("completed", 1), done
     attempts = await (await client.get(f"/api/tasks/{task['id']}/attempts", headers=auth_headers)).get_json()
     assert [a["outcome"] for a in attempts["items"]] == ["completed"]
+
+
+async def test_a_claim_round_cut_short_by_the_stop_hands_back_what_it_claimed(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A stop cancels a claim round still running at the end of its grace (a slow database: here a
+    limited queue's claim waits for its queue row): the tasks its first statement had claimed were
+    left to their leases, each losing an attempt."""
+    app = await serving(**WORKER, DB_COMMAND_TIMEOUT_S=20)
+    client = app.test_client()
+    await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
+    # due together: one round claims the first, then waits for the narrow queue's locked row
+    due = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    task = await enqueue(client, auth_headers, kind="noop", run_at=due)
+    await enqueue(client, auth_headers, kind="noop", queue="narrow", run_at=due)
+    conn = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM queues WHERE name = 'narrow' FOR UPDATE")
+
+            async def claimed() -> bool:
+                rows = await fetch(clean_database, "SELECT status FROM tasks WHERE id = $1", task["id"])
+                return rows[0]["status"] == "running"
+
+            await eventually(claimed, timeout=5)
+            await app.extensions["taskgate"].worker.stop(grace_s=0.2)
+            rows = await fetch(clean_database, "SELECT status, attempts FROM tasks WHERE id = $1", task["id"])
+            assert [(r["status"], r["attempts"]) for r in rows] == [("available", 0)]
+    finally:
+        await conn.close()
 
 
 async def test_a_task_asked_to_stop_that_outlives_the_grace_is_cancelled_not_released(
