@@ -54,6 +54,14 @@ async def test_a_decorated_async_handler_runs(
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run_async(stop))
         try:
+
+            async def registered() -> bool:  # the worker registers its kinds as it starts
+                rows = await fetch(
+                    clean_database, "SELECT 1 FROM remote_kinds WHERE name = 'handlers.traced'"
+                )
+                return bool(rows)
+
+            await eventually(registered, timeout=30)
             task = await tg.enqueue("handlers.traced", {"n": 21}, queue="handlers", max_attempts=2)
 
             async def finished() -> Any:

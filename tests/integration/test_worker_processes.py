@@ -313,7 +313,9 @@ async def test_sigterm_stops_a_worker_process_within_one_grace_period(
     worker = spawn_worker(clean_database, tmp_path / "w", WORKER_SHUTDOWN_GRACE_S="1")
     try:
         await started(worker)
-        await eventually(lambda: _count_is(clean_database, "status = 'running'", 1), timeout=30)
+        # its handler runs (it reports progress each second): claimed is not yet started, and a
+        # task claimed but not started is handed back at once
+        await eventually(lambda: _count_is(clean_database, "progress IS NOT NULL", 1), timeout=30)
         signalled = time.monotonic()
         worker.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(worker.wait, 10)
