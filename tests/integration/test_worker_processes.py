@@ -275,7 +275,10 @@ async def test_a_worker_cut_off_from_postgresql_stops_its_handler_before_the_lea
             auth_headers,
             [{"kind": "test.span", "queue": "fenced", "payload": {"path": str(marks), "seconds": 30}}],
         )
-        await eventually(lambda: _count_is(clean_database, "status = 'running'", 1), timeout=30)
+        # held and running: its lease was renewed once (a claim whose answer the freeze caught
+        # would never start; the rescuer's run would then be the only one)
+        renewed = "status = 'running' AND lease_expires_at > started_at + interval '3.2 seconds'"
+        await eventually(lambda: _count_is(clean_database, renewed, 1), timeout=30)
         proxy.freeze()
         frozen_at = time.time()
         # the rescued attempt will be short; its worker starts while the lease runs out
