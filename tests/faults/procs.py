@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import signal
 import socket
 import ssl
@@ -35,7 +36,27 @@ BASE_ENV: dict[str, str] = {
 }
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A port free now, below the kernel's ephemeral range: one that bind(0) hands out is in that
+    range, where the outbound connections of the processes started since (a cluster's nodes among
+    themselves) may take it as their local port, and the server meant to listen on it then fails
+    with "Address already in use" (a Patroni node never started)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = range(10_000, low) if low > 12_000 else range(0)
+    for _ in range(200 if candidates else 0):
+        port = random.choice(candidates)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
