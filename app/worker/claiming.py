@@ -222,10 +222,11 @@ class Claimer:
         skip_durable = held >= MAX_HELD_STATE_BYTES or self._durable_full_at is not None
         async with self.db.driver() as conn:
             claimed: list[ClaimedTask] = []
+            self._round = claimed  # each statement's claims are added to it as they commit
             idle = self._unlimited_idle
             if idle is None or idle[1] != self._announced or time.monotonic() - idle[0] > self.poll_s:
                 announced = self._announced
-                claimed = self._round = await task_store.claim_available(
+                claimed += await task_store.claim_available(
                     conn,
                     limit=want,
                     lease_s=self.leases.lease_s,
@@ -279,7 +280,6 @@ class Claimer:
                         break  # the connection failed: the other queues would wait for it too
                     self._queue_failures.pop(queue.id, None)
                     claimed += got
-                    self._round = claimed
                     again = again or len(got) == share
                 if failed is not None and not claimed:
                     raise failed
