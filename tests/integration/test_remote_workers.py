@@ -1288,16 +1288,91 @@ async def test_concurrent_claims_share_the_processs_budget_of_loaded_state(
     assert workers.LOADED_STATE.left == 61 * mib  # every claim gave back what it held
 
 
+async def test_one_tenants_claims_do_not_starve_anothers_of_the_state_budget(
+    app: Quart,
+    client: Client,
+    auth_headers: dict[str, str],
+    other_client_headers: dict[str, str],
+    api_client: IssuedKey,
+    other_client: IssuedKey,
+    clean_database: str,
+    monkeypatch: Any,
+) -> None:
+    """The process's budget of loaded state went to whichever claim asked first, whatever its
+    tenant: a tenant whose workers kept claiming big states held all of it, and another tenant's
+    durable claim waited out STATE_WAIT_S and handed its task back (an empty answer, every time).
+    While two tenants hold or wait for it, each gets at most half (here 61 MiB); alone, the whole."""
+    mib = 1024 * 1024
+    monkeypatch.setattr(workers, "LOADED_STATE", workers.StateBudget(61 * mib))
+    monkeypatch.setattr(workers, "STATE_WAIT_S", 1.0)
+    runtime = app.extensions["taskgate"]
+
+    async def durable_tasks(headers: dict[str, str], n: int) -> list[str]:
+        await register(client, headers)
+        task = {"kind": "reports.build", "payload": {"account_id": 1}}
+        ids = [(await enqueue(client, headers, **task))["id"] for _ in range(n)]
+        await fetch(
+            clean_database,
+            "UPDATE tasks SET durable = true, state_bytes = 15 * 1024 * 1024 WHERE id = ANY($1::uuid[])",
+            [uuid.UUID(i) for i in ids],
+        )
+        return ids
+
+    def claiming(tenant: IssuedKey, most: int) -> Any:
+        body = {"kinds": ["reports.build"], "wait_s": 0, "worker": WORKER, "max": most}
+        return workers.claim(
+            runtime.db,
+            runtime.notifier,
+            client_id=tenant.client_id,
+            data=ClaimIn.model_validate(body),
+            lease_s=30.0,
+        )
+
+    noisy = await durable_tasks(auth_headers, 8)
+    [quiet] = await durable_tasks(other_client_headers, 1)
+    async with await claiming(api_client, 4) as first:  # 60 MiB: all but one of the budget
+        assert {str(item.task.id) for item in first} == set(noisy[:4])
+        # the same tenant's next claim waits for 60 MiB, and then the other tenant's for 15
+        again = asyncio.create_task(claiming(api_client, 4))
+        await eventually(lambda: len(workers.LOADED_STATE._waiters) == 1)
+        starved = asyncio.create_task(_claim_in(claiming(other_client, 1)))
+        await eventually(lambda: len(workers.LOADED_STATE._waiters) == 2)
+    # the first answer is sent: what it held is shared, not all taken again by the same tenant
+    # (whose next answer is not sent yet) while the other's claim waits it out
+    async with await again as second:
+        assert [str(item.task.id) for item in await starved] == [quiet]
+    got = {str(item.task.id) for item in second}
+    assert len(got) == 2  # its half: 30 MiB of the 60 it asked for, the rest handed back unspent
+    assert got < set(noisy[4:])
+    rows = await fetch(
+        clean_database, "SELECT id FROM tasks WHERE status = 'available' AND attempts = 0 AND durable"
+    )
+    assert {str(r["id"]) for r in rows} == set(noisy[4:]) - got
+    assert workers.LOADED_STATE.left == 61 * mib
+
+
+async def test_a_tenants_share_of_the_state_budget_holds_one_task_of_the_biggest_state() -> None:
+    """However many tenants share the budget, each may still load one task whose state is as big
+    as a task's may be: a share smaller than that handed such a task back on every claim."""
+    budget = workers.StateBudget(workers.MAX_LOADED_STATE_BYTES)
+    for tenant in range(20):
+        assert await budget.take(1, tenant=tenant, wait_s=0) == 1
+    biggest = durable_store.MAX_STATE_BYTES
+    assert await budget.take(biggest, tenant="another", wait_s=0) == biggest
+    alone = workers.StateBudget(workers.MAX_LOADED_STATE_BYTES)  # a tenant alone takes it all
+    assert await alone.take(alone.total, tenant="one", wait_s=0) == alone.total
+
+
 async def test_a_claim_waiting_for_the_state_budget_stops_waiting_at_shutdown() -> None:
     budget = workers.StateBudget(100)
-    assert await budget.take(80, wait_s=0) == 80
+    assert await budget.take(80, tenant="a", wait_s=0) == 80
     stopping = asyncio.Event()
-    waiting = asyncio.create_task(budget.take(50, wait_s=30, stopping=stopping))
+    waiting = asyncio.create_task(budget.take(50, tenant="a", wait_s=30, stopping=stopping))
     await asyncio.sleep(0.05)
     assert not waiting.done()
     stopping.set()
     assert await asyncio.wait_for(waiting, timeout=5) == 20  # what was left: the claim goes on
-    budget.give(100)
+    budget.give(100, tenant="a")
     assert budget.left == 100
 
 

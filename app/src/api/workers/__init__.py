@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -62,31 +63,58 @@ CLAIM_TIMEOUT_S = 5.0
 # states come to (read first) and holds it until its answer is sent (ClaimAnswer.release); finding
 # less left, it waits for it (STATE_WAIT_S at most, not past a shutdown), then loads what fits and
 # hands the other durable tasks back unspent, available at once for a later claim, here or on
-# another replica.
+# another replica. The budget is shared fairly among the tenants (clients) whose claims hold or
+# wait for it (StateBudget); a tenant alone has all of it.
 MAX_LOADED_STATE_BYTES = 4 * durable_store.MAX_CLAIM_STATE_BYTES
 STATE_WAIT_S = 5.0
 
 
 class StateBudget:
     """Bytes of loaded state, taken and given back by the claims of one process (its event loop
-    runs them one step at a time: no lock). A waiter's event is its own, made on its own loop."""
+    runs them one step at a time: no lock). A waiter's event is its own, made on its own loop.
+
+    Each tenant's claims may hold at most its share: the whole budget divided by the number of
+    tenants whose claims hold some of it or wait for it (its own included), so a tenant alone has
+    all of it, and a tenant whose workers keep claiming big states (or stop reading their answers)
+    no longer takes every byte that is given back while another tenant's claim waits. What a
+    tenant held past its share before the other came stays held until its answers are sent (or
+    abandoned at their lease): it cannot be taken back from an answer being sent."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.left = total
+        self._held: dict[Hashable, int] = {}  # by tenant, those holding some
+        self._waiting: dict[Hashable, int] = {}  # by tenant, its claims waiting
         self._waiters: list[asyncio.Event] = []
 
-    async def take(self, most: int, *, wait_s: float, stopping: asyncio.Event | None = None) -> int:
-        """`most` bytes (at most the whole budget) once that much is left, or what is left after
-        `wait_s` or once `stopping` is set: a claim granted a sliver would hand its tasks back at
-        once, and be sent again at once, for as long as others held the rest."""
-        want = min(most, self.total)
-        if self.left < want:
+    def _share(self, tenant: Hashable) -> int:
+        """Never less than one task's state may come to (while the budget holds that much): with
+        many tenants at once, a task with a big state would otherwise be handed back for ever."""
+        others = (self._held.keys() | self._waiting.keys()) - {tenant}
+        return max(self.total // (len(others) + 1), min(self.total, durable_store.MAX_STATE_BYTES))
+
+    def _room(self, tenant: Hashable) -> int:
+        """What `tenant` may take now: what is left, as far as its share goes."""
+        return max(0, min(self.left, self._share(tenant) - self._held.get(tenant, 0)))
+
+    async def take(
+        self, most: int, *, tenant: Hashable, wait_s: float, stopping: asyncio.Event | None = None
+    ) -> int:
+        """`most` bytes (at most the tenant's share) once that much is left for the tenant, or what
+        is left for it after `wait_s` or once `stopping` is set: a claim granted a sliver would hand
+        its tasks back at once, and be sent again at once, for as long as others held the rest."""
+
+        def enough() -> bool:
+            return self._room(tenant) >= min(most, self._share(tenant))
+
+        if not enough():
             freed = asyncio.Event()
             self._waiters.append(freed)
+            self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
+            self._wake()  # the others' shares changed
             deadline = time.monotonic() + wait_s
             try:
-                while self.left < want and not (stopping is not None and stopping.is_set()):
+                while not enough() and not (stopping is not None and stopping.is_set()):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -94,12 +122,28 @@ class StateBudget:
                     freed.clear()
             finally:
                 self._waiters.remove(freed)
-        granted = max(0, min(want, self.left))
-        self.left -= granted
+                self._waiting[tenant] -= 1
+                if not self._waiting[tenant]:
+                    del self._waiting[tenant]
+                    self._wake()
+        granted = min(most, self._room(tenant))
+        if granted:
+            self.left -= granted
+            self._held[tenant] = self._held.get(tenant, 0) + granted
         return granted
 
-    def give(self, amount: int) -> None:
+    def give(self, amount: int, *, tenant: Hashable) -> None:
+        if amount <= 0:
+            return
+        held = self._held.get(tenant, 0) - amount
+        if held > 0:
+            self._held[tenant] = held
+        else:
+            self._held.pop(tenant, None)
         self.left = min(self.total, self.left + amount)
+        self._wake()
+
+    def _wake(self) -> None:
         for waiter in self._waiters:
             waiter.set()
 
@@ -159,10 +203,13 @@ class ClaimAnswer:
     until `release`: once its answer is sent, or known lost (then its tasks are handed back).
     Also an async context manager over the claimed tasks that releases them as delivered."""
 
-    def __init__(self, db: Database, worker_id: UUID, claimed: list[Claimed], held: int) -> None:
+    def __init__(
+        self, db: Database, client_id: UUID, worker_id: UUID, claimed: list[Claimed], held: int
+    ) -> None:
         self.claimed = claimed
         self.held = held
         self._db = db
+        self._client_id = client_id
         self._worker_id = worker_id
         self._released = False
 
@@ -172,7 +219,7 @@ class ClaimAnswer:
         if self._released:
             return
         self._released = True
-        LOADED_STATE.give(self.held)
+        LOADED_STATE.give(self.held, tenant=self._client_id)
         if not delivered:
             _hand_back(self._db, self._worker_id, [item.task for item in self.claimed])
 
@@ -199,7 +246,7 @@ async def claim(
     claimed, held = await _claim(
         db, notifier, client_id=client_id, worker_id=worker_id, data=data, lease_s=lease_s, stopping=stopping
     )
-    return ClaimAnswer(db, worker_id, claimed, held)
+    return ClaimAnswer(db, client_id, worker_id, claimed, held)
 
 
 async def _claim(
@@ -290,9 +337,11 @@ async def _claim(
                 # the process's budget is taken for what will be loaded, outside the connection:
                 # a claim waiting for it holds none of the pool
                 need = sum(size for size in sizes.values() if durable_store.loadable(size))
-                granted = await LOADED_STATE.take(need, wait_s=STATE_WAIT_S, stopping=stopping)
+                granted = await LOADED_STATE.take(
+                    need, tenant=client_id, wait_s=STATE_WAIT_S, stopping=stopping
+                )
                 loading, held = _within(durable, sizes, granted)
-                LOADED_STATE.give(granted - held)
+                LOADED_STATE.give(granted - held, tenant=client_id)
                 granted = 0
                 async with db.driver() as conn:
                     states = await durable_store.load_sized_states(conn, loading, sizes)
@@ -308,11 +357,11 @@ async def _claim(
             if durable:
                 raise
     except asyncio.CancelledError:
-        LOADED_STATE.give(granted + held)
+        LOADED_STATE.give(granted + held, tenant=client_id)
         _hand_back(db, worker_id, claimed)
         raise
     except BaseException:
-        LOADED_STATE.give(granted + held)
+        LOADED_STATE.give(granted + held, tenant=client_id)
         await asyncio.shield(_hand_back(db, worker_id, claimed))
         raise
     # the claim set lease_expires_at = started_at + lease_s (one now() in one statement)
