@@ -145,3 +145,55 @@ async def test_sdk_steps_reads_every_page_of_a_large_state(
     assert all(s["result"] == "x" * 1_000_000 for s in steps)
     assert len(sizes) == 3, sizes
     assert max(sizes) < 5 * 1024 * 1024, sizes
+
+
+async def test_children_past_one_completion_body_are_spawned_over_several_suspensions(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """A parent whose spawned children come to more than one completion request's 8 MiB body (nine
+    payloads of 1 MiB) reaches its gather, as in-process, its step run once: the SDK sends the
+    children that fit with the step, and the replay spawns the rest. The whole suspension was
+    reported `failed`, retried (the step run again each time) and discarded on its last attempt."""
+    issued = await make_client(db, "fanbig")
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    ran: list[int] = []
+    async with taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as tg:
+        worker = taskgate.Worker(tg, queues=["fan"], concurrency=2, wait_s=1, grace_s=5)
+
+        @worker.kind("fan.child")
+        async def child(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> Any:
+            return {"n": len(payload["pad"])}
+
+        @worker.kind("fan.big")
+        async def parent(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> Any:
+            handles = [
+                await ctx.spawn("fan.child", {"pad": f"{i}" * (1024 * 1024)}, key=f"c{i}", queue="held")
+                for i in range(9)
+            ]
+            marked = await ctx.step("mark", lambda: ran.append(1) or len(ran))
+            return {"mark": marked, "children": len(await ctx.gather(handles))}
+
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run_async(stop))
+        try:
+            await tg.put_queue("fan", min_backoff_s=0.05, max_backoff_s=0.1)
+            await tg.put_queue("held", paused=True)  # the children wait: the parent waits for them
+            task = await tg.enqueue("fan.big", {}, queue="fan", max_attempts=3)
+
+            async def parked() -> Any:
+                got = await tg.get(task.id)
+                return got if got.status in ("waiting", "discarded", "completed") else None
+
+            got = await eventually(parked, timeout=60, interval=0.1)
+            assert got.status == "waiting", got.last_error
+            assert got.waiting_for == {"type": "children"}
+            children = await fetch(
+                clean_database, "SELECT child_key FROM tasks WHERE parent_id = $1", task.id
+            )
+            assert sorted(r["child_key"] for r in children) == [f"c{i}" for i in range(9)]
+            outcomes = [a.outcome for a in await tg.attempts(task.id)]
+            assert set(outcomes) == {"suspended"}, outcomes
+            assert ran == [1]
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 30)

@@ -480,6 +480,44 @@ async def test_retries_come_due_while_remote_workers_drain_a_backlog(
     assert retried["id"] in started
 
 
+async def test_deleting_a_kind_discards_its_tasks_that_wait_and_stops_their_children(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """A composed task waiting for a signal or for its children, of a kind then deleted, can never
+    run again: no worker may claim a kind its client does not have. It stayed `waiting` (and once
+    signalled, `available` for ever, as its children ran for a parent that would never gather
+    them); it is discarded with the others that have not started, and its children stopped."""
+    await register(client, auth_headers)
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    signalled, parent = [
+        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
+        for i in range(2)
+    ]
+    assert len((await claim(client, auth_headers, max=2))["items"]) == 2
+    suspensions = [
+        {"id": signalled["id"], "attempt": 1, "outcome": "suspended",
+         "suspend": {"wait": {"type": "signal", "name": "go"}}},
+        {"id": parent["id"], "attempt": 1, "outcome": "suspended",
+         "suspend": {"spawn": [{"key": "c", "kind": "noop", "payload": {}, "queue": "held"}],
+                     "wait": {"type": "children"}}},
+    ]  # fmt: skip
+    answers = await complete(client, auth_headers, *suspensions)
+    assert [(a["accepted"], a["status"]) for a in answers] == [(True, "waiting")] * 2
+    assert (await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)).status_code == 204
+    for task in (signalled, parent):
+        final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+        assert final["status"] == "discarded", final
+        assert "was deleted" in final["last_error"]
+    children = await (await client.get("/api/tasks?queue=held", headers=auth_headers)).get_json()
+    assert [(c["status"], c["last_error"]) for c in children["items"]] == [
+        ("cancelled", f"parent {parent['id']} was discarded")
+    ]
+    late = await client.post(
+        f"/api/tasks/{signalled['id']}/signals/go", json={"data": 1}, headers=auth_headers
+    )
+    assert late.status_code == 409
+
+
 async def test_a_wait_under_a_name_already_taken_fails_the_task_for_good(
     client: Client, auth_headers: dict[str, str], clean_database: str
 ) -> None:

@@ -537,6 +537,56 @@ async def test_prune_keeps_the_finished_children_of_a_parent_as_long_as_the_pare
     assert await fetch(clean_database, "SELECT id FROM tasks") == []
 
 
+async def test_a_task_retried_by_hand_while_the_prune_deletes_it_stays_with_its_attempts(
+    db: Database, settings: Settings, serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """A dead letter retried by hand at the moment the prune found it past its retention: the prune
+    had read it as discarded, then waited for the retry's lock on its row. It must read it again
+    then: the retried task is waiting to run (the retry answered 200), not past any retention."""
+    from app.src.api.tasks import RETRYABLE_BY_CLIENT
+    from app.src.database import tasks as task_store
+
+    api = (await serving(ROLES=["api"])).test_client()
+    response = await api.post("/api/tasks", json={"kind": "noop"}, headers=auth_headers)
+    task_id = uuid.UUID((await response.get_json())["id"])
+    await fetch(
+        clean_database,
+        "UPDATE tasks SET status = 'discarded', attempts = 1, finished_at = now() - interval '8 days' "
+        "WHERE id = $1",
+        task_id,
+    )
+    await fetch(
+        clean_database,
+        "INSERT INTO task_attempts (task_id, attempt, started_at, finished_at, outcome, error, duration_ms) "
+        "VALUES ($1, 1, now() - interval '8 days', now() - interval '8 days', 'failed', 'why it died', 5)",
+        task_id,
+    )
+    [client_id] = [r["client_id"] for r in await fetch(clean_database, "SELECT client_id FROM tasks")]
+
+    async def prune_waits_for_the_retry() -> bool:
+        rows = await fetch(
+            clean_database,
+            "SELECT 1 FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND query LIKE '%DELETE FROM tasks%'",
+        )
+        return bool(rows)
+
+    async with db.driver() as conn, conn.transaction():
+        retried = await task_store.retry(
+            conn, client_id=client_id, task_id=task_id, from_statuses=RETRYABLE_BY_CLIENT
+        )
+        assert retried is not None
+        assert retried.status == "available"
+        pruning = asyncio.create_task(Scheduler(db, settings).prune())
+        await eventually(prune_waits_for_the_retry)
+    await asyncio.wait_for(pruning, timeout=10)
+    shown = await api.get(f"/api/tasks/{task_id}", headers=auth_headers)
+    assert shown.status_code == 200, await shown.get_data(as_text=True)
+    assert (await shown.get_json())["status"] == "available"
+    attempts = await api.get(f"/api/tasks/{task_id}/attempts", headers=auth_headers)
+    assert [a["error"] for a in (await attempts.get_json())["items"]] == ["why it died"]
+
+
 async def test_the_scheduler_says_at_start_whether_the_servers_autovacuum_suits_a_queue(
     db: Database, settings: Settings
 ) -> None:

@@ -86,6 +86,10 @@ async def release_lease(conn: Executor, *, job: str, run_id: UUID) -> None:
 # does: the parent's next run (a later one while it waits, or a retry by hand of a finished one)
 # replays its spawn, and a child no longer there would be created, and run, again. A parent's
 # children go in the prune run after the one that deleted it.
+# The DELETE states the rule again: a task picked as finished may be retried by hand before the
+# DELETE reaches its row (it waits for the retry's lock, then reads the row again against its own
+# condition only). Against the ids alone, it deleted the retried task, which had just been answered
+# 200, and its attempts; only the attempts of the tasks it deleted go.
 PRUNE_TASKS = """
 WITH old AS (
     SELECT id FROM tasks t
@@ -95,20 +99,27 @@ WITH old AS (
     ORDER BY finished_at
     LIMIT $2
 ),
-attempts AS (DELETE FROM task_attempts WHERE task_id = ANY(ARRAY(SELECT id FROM old)))
-DELETE FROM tasks WHERE id = ANY(ARRAY(SELECT id FROM old))
+pruned AS (
+    DELETE FROM tasks t
+    WHERE t.id = ANY(ARRAY(SELECT id FROM old))
+      AND t.status IN ('completed', 'discarded', 'cancelled')
+      AND t.finished_at < now() - make_interval(secs => $1)
+    RETURNING t.id
+),
+attempts AS (DELETE FROM task_attempts WHERE task_id IN (SELECT id FROM pruned))
+SELECT (SELECT count(*) FROM old) AS picked, (SELECT count(*) FROM pruned) AS deleted
 """
 
 
 async def prune_tasks(conn: Any, *, older_than_s: float, batch: int = 5000) -> int:
     total = 0
     while True:
-        status = await conn.execute(PRUNE_TASKS, older_than_s, batch)
-        deleted = int(status.split()[-1])
-        total += deleted
+        row = (await conn.fetch(PRUNE_TASKS, older_than_s, batch))[0]
+        total += int(row["deleted"])
         # a short pass is the last: at a steady inflow rows pass the cutoff while it runs, so a
-        # pass that deletes nothing might never come
-        if deleted < batch:
+        # pass that deletes nothing might never come (a full one whose rows were retried meanwhile
+        # is not short: what follows them is read in the next pass)
+        if int(row["picked"]) < batch:
             return total
 
 

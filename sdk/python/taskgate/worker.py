@@ -1066,6 +1066,8 @@ def _sendable(item: dict[str, Any]) -> dict[str, Any]:
         problem = (
             f"what this attempt returned is {size} bytes of JSON; at most {MAX_COMPLETE_BYTES} are taken"
         )
+        if item.get("outcome") == "suspended":
+            return _split_suspension(item, problem)
     log.warning("task %s: %s", item["id"], problem)
     return {
         "id": item["id"],
@@ -1073,6 +1075,41 @@ def _sendable(item: dict[str, Any]) -> dict[str, Any]:
         "outcome": "failed",
         "error": _text(problem, MAX_ERROR),
     }
+
+
+def _split_suspension(item: dict[str, Any], problem: str) -> dict[str, Any]:
+    """A suspension past one request's body: its children (each payload up to what an enqueue
+    takes) are what makes it so, as its step is at most 1 MiB. It carries its step and the children
+    that fit, without its wait, so that the task runs again at once: the replay spawns the others
+    (those created come back by key) and reaches the wait with them, as often as it takes. Failed
+    instead, the attempt was retried, its step run again each time, and the task discarded on its
+    last attempt, where in-process the same handler runs. A child that fits no request alone can
+    never be sent: the task fails for good (its replay would ask the same)."""
+    suspend = dict(item.get("suspend") or {})
+    spawn = list(suspend.pop("spawn", None) or ())
+    suspend.pop("wait", None)
+    carried = {**item, "suspend": suspend}
+    room = MAX_COMPLETE_BYTES - _encoded_size(carried) - len('"spawn":[],')
+    fitting: list[dict[str, Any]] = []
+    for child in spawn:
+        room -= _encoded_size(child) + 1
+        if room < 0:
+            break
+        fitting.append(child)
+    if not fitting:
+        log.warning("task %s: %s", item["id"], problem)
+        return {
+            "id": item["id"],
+            "attempt": item["attempt"],
+            "outcome": "permanent_failure",
+            "error": _text(f"{problem}: child {spawn[0].get('key')!r} alone is past it", MAX_ERROR)
+            if spawn
+            else _text(problem, MAX_ERROR),
+        }
+    log.info("task %s: %d of its %d new children sent with this suspension (one request's body); "
+             "the task runs again at once for the others", item["id"], len(fitting), len(spawn))  # fmt: skip
+    carried["suspend"] = {**suspend, "spawn": fitting}
+    return carried
 
 
 def _result(kind: RegisteredKind[Any], value: Any) -> Any:
