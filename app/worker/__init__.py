@@ -185,7 +185,7 @@ class Worker:
                 if leftover:
                     async with self.db.driver() as conn:
                         released = await task_store.release(
-                            conn, task_ids=[r.claimed.id for r in leftover], worker_id=self.id
+                            conn, [r.claimed for r in leftover], worker_id=self.id
                         )
                     self.log.info("released unfinished tasks", count=len(released))
         except Exception as exc:

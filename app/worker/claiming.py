@@ -195,7 +195,7 @@ class Claimer:
             return
         try:
             async with asyncio.timeout(STAGE_TIMEOUT_S), self.db.driver() as conn:
-                await task_store.release(conn, task_ids=[t.id for t in claimed], worker_id=self.worker_id)
+                await task_store.release(conn, claimed, worker_id=self.worker_id)
         except Exception as exc:  # their leases expire and the rescuer retries them
             self.log.warning("releasing a late claim failed", error=str(exc) or type(exc).__name__)
 
@@ -329,7 +329,7 @@ class Claimer:
             state.size for state in states.values() if isinstance(state, DurableState)
         )
         try:
-            await task_store.release(conn, task_ids=[t.id for t in over], worker_id=self.worker_id)
+            await task_store.release(conn, over, worker_id=self.worker_id)
         except Exception as exc:  # their leases expire and the rescuer retries them
             self.log.warning("handing back tasks over a claim's state budget failed",
                              count=len(over), error=str(exc) or type(exc).__name__)  # fmt: skip

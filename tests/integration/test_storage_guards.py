@@ -107,7 +107,7 @@ async def test_a_released_runs_progress_never_lands_on_the_next_run_of_its_task(
     first, second = uuid.uuid4(), uuid.uuid4()
     claimed = await claim_one(db, first)
     async with db.driver() as conn:
-        assert await store.release(conn, task_ids=[task_id], worker_id=first) == [task_id]
+        assert await store.release(conn, [claimed], worker_id=first) == [task_id]
     again = await claim_one(db, second)
     assert again.attempt == claimed.attempt
     async with db.driver() as conn:
@@ -363,3 +363,26 @@ async def test_rescuing_one_lease_frees_only_that_tasks_host_permits(db: Databas
             "SELECT slot FROM http_host_permits WHERE host = 'rescued.example:443' AND expires_at > now()"
         )
     assert [r["slot"] for r in held] == [slots[second]]
+
+
+async def test_a_late_hand_back_never_releases_a_later_run_of_its_task(db: Database) -> None:
+    """A hand-back that comes after its lease expired (a remote claim's answer abandoned at its
+    lease): the rescuer retried the task and the same worker claimed it again. Guarded by status
+    and worker only, the late hand-back released that later run while it ran, and another worker
+    could run the task beside it."""
+    task_id = await make_task(db)
+    worker, other = uuid.uuid4(), uuid.uuid4()
+    first = await claim_one(db, worker)
+    async with db.driver() as conn:
+        await conn.execute(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
+        )
+        assert [r["id"] for r in await rescue_expired_leases(conn)] == [task_id]
+        await conn.execute("UPDATE tasks SET run_at = now(), status = 'available' WHERE id = $1", task_id)
+    second = await claim_one(db, worker)
+    assert second.attempt == first.attempt + 1
+    async with db.driver() as conn:
+        assert await store.release(conn, [first], worker_id=worker) == []
+        assert await store.claim_available(conn, limit=1, lease_s=30, worker_id=other, queues=None) == []
+        row = await conn.fetchrow("SELECT status, attempts, worker_id FROM tasks WHERE id = $1", task_id)
+    assert (row["status"], row["attempts"], row["worker_id"]) == ("running", second.attempt, worker)

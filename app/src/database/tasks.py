@@ -1040,13 +1040,19 @@ async def complete(
 # Shutdown: tasks this worker could not finish in its grace period go back to available. The
 # attempt did not fail, so it is not counted. One whose cancel was requested while it ran ends
 # cancelled instead, as at any other end of an attempt that did not finish it (ended_status):
-# released, it was claimed and run again.
+# released, it was claimed and run again. A run is named by its task, attempt and worker, as a
+# completion is: a hand-back that comes late (a remote claim's answer abandoned at its lease) must
+# not release a later run of the task, rescued meanwhile and claimed again by the same worker.
 RELEASE = f"""
-WITH released AS (
+WITH given AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[]) AS g(id, attempt)
+),
+released AS (
     UPDATE tasks t SET status = {ended_status("'available'")}, attempts = t.attempts - 1,
                        started_at = NULL, lease_expires_at = NULL, worker_id = NULL,
                        finished_at = CASE WHEN t.cancel_requested THEN now() END
-    WHERE t.id = ANY($1::uuid[]) AND t.status = 'running' AND t.worker_id = $2
+    FROM given g
+    WHERE t.id = g.id AND t.attempts = g.attempt AND t.status = 'running' AND t.worker_id = $3
     RETURNING t.id, t.queue_id, t.status
 ),
 {notify_queues("woken", "SELECT queue_id FROM released WHERE status = 'available'")},
@@ -1055,8 +1061,11 @@ SELECT id, (SELECT n FROM woken) + (SELECT n FROM notified) AS _woken FROM relea
 """
 
 
-async def release(conn: Executor, *, task_ids: list[UUID], worker_id: UUID) -> list[UUID]:
-    return [row["id"] for row in await conn.fetch(RELEASE, task_ids, worker_id)]
+async def release(conn: Executor, runs: Sequence[ClaimedTask], *, worker_id: UUID) -> list[UUID]:
+    """Hand these runs back: available again, their attempts not counted."""
+    ids = [run.id for run in runs]
+    attempts = [run.attempt for run in runs]
+    return [row["id"] for row in await conn.fetch(RELEASE, ids, attempts, worker_id)]
 
 
 # Progress is the running attempt's, guarded as its completion is (status, attempt and worker): a

@@ -350,9 +350,9 @@ async def _claim(
                         await _fail_unloadable(conn, worker_id, unloadable)
                     # past the answer's bound (MAX_CLAIM_STATE_BYTES) or what the process had left:
                     # handed back, their attempt not counted, for a later claim
-                    over = [t.id for t in claimed if t.durable and t.id not in states]
+                    over = [t for t in claimed if t.durable and t.id not in states]
                     if over:
-                        await task_store.release(conn, task_ids=over, worker_id=worker_id)
+                        await task_store.release(conn, over, worker_id=worker_id)
         except StorageUnavailable:
             if durable:
                 raise
@@ -447,7 +447,7 @@ def _hand_back(
             return
         try:
             async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
-                released = await task_store.release(conn, task_ids=[t.id for t in tasks], worker_id=worker_id)
+                released = await task_store.release(conn, tasks, worker_id=worker_id)
             log.info("claimed tasks whose answer was lost released", count=len(released))
         except Exception as exc:
             log.warning("claimed tasks whose answer was lost could not be released; their leases expire",
