@@ -415,3 +415,40 @@ async def test_a_trigger_or_a_retry_answered_503_after_its_commit_is_not_sent_ag
             )
             assert isinstance(answer, taskgate.ApiError), answer
             assert answer.status == 503
+
+
+async def test_a_delete_answered_503_after_its_commit_succeeds(
+    db: Database, clean_database: str, tmp_path: Path
+) -> None:
+    """Sent again after that 503, the delete of a schedule and of a remote kind was answered 404:
+    `delete_schedule` and `delete_kind` raised "not found" for deletes that had worked."""
+    issued = await make_client(db, "delete after 503")
+    async with behind_a_database_proxy(clean_database, tmp_path / "server") as (server, proxy, conn):
+        ca = str(server.data_dir / "tls" / "cert.pem")
+        async with taskgate.AsyncClient(
+            server.base_url, api_key=issued.api_key, verify=ca, timeout_s=10
+        ) as tg:
+            schedule = await tg.create_schedule("nightly", "0 2 * * *", {"kind": "noop"})
+
+            async def schedule_gone() -> bool:
+                return not await conn.fetchval("SELECT count(*) FROM schedules")
+
+            answer = await answered_503_after_its_commit(
+                conn, proxy, table="schedules", event="DELETE",
+                send=tg.delete_schedule(schedule.id), stored=schedule_gone,
+            )  # fmt: skip
+            assert isinstance(answer, taskgate.Schedule), answer
+            assert answer == schedule  # the schedule as it was when deleted
+            assert await tg.schedules() == []
+
+            await tg.register_kind("resend.kind", payload_schema={"type": "object"})
+
+            async def kind_gone() -> bool:
+                return not await conn.fetchval("SELECT count(*) FROM remote_kinds")
+
+            answer = await answered_503_after_its_commit(
+                conn, proxy, table="remote_kinds", event="DELETE",
+                send=tg.delete_kind("resend.kind"), stored=kind_gone,
+            )  # fmt: skip
+            assert answer is None, answer
+            assert "resend.kind" not in [k.name for k in await tg.kinds()]

@@ -189,6 +189,11 @@ def schedule(method: str, schedule_id: TaskId, *, suffix: str = "", body: Any = 
     return Call(method, f"/api/schedules/{_id(schedule_id)}{suffix}", _SCHEDULE, json=body)
 
 
+def delete_schedule(schedule_id: TaskId) -> Call[Schedule]:
+    # the server answers a schedule it deleted as it was, the first time and when sent again
+    return Call("DELETE", f"/api/schedules/{_id(schedule_id)}", _SCHEDULE, safe=True)
+
+
 def trigger_schedule(schedule_id: TaskId) -> Call[Task]:
     # each trigger makes a task: never sent again once it may have made one (a 503 included)
     return Call("POST", f"/api/schedules/{_id(schedule_id)}/trigger", _TASK, once=True)
@@ -221,7 +226,9 @@ def register_kind(
 
 
 def delete_kind(name: str) -> Call[None]:
-    return Call("DELETE", f"/api/catalog/kinds/{_name(name)}", None)
+    # sent again after its answer was lost (a 503 after the commit), the delete is answered 404:
+    # the kind is gone, as asked, and the call returns
+    return Call("DELETE", f"/api/catalog/kinds/{_name(name)}", None, safe=True, gone_when_absent=True)
 
 
 def workers(cursor: str | None = None) -> Call[Page[WorkerInfo]]:

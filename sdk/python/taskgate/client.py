@@ -6,8 +6,9 @@ retried up to `max_retries` times, honouring Retry-After (each wait at most 30 s
 tasks: with a key they are also sent again when the answer is lost after the request left (a read
 timeout, a dropped connection) and while the key's first request is still in flight (409); without
 one (`idempotent=False`) they are never sent again once they may have reached the server.
-`signal` and `create_schedule` are sent again like reads (the server answers the same one again as
-the first time); a `cancel` refused when sent again returns the task if it is cancelled; `retry`,
+`signal`, `create_schedule` and `delete_schedule` are sent again like reads (the server answers the
+same one again as the first time), and `delete_kind`, whose 404 then says an earlier send deleted
+it; a `cancel` refused when sent again returns the task if it is cancelled; `retry`,
 `trigger_schedule` and `purge_queue` are never sent again once they may have been carried out.
 """
 
@@ -176,6 +177,8 @@ class Client:
                     done = self._run(call.confirm.read)
                     if call.confirm.done(done):
                         return done
+                if uncertain and response.status_code == 404 and call.gone_when_absent:
+                    return None  # type: ignore[return-value]  # (a delete: deleted by an earlier send)
                 raise api_error(response)
             if response.headers.get("retry-after"):
                 call.retry_after_s = retry_after_s(response, attempt)
@@ -379,7 +382,7 @@ class Client:
         return self._run(calls.schedule("PATCH", schedule_id, body=changes))
 
     def delete_schedule(self, schedule_id: TaskId) -> Schedule:
-        return self._run(calls.schedule("DELETE", schedule_id))
+        return self._run(calls.delete_schedule(schedule_id))
 
     def trigger_schedule(self, schedule_id: TaskId) -> Task:
         return self._run(calls.trigger_schedule(schedule_id))
@@ -497,6 +500,8 @@ class AsyncClient:
                     done = await self._run(call.confirm.read)
                     if call.confirm.done(done):
                         return done
+                if uncertain and response.status_code == 404 and call.gone_when_absent:
+                    return None  # type: ignore[return-value]  # (a delete: deleted by an earlier send)
                 raise api_error(response)
             if response.headers.get("retry-after"):
                 call.retry_after_s = retry_after_s(response, attempt)
@@ -687,7 +692,7 @@ class AsyncClient:
         return await self._run(calls.schedule("PATCH", schedule_id, body=changes))
 
     async def delete_schedule(self, schedule_id: TaskId) -> Schedule:
-        return await self._run(calls.schedule("DELETE", schedule_id))
+        return await self._run(calls.delete_schedule(schedule_id))
 
     async def trigger_schedule(self, schedule_id: TaskId) -> Task:
         return await self._run(calls.trigger_schedule(schedule_id))

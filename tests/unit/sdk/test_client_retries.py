@@ -450,3 +450,52 @@ def test_a_signal_and_a_schedule_whose_answer_was_lost_are_sent_again(
         send(taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen)))
         assert len(seen) == 3
         assert len({r.content for r in seen}) == 1
+
+
+def test_a_delete_whose_answer_was_lost_is_sent_again_and_a_404_then_is_its_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delete answered 503 after its commit, or whose answer was lost, deleted what it named:
+    sent again, `delete_kind` was answered 404 and raised "not found" (after a lost answer, it
+    raised the ReadTimeout without sending again). The server answers a schedule's delete sent
+    again with the schedule as it was; a kind's 404 then is the delete done."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    missing = {"type": "about:blank", "title": "Not found", "status": 404, "detail": "No remote kind 'k'."}
+    for first in (httpx.Response(503, json=UNAVAILABLE), httpx.ReadTimeout("no answer")):
+        seen: list[httpx.Request] = []
+        steps: list[Any] = [first, httpx.Response(404, json=missing)]
+        tg = taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen))
+        assert tg.delete_kind("k") is None
+        assert [r.method for r in seen] == ["DELETE", "DELETE"]
+        seen = []
+        steps = [first, httpx.Response(200, json=SCHEDULE)]
+        tg = taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen))
+        assert str(tg.delete_schedule(SCHEDULE["id"]).id) == SCHEDULE["id"]
+        assert [r.method for r in seen] == ["DELETE", "DELETE"]
+    # a 404 to the first send is the answer: that kind never was
+    steps = [httpx.Response(404, json=missing)]
+    tg = taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, []))
+    with pytest.raises(taskgate.ApiError) as refused:
+        tg.delete_kind("k")
+    assert refused.value.status == 404
+
+
+async def test_an_async_delete_kind_answered_404_when_sent_again_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def no_sleep(_s: float) -> None:
+        return None
+
+    monkeypatch.setattr(taskgate.client.asyncio, "sleep", no_sleep)
+    steps = [httpx.Response(503, json=UNAVAILABLE), httpx.Response(404, json={"status": 404})]
+    seen: list[httpx.Request] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return steps.pop(0)
+
+    http = httpx.AsyncClient(base_url="https://tg.test", transport=httpx.MockTransport(handle))
+    async with taskgate.AsyncClient("https://tg.test", api_key="k", http=http) as tg:
+        assert await tg.delete_kind("k") is None
+    assert [r.method for r in seen] == ["DELETE", "DELETE"]
+    await http.aclose()
