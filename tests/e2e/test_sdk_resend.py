@@ -452,3 +452,58 @@ async def test_a_delete_answered_503_after_its_commit_succeeds(
             )  # fmt: skip
             assert answer is None, answer
             assert "resend.kind" not in [k.name for k in await tg.kinds()]
+
+
+async def a_write_waits(conn: asyncpg.Connection, table: str) -> None:
+    async def waiting() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::regclass", table
+            )
+        )
+
+    await eventually(waiting, timeout=20, interval=0.02)
+
+
+async def test_setting_calls_whose_connection_dropped_are_sent_again(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """`register_kind`, `put_queue`, `pause_queue` and `update_schedule` set what they name to
+    what they carry, so sending them again changes nothing more: a connection cut while the server
+    worked on one (a proxy or load balancer going away) ended the call with a ReadError /
+    RemoteProtocolError, and a Worker whose kind registration it was did not start."""
+    issued = await make_client(db, "set again")
+    port = urlsplit(server.base_url).port
+    assert port is not None
+    proxy = TcpProxy(port=port)
+    await proxy.start()
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    conn = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        async with taskgate.AsyncClient(
+            f"https://localhost:{proxy.port}", api_key=issued.api_key, verify=ca, timeout_s=10
+        ) as tg:
+            await tg.put_queue("reports")
+            nightly = await tg.create_schedule("nightly", "0 2 * * *", {"kind": "noop"})
+            for table, send in (
+                ("remote_kinds", lambda: tg.register_kind("resend.set", payload_schema={"type": "object"})),
+                ("queues", lambda: tg.pause_queue("reports")),
+                ("queues", lambda: tg.put_queue("reports", max_concurrency=3)),
+                ("schedules", lambda: tg.update_schedule(nightly.id, cron="0 3 * * *")),
+            ):
+                async with conn.transaction():  # its write waits: it reached the server
+                    await conn.execute(f"LOCK TABLE {table} IN SHARE MODE")
+                    sent = asyncio.create_task(send())
+                    await a_write_waits(conn, table)
+                    proxy.refuse()  # every connection through it cut; then it listens again
+                    await proxy.start()
+                    await asyncio.sleep(0.5)
+                    assert not sent.done(), sent.exception()
+                await asyncio.wait_for(sent, 30)
+            assert "resend.set" in [k.name for k in await tg.kinds()]
+            queue = await tg.get_queue("reports")
+            assert (queue.paused, queue.max_concurrency) == (True, 3)
+            assert (await tg.get_schedule(nightly.id)).cron == "0 3 * * *"
+    finally:
+        await conn.close()
+        await proxy.close()

@@ -7,9 +7,11 @@ tasks: with a key they are also sent again when the answer is lost after the req
 timeout, a dropped connection) and while the key's first request is still in flight (409); without
 one (`idempotent=False`) they are never sent again once they may have reached the server.
 `signal`, `create_schedule` and `delete_schedule` are sent again like reads (the server answers the
-same one again as the first time), and `delete_kind`, whose 404 then says an earlier send deleted
-it; a `cancel` refused when sent again returns the task if it is cancelled; `retry`,
-`trigger_schedule` and `purge_queue` are never sent again once they may have been carried out.
+same one again as the first time), and so are `delete_kind` (whose 404 then says an earlier send
+deleted it) and the calls that set what they carry (`put_queue`, `pause_queue`, `resume_queue`,
+`register_kind`, `update_schedule`); a `cancel` refused when sent again returns the task if it is
+cancelled; `retry`, `trigger_schedule` and `purge_queue` are never sent again once they may have
+been carried out.
 """
 
 from __future__ import annotations
@@ -379,7 +381,7 @@ class Client:
         return self._run(calls.schedule("GET", schedule_id))
 
     def update_schedule(self, schedule_id: TaskId, **changes: Any) -> Schedule:
-        return self._run(calls.schedule("PATCH", schedule_id, body=changes))
+        return self._run(calls.update_schedule(schedule_id, changes))
 
     def delete_schedule(self, schedule_id: TaskId) -> Schedule:
         return self._run(calls.delete_schedule(schedule_id))
@@ -689,7 +691,7 @@ class AsyncClient:
         return await self._run(calls.schedule("GET", schedule_id))
 
     async def update_schedule(self, schedule_id: TaskId, **changes: Any) -> Schedule:
-        return await self._run(calls.schedule("PATCH", schedule_id, body=changes))
+        return await self._run(calls.update_schedule(schedule_id, changes))
 
     async def delete_schedule(self, schedule_id: TaskId) -> Schedule:
         return await self._run(calls.delete_schedule(schedule_id))

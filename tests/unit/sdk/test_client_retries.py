@@ -499,3 +499,35 @@ async def test_an_async_delete_kind_answered_404_when_sent_again_returns(
         assert await tg.delete_kind("k") is None
     assert [r.method for r in seen] == ["DELETE", "DELETE"]
     await http.aclose()
+
+
+def test_calls_that_set_what_they_carry_are_sent_again_after_their_answer_was_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A queue's settings, its pause and resume, a kind's registration and a schedule's changes set
+    the same again when sent again: a lost answer (read timeout, dropped connection) ended each
+    with the transport error, though the server may have carried it out and a resend is harmless."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    queue = {
+        "name": "reports", "paused": True, "max_attempts": 25, "min_backoff_s": 1, "max_backoff_s": 60,
+        "created_at": "2026-12-01T00:00:00Z", "updated_at": "2026-12-01T00:00:00Z",
+    }  # fmt: skip
+    kind = {"name": "k", "payload_schema": {"type": "object"}, "remote": True}
+    for send, answer in (
+        (lambda tg: tg.put_queue("reports", max_concurrency=3), httpx.Response(200, json=queue)),
+        (lambda tg: tg.pause_queue("reports"), httpx.Response(200, json=queue)),
+        (lambda tg: tg.resume_queue("reports"), httpx.Response(200, json=queue)),
+        (lambda tg: tg.register_kind("k", payload_schema={"type": "object"}), httpx.Response(200, json=kind)),
+        (lambda tg: tg.update_schedule(SCHEDULE["id"], paused=True), httpx.Response(200, json=SCHEDULE)),
+    ):
+        seen: list[httpx.Request] = []
+        steps: list[Any] = [httpx.ReadTimeout("no answer"), httpx.RemoteProtocolError("dropped"), answer]
+        send(taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen)))
+        assert len(seen) == 3
+        assert len({(r.method, r.url, r.content) for r in seen}) == 1
+    # a purge is not: the tasks enqueued since the first send would be purged too
+    seen = []
+    steps = [httpx.ReadTimeout("no answer")]
+    with pytest.raises(httpx.ReadTimeout):
+        taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen)).purge_queue("reports")
+    assert len(seen) == 1
