@@ -397,6 +397,9 @@ class Scheduler:
             keys = await maintenance.prune_idempotency_keys(
                 conn, older_than_s=self.settings.IDEMPOTENCY_RETENTION_HOURS * 3600
             )
+            deleted_schedules = await maintenance.prune_deleted_schedules(
+                conn, older_than_s=self.settings.IDEMPOTENCY_RETENTION_HOURS * 3600
+            )
             fires = await maintenance.prune_schedule_fires(
                 conn, older_than_s=self.settings.TASK_RETENTION_DAYS * 86_400
             )
@@ -406,8 +409,8 @@ class Scheduler:
             # GET /api/workers shows the last ten minutes; a day keeps a restarted fleet's history
             workers = await worker_store.prune_workers(conn, older_than_s=WORKER_RETENTION_S)
         pruned = {
-            "tasks": tasks, "idempotency_keys": keys, "schedule_fires": fires, "flow_state": flow,
-            "workers": workers,
+            "tasks": tasks, "idempotency_keys": keys, "deleted_schedules": deleted_schedules,
+            "schedule_fires": fires, "flow_state": flow, "workers": workers,
         }  # fmt: skip
         # expired operator sessions, MFA challenges and forgotten login throttles
         pruned.update(await operators.prune(self.db))

@@ -415,3 +415,95 @@ async def test_a_trigger_or_a_retry_answered_503_after_its_commit_is_not_sent_ag
             )
             assert isinstance(answer, taskgate.ApiError), answer
             assert answer.status == 503
+
+
+async def test_a_delete_answered_503_after_its_commit_succeeds(
+    db: Database, clean_database: str, tmp_path: Path
+) -> None:
+    """Sent again after that 503, the delete of a schedule and of a remote kind was answered 404:
+    `delete_schedule` and `delete_kind` raised "not found" for deletes that had worked."""
+    issued = await make_client(db, "delete after 503")
+    async with behind_a_database_proxy(clean_database, tmp_path / "server") as (server, proxy, conn):
+        ca = str(server.data_dir / "tls" / "cert.pem")
+        async with taskgate.AsyncClient(
+            server.base_url, api_key=issued.api_key, verify=ca, timeout_s=10
+        ) as tg:
+            schedule = await tg.create_schedule("nightly", "0 2 * * *", {"kind": "noop"})
+
+            async def schedule_gone() -> bool:
+                return not await conn.fetchval("SELECT count(*) FROM schedules")
+
+            answer = await answered_503_after_its_commit(
+                conn, proxy, table="schedules", event="DELETE",
+                send=tg.delete_schedule(schedule.id), stored=schedule_gone,
+            )  # fmt: skip
+            assert isinstance(answer, taskgate.Schedule), answer
+            assert answer == schedule  # the schedule as it was when deleted
+            assert await tg.schedules() == []
+
+            await tg.register_kind("resend.kind", payload_schema={"type": "object"})
+
+            async def kind_gone() -> bool:
+                return not await conn.fetchval("SELECT count(*) FROM remote_kinds")
+
+            answer = await answered_503_after_its_commit(
+                conn, proxy, table="remote_kinds", event="DELETE",
+                send=tg.delete_kind("resend.kind"), stored=kind_gone,
+            )  # fmt: skip
+            assert answer is None, answer
+            assert "resend.kind" not in [k.name for k in await tg.kinds()]
+
+
+async def a_write_waits(conn: asyncpg.Connection, table: str) -> None:
+    async def waiting() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::regclass", table
+            )
+        )
+
+    await eventually(waiting, timeout=20, interval=0.02)
+
+
+async def test_setting_calls_whose_connection_dropped_are_sent_again(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """`register_kind`, `put_queue`, `pause_queue` and `update_schedule` set what they name to
+    what they carry, so sending them again changes nothing more: a connection cut while the server
+    worked on one (a proxy or load balancer going away) ended the call with a ReadError /
+    RemoteProtocolError, and a Worker whose kind registration it was did not start."""
+    issued = await make_client(db, "set again")
+    port = urlsplit(server.base_url).port
+    assert port is not None
+    proxy = TcpProxy(port=port)
+    await proxy.start()
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    conn = await asyncpg.connect(driver_uri(clean_database))
+    try:
+        async with taskgate.AsyncClient(
+            f"https://localhost:{proxy.port}", api_key=issued.api_key, verify=ca, timeout_s=10
+        ) as tg:
+            await tg.put_queue("reports")
+            nightly = await tg.create_schedule("nightly", "0 2 * * *", {"kind": "noop"})
+            for table, send in (
+                ("remote_kinds", lambda: tg.register_kind("resend.set", payload_schema={"type": "object"})),
+                ("queues", lambda: tg.pause_queue("reports")),
+                ("queues", lambda: tg.put_queue("reports", max_concurrency=3)),
+                ("schedules", lambda: tg.update_schedule(nightly.id, cron="0 3 * * *")),
+            ):
+                async with conn.transaction():  # its write waits: it reached the server
+                    await conn.execute(f"LOCK TABLE {table} IN SHARE MODE")
+                    sent = asyncio.create_task(send())
+                    await a_write_waits(conn, table)
+                    proxy.refuse()  # every connection through it cut; then it listens again
+                    await proxy.start()
+                    await asyncio.sleep(0.5)
+                    assert not sent.done(), sent.exception()
+                await asyncio.wait_for(sent, 30)
+            assert "resend.set" in [k.name for k in await tg.kinds()]
+            queue = await tg.get_queue("reports")
+            assert (queue.paused, queue.max_concurrency) == (True, 3)
+            assert (await tg.get_schedule(nightly.id)).cron == "0 3 * * *"
+    finally:
+        await conn.close()
+        await proxy.close()

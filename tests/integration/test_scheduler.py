@@ -435,6 +435,15 @@ async def test_prune_removes_what_is_past_retention(
             age_days,
             uuid.uuid4(),
         )
+    # two deleted schedules kept for a delete sent again: one deleted two days ago
+    for age in ("1 hour", "2 days"):
+        await fetch(
+            clean_database,
+            "INSERT INTO deleted_schedules (id, client_id, schedule, deleted_at) "
+            f"VALUES ($1, $2, '{{}}', now() - interval '{age}')",
+            uuid.uuid4(),
+            uuid.uuid4(),
+        )
     # an operator with one live and one long-expired session
     from app.src.api.auth import operators
 
@@ -458,8 +467,10 @@ async def test_prune_removes_what_is_past_retention(
     pruned = await Scheduler(db, settings).prune()
     assert pruned is not None
     assert {k: v for k, v in pruned.items() if v} == {
-        "tasks": 1, "idempotency_keys": 1, "schedule_fires": 1, "sessions": 1, "workers": 1,
+        "tasks": 1, "idempotency_keys": 1, "deleted_schedules": 1, "schedule_fires": 1, "sessions": 1,
+        "workers": 1,
     }  # fmt: skip
+    assert await count(clean_database, "SELECT count(*) FROM deleted_schedules") == 1
     assert [r["name"] for r in await fetch(clean_database, "SELECT name FROM workers")] == ["fresh"]
     assert await count(clean_database, "SELECT count(*) FROM sessions") == 1
     assert await count(clean_database, "SELECT count(*) FROM tasks") == 1

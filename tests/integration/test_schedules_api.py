@@ -60,8 +60,27 @@ async def test_create_read_list_and_delete(
     assert deleted.status_code == 200
     assert await deleted.get_json() == created
     assert (await client.get(f"/api/schedules/{created['id']}", headers=auth_headers)).status_code == 404
-    assert (await client.delete(f"/api/schedules/{created['id']}", headers=auth_headers)).status_code == 404
     assert [r["name"] for r in await fetch(clean_database, "SELECT name FROM schedules")] == ["hourly"]
+
+
+async def test_the_same_delete_sent_again_answers_the_schedule_as_it_was(
+    client: Client, auth_headers: dict[str, str], other_client_headers: dict[str, str], clean_database: str
+) -> None:
+    """A delete sent again after its answer was lost (a 503 after its commit) was answered 404: the
+    caller was told "no such schedule" of the one its first send had deleted. It is answered as
+    the first send was, for as long as idempotency keys are kept; another client's stays a 404."""
+    created = await create(client, auth_headers)
+    url = f"/api/schedules/{created['id']}"
+    first = await client.delete(url, headers=auth_headers)
+    again = await client.delete(url, headers=auth_headers)
+    assert (again.status_code, await again.get_json()) == (200, await first.get_json())
+    assert await first.get_json() == created
+    assert (await client.get(url, headers=auth_headers)).status_code == 404
+    assert (await client.delete(url, headers=other_client_headers)).status_code == 404
+    assert await fetch(clean_database, "SELECT id FROM schedules") == []
+    # forgotten (pruned past IDEMPOTENCY_RETENTION_HOURS): a 404 again
+    await fetch(clean_database, "DELETE FROM deleted_schedules")
+    assert (await client.delete(url, headers=auth_headers)).status_code == 404
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,11 @@ async def update_schedule(schedule_id: UUID, data: SchedulePatch) -> ScheduleOut
 @requires_scopes(SCOPE)
 @validate_response(ScheduleOut)
 async def delete_schedule(schedule_id: UUID) -> ScheduleOut:
-    """Delete a schedule; the answer is the schedule as it was. Tasks it already made are kept."""
+    """Delete a schedule; the answer is the schedule as it was. Tasks it already made are kept.
+
+    The same delete sent again (its first answer lost) is answered the same, for as long as
+    idempotency keys are kept (IDEMPOTENCY_RETENTION_HOURS); then, or for any other id, a 404.
+    """
     return ScheduleOut.from_domain(
         await schedules.delete(db(), client_id=client_id(), schedule_id=schedule_id)
     )

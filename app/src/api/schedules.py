@@ -225,9 +225,15 @@ async def update(
 
 
 async def delete(db: Database, *, client_id: UUID, schedule_id: UUID) -> Schedule:
-    """Delete a schedule and return it as it was; the tasks it already made are kept."""
+    """Delete a schedule and return it as it was; the tasks it already made are kept.
+
+    A schedule already deleted (within IDEMPOTENCY_RETENTION_HOURS) is answered as it was, as the
+    delete that deleted it was: the same request sent again after its answer was lost (a 503 after
+    the commit) succeeds, where a 404 said "no such schedule" of one it had deleted."""
     async with db.driver() as conn:
         schedule = await schedule_store.delete(conn, client_id=client_id, schedule_id=schedule_id)
+        if schedule is None:
+            schedule = await schedule_store.deleted(conn, client_id=client_id, schedule_id=schedule_id)
     if schedule is None:
         raise NotFound(f"No schedule {schedule_id}.")
     return schedule

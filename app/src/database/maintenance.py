@@ -130,6 +130,14 @@ async def prune_idempotency_keys(conn: Any, *, older_than_s: float) -> int:
     return int(status.split()[-1])
 
 
+async def prune_deleted_schedules(conn: Any, *, older_than_s: float) -> int:
+    """Deleted schedules kept past retention (index: deleted_schedules_time)."""
+    status = await conn.execute(
+        "DELETE FROM deleted_schedules WHERE deleted_at < now() - make_interval(secs => $1)", older_than_s
+    )
+    return int(status.split()[-1])
+
+
 # The fire ledger past retention, in slices (index: schedule_fires_time). Next fire times only move
 # forward, so a pruned fire time can never be fired again.
 PRUNE_SCHEDULE_FIRES = """

@@ -130,13 +130,37 @@ async def update(
     return to_schedule(rows[0]) if rows else None
 
 
+# The row deleted is kept as it was in deleted_schedules (primary key), in the same statement.
+DELETE_SCHEDULE = f"""
+WITH deleted AS (
+    DELETE FROM schedules WHERE id = $1 AND client_id = $2 RETURNING *
+),
+kept AS (
+    INSERT INTO deleted_schedules (id, client_id, schedule)
+    SELECT id, client_id, to_jsonb(deleted) FROM deleted
+)
+SELECT {SCHEDULE_COLUMNS} FROM deleted
+"""
+
+# A schedule deleted within retention, as it was (primary key of deleted_schedules).
+DELETED_SCHEDULE = f"""
+SELECT {SCHEDULE_COLUMNS} FROM (
+    SELECT (jsonb_populate_record(NULL::schedules, schedule)).*
+    FROM deleted_schedules WHERE id = $1 AND client_id = $2
+) s
+"""
+
+
 async def delete(conn: Executor, *, client_id: UUID, schedule_id: UUID) -> Schedule | None:
-    """Delete a schedule and its fire ledger (ON DELETE CASCADE); the tasks it made stay."""
-    rows = await conn.fetch(
-        f"DELETE FROM schedules WHERE id = $1 AND client_id = $2 RETURNING {SCHEDULE_COLUMNS}",
-        schedule_id,
-        client_id,
-    )
+    """Delete a schedule and its fire ledger (ON DELETE CASCADE); the tasks it made stay. The
+    schedule is kept as it was, for `deleted` to answer a delete sent again."""
+    rows = await conn.fetch(DELETE_SCHEDULE, schedule_id, client_id)
+    return to_schedule(rows[0]) if rows else None
+
+
+async def deleted(conn: Executor, *, client_id: UUID, schedule_id: UUID) -> Schedule | None:
+    """The schedule as `delete` deleted it, while deleted_schedules keeps it."""
+    rows = await conn.fetch(DELETED_SCHEDULE, schedule_id, client_id)
     return to_schedule(rows[0]) if rows else None
 
 

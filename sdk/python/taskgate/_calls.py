@@ -156,8 +156,13 @@ def events_path(task_id: TaskId) -> str:
     return f"/api/tasks/{_id(task_id)}/events"
 
 
+# Calls that set what they name to what they carry (a queue's settings, a kind's contract, a
+# schedule's fields, paused or not): sent again after their answer was lost, they set the same
+# again, so they are `safe` (sent again like reads).
+
+
 def put_queue(name: str, settings: Mapping[str, Any]) -> Call[Queue]:
-    return Call("PUT", f"/api/queues/{_name(name)}", _QUEUE, json=dump(settings))
+    return Call("PUT", f"/api/queues/{_name(name)}", _QUEUE, json=dump(settings), safe=True)
 
 
 def get_queue(name: str) -> Call[Queue]:
@@ -169,8 +174,10 @@ def list_queues(cursor: str | None = None) -> Call[Page[Queue]]:
 
 
 def queue_action(name: str, action: str) -> Call[Any]:
-    # a purge sent again would delete the tasks enqueued since the first one did its work
-    return Call("POST", f"/api/queues/{_name(name)}/{action}", _ANY, once=action == "purge")
+    # a purge sent again would delete the tasks enqueued since the first one did its work; a pause
+    # or a resume sets the queue's `paused` again
+    purge = action == "purge"
+    return Call("POST", f"/api/queues/{_name(name)}/{action}", _ANY, once=purge, safe=not purge)
 
 
 def create_schedule(
@@ -187,6 +194,18 @@ def list_schedules(cursor: str | None = None) -> Call[Page[Schedule]]:
 
 def schedule(method: str, schedule_id: TaskId, *, suffix: str = "", body: Any = None) -> Call[Schedule]:
     return Call(method, f"/api/schedules/{_id(schedule_id)}{suffix}", _SCHEDULE, json=body)
+
+
+def update_schedule(schedule_id: TaskId, changes: Mapping[str, Any]) -> Call[Schedule]:
+    # the fields given are set (the next fire time computed again only when the cron, the time
+    # zone or `paused` changes it): the same changes sent again set the same
+    path = f"/api/schedules/{_id(schedule_id)}"
+    return Call("PATCH", path, _SCHEDULE, json=dump(changes), safe=True)
+
+
+def delete_schedule(schedule_id: TaskId) -> Call[Schedule]:
+    # the server answers a schedule it deleted as it was, the first time and when sent again
+    return Call("DELETE", f"/api/schedules/{_id(schedule_id)}", _SCHEDULE, safe=True)
 
 
 def trigger_schedule(schedule_id: TaskId) -> Call[Task]:
@@ -217,11 +236,14 @@ def register_kind(
         f"/api/catalog/kinds/{_name(name)}",
         _KIND,
         json={k: v for k, v in body.items() if v is not None},
+        safe=True,  # the same contract registered again is not a new version
     )
 
 
 def delete_kind(name: str) -> Call[None]:
-    return Call("DELETE", f"/api/catalog/kinds/{_name(name)}", None)
+    # sent again after its answer was lost (a 503 after the commit), the delete is answered 404:
+    # the kind is gone, as asked, and the call returns
+    return Call("DELETE", f"/api/catalog/kinds/{_name(name)}", None, safe=True, gone_when_absent=True)
 
 
 def workers(cursor: str | None = None) -> Call[Page[WorkerInfo]]:

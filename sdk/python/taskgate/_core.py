@@ -52,6 +52,9 @@ class Call(Generic[T]):
     # how to tell, when the call sent again is refused (409), that an earlier send did it (a
     # cancel whose first send cancelled the task): this read, and what its answer must show
     confirm: Confirm[T] | None = None
+    # a delete whose answer is nothing: a 404 to it sent again, after an earlier send may have
+    # been carried out, says that send deleted it (what was asked is done), not that it never was
+    gone_when_absent: bool = False
 
     @property
     def resendable(self) -> bool:

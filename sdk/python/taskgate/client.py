@@ -6,9 +6,12 @@ retried up to `max_retries` times, honouring Retry-After (each wait at most 30 s
 tasks: with a key they are also sent again when the answer is lost after the request left (a read
 timeout, a dropped connection) and while the key's first request is still in flight (409); without
 one (`idempotent=False`) they are never sent again once they may have reached the server.
-`signal` and `create_schedule` are sent again like reads (the server answers the same one again as
-the first time); a `cancel` refused when sent again returns the task if it is cancelled; `retry`,
-`trigger_schedule` and `purge_queue` are never sent again once they may have been carried out.
+`signal`, `create_schedule` and `delete_schedule` are sent again like reads (the server answers the
+same one again as the first time), and so are `delete_kind` (whose 404 then says an earlier send
+deleted it) and the calls that set what they carry (`put_queue`, `pause_queue`, `resume_queue`,
+`register_kind`, `update_schedule`); a `cancel` refused when sent again returns the task if it is
+cancelled; `retry`, `trigger_schedule` and `purge_queue` are never sent again once they may have
+been carried out.
 """
 
 from __future__ import annotations
@@ -176,6 +179,8 @@ class Client:
                     done = self._run(call.confirm.read)
                     if call.confirm.done(done):
                         return done
+                if uncertain and response.status_code == 404 and call.gone_when_absent:
+                    return None  # type: ignore[return-value]  # (a delete: deleted by an earlier send)
                 raise api_error(response)
             if response.headers.get("retry-after"):
                 call.retry_after_s = retry_after_s(response, attempt)
@@ -376,10 +381,10 @@ class Client:
         return self._run(calls.schedule("GET", schedule_id))
 
     def update_schedule(self, schedule_id: TaskId, **changes: Any) -> Schedule:
-        return self._run(calls.schedule("PATCH", schedule_id, body=changes))
+        return self._run(calls.update_schedule(schedule_id, changes))
 
     def delete_schedule(self, schedule_id: TaskId) -> Schedule:
-        return self._run(calls.schedule("DELETE", schedule_id))
+        return self._run(calls.delete_schedule(schedule_id))
 
     def trigger_schedule(self, schedule_id: TaskId) -> Task:
         return self._run(calls.trigger_schedule(schedule_id))
@@ -497,6 +502,8 @@ class AsyncClient:
                     done = await self._run(call.confirm.read)
                     if call.confirm.done(done):
                         return done
+                if uncertain and response.status_code == 404 and call.gone_when_absent:
+                    return None  # type: ignore[return-value]  # (a delete: deleted by an earlier send)
                 raise api_error(response)
             if response.headers.get("retry-after"):
                 call.retry_after_s = retry_after_s(response, attempt)
@@ -684,10 +691,10 @@ class AsyncClient:
         return await self._run(calls.schedule("GET", schedule_id))
 
     async def update_schedule(self, schedule_id: TaskId, **changes: Any) -> Schedule:
-        return await self._run(calls.schedule("PATCH", schedule_id, body=changes))
+        return await self._run(calls.update_schedule(schedule_id, changes))
 
     async def delete_schedule(self, schedule_id: TaskId) -> Schedule:
-        return await self._run(calls.schedule("DELETE", schedule_id))
+        return await self._run(calls.delete_schedule(schedule_id))
 
     async def trigger_schedule(self, schedule_id: TaskId) -> Task:
         return await self._run(calls.trigger_schedule(schedule_id))

@@ -450,3 +450,84 @@ def test_a_signal_and_a_schedule_whose_answer_was_lost_are_sent_again(
         send(taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen)))
         assert len(seen) == 3
         assert len({r.content for r in seen}) == 1
+
+
+def test_a_delete_whose_answer_was_lost_is_sent_again_and_a_404_then_is_its_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delete answered 503 after its commit, or whose answer was lost, deleted what it named:
+    sent again, `delete_kind` was answered 404 and raised "not found" (after a lost answer, it
+    raised the ReadTimeout without sending again). The server answers a schedule's delete sent
+    again with the schedule as it was; a kind's 404 then is the delete done."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    missing = {"type": "about:blank", "title": "Not found", "status": 404, "detail": "No remote kind 'k'."}
+    for first in (httpx.Response(503, json=UNAVAILABLE), httpx.ReadTimeout("no answer")):
+        seen: list[httpx.Request] = []
+        steps: list[Any] = [first, httpx.Response(404, json=missing)]
+        tg = taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen))
+        assert tg.delete_kind("k") is None
+        assert [r.method for r in seen] == ["DELETE", "DELETE"]
+        seen = []
+        steps = [first, httpx.Response(200, json=SCHEDULE)]
+        tg = taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen))
+        assert str(tg.delete_schedule(SCHEDULE["id"]).id) == SCHEDULE["id"]
+        assert [r.method for r in seen] == ["DELETE", "DELETE"]
+    # a 404 to the first send is the answer: that kind never was
+    steps = [httpx.Response(404, json=missing)]
+    tg = taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, []))
+    with pytest.raises(taskgate.ApiError) as refused:
+        tg.delete_kind("k")
+    assert refused.value.status == 404
+
+
+async def test_an_async_delete_kind_answered_404_when_sent_again_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def no_sleep(_s: float) -> None:
+        return None
+
+    monkeypatch.setattr(taskgate.client.asyncio, "sleep", no_sleep)
+    steps = [httpx.Response(503, json=UNAVAILABLE), httpx.Response(404, json={"status": 404})]
+    seen: list[httpx.Request] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return steps.pop(0)
+
+    http = httpx.AsyncClient(base_url="https://tg.test", transport=httpx.MockTransport(handle))
+    async with taskgate.AsyncClient("https://tg.test", api_key="k", http=http) as tg:
+        assert await tg.delete_kind("k") is None
+    assert [r.method for r in seen] == ["DELETE", "DELETE"]
+    await http.aclose()
+
+
+def test_calls_that_set_what_they_carry_are_sent_again_after_their_answer_was_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A queue's settings, its pause and resume, a kind's registration and a schedule's changes set
+    the same again when sent again: a lost answer (read timeout, dropped connection) ended each
+    with the transport error, though the server may have carried it out and a resend is harmless."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    queue = {
+        "name": "reports", "paused": True, "max_attempts": 25, "min_backoff_s": 1, "max_backoff_s": 60,
+        "created_at": "2026-12-01T00:00:00Z", "updated_at": "2026-12-01T00:00:00Z",
+    }  # fmt: skip
+    kind = {"name": "k", "payload_schema": {"type": "object"}, "remote": True}
+    for send, answer in (
+        (lambda tg: tg.put_queue("reports", max_concurrency=3), httpx.Response(200, json=queue)),
+        (lambda tg: tg.pause_queue("reports"), httpx.Response(200, json=queue)),
+        (lambda tg: tg.resume_queue("reports"), httpx.Response(200, json=queue)),
+        (lambda tg: tg.register_kind("k", payload_schema={"type": "object"}), httpx.Response(200, json=kind)),
+        (lambda tg: tg.update_schedule(SCHEDULE["id"], paused=True), httpx.Response(200, json=SCHEDULE)),
+    ):
+        seen: list[httpx.Request] = []
+        steps: list[Any] = [httpx.ReadTimeout("no answer"), httpx.RemoteProtocolError("dropped"), answer]
+        send(taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen)))
+        assert len(seen) == 3
+        assert len({(r.method, r.url, r.content) for r in seen}) == 1
+    # a purge is not: the tasks enqueued since the first send would be purged too
+    seen = []
+    steps = [httpx.ReadTimeout("no answer")]
+    with pytest.raises(httpx.ReadTimeout):
+        taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen)).purge_queue("reports")
+    assert len(seen) == 1
