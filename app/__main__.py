@@ -222,6 +222,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
         stop = asyncio.Event()
 
         def on_signal() -> None:
+            if stop.is_set():
+                # a second stop signal, as a second Ctrl-C to serve: the grace is over; running
+                # tasks are handed back, the last completions written, and the process exits
+                runtime.end_grace()
+                return
             # stop claiming at once; stop() below then finishes within what is left of the grace
             runtime.begin_shutdown()
             stop.set()
@@ -284,7 +289,8 @@ def parser() -> argparse.ArgumentParser:
         "worker",
         help="run a worker process without HTTP",
         description="Claim and run tasks until SIGTERM: stop claiming, let running tasks finish "
-        "within WORKER_SHUTDOWN_GRACE_S, release the rest, exit 0.",
+        "within WORKER_SHUTDOWN_GRACE_S, release the rest, exit 0. A second SIGTERM or SIGINT "
+        "ends the grace at once.",
     )
     worker.set_defaults(func=cmd_worker)
 

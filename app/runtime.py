@@ -157,11 +157,14 @@ class Runtime:
         log.info("stopping", grace_s=self.settings.WORKER_SHUTDOWN_GRACE_S)
 
     def end_grace(self) -> None:
-        """A forced stop (a second Ctrl-C): the grace is over. `stop()` waits for no handler or
-        job any more, but still hands back running tasks, writes the last completions and closes
-        the pools (about a second); a wait it is already in keeps the deadline it had."""
+        """A forced stop (a second Ctrl-C or stop signal): the grace is over. `stop()` waits for
+        no handler or job any more, but still hands back running tasks, writes the last
+        completions and closes the pools (about a second); the worker's wait for its handlers
+        ends now also when `stop()` is already in it (a scheduler wait keeps its deadline)."""
         self.begin_shutdown()
         self._stop_deadline = time.monotonic()
+        if self.worker is not None:
+            self.worker.end_grace()
 
     def grace_left(self) -> float:
         """Seconds left of the stop's grace period (all of it before the stop began)."""

@@ -98,6 +98,8 @@ class Worker:
         self.completer = Completer(db, self.holdings, worker_id=self.id, on_written=self.claimer.wake)
         self._claim_task: asyncio.Task[None] | None = None
         self._service_tasks: list[asyncio.Task[None]] = []
+        # set by end_grace() (a second stop signal): stop() waits for no handler any more
+        self._grace_ended = asyncio.Event()
         self.log = log.bind(worker_id=str(self.id))
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -128,24 +130,30 @@ class Worker:
         """Claim nothing more (idempotent): the first step of a shutdown."""
         self.claimer.stop()
 
+    def end_grace(self) -> None:
+        """A forced stop (a second stop signal): the grace is over, also for a `stop()` already
+        waiting in it. Running handlers are cancelled and their tasks handed back at once."""
+        self.stop_claiming()
+        self._grace_ended.set()
+
     async def stop(self, *, grace_s: float | None = None) -> None:
         """Stop claiming; let running tasks finish within the grace period; release the rest.
 
-        Handlers get all of `grace_s` (default WORKER_SHUTDOWN_GRACE_S); then unwritten
-        completions are written and unfinished tasks released within FINAL_WRITES_S more. When
-        PostgreSQL cannot be reached, what could not be written is left to the leases: they
-        expire and the rescuer retries those tasks.
+        Handlers get all of `grace_s` (default WORKER_SHUTDOWN_GRACE_S), or until `end_grace()`;
+        then unwritten completions are written and unfinished tasks released within
+        FINAL_WRITES_S more. When PostgreSQL cannot be reached, what could not be written is left
+        to the leases: they expire and the rescuer retries those tasks.
         """
         loop = asyncio.get_running_loop()
         grace = self.grace_s if grace_s is None else max(0.0, grace_s)
         deadline = loop.time() + grace
         self.stop_claiming()
         if self._claim_task is not None:
-            await asyncio.wait([self._claim_task], timeout=max(0.0, deadline - loop.time()))
+            await self._within_grace([self._claim_task], deadline)
         in_flight = [r.task for r in self.holdings.running.values() if r.task is not None]
-        if in_flight:
+        if in_flight and not self._grace_ended.is_set():
             self.log.info("waiting for running tasks", count=len(in_flight), grace_s=grace)
-            await asyncio.wait(in_flight, timeout=max(0.0, deadline - loop.time()))
+            await self._within_grace(in_flight, deadline)
         leftover = list(self.holdings.running.values())
         for running in leftover:
             self.holdings.abandon(running, "shutdown")
@@ -177,6 +185,23 @@ class Worker:
         await self._write_last(leftover, timeout_s=FINAL_WRITES_S)
         WORKER_RUNNING.set(0)
         self.log.info("worker stopped")
+
+    async def _within_grace(self, tasks: list[asyncio.Task[None]], deadline: float) -> None:
+        """Wait for `tasks` until the loop time `deadline`, or until the grace is ended early."""
+        loop = asyncio.get_running_loop()
+        ended = asyncio.ensure_future(self._grace_ended.wait())
+        try:
+            pending: set[asyncio.Future[Any]] = {task for task in tasks if not task.done()}
+            while pending and not ended.done():
+                timeout = max(0.0, deadline - loop.time())
+                done, pending = await asyncio.wait(
+                    [*pending, ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:  # the grace is used up
+                    break
+                pending.discard(ended)
+        finally:
+            ended.cancel()
 
     async def _write_last(self, leftover: list[Running], *, timeout_s: float) -> None:
         try:

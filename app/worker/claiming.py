@@ -84,6 +84,11 @@ class Claimer:
         self._unlimited_idle: tuple[float, int] | None = None
         self._announced = 0
         self._queue_failures: dict[int, int] = {}  # limited queue id -> claims failed in a row
+        # Limited queues whose last claim came back empty (no work, or no room): asked last in a
+        # round until a NOTIFY names them or the list is read again (_turns).
+        self._dry: set[int] = set()
+        self._turn = 0  # which limited queue goes first among them (_turns)
+        self._limited_first = False  # the last round filled up before a limited queue was asked
         # What this worker held of loaded state when a claim last handed durable tasks back for
         # want of budget: its claims pass over durable tasks until it holds less (a task ended),
         # or the tasks handed back would be claimed again at once, round after round.
@@ -103,6 +108,7 @@ class Claimer:
             self._announced += 1
         else:
             self._named |= queue_ids
+            self._dry -= queue_ids
             if not queue_ids <= {queue.id for queue in self._limited[1]}:
                 self._announced += 1
         self._wake.set()
@@ -187,6 +193,9 @@ class Claimer:
             if staged >= STAGE_BATCH:
                 continue  # more are due: keep going
             if staged:
+                # its NOTIFY may arrive after the round this wakes has begun: that round must not
+                # pass over the unlimited queues as idle
+                self._announced += 1
                 self._wake.set()
             await self._sleep(self.poll_s)
 
@@ -223,46 +232,56 @@ class Claimer:
         async with self.db.driver() as conn:
             claimed: list[ClaimedTask] = []
             self._round = claimed  # each statement's claims are added to it as they commit
+            # Each statement commits what it claims: those tasks are this worker's from then on.
+            # A queue whose claim fails is passed over for this round, so neither the tasks
+            # claimed before it (left to their leases, they lost an attempt each round, and were
+            # discarded without ever running) nor the queues after it pay for it; the round fails
+            # only when nothing was claimed (an outage, say).
+            failed: Exception | None = None
+            unlogged: Exception | None = None  # a failure no limited queue's streak logs
+            try:
+                limited = await self._limited_queues(conn)
+            except Exception as exc:
+                # read again next round; the unlimited queues still serve
+                failed = unlogged = exc
+                limited = []
             idle = self._unlimited_idle
-            if idle is None or idle[1] != self._announced or time.monotonic() - idle[0] > self.poll_s:
-                announced = self._announced
-                claimed += await task_store.claim_available(
-                    conn,
-                    limit=want,
-                    lease_s=self.leases.lease_s,
-                    worker_id=self.worker_id,
-                    queues=self.queues,
-                    skip_durable=skip_durable,
-                )
-                self._unlimited.update(task.queue_id for task in claimed)
-                self._unlimited_idle = (time.monotonic(), announced) if len(claimed) < want else None
-            if len(claimed) < want:
-                # Each statement commits what it claims: those tasks are this worker's from then on.
-                # A queue whose claim fails is passed over for this round, so neither the tasks
-                # claimed before it (left to their leases, they lost an attempt each round, and
-                # were discarded without ever running) nor the queues after it pay for it; the
-                # round fails only when nothing was claimed (an outage, say).
-                failed: Exception | None = None
-                try:
-                    limited = await self._limited_queues(conn)
-                except Exception as exc:
-                    if not claimed:
-                        raise
-                    failed, limited = exc, []  # read again next round; these tasks start now
-                    self.log.warning(
-                        "reading the limited queues failed", error=str(exc) or type(exc).__name__
+            skip_unlimited = (
+                idle is not None and idle[1] == self._announced and time.monotonic() - idle[0] <= self.poll_s
+            )
+            limited_first = self._limited_first
+            order = self._turns(limited, limited_first=limited_first or skip_unlimited)
+            for asked, queue in enumerate(order):
+                if len(claimed) >= want:
+                    # a limited queue that may have work had no say: it goes first in the next round
+                    # (and, having gone first in this one, takes turns with the unlimited claim)
+                    self._limited_first = not limited_first and any(
+                        q is not None and q.id not in self._dry for q in order[asked:]
                     )
-                for queue in limited:
-                    if len(claimed) >= want:
-                        break
-                    # A queue with a concurrency limit is claimed half its limit at a time: one half
-                    # runs while the other's completions and next claim are written. Asked for the
-                    # whole limit at once, the worker and PostgreSQL would take turns, each idle
-                    # while the other works.
-                    share = want - len(claimed)
-                    if queue.max_concurrency is not None:
-                        share = min(share, max(1, (queue.max_concurrency + 1) // 2))
-                    try:
+                    break
+                share = want - len(claimed)
+                try:
+                    if queue is None:
+                        if skip_unlimited:
+                            continue
+                        announced = self._announced
+                        got = await task_store.claim_available(
+                            conn,
+                            limit=share,
+                            lease_s=self.leases.lease_s,
+                            worker_id=self.worker_id,
+                            queues=self.queues,
+                            skip_durable=skip_durable,
+                        )
+                        self._unlimited.update(task.queue_id for task in got)
+                        self._unlimited_idle = (time.monotonic(), announced) if len(got) < share else None
+                    else:
+                        # A queue with a concurrency limit is claimed half its limit at a time: one
+                        # half runs while the other's completions and next claim are written. Asked
+                        # for the whole limit at once, the worker and PostgreSQL would take turns,
+                        # each idle while the other works.
+                        if queue.max_concurrency is not None:
+                            share = min(share, max(1, (queue.max_concurrency + 1) // 2))
                         got = await task_store.claim_limited(
                             conn,
                             queue_id=queue.id,
@@ -272,17 +291,27 @@ class Claimer:
                             worker_id=self.worker_id,
                             skip_durable=skip_durable,
                         )
-                    except Exception as exc:
-                        failed = failed or exc
+                        self._queue_failures.pop(queue.id, None)
+                        (self._dry.discard if got else self._dry.add)(queue.id)
+                        again = again or len(got) == share
+                except Exception as exc:
+                    failed = failed or exc
+                    if queue is None:
+                        unlogged = unlogged or exc
+                    else:
                         self._queue_failed(queue.id, exc)
-                        if isinstance(exc, asyncpg.PostgresError):
-                            continue  # this statement failed; the connection is fine
-                        break  # the connection failed: the other queues would wait for it too
-                    self._queue_failures.pop(queue.id, None)
-                    claimed += got
-                    again = again or len(got) == share
-                if failed is not None and not claimed:
-                    raise failed
+                    if isinstance(exc, asyncpg.PostgresError):
+                        continue  # this statement failed; the connection is fine
+                    break  # the connection failed: the other queues would wait for it too
+                claimed += got
+            else:
+                self._limited_first = False
+            if failed is not None and not claimed:
+                raise failed
+            if unlogged is not None:  # the tasks claimed start now
+                self.log.warning(
+                    "part of a claim round failed", error=str(unlogged) or type(unlogged).__name__
+                )
             # only tasks that stored steps, signals or children cost this one more statement
             durable = [task for task in claimed if task.durable]
             if durable:
@@ -309,6 +338,26 @@ class Claimer:
                     claimed = await self._hand_back_over_budget(conn, claimed, states, held=held)
         self._round = []
         return claimed, again, states
+
+    def _turns(
+        self, limited: list[task_store.LimitedQueue], *, limited_first: bool
+    ) -> list[task_store.LimitedQueue | None]:
+        """The order in which a round asks its sources, None standing for the unlimited claim;
+        each is asked only while the round still has room. The unlimited claim goes first, unless
+        the round before filled up before a limited queue that may have work was asked: then the
+        limited queues go first (asked after the unlimited claim in every round, a limited queue
+        waited for as long as an unlimited queue's backlog filled the worker). Among themselves
+        the limited queues take turns at going first, one step each round they go first. One whose
+        last claim came back empty is asked last, until a NOTIFY names it or the list is read
+        again: idle limited queues cost no round trip each per round."""
+        ready = [queue for queue in limited if queue.id not in self._dry]
+        dry = [queue for queue in limited if queue.id in self._dry]
+        if limited_first:
+            self._turn += 1
+        turn = self._turn % max(1, len(ready))
+        turned: list[task_store.LimitedQueue | None] = [*ready[turn:], *ready[:turn]]
+        order = [*turned, None] if limited_first else [None, *turned]
+        return order + dry
 
     async def _hand_back_over_budget(
         self,
@@ -371,6 +420,7 @@ class Claimer:
         if named or again or time.monotonic() - fetched_at > self.poll_s:
             limited = await task_store.limited_queues(conn, queues=self.queues)
             self._limited = (time.monotonic(), limited)
+            self._dry.clear()  # each is asked first again in its turn (a rate bucket refills unannounced)
             # A NOTIFY can arrive while a round reads the list, before the change it announces is
             # visible to that read: an id it named and the list still lacks is looked up once more.
             self._recheck = named - {queue.id for queue in limited}

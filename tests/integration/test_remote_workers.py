@@ -247,6 +247,24 @@ async def test_limited_queues_hold_for_remote_workers(client: Client, auth_heade
     assert (await claim(client, auth_headers, max=10))["items"] == []
 
 
+async def test_a_limited_queue_is_claimed_while_an_unlimited_backlog_fills_every_claim(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """A claim asked the limited queues only when the unlimited ones came back short: a remote
+    worker draining a backlog never got the task of a queue with max_concurrency until the backlog
+    was gone."""
+    await register(client, auth_headers)
+    await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
+    for i in range(20):
+        await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": i + 1})
+    narrow = await enqueue(
+        client, auth_headers, kind="reports.build", queue="narrow", payload={"account_id": 1}
+    )
+    claimed = [item["id"] for _ in range(3) for item in (await claim(client, auth_headers, max=1))["items"]]
+    assert len(claimed) == 3
+    assert narrow["id"] in claimed  # its turn came after one claim that filled up without it
+
+
 async def test_tenants_never_claim_each_others_tasks(
     client: Client, auth_headers: dict[str, str], other_client_headers: dict[str, str]
 ) -> None:

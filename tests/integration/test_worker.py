@@ -11,6 +11,7 @@ import asyncpg
 from quart import Quart
 
 from tests.conftest import driver_uri
+from tests.integration.flow.test_keyed_claim import batch
 from tests.task_harness import claims_fail_in, enqueue, eventually, fetch, read_records
 
 Serving = Callable[..., Awaitable[Quart]]
@@ -449,6 +450,25 @@ async def test_a_handler_slow_to_unwind_does_not_hold_up_the_stop_or_the_other_c
     rows = {r["id"]: r["status"] for r in await fetch(clean_database, "SELECT id, status FROM tasks")}
     assert rows[UUID(quick["id"])] == "completed"  # finished within the grace, and written
     assert rows[UUID(slow["id"])] == "running"  # still unwinding here: left to its lease
+
+
+async def test_a_limited_queue_runs_while_an_unlimited_queue_keeps_the_worker_busy(
+    serving: Serving, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    """A round asked the unlimited queues first and the limited queues only while it still had
+    room: while an unlimited queue's backlog filled every round, a limited queue's task waited
+    until that backlog was gone, however long it was."""
+    app = await serving(**WORKER, WORKER_CONCURRENCY=4, WORKER_BATCH_SIZE=4, WORKER_POLL_INTERVAL_S=0.2)
+    client = app.test_client()
+    await client.put("/api/queues/narrow", json={"max_concurrency": 2}, headers=auth_headers)
+    marks = tmp_path / "bulk.txt"
+    backlog = [{"kind": "test.record", "queue": "bulk", "payload": {"path": str(marks), "seconds": 0.1}}]
+    await batch(client, auth_headers, backlog * 400)  # 10 s of work for 4 slots
+    await eventually(marks.exists, timeout=10)
+    task = await enqueue(client, auth_headers, kind="noop", queue="narrow")
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=5", headers=auth_headers)).get_json()
+    assert done["status"] == "completed"
+    assert len(read_records(marks)) < 200  # long before the backlog was gone
 
 
 async def test_a_limited_queue_that_cannot_be_claimed_holds_up_no_other_queue(

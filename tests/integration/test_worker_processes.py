@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from quart import Quart
 
 from tests.proxy import TcpProxy
@@ -327,6 +328,36 @@ async def test_sigterm_stops_a_worker_process_within_one_grace_period(
         stop_all([worker])
     assert code == 0
     assert 1.0 <= elapsed < 2.0  # the running task had its grace, and the stop no more than one
+    [row] = await fetch(clean_database, "SELECT status, attempts FROM tasks WHERE id = $1", task["id"])
+    assert (row["status"], row["attempts"]) == ("available", 0)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+async def test_a_second_stop_signal_ends_a_worker_processs_grace_and_hands_its_tasks_back(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str, tmp_path: Path, signum: int
+) -> None:
+    # serve already ends its grace on a second Ctrl-C; `python -m app worker` ignored it and sat
+    # out the whole grace (30 s here) with its handlers running
+    app = await serving(ROLES=["api"])
+    client = app.test_client()
+    [task] = await batch(client, auth_headers, [{"kind": "sleep", "payload": {"seconds": 120}}])
+    worker = spawn_worker(clean_database, tmp_path / "w", WORKER_SHUTDOWN_GRACE_S="30")
+    log = worker.log_path  # type: ignore[attr-defined]
+    try:
+        await started(worker)
+        await eventually(lambda: _count_is(clean_database, "progress IS NOT NULL", 1), timeout=30)
+        worker.send_signal(signum)
+        await eventually(lambda: "waiting for running tasks" in log.read_text(), timeout=10)
+        signalled = time.monotonic()
+        worker.send_signal(signum)
+        code = await asyncio.to_thread(worker.wait, 10)
+        elapsed = time.monotonic() - signalled
+    finally:
+        stop_all([worker])
+    assert code == 0, log.read_text()
+    assert elapsed < 2.5, (elapsed, log.read_text())  # the unwinding and the last writes, no grace
+    assert "Traceback" not in log.read_text()
+    # handed back, its attempt not spent: not left running until its lease expires
     [row] = await fetch(clean_database, "SELECT status, attempts FROM tasks WHERE id = $1", task["id"])
     assert (row["status"], row["attempts"]) == ("available", 0)
 

@@ -163,6 +163,10 @@ def remote_worker_id(client_id: UUID, name: str) -> UUID:
 SEEN_EVERY_S = 5.0
 _seen_at: dict[UUID, float] = {}
 _limited: dict[tuple[UUID, tuple[str, ...] | None], tuple[float, list[task_store.LimitedQueue]]] = {}
+# Claims of these queues whose limited queues go first next (the last filled up before asking
+# them), and which of them goes first (_claim_once)
+_limited_first: dict[tuple[UUID, tuple[str, ...] | None], bool] = {}
+_limited_turn: dict[tuple[UUID, tuple[str, ...] | None], int] = {}
 
 
 def _due_for_seen(worker_id: UUID, *, heartbeat: bool = False) -> bool:
@@ -480,29 +484,52 @@ async def _claim_once(
     statement within its own deadline): what it claimed is handed out, and a round that claimed
     nothing is StorageUnavailable (503 with Retry-After)."""
     claimed: list[ClaimedTask] = []
+    turn_key = (kinds.client_id, None if queues is None else tuple(queues))
     try:
         async with asyncio.timeout(CLAIM_TIMEOUT_S), db.driver() as conn:
-            claimed = await task_store.claim_available(
-                conn, limit=want, lease_s=lease_s, worker_id=worker_id, queues=queues, kinds=kinds
+            failed: Exception | None = None
+            try:
+                limited = await _limited_queues(conn, kinds.client_id, queues)
+            except Exception as exc:
+                failed, limited = exc, []  # the unlimited queues still serve
+            # As in-process: the unlimited claim goes first, unless the last claim of these queues
+            # filled up before its limited queues were asked (then they go first, taking turns),
+            # or a busy unlimited queue would hold them up for as long as its backlog lasts.
+            limited_first = _limited_first.pop(turn_key, False)
+            if limited_first and limited:
+                turn = _limited_turn[turn_key] = (_limited_turn.get(turn_key, -1) + 1) % len(limited)
+                limited = limited[turn:] + limited[:turn]
+            order: list[task_store.LimitedQueue | None] = (
+                [*limited, None] if limited_first else [None, *limited]
             )
-            if len(claimed) < want:
-                failed: Exception | None = None
-                for queue in await _limited_queues(conn, kinds.client_id, queues):
-                    if len(claimed) >= want:
-                        break
-                    try:
+            for asked, queue in enumerate(order):
+                if len(claimed) >= want:
+                    if not limited_first and any(q is not None for q in order[asked:]):
+                        if len(_limited_first) > 10_000:
+                            _limited_first.clear()
+                            _limited_turn.clear()
+                        _limited_first[turn_key] = True
+                    break
+                try:
+                    if queue is None:
+                        claimed += await task_store.claim_available(
+                            conn, limit=want - len(claimed), lease_s=lease_s, worker_id=worker_id,
+                            queues=queues, kinds=kinds,
+                        )  # fmt: skip
+                    else:
                         claimed += await task_store.claim_limited(
                             conn, queue_id=queue.id, keyed=queue.keyed, limit=want - len(claimed),
                             lease_s=lease_s, worker_id=worker_id, kinds=kinds,
                         )  # fmt: skip
-                    except Exception as exc:
-                        failed = failed or exc
+                except Exception as exc:
+                    failed = failed or exc
+                    if queue is not None:
                         log.warning("claiming from a limited queue failed; passed over",
                                     queue_id=queue.id, error=str(exc) or type(exc).__name__)  # fmt: skip
-                        if not isinstance(exc, asyncpg.PostgresError):
-                            break  # the connection failed, not this queue's statement
-                if failed is not None and not claimed:
-                    raise failed
+                    if not isinstance(exc, asyncpg.PostgresError):
+                        break  # the connection failed, not this queue's statement
+            if failed is not None and not claimed:
+                raise failed
     except TimeoutError:
         log.warning("a claim round ran out of time", deadline_s=CLAIM_TIMEOUT_S, claimed=len(claimed))
         if not claimed:
