@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
@@ -289,6 +289,27 @@ def bearer_token() -> str | None:
     return token.strip()
 
 
+def not_authenticated() -> Unauthorized:
+    return Unauthorized(
+        "Send a valid API key or session token as 'Authorization: Bearer <token>'.",
+        headers={"WWW-Authenticate": 'Bearer realm="taskgate"'},
+    )
+
+
+def still_allowed(*scopes: str) -> Callable[[], Awaitable[bool]]:
+    """For a request that waits (a long-poll, an event stream): whether its token would still be
+    let in with `scopes` now (not revoked, its client not disabled, its session not ended), to
+    ask again after a wait and before acting on it, as the next request would be refused."""
+    token, authenticator = bearer_token() or "", current_app.extensions["taskgate"].authenticator
+    needed = frozenset(scopes)
+
+    async def allowed() -> bool:
+        principal = await authenticator.identify(token)
+        return principal is not None and needed <= principal.scopes
+
+    return allowed
+
+
 async def authenticate(view: Callable[..., Any] | None) -> None:
     """Bearer token → principal → g.client_id / g.profile; 401 without one, 403 without a scope.
 
@@ -309,10 +330,7 @@ async def authenticate(view: Callable[..., Any] | None) -> None:
     runtime = current_app.extensions["taskgate"]
     principal = await runtime.authenticator.authenticate(token) if token else None
     if principal is None:
-        raise Unauthorized(
-            "Send a valid API key or session token as 'Authorization: Bearer <token>'.",
-            headers={"WWW-Authenticate": 'Bearer realm="taskgate"'},
-        )
+        raise not_authenticated()
     g.principal = principal
     g.client_id = principal.client_id
     g.profile = principal

@@ -9,6 +9,7 @@ those that show a secret once (a new API key), which render it in their own answ
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -61,6 +62,7 @@ PAGE_SIZE = 50
 CONSOLE_HOSTS = 500  # the hosts page shows the first 500 by name (GET /api/hosts pages through all)
 _TEXT_FILTER_MAX = 64
 _CURSOR_MAX = 1024
+_CONSOLE_PATH = re.compile(r"/ui/[!-~]*")
 
 
 def _runtime() -> Runtime:
@@ -276,8 +278,9 @@ async def static(filename: str) -> Any:
 
 def _next_path() -> str:
     target = request.args.get("next", "")
-    # only a path inside the console: never another host (open redirect)
-    if target.startswith("/ui/") and not target.startswith("//") and "\\" not in target:
+    # only a path inside the console: never another host (open redirect), and only visible ASCII
+    # (a line break or a tab cannot go into the Location header: a 500 after the login was spent)
+    if _CONSOLE_PATH.fullmatch(target) and "\\" not in target:
         return target
     return url_for("ui.overview")
 

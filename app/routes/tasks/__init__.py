@@ -11,7 +11,7 @@ from quart import Blueprint, Response, ResponseReturnValue, make_response
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
 from app.database import StorageUnavailable
-from app.middlewares import bearer_token, header, requires_scopes
+from app.middlewares import header, not_authenticated, requires_scopes, still_allowed
 from app.routes.context import (
     client_id,
     db,
@@ -120,6 +120,8 @@ async def get_task(task_id: UUID, query_args: WaitQuery) -> TaskOut | tuple[Task
     task = await tasks.wait(
         db(), notifier(), client_id=client_id(), task_id=task_id, timeout_s=query_args.wait, stopping=stopping
     )
+    if not await still_allowed("tasks:read")():
+        raise not_authenticated()  # its key was revoked (its client disabled) while it waited
     out = TaskOut.from_domain(task, blocked_by=await flow.blocked_by(db(), task))
     if stopping.is_set():
         return out, 200, {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
@@ -179,12 +181,7 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
     await tasks.get(db(), client_id=client_id(), task_id=task_id)  # 404 before the stream opens
     stopping = runtime().shutting_down
     stream_of = tasks.events(db(), notifier(), client_id=client_id(), task_id=task_id, stopping=stopping)
-    token, authenticator = bearer_token() or "", runtime().authenticator
-
-    async def allowed() -> bool:
-        """The stream's token still opens it (not revoked, its client not disabled)."""
-        principal = await authenticator.identify(token)
-        return principal is not None and "tasks:read" in principal.scopes
+    allowed = still_allowed("tasks:read")  # the stream's token still opens it
 
     async def stream() -> AsyncIterator[bytes]:
         try:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from quart import Blueprint, Response, current_app
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
-from app.middlewares import requires_scopes
+from app.middlewares import requires_scopes, still_allowed
 from app.routes.context import client_id, db, engine, notifier, runtime
 from app.runtime import SHUTDOWN_RETRY_AFTER_S
 from app.src.api import workers
@@ -46,7 +46,13 @@ async def claim(data: ClaimIn) -> Response:
     lease_s = _lease_s()
     stopping = runtime().shutting_down
     answer = await workers.claim(
-        db(), notifier(), client_id=client_id(), data=data, lease_s=lease_s, stopping=stopping
+        db(),
+        notifier(),
+        client_id=client_id(),
+        data=data,
+        lease_s=lease_s,
+        stopping=stopping,
+        allowed=still_allowed("tasks:work"),
     )
     response: Response
     if answer.held:  # loaded durable state: sent in pieces, its share of the budget held till sent

@@ -506,6 +506,54 @@ async def hold(conn: Connection, *, scope: str, key: str, seconds: float) -> boo
     return row is not None
 
 
+async def charge(
+    conn: Connection, *, scope: str, key: str, forget_after_s: float, hold_from: int, hold_s: float
+) -> int | None:
+    """Count an attempt against (scope, key) as a failure before it is checked (`refund` it if it
+    succeeds), unless the key is blocked or held: the count it makes, or None (refused). From the
+    `hold_from`-th count on the attempt also holds the key (its blocked_until, for at most
+    `hold_s`) until it ends: past its free failures a key is tried one attempt at a time. The row
+    lock of the upsert orders concurrent attempts, so they cannot all pass one count."""
+    row = await conn.fetchrow(
+        """
+        INSERT INTO auth_throttle AS t (scope, key, failures, last_failure_at, blocked_until)
+        VALUES ($1, $2, 1, now(), CASE WHEN 1 >= $4 THEN now() + make_interval(secs => $5) END)
+        ON CONFLICT (scope, key) DO UPDATE SET
+            failures = CASE WHEN t.last_failure_at < now() - make_interval(secs => $3) THEN 1
+                            ELSE t.failures + 1 END,
+            last_failure_at = now(),
+            blocked_until = CASE
+                WHEN (CASE WHEN t.last_failure_at < now() - make_interval(secs => $3) THEN 1
+                           ELSE t.failures + 1 END) >= $4
+                THEN now() + make_interval(secs => $5)
+                ELSE t.blocked_until END
+        WHERE t.blocked_until IS NULL OR t.blocked_until <= now()
+        RETURNING failures
+        """,
+        scope,
+        key,
+        float(forget_after_s),
+        hold_from,
+        float(hold_s),
+    )
+    return None if row is None else int(row["failures"])
+
+
+async def refund(conn: Connection, *, scope: str, key: str, held: bool) -> None:
+    """Take back the failure `charge` counted for an attempt that succeeded (and its hold)."""
+    await conn.execute(
+        """
+        UPDATE auth_throttle
+        SET failures = greatest(failures - 1, 0),
+            blocked_until = CASE WHEN $3 THEN NULL ELSE blocked_until END
+        WHERE scope = $1 AND key = $2
+        """,
+        scope,
+        key,
+        held,
+    )
+
+
 async def release(conn: Connection, *, scope: str, key: str, blocked_for_s: float) -> None:
     """End an attempt's hold on (scope, key): blocked for `blocked_for_s` after a failure that
     earned a lockout, else free."""
@@ -518,19 +566,6 @@ async def release(conn: Connection, *, scope: str, key: str, blocked_for_s: floa
         scope,
         key,
         float(blocked_for_s),
-    )
-
-
-async def block(conn: Connection, *, scope: str, key: str, seconds: float) -> None:
-    await conn.execute(
-        """
-        UPDATE auth_throttle
-        SET blocked_until = greatest(blocked_until, now() + make_interval(secs => $3))
-        WHERE scope = $1 AND key = $2
-        """,
-        scope,
-        key,
-        float(seconds),
     )
 
 

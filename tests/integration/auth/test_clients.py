@@ -15,6 +15,7 @@ from app.src.api.models.auth import MAX_SIGNING_SECRETS, IssuedKey, NewOperator
 from app.src.utils import sse
 from tests.conftest import bearer, make_client
 from tests.integration.auth.login_steps import PROBLEM
+from tests.integration.test_remote_workers import WORKER, claim, register
 from tests.task_harness import enqueue
 
 
@@ -122,6 +123,54 @@ async def test_an_open_event_stream_ends_once_its_key_is_revoked(
     body = await (await asyncio.wait_for(stream, timeout=10)).get_data(as_text=True)
     assert '"status": "scheduled"' in body  # what it was allowed to see
     assert "cancelled" not in body  # what happened after the key was revoked
+
+
+async def test_a_claim_long_poll_hands_out_nothing_once_its_key_is_revoked(
+    client: Client, api_client: IssuedKey, auth_headers: dict[str, str]
+) -> None:
+    """A remote worker's claim waits up to 30 s for work: a key revoked meanwhile (by any API
+    process) still claimed the tasks enqueued after it and handed them, payloads and leases, to
+    the revoked key, whose completions were then refused. The claim now ends 401 instead."""
+    await register(client, auth_headers)
+    second = await (
+        await client.post(f"/api/auth/clients/{api_client.client_id}/keys", headers=auth_headers)
+    ).get_json()
+    body = {"kinds": ["reports.build"], "wait_s": 10, "worker": WORKER}
+    polling = asyncio.create_task(
+        client.post("/api/workers/claim", json=body, headers=bearer(second["api_key"]))
+    )
+    await asyncio.sleep(0.3)
+    assert not polling.done()
+    url = f"/api/auth/clients/{api_client.client_id}/keys/{second['key_id']}"
+    assert (await client.delete(url, headers=auth_headers)).status_code == 200
+    task = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 7})
+    answer = await asyncio.wait_for(polling, timeout=15)
+    assert answer.status_code == 401, await answer.get_data(as_text=True)
+    # the task waits for a worker whose key holds
+    claimed = await claim(client, auth_headers)
+    assert [item["id"] for item in claimed["items"]] == [task["id"]]
+
+
+async def test_a_task_long_poll_answers_401_once_its_key_is_revoked(
+    client: Client, api_client: IssuedKey, auth_headers: dict[str, str]
+) -> None:
+    """`GET /api/tasks/{id}?wait=60` answered the task as it was at the end of the wait, its
+    result included, to a key revoked during it."""
+    second = await (
+        await client.post(f"/api/auth/clients/{api_client.client_id}/keys", headers=auth_headers)
+    ).get_json()
+    task = await enqueue(client, auth_headers, kind="noop", delay_s=600)
+    polling = asyncio.create_task(
+        client.get(f"/api/tasks/{task['id']}?wait=20", headers=bearer(second["api_key"]))
+    )
+    await asyncio.sleep(0.3)
+    assert not polling.done()
+    url = f"/api/auth/clients/{api_client.client_id}/keys/{second['key_id']}"
+    assert (await client.delete(url, headers=auth_headers)).status_code == 200
+    cancelled = await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)
+    assert cancelled.status_code == 200
+    answer = await asyncio.wait_for(polling, timeout=15)
+    assert answer.status_code == 401, await answer.get_data(as_text=True)
 
 
 async def test_a_disabled_client_is_refused_until_enabled(

@@ -295,6 +295,30 @@ async def test_parallel_wrong_passwords_are_checked_one_at_a_time(
     await log_in(client, operator.email, OPERATOR_PASSWORD, code(operator.totp_secret))
 
 
+async def test_parallel_guesses_from_one_address_cannot_outrun_its_limit(
+    client: Client, operator: NewOperator, db: Database
+) -> None:
+    """Sent at once from one address, each at another account (a password spray), guesses all
+    passed the address's check before the first failure was counted: 40 of 40 were checked
+    against its 10 free failures. Attempts in flight now count against the address."""
+    responses = await asyncio.gather(
+        *(password_step(client, f"nobody{i}@example.com", "wrong", address="203.0.113.7") for i in range(40))
+    )
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {401, 429}, statuses
+    assert statuses.count(401) <= operators.LOGIN_ADDRESS.free_failures, statuses
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 429)
+    # a success is not counted against its address: its charge is taken back
+    address = "203.0.113.8"
+    for i in range(3):
+        assert (await password_step(client, f"other{i}@example.com", "wrong", address)).status_code == 401
+    token = await mfa_token(client, operator.email, OPERATOR_PASSWORD, address)
+    assert (await totp_step(client, token, code(operator.totp_secret), address)).status_code == 200
+    async with db.driver() as conn:
+        counts = await conn.fetch("SELECT scope, failures FROM auth_throttle WHERE key = $1", address)
+    assert {row["scope"]: row["failures"] for row in counts} == {"login:address": 3, "totp:address": 0}
+
+
 async def test_parallel_wrong_codes_cannot_outrun_the_code_limit(
     client: Client, operator: NewOperator
 ) -> None:

@@ -164,6 +164,30 @@ async def test_login_without_the_login_forms_csrf_token_is_refused(app: Quart, o
     assert "tg_mfa" not in browser.cookies
 
 
+async def test_a_next_with_a_line_break_logs_in_to_the_overview_not_a_500(
+    app: Quart, db: Database, operator: NewOperator
+) -> None:
+    """A login link whose `next` held a line break (`%0d%0a`) answered 500 at the TOTP step,
+    after the code was spent and the session made (a header value cannot hold one): anyone could
+    send an operator such a link. A `next` that is not a plain console path goes to the overview."""
+    for bad in ("/ui/%0d%0aSet-Cookie:%20x=y", "/ui/tasks%09x", "/ui/%C3%A9"):
+        browser = Browser(app)
+        login = f"/ui/login?next={bad}"
+        token = await browser.csrf(login)
+        response = await browser.post(
+            login, {"email": operator.email, "password": OPERATOR_PASSWORD, "csrf_token": token}
+        )
+        assert response.status_code == 303, bad
+        step = response.headers["Location"]
+        token = await browser.csrf(step)
+        response = await browser.post(step, {"code": code(operator.totp_secret), "csrf_token": token})
+        assert response.status_code == 303, (bad, await response.get_data(as_text=True))
+        assert response.headers["Location"] == "/ui/", bad
+        assert (await browser.get("/ui/")).status_code == 200
+        async with db.driver() as conn:  # codes are single-use: let the next login take one again
+            await conn.execute("UPDATE users SET totp_last_step = 0 WHERE id = $1", operator.user_id)
+
+
 async def test_state_changes_need_the_sessions_csrf_token(
     app: Quart,
     db: Database,

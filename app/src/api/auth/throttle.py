@@ -11,7 +11,10 @@ IPv4 address or an IPv6 /64 (`address_key`).
 An attempt holds its account's key while it checks (`attempt`): a second attempt on the same
 account meanwhile is refused at once (429), so parallel guesses cannot all pass the check before
 the first failure is counted. The hold is the key's `blocked_until`, set for IN_FLIGHT_S at most:
-an attempt that never ends (a killed process) frees the account when it runs out.
+an attempt that never ends (a killed process) frees the account when it runs out. Its address is
+charged a failure before the check (taken back if the attempt succeeds), so parallel guesses from
+one address at many accounts cannot all pass it either: attempts in flight count against its free
+failures, and past them the address too is tried one attempt at a time.
 """
 
 from __future__ import annotations
@@ -78,23 +81,52 @@ class Attempt:
     failed: bool = False  # set by the caller before it raises its refusal
 
 
+class _InFlight(Exception):
+    pass
+
+
+class _Blocked(Exception):
+    pass
+
+
 @contextlib.asynccontextmanager
 async def attempt(db: Database, subjects: Sequence[Subject], *, event: str) -> AsyncIterator[Attempt]:
     """One login or code attempt, the only one in flight for its account (`subjects[0]`).
 
-    Refused (429) while any subject is blocked or another attempt holds the account. A failure
-    the caller marks (`failed = True`) is counted against every subject when the block exits, and
-    the account's hold becomes its lockout (or ends); otherwise the hold just ends.
+    Refused (429) while any subject is blocked or another attempt holds the account. The other
+    subjects (the address) are charged a failure before the caller checks anything: refunded if
+    the attempt succeeds, its lockout applied if the caller marks it failed (`failed = True`);
+    the account's failure is counted when the block exits, and its hold becomes its lockout (or
+    ends).
     """
     await refuse_if_blocked(db, subjects, event=event)
-    account = subjects[0]
-    async with db.driver() as conn:
-        held = await store.hold(conn, scope=account[0].scope, key=account[1], seconds=IN_FLIGHT_S)
-    if not held:
+    (account, account_key), others = subjects[0], subjects[1:]
+    charged: list[int] = []
+    try:
+        async with transaction(db) as conn:  # all of it or nothing: a refusal holds and charges none
+            if not await store.hold(conn, scope=account.scope, key=account_key, seconds=IN_FLIGHT_S):
+                raise _InFlight
+            for policy, key in others:
+                count = await store.charge(
+                    conn,
+                    scope=policy.scope,
+                    key=key,
+                    forget_after_s=policy.forget_after_s,
+                    hold_from=policy.free_failures,
+                    hold_s=IN_FLIGHT_S,
+                )
+                if count is None:
+                    raise _Blocked
+                charged.append(count)
+    except _InFlight:
         log.warning(event, outcome="throttled", reason="attempt in flight")
         raise TooManyRequests(
             "Another attempt for this account is in progress; retry shortly.", retry_after=1
-        )
+        ) from None
+    except _Blocked:
+        await refuse_if_blocked(db, others, event=event)  # with the time it is blocked for
+        log.warning(event, outcome="throttled", reason="address attempt in flight")
+        raise TooManyRequests("Too many failed attempts; wait before trying again.", retry_after=1) from None
     outcome = Attempt()
     try:
         yield outcome
@@ -105,10 +137,10 @@ async def attempt(db: Database, subjects: Sequence[Subject], *, event: str) -> A
         raise
     finally:
         # shielded: a client that goes away mid-attempt must not leave a failure uncounted
-        await asyncio.shield(_end(db, subjects, failed=outcome.failed))
+        await asyncio.shield(_end(db, subjects, charged, failed=outcome.failed))
 
 
-async def _end(db: Database, subjects: Sequence[Subject], *, failed: bool) -> None:
+async def _end(db: Database, subjects: Sequence[Subject], charged: Sequence[int], *, failed: bool) -> None:
     (policy, key), others = subjects[0], subjects[1:]
     async with transaction(db) as conn:
         seconds = 0.0
@@ -118,8 +150,14 @@ async def _end(db: Database, subjects: Sequence[Subject], *, failed: bool) -> No
             )
             seconds = lockout_seconds(policy, failures)
         await store.release(conn, scope=policy.scope, key=key, blocked_for_s=seconds)
-    if failed and others:
-        await record_failures(db, others)
+        for (other, other_key), count in zip(others, charged, strict=True):
+            held = count >= other.free_failures  # its charge holds the key until now
+            if not failed:
+                await store.refund(conn, scope=other.scope, key=other_key, held=held)
+            elif held:  # the failure is counted already: its hold becomes its lockout
+                await store.release(
+                    conn, scope=other.scope, key=other_key, blocked_for_s=lockout_seconds(other, count)
+                )
 
 
 async def refuse_if_blocked(db: Database, subjects: Sequence[Subject], *, event: str) -> None:
@@ -128,17 +166,6 @@ async def refuse_if_blocked(db: Database, subjects: Sequence[Subject], *, event:
     if retry_after > 0:
         log.warning(event, outcome="throttled", retry_after=retry_after)
         raise TooManyRequests("Too many failed attempts; wait before trying again.", retry_after=retry_after)
-
-
-async def record_failures(db: Database, subjects: Sequence[Subject]) -> None:
-    async with transaction(db) as conn:
-        for policy, key in subjects:
-            failures = await store.record_failure(
-                conn, scope=policy.scope, key=key, forget_after_s=policy.forget_after_s
-            )
-            delay = lockout_seconds(policy, failures)
-            if delay > 0:
-                await store.block(conn, scope=policy.scope, key=key, seconds=delay)
 
 
 async def forget(db: Database, subjects: Sequence[Subject]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from app.src.api import pages
 from app.src.api.engine import durable, remote_kinds
 from app.src.api.engine.durable import ChildSpec, CompositionError, SpawnRefused, Suspension, Wait
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
-from app.src.api.errors import ServiceUnavailable, Unprocessable
+from app.src.api.errors import ServiceUnavailable, Unauthorized, Unprocessable
 from app.src.api.models.workers import (
     ClaimIn,
     CompleteIn,
@@ -242,13 +242,23 @@ async def claim(
     data: ClaimIn,
     lease_s: float,
     stopping: asyncio.Event | None = None,
+    allowed: Callable[[], Awaitable[bool]] | None = None,
 ) -> ClaimAnswer:
     """Claim up to `data.max` tasks of the named remote kinds, waiting up to `data.wait_s` (or
     until `stopping` is set: the wait ends at once). The durable tasks' loaded state counts
-    against the process's LOADED_STATE until the answer is released."""
+    against the process's LOADED_STATE until the answer is released. After a wait, a claim
+    round runs only if `allowed()` still says yes (the key not revoked meanwhile, its client
+    not disabled): else Unauthorized, and nothing is claimed."""
     worker_id = remote_worker_id(client_id, data.worker.name)
     claimed, held = await _claim(
-        db, notifier, client_id=client_id, worker_id=worker_id, data=data, lease_s=lease_s, stopping=stopping
+        db,
+        notifier,
+        client_id=client_id,
+        worker_id=worker_id,
+        data=data,
+        lease_s=lease_s,
+        stopping=stopping,
+        allowed=allowed,
     )
     return ClaimAnswer(db, client_id, worker_id, claimed, held)
 
@@ -262,6 +272,7 @@ async def _claim(
     data: ClaimIn,
     lease_s: float,
     stopping: asyncio.Event | None,
+    allowed: Callable[[], Awaitable[bool]] | None = None,
 ) -> tuple[list[Claimed], int]:
     """The claimed tasks, and the bytes of loaded state they hold of LOADED_STATE."""
     known = await remote_kinds.lookup(db, client_id=client_id, names=data.kinds)
@@ -319,6 +330,12 @@ async def _claim(
             if staged:
                 continue  # what was staged may belong to others; the timer holds the next staging
             await _first(woken, stopping, timeout_s=min(remaining, POLL_S))
+            if allowed is not None and not await allowed():
+                # revoked while it waited (in any process): what comes now is not for this key
+                raise Unauthorized(
+                    "This API key was revoked, or its client disabled, while the claim waited.",
+                    headers={"WWW-Authenticate": 'Bearer realm="taskgate"'},
+                )
     if not claimed:
         return [], 0
     # One primary-key read per claim round (not per task), outside the claim statement, and one
