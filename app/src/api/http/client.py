@@ -149,11 +149,16 @@ class OutboundHttp:
             circuit_failures=settings.HTTP_CIRCUIT_FAILURES,
             cooldown_s=settings.HTTP_CIRCUIT_COOLDOWN_S,
         )
+        # The process's HTTP_MAX_CONNECTIONS, taken before a request (take_connection) instead of
+        # by aiohttp's connector, whose wait for a free connection counts in the connect timeout:
+        # a request to a healthy host that waited behind slow ones timed out unsent, and was
+        # recorded as its host failing.
+        self._connections = asyncio.Semaphore(self.max_connections)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=self.max_connections,
+            limit=0,  # no limit of its own: take_connection is the pool's limit
             resolver=GuardedResolver(self.policy),
             ttl_dns_cache=DNS_CACHE_TTL_S,
             socket_factory=self._connect_socket,
@@ -177,6 +182,19 @@ class OutboundHttp:
         if self._session is None:
             raise RuntimeError("OutboundHttp.start() has not run (it runs in the serving lifecycle)")
         return self._session
+
+    async def take_connection(self, wait_s: float) -> bool:
+        """One of the process's HTTP_MAX_CONNECTIONS requests in flight, waited for at most
+        `wait_s`; False when none came (give_connection() gives a taken one back)."""
+        try:
+            async with asyncio.timeout(max(wait_s, 0.001)):
+                await self._connections.acquire()
+        except TimeoutError:
+            return False
+        return True
+
+    def give_connection(self) -> None:
+        self._connections.release()
 
     def check_address(self, url: URL) -> None:
         """Refuse a literal forbidden address (aiohttp connects to literals without resolving)."""
