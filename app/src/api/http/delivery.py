@@ -27,6 +27,7 @@ from app.src.api.http.client import (
     REDIRECTS,
     ForbiddenDestination,
     HttpResponse,
+    LookupBusy,
     NextHop,
     OutboundHttp,
     RedirectError,
@@ -34,6 +35,7 @@ from app.src.api.http.client import (
     destination,
     forbidden_reason,
     join_location,
+    within,
 )
 from app.src.api.http.gate import HostHealth
 from app.src.api.http.signing import sign_delivery
@@ -285,6 +287,8 @@ async def _hop(
                     )
                     response = await (unless_cancelled(ctx, sending) if ctx is not None else sending)
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    if within(exc, LookupBusy) is not None:  # the process's, not the host's
+                        raise http.gate.deferred(str(within(exc, LookupBusy))) from None
                     DELIVERY_LATENCY(host).observe(time.perf_counter() - started)
                     refused = forbidden_reason(exc)
                     if refused is not None:
