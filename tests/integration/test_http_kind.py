@@ -11,6 +11,8 @@ import ipaddress
 import itertools
 import json
 import signal
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -721,7 +723,7 @@ async def test_rescuing_a_killed_workers_lease_frees_its_host_permits(
         hanging_id = UUID((await hanging.get_json())["id"])
         await eventually(lambda: target.to("/hang"), timeout=30)
         [held] = await fetch(clean_database, "SELECT expires_at - now() AS left FROM http_host_permits")
-        assert held["left"].total_seconds() > 60  # the permit's own lease: timeout_s + 11 s
+        assert held["left"].total_seconds() > 60  # the permit's own lease: timeout_s + 13 s
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
 
@@ -1039,3 +1041,79 @@ async def test_a_status_url_that_hangs_does_not_hold_up_other_tasks_polls(
 async def fetch_status(client: Any, headers: dict[str, str], task_id: str) -> str:
     task = await (await client.get(f"/api/tasks/{task_id}", headers=headers)).get_json()
     return str(task["status"])
+
+
+async def test_a_full_connection_pool_is_no_failure_of_the_host_that_waited_for_it(
+    serving: Serving, auth_headers: dict[str, str], target: Target
+) -> None:
+    """Waiting for a free connection of the process's pool (HTTP_MAX_CONNECTIONS) counted in
+    aiohttp's connect timeout: while slow requests to one host held every connection, a request
+    to a healthy host timed out before it was sent, and was recorded as that host failing (an
+    attempt spent, its circuit opened, its limit halved)."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), timeout=3)
+        return web.Response(text="slow")
+
+    target.routes["/slow"] = slow
+    target.routes["/quick"] = answer(200, "quick")
+    app = await serving(**WORKER, HTTP_MAX_CONNECTIONS=1, HTTP_CONNECT_TIMEOUT_S=0.5, HTTP_CIRCUIT_FAILURES=1)
+    client = app.test_client()
+    try:
+        slow_task = await enqueue(
+            client, auth_headers, kind="http", payload={"url": target.url("/slow"), "timeout_s": 10}
+        )
+        await eventually(lambda: target.to("/slow"))  # it holds the process's only connection
+        # another destination (localhost:port), healthy
+        quick = await enqueue(
+            client, auth_headers, kind="http", payload={"url": target.url("/quick", host="localhost")}
+        )
+        finished = await done(client, auth_headers, quick["id"], wait=20)
+    finally:
+        release.set()
+    assert finished["status"] == "completed", finished
+    records = await attempts(client, auth_headers, quick["id"])
+    assert [(a["outcome"], a["http_status"]) for a in records] == [("completed", 200)], records
+    host = f'host="localhost:{target.port}"'
+    assert not await _metric(client, f"taskgate_http_host_unhealthy{{{host}}} 1.0")
+    assert (await done(client, auth_headers, slow_task["id"]))["status"] == "completed"
+
+
+async def test_lookups_a_dns_server_leaves_unanswered_do_not_fail_other_hosts(
+    serving: Serving, auth_headers: dict[str, str], target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Name lookups ran on the event loop's default executor (6 threads on 2 cores): a tenant's
+    names whose DNS server never answers held them all, and a healthy host's lookup queued behind
+    them inside its connect timeout, timed out unsent and was recorded as that host failing (an
+    attempt spent, its circuit opened)."""
+    real = socket.getaddrinfo
+    release = threading.Event()
+    hanging = [0]
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".unanswered.test"):  # a DNS server that never answers
+            hanging[0] += 1
+            release.wait(20)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    target.routes["/quick"] = answer(200, "quick")
+    app = await serving(**WORKER, HTTP_CONNECT_TIMEOUT_S=1, HTTP_CIRCUIT_FAILURES=1)
+    client = app.test_client()
+    try:
+        for i in range(8):
+            url = f"http://h{i}.unanswered.test:{target.port}/x"
+            await enqueue(client, auth_headers, kind="http", payload={"url": url})
+        await eventually(lambda: hanging[0] >= 6)
+        quick = await enqueue(
+            client, auth_headers, kind="http", payload={"url": target.url("/quick", host="localhost")}
+        )
+        finished = await done(client, auth_headers, quick["id"], wait=15)
+    finally:
+        release.set()
+    assert finished["status"] == "completed", finished
+    records = await attempts(client, auth_headers, quick["id"])
+    assert [(a["outcome"], a["http_status"]) for a in records] == [("completed", 200)], records

@@ -34,15 +34,22 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 def _key(secret: str) -> bytes:
     encoded = secret[len(PREFIX) :] if secret.startswith(PREFIX) else secret
     try:
-        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError("a signing secret is whsec_ followed by base64") from exc
+    if not key:  # anyone can sign with an empty key (Taskgate never makes one)
+        raise ValueError("a signing secret must not be empty")
+    return key
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """The `v1,<base64>` signature of one delivery (what Taskgate sends)."""
+    return _signature(_key(secret), msg_id, timestamp, body)
+
+
+def _signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     content = f"{msg_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(_key(secret), content, hashlib.sha256).digest()).decode()
+    return "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
 
 
 def verify(
@@ -54,7 +61,9 @@ def verify(
     now: float | None = None,
 ) -> None:
     """Check `webhook-id`, `webhook-timestamp` and `webhook-signature`; raise InvalidSignature."""
-    keys = [secrets] if isinstance(secrets, str) else list(secrets)
+    # every secret is checked, also those a match makes unneeded: a bad one raises ValueError
+    # on the first delivery, not only on the first forgery
+    keys = [_key(secret) for secret in ([secrets] if isinstance(secrets, str) else secrets)]
     if not keys:
         raise ValueError("no signing secrets given")
     msg_id = _header(headers, "webhook-id")
@@ -67,12 +76,13 @@ def verify(
     except ValueError:
         raise InvalidSignature("webhook-timestamp is not an integer") from None
     current = time.time() if now is None else now
-    if abs(current - timestamp) > tolerance_s:
+    # compared, not subtracted: a timestamp no float holds overflowed (OverflowError, not this)
+    if not current - tolerance_s <= timestamp <= current + tolerance_s:
         raise InvalidSignature("webhook-timestamp is outside the tolerance")
     raw = body.encode() if isinstance(body, str) else body
     offered = [part.strip() for part in signatures.split(" ") if part.strip().startswith("v1,")]
-    for secret in keys:
-        expected = sign(secret, msg_id, timestamp, raw)
+    for key in keys:
+        expected = _signature(key, msg_id, timestamp, raw)
         for candidate in offered:
             if hmac.compare_digest(expected.encode(), candidate.encode()):
                 return

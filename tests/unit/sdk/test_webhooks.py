@@ -4,6 +4,8 @@ signs: several secrets during a rotation, a tampered body, an old timestamp."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import sys
 import time
@@ -57,3 +59,32 @@ def test_it_agrees_with_the_standard_webhooks_library() -> None:
         [OLD], BODY, {"webhook-id": "msg_2", "webhook-timestamp": str(stamp), "webhook-signature": signature}
     )
     Webhook(OLD).verify(BODY, {k.lower(): v for k, v in headers([OLD]).items()})
+
+
+@pytest.mark.parametrize("empty", ["", "whsec_"])
+def test_an_empty_secret_is_refused_not_a_key_anyone_can_sign_with(empty: str) -> None:
+    """An unset secret (`os.environ.get("WEBHOOK_SECRET", "")`, or a rotation's old one left
+    blank) decoded to an empty HMAC key, which anyone can sign with: a forged delivery passed."""
+    stamp = int(time.time())
+    mac = hmac.new(b"", f"msg_forged.{stamp}.".encode() + BODY, hashlib.sha256).digest()
+    forged = {
+        "webhook-id": "msg_forged",
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": "v1," + base64.b64encode(mac).decode(),  # signed with the empty key
+    }
+    with pytest.raises(ValueError, match="empty"):
+        webhooks.verify(empty, BODY, forged)
+    with pytest.raises(ValueError, match="empty"):
+        webhooks.verify([NEW, empty], BODY, forged)
+    with pytest.raises(ValueError, match="empty"):  # refused before any delivery verifies
+        webhooks.verify([NEW, empty], BODY, headers([NEW]))
+
+
+@pytest.mark.parametrize("stamp", ["9" * 400, "-" + "9" * 400])
+def test_a_timestamp_no_float_holds_is_an_invalid_signature(stamp: str) -> None:
+    """It raised OverflowError (a receiver's 500) where every other bad header raises
+    InvalidSignature."""
+    signed = headers([OLD])
+    signed["Webhook-Timestamp"] = stamp
+    with pytest.raises(webhooks.InvalidSignature, match="tolerance"):
+        webhooks.verify([OLD], BODY, signed)

@@ -13,11 +13,14 @@ checked like the first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import structlog
@@ -54,6 +57,53 @@ Signer = Callable[[bytes], Mapping[str, str]]  # body -> signature headers (fres
 
 class ForbiddenDestination(OSError):
     """The destination resolves to, or is, an address outbound requests may not reach."""
+
+
+class LookupBusy(OSError):
+    """Every name lookup thread of this process is taken (by lookups a DNS server leaves
+    unanswered): nothing was sent, and the destination did not fail."""
+
+
+class LookupThreads:
+    """getaddrinfo and getnameinfo on threads of their own, for aiohttp's ThreadedResolver (in
+    place of its event loop's): a lookup that finds no free thread is refused at once (LookupBusy).
+
+    On the loop's default executor (a handful of threads), lookups that a tenant's DNS server
+    never answers held every thread (until the system resolver gave up, long after their connect
+    timeouts), and every other name's lookup queued behind them inside its connect timeout: a
+    healthy host timed out unsent and was recorded as failing (an attempt spent, its circuit
+    opened)."""
+
+    def __init__(self, threads: int) -> None:
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="taskgate-dns")
+        self._free = threads
+        self._lock = threading.Lock()
+
+    async def getaddrinfo(
+        self, host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+    ) -> Any:
+        return await self._run(functools.partial(socket.getaddrinfo, host, port, family, type, proto, flags))
+
+    async def getnameinfo(self, sockaddr: Any, flags: int = 0) -> Any:
+        return await self._run(functools.partial(socket.getnameinfo, sockaddr, flags))
+
+    async def _run(self, lookup: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._free == 0:
+                raise LookupBusy("every name lookup thread of this process is waiting for a DNS answer")
+            self._free -= 1
+
+        def run() -> Any:
+            try:
+                return lookup()
+            finally:  # when the lookup ends, not when its caller stopped waiting
+                with self._lock:
+                    self._free += 1
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class RedirectError(Exception):
@@ -112,6 +162,12 @@ class GuardedResolver(AbstractResolver):
 
 def forbidden_reason(found: BaseException) -> str | None:
     """The refusal inside an aiohttp connection error, if that is what it was."""
+    inner = within(found, ForbiddenDestination)
+    return None if inner is None else str(inner)
+
+
+def within(found: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The `kind` exception an aiohttp connection error carries (as cause, context or os_error)."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [found]
     while stack:
@@ -119,8 +175,8 @@ def forbidden_reason(found: BaseException) -> str | None:
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
-        if isinstance(exc, ForbiddenDestination):
-            return str(exc)
+        if isinstance(exc, kind):
+            return exc
         stack += [exc.__cause__, exc.__context__, getattr(exc, "os_error", None)]
     return None
 
@@ -149,12 +205,21 @@ class OutboundHttp:
             circuit_failures=settings.HTTP_CIRCUIT_FAILURES,
             cooldown_s=settings.HTTP_CIRCUIT_COOLDOWN_S,
         )
+        # The process's HTTP_MAX_CONNECTIONS, taken before a request (take_connection) instead of
+        # by aiohttp's connector, whose wait for a free connection counts in the connect timeout:
+        # a request to a healthy host that waited behind slow ones timed out unsent, and was
+        # recorded as its host failing.
+        self._connections = asyncio.Semaphore(self.max_connections)
         self._session: aiohttp.ClientSession | None = None
+        self._lookups: LookupThreads | None = None
 
     async def start(self) -> None:
+        # a lookup per request in flight (a refused one is deferred, see LookupThreads)
+        self._lookups = LookupThreads(self.max_connections)
+        resolver = aiohttp.ThreadedResolver(loop=cast(asyncio.AbstractEventLoop, self._lookups))
         connector = aiohttp.TCPConnector(
-            limit=self.max_connections,
-            resolver=GuardedResolver(self.policy),
+            limit=0,  # no limit of its own: take_connection is the pool's limit
+            resolver=GuardedResolver(self.policy, resolver),
             ttl_dns_cache=DNS_CACHE_TTL_S,
             socket_factory=self._connect_socket,
         )
@@ -171,12 +236,28 @@ class OutboundHttp:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._lookups is not None:
+            self._lookups.close()
+            self._lookups = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError("OutboundHttp.start() has not run (it runs in the serving lifecycle)")
         return self._session
+
+    async def take_connection(self, wait_s: float) -> bool:
+        """One of the process's HTTP_MAX_CONNECTIONS requests in flight, waited for at most
+        `wait_s`; False when none came (give_connection() gives a taken one back)."""
+        try:
+            async with asyncio.timeout(max(wait_s, 0.001)):
+                await self._connections.acquire()
+        except TimeoutError:
+            return False
+        return True
+
+    def give_connection(self) -> None:
+        self._connections.release()
 
     def check_address(self, url: URL) -> None:
         """Refuse a literal forbidden address (aiohttp connects to literals without resolving)."""

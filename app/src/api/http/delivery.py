@@ -27,6 +27,7 @@ from app.src.api.http.client import (
     REDIRECTS,
     ForbiddenDestination,
     HttpResponse,
+    LookupBusy,
     NextHop,
     OutboundHttp,
     RedirectError,
@@ -34,6 +35,7 @@ from app.src.api.http.client import (
     destination,
     forbidden_reason,
     join_location,
+    within,
 )
 from app.src.api.http.gate import HostHealth
 from app.src.api.http.signing import sign_delivery
@@ -266,45 +268,54 @@ async def _hop(
         async with http.gate.permit(
             host, task_id=task_id, timeout_s=timeout_s, client_id=client_id
         ) as permit:
-            started = time.perf_counter()
+            # one of the process's connections, within the wait a permit has (its lease counts
+            # it); none: nothing was sent, the host did not fail
+            if not await http.take_connection(http.gate.wait_s):
+                raise http.gate.deferred(f"this process has {http.max_connections} requests in flight")
             try:
-                sending = http.send(
-                    method=method,
-                    url=url,
-                    headers=headers,
-                    body=body,
-                    timeout_s=timeout_s,
-                    follow_redirects=payload.follow_redirects,
-                    signer=signer,
-                    redirects_left=redirects_left,
-                )
-                response = await (unless_cancelled(ctx, sending) if ctx is not None else sending)
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                DELIVERY_LATENCY(host).observe(time.perf_counter() - started)
-                refused = forbidden_reason(exc)
-                if refused is not None:
-                    DELIVERIES(host, "refused").inc()
-                    raise PermanentError(refused) from None
-                if isinstance(exc, aiohttp.InvalidURL):
+                started = time.perf_counter()
+                try:
+                    sending = http.send(
+                        method=method,
+                        url=url,
+                        headers=headers,
+                        body=body,
+                        timeout_s=timeout_s,
+                        follow_redirects=payload.follow_redirects,
+                        signer=signer,
+                        redirects_left=redirects_left,
+                    )
+                    response = await (unless_cancelled(ctx, sending) if ctx is not None else sending)
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    if within(exc, LookupBusy) is not None:  # the process's, not the host's
+                        raise http.gate.deferred(str(within(exc, LookupBusy))) from None
+                    DELIVERY_LATENCY(host).observe(time.perf_counter() - started)
+                    refused = forbidden_reason(exc)
+                    if refused is not None:
+                        DELIVERIES(host, "refused").inc()
+                        raise PermanentError(refused) from None
+                    if isinstance(exc, aiohttp.InvalidURL):
+                        DELIVERIES(host, "discarded").inc()
+                        raise PermanentError(f"invalid URL: {exc}") from None
+                    permit.health = "failure"
+                    permit.throttled = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
+                    DELIVERIES(host, "retry").inc()
+                    raise RetryLater(_network_error(exc, payload.timeout_s)) from None
+                except RedirectError as exc:
+                    permit.health = "success"
                     DELIVERIES(host, "discarded").inc()
-                    raise PermanentError(f"invalid URL: {exc}") from None
-                permit.health = "failure"
-                permit.throttled = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
-                DELIVERIES(host, "retry").inc()
-                raise RetryLater(_network_error(exc, payload.timeout_s)) from None
-            except RedirectError as exc:
-                permit.health = "success"
-                DELIVERIES(host, "discarded").inc()
-                raise PermanentError(str(exc)) from None
-            DELIVERY_LATENCY(host).observe(response.duration_ms / 1000)
-            if response.next_hop is not None:
-                permit.health = "success"  # it answered: a redirect, followed at its destination
-                return response.next_hop
-            verdict = judge(response)
-            permit.health = host_health(verdict.answer)
-            permit.throttled = response.status in THROTTLING
-            DELIVERIES(host, verdict.answer).inc()
-            return response, verdict
+                    raise PermanentError(str(exc)) from None
+                DELIVERY_LATENCY(host).observe(response.duration_ms / 1000)
+                if response.next_hop is not None:
+                    permit.health = "success"  # it answered: a redirect, followed at its destination
+                    return response.next_hop
+                verdict = judge(response)
+                permit.health = host_health(verdict.answer)
+                permit.throttled = response.status in THROTTLING
+                DELIVERIES(host, verdict.answer).inc()
+                return response, verdict
+            finally:
+                http.give_connection()
     except Deferred:
         DELIVERIES(host, "deferred").inc()
         raise

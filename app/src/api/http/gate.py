@@ -10,14 +10,15 @@ slot passes to it without a database round trip (taking and giving back a slot c
 than a request to a nearby destination). A slot goes back to the database when no
 local request waits for it, after HANDOFF_MAX_S of hand-offs (so other processes get their turn),
 after a failure and while the host has failures (the circuit must see them), and for a probe.
-Its lease covers the request's timeout plus that window, so a process that dies frees its slots
-when their leases end.
+Its lease covers the request's timeout plus that window (and the wait for a connection of the
+process's pool, below), so a process that dies frees its slots when their leases end.
 
 A task that finds no permit within HTTP_HOST_PERMIT_WAIT_S is deferred (kinds.Deferred): it
 goes back to the queue without spending an attempt, because nothing was sent and the destination
-did not fail. The same applies while a host's circuit is open: its tasks wait out the cool-down
-instead of burning retries on a host known to be down; after it, one probe request (elected in
-the database) decides.
+did not fail. So is one whose permit finds none of the process's HTTP_MAX_CONNECTIONS free
+within that wait (OutboundHttp.take_connection, delivery._hop). The same applies while a host's
+circuit is open: its tasks wait out the cool-down instead of burning retries on a host known to
+be down; after it, one probe request (elected in the database) decides.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class HostGate:
         try:
             await asyncio.wait_for(local.semaphore.acquire(), timeout=max(remaining_s, 0.001))
         except TimeoutError:
-            raise self._deferred(f"{host} has {self.limit} requests in flight from this process") from None
+            raise self.deferred(f"{host} has {self.limit} requests in flight from this process") from None
         finally:
             local.waiting -= 1
 
@@ -153,7 +154,7 @@ class HostGate:
         loop = asyncio.get_running_loop()
         while local.idle:  # a hand-off: no round trip
             slot = local.idle.pop()
-            if slot.lease_until - loop.time() >= timeout_s:
+            if slot.lease_until - loop.time() >= timeout_s + self.wait_s:
                 return slot, False
             await self._release(host, slot.number, task_id, "neutral")  # too short for this request
         return await self._acquire(host, local, task_id, timeout_s, deadline)
@@ -162,7 +163,8 @@ class HostGate:
         self, host: str, local: _Host, task_id: UUID, timeout_s: float, deadline: float
     ) -> tuple[_Slot, bool]:
         loop = asyncio.get_running_loop()
-        lease_s = timeout_s + HANDOFF_MAX_S + 10.0  # the request, the hand-off window, a margin
+        # the wait for a connection of the process's pool, the request, the hand-off window, a margin
+        lease_s = self.wait_s + timeout_s + HANDOFF_MAX_S + 10.0
         delay = _FIRST_RETRY_S
         probing = False
         while True:
@@ -184,7 +186,7 @@ class HostGate:
             if admission.tripped and not probing:
                 if admission.open:
                     HTTP_HOST_UNHEALTHY.labels(host).set(1)
-                    raise self._deferred(
+                    raise self.deferred(
                         f"circuit open: {host} failed {admission.failures} times in a row",
                         after_s=admission.open_for_s + random.uniform(0, DEFER_S),  # noqa: S311  # nosec B311
                     )
@@ -197,13 +199,13 @@ class HostGate:
                         lease_s=lease_s,
                     )
                 if not probing:
-                    raise self._deferred(f"circuit half-open: another request is probing {host}")
+                    raise self.deferred(f"circuit half-open: another request is probing {host}")
                 log.info("probing a host after its cool-down", host=host, task_id=str(task_id))
                 continue
             if loop.time() + delay > deadline:
                 if probing:  # give the probe back: this request never went out
                     await self._release(host, 0, task_id, "neutral")
-                raise self._deferred(f"{host} has {self.limit} requests in flight")
+                raise self.deferred(f"{host} has {self.limit} requests in flight")
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311  # nosec B311
             delay = min(delay * 2, _MAX_RETRY_S)
 
@@ -266,7 +268,7 @@ class HostGate:
             HTTP_HOST_UNHEALTHY.labels(host).set(0)
 
     @staticmethod
-    def _deferred(reason: str, *, after_s: float | None = None) -> Deferred:
+    def deferred(reason: str, *, after_s: float | None = None) -> Deferred:
         if after_s is None:  # jitter: deferred tasks do not all come back at once
             after_s = DEFER_S * random.uniform(0.5, 1.5)  # noqa: S311  # nosec B311
         return Deferred(reason, after_s=after_s)
