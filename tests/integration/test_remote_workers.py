@@ -18,6 +18,7 @@ from app.database import Database, StorageUnavailable
 from app.routes.workers import ANSWER_CHUNK_BYTES
 from app.src.api import workers
 from app.src.api.engine import remote_kinds
+from app.src.api.engine.outcomes import rescue_expired_leases
 from app.src.api.models.auth import IssuedKey
 from app.src.api.models.workers import ClaimIn, ClaimOut
 from app.src.database import durable as durable_store
@@ -1503,3 +1504,86 @@ async def test_a_claim_round_past_its_deadline_hands_out_what_it_claimed_or_is_5
         await conn.close()
     items = (await claim(client, auth_headers, max=10))["items"]
     assert [(item["id"], item["attempt"]) for item in items] == [(narrow["id"], 1)]
+
+
+_RUN_ENDS = {
+    "failed": {"outcome": "failed", "error": "boom"},
+    "handed back": {"outcome": "suspended"},
+    "sleeping": {
+        "outcome": "suspended",
+        "suspend": {"wait": {"type": "sleep", "name": "nap", "seconds": 60}},
+    },
+    "waiting for a signal": {"outcome": "suspended", "suspend": {"wait": {"type": "signal", "name": "go"}}},
+    "deferred": {"outcome": "failed", "error": "later", "retry_after_s": 5},
+    "lease lost": None,
+    "released": None,
+}
+
+
+async def _end_run(
+    db: Database, client: Client, headers: dict[str, str], item: dict[str, Any], end: str
+) -> None:
+    """End the claimed run `item` the way `end` names, without finishing its task."""
+    task_id = uuid.UUID(item["id"])
+    async with db.driver() as conn:
+        if end == "lease lost":
+            await conn.execute(
+                "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
+            )
+            assert [r["id"] for r in await rescue_expired_leases(conn)] == [task_id]
+            return
+        if end == "released":  # a claim's answer that was lost: its tasks are handed back unspent
+            row = await conn.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
+            run = task_store.ClaimedTask(
+                row["id"], row["client_id"], row["queue_id"], row["queue"], row["kind"], row["payload"],
+                row["attempts"], row["max_attempts"], row["run_at"], row["started_at"],
+            )  # fmt: skip
+            worker_id = workers.remote_worker_id(row["client_id"], WORKER["name"])
+            assert await task_store.release(conn, [run], worker_id=worker_id) == [task_id]
+            return
+    [answer] = await complete(
+        client, headers, {"id": item["id"], "attempt": item["attempt"], **_RUN_ENDS[end]}
+    )
+    assert answer["accepted"] is True, answer
+
+
+@pytest.mark.parametrize("end", list(_RUN_ENDS))
+async def test_a_run_of_a_deleted_kind_that_ends_unfinished_discards_its_task(
+    client: Client, auth_headers: dict[str, str], db: Database, end: str
+) -> None:
+    """A task running when its remote kind is deleted, whose run then ends without finishing it
+    (a failure to retry, a hand-back, a durable sleep or wait, a lost lease, a release), can never
+    run again: no worker may claim a kind its client no longer has. It went back to wait for a next
+    run for ever (`blocked_by: no_worker`); it is discarded with the error the delete gives the
+    others."""
+    await register(client, auth_headers)
+    task = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=5
+    )
+    [item] = (await claim(client, auth_headers))["items"]
+    assert (await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)).status_code == 204
+    running = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert running["status"] == "running"  # a running task finishes (or not) as usual
+    await _end_run(db, client, auth_headers, item, end)
+    final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert (final["status"], final["waiting_for"]) == ("discarded", None), final
+    assert final["last_error"] == "remote kind reports.build was deleted; no worker can run this task"
+    assert final["finished_at"] is not None
+
+
+@pytest.mark.parametrize("end", list(_RUN_ENDS))
+async def test_a_run_whose_kind_was_registered_again_meanwhile_goes_on(
+    client: Client, auth_headers: dict[str, str], db: Database, end: str
+) -> None:
+    """The same ends, after the kind was deleted and registered again: the task waits for its next
+    run, which the client's workers can claim."""
+    await register(client, auth_headers)
+    task = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=5
+    )
+    [item] = (await claim(client, auth_headers))["items"]
+    assert (await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)).status_code == 204
+    await register(client, auth_headers)
+    await _end_run(db, client, auth_headers, item, end)
+    final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert final["status"] in ("available", "retryable", "scheduled", "waiting"), final

@@ -901,14 +901,45 @@ async def heartbeat_rows(
 # instead of the merge join it picks for a join condition.
 # A refunded completion (a deferral: the handler could not start) gives the attempt back and
 # writes no attempt record.
-# A task whose cancel was requested while it ran never goes back to wait for another run: an
-# attempt that ends without finishing it (a failure to retry, a deferral, a lost lease, a hand-off
-# to an external provider) leaves it cancelled. Its attempt keeps its own outcome. `status` is the
-# SQL of the status the attempt's end would give it; the updated `tasks` is aliased `t`.
+# What ends an attempt that does not finish its task (a failure to retry, a deferral, a lost lease,
+# a hand-back, a hand-off to an external provider, a durable suspension), wherever it is written:
+# - a task whose cancel was requested while it ran never goes back to wait for another run: it
+#   ends cancelled;
+# - a task of a remote kind (its run was held by a remote worker) that its client deleted while it
+#   ran can never be claimed again (no worker may claim a kind its client does not have; the delete
+#   discarded the tasks of it that were not running, DELETE_KIND): it ends discarded, with the
+#   delete's error (ended_error). A kind registered again meanwhile is there, and the task goes on.
+#   Two primary-key probes (workers, remote_kinds), made only for such an end: a success, or an
+#   end of an in-process worker's run past its first probe, costs nothing more.
+# Its attempt keeps its own outcome. `status` is the SQL of the status the attempt's end would give
+# it; the updated `tasks` is aliased `t`, whose columns in SET are those of the row before the update
+# (its worker_id the run's holder).
+_UNFINISHED = "('retryable', 'available', 'waiting', 'scheduled')"
+_KIND_DELETED = (
+    "EXISTS (SELECT 1 FROM workers w WHERE w.id = t.worker_id AND w.remote) "
+    "AND NOT EXISTS (SELECT 1 FROM remote_kinds r WHERE r.client_id = t.client_id AND r.name = t.kind)"
+)
+
+
+def kind_deleted_error(kind: str) -> str:
+    """The SQL of the error a task of the deleted remote kind `kind` (SQL) is discarded with."""
+    return f"'remote kind ' || {kind} || ' was deleted; no worker can run this task'"
+
+
 def ended_status(status: str) -> str:
     return (
-        f"CASE WHEN t.cancel_requested AND {status} IN ('retryable', 'available', 'waiting') "
-        f"THEN 'cancelled' ELSE {status} END"
+        f"CASE WHEN {status} NOT IN {_UNFINISHED} THEN {status} "
+        f"WHEN t.cancel_requested THEN 'cancelled' "
+        f"WHEN {_KIND_DELETED} THEN 'discarded' ELSE {status} END"
+    )
+
+
+def ended_error(status: str, error: str) -> str:
+    """The SQL of `last_error` at the same end: `error`, unless ended_status discards the task
+    because its kind was deleted."""
+    return (
+        f"CASE WHEN {status} IN {_UNFINISHED} AND NOT t.cancel_requested AND {_KIND_DELETED} "
+        f"THEN {kind_deleted_error('t.kind')} ELSE {error} END"
     )
 
 
@@ -928,7 +959,8 @@ done AS (
         result = CASE WHEN i.status = 'completed' THEN i.result
                       WHEN i.status = 'waiting' THEN i.state ELSE t.result END,
         -- a completed task carries no error from an earlier attempt (its attempts keep theirs)
-        last_error = CASE WHEN i.status = 'completed' THEN NULL ELSE COALESCE(i.error, t.last_error) END,
+        last_error = CASE WHEN i.status = 'completed' THEN NULL
+                          ELSE {ended_error("i.status", "COALESCE(i.error, t.last_error)")} END,
         run_at = CASE WHEN i.retry_in_s IS NOT NULL
                       THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
         finished_at = CASE WHEN {ended_status("i.status")} IN ('completed', 'discarded', 'cancelled')
@@ -1050,7 +1082,8 @@ WITH given AS (
 released AS (
     UPDATE tasks t SET status = {ended_status("'available'")}, attempts = t.attempts - 1,
                        started_at = NULL, lease_expires_at = NULL, worker_id = NULL,
-                       finished_at = CASE WHEN t.cancel_requested THEN now() END
+                       finished_at = CASE WHEN {ended_status("'available'")} <> 'available' THEN now() END,
+                       last_error = {ended_error("'available'", "t.last_error")}
     FROM given g
     WHERE t.id = g.id AND t.attempts = g.attempt AND t.status = 'running' AND t.worker_id = $3
     RETURNING t.id, t.queue_id, t.status
@@ -1142,6 +1175,7 @@ LIMIT $1
 FOR UPDATE OF t SKIP LOCKED
 """
 
+_LEASE_EXPIRED = "'lease expired: the worker stopped renewing it (attempt ' || t.attempts || ')'"
 RESCUE_EXPIRED = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[], $6::uuid[])
@@ -1150,7 +1184,7 @@ WITH input AS (
 rescued AS (
     UPDATE tasks t
     SET status = {ended_status("i.status")},
-        last_error = 'lease expired: the worker stopped renewing it (attempt ' || t.attempts || ')',
+        last_error = {ended_error("i.status", _LEASE_EXPIRED)},
         run_at = CASE WHEN i.retry_in_s IS NOT NULL
                       THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
         finished_at = CASE WHEN {ended_status("i.status")} IN ('discarded', 'cancelled') THEN now() END,
