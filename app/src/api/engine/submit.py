@@ -342,7 +342,13 @@ async def store_prepared(
         return await task_store.insert_tasks(conn, tasks)
     plain = [task for task in tasks if task.debounce is None]
     stored = {task.id: task for task in await task_store.insert_tasks(conn, plain)} if plain else {}
-    for index, task in enumerate(tasks):
+    # in key order, as every batch of them goes: each upsert locks its key's pending row until the
+    # commit, and two batches that reached the same keys in opposite orders deadlocked (503)
+    keyed = sorted(
+        (task.debounce.key, index) for index, task in enumerate(tasks) if task.debounce is not None
+    )
+    for _, index in keyed:
+        task = tasks[index]
         if task.debounce is not None:
             try:
                 stored[task.id], _ = await task_store.debounce_task(conn, task)
