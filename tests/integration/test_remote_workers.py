@@ -1515,6 +1515,13 @@ _RUN_ENDS = {
     },
     "waiting for a signal": {"outcome": "suspended", "suspend": {"wait": {"type": "signal", "name": "go"}}},
     "deferred": {"outcome": "failed", "error": "later", "retry_after_s": 5},
+    "waiting for its children": {
+        "outcome": "suspended",
+        "suspend": {
+            "spawn": [{"key": "c", "kind": "noop", "payload": {}, "queue": "held"}],
+            "wait": {"type": "children"},
+        },
+    },
     "lease lost": None,
     "released": None,
 }
@@ -1555,8 +1562,9 @@ async def test_a_run_of_a_deleted_kind_that_ends_unfinished_discards_its_task(
     (a failure to retry, a hand-back, a durable sleep or wait, a lost lease, a release), can never
     run again: no worker may claim a kind its client no longer has. It went back to wait for a next
     run for ever (`blocked_by: no_worker`); it is discarded with the error the delete gives the
-    others."""
+    others, and the children it spawned are stopped."""
     await register(client, auth_headers)
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
     task = await enqueue(
         client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=5
     )
@@ -1569,6 +1577,8 @@ async def test_a_run_of_a_deleted_kind_that_ends_unfinished_discards_its_task(
     assert (final["status"], final["waiting_for"]) == ("discarded", None), final
     assert final["last_error"] == "remote kind reports.build was deleted; no worker can run this task"
     assert final["finished_at"] is not None
+    children = (await (await client.get("/api/tasks?queue=held", headers=auth_headers)).get_json())["items"]
+    assert [c["status"] for c in children] == (["cancelled"] if "children" in end else [])
 
 
 @pytest.mark.parametrize("end", list(_RUN_ENDS))
@@ -1578,6 +1588,7 @@ async def test_a_run_whose_kind_was_registered_again_meanwhile_goes_on(
     """The same ends, after the kind was deleted and registered again: the task waits for its next
     run, which the client's workers can claim."""
     await register(client, auth_headers)
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
     task = await enqueue(
         client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=5
     )
