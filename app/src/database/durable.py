@@ -371,15 +371,16 @@ SIGNAL_STORED = "SELECT 1 AS found FROM task_signals WHERE task_id = $1 AND name
 # other end of a run that does not finish its task).
 _CHILDREN_DONE = "$4 = 'waiting' AND ($5::jsonb)->>'type' = 'children' AND t.children_open + $7 <= 0"
 _SUSPENDED = f"CASE WHEN {_CHILDREN_DONE} THEN 'available' ELSE $4 END"
+_ENDED = ended_status(_SUSPENDED, holder="$3::uuid")  # its holder is the worker ($3)
 SUSPEND = f"""
 WITH changed AS (
     UPDATE tasks t
-    SET status = {ended_status(_SUSPENDED)},
-        waiting_for = CASE WHEN {ended_status(_SUSPENDED)} IN ('cancelled', 'discarded') THEN NULL
+    SET status = {_ENDED},
+        waiting_for = CASE WHEN {_ENDED} IN ('cancelled', 'discarded') THEN NULL
                            WHEN {_CHILDREN_DONE} THEN NULL ELSE $5::jsonb END,
-        finished_at = CASE WHEN {ended_status(_SUSPENDED)} IN ('cancelled', 'discarded') THEN now()
+        finished_at = CASE WHEN {_ENDED} IN ('cancelled', 'discarded') THEN now()
                            ELSE t.finished_at END,
-        last_error = {ended_error(_SUSPENDED, "t.last_error")},
+        last_error = {ended_error(_SUSPENDED, "t.last_error", holder="$3::uuid")},
         run_at = COALESCE($6::timestamptz, now()),
         children_open = t.children_open + $7,
         durable = true,
