@@ -1598,3 +1598,33 @@ async def test_a_run_whose_kind_was_registered_again_meanwhile_goes_on(
     await _end_run(db, client, auth_headers, item, end)
     final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
     assert final["status"] in ("available", "retryable", "scheduled", "waiting"), final
+
+
+@pytest.mark.parametrize("end", list(_RUN_ENDS))
+@pytest.mark.parametrize("kind_deleted", [False, True])
+async def test_a_run_ending_unfinished_after_a_cancel_was_asked_leaves_its_task_cancelled(
+    client: Client, auth_headers: dict[str, str], db: Database, end: str, kind_deleted: bool
+) -> None:
+    """A cancel asked while a remote worker runs the task: every end of that run that does not
+    finish it leaves the task cancelled (never waiting for another run), whether or not its kind
+    was deleted meanwhile."""
+    await register(client, auth_headers)
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    task = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=5
+    )
+    [item] = (await claim(client, auth_headers))["items"]
+    asked = await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)
+    assert asked.status_code == 200, await asked.get_data(as_text=True)
+    if kind_deleted:
+        assert (
+            await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)
+        ).status_code == 204
+    await _end_run(db, client, auth_headers, item, end)
+    final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert (final["status"], final["waiting_for"]) == ("cancelled", None), final
+    assert final["finished_at"] is not None
+    if not kind_deleted:
+        assert (await claim(client, auth_headers))["items"] == []
+    children = (await (await client.get("/api/tasks?queue=held", headers=auth_headers)).get_json())["items"]
+    assert [c["status"] for c in children] == (["cancelled"] if "children" in end else [])
