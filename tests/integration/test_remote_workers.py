@@ -1514,7 +1514,7 @@ _RUN_ENDS = {
         "suspend": {"wait": {"type": "sleep", "name": "nap", "seconds": 60}},
     },
     "waiting for a signal": {"outcome": "suspended", "suspend": {"wait": {"type": "signal", "name": "go"}}},
-    "deferred": {"outcome": "failed", "error": "later", "retry_after_s": 5},
+    "failed with retry_after_s": {"outcome": "failed", "error": "later", "retry_after_s": 5},
     "waiting for its children": {
         "outcome": "suspended",
         "suspend": {
