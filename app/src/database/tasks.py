@@ -216,6 +216,23 @@ SELECT upserted.*, (SELECT n FROM woken) + (SELECT n FROM evented) AS _n FROM up
 """
 
 
+# The pending tasks that hold these debounce keys (index: tasks_debounce): an enqueue that only
+# replaces one's payload adds no task.
+PENDING_DEBOUNCED = """
+SELECT debounce_key, queue_id, kind FROM tasks
+WHERE client_id = $1 AND debounce_key = ANY($2::text[]) AND debounce_key IS NOT NULL
+  AND status IN ('scheduled', 'available')
+"""
+
+
+async def pending_debounced(
+    conn: Executor, *, client_id: UUID, keys: Sequence[str]
+) -> dict[str, tuple[int, str]]:
+    """{debounce key: (queue id, kind)} of the client's pending tasks that hold these keys."""
+    rows = await conn.fetch(PENDING_DEBOUNCED, client_id, list(keys))
+    return {row["debounce_key"]: (row["queue_id"], row["kind"]) for row in rows}
+
+
 class DebounceKeyTaken(Exception):
     """The debounce key is held by a pending task of another queue or kind."""
 
