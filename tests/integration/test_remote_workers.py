@@ -18,6 +18,7 @@ from app.database import Database, StorageUnavailable
 from app.routes.workers import ANSWER_CHUNK_BYTES
 from app.src.api import workers
 from app.src.api.engine import remote_kinds
+from app.src.api.engine.outcomes import rescue_expired_leases
 from app.src.api.models.auth import IssuedKey
 from app.src.api.models.workers import ClaimIn, ClaimOut
 from app.src.database import durable as durable_store
@@ -1503,3 +1504,127 @@ async def test_a_claim_round_past_its_deadline_hands_out_what_it_claimed_or_is_5
         await conn.close()
     items = (await claim(client, auth_headers, max=10))["items"]
     assert [(item["id"], item["attempt"]) for item in items] == [(narrow["id"], 1)]
+
+
+_RUN_ENDS = {
+    "failed": {"outcome": "failed", "error": "boom"},
+    "handed back": {"outcome": "suspended"},
+    "sleeping": {
+        "outcome": "suspended",
+        "suspend": {"wait": {"type": "sleep", "name": "nap", "seconds": 60}},
+    },
+    "waiting for a signal": {"outcome": "suspended", "suspend": {"wait": {"type": "signal", "name": "go"}}},
+    "failed with retry_after_s": {"outcome": "failed", "error": "later", "retry_after_s": 5},
+    "waiting for its children": {
+        "outcome": "suspended",
+        "suspend": {
+            "spawn": [{"key": "c", "kind": "noop", "payload": {}, "queue": "held"}],
+            "wait": {"type": "children"},
+        },
+    },
+    "lease lost": None,
+    "released": None,
+}
+
+
+async def _end_run(
+    db: Database, client: Client, headers: dict[str, str], item: dict[str, Any], end: str
+) -> None:
+    """End the claimed run `item` the way `end` names, without finishing its task."""
+    task_id = uuid.UUID(item["id"])
+    async with db.driver() as conn:
+        if end == "lease lost":
+            await conn.execute(
+                "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task_id
+            )
+            assert [r["id"] for r in await rescue_expired_leases(conn)] == [task_id]
+            return
+        if end == "released":  # a claim's answer that was lost: its tasks are handed back unspent
+            row = await conn.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
+            run = task_store.ClaimedTask(
+                row["id"], row["client_id"], row["queue_id"], row["queue"], row["kind"], row["payload"],
+                row["attempts"], row["max_attempts"], row["run_at"], row["started_at"],
+            )  # fmt: skip
+            worker_id = workers.remote_worker_id(row["client_id"], WORKER["name"])
+            assert await task_store.release(conn, [run], worker_id=worker_id) == [task_id]
+            return
+    [answer] = await complete(
+        client, headers, {"id": item["id"], "attempt": item["attempt"], **_RUN_ENDS[end]}
+    )
+    assert answer["accepted"] is True, answer
+
+
+@pytest.mark.parametrize("end", list(_RUN_ENDS))
+async def test_a_run_of_a_deleted_kind_that_ends_unfinished_discards_its_task(
+    client: Client, auth_headers: dict[str, str], db: Database, end: str
+) -> None:
+    """A task running when its remote kind is deleted, whose run then ends without finishing it
+    (a failure to retry, a hand-back, a durable sleep or wait, a lost lease, a release), can never
+    run again: no worker may claim a kind its client no longer has. It went back to wait for a next
+    run for ever (`blocked_by: no_worker`); it is discarded with the error the delete gives the
+    others, and the children it spawned are stopped."""
+    await register(client, auth_headers)
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    task = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=5
+    )
+    [item] = (await claim(client, auth_headers))["items"]
+    assert (await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)).status_code == 204
+    running = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert running["status"] == "running"  # a running task finishes (or not) as usual
+    await _end_run(db, client, auth_headers, item, end)
+    final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert (final["status"], final["waiting_for"]) == ("discarded", None), final
+    assert final["last_error"] == "remote kind reports.build was deleted; no worker can run this task"
+    assert final["finished_at"] is not None
+    children = (await (await client.get("/api/tasks?queue=held", headers=auth_headers)).get_json())["items"]
+    assert [c["status"] for c in children] == (["cancelled"] if "children" in end else [])
+
+
+@pytest.mark.parametrize("end", list(_RUN_ENDS))
+async def test_a_run_whose_kind_was_registered_again_meanwhile_goes_on(
+    client: Client, auth_headers: dict[str, str], db: Database, end: str
+) -> None:
+    """The same ends, after the kind was deleted and registered again: the task waits for its next
+    run, which the client's workers can claim."""
+    await register(client, auth_headers)
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    task = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=5
+    )
+    [item] = (await claim(client, auth_headers))["items"]
+    assert (await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)).status_code == 204
+    await register(client, auth_headers)
+    await _end_run(db, client, auth_headers, item, end)
+    final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert final["status"] in ("available", "retryable", "scheduled", "waiting"), final
+
+
+@pytest.mark.parametrize("end", list(_RUN_ENDS))
+@pytest.mark.parametrize("kind_deleted", [False, True])
+async def test_a_run_ending_unfinished_after_a_cancel_was_asked_leaves_its_task_cancelled(
+    client: Client, auth_headers: dict[str, str], db: Database, end: str, kind_deleted: bool
+) -> None:
+    """A cancel asked while a remote worker runs the task: every end of that run that does not
+    finish it leaves the task cancelled (never waiting for another run), whether or not its kind
+    was deleted meanwhile."""
+    await register(client, auth_headers)
+    await client.put("/api/queues/held", json={"paused": True}, headers=auth_headers)
+    task = await enqueue(
+        client, auth_headers, kind="reports.build", payload={"account_id": 7}, max_attempts=5
+    )
+    [item] = (await claim(client, auth_headers))["items"]
+    asked = await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)
+    assert asked.status_code == 200, await asked.get_data(as_text=True)
+    if kind_deleted:
+        assert (
+            await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)
+        ).status_code == 204
+    await _end_run(db, client, auth_headers, item, end)
+    final = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert (final["status"], final["waiting_for"]) == ("cancelled", None), final
+    assert final["finished_at"] is not None
+    if not kind_deleted:
+        assert (await claim(client, auth_headers))["items"] == []
+    children = (await (await client.get("/api/tasks?queue=held", headers=auth_headers)).get_json())["items"]
+    assert [c["status"] for c in children] == (["cancelled"] if "children" in end else [])

@@ -28,6 +28,8 @@ from app.src.database.tasks import (
     TASK_COLUMNS,
     Executor,
     NewTask,
+    ended_error,
+    ended_status,
     notify_queues,
     to_task,
 )
@@ -364,17 +366,21 @@ SIGNAL_STORED = "SELECT 1 AS found FROM task_signals WHERE task_id = $1 AND name
 # task that suspends a hundred times keeps its whole failure budget (attempts still count up, so
 # every completion guard stays exact), and so does the budget a retry by hand grants.
 # A task whose cancel was requested while it ran is cancelled here instead of waiting for its next
-# run (its steps and children are still stored: the children are then cancelled with it).
+# run (its steps and children are still stored: the children are then cancelled with it), and one
+# whose remote kind was deleted while it ran is discarded (ended_status: the same rule as every
+# other end of a run that does not finish its task).
+_CHILDREN_DONE = "$4 = 'waiting' AND ($5::jsonb)->>'type' = 'children' AND t.children_open + $7 <= 0"
+_SUSPENDED = f"CASE WHEN {_CHILDREN_DONE} THEN 'available' ELSE $4 END"
+_ENDED = ended_status(_SUSPENDED, holder="$3::uuid")  # its holder is the worker ($3)
 SUSPEND = f"""
 WITH changed AS (
     UPDATE tasks t
-    SET status = CASE WHEN t.cancel_requested THEN 'cancelled'
-                      WHEN $4 = 'waiting' AND ($5::jsonb)->>'type' = 'children'
-                           AND t.children_open + $7 <= 0 THEN 'available' ELSE $4 END,
-        waiting_for = CASE WHEN t.cancel_requested THEN NULL
-                           WHEN $4 = 'waiting' AND ($5::jsonb)->>'type' = 'children'
-                                AND t.children_open + $7 <= 0 THEN NULL ELSE $5::jsonb END,
-        finished_at = CASE WHEN t.cancel_requested THEN now() ELSE t.finished_at END,
+    SET status = {_ENDED},
+        waiting_for = CASE WHEN {_ENDED} IN ('cancelled', 'discarded') THEN NULL
+                           WHEN {_CHILDREN_DONE} THEN NULL ELSE $5::jsonb END,
+        finished_at = CASE WHEN {_ENDED} IN ('cancelled', 'discarded') THEN now()
+                           ELSE t.finished_at END,
+        last_error = {ended_error(_SUSPENDED, "t.last_error", holder="$3::uuid")},
         run_at = COALESCE($6::timestamptz, now()),
         children_open = t.children_open + $7,
         durable = true,

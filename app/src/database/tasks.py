@@ -216,6 +216,23 @@ SELECT upserted.*, (SELECT n FROM woken) + (SELECT n FROM evented) AS _n FROM up
 """
 
 
+# The pending tasks that hold these debounce keys (index: tasks_debounce): an enqueue that only
+# replaces one's payload adds no task.
+PENDING_DEBOUNCED = """
+SELECT debounce_key, queue_id, kind FROM tasks
+WHERE client_id = $1 AND debounce_key = ANY($2::text[]) AND debounce_key IS NOT NULL
+  AND status IN ('scheduled', 'available')
+"""
+
+
+async def pending_debounced(
+    conn: Executor, *, client_id: UUID, keys: Sequence[str]
+) -> dict[str, tuple[int, str]]:
+    """{debounce key: (queue id, kind)} of the client's pending tasks that hold these keys."""
+    rows = await conn.fetch(PENDING_DEBOUNCED, client_id, list(keys))
+    return {row["debounce_key"]: (row["queue_id"], row["kind"]) for row in rows}
+
+
 class DebounceKeyTaken(Exception):
     """The debounce key is held by a pending task of another queue or kind."""
 
@@ -901,17 +918,56 @@ async def heartbeat_rows(
 # instead of the merge join it picks for a join condition.
 # A refunded completion (a deferral: the handler could not start) gives the attempt back and
 # writes no attempt record.
-# A task whose cancel was requested while it ran never goes back to wait for another run: an
-# attempt that ends without finishing it (a failure to retry, a deferral, a lost lease, a hand-off
-# to an external provider) leaves it cancelled. Its attempt keeps its own outcome. `status` is the
-# SQL of the status the attempt's end would give it; the updated `tasks` is aliased `t`.
-def ended_status(status: str) -> str:
+# What ends an attempt that does not finish its task (a failure to retry, a deferral, a lost lease,
+# a hand-back, a hand-off to an external provider, a durable suspension), wherever it is written:
+# - a task whose cancel was requested while it ran never goes back to wait for another run: it
+#   ends cancelled;
+# - a task of a remote kind (its run was held by a remote worker) that its client deleted while it
+#   ran can never be claimed again (no worker may claim a kind its client does not have; the delete
+#   discarded the tasks of it that were not running, DELETE_KIND): it ends discarded, with the
+#   delete's error (ended_error). A kind registered again meanwhile is there, and the task goes on.
+#   Made only for such an end (a success costs nothing), with primary-key probes: whether the
+#   holder is a remote worker (workers), then whether the kind is still there (remote_kinds). A
+#   statement that ends the runs of one worker names it as `holder` (a parameter): its probe is
+#   then made once per statement, not once per row, and in-process runs pay nothing more.
+# Its attempt keeps its own outcome. `status` is the SQL of the status the attempt's end would give
+# it; the updated `tasks` is aliased `t`, whose columns in SET are those of the row before the update
+# (its worker_id the run's holder).
+_UNFINISHED = "('retryable', 'available', 'waiting', 'scheduled')"
+
+
+def _kind_deleted(holder: str) -> str:
     return (
-        f"CASE WHEN t.cancel_requested AND {status} IN ('retryable', 'available', 'waiting') "
-        f"THEN 'cancelled' ELSE {status} END"
+        f"EXISTS (SELECT 1 FROM workers w WHERE w.id = {holder} AND w.remote) "
+        "AND NOT EXISTS (SELECT 1 FROM remote_kinds r WHERE r.client_id = t.client_id AND r.name = t.kind)"
     )
 
 
+def kind_deleted_error(kind: str) -> str:
+    """The SQL of the error a task of the deleted remote kind `kind` (SQL) is discarded with."""
+    return f"'remote kind ' || {kind} || ' was deleted; no worker can run this task'"
+
+
+def ended_status(status: str, *, holder: str = "t.worker_id") -> str:
+    return (
+        f"CASE WHEN {status} NOT IN {_UNFINISHED} THEN {status} "
+        f"WHEN t.cancel_requested THEN 'cancelled' "
+        f"WHEN {_kind_deleted(holder)} THEN 'discarded' ELSE {status} END"
+    )
+
+
+def ended_error(status: str, error: str, *, holder: str = "t.worker_id") -> str:
+    """The SQL of `last_error` at the same end: `error`, unless ended_status discards the task
+    because its kind was deleted."""
+    return (
+        f"CASE WHEN {status} IN {_UNFINISHED} AND NOT t.cancel_requested AND {_kind_deleted(holder)} "
+        f"THEN {kind_deleted_error('t.kind')} ELSE {error} END"
+    )
+
+
+# the status and error an attempt's end gives its task; every row's holder is the worker ($12)
+_COMPLETED_STATUS = ended_status("i.status", holder="$12::uuid")
+_COMPLETED_ERROR = ended_error("i.status", "COALESCE(i.error, t.last_error)", holder="$12::uuid")
 COMPLETE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::float8[],
@@ -923,15 +979,16 @@ WITH input AS (
 ),
 done AS (
     UPDATE tasks t
-    SET status = {ended_status("i.status")},
+    SET status = {_COMPLETED_STATUS},
         attempts = CASE WHEN i.refund THEN t.attempts - 1 ELSE t.attempts END,
         result = CASE WHEN i.status = 'completed' THEN i.result
                       WHEN i.status = 'waiting' THEN i.state ELSE t.result END,
         -- a completed task carries no error from an earlier attempt (its attempts keep theirs)
-        last_error = CASE WHEN i.status = 'completed' THEN NULL ELSE COALESCE(i.error, t.last_error) END,
+        last_error = CASE WHEN i.status = 'completed' THEN NULL
+                          ELSE {_COMPLETED_ERROR} END,
         run_at = CASE WHEN i.retry_in_s IS NOT NULL
                       THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
-        finished_at = CASE WHEN {ended_status("i.status")} IN ('completed', 'discarded', 'cancelled')
+        finished_at = CASE WHEN {_COMPLETED_STATUS} IN ('completed', 'discarded', 'cancelled')
                            THEN now() END,
         lease_expires_at = NULL,
         worker_id = NULL
@@ -1043,14 +1100,16 @@ async def complete(
 # released, it was claimed and run again. A run is named by its task, attempt and worker, as a
 # completion is: a hand-back that comes late (a remote claim's answer abandoned at its lease) must
 # not release a later run of the task, rescued meanwhile and claimed again by the same worker.
+_RELEASED_STATUS = ended_status("'available'", holder="$3::uuid")
 RELEASE = f"""
 WITH given AS (
     SELECT * FROM unnest($1::uuid[], $2::int[]) AS g(id, attempt)
 ),
 released AS (
-    UPDATE tasks t SET status = {ended_status("'available'")}, attempts = t.attempts - 1,
+    UPDATE tasks t SET status = {_RELEASED_STATUS}, attempts = t.attempts - 1,
                        started_at = NULL, lease_expires_at = NULL, worker_id = NULL,
-                       finished_at = CASE WHEN t.cancel_requested THEN now() END
+                       finished_at = CASE WHEN {_RELEASED_STATUS} <> 'available' THEN now() END,
+                       last_error = {ended_error("'available'", "t.last_error", holder="$3::uuid")}
     FROM given g
     WHERE t.id = g.id AND t.attempts = g.attempt AND t.status = 'running' AND t.worker_id = $3
     RETURNING t.id, t.queue_id, t.status
@@ -1142,6 +1201,7 @@ LIMIT $1
 FOR UPDATE OF t SKIP LOCKED
 """
 
+_LEASE_EXPIRED = "'lease expired: the worker stopped renewing it (attempt ' || t.attempts || ')'"
 RESCUE_EXPIRED = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::float8[], $6::uuid[])
@@ -1150,7 +1210,7 @@ WITH input AS (
 rescued AS (
     UPDATE tasks t
     SET status = {ended_status("i.status")},
-        last_error = 'lease expired: the worker stopped renewing it (attempt ' || t.attempts || ')',
+        last_error = {ended_error("i.status", _LEASE_EXPIRED)},
         run_at = CASE WHEN i.retry_in_s IS NOT NULL
                       THEN now() + make_interval(secs => i.retry_in_s) ELSE t.run_at END,
         finished_at = CASE WHEN {ended_status("i.status")} IN ('discarded', 'cancelled') THEN now() END,

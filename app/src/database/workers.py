@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from app.src.database.tasks import EVENTS_CHANNEL, Executor
+from app.src.database.tasks import EVENTS_CHANNEL, Executor, kind_deleted_error
 from app.src.utils import json_text
 
 # --- remote kinds --------------------------------------------------------------------------------
@@ -103,15 +103,15 @@ async def list_kinds(
 # A deleted kind: the tasks of it that have not started can never run, so they end now with a
 # clear error (index: tasks_client), and so do composed tasks waiting to run again (for a signal,
 # their children or their dependencies: their next run could never be claimed; a parent discarded
-# stops its children through the trigger of migration 0015). Running ones finish (or are rescued)
-# as usual.
+# stops its children through the trigger of migration 0015). Running ones finish as usual, or, when
+# their run ends without finishing them, are discarded then with the same error (ended_status).
 DELETE_KIND = f"""
 WITH deleted AS (
     DELETE FROM remote_kinds WHERE client_id = $1 AND name = $2 RETURNING name
 ),
 discarded AS (
     UPDATE tasks SET status = 'discarded', finished_at = now(), waiting_for = NULL,
-                     last_error = 'remote kind ' || $2 || ' was deleted; no worker can run this task'
+                     last_error = {kind_deleted_error("$2")}
     WHERE client_id = $1 AND kind = $2 AND status IN ('scheduled', 'available', 'retryable', 'waiting')
       AND EXISTS (SELECT 1 FROM deleted)
     RETURNING id

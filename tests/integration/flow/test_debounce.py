@@ -169,3 +169,63 @@ async def test_a_debounced_task_cancelled_before_it_started_can_be_retried_besid
     assert (await bulk.get_json())["count"] == 1
     rows = await fetch(clean_database, "SELECT id, status FROM tasks ORDER BY id")
     assert [(str(r["id"]), r["status"]) for r in rows] == [(old["id"], "available"), (newer_id, "scheduled")]
+
+
+async def test_batches_debouncing_the_same_keys_in_opposite_orders_all_succeed(
+    app: Quart, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """Two batches that debounce the same keys, listed in opposite orders, at once: each key's row
+    is locked by the batch that reached it first, until that batch commits."""
+    client = app.test_client()
+    keys = [f"k{i}" for i in range(40)]
+
+    def batch(order: list[str], value: str) -> dict[str, Any]:
+        return {"tasks": [{"kind": "test.returns", "payload": {"value": value},
+                           "debounce": {"key": key, "period_s": 30}} for key in order]}  # fmt: skip
+
+    answers = await asyncio.gather(
+        *(
+            client.post(
+                "/api/tasks/batch", json=batch(keys if i % 2 else keys[::-1], f"v{i}"), headers=auth_headers
+            )
+            for i in range(6)
+        )
+    )
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 201}, [await a.get_data(as_text=True) for a in answers]
+    rows = await fetch(clean_database, "SELECT id::text, debounce_key FROM tasks")
+    task_of = {r["debounce_key"]: r["id"] for r in rows}
+    assert sorted(task_of) == sorted(keys)
+    assert len(rows) == len(keys)
+    for i, answer in enumerate(answers):  # each batch answered with the one task of each key
+        order = keys if i % 2 else keys[::-1]
+        assert [t["id"] for t in (await answer.get_json())["items"]] == [task_of[key] for key in order]
+
+
+async def test_at_its_quota_a_client_still_debounces_into_its_pending_task(
+    serving: Serving, auth_headers: dict[str, str], clean_database: str
+) -> None:
+    """An enqueue that only replaces the payload of the pending task holding its debounce key adds
+    no task: at the client's quota it was refused 429, so the task ran with a stale payload. One
+    that would add a task is still refused."""
+    client = (await serving(CLIENT_MAX_QUEUED_TASKS=1)).test_client()
+    first = await client.post("/api/tasks", json=debounced("a", period_s=60), headers=auth_headers)
+    assert first.status_code == 201
+    again = await client.post("/api/tasks", json=debounced("b", period_s=60), headers=auth_headers)
+    assert again.status_code == 200, await again.get_data(as_text=True)
+    body = await again.get_json()
+    assert (body["id"], body["debounced"], body["payload"]) == (
+        (await first.get_json())["id"],
+        True,
+        {"value": "b"},
+    )
+    twice = {"tasks": [debounced("c", period_s=60), debounced("d", period_s=60)]}
+    batch = await client.post("/api/tasks/batch", json=twice, headers=auth_headers)
+    assert batch.status_code == 200, await batch.get_data(as_text=True)
+    other_key = {**debounced("e", period_s=60), "debounce": {"key": "other", "period_s": 60}}
+    refused = await client.post("/api/tasks", json=other_key, headers=auth_headers)
+    assert refused.status_code == 429
+    other_kind = {**debounced("f", period_s=60), "kind": "noop"}
+    assert (await client.post("/api/tasks", json=other_kind, headers=auth_headers)).status_code == 429
+    rows = await fetch(clean_database, "SELECT payload FROM tasks")
+    assert [r["payload"] for r in rows] == ['{"value": "d"}']

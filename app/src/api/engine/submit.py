@@ -262,8 +262,31 @@ async def prepare(
                 kinds.append(rules.kinds.get(request.kind))
     queues = await ensure_queues(engine, submitter.client_id, requests, field_prefix)
     unfinished = await engine.quotas.unfinished(submitter.client_id)
-    check_quota(rules, submitter, unfinished=unfinished + pending, adding=len(requests))
+    try:
+        check_quota(rules, submitter, unfinished=unfinished + pending, adding=len(requests))
+    except TooManyRequests:
+        adding = await _adding(engine, submitter.client_id, requests, queues)
+        if adding == len(requests):
+            raise
+        check_quota(rules, submitter, unfinished=unfinished + pending, adding=adding)
     return new_tasks(rules, submitter, requests, kinds, queues, traceparent)
+
+
+async def _adding(
+    engine: TaskEngine, client_id: UUID, requests: Sequence[TaskRequest], queues: dict[str, Queue]
+) -> int:
+    """How many tasks these requests would add, debounced ones counted once per key and not at
+    all when a pending task of theirs (same queue and kind) holds the key: those only replace its
+    payload, and at the quota they were refused 429 though they add nothing (as a repeated
+    Idempotency-Key). Read only when the plain count is over the quota; the pending task may still
+    start before the insert, which then adds it (the quota's counts are a few seconds old anyway)."""
+    keyed = {r.debounce.key: r for r in requests if r.debounce is not None}
+    if not keyed:
+        return len(requests)
+    async with engine.db.driver() as conn:
+        held = await task_store.pending_debounced(conn, client_id=client_id, keys=sorted(keyed))
+    new_keys = [key for key, r in keyed.items() if held.get(key) != (queues[r.queue].id, r.kind)]
+    return sum(1 for r in requests if r.debounce is None) + len(new_keys)
 
 
 async def ensure_queues(
@@ -342,7 +365,13 @@ async def store_prepared(
         return await task_store.insert_tasks(conn, tasks)
     plain = [task for task in tasks if task.debounce is None]
     stored = {task.id: task for task in await task_store.insert_tasks(conn, plain)} if plain else {}
-    for index, task in enumerate(tasks):
+    # in key order, as every batch of them goes: each upsert locks its key's pending row until the
+    # commit, and two batches that reached the same keys in opposite orders deadlocked (503)
+    keyed = sorted(
+        (task.debounce.key, index) for index, task in enumerate(tasks) if task.debounce is not None
+    )
+    for _, index in keyed:
+        task = tasks[index]
         if task.debounce is not None:
             try:
                 stored[task.id], _ = await task_store.debounce_task(conn, task)
