@@ -77,3 +77,41 @@ async def test_a_decorated_async_handler_runs(
     assert (row["status"], row["last_error"]) == ("completed", None)
     assert row["result"] == '{"n": 42}'
     assert ran == [1]
+
+
+async def test_a_kind_deleted_while_the_worker_runs_leaves_its_other_kinds_served(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """Its client deleted one of a worker's kinds: the worker's next claim, naming it, was refused
+    422 and the worker stopped, so every other kind it served went unserved until it was started
+    again. It now stops claiming the deleted kind and goes on with the others."""
+    issued = await make_client(db, "deleted-kind")
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    async with taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as tg:
+        worker = taskgate.Worker(tg, queues=["deleted"], wait_s=1, grace_s=5)
+
+        @worker.kind("deleted.gone")
+        async def gone(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+        @worker.kind("deleted.kept")
+        async def kept(ctx: taskgate.TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+            return {"n": payload["n"]}
+
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run_async(stop))
+        try:
+
+            async def registered() -> bool:
+                rows = await fetch(clean_database, "SELECT count(*) AS n FROM remote_kinds")
+                return bool(rows[0]["n"] == 2)
+
+            await eventually(registered, timeout=30)
+            await tg.delete_kind("deleted.gone")
+            task = await tg.enqueue("deleted.kept", {"n": 7}, queue="deleted")
+            done = await tg.wait(task.id, timeout_s=20)
+            assert not running.done()
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 30)
+    assert (done.status, done.result) == ("completed", {"n": 7})

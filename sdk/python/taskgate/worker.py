@@ -431,6 +431,9 @@ class Worker:
         self.wait_s = wait_s
         self.threads = threads or concurrency
         self.kinds: dict[str, RegisteredKind[Any]] = {}
+        # kinds the server no longer has (deleted by their client while this worker ran): no
+        # longer claimed, so the others are still served
+        self._deleted: set[str] = set()
         self._progress: dict[UUID, dict[str, Any]] = {}
         self._running: dict[UUID, _Running] = {}  # the latest run of each task here
         self._busy = 0  # runs not ended: abandoned sync handlers hold their slot until they return
@@ -604,9 +607,10 @@ class Worker:
             want = min(free, self.batch_size)
             self._claiming += want
             claim = None
+            kinds = sorted(set(self.kinds) - self._deleted)
             try:
                 claim = await self._client.claim(
-                    sorted(self.kinds), worker=self.identity, queues=self.queues, max=want, wait_s=self.wait_s
+                    kinds, worker=self.identity, queues=self.queues, max=want, wait_s=self.wait_s
                 )
                 self._lease_s = float(claim.lease_s)
                 starts = await self._confirm(claim.items, sent)  # within the slots this claim reserved
@@ -619,6 +623,11 @@ class Worker:
                     )
                 raise
             except ApiError as exc:
+                deleted = _deleted_kinds(exc, kinds)
+                if deleted and len(deleted) < len(kinds):
+                    log.error("kinds deleted on the server are no longer claimed: %s", ", ".join(deleted))
+                    self._deleted.update(deleted)
+                    continue
                 if exc.status in (401, 403, 422):
                     log.error("claim refused: %s", exc)
                     raise
@@ -974,6 +983,21 @@ class Worker:
 def _run(item: dict[str, Any]) -> tuple[str, int]:
     """The run a completion item reports on: its task and attempt."""
     return str(item["id"]), int(item["attempt"])
+
+
+def _deleted_kinds(exc: ApiError, kinds: list[str]) -> list[str]:
+    """The kinds of a claim (sent as `kinds`) that a 422 names as no remote kind of this client."""
+    if exc.status != 422:
+        return []
+    named = []
+    for error in exc.errors:
+        field = str(error.get("field", ""))
+        if error.get("type") != "unknown_kind" or not field.startswith("body.kinds."):
+            continue
+        index = field[len("body.kinds.") :]
+        if index.isdigit() and int(index) < len(kinds):
+            named.append(kinds[int(index)])
+    return named
 
 
 def _statuses(answers: list[CompletionAnswer]) -> str:
