@@ -1628,3 +1628,24 @@ async def test_a_run_ending_unfinished_after_a_cancel_was_asked_leaves_its_task_
         assert (await claim(client, auth_headers))["items"] == []
     children = (await (await client.get("/api/tasks?queue=held", headers=auth_headers)).get_json())["items"]
     assert [c["status"] for c in children] == (["cancelled"] if "children" in end else [])
+
+
+async def test_a_task_whose_kind_was_deleted_is_refused_a_retry_until_the_kind_is_back(
+    client: Client, auth_headers: dict[str, str]
+) -> None:
+    """A task discarded because its remote kind was deleted, retried by hand, was made available:
+    no remote worker may claim a kind its client does not have, so it sat for ever (or an
+    in-process worker took it and failed it for want of the kind, attempt after attempt). The
+    retry is refused, saying why, until the kind is registered again."""
+    await register(client, auth_headers)
+    task = await enqueue(client, auth_headers, kind="reports.build", payload={"account_id": 1})
+    assert (await client.delete("/api/catalog/kinds/reports.build", headers=auth_headers)).status_code == 204
+    refused = await client.post(f"/api/tasks/{task['id']}/retry", headers=auth_headers)
+    assert refused.status_code == 409
+    assert "no longer registered" in (await refused.get_json())["detail"]
+    again = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+    assert again["status"] == "discarded"
+    await register(client, auth_headers)
+    retried = await client.post(f"/api/tasks/{task['id']}/retry", headers=auth_headers)
+    assert retried.status_code == 200
+    assert (await retried.get_json())["status"] == "available"

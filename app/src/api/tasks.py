@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from app.database import Database
 from app.src.api import pages
+from app.src.api.engine import remote_kinds
 from app.src.api.engine.submit import Submitter, check_quota
 from app.src.api.engine.task_engine import TaskEngine
 from app.src.api.errors import Conflict, NotFound, Unprocessable
@@ -221,7 +222,17 @@ async def retry(
 ) -> Task:
     """A discarded or cancelled task runs again from attempt one and counts against the quota: a
     tenant's own retry (`submitter`) must fit in it, as an enqueue must (429 otherwise); an
-    operator's (None) is not held to it."""
+    operator's (None) is not held to it. A task whose kind is gone (a remote kind its client
+    deleted) is refused (409): no worker could ever run it."""
+    current = await get(engine.db, client_id=client_id, task_id=task_id)  # 404 for another's task
+    if engine.rules.kinds.get(current.kind) is None:
+        found = await remote_kinds.lookup(engine.db, client_id=current.client_id, names=[current.kind])
+        if current.kind not in found:
+            raise Conflict(
+                f"Task {task_id} is of kind {current.kind!r}, which is no longer registered (a remote kind "
+                "deleted by its client): no worker could run it. Register the kind again "
+                "(PUT /api/catalog/kinds/{name}), then retry."
+            )
     if submitter is not None:
         check_quota(engine.rules, submitter, unfinished=await engine.quotas.unfinished(client_id), adding=1)
         engine.quotas.reserve(client_id, 1)
