@@ -14,6 +14,8 @@ from sqlalchemy import event, pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from app.database import NO_STATEMENT_CACHE
+
 config = context.config
 
 # One migrator at a time, whichever replica or command starts first.
@@ -23,17 +25,6 @@ MIGRATION_LOCK = 7265734
 # behind a long transaction, an ALTER TABLE would otherwise queue every claim and enqueue behind
 # itself; failing lets the operator retry when the database is quieter.
 LOCK_TIMEOUT = "3s"
-
-# No server-side prepared statement kept across transactions: asyncpg's unnamed statement, parsed
-# again with each execution (a migration runs each statement a few times at most). A named one
-# was prepared and then executed in two round trips, in two transactions where none was open (an
-# `autocommit_block`), and through transaction pooling the second went to another server
-# connection: "prepared statement ... does not exist".
-NO_STATEMENT_CACHE: dict[str, Any] = {
-    "statement_cache_size": 0,
-    "prepared_statement_cache_size": 0,
-    "prepared_statement_name_func": lambda: "",
-}
 
 
 def _bound_lock_waits(conn: Connection, *_: Any) -> None:
@@ -59,6 +50,9 @@ def run(connection: Connection) -> None:
 
 
 async def run_online() -> None:
+    # no server-side prepared statement kept across transactions (a migration runs each statement a
+    # few times at most): a named one, prepared and then executed in two round trips where no
+    # transaction was open (an `autocommit_block`), met another server connection the second time
     engine = create_async_engine(
         config.get_main_option("sqlalchemy.url", ""), poolclass=pool.NullPool, connect_args=NO_STATEMENT_CACHE
     )

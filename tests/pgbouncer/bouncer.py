@@ -30,6 +30,7 @@ class PgBouncer:
         self.port = port
         self.database = database
         self.pool_mode = pool_mode
+        self.pool_size = pool_size
         self.user = _system_user()
         self.root = Path(tempfile.mkdtemp(prefix=f"taskgate-pgbouncer-{pool_mode}-"))
         self.root.chmod(0o755)
