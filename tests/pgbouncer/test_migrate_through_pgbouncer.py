@@ -17,11 +17,20 @@ import pytest
 from app.src.database import migrations
 from tests.faults.procs import run_cli, subprocess_env
 from tests.pgbouncer.bouncer import PgBouncer
+from tests.task_harness import eventually
 
 pytestmark = pytest.mark.pgbouncer
 
 MIGRATE_DATABASE = "taskgate_pgbouncer_migrate"
 MIGRATION_LOCK = 7265734  # app/migrations/env.py
+
+
+async def _waiting_for_the_lock(conn: asyncpg.Connection) -> bool:
+    waiting = await conn.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND NOT granted",
+        MIGRATION_LOCK,
+    )
+    return bool(waiting >= 2)
 
 
 def _driver(uri: str) -> str:
@@ -34,6 +43,9 @@ async def _fresh_database(bouncers: dict[str, Any]) -> AsyncIterator[str]:
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{MIGRATE_DATABASE}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{MIGRATE_DATABASE}"')
+        # as docs/operations.md asks behind PgBouncer (shorter here): a migrate waiting for the
+        # other's lock waits longer than this, and must not be cut by it
+        await admin.execute(f"ALTER DATABASE \"{MIGRATE_DATABASE}\" SET statement_timeout = '1s'")
         yield MIGRATE_DATABASE
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{MIGRATE_DATABASE}" WITH (FORCE)')
@@ -88,16 +100,28 @@ async def test_migrate_through_transaction_pooling_leaves_no_lock_or_setting_beh
     session advisory lock and `SET lock_timeout`, then committed: through
     transaction pooling both stayed on a server connection handed to the next client (every
     statement of the service on it got a 3 s lock_timeout), the unlock landed on another one, and
-    the lock stayed held, so the next release's migrate waited for it for ever."""
+    the lock stayed held, so the next release's migrate waited for it for ever. A migrate waiting
+    for another's lock must wait past the role's statement_timeout (docs/operations.md sets one
+    behind PgBouncer), not fail."""
     pool: PgBouncer = bouncers["transaction"]
     cluster = bouncers["cluster"]
     async with _fresh_database(bouncers) as name:
         pooled = pool.uri(name)
         env = subprocess_env(APP_ENV="test", DB_URI=pooled, DB_POOLER="pgbouncer", LOG_FORMAT="console")
+        holder = await asyncpg.connect(_driver(cluster.uri(name)))
         async with _other_clients(_driver(pooled)):
+            # another migrator holds the lock for longer than statement_timeout: both wait for it
+            holding = holder.transaction()
+            await holding.start()
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             # two at once (two replicas' `serve --migrate`): one waits for the other's lock, then
             # finds the schema at head
-            await asyncio.gather(*(asyncio.to_thread(run_cli, ["migrate"], env, 60) for _ in range(2)))
+            migrating = asyncio.gather(*(asyncio.to_thread(run_cli, ["migrate"], env, 60) for _ in range(2)))
+            await eventually(lambda: _waiting_for_the_lock(holder), timeout=30)
+            await asyncio.sleep(1.5)  # past the statement_timeout
+            await holding.rollback()
+            await holder.close()
+            await migrating
         direct = await asyncpg.connect(_driver(cluster.uri(name)))
         try:
             revisions = await direct.fetch("SELECT version_num FROM alembic_version")
