@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -133,6 +132,22 @@ def unavailable(error: BaseException) -> StorageUnavailable:
     return unreachable
 
 
+# SQLAlchemy's asyncpg engine without server-side prepared statements of its own: each statement
+# is asyncpg's unnamed one, parsed again where it is executed (asyncpg re-parses unnamed statements
+# when its own cache is off). SQLAlchemy's documented recipe for PgBouncer, a unique name per
+# statement, prepared a named statement on the server for every statement and never deallocated
+# it there: asyncpg's deferred close goes out in a later transaction, to whichever server
+# connection PgBouncer hands out then, so through transaction pooling about half of them stayed
+# on the server connections for their whole life, the backends' memory growing with every
+# SQLAlchemy statement. And outside a transaction (autocommit) the prepare and the execution were
+# two pooled transactions: "prepared statement ... does not exist". Alembic's engine uses it too.
+NO_STATEMENT_CACHE: dict[str, Any] = {
+    "statement_cache_size": 0,
+    "prepared_statement_cache_size": 0,
+    "prepared_statement_name_func": lambda: "",
+}
+
+
 async def _set_codecs(connection: asyncpg.Connection) -> None:
     # the same convention as SQLAlchemy's asyncpg dialect: JSON text in, Python objects out
     for name in ("json", "jsonb"):
@@ -197,17 +212,11 @@ class Database:
     @property
     def behind_pgbouncer(self) -> bool:
         """DB_POOLER=pgbouncer: no server-side prepared statement survives a transaction, so
-        neither pool caches statements, and SQLAlchemy names each one uniquely (its docs)."""
+        neither pool caches statements (NO_STATEMENT_CACHE)."""
         return self.settings.DB_POOLER == "pgbouncer"
 
     def _statement_cache_args(self) -> dict[str, Any]:
-        if not self.behind_pgbouncer:
-            return {}
-        return {
-            "statement_cache_size": 0,
-            "prepared_statement_cache_size": 0,
-            "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
-        }
+        return dict(NO_STATEMENT_CACHE) if self.behind_pgbouncer else {}
 
     async def connect(self) -> None:
         self._engine = create_async_engine(

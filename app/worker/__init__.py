@@ -72,6 +72,7 @@ class Worker:
         self.notifier = notifier
         self.resources: Mapping[str, Any] = resources or {}
         self.grace_s = settings.WORKER_SHUTDOWN_GRACE_S
+        self.poll_s = settings.WORKER_POLL_INTERVAL_S
         self.holdings = Holdings()
         self.leases = LeaseKeeper(
             db, self.holdings, worker_id=self.id, lease_s=float(settings.LEASE_SECONDS), seen=self._seen
@@ -117,6 +118,7 @@ class Worker:
             asyncio.create_task(self.leases.run(), name="taskgate-worker-leases"),
             asyncio.create_task(self.completer.run(), name="taskgate-worker-complete"),
             asyncio.create_task(self._seen_at_start(), name="taskgate-worker-seen"),
+            asyncio.create_task(self._poll_cancels(), name="taskgate-worker-cancels"),
         ]
         WORKER_CAPACITY.set(self.claimer.concurrency)
         self.log.info(
@@ -343,6 +345,29 @@ class Worker:
             await task_store.set_progress(
                 conn, task_id=task_id, attempt=attempt, worker_id=self.id, progress=progress
             )
+
+    async def _poll_cancels(self) -> None:
+        """While no notification can arrive (no LISTEN connection behind PgBouncer, or LISTEN down
+        meanwhile), read the cancel requests of the running tasks every WORKER_POLL_INTERVAL_S, as
+        every other wait polls: a cancel otherwise reached its handler only with the next
+        heartbeat, a third of the lease later (10 s with the default lease)."""
+        while True:
+            await asyncio.sleep(self.poll_s)
+            if self.notifier.listening and self.notifier.connected.is_set():
+                continue
+            asked = [
+                tid for tid, running in self.holdings.running.items() if not running.ctx.cancelled.is_set()
+            ]
+            if not asked:
+                continue
+            try:
+                async with asyncio.timeout(PROGRESS_TIMEOUT_S), self.db.driver() as conn:
+                    cancelled = await task_store.cancels_requested(conn, task_ids=asked, worker_id=self.id)
+            except Exception as exc:  # the next heartbeat still carries it
+                self.log.debug("reading cancel requests failed", error=str(exc) or type(exc).__name__)
+                continue
+            for task_id in cancelled:
+                self._cancel_requested(task_id)
 
     def _cancel_requested(self, task_id: UUID) -> None:
         running = self.holdings.running.get(task_id)

@@ -30,6 +30,7 @@ class PgBouncer:
         self.port = port
         self.database = database
         self.pool_mode = pool_mode
+        self.pool_size = pool_size
         self.user = _system_user()
         self.root = Path(tempfile.mkdtemp(prefix=f"taskgate-pgbouncer-{pool_mode}-"))
         self.root.chmod(0o755)
@@ -38,6 +39,7 @@ class PgBouncer:
         (self.root / "pgbouncer.ini").write_text(
             f"""[databases]
 {database} = host=127.0.0.1 port={cluster.port} dbname={database} user=postgres
+* = host=127.0.0.1 port={cluster.port} user=postgres
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -59,8 +61,9 @@ log_disconnections = 0
                 os.chown(path, self.user.pw_uid, self.user.pw_gid)
         self.process: subprocess.Popen[bytes] | None = None
 
-    def uri(self) -> str:
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{self.database}"
+    def uri(self, database: str | None = None) -> str:
+        """A DB_URI through this PgBouncer: its database, or any other of the server (`*`)."""
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database or self.database}"
 
     def start(self) -> None:
         kwargs = {}

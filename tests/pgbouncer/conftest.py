@@ -48,7 +48,7 @@ def bouncers() -> Iterator[dict[str, Any]]:
                 await conn.close()
 
         asyncio.run(create())
-        # migrations take a session advisory lock: they run on a direct connection (docs/operations.md)
+        # the suite's schema, made directly (test_migrate_through_pgbouncer.py migrates through it)
         run_cli(["migrate"], subprocess_env(APP_ENV="test", DB_URI=pg.uri(DATABASE), LOG_FORMAT="console"))
         for mode in ("transaction", "session"):
             # session mode holds a server connection per client connection: size it for every

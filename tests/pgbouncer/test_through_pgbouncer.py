@@ -137,3 +137,27 @@ async def test_the_statement_cache_it_turns_off_is_what_transaction_pooling_brea
 
     assert await errors() > 0
     assert await errors(statement_cache_size=0) == 0
+
+
+async def test_a_cancel_reaches_a_running_handler_within_a_poll_without_listen(
+    serving: Any, auth_headers: dict[str, str], pooling: dict[str, Any]
+) -> None:
+    """A cancel asked for a running task reaches its handler by NOTIFY; where no LISTEN connection
+    exists it reached it only with the worker's next heartbeat, a third of the lease (10 s with
+    the default 30 s lease), while every other wait polls."""
+    app = await serving(ROLES=["api", "worker"], LEASE_SECONDS=30)
+    client = app.test_client()
+    task = await enqueue(client, auth_headers, kind="sleep", payload={"seconds": 30})
+
+    async def running() -> bool:
+        current = await (await client.get(f"/api/tasks/{task['id']}", headers=auth_headers)).get_json()
+        return bool(current["status"] == "running")
+
+    await eventually(running, timeout=10)
+    began = time.monotonic()
+    accepted = await (await client.post(f"/api/tasks/{task['id']}/cancel", headers=auth_headers)).get_json()
+    assert accepted["status"] == "running"  # asked, not forced
+    done = await (await client.get(f"/api/tasks/{task['id']}?wait=6", headers=auth_headers)).get_json()
+    assert done["status"] == "cancelled", done
+    assert done["last_error"].startswith("cancelled after")
+    assert time.monotonic() - began < 3.0

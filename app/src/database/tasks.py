@@ -908,6 +908,18 @@ async def heartbeat_rows(
     return await conn.fetch(HEARTBEAT, task_ids, lease_s, worker_id)
 
 
+async def cancels_requested(conn: Executor, *, task_ids: list[UUID], worker_id: UUID) -> list[UUID]:
+    """Which of the tasks this worker runs a client asked to cancel: a read, for where no NOTIFY
+    on the cancel channel can arrive (no LISTEN connection)."""
+    rows = await conn.fetch(
+        "SELECT id FROM tasks WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker_id = $2 "
+        "AND cancel_requested",
+        task_ids,
+        worker_id,
+    )
+    return [row["id"] for row in rows]
+
+
 # Finish many attempts in one statement: the status the worker decided (via the state machine),
 # the attempt record, and the events NOTIFY. The guard is a compare-and-set per row: the status the
 # worker expects (running), the same attempt and the same worker; it drops a completion whose lease
