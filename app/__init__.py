@@ -40,6 +40,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.config.update(
         TASKGATE_SETTINGS=settings,
         MAX_CONTENT_LENGTH=8 * 1024 * 1024,
+        # the server cuts a body not complete this long after its head (app/server.py); Quart's
+        # own deadline (60 s from the first read) would otherwise cut a longer one it allows
+        BODY_TIMEOUT=settings.SERVER_BODY_TIMEOUT_S,
         QUART_SCHEMA_CONVERSION_PREFERENCE="pydantic",
         # Swagger UI from the package, not a CDN: /docs works offline
         QUART_SCHEMA_SWAGGER_JS_URL=ui.SWAGGER_JS_URL,

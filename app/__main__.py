@@ -111,6 +111,7 @@ def uvicorn_config(
         http=guarded_protocol(
             max_header_bytes=settings.SERVER_MAX_HEADER_BYTES,
             header_timeout_s=settings.SERVER_HEADER_TIMEOUT_S,
+            body_timeout_s=settings.SERVER_BODY_TIMEOUT_S,
             max_connections=settings.SERVER_MAX_CONNECTIONS,
         ),
         # no route is a WebSocket: a handshake is answered as the plain request it also is (with

@@ -4,9 +4,12 @@ httptools has no header size limit and uvicorn no header timeout: a client could
 header (all buffered) or trickle one byte at a time and hold a connection for ever. This protocol
 counts the bytes of a request head as they arrive and refuses it (431) beyond
 SERVER_MAX_HEADER_BYTES, cuts a head that is not complete SERVER_HEADER_TIMEOUT_S after it began
-(408), answers 503 with Retry-After beyond SERVER_MAX_CONNECTIONS, and aborts a TLS connection that
-does not answer our close_notify promptly (asyncio would keep it for 30 s, and uvicorn's drain
-waits for every connection).
+(408), cuts a body that is not complete SERVER_BODY_TIMEOUT_S after its head (408, or a plain close
+once answered: uvicorn reads the rest of a body it answered for as long as bytes keep coming, each
+putting off the keep-alive timeout, so a body trickled at a byte a second held a connection for
+ever, with or without a key), answers 503 with Retry-After beyond SERVER_MAX_CONNECTIONS, and
+aborts a TLS connection that does not answer our close_notify promptly (asyncio would keep it for
+30 s, and uvicorn's drain waits for every connection).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     max_header_bytes = 65_536
     header_timeout_s = 10.0
+    body_timeout_s = 60.0
     max_connections: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -66,6 +70,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes received since the current request head began
         self._parsed_head_bytes = 0
         self._head_timer: TimerHandle | None = None
+        self._body_timer: TimerHandle | None = None
         self._abort_timer: TimerHandle | None = None
         self._refused = False
 
@@ -134,8 +139,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(503, "The server is at its connection limit; retry shortly.", retry_after=1)
             raise _Refused
         super().on_headers_complete()
+        # the body (if any) must follow within its own time: cancelled when the message completes
+        self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
 
     def on_message_complete(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         super().on_message_complete()
         # what follows on this connection is the next request's head
         self._reading_head = True
@@ -180,6 +190,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._refuse(408, f"The request head was not complete within {self.header_timeout_s:g} s.")
 
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            # the application, still waiting for the body, sees a disconnect; the client a 408
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._refuse(408, f"The request body was not complete within {self.body_timeout_s:g} s.")
+            return
+        self._close()  # answered (or answering) already: what is left of the body is not waited for
+
     def _refuse(self, status: int, detail: str, *, retry_after: int | None = None) -> None:
         """Answer with a problem and close, whatever the parser is in the middle of."""
         if self._refused or self.transport.is_closing():
@@ -204,14 +227,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.abort()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._abort_timer):
+        for timer in (self._head_timer, self._body_timer, self._abort_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._abort_timer = None
+        self._head_timer = self._body_timer = self._abort_timer = None
 
 
 def guarded_protocol(
-    *, max_header_bytes: int, header_timeout_s: float, max_connections: int | None
+    *,
+    max_header_bytes: int,
+    header_timeout_s: float,
+    body_timeout_s: float,
+    max_connections: int | None,
 ) -> type[GuardedHttpToolsProtocol]:
     """A protocol class with these limits (uvicorn builds one instance per connection)."""
     return type(
@@ -220,6 +247,7 @@ def guarded_protocol(
         {
             "max_header_bytes": max_header_bytes,
             "header_timeout_s": header_timeout_s,
+            "body_timeout_s": body_timeout_s,
             "max_connections": max_connections,
         },
     )

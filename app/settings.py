@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     SERVER_MAX_CONNECTIONS: int = Field(default=1000, ge=1, le=1_000_000)
     SERVER_MAX_HEADER_BYTES: int = Field(default=65_536, ge=1024, le=16 * 1024 * 1024)
     SERVER_HEADER_TIMEOUT_S: float = Field(default=10.0, gt=0, le=3600)
+    SERVER_BODY_TIMEOUT_S: float = Field(default=60.0, gt=0, le=3600)
     SERVER_KEEP_ALIVE_S: int = Field(default=5, ge=1, le=3600)
     SERVER_MAX_JSON_DEPTH: int = Field(default=64, ge=2, le=512)
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -17,6 +17,7 @@ from tests.e2e.conftest import ServerProcess, start_server, wait_ready
 
 LIMITS = {
     "SERVER_HEADER_TIMEOUT_S": "1",
+    "SERVER_BODY_TIMEOUT_S": "1",
     "SERVER_KEEP_ALIVE_S": "1",
     "SERVER_MAX_CONNECTIONS": "4",
     "WORKER_SHUTDOWN_GRACE_S": "1",
@@ -120,6 +121,56 @@ async def test_a_head_trickled_byte_by_byte_is_cut_after_the_header_timeout(limi
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert 0.9 < elapsed < 2.0
     await still_serving(limited)
+
+
+@pytest.mark.parametrize(
+    ("head", "answer_status"),
+    [
+        # the application waits for the body (a login reads its JSON): the client gets a 408
+        (b"POST /api/auth/login", b"408"),
+        # answered before the body (no token: 401; a GET reads no body): then closed
+        (b"POST /api/tasks", b"401"),
+        (b"GET /api/common/health", b"200"),
+    ],
+    ids=["read by the application", "answered before it", "never read"],
+)
+async def test_a_body_trickled_byte_by_byte_is_cut_after_the_body_timeout(
+    limited: ServerProcess, head: bytes, answer_status: bytes
+) -> None:
+    """A request whose head came in time but whose body trickles in (a byte every 0.2 s, well
+    within the keep-alive) held its connection for ever: uvicorn reads the rest of a body it has
+    answered for as long as bytes keep coming, each byte putting off the keep-alive timeout, and
+    the application waited 60 s for a body it reads. A thousand such connections, no key needed,
+    refused every other client of the process (503 at SERVER_MAX_CONNECTIONS) for as long as the
+    trickle went on. A body is now cut SERVER_BODY_TIMEOUT_S after its head."""
+    await still_serving(limited)
+    reader, writer = await connect(limited)
+    writer.write(
+        head + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n"
+    )
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        try:
+            for _ in range(1000):
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except (ConnectionError, ssl.SSLError):
+            pass
+
+    sender = asyncio.create_task(trickle())
+    answer = await read_until_closed(reader, timeout=5)
+    elapsed = time.monotonic() - started
+    sender.cancel()
+    writer.transport.abort()
+    assert answer.startswith(b"HTTP/1.1 " + answer_status + b" "), answer[:200]
+    if answer_status == b"408":
+        assert b"application/problem+json" in answer
+    assert elapsed < 2.5  # SERVER_BODY_TIMEOUT_S is 1 s, plus the linger
+    await still_serving(limited)
+    assert "Exception in ASGI application" not in limited.log()
 
 
 async def test_idle_connections_are_closed(limited: ServerProcess) -> None:
