@@ -196,6 +196,7 @@ class TaskContext:
             raise PermanentError(step_named_like_a_wait(name))
         if name in steps:
             return steps[name]
+        spawned = len(self._spawns)
         value = fn(*args)
         if inspect.isawaitable(value):
             value = await value
@@ -205,6 +206,11 @@ class TaskContext:
             check_step_result(name, value)
         except CompositionError as exc:
             raise PermanentError(str(exc)) from None
+        if len(self._spawns) > spawned:
+            # children spawned inside the step are stored with it, in one suspension (the task
+            # resumes at once): stored alone, the step replays from storage without its spawns,
+            # so children not yet recorded when the attempt ended were never created
+            raise Suspended(Suspension(steps={name: value}, spawn=self.take_spawns()))
         if self._checkpoint is None:
             raise RuntimeError("ctx.step needs a worker to store its result")
         await self._checkpoint(self, name, value)
