@@ -391,3 +391,21 @@ async def spawn_in_step(ctx: TaskContext, payload: SpawnInStep) -> dict[str, obj
         return {"charged": True}
     [result] = await ctx.gather([Child(key)])
     return {"child": result}
+
+
+class WaitNamedLikeAStep(BaseModel):
+    wait: str  # "sleep" or "signal": taken under the name of the step before it
+
+
+@task_kind("test.wait_named_like_a_step", payload=WaitNamedLikeAStep)
+async def wait_named_like_a_step(ctx: TaskContext, payload: WaitNamedLikeAStep) -> dict[str, object]:
+    """A step whose result holds the keys a wait's record has, then a wait under the step's name."""
+    await ctx.step("review", lambda: {"done": True, "timed_out": True})
+    if payload.wait == "sleep":
+        await ctx.sleep("review", 3600)
+        return {"slept": True}
+    try:
+        data = await ctx.wait_signal("review", timeout_s=3600)
+    except SignalTimeout:
+        return {"timed_out": True}
+    return {"data": data}

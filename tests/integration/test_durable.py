@@ -610,6 +610,22 @@ async def test_a_step_named_like_a_sleep_before_it_fails_its_task_with_a_clear_e
     assert "has the name of a sleep or signal wait" in done["last_error"], done["last_error"]
 
 
+async def test_a_sleep_or_signal_wait_named_like_a_step_before_it_fails_its_task_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """The other way round: a wait under the name of a step taken before it took the step's result
+    for its record. One holding `done` ended the hour's sleep at once, in silence; one holding
+    `timed_out` raised SignalTimeout without any wait (an SDK worker fails the task, as the server
+    does for any other step result)."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    for wait in ("sleep", "signal"):
+        task = await enqueue(client, auth_headers, kind="test.wait_named_like_a_step", payload={"wait": wait})
+        done = await wait_done(client, auth_headers, task["id"], timeout=10)
+        assert done["status"] == "discarded", (wait, done["result"])
+        assert "'review' has the name of another step, sleep or signal wait" in done["last_error"], done
+
+
 async def _children(client: Any, headers: dict[str, str], parent_id: str) -> list[dict[str, Any]]:
     items = (await get(client, headers, "/api/tasks?kind=test.child&limit=100"))["items"]
     return [c for c in items if c["parent_id"] == parent_id]
