@@ -362,3 +362,50 @@ async def limits(ctx: TaskContext, payload: Limits) -> dict[str, object]:
     handles = [await ctx.spawn("noop", {}, key=str(i)) for i in range(payload.children)]
     await ctx.gather(handles)
     return {}
+
+
+class SpawnInStep(BaseModel):
+    path: str  # the child marks each of its runs here
+    failed_once: str  # the step after the spawn fails the first time it runs (this file marks it)
+    gather: bool = True  # gather the child, or leave it to run (fire and forget)
+
+
+@task_kind("test.spawn_in_step", payload=SpawnInStep)
+async def spawn_in_step(ctx: TaskContext, payload: SpawnInStep) -> dict[str, object]:
+    """Spawns a child inside a step, then a later step fails once: the retry replays the first step
+    from storage (its function, and the spawn in it, do not run again)."""
+
+    async def order() -> str:
+        child = await ctx.spawn("test.child", {"i": 7, "path": payload.path}, key="email")
+        return child.key
+
+    def charge() -> bool:
+        if not Path(payload.failed_once).exists():
+            Path(payload.failed_once).touch()
+            raise RuntimeError("the payment service is down")
+        return True
+
+    key = await ctx.step("order", order)
+    await ctx.step("charge", charge)
+    if not payload.gather:
+        return {"charged": True}
+    [result] = await ctx.gather([Child(key)])
+    return {"child": result}
+
+
+class WaitNamedLikeAStep(BaseModel):
+    wait: str  # "sleep" or "signal": taken under the name of the step before it
+
+
+@task_kind("test.wait_named_like_a_step", payload=WaitNamedLikeAStep)
+async def wait_named_like_a_step(ctx: TaskContext, payload: WaitNamedLikeAStep) -> dict[str, object]:
+    """A step whose result holds the keys a wait's record has, then a wait under the step's name."""
+    await ctx.step("review", lambda: {"done": True, "timed_out": True})
+    if payload.wait == "sleep":
+        await ctx.sleep("review", 3600)
+        return {"slept": True}
+    try:
+        data = await ctx.wait_signal("review", timeout_s=3600)
+    except SignalTimeout:
+        return {"timed_out": True}
+    return {"data": data}

@@ -38,6 +38,11 @@ VALID: dict[str, list[dict[str, Any]]] = {
     "test.fanout": [{"children": 3}, {"children": 500, "path": "/tmp/x", "fail": [7], "queue": "q"}],
     "test.spawn_then_end": [{"queue": "q"}, {"queue": "q", "hold_s": 1, "end": "complete"}],
     "test.gather_stranger": [{"stranger": ""}, {"stranger": "01a250aa-122b-7e1d-a301-39218add4024"}],
+    "test.wait_named_like_a_step": [{"wait": "sleep"}, {"wait": "signal"}],
+    "test.spawn_in_step": [
+        {"path": "/tmp/c", "failed_once": "/tmp/f"},
+        {"path": "/tmp/c", "failed_once": "/tmp/f", "gather": False},
+    ],
     "test.flaky": [
         {"fail_times": 2},
         {"fail_times": 1, "retry_after_s": 0.5},

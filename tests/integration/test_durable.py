@@ -610,6 +610,22 @@ async def test_a_step_named_like_a_sleep_before_it_fails_its_task_with_a_clear_e
     assert "has the name of a sleep or signal wait" in done["last_error"], done["last_error"]
 
 
+async def test_a_sleep_or_signal_wait_named_like_a_step_before_it_fails_its_task_with_a_clear_error(
+    serving: Serving, auth_headers: dict[str, str]
+) -> None:
+    """The other way round: a wait under the name of a step taken before it took the step's result
+    for its record. One holding `done` ended the hour's sleep at once, in silence; one holding
+    `timed_out` raised SignalTimeout without any wait (an SDK worker fails the task, as the server
+    does for any other step result)."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    for wait in ("sleep", "signal"):
+        task = await enqueue(client, auth_headers, kind="test.wait_named_like_a_step", payload={"wait": wait})
+        done = await wait_done(client, auth_headers, task["id"], timeout=10)
+        assert done["status"] == "discarded", (wait, done["result"])
+        assert "'review' has the name of another step, sleep or signal wait" in done["last_error"], done
+
+
 async def _children(client: Any, headers: dict[str, str], parent_id: str) -> list[dict[str, Any]]:
     items = (await get(client, headers, "/api/tasks?kind=test.child&limit=100"))["items"]
     return [c for c in items if c["parent_id"] == parent_id]
@@ -1007,3 +1023,37 @@ async def test_the_same_signal_sent_again_is_answered_as_the_first_and_delivered
     assert (await late.get_json())["status"] == "completed"
     attempts = await get(client, auth_headers, f"/api/tasks/{task['id']}/attempts")
     assert [a["outcome"] for a in attempts["items"]].count("completed") == 1
+
+
+async def test_a_child_spawned_inside_a_step_is_created_though_a_later_step_fails_first(
+    serving: Serving, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    """A step's function that spawns a child: the step is stored together with its child. The step
+    alone was stored, the child waiting for the next suspension; a later step that failed ended the
+    attempt first, and the retry replayed the step from storage without its spawn: the child was
+    never created (a gather then failed the task for good, and a task that did not gather completed
+    without its child ever running)."""
+    app = await serving(**ALL_ROLES)
+    client = app.test_client()
+    await client.put(
+        "/api/queues/shop", json={"min_backoff_s": 0.1, "max_backoff_s": 0.2}, headers=auth_headers
+    )
+    done: dict[bool, dict[str, Any]] = {}
+    for gather in (True, False):
+        marks = tmp_path / f"child-{gather}.txt"
+        task = await enqueue(
+            client, auth_headers, kind="test.spawn_in_step", queue="shop", max_attempts=5,
+            payload={"path": str(marks), "failed_once": str(tmp_path / f"failed-{gather}"), "gather": gather},
+        )  # fmt: skip
+        done[gather] = await wait_done(client, auth_headers, task["id"])
+        listed = await get(client, auth_headers, "/api/tasks?kind=test.child&queue=shop&limit=10")
+        children = listed["items"]
+        mine = [c for c in children if c["parent_id"] == task["id"]]
+        assert len(mine) == 1, (done[gather], children)
+        child = await wait_done(client, auth_headers, mine[0]["id"])
+        assert child["status"] == "completed"
+        assert len(lines(marks)) == 1  # the child ran, once
+    assert done[True]["status"] == "completed", done[True]
+    assert done[True]["result"] == {"child": {"value": 14}}
+    assert done[False]["status"] == "completed", done[False]
+    assert done[False]["result"] == {"charged": True}

@@ -273,14 +273,18 @@ async def _decide(
     return Status.WAITING, {"type": "children"}, None
 
 
+def wait_named_like_another(what: str, name: str) -> str:
+    return (
+        f"the {what} {name[:MAX_NAME]!r} has the name of another step, sleep or signal wait of this "
+        "task: each needs a name of its own"
+    )
+
+
 def _own_record(record: store.WaitRecord, what: str, name: str) -> None:
     """A wait's name must be its own: under a step's name (or a wait's of the other sort) the
     stored row is not its record, so it would end at once and be reached again on every re-run."""
     if not record.own:
-        raise CompositionError(
-            f"the {what} {name!r} has the name of another step, sleep or signal wait of this task: "
-            "each needs a name of its own"
-        )
+        raise CompositionError(wait_named_like_another(what, name))
 
 
 _SIGNAL_NAME: TypeAdapter[str] = TypeAdapter(SignalName)

@@ -25,6 +25,7 @@ from app.src.api.engine.durable import (
     Wait,
     check_step_result,
     step_named_like_a_wait,
+    wait_named_like_another,
 )
 from app.src.api.engine.submit import submit_in_transaction
 from app.src.api.engine.task_engine import SubmitRules, TaskEngine
@@ -196,6 +197,7 @@ class TaskContext:
             raise PermanentError(step_named_like_a_wait(name))
         if name in steps:
             return steps[name]
+        spawned = len(self._spawns)
         value = fn(*args)
         if inspect.isawaitable(value):
             value = await value
@@ -205,6 +207,11 @@ class TaskContext:
             check_step_result(name, value)
         except CompositionError as exc:
             raise PermanentError(str(exc)) from None
+        if len(self._spawns) > spawned:
+            # children spawned inside the step are stored with it, in one suspension (the task
+            # resumes at once): stored alone, the step replays from storage without its spawns,
+            # so children not yet recorded when the attempt ended were never created
+            raise Suspended(Suspension(steps={name: value}, spawn=self.take_spawns()))
         if self._checkpoint is None:
             raise RuntimeError("ctx.step needs a worker to store its result")
         await self._checkpoint(self, name, value)
@@ -214,7 +221,7 @@ class TaskContext:
     async def sleep(self, name: str, seconds: float) -> None:
         """Durable sleep: the attempt ends, the task is `scheduled` until then, no worker slot is
         held, and the handler resumes past this point."""
-        stored = self._state.steps.get(name)
+        stored = self._own_wait("sleep", name)
         if isinstance(stored, dict) and stored.get("done"):
             return
         raise Suspended(Suspension(spawn=self.take_spawns(), wait=Wait("sleep", name, float(seconds))))
@@ -223,13 +230,23 @@ class TaskContext:
         """The data of signal `name` (POST /api/tasks/{id}/signals/{name}); the task is `waiting`
         until it arrives. A signal sent before the wait is kept and delivered here. Raises
         SignalTimeout once `timeout_s` passed without it."""
+        stored = self._own_wait("signal wait", name)
         signals = self._state.signals
         if name in signals:
             return signals[name]
-        stored = self._state.steps.get(name)
         if isinstance(stored, dict) and stored.get("timed_out"):
             raise SignalTimeout(name)
         raise Suspended(Suspension(spawn=self.take_spawns(), wait=Wait("signal", name, timeout_s)))
+
+    def _own_wait(self, what: str, name: str) -> Any:
+        """The wait's stored record, if it has one. Under the name of a step (stored in an earlier
+        run or this one) the stored value is the step's result, not this wait's record: one that
+        holds `done` or `timed_out` would end the wait at once, in silence, so the task fails for
+        good here, as the server fails any other (and as an SDK worker does)."""
+        stored = self._state.steps.get(name)
+        if name in self._state.steps and name not in self._state.waits:
+            raise PermanentError(wait_named_like_another(what, name))
+        return stored
 
     async def spawn(
         self,
