@@ -58,6 +58,7 @@ _LONG_NUMBER = re.compile(rb"\d{20,}")
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _NOT_BRACKETS_OR_QUOTES = bytes(b for b in range(256) if b not in b'"[]{}')
+_AS_PARENS = bytes.maketrans(b"[{]}", b"(())")
 MAX_DEPTH = 64
 
 
@@ -74,12 +75,16 @@ def nesting_exceeds(raw: bytes, max_depth: int) -> bool:
     recurse: the standard library's raises RecursionError, which no caller expects)."""
     if raw.count(b"[") + raw.count(b"{") <= max_depth:  # the common case, in C
         return False
-    depth = 0
-    for byte in _outside_strings(raw):
-        depth += 1 if byte in b"[{" else -1
-        if depth > max_depth:
-            return True
-    return False
+    # Each pass takes away the innermost pairs (replace does not look again at what a removal
+    # joins): a pair still left after `max_depth` passes sits deeper than that. In C: a byte at a
+    # time in Python, an 8 MiB body of small values took 0.4 s of the event loop. What is not
+    # balanced is left for the parser to refuse.
+    pairs = _outside_strings(raw).translate(_AS_PARENS)
+    for _ in range(max_depth):
+        pairs = pairs.replace(b"()", b"")
+        if not pairs:
+            return False
+    return b"()" in pairs
 
 
 def _outside_strings(raw: bytes) -> bytes:

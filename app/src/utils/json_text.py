@@ -65,8 +65,12 @@ loads = json.loads
 def contains_nul(value: Any) -> bool:
     """Whether a JSON value holds a NUL character in a string or a key (jsonb refuses those).
 
-    Iterative, so a deeply nested value (a handler's result has no depth bound) cannot exhaust the
-    interpreter's stack."""
+    Looked for in one pass in C first (free_of_nul): walked in Python, an 8 MiB body of small
+    values took 2.3 s of the event loop. The walk, only when that pass finds the escape or cannot
+    write the value, is iterative, so a deeply nested value (a handler's result has no depth
+    bound) cannot exhaust the interpreter's stack."""
+    if free_of_nul([value]):
+        return False
     stack = [value]
     while stack:
         item = stack.pop()
