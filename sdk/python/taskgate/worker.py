@@ -45,7 +45,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ValidationError
 
-from taskgate._core import dump
+from taskgate._core import dump, model_json
 from taskgate.client import AsyncClient, Client
 from taskgate.errors import ApiError, ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskCancelled
 from taskgate.models import ClaimedTask, CompletionAnswer, Heartbeat
@@ -166,7 +166,7 @@ class TaskContext:
         if inspect.isawaitable(value):
             value = await value
         if isinstance(value, BaseModel):
-            value = value.model_dump(mode="json")
+            value = model_json(value)
         _check_step_result(name, value)
         raise _Suspend({"steps": {name: value}, "spawn": self._take_spawns()})
 
@@ -233,7 +233,7 @@ class TaskContext:
         spec: dict[str, Any] = {
             "key": key,
             "kind": kind,
-            "payload": payload.model_dump(mode="json") if isinstance(payload, BaseModel) else dict(payload),
+            "payload": model_json(payload) if isinstance(payload, BaseModel) else dict(payload),
             "queue": queue or self.queue,
         }
         if priority is not None:
@@ -1138,10 +1138,10 @@ def _split_suspension(item: dict[str, Any], problem: str) -> dict[str, Any]:
 
 def _result(kind: RegisteredKind[Any], value: Any) -> Any:
     if kind.result is not None:
-        data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-        return kind.result.model_validate(data).model_dump(mode="json")
+        data = model_json(value) if isinstance(value, BaseModel) else value
+        return model_json(kind.result.model_validate(data))
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return model_json(value)
     return value
 
 
