@@ -513,8 +513,16 @@ class Worker:
         )
         self._client = client
         self._pool = HandlerThreads(self.threads, name="taskgate-handler")
+        stopping = asyncio.create_task(self._stop.wait())
+        registering = asyncio.create_task(self.register())
         try:
-            await self.register()
+            # a stop asked while the kinds are registered (a server slow to answer, retried for
+            # minutes) ends it there: nothing was claimed yet, so nothing is handed back
+            await asyncio.wait([registering, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not registering.done():
+                log.info("stopped before its kinds were registered", extra={"worker": self.name})
+                return
+            registering.result()
             log.info("worker started", extra={"worker": self.name, "kinds": sorted(self.kinds)})
             # several claims in flight when the capacity spans several batches: a claim's round
             # trip, not the handlers, bounds a fast worker
@@ -527,9 +535,7 @@ class Worker:
                 asyncio.create_task(self._fence_loop(), name="taskgate-fence"),
                 asyncio.create_task(self._complete_loop(), name="taskgate-complete"),
             ]
-            stopping = asyncio.create_task(self._stop.wait())
             await asyncio.wait([*claiming, stopping], return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
             for claimer in claiming:
                 claimer.cancel()
             ended = await asyncio.gather(*claiming, return_exceptions=True)
@@ -538,6 +544,9 @@ class Worker:
             if failed:
                 raise failed[0]
         finally:
+            for task in (registering, stopping):
+                task.cancel()
+            await asyncio.gather(registering, stopping, return_exceptions=True)
             self._pool.shutdown(wait=False, cancel_futures=True)
             if own_client:
                 await client.aclose()
