@@ -104,8 +104,11 @@ def enqueue_many(
 
 
 def get(task_id: TaskId, *, wait_s: float | None = None) -> Call[Task]:
-    params = None if not wait_s else {"wait": min(wait_s, MAX_WAIT_S)}
-    return Call("GET", f"/api/tasks/{_id(task_id)}", _TASK, params=params, timeout=(wait_s or 0) + 10)
+    if not wait_s:  # a plain read: the client's own timeout
+        return Call("GET", f"/api/tasks/{_id(task_id)}", _TASK)
+    wait_s = min(wait_s, MAX_WAIT_S)
+    # the long-poll answers within `wait` seconds: read for that long, and 10 s more
+    return Call("GET", f"/api/tasks/{_id(task_id)}", _TASK, params={"wait": wait_s}, timeout=wait_s + 10)
 
 
 def list_tasks(

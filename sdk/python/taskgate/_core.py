@@ -90,11 +90,18 @@ def adapter(tp: Any) -> TypeAdapter[Any]:
     return TypeAdapter(tp)
 
 
+def model_json(model: BaseModel) -> Any:
+    """A pydantic model as JSON, as its own JSON Schema (the contract registered for a kind, which
+    the server checks payloads and results against) and `model_validate` name its fields: by alias.
+    All its fields: a None may be required."""
+    return model.model_dump(mode="json", by_alias=True)
+
+
 def dump(value: Any) -> Any:
-    """A JSON-ready body: pydantic models dumped (all their fields: a None may be required),
-    datetimes as RFC 3339, UUIDs (task ids) as text."""
+    """A JSON-ready body: pydantic models dumped (`model_json`), datetimes as RFC 3339, UUIDs
+    (task ids) as text."""
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return model_json(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, uuid.UUID):

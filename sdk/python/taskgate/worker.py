@@ -45,7 +45,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ValidationError
 
-from taskgate._core import dump
+from taskgate._core import dump, model_json
 from taskgate.client import AsyncClient, Client
 from taskgate.errors import ApiError, ChildFailed, PermanentError, RetryLater, SignalTimeout, TaskCancelled
 from taskgate.models import ClaimedTask, CompletionAnswer, Heartbeat
@@ -166,7 +166,7 @@ class TaskContext:
         if inspect.isawaitable(value):
             value = await value
         if isinstance(value, BaseModel):
-            value = value.model_dump(mode="json")
+            value = model_json(value)
         _check_step_result(name, value)
         raise _Suspend({"steps": {name: value}, "spawn": self._take_spawns()})
 
@@ -233,7 +233,7 @@ class TaskContext:
         spec: dict[str, Any] = {
             "key": key,
             "kind": kind,
-            "payload": payload.model_dump(mode="json") if isinstance(payload, BaseModel) else dict(payload),
+            "payload": model_json(payload) if isinstance(payload, BaseModel) else dict(payload),
             "queue": queue or self.queue,
         }
         if priority is not None:
@@ -513,8 +513,16 @@ class Worker:
         )
         self._client = client
         self._pool = HandlerThreads(self.threads, name="taskgate-handler")
+        stopping = asyncio.create_task(self._stop.wait())
+        registering = asyncio.create_task(self.register())
         try:
-            await self.register()
+            # a stop asked while the kinds are registered (a server slow to answer, retried for
+            # minutes) ends it there: nothing was claimed yet, so nothing is handed back
+            await asyncio.wait([registering, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not registering.done():
+                log.info("stopped before its kinds were registered", extra={"worker": self.name})
+                return
+            registering.result()
             log.info("worker started", extra={"worker": self.name, "kinds": sorted(self.kinds)})
             # several claims in flight when the capacity spans several batches: a claim's round
             # trip, not the handlers, bounds a fast worker
@@ -527,9 +535,7 @@ class Worker:
                 asyncio.create_task(self._fence_loop(), name="taskgate-fence"),
                 asyncio.create_task(self._complete_loop(), name="taskgate-complete"),
             ]
-            stopping = asyncio.create_task(self._stop.wait())
             await asyncio.wait([*claiming, stopping], return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
             for claimer in claiming:
                 claimer.cancel()
             ended = await asyncio.gather(*claiming, return_exceptions=True)
@@ -538,6 +544,9 @@ class Worker:
             if failed:
                 raise failed[0]
         finally:
+            for task in (registering, stopping):
+                task.cancel()
+            await asyncio.gather(registering, stopping, return_exceptions=True)
             self._pool.shutdown(wait=False, cancel_futures=True)
             if own_client:
                 await client.aclose()
@@ -1138,10 +1147,10 @@ def _split_suspension(item: dict[str, Any], problem: str) -> dict[str, Any]:
 
 def _result(kind: RegisteredKind[Any], value: Any) -> Any:
     if kind.result is not None:
-        data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-        return kind.result.model_validate(data).model_dump(mode="json")
+        data = model_json(value) if isinstance(value, BaseModel) else value
+        return model_json(kind.result.model_validate(data))
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return model_json(value)
     return value
 
 

@@ -531,3 +531,23 @@ def test_calls_that_set_what_they_carry_are_sent_again_after_their_answer_was_lo
     with pytest.raises(httpx.ReadTimeout):
         taskgate.Client("https://tg.test", api_key="k", http=scripted(steps, seen)).purge_queue("reports")
     assert len(seen) == 1
+
+
+def test_a_get_is_bounded_by_the_clients_timeout_not_ten_seconds() -> None:
+    """`get(id)` read its answer with a 10 s timeout whatever the client's `timeout_s` (the margin
+    meant for `wait()`'s long-poll was added to a plain read): against a server that never
+    answered, a client made with `timeout_s=0.5` waited 10 s per send, `list()` 0.5 s."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        held: list[socket.socket] = []
+        threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with taskgate.Client(url, api_key="k", timeout_s=0.5, max_retries=0) as tg:
+            started = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout):
+                tg.get(TASK["id"])
+            took_s = time.monotonic() - started
+        for conn in held:
+            conn.close()
+    assert took_s < 3
