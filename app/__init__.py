@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     from app.openapi import TaskgateOpenAPI
     from app.routes.adapter import register_blueprints
     from app.runtime import Runtime
-    from app.settings import load_settings
+    from app.settings import MAX_REQUEST_BODY_BYTES, load_settings
     from app.src.api.kinds import load_kinds
     from app.src.utils import json_provider, schema_adapters
     from app.version import __version__
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     app = Quart("app", static_folder=None)
     app.config.update(
         TASKGATE_SETTINGS=settings,
-        MAX_CONTENT_LENGTH=8 * 1024 * 1024,
+        MAX_CONTENT_LENGTH=MAX_REQUEST_BODY_BYTES,
         # the server cuts a body not complete this long after its head (app/server.py); Quart's
         # own deadline (60 s from the first read) would otherwise cut a longer one it allows
         BODY_TIMEOUT=settings.SERVER_BODY_TIMEOUT_S,

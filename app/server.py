@@ -15,6 +15,7 @@ aborts a TLS connection that does not answer our close_notify promptly (asyncio 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import signal
 from asyncio import TimerHandle
@@ -29,12 +30,31 @@ import uvicorn
 from uvicorn.lifespan.on import LifespanOn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.settings import MAX_REQUEST_BODY_BYTES
+
 log = structlog.get_logger("taskgate.server")
 
 # how long a closed TLS connection may wait for the peer's close_notify before it is aborted
 CLOSE_LINGER_S = 0.5
 # the least time uvicorn's drain gets, so answers that are being written are not cut into 500s
 MIN_DRAIN_S = 0.25
+
+
+# A request body larger than LARGE_BODY_BYTES (by its Content-Length) is admitted only while the
+# process's large bodies in flight, request to response, stay within LARGE_BODIES_BYTES; beyond,
+# its head is answered 503 + Retry-After before a byte of it is read. Parsed, a JSON body of many
+# small values takes some 30 times its size (an 8 MiB one of empty objects ~270 MB): without this,
+# only SERVER_MAX_CONNECTIONS bounded how many of those one process held at once.
+LARGE_BODY_BYTES = 1024 * 1024
+LARGE_BODIES_BYTES = 32 * 1024 * 1024
+
+
+class LargeBodies:
+    """The bytes of large request bodies a process holds (its event loop runs the protocol
+    callbacks one at a time: no lock)."""
+
+    def __init__(self, total: int = LARGE_BODIES_BYTES) -> None:
+        self.left = total
 
 
 class _Refused(Exception):
@@ -62,6 +82,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
     body_timeout_s = 60.0
     max_connections: int | None = None
+    large_bodies = LargeBodies()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -73,6 +94,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_timer: TimerHandle | None = None
         self._abort_timer: TimerHandle | None = None
         self._refused = False
+        self._large: collections.deque[int] = collections.deque()  # per request, in response order
 
     # --- connection ------------------------------------------------------------------------------
 
@@ -83,6 +105,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        while self._large:
+            self.large_bodies.left += self._large.popleft()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -138,6 +162,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.logger.warning("Exceeded concurrency limit.")
             self._refuse(503, "The server is at its connection limit; retry shortly.", retry_after=1)
             raise _Refused
+        length = self._content_length()
+        # (one past what the application takes is refused by it, 413, without reading it)
+        if LARGE_BODY_BYTES < length <= MAX_REQUEST_BODY_BYTES:
+            if self.large_bodies.left < length:
+                self.logger.warning("Exceeded the large request bodies' budget.")
+                self._refuse(
+                    503, "The server holds as many large request bodies as it takes; retry shortly.",
+                    retry_after=1,
+                )  # fmt: skip
+                raise _Refused
+            self.large_bodies.left -= length
+            self._large.append(length)
         super().on_headers_complete()
         # the body (if any) must follow within its own time: cancelled when the message completes
         self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
@@ -154,6 +190,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # --- closing ---------------------------------------------------------------------------------
 
     def on_response_complete(self) -> None:
+        if self._large:
+            self.large_bodies.left += self._large.popleft()
         if self.transport.is_closing():
             self._abort_later()
         super().on_response_complete()
@@ -177,6 +215,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().shutdown()
         if self.transport.is_closing():
             self._abort_later()
+
+    def _content_length(self) -> int:
+        for name, value in self.headers:
+            if name == b"content-length":
+                return int(value) if value.isdigit() else 0  # not a length: the parser refuses it
+        return 0
 
     def _arm_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
@@ -249,6 +293,7 @@ def guarded_protocol(
             "header_timeout_s": header_timeout_s,
             "body_timeout_s": body_timeout_s,
             "max_connections": max_connections,
+            "large_bodies": LargeBodies(),
         },
     )
 

@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 Role = Literal["api", "worker", "scheduler"]
 ACCESS_LOGGER = "taskgate.access"
+# The largest request body the API takes (413 beyond)
+MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024
 ALL_ROLES: tuple[Role, ...] = ("api", "worker", "scheduler")
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
+from app.database import Database
+from tests.conftest import make_client
 from tests.e2e.conftest import ServerProcess, start_server, wait_ready
 
 LIMITS = {
@@ -235,3 +237,53 @@ async def test_a_request_http_cannot_parse_is_a_problem_400(limited: ServerProce
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert b"content-type: application/problem+json" in answer.lower(), answer
     await still_serving(limited)
+
+
+async def test_large_bodies_past_the_process_budget_are_answered_503_before_they_are_read(
+    server: ServerProcess, db: Database
+) -> None:
+    """Parsed, a JSON body of many small values takes some 30 times its size (an 8 MiB one of empty
+    objects ~270 MB), and only SERVER_MAX_CONNECTIONS bounded how many such bodies one process
+    held at once (1,000 x 8 MiB). Large bodies now count against a process budget from head to
+    response: past it, a head is answered 503 with Retry-After before its body is read, and a body
+    given up returns its share."""
+    issued = await make_client(db, "large bodies")
+    length = 8 * 1024 * 1024 - 1024
+    head = (
+        b"POST /api/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + issued.api_key.encode() + b"\r\n"
+        b"Content-Length: " + str(length).encode() + b"\r\n\r\n"
+    )
+    held = []
+    for _ in range(4):  # 32 MiB: the whole budget, each body begun and still coming
+        reader, writer = await connect(server)
+        writer.write(head + b"[")
+        await writer.drain()
+        held.append((reader, writer))
+    try:
+        await asyncio.sleep(0.5)  # their heads are read
+        reader, writer = await connect(server)
+        writer.write(head)
+        answer = await read_until_closed(reader, timeout=5)
+        writer.transport.abort()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"retry-after: 1\r\n" in answer.lower()
+        assert b"application/problem+json" in answer
+
+        gone = held.pop()[1]  # one client goes away: its share comes back
+        gone.transport.abort()
+        gone.close()
+        await asyncio.sleep(0.5)
+        reader, writer = await connect(server)
+        writer.write(head + b"x" * length)
+        await writer.drain()
+        answer = await read_until_closed(reader, timeout=20)
+        writer.transport.abort()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]  # admitted, read, and not JSON
+    finally:
+        for _, writer in held:
+            writer.transport.abort()
+            writer.close()
+    assert "Exception in ASGI application" not in server.log()
