@@ -222,7 +222,8 @@ SSE_COMMENT = "\x00comment"
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     """(event, data) pairs of a text/event-stream, read line by line; a `retry` field as
     (SSE_RETRY, its milliseconds) where it appears, a message's `id` field as (SSE_ID, the id)
-    right after the message it came with, a comment (a keep-alive) as (SSE_COMMENT, its text)."""
+    right after the message it came with, a comment (a keep-alive) as (SSE_COMMENT, its text).
+    A message is told once its blank line arrives."""
     event: str = "message"
     data: list[str] = []
     last_id: str | None = None
@@ -247,7 +248,5 @@ def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
                 last_id = value
             elif name == "retry" and value.isascii() and value.isdigit():
                 yield SSE_RETRY, value
-    if data:
-        yield event, "\n".join(data)
-    if last_id is not None:
-        yield SSE_ID, last_id
+    # a message the stream ended in (no blank line after it) is cut short: not dispatched, as
+    # the SSE spec says (yielded without its id, the stream resumed would send it again)

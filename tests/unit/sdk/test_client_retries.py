@@ -181,6 +181,25 @@ def test_resumed_streams_that_only_keep_alive_do_not_use_up_the_reconnects(
     assert [r.headers.get("Last-Event-ID") for r in seen] == [None] + ["r1"] * 5
 
 
+def test_a_message_cut_short_by_a_dropped_stream_is_not_yielded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream cut after a message's `data` line but before its end (its `id`, the blank line)
+    had the message yielded anyway, without its id: the reconnect resumed from the message
+    before, and the server sent it again (the change yielded twice). An SSE message is
+    dispatched only when its blank line arrives."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    running = {"id": TASK["id"], "status": "running", "attempts": 1}
+    half = {**running, "progress": 50}
+    cut = f"event: task\ndata: {json.dumps(running)}\nid: r1\n\nevent: task\ndata: {json.dumps(half)}\n"
+    answers = [
+        httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=cut.encode()),
+        _stream(half, {**half, "status": "completed"}, ids=["h2", "c3"]),  # resumed after r1
+    ]
+    seen: list[httpx.Request] = []
+    events = [(e.status, e.progress) for e in client(answers, seen).events(TASK["id"])]
+    assert events == [("running", None), ("running", 50), ("completed", 50)]
+    assert seen[1].headers.get("Last-Event-ID") == "r1"
+
+
 async def test_async_events_retry_429_and_503_too(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
 
