@@ -26,6 +26,7 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._database_url = make_url("postgresql+asyncpg://postgres@127.0.0.1/postgres")
         self.port = 0
+        self.accepted = 0  # connections taken so far
 
     @classmethod
     def to_database(cls, database_uri: str) -> TcpProxy:
@@ -80,6 +81,7 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        self.accepted += 1
         try:
             await self._flowing.wait()
             try:

@@ -530,7 +530,12 @@ async def task_events(task_id: UUID) -> Any:
         raise AppError("Live events are not available yet.", status=503)
     stopping = runtime.shutting_down
     stream_of = tasks.events(
-        _db(), runtime.notifier, client_id=found.client_id, task_id=task_id, stopping=stopping
+        _db(),
+        runtime.notifier,
+        client_id=found.client_id,
+        task_id=task_id,
+        stopping=stopping,
+        last_event_id=request.headers.get("Last-Event-ID"),  # EventSource's reconnect resumes
     )
     browser: session.BrowserSession = g.ui_session
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
+import ssl
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httpx
@@ -14,6 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 from app.database import Database
+from app.src.database.tasks import EVENTS_CHANNEL
 from tests.conftest import ROOT, make_client
 from tests.e2e.conftest import ServerProcess
 from tests.proxy import TcpProxy
@@ -72,11 +76,136 @@ async def test_events_follow_a_task_through_any_number_of_dropped_streams(
                 if len(statuses) <= 4:  # more dropped streams than the budget, each after an event
                     proxy.refuse()
                     await proxy.start()
+                    await _report_progress(clean_database, task.id, len(statuses))  # a change to resume to
                 else:
                     await direct.cancel(task.id)
     finally:
         await proxy.close()
     assert statuses == ["scheduled"] * 5 + ["cancelled"]
+
+
+async def _report_progress(database_uri: str, task_id: object, progress: object) -> None:
+    """What a worker's progress report does: the task's progress set, its followers woken."""
+    await fetch(
+        database_uri,
+        f"WITH changed AS (UPDATE tasks SET progress = $2 WHERE id = $1 RETURNING id) "
+        f"SELECT pg_notify('{EVENTS_CHANNEL}', id::text) FROM changed",
+        task_id,
+        json.dumps(progress),
+    )
+
+
+async def test_events_resume_after_a_dropped_stream_with_every_event_once(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """A stream opened again started over with the task's current state (so `events()` yielded
+    an unchanged state twice) and sent no SSE id to resume from. Now every message has an id,
+    `events()` sends the last one as Last-Event-ID, and the server sends only what followed it."""
+    issued = await make_client(db, "events resume")
+    port = urlsplit(server.base_url).port
+    assert port is not None
+    proxy = TcpProxy(port=port)
+    await proxy.start()
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    seen: list[tuple[str, object]] = []
+    arrived = asyncio.Event()
+
+    async def follow(tg: taskgate.AsyncClient, task_id: object) -> None:
+        async for event in tg.events(task_id):  # type: ignore[arg-type]
+            seen.append((event.status, event.progress))
+            arrived.set()
+
+    async def until(condition: Callable[[], bool], within_s: float) -> bool:
+        deadline = time.monotonic() + within_s
+        while not condition() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return condition()
+
+    try:
+        async with (
+            taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as direct,
+            taskgate.AsyncClient(f"https://localhost:{proxy.port}", api_key=issued.api_key, verify=ca) as tg,
+        ):
+            task = await direct.enqueue("noop", {}, run_at=None, delay_s=3600)  # scheduled: not terminal
+            following = asyncio.create_task(follow(tg, task.id))
+            for progress in (1, 2, 3):
+                assert await until(lambda n=progress: len(seen) == n, 10)
+                connections = proxy.accepted
+                proxy.refuse()  # the connection cut under the stream, the state unchanged
+                await proxy.start()
+                assert await until(lambda c=connections: proxy.accepted > c, 10)  # reconnected
+                # a stream that started over would send the unchanged state again by now
+                assert not await until(lambda n=progress: len(seen) > n, 0.5), seen
+                await _report_progress(clean_database, task.id, progress)
+            assert await until(lambda: len(seen) == 4, 10)
+            await direct.cancel(task.id)
+            await asyncio.wait_for(following, 10)
+    finally:
+        await proxy.close()
+    changes = [("scheduled", None), ("scheduled", 1), ("scheduled", 2), ("scheduled", 3)]
+    assert seen == [*changes, ("cancelled", 3)]
+
+
+async def test_a_resumed_stream_sends_each_composition_event_once(
+    server: ServerProcess, db: Database, clean_database: str
+) -> None:
+    """Composition events (`event: step` ...) across a reconnect: none the client had is sent
+    again, none stored after the id it sends back is missed, and the unchanged state is not
+    sent again."""
+    issued = await make_client(db, "events resume steps")
+    ca = str(server.data_dir / "tls" / "cert.pem")
+    headers = {"Authorization": f"Bearer {issued.api_key}", "Accept": "text/event-stream"}
+    async with taskgate.AsyncClient(server.base_url, api_key=issued.api_key, verify=ca) as direct:
+        task = await direct.enqueue("noop", {}, run_at=None, delay_s=3600)
+
+    async def store_step(name: str) -> None:
+        await fetch(
+            clean_database,
+            "WITH s AS (INSERT INTO task_steps (task_id, name, result) VALUES ($1, $2, 'null') "
+            "RETURNING task_id), "
+            "t AS (UPDATE tasks SET durable = true WHERE id = $1 RETURNING id) "
+            f"SELECT pg_notify('{EVENTS_CHANNEL}', $1::text) FROM s, t",
+            task.id,
+            name,
+        )
+
+    async def read(http: httpx.AsyncClient, until: int, last_id: str | None) -> list[tuple[str, str, str]]:
+        """(event, name or status, id) of the first `until` messages of a stream, then it is dropped."""
+        got: list[tuple[str, str, str]] = []
+        extra = {"Last-Event-ID": last_id} if last_id else {}
+        async with http.stream("GET", f"/api/tasks/{task.id}/events", headers={**headers, **extra}) as r:
+            assert r.status_code == 200
+            event, data, sse_id = "", "", ""
+            async for line in r.aiter_lines():
+                if line.startswith("id: "):
+                    sse_id = line[4:]
+                elif line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+                elif not line and event:
+                    body = json.loads(data)
+                    got.append((event, body.get("name") or body.get("status"), sse_id))
+                    event = ""
+                    if len(got) == until:
+                        break
+        return got
+
+    await store_step("a")
+    await store_step("b")
+    tls = ssl.create_default_context(cafile=ca)
+    async with httpx.AsyncClient(base_url=server.base_url, verify=tls, timeout=10) as http:
+        first = await read(http, 2, None)  # step a, step b (the state not yet): dropped here
+        assert [(e, n) for e, n, _ in first] == [("step", "a"), ("step", "b")]
+        assert all(i for _, _, i in first)
+        await store_step("c")  # stored while no stream was open
+        second = await read(http, 2, first[-1][2])
+        assert [(e, n) for e, n, _ in second] == [("step", "c"), ("task", "scheduled")]
+        await store_step("d")
+        third = await read(http, 1, second[-1][2])
+        assert [(e, n) for e, n, _ in third] == [("step", "d")]  # the unchanged state not again
+        again = await read(http, 1, first[0][2])  # an older id: what followed it, each once
+        assert [(e, n) for e, n, _ in again] == [("step", "b")]
 
 
 class Note(BaseModel):

@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 import structlog
-from quart import Blueprint, Response, ResponseReturnValue, make_response
+from quart import Blueprint, Response, ResponseReturnValue, make_response, request
 from quart_schema import document_response, validate_querystring, validate_request, validate_response
 
 from app.database import StorageUnavailable
@@ -173,14 +173,26 @@ async def task_events(task_id: UUID) -> ResponseReturnValue:
     Composed tasks also send `event: step` {id, name, at}, `event: signal` {id, name, at},
     `event: child` {id, key, child_id, status, at} and `event: suspended` {id, attempt, at}.
 
-    A `text/event-stream` of `event: task` messages whose data is the object documented here. A
+    A `text/event-stream` of `event: task` messages whose data is the object documented here.
+    Every message carries an SSE `id` (opaque: send it back, do not parse it). A request with a
+    `Last-Event-ID` header resumes after that message, as EventSource does by itself: the current
+    state comes only if it changed since, and every composition event not yet sent follows, none
+    twice. Without one (or with an id this server did not write) the stream starts with the
+    task's current state and its composition events so far. A
     server that is shutting down ends the stream with `event: shutdown` (data `{"retry_after_s":
     1}`, and the SSE `retry` field): reconnect, another replica answers. One whose database goes
     away ends it with `event: unavailable` (the same data and `retry`).
     """
     await tasks.get(db(), client_id=client_id(), task_id=task_id)  # 404 before the stream opens
     stopping = runtime().shutting_down
-    stream_of = tasks.events(db(), notifier(), client_id=client_id(), task_id=task_id, stopping=stopping)
+    stream_of = tasks.events(
+        db(),
+        notifier(),
+        client_id=client_id(),
+        task_id=task_id,
+        stopping=stopping,
+        last_event_id=request.headers.get("Last-Event-ID"),
+    )
     allowed = still_allowed("tasks:read")  # the stream's token still opens it
 
     async def stream() -> AsyncIterator[bytes]:

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
+import json
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,30 +70,36 @@ async def events(
     task_id: UUID,
     keepalive_s: float = 15.0,
     stopping: asyncio.Event | None = None,
+    last_event_id: str | None = None,
 ) -> AsyncIterator[dict[str, Any] | None]:
     """Status and progress changes of one task until it is terminal; None means 'send a keep-alive'.
 
-    Once `stopping` is set (the server is shutting down) it ends after the current state."""
-    last: tuple[str, Any, int] | None = None
+    Each event carries `sse_id`, the stream's position after it (an opaque cursor, see
+    `_Position`). Given one as `last_event_id` (a reconnecting client's `Last-Event-ID`), the
+    stream resumes after it: the current state only if it is not the one the cursor names, the
+    composition events the cursor does not name. Once `stopping` is set (the server is shutting
+    down) it ends after the current state."""
+    position = _Position.decode(last_event_id)
     loop = asyncio.get_running_loop()
     sent_at = loop.time()
-    history = _History()
+    history = _History(position)
     with notifier.watch(task_id) as changed:
         while True:
             changed.clear()
             task = await get(db, client_id=client_id, task_id=task_id)
             for event in await history.new(db, task):
                 yield event
-            current = (task.status, task.progress, task.attempts)
-            if current != last:
+            current = _state_of(task)
+            if current != position.state:
+                position.state = current
                 yield {
                     "id": str(task.id),
                     "status": task.status,
                     "attempts": task.attempts,
                     "progress": task.progress,
                     "last_error": task.last_error,
+                    "sse_id": position.encode(),
                 }
-                last = current
                 sent_at = loop.time()
             if Status(task.status) in TERMINAL or _is_set(stopping):
                 return
@@ -104,29 +112,113 @@ async def events(
             await _changed_or_stopping(changed, stopping, within_s=within_s)
 
 
+def _state_of(task: Task) -> list[Any]:
+    """What a state event told: attempts, status and a digest of the progress (which may be big)."""
+    progress = json.dumps(task.progress, sort_keys=True, separators=(",", ":"), default=str)
+    return [task.attempts, task.status, _digest(progress)]
+
+
+def _digest(text: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.blake2b(text.encode(), digest_size=6).digest()).decode()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(at: datetime) -> int:
+    return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def _at(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+class _Position:
+    """Where an event stream is, as its SSE `id`: the state event last sent (attempts, status,
+    progress digest), the newest composition event's time (`since`), the time at or before which
+    every composition event counts as sent (`floor`), and digests of those sent after the floor.
+
+    Composition events are read from `since - SLACK` (children finish in their own transactions,
+    with their own now(), so one may show up after a later one), and those whose digest is named
+    are not sent again. At most KEEP digests ride along; past that the floor moves up."""
+
+    KEEP = 128
+
+    def __init__(self) -> None:
+        self.state: list[Any] | None = None
+        self.since: datetime | None = None
+        self.floor: datetime | None = None
+        self.sent: dict[str, datetime] = {}  # digest -> the event's time, for those past the floor
+
+    def lower(self, slack: timedelta) -> datetime | None:
+        """The time after which composition events may not all have been sent."""
+        bounds = [at for at in (self.since and self.since - slack, self.floor) if at is not None]
+        return max(bounds) if bounds else None
+
+    def add(self, key: str, at: datetime, slack: timedelta) -> None:
+        self.since = max(self.since or at, at)
+        self.sent[_digest(key)] = at
+        lower = self.lower(slack)
+        kept = sorted(self.sent.items(), key=lambda item: item[1])
+        if len(kept) > self.KEEP:
+            self.floor = kept[-self.KEEP - 1][1]
+            lower = self.lower(slack)
+        self.sent = {k: t for k, t in kept if lower is None or t > lower}
+
+    def encode(self) -> str:
+        fields = [
+            self.state,
+            self.since and _micros(self.since),
+            self.floor and _micros(self.floor),
+            {k: _micros(t) for k, t in self.sent.items()},
+        ]
+        text = json.dumps(fields, separators=(",", ":"))
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, cursor: str | None) -> _Position:
+        """The position a `Last-Event-ID` names; the start (everything to send) for none, or one
+        this server did not write (a client's own, another version's)."""
+        position = cls()
+        if not cursor:
+            return position
+        try:
+            fields = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+            state, since, floor, sent = fields
+            if state is not None:
+                attempts, status, progress = state
+                position.state = [int(attempts), str(status), str(progress)]
+            position.since = None if since is None else _at(int(since))
+            position.floor = None if floor is None else _at(int(floor))
+            position.sent = {str(k): _at(int(t)) for k, t in dict(sent).items()}
+        except (ValueError, TypeError, binascii.Error, OverflowError):
+            return cls()
+        return position
+
+
 class _History:
-    """What a task's composition did since the stream last looked: steps stored, signals received,
+    """What a task's composition did since the stream's position: steps stored, signals received,
     children finished, suspensions (each told once, as `event: step|signal|child|suspended`)."""
 
     SLACK = timedelta(seconds=5)  # children finish in their own transactions, with their own now()
 
-    def __init__(self) -> None:
-        self.since: datetime | None = None
-        self.seen: set[tuple[str, str]] = set()
+    def __init__(self, position: _Position) -> None:
+        self.position = position
+        self.seen: set[str] = set()
 
     async def new(self, db: Database, task: Task) -> list[dict[str, Any]]:
         if not task.durable:  # no steps, signals or children stored yet: no history to read
             return []
-        since = (self.since or task.created_at) - self.SLACK
+        since = self.position.lower(self.SLACK) or task.created_at - self.SLACK
         async with db.driver() as conn:
             rows = await durable_store.history_since(conn, task_id=task.id, since=since)
         events = []
         for row in rows:
-            key = (row["event"], str(row["child_id"] or row["name"]))
-            if key in self.seen:
+            key = f"{row['event']}\x00{row['child_id'] or row['name']}"
+            if key in self.seen or _digest(key) in self.position.sent:
                 continue
             self.seen.add(key)
-            self.since = max(self.since or row["at"], row["at"])
+            self.position.add(key, row["at"], self.SLACK)
             event: dict[str, Any] = {"event": row["event"], "id": str(task.id), "at": row["at"].isoformat()}
             if row["event"] == "child":
                 event.update(key=row["name"], child_id=str(row["child_id"]), status=row["status"])
@@ -134,6 +226,7 @@ class _History:
                 event.update(attempt=int(row["name"]))
             else:
                 event.update(name=row["name"])
+            event["sse_id"] = self.position.encode()
             events.append(event)
         return events
 

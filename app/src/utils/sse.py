@@ -16,7 +16,8 @@ async def frames(
     *,
     allowed: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Each event as an SSE message named by its `event` key (default `task`); None as a keep-alive.
+    """Each event as an SSE message named by its `event` key (default `task`), with its `sse_id`
+    key (if any) as the SSE `id`; None as a keep-alive.
 
     A stream outlives the request that authenticated it (a task may wait for days): before a
     message goes out, and at most every RECHECK_ALLOWED_S, `allowed()` is asked again, and the
@@ -35,7 +36,11 @@ async def frames(
                 yield b": keep-alive\n\n"
             else:
                 name = event.pop("event", "task")  # task, or step | signal | child | suspended
-                yield f"event: {name}\ndata: {json.dumps(event)}\n\n".encode()
+                # the SSE id: sent back as Last-Event-ID by a reconnecting client, to resume after it
+                # (last: a message still opens with its `event` line)
+                cursor = event.pop("sse_id", None)
+                tail = f"id: {cursor}\n" if cursor else ""
+                yield f"event: {name}\ndata: {json.dumps(event)}\n{tail}\n".encode()
     finally:
         # an early end (or a client gone) leaves `events` suspended: close it now, which ends its
         # watch on the task, rather than whenever the collector finds it

@@ -212,21 +212,31 @@ def build_headers(api_key: str | None, extra: Mapping[str, str] | None) -> dict[
 # the name under which `sse_events` hands on the SSE `retry` field (the reconnection time in
 # milliseconds, digits only): not an event, and no event of the stream can be named so
 SSE_RETRY = "\x00retry"
+# the name under which `sse_events` hands on a message's SSE `id` field, right after the message:
+# sent back as `Last-Event-ID` when the stream is opened again, the server resumes after it
+SSE_ID = "\x00id"
+# the name under which `sse_events` hands on a comment line (a keep-alive: the stream is open)
+SSE_COMMENT = "\x00comment"
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     """(event, data) pairs of a text/event-stream, read line by line; a `retry` field as
-    (SSE_RETRY, its milliseconds) where it appears."""
+    (SSE_RETRY, its milliseconds) where it appears, a message's `id` field as (SSE_ID, the id)
+    right after the message it came with, a comment (a keep-alive) as (SSE_COMMENT, its text).
+    A message is told once its blank line arrives."""
     event: str = "message"
     data: list[str] = []
+    last_id: str | None = None
     for raw in lines:
         line = raw.rstrip("\r")
         if not line:
             if data:
                 yield event, "\n".join(data)
-            event, data = "message", []
+            if last_id is not None:
+                yield SSE_ID, last_id
+            event, data, last_id = "message", [], None
         elif line.startswith(":"):
-            continue
+            yield SSE_COMMENT, line[1:].strip()
         else:
             name, _, value = line.partition(":")
             value = value[1:] if value.startswith(" ") else value
@@ -234,7 +244,9 @@ def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
                 event = value
             elif name == "data":
                 data.append(value)
+            elif name == "id" and "\x00" not in value:
+                last_id = value
             elif name == "retry" and value.isascii() and value.isdigit():
                 yield SSE_RETRY, value
-    if data:
-        yield event, "\n".join(data)
+    # a message the stream ended in (no blank line after it) is cut short: not dispatched, as
+    # the SSE spec says (yielded without its id, the stream resumed would send it again)

@@ -30,6 +30,8 @@ from taskgate import _calls as calls
 from taskgate._calls import TaskId
 from taskgate._core import (
     DEFAULT_MAX_RETRIES,
+    SSE_COMMENT,
+    SSE_ID,
     Call,
     api_error,
     build_headers,
@@ -52,7 +54,7 @@ Workers = list[WorkerInfo]
 Steps = list[dict[str, Any]]
 Verify = bool | str | ssl.SSLContext
 # an event stream that failed or ended without an event this many times in a row is given up (an
-# error is raised); one that delivered an event starts the count again
+# error is raised); one that delivered an event or a keep-alive starts the count again
 MAX_EVENT_RECONNECTS = 20
 # The server sends a keep-alive comment every 15 s on an event stream: three of them missed and
 # the connection is taken for dead (a ReadTimeout) and opened again, never waited on for ever.
@@ -306,17 +308,19 @@ class Client:
         return self._every(lambda cursor: calls.steps(task_id, cursor=cursor))
 
     def events(self, task_id: TaskId) -> Iterator[TaskEvent]:
-        """Status and progress changes until the task is terminal (reconnects if the stream drops or
-        ends early: each new stream starts with the task's current state). Never ends before the
-        terminal event: after MAX_EVENT_RECONNECTS failures in a row it raises."""
+        """Status and progress changes until the task is terminal, each once (reconnects if the
+        stream drops or ends early, sending `Last-Event-ID`: the server resumes after the last
+        message it had). Never ends before the terminal event: after MAX_EVENT_RECONNECTS
+        failures in a row it raises."""
         reconnects = 0
         refused = 0  # 429/503 answers in a row: retried after Retry-After, as every call is
+        last_id: str | None = None  # the SSE id of the last message: the server resumes after it
         while True:
             delay_s: float | None = None
             hint_s: float | None = None  # how long the server asked to wait before reconnecting
             try:
                 with self._http.stream(
-                    "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
+                    "GET", calls.events_path(task_id), headers=_events_headers(last_id),
                     timeout=httpx.Timeout(self.config.timeout_s, read=EVENTS_SILENCE_S),
                 ) as response:  # fmt: skip
                     if response.status_code >= 400:
@@ -327,6 +331,12 @@ class Client:
                         refused = 0
                         hint_s = _stream_hint_s(response)
                         for name, data in sse_events(response.iter_lines()):
+                            if name in (SSE_ID, SSE_COMMENT):
+                                # a resumed stream sends nothing while nothing changes: a message
+                                # or a keep-alive shows it serves, and starts the count again
+                                reconnects = 0
+                                last_id = data if name == SSE_ID else last_id
+                                continue
                             if name != "task":
                                 hint_s = _or(reconnect_hint_s(name, data), hint_s)
                                 continue
@@ -623,12 +633,13 @@ class AsyncClient:
     async def events(self, task_id: TaskId) -> AsyncIterator[TaskEvent]:
         reconnects = 0
         refused = 0  # 429/503 answers in a row: retried after Retry-After, as every call is
+        last_id: str | None = None  # the SSE id of the last message: the server resumes after it
         while True:
             delay_s: float | None = None
             hint_s: float | None = None  # how long the server asked to wait before reconnecting
             try:
                 async with self._http.stream(
-                    "GET", calls.events_path(task_id), headers={"Accept": "text/event-stream"},
+                    "GET", calls.events_path(task_id), headers=_events_headers(last_id),
                     timeout=httpx.Timeout(self.config.timeout_s, read=EVENTS_SILENCE_S),
                 ) as response:  # fmt: skip
                     if response.status_code >= 400:
@@ -639,6 +650,12 @@ class AsyncClient:
                         refused = 0
                         hint_s = _stream_hint_s(response)
                         async for name, data in _sse(response):
+                            if name in (SSE_ID, SSE_COMMENT):
+                                # a resumed stream sends nothing while nothing changes: a message
+                                # or a keep-alive shows it serves, and starts the count again
+                                reconnects = 0
+                                last_id = data if name == SSE_ID else last_id
+                                continue
                             if name != "task":
                                 hint_s = _or(reconnect_hint_s(name, data), hint_s)
                                 continue
@@ -755,6 +772,12 @@ class AsyncClient:
 
     async def complete(self, items: Sequence[Mapping[str, Any]], *, worker: Mapping[str, Any]) -> Any:
         return (await self._run(calls.complete(items, worker=worker)))["items"]
+
+
+def _events_headers(last_id: str | None) -> dict[str, str]:
+    if last_id is None:
+        return {"Accept": "text/event-stream"}
+    return {"Accept": "text/event-stream", "Last-Event-ID": last_id}
 
 
 async def _sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:

@@ -109,8 +109,11 @@ def test_a_malformed_retry_after_falls_back_to_the_backoff(monkeypatch: pytest.M
     assert 0.1 <= slept[0] <= 0.5  # the first step of the jittered backoff
 
 
-def _stream(*events: dict[str, Any]) -> httpx.Response:
-    body = "".join(f"event: task\ndata: {json.dumps(e)}\n\n" for e in events)
+def _stream(*events: dict[str, Any], ids: list[str] | None = None) -> httpx.Response:
+    heads = [f"id: {i}\n" for i in ids] if ids is not None else [""] * len(events)
+    body = "".join(
+        f"{head}event: task\ndata: {json.dumps(e)}\n\n" for head, e in zip(heads, events, strict=True)
+    )
     return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=body.encode())
 
 
@@ -118,20 +121,24 @@ def test_events_retry_429_and_503_after_retry_after_like_every_other_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A 503 (a replica shutting down, the database out of reach) or a 429 when the stream was
-    (re)opened ended `events()` with an ApiError at once, where every other call waits and retries."""
+    (re)opened ended `events()` with an ApiError at once, where every other call waits and retries.
+
+    And a stream opened again yielded the unchanged state a second time: `events()` now sends
+    the last message's SSE id as `Last-Event-ID`, and the server resumes after it."""
     slept: list[float] = []
     monkeypatch.setattr(taskgate.client.time, "sleep", slept.append)
     running = {"id": TASK["id"], "status": "running", "attempts": 1}
     done = {**running, "status": "completed"}
     answers = [
         httpx.Response(503, headers={"Retry-After": "2"}, json={"status": 503}),
-        _stream(running),  # the stream ends (a replica stopping), then is opened again
+        _stream(running, ids=["r1"]),  # the stream ends (a replica stopping), then is opened again
         httpx.Response(429, headers={"Retry-After": "1"}, json={"status": 429}),
-        _stream(running, done),
+        _stream(done, ids=["c2"]),  # resumed after r1: the state it named is not sent again
     ]
     seen: list[httpx.Request] = []
     statuses = [e.status for e in client(answers, seen).events(TASK["id"])]
-    assert statuses == ["running", "running", "completed"]
+    assert statuses == ["running", "completed"]
+    assert [r.headers.get("Last-Event-ID") for r in seen] == [None, None, "r1", "r1"]
     assert len(seen) == 4
     assert slept == [2.0, 0.2, 1.0]  # Retry-After, the reconnect backoff, Retry-After
     busy = [httpx.Response(503, headers={"Retry-After": "1"}, json={"status": 503}) for _ in range(3)]
@@ -154,6 +161,43 @@ def test_events_never_end_before_the_terminal_event(monkeypatch: pytest.MonkeyPa
     empty = [_stream() for _ in range(3)]
     with pytest.raises(taskgate.TaskgateError, match="ended 3 times in a row"):
         list(client(empty, []).events(TASK["id"]))
+
+
+def test_resumed_streams_that_only_keep_alive_do_not_use_up_the_reconnects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resumed stream sends nothing while the task does not change (the state is not sent
+    again): streams that served keep-alives, then dropped (deploys of a long wait), start the
+    count of failures in a row again, as streams that served an event do."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(taskgate.client, "MAX_EVENT_RECONNECTS", 2)
+    running = {"id": TASK["id"], "status": "running", "attempts": 1}
+    alive = httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=b": keep-alive\n\n")
+    answers = [_stream(running, ids=["r1"]), *[alive for _ in range(4)]]
+    answers.append(_stream({**running, "status": "completed"}, ids=["c2"]))
+    seen: list[httpx.Request] = []
+    statuses = [e.status for e in client(answers, seen).events(TASK["id"])]
+    assert statuses == ["running", "completed"]
+    assert [r.headers.get("Last-Event-ID") for r in seen] == [None] + ["r1"] * 5
+
+
+def test_a_message_cut_short_by_a_dropped_stream_is_not_yielded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream cut after a message's `data` line but before its end (its `id`, the blank line)
+    had the message yielded anyway, without its id: the reconnect resumed from the message
+    before, and the server sent it again (the change yielded twice). An SSE message is
+    dispatched only when its blank line arrives."""
+    monkeypatch.setattr(taskgate.client.time, "sleep", lambda _s: None)
+    running = {"id": TASK["id"], "status": "running", "attempts": 1}
+    half = {**running, "progress": 50}
+    cut = f"event: task\ndata: {json.dumps(running)}\nid: r1\n\nevent: task\ndata: {json.dumps(half)}\n"
+    answers = [
+        httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=cut.encode()),
+        _stream(half, {**half, "status": "completed"}, ids=["h2", "c3"]),  # resumed after r1
+    ]
+    seen: list[httpx.Request] = []
+    events = [(e.status, e.progress) for e in client(answers, seen).events(TASK["id"])]
+    assert events == [("running", None), ("running", 50), ("completed", 50)]
+    assert seen[1].headers.get("Last-Event-ID") == "r1"
 
 
 async def test_async_events_retry_429_and_503_too(monkeypatch: pytest.MonkeyPatch) -> None:
