@@ -41,7 +41,7 @@ browser-deps:
 test-browser: install browser-deps
 	TASKGATE_BROWSER_TESTS=1 CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests/browser
 
-# every scenario has its own hard timeout; the whole run takes ~7-10 minutes on 2 cores and prints
+# every scenario has its own hard timeout; the whole run takes ~3-4 minutes on 2 cores and prints
 # a table of figures (also written to tests/faults/results/latest.json)
 faults: install
 	$(PY) -m pytest -m faults tests/faults
