@@ -190,19 +190,13 @@ class Worker:
 
     async def _within_grace(self, tasks: list[asyncio.Task[None]], deadline: float) -> None:
         """Wait for `tasks` until the loop time `deadline`, or until the grace is ended early."""
-        loop = asyncio.get_running_loop()
+        every = asyncio.ensure_future(asyncio.wait(tasks))  # cancelled, it leaves the tasks running
         ended = asyncio.ensure_future(self._grace_ended.wait())
         try:
-            pending: set[asyncio.Future[Any]] = {task for task in tasks if not task.done()}
-            while pending and not ended.done():
-                timeout = max(0.0, deadline - loop.time())
-                done, pending = await asyncio.wait(
-                    [*pending, ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:  # the grace is used up
-                    break
-                pending.discard(ended)
+            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait([every, ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            every.cancel()
             ended.cancel()
 
     async def _write_last(self, leftover: list[Running], *, timeout_s: float) -> None:

@@ -19,6 +19,7 @@ import asyncpg
 import structlog
 
 from app.database import is_connection_failure
+from app.src.api.engine import flow
 from app.src.database import durable as durable_store
 from app.src.database import tasks as task_store
 from app.src.database.durable import DurableState, Unloadable
@@ -342,22 +343,14 @@ class Claimer:
     def _turns(
         self, limited: list[task_store.LimitedQueue], *, limited_first: bool
     ) -> list[task_store.LimitedQueue | None]:
-        """The order in which a round asks its sources, None standing for the unlimited claim;
-        each is asked only while the round still has room. The unlimited claim goes first, unless
-        the round before filled up before a limited queue that may have work was asked: then the
-        limited queues go first (asked after the unlimited claim in every round, a limited queue
-        waited for as long as an unlimited queue's backlog filled the worker). Among themselves
-        the limited queues take turns at going first, one step each round they go first. One whose
-        last claim came back empty is asked last, until a NOTIFY names it or the list is read
-        again: idle limited queues cost no round trip each per round."""
-        ready = [queue for queue in limited if queue.id not in self._dry]
-        dry = [queue for queue in limited if queue.id in self._dry]
+        """The round's order (flow.claim_order), one turn further each round the limited queues go
+        first; a limited queue whose last claim came back empty is asked last, until a NOTIFY names
+        it or the list is read again: idle limited queues cost no round trip each per round."""
         if limited_first:
             self._turn += 1
-        turn = self._turn % max(1, len(ready))
-        turned: list[task_store.LimitedQueue | None] = [*ready[turn:], *ready[:turn]]
-        order = [*turned, None] if limited_first else [None, *turned]
-        return order + dry
+        ready = [queue for queue in limited if queue.id not in self._dry]
+        dry = [queue for queue in limited if queue.id in self._dry]
+        return [*flow.claim_order(ready, limited_first=limited_first, turn=self._turn), *dry]
 
     async def _hand_back_over_budget(
         self,

@@ -7,6 +7,7 @@ CLAIM_LIMITED); `blocked_by` asks PostgreSQL which of those same rules hold one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -14,6 +15,7 @@ from app.src.api.models.http import destination
 from app.src.api.models.tasks import BlockedBy, Task
 from app.src.api.state_machine import Status
 from app.src.database import flow as store
+from app.src.database.tasks import LimitedQueue
 
 if TYPE_CHECKING:
     from app.database import Database
@@ -171,3 +173,17 @@ def _waiting(task: Task) -> list[BlockedBy]:
             )
         ]
     return []
+
+
+def claim_order(
+    limited: Sequence[LimitedQueue], *, limited_first: bool, turn: int
+) -> list[LimitedQueue | None]:
+    """The order in which a claim round asks its sources, None standing for the unlimited claim;
+    each is asked only while the round still has room. The unlimited claim goes first, unless the
+    round before filled up before a limited queue with work was asked: then the limited queues go
+    first (asked after the unlimited claim in every round, a limited queue waited for as long as an
+    unlimited queue's backlog filled the worker). Among themselves the limited queues take turns
+    at going first: `turn` rotates them."""
+    turn %= max(1, len(limited))
+    turned: list[LimitedQueue | None] = [*limited[turn:], *limited[:turn]]
+    return [*turned, None] if limited_first else [None, *turned]

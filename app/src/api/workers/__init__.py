@@ -24,7 +24,7 @@ import structlog
 
 from app.database import StorageUnavailable
 from app.src.api import pages
-from app.src.api.engine import durable, remote_kinds
+from app.src.api.engine import durable, flow, remote_kinds
 from app.src.api.engine.durable import ChildSpec, CompositionError, SpawnRefused, Suspension, Wait
 from app.src.api.engine.outcomes import METRIC_OUTCOME, Outcome, after_failure, clip_error, clip_traceback
 from app.src.api.errors import ServiceUnavailable, Unauthorized, Unprocessable
@@ -513,12 +513,10 @@ async def _claim_once(
             # filled up before its limited queues were asked (then they go first, taking turns),
             # or a busy unlimited queue would hold them up for as long as its backlog lasts.
             limited_first = _limited_first.pop(turn_key, False)
+            turn = 0
             if limited_first and limited:
                 turn = _limited_turn[turn_key] = (_limited_turn.get(turn_key, -1) + 1) % len(limited)
-                limited = limited[turn:] + limited[:turn]
-            order: list[task_store.LimitedQueue | None] = (
-                [*limited, None] if limited_first else [None, *limited]
-            )
+            order = flow.claim_order(limited, limited_first=limited_first, turn=turn)
             for asked, queue in enumerate(order):
                 if len(claimed) >= want:
                     if not limited_first and any(q is not None for q in order[asked:]):
